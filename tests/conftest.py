@@ -1,0 +1,24 @@
+"""Shared fixtures: every test is seeded, and no test may change torch's global defaults."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def seed_all():
+    """Seed Python, NumPy and torch before every test."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def guard_torch_defaults():
+    """Fail a test that leaves torch's default dtype changed."""
+    dtype = torch.get_default_dtype()
+    yield
+    assert torch.get_default_dtype() == dtype, "test changed torch's default dtype"
