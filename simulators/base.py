@@ -179,6 +179,31 @@ class Task:
             )
         return theta.detach().to("cpu", torch.float32)
 
+    def _check_likelihood_args(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate ``log_likelihood(theta, x)`` arguments; ``theta`` keeps its graph and dtype.
+
+        Returns ``theta`` as ``(N, theta_dim)`` and ``x`` as ``(N, x_dim)`` or ``(1, x_dim)`` (broadcasts),
+        in ``theta``'s floating dtype.
+        """
+        for arg, value in (("theta", theta), ("x", x)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+        if not theta.is_floating_point():
+            raise TypeError(f"theta must have a floating dtype, got {theta.dtype}")
+        theta = theta.unsqueeze(0) if theta.ndim == 1 else theta
+        if theta.ndim != 2 or theta.shape[1] != self.theta_dim:
+            raise ValueError(
+                f"theta must have shape (N, {self.theta_dim}) or ({self.theta_dim},) for task {self.name!r}, "
+                f"got {tuple(theta.shape)}"
+            )
+        x = x.unsqueeze(0) if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self.x_dim or x.shape[0] not in (1, theta.shape[0]):
+            raise ValueError(
+                f"x must have shape ({self.x_dim},) or (N, {self.x_dim}) with N = {theta.shape[0]} rows of "
+                f"theta, for task {self.name!r}; got {tuple(x.shape)}"
+            )
+        return theta, x.to(theta.device, theta.dtype)
+
     @staticmethod
     def _check_index(i: int) -> None:
         if not isinstance(i, int) or not 1 <= i <= NUM_OBSERVATIONS:
