@@ -1,0 +1,248 @@
+"""Flows: a base distribution pushed through transforms, and factories for the classic architectures.
+
+``log_prob(x)`` maps data to latent (``forward`` of every layer) and adds the log-determinants;
+``sample`` draws latent points from the base and maps them to data (``inverse`` of every layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sbiflows.distributions import BoxUniform, StandardNormal
+from sbiflows.transforms import (
+    AdditiveCoupling,
+    AffineCoupling,
+    Compose,
+    ElementwiseAffine,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+    Planar,
+    Transform,
+    alternating_mask,
+)
+
+__all__ = ["BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "planar_flow", "realnvp"]
+
+
+class Flow(nn.Module):
+    """A normalizing flow ``p(x | context)``: a base distribution and a chain of transforms.
+
+    Args:
+        transforms: One :class:`~sbiflows.transforms.Transform` or a sequence, applied in order from
+            data to latent.
+        base: The latent distribution (a module with ``log_prob`` and ``sample``); default
+            :class:`StandardNormal`.
+
+    Example:
+        >>> flow = maf(2, context_features=3)
+        >>> flow.sample(10, context=torch.zeros(3)).shape
+        torch.Size([10, 2])
+        >>> flow.sample(10, context=torch.zeros(4, 3)).shape
+        torch.Size([10, 4, 2])
+        >>> flow.log_prob(torch.zeros(5, 2), context=torch.zeros(3)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, transforms: Transform | Sequence[Transform], base: nn.Module | None = None):
+        super().__init__()
+        self.transform = transforms if isinstance(transforms, Transform) else Compose(*transforms)
+        self.features = self.transform.features
+        self.context_features = self.transform.context_features
+        self.base = StandardNormal(self.features) if base is None else base
+        if getattr(self.base, "features", self.features) != self.features:
+            raise ValueError(f"base has {self.base.features} features but the transforms have {self.features}")
+
+    # -------------------------------------------------------------------------------- checks
+    def _check_x(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.features:
+            raise ValueError(f"x must have shape (*batch, {self.features}), got {tuple(x.shape)}")
+        dtype = self._dtype()
+        if x.dtype != dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the flow is {dtype}; convert one of them")
+
+    def _check_context(self, context: Tensor | None) -> Tensor | None:
+        if self.context_features == 0:
+            if context is not None:
+                raise ValueError("this flow is unconditional (context_features=0) but a context was given")
+            return None
+        if context is None:
+            raise ValueError(f"this flow is conditional: context of shape (*batch, {self.context_features}) is required")
+        if not isinstance(context, Tensor):
+            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        if context.ndim == 0 or context.shape[-1] != self.context_features:
+            raise ValueError(
+                f"context must have shape ({self.context_features},) or (*batch, {self.context_features}), "
+                f"got {tuple(context.shape)}"
+            )
+        if context.dtype != self._dtype():
+            raise TypeError(f"context has dtype {context.dtype} but the flow is {self._dtype()}")
+        return context
+
+    def _dtype(self) -> torch.dtype:
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    # --------------------------------------------------------------------------------- public
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-density of ``x`` (``(*batch, D)``) given ``context`` (``(C,)`` broadcasts over all rows)."""
+        self._check_x(x)
+        context = self._check_context(context)
+        if context is not None:
+            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            x = x.expand(*batch, self.features)
+        z, logdet = self.transform(x, context)
+        return self.base.log_prob(z) + logdet
+
+    def sample_and_log_prob(
+        self, n: int, context: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` samples and their log-densities.
+
+        A context of shape ``(C,)`` (or none) gives samples ``(n, D)``; a batch of contexts ``(*B, C)``
+        gives ``(n, *B, D)``: ``n`` samples for each context, in one batched computation.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        context = self._check_context(context)
+        batch = () if context is None else tuple(context.shape[:-1])
+        z = self.base.sample((n, *batch), generator=generator)
+        if context is not None:
+            context = context.expand(n, *batch, self.context_features)
+        x, logdet = self.transform.inverse(z, context)
+        return x, self.base.log_prob(z) - logdet
+
+    def sample(self, n: int, context: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples; shapes as in :meth:`sample_and_log_prob`."""
+        return self.sample_and_log_prob(n, context, generator=generator)[0]
+
+
+# ------------------------------------------------------------------------------------ factories
+def maf(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 5,
+    hidden_features: Sequence[int] = (50, 50),
+    random_degrees: bool = True,
+    activation: type[nn.Module] = nn.ReLU,
+    seed: int = 0,
+) -> Flow:
+    """Masked autoregressive flow: ``transforms`` MAF layers, reversing the ordering between layers.
+
+    Density evaluation is one pass per layer; sampling is ``D`` passes per layer.
+
+    Example:
+        >>> maf(3, 2).log_prob(torch.randn(4, 3), torch.randn(4, 2)).shape
+        torch.Size([4])
+    """
+    layers = [
+        MaskedAutoregressive(
+            features, context_features, hidden_features=hidden_features,
+            ordering="natural" if i % 2 == 0 else "reverse", random_degrees=random_degrees,
+            activation=activation, seed=seed + i,
+        )
+        for i in range(transforms)
+    ]
+    return Flow(layers)
+
+
+def iaf(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 5,
+    hidden_features: Sequence[int] = (50, 50),
+    random_degrees: bool = True,
+    activation: type[nn.Module] = nn.ReLU,
+    seed: int = 0,
+) -> Flow:
+    """Inverse autoregressive flow: MAF layers used the other way round.
+
+    Sampling is one pass per layer; the density of an arbitrary point takes ``D`` passes per layer.
+
+    Example:
+        >>> iaf(2).sample(3).shape
+        torch.Size([3, 2])
+    """
+    layers = [
+        InverseAutoregressive(
+            features, context_features, hidden_features=hidden_features,
+            ordering="natural" if i % 2 == 0 else "reverse", random_degrees=random_degrees,
+            activation=activation, seed=seed + i,
+        )
+        for i in range(transforms)
+    ]
+    return Flow(layers)
+
+
+def realnvp(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 6,
+    hidden_features: Sequence[int] = (64, 64),
+) -> Flow:
+    """RealNVP: affine coupling layers with alternating masks (needs ``features >= 2``).
+
+    Example:
+        >>> realnvp(2).log_prob(torch.zeros(1, 2)).shape
+        torch.Size([1])
+    """
+    layers = [
+        AffineCoupling(
+            features, context_features, mask=alternating_mask(features, parity=i % 2),
+            hidden_features=hidden_features,
+        )
+        for i in range(transforms)
+    ]
+    return Flow(layers)
+
+
+def nice(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 4,
+    hidden_features: Sequence[int] = (64, 64),
+) -> Flow:
+    """NICE: additive (volume-preserving) couplings with alternating masks, then a diagonal scaling.
+
+    The final :class:`~sbiflows.transforms.ElementwiseAffine` is the NICE paper's scaling layer (it is
+    conditional when the flow is); it is the only layer that changes volume.
+
+    Example:
+        >>> nice(2).log_prob(torch.zeros(1, 2)).shape
+        torch.Size([1])
+    """
+    layers: list[Transform] = [
+        AdditiveCoupling(
+            features, context_features, mask=alternating_mask(features, parity=i % 2),
+            hidden_features=hidden_features,
+        )
+        for i in range(transforms)
+    ]
+    layers.append(ElementwiseAffine(features, context_features, hidden_features=hidden_features))
+    return Flow(layers)
+
+
+def planar_flow(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 16,
+    hidden_features: Sequence[int] = (64, 64),
+) -> Flow:
+    """A stack of planar layers. Sampling is exact; ``log_prob`` inverts each layer by root finding.
+
+    Example:
+        >>> planar_flow(2, transforms=2).sample(3).shape
+        torch.Size([3, 2])
+    """
+    return Flow([Planar(features, context_features, hidden_features=hidden_features) for _ in range(transforms)])

@@ -1,0 +1,26 @@
+"""Invertible flow layers. ``forward`` maps data -> latent, ``inverse`` latent -> data (see :mod:`.base`)."""
+
+from sbiflows.transforms.autoregressive import InverseAutoregressive, MaskedAutoregressive
+from sbiflows.transforms.base import Compose, Inverse, Transform, broadcast_context
+from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, alternating_mask
+from sbiflows.transforms.elementwise import BatchNorm, ElementwiseAffine, Permutation
+from sbiflows.transforms.made import MADE, MaskedLinear
+from sbiflows.transforms.planar import Planar
+
+__all__ = [
+    "MADE",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "BatchNorm",
+    "Compose",
+    "ElementwiseAffine",
+    "Inverse",
+    "InverseAutoregressive",
+    "MaskedAutoregressive",
+    "MaskedLinear",
+    "Permutation",
+    "Planar",
+    "Transform",
+    "alternating_mask",
+    "broadcast_context",
+]
