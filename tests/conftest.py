@@ -7,6 +7,11 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """Small networks train fastest single-threaded; two xdist workers then use the two cores."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def seed_all():
     """Seed Python, NumPy and torch before every test."""
