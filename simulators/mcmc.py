@@ -240,11 +240,17 @@ def _sweep(
 ) -> tuple[Tensor, Tensor, int]:
     """Slice-sample along D random orthogonal directions of the whitened space, per chain."""
     n, d = z.shape
-    q, r = torch.linalg.qr(torch.randn(n, d, d, generator=generator, dtype=z.dtype))
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar-distributed
     evals = 0
-    for k in range(d):
-        z, logp, e = _slice_along(fn, z, logp, q[:, :, k] @ chol.T, width, generator)
+    basis: list[Tensor] = []
+    for _ in range(d):
+        # Gram-Schmidt on Gaussian vectors, batched over chains: a Haar-random orthonormal basis
+        # (much cheaper than a batched QR of tiny matrices).
+        u = torch.randn(n, d, generator=generator, dtype=z.dtype)
+        for b in basis:
+            u = u - (u * b).sum(-1, keepdim=True) * b
+        u = u / u.norm(dim=-1, keepdim=True)
+        basis.append(u)
+        z, logp, e = _slice_along(fn, z, logp, u @ chol.T, width, generator)
         evals += e
     return z, logp, evals
 
@@ -264,6 +270,7 @@ def slice_chains(
     warmup: int,
     thin: int = 1,
     width: float = 3.0,
+    scale_tril: Tensor | None = None,
     generator: torch.Generator,
 ) -> tuple[Tensor, float]:
     """Run parallel slice-sampling chains on an unconstrained log density.
@@ -279,6 +286,8 @@ def slice_chains(
             of them from the chains' recent states.
         thin: Keep every ``thin``-th step after warm-up.
         width: Initial slice bracket in units of the estimated posterior scale.
+        scale_tril: Cholesky factor of the initial direction covariance, e.g. the prior's (too wide
+            is cheap for a slice sampler, too narrow is not); default: the identity.
         generator: Source of all randomness.
 
     Returns:
@@ -296,7 +305,8 @@ def slice_chains(
     logp = _safe_log_prob(log_prob_fn, z)
     if not torch.isfinite(logp).all():
         raise ValueError("init: every starting point must have a finite log density")
-    chol = _cholesky_of(z) if z.shape[0] > z.shape[1] else torch.eye(z.shape[1], dtype=z.dtype)
+    d = z.shape[1]
+    chol = torch.eye(d, dtype=z.dtype) if scale_tril is None else scale_tril.to(z.dtype)
     adapt_at = {warmup // 4: warmup // 4, warmup // 2: warmup // 4, 3 * warmup // 4: warmup // 4}
     history: list[Tensor] = []
     kept: list[Tensor] = []
@@ -416,11 +426,18 @@ def sample_posterior(
             out[inside] = lp + transform.log_abs_det_jacobian(z[inside], t)
         return out
 
-    z0 = _initial_points(log_prob_z, transform.inv(candidates.to(torch.float64)), num_chains, init,
-                         generator)
+    candidates_z = transform.inv(candidates.to(torch.float64))
+    z0 = _initial_points(log_prob_z, candidates_z, num_chains, init, generator)
+    finite = torch.isfinite(candidates_z).all(-1)
     draws = max(math.ceil(num_samples / num_chains), 50)  # enough for a meaningful R-hat
     chains_z, evals = slice_chains(
-        log_prob_z, z0, num_draws=draws, warmup=warmup, thin=thin, generator=generator
+        log_prob_z,
+        z0,
+        num_draws=draws,
+        warmup=warmup,
+        thin=thin,
+        scale_tril=_cholesky_of(candidates_z[finite]),  # the prior's scale, until adapted
+        generator=generator,
     )
     chains = transform(chains_z)
     diag = Diagnostics(rhat(chains), ess(chains), num_chains, draws, evals)

@@ -1,0 +1,455 @@
+"""Tests of the tasks gaussian_linear(_uniform), two_moons, gaussian_mixture, slcp and slcp_distractors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import simulators
+from simulators.base import NUM_OBSERVATIONS
+from simulators.mcmc import sample_posterior
+from simulators.slcp import SLCP, SLCPDistractors
+
+TASKS = [
+    "gaussian_linear",
+    "gaussian_linear_uniform",
+    "two_moons",
+    "gaussian_mixture",
+    "slcp",
+    "slcp_distractors",
+]
+DATA = Path(simulators.__file__).parent / "data"
+#: Small, fast MCMC settings for slcp references in tests of shapes and caching: too short to
+#: converge, so the convergence checks are switched off (test_mcmc.py tests those).
+FAST_MCMC = {"num_chains": 10, "warmup": 20, "thin": 1, "max_rhat": math.inf, "min_ess": 0}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def csv_row(task: simulators.Task, i: int, filename: str) -> torch.Tensor:
+    with open(DATA / task.data_folder / str(i) / filename) as f:
+        rows = list(csv.reader(f))
+    return torch.tensor([float(v) for v in rows[1]])
+
+
+def ks_agree(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.01) -> None:
+    """Per-dimension two-sample KS tests, Bonferroni-corrected."""
+    for d in range(a.shape[1]):
+        pvalue = stats.ks_2samp(a[:, d].numpy(), b[:, d].numpy()).pvalue
+        assert pvalue > alpha / a.shape[1], f"dimension {d}: KS p-value {pvalue:.2g}"
+
+
+def prior_rejection(task: simulators.Task, x: torch.Tensor, log_bound: float, num: int) -> torch.Tensor:
+    """Exact posterior samples, independently of the task's sampler: prior draws accepted with
+    probability ``likelihood / bound``."""
+    theta = task.prior.sample((num,))
+    log_lik = task.log_likelihood(theta, x)
+    assert log_lik.max() <= log_bound
+    return theta[torch.rand(num, generator=gen(7)).log() < log_lik - log_bound]
+
+
+@pytest.fixture(scope="module", params=TASKS)
+def task(request) -> simulators.Task:
+    return simulators.get(request.param)
+
+
+# ----------------------------------------------------------------------------- generic checks
+def test_registry_metadata(task):
+    assert task.name in simulators.names()
+    assert len(task.parameter_names) == task.theta_dim
+    assert all(n.startswith(r"$\theta_") and n.endswith("$") for n in task.parameter_names)
+    assert task.name in repr(task)
+
+
+def test_prior_shapes_and_support(task):
+    theta = task.prior.sample((2000,))
+    assert theta.shape == (2000, task.theta_dim) and theta.dtype == torch.float32
+    assert task.prior.support.check(theta).all()
+    assert torch.isfinite(task.prior.log_prob(theta)).all()
+
+
+def test_simulate_shapes_and_finiteness(task):
+    theta = task.prior.sample((500,))
+    x = task.simulate(theta, seed=1)
+    assert x.shape == (500, task.x_dim) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    assert task.simulate(theta[0], seed=1).shape == (1, task.x_dim)
+    assert task(theta[:3]).shape == (3, task.x_dim)
+
+
+def test_simulate_is_reproducible(task):
+    theta = task.prior.sample((50,))
+    assert torch.equal(task.simulate(theta, seed=3), task.simulate(theta, seed=3))
+    assert not torch.equal(task.simulate(theta, seed=3), task.simulate(theta, seed=4))
+    # rows are simulated independently of the batch they are in
+    assert torch.equal(task.simulate(theta, seed=3)[0], task.simulate(theta, seed=3)[0])
+
+
+def test_observations_and_true_parameters_match_packaged_csv(task):
+    for i in range(1, NUM_OBSERVATIONS + 1):
+        obs, true = task.observation(i), task.true_parameters(i)
+        assert obs.shape == (task.x_dim,) and true.shape == (task.theta_dim,)
+        assert torch.equal(obs, csv_row(task, i, task.observation_file))
+        assert torch.equal(true, csv_row(task, i, "true_parameters.csv"))
+        assert task.prior.support.check(true)
+
+
+@pytest.mark.parametrize("bad", [0, 11, -1, "1", 1.0, None])
+def test_bad_observation_number(task, bad):
+    with pytest.raises(ValueError, match="observation number"):
+        task.observation(bad)
+    with pytest.raises(ValueError, match="observation number"):
+        task.true_parameters(bad)
+    with pytest.raises(ValueError, match="observation number"):
+        task.reference_posterior(bad, 10)
+
+
+def test_observations_are_plausible_under_true_parameters(task):
+    """The observed log-likelihood is not extreme among simulations at the true parameters."""
+    for i in range(1, NUM_OBSERVATIONS + 1):
+        true = task.true_parameters(i)[None]
+        sims = task.simulate(true.expand(2000, -1), seed=i)
+        sim_ll = task.log_likelihood(true.expand(2000, -1), sims)
+        obs_ll = task.log_likelihood(true, task.observation(i))
+        assert torch.isfinite(obs_ll).all() and torch.isfinite(sim_ll).all()
+        assert (sim_ll < obs_ll).double().mean() > 1e-3, f"observation {i}"
+
+
+def test_log_likelihood_shapes_and_broadcasting(task):
+    theta = task.prior.sample((7,))
+    x = task.simulate(theta, seed=0)
+    ll = task.log_likelihood(theta, x)
+    assert ll.shape == (7,) and torch.isfinite(ll).all()
+    one = task.log_likelihood(theta, x[0])
+    assert one.shape == (7,)
+    assert torch.allclose(one[0], ll[0])
+    assert task.log_likelihood(theta[0], x[0]).shape == (1,)
+    assert task.log_likelihood(theta.double(), x.double()).dtype == torch.float64
+
+
+def test_log_likelihood_rejects_bad_input(task):
+    theta = task.prior.sample((4,))
+    with pytest.raises(ValueError, match=rf"x must have shape \({task.x_dim},\).*got \(4, {task.x_dim + 1}\)"):
+        task.log_likelihood(theta, torch.zeros(4, task.x_dim + 1))
+    with pytest.raises(ValueError, match="x must have shape"):
+        task.log_likelihood(theta, torch.zeros(3, task.x_dim))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        task.log_likelihood(theta, np.zeros(task.x_dim))
+    with pytest.raises(ValueError, match=rf"theta must have shape \(N, {task.theta_dim}\)"):
+        task.log_likelihood(torch.zeros(4, task.theta_dim + 1), torch.zeros(task.x_dim))
+    with pytest.raises(ValueError, match=rf"theta must have shape \(N, {task.theta_dim}\)"):
+        task.simulate(torch.zeros(4, task.theta_dim + 1))
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor"):
+        task.simulate([0.0] * task.theta_dim)
+
+
+def test_reference_posterior_shape_support_and_seed(task, monkeypatch, tmp_path):
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    if task.cache_reference:
+        monkeypatch.setattr(task, "mcmc_options", FAST_MCMC)
+    samples = task.reference_posterior(1, 300, seed=0)
+    assert samples.shape == (300, task.theta_dim) and samples.dtype == torch.float32
+    assert torch.isfinite(task.prior.log_prob(samples)).all()
+    assert torch.equal(samples, task.reference_posterior(1, 300, seed=0))
+    assert not torch.equal(samples, task.reference_posterior(1, 300, seed=1))
+
+
+# ------------------------------------------------------------------------- gaussian linear
+def test_gaussian_linear_likelihood_and_simulator():
+    task = simulators.get("gaussian_linear")
+    theta = task.true_parameters(2)
+    x = task.simulate(theta.expand(20_000, -1), seed=0)
+    assert (x.mean(0) - theta).abs().max() < 5 * math.sqrt(0.1 / 20_000)
+    assert (x.var(0) / 0.1 - 1).abs().max() < 0.05
+    expected = stats.norm(theta.numpy(), math.sqrt(0.1)).logpdf(x[:5].numpy()).sum(-1)
+    assert np.allclose(task.log_likelihood(theta.expand(5, -1), x[:5]).numpy(), expected, rtol=1e-5)
+    prior = stats.multivariate_normal(np.zeros(10), 0.1 * np.eye(10))
+    assert np.allclose(task.prior.log_prob(theta).numpy(), prior.logpdf(theta.numpy()), rtol=1e-5)
+
+
+def test_gaussian_linear_reference_matches_conjugate_posterior():
+    task = simulators.get("gaussian_linear")
+    x = task.observation(3)
+    samples = task.reference_posterior(3, 20_000).double()
+    assert (samples.mean(0) - x / 2).abs().max() < 5 * math.sqrt(0.05 / 20_000)
+    cov = torch.cov(samples.T)
+    assert (cov - 0.05 * torch.eye(10)).abs().max() < 0.004
+
+
+@pytest.mark.slow
+def test_gaussian_linear_mcmc_agrees_with_conjugate_posterior():
+    task = simulators.get("gaussian_linear")
+    x = task.observation(1)
+    mcmc = sample_posterior(
+        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=50,
+        generator=gen(),
+    )
+    ks_agree(mcmc, task.reference_posterior(1, 2000, seed=5))
+
+
+def test_gaussian_linear_uniform_reference_is_truncated_normal():
+    task = simulators.get("gaussian_linear_uniform")
+    x = task.observation(2)  # several coordinates lie near or beyond the box
+    samples = task.reference_posterior(2, 5000)
+    assert samples.abs().max() < 1
+    for d in range(10):
+        a, b = (-1 - float(x[d])) / math.sqrt(0.1), (1 - float(x[d])) / math.sqrt(0.1)
+        truncated = stats.truncnorm(a, b, loc=float(x[d]), scale=math.sqrt(0.1))
+        assert stats.kstest(samples[:, d].numpy(), truncated.cdf).pvalue > 0.001
+
+
+@pytest.mark.slow
+def test_gaussian_linear_uniform_mcmc_agrees_with_exact_reference():
+    task = simulators.get("gaussian_linear_uniform")
+    x = task.observation(2)
+    mcmc = sample_posterior(
+        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=100, thin=2,
+        generator=gen(),
+    )
+    ks_agree(mcmc, task.reference_posterior(2, 2000, seed=5))
+
+
+# ------------------------------------------------------------------------------ two moons
+def _grid(center: torch.Tensor, half_width: float, n: int) -> tuple[torch.Tensor, float]:
+    axis = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    xx, yy = torch.meshgrid(axis + center[0], axis + center[1], indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], -1), float(axis[1] - axis[0]) ** 2
+
+
+@pytest.mark.parametrize("theta", [[0.0, 0.0], [0.5, -0.3], [-0.7, -0.6]])
+def test_two_moons_likelihood_is_the_simulator_density(theta):
+    task = simulators.get("two_moons")
+    theta = torch.tensor(theta, dtype=torch.float64)
+    sims = task.simulate(theta.expand(50_000, -1), seed=0).double()
+    grid, cell = _grid(sims.mean(0), 0.2, 801)
+    density = task.log_likelihood(theta.expand(len(grid), -1), grid).exp()
+    assert abs(float(density.sum()) * cell - 1) < 0.01  # normalized
+    upper = grid[:, 1] > sims[:, 1].median()  # mass of a half plane: density vs simulations
+    frac = (sims[:, 1] > sims[:, 1].median()).double().mean()
+    assert abs(float(density[upper].sum()) * cell - float(frac)) < 0.01
+
+
+def test_two_moons_simulator_geometry():
+    task = simulators.get("two_moons")
+    p = task.simulate(torch.zeros(20_000, 2), seed=0).double()  # theta = 0: x = p
+    radius = torch.sqrt((p[:, 0] - 0.25) ** 2 + p[:, 1] ** 2)
+    angle = torch.atan2(p[:, 1], p[:, 0] - 0.25)
+    assert abs(float(radius.mean()) - 0.1) < 0.001 and abs(float(radius.std()) - 0.01) < 0.0005
+    assert stats.kstest(angle.numpy(), stats.uniform(-math.pi / 2, math.pi).cdf).pvalue > 0.01
+
+
+@pytest.mark.parametrize("i", [1, 3, 7])
+def test_two_moons_reference_matches_prior_rejection(i):
+    task = simulators.get("two_moons")
+    x = task.observation(i)
+    radii = torch.linspace(0.05, 0.15, 10_001, dtype=torch.float64)
+    log_bound = float((-0.5 * ((radii - 0.1) / 0.01) ** 2 - math.log(math.sqrt(2 * math.pi) * 0.01)
+                       - math.log(math.pi) - torch.log(radii)).max()) + 0.01
+    exact = prior_rejection(task, x, log_bound, 2_000_000)
+    assert len(exact) > 1000
+    reference = task.reference_posterior(i, 5000)
+    ks_agree(reference, exact)
+    # both sign branches are represented in the same proportion
+    branch = lambda s: (s.sum(-1) > 0).double().mean()  # noqa: E731
+    assert abs(float(branch(reference) - branch(exact))) < 0.06
+
+
+# ------------------------------------------------------------------------ gaussian mixture
+def test_gaussian_mixture_simulator_draws_a_component_per_row():
+    task = simulators.get("gaussian_mixture")
+    theta = torch.tensor([1.0, -2.0])
+    x = task.simulate(theta.expand(40_000, -1), seed=0)
+    r2 = ((x - theta) ** 2).sum(-1)
+    expected = 0.5 * (1 - math.exp(-0.09 / 2)) + 0.5 * (1 - math.exp(-0.09 / 0.02))
+    assert abs(float((r2 < 0.09).double().mean()) - expected) < 0.01
+
+
+def test_gaussian_mixture_likelihood_is_normalized():
+    task = simulators.get("gaussian_mixture")
+    theta = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    grid, cell = _grid(theta, 8.0, 1601)
+    density = task.log_likelihood(theta.expand(len(grid), -1), grid).exp()
+    assert abs(float(density.sum()) * cell - 1) < 1e-3
+
+
+@pytest.mark.parametrize("i", [1, 5, 10])  # near the prior's edge: truncation reweights the parts
+def test_gaussian_mixture_reference_matches_prior_rejection(i):
+    task = simulators.get("gaussian_mixture")
+    x = task.observation(i)
+    log_bound = math.log(0.5 / (2 * math.pi) + 0.5 / (2 * math.pi * 0.01)) + 1e-4
+    exact = prior_rejection(task, x, log_bound, 4_000_000)
+    assert len(exact) > 500
+    reference = task.reference_posterior(i, 5000)
+    assert reference.abs().max() < 10
+    ks_agree(reference, exact)
+    distance = lambda s: ((s - x) ** 2).sum(-1, keepdim=True).sqrt()  # noqa: E731
+    ks_agree(distance(reference), distance(exact))  # weights of the two components
+
+
+# ----------------------------------------------------------------------------------- slcp
+def test_slcp_likelihood_matches_scipy_and_simulator():
+    task = simulators.get("slcp")
+    theta = torch.tensor([0.5, -1.0, 1.2, -0.8, 0.7], dtype=torch.float64)
+    s1, s2, rho = 1.2**2, 0.8**2, math.tanh(0.7)
+    cov = np.array([[s1**2 + 1e-6, rho * s1 * s2], [rho * s1 * s2, s2**2 + 1e-6]])
+    x = task.simulate(theta.expand(20_000, -1), seed=0).double()
+    points = x.reshape(-1, 4, 2)
+    expected = stats.multivariate_normal([0.5, -1.0], cov).logpdf(points[:10].numpy()).sum(-1)
+    assert np.allclose(task.log_likelihood(theta.expand(10, -1), x[:10]).numpy(), expected, rtol=1e-8)
+    flat = points.reshape(-1, 2)
+    assert (flat.mean(0) - torch.tensor([0.5, -1.0], dtype=torch.float64)).abs().max() < 0.03
+    assert np.allclose(torch.cov(flat.T).numpy(), cov, atol=0.03, rtol=0.03)
+
+
+def test_slcp_likelihood_sign_symmetry():
+    task = simulators.get("slcp")
+    theta = task.prior.sample((100,))
+    x = task.observation(4)
+    flipped = theta * torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    assert torch.allclose(task.log_likelihood(theta, x), task.log_likelihood(flipped, x))
+
+
+@pytest.mark.slow
+def test_slcp_reference_matches_importance_sampling():
+    """MCMC reference vs self-normalized importance sampling from the prior (observation 5, where
+    two million prior draws give an importance ESS of several thousand)."""
+    task = SLCP()
+    task.mcmc_options = {"num_chains": 40, "warmup": 100, "thin": 2}
+    x = task.observation(5)
+    reference = task.posterior_samples(x, 2000, gen(1)).double()
+    theta = task.prior.sample((2_000_000,)).double()
+    weights = torch.softmax(task.log_likelihood(theta, x), 0)
+    importance_ess = float(1 / (weights**2).sum())
+    assert importance_ess > 2000
+    for d in range(5):
+        mean = float((weights * theta[:, d]).sum())
+        std = math.sqrt(float((weights * (theta[:, d] - mean) ** 2).sum()))
+        tolerance = 5 * std * math.sqrt(1 / importance_ess + 1 / 1000)  # 1000: MCMC ESS, cautious
+        assert abs(float(reference[:, d].mean()) - mean) < tolerance, f"mean of dimension {d}"
+        assert abs(float(reference[:, d].std()) - std) < tolerance, f"std of dimension {d}"
+    # all four mirror modes (signs of theta_3, theta_4) carry a quarter of the mass
+    quadrant = (reference[:, 2] > 0).long() * 2 + (reference[:, 3] > 0).long()
+    counts = torch.bincount(quadrant, minlength=4).numpy()
+    assert stats.chisquare(counts).pvalue > 0.001
+
+
+def test_slcp_reference_posterior_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    task = SLCP()
+    task.mcmc_options = FAST_MCMC
+    first = task.reference_posterior(2, 200, seed=0)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("slcp_obs2_n200_seed0")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(task, "_reference_posterior", fail)
+    assert torch.equal(task.reference_posterior(2, 200, seed=0), first)  # read from the cache
+
+    files[0].write_bytes(b"not a torch file")  # corrupt: recomputed, not trusted
+    monkeypatch.undo()
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    assert torch.equal(task.reference_posterior(2, 200, seed=0), first)
+    blob = torch.load(files[0], weights_only=True)
+    assert torch.equal(blob["samples"], first)
+
+
+def test_slcp_cache_with_tampered_samples_is_recomputed(monkeypatch, tmp_path):
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    task = SLCP()
+    task.mcmc_options = FAST_MCMC
+    first = task.reference_posterior(3, 100, seed=0)
+    (path,) = tmp_path.iterdir()
+    blob = torch.load(path, weights_only=True)
+    blob["samples"] = blob["samples"] + 1.0  # checksum no longer matches
+    torch.save(blob, path)
+    assert torch.equal(task.reference_posterior(3, 100, seed=0), first)
+
+
+def test_slcp_posterior_samples_rejects_bad_observation():
+    with pytest.raises(ValueError, match=r"x_o must be a tensor of shape \(8,\), got \(100,\)"):
+        SLCP().posterior_samples(torch.zeros(100), 10, gen())
+
+
+# ---------------------------------------------------------------------- slcp distractors
+def test_slcp_distractors_contain_the_slcp_observation():
+    task, slcp = SLCPDistractors(), SLCP()
+    for i in range(1, NUM_OBSERVATIONS + 1):
+        data, distractors = task.split(task.observation(i))
+        assert torch.equal(data, slcp.observation(i))
+        assert distractors.shape == (92,)
+
+
+def test_slcp_distractors_simulation_embeds_slcp_simulation():
+    task, slcp = SLCPDistractors(), SLCP()
+    theta = task.prior.sample((100,))
+    data, _ = task.split(task.simulate(theta, seed=5))
+    assert torch.equal(data, slcp.simulate(theta, seed=5))  # same generator stream for the data
+
+
+def test_slcp_distractors_density_matches_pyro():
+    """sbibm's distractor distribution as pyro builds it. (scipy's multivariate_t cannot serve: the
+    scale matrices have condition numbers up to 1e19, and it factorizes L L^T.) Some diagonal entries
+    of sbibm's scale_tril are negative, which pyro's log_prob turns into NaN: flipping the sign of
+    those columns gives the same distribution (same L L^T) with a valid Cholesky factor."""
+    import pyro.distributions as pdist
+
+    task = SLCPDistractors()
+    gmm = task._distractors
+    assert (gmm["scale_tril"].diagonal(dim1=-2, dim2=-1) < 0).any()
+    cholesky = gmm["scale_tril"] * gmm["scale_tril"].diagonal(dim1=-2, dim2=-1).sign()[:, None, :]
+    mixture = pdist.MixtureSameFamily(
+        pdist.Categorical(logits=gmm["log_weights"]),
+        pdist.MultivariateStudentT(gmm["df"].double(), gmm["loc"], cholesky),
+    )
+    d = task.sample_distractors(20, gen()).double()
+    assert torch.allclose(task.distractor_log_prob(d), mixture.log_prob(d), rtol=1e-7)
+    theta = task.prior.sample((5,))
+    x = task.simulate(theta, seed=0)
+    data, distractors = task.split(x)
+    total = SLCP().log_likelihood(theta.double(), data.double()) + task.distractor_log_prob(distractors)
+    assert torch.allclose(task.log_likelihood(theta.double(), x.double()), total)
+
+
+def test_slcp_distractor_sampler_is_the_student_t_mixture():
+    """With two far-apart components of known weights, draws have the right component frequencies
+    and Mahalanobis distances: ||L^-1 (d - mu)||^2 / 92 ~ F(92, df)."""
+    task = SLCPDistractors()
+    real = task._distractors
+    # well conditioned, unlike the real ones, so that float32 draws can be whitened accurately
+    tril = torch.eye(92, dtype=torch.float64) * torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float64)
+    tril = tril + 0.1 * torch.randn(2, 92, 92, generator=gen(3), dtype=torch.float64).tril(-1)
+    loc = torch.zeros(2, 92, dtype=torch.float64)
+    loc[0, 0], loc[1, 0] = -1e6, 1e6
+    fake = {
+        **real,
+        "loc": loc, "scale_tril": tril, "loc32": loc.float(), "scale_tril32": tril.float(),
+        "log_weights": torch.tensor([0.3, 0.7], dtype=torch.float64).log(),
+    }
+    task.__dict__["_distractors"] = fake  # overrides the cached property on this instance only
+    d = task.sample_distractors(4000, gen()).double()
+    second = d[:, 0] > 0
+    assert stats.binomtest(int(second.sum()), 4000, 0.7).pvalue > 0.001
+    assert (second[:2000].double().mean() - second[2000:].double().mean()).abs() < 0.06  # shuffled
+    df = float(real["df"])
+    for k, rows in enumerate([~second, second]):
+        white = torch.linalg.solve_triangular(tril[k], (d[rows] - loc[k]).T, upper=False)
+        f_stat = (white**2).sum(0) / 92
+        assert stats.kstest(f_stat.numpy(), stats.f(92, df).cdf).pvalue > 0.001
+
+
+def test_slcp_distractors_reference_is_slcps(monkeypatch, tmp_path):
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    monkeypatch.setattr(SLCP, "mcmc_options", FAST_MCMC)
+    samples = SLCPDistractors().reference_posterior(1, 150, seed=2)
+    assert torch.equal(samples, SLCP().reference_posterior(1, 150, seed=2))
+    assert [p.name.split("_obs")[0] for p in tmp_path.iterdir()] == ["slcp"]  # one shared cache file
