@@ -1,0 +1,129 @@
+"""The conditional density estimator of NPE: z-scoring, an optional embedding net, and a flow.
+
+:class:`PosteriorNet` models ``q(u | x)`` for ``u``, the parameters in the prior's unconstrained
+space (see :class:`sbiflows.priors.Unconstrained`). It z-scores ``u`` and ``x`` with statistics of
+the training data, passes the z-scored ``x`` through the embedding net, and feeds the result as the
+context to every layer of the flow (the MADE of every MAF layer, the conditioner of every coupling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sbiflows.flows import Flow, maf, realnvp
+
+__all__ = ["ESTIMATORS", "PosteriorNet", "build_flow", "zscore"]
+
+#: Estimator names accepted by :class:`~sbiflows.npe.NPE` and stored in saved files.
+ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "realnvp": realnvp}
+
+
+def build_flow(
+    estimator: str | Callable[[int, int], Flow],
+    features: int,
+    context_features: int,
+    *,
+    transforms: int,
+    hidden_features: Sequence[int],
+    seed: int = 0,
+) -> Flow:
+    """Build the flow of an estimator name (``"maf"``, ``"realnvp"``) or call a user factory.
+
+    Raises:
+        ValueError: On an unknown name.
+        TypeError: If a user factory does not return a :class:`~sbiflows.flows.Flow` of the right size.
+
+    Example:
+        >>> build_flow("maf", 2, 3, transforms=2, hidden_features=(8, 8)).features
+        2
+    """
+    if isinstance(estimator, str):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
+        options = {"transforms": transforms, "hidden_features": tuple(hidden_features)}
+        if estimator == "maf":
+            options["seed"] = seed
+        return ESTIMATORS[estimator](features, context_features, **options)
+    flow = estimator(features, context_features)
+    if not isinstance(flow, Flow):
+        raise TypeError(f"the estimator callable must return a sbiflows Flow, got {type(flow).__name__}")
+    if flow.features != features or flow.context_features != context_features:
+        raise TypeError(
+            f"the estimator callable was asked for a flow with features={features}, context_features="
+            f"{context_features} and returned one with {flow.features} and {flow.context_features}"
+        )
+    return flow
+
+
+@torch.no_grad()
+def zscore(data: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    """Column means, stds and the constant columns of ``data`` (N, K); constant columns get std 1.
+
+    A column is constant when its std is below ``1e-6 * max(1, |mean|)`` (rounding noise is not signal).
+
+    Example:
+        >>> mean, std, constant = zscore(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+        >>> std.tolist(), constant
+        ([1.4142135381698608, 1.0], [1])
+    """
+    mean = data.mean(0)
+    std = data.std(0) if len(data) > 1 else torch.zeros_like(mean)
+    constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+    return mean, torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
+
+
+class PosteriorNet(nn.Module):
+    """``q(u | x)``: z-score ``u`` and ``x``, embed ``x``, evaluate or sample the flow.
+
+    The z-score statistics are buffers (they move with ``.to()`` and are saved in the state dict).
+
+    Args:
+        flow: A conditional flow over ``theta_dim`` features with the embedding's output as context.
+        embedding: Maps z-scored ``x`` of shape ``(*batch, x_dim)`` to ``(*batch, context_features)``.
+        theta_dim: Number of parameters ``D``.
+        x_dim: Dimension of one simulation.
+
+    Example:
+        >>> net = PosteriorNet(maf(2, 3, transforms=1), nn.Identity(), theta_dim=2, x_dim=3)
+        >>> net.log_prob(torch.zeros(4, 2), torch.zeros(4, 3)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, flow: Flow, embedding: nn.Module, *, theta_dim: int, x_dim: int):
+        super().__init__()
+        self.flow = flow
+        self.embedding = embedding
+        self.theta_dim, self.x_dim = theta_dim, x_dim
+        self.register_buffer("u_shift", torch.zeros(theta_dim))
+        self.register_buffer("u_scale", torch.ones(theta_dim))
+        self.register_buffer("x_shift", torch.zeros(x_dim))
+        self.register_buffer("x_scale", torch.ones(x_dim))
+
+    @torch.no_grad()
+    def set_standardization(self, u: Tensor, x: Tensor) -> None:
+        """Set the z-score buffers from training rows ``u`` (N, D) and ``x`` (N, x_dim) (see :func:`zscore`)."""
+        for data, shift, scale in ((u, self.u_shift, self.u_scale), (x, self.x_shift, self.x_scale)):
+            mean, std, _ = zscore(data)
+            shift.copy_(mean)
+            scale.copy_(std)
+
+    def context(self, x: Tensor) -> Tensor:
+        """The flow's context for raw observations ``x`` of shape ``(*batch, x_dim)``."""
+        return self.embedding((x - self.x_shift) / self.x_scale)
+
+    def log_prob(self, u: Tensor, x: Tensor) -> Tensor:
+        """``log q(u | x)``; ``u`` ``(*batch, D)`` and ``x`` ``(*batch', x_dim)`` broadcast together."""
+        return self.log_prob_given_context(u, self.context(x))
+
+    def log_prob_given_context(self, u: Tensor, context: Tensor) -> Tensor:
+        """``log q(u | x)`` with the context of ``x`` already computed (by :meth:`context`)."""
+        z = (u - self.u_shift) / self.u_scale
+        return self.flow.log_prob(z, context) - torch.log(self.u_scale).sum()
+
+    def sample_given_context(self, n: int, context: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of ``u`` for each context row: ``(n, *batch, D)`` for context ``(*batch, C)``."""
+        z = self.flow.sample(n, context, generator=generator)
+        return z * self.u_scale + self.u_shift

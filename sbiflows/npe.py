@@ -1,0 +1,271 @@
+"""Neural posterior estimation (NPE): train a conditional flow ``q(theta | x)`` on simulations.
+
+Given pairs ``(theta_i, x_i)`` with ``theta_i ~ prior`` and ``x_i ~ simulator(theta_i)``, maximizing
+``sum_i log q(theta_i | x_i)`` makes ``q(theta | x)`` approximate the posterior ``p(theta | x)`` for
+every ``x`` at once (amortized inference).
+
+Design choices (see also ``docs/benchmarks.md``):
+
+* **Unconstrained space.** The flow models ``u = T^{-1}(theta)`` with
+  ``T = torch.distributions.biject_to(prior.support)`` (e.g. a scaled sigmoid for a box prior, ``exp``
+  for a positive one). Samples ``T(u)`` are always inside the support, with no rejection loop, and
+  the posterior's ``log_prob`` adds the change of variables, so it is normalized on the support.
+* **z-scoring.** ``u`` and ``x`` are standardized with the mean and std of the (valid) training
+  rows of the first ``fit``; a constant ``x`` dimension gets std 1 and a warning.
+* **Refitting.** ``fit`` called again appends the new rows to the data seen so far and continues
+  training from the current weights on all of it (new validation split), keeping the z-score
+  statistics of the first fit and extending the same training history. Each ``fit`` returns an
+  independent :class:`~sbiflows.posterior.Posterior` (a snapshot of the weights).
+* **Threads.** Small flows train several times faster with one intra-op thread on a loaded CPU, so
+  ``fit`` sets ``torch.set_num_threads(num_threads)`` (default 1) and restores the old value after.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow, zscore
+from sbiflows.flows import Flow
+from sbiflows.posterior import Posterior, as_float_tensor
+from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.training import TrainingHistory, train
+
+__all__ = ["NPE"]
+
+
+class NPE:
+    """Neural posterior estimation with a normalizing flow.
+
+    Args:
+        prior: The prior over ``theta``, a ``torch.distributions.Distribution`` with event shape
+            ``(D,)`` (e.g. ``Independent(Uniform(low, high), 1)``, ``MultivariateNormal``) or a scalar /
+            batch-of-scalars distribution (treated as ``D`` independent parameters).
+        estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
+            ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
+        transforms: Number of flow layers (default 5). Ignored for a callable estimator.
+        hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``).
+        embedding_net: Optional ``nn.Module`` applied to the z-scored ``x`` before the flow, trained
+            jointly; its output size is read from a forward pass on the data. It is deep-copied at the
+            first ``fit``, so the module you pass is never modified.
+        max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
+        device: Where to train; default: the device of the prior's samples.
+
+    Example:
+        >>> from torch.distributions import Independent, Uniform
+        >>> prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+        >>> theta = prior.sample((500,))
+        >>> x = theta + 0.05 * torch.randn_like(theta)
+        >>> posterior = NPE(prior).fit(theta, x, max_epochs=5, progress=False)
+        >>> posterior.sample(1000, x=torch.zeros(2)).abs().max() < 1
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        prior: Distribution,
+        estimator: str | Callable[[int, int], Flow] = "maf",
+        *,
+        transforms: int = 5,
+        hidden_features: Sequence[int] = (50, 50),
+        embedding_net: nn.Module | None = None,
+        max_batch_elements: int = 2**17,
+        device: torch.device | str | None = None,
+    ):
+        self.prior = prior
+        self._prior, self.theta_dim = check_prior(prior)
+        if isinstance(estimator, str) and estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
+        if not isinstance(estimator, str) and not callable(estimator):
+            raise TypeError(f"estimator must be a name {sorted(ESTIMATORS)} or a callable, got {type(estimator).__name__}")
+        if estimator == "realnvp" and self.theta_dim < 2:
+            raise ValueError("estimator 'realnvp' needs theta with at least 2 dimensions (couplings split theta); use 'maf'")
+        if estimator == "maf" and self.theta_dim == 1:
+            warnings.warn(
+                "with 1-D theta, a MAF of affine layers is a conditional Gaussian in the prior's unconstrained "
+                "space (it cannot represent multimodal posteriors); pass a callable estimator for more flexibility",
+                UserWarning,
+                stacklevel=2,
+            )
+        if embedding_net is not None and not isinstance(embedding_net, nn.Module):
+            raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
+        if not isinstance(transforms, int) or transforms < 1:
+            raise ValueError(f"transforms must be a positive int, got {transforms!r}")
+        self.estimator = estimator
+        self.transforms, self.hidden_features = transforms, tuple(int(h) for h in hidden_features)
+        self.embedding_net = embedding_net
+        self.max_batch_elements = max_batch_elements
+        self.device = torch.device(device) if device is not None else self._prior.sample((1,)).device
+        self.dtype = torch.get_default_dtype()
+        self.history: TrainingHistory | None = None
+        self._net: PosteriorNet | None = None
+        self._theta: Tensor | None = None
+        self._x: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> NPE:
+        """Move the network, the stored training data and the prior to ``device``; returns ``self``."""
+        self.device = torch.device(device)
+        self.prior = move_prior(self.prior, device)
+        self._prior = check_prior(self.prior)[0]
+        for name in ("_net", "_theta", "_x"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def fit(
+        self,
+        theta: Any,
+        x: Any,
+        *,
+        seed: int = 0,
+        max_epochs: int = 1000,
+        batch_size: int = 256,
+        learning_rate: float = 1e-3,
+        validation_fraction: float = 0.1,
+        patience: int = 20,
+        clip_grad_norm: float = 5.0,
+        progress: bool = True,
+        num_threads: int | None = 1,
+    ) -> Posterior:
+        """Train on simulations and return the posterior.
+
+        Args:
+            theta: Parameters ``(N, D)`` drawn from the prior (``(N,)`` for ``D = 1``); tensor or numpy array.
+            x: Simulations ``(N, x_dim)`` (``(N,)`` for ``x_dim = 1``), one row per parameter set. Rows with
+                NaN or inf are dropped with a warning.
+            seed: Seeds the weight initialisation (without changing torch's global RNG state), the
+                validation split and the minibatch order: same seed and data give the same posterior.
+            max_epochs: Upper bound on epochs.
+            batch_size: Minibatch size.
+            learning_rate: Adam step size.
+            validation_fraction: Share of rows held out for early stopping.
+            patience: Epochs without validation improvement before stopping (best weights restored).
+            clip_grad_norm: Maximum gradient norm.
+            progress: Show a progress bar with the current losses.
+            num_threads: Intra-op threads during training (restored afterwards); None leaves them.
+
+        Returns:
+            A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
+
+        Raises:
+            TypeError: For inputs that are not float tensors / arrays.
+            ValueError: For mismatched rows, wrong shapes, NaN/inf in theta, theta outside the prior's
+                support, no valid simulations, or too few rows for the validation split.
+        """
+        theta, x = self._check_data(theta, x, validation_fraction)
+        space = Unconstrained(self._prior.support)
+        u = space.to_unconstrained(space.nudge_inside(theta))
+        if self._net is None:
+            self._net = self._build(u, x, seed)
+            self._theta, self._x = theta, x
+        else:
+            self._theta, self._x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
+            u = space.to_unconstrained(space.nudge_inside(self._theta))
+        old_threads = torch.get_num_threads()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            self.history = train(
+                self._net, u, self._x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+                seed=seed, progress=progress, history=self.history,
+            )
+        finally:
+            torch.set_num_threads(old_threads)
+        return Posterior(
+            copy.deepcopy(self._net), self.prior, config=self._config(), history=copy.deepcopy(self.history),
+            max_batch_elements=self.max_batch_elements,
+        )
+
+    # ------------------------------------------------------------------------------ internals
+    def _build(self, u: Tensor, x: Tensor, seed: int) -> PosteriorNet:
+        x_mean, x_std, constant = zscore(x)
+        if constant:
+            warnings.warn(
+                f"x has constant dimensions {constant} in the training data; they carry no information and are "
+                "not standardized (std set to 1)",
+                UserWarning,
+                stacklevel=3,
+            )
+        embedding = copy.deepcopy(self.embedding_net) if self.embedding_net is not None else nn.Identity()
+        embedding.to(self.device, self.dtype)
+        with torch.no_grad():
+            out = embedding((x[:2] - x_mean) / x_std)
+        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(x[:2]):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"embedding_net must map (N, {x.shape[1]}) to (N, C), got output {shape}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
+                              hidden_features=self.hidden_features, seed=seed)
+        self._seed = seed
+        net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
+        net.set_standardization(u, x)
+        return net
+
+    def _config(self) -> dict:
+        return {
+            "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
+            "transforms": self.transforms,
+            "hidden_features": list(self.hidden_features),
+            "embedding": "none" if self.embedding_net is None else "custom",
+            "theta_dim": self.theta_dim,
+            "x_dim": self._net.x_dim,
+            "context_features": self._net.flow.context_features,
+            "flow_seed": getattr(self, "_seed", 0),
+        }
+
+    def _check_data(self, theta: Any, x: Any, validation_fraction: float) -> tuple[Tensor, Tensor]:
+        theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
+        x = as_float_tensor(x, "x", dtype=self.dtype, device=self.device)
+        if theta.ndim == 1 and self.theta_dim == 1:
+            theta = theta[:, None]
+        if theta.ndim != 2 or theta.shape[1] != self.theta_dim:
+            raise ValueError(
+                f"theta must have shape (N, {self.theta_dim}) to match the prior's event shape ({self.theta_dim},), "
+                f"got {tuple(theta.shape)}"
+            )
+        x = x[:, None] if x.ndim == 1 else x
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (N, x_dim), got {tuple(x.shape)}")
+        if self._x is not None and x.shape[1] != self._x.shape[1]:
+            raise ValueError(f"x must have shape (N, {self._x.shape[1]}) like the data of the first fit, got {tuple(x.shape)}")
+        if len(theta) != len(x):
+            raise ValueError(
+                f"got {len(theta)} parameter sets but {len(x)} simulations; theta and x need one row per simulation"
+            )
+        bad_theta = ~torch.isfinite(theta).all(-1)
+        if bad_theta.any():
+            raise ValueError(f"theta contains NaN or inf in {int(bad_theta.sum())} of {len(theta)} rows")
+        outside = ~Unconstrained(self._prior.support).inside(theta)
+        if outside.any():
+            row = int(torch.nonzero(outside)[0])
+            raise ValueError(
+                f"{int(outside.sum())} of {len(theta)} parameter sets lie outside the prior's support "
+                f"({self._prior.support}), e.g. row {row}: {theta[row].tolist()}"
+            )
+        valid = torch.isfinite(x).all(-1)
+        n_bad = int((~valid).sum())
+        if n_bad == len(x):
+            raise ValueError(f"all {len(x)} simulations contain NaN or inf; nothing to train on")
+        if n_bad:
+            warnings.warn(
+                f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain NaN or inf",
+                UserWarning,
+                stacklevel=3,
+            )
+            theta, x = theta[valid], x[valid]
+        total = len(theta) + (0 if self._theta is None else len(self._theta))
+        n_val = max(1, int(round(total * validation_fraction)))
+        if total - n_val < 1:
+            raise ValueError(
+                f"need at least 2 valid simulations for a training and a validation split "
+                f"(validation_fraction={validation_fraction}), got {total}"
+            )
+        return theta, x

@@ -1,0 +1,307 @@
+"""The trained posterior ``p(theta | x)`` returned by :meth:`sbiflows.NPE.fit`.
+
+The flow models the parameters in the prior's unconstrained space, ``u = T^{-1}(theta)`` with
+``T = torch.distributions.biject_to(prior.support)``. Hence:
+
+* samples are ``T(u)``: always inside the support, with no rejection loop that could stall;
+* ``log_prob(theta) = log q(u | x) - log|det dT/du|``, a density normalized on the support, and
+  ``-inf`` for ``theta`` outside it (or on its boundary, where ``u`` is infinite).
+
+Device rule: inputs (tensors on any device, or numpy arrays) are moved to the posterior's device
+(:attr:`Posterior.device`) and cast to its dtype; results are returned on that device.
+Memory: batched sampling and evaluation are chunked so that at most ``max_batch_elements`` rows pass
+through the flow at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbiflows.estimator import PosteriorNet
+from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.training import TrainingHistory
+
+__all__ = ["Posterior", "as_float_tensor"]
+
+
+def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` (a tensor or numpy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
+
+    Raises:
+        TypeError: For other types, or integer/boolean data (convert explicitly, e.g. ``x.float()``).
+    """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
+    return value.detach().to(device=device, dtype=dtype)
+
+
+class Posterior:
+    """An amortized posterior: sample and evaluate ``p(theta | x)`` for any observation ``x``.
+
+    Args:
+        net: The trained :class:`~sbiflows.estimator.PosteriorNet` (owned by the posterior).
+        prior: The prior (``torch.distributions.Distribution``) the network was trained under.
+        config: Architecture description (used by :meth:`save`).
+        history: The training history.
+        max_batch_elements: Rows per chunk in batched sampling and evaluation (bounds memory).
+
+    Attributes:
+        history: The :class:`~sbiflows.training.TrainingHistory` of the fit (None after :func:`load`
+            of a file without one).
+
+    Example:
+        >>> import torch
+        >>> from torch.distributions import MultivariateNormal
+        >>> from sbiflows import NPE
+        >>> prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> theta = prior.sample((300,)); x = theta + 0.1 * torch.randn_like(theta)
+        >>> posterior = NPE(prior, transforms=1, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+        >>> posterior.sample(100, x=torch.zeros(2)).shape
+        torch.Size([100, 2])
+        >>> posterior.log_prob(torch.zeros(5, 2), x=torch.zeros(2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        net: PosteriorNet,
+        prior: Distribution,
+        *,
+        config: dict,
+        history: TrainingHistory | None = None,
+        max_batch_elements: int = 2**17,
+    ):
+        if not isinstance(max_batch_elements, int) or max_batch_elements < 1:
+            raise ValueError(f"max_batch_elements must be a positive int, got {max_batch_elements!r}")
+        self.net = net.eval()
+        self.prior = prior
+        self._prior, self.theta_dim = check_prior(prior)
+        self._space = Unconstrained(self._prior.support)
+        self.x_dim = net.x_dim
+        self.config = config
+        self.history = history
+        self.max_batch_elements = max_batch_elements
+
+    # ---------------------------------------------------------------------------------- basics
+    @property
+    def device(self) -> torch.device:
+        """The device of the network (and of every result)."""
+        return self.net.u_shift.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the network."""
+        return self.net.u_shift.dtype
+
+    def to(self, device: torch.device | str) -> Posterior:
+        """Move the network and the prior's tensors to ``device`` (in place); returns ``self``."""
+        self.net.to(device)
+        self.prior = move_prior(self.prior, device)
+        self._prior = check_prior(self.prior)[0]
+        self._space = Unconstrained(self._prior.support)
+        return self
+
+    def save(self, path: str | Path) -> None:
+        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`)."""
+        from sbiflows.serialization import save
+
+        save(self, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"Posterior(estimator={self.config.get('estimator')!r}, theta_dim={self.theta_dim}, "
+            f"x_dim={self.x_dim}, device={self.device})"
+        )
+
+    # -------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self, n: int, x: Any, *, seed: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``n`` posterior samples for one observation: shape ``(n, D)``.
+
+        Args:
+            n: Number of samples.
+            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``.
+            seed: Seeds a fresh generator (reproducible samples); exclusive with ``generator``.
+            generator: A ``torch.Generator`` on the posterior's device.
+
+        Raises:
+            ValueError: For a batch of observations (use :meth:`sample_batched`), a wrong shape or
+                NaN/inf in ``x``.
+        """
+        x = self._single_observation(x)
+        return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def sample_batched(
+        self, n: int, xs: Any, *, seed: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``n`` samples for each of ``B`` observations ``xs`` (``(B, x_dim)``): shape ``(n, B, D)``.
+
+        Chunked over observations (and samples) so that at most ``max_batch_elements`` rows are in
+        flight at once.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        xs = self._observations(xs, "xs")
+        generator = self._generator(seed, generator)
+        out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
+        obs_step = max(1, self.max_batch_elements // n)
+        sample_step = min(n, self.max_batch_elements)
+        for b in range(0, len(xs), obs_step):
+            context = self.net.context(xs[b : b + obs_step])
+            for i in range(0, n, sample_step):
+                m = min(sample_step, n - i)
+                u = self.net.sample_given_context(m, context, generator=generator)
+                out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
+        return out
+
+    # ------------------------------------------------------------------------------ densities
+    @torch.no_grad()
+    def log_prob(self, theta: Any, x: Any) -> Tensor:
+        """``log p(theta | x)`` for parameters ``(N, D)`` (or ``(D,)``) and one observation.
+
+        Returns shape ``(N,)`` (or a scalar for a single ``(D,)`` theta); ``-inf`` outside the support.
+        """
+        x = self._single_observation(x)
+        theta = self._theta(theta)
+        single = theta.ndim == 1
+        theta = theta.reshape(-1, self.theta_dim)
+        out = self.log_prob_batched(theta[:, None, :], x)[:, 0]
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
+        """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, x_dim)``: ``(n, B)``."""
+        xs = self._observations(xs, "xs")
+        theta = self._theta(theta)
+        if theta.ndim != 3 or theta.shape[1] != len(xs):
+            raise ValueError(
+                f"theta must have shape (n, B, {self.theta_dim}) with B = {len(xs)} observations, "
+                f"got {tuple(theta.shape)}"
+            )
+        n = theta.shape[0]
+        out = torch.empty(n, len(xs), device=self.device, dtype=self.dtype)
+        obs_step = max(1, self.max_batch_elements // max(n, 1))
+        sample_step = max(1, min(n, self.max_batch_elements))
+        for b in range(0, len(xs), obs_step):
+            context = self.net.context(xs[b : b + obs_step])
+            for i in range(0, n, sample_step):
+                out[i : i + sample_step, b : b + obs_step] = self._log_prob(
+                    theta[i : i + sample_step, b : b + obs_step], context
+                )
+        return out
+
+    def _log_prob(self, theta: Tensor, context: Tensor) -> Tensor:
+        inside = self._space.inside(theta)
+        u = self._space.to_unconstrained(torch.where(inside[..., None], theta, self._interior(theta)))
+        ok = inside & torch.isfinite(u).all(-1)
+        u = torch.where(ok[..., None], u, torch.zeros_like(u))
+        log_prob = self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)
+        return torch.where(ok, log_prob, torch.full_like(log_prob, -torch.inf))
+
+    def _interior(self, like: Tensor) -> Tensor:
+        return self._space.to_constrained(torch.zeros(self.theta_dim, device=like.device, dtype=like.dtype))
+
+    # ------------------------------------------------------------------------------------ MAP
+    def map(
+        self,
+        x: Any,
+        *,
+        num_init_samples: int = 1_000,
+        num_to_optimize: int = 100,
+        num_iter: int = 500,
+        learning_rate: float = 0.01,
+        seed: int = 0,
+    ) -> Tensor:
+        """A maximum-a-posteriori estimate of ``theta`` for one observation: shape ``(D,)``.
+
+        Draws ``num_init_samples`` posterior samples, keeps the ``num_to_optimize`` with the highest
+        ``log_prob`` and runs Adam on all of them at once, in the unconstrained space, on
+        ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best.
+        """
+        x = self._single_observation(x)
+        generator = self._generator(seed, None)
+        context = self.net.context(x).detach()
+        with torch.no_grad():
+            u = self.net.sample_given_context(num_init_samples, context, generator=generator)[:, 0]
+            start = self._log_prob_u(u, context).topk(min(num_to_optimize, num_init_samples)).indices
+        u = u[start].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([u], lr=learning_rate)
+        best_u, best_lp = u.detach().clone(), torch.full((len(u),), -torch.inf, device=self.device, dtype=self.dtype)
+        for _ in range(num_iter):
+            log_prob = self._log_prob_u(u, context)
+            with torch.no_grad():
+                better = log_prob > best_lp
+                best_u[better], best_lp[better] = u[better], log_prob[better]
+            (grad,) = torch.autograd.grad(log_prob.sum(), u)
+            u.grad = -grad
+            optimizer.step()
+        with torch.no_grad():
+            return self._space.to_constrained(best_u[best_lp.argmax()])
+
+    def _log_prob_u(self, u: Tensor, context: Tensor) -> Tensor:
+        return self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)
+
+    # ------------------------------------------------------------------------------- checking
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            return torch.Generator(device=self.device).manual_seed(int(seed))
+        return generator
+
+    def _theta(self, theta: Any) -> Tensor:
+        theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
+        if theta.ndim == 0 or theta.shape[-1] != self.theta_dim:
+            raise ValueError(f"theta must have shape (..., {self.theta_dim}), got {tuple(theta.shape)}")
+        if torch.isnan(theta).any():
+            raise ValueError("theta contains NaN")
+        return theta
+
+    def _observations(self, xs: Any, name: str) -> Tensor:
+        xs = as_float_tensor(xs, name, dtype=self.dtype, device=self.device)
+        if xs.ndim == 1 and xs.shape[0] == self.x_dim:
+            xs = xs[None]
+        if xs.ndim != 2 or xs.shape[1] != self.x_dim:
+            raise ValueError(
+                f"{name} must have shape (B, {self.x_dim}) (observations of the training x's shape "
+                f"({self.x_dim},)), got {tuple(xs.shape)}"
+            )
+        bad = ~torch.isfinite(xs).all(-1)
+        if bad.any():
+            rows = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(f"{name} contains NaN or inf (rows {rows[:10]}); the posterior is undefined there")
+        return xs
+
+    def _single_observation(self, x: Any) -> Tensor:
+        if x is None:
+            raise ValueError(f"x is required: one observation of shape ({self.x_dim},)")
+        shape = tuple(x.shape) if hasattr(x, "shape") else None
+        if shape is not None and len(shape) == 2 and shape[0] > 1 and shape[1] == self.x_dim:
+            raise ValueError(
+                f"x has shape {shape}: a batch of {shape[0]} observations; sample() and log_prob() take one "
+                f"observation of shape ({self.x_dim},) or (1, {self.x_dim}); use sample_batched() or "
+                "log_prob_batched() for many"
+            )
+        if shape is not None and shape not in ((self.x_dim,), (1, self.x_dim)):
+            raise ValueError(
+                f"x must have shape ({self.x_dim},) or (1, {self.x_dim}) like the training simulations, got {shape}"
+            )
+        return self._observations(x, "x")
+
+    def copy(self) -> Posterior:
+        """An independent deep copy."""
+        return copy.deepcopy(self)

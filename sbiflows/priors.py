@@ -1,0 +1,223 @@
+"""Priors for neural posterior estimation: validation, the unconstrained space, and a JSON-able spec.
+
+* :func:`check_prior` validates a ``torch.distributions.Distribution`` and gives it an event shape
+  ``(D,)`` (a scalar prior becomes 1-D, a batch of ``D`` scalar priors becomes ``Independent(prior, 1)``).
+* :class:`Unconstrained` is ``theta = T(u)`` with ``T = biject_to(prior.support)``: the flow models ``u``
+  on ``R^D`` and ``log p(theta) = log q(u) - log|det dT/du|``, so samples never leave the support and
+  the density is normalized on it, with no rejection sampling.
+* :func:`prior_spec` / :func:`build_prior` turn a prior made of whitelisted classes into a JSON
+  config plus named tensors and back, so that a prior can be saved without pickle and rebuilt on
+  another device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import (
+    Beta,
+    Distribution,
+    Exponential,
+    Gamma,
+    HalfNormal,
+    Independent,
+    Laplace,
+    LogNormal,
+    MultivariateNormal,
+    Normal,
+    Uniform,
+    biject_to,
+    constraints,
+)
+
+__all__ = ["Unconstrained", "build_prior", "check_prior", "move_prior", "prior_spec"]
+
+#: Distribution classes a prior spec may name, with the constructor arguments that rebuild them.
+#: Classes are matched exactly (a subclass may behave differently, so it is not whitelisted).
+PRIOR_CLASSES: dict[str, tuple[type[Distribution], tuple[str, ...]]] = {
+    "Uniform": (Uniform, ("low", "high")),
+    "Normal": (Normal, ("loc", "scale")),
+    "LogNormal": (LogNormal, ("loc", "scale")),
+    "MultivariateNormal": (MultivariateNormal, ("loc", "scale_tril")),
+    "Beta": (Beta, ("concentration1", "concentration0")),
+    "Gamma": (Gamma, ("concentration", "rate")),
+    "Exponential": (Exponential, ("rate",)),
+    "HalfNormal": (HalfNormal, ("scale",)),
+    "Laplace": (Laplace, ("loc", "scale")),
+}
+
+
+def check_prior(prior: Any) -> tuple[Distribution, int]:
+    """Validate ``prior`` and return it with event shape ``(D,)``, and ``D``.
+
+    Raises:
+        TypeError: If ``prior`` is not a ``torch.distributions.Distribution``.
+        ValueError: If it has no support, a support that is not a ``D``-dimensional manifold of ``R^D``,
+            an event shape other than ``()`` or ``(D,)``, or ``sample``/``log_prob`` that are not batched.
+
+    Example:
+        >>> prior, dim = check_prior(Normal(torch.zeros(3), torch.ones(3)))
+        >>> dim, prior.event_shape
+        (3, torch.Size([3]))
+    """
+    if not isinstance(prior, Distribution):
+        raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
+    event, batch = tuple(prior.event_shape), tuple(prior.batch_shape)
+    if event == () and batch == ():
+        prior = Independent(prior.expand((1,)), 1)
+    elif event == () and len(batch) == 1:
+        prior = Independent(prior, 1)
+    elif len(event) != 1 or batch != ():
+        raise ValueError(
+            "prior must have event shape (D,) and no batch shape (e.g. Independent(Uniform(low, high), 1)), "
+            f"got event shape {event} and batch shape {batch}"
+        )
+    dim = prior.event_shape[0]
+    try:
+        support = prior.support
+    except NotImplementedError:
+        support = None
+    if support is None:
+        raise ValueError(f"prior {type(prior).__name__} has no support; NPE needs it to map theta to R^D")
+    try:
+        transform = biject_to(support)
+    except NotImplementedError:
+        raise ValueError(f"the prior's support {support} has no bijection from R^D (torch.distributions.biject_to)") from None
+    if tuple(transform.inverse_shape((dim,))) != (dim,):
+        raise ValueError(f"the prior's support {support} is not a {dim}-dimensional region of R^{dim}")
+    with torch.no_grad():
+        sample = prior.sample((2,))
+        if tuple(sample.shape) != (2, dim):
+            raise ValueError(f"prior.sample((2,)) must have shape (2, {dim}), got {tuple(sample.shape)}")
+        log_prob = prior.log_prob(sample)
+        if tuple(log_prob.shape) != (2,):
+            raise ValueError(f"prior.log_prob of 2 samples must have shape (2,), got {tuple(log_prob.shape)}")
+    return prior, dim
+
+
+class Unconstrained:
+    """The bijection ``theta = T(u)`` from ``R^D`` onto the prior's support (``biject_to(support)``).
+
+    Points mapped onto the support are clamped one floating-point step inside its bounds, so that a
+    saturated sigmoid or an underflowing exp never yields a boundary value (where ``u`` is infinite).
+
+    Args:
+        support: The prior's support constraint (event dimension 1 after :func:`check_prior`).
+
+    Example:
+        >>> box = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+        >>> space = Unconstrained(box.support)
+        >>> theta = space.to_constrained(torch.tensor([[0.0, 100.0]]))
+        >>> bool(space.inside(theta).all())
+        True
+    """
+
+    def __init__(self, support: constraints.Constraint):
+        self.support = support
+        self.transform = biject_to(support)
+        base = support
+        while isinstance(base, constraints.independent):
+            base = base.base_constraint
+        self._lower = getattr(base, "lower_bound", None)
+        self._upper = getattr(base, "upper_bound", None)
+
+    def to_constrained(self, u: Tensor) -> Tensor:
+        """``theta = T(u)``, strictly inside the support's bounds."""
+        return self._clamp(self.transform(u))
+
+    def to_unconstrained(self, theta: Tensor) -> Tensor:
+        """``u = T^{-1}(theta)``; may be infinite for ``theta`` on the boundary of the support."""
+        return self.transform.inv(theta)
+
+    def log_abs_det_jacobian(self, u: Tensor) -> Tensor:
+        """``log|det dT/du|`` of shape ``u.shape[:-1]``."""
+        ladj = self.transform.log_abs_det_jacobian(u, self.transform(u))
+        return ladj.sum(-1) if ladj.shape == u.shape else ladj
+
+    def inside(self, theta: Tensor) -> Tensor:
+        """Boolean ``theta.shape[:-1]``: rows inside the support (boundaries included, NaN excluded)."""
+        ok = self.support.check(theta)
+        while ok.ndim >= theta.ndim:
+            ok = ok.all(-1)
+        return ok & ~torch.isnan(theta).any(-1)
+
+    def nudge_inside(self, theta: Tensor) -> Tensor:
+        """Move boundary values one floating-point step inside (for training data drawn on a bound)."""
+        return self._clamp(theta)
+
+    def _clamp(self, theta: Tensor) -> Tensor:
+        if self._lower is not None:
+            low = torch.as_tensor(self._lower, dtype=theta.dtype, device=theta.device)
+            theta = torch.maximum(theta, torch.nextafter(low, torch.full_like(low, torch.inf)))
+        if self._upper is not None:
+            high = torch.as_tensor(self._upper, dtype=theta.dtype, device=theta.device)
+            theta = torch.minimum(theta, torch.nextafter(high, torch.full_like(high, -torch.inf)))
+        return theta
+
+
+# ------------------------------------------------------------------------------------ prior specs
+def prior_spec(prior: Distribution, prefix: str = "prior") -> tuple[dict, dict[str, Tensor]] | None:
+    """A JSON config and named tensors that rebuild ``prior``, or None if it uses other classes.
+
+    Example:
+        >>> spec, tensors = prior_spec(Independent(Uniform(torch.zeros(2), torch.ones(2)), 1))
+        >>> spec["class"], spec["base"]["class"], sorted(tensors)
+        ('Independent', 'Uniform', ['prior.base.high', 'prior.base.low'])
+    """
+    if type(prior) is Independent:
+        base = prior_spec(prior.base_dist, f"{prefix}.base")
+        if base is None:
+            return None
+        config = {"class": "Independent", "reinterpreted_batch_ndims": prior.reinterpreted_batch_ndims}
+        return {**config, "base": base[0]}, base[1]
+    for name, (cls, params) in PRIOR_CLASSES.items():
+        if type(prior) is cls:
+            tensors = {f"{prefix}.{p}": getattr(prior, p).detach().clone() for p in params}
+            return {"class": name, "params": {p: f"{prefix}.{p}" for p in params}}, tensors
+    return None
+
+
+def build_prior(spec: dict, tensors: dict[str, Tensor], device: torch.device | str | None = None) -> Distribution:
+    """Rebuild a prior from :func:`prior_spec` output, its tensors moved to ``device``.
+
+    Raises:
+        ValueError: On a class outside the whitelist or a missing tensor.
+    """
+    name = spec.get("class") if isinstance(spec, dict) else None
+    if name == "Independent":
+        base = build_prior(spec["base"], tensors, device)
+        return Independent(base, int(spec["reinterpreted_batch_ndims"]), validate_args=False)
+    if name not in PRIOR_CLASSES:
+        raise ValueError(
+            f"unknown prior class {name!r} in the saved config; known: {['Independent', *PRIOR_CLASSES]}"
+        )
+    cls, params = PRIOR_CLASSES[name]
+    if set(spec.get("params", {})) != set(params):
+        raise ValueError(f"prior class {name} needs parameters {list(params)}, got {list(spec.get('params', {}))}")
+    kwargs = {}
+    for p in params:
+        key = spec["params"][p]
+        if key not in tensors:
+            raise ValueError(f"the saved file lacks the prior tensor {key!r}")
+        kwargs[p] = tensors[key].to(device) if device is not None else tensors[key]
+    return cls(**kwargs, validate_args=False)
+
+
+def move_prior(prior: Distribution, device: torch.device | str) -> Distribution:
+    """``prior`` with its tensors on ``device`` (rebuilt from its spec).
+
+    Raises:
+        ValueError: If the prior is not built from whitelisted classes and is on another device.
+    """
+    spec = prior_spec(prior)
+    if spec is not None:
+        return build_prior(*spec, device=device)
+    current = prior.sample((1,)).device
+    if current == torch.device(device):
+        return prior
+    raise ValueError(
+        f"cannot move a {type(prior).__name__} prior to {device}: only priors made of "
+        f"{['Independent', *PRIOR_CLASSES]} are rebuilt on a device; construct the prior on {device} instead"
+    )

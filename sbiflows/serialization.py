@@ -1,0 +1,214 @@
+"""Save and load posteriors without pickle: tensors plus a JSON config in one ``torch.save`` file.
+
+The file is a dict of plain types and tensors, readable with
+``torch.load(path, weights_only=True, map_location=...)``:
+
+* ``format_version`` (int) and ``sbiflows_version`` (str);
+* ``config``: a JSON string with the architecture (estimator name, layers, hidden sizes, seed),
+  shapes (``theta_dim``, ``x_dim``, context size, every tensor's shape), dtype, the prior spec (a
+  whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
+  ``Independent``; null for other priors) and the training history;
+* ``state_dict``: the network's tensors, z-score buffers included;
+* ``prior_tensors``: the prior's parameters;
+* ``sha256``: a digest of the config and every tensor (names, dtypes, shapes and bytes).
+
+Classes are only ever looked up in registries (:data:`sbiflows.estimator.ESTIMATORS`,
+:data:`sbiflows.priors.PRIOR_CLASSES`), never imported by name. Objects that JSON cannot describe (a
+custom prior, a callable estimator, an embedding net) are passed to :func:`load` by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+import sbiflows
+from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
+from sbiflows.flows import Flow
+from sbiflows.posterior import Posterior
+from sbiflows.priors import build_prior, check_prior, prior_spec
+from sbiflows.training import TrainingHistory
+
+__all__ = ["FORMAT_VERSION", "load", "save"]
+
+#: Version of the file layout; :func:`load` reads this version and older ones.
+FORMAT_VERSION = 1
+_KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def save(posterior: Posterior, path: str | Path) -> None:
+    """Write ``posterior`` to ``path`` (the in-memory object is not modified).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch.distributions import Normal
+        >>> from sbiflows import NPE, load
+        >>> prior = Normal(torch.zeros(2), torch.ones(2))
+        >>> theta = prior.sample((200,))
+        >>> post = NPE(prior, transforms=1).fit(theta, theta, max_epochs=2, progress=False)
+        >>> path = tempfile.mkdtemp() + "/post.pt"
+        >>> post.save(path)
+        >>> bool((load(path).log_prob(theta[:3], x=theta[0]) == post.log_prob(theta[:3], x=theta[0])).all())
+        True
+    """
+    state = {k: v.detach().clone() for k, v in posterior.net.state_dict().items()}
+    spec = prior_spec(posterior.prior)
+    prior_config, prior_tensors = (None, {}) if spec is None else spec
+    dtype = next(name for name, value in _DTYPES.items() if value == posterior.dtype)
+    config = {
+        "posterior": posterior.config,
+        "dtype": dtype,
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+        "prior": prior_config,
+        "prior_class": type(posterior.prior).__name__,
+        "max_batch_elements": posterior.max_batch_elements,
+        "history": None if posterior.history is None else posterior.history.as_dict(),
+    }
+    config_json = json.dumps(config, sort_keys=True)
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "sbiflows_version": sbiflows.__version__,
+        "config": config_json,
+        "state_dict": state,
+        "prior_tensors": prior_tensors,
+        "sha256": _digest(config_json, state, prior_tensors),
+    }
+    torch.save(blob, Path(path))
+
+
+def load(
+    path: str | Path,
+    *,
+    prior: Distribution | None = None,
+    estimator=None,
+    embedding_net: nn.Module | None = None,
+    map_location: torch.device | str = "cpu",
+) -> Posterior:
+    """Load a posterior saved by :func:`save` (never unpickles: ``torch.load(weights_only=True)``).
+
+    Args:
+        path: The file.
+        prior: Required if the saved prior is not made of whitelisted classes (its spec is null);
+            otherwise it replaces the saved prior.
+        estimator: The callable used at training time, required if the posterior was trained with one.
+        embedding_net: A module of the architecture used at training time, required if one was used
+            (its weights are overwritten by the saved ones).
+        map_location: Device for the loaded tensors (a file saved on a GPU loads on the CPU by default).
+
+    Raises:
+        ValueError: On a file from a newer format, missing or extra keys, a digest mismatch, unknown
+            class names, shapes that do not match, or a missing ``prior``/``estimator``/``embedding_net``.
+
+    Example:
+        See :func:`save`.
+    """
+    try:
+        blob = torch.load(Path(path), weights_only=True, map_location=map_location)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
+        raise ValueError(f"{path} is not a readable sbiflows posterior file: {error}") from error
+    config, state, prior_tensors = _check_blob(blob, path)
+    post_config = config["posterior"]
+    if config["prior"] is not None and prior is None:
+        prior = build_prior(config["prior"], prior_tensors, device=map_location)
+    if prior is None:
+        raise ValueError(
+            f"{path} was trained with a {config['prior_class']} prior, which the file cannot describe; "
+            "pass it as load(path, prior=...)"
+        )
+    theta_dim = check_prior(prior)[1]
+    if theta_dim != post_config["theta_dim"]:
+        raise ValueError(f"prior has {theta_dim} dimensions but the saved posterior has {post_config['theta_dim']}")
+    net = PosteriorNet(
+        _flow(post_config, estimator), _embedding(post_config, embedding_net),
+        theta_dim=theta_dim, x_dim=post_config["x_dim"],
+    ).to(_DTYPES[config["dtype"]])
+    shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
+    if shapes != config["shapes"]:
+        diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))
+        raise ValueError(f"the rebuilt network does not match the saved one; differing tensors: {diff}")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
+    device = next(iter(state.values())).device
+    history = None if config["history"] is None else TrainingHistory(**config["history"])
+    return Posterior(net.to(device), prior, config=post_config, history=history,
+                     max_batch_elements=config["max_batch_elements"])
+
+
+# ------------------------------------------------------------------------------------ internals
+def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} is not an sbiflows posterior file (top level is {type(blob).__name__})")
+    version = blob.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path} is not an sbiflows posterior file (no integer format_version)")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was saved with format {version} (sbiflows {blob.get('sbiflows_version')}); "
+            f"this sbiflows reads <= {FORMAT_VERSION}: upgrade sbiflows"
+        )
+    missing, extra = _KEYS - set(blob), set(blob) - _KEYS
+    if missing or extra:
+        raise ValueError(f"{path} has missing keys {sorted(missing)} and extra keys {sorted(extra)}")
+    state, prior_tensors = blob["state_dict"], blob["prior_tensors"]
+    if blob["sha256"] != _digest(blob["config"], state, prior_tensors):
+        raise ValueError(f"{path} failed its SHA-256 check: the file is corrupt or was modified")
+    config = json.loads(blob["config"])
+    if config.get("dtype") not in _DTYPES:
+        raise ValueError(f"unknown dtype {config.get('dtype')!r} in {path}; known: {sorted(_DTYPES)}")
+    return config, state, prior_tensors
+
+
+def _flow(config: dict, estimator) -> Flow:
+    name = config["estimator"]
+    if name == "custom":
+        if estimator is None:
+            raise ValueError(
+                "this posterior was trained with a callable estimator, which a file cannot hold; pass the same "
+                "callable: load(path, estimator=...)"
+            )
+    elif name in ESTIMATORS:
+        estimator = name
+    else:
+        raise ValueError(f"unknown estimator {name!r} in the saved config; known: {sorted(ESTIMATORS)}")
+    with torch.random.fork_rng(devices=[]):  # weights are overwritten: keep the global RNG untouched
+        return build_flow(
+            estimator, config["theta_dim"], config["context_features"], transforms=config["transforms"],
+            hidden_features=config["hidden_features"], seed=config.get("flow_seed", 0),
+        )
+
+
+def _embedding(config: dict, embedding_net: nn.Module | None) -> nn.Module:
+    if config["embedding"] == "none":
+        if embedding_net is not None:
+            raise ValueError("this posterior was trained without an embedding_net, but one was passed")
+        return nn.Identity()
+    if config["embedding"] != "custom":
+        raise ValueError(f"unknown embedding {config['embedding']!r} in the saved config")
+    if embedding_net is None:
+        raise ValueError(
+            "this posterior was trained with an embedding_net, which a file cannot hold; pass a module of the "
+            "same architecture: load(path, embedding_net=...)"
+        )
+    return embedding_net
+
+
+def _digest(config_json: str, *tensor_dicts: dict[str, Tensor]) -> str:
+    sha = hashlib.sha256(config_json.encode())
+    for tensors in tensor_dicts:
+        if not isinstance(tensors, dict):
+            raise ValueError("the file's tensor collections must be dicts")
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"entry {name!r} of the file is not a tensor")
+            sha.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+            sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
