@@ -6,11 +6,11 @@ unconstrained space ``z = biject_to(prior.support).inv(theta)`` with the log-abs
 bounded priors are handled exactly. Chains start from prior draws, resampled by likelihood
 (``init="sir"``) or not (``init="prior"``).
 
-The kernel is hit-and-run slice sampling (Neal 2003, stepping out and shrinkage) along random
-directions ``L u`` with ``u`` uniform on the unit sphere and ``L`` the Cholesky factor of the chains'
-covariance, re-estimated during warm-up: it needs no step size, is robust to a wrong scale and adapts
-to correlated posteriors. Diagnostics follow Vehtari et al. (2021): rank-normalized split R-hat and
-bulk effective sample size.
+The kernel is slice sampling (Neal 2003, stepping out and shrinkage) along lines: each step sweeps
+over the directions ``L u_1, ..., L u_D``, with ``u_k`` a random orthonormal basis per chain and ``L``
+the Cholesky factor of the chains' covariance, re-estimated during warm-up (it starts at the prior's).
+It needs no step size, is robust to a wrong scale and adapts to correlated posteriors. Diagnostics
+follow Vehtari et al. (2021): rank-normalized split R-hat and bulk effective sample size.
 
 Example:
     >>> import torch
@@ -345,8 +345,11 @@ def _initial_points(
         raise RuntimeError(f"only {int(finite.sum())} of {len(z)} prior draws have finite likelihood")
     if init == "prior":
         return z[finite][:num_chains]
-    weights = torch.softmax(logp, dim=0)  # SIR: prior draws, resampled by likelihood
-    return z[torch.multinomial(weights, num_chains, replacement=True, generator=generator)]
+    # SIR: prior draws resampled by likelihood, distinct ones where possible so that the chains
+    # start dispersed (which R-hat relies on to detect chains stuck apart).
+    weights = torch.softmax(logp, dim=0)
+    distinct = int((weights > 0).sum()) >= num_chains
+    return z[torch.multinomial(weights, num_chains, replacement=not distinct, generator=generator)]
 
 
 def sample_posterior(

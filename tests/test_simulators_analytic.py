@@ -189,7 +189,7 @@ def test_gaussian_linear_mcmc_agrees_with_conjugate_posterior():
     task = simulators.get("gaussian_linear")
     x = task.observation(1)
     mcmc = sample_posterior(
-        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=50,
+        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=60,
         generator=gen(),
     )
     ks_agree(mcmc, task.reference_posterior(1, 2000, seed=5))
@@ -211,7 +211,7 @@ def test_gaussian_linear_uniform_mcmc_agrees_with_exact_reference():
     task = simulators.get("gaussian_linear_uniform")
     x = task.observation(2)
     mcmc = sample_posterior(
-        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=100, thin=2,
+        lambda t: task.log_likelihood(t, x), task.prior, 2000, num_chains=40, warmup=60,
         generator=gen(),
     )
     ks_agree(mcmc, task.reference_posterior(2, 2000, seed=5))
