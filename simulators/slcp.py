@@ -155,38 +155,54 @@ class SLCPDistractors(SLCP):
         df = float(blob["df"])
         if df != round(df) or df < 1:
             raise ValueError(f"distractor_gmm.npz: df must be a positive integer, got {df}")
+        loc, tril = torch.from_numpy(blob["loc"]), torch.from_numpy(blob["scale_tril"])
+        inverse_perm = torch.argsort(perm)  # concat column c sits at x column inverse_perm[c]
+        columns = inverse_perm[2 * NUM_POINTS :]
+        weight_x = torch.zeros(loc.shape[0], loc.shape[1], len(perm))
+        weight_x[:, :, columns] = tril.mT.to(torch.float32)
+        bias_x = torch.zeros(loc.shape[0], len(perm))
+        bias_x[:, columns] = loc.to(torch.float32)
         return {
-            "loc": torch.from_numpy(blob["loc"]).to(torch.float64),
-            "scale_tril": torch.from_numpy(blob["scale_tril"]).to(torch.float64),
+            "loc": loc.to(torch.float64),  # float64 for the density: scale_tril is ill-conditioned
+            "scale_tril": tril.to(torch.float64),
+            "loc32": loc.to(torch.float32),  # float32 for sampling
+            "scale_tril32": tril.to(torch.float32),
+            "weight_x": weight_x,  # scale_tril^T padded to x's 100 permuted columns
+            "bias_x": bias_x,
             "df": torch.tensor(df),
             "log_weights": torch.log_softmax(torch.from_numpy(blob["mixture_logits"]).double(), 0),
-            "loc32": torch.from_numpy(blob["loc"]).to(torch.float32),
-            "scale_tril32": torch.from_numpy(blob["scale_tril"]).to(torch.float32),
             "perm": perm,
-            "inverse_perm": torch.argsort(perm),
+            "inverse_perm": inverse_perm,
         }
 
-    def _distractors_by_component(self, num: int, generator: torch.Generator) -> Tensor:
-        """``num`` distractor draws grouped by mixture component (component counts are multinomial),
-        each component's draws in one matmul; rows must be put in random order before use."""
+    def _draw_distractors(
+        self, num: int, generator: torch.Generator, weight: Tensor, bias: Tensor
+    ) -> Tensor:
+        """``num`` i.i.d. rows ``bias[k] + t @ weight[k]`` with ``k`` a random component and ``t`` a
+        standard multivariate t draw: shape ``(num, weight.shape[-1])``.
+
+        Rows are computed grouped by component (one matmul per component, written in place) and
+        then copied to their random row: no per-row gathers of the 92x92 factors.
+        """
         gmm = self._distractors
-        loc, tril, df = gmm["loc32"], gmm["scale_tril32"], int(gmm["df"])
+        df = int(gmm["df"])
         component = torch.multinomial(gmm["log_weights"].exp(), num, replacement=True,
                                       generator=generator)
-        counts = torch.bincount(component, minlength=loc.shape[0]).tolist()
-        normal = torch.randn(num, loc.shape[1], generator=generator)
+        order = torch.argsort(component, stable=True)  # grouped row j goes to row order[j]
+        counts = torch.bincount(component, minlength=len(bias)).tolist()
+        normal = torch.randn(num, weight.shape[1], generator=generator)  # i.i.d.: already "grouped"
         chi2 = (torch.randn(num, df, generator=generator) ** 2).sum(-1, keepdim=True)
         normal.mul_(torch.sqrt(df / chi2))  # multivariate t = normal / sqrt(chi2 / df)
-        out = torch.empty_like(normal)  # large buffers are written in place: no temporaries
-        for k, (block, target) in enumerate(zip(normal.split(counts), out.split(counts))):
+        grouped = torch.empty(num, weight.shape[-1])
+        for k, (block, target) in enumerate(zip(normal.split(counts), grouped.split(counts))):
             if counts[k]:
-                torch.addmm(loc[k], block, tril[k].T, out=target)
-        return out
+                torch.addmm(bias[k], block, weight[k], out=target)
+        return torch.empty_like(grouped).index_copy_(0, order, grouped)
 
     def sample_distractors(self, num: int, generator: torch.Generator) -> Tensor:
         """I.i.d. draws of the 92 distractors from the Student-t mixture, ``(num, 92)``, float32."""
-        draws = self._distractors_by_component(num, generator)
-        return draws[torch.randperm(num, generator=generator)]
+        gmm = self._distractors
+        return self._draw_distractors(num, generator, gmm["scale_tril32"].mT, gmm["loc32"])
 
     def distractor_log_prob(self, d: Tensor) -> Tensor:
         """Log density of the distractor mixture at ``d`` of shape ``(N, 92)``, float64 ``(N,)``."""
@@ -204,15 +220,13 @@ class SLCPDistractors(SLCP):
         return torch.logsumexp(torch.stack(per_component, -1) + gmm["log_weights"], dim=-1)
 
     def _simulate(self, theta: Tensor, generator: torch.Generator) -> Tensor:
-        num = theta.shape[0]
+        gmm = self._distractors
         data = super()._simulate(theta, generator)
-        grouped = self._distractors_by_component(num, generator).to(theta.dtype)
-        rows = torch.randperm(num, generator=generator)  # grouped[j] becomes row rows[j]
-        positions = self._distractors["inverse_perm"]  # concat column c sits at x column positions[c]
-        x = torch.empty(num, self.x_dim, dtype=theta.dtype)
-        x[:, positions[: 2 * NUM_POINTS]] = data
-        x[rows[:, None], positions[None, 2 * NUM_POINTS :]] = grouped
-        return x
+        # The distractors are drawn straight into their permuted columns (the factors are padded with
+        # zero columns where the SLCP data go), then the data fill those columns.
+        x = self._draw_distractors(theta.shape[0], generator, gmm["weight_x"], gmm["bias_x"])
+        x[:, gmm["inverse_perm"][: 2 * NUM_POINTS]] = data.to(x.dtype)
+        return x.to(theta.dtype)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Undo the permutation: ``(slcp_data (N, 8), distractors (N, 92))`` from x ``(N, 100)``."""
