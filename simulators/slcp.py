@@ -71,7 +71,9 @@ class SLCP(Task):
     parameter_names = tuple(rf"$\theta_{k}$" for k in range(1, 6))
     data_folder = "slcp"
     cache_reference = True
-    #: Options of :func:`simulators.mcmc.sample_posterior` for the reference posterior.
+    #: Options of :func:`simulators.mcmc.sample_posterior` for the reference posterior (for 10,000
+    #: samples: max R-hat 1.017, min bulk ESS 4,900 over the ten observations). Not part of the cache
+    #: key: after changing them, use a fresh cache folder or bump ``base.CACHE_VERSION``.
     mcmc_options: dict[str, Any] = {"num_chains": 100, "warmup": 200, "thin": 3}
 
     def _prior(self) -> Distribution:
