@@ -206,7 +206,7 @@ class Task:
 
     @staticmethod
     def _check_index(i: int) -> None:
-        if not isinstance(i, int) or not 1 <= i <= NUM_OBSERVATIONS:
+        if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= NUM_OBSERVATIONS:
             raise ValueError(f"observation number must be an int in 1..{NUM_OBSERVATIONS}, got {i!r}")
 
 
