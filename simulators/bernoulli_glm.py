@@ -73,16 +73,19 @@ class _BernoulliGLMBase(Task):
     parameter_names = tuple(rf"$\beta_{j}$" for j in range(1 + NUM_FILTER))
     data_folder = "bernoulli_glm"
     cache_reference = True
+    #: Options of :func:`simulators.mcmc.sample_posterior` for the reference posterior (10,000 samples:
+    #: 100 chains x 100 draws, pooled ESS about 10,000).
+    mcmc_options: dict = {"num_chains": 100, "warmup": 200, "thin": 2}
 
     def _prior(self) -> Distribution:
         loc = torch.zeros(self.theta_dim)
         return MultivariateNormal(loc, precision_matrix=prior_precision().to(torch.float32))
 
     def _spikes(self, theta: Tensor, generator: torch.Generator) -> Tensor:
-        """Spike trains ``y`` of shape (N, 100), float64 zeros and ones."""
-        psi = theta.to(torch.float64) @ design_matrix().T
-        uniform = torch.rand(psi.shape, generator=generator, dtype=torch.float64)
-        return (uniform < torch.sigmoid(psi)).to(torch.float64)
+        """Spike trains ``y`` of shape (N, 100), float32 zeros and ones (float32 as in sbibm, for speed)."""
+        psi = theta.to(torch.float32) @ design_matrix().to(torch.float32).T
+        uniform = torch.rand(psi.shape, generator=generator)
+        return (uniform < torch.sigmoid(psi)).to(torch.float32)
 
     def _log_likelihood_from_statistic(self, theta: Tensor, statistic: Tensor) -> Tensor:
         """``theta^T s - sum_t softplus((V theta)_t)`` for ``s = V^T y``; shape (N,), theta's dtype."""
@@ -90,17 +93,17 @@ class _BernoulliGLMBase(Task):
         return (theta * statistic).sum(-1) - softplus(theta @ matrix.T).sum(-1)
 
     def _reference_posterior(self, i: int, num_samples: int, generator: torch.Generator) -> Tensor:
-        # Both tasks have the same posterior: condition on the raw spike train, which is exact.
+        # MCMC on the exact raw-data likelihood (sbibm uses Polya-Gamma Gibbs sampling instead).
         from simulators.mcmc import sample_posterior
 
         statistic = design_matrix().T @ BernoulliGLMRaw().observation(i).to(torch.float64)
-        samples = sample_posterior(
+        return sample_posterior(
             lambda theta: self._log_likelihood_from_statistic(theta, statistic.to(theta.dtype)),
             self.prior,
             num_samples,
             generator=generator,
+            **self.mcmc_options,
         )
-        return samples.to(torch.float32)
 
 
 class BernoulliGLM(_BernoulliGLMBase):
@@ -128,7 +131,7 @@ class BernoulliGLM(_BernoulliGLMBase):
     observation_file = "observation.csv"
 
     def _simulate(self, theta: Tensor, generator: torch.Generator) -> Tensor:
-        return self._spikes(theta, generator) @ design_matrix()
+        return self._spikes(theta, generator).to(torch.float64) @ design_matrix()
 
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
         """``log p(x | theta)`` up to a ``theta``-independent constant (see the class docstring).
@@ -163,6 +166,12 @@ class BernoulliGLMRaw(_BernoulliGLMBase):
 
     def _simulate(self, theta: Tensor, generator: torch.Generator) -> Tensor:
         return self._spikes(theta, generator)
+
+    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0) -> Tensor:
+        """The same posterior as :class:`BernoulliGLM` (``V^T y`` is sufficient): shares its samples and cache."""
+        task = BernoulliGLM()
+        task.mcmc_options = self.mcmc_options
+        return task.reference_posterior(i, num_samples, seed=seed)
 
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
         """Exact ``log p(y | theta)`` of spike trains ``x = y``.
