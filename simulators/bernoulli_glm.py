@@ -30,7 +30,7 @@ def design_matrix() -> Tensor:
     """The fixed design matrix ``V`` of shape (100, 10), float64 (shipped as package data).
 
     Column 0 is the intercept (all ones); column ``1 + j`` is the white-noise stimulus delayed by ``j``
-    bins (zero before the stimulus starts), so ``(V theta)_t = beta_0 + sum_j h_j I_{t-j}``.
+    bins (zero before the stimulus starts), so ``(V theta)_t = beta_0 + sum_{j=0..8} h_j I_{t-j}``.
     """
     with data_path("bernoulli_glm", "design_matrix.csv").open() as fh:
         matrix = torch.from_numpy(np.loadtxt(fh, delimiter=",", dtype=np.float64))
@@ -61,7 +61,7 @@ class _BernoulliGLMBase(Task):
 
     Model (``t = 1..100``, ``V`` = :func:`design_matrix`)::
 
-        theta = (beta_0, h_1..h_9) ~ N(0, prior_precision()^{-1})
+        theta = (beta_0, h_0..h_8) ~ N(0, prior_precision()^{-1})   (offset, stimulus filter)
         psi = V theta
         y_t ~ Bernoulli(sigmoid(psi_t)),  independently
 
@@ -70,7 +70,7 @@ class _BernoulliGLMBase(Task):
     """
 
     theta_dim = 1 + NUM_FILTER
-    parameter_names = tuple(rf"$\beta_{j}$" for j in range(1 + NUM_FILTER))
+    parameter_names = (r"$\beta_0$",) + tuple(rf"$h_{j}$" for j in range(NUM_FILTER))
     data_folder = "bernoulli_glm"
     cache_reference = True
     #: Options of :func:`simulators.mcmc.sample_posterior` for the reference posterior (10,000 samples:
