@@ -1,0 +1,337 @@
+"""Classifier two-sample test (C2ST) with the sbibm protocol, trained in torch.
+
+The test asks how well a classifier can tell two sets of samples apart: a cross-validated accuracy of
+0.5 means the sets are indistinguishable, 1.0 means they are disjoint. The protocol follows sbibm
+(Lueckmann et al. 2021), which used scikit-learn's ``MLPClassifier``:
+
+* both sets are z-scored with the mean and standard deviation of the *first* set;
+* an MLP with two ReLU hidden layers of ``10 * dim`` units and a logistic output;
+* Adam (learning rate 1e-3, minibatches of 200, L2 penalty 1e-4, Glorot-uniform initialisation),
+  trained until the training loss has not improved by ``tol`` for ``patience + 1`` consecutive
+  epochs, or for at most ``max_epochs`` epochs -- no validation-based early stopping;
+* the accuracy is the mean over a stratified ``folds``-fold cross-validation.
+
+All folds are trained at once: their weights are stacked along a leading fold axis and every layer
+is one batched matrix product, with a hand-written backward pass and Adam update on one flat
+parameter buffer, so an epoch costs a handful of small kernels instead of ``folds`` separate
+training loops. Training runs on one intra-op thread (restored afterwards): the matrices are so
+small that a second thread only adds synchronisation, and on a busy machine spinning OpenMP
+threads made training 20-50x slower in our measurements.
+
+What the numbers mean: under the null hypothesis (same distribution) the accuracy scatters around
+0.5 with a standard deviation of about 0.011-0.017 for 1,000 samples per set in 2-D (and larger for
+fewer samples), and small classifiers may even score slightly below 0.5. A gate at 0.55 therefore
+fires by chance; the default ``threshold=0.6`` is a safe "indistinguishable" verdict at n >= 1,000.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["C2STResult", "c2st"]
+
+
+@dataclass(frozen=True)
+class C2STResult:
+    """Outcome of :func:`c2st`.
+
+    Attributes:
+        accuracy: Mean cross-validated accuracy (0.5 = indistinguishable, 1.0 = disjoint).
+        fold_accuracies: Test accuracy of each fold.
+        threshold: The accuracy at or below which the test passes.
+        passed: ``accuracy <= threshold``.
+        num_samples: Number of samples in each set.
+        dim: Dimension of the samples.
+        epochs: Number of training epochs of each fold (``max_epochs`` if it did not converge).
+    """
+
+    accuracy: float
+    fold_accuracies: tuple[float, ...]
+    threshold: float
+    passed: bool
+    num_samples: int
+    dim: int
+    epochs: tuple[int, ...]
+
+    def __str__(self) -> str:
+        folds = ", ".join(f"{a:.3f}" for a in self.fold_accuracies)
+        if self.passed:
+            verdict = "PASSED: a classifier cannot reliably tell the two sample sets apart."
+        else:
+            verdict = (
+                "FAILED: a classifier separates the sets better than chance; the distributions "
+                "differ (1.0 would mean disjoint)."
+            )
+        return (
+            f"C2ST ({len(self.fold_accuracies)}-fold MLP classifier, {self.num_samples} vs "
+            f"{self.num_samples} samples in {self.dim}-D)\n"
+            f"  accuracy {self.accuracy:.3f} (0.5 = indistinguishable), threshold {self.threshold:.3f}\n"
+            f"  fold accuracies: {folds}\n"
+            f"  {verdict}"
+        )
+
+
+def c2st(
+    samples_a: Tensor,
+    samples_b: Tensor,
+    *,
+    seed: int = 0,
+    folds: int = 5,
+    threshold: float = 0.6,
+    z_score: bool = True,
+    max_epochs: int = 1000,
+    batch_size: int = 200,
+    learning_rate: float = 1e-3,
+    l2: float = 1e-4,
+    tol: float = 1e-4,
+    patience: int = 10,
+) -> C2STResult:
+    """Classifier two-sample test: cross-validated accuracy of an MLP telling ``a`` from ``b``.
+
+    Args:
+        samples_a: First sample set, shape ``(N, D)``; also provides the z-scoring statistics.
+        samples_b: Second sample set, shape ``(N, D)`` (same ``N``, so that chance is 0.5).
+        seed: Seeds the fold split, the initialisation and the minibatch order (results are
+            reproducible; torch's global random state is neither used nor changed).
+        folds: Number of stratified cross-validation folds (at least 2, at most ``N``).
+        threshold: The test passes if the accuracy is at most this, in ``(0.5, 1]``.
+        z_score: Standardise both sets with the mean and standard deviation of ``samples_a``.
+        max_epochs: Upper limit on training epochs per fold.
+        batch_size: Minibatch size (per fold).
+        learning_rate: Adam learning rate.
+        l2: L2 penalty on the weights (scikit-learn's ``alpha``).
+        tol: Minimum improvement of the epoch training loss that counts as progress.
+        patience: Training stops after more than ``patience`` epochs without progress.
+
+    Returns:
+        A :class:`C2STResult` with the mean and per-fold accuracies and the verdict.
+
+    Raises:
+        TypeError: If a sample set is not a floating-point ``torch.Tensor``.
+        ValueError: On wrong shapes, different sizes or dimensions, non-finite values, too few
+            samples for the folds, or options out of range.
+
+    Example:
+        >>> a, b = torch.randn(500, 2), torch.randn(500, 2) + 3.0
+        >>> c2st(a, b).accuracy > 0.9
+        True
+    """
+    a = _check_samples(samples_a, "samples_a")
+    b = _check_samples(samples_b, "samples_b")
+    _check_options(a, b, folds, threshold, max_epochs, batch_size, learning_rate, patience)
+    n, dim = a.shape
+    if z_score:
+        mean, std = a.mean(0), a.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as is
+        a, b = (a - mean) / std, (b - mean) / std
+
+    generator = torch.Generator().manual_seed(int(seed))
+    data = torch.cat([a, b]).to(torch.float32)
+    labels = torch.cat([torch.zeros(n), torch.ones(n)])
+    fold_of = torch.cat([_fold_ids(n, folds, generator), _fold_ids(n, folds, generator)])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add synchronisation (see module doc)
+    try:
+        mlp = _FoldMLP(dim, 10 * dim, folds, generator)
+        epochs = mlp.fit(
+            data,
+            labels,
+            fold_of,
+            generator=generator,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            l2=l2,
+            tol=tol,
+            patience=patience,
+        )
+        correct = (mlp.logits(data.expand(folds, -1, -1)) > 0).float() == labels  # (F, 2N)
+    finally:
+        torch.set_num_threads(threads)
+    in_fold = fold_of == torch.arange(folds).unsqueeze(1)  # (F, 2N): each fold's test set
+    fold_acc = (correct & in_fold).sum(1) / in_fold.sum(1)
+    accuracy = float(fold_acc.mean())
+    return C2STResult(
+        accuracy=accuracy,
+        fold_accuracies=tuple(float(v) for v in fold_acc),
+        threshold=float(threshold),
+        passed=accuracy <= threshold,
+        num_samples=n,
+        dim=dim,
+        epochs=tuple(int(e) for e in epochs),
+    )
+
+
+def _fold_ids(n: int, folds: int, generator: torch.Generator) -> Tensor:
+    """A test-fold number for each of ``n`` samples of one class: a random, balanced assignment."""
+    ids = torch.empty(n, dtype=torch.long)
+    ids[torch.randperm(n, generator=generator)] = torch.arange(n) % folds
+    return ids
+
+
+class _FoldMLP:
+    """``folds`` independent 2-hidden-layer ReLU MLPs with stacked weights and a manual backward.
+
+    All parameters live in one flat ``(folds, P)`` buffer; ``W1, b1, W2, b2, W3, b3`` are views.
+    """
+
+    def __init__(self, dim: int, hidden: int, folds: int, generator: torch.Generator) -> None:
+        self.shapes = [(dim, hidden), (hidden, hidden), (hidden, 1)]
+        sizes = [s for fan_in, fan_out in self.shapes for s in (fan_in * fan_out, fan_out)]
+        self.params = torch.empty(folds, sum(sizes))
+        self.views: list[Tensor] = []
+        offset = 0
+        for fan_in, fan_out in self.shapes:
+            # Glorot-uniform for weights and biases, with scikit-learn's factor 6 for ReLU nets.
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            for shape in ((fan_in, fan_out), (1, fan_out)):
+                size = shape[0] * shape[1]
+                view = self.params[:, offset : offset + size].view(folds, *shape)
+                view.copy_((torch.rand(folds, *shape, generator=generator) * 2 - 1) * bound)
+                self.views.append(view)
+                offset += size
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Hidden activations and logits for ``x`` of shape ``(folds, B, dim)``."""
+        w1, b1, w2, b2, w3, b3 = self.views
+        h1 = torch.baddbmm(b1, x, w1).clamp_min_(0)
+        h2 = torch.baddbmm(b2, h1, w2).clamp_min_(0)
+        return h1, h2, torch.baddbmm(b3, h2, w3).squeeze(-1)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits of class ``b`` for inputs ``x`` of shape ``(folds, B, dim)`` -> ``(folds, B)``."""
+        return self._forward(x)[-1]
+
+    def _loss_and_grad(self, x: Tensor, y: Tensor, w: Tensor, l2: float) -> tuple[Tensor, Tensor]:
+        """Per-fold weighted log-loss plus L2 penalty, and its gradient as a ``(folds, P)`` tensor."""
+        w1, _, w2, _, w3, _ = self.views
+        h1, h2, logit = self._forward(x)
+        count = w.sum(1)  # (F,) real (non-padding) samples in the batch
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
+        squares = sum(v.square().sum((1, 2)) for v in (w1, w2, w3))
+        loss = ((bce * w).sum(1) + 0.5 * l2 * squares) / count
+        # Gradients of count * loss; divided by count once, on the flat vector, below.
+        dz3 = ((torch.sigmoid(logit) - y) * w).unsqueeze(-1)  # (F, B, 1)
+        dz2 = torch.bmm(dz3, w3.transpose(1, 2)).mul_(h2.sign())  # ReLU derivative: 1 where h2 > 0
+        dz1 = torch.bmm(dz2, w2.transpose(1, 2)).mul_(h1.sign())
+        grads = [
+            torch.baddbmm(w1, x.transpose(1, 2), dz1, beta=l2),
+            dz1.sum(1, keepdim=True),
+            torch.baddbmm(w2, h1.transpose(1, 2), dz2, beta=l2),
+            dz2.sum(1, keepdim=True),
+            torch.baddbmm(w3, h2.transpose(1, 2), dz3, beta=l2),
+            dz3.sum(1, keepdim=True),
+        ]
+        return loss, torch.cat([g.flatten(1) for g in grads], dim=1).div_(count.unsqueeze(1))
+
+    def fit(
+        self,
+        data: Tensor,
+        labels: Tensor,
+        fold_of: Tensor,
+        *,
+        generator: torch.Generator,
+        max_epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        l2: float,
+        tol: float,
+        patience: int,
+    ) -> Tensor:
+        """Train fold ``f`` on the samples with ``fold_of != f``; returns epochs used per fold."""
+        folds = self.params.shape[0]
+        # Training indices per fold, padded to a common length; padding has weight 0.
+        train = [torch.nonzero(fold_of != f).squeeze(1) for f in range(folds)]
+        num_train = torch.tensor([len(t) for t in train], dtype=torch.float32)
+        width = int(num_train.max())
+        index = torch.zeros(folds, width, dtype=torch.long)
+        mask = torch.zeros(folds, width)
+        for f, t in enumerate(train):
+            index[f, : len(t)], mask[f, : len(t)] = t, 1.0
+
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        m, v = torch.zeros_like(self.params), torch.zeros_like(self.params)
+        active = torch.ones(folds, dtype=torch.bool)
+        best = torch.full((folds,), math.inf)
+        stale = torch.zeros(folds, dtype=torch.long)
+        epochs = torch.zeros(folds, dtype=torch.long)
+        step = 0
+        for _ in range(max_epochs):
+            order = torch.argsort(torch.rand(folds, width, generator=generator), dim=1)
+            batch_index, batch_mask = index.gather(1, order), mask.gather(1, order)
+            epoch_loss = torch.zeros(folds)
+            for start in range(0, width, batch_size):
+                idx = batch_index[:, start : start + batch_size]
+                w = batch_mask[:, start : start + batch_size]
+                loss, grad = self._loss_and_grad(data[idx], labels[idx], w, l2)
+                epoch_loss += loss * w.sum(1)
+                step += 1
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                lr = learning_rate * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                # Converged folds are frozen (zero step size), exactly as if trained separately.
+                rate = (lr * active.float()).unsqueeze(1)
+                self.params.sub_(rate * m / (v.sqrt() + eps))
+            epochs += active.long()
+            epoch_loss /= num_train
+            stale = torch.where(epoch_loss > best - tol, stale + 1, torch.zeros_like(stale))
+            best = torch.minimum(best, epoch_loss)
+            active &= stale <= patience
+            if not active.any():
+                break
+        return epochs
+
+
+def _check_samples(samples: object, name: str) -> Tensor:
+    if not isinstance(samples, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(samples).__name__}")
+    if not samples.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {samples.dtype}")
+    if samples.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D), got {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        bad = int((~torch.isfinite(samples)).any(1).sum())
+        raise ValueError(f"{name} contains {bad} rows with NaN or inf values; remove them first")
+    return samples.detach().to("cpu", torch.float64)
+
+
+def _check_options(
+    a: Tensor,
+    b: Tensor,
+    folds: int,
+    threshold: float,
+    max_epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    patience: int,
+) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"samples_a and samples_b must have the same dimension, got {a.shape[1]} and {b.shape[1]}"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            "samples_a and samples_b must have the same number of samples (so that chance level "
+            f"is 0.5), got {a.shape[0]} and {b.shape[0]}"
+        )
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    if a.shape[0] < folds:
+        raise ValueError(
+            f"too few samples for {folds} folds: each set needs at least {folds} samples, "
+            f"got {a.shape[0]}"
+        )
+    if not 0.5 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0.5, 1], got {threshold!r}")
+    for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"patience must be a non-negative int, got {patience!r}")
