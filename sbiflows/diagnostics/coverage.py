@@ -1,0 +1,215 @@
+"""Expected coverage of highest-posterior-density (HPD) regions (Hermans et al. 2022).
+
+"A trust crisis in simulation-based inference?" (arXiv:2110.06581) checks whether the HPD region
+of credibility ``1 - alpha`` contains the true parameter in a fraction ``1 - alpha`` of cases. With
+``L`` posterior draws given ``x_i``, the HPD rank of ``theta_i`` is the fraction of draws whose
+density exceeds that of ``theta_i``; ``theta_i`` lies in the HPD region of level ``c`` exactly when
+its HPD rank is below ``c``. The empirical coverage at level ``c`` is the fraction of datasets for
+which this holds.
+
+Reading the result:
+
+* empirical coverage below the nominal level: over-confident -- credible regions are too small
+  (the posterior is too narrow, or biased: the truth often sits in a low-density region);
+* above the nominal level: under-confident (conservative) -- regions are too large. Hermans et
+  al. argue that this is the acceptable failure, hence ``one_sided=True``.
+
+The verdict compares the empirical coverage with a band around the diagonal of half-width
+``num_sigmas * sqrt(c (1 - c) / N) + tolerance``: the binomial standard error of a coverage
+estimate from ``N`` datasets, plus a margin for the Monte-Carlo error of ranks from ``L`` draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbiflows.diagnostics.simulations import (
+    Simulator,
+    batched_log_prob,
+    calibration_pairs,
+    check_num_posterior_samples,
+    check_posterior,
+    posterior_draws,
+    seeded,
+)
+
+__all__ = ["CoverageResult", "expected_coverage"]
+
+DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
+
+
+@dataclass(frozen=True)
+class CoverageResult:
+    """Outcome of :func:`expected_coverage`.
+
+    Attributes:
+        levels: Nominal credibility levels, shape ``(K,)``.
+        empirical: Fraction of datasets whose true parameter lies in the HPD region of each level.
+        band: Half-width of the accepted band around the diagonal at each level.
+        hpd_ranks: Per dataset, the fraction of posterior draws with higher density than the
+            truth (uniform on [0, 1] if calibrated), shape ``(N,)``.
+        num_posterior_samples: Posterior draws per dataset.
+        one_sided: If true, only under-coverage (over-confidence) fails the check.
+        verdict: "calibrated", "over-confident", "under-confident" or "mis-calibrated" (both).
+        passed: No level falls below the band (and, unless ``one_sided``, none above it).
+        num_invalid: Simulations excluded because they contained NaN/inf.
+    """
+
+    levels: Tensor
+    empirical: Tensor
+    band: Tensor
+    hpd_ranks: Tensor
+    num_posterior_samples: int
+    one_sided: bool
+    verdict: str
+    passed: bool
+    num_invalid: int = 0
+
+    @property
+    def num_datasets(self) -> int:
+        """Number of (valid) datasets ``N``."""
+        return self.hpd_ranks.shape[0]
+
+    @property
+    def deviation(self) -> Tensor:
+        """Empirical minus nominal coverage at each level (negative = over-confident)."""
+        return self.empirical - self.levels
+
+    def __str__(self) -> str:
+        worst = int((self.deviation.abs() / self.band.clamp_min(1e-12)).argmax())  # vs the band
+        shown = sorted({int((self.levels - c).abs().argmin()) for c in (0.1, 0.25, 0.5, 0.75, 0.9)})
+        table = "  ".join(f"{self.levels[i]:.2f}:{self.empirical[i]:.3f}" for i in shown)
+        lines = [
+            f"Expected coverage of HPD regions: {self.num_datasets} datasets, "
+            f"{self.num_posterior_samples} posterior draws each"
+            + (f" ({self.num_invalid} invalid simulations excluded)" if self.num_invalid else ""),
+            f"  nominal:empirical  {table}",
+            f"  worst deviation {self.deviation[worst]:+.3f} at level {self.levels[worst]:.2f} "
+            f"(band ±{self.band[worst]:.3f}); verdict: {self.verdict}",
+        ]
+        meaning = {
+            "calibrated": "credible regions contain the truth as often as they claim.",
+            "over-confident": "credible regions contain the truth less often than claimed: the "
+            "posterior is too narrow or biased.",
+            "under-confident": "credible regions contain the truth more often than claimed: the "
+            "posterior is too wide (conservative).",
+            "mis-calibrated": "coverage is too low at some levels and too high at others: the "
+            "posterior has the wrong shape.",
+        }[self.verdict]
+        status = "PASSED" if self.passed else "FAILED"
+        sided = " (one-sided: only over-confidence fails)" if self.one_sided else ""
+        lines.append(f"  {status}{sided}: {meaning}")
+        return "\n".join(lines)
+
+
+def expected_coverage(
+    posterior: object,
+    prior: Distribution | None = None,
+    simulator: Simulator | None = None,
+    *,
+    theta: Tensor | None = None,
+    x: Tensor | None = None,
+    num_datasets: int = 1000,
+    num_posterior_samples: int = 1000,
+    seed: int | None = 0,
+    levels: Sequence[float] | Tensor = DEFAULT_LEVELS,
+    num_sigmas: float = 3.0,
+    tolerance: float = 0.02,
+    one_sided: bool = False,
+    batch_size: int | None = None,
+) -> CoverageResult:
+    """Empirical coverage of the posterior's HPD regions at a grid of credibility levels.
+
+    Args:
+        posterior: Implements ``sample_batched`` and ``log_prob_batched`` (or ``log_prob``, called
+            once per dataset as a fallback).
+        prior: Prior with event shape ``(D,)``; needed unless ``theta`` and ``x`` are given.
+        simulator: Maps ``theta`` (N, D) to ``x`` (N, x_dim); needed unless ``theta``, ``x`` given.
+        theta: Precomputed true parameters ``(N, D)`` (e.g. from :func:`simulate_datasets`).
+        x: Precomputed simulations ``(N, x_dim)`` matching ``theta``.
+        num_datasets: Number of datasets to simulate (ignored with ``theta``/``x``).
+        num_posterior_samples: Posterior draws per dataset.
+        seed: Seeds the simulations and posterior draws (torch's global generator is restored
+            afterwards); ``None`` uses and advances it.
+        levels: Credibility levels in (0, 1), increasing; default 0.05, 0.10, ..., 0.95.
+        num_sigmas: Binomial standard errors in the band's half-width.
+        tolerance: Extra half-width for the Monte-Carlo error of the ranks.
+        one_sided: Fail only on under-coverage (over-confidence).
+        batch_size: At most this many datasets per batched posterior call; ``None`` = one call.
+
+    Returns:
+        A :class:`CoverageResult`; ``print`` it for a readable report.
+
+    Raises:
+        TypeError: If the posterior lacks ``sample_batched`` or ``log_prob``, or inputs are not
+            tensors.
+        ValueError: On inconsistent shapes or options out of range.
+
+    Example:
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> class Exact:  # x = theta + N(0, 1) noise: posterior N(x / 2, I / 2)
+        ...     def sample_batched(self, n, xs):
+        ...         return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+        ...     def log_prob_batched(self, theta, xs):
+        ...         return -(theta - xs / 2).square().sum(-1)  # up to a constant: enough here
+        ...     def log_prob(self, theta, x):
+        ...         return self.log_prob_batched(theta, x)
+        >>> expected_coverage(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=300).verdict
+        'calibrated'
+    """
+    check_posterior(posterior, "sample_batched", "log_prob")
+    grid = _check_levels(levels)
+    if not num_sigmas >= 0 or not tolerance >= 0:
+        raise ValueError(f"num_sigmas and tolerance must be >= 0, got {num_sigmas!r} and {tolerance!r}")
+    check_num_posterior_samples(num_posterior_samples, "expected_coverage")
+    with seeded(seed):
+        theta, x, num_invalid = calibration_pairs(
+            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage"
+        )
+        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size)
+    if draws.shape[2] != theta.shape[1]:
+        raise ValueError(
+            f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
+        )
+    log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size)  # (L, N)
+    log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size)  # (1, N)
+    hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
+    empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)
+    num = hpd_ranks.shape[0]
+    band = num_sigmas * (grid * (1 - grid) / num).sqrt() + tolerance
+    too_low = bool((empirical < grid - band).any())
+    too_high = bool((empirical > grid + band).any())
+    verdict = {
+        (False, False): "calibrated",
+        (True, False): "over-confident",
+        (False, True): "under-confident",
+        (True, True): "mis-calibrated",
+    }[(too_low, too_high)]
+    return CoverageResult(
+        levels=grid,
+        empirical=empirical,
+        band=band,
+        hpd_ranks=hpd_ranks,
+        num_posterior_samples=num_posterior_samples,
+        one_sided=bool(one_sided),
+        verdict=verdict,
+        passed=not too_low and (one_sided or not too_high),
+        num_invalid=num_invalid,
+    )
+
+
+def _check_levels(levels: Sequence[float] | Tensor) -> Tensor:
+    try:
+        grid = torch.as_tensor(levels, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"levels must be a sequence of floats in (0, 1), got {levels!r}") from err
+    if grid.ndim != 1 or grid.numel() == 0:
+        raise ValueError(f"levels must be a non-empty 1-D sequence, got shape {tuple(grid.shape)}")
+    if not ((grid > 0) & (grid < 1)).all() or not (grid[1:] > grid[:-1]).all():
+        raise ValueError(f"levels must be increasing values in (0, 1), got {grid.tolist()}")
+    return grid

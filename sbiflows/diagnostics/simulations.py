@@ -1,0 +1,230 @@
+"""The test simulations that calibration checks share, and batched access to a posterior.
+
+:func:`sbc`, :func:`expected_coverage` and :func:`tarp` all need pairs ``theta_i ~ prior``,
+``x_i = simulator(theta_i)`` and posterior draws given every ``x_i``. :func:`simulate_datasets`
+makes the pairs once so that several checks can reuse them (pass ``theta=..., x=...``); the private
+helpers validate them, drop invalid simulations (with a warning giving the count) and talk to a
+posterior through the duck-typed protocol::
+
+    posterior.sample_batched(n, xs)            # xs (B, x_dim) -> (n, B, D)
+    posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
+    posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o (x_dim,) -> (N,)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+__all__ = ["simulate_datasets"]
+
+#: Below these sizes the checks warn, as sbi does: their verdicts are unreliable.
+MIN_DATASETS = 100
+MIN_POSTERIOR_SAMPLES = 100
+
+Simulator = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block on torch's global generator seeded with ``seed``, restoring it afterwards.
+
+    ``None`` leaves the global generator alone (the block then advances it as usual).
+    """
+    if seed is None:
+        yield
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def simulate_datasets(
+    prior: Distribution, simulator: Simulator, num_datasets: int, *, seed: int | None = 0
+) -> tuple[Tensor, Tensor]:
+    """Draw ``theta_i ~ prior`` and simulate ``x_i = simulator(theta_i)``, all rows at once.
+
+    Invalid simulations (rows with NaN or inf) are returned as they are; the checks that take
+    the pairs exclude them and warn with the count.
+
+    Args:
+        prior: A torch distribution with event shape ``(D,)``.
+        simulator: Maps ``theta`` of shape ``(N, D)`` to ``x`` of shape ``(N, x_dim)``.
+        num_datasets: Number of pairs ``N``.
+        seed: Seeds torch's global generator for the prior and the simulator (restored
+            afterwards); ``None`` uses and advances it.
+
+    Returns:
+        ``(theta, x)`` with shapes ``(N, D)`` and ``(N, x_dim)``.
+
+    Example:
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 300)
+        >>> theta.shape, x.shape
+        (torch.Size([300, 2]), torch.Size([300, 2]))
+    """
+    if not isinstance(prior, Distribution):
+        raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
+    if not callable(simulator):
+        raise TypeError(f"simulator must be callable (theta (N, D) -> x (N, x_dim)), got {type(simulator).__name__}")
+    if isinstance(num_datasets, bool) or not isinstance(num_datasets, int) or num_datasets < 1:
+        raise ValueError(f"num_datasets must be a positive int, got {num_datasets!r}")
+    if len(prior.event_shape) != 1:
+        raise ValueError(f"prior must have event shape (D,), got {tuple(prior.event_shape)}")
+    with seeded(seed):
+        theta = prior.sample((num_datasets,))
+        x = simulator(theta)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"simulator must return a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] != num_datasets:
+        raise ValueError(
+            f"simulator must return shape (N, x_dim) = ({num_datasets}, x_dim), got {tuple(x.shape)}"
+        )
+    return theta, x
+
+
+def calibration_pairs(
+    prior: Distribution | None,
+    simulator: Simulator | None,
+    *,
+    theta: Tensor | None,
+    x: Tensor | None,
+    num_datasets: int,
+    check: str,
+) -> tuple[Tensor, Tensor, int]:
+    """The valid ``(theta, x)`` pairs for a check and the number of invalid ones excluded.
+
+    Uses the given ``theta`` and ``x`` if both are passed, else simulates ``num_datasets`` pairs
+    from torch's global generator (the checks call this inside :func:`seeded`, and then draw from
+    the posterior on the same stream, so prior and posterior noise are never the same numbers).
+    """
+    if (theta is None) != (x is None):
+        raise ValueError(f"{check}: pass both theta and x (precomputed pairs) or neither")
+    if theta is None:
+        if prior is None or simulator is None:
+            raise ValueError(f"{check}: needs a prior and a simulator, or precomputed theta= and x=")
+        theta, x = simulate_datasets(prior, simulator, num_datasets, seed=None)
+    theta = _check_2d(theta, "theta", "(N, D)")
+    x = _check_2d(x, "x", "(N, x_dim)")
+    if theta.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"theta and x must have the same number of rows, got {theta.shape[0]} and {x.shape[0]}"
+        )
+    if prior is not None and tuple(prior.event_shape) != (theta.shape[1],):
+        raise ValueError(
+            f"theta has {theta.shape[1]} parameters but the prior's event shape is "
+            f"{tuple(prior.event_shape)}"
+        )
+    valid = torch.isfinite(x).all(1) & torch.isfinite(theta).all(1)
+    num_invalid = int((~valid).sum())
+    if num_invalid:
+        warnings.warn(
+            f"{check}: excluded {num_invalid} of {len(valid)} simulations with NaN/inf values",
+            UserWarning,
+            stacklevel=3,
+        )
+        theta, x = theta[valid], x[valid]
+    if theta.shape[0] == 0:
+        raise ValueError(f"{check}: no valid simulations left (all {num_invalid} contain NaN/inf)")
+    if theta.shape[0] < MIN_DATASETS:
+        warnings.warn(
+            f"{check}: only {theta.shape[0]} datasets; use at least {MIN_DATASETS} for a reliable "
+            "verdict",
+            UserWarning,
+            stacklevel=3,
+        )
+    return theta, x, num_invalid
+
+
+def check_num_posterior_samples(num_posterior_samples: int, check: str) -> None:
+    """Validate ``num_posterior_samples`` and warn below :data:`MIN_POSTERIOR_SAMPLES`."""
+    if (
+        isinstance(num_posterior_samples, bool)
+        or not isinstance(num_posterior_samples, int)
+        or num_posterior_samples < 1
+    ):
+        raise ValueError(f"num_posterior_samples must be a positive int, got {num_posterior_samples!r}")
+    if num_posterior_samples < MIN_POSTERIOR_SAMPLES:
+        warnings.warn(
+            f"{check}: only {num_posterior_samples} posterior samples per dataset; use at least "
+            f"{MIN_POSTERIOR_SAMPLES} for a reliable verdict",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_posterior(posterior: object, *methods: str) -> None:
+    """Raise ``TypeError`` if ``posterior`` lacks one of the protocol ``methods``."""
+    missing = [m for m in methods if not callable(getattr(posterior, m, None))]
+    if missing:
+        raise TypeError(
+            f"posterior must implement {', '.join(methods)} (the sbiflows posterior protocol); "
+            f"{type(posterior).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def posterior_draws(
+    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None
+) -> Tensor:
+    """``posterior.sample_batched(num_samples, xs)`` -> ``(num_samples, B, D)``, chunked over ``xs``.
+
+    ``batch_size=None`` makes one call for all datasets; otherwise at most ``batch_size`` datasets
+    go into each call (to bound memory).
+    """
+    num = xs.shape[0]
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    step = num if batch_size is None else batch_size
+    chunks = []
+    for start in range(0, num, step):
+        chunk = xs[start : start + step]
+        draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
+        if not isinstance(draws, Tensor) or draws.ndim != 3 or draws.shape[:2] != (num_samples, len(chunk)):
+            got = tuple(draws.shape) if isinstance(draws, Tensor) else type(draws).__name__
+            raise ValueError(
+                f"posterior.sample_batched({num_samples}, xs) with xs of shape {tuple(chunk.shape)} "
+                f"must return shape ({num_samples}, {len(chunk)}, D), got {got}"
+            )
+        chunks.append(draws.detach())
+    draws = torch.cat(chunks, dim=1)
+    if not torch.isfinite(draws).all():
+        raise ValueError("posterior.sample_batched returned NaN/inf samples")
+    return draws
+
+
+def batched_log_prob(posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None) -> Tensor:
+    """``log q(theta[:, b] | xs[b])`` for ``theta`` of shape ``(n, B, D)`` -> ``(n, B)``.
+
+    Uses ``posterior.log_prob_batched`` if present (chunked like :func:`posterior_draws`), else
+    falls back to one ``posterior.log_prob`` call per dataset.
+    """
+    n, num = theta.shape[:2]
+    if callable(getattr(posterior, "log_prob_batched", None)):
+        step = num if batch_size is None else batch_size
+        parts = [
+            posterior.log_prob_batched(theta[:, s : s + step], xs[s : s + step])  # type: ignore[attr-defined]
+            for s in range(0, num, step)
+        ]
+        out = torch.cat([p.detach() for p in parts], dim=1)
+    else:
+        out = torch.stack([posterior.log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)  # type: ignore[attr-defined]
+    if out.shape != (n, num):
+        raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
+    return out
+
+
+def _check_2d(value: object, name: str, expected: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(value).__name__}")
+    if value.ndim != 2:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value.detach()
