@@ -34,7 +34,7 @@ from torch.distributions import Distribution
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow, zscore
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, as_float_tensor
-from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
 from sbiflows.training import TrainingHistory, train
 
 __all__ = ["NPE"]
@@ -101,7 +101,7 @@ class NPE:
         self.transforms, self.hidden_features = transforms, tuple(int(h) for h in hidden_features)
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements
-        self.device = torch.device(device) if device is not None else self._prior.sample((1,)).device
+        self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
         self._net: PosteriorNet | None = None

@@ -205,7 +205,7 @@ class Posterior:
         return out
 
     def _log_prob(self, theta: Tensor, context: Tensor) -> Tensor:
-        inside = self._space.inside(theta)
+        inside = self._space.inside(theta, boundary=False)
         u = self._space.to_unconstrained(torch.where(inside[..., None], theta, self._interior(theta)))
         ok = inside & torch.isfinite(u).all(-1)
         u = torch.where(ok[..., None], u, torch.zeros_like(u))

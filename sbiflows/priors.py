@@ -32,7 +32,7 @@ from torch.distributions import (
     constraints,
 )
 
-__all__ = ["Unconstrained", "build_prior", "check_prior", "move_prior", "prior_spec"]
+__all__ = ["Unconstrained", "build_prior", "check_prior", "move_prior", "prior_device", "prior_spec"]
 
 #: Distribution classes a prior spec may name, with the constructor arguments that rebuild them.
 #: Classes are matched exactly (a subclass may behave differently, so it is not whitelisted).
@@ -87,7 +87,7 @@ def check_prior(prior: Any) -> tuple[Distribution, int]:
         raise ValueError(f"the prior's support {support} has no bijection from R^D (torch.distributions.biject_to)") from None
     if tuple(transform.inverse_shape((dim,))) != (dim,):
         raise ValueError(f"the prior's support {support} is not a {dim}-dimensional region of R^{dim}")
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # validation must not move the global RNG
         sample = prior.sample((2,))
         if tuple(sample.shape) != (2, dim):
             raise ValueError(f"prior.sample((2,)) must have shape (2, {dim}), got {tuple(sample.shape)}")
@@ -95,6 +95,12 @@ def check_prior(prior: Any) -> tuple[Distribution, int]:
         if tuple(log_prob.shape) != (2,):
             raise ValueError(f"prior.log_prob of 2 samples must have shape (2,), got {tuple(log_prob.shape)}")
     return prior, dim
+
+
+def prior_device(prior: Distribution) -> torch.device:
+    """The device of the prior's samples (drawn without changing torch's global RNG state)."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        return prior.sample((1,)).device
 
 
 class Unconstrained:
@@ -136,12 +142,18 @@ class Unconstrained:
         ladj = self.transform.log_abs_det_jacobian(u, self.transform(u))
         return ladj.sum(-1) if ladj.shape == u.shape else ladj
 
-    def inside(self, theta: Tensor) -> Tensor:
-        """Boolean ``theta.shape[:-1]``: rows inside the support (boundaries included, NaN excluded)."""
+    def inside(self, theta: Tensor, *, boundary: bool = True) -> Tensor:
+        """Boolean ``theta.shape[:-1]``: rows inside the support (NaN excluded).
+
+        Args:
+            theta: Points ``(*batch, D)``.
+            boundary: Whether points on the support's bounds count as inside.
+        """
         ok = self.support.check(theta)
         while ok.ndim >= theta.ndim:
             ok = ok.all(-1)
-        return ok & ~torch.isnan(theta).any(-1)
+        ok = ok & ~torch.isnan(theta).any(-1)
+        return ok if boundary else ok & (self._clamp(theta) == theta).all(-1)
 
     def nudge_inside(self, theta: Tensor) -> Tensor:
         """Move boundary values one floating-point step inside (for training data drawn on a bound)."""
@@ -214,8 +226,7 @@ def move_prior(prior: Distribution, device: torch.device | str) -> Distribution:
     spec = prior_spec(prior)
     if spec is not None:
         return build_prior(*spec, device=device)
-    current = prior.sample((1,)).device
-    if current == torch.device(device):
+    if prior_device(prior) == torch.device(device):
         return prior
     raise ValueError(
         f"cannot move a {type(prior).__name__} prior to {device}: only priors made of "

@@ -1,0 +1,145 @@
+"""Benchmark sbiflows NPE (and, when installed, sbi's NPE on the same simulations) on a simulator task.
+
+Simulates ``--simulations`` pairs with the task, trains, draws 10,000 posterior samples per
+observation and reports the C2ST accuracy against the task's reference posterior (0.5 is perfect),
+training seconds, epochs and sampling seconds. If the ``sbi`` package is importable, it trains sbi's
+NPE (MAF, default settings) on exactly the same draws in the same run and prints the ratios.
+
+Example:
+    python examples/benchmark_npe.py --task two_moons --simulations 1000 --seed 0 --observations 1..10
+
+Options ``--threads 1 2`` trains ours once per thread count (the effect of ``num_threads``);
+``--json FILE`` appends one JSON record per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import simulators
+from sbiflows import NPE
+
+from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
+
+
+def parse_observations(text: str) -> list[int]:
+    """``"1..10"`` -> 1..10, ``"1,3"`` -> [1, 3]."""
+    if ".." in text:
+        first, last = text.split("..")
+        return list(range(int(first), int(last) + 1))
+    return [int(v) for v in text.split(",")]
+
+
+def run_ours(task, theta, x, observations, *, estimator, seed, threads, num_samples):
+    """Train our NPE and return (record, samples per observation)."""
+    start = time.perf_counter()
+    posterior = NPE(task.prior, estimator).fit(theta, x, seed=seed, progress=False, num_threads=threads)
+    train_seconds = time.perf_counter() - start
+    samples, sample_seconds = {}, []
+    for i in observations:
+        start = time.perf_counter()
+        samples[i] = posterior.sample(num_samples, x=task.observation(i), seed=seed + i)
+        sample_seconds.append(time.perf_counter() - start)
+    record = {"train_seconds": train_seconds, "epochs": posterior.history.epochs,
+              "sample_seconds": statistics.median(sample_seconds)}
+    return record, samples
+
+
+def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
+    """Train sbi's NPE (MAF, default settings) on the same draws; None if sbi is not installed."""
+    try:
+        from sbi.inference import NPE as SbiNPE
+    except ImportError:
+        return None, None
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        inference = SbiNPE(prior=task.prior, density_estimator="maf", show_progress_bars=False)
+        start = time.perf_counter()
+        estimator = inference.append_simulations(theta, x).train()
+        train_seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(old)
+    posterior = inference.build_posterior(estimator)
+    samples, sample_seconds = {}, []
+    for i in observations:
+        start = time.perf_counter()
+        samples[i] = posterior.sample((num_samples,), x=task.observation(i), show_progress_bars=False)
+        sample_seconds.append(time.perf_counter() - start)
+    epochs = len(inference.summary["epoch_durations_sec"])
+    return {"train_seconds": train_seconds, "epochs": epochs, "sample_seconds": statistics.median(sample_seconds)}, samples
+
+
+def score(task, samples, observations, seed):
+    """C2ST accuracy per observation against the reference posterior."""
+    return {i: c2st(task.reference_posterior(i, len(samples[i])), samples[i].float(), seed=seed).accuracy
+            for i in observations}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="two_moons", choices=simulators.names())
+    parser.add_argument("--simulations", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--observations", default="1..10", help='"1..10" or "1,2,3"')
+    parser.add_argument("--estimator", default="maf", choices=["maf", "realnvp"])
+    parser.add_argument("--num-samples", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
+    parser.add_argument("--sbi-threads", type=int, default=None, help="threads for sbi (default: torch's default)")
+    parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
+    parser.add_argument("--json", default=None, help="append a JSON record to this file")
+    args = parser.parse_args(argv)
+
+    task = simulators.get(args.task)
+    observations = parse_observations(args.observations)
+    torch.manual_seed(args.seed)
+    theta = task.prior.sample((args.simulations,))
+    x = task.simulate(theta, seed=args.seed)
+    print(f"task={args.task} simulations={args.simulations} seed={args.seed} observations={observations} "
+          f"torch threads (default)={torch.get_num_threads()}")
+
+    record = {"task": args.task, "simulations": args.simulations, "seed": args.seed,
+              "observations": observations, "estimator": args.estimator, "ours": {}}
+    ours_c2st = None
+    for threads in args.threads:
+        run, samples = run_ours(task, theta, x, observations, estimator=args.estimator, seed=args.seed,
+                                threads=threads, num_samples=args.num_samples)
+        if ours_c2st is None:
+            ours_c2st = score(task, samples, observations, args.seed)
+            record["ours_c2st"] = ours_c2st
+        record["ours"][threads] = run
+        print(f"sbiflows {args.estimator} threads={threads}: train {run['train_seconds']:.1f} s, "
+              f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
+    print("sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
+          + f"  mean {statistics.mean(ours_c2st.values()):.3f}")
+
+    if not args.no_sbi:
+        run, samples = run_sbi(task, theta, x, observations, seed=args.seed, threads=args.sbi_threads,
+                               num_samples=args.num_samples)
+        if run is None:
+            print("sbi is not installed: no comparison")
+        else:
+            sbi_c2st = score(task, samples, observations, args.seed)
+            record.update(sbi=run, sbi_c2st=sbi_c2st, sbi_threads=args.sbi_threads or torch.get_num_threads())
+            print(f"sbi NPE maf: train {run['train_seconds']:.1f} s, {run['epochs']} epochs, "
+                  f"sampling {run['sample_seconds']:.3f} s")
+            print("sbi C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in sbi_c2st.items())
+                  + f"  mean {statistics.mean(sbi_c2st.values()):.3f}")
+            ours_run = record["ours"][args.threads[0]]
+            print(f"ratio ours/sbi: mean C2ST {statistics.mean(ours_c2st.values()):.3f}/"
+                  f"{statistics.mean(sbi_c2st.values()):.3f}, training time "
+                  f"{ours_run['train_seconds'] / run['train_seconds']:.2f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

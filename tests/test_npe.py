@@ -1,0 +1,267 @@
+"""NPE: accuracy on an analytic posterior, reproducibility, refitting, priors and every input error."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.distributions import (
+    Dirichlet,
+    Independent,
+    LogNormal,
+    MultivariateNormal,
+    Normal,
+    Uniform,
+)
+
+from sbiflows import NPE, Posterior
+from sbiflows.flows import Flow, maf
+from sbiflows.transforms import Transform
+
+NOISE = 0.5
+FAST = {"max_epochs": 3, "progress": False}
+
+
+def gaussian_problem(n: int, dim: int = 3, seed: int = 0):
+    """theta ~ N(0, I), x = theta + N(0, NOISE^2 I): posterior N(x / (1 + s^2), s^2 / (1 + s^2) I)."""
+    g = torch.Generator().manual_seed(seed)
+    prior = MultivariateNormal(torch.zeros(dim), torch.eye(dim))
+    theta = torch.randn(n, dim, generator=g)
+    return prior, theta, theta + NOISE * torch.randn(n, dim, generator=g)
+
+
+def exact_posterior(x_o: torch.Tensor):
+    var = NOISE**2 / (1 + NOISE**2)
+    return x_o / (1 + NOISE**2), math.sqrt(var)
+
+
+def box_problem(n: int = 400, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+    theta = 2 * torch.rand(n, 2, generator=g) - 1
+    return prior, theta, theta + 0.1 * torch.randn(n, 2, generator=g)
+
+
+# ------------------------------------------------------------------------------------ accuracy
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["maf", "realnvp"])
+def test_gaussian_linear_posterior_is_accurate(estimator):
+    prior, theta, x = gaussian_problem(5000)
+    posterior = NPE(prior, estimator).fit(theta, x, seed=0, progress=False)
+    x_o = torch.tensor([0.5, -1.0, 1.5])
+    samples = posterior.sample(3000, x=x_o, seed=1)
+    mean, sd = exact_posterior(x_o)
+    assert ((samples.mean(0) - mean).abs() / sd).max() < 0.3
+    assert ((samples.std(0) / sd - 1).abs()).max() < 0.25
+    try:
+        from sbiflows.diagnostics.c2st import c2st
+    except ImportError:  # the diagnostics module lands separately; the moment checks above still ran
+        return
+    exact = mean + sd * torch.randn(3000, 3, generator=torch.Generator().manual_seed(2))
+    assert c2st(exact, samples, seed=0).accuracy <= 0.6
+
+
+# ----------------------------------------------------------------------------- reproducibility
+def test_same_seed_same_posterior_and_global_rng_untouched():
+    prior, theta, x = box_problem()
+    state = torch.random.get_rng_state()
+    a = NPE(prior).fit(theta, x, seed=3, **FAST)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = NPE(prior).fit(theta, x, seed=3, **FAST)
+    c = NPE(prior).fit(theta, x, seed=4, **FAST)
+    probe = theta[:20]
+    assert torch.equal(a.log_prob(probe, x=x[0]), b.log_prob(probe, x=x[0]))
+    assert not torch.equal(a.log_prob(probe, x=x[0]), c.log_prob(probe, x=x[0]))
+
+
+def test_num_threads_is_restored_and_history_recorded():
+    prior, theta, x = box_problem()
+    before = torch.get_num_threads()
+    posterior = NPE(prior).fit(theta, x, num_threads=2, **FAST)
+    assert torch.get_num_threads() == before
+    assert posterior.history.epochs == 3 and len(posterior.history.validation_loss) == 3
+
+
+def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():
+    prior, theta, x = box_problem(600)
+    npe = NPE(prior)
+    first = npe.fit(theta[:300], x[:300], **FAST)
+    shift = npe._net.x_shift.clone()
+    second = npe.fit(theta[300:], x[300:], **FAST)
+    assert len(npe._theta) == 600
+    assert torch.equal(npe._net.x_shift, shift)
+    assert npe.history.epochs == 6 and second.history.epochs == 6 and first.history.epochs == 3
+    probe = theta[:5]
+    assert not torch.equal(first.log_prob(probe, x=x[0]), second.log_prob(probe, x=x[0]))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2\) like the data of the first fit"):
+        npe.fit(theta[:10], torch.zeros(10, 3), **FAST)
+
+
+# ---------------------------------------------------------------------------------------- priors
+@pytest.mark.parametrize(
+    "prior",
+    [
+        Independent(Uniform(torch.zeros(2), torch.ones(2)), 1),
+        Normal(torch.zeros(2), torch.ones(2)),
+        Independent(Normal(torch.zeros(2), torch.ones(2)), 1),
+        MultivariateNormal(torch.zeros(2), torch.eye(2)),
+        LogNormal(torch.zeros(2), torch.ones(2)),
+        Independent(LogNormal(torch.zeros(2), torch.ones(2)), 1),
+    ],
+    ids=["box", "normal-batch", "normal-indep", "mvn", "lognormal", "lognormal-indep"],
+)
+def test_standard_priors_train_and_sample_inside_support(prior):
+    theta = prior.sample((300,))
+    x = theta + 0.1 * torch.randn_like(theta)
+    posterior = NPE(prior, transforms=2).fit(theta, x, **FAST)
+    samples = posterior.sample(2000, x=x[0])
+    assert samples.shape == (2000, 2)
+    assert bool(prior.support.check(samples).reshape(2000, -1).all())
+    assert torch.isfinite(posterior.log_prob(samples[:50], x=x[0])).all()
+
+
+def test_scalar_prior_gives_one_dimensional_theta_with_warning():
+    prior = Normal(0.0, 1.0)
+    with pytest.warns(UserWarning, match="1-D theta.*conditional Gaussian"):
+        npe = NPE(prior)
+    theta = prior.sample((200,))
+    posterior = npe.fit(theta, theta + 0.1 * torch.randn(200), **FAST)
+    assert posterior.sample(10, x=torch.zeros(1)).shape == (10, 1)
+
+
+def test_prior_validation():
+    with pytest.raises(TypeError, match="prior must be a torch.distributions.Distribution"):
+        NPE("uniform")
+    with pytest.raises(ValueError, match="event shape"):
+        NPE(Independent(Normal(torch.zeros(2, 2), torch.ones(2, 2)), 2))
+    with pytest.raises(ValueError, match="not a 3-dimensional region"):
+        NPE(Dirichlet(torch.ones(3)))
+
+
+def test_estimator_validation():
+    prior = Normal(torch.zeros(1), torch.ones(1))
+    with pytest.raises(ValueError, match="realnvp.*at least 2 dimensions"):
+        NPE(prior, "realnvp")
+    box, theta, x = box_problem()
+    with pytest.raises(ValueError, match=r"unknown estimator 'nsf'; valid names are \['maf', 'realnvp'\]"):
+        NPE(box, "nsf")
+    with pytest.raises(TypeError, match="must return a sbiflows Flow"):
+        NPE(box, lambda f, c: nn.Linear(f, c)).fit(theta, x, **FAST)
+
+
+def test_callable_estimator_and_embedding_net():
+    prior, theta, x = box_problem()
+    x = torch.cat([x, torch.randn(len(x), 3)], dim=1)  # 5-D x
+    embedding = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
+    weights = embedding[0].weight.clone()
+    npe = NPE(prior, lambda f, c: maf(f, c, transforms=2, hidden_features=(16, 16)), embedding_net=embedding)
+    posterior = npe.fit(theta, x, **FAST)
+    assert posterior.net.flow.context_features == 4
+    assert torch.equal(embedding[0].weight, weights)  # the user's module is not trained in place
+    assert not torch.equal(posterior.net.embedding[0].weight, weights)  # the copy was trained jointly
+    assert posterior.sample(5, x=x[0]).shape == (5, 2)
+
+
+# -------------------------------------------------------------------------------- data checks
+def test_nan_simulations_are_excluded_with_count_and_fraction():
+    prior, theta, x = box_problem()
+    x[:8, 0] = torch.nan
+    x[8:10, 1] = torch.inf
+    npe = NPE(prior)
+    with pytest.warns(UserWarning, match=r"excluded 10 of 400 simulations \(2.5%\)"):
+        npe.fit(theta, x, **FAST)
+    assert len(npe._x) == 390
+
+
+def test_all_invalid_rows_and_nan_theta():
+    prior, theta, x = box_problem()
+    with pytest.raises(ValueError, match="all 400 simulations contain NaN or inf"):
+        NPE(prior).fit(theta, torch.full_like(x, torch.nan), **FAST)
+    theta[3, 1] = torch.nan
+    with pytest.raises(ValueError, match="theta contains NaN or inf in 1 of 400 rows"):
+        NPE(prior).fit(theta, x, **FAST)
+
+
+def test_mismatched_rows_shapes_and_support():
+    prior, theta, x = box_problem(500)
+    with pytest.raises(ValueError, match="got 500 parameter sets but 499 simulations"):
+        NPE(prior).fit(theta, x[:499], **FAST)
+    with pytest.raises(ValueError, match=r"theta must have shape \(N, 2\).*got \(500, 3\)"):
+        NPE(prior).fit(torch.zeros(500, 3), x, **FAST)
+    theta[7] = torch.tensor([1.5, 0.0])
+    with pytest.raises(ValueError, match="1 of 500 parameter sets lie outside the prior's support.*row 7"):
+        NPE(prior).fit(theta, x, **FAST)
+
+
+def test_too_few_rows_for_validation_split():
+    prior, theta, x = box_problem()
+    with pytest.raises(ValueError, match="need at least 2 valid simulations.*got 1"):
+        NPE(prior).fit(theta[:1], x[:1], **FAST)
+
+
+def test_input_types_numpy_accepted_lists_and_integers_rejected():
+    prior, theta, x = box_problem()
+    posterior = NPE(prior).fit(theta.numpy(), x.double().numpy(), **FAST)
+    assert isinstance(posterior, Posterior)
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor or a numpy array, got list"):
+        NPE(prior).fit(theta.tolist(), x, **FAST)
+    with pytest.raises(TypeError, match=r"x must have a floating dtype, got torch.int64.*x.float\(\)"):
+        NPE(prior).fit(theta, x.long(), **FAST)
+    with pytest.raises(TypeError, match="theta must have a floating dtype, got torch.int32"):
+        NPE(prior).fit(np.zeros((400, 2), dtype=np.int32), x, **FAST)
+
+
+def test_constant_x_dimension_warns_and_stays_finite():
+    prior, theta, x = box_problem()
+    x = torch.cat([x, torch.full((len(x), 1), 3.0)], dim=1)
+    with pytest.warns(UserWarning, match=r"constant dimensions \[2\]"):
+        posterior = NPE(prior).fit(theta, x, **FAST)
+    assert torch.isfinite(posterior.log_prob(theta[:10], x=x[0])).all()
+
+
+class _NaNWhileTraining(Transform):
+    """An elementwise affine layer whose log-determinant turns NaN after 25 training calls."""
+
+    def __init__(self, features: int, context_features: int):
+        super().__init__()
+        self.features, self.context_features = features, context_features
+        self.shift = nn.Parameter(torch.zeros(features))
+        self.calls = 0
+
+    def forward(self, x, context=None):
+        self.calls += self.training
+        logdet = x.new_zeros(x.shape[:-1])
+        if self.training and self.calls > 25:
+            logdet = logdet + torch.nan
+        return x - self.shift, logdet
+
+    def inverse(self, z, context=None):
+        return z + self.shift, z.new_zeros(z.shape[:-1])
+
+
+def test_divergence_stops_with_message_and_keeps_best_weights():
+    prior, theta, x = box_problem()
+    npe = NPE(prior, lambda f, c: Flow([_NaNWhileTraining(f, c)]))
+    with pytest.warns(RuntimeWarning, match="training diverged.*restored the best weights"):
+        posterior = npe.fit(theta, x, batch_size=100, progress=False)
+    assert posterior.history.diverged and posterior.history.epochs >= 1
+    assert torch.isfinite(posterior.log_prob(theta[:10], x=x[0])).all()
+
+
+def test_progress_bar_runs():
+    prior, theta, x = box_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm may warn about the missing terminal
+        posterior = NPE(prior).fit(theta, x, max_epochs=2, progress=True)
+    assert posterior.history.epochs == 2
+
+
+def test_to_device_moves_everything():
+    prior, theta, x = box_problem()
+    npe = NPE(prior, device=torch.device("cpu"))
+    npe.fit(theta, x, **FAST)
+    npe.to(torch.device("cpu"))
+    assert npe._net.u_shift.device == torch.device("cpu")
+    assert npe.prior.base_dist.low.device == torch.device("cpu")

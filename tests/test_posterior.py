@@ -1,0 +1,168 @@
+"""Posterior: support and normalization under a bounded prior, batching, chunking, MAP, input checks, devices."""
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Uniform
+
+from sbiflows import NPE
+
+NOISE = 0.5
+
+
+@pytest.fixture(scope="module")
+def box_posterior():
+    """A MAF posterior under the uniform prior on [-1, 1]^2 with x = theta + N(0, 0.3^2)."""
+    g = torch.Generator().manual_seed(0)
+    prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+    theta = 2 * torch.rand(2000, 2, generator=g) - 1
+    x = theta + 0.3 * torch.randn(2000, 2, generator=g)
+    return NPE(prior, transforms=3).fit(theta, x, max_epochs=40, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gaussian_posterior():
+    """A MAF posterior for theta ~ N(0, I_2), x = theta + N(0, 0.5^2 I)."""
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(3000, 2, generator=g)
+    x = theta + NOISE * torch.randn(3000, 2, generator=g)
+    prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    return NPE(prior, transforms=3).fit(theta, x, max_epochs=60, progress=False)
+
+
+# ------------------------------------------------------------------------------ bounded prior
+def test_samples_never_leave_the_box_even_far_from_the_data(box_posterior):
+    far = torch.tensor([[0.99, -0.99], [5.0, 5.0], [-30.0, 2.0]])  # the last two lie far outside the data
+    samples = box_posterior.sample_batched(20_000, far, seed=0)
+    assert samples.shape == (20_000, 3, 2)
+    assert bool((samples.abs() < 1).all())
+
+
+def test_log_prob_integrates_to_one_on_the_box(box_posterior):
+    k = 400
+    grid = (torch.arange(k) + 0.5) / k * 2 - 1  # midpoints
+    theta = torch.cartesian_prod(grid, grid)
+    for x_o in (torch.tensor([0.2, -0.5]), torch.tensor([0.95, 0.95])):
+        mass = box_posterior.log_prob(theta, x=x_o).exp().sum() * (2 / k) ** 2
+        assert abs(mass.item() - 1) < 0.02
+
+
+def test_log_prob_is_minus_inf_outside_and_on_the_boundary(box_posterior):
+    theta = torch.tensor([[1.5, 0.0], [0.0, -1.01], [1.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])
+    lp = box_posterior.log_prob(theta, x=torch.zeros(2))
+    assert torch.isneginf(lp[:4]).all() and torch.isfinite(lp[4])
+
+
+def test_log_prob_of_one_theta_is_a_scalar(box_posterior):
+    assert box_posterior.log_prob(torch.zeros(2), x=torch.zeros(2)).shape == ()
+
+
+# ------------------------------------------------------------------------ batching and chunking
+def test_batched_log_prob_matches_looped(box_posterior):
+    xs = torch.tensor([[0.1, 0.2], [-0.7, 0.4], [0.9, -0.9]])
+    theta = box_posterior.sample_batched(50, xs, seed=1)
+    batched = box_posterior.log_prob_batched(theta, xs)
+    looped = torch.stack([box_posterior.log_prob(theta[:, b], x=xs[b]) for b in range(3)], dim=1)
+    assert batched.shape == (50, 3)
+    torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-5)
+
+
+def test_chunking_bounds_rows_without_changing_results(box_posterior):
+    xs = torch.randn(40, 2) * 0.5
+    theta = box_posterior.sample_batched(30, xs, seed=2)
+    full = box_posterior.log_prob_batched(theta, xs)
+    small = box_posterior.copy()
+    small.max_batch_elements = 64  # fewer rows than one observation's samples: chunks over samples too
+    torch.testing.assert_close(small.log_prob_batched(theta, xs), full, atol=1e-5, rtol=1e-5)
+    samples = small.sample_batched(100, xs, seed=3)
+    assert samples.shape == (100, 40, 2) and bool((samples.abs() < 1).all())
+
+
+def test_sampling_many_observations_in_bounded_memory(box_posterior):
+    small = box_posterior.copy()
+    small.max_batch_elements = 10_000
+    samples = small.sample_batched(500, torch.zeros(1000, 2), seed=0)  # 500k rows, 50 chunks
+    assert samples.shape == (500, 1000, 2)
+
+
+def test_seeded_samples_are_reproducible(box_posterior):
+    x_o = torch.zeros(2)
+    a = box_posterior.sample(100, x=x_o, seed=5)
+    assert torch.equal(a, box_posterior.sample(100, x=x_o, seed=5))
+    assert torch.equal(a, box_posterior.sample(100, x=x_o, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, box_posterior.sample(100, x=x_o, seed=6))
+    with pytest.raises(ValueError, match="either seed or generator"):
+        box_posterior.sample(10, x=x_o, seed=1, generator=torch.Generator())
+
+
+# ------------------------------------------------------------------------------------------ MAP
+def test_map_finds_the_gaussian_posterior_mode(gaussian_posterior):
+    x_o = torch.tensor([0.8, -0.4])
+    mode = gaussian_posterior.map(x=x_o, num_iter=200)
+    assert mode.shape == (2,)
+    exact = x_o / (1 + NOISE**2)
+    assert (mode - exact).abs().max() < 0.1
+
+
+def test_map_stays_inside_a_bounded_support(box_posterior):
+    mode = box_posterior.map(x=torch.tensor([2.0, -2.0]), num_iter=100)
+    assert bool((mode.abs() < 1).all())
+    assert mode[0] > 0.5 and mode[1] < -0.5
+
+
+# ---------------------------------------------------------------------------------- input checks
+def test_batch_of_observations_points_to_batched_methods(box_posterior):
+    with pytest.raises(ValueError, match=r"shape \(3, 2\): a batch of 3 observations.*sample_batched"):
+        box_posterior.sample(10, x=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="log_prob_batched"):
+        box_posterior.log_prob(torch.zeros(4, 2), x=torch.zeros(3, 2))
+
+
+def test_wrong_observation_shape_shows_both_shapes(box_posterior):
+    with pytest.raises(ValueError, match=r"x must have shape \(2,\) or \(1, 2\).*got \(3,\)"):
+        box_posterior.sample(10, x=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"xs must have shape \(B, 2\).*got \(4, 3\)"):
+        box_posterior.sample_batched(10, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"theta must have shape \(n, B, 2\) with B = 2"):
+        box_posterior.log_prob_batched(torch.zeros(5, 3, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"theta must have shape \(\.\.\., 2\)"):
+        box_posterior.log_prob(torch.zeros(5, 3), x=torch.zeros(2))
+
+
+def test_nan_observation_and_nan_theta_are_rejected(box_posterior):
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        box_posterior.sample(10, x=torch.tensor([0.0, torch.nan]))
+    with pytest.raises(ValueError, match=r"xs contains NaN or inf \(rows \[1\]\)"):
+        box_posterior.sample_batched(10, torch.tensor([[0.0, 0.0], [torch.inf, 0.0]]))
+    with pytest.raises(ValueError, match="theta contains NaN"):
+        box_posterior.log_prob(torch.tensor([[torch.nan, 0.0]]), x=torch.zeros(2))
+    with pytest.raises(ValueError, match="x is required"):
+        box_posterior.sample(10, x=None)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        box_posterior.sample(0, x=torch.zeros(2))
+
+
+def test_numpy_and_float64_inputs_are_converted(box_posterior):
+    lp = box_posterior.log_prob(np.zeros((3, 2)), x=np.zeros(2))
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, box_posterior.log_prob(torch.zeros(3, 2, dtype=torch.float64), x=torch.zeros(1, 2)))
+    with pytest.raises(TypeError, match="x must have a floating dtype, got torch.int64"):
+        box_posterior.sample(2, x=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor or a numpy array, got list"):
+        box_posterior.sample(2, x=[0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------- devices
+def test_to_cpu_device_object_keeps_results(box_posterior):
+    moved = box_posterior.copy().to(torch.device("cpu"))
+    assert moved.device == torch.device("cpu")
+    theta = torch.zeros(3, 2)
+    assert torch.equal(moved.log_prob(theta, x=torch.zeros(2)), box_posterior.log_prob(theta, x=torch.zeros(2)))
+
+
+def test_to_meta_moves_network_and_prior_tensors(box_posterior):
+    moved = box_posterior.copy().to("meta")
+    assert moved.device.type == "meta"
+    assert moved.prior.base_dist.low.device.type == "meta"
+    assert all(p.device.type == "meta" for p in moved.net.parameters())
+    assert moved._space.transform(torch.zeros(2, device="meta")).device.type == "meta"
