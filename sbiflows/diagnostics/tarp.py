@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import scipy.stats
 import torch
 from torch import Tensor
@@ -58,15 +57,14 @@ class TARPResult:
         coverage_values: ``f_i`` per dataset: the fraction of draws closer to the reference point
             than the truth, shape ``(N,)``.
         atc: ``∫_{0.5}^{1} (ECP - alpha)``: > 0 too wide (under-confident), < 0 too narrow.
-        atc_lower: ``∫_0^{0.5} (ECP - alpha)``; opposite in sign to ``atc`` for a dispersion error,
-            the same sign for a skewed (biased) ``f``.
         max_deviation: ``max |ECP - alpha|`` on the grid.
         ks_statistic: Kolmogorov-Smirnov distance of ``f`` from Uniform(0, 1).
         ks_pvalue: Its p-value.
         tolerance: Largest accepted ``max_deviation``.
         alpha: Significance level of the KS test.
         num_posterior_samples: Posterior draws per dataset.
-        verdict: "calibrated", "over-confident", "under-confident" or "biased".
+        verdict: "calibrated", "over-confident" (too narrow or biased: TARP cannot tell these
+            apart, see Lemos et al. 2023, Fig. 2) or "under-confident" (too wide).
         passed: ``max_deviation <= tolerance`` and ``ks_pvalue >= alpha``.
         num_invalid: Simulations excluded because they contained NaN/inf.
     """
@@ -75,7 +73,6 @@ class TARPResult:
     ecp: Tensor
     coverage_values: Tensor
     atc: float
-    atc_lower: float
     max_deviation: float
     ks_statistic: float
     ks_pvalue: float
@@ -94,12 +91,11 @@ class TARPResult:
     def __str__(self) -> str:
         meaning = {
             "calibrated": "the ECP curve follows the diagonal.",
-            "over-confident": "ECP above the diagonal at low and below it at high credibility: "
-            "the posterior is too narrow (gross bias can look the same).",
-            "under-confident": "ECP below the diagonal at low and above it at high credibility: "
-            "the posterior is too wide.",
-            "biased": "ECP on one side of the diagonal throughout: the posterior is shifted "
-            "relative to the truth.",
+            "over-confident": "ECP below the diagonal at high credibility (ATC < 0): the truth "
+            "falls outside credible regions too often; the posterior is too narrow or biased "
+            "(TARP cannot tell these apart: run SBC for bias).",
+            "under-confident": "ECP above the diagonal at high credibility (ATC > 0): the "
+            "posterior is too wide (conservative).",
         }[self.verdict]
         status = "PASSED" if self.passed else "FAILED"
         return "\n".join(
@@ -110,7 +106,7 @@ class TARPResult:
                 f"  max |ECP - alpha| = {self.max_deviation:.3f} (tolerance {self.tolerance:.3f}), "
                 f"KS p = {self.ks_pvalue:.3g} (alpha {self.alpha:.3g})",
                 f"  ATC = {self.atc:+.4f} (area of ECP - alpha above alpha = 0.5; > 0 too wide, "
-                f"< 0 too narrow), lower area {self.atc_lower:+.4f}",
+                f"< 0 too narrow)",
                 f"  {status}, verdict {self.verdict}: {meaning}",
             ]
         )
@@ -198,9 +194,8 @@ def tarp(
     grid = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)
     ecp = (f.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)
     gap = ecp - grid
-    upper, lower = grid >= 0.5, grid <= 0.5
+    upper = grid >= 0.5
     atc = float(torch.trapezoid(gap[upper], grid[upper]))
-    atc_lower = float(torch.trapezoid(gap[lower], grid[lower]))
     unit = (closer.numpy() + 0.5) / (num_posterior_samples + 1)
     ks = scipy.stats.ks_1samp(unit, scipy.stats.uniform.cdf)
     max_dev = float(gap.abs().max())
@@ -210,24 +205,16 @@ def tarp(
         ecp=ecp,
         coverage_values=f,
         atc=atc,
-        atc_lower=atc_lower,
         max_deviation=max_dev,
         ks_statistic=float(ks.statistic),
         ks_pvalue=float(ks.pvalue),
         tolerance=float(tolerance),
         alpha=float(alpha),
         num_posterior_samples=num_posterior_samples,
-        verdict="calibrated" if passed else _verdict(atc, atc_lower),
+        verdict="calibrated" if passed else ("over-confident" if atc < 0 else "under-confident"),
         passed=bool(passed),
         num_invalid=num_invalid,
     )
-
-
-def _verdict(atc: float, atc_lower: float) -> str:
-    """Name a failing ECP curve: S-shaped (dispersion) if the two half-areas differ in sign."""
-    if np.sign(atc) == np.sign(atc_lower):
-        return "biased"
-    return "over-confident" if atc < 0 else "under-confident"
 
 
 def _check_references(references: object, shape: torch.Size) -> Tensor:

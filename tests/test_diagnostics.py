@@ -1,0 +1,548 @@
+"""Tests of sbiflows.diagnostics on an exact analytic posterior and deliberately wrong versions of it.
+
+The model (tests/gaussian_posterior.py) is theta ~ N(0, I_2), x ~ N(theta, 0.5^2 I_2). The sizes
+(500 datasets, 500 posterior draws) make every "detects" test below pass for 50 of 50 seeds
+tried (scripted outside the suite); the fixed seeds keep the suite deterministic.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import sbiflows.diagnostics as diagnostics
+from sbiflows.diagnostics import (
+    c2st,
+    expected_coverage,
+    posterior_predictive,
+    rank_statistics,
+    sbc,
+    simulate_datasets,
+    tarp,
+)
+from sbiflows.diagnostics.c2st import _FoldMLP
+from gaussian_posterior import GaussianLinearModel
+
+NUM_DATASETS = 500
+NUM_DRAWS = 500
+
+
+@pytest.fixture(scope="module")
+def model() -> GaussianLinearModel:
+    return GaussianLinearModel(dim=2, sigma=0.5)
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    """One set of simulations, shared by all calibration checks (as users are meant to do)."""
+    return simulate_datasets(model.prior, model, NUM_DATASETS, seed=1)
+
+
+def run(check, posterior, pairs, **kwargs):
+    theta, x = pairs
+    return check(posterior, theta=theta, x=x, num_posterior_samples=NUM_DRAWS, seed=2, **kwargs)
+
+
+class FixedDraws:
+    """A posterior whose draws are given: draws (L, B, D); log_prob = -|theta|^2 (a fixed density)."""
+
+    def __init__(self, draws: torch.Tensor) -> None:
+        self.draws = draws
+        self.calls: list[int] = []
+
+    def sample_batched(self, n, xs):
+        self.calls.append(len(xs))
+        return self.draws[:n, : len(xs)]
+
+    def log_prob(self, theta, x):
+        return -theta.square().sum(-1)
+
+
+# --------------------------------------------------------------------------------------- C2ST
+def gaussians(n: int, dim: int, shift: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    b[:, 0] += shift
+    return a, b
+
+
+def test_c2st_identical_distributions_score_about_one_half():
+    result = c2st(*gaussians(500, 2, 0.0))
+    assert abs(result.accuracy - 0.5) < 0.05
+    assert result.passed
+    assert "PASSED" in str(result) and f"{result.accuracy:.3f}" in str(result)
+
+
+def test_c2st_disjoint_distributions_score_one():
+    result = c2st(*gaussians(500, 2, 20.0))
+    assert result.accuracy > 0.99
+    assert not result.passed
+    assert "FAILED" in str(result)
+
+
+def test_c2st_follows_the_bayes_accuracy_of_shifted_gaussians():
+    # The best possible accuracy between N(0, 1) and N(s, 1) is Phi(s / 2).
+    accuracies = []
+    for shift in (0.5, 1.0, 2.0):
+        accuracy = c2st(*gaussians(500, 2, shift, seed=3)).accuracy
+        bayes = 0.5 * (1 + math.erf(shift / 2 / math.sqrt(2)))
+        assert abs(accuracy - bayes) < 0.05, (shift, accuracy, bayes)
+        accuracies.append(accuracy)
+    assert accuracies == sorted(accuracies)
+
+
+def test_c2st_result_fields_are_consistent():
+    result = c2st(*gaussians(200, 3, 1.0), folds=4, threshold=0.7, max_epochs=30)
+    assert len(result.fold_accuracies) == len(result.epochs) == 4
+    assert result.accuracy == pytest.approx(sum(result.fold_accuracies) / 4)
+    assert (result.num_samples, result.dim, result.threshold) == (200, 3, 0.7)
+    assert result.passed == (result.accuracy <= 0.7)
+    assert all(1 <= e <= 30 for e in result.epochs)
+
+
+def test_c2st_is_seeded_and_leaves_global_state_alone():
+    a, b = gaussians(300, 2, 0.5)
+    rng_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    first, again, other = (c2st(a, b, seed=s, max_epochs=30) for s in (5, 5, 6))
+    assert first == again
+    assert first.fold_accuracies != other.fold_accuracies
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.get_num_threads() == threads
+
+
+def test_c2st_z_scores_with_the_first_set():
+    a, b = gaussians(300, 2, 1.0)
+    scaled = c2st(a * 1000 + 7, b * 1000 + 7, max_epochs=30)
+    assert scaled.accuracy == pytest.approx(c2st(a, b, max_epochs=30).accuracy, abs=0.01)
+
+
+def test_c2st_manual_backward_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    mlp = _FoldMLP(3, 30, 4, g)
+    x = torch.randn(4, 17, 3, generator=g)
+    y = (torch.rand(4, 17, generator=g) > 0.5).float()
+    w = (torch.rand(4, 17, generator=g) > 0.2).float()
+    loss, grad = mlp._loss_and_grad(x, y, w, l2=1e-2)
+    params = mlp.params.clone().requires_grad_()
+    offset, views = 0, []
+    for view in mlp.views:
+        size = view[0].numel()
+        views.append(params[:, offset : offset + size].view(view.shape))
+        offset += size
+    mlp.views = views
+    mlp._loss_and_grad(x, y, w, l2=1e-2)[0].sum().backward()
+    assert (grad - params.grad).abs().max() < 1e-6 * max(1.0, float(grad.abs().max()))
+    assert loss.shape == (4,)
+
+
+@pytest.mark.slow
+def test_c2st_agrees_with_the_sklearn_reference_protocol():
+    pytest.importorskip("sklearn")
+    path = Path(__file__).parents[1] / "examples" / "c2st_reference_check.py"
+    spec = importlib.util.spec_from_file_location("c2st_reference_check", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    for shift in (0.0, 1.0):
+        a, b = gaussians(500, 2, shift, seed=4)
+        ours = c2st(a, b).accuracy
+        reference = example.reference_c2st(a.numpy(), b.numpy())
+        assert abs(ours - reference) < 0.04, (shift, ours, reference)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((torch.randn(20, 2).numpy(), torch.randn(20, 2)), {}, TypeError, "samples_a must be a torch.Tensor"),
+        ((torch.randn(20, 2), torch.ones(20, 2, dtype=torch.long)), {}, TypeError, "samples_b must have a floating"),
+        ((torch.randn(20), torch.randn(20)), {}, ValueError, r"samples_a must have shape \(N, D\), got \(20,\)"),
+        ((torch.randn(20, 2), torch.randn(20, 3)), {}, ValueError, "same dimension, got 2 and 3"),
+        ((torch.randn(20, 2), torch.randn(30, 2)), {}, ValueError, "same number of samples.*20 and 30"),
+        ((torch.tensor([[0.0, math.nan]] * 20), torch.randn(20, 2)), {}, ValueError, "20 rows with NaN"),
+        ((torch.randn(3, 2), torch.randn(3, 2)), {}, ValueError, "too few samples for 5 folds.*got 3"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"folds": 1}, ValueError, "folds must be an int >= 2"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"threshold": 0.5}, ValueError, r"threshold must be in \(0.5, 1\]"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"max_epochs": 2.5}, ValueError, "max_epochs must be a positive int"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"learning_rate": 0.0}, ValueError, "learning_rate must be positive"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"patience": -1}, ValueError, "patience must be a non-negative"),
+    ],
+)
+def test_c2st_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        c2st(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- SBC
+def test_sbc_passes_for_the_exact_posterior(model, pairs):
+    result = run(sbc, model.posterior(), pairs)
+    assert result.passed, str(result)
+    assert result.ranks.shape == (NUM_DATASETS, 2)
+    assert 0 <= int(result.ranks.min()) and int(result.ranks.max()) <= NUM_DRAWS
+    assert result.shapes == ("uniform", "uniform")
+    assert result.threshold == pytest.approx(0.005)
+    assert result.failed_parameters == ()
+    assert "PASSED" in str(result) and "Kolmogorov-Smirnov" in str(result)
+
+
+@pytest.mark.parametrize(("shift", "direction"), [(0.5, "overestimates"), (-0.5, "underestimates")])
+def test_sbc_detects_bias_as_skewed_ranks(model, pairs, shift, direction):
+    result = run(sbc, model.posterior(shift=shift), pairs)
+    assert not result.passed
+    assert result.failed_parameters == ("theta_1", "theta_2")
+    assert all(direction in shape for shape in result.shapes)
+    assert (result.mean_ranks < 0.5).all() if shift > 0 else (result.mean_ranks > 0.5).all()
+    text = str(result)
+    assert "FAILED for theta_1, theta_2" in text and "skewed" in text
+
+
+@pytest.mark.parametrize(("scale", "shape"), [(0.75, "∪-shaped (over-confident"), (1.3, "∩-shaped (under-confident")])
+def test_sbc_names_dispersion_errors_from_the_rank_histogram(model, pairs, scale, shape):
+    result = run(sbc, model.posterior(scale=scale), pairs, test="chi2")
+    assert not result.passed
+    assert all(s.startswith(shape) for s in result.shapes)
+    tails = result.lower_tail + result.upper_tail
+    assert (tails > 0.2).all() if scale < 1 else (tails < 0.2).all()
+    assert "chi-square" in str(result)
+
+
+def test_sbc_ranks_count_draws_below_the_truth():
+    draws = torch.arange(5.0).view(5, 1, 1).expand(5, 3, 2).clone()  # draws 0..4 for every dataset
+    theta = torch.tensor([[-1.0, 0.5], [2.5, 4.5], [10.0, 3.0]])
+    with pytest.warns(UserWarning, match="only 3 datasets"), pytest.warns(UserWarning, match="only 5 posterior"):
+        result = sbc(FixedDraws(draws), theta=theta, x=torch.zeros(3, 1), num_posterior_samples=5)
+    assert result.ranks.tolist() == [[0, 1], [3, 5], [5, 3]]
+
+
+def test_sbc_is_seeded_and_restores_the_global_generator(model):
+    state = torch.get_rng_state()
+    first = sbc(model.posterior(), model.prior, model, num_datasets=200, num_posterior_samples=200, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = sbc(model.posterior(), model.prior, model, num_datasets=200, num_posterior_samples=200, seed=3)
+    assert torch.equal(first.ranks, again.ranks)
+
+
+def test_sbc_chunks_posterior_sampling_over_datasets():
+    draws = torch.randn(150, 300, 2)
+    theta, x = torch.randn(300, 2), torch.zeros(300, 1)
+    one_call, chunked = FixedDraws(draws), FixedDraws(draws)
+    full = sbc(one_call, theta=theta, x=x, num_posterior_samples=150)
+    parts = sbc(chunked, theta=theta, x=x, num_posterior_samples=150, batch_size=128)
+    assert one_call.calls == [300] and chunked.calls == [128, 128, 44]
+    assert torch.equal(full.ranks[:128], parts.ranks[:128])
+
+
+def test_sbc_excludes_invalid_simulations_with_a_count(model, pairs):
+    theta, x = pairs
+    x = x[:300].clone()
+    x[[3, 50, 77], 1] = torch.tensor([math.nan, math.inf, -math.inf])
+    with pytest.warns(UserWarning, match="sbc: excluded 3 of 300 simulations with NaN/inf"):
+        result = sbc(model.posterior(), theta=theta[:300], x=x, num_posterior_samples=200)
+    assert result.num_invalid == 3 and result.num_datasets == 297
+    assert "3 invalid simulations excluded" in str(result)
+
+
+def test_sbc_warns_about_too_few_datasets_and_draws(model):
+    with pytest.warns(UserWarning, match="only 50 datasets; use at least 100"):
+        sbc(model.posterior(), model.prior, model, num_datasets=50, num_posterior_samples=200)
+    with pytest.warns(UserWarning, match="only 20 posterior samples per dataset"):
+        sbc(model.posterior(), model.prior, model, num_datasets=200, num_posterior_samples=20)
+
+
+def test_rank_statistics_chi_square_uses_exact_expected_counts():
+    # L + 1 = 7 rank values in 3 bins hold 3, 2, 2 values; perfectly proportional counts give p = 1.
+    ranks = torch.tensor([0, 1, 2, 3, 4, 5, 6] * 30).unsqueeze(1)
+    stats = rank_statistics(ranks, 6, num_bins=3)
+    assert stats["chi2_pvalues"].item() == pytest.approx(1.0)
+    assert stats["mean_ranks"].item() == pytest.approx(0.5)
+
+
+class NoSampleBatched:
+    def sample(self, n, x):
+        return torch.zeros(n, 2)
+
+
+class WrongShape:
+    def sample_batched(self, n, xs):
+        return torch.zeros(n, 2)
+
+
+@pytest.mark.parametrize(
+    ("posterior", "kwargs", "error", "match"),
+    [
+        (NoSampleBatched(), {}, TypeError, "posterior must implement sample_batched.*lacks sample_batched"),
+        (WrongShape(), {}, ValueError, r"must return shape \(200, 300, D\), got \(200, 2\)"),
+        (None, {"theta": torch.zeros(300, 2)}, ValueError, "pass both theta and x"),
+        (None, {"theta": None, "x": None, "prior_none": True}, ValueError, "needs a prior and a simulator"),
+        (None, {"theta": torch.zeros(300, 2), "x": torch.zeros(299, 2)}, ValueError, "same number of rows, got 300 and 299"),
+        (None, {"theta": torch.zeros(300), "x": torch.zeros(300, 2)}, ValueError, r"theta must have shape \(N, D\), got \(300,\)"),
+        (None, {"theta": [[0.0, 0.0]] * 300, "x": torch.zeros(300, 2)}, TypeError, "theta must be a torch.Tensor"),
+        (None, {"theta": torch.zeros(300, 3), "x": torch.zeros(300, 2)}, ValueError, "theta has 3 parameters but the prior's event shape is"),
+        (None, {"alpha": 1.0}, ValueError, r"alpha must be in \(0, 1\)"),
+        (None, {"test": "anderson"}, ValueError, "test must be 'ks' or 'chi2'"),
+        (None, {"num_bins": 1}, ValueError, r"num_bins must be an int in 2..201"),
+        (None, {"parameter_names": ["a"]}, ValueError, "parameter_names must have 2 entries"),
+        (None, {"num_posterior_samples": 0}, ValueError, "num_posterior_samples must be a positive int"),
+        (None, {"num_datasets": 0}, ValueError, "num_datasets must be a positive int"),
+        (None, {"seed": 1.5}, TypeError, "seed must be an int or None"),
+        (None, {"batch_size": 0}, ValueError, "batch_size must be a positive int or None"),
+    ],
+)
+def test_sbc_rejects_bad_input(model, posterior, kwargs, error, match):
+    kwargs = {"num_datasets": 300, "num_posterior_samples": 200, **kwargs}
+    prior = None if kwargs.pop("prior_none", False) else model.prior
+    with pytest.raises(error, match=match):
+        sbc(posterior or model.posterior(), prior, model, **kwargs)
+
+
+def test_sbc_with_only_invalid_simulations_fails_loudly(model):
+    theta, x = torch.zeros(300, 2), torch.full((300, 2), math.nan)
+    with pytest.raises(ValueError, match="no valid simulations left"):
+        with pytest.warns(UserWarning, match="excluded 300 of 300"):
+            sbc(model.posterior(), theta=theta, x=x)
+
+
+def test_simulate_datasets_rejects_bad_input(model):
+    with pytest.raises(TypeError, match="prior must be a torch.distributions.Distribution"):
+        simulate_datasets("normal", model, 10)
+    with pytest.raises(TypeError, match="simulator must be callable"):
+        simulate_datasets(model.prior, 3, 10)
+    with pytest.raises(ValueError, match=r"simulator must return shape \(N, x_dim\) = \(10, x_dim\)"):
+        simulate_datasets(model.prior, lambda t: t[:5], 10)
+    with pytest.raises(TypeError, match="simulator must return a torch.Tensor"):
+        simulate_datasets(model.prior, lambda t: t.numpy(), 10)
+    with pytest.raises(ValueError, match=r"prior must have event shape \(D,\)"):
+        simulate_datasets(torch.distributions.Normal(0.0, 1.0), model, 10)
+
+
+# ----------------------------------------------------------------------------------- coverage
+def test_coverage_is_calibrated_for_the_exact_posterior(model, pairs):
+    result = run(expected_coverage, model.posterior(), pairs)
+    assert result.passed and result.verdict == "calibrated", str(result)
+    assert result.levels.shape == result.empirical.shape == result.band.shape == (19,)
+    assert (result.deviation.abs() <= result.band).all()
+    assert result.hpd_ranks.shape == (NUM_DATASETS,)
+    assert "PASSED" in str(result)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "verdict", "one_sided_passes"),
+    [
+        ({"scale": 0.8}, "over-confident", False),
+        ({"shift": 1.0}, "over-confident", False),
+        ({"scale": 1.3}, "under-confident", True),
+    ],
+)
+def test_coverage_detects_dispersion_and_bias(model, pairs, kwargs, verdict, one_sided_passes):
+    result = run(expected_coverage, model.posterior(**kwargs), pairs)
+    assert not result.passed and result.verdict == verdict, str(result)
+    assert (result.deviation < 0).all() if verdict == "over-confident" else (result.deviation > 0).all()
+    assert f"verdict: {verdict}" in str(result) and "FAILED" in str(result)
+    one_sided = run(expected_coverage, model.posterior(**kwargs), pairs, one_sided=True)
+    assert one_sided.passed == one_sided_passes
+    assert one_sided.verdict == verdict
+
+
+def test_coverage_falls_back_to_log_prob_per_dataset(model, pairs):
+    batched = run(expected_coverage, model.posterior(), pairs)
+    looped = run(expected_coverage, model.posterior(batched_log_prob=False), pairs)
+    assert torch.equal(batched.hpd_ranks, looped.hpd_ranks)
+
+
+def test_coverage_hpd_rank_is_the_fraction_of_denser_draws():
+    # log_prob = -|theta|^2: draws at radii 0..3 are denser than a truth at radius 1.5 for 2 of 4.
+    draws = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1).expand(4, 2, 1).clone()
+    theta = torch.tensor([[1.5], [-0.5]])
+    with pytest.warns(UserWarning):
+        result = expected_coverage(
+            FixedDraws(draws), theta=theta, x=torch.zeros(2, 1), num_posterior_samples=4, levels=[0.3, 0.6]
+        )
+    assert result.hpd_ranks.tolist() == [0.5, 0.25]
+    assert result.empirical.tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"levels": [0.0, 0.5]}, ValueError, r"increasing values in \(0, 1\)"),
+        ({"levels": [0.6, 0.5]}, ValueError, r"increasing values in \(0, 1\)"),
+        ({"levels": [[0.5]]}, ValueError, "non-empty 1-D sequence"),
+        ({"levels": ["a"]}, TypeError, "levels must be a sequence of floats"),
+        ({"num_sigmas": -1.0}, ValueError, "num_sigmas and tolerance must be >= 0"),
+    ],
+)
+def test_coverage_rejects_bad_options(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        expected_coverage(model.posterior(), model.prior, model, num_datasets=200, **kwargs)
+
+
+def test_coverage_requires_log_prob(model):
+    with pytest.raises(TypeError, match="lacks log_prob"):
+        expected_coverage(WrongShape(), model.prior, model, num_datasets=200)
+
+
+# --------------------------------------------------------------------------------------- TARP
+def test_tarp_passes_for_the_exact_posterior(model, pairs):
+    result = run(tarp, model.posterior(), pairs)
+    assert result.passed and result.verdict == "calibrated", str(result)
+    assert result.credibility.shape == result.ecp.shape == (31,)
+    assert result.ecp[0] == 0 and (result.ecp[1:] >= result.ecp[:-1]).all()
+    assert result.max_deviation == pytest.approx(float((result.ecp - result.credibility).abs().max()))
+    assert result.max_deviation <= 0.1 and result.ks_pvalue >= 0.01
+    assert abs(result.atc) < 0.03
+    assert "PASSED" in str(result)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "verdict"),
+    [({"scale": 0.5}, "over-confident"), ({"shift": 2.0}, "over-confident"), ({"scale": 2.0}, "under-confident")],
+)
+def test_tarp_detects_gross_dispersion_and_bias(model, pairs, kwargs, verdict):
+    result = run(tarp, model.posterior(**kwargs), pairs)
+    assert not result.passed and result.verdict == verdict, str(result)
+    assert result.max_deviation > 0.1 and result.ks_pvalue < 1e-6
+    assert result.atc < 0 if verdict == "over-confident" else result.atc > 0
+    assert "FAILED" in str(result)
+
+
+def test_tarp_coverage_values_use_the_given_references():
+    # References at 2, draws at 0.5, 1, 3, 5: a truth at 0 (distance 2) has 3 of 4 draws closer.
+    draws = torch.tensor([0.5, 1.0, 3.0, 5.0]).view(4, 1, 1).expand(4, 2, 1).clone()
+    theta, references = torch.tensor([[0.0], [3.2]]), torch.tensor([[2.0], [2.0]])
+    with pytest.warns(UserWarning):
+        result = tarp(
+            FixedDraws(draws), theta=theta, x=torch.zeros(2, 1), num_posterior_samples=4,
+            references=references, normalize=False,
+        )
+    assert result.coverage_values.tolist() == [0.75, 0.5]  # 3.2 is 1.2 away: only 1 and 3 closer
+
+
+def test_tarp_normalisation_makes_it_invariant_to_units(model, pairs):
+    theta, x = pairs
+
+    class Scaled:
+        def __init__(self, factor):
+            self.factor, self.inner = factor, model.posterior()
+
+        def sample_batched(self, n, xs):
+            return self.factor * self.inner.sample_batched(n, xs)
+
+    small = tarp(Scaled(1.0), theta=theta, x=x, num_posterior_samples=200)
+    large = tarp(Scaled(1000.0), theta=theta * 1000.0, x=x, num_posterior_samples=200)
+    assert torch.equal(small.coverage_values, large.coverage_values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"references": torch.zeros(10, 2)}, ValueError, r"references must have shape \(N, D\) = \(200, 2\)"),
+        ({"references": [[0.0, 0.0]] * 200}, TypeError, "references must be a torch.Tensor"),
+        ({"num_bins": 1}, ValueError, "num_bins must be an int >= 2"),
+        ({"distance": "cosine"}, ValueError, "distance must be 'l2' or 'l1'"),
+        ({"tolerance": 0.0}, ValueError, r"tolerance must be in \(0, 1\]"),
+        ({"alpha": 0.0}, ValueError, r"alpha must be in \(0, 1\)"),
+    ],
+)
+def test_tarp_rejects_bad_options(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tarp(model.posterior(), model.prior, model, num_datasets=200, num_posterior_samples=200, **kwargs)
+
+
+def test_checks_reuse_the_same_simulations(model, pairs):
+    theta, x = pairs
+    for check in (sbc, expected_coverage, tarp):
+        result = check(model.posterior(), theta=theta, x=x, num_posterior_samples=200)
+        assert result.num_datasets == NUM_DATASETS
+
+
+# -------------------------------------------------------------------------- posterior predictive
+def test_predictive_accepts_an_observation_from_the_model(model, pairs):
+    x_o = pairs[1][0]
+    result = posterior_predictive(model.posterior(), model, x_o, num_samples=1000)
+    assert result.passed, str(result)
+    assert result.predictive.shape == (1000, 2) and result.distances.shape == (1000,)
+    assert ((result.quantiles > 0) & (result.quantiles < 1)).all()
+    assert result.distance_pvalue == pytest.approx((1 + int((result.distances >= result.distance).sum())) / 1001)
+    assert "PASSED" in str(result)
+
+
+@pytest.mark.parametrize("metric", ["mahalanobis", "standardized"])
+def test_predictive_flags_a_posterior_that_misses_the_observation(model, pairs, metric):
+    result = posterior_predictive(model.posterior(shift=-10.0), model, pairs[1][0], metric=metric)
+    assert not result.passed
+    assert result.extreme_dimensions == (0, 1)
+    assert (result.quantiles == 1.0).all()  # x_o is above every predictive draw
+    assert result.distance_pvalue == pytest.approx(1 / 1001)
+    assert "FAILED" in str(result) and metric in str(result)
+
+
+def test_predictive_handles_constant_summaries(model):
+    def with_constant(theta):
+        return torch.cat([model(theta), torch.ones(len(theta), 1)], dim=1)
+
+    class Posterior:
+        def sample(self, n, x):
+            return model.posterior().sample(n, x[:2])
+
+    x_o = torch.tensor([0.2, -0.1, 1.0])
+    for metric in ("mahalanobis", "standardized"):
+        assert posterior_predictive(Posterior(), with_constant, x_o, metric=metric).passed
+    off = posterior_predictive(Posterior(), with_constant, torch.tensor([0.2, -0.1, 2.0]), metric="standardized")
+    assert not off.passed and off.extreme_dimensions == (2,) and math.isinf(off.distance)
+
+
+def test_predictive_counts_invalid_simulations(model):
+    def flaky(theta):
+        x = model(theta)
+        x[::10, 0] = math.nan
+        return x
+
+    with pytest.warns(UserWarning, match="excluded 100 of 1000 predictive simulations"):
+        result = posterior_predictive(model.posterior(), flaky, torch.tensor([0.1, 0.2]))
+    assert result.num_invalid == 100 and result.num_samples == 900
+    assert "100 invalid simulations excluded" in str(result)
+
+
+@pytest.mark.parametrize(
+    ("x_o", "kwargs", "error", "match"),
+    [
+        ([0.0, 0.0], {}, TypeError, "x_o must be a torch.Tensor"),
+        (torch.zeros(1, 2), {}, ValueError, r"x_o must be a floating-point tensor of shape \(x_dim,\)"),
+        (torch.tensor([0.0, math.nan]), {}, ValueError, "x_o contains NaN"),
+        (torch.zeros(2), {"num_samples": 1}, ValueError, "num_samples must be an int >= 2"),
+        (torch.zeros(2), {"alpha": 2.0}, ValueError, r"alpha must be in \(0, 1\)"),
+        (torch.zeros(2), {"metric": "l1"}, ValueError, "metric must be 'mahalanobis' or 'standardized'"),
+        (torch.zeros(2), {"simulator": lambda t: t[:, :1]}, ValueError, r"simulator must return shape \(1000, 2\) matching x_o, got \(1000, 1\)"),
+        (torch.zeros(2), {"num_samples": 2}, ValueError, r"needs more valid predictive simulations \(2\) than"),
+    ],
+)
+def test_predictive_rejects_bad_input(model, x_o, kwargs, error, match):
+    simulator = kwargs.pop("simulator", model)
+    with pytest.raises(error, match=match):
+        if kwargs.get("num_samples") == 2:
+            with pytest.warns(UserWarning, match="only 2 valid"):
+                posterior_predictive(model.posterior(), simulator, x_o, **kwargs)
+        else:
+            posterior_predictive(model.posterior(), simulator, x_o, **kwargs)
+
+
+def test_predictive_requires_sample(model):
+    with pytest.raises(TypeError, match="posterior must implement sample"):
+        posterior_predictive(WrongShape(), model, torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------ doctests
+@pytest.mark.parametrize("module", ["c2st", "sbc", "coverage", "tarp", "predictive", "simulations"])
+def test_docstring_examples_run(module):
+    failures, _ = doctest.testmod(importlib.import_module(f"sbiflows.diagnostics.{module}"))
+    assert failures == 0
+
+
+def test_package_docstring_example_runs():
+    assert doctest.testmod(diagnostics).failed == 0
