@@ -33,7 +33,9 @@ class GaussianLinearModel:
     def __call__(self, theta: Tensor) -> Tensor:
         return theta + self.sigma * torch.randn_like(theta)
 
-    def posterior(self, *, scale: float = 1.0, shift: float = 0.0, batched_log_prob: bool = True) -> GaussianPosterior:
+    def posterior(
+        self, *, scale: float = 1.0, shift: float = 0.0, batched_log_prob: bool = True
+    ) -> GaussianPosterior:
         """The (possibly distorted) posterior; ``batched_log_prob=False`` hides ``log_prob_batched``."""
         cls = GaussianPosterior if batched_log_prob else GaussianPosteriorNoBatchedLogProb
         return cls(self.sigma, scale=scale, shift=shift)

@@ -79,7 +79,10 @@ class PredictiveResult:
             f"  quantile of x_o per dimension: {shown}",
         ]
         if self.extreme_dimensions:
-            lines.append(f"  extreme dimensions (quantile in the outer alpha/(2 x_dim) tails): {list(self.extreme_dimensions)}")
+            lines.append(
+                "  extreme dimensions (quantile in the outer alpha/(2 x_dim) tails): "
+                f"{list(self.extreme_dimensions)}"
+            )
         if self.passed:
             lines.append("  PASSED: x_o is typical of the data the posterior predicts.")
         else:
@@ -130,11 +133,15 @@ def posterior_predictive(
     """
     check_posterior(posterior, "sample")
     if not callable(simulator):
-        raise TypeError(f"simulator must be callable (theta (n, D) -> x (n, x_dim)), got {type(simulator).__name__}")
+        raise TypeError(
+            f"simulator must be callable (theta (n, D) -> x (n, x_dim)), got {type(simulator).__name__}"
+        )
     if not isinstance(x_o, Tensor):
         raise TypeError(f"x_o must be a torch.Tensor of shape (x_dim,), got {type(x_o).__name__}")
     if x_o.ndim != 1 or not x_o.is_floating_point():
-        raise ValueError(f"x_o must be a floating-point tensor of shape (x_dim,), got {x_o.dtype} {tuple(x_o.shape)}")
+        raise ValueError(
+            f"x_o must be a floating-point tensor of shape (x_dim,), got {x_o.dtype} {tuple(x_o.shape)}"
+        )
     if not torch.isfinite(x_o).all():
         raise ValueError("x_o contains NaN/inf values")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
@@ -149,7 +156,9 @@ def posterior_predictive(
         theta = posterior.sample(num_samples, x=x_o)  # type: ignore[attr-defined]
         if not isinstance(theta, Tensor) or theta.ndim != 2 or theta.shape[0] != num_samples:
             got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
-            raise ValueError(f"posterior.sample({num_samples}, x=x_o) must return shape ({num_samples}, D), got {got}")
+            raise ValueError(
+                f"posterior.sample({num_samples}, x=x_o) must return shape ({num_samples}, D), got {got}"
+            )
         predictive = simulator(theta.detach())
     if not isinstance(predictive, Tensor) or predictive.shape != (num_samples, x_dim):
         got = tuple(predictive.shape) if isinstance(predictive, Tensor) else type(predictive).__name__

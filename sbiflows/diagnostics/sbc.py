@@ -256,9 +256,10 @@ def _shape(mean: float, lower: float, upper: float, num: int) -> str:
     z_lower, z_upper = (lower - TAIL) / tail_sd, (upper - TAIL) / tail_sd
     z_outer = (lower + upper - 2 * TAIL) / np.sqrt(2 * TAIL * (1 - 2 * TAIL) / num)
     labels = []
-    if z_outer > Z_SHAPE and min(z_lower, z_upper) > Z_SHAPE - 1:
+    # Dispersion raises (∪) or lowers (∩) both tails; bias raises one tail and lowers the other.
+    if z_outer > Z_SHAPE and min(z_lower, z_upper) > 0:
         labels.append("∪-shaped (over-confident: posterior too narrow)")
-    elif z_outer < -Z_SHAPE and max(z_lower, z_upper) < -(Z_SHAPE - 1):
+    elif z_outer < -Z_SHAPE and max(z_lower, z_upper) < 0:
         labels.append("∩-shaped (under-confident: posterior too wide)")
     if z_mean > Z_SHAPE:
         labels.append("skewed: truth above most draws (biased, posterior underestimates)")

@@ -73,7 +73,9 @@ def simulate_datasets(
     if not isinstance(prior, Distribution):
         raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
     if not callable(simulator):
-        raise TypeError(f"simulator must be callable (theta (N, D) -> x (N, x_dim)), got {type(simulator).__name__}")
+        raise TypeError(
+            f"simulator must be callable (theta (N, D) -> x (N, x_dim)), got {type(simulator).__name__}"
+        )
     if isinstance(num_datasets, bool) or not isinstance(num_datasets, int) or num_datasets < 1:
         raise ValueError(f"num_datasets must be a positive int, got {num_datasets!r}")
     if len(prior.event_shape) != 1:
@@ -179,7 +181,8 @@ def posterior_draws(
     go into each call (to bound memory).
     """
     num = xs.shape[0]
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    bad_size = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    if batch_size is not None and bad_size:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     step = num if batch_size is None else batch_size
     chunks = []
@@ -214,7 +217,8 @@ def batched_log_prob(posterior: object, theta: Tensor, xs: Tensor, *, batch_size
         ]
         out = torch.cat([p.detach() for p in parts], dim=1)
     else:
-        out = torch.stack([posterior.log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)  # type: ignore[attr-defined]
+        log_prob = posterior.log_prob  # type: ignore[attr-defined]
+        out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)
     if out.shape != (n, num):
         raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
     return out

@@ -17,6 +17,13 @@ Details, as in the paper and sbi's implementation (``sbi.diagnostics.tarp``):
 * ATC, the "area to curve", is ``∫_{0.5}^{1} (ECP(alpha) - alpha) d alpha`` (trapezoid rule; sbi
   uses a Riemann sum on its grid): > 0 if the posterior is too wide, < 0 if too narrow.
 
+A failing curve is named from the S-shape of ``ECP - alpha``: an over-confident posterior puts
+the ECP above the diagonal at low and below it at high credibility, an under-confident one the
+reverse, so the verdict is "over-confident" if ``∫_0^{0.5} (ECP - alpha) - ATC > 0``. This is
+more robust than the sign of ATC alone: for a biased posterior ATC scatters around zero while the
+lower area is clearly positive. TARP cannot tell over-confidence from bias (Lemos et al. 2023,
+Fig. 2); SBC can.
+
 Verdict: the check passes if ``max |ECP - alpha| <= tolerance`` on the grid (default 0.1 on 30
 bins: the criterion sbi's test-suite uses for an accurate posterior) and a Kolmogorov-Smirnov test
 of ``f`` against Uniform(0, 1) -- whose statistic is the largest gap between the ECP curve and the
@@ -57,6 +64,7 @@ class TARPResult:
         coverage_values: ``f_i`` per dataset: the fraction of draws closer to the reference point
             than the truth, shape ``(N,)``.
         atc: ``∫_{0.5}^{1} (ECP - alpha)``: > 0 too wide (under-confident), < 0 too narrow.
+        atc_lower: ``∫_0^{0.5} (ECP - alpha)``: > 0 too narrow or biased, < 0 too wide.
         max_deviation: ``max |ECP - alpha|`` on the grid.
         ks_statistic: Kolmogorov-Smirnov distance of ``f`` from Uniform(0, 1).
         ks_pvalue: Its p-value.
@@ -73,6 +81,7 @@ class TARPResult:
     ecp: Tensor
     coverage_values: Tensor
     atc: float
+    atc_lower: float
     max_deviation: float
     ks_statistic: float
     ks_pvalue: float
@@ -91,11 +100,11 @@ class TARPResult:
     def __str__(self) -> str:
         meaning = {
             "calibrated": "the ECP curve follows the diagonal.",
-            "over-confident": "ECP below the diagonal at high credibility (ATC < 0): the truth "
-            "falls outside credible regions too often; the posterior is too narrow or biased "
-            "(TARP cannot tell these apart: run SBC for bias).",
-            "under-confident": "ECP above the diagonal at high credibility (ATC > 0): the "
-            "posterior is too wide (conservative).",
+            "over-confident": "ECP above the diagonal at low and below it at high credibility: "
+            "the truth falls outside credible regions too often; the posterior is too narrow or "
+            "biased (TARP cannot tell these apart: run SBC for bias).",
+            "under-confident": "ECP below the diagonal at low and above it at high credibility: "
+            "the posterior is too wide (conservative).",
         }[self.verdict]
         status = "PASSED" if self.passed else "FAILED"
         return "\n".join(
@@ -106,7 +115,7 @@ class TARPResult:
                 f"  max |ECP - alpha| = {self.max_deviation:.3f} (tolerance {self.tolerance:.3f}), "
                 f"KS p = {self.ks_pvalue:.3g} (alpha {self.alpha:.3g})",
                 f"  ATC = {self.atc:+.4f} (area of ECP - alpha above alpha = 0.5; > 0 too wide, "
-                f"< 0 too narrow)",
+                f"< 0 too narrow); below alpha = 0.5: {self.atc_lower:+.4f}",
                 f"  {status}, verdict {self.verdict}: {meaning}",
             ]
         )
@@ -194,8 +203,9 @@ def tarp(
     grid = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)
     ecp = (f.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)
     gap = ecp - grid
-    upper = grid >= 0.5
+    upper, lower = grid >= 0.5, grid <= 0.5
     atc = float(torch.trapezoid(gap[upper], grid[upper]))
+    atc_lower = float(torch.trapezoid(gap[lower], grid[lower]))
     unit = (closer.numpy() + 0.5) / (num_posterior_samples + 1)
     ks = scipy.stats.ks_1samp(unit, scipy.stats.uniform.cdf)
     max_dev = float(gap.abs().max())
@@ -205,13 +215,14 @@ def tarp(
         ecp=ecp,
         coverage_values=f,
         atc=atc,
+        atc_lower=atc_lower,
         max_deviation=max_dev,
         ks_statistic=float(ks.statistic),
         ks_pvalue=float(ks.pvalue),
         tolerance=float(tolerance),
         alpha=float(alpha),
         num_posterior_samples=num_posterior_samples,
-        verdict="calibrated" if passed else ("over-confident" if atc < 0 else "under-confident"),
+        verdict="calibrated" if passed else ("over-confident" if atc_lower > atc else "under-confident"),
         passed=bool(passed),
         num_invalid=num_invalid,
     )
@@ -219,7 +230,9 @@ def tarp(
 
 def _check_references(references: object, shape: torch.Size) -> Tensor:
     if not isinstance(references, Tensor):
-        raise TypeError(f"references must be a torch.Tensor of shape {tuple(shape)}, got {type(references).__name__}")
+        raise TypeError(
+            f"references must be a torch.Tensor of shape {tuple(shape)}, got {type(references).__name__}"
+        )
     if references.shape != shape:
         raise ValueError(
             f"references must have shape (N, D) = {tuple(shape)} (one per valid dataset), got "

@@ -1,0 +1,324 @@
+"""Figures for posterior samples and calibration checks; every function returns a matplotlib Figure.
+
+* :func:`corner` -- pairwise marginals of posterior samples (the ``corner`` package), optionally
+  with the true parameters and a reference sample set overlaid in a second colour;
+* :func:`sbc_ranks` -- SBC rank histograms with a binomial confidence band (or ECDF differences
+  with a simultaneous band);
+* :func:`coverage` -- HPD expected coverage against the diagonal, with the accepted band;
+* :func:`tarp` -- the TARP expected-coverage curve against the diagonal, with a KS band.
+
+Inputs may be torch tensors or NumPy arrays. In scripts and tests use a non-interactive backend
+(``MPLBACKEND=Agg``), and close figures you are done with (``plt.close(fig)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import corner as corner_package
+import matplotlib.pyplot as plt
+import numpy as np
+import scipy.stats
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from sbiflows.diagnostics.coverage import CoverageResult
+from sbiflows.diagnostics.sbc import SBCResult
+from sbiflows.diagnostics.tarp import TARPResult
+
+__all__ = ["corner", "coverage", "sbc_ranks", "tarp"]
+
+SAMPLES_COLOR = "C0"
+REFERENCE_COLOR = "C1"
+
+
+def corner(
+    samples: torch.Tensor | np.ndarray,
+    *,
+    truths: torch.Tensor | np.ndarray | Sequence[float] | None = None,
+    reference: torch.Tensor | np.ndarray | None = None,
+    labels: Sequence[str] | None = None,
+    task: Any = None,
+    color: str = SAMPLES_COLOR,
+    reference_color: str = REFERENCE_COLOR,
+    legend: tuple[str, str] = ("posterior", "reference"),
+    **kwargs: Any,
+) -> Figure:
+    """Corner plot of ``samples`` (N, D), optionally with ``truths`` and overlaid ``reference``.
+
+    Args:
+        samples: Posterior samples, shape ``(N, D)`` (or ``(N,)`` for one parameter).
+        truths: True parameters, shape ``(D,)``: drawn as lines and markers.
+        reference: Reference samples ``(M, D)`` drawn into the same panels in ``reference_color``
+            (e.g. the reference posterior); both sets then get density-normalised histograms and
+            a shared axis range.
+        labels: One label per parameter; default ``task.parameter_names`` if a ``task`` is given,
+            else ``theta_1, ..., theta_D``.
+        task: Anything with a ``parameter_names`` attribute, e.g. a ``simulators`` task.
+        color: Colour of ``samples``.
+        reference_color: Colour of ``reference``.
+        legend: Legend entries for ``samples`` and ``reference`` (shown if ``reference`` is given).
+        **kwargs: Passed to ``corner.corner`` (e.g. ``bins``, ``smooth``, ``range``).
+
+    Returns:
+        The figure, with ``D x D`` axes.
+
+    Example:
+        >>> fig = corner(torch.randn(2000, 2), truths=[0.0, 0.0], reference=torch.randn(2000, 2))
+        >>> len(fig.axes)
+        4
+    """
+    data = _as_2d(samples, "samples")
+    dim = data.shape[1]
+    if labels is None and task is not None:
+        labels = getattr(task, "parameter_names", None)
+    labels = _labels(labels, dim)
+    truth = None if truths is None else _as_1d(truths, "truths", dim)
+    ref = None if reference is None else _as_2d(reference, "reference")
+    if ref is not None and ref.shape[1] != dim:
+        raise ValueError(f"reference must have {dim} columns like samples, got shape {ref.shape}")
+    hist_kwargs = dict(kwargs.pop("hist_kwargs", None) or {})
+    if ref is not None:
+        kwargs.setdefault("range", _shared_range(data, ref, truth))
+        hist_kwargs.setdefault("density", True)
+    # corner.corner writes the colour into hist_kwargs, so each call gets its own copy.
+    fig = corner_package.corner(
+        data, labels=labels, color=color, truths=truth, hist_kwargs=dict(hist_kwargs), **kwargs
+    )
+    if ref is not None:
+        corner_package.corner(
+            ref, fig=fig, labels=labels, color=reference_color, hist_kwargs=dict(hist_kwargs), **kwargs
+        )
+        handles = [Line2D([], [], color=c, label=name) for c, name in zip((color, reference_color), legend)]
+        fig.legend(handles=handles, loc="upper right", frameon=False)
+    return fig
+
+
+def sbc_ranks(
+    result_or_ranks: SBCResult | torch.Tensor | np.ndarray,
+    *,
+    num_posterior_samples: int | None = None,
+    num_bins: int | None = None,
+    kind: Literal["hist", "ecdf"] = "hist",
+    labels: Sequence[str] | None = None,
+    confidence: float = 0.99,
+) -> Figure:
+    """Per-parameter SBC rank histograms (or ECDF differences) with a confidence band.
+
+    ``kind="hist"``: counts of ranks in ``num_bins`` bins and the central ``confidence`` interval
+    of each bin's Binomial(N, p_bin) count under uniformity (shaded), plus the expected count.
+    ``kind="ecdf"``: ``ECDF(u) - u`` of the normalised ranks ``u`` with the simultaneous KS band
+    at ``confidence``. A ∪-shaped histogram means over-confidence, ∩-shaped under-confidence and a
+    skewed one bias; as ECDF differences, ∪ is positive at low and negative at high ranks, ∩ the
+    reverse, and bias a single one-signed bump.
+
+    Args:
+        result_or_ranks: An :class:`SBCResult`, or ranks ``(N, D)`` in ``0..L``.
+        num_posterior_samples: ``L``; required with raw ranks.
+        num_bins: Histogram bins; default the result's ``num_bins`` (or ``min(20, N // 10)``).
+        kind: "hist" or "ecdf".
+        labels: Panel titles; default the result's parameter names or ``theta_1, ...``.
+        confidence: Coverage of the band, in (0, 1).
+
+    Returns:
+        The figure, with one axis per parameter.
+
+    Example:
+        >>> fig = sbc_ranks(torch.randint(0, 101, (300, 2)), num_posterior_samples=100)
+        >>> len(fig.axes)
+        2
+    """
+    ranks, num_draws, default_bins, default_labels = _unpack_ranks(result_or_ranks, num_posterior_samples)
+    num, dim = ranks.shape
+    levels = num_draws + 1
+    bins = num_bins if num_bins is not None else default_bins
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= levels:
+        raise ValueError(f"num_bins must be an int in 1..{levels} (L + 1), got {bins!r}")
+    if kind not in ("hist", "ecdf"):
+        raise ValueError(f"kind must be 'hist' or 'ecdf', got {kind!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    names = _labels(labels if labels is not None else default_labels, dim)
+
+    fig, axes = plt.subplots(1, dim, figsize=(3.2 * dim, 2.8), squeeze=False, layout="constrained")
+    for i, ax in enumerate(axes[0]):
+        if kind == "hist":
+            _rank_histogram(ax, ranks[:, i], levels, bins, confidence)
+        else:
+            _rank_ecdf(ax, ranks[:, i], levels, confidence)
+        ax.set_title(names[i])
+    fig.suptitle(f"SBC ranks: {num} datasets, {num_draws} draws, {confidence:.0%} band")
+    return fig
+
+
+def coverage(result: CoverageResult, *, ax: Axes | None = None) -> Figure:
+    """Empirical vs nominal coverage of HPD regions, with the diagonal and the accepted band.
+
+    Below the diagonal = over-confident, above = under-confident.
+
+    Example:
+        >>> import sbiflows.diagnostics as d
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(1), torch.eye(1))
+        >>> class Exact:
+        ...     def sample_batched(self, n, xs): return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+        ...     def log_prob(self, theta, x): return -(theta - x / 2).square().sum(-1)
+        >>> r = d.expected_coverage(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=200)
+        >>> len(coverage(r).axes[0].lines)
+        2
+    """
+    if not isinstance(result, CoverageResult):
+        raise TypeError(
+            f"result must be a CoverageResult from expected_coverage, got {type(result).__name__}"
+        )
+    fig, ax = _figure(ax)
+    levels, empirical, band = (t.numpy() for t in (result.levels, result.empirical, result.band))
+    ax.fill_between(levels, levels - band, levels + band, color="0.85", label="accepted band")
+    ax.plot([0, 1], [0, 1], color="k", linestyle="--", linewidth=1, label="calibrated")
+    ax.plot(levels, empirical, color=SAMPLES_COLOR, marker="o", markersize=3, label="empirical")
+    ax.text(0.97, 0.03, "over-confident", ha="right", va="bottom", transform=ax.transAxes, color="0.4")
+    ax.text(0.03, 0.97, "under-confident", ha="left", va="top", transform=ax.transAxes, color="0.4")
+    _unit_square(ax, "credibility level of HPD region", "empirical coverage")
+    ax.set_title(f"Expected coverage, {result.num_datasets} datasets\nverdict: {result.verdict}")
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), frameon=False)
+    return fig
+
+
+def tarp(result: TARPResult, *, ax: Axes | None = None) -> Figure:
+    """TARP expected coverage probability (ECP) vs credibility, with the diagonal and a KS band.
+
+    The band is ``alpha ± d``, with ``d`` the KS critical distance at the result's significance
+    level: an ECP curve leaving it is what the KS test rejects.
+
+    Example:
+        >>> import sbiflows.diagnostics as d
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> class Exact:
+        ...     def sample_batched(self, n, xs): return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+        >>> r = d.tarp(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=200)
+        >>> [line.get_label() for line in tarp(r).axes[0].lines]
+        ['calibrated', 'ECP']
+    """
+    if not isinstance(result, TARPResult):
+        raise TypeError(f"result must be a TARPResult from tarp, got {type(result).__name__}")
+    fig, ax = _figure(ax)
+    grid, ecp = result.credibility.numpy(), result.ecp.numpy()
+    crit = float(scipy.stats.kstwo.ppf(1 - result.alpha, result.num_datasets))
+    ax.fill_between(grid, grid - crit, grid + crit, color="0.85", label=f"KS band (alpha={result.alpha:g})")
+    ax.plot([0, 1], [0, 1], color="k", linestyle="--", linewidth=1, label="calibrated")
+    ax.plot(grid, ecp, color=SAMPLES_COLOR, label="ECP")
+    _unit_square(ax, "credibility level alpha", "expected coverage probability")
+    ax.set_title(f"TARP: {result.verdict}\nATC {result.atc:+.3f}, KS p {result.ks_pvalue:.2g}")
+    ax.legend(loc="upper left", frameon=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _rank_histogram(ax: Axes, ranks: np.ndarray, levels: int, bins: int, confidence: float) -> None:
+    """Bars of rank counts per bin (bins of whole ranks) and the binomial band for each bin."""
+    bin_of_level = np.arange(levels) * bins // levels
+    edges = np.append(np.searchsorted(bin_of_level, np.arange(bins)), levels) - 0.5
+    counts = np.bincount(ranks * bins // levels, minlength=bins)
+    p = np.diff(edges) / levels
+    low, high = scipy.stats.binom.interval(confidence, len(ranks), p)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=SAMPLES_COLOR, alpha=0.7)
+    band_low, band_high = np.append(low, low[-1]), np.append(high, high[-1])  # last step's right edge
+    ax.fill_between(edges, band_low, band_high, step="post", color="0.5", alpha=0.35, zorder=3)
+    expected = len(ranks) * np.append(p, p[-1])
+    ax.plot(edges, expected, drawstyle="steps-post", color="k", linewidth=1)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("rank")
+    ax.set_ylabel("count")
+
+
+def _rank_ecdf(ax: Axes, ranks: np.ndarray, levels: int, confidence: float) -> None:
+    """ECDF of the normalised ranks minus the uniform CDF, with the simultaneous KS band."""
+    unit = np.sort((ranks + 0.5) / levels)
+    grid = np.linspace(0, 1, 201)
+    diff = np.searchsorted(unit, grid, side="right") / len(unit) - grid
+    crit = float(scipy.stats.kstwo.ppf(confidence, len(unit)))
+    ax.fill_between(grid, -crit, crit, color="0.85")
+    ax.axhline(0.0, color="k", linewidth=1)
+    ax.plot(grid, diff, color=SAMPLES_COLOR)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("normalised rank")
+    ax.set_ylabel("ECDF - uniform")
+
+
+def _unpack_ranks(
+    value: SBCResult | torch.Tensor | np.ndarray, num_posterior_samples: int | None
+) -> tuple[np.ndarray, int, int, Sequence[str] | None]:
+    if isinstance(value, SBCResult):
+        ranks = value.ranks.numpy().astype(np.int64)
+        return ranks, value.num_posterior_samples, value.num_bins, value.parameter_names
+    ranks = _as_2d(value, "result_or_ranks")
+    if num_posterior_samples is None:
+        raise ValueError("num_posterior_samples (L) is required when passing raw ranks")
+    if np.any(ranks != np.round(ranks)) or ranks.min() < 0 or ranks.max() > num_posterior_samples:
+        raise ValueError(f"ranks must be integers in 0..{num_posterior_samples} (num_posterior_samples)")
+    return ranks.astype(np.int64), num_posterior_samples, max(1, min(20, len(ranks) // 10)), None
+
+
+def _figure(ax: Axes | None) -> tuple[Figure, Axes]:
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 4.0), layout="constrained")
+        return fig, ax
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+    return ax.figure, ax
+
+
+def _unit_square(ax: Axes, xlabel: str, ylabel: str) -> None:
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _shared_range(*arrays: np.ndarray | None) -> list[tuple[float, float]]:
+    """Per-column (min, max) over all given arrays, padded by 5%, for aligned overlays."""
+    stacked = np.concatenate([np.atleast_2d(a) for a in arrays if a is not None])
+    low, high = stacked.min(0), stacked.max(0)
+    pad = np.where(high > low, 0.05 * (high - low), 0.5)
+    return [(float(lo), float(hi)) for lo, hi in zip(low - pad, high + pad)]
+
+
+def _as_numpy(value: object, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().double().numpy()
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def _as_2d(value: object, name: str) -> np.ndarray:
+    array = _as_numpy(value, name)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (N, D), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN/inf values")
+    return array
+
+
+def _as_1d(value: object, name: str, dim: int) -> np.ndarray:
+    if isinstance(value, (list, tuple)):
+        array = np.asarray(value, dtype=np.float64)
+    else:
+        array = _as_numpy(value, name)
+    if array.reshape(-1).shape != (dim,):
+        raise ValueError(f"{name} must have {dim} entries (one per parameter), got shape {array.shape}")
+    return array.reshape(-1)
+
+
+def _labels(labels: Sequence[str] | None, dim: int) -> list[str]:
+    if labels is None:
+        return [f"theta_{i + 1}" for i in range(dim)]
+    labels = [str(label) for label in labels]
+    if len(labels) != dim:
+        raise ValueError(f"labels must have {dim} entries (one per parameter), got {len(labels)}")
+    return labels

@@ -1,0 +1,197 @@
+"""Tests of sbiflows.plots: what is drawn (axes, artists, their data, labels), not only "no error"."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.stats  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+
+from gaussian_posterior import GaussianLinearModel  # noqa: E402
+from sbiflows import plots  # noqa: E402
+from sbiflows.diagnostics import expected_coverage, sbc, simulate_datasets, tarp  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def results():
+    model = GaussianLinearModel(dim=2, sigma=0.5)
+    theta, x = simulate_datasets(model.prior, model, 300, seed=0)
+    options = {"theta": theta, "x": x, "num_posterior_samples": 200}
+    return SimpleNamespace(
+        sbc=sbc(model.posterior(scale=0.8), parameter_names=["mass", "spin"], **options),
+        coverage=expected_coverage(model.posterior(scale=0.8), **options),
+        tarp=tarp(model.posterior(), **options),
+    )
+
+
+def samples(n=2000, dim=2, shift=0.0, seed=0):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+# -------------------------------------------------------------------------------------- corner
+def test_corner_draws_a_grid_with_labels_and_truth_lines():
+    truths = torch.tensor([0.5, -0.5, 1.0])
+    fig = plots.corner(samples(dim=3), truths=truths, labels=["a", "b", "c"])
+    assert len(fig.axes) == 9
+    grid = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_xlabel() for ax in grid[-1]] == ["a", "b", "c"]
+    for i in range(3):
+        vertical = [line.get_xdata()[0] for line in grid[i, i].lines]
+        assert float(truths[i]) in vertical  # the truth line on each 1-D marginal
+        assert len(grid[i, i].patches) == 1  # one histogram
+    assert fig.legends == []  # no reference, no legend
+
+
+def test_corner_overlays_reference_in_a_second_colour_on_a_shared_range():
+    post, ref = samples(seed=1), samples(seed=2, shift=3.0).numpy()  # numpy works too
+    fig = plots.corner(post, reference=ref)
+    diagonal = [fig.axes[0], fig.axes[3]]
+    for i, ax in enumerate(diagonal):
+        colours = [patch.get_edgecolor() for patch in ax.patches]
+        assert colours == [to_rgba("C0"), to_rgba("C1")]
+        low = min(float(post[:, i].min()), float(ref[:, i].min()))
+        high = max(float(post[:, i].max()), float(ref[:, i].max()))
+        pad = 0.05 * (high - low)
+        assert ax.get_xlim() == pytest.approx((low - pad, high + pad))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["posterior", "reference"]
+
+
+def test_corner_takes_labels_from_a_task_and_defaults_otherwise():
+    task = SimpleNamespace(parameter_names=("alpha", "beta"))
+    fig = plots.corner(samples(), task=task)
+    assert [fig.axes[2].get_xlabel(), fig.axes[3].get_xlabel()] == ["alpha", "beta"]
+    fig = plots.corner(samples())
+    assert fig.axes[3].get_xlabel() == "theta_2"
+    assert len(plots.corner(samples(dim=1)[:, 0]).axes) == 1  # (N,) is one parameter
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (([[0.0, 1.0]] * 10,), {}, TypeError, "samples must be a torch.Tensor or numpy.ndarray, got list"),
+        ((torch.zeros(10, 2, 2),), {}, ValueError, r"samples must have shape \(N, D\), got \(10, 2, 2\)"),
+        ((torch.full((10, 2), float("nan")),), {}, ValueError, "samples contains NaN"),
+        ((torch.zeros(10, 2),), {"truths": [0.0, 0.0, 0.0]}, ValueError, "truths must have 2 entries"),
+        ((torch.zeros(10, 2),), {"labels": ["a"]}, ValueError, "labels must have 2 entries"),
+        ((torch.zeros(10, 2),), {"reference": torch.zeros(10, 3)}, ValueError, "reference must have 2 columns"),
+    ],
+)
+def test_corner_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        plots.corner(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ sbc_ranks
+def test_sbc_ranks_histogram_matches_the_ranks_and_the_binomial_band(results):
+    result = results.sbc
+    fig = plots.sbc_ranks(result)
+    assert len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["mass", "spin"]
+    bins, levels = result.num_bins, result.num_posterior_samples + 1
+    for i, ax in enumerate(fig.axes):
+        heights = [bar.get_height() for bar in ax.patches]
+        expected = np.bincount(result.ranks[:, i].numpy() * bins // levels, minlength=bins)
+        assert heights == expected.tolist()
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        sizes = np.bincount(np.arange(levels) * bins // levels, minlength=bins)
+        low, high = scipy.stats.binom.interval(0.99, result.num_datasets, sizes / levels)
+        assert band.min() == pytest.approx(low.min()) and band.max() == pytest.approx(high.max())
+        assert ax.get_xlabel() == "rank"
+
+
+def test_sbc_ranks_ecdf_difference_and_ks_band(results):
+    result = results.sbc
+    fig = plots.sbc_ranks(result, kind="ecdf", labels=["m", "s"], confidence=0.95)
+    assert [ax.get_title() for ax in fig.axes] == ["m", "s"]
+    unit = np.sort((result.ranks[:, 0].numpy() + 0.5) / (result.num_posterior_samples + 1))
+    x, y = fig.axes[0].lines[-1].get_data()
+    np.testing.assert_allclose(y, np.searchsorted(unit, x, side="right") / len(unit) - x)
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() == pytest.approx(scipy.stats.kstwo.ppf(0.95, result.num_datasets))
+
+
+def test_sbc_ranks_accepts_raw_ranks():
+    ranks = torch.randint(0, 51, (200, 3), generator=torch.Generator().manual_seed(0))
+    fig = plots.sbc_ranks(ranks, num_posterior_samples=50, num_bins=10)
+    assert len(fig.axes) == 3 and all(len(ax.patches) == 10 for ax in fig.axes)
+    assert fig.axes[2].get_title() == "theta_3"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "num_posterior_samples .* is required when passing raw ranks"),
+        ({"num_posterior_samples": 10}, ValueError, r"ranks must be integers in 0..10"),
+        ({"num_posterior_samples": 50, "kind": "violin"}, ValueError, "kind must be 'hist' or 'ecdf'"),
+        ({"num_posterior_samples": 50, "num_bins": 52}, ValueError, r"num_bins must be an int in 1..51"),
+        ({"num_posterior_samples": 50, "confidence": 1.0}, ValueError, r"confidence must be in \(0, 1\)"),
+        ({"num_posterior_samples": 50, "labels": ["a"]}, ValueError, "labels must have 2 entries"),
+    ],
+)
+def test_sbc_ranks_rejects_bad_input(kwargs, error, match):
+    ranks = torch.randint(0, 51, (100, 2), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error, match=match):
+        plots.sbc_ranks(ranks, **kwargs)
+
+
+def test_sbc_ranks_rejects_non_arrays():
+    with pytest.raises(TypeError, match="result_or_ranks must be a torch.Tensor or numpy.ndarray"):
+        plots.sbc_ranks([[1, 2]], num_posterior_samples=5)
+
+
+# ------------------------------------------------------------------------------ coverage, tarp
+def test_coverage_plot_shows_diagonal_empirical_curve_and_band(results):
+    result = results.coverage
+    fig = plots.coverage(result)
+    (ax,) = fig.axes
+    diagonal, empirical = ax.lines
+    assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]
+    np.testing.assert_allclose(empirical.get_xdata(), result.levels.numpy())
+    np.testing.assert_allclose(empirical.get_ydata(), result.empirical.numpy())
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(float((result.levels - result.band).min()))
+    assert ax.get_xlabel() == "credibility level of HPD region" and ax.get_ylabel() == "empirical coverage"
+    assert result.verdict in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["accepted band", "calibrated", "empirical"]
+
+
+def test_tarp_plot_shows_ecp_against_the_diagonal_with_a_ks_band(results):
+    result = results.tarp
+    fig = plots.tarp(result)
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.lines] == ["calibrated", "ECP"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), result.ecp.numpy())
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), result.credibility.numpy())
+    band = ax.collections[0].get_paths()[0].vertices
+    crit = scipy.stats.kstwo.ppf(1 - result.alpha, result.num_datasets)
+    assert band[:, 1].max() == pytest.approx(1 + crit)
+    assert "calibrated" in ax.get_title() and f"{result.atc:+.3f}" in ax.get_title()
+
+
+def test_coverage_and_tarp_draw_into_a_given_axes(results):
+    fig, (left, right) = plt.subplots(1, 2)
+    assert plots.coverage(results.coverage, ax=left) is fig
+    assert plots.tarp(results.tarp, ax=right) is fig
+    assert len(left.lines) == 2 and len(right.lines) == 2
+
+
+def test_coverage_and_tarp_reject_the_wrong_result(results):
+    with pytest.raises(TypeError, match="result must be a CoverageResult from expected_coverage, got TARPResult"):
+        plots.coverage(results.tarp)
+    with pytest.raises(TypeError, match="result must be a TARPResult from tarp, got SBCResult"):
+        plots.tarp(results.sbc)
+    with pytest.raises(TypeError, match="ax must be a matplotlib Axes"):
+        plots.tarp(results.tarp, ax="left")
