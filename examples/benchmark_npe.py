@@ -78,9 +78,14 @@ def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
 
 
 def score(task, samples, observations, seed):
-    """C2ST accuracy per observation against the reference posterior."""
-    return {i: c2st(task.reference_posterior(i, len(samples[i])), samples[i].float(), seed=seed).accuracy
-            for i in observations}
+    """C2ST accuracy per observation against the reference posterior (one thread: small MLPs)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {i: c2st(task.reference_posterior(i, len(samples[i])), samples[i].float(), seed=seed).accuracy
+                for i in observations}
+    finally:
+        torch.set_num_threads(old)
 
 
 def main(argv: list[str] | None = None) -> None:

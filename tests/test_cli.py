@@ -1,0 +1,107 @@
+"""The ``sbiflows`` command line: help, one-line errors with exit code 2, and the main job end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sbiflows.cli import main
+
+SMALL = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets", "100",
+         "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "5", "--quiet"]
+
+
+def test_help_lists_the_main_job(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert info.value.code == 0 and "--simulations" in text and "--observation" in text
+
+
+def test_tasks_lists_the_benchmark(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "two_moons" in out and "lotka_volterra" in out and len(out.strip().splitlines()) == 10
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["fit", "no_such_task"], "unknown task 'no_such_task'"),
+        (["fit", "two_moons", "--simulations", "-5"], "expected a positive integer, got -5"),
+        (["fit", "two_moons", "--estimator", "nope"], "invalid choice"),
+        (["fit"], "name a task"),
+        (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
+        (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
+        (["fit", "--simulator", "math:sqrt"], "go together"),
+        (["bogus"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "sbiflows.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "sbiflows" in result.stdout
+
+
+@pytest.mark.slow
+def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL]) == 0
+    for name in ["posterior.pt", "simulations.npz", "samples.npz", "corner.png", "corner_obs2.png",
+                 "sbc_ranks.png", "coverage.png", "tarp.png", "report.md", "report.json"]:
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert [o["name"] for o in report["observations"]] == ["obs1", "obs2"]
+    assert 0.4 < report["observations"][0]["c2st"] <= 1.0
+    assert set(report["calibration"]) == {"sbc", "coverage", "tarp"}
+    assert report["versions"]["torch"] and report["training"]["epochs"] >= 1
+    assert "C2ST" in (out / "report.md").read_text()
+    import numpy as np
+
+    from sbiflows import load
+
+    samples = np.load(out / "samples.npz")
+    assert samples["obs1"].shape == (400, 2)
+    x_o = torch.tensor(report["observations"][0]["observation"])
+    assert load(out / "posterior.pt").sample(5, x=x_o).shape == (5, 2)
+
+
+@pytest.mark.slow
+def test_fit_user_numpy_simulator(tmp_path, monkeypatch):
+    (tmp_path / "mymodel.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            theta = np.asarray(theta)
+            return theta + 0.3 * np.random.normal(size=theta.shape)
+    """))
+    (tmp_path / "x_obs.csv").write_text("x1,x2\n0.5,-0.2\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    code = main(["fit", "--simulator", "mymodel:simulate", "--prior", "mymodel:prior",
+                 "--observation", "x_obs.csv", "--out", str(out), *SMALL])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["observations"][0]["observation"] == pytest.approx([0.5, -0.2])
+    assert "c2st" not in report["observations"][0]
+    assert (out / "corner.png").exists() and (out / "report.md").exists()
