@@ -188,6 +188,7 @@ def realnvp(
     *,
     transforms: int = 6,
     hidden_features: Sequence[int] = (64, 64),
+    activation: type[nn.Module] = nn.ReLU,
 ) -> Flow:
     """RealNVP: affine coupling layers with alternating masks (needs ``features >= 2``).
 
@@ -198,7 +199,7 @@ def realnvp(
     layers = [
         AffineCoupling(
             features, context_features, mask=alternating_mask(features, parity=i % 2),
-            hidden_features=hidden_features,
+            hidden_features=hidden_features, activation=activation,
         )
         for i in range(transforms)
     ]
@@ -211,6 +212,7 @@ def nice(
     *,
     transforms: int = 4,
     hidden_features: Sequence[int] = (64, 64),
+    activation: type[nn.Module] = nn.ReLU,
 ) -> Flow:
     """NICE: additive (volume-preserving) couplings with alternating masks, then a diagonal scaling.
 
@@ -224,7 +226,7 @@ def nice(
     layers: list[Transform] = [
         AdditiveCoupling(
             features, context_features, mask=alternating_mask(features, parity=i % 2),
-            hidden_features=hidden_features,
+            hidden_features=hidden_features, activation=activation,
         )
         for i in range(transforms)
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sbiflows.nn import MLP, soft_clamp
 from sbiflows.transforms.base import Transform
@@ -36,6 +36,7 @@ class _Coupling(Transform):
         *,
         mask: Tensor | None = None,
         hidden_features: Sequence[int] = (64, 64),
+        activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
         if features < 2:
@@ -52,7 +53,8 @@ class _Coupling(Transform):
         self.register_buffer("transform_idx", torch.nonzero(~mask).squeeze(-1))
         n_id, n_tr = len(self.identity_idx), len(self.transform_idx)
         self.conditioner = MLP(
-            n_id + context_features, self.params_per_feature * n_tr, hidden_features, zero_last=True
+            n_id + context_features, self.params_per_feature * n_tr, hidden_features,
+            activation=activation, zero_last=True,
         )
 
     def _conditioner(self, x1: Tensor, context: Tensor | None) -> Tensor:
@@ -88,6 +90,7 @@ class AdditiveCoupling(_Coupling):
         context_features: Context dimension C (0: unconditional); the context is fed to ``m``.
         mask: Boolean ``(D,)``; True marks the kept part ``x1``. Default: even dimensions.
         hidden_features: Hidden sizes of ``m``.
+        activation: Activation class of ``m``'s hidden layers.
 
     Example:
         >>> layer = AdditiveCoupling(4, context_features=2)
@@ -112,6 +115,7 @@ class AffineCoupling(_Coupling):
         context_features: Context dimension C (0: unconditional); the context is fed to the conditioner.
         mask: Boolean ``(D,)``; True marks the kept part ``x1``. Default: even dimensions.
         hidden_features: Hidden sizes of the conditioner.
+        activation: Activation class of the conditioner's hidden layers.
 
     Example:
         >>> layer = AffineCoupling(2)
