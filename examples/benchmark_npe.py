@@ -50,6 +50,27 @@ def run_ours(task, theta, x, observations, *, estimator, seed, threads, num_samp
     return record, samples
 
 
+class _NullTracker:
+    """sbi's tracker protocol, logging nothing (sbi's default writes TensorBoard files into ./sbi-logs)."""
+
+    log_dir = None
+
+    def log_metric(self, name, value, step=None):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def add_figure(self, name, figure, step=None):
+        pass
+
+    def flush(self):
+        pass
+
+
 def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
     """Train sbi's NPE (MAF, default settings) on the same draws; None if sbi is not installed."""
     try:
@@ -61,7 +82,8 @@ def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        inference = SbiNPE(prior=task.prior, density_estimator="maf", show_progress_bars=False)
+        inference = SbiNPE(prior=task.prior, density_estimator="maf", show_progress_bars=False,
+                           tracker=_NullTracker())
         start = time.perf_counter()
         estimator = inference.append_simulations(theta, x).train()
         train_seconds = time.perf_counter() - start
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimator", default="maf", choices=["maf", "realnvp"])
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
-    parser.add_argument("--sbi-threads", type=int, default=None, help="threads for sbi (default: torch's default)")
+    parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
     parser.add_argument("--json", default=None, help="append a JSON record to this file")
     args = parser.parse_args(argv)
@@ -132,15 +154,16 @@ def main(argv: list[str] | None = None) -> None:
             print("sbi is not installed: no comparison")
         else:
             sbi_c2st = score(task, samples, observations, args.seed)
-            record.update(sbi=run, sbi_c2st=sbi_c2st, sbi_threads=args.sbi_threads or torch.get_num_threads())
+            record.update(sbi=run, sbi_c2st=sbi_c2st, sbi_threads=args.sbi_threads)
             print(f"sbi NPE maf: train {run['train_seconds']:.1f} s, {run['epochs']} epochs, "
                   f"sampling {run['sample_seconds']:.3f} s")
             print("sbi C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in sbi_c2st.items())
                   + f"  mean {statistics.mean(sbi_c2st.values()):.3f}")
             ours_run = record["ours"][args.threads[0]]
-            print(f"ratio ours/sbi: mean C2ST {statistics.mean(ours_c2st.values()):.3f}/"
-                  f"{statistics.mean(sbi_c2st.values()):.3f}, training time "
-                  f"{ours_run['train_seconds'] / run['train_seconds']:.2f}")
+            ours_mean, sbi_mean = statistics.mean(ours_c2st.values()), statistics.mean(sbi_c2st.values())
+            print(f"ours vs sbi: mean C2ST {ours_mean:.3f} vs {sbi_mean:.3f} (difference {ours_mean - sbi_mean:+.3f}); "
+                  f"training time ratio {ours_run['train_seconds'] / run['train_seconds']:.2f}; "
+                  f"sampling time ratio {ours_run['sample_seconds'] / run['sample_seconds']:.2f}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")
