@@ -143,7 +143,6 @@ def test_c2st_manual_backward_matches_autograd():
 
 @pytest.mark.slow
 def test_c2st_agrees_with_the_sklearn_reference_protocol():
-    pytest.importorskip("sklearn")
     path = Path(__file__).parents[1] / "examples" / "c2st_reference_check.py"
     spec = importlib.util.spec_from_file_location("c2st_reference_check", path)
     example = importlib.util.module_from_spec(spec)
