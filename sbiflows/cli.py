@@ -159,7 +159,8 @@ def _setup(args: argparse.Namespace) -> dict:
         "calibration_datasets": args.calibration_datasets,
         "calibration_samples": args.calibration_samples,
         "c2st_samples": args.c2st_samples,
-        "reference": not args.no_reference and task is not None,
+        # C2ST needs the reference posterior of a published observation, not of a user's file.
+        "reference": not args.no_reference and task is not None and not args.observation,
         "max_epochs": args.max_epochs,
         "progress": not args.quiet,
     }

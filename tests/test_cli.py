@@ -105,3 +105,17 @@ def test_fit_user_numpy_simulator(tmp_path, monkeypatch):
     assert report["observations"][0]["observation"] == pytest.approx([0.5, -0.2])
     assert "c2st" not in report["observations"][0]
     assert (out / "corner.png").exists() and (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_fit_task_with_own_observation_file_skips_c2st(tmp_path):
+    """A task's simulator with the user's data: no reference posterior exists for it, so no C2ST."""
+    obs = tmp_path / "x_obs.txt"
+    obs.write_text("0.1 -0.3\n0.2 0.25\n")
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--observation", str(obs), "--out", str(out), *SMALL]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [o["name"] for o in report["observations"]] == ["x_obs", "x_obs_2"]
+    assert all("c2st" not in o for o in report["observations"]) and "mean_c2st" not in report
+    assert "true_parameters" not in report["observations"][0]
+    assert (out / "corner.png").exists() and (out / "corner_x_obs_2.png").exists()
