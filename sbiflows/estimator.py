@@ -62,7 +62,11 @@ def build_flow(
 def zscore(data: Tensor) -> tuple[Tensor, Tensor, list[int]]:
     """Column means, stds and the constant columns of ``data`` (N, K); constant columns get std 1.
 
-    A column is constant when its std is below ``1e-6 * max(1, |mean|)`` (rounding noise is not signal).
+    A column is constant when all its values are equal or its std is below the absolute floor
+    ``1e-14``. The floor is absolute, not relative to the mean, so that signal in small units
+    (std ``1e-9``) or on a large offset (mean ``1e8``, std ``50``) is standardized, not discarded. The
+    equality test catches constant columns whose float std is not zero (a float32 column of ``1e8``
+    has a computed std of about 8); their mean is the constant itself, so they standardize to 0.
 
     Example:
         >>> mean, std, constant = zscore(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
@@ -71,7 +75,10 @@ def zscore(data: Tensor) -> tuple[Tensor, Tensor, list[int]]:
     """
     mean = data.mean(0)
     std = data.std(0) if len(data) > 1 else torch.zeros_like(mean)
-    constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+    equal = (data == data[:1]).all(0)
+    if len(data):
+        mean = torch.where(equal, data[0], mean)
+    constant = equal | ~(std >= 1e-14)  # ~(>=) also flags a NaN std
     return mean, torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
 
 

@@ -16,6 +16,10 @@ Design choices (see also ``docs/benchmarks.md``):
   training from the current weights on all of it (new validation split), keeping the z-score
   statistics of the first fit and extending the same training history. Each ``fit`` returns an
   independent :class:`~sbiflows.posterior.Posterior` (a snapshot of the weights).
+* **Transactional fits.** ``fit`` trains a copy and commits data, weights and history only when
+  training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
+  leaves the object as it was, so the next ``fit`` never trains on duplicated rows. The best
+  weights of a fit that failed after some epochs are kept in ``NPE.partial_posterior``.
 * **Threads.** Small flows train several times faster with one intra-op thread on a loaded CPU, so
   ``fit`` sets ``torch.set_num_threads(num_threads)`` (default 1) and restores the old value after.
 """
@@ -23,6 +27,7 @@ Design choices (see also ``docs/benchmarks.md``):
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +40,7 @@ from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow, zscore
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, as_float_tensor
 from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
-from sbiflows.training import TrainingHistory, train
+from sbiflows.training import TrainingHistory, check_training_options, train
 
 __all__ = ["NPE"]
 
@@ -56,6 +61,13 @@ class NPE:
             first ``fit``, so the module you pass is never modified.
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
         device: Where to train; default: the device of the prior's samples.
+
+    Attributes:
+        history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before).
+        partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
+            at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
+            NPE itself is rolled back, so this is the only place those weights are kept; a
+            successful ``fit`` clears it.
 
     Example:
         >>> from torch.distributions import Independent, Uniform
@@ -104,15 +116,21 @@ class NPE:
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
+        self.partial_posterior: Posterior | None = None
+        self._seed = 0  # the seed that initialised the flow's weights (first fit)
         self._net: PosteriorNet | None = None
         self._theta: Tensor | None = None
         self._x: Tensor | None = None
 
     def to(self, device: torch.device | str) -> NPE:
-        """Move the network, the stored training data and the prior to ``device``; returns ``self``."""
-        self.device = torch.device(device)
-        self.prior = move_prior(self.prior, device)
-        self._prior = check_prior(self.prior)[0]
+        """Move the network, the stored training data and the prior to ``device``; returns ``self``.
+
+        Raises:
+            ValueError: If the prior cannot be rebuilt on ``device``; nothing is moved then.
+        """
+        prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
+        self._prior = check_prior(prior)[0]
+        self.prior, self.device = prior, torch.device(device)
         for name in ("_net", "_theta", "_x"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
@@ -141,45 +159,66 @@ class NPE:
                 NaN or inf are dropped with a warning.
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
-            max_epochs: Upper bound on epochs.
-            batch_size: Minibatch size.
-            learning_rate: Adam step size.
-            validation_fraction: Share of rows held out for early stopping.
-            patience: Epochs without validation improvement before stopping (best weights restored).
-            clip_grad_norm: Maximum gradient norm.
+            max_epochs: Upper bound on epochs (``>= 1``).
+            batch_size: Minibatch size (``>= 1``; lowered to the number of training rows if larger).
+            learning_rate: Adam step size (``> 0``).
+            validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
+            patience: Epochs without validation improvement before stopping (``>= 1``; best weights
+                restored).
+            clip_grad_norm: Maximum gradient norm (``> 0``).
             progress: Show a progress bar with the current losses.
-            num_threads: Intra-op threads during training (restored afterwards); None leaves them.
+            num_threads: Intra-op threads during training (``>= 1``, restored afterwards); None leaves them.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
 
         Raises:
-            TypeError: For inputs that are not float tensors / arrays.
-            ValueError: For mismatched rows, wrong shapes, NaN/inf in theta, theta outside the prior's
-                support, no valid simulations, or too few rows for the validation split.
+            TypeError: For inputs that are not float tensors / arrays, or options of the wrong type.
+            ValueError: For options out of range, no rows, mismatched rows, wrong shapes, NaN/inf in
+                theta, theta outside the prior's support, no valid simulations, or too few rows for
+                the validation split.
+            FloatingPointError: If the loss is non-finite before the first finite validation loss.
+
+        Whatever is raised (also ``KeyboardInterrupt``), the object keeps the data, weights and
+        history it had before the call; see :attr:`partial_posterior` for the weights of the
+        failed attempt.
         """
+        max_epochs, batch_size, patience = check_training_options(
+            max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+        )
+        seed = _index(seed, "seed", "an int")
+        if num_threads is not None and _index(num_threads, "num_threads", "None or an int >= 1") < 1:
+            raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
         theta, x = self._check_data(theta, x, validation_fraction)
+        # Everything below works on new objects; self is only updated once training has succeeded.
+        if self._theta is not None:
+            theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
         space = Unconstrained(self._prior.support)
         u = space.to_unconstrained(space.nudge_inside(theta))
-        if self._net is None:
-            self._net = self._build(u, x, seed)
-            self._theta, self._x = theta, x
-        else:
-            self._theta, self._x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
-            u = space.to_unconstrained(space.nudge_inside(self._theta))
+        net = self._build(u, x, seed) if self._net is None else copy.deepcopy(self._net)
+        flow_seed = seed if self._net is None else self._seed
+        history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
+        epochs_before = history.epochs
         old_threads = torch.get_num_threads()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         try:
-            self.history = train(
-                self._net, u, self._x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            train(
+                net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                seed=seed, progress=progress, history=self.history,
+                seed=seed, progress=progress, history=history,
             )
+        except BaseException as error:
+            if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
+                self._keep_partial(net, flow_seed, history, error)
+            raise
         finally:
             torch.set_num_threads(old_threads)
+        self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
+        self.partial_posterior = None
         return Posterior(
-            copy.deepcopy(self._net), self.prior, config=self._config(), history=copy.deepcopy(self.history),
+            copy.deepcopy(net), self.prior, config=self._config(net, flow_seed), history=copy.deepcopy(history),
             max_batch_elements=self.max_batch_elements,
         )
 
@@ -204,24 +243,41 @@ class NPE:
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
                               hidden_features=self.hidden_features, seed=seed)
-        self._seed = seed
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
         net.set_standardization(u, x)
         return net
 
-    def _config(self) -> dict:
+    def _keep_partial(
+        self, net: PosteriorNet, flow_seed: int, history: TrainingHistory, error: BaseException
+    ) -> None:
+        """Keep the best weights of a fit that raised after some epochs in :attr:`partial_posterior`."""
+        try:
+            self.partial_posterior = Posterior(
+                net, self.prior, config=self._config(net, flow_seed), history=history,
+                max_batch_elements=self.max_batch_elements,
+            )
+        except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
+            return
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(
+                "sbiflows: the NPE was restored to its state before this fit; the best weights of this "
+                f"attempt (epoch {history.best_epoch}) are in npe.partial_posterior"
+            )
+
+    def _config(self, net: PosteriorNet, flow_seed: int) -> dict:
         return {
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
             "transforms": self.transforms,
             "hidden_features": list(self.hidden_features),
             "embedding": "none" if self.embedding_net is None else "custom",
             "theta_dim": self.theta_dim,
-            "x_dim": self._net.x_dim,
-            "context_features": self._net.flow.context_features,
-            "flow_seed": getattr(self, "_seed", 0),
+            "x_dim": net.x_dim,
+            "context_features": net.flow.context_features,
+            "flow_seed": flow_seed,
         }
 
     def _check_data(self, theta: Any, x: Any, validation_fraction: float) -> tuple[Tensor, Tensor]:
+        """The new rows as ``(N, D)`` and ``(N, x_dim)`` tensors, rows with NaN/inf in ``x`` dropped."""
         theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
         x = as_float_tensor(x, "x", dtype=self.dtype, device=self.device)
         if theta.ndim == 1 and self.theta_dim == 1:
@@ -240,6 +296,9 @@ class NPE:
             raise ValueError(
                 f"got {len(theta)} parameter sets but {len(x)} simulations; theta and x need one row per simulation"
             )
+        if len(theta) == 0:
+            need = "2 rows (a training and a validation row)" if self._theta is None else "1 row"
+            raise ValueError(f"theta and x must contain at least {need}, got 0")
         bad_theta = ~torch.isfinite(theta).all(-1)
         if bad_theta.any():
             raise ValueError(f"theta contains NaN or inf in {int(bad_theta.sum())} of {len(theta)} rows")
@@ -247,13 +306,13 @@ class NPE:
         if outside.any():
             row = int(torch.nonzero(outside)[0])
             raise ValueError(
-                f"{int(outside.sum())} of {len(theta)} parameter sets lie outside the prior's support "
-                f"({self._prior.support}), e.g. row {row}: {theta[row].tolist()}"
+                f"{int(outside.sum())} of {len(theta)} rows of theta (parameter sets) lie outside the prior's "
+                f"support ({self._prior.support}), e.g. row {row}: {theta[row].tolist()}"
             )
         valid = torch.isfinite(x).all(-1)
         n_bad = int((~valid).sum())
         if n_bad == len(x):
-            raise ValueError(f"all {len(x)} simulations contain NaN or inf; nothing to train on")
+            raise ValueError(f"all {len(x)} rows of x (simulations) contain NaN or inf; nothing to train on")
         if n_bad:
             warnings.warn(
                 f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain NaN or inf",
@@ -269,3 +328,13 @@ class NPE:
                 f"(validation_fraction={validation_fraction}), got {total}"
             )
         return theta, x
+
+
+def _index(value: Any, name: str, expected: str) -> int:
+    """``value`` as a Python int (numpy integers accepted, bools refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}") from None

@@ -16,6 +16,7 @@ through the flow at once.
 from __future__ import annotations
 
 import copy
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ from sbiflows.priors import Unconstrained, check_prior, move_prior
 from sbiflows.training import TrainingHistory
 
 __all__ = ["Posterior", "as_float_tensor"]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (Python or numpy integers; bools are refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
 
 
 def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -105,11 +119,16 @@ class Posterior:
         return self.net.u_shift.dtype
 
     def to(self, device: torch.device | str) -> Posterior:
-        """Move the network and the prior's tensors to ``device`` (in place); returns ``self``."""
+        """Move the network and the prior's tensors to ``device`` (in place); returns ``self``.
+
+        Raises:
+            ValueError: If the prior cannot be rebuilt on ``device`` (see
+                :func:`sbiflows.priors.move_prior`); the posterior is then left unchanged.
+        """
+        prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
+        checked = check_prior(prior)[0]
         self.net.to(device)
-        self.prior = move_prior(self.prior, device)
-        self._prior = check_prior(self.prior)[0]
-        self._space = Unconstrained(self._prior.support)
+        self.prior, self._prior, self._space = prior, checked, Unconstrained(checked.support)
         return self
 
     def save(self, path: str | Path) -> None:
@@ -132,14 +151,15 @@ class Posterior:
         """``n`` posterior samples for one observation: shape ``(n, D)``.
 
         Args:
-            n: Number of samples.
+            n: Number of samples, a positive int (numpy integers are accepted).
             x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``.
             seed: Seeds a fresh generator (reproducible samples); exclusive with ``generator``.
             generator: A ``torch.Generator`` on the posterior's device.
 
         Raises:
-            ValueError: For a batch of observations (use :meth:`sample_batched`), a wrong shape or
-                NaN/inf in ``x``.
+            TypeError: If ``n`` is not an integer.
+            ValueError: For ``n < 1``, a batch of observations (use :meth:`sample_batched`), a wrong
+                shape or NaN/inf in ``x``.
         """
         x = self._single_observation(x)
         return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
@@ -151,10 +171,9 @@ class Posterior:
         """``n`` samples for each of ``B`` observations ``xs`` (``(B, x_dim)``): shape ``(n, B, D)``.
 
         Chunked over observations (and samples) so that at most ``max_batch_elements`` rows are in
-        flight at once.
+        flight at once. ``n``, ``seed`` and ``generator`` are as in :meth:`sample`.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = _positive_int(n, "n")
         xs = self._observations(xs, "xs")
         generator = self._generator(seed, generator)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
@@ -171,16 +190,21 @@ class Posterior:
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()
     def log_prob(self, theta: Any, x: Any) -> Tensor:
-        """``log p(theta | x)`` for parameters ``(N, D)`` (or ``(D,)``) and one observation.
+        """``log p(theta | x)`` for parameters of shape ``(..., D)`` and one observation.
 
-        Returns shape ``(N,)`` (or a scalar for a single ``(D,)`` theta); ``-inf`` outside the support.
+        Args:
+            theta: Parameters ``(..., D)`` with any leading batch shape, e.g. ``(N, D)``, ``(D,)``,
+                ``(n, B, D)``.
+            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``.
+
+        Returns:
+            Shape ``theta.shape[:-1]`` (``(N,)``, a scalar for one ``(D,)`` theta); ``-inf`` outside
+            the support.
         """
         x = self._single_observation(x)
         theta = self._theta(theta)
-        single = theta.ndim == 1
-        theta = theta.reshape(-1, self.theta_dim)
-        out = self.log_prob_batched(theta[:, None, :], x)[:, 0]
-        return out[0] if single else out
+        flat = theta.reshape(-1, self.theta_dim)
+        return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
 
     @torch.no_grad()
     def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:

@@ -35,7 +35,8 @@ from torch.distributions import (
 __all__ = ["Unconstrained", "build_prior", "check_prior", "move_prior", "prior_device", "prior_spec"]
 
 #: Distribution classes a prior spec may name, with the constructor arguments that rebuild them.
-#: Classes are matched exactly (a subclass may behave differently, so it is not whitelisted).
+#: A subclass (e.g. sbi's ``BoxUniform``, an ``Independent``) is described as its nearest whitelisted
+#: base class if the rebuilt prior has the same ``log_prob`` on a few of its samples (see :func:`prior_spec`).
 PRIOR_CLASSES: dict[str, tuple[type[Distribution], tuple[str, ...]]] = {
     "Uniform": (Uniform, ("low", "high")),
     "Normal": (Normal, ("loc", "scale")),
@@ -173,22 +174,58 @@ class Unconstrained:
 def prior_spec(prior: Distribution, prefix: str = "prior") -> tuple[dict, dict[str, Tensor]] | None:
     """A JSON config and named tensors that rebuild ``prior``, or None if it uses other classes.
 
+    A subclass of ``Independent`` or of a class in :data:`PRIOR_CLASSES` (e.g. sbi's ``BoxUniform``)
+    is described as that base class with the same parameters, provided the rebuilt prior has the
+    same support, event shape and ``log_prob`` on a few samples; a subclass that changes the
+    distribution (or cannot be checked, e.g. on the meta device) gives None, like any other class.
+
     Example:
         >>> spec, tensors = prior_spec(Independent(Uniform(torch.zeros(2), torch.ones(2)), 1))
         >>> spec["class"], spec["base"]["class"], sorted(tensors)
         ('Independent', 'Uniform', ['prior.base.high', 'prior.base.low'])
     """
-    if type(prior) is Independent:
-        base = prior_spec(prior.base_dist, f"{prefix}.base")
+    spec = _spec(prior, prefix)
+    if spec is None or _is_whitelisted_exactly(prior) or _same_distribution(prior, build_prior(*spec)):
+        return spec
+    return None
+
+
+def _spec(prior: Distribution, prefix: str) -> tuple[dict, dict[str, Tensor]] | None:
+    """:func:`prior_spec` without the check that a subclass is rebuilt faithfully."""
+    if isinstance(prior, Independent):
+        base = _spec(prior.base_dist, f"{prefix}.base")
         if base is None:
             return None
         config = {"class": "Independent", "reinterpreted_batch_ndims": prior.reinterpreted_batch_ndims}
         return {**config, "base": base[0]}, base[1]
-    for name, (cls, params) in PRIOR_CLASSES.items():
-        if type(prior) is cls:
+    by_class = {cls: (name, params) for name, (cls, params) in PRIOR_CLASSES.items()}
+    for cls in type(prior).__mro__:  # the nearest whitelisted ancestor
+        if cls in by_class:
+            name, params = by_class[cls]
             tensors = {f"{prefix}.{p}": getattr(prior, p).detach().clone() for p in params}
             return {"class": name, "params": {p: f"{prefix}.{p}" for p in params}}, tensors
     return None
+
+
+def _is_whitelisted_exactly(prior: Distribution) -> bool:
+    """Whether ``prior`` and every nested base distribution are of exactly whitelisted classes."""
+    if type(prior) is Independent:
+        return _is_whitelisted_exactly(prior.base_dist)
+    return any(type(prior) is cls for cls, _ in PRIOR_CLASSES.values())
+
+
+def _same_distribution(prior: Distribution, rebuilt: Distribution) -> bool:
+    """Whether ``rebuilt`` has the support, shapes and ``log_prob`` (on 8 samples) of ``prior``."""
+    if (prior.event_shape, prior.batch_shape) != (rebuilt.event_shape, rebuilt.batch_shape):
+        return False
+    try:
+        if str(prior.support) != str(rebuilt.support):
+            return False
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # must not move the global RNG
+            sample = prior.sample((8,))
+            return bool(torch.allclose(prior.log_prob(sample), rebuilt.log_prob(sample), equal_nan=True))
+    except Exception:  # noqa: BLE001 - a prior that cannot be checked (e.g. on "meta") is not described
+        return False
 
 
 def build_prior(spec: dict, tensors: dict[str, Tensor], device: torch.device | str | None = None) -> Distribution:
@@ -221,7 +258,8 @@ def move_prior(prior: Distribution, device: torch.device | str) -> Distribution:
     """``prior`` with its tensors on ``device`` (rebuilt from its spec).
 
     Raises:
-        ValueError: If the prior is not built from whitelisted classes and is on another device.
+        ValueError: If the prior is not built from whitelisted classes (or faithful subclasses of
+            them, see :func:`prior_spec`) and is on another device.
     """
     spec = prior_spec(prior)
     if spec is not None:
@@ -230,5 +268,6 @@ def move_prior(prior: Distribution, device: torch.device | str) -> Distribution:
         return prior
     raise ValueError(
         f"cannot move a {type(prior).__name__} prior to {device}: only priors made of "
-        f"{['Independent', *PRIOR_CLASSES]} are rebuilt on a device; construct the prior on {device} instead"
+        f"{['Independent', *PRIOR_CLASSES]} (or subclasses with the same log_prob) are rebuilt on a device; "
+        f"construct the prior on {device} instead"
     )

@@ -34,10 +34,12 @@ from sbiflows.posterior import Posterior
 from sbiflows.priors import build_prior, check_prior, prior_spec
 from sbiflows.training import TrainingHistory
 
-__all__ = ["FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "load", "save"]
 
-#: Version of the file layout; :func:`load` reads this version and older ones.
+#: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
 FORMAT_VERSION = 1
+#: The oldest file layout :func:`load` reads.
+MIN_FORMAT_VERSION = 1
 _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -102,8 +104,10 @@ def load(
         map_location: Device for the loaded tensors (a file saved on a GPU loads on the CPU by default).
 
     Raises:
-        ValueError: On a file from a newer format, missing or extra keys, a digest mismatch, unknown
-            class names, shapes that do not match, or a missing ``prior``/``estimator``/``embedding_net``.
+        ValueError: On a ``format_version`` that is not an int from :data:`MIN_FORMAT_VERSION` to
+            :data:`FORMAT_VERSION` (a newer one asks to upgrade sbiflows), missing or extra keys, a
+            digest mismatch, unknown class names, shapes that do not match, or a missing
+            ``prior``/``estimator``/``embedding_net``.
 
     Example:
         See :func:`save`.
@@ -147,8 +151,11 @@ def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]
     if not isinstance(blob, dict):
         raise ValueError(f"{path} is not an sbiflows posterior file (top level is {type(blob).__name__})")
     version = blob.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"{path} is not an sbiflows posterior file (no integer format_version)")
+    if type(version) is not int or version < MIN_FORMAT_VERSION:  # type(): a bool is not a version
+        raise ValueError(
+            f"{path} is not a valid sbiflows posterior file: format_version must be an int from "
+            f"{MIN_FORMAT_VERSION} to {FORMAT_VERSION}, got {type(version).__name__} {version!r}"
+        )
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was saved with format {version} (sbiflows {blob.get('sbiflows_version')}); "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,15 +23,20 @@ from torch import Tensor, nn
 class TrainingHistory:
     """What happened during training (losses are mean negative log-likelihoods per row).
 
+    A history passed to :func:`train` again (e.g. by a second :meth:`sbiflows.NPE.fit`) is extended:
+    epochs are numbered over all calls, so ``validation_loss[best_epoch] == best_validation_loss``.
+
     Attributes:
-        train_loss: Training loss per epoch.
-        validation_loss: Validation loss per epoch.
-        best_epoch: Epoch (0-based) whose weights were restored.
+        train_loss: Training loss per epoch, over all calls.
+        validation_loss: Validation loss per epoch, over all calls.
+        best_epoch: Epoch (0-based, counted from the first call) whose weights were restored at the
+            end of the last call; -1 before any completed epoch. Only epochs of the last call compete
+            (an earlier call may have used another validation split).
         best_validation_loss: Validation loss of the restored weights.
-        epochs: Number of epochs run.
-        stopped_early: Whether early stopping ended training.
-        diverged: Whether training stopped on a non-finite loss (best weights restored).
-        seconds: Wall time of training.
+        epochs: Number of epochs run, over all calls.
+        stopped_early: Whether early stopping ended the last call.
+        diverged: Whether the last call stopped on a non-finite loss (best weights restored).
+        seconds: Wall time of training, over all calls.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -68,22 +75,27 @@ def train(
         model: A module with ``log_prob(inputs, context) -> (N,)`` (e.g. a :class:`~sbiflows.flows.Flow`).
         inputs: ``(N, D)`` training data.
         context: ``(N, C)`` conditioning variables, one row per input row, or None.
-        max_epochs: Upper bound on passes over the training split.
-        batch_size: Minibatch size.
-        learning_rate: Adam step size.
-        validation_fraction: Share of rows held out for early stopping.
-        patience: Epochs without validation improvement before stopping.
-        clip_grad_norm: Maximum gradient norm.
-        weight_decay: Adam weight decay.
+        max_epochs: Upper bound on passes over the training split (``>= 1``).
+        batch_size: Minibatch size (``>= 1``); a value larger than the number of training rows is
+            lowered to that number (one full batch per epoch).
+        learning_rate: Adam step size (``> 0``).
+        validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
+        patience: Epochs without validation improvement before stopping (``>= 1``).
+        clip_grad_norm: Maximum gradient norm (``> 0``; ``inf`` disables clipping).
+        weight_decay: Adam weight decay (``>= 0``).
         seed: Seeds the split and the minibatch order (the model's initial weights are the caller's).
         progress: Show a progress bar with the current losses.
-        history: Continue this history (e.g. when training again with more data).
+        history: Continue this history (e.g. when training again with more data): losses are
+            appended, epochs keep counting from its ``epochs``, and the per-call fields
+            (``stopped_early``, ``diverged``) are reset. The object is updated in place.
 
     Returns:
-        The :class:`TrainingHistory`; the model holds the weights of the best validation epoch.
+        The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
+        this call (also after an exception such as ``KeyboardInterrupt``).
 
     Raises:
-        ValueError: On mismatched rows or a split that leaves too few rows.
+        TypeError: For options of the wrong type (e.g. a float ``batch_size``).
+        ValueError: For options out of range, mismatched rows or a split that leaves too few rows.
         FloatingPointError: If the loss is non-finite before any finite validation loss was reached
             (otherwise a non-finite loss stops training with a warning and restores the best weights).
 
@@ -94,27 +106,31 @@ def train(
         >>> hist.epochs
         2
     """
+    max_epochs, batch_size, patience = check_training_options(
+        max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+        validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+        weight_decay=weight_decay,
+    )
     n = _check_rows(inputs, context)
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     n_val = max(1, int(round(n * validation_fraction)))
     n_train = n - n_val
     if n_train < 1 or n_val < 1:
         raise ValueError(f"need at least 2 rows for a training and a validation split, got {n}")
-    if batch_size > n_train:
-        batch_size = n_train
+    batch_size = min(batch_size, n_train)
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator).to(inputs.device)
     train_idx, val_idx = perm[:n_train], perm[n_train:]
 
-    history = history or TrainingHistory()
+    history = TrainingHistory() if history is None else history
+    history.stopped_early, history.diverged = False, False
+    first = history.epochs  # global number of this call's first epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     best_state = copy.deepcopy(model.state_dict())
     best_loss, best_epoch, since_best = math.inf, -1, 0
     bar = _progress_bar(max_epochs) if progress else None
     start = time.perf_counter()
     try:
-        for epoch in range(max_epochs):
+        for epoch in range(first, first + max_epochs):
             model.train()
             order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
             total, diverged = 0.0, False
@@ -162,10 +178,58 @@ def train(
             bar.close()
         model.load_state_dict(best_state)
         model.eval()
-        history.best_epoch = best_epoch
-        history.best_validation_loss = best_loss
+        if best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
+            history.best_epoch, history.best_validation_loss = best_epoch, best_loss
         history.seconds += time.perf_counter() - start
     return history
+
+
+def check_training_options(
+    *,
+    max_epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    validation_fraction: float,
+    patience: int,
+    clip_grad_norm: float,
+    weight_decay: float = 0.0,
+) -> tuple[int, int, int]:
+    """Validate the options of :func:`train` (see there for their meaning and ranges).
+
+    Returns:
+        ``(max_epochs, batch_size, patience)`` as Python ints (numpy integers are accepted).
+
+    Raises:
+        TypeError: If an integer option is not an integer or a real option is not a real number.
+        ValueError: If an option is out of range; the message names it, its range and the value.
+
+    Example:
+        >>> check_training_options(max_epochs=10, batch_size=64, learning_rate=1e-3,
+        ...                        validation_fraction=0.1, patience=5, clip_grad_norm=5.0)
+        (10, 64, 5)
+    """
+    ints = {"max_epochs": max_epochs, "batch_size": batch_size, "patience": patience}
+    for name, value in ints.items():
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an int >= 1, got bool {value!r}")
+        try:
+            ints[name] = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}") from None
+        if ints[name] < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    reals = {
+        "learning_rate": (learning_rate, "finite and > 0", lambda v: 0 < v < math.inf),
+        "clip_grad_norm": (clip_grad_norm, "> 0", lambda v: v > 0),
+        "validation_fraction": (validation_fraction, "in (0, 1)", lambda v: 0 < v < 1),
+        "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
+    }
+    for name, (value, expected, ok) in reals.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number {expected}, got {type(value).__name__} {value!r}")
+        if not ok(float(value)):
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return ints["max_epochs"], ints["batch_size"], ints["patience"]
 
 
 def _check_rows(inputs: Tensor, context: Tensor | None) -> int:

@@ -1,5 +1,6 @@
 """NPE: accuracy on an analytic posterior, reproducibility, refitting, priors and every input error."""
 
+import copy
 import math
 import warnings
 
@@ -16,7 +17,8 @@ from torch.distributions import (
     Uniform,
 )
 
-from sbiflows import NPE, Posterior
+from sbiflows import NPE, Posterior, training
+from sbiflows.estimator import zscore
 from sbiflows.flows import Flow, maf
 from sbiflows.transforms import Transform
 
@@ -99,6 +101,91 @@ def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors(
         npe.fit(theta[:10], torch.zeros(10, 3), **FAST)
 
 
+# -------------------------------------------------------------------------- failed fits roll back
+#: name -> (fit options, (call of training._evaluate to sabotage, what it does), error, message)
+FAILURES = {
+    "bad-option": ({"validation_fraction": 1.5}, None, ValueError, r"validation_fraction must be in \(0, 1\)"),
+    "nan-first-epoch": ({}, (1, math.nan), FloatingPointError, "non-finite loss at epoch"),
+    "interrupt-after-2-epochs": ({}, (3, KeyboardInterrupt("Ctrl-C")), KeyboardInterrupt, "Ctrl-C"),
+}
+
+
+def fail_fit(npe, theta, x, monkeypatch, failure):
+    """Run a ``fit`` that raises as ``FAILURES[failure]`` describes; returns the exception."""
+    options, sabotage, error, match = FAILURES[failure]
+    if sabotage is not None:
+        real, calls, (at, outcome) = training._evaluate, [], sabotage
+
+        def evaluate(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == at:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(training, "_evaluate", evaluate)
+    with pytest.raises(error, match=match) as caught:
+        npe.fit(theta, x, **{**FAST, **options})
+    monkeypatch.undo()
+    return caught.value
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failed_first_fit_leaves_a_fresh_object(monkeypatch, failure):
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    fail_fit(npe, theta, x, monkeypatch, failure)
+    assert npe._net is None and npe._theta is None and npe._x is None and npe.history is None
+    posterior = npe.fit(theta, x, seed=3, **FAST)
+    assert len(npe._theta) == 400 and npe.history.epochs == 3  # the rows of the failed fit are not kept
+    fresh = NPE(prior).fit(theta, x, seed=3, **FAST)
+    assert torch.equal(posterior.log_prob(theta[:20], x=x[0]), fresh.log_prob(theta[:20], x=x[0]))
+    assert posterior.config == fresh.config
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failed_refit_keeps_data_weights_and_history(monkeypatch, failure):
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    npe.fit(theta[:200], x[:200], seed=1, **FAST)
+    weights = copy.deepcopy(npe._net.state_dict())
+    history = copy.deepcopy(npe.history)
+    fail_fit(npe, theta[200:300], x[200:300], monkeypatch, failure)
+    assert len(npe._theta) == len(npe._x) == 200 and npe.history == history
+    assert all(torch.equal(value, weights[name]) for name, value in npe._net.state_dict().items())
+    second = npe.fit(theta[200:], x[200:], seed=2, **FAST)
+    assert len(npe._theta) == 400 and npe.history.epochs == len(npe.history.train_loss) == 6
+    reference = NPE(prior)
+    reference.fit(theta[:200], x[:200], seed=1, **FAST)
+    expected = reference.fit(theta[200:], x[200:], seed=2, **FAST)
+    assert torch.equal(second.log_prob(theta[:20], x=x[0]), expected.log_prob(theta[:20], x=x[0]))
+
+
+def test_interrupted_fit_keeps_its_best_weights_in_partial_posterior(monkeypatch):
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    error = fail_fit(npe, theta, x, monkeypatch, "interrupt-after-2-epochs")
+    assert any("npe.partial_posterior" in note for note in error.__notes__)
+    partial = npe.partial_posterior
+    assert partial.history.epochs == 2 and partial.history.best_epoch in (0, 1)
+    # the best of the 2 completed epochs, exactly as a fit stopped after 2 epochs
+    two_epochs = NPE(prior).fit(theta, x, max_epochs=2, progress=False)
+    assert torch.equal(partial.log_prob(theta[:20], x=x[0]), two_epochs.log_prob(theta[:20], x=x[0]))
+    assert npe._net is None  # the NPE itself was rolled back
+    fail_fit(npe, theta, x, monkeypatch, "bad-option")  # a failure without progress keeps it
+    assert npe.partial_posterior is partial
+    npe.fit(theta, x, **FAST)
+    assert npe.partial_posterior is None  # cleared by a successful fit
+
+
+def test_failed_fit_without_progress_has_no_partial_posterior(monkeypatch):
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    fail_fit(npe, theta, x, monkeypatch, "nan-first-epoch")
+    assert npe.partial_posterior is None
+
+
 # ---------------------------------------------------------------------------------------- priors
 @pytest.mark.parametrize(
     "prior",
@@ -177,7 +264,7 @@ def test_nan_simulations_are_excluded_with_count_and_fraction():
 
 def test_all_invalid_rows_and_nan_theta():
     prior, theta, x = box_problem()
-    with pytest.raises(ValueError, match="all 400 simulations contain NaN or inf"):
+    with pytest.raises(ValueError, match=r"all 400 rows of x \(simulations\) contain NaN or inf"):
         NPE(prior).fit(theta, torch.full_like(x, torch.nan), **FAST)
     theta[3, 1] = torch.nan
     with pytest.raises(ValueError, match="theta contains NaN or inf in 1 of 400 rows"):
@@ -191,7 +278,7 @@ def test_mismatched_rows_shapes_and_support():
     with pytest.raises(ValueError, match=r"theta must have shape \(N, 2\).*got \(500, 3\)"):
         NPE(prior).fit(torch.zeros(500, 3), x, **FAST)
     theta[7] = torch.tensor([1.5, 0.0])
-    with pytest.raises(ValueError, match="1 of 500 parameter sets lie outside the prior's support.*row 7"):
+    with pytest.raises(ValueError, match=r"1 of 500 rows of theta \(parameter sets\) lie outside.*support.*row 7"):
         NPE(prior).fit(theta, x, **FAST)
 
 
@@ -199,6 +286,36 @@ def test_too_few_rows_for_validation_split():
     prior, theta, x = box_problem()
     with pytest.raises(ValueError, match="need at least 2 valid simulations.*got 1"):
         NPE(prior).fit(theta[:1], x[:1], **FAST)
+
+
+def test_empty_training_set_is_a_value_error():
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    with pytest.raises(ValueError, match=r"theta and x must contain at least 2 rows .*got 0"):
+        npe.fit(theta[:0], x[:0], **FAST)
+    npe.fit(theta, x, **FAST)
+    with pytest.raises(ValueError, match=r"theta and x must contain at least 1 row, got 0"):
+        npe.fit(torch.zeros(0, 2), torch.zeros(0, 2), **FAST)
+    assert len(npe._theta) == 400
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "match"),
+    [
+        ("batch_size", 0, ValueError, "batch_size must be an int >= 1, got 0"),
+        ("max_epochs", 0, ValueError, "max_epochs must be an int >= 1, got 0"),
+        ("learning_rate", -1.0, ValueError, "learning_rate must be finite and > 0, got -1.0"),
+        ("validation_fraction", 1.5, ValueError, r"validation_fraction must be in \(0, 1\), got 1.5"),
+        ("num_threads", 0, ValueError, "num_threads must be None or an int >= 1, got 0"),
+        ("seed", 1.5, TypeError, "seed must be an int, got float 1.5"),
+    ],
+)
+def test_fit_options_are_validated_before_anything_happens(option, value, error, match):
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    with pytest.raises(error, match=match):
+        npe.fit(theta, x, **{**FAST, option: value})
+    assert npe._net is None and npe._theta is None and npe.history is None
 
 
 def test_input_types_numpy_accepted_lists_and_integers_rejected():
@@ -215,10 +332,43 @@ def test_input_types_numpy_accepted_lists_and_integers_rejected():
 
 def test_constant_x_dimension_warns_and_stays_finite():
     prior, theta, x = box_problem()
-    x = torch.cat([x, torch.full((len(x), 1), 3.0)], dim=1)
-    with pytest.warns(UserWarning, match=r"constant dimensions \[2\]"):
+    # 1e8 in float32 has a computed std of about 8: it must still count as constant
+    x = torch.cat([x, torch.full((len(x), 1), 3.0), torch.full((len(x), 1), 1e8)], dim=1)
+    with pytest.warns(UserWarning, match=r"constant dimensions \[2, 3\]"):
         posterior = NPE(prior).fit(theta, x, **FAST)
     assert torch.isfinite(posterior.log_prob(theta[:10], x=x[0])).all()
+    assert not posterior.net.x_shift.isnan().any() and not posterior.net.x_scale.isnan().any()
+
+
+def test_zscore_floor_is_absolute_not_relative_to_the_mean():
+    g = torch.Generator().manual_seed(0)
+    columns = [
+        1e-7 * torch.randn(1000, generator=g),  # small units
+        1e8 + 50 * torch.randn(1000, generator=g),  # large offset
+        torch.full((1000,), 1e8),  # constant, with float rounding in its mean and std
+        torch.full((1000,), 0.1),
+        1e-15 * torch.randn(1000, generator=g),  # below the absolute floor
+    ]
+    data = torch.stack(columns, dim=1)
+    mean, std, constant = zscore(data)
+    assert constant == [2, 3, 4]
+    torch.testing.assert_close(std[:2], torch.tensor([1e-7, 50.0]), rtol=0.1, atol=0)
+    assert std[2:].tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(mean[2:4], data[0, 2:4])  # constant columns standardize to exactly 0
+    z = (data - mean) / std
+    assert torch.isfinite(z).all() and bool((z[:, 2:4] == 0).all())
+    torch.testing.assert_close(z[:, :2].std(0), torch.ones(2), rtol=0.01, atol=0)
+
+
+@pytest.mark.slow
+def test_x_in_small_units_gives_the_same_posterior():
+    prior, theta, x = box_problem(1000)
+    x_o = torch.tensor([0.6, -0.6])
+    options = {"max_epochs": 30, "batch_size": 100, "progress": False}
+    unscaled = NPE(prior, transforms=2).fit(theta, x, **options).sample(2000, x=x_o, seed=0).mean(0)
+    scaled = NPE(prior, transforms=2).fit(theta, x * 1e-7, **options).sample(2000, x=x_o * 1e-7, seed=0).mean(0)
+    assert (unscaled - x_o).abs().max() < 0.15  # the fit is informative (the prior mean is 0)
+    assert (scaled - unscaled).abs().max() < 0.03
 
 
 class _NaNWhileTraining(Transform):

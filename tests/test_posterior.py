@@ -1,11 +1,14 @@
 """Posterior: support and normalization under a bounded prior, batching, chunking, MAP, input checks, devices."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Independent, MultivariateNormal, Uniform
+from torch.distributions import Independent, MultivariateNormal, Normal, TransformedDistribution, Uniform
+from torch.distributions.transforms import AffineTransform
 
-from sbiflows import NPE
+from sbiflows import NPE, Posterior
 
 NOISE = 0.5
 
@@ -55,6 +58,16 @@ def test_log_prob_is_minus_inf_outside_and_on_the_boundary(box_posterior):
 
 def test_log_prob_of_one_theta_is_a_scalar(box_posterior):
     assert box_posterior.log_prob(torch.zeros(2), x=torch.zeros(2)).shape == ()
+
+
+def test_log_prob_keeps_any_leading_batch_shape(box_posterior):
+    theta = box_posterior.sample(24, x=torch.zeros(2), seed=0)
+    flat = box_posterior.log_prob(theta, x=torch.zeros(2))
+    for shape in [(2, 3, 4), (4, 6), (24,)]:
+        lp = box_posterior.log_prob(theta.reshape(*shape, 2), x=torch.zeros(2))
+        assert lp.shape == shape
+        torch.testing.assert_close(lp.reshape(-1), flat)
+    assert box_posterior.log_prob(torch.zeros(0, 2), x=torch.zeros(2)).shape == (0,)
 
 
 # ------------------------------------------------------------------------ batching and chunking
@@ -138,8 +151,20 @@ def test_nan_observation_and_nan_theta_are_rejected(box_posterior):
         box_posterior.log_prob(torch.tensor([[torch.nan, 0.0]]), x=torch.zeros(2))
     with pytest.raises(ValueError, match="x is required"):
         box_posterior.sample(10, x=None)
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
         box_posterior.sample(0, x=torch.zeros(2))
+
+
+def test_sample_size_accepts_numpy_integers_and_rejects_non_integers(box_posterior):
+    x_o = torch.zeros(2)
+    assert torch.equal(box_posterior.sample(np.int64(5), x=x_o, seed=0), box_posterior.sample(5, x=x_o, seed=0))
+    assert box_posterior.sample_batched(np.int32(3), torch.zeros(2, 2), seed=0).shape == (3, 2, 2)
+    with pytest.raises(TypeError, match="n must be a positive int, got float 5.0"):
+        box_posterior.sample(5.0, x=x_o)
+    with pytest.raises(TypeError, match="n must be a positive int, got bool True"):
+        box_posterior.sample(True, x=x_o)
+    with pytest.raises(ValueError, match="n must be a positive int, got -3"):
+        box_posterior.sample(np.int64(-3), x=x_o)
 
 
 def test_numpy_and_float64_inputs_are_converted(box_posterior):
@@ -166,3 +191,33 @@ def test_to_meta_moves_network_and_prior_tensors(box_posterior):
     assert moved.prior.base_dist.low.device.type == "meta"
     assert all(p.device.type == "meta" for p in moved.net.parameters())
     assert moved._space.transform(torch.zeros(2, device="meta")).device.type == "meta"
+
+
+class BoxUniform(Independent):
+    """Like sbi's ``BoxUniform``: a subclass of ``Independent`` with its own constructor."""
+
+    def __init__(self, low, high):
+        super().__init__(Uniform(low, high), 1)
+
+
+def test_to_device_rebuilds_a_subclassed_prior(box_posterior):
+    posterior = Posterior(
+        copy.deepcopy(box_posterior.net), BoxUniform(-torch.ones(2), torch.ones(2)), config=box_posterior.config
+    )
+    theta = torch.tensor([[0.3, -0.2], [0.9, 0.9]])
+    before = posterior.log_prob(theta, x=torch.zeros(2))
+    torch.testing.assert_close(before, box_posterior.log_prob(theta, x=torch.zeros(2)))
+    moved = posterior.copy().to("meta")
+    assert type(moved.prior) is Independent and moved.prior.base_dist.low.device.type == "meta"
+    assert moved.device.type == "meta"
+    assert torch.equal(posterior.copy().to("cpu").log_prob(theta, x=torch.zeros(2)), before)
+
+
+def test_failed_move_leaves_the_posterior_unchanged(box_posterior):
+    prior = TransformedDistribution(Independent(Normal(torch.zeros(2), torch.ones(2)), 1), AffineTransform(0.0, 2.0))
+    posterior = Posterior(copy.deepcopy(box_posterior.net), prior, config=box_posterior.config)
+    with pytest.raises(ValueError, match="cannot move a TransformedDistribution prior to meta"):
+        posterior.to("meta")
+    assert posterior.device.type == "cpu" and posterior.prior is prior
+    assert all(p.device.type == "cpu" for p in posterior.net.parameters())
+    assert torch.isfinite(posterior.log_prob(torch.zeros(3, 2), x=torch.zeros(2))).all()

@@ -90,6 +90,40 @@ def test_standard_priors_are_rebuilt(tmp_path, prior):
     assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
 
 
+class BoxUniform(Independent):
+    """Like sbi's ``BoxUniform``: a subclass of ``Independent`` with its own constructor."""
+
+    def __init__(self, low, high):
+        super().__init__(Uniform(low, high), 1)
+
+
+class ShiftedNormal(Normal):
+    """A subclass that changes the distribution: it must not be saved as a plain ``Normal``."""
+
+    def log_prob(self, value):
+        return super().log_prob(value - 1.0)
+
+
+def test_subclass_of_a_standard_prior_is_saved_as_its_base_class(tmp_path):
+    posterior, theta, x = fitted(BoxUniform(-torch.ones(2), torch.ones(2)))
+    posterior.save(tmp_path / "p.pt")
+    config = json.loads(torch.load(tmp_path / "p.pt", weights_only=True)["config"])
+    assert config["prior"]["class"] == "Independent" and config["prior"]["base"]["class"] == "Uniform"
+    loaded = load(tmp_path / "p.pt")
+    assert type(loaded.prior) is Independent and torch.equal(loaded.prior.base_dist.high, torch.ones(2))
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+
+
+def test_subclass_that_changes_the_distribution_must_be_passed_to_load(tmp_path):
+    prior = ShiftedNormal(torch.zeros(2), torch.ones(2))
+    posterior, theta, x = fitted(prior)
+    posterior.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match=r"ShiftedNormal prior.*load\(path, prior=...\)"):
+        load(tmp_path / "p.pt")
+    loaded = load(tmp_path / "p.pt", prior=prior)
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+
+
 def test_custom_prior_must_be_passed_to_load(tmp_path):
     prior = TransformedDistribution(Independent(Normal(torch.zeros(2), torch.ones(2)), 1), AffineTransform(1.0, 2.0))
     posterior, theta, x = fitted(prior)
@@ -118,6 +152,17 @@ def test_embedding_net_and_callable_estimator_must_be_passed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- bad files
+@pytest.mark.parametrize(
+    ("version", "got"),
+    [(0, "int 0"), (-1, "int -1"), (True, "bool True"), (1.0, "float 1.0"), ("1", "str '1'"), (None, "NoneType None")],
+)
+def test_format_version_outside_the_supported_ints_is_refused(tmp_path, box, version, got):
+    box[0].save(tmp_path / "p.pt")
+    rewrite(tmp_path / "p.pt", format_version=version)
+    with pytest.raises(ValueError, match=rf"format_version must be an int from 1 to {FORMAT_VERSION}, got {got}"):
+        load(tmp_path / "p.pt")
+
+
 def test_newer_format_is_refused(tmp_path, box):
     box[0].save(tmp_path / "p.pt")
     rewrite(tmp_path / "p.pt", format_version=FORMAT_VERSION + 1)

@@ -1,0 +1,126 @@
+"""train(): option validation, batch-size lowering, and a history extended over several calls."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sbiflows.training import TrainingHistory, check_training_options, train
+
+
+class Gaussian(nn.Module):
+    """``N(loc, I)`` with a learnable ``loc``; counts its ``log_prob`` calls in training mode."""
+
+    def __init__(self, features: int = 2):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(features))
+        self.training_calls = 0
+
+    def log_prob(self, inputs, context=None):
+        self.training_calls += self.training
+        return torch.distributions.Normal(self.loc, 1.0).log_prob(inputs).sum(-1)
+
+
+class Constant(nn.Module):
+    """A model whose loss does not depend on its parameter: the validation loss never improves."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def log_prob(self, inputs, context=None):
+        return -(inputs**2).sum(-1) + 0.0 * self.unused
+
+
+def data(n: int = 200) -> torch.Tensor:
+    return 3.0 + torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------ options
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("batch_size", 0, r"batch_size must be an int >= 1, got 0"),
+        ("batch_size", -5, r"batch_size must be an int >= 1, got -5"),
+        ("max_epochs", 0, r"max_epochs must be an int >= 1, got 0"),
+        ("patience", 0, r"patience must be an int >= 1, got 0"),
+        ("learning_rate", 0.0, r"learning_rate must be finite and > 0, got 0.0"),
+        ("learning_rate", -1e-3, r"learning_rate must be finite and > 0, got -0.001"),
+        ("learning_rate", math.nan, r"learning_rate must be finite and > 0, got nan"),
+        ("clip_grad_norm", 0.0, r"clip_grad_norm must be > 0, got 0.0"),
+        ("clip_grad_norm", -1.0, r"clip_grad_norm must be > 0, got -1.0"),
+        ("validation_fraction", 1.0, r"validation_fraction must be in \(0, 1\), got 1.0"),
+        ("validation_fraction", 0, r"validation_fraction must be in \(0, 1\), got 0"),
+        ("weight_decay", -0.1, r"weight_decay must be finite and >= 0, got -0.1"),
+    ],
+)
+def test_options_out_of_range_raise_value_error_naming_them(option, value, match):
+    model = Gaussian()
+    before = model.loc.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        train(model, data(), **{option: value})
+    assert torch.equal(model.loc.detach(), before)  # rejected before any training step
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("batch_size", 2.5, r"batch_size must be an int >= 1, got float 2.5"),
+        ("batch_size", True, r"batch_size must be an int >= 1, got bool True"),
+        ("max_epochs", "10", r"max_epochs must be an int >= 1, got str '10'"),
+        ("learning_rate", "0.1", r"learning_rate must be a real number finite and > 0, got str '0.1'"),
+        ("clip_grad_norm", None, r"clip_grad_norm must be a real number > 0, got NoneType None"),
+    ],
+)
+def test_options_of_the_wrong_type_raise_type_error(option, value, match):
+    with pytest.raises(TypeError, match=match):
+        train(Gaussian(), data(), **{option: value})
+
+
+def test_numpy_integers_are_accepted_and_converted():
+    options = check_training_options(
+        max_epochs=np.int64(3), batch_size=np.int32(16), learning_rate=np.float32(1e-2),
+        validation_fraction=0.2, patience=np.int64(2), clip_grad_norm=math.inf,
+    )
+    assert options == (3, 16, 2) and all(type(v) is int for v in options)
+    assert train(Gaussian(), data(), max_epochs=np.int64(2), batch_size=np.int64(50)).epochs == 2
+
+
+def test_batch_size_larger_than_the_training_rows_is_lowered_to_one_full_batch():
+    model = Gaussian()
+    history = train(model, data(20), max_epochs=3, batch_size=1000, validation_fraction=0.1)
+    assert history.epochs == 3
+    assert model.training_calls == 3  # one batch of all 18 training rows per epoch
+    model = Gaussian()
+    train(model, data(20), max_epochs=3, batch_size=5, validation_fraction=0.1)
+    assert model.training_calls == 3 * 4  # 18 rows in batches of 5: 4 per epoch
+
+
+# ------------------------------------------------------------------------------------ history
+def test_best_epoch_counts_over_all_calls_and_matches_the_validation_losses():
+    history = train(Constant(), data(), max_epochs=50, patience=2)
+    # epoch 0 is the best; epochs 1 and 2 do not improve on it
+    assert (history.epochs, history.best_epoch, history.stopped_early) == (3, 0, True)
+    history = train(Constant(), data(), max_epochs=2, patience=10, history=history)
+    assert history.epochs == 5 and len(history.validation_loss) == len(history.train_loss) == 5
+    assert history.best_epoch == 3  # the first epoch of the second call, numbered from the first call
+    assert history.validation_loss[history.best_epoch] == history.best_validation_loss
+    assert history.stopped_early is False  # reset: the second call ran all its epochs
+
+
+def test_improving_model_best_epoch_is_the_last_global_epoch():
+    model = Gaussian()
+    history = train(model, data(), max_epochs=4, learning_rate=0.1)
+    history = train(model, data(), max_epochs=3, learning_rate=0.1, history=history, seed=1)
+    assert history.epochs == 7 and history.best_epoch == 6
+    assert history.validation_loss[6] == history.best_validation_loss
+
+
+def test_per_call_flags_are_reset_at_the_start_of_each_call():
+    stale = TrainingHistory(stopped_early=True, diverged=True)
+    history = train(Gaussian(), data(), max_epochs=2, history=stale)
+    assert history is stale  # extended in place
+    assert history.stopped_early is False and history.diverged is False
+    assert history.epochs == 2 and history.best_epoch in (0, 1)
