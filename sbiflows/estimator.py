@@ -15,10 +15,16 @@ from torch import Tensor, nn
 
 from sbiflows.flows import Flow, maf, realnvp
 
-__all__ = ["ESTIMATORS", "PosteriorNet", "build_flow", "zscore"]
+__all__ = ["ACTIVATIONS", "ESTIMATORS", "PosteriorNet", "build_flow", "zscore"]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and stored in saved files.
 ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "realnvp": realnvp}
+
+#: Activation names of the flows' conditioner networks (stored in saved files by name). NPE defaults to
+#: ``"tanh"``: bounded hidden units keep the flow's shift and log-scale bounded for observations outside
+#: the training range; with ``"relu"`` they extrapolate linearly and held-out log-densities collapse (see
+#: docs/benchmarks.md). Files without the entry were trained with ``"relu"``.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
 def build_flow(
@@ -28,12 +34,15 @@ def build_flow(
     *,
     transforms: int,
     hidden_features: Sequence[int],
+    activation: str = "tanh",
     seed: int = 0,
 ) -> Flow:
     """Build the flow of an estimator name (``"maf"``, ``"realnvp"``) or call a user factory.
 
+    ``activation`` (a key of :data:`ACTIVATIONS`) applies to named estimators only.
+
     Raises:
-        ValueError: On an unknown name.
+        ValueError: On an unknown estimator or activation name.
         TypeError: If a user factory does not return a :class:`~sbiflows.flows.Flow` of the right size.
 
     Example:
@@ -43,7 +52,10 @@ def build_flow(
     if isinstance(estimator, str):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
-        options = {"transforms": transforms, "hidden_features": tuple(hidden_features)}
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
+        options = {"transforms": transforms, "hidden_features": tuple(hidden_features),
+                   "activation": ACTIVATIONS[activation]}
         if estimator == "maf":
             options["seed"] = seed
         return ESTIMATORS[estimator](features, context_features, **options)

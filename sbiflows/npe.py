@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow, zscore
+from sbiflows.estimator import ACTIVATIONS, ESTIMATORS, PosteriorNet, build_flow, zscore
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, as_float_tensor
 from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
@@ -56,6 +56,9 @@ class NPE:
             ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
         transforms: Number of flow layers (default 5). Ignored for a callable estimator.
         hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``).
+        activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
+            ``"gelu"``. Ignored for a callable estimator. tanh keeps the flow bounded for observations
+            outside the training range (see ``docs/benchmarks.md`` for the measured difference).
         embedding_net: Optional ``nn.Module`` applied to the z-scored ``x`` before the flow, trained
             jointly; its output size is read from a forward pass on the data. It is deep-copied at the
             first ``fit``, so the module you pass is never modified.
@@ -86,6 +89,7 @@ class NPE:
         *,
         transforms: int = 5,
         hidden_features: Sequence[int] = (50, 50),
+        activation: str = "tanh",
         embedding_net: nn.Module | None = None,
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
@@ -107,10 +111,13 @@ class NPE:
             )
         if embedding_net is not None and not isinstance(embedding_net, nn.Module):
             raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
         if not isinstance(transforms, int) or transforms < 1:
             raise ValueError(f"transforms must be a positive int, got {transforms!r}")
         self.estimator = estimator
         self.transforms, self.hidden_features = transforms, tuple(int(h) for h in hidden_features)
+        self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
@@ -242,7 +249,7 @@ class NPE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
-                              hidden_features=self.hidden_features, seed=seed)
+                              hidden_features=self.hidden_features, activation=self.activation, seed=seed)
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
         net.set_standardization(u, x)
         return net
@@ -269,6 +276,7 @@ class NPE:
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
             "transforms": self.transforms,
             "hidden_features": list(self.hidden_features),
+            "activation": self.activation,
             "embedding": "none" if self.embedding_net is None else "custom",
             "theta_dim": self.theta_dim,
             "x_dim": net.x_dim,

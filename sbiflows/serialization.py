@@ -189,6 +189,7 @@ def _flow(config: dict, estimator) -> Flow:
         return build_flow(
             estimator, config["theta_dim"], config["context_features"], transforms=config["transforms"],
             hidden_features=config["hidden_features"], seed=config.get("flow_seed", 0),
+            activation=config.get("activation", "relu"),  # files written before the option used ReLU
         )
 
 

@@ -415,3 +415,10 @@ def test_to_device_moves_everything():
     npe.to(torch.device("cpu"))
     assert npe._net.u_shift.device == torch.device("cpu")
     assert npe.prior.base_dist.low.device == torch.device("cpu")
+
+
+def test_activation_default_and_unknown_name():
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    assert NPE(prior).activation == "tanh"
+    with pytest.raises(ValueError, match="unknown activation 'swish'; valid names are"):
+        NPE(prior, activation="swish")

@@ -204,6 +204,17 @@ def test_unknown_class_names_are_refused(tmp_path, box):
         load(path)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_activation_is_saved_and_rebuilt(tmp_path, activation):
+    posterior, theta, x = fitted(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1), activation=activation)
+    assert posterior.config["activation"] == activation
+    posterior.save(tmp_path / "post.pt")
+    loaded = load(tmp_path / "post.pt")
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+    expected = nn.Tanh if activation == "tanh" else nn.ReLU
+    assert any(isinstance(m, expected) for m in loaded.net.modules())
+
+
 def test_pickled_objects_are_never_unpickled(tmp_path):
     torch.save({"format_version": 1, "payload": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a readable sbiflows posterior file"):
