@@ -24,6 +24,25 @@ from torch import Tensor, nn
 from sbiflows.flows import Flow, maf
 
 
+def _into_cell(x: Tensor, u: Tensor) -> Tensor:
+    """``x + u`` for noise ``u`` in ``[0, 1]``, guaranteed to lie in ``[x, x + 1)`` in ``x``'s dtype.
+
+    In floating point ``x + u`` rounds to ``x + 1`` whenever ``1 - u`` is below half the spacing of
+    floats near ``x`` (about ``3e-5`` at ``x = 1000`` in float32), which would put ``v`` in the next
+    cell. Such values are rounded down instead, to the largest float below ``x + 1``: ``v`` moves by at
+    most one float spacing, as ordinary rounding would. The gradient is the one of ``x + u`` (the
+    correction is a rounding, not part of the model), so every row trains the noise.
+
+    Example:
+        >>> _into_cell(torch.tensor([1000.0]), torch.tensor([1.0])) < 1001.0
+        tensor([True])
+    """
+    v = x + u
+    # The largest float below x + 1 (x itself once floats near x are spaced by 2 or more).
+    below_next = torch.nextafter(x + 1.0, x)
+    return v + (torch.minimum(v, below_next) - v).detach()
+
+
 def _check_discrete(x: Tensor, features: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of integer values, got {type(x).__name__}")
@@ -52,10 +71,14 @@ class UniformDequantization(nn.Module):
         self.features = flow.features
 
     def dequantize(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Continuous ``v = x + u`` and ``log q(u | x)`` (zero for uniform noise)."""
+        """Continuous ``v = x + u`` in ``[x, x + 1)`` and ``log q(u | x)`` (zero for uniform noise).
+
+        ``x + u`` is rounded down when it would round up to ``x + 1`` in the working dtype, so that
+        ``floor(v) == x`` holds exactly for every row.
+        """
         x = _check_discrete(x, self.features).to(self.flow._dtype())
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return x + u, x.new_zeros(x.shape[:-1])
+        return _into_cell(x, u), x.new_zeros(x.shape[:-1])
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """A one-sample estimate of the lower bound on ``log P(x)`` (what training maximises)."""
@@ -98,10 +121,16 @@ class VariationalDequantization(UniformDequantization):
             )
 
     def dequantize(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Continuous ``v = x + u`` with ``u ~ q(u | x)`` in ``[0, 1)``, and ``log q(u | x)``."""
+        """Continuous ``v = x + u`` in ``[x, x + 1)`` with ``u ~ q(u | x)``, and ``log q(u | x)``.
+
+        ``log q`` is the density of the drawn noise ``u = sigmoid(y)``, evaluated at ``y`` itself;
+        ``v`` is ``x + u`` in the working dtype, rounded down to the largest float below ``x + 1`` when
+        it would round up to ``x + 1`` (see :func:`_into_cell`), so ``floor(v) == x`` for every row.
+        Like any rounding, this moves ``v`` by at most one float spacing near ``x``; that spacing is
+        coarse for large counts in float32 (``2^-7`` at ``x = 1e5``), so use float64 for such data.
+        """
         x = _check_discrete(x, self.features).to(self.flow._dtype())
         y, log_qy = self.noise_flow.sample_and_log_prob(1, x, generator=generator)
         y, log_qy = y.squeeze(0), log_qy.squeeze(0)
-        u = torch.sigmoid(y).clamp(max=1.0 - torch.finfo(y.dtype).eps)
         log_q = log_qy - (F.logsigmoid(y) + F.logsigmoid(-y)).sum(-1)
-        return x + u, log_q
+        return _into_cell(x, torch.sigmoid(y)), log_q

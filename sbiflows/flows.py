@@ -91,11 +91,24 @@ class Flow(nn.Module):
 
     # --------------------------------------------------------------------------------- public
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Log-density of ``x`` (``(*batch, D)``) given ``context`` (``(C,)`` broadcasts over all rows)."""
+        """Log-density of ``x`` (``(*batch, D)``) given ``context`` (``(C,)`` broadcasts over all rows).
+
+        Raises:
+            ValueError: If the batch shapes of ``x`` and ``context`` do not broadcast together (or any
+                of the checks on ``x`` and ``context`` fails; see the messages).
+            TypeError: If ``x`` or ``context`` is not a tensor of the flow's dtype.
+        """
         self._check_x(x)
         context = self._check_context(context)
         if context is not None:
-            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            try:
+                batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"context of shape {tuple(context.shape)} does not broadcast with x of shape "
+                    f"{tuple(x.shape)}: their batch shapes {tuple(context.shape[:-1])} and "
+                    f"{tuple(x.shape[:-1])} are incompatible"
+                ) from None
             x = x.expand(*batch, self.features)
         z, logdet = self.transform(x, context)
         return self.base.log_prob(z) + logdet

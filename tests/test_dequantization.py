@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sbiflows.dequantization import UniformDequantization, VariationalDequantization
-from sbiflows.flows import maf
+from sbiflows.flows import Flow, maf
 from sbiflows.training import train
+from sbiflows.transforms import ElementwiseAffine
 
 
 def _perturb(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -37,6 +41,53 @@ def test_noise_in_unit_cell_and_reproducible(cls):
     assert log_q.shape == (2000,) and torch.isfinite(log_q).all()
     v2, _ = deq.dequantize(x, generator=torch.Generator().manual_seed(1))
     assert torch.equal(v, v2)
+
+
+def _edge_heavy(cls: type[UniformDequantization], dtype: torch.dtype) -> UniformDequantization:
+    """A dequantizer whose variational noise ``sigmoid(y)``, ``y ~ N(12, 8^2)``, mostly lies near 1."""
+    flow = maf(2, transforms=1, hidden_features=(8, 8))
+    if cls is UniformDequantization:
+        return cls(flow).to(dtype)
+    noise = Flow(ElementwiseAffine(2, 2, shift=12.0, log_scale=math.log(8.0)))
+    return cls(flow, noise_flow=noise).to(dtype)
+
+
+@pytest.mark.parametrize("cls", [UniformDequantization, VariationalDequantization])
+@pytest.mark.parametrize(
+    "value,dtype",
+    [(1000.0, torch.float32), (-1000.0, torch.float32), (1e5, torch.float32), (2.0**24, torch.float32),
+     (1e15, torch.float64)],
+)
+def test_large_counts_stay_in_their_unit_cell(cls, value, dtype):
+    """Regression: ``x + u`` rounded up to ``x + 1`` for large ``x`` (u near 1), leaving the cell of ``x``."""
+    deq = _edge_heavy(cls, dtype)
+    x = torch.full((4000, 2), value, dtype=dtype)
+    with torch.no_grad():
+        v, log_q = deq.dequantize(x, generator=torch.Generator().manual_seed(0))
+    assert v.dtype == dtype
+    assert torch.equal(torch.floor(v), x)
+    assert (v >= x).all() and (v.double() < x.double() + 1).all()  # x + 1 is exact in float64
+    assert torch.isfinite(log_q).all()
+    if cls is VariationalDequantization:
+        # log q stays the density of the noise actually drawn, rounded or not.
+        with torch.no_grad():
+            y, log_qy = deq.noise_flow.sample_and_log_prob(1, x, generator=torch.Generator().manual_seed(0))
+            y, log_qy = y[0], log_qy[0]
+        assert (torch.sigmoid(y) > 1 - 1e-4).float().mean() > 0.3  # many rows really were at the edge
+        expected = log_qy - (F.logsigmoid(y) + F.logsigmoid(-y)).sum(-1)
+        torch.testing.assert_close(log_q, expected)
+
+
+def test_gradients_flow_through_rows_rounded_into_the_cell():
+    deq = _edge_heavy(VariationalDequantization, torch.float32)
+    x = torch.full((256, 2), 1000.0)
+    v, log_q = deq.dequantize(x, generator=torch.Generator().manual_seed(0))
+    shift = deq.noise_flow.transform.shift
+    (grad,) = torch.autograd.grad(v.sum(), shift)
+    assert torch.isfinite(grad).all()
+    # dv/dshift = sum over rows of sigmoid'(y): rounded rows contribute as if unrounded.
+    y = deq.noise_flow.sample_and_log_prob(1, x, generator=torch.Generator().manual_seed(0))[0][0].detach()
+    torch.testing.assert_close(grad, (torch.sigmoid(y) * torch.sigmoid(-y)).sum(0))
 
 
 def test_variational_noise_density_is_normalised_and_matches_its_samples():

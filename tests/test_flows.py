@@ -104,6 +104,46 @@ def test_sample_shapes_and_context_broadcasting(name):
     assert unconditional.sample(4).shape == (4, 2)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_gradients_reach_every_parameter_through_sampling(name):
+    """The sampling direction (``inverse`` of every layer) is differentiable in every parameter.
+
+    No parameter is excluded: every layer's inverse uses all of its parameters (the context networks
+    included, as the context has 3 features), and the fitted flow is far from its zero initialisation.
+    """
+    flow = perturbed(name, 2, 3)
+    context = torch.randn(4, 3, dtype=torch.float64)
+    samples, log_prob = flow.sample_and_log_prob(16, context, generator=torch.Generator().manual_seed(0))
+    names, params = zip(*flow.named_parameters())
+    # autograd.grad leaves .grad of the cached flow untouched; None marks a parameter the graph never reached.
+    grads = torch.autograd.grad(samples.sum() + log_prob.sum(), params, allow_unused=True)
+    for pname, grad in zip(names, grads):
+        assert grad is not None, f"{name}.{pname} got no gradient through sampling"
+        assert torch.isfinite(grad).all(), f"{name}.{pname} got a non-finite gradient"
+        assert grad.abs().sum() > 0, f"{name}.{pname} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_log_prob_and_sampling_identical_in_train_and_eval_mode(name):
+    """No factory uses batch statistics or dropout by default, so the mode must not matter."""
+    torch.manual_seed(0)
+    flow = FACTORIES[name](2, 3, **({"transforms": 4} if name == "planar_flow" else {})).double()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # move every parameter off its (often identity) initialisation
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    context = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        train_lp = flow.train().log_prob(x, context)
+        train_x = flow.sample(8, context[:4], generator=torch.Generator().manual_seed(1))
+        eval_lp = flow.eval().log_prob(x, context)
+        eval_x = flow.sample(8, context[:4], generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(train_lp).all()
+    torch.testing.assert_close(train_lp, eval_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(train_x, eval_x, atol=1e-6, rtol=0)
+
+
 def test_seeded_sampling_is_reproducible():
     flow = perturbed("maf", 2, 1)
     c = torch.zeros(1, dtype=torch.float64)
@@ -130,6 +170,15 @@ def test_flow_input_errors():
         flow.sample(0, torch.zeros(3))
     with pytest.raises(ValueError, match="features >= 2"):
         realnvp(1)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_context_batch_must_broadcast_with_x(name):
+    flow = FACTORIES[name](2, 3)
+    message = r"context of shape \(5, 3\) does not broadcast with x of shape \(4, 2\).*\(5,\) and \(4,\)"
+    with pytest.raises(ValueError, match=message):
+        flow.log_prob(torch.zeros(4, 2), torch.zeros(5, 3))
+    assert flow.log_prob(torch.zeros(4, 1, 2), torch.zeros(5, 3)).shape == (4, 5)  # broadcasting still works
 
 
 def test_lecture_affine_shift_of_uniform():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -166,17 +169,6 @@ def test_every_output_responds_to_context(name):
             assert changed.all(), f"{name}: some outputs ignore context dimension {j}"
 
 
-def test_made_first_output_sees_context():
-    """The bug in a well-known library: the first output of a conditional MADE ignores the context."""
-    for ordering in ("natural", "reverse", "random"):
-        layer = _perturb(MaskedAutoregressive(D, C, hidden_features=(32, 32), ordering=ordering).double())
-        first = layer.made.ordering[0]
-        x, ctx = inputs((16,), C)
-        z = layer(x, ctx)[0]
-        z2 = layer(x, ctx + 1.0)[0]
-        assert ((z2 - z)[:, first].abs() > 1e-9).any(), ordering
-
-
 @pytest.mark.parametrize("name,c", CASES)
 def test_gradients_reach_every_parameter(name, c):
     layer, _, _ = make(name, c)
@@ -230,25 +222,54 @@ def test_finite_for_large_inputs(name, c):
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
 
 
-@pytest.mark.parametrize(
-    "ctor",
-    [
-        lambda: AffineCoupling(D, C),
-        lambda: MaskedAutoregressive(D, C, hidden_features=(8, 8)),
-        lambda: ElementwiseAffine(D, C),
-    ],
-)
-def test_log_scales_bounded_for_huge_preactivations(ctor):
+# Layers whose log-scales are soft-clamped, with the largest |logdet| the clamp allows.
+SOFT_CLAMPED = {
+    "affine_coupling": (lambda: AffineCoupling(D, C), 3.0 * (D // 2)),  # D // 2 dimensions move
+    "maf_layer": (lambda: MaskedAutoregressive(D, C, hidden_features=(8, 8)), 5.0 * D),
+    "iaf_layer": (lambda: InverseAutoregressive(D, C, hidden_features=(8, 8)), 5.0 * D),
+    "elementwise_affine": (lambda: ElementwiseAffine(D, C), 5.0 * D),  # base log_scale starts at 0
+}
+
+
+def _assert_finite_with_gradients(layer, direction, x, ctx) -> torch.Tensor:
+    """Run one direction; outputs, logdet and every parameter's gradient must be finite. Returns logdet."""
+    layer.zero_grad()
+    y, logdet = direction(x, ctx)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    (y.sum() + logdet.sum()).backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} got a non-finite gradient"
+    return logdet
+
+
+@pytest.mark.parametrize("name", list(SOFT_CLAMPED))
+@pytest.mark.parametrize("value", [1e4, -1e4])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_log_scales_bounded_for_huge_preactivations(name, value, direction):
+    """A last conditioner layer saturated at +-1e4 drives the log-scales into the soft clamp."""
+    ctor, bound = SOFT_CLAMPED[name]
     layer = ctor().double()
     with torch.no_grad():
         last = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.fill_(1e4)
-        last.bias.fill_(1e4)
+        last.weight.fill_(value)
+        last.bias.fill_(value)
     x, ctx = inputs((16,), C)
-    z, logdet = layer(x, ctx)
-    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
-    (z.sum() + logdet.sum()).backward()
-    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    logdet = _assert_finite_with_gradients(layer, getattr(layer, direction), x, ctx)
+    assert (logdet.abs() <= bound).all()
+    assert (logdet.abs() > 0.5 * bound).all()  # the pre-activations really reached the clamp
+
+
+@pytest.mark.parametrize("name", list(SOFT_CLAMPED))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_soft_clamped_layers_finite_for_inputs_up_to_50(name, dtype):
+    ctor, _ = SOFT_CLAMPED[name]
+    torch.manual_seed(0)
+    layer = _perturb(ctor().to(dtype))
+    x, ctx = inputs((64,), C, dtype=dtype)
+    x = 50 * x / x.abs().max()  # |x| <= 50, with +-50 attained
+    for direction in (layer.forward, layer.inverse):
+        _assert_finite_with_gradients(layer, direction, x, ctx)
 
 
 # ---------------------------------------------------------------------------- layer specifics
@@ -282,6 +303,46 @@ def test_planar_constraint_keeps_layer_invertible_when_wtu_very_negative():
     z, logdet = layer(x)
     assert torch.isfinite(logdet).all()
     torch.testing.assert_close(layer.inverse(z)[0], x, atol=1e-6, rtol=0)
+
+
+def _planar_1d(c: float, b: float) -> Planar:
+    """A 1-D float64 planar layer with ``w = 1``, ``w^T u_hat = c`` and bias ``b``."""
+    layer = Planar(1).double()
+    with torch.no_grad():
+        layer.w.fill_(1.0)
+        layer.b.fill_(b)
+        layer.u.fill_(math.log(math.expm1(c + 0.999)))  # softplus(u) - 0.999 = c
+    return layer
+
+
+def test_planar_root_finder_does_not_oscillate_between_bracket_ends():
+    """Regression: here plain bracketed Newton jumps between both ends of the bracket for 100 steps."""
+    layer = _planar_1d(c=9.52, b=0.93)
+    x = torch.tensor([[7.18]], dtype=torch.float64)
+    z, logdet = layer(x)  # filterwarnings=error: it must converge without a warning
+    xr, ilogdet = layer.inverse(z)
+    torch.testing.assert_close(xr, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ilogdet, -logdet, atol=1e-10, rtol=0)
+
+
+def test_planar_warns_when_root_finding_does_not_converge():
+    layer = _planar_1d(c=9.52, b=0.93)
+    layer.max_iter = 2
+    x = torch.linspace(-20.0, 20.0, 64, dtype=torch.float64).unsqueeze(-1)
+    with pytest.warns(RuntimeWarning, match=r"max_iter=2 iterations for \d+ of 64 rows \(max residual \d"):
+        z, logdet = layer(x)
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    layer.max_iter = 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, _ = layer(x)  # the same rows converge with the default cap
+    torch.testing.assert_close(layer.inverse(z)[0], x, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("max_iter", [0, -3, 2.5, True])
+def test_planar_rejects_bad_max_iter(max_iter):
+    with pytest.raises(ValueError, match=f"max_iter must be a positive int, got {max_iter!r}"):
+        Planar(D, max_iter=max_iter)
 
 
 def test_batchnorm_uses_batch_statistics_in_training_and_running_averages_in_eval():
