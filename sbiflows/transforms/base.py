@@ -127,8 +127,8 @@ class Inverse(Transform):
     Example:
         >>> from sbiflows.transforms import ElementwiseAffine
         >>> layer = ElementwiseAffine(2, shift=1.0)
-        >>> Inverse(layer)(torch.zeros(1, 2))[0]
-        tensor([[1., 1.]])
+        >>> Inverse(layer)(torch.zeros(1, 2))[0].tolist()
+        [[1.0, 1.0]]
     """
 
     def __init__(self, transform: Transform):
