@@ -35,10 +35,11 @@ def parse_observations(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def run_ours(task, theta, x, observations, *, estimator, seed, threads, num_samples):
+def run_ours(task, theta, x, observations, *, estimator, seed, threads, num_samples, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     start = time.perf_counter()
-    posterior = NPE(task.prior, estimator).fit(theta, x, seed=seed, progress=False, num_threads=threads)
+    posterior = NPE(task.prior, estimator).fit(theta, x, seed=seed, progress=False, num_threads=threads,
+                                               **fit_options)
     train_seconds = time.perf_counter() - start
     samples, sample_seconds = {}, []
     for i in observations:
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
     parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")
+    parser.add_argument("--batch-size", type=int, default=256, help="our training batch size")
+    parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
     parser.add_argument("--json", default=None, help="append a JSON record to this file")
     args = parser.parse_args(argv)
@@ -133,11 +136,13 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads (default)={torch.get_num_threads()}")
 
     record = {"task": args.task, "simulations": args.simulations, "seed": args.seed,
-              "observations": observations, "estimator": args.estimator, "ours": {}}
+              "observations": observations, "estimator": args.estimator, "batch_size": args.batch_size,
+              "patience": args.patience, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator, seed=args.seed,
-                                threads=threads, num_samples=args.num_samples)
+                                threads=threads, num_samples=args.num_samples,
+                                batch_size=args.batch_size, patience=args.patience)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, args.seed)
             record["ours_c2st"] = ours_c2st
