@@ -35,10 +35,10 @@ def parse_observations(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def run_ours(task, theta, x, observations, *, estimator, seed, threads, num_samples, **fit_options):
+def run_ours(task, theta, x, observations, *, estimator, activation, seed, threads, num_samples, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     start = time.perf_counter()
-    posterior = NPE(task.prior, estimator).fit(theta, x, seed=seed, progress=False, num_threads=threads,
+    posterior = NPE(task.prior, estimator, activation=activation).fit(theta, x, seed=seed, progress=False, num_threads=threads,
                                                **fit_options)
     train_seconds = time.perf_counter() - start
     samples, sample_seconds = {}, []
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
     parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")
+    parser.add_argument("--activation", default="tanh", help="our conditioner activation (tanh, relu, ...)")
     parser.add_argument("--batch-size", type=int, default=256, help="our training batch size")
     parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
@@ -136,18 +137,21 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads (default)={torch.get_num_threads()}")
 
     record = {"task": args.task, "simulations": args.simulations, "seed": args.seed,
-              "observations": observations, "estimator": args.estimator, "batch_size": args.batch_size,
+              "observations": observations, "estimator": args.estimator, "activation": args.activation,
+              "batch_size": args.batch_size,
               "patience": args.patience, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
-        run, samples = run_ours(task, theta, x, observations, estimator=args.estimator, seed=args.seed,
+        run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
+                                activation=args.activation, seed=args.seed,
                                 threads=threads, num_samples=args.num_samples,
                                 batch_size=args.batch_size, patience=args.patience)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, args.seed)
             record["ours_c2st"] = ours_c2st
         record["ours"][threads] = run
-        print(f"sbiflows {args.estimator} threads={threads}: train {run['train_seconds']:.1f} s, "
+        print(f"sbiflows {args.estimator} ({args.activation}, batch {args.batch_size}, patience {args.patience}) "
+              f"threads={threads}: train {run['train_seconds']:.1f} s, "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
     print("sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
           + f"  mean {statistics.mean(ours_c2st.values()):.3f}")
