@@ -27,6 +27,7 @@ from torch.distributions import Distribution
 
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.seeding import derive_seed
 from sbiflows.training import TrainingHistory
 
 __all__ = ["Posterior", "as_float_tensor"]
@@ -283,8 +284,8 @@ class Posterior:
     def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
-        if seed is not None:
-            return torch.Generator(device=self.device).manual_seed(int(seed))
+        if seed is not None:  # its own stream: never the same draws as, e.g., a reference sampler's seed
+            return torch.Generator(device=self.device).manual_seed(derive_seed(operator.index(seed), "posterior"))
         return generator
 
     def _theta(self, theta: Any) -> Tensor:

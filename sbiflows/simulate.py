@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.seeding import derive_seed
+
 
 @dataclass
 class SimulationFailure:
@@ -102,7 +104,9 @@ def simulate(
         simulator: Callable ``(N, theta_dim) -> (N, x_dim)``.
         theta: Parameters, shape ``(N, theta_dim)``.
         batch_size: Rows per simulator call.
-        seed: Base seed; batch ``b`` uses ``seed + b``.
+        seed: Base seed; batch ``b`` runs with ``derive_seed(seed, f"simulate/{b}")`` (see :mod:`sbiflows.seeding`), so
+            the simulator's noise never repeats the stream of a generator seeded with ``seed`` itself
+            (e.g. the prior draws of :func:`simulate_from_prior`).
         on_error: ``"nan"`` (failed rows become NaN, summary warning) or ``"raise"``.
         progress: Show a progress bar.
 
@@ -132,7 +136,7 @@ def simulate(
     bar = _bar(len(theta)) if progress else None
     try:
         for b, idx in enumerate(batches):
-            call = _seeded_call(simulator, takes_seed, seed + b)
+            call = _seeded_call(simulator, takes_seed, derive_seed(seed, f"simulate/{b}"))
             try:
                 x = _as_tensor(call(theta[idx]), len(idx), b)
             except ValueError:
@@ -171,6 +175,8 @@ def simulate_from_prior(
 ) -> SimulationResult:
     """Draw ``num_simulations`` parameters from ``prior`` (seeded) and simulate them (see :func:`simulate`).
 
+    The prior draws and the simulations use independent streams derived from ``seed``.
+
     Example:
         >>> from torch.distributions import Normal, Independent
         >>> prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
@@ -180,7 +186,7 @@ def simulate_from_prior(
     if not isinstance(num_simulations, int) or num_simulations < 1:
         raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, "prior"))
         theta = prior.sample((num_simulations,))
     if theta.ndim == 1:
         theta = theta.unsqueeze(-1)

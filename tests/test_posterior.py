@@ -9,6 +9,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, Transfo
 from torch.distributions.transforms import AffineTransform
 
 from sbiflows import NPE, Posterior
+from sbiflows.seeding import derive_seed
 
 NOISE = 0.5
 
@@ -102,7 +103,10 @@ def test_seeded_samples_are_reproducible(box_posterior):
     x_o = torch.zeros(2)
     a = box_posterior.sample(100, x=x_o, seed=5)
     assert torch.equal(a, box_posterior.sample(100, x=x_o, seed=5))
-    assert torch.equal(a, box_posterior.sample(100, x=x_o, generator=torch.Generator().manual_seed(5)))
+    # seed=5 is its own stream (derive_seed), not Generator().manual_seed(5), which a reference sampler may use
+    derived = torch.Generator().manual_seed(derive_seed(5, "posterior"))
+    assert torch.equal(a, box_posterior.sample(100, x=x_o, generator=derived))
+    assert not torch.equal(a, box_posterior.sample(100, x=x_o, generator=torch.Generator().manual_seed(5)))
     assert not torch.equal(a, box_posterior.sample(100, x=x_o, seed=6))
     with pytest.raises(ValueError, match="either seed or generator"):
         box_posterior.sample(10, x=x_o, seed=1, generator=torch.Generator())

@@ -93,3 +93,24 @@ def test_bad_outputs_and_arguments():
         simulate(lambda t: 1 / 0, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="batch 1"):
         simulate(lambda t: torch.zeros(len(t), 2 if t[0, 0] == 0 else 3), torch.tensor([[0.0], [1.0]]), batch_size=1)
+
+
+@pytest.mark.parametrize("simulator", [noisy, seeded])
+def test_simulator_noise_is_independent_of_the_prior_draws(simulator):
+    """One seed drives the prior and the simulator; their streams must not coincide (they did: x = 2 theta)."""
+    result = simulate_from_prior(simulator, PRIOR, 2000, seed=0, batch_size=500)
+    noise = result.x - result.theta
+    for j in range(2):
+        corr = torch.corrcoef(torch.stack([noise[:, j], result.theta[:, j]]))[0, 1]
+        assert abs(float(corr)) < 0.1, (j, float(corr))  # null sd ~0.022; the bug gave 1.0
+
+
+def test_task_simulate_does_not_reuse_a_same_seeded_prior_stream():
+    import simulators
+
+    task = simulators.get("gaussian_linear")
+    torch.manual_seed(3)
+    theta = task.prior.sample((2000,))
+    noise = task.simulate(theta, seed=3) - theta
+    corr = torch.corrcoef(torch.stack([noise[:, 0], theta[:, 0]]))[0, 1]
+    assert abs(float(corr)) < 0.1, float(corr)

@@ -1,0 +1,44 @@
+"""Independent random streams from one user seed.
+
+One ``seed`` argument drives several random steps (prior draws, simulator noise, posterior sampling).
+Seeding each step's generator with the same integer makes their streams *identical*: with
+``torch.manual_seed(0)`` for the prior and ``Generator().manual_seed(0)`` inside a Gaussian simulator,
+the noise equals the standardized parameters and ``x = 2 * theta`` exactly, and posterior samples drawn
+with seed 0 coincide point by point with reference samples drawn with seed 0 (C2ST then falls below
+0.5). :func:`derive_seed` gives every step its own stream, reproducibly, with NumPy's ``SeedSequence``
+(the standard way to spawn independent streams from one seed).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+__all__ = ["derive_seed"]
+
+
+def derive_seed(seed: int, stream: str | int) -> int:
+    """A seed for the random stream named ``stream``, derived from the user's ``seed``.
+
+    Different ``(seed, stream)`` pairs give statistically independent generators; the same pair always
+    gives the same seed.
+
+    Args:
+        seed: The user's seed (any int; negative values are allowed).
+        stream: The name (or number) of the step, e.g. ``"prior"`` or ``"simulate"``.
+
+    Returns:
+        An int in ``[0, 2**63)``, suitable for ``torch.Generator().manual_seed``.
+
+    Example:
+        >>> derive_seed(0, "prior") == derive_seed(0, "prior")
+        True
+        >>> derive_seed(0, "prior") != derive_seed(0, "simulate") != derive_seed(1, "prior")
+        True
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    key = zlib.crc32(stream.encode()) if isinstance(stream, str) else int(stream)
+    sequence = np.random.SeedSequence([int(seed) % 2**64, key % 2**64])
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
