@@ -13,17 +13,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
+import re
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+if TYPE_CHECKING:
+    from simulators.mcmc import Diagnostics
+
 #: Bump when a reference sampler changes, so that stale cache files are recomputed.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 NUM_OBSERVATIONS = 10
 
 
@@ -108,6 +115,9 @@ class Task:
             theta: Parameters of shape ``(N, theta_dim)`` (a single ``(theta_dim,)`` vector is accepted
                 and gives ``(1, x_dim)``).
             seed: Makes the simulation reproducible; ``None`` draws from torch's global generator.
+                The noise generator is seeded with a seed *derived* from ``seed``, so that
+                ``torch.manual_seed(s); theta = prior.sample(...); simulate(theta, seed=s)`` does not
+                reuse the prior's random stream as noise (that made ``x = 2 * theta`` exactly).
 
         Returns:
             Simulations of shape ``(N, x_dim)``, float32. Failed simulations (ODE solver errors) are
@@ -116,7 +126,7 @@ class Task:
         theta = self._check_theta(theta)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(_simulation_stream(int(seed)))
         x = self._simulate(theta, generator)
         return x.to(torch.float32)
 
@@ -137,29 +147,51 @@ class Task:
     def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0) -> Tensor:
         """Samples of the reference posterior for observation ``i``, shape ``(num_samples, theta_dim)``.
 
-        Closed-form posteriors are sampled directly; MCMC-based ones are computed once and cached in
-        :func:`cache_dir` (a corrupt or outdated cache file is recomputed, never trusted).
+        Closed-form posteriors are sampled directly. MCMC-based ones are computed once and cached in
+        :func:`cache_dir`, together with the MCMC settings (``mcmc_options``) and the convergence
+        diagnostics. A cache file is used only if it is intact (checksum), from this
+        :data:`CACHE_VERSION`, for the same settings and seed, and its run passed the convergence
+        checks; anything else is recomputed, never trusted. A request for fewer samples than a valid
+        cache file holds returns the first ``num_samples`` of its (randomly ordered) samples, so the
+        samples returned for a given seed can depend on which files the cache already holds.
+        :attr:`last_diagnostics` then holds the diagnostics of the run (cached or new).
 
         Args:
             i: Observation number, 1..10.
             num_samples: Number of samples to return.
             seed: Seed of the sampler.
+
+        Raises:
+            ValueError: On a bad observation number or sample count.
         """
         self._check_index(i)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not self.cache_reference:
             return self._reference_posterior(i, num_samples, torch.Generator().manual_seed(seed))
-        path = cache_dir() / f"{self.name}_obs{i}_n{num_samples}_seed{seed}_v{CACHE_VERSION}.pt"
-        cached = _load_cached(path, self.name, i, num_samples, self.theta_dim)
+        settings = self.reference_settings()
+        key = CacheKey(self.name, i, seed, settings, self.theta_dim)
+        cached = key.load(num_samples)
         if cached is not None:
-            return cached
+            samples, self.last_diagnostics = cached
+            return samples
+        self.last_diagnostics = None
         samples = self._reference_posterior(i, num_samples, torch.Generator().manual_seed(seed))
-        _save_cached(path, samples, self.name, i)
+        if self.last_diagnostics is None:
+            raise RuntimeError(f"{type(self).__name__}._reference_posterior must set last_diagnostics")
+        key.save(samples, self.last_diagnostics)
         return samples
+
+    def reference_settings(self) -> dict[str, Any]:
+        """The settings that determine cached reference samples: ``mcmc_options`` without ``on_failure``
+        (which only decides between an error and a warning)."""
+        options = getattr(self, "mcmc_options", {})
+        return {k: options[k] for k in sorted(options) if k != "on_failure"}
 
     #: Whether reference samples are expensive (MCMC) and therefore cached on disk.
     cache_reference: bool = False
+    #: Convergence diagnostics of the latest MCMC reference posterior (``None`` before the first).
+    last_diagnostics: Diagnostics | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, theta_dim={self.theta_dim}, x_dim={self.x_dim})"
@@ -214,34 +246,97 @@ def _digest(samples: Tensor) -> str:
     return hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _load_cached(path: Path, name: str, i: int, num_samples: int, theta_dim: int) -> Tensor | None:
-    if not path.exists():
-        return None
-    try:
-        blob = torch.load(path, weights_only=True)
-        samples = blob["samples"]
-        ok = (
-            blob["version"] == CACHE_VERSION
-            and blob["task"] == name
-            and blob["observation"] == i
-            and tuple(samples.shape) == (num_samples, theta_dim)
-            and blob["sha256"] == _digest(samples)
-            and bool(torch.isfinite(samples).all())
+class CacheKey:
+    """Where and how MCMC reference samples of one task, observation, seed and settings are cached.
+
+    Files are named ``<task>_obs<i>_n<num_samples>_seed<seed>_v<CACHE_VERSION>_<settings hash>.pt`` and
+    hold the samples, their SHA-256, the settings and the :class:`simulators.mcmc.Diagnostics`.
+
+    Args:
+        task: Task name.
+        observation: Observation number.
+        seed: Seed of the sampler.
+        settings: MCMC settings (JSON-serializable), see :meth:`Task.reference_settings`.
+        theta_dim: Parameter dimension, checked on load.
+    """
+
+    def __init__(self, task: str, observation: int, seed: int, settings: dict[str, Any], theta_dim: int) -> None:
+        self.task, self.observation, self.seed, self.theta_dim = task, observation, seed, theta_dim
+        self.settings = settings
+        text = json.dumps(settings, sort_keys=True)
+        self.settings_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def path(self, num_samples: int) -> Path:
+        """The cache file for ``num_samples`` samples."""
+        stem = f"{self.task}_obs{self.observation}_n{num_samples}_seed{self.seed}"
+        return cache_dir() / f"{stem}_v{CACHE_VERSION}_{self.settings_hash}.pt"
+
+    def load(self, num_samples: int) -> tuple[Tensor, Diagnostics] | None:
+        """Valid cached samples: from the file for ``num_samples``, else the first ``num_samples`` of the
+        smallest valid larger file; ``None`` if there is none."""
+        pattern = re.compile(
+            rf"{re.escape(self.task)}_obs{self.observation}_n(\d+)_seed{self.seed}_v{CACHE_VERSION}_{self.settings_hash}\.pt"
         )
-    except Exception:  # noqa: BLE001 - any unreadable file is recomputed
+        sizes = []
+        if cache_dir().is_dir():
+            for path in cache_dir().iterdir():
+                match = pattern.fullmatch(path.name)
+                if match and int(match.group(1)) >= num_samples:
+                    sizes.append(int(match.group(1)))
+        for size in sorted(sizes):
+            loaded = self._load_file(self.path(size), size)
+            if loaded is not None:
+                samples, diagnostics = loaded
+                return samples[:num_samples].clone(), diagnostics
         return None
-    return samples if ok else None
+
+    def _load_file(self, path: Path, num_samples: int) -> tuple[Tensor, Diagnostics] | None:
+        from simulators.mcmc import Diagnostics
+
+        try:
+            blob = torch.load(path, weights_only=True)
+            samples = blob["samples"]
+            diagnostics = Diagnostics.from_dict(blob["diagnostics"])
+            ok = (
+                blob["version"] == CACHE_VERSION
+                and blob["task"] == self.task
+                and blob["observation"] == self.observation
+                and blob["seed"] == self.seed
+                and blob["settings"] == self.settings
+                and tuple(samples.shape) == (num_samples, self.theta_dim)
+                and blob["sha256"] == _digest(samples)
+                and bool(torch.isfinite(samples).all())
+                and diagnostics.converged is True
+                and diagnostics.num_samples == num_samples
+            )
+        except Exception:  # noqa: BLE001 - any unreadable file is recomputed
+            return None
+        return (samples, diagnostics) if ok else None
+
+    def save(self, samples: Tensor, diagnostics: Diagnostics) -> None:
+        """Write ``samples`` with the settings and diagnostics (atomically: a temporary file, then a rename).
+
+        A run that failed the convergence checks (``on_failure="warn"``) is saved too, for inspection,
+        but :meth:`load` never returns it.
+        """
+        path = self.path(len(samples))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "version": CACHE_VERSION,
+            "task": self.task,
+            "observation": self.observation,
+            "seed": self.seed,
+            "settings": self.settings,
+            "diagnostics": diagnostics.to_dict(),
+            "samples": samples.contiguous(),
+            "sha256": _digest(samples),
+        }
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
 
 
-def _save_cached(path: Path, samples: Tensor, name: str, i: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "version": CACHE_VERSION,
-        "task": name,
-        "observation": i,
-        "samples": samples.contiguous(),
-        "sha256": _digest(samples),
-    }
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+def _simulation_stream(seed: int) -> int:
+    """The noise generator's seed for a user ``seed``: its own stream (``SeedSequence`` of ``(seed, tag)``)."""
+    sequence = np.random.SeedSequence([seed % 2**64, 0x5E1A])  # tag: this stream is the simulator noise
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -4,13 +4,20 @@ Used where a task's posterior has no closed form: ``sample_posterior(log_likelih
 hundreds of chains in parallel (one batched ``log_likelihood`` call per sampler iteration), in the
 unconstrained space ``z = biject_to(prior.support).inv(theta)`` with the log-abs-det correction, so
 bounded priors are handled exactly. Chains start from prior draws, resampled by likelihood
-(``init="sir"``) or not (``init="prior"``).
+(``init="sir"``) or not (``init="prior"``). :func:`sample_posteriors` does the same for several
+datasets at once (each dataset gets its own chains, all evaluated in the same batched calls), which
+is how the calibration of the sampler is tested on many simulated datasets.
 
 The kernel is slice sampling (Neal 2003, stepping out and shrinkage) along lines: each step sweeps
 over the directions ``L u_1, ..., L u_D``, with ``u_k`` a random orthonormal basis per chain and ``L``
 the Cholesky factor of the chains' covariance, re-estimated during warm-up (it starts at the prior's).
 It needs no step size, is robust to a wrong scale and adapts to correlated posteriors. Diagnostics
 follow Vehtari et al. (2021): rank-normalized split R-hat and bulk effective sample size.
+
+Near-independent draws: the returned samples are a random subset of the pooled chains, and their
+effective sample size (:attr:`Diagnostics.sample_ess`, estimated from the chains' bulk ESS) must be
+at least ``ess_fraction * num_samples`` (default one half). If it is not, or R-hat is too high, the
+chains are run longer and thinned more (up to ``max_thin``) before the check fails.
 
 Example:
     >>> import torch
@@ -26,8 +33,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -37,14 +44,26 @@ from torch import Tensor
 from torch.distributions import Distribution, biject_to
 
 LogProbFn = Callable[[Tensor], Tensor]
+#: A log density of chains that differ by dataset: ``(points (N, D), dataset index (N,)) -> (N,)``.
+IndexedLogProbFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Kept draws per chain are at least this many, so that R-hat and ESS are meaningful.
+MIN_DRAWS = 50
+#: Default of ``ess_fraction``: the returned samples' ESS must be at least this fraction of their number.
+ESS_FRACTION = 0.5
+#: Default of ``max_thin`` as a multiple of ``thin``: how much longer chains may run to pass the checks.
+MAX_EXTENSION = 8
 
 __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "Diagnostics",
+    "convergence_message",
     "ess",
     "rhat",
+    "run_chains",
     "sample_posterior",
+    "sample_posteriors",
     "slice_chains",
 ]
 
@@ -59,21 +78,63 @@ class ConvergenceWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Diagnostics:
-    """Convergence summary of a run of :func:`sample_posterior`.
+    """Convergence summary of a run of :func:`run_chains` (and so of :func:`sample_posterior`).
+
+    Per-parameter entries have shape ``(D,)`` for one dataset and ``(num_datasets, D)`` for
+    :func:`sample_posteriors`.
 
     Attributes:
         rhat: Rank-normalized split R-hat per parameter (want < 1.05; 1 is perfect).
-        ess: Bulk effective sample size per parameter, over all kept draws.
-        num_chains: Number of parallel chains.
+        ess: Bulk effective sample size per parameter, over all kept draws of all chains.
+        sample_ess: Estimated effective sample size of the ``num_samples`` returned draws (a random
+            subset of the ``P`` kept draws): ``n / (1 + (n - 1) (P / ess - 1) / (P - 1))`` for
+            ``n = num_samples``, capped at ``n``. It equals ``ess`` when all draws are returned and
+            approaches ``n`` when ``ess`` is much larger than ``n``.
+        num_samples: Number of returned samples (per dataset).
+        num_chains: Number of parallel chains (per dataset).
         draws_per_chain: Kept draws per chain (after warm-up and thinning).
+        thin: Thinning of the kept draws (larger than requested if the chains had to be extended).
         evals_per_step: Mean number of log-density evaluations per chain and sampler step.
+        converged: Whether R-hat and ``sample_ess`` passed the checks of the run.
     """
 
     rhat: Tensor
     ess: Tensor
+    sample_ess: Tensor
+    num_samples: int
     num_chains: int
     draws_per_chain: int
+    thin: int
     evals_per_step: float
+    converged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (tensors as nested lists), e.g. to store with cached samples."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Diagnostics:
+        """The inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: If a field is missing.
+        """
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        if missing:
+            raise ValueError(f"diagnostics lack the fields {missing}")
+        tensors = {"rhat", "ess", "sample_ess"}
+        return cls(**{
+            f.name: torch.tensor(values[f.name], dtype=torch.float64) if f.name in tensors else values[f.name]
+            for f in fields(cls)
+        })
+
+    def select(self, k: int) -> Diagnostics:
+        """The diagnostics of dataset ``k`` of a :func:`sample_posteriors` run (``converged`` is the run's)."""
+        return replace(self, rhat=self.rhat[k], ess=self.ess[k], sample_ess=self.sample_ess[k])
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, Tensor) else value
 
 
 # ------------------------------------------------------------------------------ diagnostics
@@ -173,8 +234,9 @@ def ess(chains: Tensor | np.ndarray) -> Tensor:
 
 
 # ------------------------------------------------------------------------------- sampler
-def _safe_log_prob(fn: LogProbFn, z: Tensor) -> Tensor:
-    out = fn(z)
+def _safe_log_prob(fn: IndexedLogProbFn, z: Tensor, rows: Tensor) -> Tensor:
+    """``fn(z, rows)`` with NaN mapped to ``-inf``; ``rows`` are the chains the points belong to."""
+    out = fn(z, rows)
     if out.shape != z.shape[:1]:
         raise ValueError(f"log_prob_fn must return shape ({z.shape[0]},), got {tuple(out.shape)}")
     out = out.to(z.dtype)
@@ -182,7 +244,7 @@ def _safe_log_prob(fn: LogProbFn, z: Tensor) -> Tensor:
 
 
 def _slice_along(
-    fn: LogProbFn,
+    fn: IndexedLogProbFn,
     z: Tensor,
     logp: Tensor,
     direction: Tensor,
@@ -209,7 +271,7 @@ def _slice_along(
     while bool(active.any()):
         side, chain = active.nonzero(as_tuple=True)
         points = z[chain] + ends[side, chain, None] * direction[chain]
-        inside = _safe_log_prob(fn, points) > level[chain]
+        inside = _safe_log_prob(fn, points, chain) > level[chain]
         evals += len(chain)
         active[side[~inside], chain[~inside]] = False
         ends = ends + width * sign * active
@@ -221,7 +283,7 @@ def _slice_along(
     for _ in range(200):  # shrinkage; terminates with probability one
         t = left[active] + (right[active] - left[active]) * torch.rand(len(active), **opts)
         proposal = z[active] + t[:, None] * direction[active]
-        lp = _safe_log_prob(fn, proposal)
+        lp = _safe_log_prob(fn, proposal, active)
         evals += len(active)
         accept = lp > level[active]
         new_z[active[accept]], new_logp[active[accept]] = proposal[accept], lp[accept]
@@ -236,9 +298,12 @@ def _slice_along(
 
 
 def _sweep(
-    fn: LogProbFn, z: Tensor, logp: Tensor, chol: Tensor, width: float, generator: torch.Generator
+    fn: IndexedLogProbFn, z: Tensor, logp: Tensor, chol: Tensor, width: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, int]:
-    """Slice-sample along D random orthogonal directions of the whitened space, per chain."""
+    """Slice-sample along D random orthogonal directions of each chain's whitened space.
+
+    ``chol`` is the Cholesky factor of all chains, ``(D, D)``, or one per chain, ``(n, D, D)``.
+    """
     n, d = z.shape
     evals = 0
     basis: list[Tensor] = []
@@ -250,7 +315,8 @@ def _sweep(
             u = u - (u * b).sum(-1, keepdim=True) * b
         u = u / u.norm(dim=-1, keepdim=True)
         basis.append(u)
-        z, logp, e = _slice_along(fn, z, logp, u @ chol.T, width, generator)
+        direction = u @ chol.T if chol.ndim == 2 else (chol @ u.unsqueeze(-1)).squeeze(-1)
+        z, logp, e = _slice_along(fn, z, logp, direction, width, generator)
         evals += e
     return z, logp, evals
 
@@ -260,6 +326,71 @@ def _cholesky_of(points: Tensor) -> Tensor:
     cov = torch.atleast_2d(torch.cov(points.T))
     jitter = 1e-8 * cov.diagonal().mean().clamp_min(1e-12)
     return torch.linalg.cholesky(cov + jitter * torch.eye(d, dtype=points.dtype))
+
+
+class _Chains:
+    """The state of parallel slice-sampling chains, which can be advanced again after a first run.
+
+    Chains are split into groups (datasets); the chains of a group share a direction covariance,
+    estimated from them during warm-up, and ``fn`` gets the chain index of every point it evaluates.
+    """
+
+    def __init__(
+        self,
+        fn: IndexedLogProbFn,
+        init: Tensor,
+        *,
+        groups: Tensor,
+        scale_tril: Tensor | None,
+        width: float,
+        generator: torch.Generator,
+    ) -> None:
+        self.fn, self.width, self.generator = fn, width, generator
+        self.z = init.detach().to(torch.float64).clone()
+        num_chains, d = self.z.shape
+        self.logp = _safe_log_prob(fn, self.z, torch.arange(num_chains))
+        if not torch.isfinite(self.logp).all():
+            raise ValueError("init: every starting point must have a finite log density")
+        self.groups = groups
+        num_groups = int(groups.max()) + 1
+        chol = torch.eye(d, dtype=torch.float64) if scale_tril is None else scale_tril.to(torch.float64)
+        self.chol = chol.expand(num_groups, d, d).clone() if chol.ndim == 2 else chol.clone()
+        self.evals = 0
+        self.steps = 0
+
+    @property
+    def evals_per_step(self) -> float:
+        """Mean number of log-density evaluations per chain and step so far."""
+        return self.evals / max(self.steps * self.z.shape[0], 1)
+
+    def _step(self) -> None:
+        chol = self.chol[0] if len(self.chol) == 1 else self.chol[self.groups]
+        self.z, self.logp, evals = _sweep(self.fn, self.z, self.logp, chol, self.width, self.generator)
+        self.evals += evals
+        self.steps += 1
+
+    def warm_up(self, num_steps: int) -> None:
+        """Run ``num_steps`` discarded steps; re-estimate the covariances at 1/4, 1/2 and 3/4 of them."""
+        window = num_steps // 4
+        history: list[Tensor] = []
+        for step in range(1, num_steps + 1):
+            self._step()
+            history.append(self.z)
+            if window > 0 and step in (window, 2 * window, 3 * window):
+                recent = torch.stack(history[-window:])  # (window, num_chains, D)
+                for g in range(len(self.chol)):
+                    points = recent[:, self.groups == g].reshape(-1, self.z.shape[1])
+                    if len(points) > 1:
+                        self.chol[g] = _cholesky_of(points)
+
+    def draw(self, num_draws: int, thin: int) -> Tensor:
+        """Run ``num_draws * thin`` steps and keep every ``thin``-th: shape ``(num_chains, num_draws, D)``."""
+        kept = []
+        for step in range(1, num_draws * thin + 1):
+            self._step()
+            if step % thin == 0:
+                kept.append(self.z)
+        return torch.stack(kept, dim=1)
 
 
 def slice_chains(
@@ -301,28 +432,192 @@ def slice_chains(
         >>> chains.shape
         torch.Size([8, 100, 2])
     """
-    z = init.detach().to(torch.float64).clone()
-    logp = _safe_log_prob(log_prob_fn, z)
-    if not torch.isfinite(logp).all():
-        raise ValueError("init: every starting point must have a finite log density")
-    d = z.shape[1]
-    chol = torch.eye(d, dtype=z.dtype) if scale_tril is None else scale_tril.to(z.dtype)
-    adapt_at = {warmup // 4: warmup // 4, warmup // 2: warmup // 4, 3 * warmup // 4: warmup // 4}
-    history: list[Tensor] = []
-    kept: list[Tensor] = []
-    total_evals = 0
-    num_steps = warmup + num_draws * thin
-    for step in range(1, num_steps + 1):
-        z, logp, evals = _sweep(log_prob_fn, z, logp, chol, width, generator)
-        total_evals += evals
-        if step <= warmup:
-            history.append(z)
-            window = adapt_at.get(step, 0)
-            if window > 0:
-                chol = _cholesky_of(torch.cat(history[-window:]))
-        elif (step - warmup) % thin == 0:
-            kept.append(z)
-    return torch.stack(kept, dim=1), total_evals / (num_steps * z.shape[0])
+    chains = _Chains(
+        lambda z, rows: log_prob_fn(z),
+        init,
+        groups=torch.zeros(len(init), dtype=torch.long),
+        scale_tril=scale_tril,
+        width=width,
+        generator=generator,
+    )
+    chains.warm_up(warmup)
+    draws = chains.draw(num_draws, thin)
+    return draws, chains.evals_per_step
+
+
+def _subset_ess(ess_all: Tensor, pool: int, n: int) -> Tensor:
+    """ESS of ``n`` draws picked at random from ``pool`` draws whose bulk ESS is ``ess_all``.
+
+    Every pair of distinct picks is a random pair of the pool, whose mean correlation is
+    ``(pool / ess_all - 1) / (pool - 1)``; hence the variance of the subset mean.
+    """
+    if n <= 1 or pool <= 1:
+        return torch.full_like(ess_all, float(n))
+    inflation = 1.0 + (n - 1) * (pool / ess_all - 1.0) / (pool - 1)
+    return (n / inflation).clamp(max=float(n))
+
+
+def _failure(diag: Diagnostics, max_rhat: float, min_ess: float) -> str | None:
+    """``None`` if the checks pass, else what failed."""
+    problems = []
+    if not bool((diag.rhat <= max_rhat).all()):
+        problems.append(f"max R-hat {float(diag.rhat.max()):.3f} > {max_rhat}")
+    if not bool((diag.sample_ess >= min_ess).all()):
+        problems.append(
+            f"min ESS of the {diag.num_samples} returned samples {float(diag.sample_ess.min()):.0f} < {min_ess:.0f}"
+        )
+    return "; ".join(problems) if problems else None
+
+
+def convergence_message(diag: Diagnostics, max_rhat: float, min_ess: float) -> str:
+    """A description of the diagnostics and of the failed checks, for errors and warnings.
+
+    For several datasets, the per-parameter values are those of the worst dataset (highest R-hat
+    relative to ``max_rhat``, or else lowest ESS).
+
+    Args:
+        diag: The diagnostics of a run.
+        max_rhat: The R-hat threshold of the run.
+        min_ess: The threshold of ``diag.sample_ess``.
+    """
+    failure = _failure(diag, max_rhat, min_ess) or "all checks passed"
+    shown, where = diag, ""
+    if diag.rhat.ndim == 2:
+        rhat_bad = (diag.rhat > max_rhat).any(1)
+        k = int(diag.rhat.amax(1).argmax()) if rhat_bad.any() else int(diag.sample_ess.amin(1).argmin())
+        shown, where = diag.select(k), f" (dataset {k} of {len(diag.rhat)})"
+    return (
+        f"{failure}; R-hat {shown.rhat.numpy().round(3)}, ESS of the returned samples "
+        f"{shown.sample_ess.numpy().round(0)}{where}, after {diag.num_chains} chains x {diag.draws_per_chain} "
+        f"draws thinned by {diag.thin}"
+    )
+
+
+def run_chains(
+    log_prob_fn: IndexedLogProbFn,
+    init: Tensor,
+    num_samples: int,
+    *,
+    num_datasets: int = 1,
+    warmup: int,
+    thin: int = 1,
+    max_thin: int | None = None,
+    scale_tril: Tensor | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    max_rhat: float = 1.05,
+    min_ess: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Diagnostics]:
+    """Sample until R-hat and the returned samples' ESS pass, or the thinning reaches ``max_thin``.
+
+    The chains warm up, then keep ``max(ceil(num_samples / num_chains), 50)`` draws each, every
+    ``thin``-th step. While a check fails and the thinning may still grow, they are run ``k`` times
+    longer and every ``k``-th kept draw is retained (``k`` from the ESS shortfall, at least 2), so
+    that the kept draws become less correlated at a constant number. The checks are recorded in
+    :attr:`Diagnostics.converged`; raising or warning is up to the caller.
+
+    Args:
+        log_prob_fn: Unnormalized log density of the chains' space, ``(points (N, D), dataset index
+            (N,)) -> (N,)``; ``-inf``/NaN mean zero density.
+        init: Starting points ``(num_datasets * num_chains, D)`` with finite log density; rows
+            ``k * num_chains ... (k + 1) * num_chains - 1`` are the chains of dataset ``k``.
+        num_samples: Samples returned per dataset.
+        num_datasets: Number of datasets (groups of chains with their own covariance adaptation).
+        warmup: Discarded steps, with covariance adaptation at 1/4, 1/2 and 3/4 of them.
+        thin: Initial thinning.
+        max_thin: Largest thinning the chains may be extended to (default ``8 * thin``); at most
+            ``max_thin / thin`` times the initial sampling steps are run.
+        scale_tril: Initial direction Cholesky factor, ``(D, D)`` or ``(num_datasets, D, D)``.
+        transform: Map from the chains' space to the returned space (e.g. ``exp``), applied before
+            the diagnostics; default: the identity.
+        max_rhat: R-hat threshold.
+        min_ess: Threshold of :attr:`Diagnostics.sample_ess` (e.g. ``0.5 * num_samples``).
+        generator: Source of all randomness.
+
+    Returns:
+        ``(samples, diagnostics)``: samples of shape ``(num_datasets, num_samples, D)``, float32, a
+        random subset of the pooled kept draws of each dataset; diagnostics with entries of shape
+        ``(num_datasets, D)``.
+
+    Raises:
+        ValueError: On a bad ``init``, ``thin`` or ``max_thin``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> samples, diag = run_chains(lambda z, k: -0.5 * (z**2).sum(-1), torch.zeros(8, 2), 400,
+        ...                            warmup=20, min_ess=200, generator=g)
+        >>> samples.shape, diag.converged
+        (torch.Size([1, 400, 2]), True)
+    """
+    if not isinstance(num_datasets, int) or num_datasets < 1:
+        raise ValueError(f"num_datasets must be a positive int, got {num_datasets!r}")
+    num_chains, d = init.shape[0] // num_datasets, init.shape[-1]
+    if init.ndim != 2 or num_chains < 2 or init.shape[0] != num_chains * num_datasets:
+        raise ValueError(
+            f"init must have shape (num_datasets * num_chains, D) with num_chains >= 2, got {tuple(init.shape)} "
+            f"for {num_datasets} datasets"
+        )
+    max_thin = MAX_EXTENSION * thin if max_thin is None else max_thin
+    if not isinstance(thin, int) or thin < 1 or not isinstance(max_thin, int) or max_thin < thin:
+        raise ValueError(f"thin and max_thin must be ints with 1 <= thin <= max_thin, got {thin} and {max_thin}")
+    transform = transform or (lambda z: z)
+    groups = torch.arange(num_chains * num_datasets) // num_chains
+    chains = _Chains(
+        lambda z, rows: log_prob_fn(z, groups[rows]),
+        init,
+        groups=groups,
+        scale_tril=scale_tril,
+        width=3.0,
+        generator=generator,
+    )
+    chains.warm_up(warmup)
+    draws = max(math.ceil(num_samples / num_chains), MIN_DRAWS)
+    kept = chains.draw(draws, thin)
+    while True:
+        theta = transform(kept).reshape(num_datasets, num_chains, draws, d)
+        chain_ess = torch.stack([ess(t) for t in theta])
+        diag = Diagnostics(
+            rhat=torch.stack([rhat(t) for t in theta]),
+            ess=chain_ess,
+            sample_ess=_subset_ess(chain_ess, num_chains * draws, num_samples),
+            num_samples=num_samples,
+            num_chains=num_chains,
+            draws_per_chain=draws,
+            thin=thin,
+            evals_per_step=chains.evals_per_step,
+            converged=False,
+        )
+        if _failure(diag, max_rhat, min_ess) is None:
+            diag = replace(diag, converged=True)
+            break
+        factor = min(_extension_factor(diag, min_ess), max_thin // thin)
+        if factor < 2:
+            break
+        more = chains.draw(draws * (factor - 1), thin)
+        kept = torch.cat([kept, more], dim=1)[:, factor - 1 :: factor]
+        thin *= factor
+    pooled = theta.reshape(num_datasets, num_chains * draws, d)
+    picks = torch.stack([torch.randperm(num_chains * draws, generator=generator)[:num_samples]
+                         for _ in range(num_datasets)])
+    samples = torch.gather(pooled, 1, picks[..., None].expand(-1, -1, d))
+    return samples.to(torch.float32), diag
+
+
+def _extension_factor(diag: Diagnostics, min_ess: float) -> int:
+    """How many times longer to run (and thin) so that ``sample_ess`` reaches ``min_ess``, with margin.
+
+    Thinning ``k`` times multiplies the chains' ESS by about ``k`` until the draws are independent.
+    A failure of R-hat alone doubles the run.
+    """
+    if bool((diag.sample_ess >= min_ess).all()):
+        return 2
+    pool, n = diag.num_chains * diag.draws_per_chain, diag.num_samples
+    # Invert _subset_ess: the chain ESS at which the subset reaches min_ess.
+    denominator = 1.0 + (n / max(min_ess, 1e-12) - 1.0) * (pool - 1) / max(n - 1, 1)
+    if denominator <= 0:
+        return 2**62  # unreachable by thinning: as long as allowed
+    needed = pool / denominator
+    return max(2, math.ceil(1.2 * needed / float(diag.ess.clamp_min(1e-12).min())))
 
 
 def _prior_draws(prior: Distribution, num: int, generator: torch.Generator) -> Tensor:
@@ -335,11 +630,9 @@ def _prior_draws(prior: Distribution, num: int, generator: torch.Generator) -> T
         torch.set_rng_state(state)
 
 
-def _initial_points(
-    log_prob_z: LogProbFn, z: Tensor, num_chains: int, init: str, generator: torch.Generator
-) -> Tensor:
-    """Starting points from unconstrained prior draws ``z``: the first finite ones, or SIR."""
-    logp = torch.cat([_safe_log_prob(log_prob_z, chunk) for chunk in z.split(10_000)])
+def _initial_points(logp: Tensor, z: Tensor, num_chains: int, init: str, generator: torch.Generator) -> Tensor:
+    """Starting points from unconstrained prior draws ``z`` with log densities ``logp``: the first
+    finite ones, or SIR."""
     finite = torch.isfinite(logp)
     if int(finite.sum()) < (num_chains if init == "prior" else 1):
         raise RuntimeError(f"only {int(finite.sum())} of {len(z)} prior draws have finite likelihood")
@@ -352,6 +645,127 @@ def _initial_points(
     return z[torch.multinomial(weights, num_chains, replacement=not distinct, generator=generator)]
 
 
+def sample_posteriors(
+    log_likelihood: IndexedLogProbFn,
+    prior: Distribution,
+    num_datasets: int,
+    num_samples: int,
+    *,
+    num_chains: int = 100,
+    warmup: int = 100,
+    thin: int = 1,
+    max_thin: int | None = None,
+    generator: torch.Generator | None = None,
+    init: Literal["sir", "prior"] = "sir",
+    max_rhat: float = 1.05,
+    ess_fraction: float = ESS_FRACTION,
+    min_ess: float | None = None,
+    on_failure: Literal["raise", "warn"] = "raise",
+    return_diagnostics: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor | tuple[Tensor, Diagnostics]:
+    """Sample the posteriors of ``num_datasets`` datasets at once, ``num_chains`` chains each.
+
+    Like :func:`sample_posterior`, but ``log_likelihood(theta, k)`` gets the dataset index ``k`` (a long
+    tensor of shape ``(N,)``) of every row of ``theta``, so that all chains of all datasets are
+    evaluated in the same batched call. Each dataset gets its own starting points and direction
+    covariance; the checks apply to every dataset, and the chains of all of them are extended together.
+
+    Args:
+        log_likelihood: ``(theta (N, D), k (N,)) -> (N,)``, the log-likelihood of dataset ``k[j]`` at
+            ``theta[j]``; it gets ``theta`` as ``dtype`` inside the prior's support. NaN counts as ``-inf``.
+        prior: A torch distribution with event shape ``(D,)`` and a support ``biject_to`` knows.
+        num_datasets: Number of datasets.
+        num_samples: Number of posterior samples returned per dataset.
+        num_chains: Parallel chains per dataset.
+        warmup: See :func:`sample_posterior`, as are ``thin``, ``max_thin``, ``generator``, ``init``,
+            ``max_rhat``, ``ess_fraction``, ``min_ess``, ``on_failure``, ``return_diagnostics`` and ``dtype``.
+
+    Returns:
+        Samples of shape ``(num_datasets, num_samples, D)``, float32; with ``return_diagnostics``, a
+        tuple ``(samples, diagnostics)`` with diagnostics entries of shape ``(num_datasets, D)``.
+
+    Raises:
+        ValueError: On invalid arguments.
+        ConvergenceError: If a check fails for some dataset and ``on_failure="raise"``.
+
+    Example:
+        >>> from torch.distributions import MultivariateNormal
+        >>> prior = MultivariateNormal(torch.zeros(1), torch.eye(1))
+        >>> x = torch.tensor([[-2.0], [2.0]], dtype=torch.float64)
+        >>> s = sample_posteriors(lambda t, k: -0.5 * ((t - x[k]) ** 2).sum(-1), prior, 2, 500,
+        ...                       num_chains=20, generator=torch.Generator().manual_seed(0))
+        >>> s.shape, s.mean(1).round().flatten().tolist()
+        (torch.Size([2, 500, 1]), [-1.0, 1.0])
+    """
+    if not isinstance(num_datasets, int) or num_datasets < 1:
+        raise ValueError(f"num_datasets must be a positive int, got {num_datasets!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not isinstance(num_chains, int) or num_chains < 2:
+        raise ValueError(f"num_chains must be an int >= 2, got {num_chains!r}")
+    if init not in ("sir", "prior"):
+        raise ValueError(f"init must be 'sir' or 'prior', got {init!r}")
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
+    if not 0 <= ess_fraction <= 1:
+        raise ValueError(f"ess_fraction must be in [0, 1], got {ess_fraction!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    transform = biject_to(prior.support)
+    num_candidates = max(10 * num_chains, 10_000) if init == "sir" else 4 * num_chains
+    candidates = _prior_draws(prior, num_candidates, generator)
+    prior_dtype = candidates.dtype
+
+    def log_prob_z(z: Tensor, index: Tensor) -> Tensor:
+        theta = transform(z)
+        out = torch.full(z.shape[:1], -math.inf, dtype=z.dtype)
+        inside = prior.support.check(theta)  # saturated bijections can land on the boundary
+        if inside.any():
+            t = theta[inside]
+            ll = log_likelihood(t.to(dtype), index[inside])
+            if not isinstance(ll, Tensor) or ll.shape != t.shape[:1]:
+                got = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
+                raise ValueError(f"log_likelihood must return shape ({len(t)},), got {got}")
+            lp = ll.to(z.dtype) + prior.log_prob(t.to(prior_dtype))
+            out[inside] = lp + transform.log_abs_det_jacobian(z[inside], t)
+        return out
+
+    candidates_z = transform.inv(candidates.to(torch.float64))
+    starts = []
+    for k in range(num_datasets):
+        index = torch.full((len(candidates_z),), k, dtype=torch.long)
+        logp = torch.cat([_safe_log_prob(log_prob_z, chunk, rows)
+                          for chunk, rows in zip(candidates_z.split(10_000), index.split(10_000))])
+        starts.append(_initial_points(logp, candidates_z, num_chains, init, generator))
+    finite = torch.isfinite(candidates_z).all(-1)
+    min_ess = ess_fraction * num_samples if min_ess is None else min_ess
+    samples, diag = run_chains(
+        log_prob_z,
+        torch.cat(starts),
+        num_samples,
+        num_datasets=num_datasets,
+        warmup=warmup,
+        thin=thin,
+        max_thin=max_thin,
+        scale_tril=_cholesky_of(candidates_z[finite]),  # the prior's scale, until adapted
+        transform=transform,
+        max_rhat=max_rhat,
+        min_ess=min_ess,
+        generator=generator,
+    )
+    if not diag.converged:
+        shown = diag.select(0) if num_datasets == 1 else diag
+        message = (
+            f"MCMC did not converge ({convergence_message(shown, max_rhat, min_ess)}); "
+            "try more warmup, thin, max_thin or num_chains"
+        )
+        if on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    return (samples, diag) if return_diagnostics else samples
+
+
 def sample_posterior(
     log_likelihood: LogProbFn,
     prior: Distribution,
@@ -360,9 +774,11 @@ def sample_posterior(
     num_chains: int = 100,
     warmup: int = 100,
     thin: int = 1,
+    max_thin: int | None = None,
     generator: torch.Generator | None = None,
     init: Literal["sir", "prior"] = "sir",
     max_rhat: float = 1.05,
+    ess_fraction: float = ESS_FRACTION,
     min_ess: float | None = None,
     on_failure: Literal["raise", "warn"] = "raise",
     return_diagnostics: bool = False,
@@ -377,20 +793,27 @@ def sample_posterior(
         num_samples: Number of posterior samples returned.
         num_chains: Parallel chains (each log-likelihood call is batched over them).
         warmup: Discarded steps per chain.
-        thin: Keep every ``thin``-th step after warm-up.
+        thin: Keep every ``thin``-th step after warm-up (initially, see ``max_thin``).
+        max_thin: If a check fails, the chains are run longer and thinned more, up to this thinning
+            (default ``8 * thin``; ``thin`` disables the extension).
         generator: Source of all randomness (``None``: seeded from torch's global RNG).
         init: ``"sir"`` starts chains at prior draws resampled by likelihood; ``"prior"`` at prior draws.
         max_rhat: Fail if any parameter's R-hat exceeds it.
-        min_ess: Fail if any parameter's bulk ESS is below it (default ``min(num_samples, 1000) / 10``,
-            at least 50).
+        ess_fraction: Fail if the estimated ESS of the returned samples (:attr:`Diagnostics.sample_ess`)
+            is below ``ess_fraction * num_samples`` for any parameter: 1 means independent draws.
+        min_ess: An absolute threshold of the returned samples' ESS instead of ``ess_fraction``.
         on_failure: ``"raise"`` a :class:`ConvergenceError` or ``"warn"`` with a
-            :class:`ConvergenceWarning` when a check fails.
+            :class:`ConvergenceWarning` when a check fails (after the extension).
         return_diagnostics: Also return a :class:`Diagnostics`.
         dtype: Floating dtype of ``theta`` passed to ``log_likelihood``.
 
     Returns:
         Samples of shape ``(num_samples, D)`` in the prior's space (randomly drawn from the pooled
         chains), float32; with ``return_diagnostics``, a tuple ``(samples, diagnostics)``.
+
+    Raises:
+        ValueError: On invalid arguments.
+        ConvergenceError: If a check fails and ``on_failure="raise"``.
 
     Example:
         >>> from torch.distributions import MultivariateNormal
@@ -400,65 +823,22 @@ def sample_posterior(
         >>> bool(((s.mean(0) - 0.5).abs() < 0.1).all())
         True
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if not isinstance(num_chains, int) or num_chains < 2:
-        raise ValueError(f"num_chains must be an int >= 2, got {num_chains!r}")
-    if init not in ("sir", "prior"):
-        raise ValueError(f"init must be 'sir' or 'prior', got {init!r}")
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-    transform = biject_to(prior.support)
-    num_candidates = max(10 * num_chains, 10_000) if init == "sir" else 4 * num_chains
-    candidates = _prior_draws(prior, num_candidates, generator)
-    prior_dtype = candidates.dtype
-
-    def log_prob_z(z: Tensor) -> Tensor:
-        theta = transform(z)
-        out = torch.full(z.shape[:1], -math.inf, dtype=z.dtype)
-        inside = prior.support.check(theta)  # saturated bijections can land on the boundary
-        if inside.any():
-            t = theta[inside]
-            ll = log_likelihood(t.to(dtype))
-            if not isinstance(ll, Tensor) or ll.shape != t.shape[:1]:
-                got = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
-                raise ValueError(f"log_likelihood must return shape ({len(t)},), got {got}")
-            lp = ll.to(z.dtype) + prior.log_prob(t.to(prior_dtype))
-            out[inside] = lp + transform.log_abs_det_jacobian(z[inside], t)
-        return out
-
-    candidates_z = transform.inv(candidates.to(torch.float64))
-    z0 = _initial_points(log_prob_z, candidates_z, num_chains, init, generator)
-    finite = torch.isfinite(candidates_z).all(-1)
-    draws = max(math.ceil(num_samples / num_chains), 50)  # enough for a meaningful R-hat
-    chains_z, evals = slice_chains(
-        log_prob_z,
-        z0,
-        num_draws=draws,
+    samples, diag = sample_posteriors(
+        lambda theta, index: log_likelihood(theta),
+        prior,
+        1,
+        num_samples,
+        num_chains=num_chains,
         warmup=warmup,
         thin=thin,
-        scale_tril=_cholesky_of(candidates_z[finite]),  # the prior's scale, until adapted
+        max_thin=max_thin,
         generator=generator,
+        init=init,
+        max_rhat=max_rhat,
+        ess_fraction=ess_fraction,
+        min_ess=min_ess,
+        on_failure=on_failure,
+        return_diagnostics=True,
+        dtype=dtype,
     )
-    chains = transform(chains_z)
-    diag = Diagnostics(rhat(chains), ess(chains), num_chains, draws, evals)
-    threshold = max(min(num_samples, 1000) / 10, 50) if min_ess is None else min_ess
-    problems = []
-    if not bool((diag.rhat <= max_rhat).all()):
-        problems.append(f"max R-hat {float(diag.rhat.max()):.3f} > {max_rhat}")
-    if not bool((diag.ess >= threshold).all()):
-        problems.append(f"min ESS {float(diag.ess.min()):.0f} < {threshold:.0f}")
-    if problems:
-        message = (
-            f"MCMC did not converge ({'; '.join(problems)}; R-hat {diag.rhat.numpy().round(3)}, "
-            f"ESS {diag.ess.numpy().round(0)}); try more warmup, thin or num_chains"
-        )
-        if on_failure == "raise":
-            raise ConvergenceError(message)
-        warnings.warn(message, ConvergenceWarning, stacklevel=2)
-    pooled = chains.reshape(-1, chains.shape[-1])
-    pick = torch.randperm(len(pooled), generator=generator)[:num_samples]
-    samples = pooled[pick].to(torch.float32)
-    return (samples, diag) if return_diagnostics else samples
+    return (samples[0], diag.select(0)) if return_diagnostics else samples[0]

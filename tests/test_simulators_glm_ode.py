@@ -68,6 +68,7 @@ def test_prior_shape_and_support(name):
     task = simulators.get(name)
     theta = task.prior.sample((2000,))
     assert theta.shape == (2000, task.theta_dim) and theta.dtype == torch.float32
+    assert task.prior.support.check(theta).all()
     assert torch.isfinite(task.prior.log_prob(theta)).all()
     if name in ODE_NAMES:
         assert (theta > 0).all()
@@ -202,10 +203,17 @@ def test_glm_short_mcmc_agrees_with_importance_sampling(tmp_path, monkeypatch):
     mean, std = _glm_importance_moments(3)
     assert ((samples.mean(0) - mean).abs() / std).max() < 0.2
     assert ((samples.std(0) / std) - 1).abs().max() < 0.2
+    assert task.last_diagnostics.converged and (task.last_diagnostics.sample_ess >= 640).all()
     assert list(tmp_path.glob("bernoulli_glm_obs3_*.pt"))  # cached on disk ...
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(BernoulliGLM, "_reference_posterior", fail)
     raw = BernoulliGLMRaw()
-    raw.mcmc_options = {"num_chains": 2, "warmup": 0, "thin": 1}  # ... and shared with the raw task
+    raw.mcmc_options = task.mcmc_options  # ... and shared with the raw task (same settings)
     assert torch.equal(raw.reference_posterior(3, 64 * 20, seed=0), samples.float())
+    assert torch.equal(raw.last_diagnostics.sample_ess, task.last_diagnostics.sample_ess)
 
 
 # ------------------------------------------------------------------------------------ ODE
@@ -316,6 +324,7 @@ def test_sir_reference_mcmc_agrees_with_grid_quadrature(tmp_path, monkeypatch):
     samples = task.reference_posterior(1, 1000, seed=0).double()
     assert samples.shape == (1000, 2) and (samples > 0).all()
     assert (task.last_diagnostics.rhat < 1.05).all()
+    assert task.last_diagnostics.converged and (task.last_diagnostics.sample_ess >= 500).all()
     mean, std = _sir_grid_moments(1)
     assert ((samples.mean(0) - mean).abs() / std).max() < 0.2
     assert ((samples.std(0) / std) - 1).abs().max() < 0.2
@@ -340,12 +349,42 @@ def test_unconverged_reference_mcmc_raises_or_warns(monkeypatch):
 
     monkeypatch.setattr("simulators.mcmc.rhat", lambda chains: torch.full(chains.shape[-1:], 1.5))
     task = SIR()
+    centre = task.true_parameters(1).double().log()
+    # the reporting is under test, not the ODE: a cheap stand-in likelihood around the true parameters
+    monkeypatch.setattr(task, "log_likelihood", lambda theta, x: -50.0 * ((theta.log() - centre) ** 2).sum(-1))
     task.mcmc_options = {"num_chains": 2, "warmup": 0, "thin": 1}
-    with pytest.raises(ConvergenceError, match=r"sir observation 1 did not converge: R-hat \[1.5 1.5\]"):
+    expected = r"sir observation 1 did not converge: max R-hat 1.500 > 1.05; R-hat \[1.5 1.5\]"
+    with pytest.raises(ConvergenceError, match=expected):
         task._reference_posterior(1, 8, torch.Generator().manual_seed(0))
-    task.mcmc_options = {**task.mcmc_options, "on_failure": "warn"}
+    assert task.last_diagnostics.thin == 8  # the chains were extended (8 x thin) before failing
+    task.mcmc_options = {**task.mcmc_options, "on_failure": "warn", "max_thin": 1}
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         assert task._reference_posterior(1, 8, torch.Generator().manual_seed(0)).shape == (8, 2)
+    assert not task.last_diagnostics.converged and task.last_diagnostics.thin == 1
+
+
+def test_ode_reference_needs_near_independent_draws(monkeypatch):
+    """Chains that mix slowly (a correlated stand-in posterior, and no warm-up to adapt to it) are
+    extended and thinned until the returned samples' ESS is at least half their number; without
+    extension (max_thin = thin) the same chains fail (measured: ESS 80 of 500 samples, R-hat 1.10)."""
+    from simulators.mcmc import ConvergenceError
+
+    task = SIR()
+    centre = task.true_parameters(1).double().log()
+
+    def correlated(theta, x):  # in log theta: sd 0.1 along (1, 1), 0.02 along (1, -1)
+        d = theta.log() - centre
+        return -0.5 * (((d[:, 0] + d[:, 1]) / 0.1) ** 2 + ((d[:, 0] - d[:, 1]) / 0.02) ** 2) / 2
+
+    monkeypatch.setattr(task, "log_likelihood", correlated)
+    task.mcmc_options = {"num_chains": 10, "warmup": 0, "thin": 1, "max_thin": 1}
+    with pytest.raises(ConvergenceError, match="ESS of the 500 returned samples"):
+        task._reference_posterior(1, 500, torch.Generator().manual_seed(0))
+    task.mcmc_options = {"num_chains": 10, "warmup": 0, "thin": 1, "max_thin": 64}
+    samples = task._reference_posterior(1, 500, torch.Generator().manual_seed(0))
+    diagnostics = task.last_diagnostics
+    assert samples.shape == (500, 2) and diagnostics.converged and diagnostics.thin > 1
+    assert (diagnostics.sample_ess >= 250).all() and (diagnostics.rhat <= 1.05).all()
 
 
 # --------------------------------------------------------------------------- bad input
