@@ -23,6 +23,7 @@ import torch
 
 import simulators
 from sbiflows import NPE
+from sbiflows.simulate import simulate_from_prior
 
 from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
 
@@ -130,9 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
     task = simulators.get(args.task)
     observations = parse_observations(args.observations)
-    torch.manual_seed(args.seed)
-    theta = task.prior.sample((args.simulations,))
-    x = task.simulate(theta, seed=args.seed)
+    sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=args.seed)
+    theta, x = sims.theta[sims.valid], sims.x[sims.valid]  # both libraries get the same valid rows
     print(f"task={args.task} simulations={args.simulations} seed={args.seed} observations={observations} "
           f"torch threads (default)={torch.get_num_threads()}")
 
