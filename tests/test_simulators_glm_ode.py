@@ -347,7 +347,7 @@ def test_lotka_volterra_reference_posterior_small(tmp_path, monkeypatch):
 def test_unconverged_reference_mcmc_raises_or_warns(monkeypatch):
     from simulators.mcmc import ConvergenceError, ConvergenceWarning
 
-    monkeypatch.setattr("simulators.mcmc.rhat", lambda chains: torch.full(chains.shape[-1:], 1.5))
+    monkeypatch.setattr("simulators.mcmc.run.rhat", lambda chains: torch.full(chains.shape[-1:], 1.5))
     task = SIR()
     centre = task.true_parameters(1).double().log()
     # the reporting is under test, not the ODE: a cheap stand-in likelihood around the true parameters
