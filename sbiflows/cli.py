@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows an option's default where it has a meaningful one (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sbiflows`` command."""
     parser = _Parser(
@@ -45,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate from the prior, train a neural posterior estimator, sample the posterior for "
         "the observations, run calibration checks (SBC, expected coverage, TARP, posterior predictive; C2ST "
         "against the reference posterior of a benchmark task) and write everything into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     fit.add_argument("task", nargs="?", help="benchmark task name (see 'sbiflows tasks'); omit with --simulator")
     fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim)")
