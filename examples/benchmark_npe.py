@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
     parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")
     parser.add_argument("--activation", default="tanh", help="our conditioner activation (tanh, relu, ...)")
-    parser.add_argument("--batch-size", type=int, default=256, help="our training batch size")
+    parser.add_argument("--batch-size", type=int, default=128, help="our training batch size")
     parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
     parser.add_argument("--json", default=None, help="append a JSON record to this file")

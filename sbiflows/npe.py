@@ -150,7 +150,7 @@ class NPE:
         *,
         seed: int = 0,
         max_epochs: int = 1000,
-        batch_size: int = 256,
+        batch_size: int = 128,
         learning_rate: float = 1e-3,
         validation_fraction: float = 0.1,
         patience: int = 20,
@@ -167,7 +167,7 @@ class NPE:
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
             max_epochs: Upper bound on epochs (``>= 1``).
-            batch_size: Minibatch size (``>= 1``; lowered to the number of training rows if larger).
+            batch_size: Minibatch size (``>= 1``; default 128, lowered to the number of training rows if larger).
             learning_rate: Adam step size (``> 0``).
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
