@@ -26,11 +26,19 @@ NPE_OPTIONS = {"activation", "transforms", "estimator"}
 
 
 def parse_setting(text: str) -> dict[str, object]:
-    """``"batch_size=64,patience=50"`` -> ``{"batch_size": 64, "patience": 50}`` (ints where they parse)."""
+    """``"batch_size=64,learning_rate=5e-4"`` -> ``{"batch_size": 64, "learning_rate": 0.0005}``.
+
+    Values become ints or floats where they parse as such, else stay strings (e.g. ``activation=relu``).
+    """
     options: dict[str, object] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        for kind in (int, float, str):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return options
 
 
