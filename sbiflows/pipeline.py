@@ -137,7 +137,8 @@ def run(
             posterior, as_tensor_simulator, x_o.reshape(-1), num_samples=1000, seed=seed
         )
         entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}
-        figure = plots.corner(samples[:, b], truths=truth, reference=ref, labels=labels)
+        # quiet: corner logs "Too few points to create valid contours" for very concentrated panels
+        figure = plots.corner(samples[:, b], truths=truth, reference=ref, labels=labels, quiet=True)
         figure.savefig(out / ("corner.png" if b == 0 else f"corner_{key}.png"), dpi=100)
         plt.close(figure)
         per_observation.append(entry)
