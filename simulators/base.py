@@ -21,10 +21,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
+
+from sbiflows.seeding import derive_seed
+
+#: Stream tag of the simulator noise (see :func:`sbiflows.seeding.derive_seed`).
+_NOISE_STREAM = 0x5E1A
 
 if TYPE_CHECKING:
     from simulators.mcmc import Diagnostics
@@ -126,7 +130,7 @@ class Task:
         theta = self._check_theta(theta)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        generator = torch.Generator().manual_seed(_simulation_stream(int(seed)))
+        generator = torch.Generator().manual_seed(derive_seed(int(seed), _NOISE_STREAM))
         x = self._simulate(theta, generator)
         return x.to(torch.float32)
 
@@ -339,9 +343,3 @@ class CacheKey:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(blob, tmp)
         os.replace(tmp, path)
-
-
-def _simulation_stream(seed: int) -> int:
-    """The noise generator's seed for a user ``seed``: its own stream (``SeedSequence`` of ``(seed, tag)``)."""
-    sequence = np.random.SeedSequence([seed % 2**64, 0x5E1A])  # tag: this stream is the simulator noise
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
