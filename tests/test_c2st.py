@@ -1,0 +1,129 @@
+"""C2ST (sbibm protocol): null and disjoint cases, Bayes accuracy of shifted Gaussians, seeding, input checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sbiflows.diagnostics import c2st
+from sbiflows.diagnostics.c2st import _FoldMLP
+
+
+def gaussians(n: int, dim: int, shift: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    b[:, 0] += shift
+    return a, b
+
+
+def test_c2st_identical_distributions_score_about_one_half():
+    result = c2st(*gaussians(500, 2, 0.0))
+    assert abs(result.accuracy - 0.5) < 0.05
+    assert result.passed
+    assert "PASSED" in str(result) and f"{result.accuracy:.3f}" in str(result)
+
+
+def test_c2st_disjoint_distributions_score_one():
+    result = c2st(*gaussians(500, 2, 20.0))
+    assert result.accuracy > 0.99
+    assert not result.passed
+    assert "FAILED" in str(result)
+
+
+def test_c2st_follows_the_bayes_accuracy_of_shifted_gaussians():
+    # The best possible accuracy between N(0, 1) and N(s, 1) is Phi(s / 2).
+    accuracies = []
+    for shift in (0.5, 1.0, 2.0):
+        accuracy = c2st(*gaussians(500, 2, shift, seed=3)).accuracy
+        bayes = 0.5 * (1 + math.erf(shift / 2 / math.sqrt(2)))
+        assert abs(accuracy - bayes) < 0.05, (shift, accuracy, bayes)
+        accuracies.append(accuracy)
+    assert accuracies == sorted(accuracies)
+
+
+def test_c2st_result_fields_are_consistent():
+    result = c2st(*gaussians(200, 3, 1.0), folds=4, threshold=0.7, max_epochs=30)
+    assert len(result.fold_accuracies) == len(result.epochs) == 4
+    assert result.accuracy == pytest.approx(sum(result.fold_accuracies) / 4)
+    assert (result.num_samples, result.dim, result.threshold) == (200, 3, 0.7)
+    assert result.passed == (result.accuracy <= 0.7)
+    assert all(1 <= e <= 30 for e in result.epochs)
+
+
+def test_c2st_is_seeded_and_leaves_global_state_alone():
+    a, b = gaussians(300, 2, 0.5)
+    rng_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    first, again, other = (c2st(a, b, seed=s, max_epochs=30) for s in (5, 5, 6))
+    assert first == again
+    assert first.fold_accuracies != other.fold_accuracies
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.get_num_threads() == threads
+
+
+def test_c2st_z_scores_with_the_first_set():
+    a, b = gaussians(300, 2, 1.0)
+    scaled = c2st(a * 1000 + 7, b * 1000 + 7, max_epochs=30)
+    assert scaled.accuracy == pytest.approx(c2st(a, b, max_epochs=30).accuracy, abs=0.01)
+
+
+def test_c2st_manual_backward_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    mlp = _FoldMLP(3, 30, 4, g)
+    x = torch.randn(4, 17, 3, generator=g)
+    y = (torch.rand(4, 17, generator=g) > 0.5).float()
+    w = (torch.rand(4, 17, generator=g) > 0.2).float()
+    loss, grad = mlp._loss_and_grad(x, y, w, l2=1e-2)
+    params = mlp.params.clone().requires_grad_()
+    offset, views = 0, []
+    for view in mlp.views:
+        size = view[0].numel()
+        views.append(params[:, offset : offset + size].view(view.shape))
+        offset += size
+    mlp.views = views
+    mlp._loss_and_grad(x, y, w, l2=1e-2)[0].sum().backward()
+    assert (grad - params.grad).abs().max() < 1e-6 * max(1.0, float(grad.abs().max()))
+    assert loss.shape == (4,)
+
+
+@pytest.mark.slow
+def test_c2st_agrees_with_the_sklearn_reference_protocol():
+    path = Path(__file__).parents[1] / "examples" / "c2st_reference_check.py"
+    spec = importlib.util.spec_from_file_location("c2st_reference_check", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    for shift in (0.0, 1.0):
+        a, b = gaussians(500, 2, shift, seed=4)
+        ours = c2st(a, b).accuracy
+        reference = example.reference_c2st(a.numpy(), b.numpy())
+        assert abs(ours - reference) < 0.04, (shift, ours, reference)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((torch.randn(20, 2).numpy(), torch.randn(20, 2)), {}, TypeError, "samples_a must be a torch.Tensor"),
+        ((torch.randn(20, 2), torch.ones(20, 2, dtype=torch.long)), {}, TypeError, "samples_b must have a floating"),
+        ((torch.randn(20), torch.randn(20)), {}, ValueError, r"samples_a must have shape \(N, D\), got \(20,\)"),
+        ((torch.randn(20, 2), torch.randn(20, 3)), {}, ValueError, "same dimension, got 2 and 3"),
+        ((torch.randn(20, 2), torch.randn(30, 2)), {}, ValueError, "same number of samples.*20 and 30"),
+        ((torch.tensor([[0.0, math.nan]] * 20), torch.randn(20, 2)), {}, ValueError, "20 rows with NaN"),
+        ((torch.randn(3, 2), torch.randn(3, 2)), {}, ValueError, "too few samples for 5 folds.*got 3"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"folds": 1}, ValueError, "folds must be an int >= 2"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"threshold": 0.5}, ValueError, r"threshold must be in \(0.5, 1\]"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"max_epochs": 2.5}, ValueError, "max_epochs must be a positive int"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"learning_rate": 0.0}, ValueError, "learning_rate must be positive"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"patience": -1}, ValueError, "patience must be a non-negative"),
+    ],
+)
+def test_c2st_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        c2st(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- SBC
