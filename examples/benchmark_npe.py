@@ -36,10 +36,12 @@ def parse_observations(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def run_ours(task, theta, x, observations, *, estimator, activation, seed, threads, num_samples, **fit_options):
+def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
+             **fit_options):
     """Train our NPE and return (record, samples per observation)."""
+    options = {} if hidden_features is None else {"hidden_features": hidden_features}
     start = time.perf_counter()
-    posterior = NPE(task.prior, estimator, activation=activation).fit(theta, x, seed=seed, progress=False, num_threads=threads,
+    posterior = NPE(task.prior, estimator, activation=activation, **options).fit(theta, x, seed=seed, progress=False, num_threads=threads,
                                                **fit_options)
     train_seconds = time.perf_counter() - start
     samples, sample_seconds = {}, []
@@ -132,11 +134,12 @@ def run_seed(task, args, observations, seed: int) -> dict:
     print(f"task={args.task} simulations={args.simulations} seed={seed} observations={observations}")
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
-              "batch_size": args.batch_size, "patience": args.patience, "ours": {}}
+              "batch_size": args.batch_size, "patience": args.patience,
+              "hidden_features": args.hidden_features, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
-                                activation=args.activation, seed=seed,
+                                activation=args.activation, hidden_features=args.hidden_features, seed=seed,
                                 threads=threads, num_samples=args.num_samples,
                                 batch_size=args.batch_size, patience=args.patience)
         if ours_c2st is None:
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation", default="tanh", help="our conditioner activation (tanh, relu, ...)")
     parser.add_argument("--batch-size", type=int, default=128, help="our training batch size")
     parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
+    parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
+                        help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)

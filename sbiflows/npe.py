@@ -36,7 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from sbiflows.estimator import ACTIVATIONS, ESTIMATORS, PosteriorNet, build_flow, zscore
+from sbiflows.estimator import (
+    ACTIVATIONS,
+    ESTIMATORS,
+    PosteriorNet,
+    auto_hidden_features,
+    build_flow,
+    check_hidden_features,
+    zscore,
+)
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, as_float_tensor
 from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
@@ -55,7 +63,11 @@ class NPE:
         estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
             ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
         transforms: Number of flow layers (default 5). Ignored for a callable estimator.
-        hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``).
+        hidden_features: Hidden layer sizes of each layer's network, or ``"auto"`` (default): chosen
+            at the first ``fit`` from the number of valid simulations, see
+            :func:`~sbiflows.estimator.auto_hidden_features` (``(50, 50)`` for small budgets, wider
+            networks from 5,000 simulations on; measured in ``docs/benchmarks.md``). Ignored for a
+            callable estimator.
         activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
             ``"gelu"``. Ignored for a callable estimator. tanh keeps the flow bounded for observations
             outside the training range (see ``docs/benchmarks.md`` for the measured difference).
@@ -88,7 +100,7 @@ class NPE:
         estimator: str | Callable[[int, int], Flow] = "maf",
         *,
         transforms: int = 5,
-        hidden_features: Sequence[int] = (50, 50),
+        hidden_features: Sequence[int] | str = "auto",
         activation: str = "tanh",
         embedding_net: nn.Module | None = None,
         max_batch_elements: int = 2**17,
@@ -116,7 +128,7 @@ class NPE:
         if not isinstance(transforms, int) or transforms < 1:
             raise ValueError(f"transforms must be a positive int, got {transforms!r}")
         self.estimator = estimator
-        self.transforms, self.hidden_features = transforms, tuple(int(h) for h in hidden_features)
+        self.transforms, self.hidden_features = transforms, check_hidden_features(hidden_features)
         self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements
@@ -246,11 +258,13 @@ class NPE:
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(x[:2]):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"embedding_net must map (N, {x.shape[1]}) to (N, C), got output {shape}")
+        hidden = auto_hidden_features(len(x)) if self.hidden_features == "auto" else self.hidden_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
-                              hidden_features=self.hidden_features, activation=self.activation, seed=seed)
+                              hidden_features=hidden, activation=self.activation, seed=seed)
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
+        net.hidden_features = hidden  # the sizes actually built (for the saved config)
         net.set_standardization(u, x)
         return net
 
@@ -275,7 +289,7 @@ class NPE:
         return {
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
             "transforms": self.transforms,
-            "hidden_features": list(self.hidden_features),
+            "hidden_features": list(net.hidden_features),
             "activation": self.activation,
             "embedding": "none" if self.embedding_net is None else "custom",
             "theta_dim": self.theta_dim,
