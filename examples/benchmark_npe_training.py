@@ -13,6 +13,8 @@ theta space without its leakage correction (mass outside a bounded prior), which
 Usage:
     python examples/benchmark_npe_training.py --task two_moons --simulations 10000 \\
         --settings batch_size=256 batch_size=128 batch_size=256,patience=40 activation=relu
+    python examples/benchmark_npe_training.py --task slcp --simulations 10000 --seeds 0 1 2 \\
+        --settings hidden_features=50x50 hidden_features=100x100
     python examples/benchmark_npe_training.py --task slcp --simulations 10000 --settings "" --sbi --seeds 0 1 2
 """
 
@@ -28,17 +30,21 @@ import simulators
 from sbiflows import NPE
 from sbiflows.simulate import simulate_from_prior
 
-NPE_OPTIONS = {"activation", "transforms", "estimator"}
+NPE_OPTIONS = {"activation", "transforms", "estimator", "hidden_features"}
 
 
 def parse_setting(text: str) -> dict[str, object]:
     """``"batch_size=64,learning_rate=5e-4"`` -> ``{"batch_size": 64, "learning_rate": 0.0005}``.
 
-    Values become ints or floats where they parse as such, else stay strings (e.g. ``activation=relu``).
+    Values become ints or floats where they parse as such, else stay strings (e.g. ``activation=relu``);
+    ``hidden_features=100x100`` becomes ``(100, 100)``.
     """
     options: dict[str, object] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
+        if key == "hidden_features" and value != "auto":
+            options[key] = tuple(int(h) for h in value.split("x"))
+            continue
         for kind in (int, float, str):
             try:
                 options[key] = kind(value)
