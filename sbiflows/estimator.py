@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from sbiflows.flows import Flow, maf, realnvp
 
 __all__ = [
-    "ACTIVATIONS", "AUTO_WIDE_FROM", "ESTIMATORS", "PosteriorNet", "auto_hidden_features", "build_flow",
-    "check_hidden_features", "zscore",
+    "ACTIVATIONS", "ESTIMATORS", "PosteriorNet", "build_flow", "check_hidden_features", "zscore",
 ]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and stored in saved files.
@@ -31,46 +30,23 @@ ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "realnvp": realnvp}
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
-#: Number of training simulations from which ``hidden_features="auto"`` builds the wide networks.
-AUTO_WIDE_FROM = 5000
-
-
-def auto_hidden_features(num_simulations: int) -> tuple[int, int]:
-    """The hidden sizes that ``hidden_features="auto"`` chooses for ``num_simulations`` valid rows.
-
-    ``(50, 50)`` (sbi's default) below :data:`AUTO_WIDE_FROM` simulations, ``(100, 100)`` from there
-    on. Measured in held-out posterior log-density (docs/benchmarks.md): at 10,000 simulations the
-    wider networks fit slcp's multimodal posterior clearly better and two_moons equally well; at
-    1,000 they fit two_moons clearly worse (they overfit the few points).
-
-    Example:
-        >>> auto_hidden_features(1000), auto_hidden_features(10_000)
-        ((50, 50), (100, 100))
-    """
-    return (50, 50) if num_simulations < AUTO_WIDE_FROM else (100, 100)
-
-
-def check_hidden_features(hidden_features: Sequence[int] | str) -> tuple[int, ...] | str:
-    """``"auto"`` or a non-empty sequence of positive ints, returned as a tuple.
+def check_hidden_features(hidden_features: Sequence[int]) -> tuple[int, ...]:
+    """A non-empty sequence of positive ints, returned as a tuple.
 
     Raises:
-        TypeError: For other types (e.g. a single int or floats).
-        ValueError: For an empty sequence, sizes below 1 or another string.
+        TypeError: For other types (e.g. a single int, a string or floats).
+        ValueError: For an empty sequence or sizes below 1.
 
     Example:
-        >>> check_hidden_features([64, 64]), check_hidden_features("auto")
-        ((64, 64), 'auto')
+        >>> check_hidden_features([64, 64])
+        (64, 64)
     """
-    if isinstance(hidden_features, str):
-        if hidden_features != "auto":
-            raise ValueError(f'hidden_features must be "auto" or a sequence of ints >= 1, got {hidden_features!r}')
-        return hidden_features
-    if not isinstance(hidden_features, Sequence) or not all(
+    if isinstance(hidden_features, str) or not isinstance(hidden_features, Sequence) or not all(
         isinstance(h, numbers.Integral) and not isinstance(h, bool) for h in hidden_features
     ):
-        raise TypeError(f'hidden_features must be "auto" or a sequence of ints >= 1, got {hidden_features!r}')
+        raise TypeError(f"hidden_features must be a sequence of ints >= 1, got {hidden_features!r}")
     if not hidden_features or min(hidden_features) < 1:
-        raise ValueError(f'hidden_features must be "auto" or a non-empty sequence of ints >= 1, got {hidden_features!r}')
+        raise ValueError(f"hidden_features must be a non-empty sequence of ints >= 1, got {hidden_features!r}")
     return tuple(int(h) for h in hidden_features)
 
 

@@ -40,7 +40,6 @@ from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
     PosteriorNet,
-    auto_hidden_features,
     build_flow,
     check_hidden_features,
     zscore,
@@ -63,11 +62,8 @@ class NPE:
         estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
             ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
         transforms: Number of flow layers (default 5). Ignored for a callable estimator.
-        hidden_features: Hidden layer sizes of each layer's network, or ``"auto"`` (default): chosen
-            at the first ``fit`` from the number of valid simulations, see
-            :func:`~sbiflows.estimator.auto_hidden_features` (``(50, 50)`` for small budgets, wider
-            networks from 5,000 simulations on; measured in ``docs/benchmarks.md``). Ignored for a
-            callable estimator.
+        hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``; wider
+            networks were measured in ``docs/benchmarks.md``). Ignored for a callable estimator.
         activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
             ``"gelu"``. Ignored for a callable estimator. tanh keeps the flow bounded for observations
             outside the training range (see ``docs/benchmarks.md`` for the measured difference).
@@ -100,7 +96,7 @@ class NPE:
         estimator: str | Callable[[int, int], Flow] = "maf",
         *,
         transforms: int = 5,
-        hidden_features: Sequence[int] | str = "auto",
+        hidden_features: Sequence[int] = (50, 50),
         activation: str = "tanh",
         embedding_net: nn.Module | None = None,
         max_batch_elements: int = 2**17,
@@ -258,13 +254,11 @@ class NPE:
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(x[:2]):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"embedding_net must map (N, {x.shape[1]}) to (N, C), got output {shape}")
-        hidden = auto_hidden_features(len(x)) if self.hidden_features == "auto" else self.hidden_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
-                              hidden_features=hidden, activation=self.activation, seed=seed)
+                              hidden_features=self.hidden_features, activation=self.activation, seed=seed)
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
-        net.hidden_features = hidden  # the sizes actually built (for the saved config)
         net.set_standardization(u, x)
         return net
 
@@ -289,7 +283,7 @@ class NPE:
         return {
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
             "transforms": self.transforms,
-            "hidden_features": list(net.hidden_features),
+            "hidden_features": list(self.hidden_features),
             "activation": self.activation,
             "embedding": "none" if self.embedding_net is None else "custom",
             "theta_dim": self.theta_dim,

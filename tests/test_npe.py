@@ -424,29 +424,10 @@ def test_activation_default_and_unknown_name():
         NPE(prior, activation="swish")
 
 
-def test_auto_hidden_features_follow_the_number_of_valid_simulations(monkeypatch):
-    from sbiflows import estimator
-
-    monkeypatch.setattr(estimator, "AUTO_WIDE_FROM", 300)  # keep the data small
-    prior, theta, x = box_problem(400)
-    assert NPE(prior).hidden_features == "auto"
-    wide = NPE(prior).fit(theta, x, **FAST)
-    assert wide.config["hidden_features"] == [100, 100]
-    made = wide.net.flow.transform.transforms[0].made
-    assert [layer.out_features for layer in made.layers[:-1]] == [100, 100]
-    x_invalid = x.clone()
-    x_invalid[:150] = math.nan  # 250 valid rows: below the threshold
-    with pytest.warns(UserWarning, match="excluded 150"):
-        narrow = NPE(prior).fit(theta, x_invalid, **FAST)
-    assert narrow.config["hidden_features"] == [50, 50]
-    fixed = NPE(prior, hidden_features=[16, 8]).fit(theta, x, **FAST)
-    assert fixed.config["hidden_features"] == [16, 8]
-
-
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        ("wide", ValueError, r'hidden_features must be "auto" or a sequence of ints >= 1, got \'wide\''),
+        ("wide", TypeError, r"hidden_features must be a sequence of ints >= 1, got 'wide'"),
         (64, TypeError, "got 64"),
         ((64.0, 64.0), TypeError, r"got \(64.0, 64.0\)"),
         ((), ValueError, "non-empty sequence"),
@@ -457,3 +438,11 @@ def test_hidden_features_validation(value, error, match):
     prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
     with pytest.raises(error, match=match):
         NPE(prior, hidden_features=value)
+
+
+def test_hidden_features_are_built_and_saved_in_the_config():
+    prior, theta, x = box_problem()
+    posterior = NPE(prior, hidden_features=[16, 8]).fit(theta, x, **FAST)
+    assert posterior.config["hidden_features"] == [16, 8]
+    made = posterior.net.flow.transform.transforms[0].made
+    assert [layer.out_features for layer in made.layers[:-1]] == [16, 8]

@@ -20,6 +20,15 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def fast_slcp(monkeypatch, tmp_path) -> SLCP:
+    """An slcp task with short, unchecked MCMC settings whose reference cache is ``tmp_path``."""
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
+    task = SLCP()
+    task.mcmc_options = FAST_MCMC
+    return task
+
+
 # ----------------------------------------------------------------------------------- slcp
 def test_slcp_likelihood_matches_scipy_and_simulator():
     task = simulators.get("slcp")
@@ -67,10 +76,8 @@ def test_slcp_reference_matches_importance_sampling():
     assert stats.chisquare(counts).pvalue > 0.001
 
 
-def test_slcp_reference_posterior_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
-    task = SLCP()
-    task.mcmc_options = FAST_MCMC
+def test_slcp_reference_posterior_cache(fast_slcp, monkeypatch, tmp_path):
+    task = fast_slcp
     first = task.reference_posterior(2, 200, seed=0)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("slcp_obs2_n200_seed0")
@@ -89,10 +96,8 @@ def test_slcp_reference_posterior_cache(monkeypatch, tmp_path):
     assert torch.equal(blob["samples"], first)
 
 
-def test_slcp_cache_with_tampered_samples_is_recomputed(monkeypatch, tmp_path):
-    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
-    task = SLCP()
-    task.mcmc_options = FAST_MCMC
+def test_slcp_cache_with_tampered_samples_is_recomputed(fast_slcp, tmp_path):
+    task = fast_slcp
     first = task.reference_posterior(3, 100, seed=0)
     (path,) = tmp_path.iterdir()
     blob = torch.load(path, weights_only=True)
@@ -112,10 +117,8 @@ class _CountingSampler:
         return self.original(*args, **kwargs)
 
 
-def test_slcp_cache_stores_settings_and_diagnostics(monkeypatch, tmp_path):
-    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
-    task = SLCP()
-    task.mcmc_options = FAST_MCMC
+def test_slcp_cache_stores_settings_and_diagnostics(fast_slcp, monkeypatch, tmp_path):
+    task = fast_slcp
     samples = task.reference_posterior(2, 200, seed=0)
     (path,) = tmp_path.iterdir()
     blob = torch.load(path, weights_only=True)
@@ -132,10 +135,8 @@ def test_slcp_cache_stores_settings_and_diagnostics(monkeypatch, tmp_path):
     assert torch.equal(fresh.last_diagnostics.rhat, torch.tensor(diagnostics["rhat"], dtype=torch.float64))
 
 
-def test_slcp_cache_is_keyed_on_the_mcmc_settings(monkeypatch, tmp_path):
-    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
-    task = SLCP()
-    task.mcmc_options = FAST_MCMC
+def test_slcp_cache_is_keyed_on_the_mcmc_settings(fast_slcp, monkeypatch, tmp_path):
+    task = fast_slcp
     first = task.reference_posterior(2, 100, seed=0)
     counter = _CountingSampler(task)
     monkeypatch.setattr(task, "_reference_posterior", counter)
@@ -172,10 +173,8 @@ def test_slcp_unconverged_reference_is_never_served_from_the_cache(monkeypatch, 
     assert counter.calls == 2
 
 
-def test_slcp_fewer_samples_are_taken_from_a_larger_cache_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path))
-    task = SLCP()
-    task.mcmc_options = FAST_MCMC
+def test_slcp_fewer_samples_are_taken_from_a_larger_cache_file(fast_slcp, monkeypatch, tmp_path):
+    task = fast_slcp
     large = task.reference_posterior(4, 300, seed=0)
     counter = _CountingSampler(task)
     monkeypatch.setattr(task, "_reference_posterior", counter)
