@@ -30,6 +30,8 @@ import simulators
 from sbiflows import NPE
 from sbiflows.simulate import simulate_from_prior
 
+from benchmark_npe import _NullTracker, warm_up  # examples/ is on sys.path when this runs as a script
+
 NPE_OPTIONS = {"activation", "transforms", "estimator", "hidden_features"}
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
-    warm_up()
+    warm_up(task, with_sbi=args.sbi)
     for seed in args.seeds:
         test = simulate_from_prior(task.simulate, task.prior, 20_000, seed=seed + 1234)
         test_theta, test_x = test.theta[test.valid], test.x[test.valid]
@@ -88,14 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({**record, **run_sbi(task, theta, x, test_theta, test_x, seed=seed)}), flush=True)
 
 
-def warm_up() -> None:
-    """Pay one-off costs before any timing (the first optimizer imports ``torch._dynamo``, about 1 s)."""
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-
-
 def run_sbi(task, theta, x, test_theta, test_x, *, seed: int) -> dict[str, object]:
     """Train sbi's NPE (MAF, defaults) on the same rows and score its flow on the same pairs."""
-    from benchmark_npe import _NullTracker  # this directory is on sys.path when run as a script
     from sbi.inference import NPE as SbiNPE
 
     torch.manual_seed(seed)
