@@ -50,7 +50,8 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
         samples[i] = posterior.sample(num_samples, x=task.observation(i), seed=seed + i)
         sample_seconds.append(time.perf_counter() - start)
     record = {"train_seconds": train_seconds, "epochs": posterior.history.epochs,
-              "sample_seconds": statistics.median(sample_seconds)}
+              "sample_seconds": statistics.median(sample_seconds), "batch_size": posterior.history.batch_size,
+              "learning_rate": posterior.history.learning_rate}
     return record, samples
 
 
@@ -135,19 +136,21 @@ def run_seed(task, args, observations, seed: int) -> dict:
     print(f"task={args.task} simulations={args.simulations} seed={seed} observations={observations}")
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
-              "batch_size": args.batch_size, "patience": args.patience,
+              "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": args.patience,
               "hidden_features": args.hidden_features, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
                                 activation=args.activation, hidden_features=args.hidden_features, seed=seed,
                                 threads=threads, num_samples=args.num_samples,
-                                batch_size=args.batch_size, patience=args.patience)
+                                batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                patience=args.patience)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
         record["ours"][threads] = run
-        print(f"  sbiflows {args.estimator} ({args.activation}, batch {args.batch_size}, patience {args.patience}) "
+        print(f"  sbiflows {args.estimator} ({args.activation}, batch {run['batch_size']}, "
+              f"lr {run['learning_rate']:.2g}, patience {args.patience}) "
               f"threads={threads}: train {run['train_seconds']:.1f} s, "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
     print("  sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
     parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")
     parser.add_argument("--activation", default="tanh", help="our conditioner activation (tanh, relu, ...)")
-    parser.add_argument("--batch-size", type=int, default=128, help="our training batch size")
+    parser.add_argument("--batch-size", type=int, default=None, help="our training batch size (default: NPE's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="our Adam step size (default: NPE's)")
     parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
                         help="our hidden layer sizes (default: NPE's default)")

@@ -3,7 +3,7 @@
 For a task and budget, trains NPE once per setting on the same simulations and reports the mean
 negative log posterior density ``-log q(theta | x)`` on 20,000 fresh ``(theta, x)`` pairs (lower is
 better: it is the expected KL divergence to the true posterior up to a constant), training seconds and
-epochs. This is how the defaults (tanh conditioners, batch size 128) were chosen.
+epochs. This is how the defaults (tanh conditioners, the batch size rule) were chosen.
 
 With ``--sbi`` (and the ``sbi`` package installed) it also trains sbi's NPE (MAF, default settings)
 on the same simulations and scores it on the same pairs. sbi's density is the flow's density in
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 log_q = posterior.log_prob_batched(test_theta[None], test_x)[0]
             print(json.dumps({**record, "setting": text or "defaults", "heldout_nll": round(-log_q.mean().item(), 4),
-                              "train_seconds": round(seconds, 1), "epochs": posterior.history.epochs}), flush=True)
+                              "train_seconds": round(seconds, 1), "epochs": posterior.history.epochs,
+                              "batch_size": posterior.history.batch_size,
+                              "learning_rate": posterior.history.learning_rate}), flush=True)
         if args.sbi:
             print(json.dumps({**record, **run_sbi(task, theta, x, test_theta, test_x, seed=seed)}), flush=True)
 

@@ -9,12 +9,13 @@ context to every layer of the flow (the MADE of every MAF layer, the conditioner
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sbiflows.flows import Flow, maf, realnvp
+from sbiflows.flows import ONE_FEATURE_WARNING, Flow, maf, realnvp
 
 __all__ = [
     "ACTIVATIONS", "ESTIMATORS", "PosteriorNet", "build_flow", "check_hidden_features", "zscore",
@@ -81,7 +82,9 @@ def build_flow(
                    "activation": ACTIVATIONS[activation]}
         if estimator == "maf":
             options["seed"] = seed
-        return ESTIMATORS[estimator](features, context_features, **options)
+        with warnings.catch_warnings():  # NPE warns about a 1-D MAF when it is constructed, not again here
+            warnings.filterwarnings("ignore", message=ONE_FEATURE_WARNING, category=UserWarning)
+            return ESTIMATORS[estimator](features, context_features, **options)
     flow = estimator(features, context_features)
     if not isinstance(flow, Flow):
         raise TypeError(f"the estimator callable must return a sbiflows Flow, got {type(flow).__name__}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,20 @@ from sbiflows.transforms import (
 )
 
 __all__ = ["BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "planar_flow", "realnvp"]
+
+
+#: Start of the warning of :func:`maf` and :func:`iaf` for one feature (callers that already warned filter it).
+ONE_FEATURE_WARNING = "with 1 feature, a stack of affine autoregressive layers is a Gaussian"
+
+
+def _warn_one_feature(features: int, name: str) -> None:
+    if features == 1:
+        warnings.warn(
+            f"{ONE_FEATURE_WARNING} (conditional on the context, if any): {name}(1) cannot represent skewed or "
+            "multimodal densities; use more features or a non-affine flow",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class Flow(nn.Module):
@@ -150,12 +165,14 @@ def maf(
 ) -> Flow:
     """Masked autoregressive flow: ``transforms`` MAF layers, reversing the ordering between layers.
 
-    Density evaluation is one pass per layer; sampling is ``D`` passes per layer.
+    Density evaluation is one pass per layer; sampling is ``D`` passes per layer. With one feature
+    every layer is an affine map of a Gaussian, so the flow is a Gaussian (it warns).
 
     Example:
         >>> maf(3, 2).log_prob(torch.randn(4, 3), torch.randn(4, 2)).shape
         torch.Size([4])
     """
+    _warn_one_feature(features, "maf")
     layers = [
         MaskedAutoregressive(
             features, context_features, hidden_features=hidden_features,
@@ -180,11 +197,13 @@ def iaf(
     """Inverse autoregressive flow: MAF layers used the other way round.
 
     Sampling is one pass per layer; the density of an arbitrary point takes ``D`` passes per layer.
+    With one feature the flow is a Gaussian (it warns), as for :func:`maf`.
 
     Example:
         >>> iaf(2).sample(3).shape
         torch.Size([3, 2])
     """
+    _warn_one_feature(features, "iaf")
     layers = [
         InverseAutoregressive(
             features, context_features, hidden_features=hidden_features,

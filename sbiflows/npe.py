@@ -20,6 +20,10 @@ Design choices (see also ``docs/benchmarks.md``):
   training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
   leaves the object as it was, so the next ``fit`` never trains on duplicated rows. The best
   weights of a fit that failed after some epochs are kept in ``NPE.partial_posterior``.
+* **Batch size from the budget.** By default ``fit`` uses minibatches of ``2 * sqrt(n_train)`` rows
+  (within [32, 256]) and Adam steps of ``1e-3``, scaled up linearly for batches above 128 rows. A
+  small budget then gets enough gradient steps before early stopping, and a large one fewer, cheaper
+  epochs (see :func:`sbiflows.training.default_batch_size` and docs/benchmarks.md).
 * **Threads.** Small flows train several times faster with one intra-op thread on a loaded CPU, so
   ``fit`` sets ``torch.set_num_threads(num_threads)`` (default 1) and restores the old value after.
 """
@@ -47,7 +51,14 @@ from sbiflows.estimator import (
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, as_float_tensor
 from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
-from sbiflows.training import TrainingHistory, check_training_options, train
+from sbiflows.training import (
+    TrainingHistory,
+    check_training_options,
+    default_batch_size,
+    default_learning_rate,
+    split_sizes,
+    train,
+)
 
 __all__ = ["NPE"]
 
@@ -158,8 +169,8 @@ class NPE:
         *,
         seed: int = 0,
         max_epochs: int = 1000,
-        batch_size: int = 128,
-        learning_rate: float = 1e-3,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
         validation_fraction: float = 0.1,
         patience: int = 20,
         clip_grad_norm: float = 5.0,
@@ -175,8 +186,13 @@ class NPE:
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
             max_epochs: Upper bound on epochs (``>= 1``).
-            batch_size: Minibatch size (``>= 1``; default 128, lowered to the number of training rows if larger).
-            learning_rate: Adam step size (``> 0``).
+            batch_size: Minibatch size (``>= 1``, lowered to the number of training rows if larger). None
+                (default): :func:`~sbiflows.training.default_batch_size` of the training rows, ``2 * sqrt``
+                of their number within [32, 256] (60 for 1,000 simulations, 190 for 10,000).
+            learning_rate: Adam step size (``> 0``). None (default):
+                :func:`~sbiflows.training.default_learning_rate` of the batch size, ``1e-3`` up to 128
+                rows, scaled up linearly to ``2e-3`` at 256. ``history.batch_size`` and
+                ``history.learning_rate`` record the values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
                 restored).
@@ -198,8 +214,9 @@ class NPE:
         history it had before the call; see :attr:`partial_posterior` for the weights of the
         failed attempt.
         """
-        max_epochs, batch_size, patience = check_training_options(
-            max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+        max_epochs, checked_batch, patience = check_training_options(  # None checks as a valid placeholder
+            max_epochs=max_epochs, batch_size=1 if batch_size is None else batch_size,
+            learning_rate=1e-3 if learning_rate is None else learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         )
         seed = _index(seed, "seed", "an int")
@@ -209,6 +226,12 @@ class NPE:
         # Everything below works on new objects; self is only updated once training has succeeded.
         if self._theta is not None:
             theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
+        if batch_size is None:
+            batch_size = default_batch_size(split_sizes(len(theta), validation_fraction)[0])
+        else:
+            batch_size = checked_batch
+        if learning_rate is None:
+            learning_rate = default_learning_rate(batch_size)
         space = Unconstrained(self._prior.support)
         u = space.to_unconstrained(space.nudge_inside(theta))
         net = self._build(u, x, seed) if self._net is None else copy.deepcopy(self._net)

@@ -36,6 +36,8 @@ class TrainingHistory:
         stopped_early: Whether early stopping ended the last call.
         diverged: Whether the last call stopped on a non-finite loss (best weights restored).
         seconds: Wall time of training, over all calls.
+        batch_size: Minibatch size of the last call (after lowering it to the training rows).
+        learning_rate: Adam step size of the last call.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -46,6 +48,8 @@ class TrainingHistory:
     stopped_early: bool = False
     diverged: bool = False
     seconds: float = 0.0
+    batch_size: int = 0
+    learning_rate: float = 0.0
 
     def as_dict(self) -> dict:
         """A JSON-serialisable dictionary."""
@@ -111,8 +115,7 @@ def train(
         weight_decay=weight_decay,
     )
     n = _check_rows(inputs, context)
-    n_val = max(1, int(round(n * validation_fraction)))
-    n_train = n - n_val
+    n_train, n_val = split_sizes(n, validation_fraction)
     if n_train < 1 or n_val < 1:
         raise ValueError(f"need at least 2 rows for a training and a validation split, got {n}")
     batch_size = min(batch_size, n_train)
@@ -122,6 +125,7 @@ def train(
 
     history = TrainingHistory() if history is None else history
     history.stopped_early, history.diverged = False, False
+    history.batch_size, history.learning_rate = batch_size, float(learning_rate)
     first = history.epochs  # global number of this call's first epoch
     optimizer = _adam(list(model.parameters()), learning_rate=learning_rate, weight_decay=weight_decay)
     best_state = _snapshot(model)
@@ -229,6 +233,47 @@ def check_training_options(
         if not ok(float(value)):
             raise ValueError(f"{name} must be {expected}, got {value!r}")
     return ints["max_epochs"], ints["batch_size"], ints["patience"]
+
+
+def split_sizes(n: int, validation_fraction: float) -> tuple[int, int]:
+    """Rows ``(n_train, n_val)`` of the split :func:`train` makes: at least one validation row.
+
+    Example:
+        >>> split_sizes(1000, 0.1)
+        (900, 100)
+    """
+    n_val = max(1, int(round(n * validation_fraction)))
+    return n - n_val, n_val
+
+
+def default_batch_size(n_train: int) -> int:
+    """NPE's default minibatch size for ``n_train`` training rows: ``2 * sqrt(n_train)``, within [32, 256].
+
+    Small simulation budgets need many gradient steps per epoch: with a fixed batch, an epoch of 900
+    rows is only a few steps, and early stopping (counted in epochs) ends training before the flow
+    has converged. Large budgets gain nothing from small batches but pay for more steps. The square
+    root trades the two off (measured in docs/benchmarks.md: about 60 rows for 1,000 simulations,
+    about 190 for 10,000, 256 from about 16,000 training rows on).
+
+    Example:
+        >>> default_batch_size(900), default_batch_size(9000), default_batch_size(100_000)
+        (60, 190, 256)
+    """
+    return int(min(256, max(32, round(2 * math.sqrt(n_train)))))
+
+
+def default_learning_rate(batch_size: int) -> float:
+    """NPE's default Adam step size for a minibatch size: ``1e-3``, scaled up linearly above 128 rows.
+
+    Larger batches give less noisy gradients and take fewer steps per epoch, so they can take larger
+    steps (the linear scaling rule of Goyal et al. 2017), up to ``2e-3`` at 256 rows. Smaller batches
+    keep ``1e-3``: a smaller step only slowed their training down (docs/benchmarks.md).
+
+    Example:
+        >>> default_learning_rate(64), default_learning_rate(192), default_learning_rate(512)
+        (0.001, 0.0015, 0.002)
+    """
+    return 1e-3 * min(2.0, max(1.0, batch_size / 128))
 
 
 def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: float) -> torch.optim.Adam:

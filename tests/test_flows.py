@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from sbiflows.distributions import BoxUniform, StandardNormal
-from sbiflows.flows import Flow, iaf, maf, nice, planar_flow, realnvp
+from sbiflows.flows import ONE_FEATURE_WARNING, Flow, iaf, maf, nice, planar_flow, realnvp
 from sbiflows.training import train
 from sbiflows.transforms import ElementwiseAffine
 
@@ -23,7 +24,9 @@ def fitted(name: str, features: int, context_features: int = 0) -> Flow:
     """A float64 flow after 60 Adam steps on a bimodal target: far from the identity, yet well behaved."""
     torch.manual_seed(0)
     options = {"transforms": 6} if name == "planar_flow" else {}
-    flow = FACTORIES[name](features, context_features, **options).double()
+    with warnings.catch_warnings():  # maf(1) and iaf(1) warn that they are Gaussian; tested below
+        warnings.filterwarnings("ignore", message=ONE_FEATURE_WARNING)
+        flow = FACTORIES[name](features, context_features, **options).double()
     g = torch.Generator().manual_seed(7)
     n = 512
     centres = torch.tensor([[-1.5, 1.0, 0.5], [1.5, -0.5, -1.0]], dtype=torch.float64)[:, :features]
@@ -142,6 +145,15 @@ def test_log_prob_and_sampling_identical_in_train_and_eval_mode(name):
     assert torch.isfinite(train_lp).all()
     torch.testing.assert_close(train_lp, eval_lp, atol=1e-6, rtol=0)
     torch.testing.assert_close(train_x, eval_x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("factory", [maf, iaf])
+def test_one_feature_autoregressive_flow_warns_that_it_is_gaussian(factory):
+    with pytest.warns(UserWarning, match=f"{ONE_FEATURE_WARNING}.*{factory.__name__}\\(1\\)"):
+        factory(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factory(2, 2)
 
 
 def test_seeded_sampling_is_reproducible():

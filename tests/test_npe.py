@@ -86,6 +86,19 @@ def test_num_threads_is_restored_and_history_recorded():
     assert posterior.history.epochs == 3 and len(posterior.history.validation_loss) == 3
 
 
+def test_default_batch_size_and_learning_rate_follow_the_training_rows():
+    prior, theta, x = box_problem(1000)
+    npe = NPE(prior)
+    first = npe.fit(theta[:500], x[:500], **FAST)  # 450 training rows: 2 * sqrt(450) = 42.4
+    assert (first.history.batch_size, first.history.learning_rate) == (42, 1e-3)
+    second = npe.fit(theta[500:], x[500:], **FAST)  # a refit splits all 1,000 rows: 2 * sqrt(900) = 60
+    assert (second.history.batch_size, second.history.learning_rate) == (60, 1e-3)
+    explicit = NPE(prior).fit(theta, x, batch_size=192, **FAST)  # the step size scales with the batch
+    assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 1.5e-3)
+    both = NPE(prior).fit(theta, x, batch_size=20, learning_rate=3e-4, **FAST)
+    assert (both.history.batch_size, both.history.learning_rate) == (20, 3e-4)
+
+
 def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():
     prior, theta, x = box_problem(600)
     npe = NPE(prior)

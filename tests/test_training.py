@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from sbiflows.training import TrainingHistory, check_training_options, train
+from sbiflows.training import (
+    TrainingHistory,
+    check_training_options,
+    default_batch_size,
+    default_learning_rate,
+    split_sizes,
+    train,
+)
 
 
 class Gaussian(nn.Module):
@@ -96,6 +103,31 @@ def test_batch_size_larger_than_the_training_rows_is_lowered_to_one_full_batch()
     model = Gaussian()
     train(model, data(20), max_epochs=3, batch_size=5, validation_fraction=0.1)
     assert model.training_calls == 3 * 4  # 18 rows in batches of 5: 4 per epoch
+
+
+def test_history_records_the_batch_size_used_and_the_learning_rate():
+    history = train(Gaussian(), data(20), max_epochs=1, batch_size=1000, learning_rate=2e-3)
+    assert (history.batch_size, history.learning_rate) == (18, 2e-3)
+
+
+@pytest.mark.parametrize(
+    ("n_train", "batch"), [(1, 32), (256, 32), (900, 60), (9000, 190), (16_384, 256), (10**6, 256)]
+)
+def test_default_batch_size_grows_as_the_square_root_within_bounds(n_train, batch):
+    assert default_batch_size(n_train) == batch
+
+
+def test_default_learning_rate_scales_linearly_above_128_rows_up_to_twice():
+    rates = [default_learning_rate(b) for b in (1, 60, 128, 192, 256, 10_000)]
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 1.5e-3, 2e-3, 2e-3])
+
+
+def test_split_sizes_match_the_split_train_makes():
+    assert split_sizes(1000, 0.1) == (900, 100)
+    assert split_sizes(2, 0.01) == (1, 1)
+    model = Gaussian()
+    train(model, data(20), max_epochs=1, batch_size=1, validation_fraction=0.1)
+    assert model.training_calls == split_sizes(20, 0.1)[0]  # one call per training row
 
 
 # ------------------------------------------------------------------------------------ history
