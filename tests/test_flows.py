@@ -11,7 +11,15 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from sbiflows.distributions import BoxUniform, StandardNormal
-from sbiflows.flows import ONE_FEATURE_WARNING, Flow, iaf, maf, nice, planar_flow, realnvp
+from sbiflows.flows import (
+    ONE_FEATURE_WARNING,
+    Flow,
+    iaf,
+    maf,
+    nice,
+    planar_flow,
+    realnvp,
+)
 from sbiflows.training import train
 from sbiflows.transforms import ElementwiseAffine
 
