@@ -10,6 +10,9 @@ Design choices (see also ``docs/benchmarks.md``):
   ``T = torch.distributions.biject_to(prior.support)`` (e.g. a scaled sigmoid for a box prior, ``exp``
   for a positive one). Samples ``T(u)`` are always inside the support, with no rejection loop, and
   the posterior's ``log_prob`` adds the change of variables, so it is normalized on the support.
+  The price is measured in docs/benchmarks.md: where posteriors pile up against a box's bounds
+  (slcp), the bijection stretches them into long tails, and the same flow learned in theta itself
+  and truncated by rejection scores a better C2ST (0.917 against 0.934 on slcp, 10,000 simulations).
 * **z-scoring.** ``u`` and ``x`` are standardized with the mean and std of the (valid) training
   rows of the first ``fit``; a constant ``x`` dimension gets std 1 and a warning.
 * **Refitting.** ``fit`` called again appends the new rows to the data seen so far and continues
