@@ -100,6 +100,8 @@ def run(
         "best_validation_loss": history.best_validation_loss,
         "stopped_early": history.stopped_early,
         "diverged": history.diverged,
+        "batch_size": history.batch_size,
+        "learning_rate": history.learning_rate,
         "train_loss": history.train_loss,
         "validation_loss": history.validation_loss,
     }

@@ -36,8 +36,9 @@ class TrainingHistory:
         stopped_early: Whether early stopping ended the last call.
         diverged: Whether the last call stopped on a non-finite loss (best weights restored).
         seconds: Wall time of training, over all calls.
-        batch_size: Minibatch size of the last call (after lowering it to the training rows).
-        learning_rate: Adam step size of the last call.
+        batch_size: Minibatch size of the last call (after lowering it to the training rows); 0 in
+            histories saved before this field existed.
+        learning_rate: Adam step size of the last call; 0.0 in histories saved before this field existed.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -267,7 +268,7 @@ def default_learning_rate(batch_size: int) -> float:
 
     Larger batches give less noisy gradients and take fewer steps per epoch, so they can take larger
     steps (the linear scaling rule of Goyal et al. 2017), up to ``2e-3`` at 256 rows. Smaller batches
-    keep ``1e-3``: a smaller step only slowed their training down (docs/benchmarks.md).
+    keep ``1e-3``: a smaller step did not give a better fit (held-out NLL in docs/benchmarks.md).
 
     Example:
         >>> default_learning_rate(64), default_learning_rate(192), default_learning_rate(512)

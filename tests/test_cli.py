@@ -71,6 +71,7 @@ def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     assert 0.4 < report["observations"][0]["c2st"] <= 1.0
     assert set(report["calibration"]) == {"sbc", "coverage", "tarp"}
     assert report["versions"]["torch"] and report["training"]["epochs"] >= 1
+    assert report["training"]["batch_size"] >= 32 and report["training"]["learning_rate"] >= 1e-3
     assert "C2ST" in (out / "report.md").read_text()
     import numpy as np
 

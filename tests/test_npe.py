@@ -97,6 +97,8 @@ def test_default_batch_size_and_learning_rate_follow_the_training_rows():
     assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 1.5e-3)
     both = NPE(prior).fit(theta, x, batch_size=20, learning_rate=3e-4, **FAST)
     assert (both.history.batch_size, both.history.learning_rate) == (20, 3e-4)
+    lowered = NPE(prior).fit(theta[:100], x[:100], batch_size=512, **FAST)  # 90 training rows
+    assert (lowered.history.batch_size, lowered.history.learning_rate) == (90, 1e-3)
 
 
 def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():
