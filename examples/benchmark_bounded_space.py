@@ -29,14 +29,14 @@ from torch.distributions import Independent, Normal
 import simulators
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st
+from sbiflows.priors import Unconstrained
 from sbiflows.simulate import simulate_from_prior
 
 
 def truncated_samples(posterior, task, observation: int, num_samples: int, seed: int) -> tuple[torch.Tensor, float]:
     """``num_samples`` draws inside the prior's support (rejection from 40x as many) and the acceptance rate."""
     draws = posterior.sample(40 * num_samples, x=task.observation(observation), seed=seed)
-    inside = task.prior.support.check(draws)
-    inside = inside.all(-1) if inside.ndim > 1 else inside
+    inside = Unconstrained(task.prior.support).inside(draws)
     kept = draws[inside]
     if len(kept) < num_samples:
         raise RuntimeError(f"observation {observation}: only {len(kept)} of {len(draws)} draws inside the support")

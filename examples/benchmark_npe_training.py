@@ -44,7 +44,7 @@ def parse_setting(text: str) -> dict[str, object]:
     options: dict[str, object] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key == "hidden_features" and value != "auto":
+        if key == "hidden_features":
             options[key] = tuple(int(h) for h in value.split("x"))
             continue
         for kind in (int, float, str):

@@ -243,7 +243,7 @@ def split_sizes(n: int, validation_fraction: float) -> tuple[int, int]:
         >>> split_sizes(1000, 0.1)
         (900, 100)
     """
-    n_val = max(1, int(round(n * validation_fraction)))
+    n_val = max(1, round(n * validation_fraction))
     return n - n_val, n_val
 
 
@@ -260,7 +260,7 @@ def default_batch_size(n_train: int) -> int:
         >>> default_batch_size(900), default_batch_size(9000), default_batch_size(100_000)
         (60, 190, 256)
     """
-    return int(min(256, max(32, round(2 * math.sqrt(n_train)))))
+    return min(256, max(32, round(2 * math.sqrt(n_train))))
 
 
 def default_learning_rate(batch_size: int) -> float:
