@@ -128,7 +128,8 @@ def train(
     history.stopped_early, history.diverged = False, False
     history.batch_size, history.learning_rate = batch_size, float(learning_rate)
     first = history.epochs  # global number of this call's first epoch
-    optimizer = _adam(list(model.parameters()), learning_rate=learning_rate, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _adam(params, learning_rate=learning_rate, weight_decay=weight_decay)
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
     bar = _progress_bar(max_epochs) if progress else None
@@ -140,14 +141,15 @@ def train(
             total, diverged = 0.0, False
             for batch in order.split(batch_size):
                 loss = -model.log_prob(inputs[batch], None if context is None else context[batch]).mean()
-                if not torch.isfinite(loss):
+                value = loss.item()
+                if not math.isfinite(value):
                     diverged = True
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                nn.utils.clip_grad_norm_(params, clip_grad_norm)
                 optimizer.step()
-                total += loss.item() * len(batch)
+                total += value * len(batch)
             val_loss = math.nan if diverged else _evaluate(model, inputs, context, val_idx)
             if diverged or not math.isfinite(val_loss):
                 history.diverged = True

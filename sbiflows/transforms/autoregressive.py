@@ -67,7 +67,8 @@ class MaskedAutoregressive(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self._context(x, context)
         m, s = self._params(x, context)
-        return (x - m) * torch.exp(-s), -s.sum(-1)
+        neg_s = -s
+        return (x - m) * torch.exp(neg_s), neg_s.sum(-1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self._context(z, context)

@@ -105,8 +105,8 @@ class Compose(Transform):
         self.context_features = max(t.context_features for t in flat)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[:-1])
-        for t in self.transforms:
+        x, total = self.transforms[0](x, context)
+        for t in self.transforms[1:]:
             x, logdet = t(x, context)
             total = total + logdet
         return x, total
