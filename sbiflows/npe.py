@@ -25,9 +25,10 @@ Design choices (see also ``docs/benchmarks.md``):
   leaves the object as it was, so the next ``fit`` never trains on duplicated rows. The best
   weights of a fit that failed after some epochs are kept in ``NPE.partial_posterior``.
 * **Batch size from the budget.** By default ``fit`` uses minibatches of ``2 * sqrt(n_train)`` rows
-  (within [32, 256]) and Adam steps of ``1e-3``, scaled up linearly for batches above 128 rows. A
-  small budget then gets enough gradient steps before early stopping, and a large one fewer, cheaper
-  epochs (see :func:`sbiflows.training.default_batch_size` and docs/benchmarks.md).
+  (within [32, 256]) and Adam steps of ``2e-3``. A small budget then gets enough gradient steps
+  before early stopping, and a large one fewer, cheaper epochs (see
+  :func:`sbiflows.training.default_batch_size`, :func:`~sbiflows.training.default_learning_rate` and
+  docs/benchmarks.md).
 * **Threads.** Small flows train several times faster with one intra-op thread on a loaded CPU, so
   ``fit`` sets ``torch.set_num_threads(num_threads)`` (default 1) and restores the old value after.
 """
@@ -194,9 +195,8 @@ class NPE:
                 (default): :func:`~sbiflows.training.default_batch_size` of the training rows, ``2 * sqrt``
                 of their number within [32, 256] (60 for 1,000 simulations, 190 for 10,000).
             learning_rate: Adam step size (``> 0``). None (default):
-                :func:`~sbiflows.training.default_learning_rate` of the batch size, ``1e-3`` up to 128
-                rows, scaled up linearly to ``2e-3`` at 256. ``history.batch_size`` and
-                ``history.learning_rate`` record the values used.
+                :func:`~sbiflows.training.default_learning_rate` (``2e-3``). ``history.batch_size``
+                and ``history.learning_rate`` record the values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
                 restored).
@@ -231,7 +231,7 @@ class NPE:
         if self._theta is not None:
             theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
         n_train = split_sizes(len(theta), validation_fraction)[0]
-        # The step size follows the batch actually used (train() lowers a batch larger than the rows).
+        # The step-size rule sees the batch actually used (train() lowers a batch larger than the rows).
         batch_size = default_batch_size(n_train) if batch_size is None else min(checked_batch, n_train)
         if learning_rate is None:
             learning_rate = default_learning_rate(batch_size)

@@ -90,15 +90,15 @@ def test_default_batch_size_and_learning_rate_follow_the_training_rows():
     prior, theta, x = box_problem(1000)
     npe = NPE(prior)
     first = npe.fit(theta[:500], x[:500], **FAST)  # 450 training rows: 2 * sqrt(450) = 42.4
-    assert (first.history.batch_size, first.history.learning_rate) == (42, 1e-3)
+    assert (first.history.batch_size, first.history.learning_rate) == (42, 2e-3)
     second = npe.fit(theta[500:], x[500:], **FAST)  # a refit splits all 1,000 rows: 2 * sqrt(900) = 60
-    assert (second.history.batch_size, second.history.learning_rate) == (60, 1e-3)
-    explicit = NPE(prior).fit(theta, x, batch_size=192, **FAST)  # the step size scales with the batch
-    assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 1.5e-3)
+    assert (second.history.batch_size, second.history.learning_rate) == (60, 2e-3)
+    explicit = NPE(prior).fit(theta, x, batch_size=192, **FAST)  # an explicit batch keeps the default step
+    assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 2e-3)
     both = NPE(prior).fit(theta, x, batch_size=20, learning_rate=3e-4, **FAST)
     assert (both.history.batch_size, both.history.learning_rate) == (20, 3e-4)
     lowered = NPE(prior).fit(theta[:100], x[:100], batch_size=512, **FAST)  # 90 training rows
-    assert (lowered.history.batch_size, lowered.history.learning_rate) == (90, 1e-3)
+    assert lowered.history.batch_size == 90
 
 
 def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():

@@ -117,9 +117,9 @@ def test_default_batch_size_grows_as_the_square_root_within_bounds(n_train, batc
     assert default_batch_size(n_train) == batch
 
 
-def test_default_learning_rate_scales_linearly_above_128_rows_up_to_twice():
-    rates = [default_learning_rate(b) for b in (1, 60, 128, 192, 256, 10_000)]
-    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 1.5e-3, 2e-3, 2e-3])
+def test_default_learning_rate_is_2e_3_over_the_default_batch_range():
+    rates = [default_learning_rate(default_batch_size(n)) for n in (10, 900, 9000, 100_000)]
+    assert rates == pytest.approx([2e-3] * 4)
 
 
 def test_split_sizes_match_the_split_train_makes():
