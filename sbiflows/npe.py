@@ -218,11 +218,18 @@ class NPE:
         history it had before the call; see :attr:`partial_posterior` for the weights of the
         failed attempt.
         """
-        max_epochs, checked_batch, patience = check_training_options(  # None checks as a valid placeholder
-            max_epochs=max_epochs, batch_size=1 if batch_size is None else batch_size,
-            learning_rate=1e-3 if learning_rate is None else learning_rate,
-            validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-        )
+        try:
+            max_epochs, checked_batch, patience = check_training_options(  # None checks as a valid placeholder
+                max_epochs=max_epochs, batch_size=1 if batch_size is None else batch_size,
+                learning_rate=1e-3 if learning_rate is None else learning_rate,
+                validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+            )
+        except (TypeError, ValueError) as error:  # name the default these two options also accept
+            message = str(error)
+            for name in ("batch_size", "learning_rate"):
+                if message.startswith(f"{name} must be "):
+                    message = message.replace(f"{name} must be ", f"{name} must be None (the default rule) or ", 1)
+            raise type(error)(message) from None
         seed = _index(seed, "seed", "an int")
         if num_threads is not None and _index(num_threads, "num_threads", "None or an int >= 1") < 1:
             raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")

@@ -19,8 +19,10 @@ custom prior, a callable estimator, an embedding net) are passed to :func:`load`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,7 +143,7 @@ def load(
     except RuntimeError as error:
         raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
     device = next(iter(state.values())).device
-    history = None if config["history"] is None else TrainingHistory(**config["history"])
+    history = None if config["history"] is None else _history(config["history"], path)
     return Posterior(net.to(device), prior, config=post_config, history=history,
                      max_batch_elements=config["max_batch_elements"])
 
@@ -171,6 +173,21 @@ def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]
     if config.get("dtype") not in _DTYPES:
         raise ValueError(f"unknown dtype {config.get('dtype')!r} in {path}; known: {sorted(_DTYPES)}")
     return config, state, prior_tensors
+
+
+def _history(fields: dict, path) -> TrainingHistory:
+    """The training history; fields this version does not know (a newer sbiflows's additions) are dropped
+    with a warning, since the history describes the fit and is not needed to use the posterior."""
+    known = {f.name for f in dataclasses.fields(TrainingHistory)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        warnings.warn(
+            f"{path}: ignored the training-history fields {unknown}, which sbiflows {sbiflows.__version__} "
+            "does not know (the file was written by a newer version); upgrade sbiflows to read them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return TrainingHistory(**{key: value for key, value in fields.items() if key in known})
 
 
 def _flow(config: dict, estimator) -> Flow:

@@ -317,9 +317,10 @@ def test_empty_training_set_is_a_value_error():
 @pytest.mark.parametrize(
     ("option", "value", "error", "match"),
     [
-        ("batch_size", 0, ValueError, "batch_size must be an int >= 1, got 0"),
+        ("batch_size", 0, ValueError, r"batch_size must be None \(the default rule\) or an int >= 1, got 0"),
+        ("batch_size", "64", TypeError, r"batch_size must be None \(the default rule\) or an int >= 1, got str '64'"),
         ("max_epochs", 0, ValueError, "max_epochs must be an int >= 1, got 0"),
-        ("learning_rate", -1.0, ValueError, "learning_rate must be finite and > 0, got -1.0"),
+        ("learning_rate", -1.0, ValueError, r"learning_rate must be None \(the default rule\) or finite and > 0, got -1.0"),
         ("validation_fraction", 1.5, ValueError, r"validation_fraction must be in \(0, 1\), got 1.5"),
         ("num_threads", 0, ValueError, "num_threads must be None or an int >= 1, got 0"),
         ("seed", 1.5, TypeError, "seed must be an int, got float 1.5"),

@@ -215,6 +215,19 @@ def test_activation_is_saved_and_rebuilt(tmp_path, activation):
     assert any(isinstance(m, expected) for m in loaded.net.modules())
 
 
+def test_history_fields_of_a_newer_version_are_ignored_with_a_warning(tmp_path, box):
+    path = tmp_path / "p.pt"
+    box[0].save(path)
+    config = json.loads(torch.load(path, weights_only=True)["config"])
+    config["history"]["warmup_epochs"] = 5
+    rewrite(path, config=config)
+    with pytest.warns(UserWarning, match=r"ignored the training-history fields \['warmup_epochs'\].*upgrade sbiflows"):
+        loaded = load(path)
+    assert loaded.history.epochs == box[0].history.epochs and not hasattr(loaded.history, "warmup_epochs")
+    theta, x = box[1], box[2]
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), box[0].log_prob(theta, x=x[0]))
+
+
 def test_pickled_objects_are_never_unpickled(tmp_path):
     torch.save({"format_version": 1, "payload": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a readable sbiflows posterior file"):
