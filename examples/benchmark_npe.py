@@ -37,9 +37,11 @@ def parse_observations(text: str) -> list[int]:
 
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
-             **fit_options):
+             transforms=None, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
+    if transforms is not None:
+        options["transforms"] = transforms
     start = time.perf_counter()
     posterior = NPE(task.prior, estimator, activation=activation, **options).fit(theta, x, seed=seed, progress=False, num_threads=threads,
                                                **fit_options)
@@ -137,12 +139,12 @@ def run_seed(task, args, observations, seed: int) -> dict:
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": args.patience,
-              "hidden_features": args.hidden_features, "ours": {}}
+              "hidden_features": args.hidden_features, "transforms": args.transforms, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
                                 activation=args.activation, hidden_features=args.hidden_features, seed=seed,
-                                threads=threads, num_samples=args.num_samples,
+                                threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 patience=args.patience)
         if ours_c2st is None:
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
                         help="our hidden layer sizes (default: NPE's default)")
+    parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)
