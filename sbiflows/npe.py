@@ -218,18 +218,11 @@ class NPE:
         history it had before the call; see :attr:`partial_posterior` for the weights of the
         failed attempt.
         """
-        try:
-            max_epochs, checked_batch, patience = check_training_options(  # None checks as a valid placeholder
-                max_epochs=max_epochs, batch_size=1 if batch_size is None else batch_size,
-                learning_rate=1e-3 if learning_rate is None else learning_rate,
-                validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-            )
-        except (TypeError, ValueError) as error:  # name the default these two options also accept
-            message = str(error)
-            for name in ("batch_size", "learning_rate"):
-                if message.startswith(f"{name} must be "):
-                    message = message.replace(f"{name} must be ", f"{name} must be None (the default rule) or ", 1)
-            raise type(error)(message) from None
+        max_epochs, checked_batch, patience = check_training_options(
+            max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+            optional=("batch_size", "learning_rate"),
+        )
         seed = _index(seed, "seed", "an int")
         if num_threads is not None and _index(num_threads, "num_threads", "None or an int >= 1") < 1:
             raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
@@ -239,7 +232,7 @@ class NPE:
             theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
         n_train = split_sizes(len(theta), validation_fraction)[0]
         # The step-size rule sees the batch actually used (train() lowers a batch larger than the rows).
-        batch_size = default_batch_size(n_train) if batch_size is None else min(checked_batch, n_train)
+        batch_size = default_batch_size(n_train) if checked_batch is None else min(checked_batch, n_train)
         if learning_rate is None:
             learning_rate = default_learning_rate(batch_size)
         space = Unconstrained(self._prior.support)

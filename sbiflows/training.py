@@ -12,6 +12,7 @@ import numbers
 import operator
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -199,11 +200,17 @@ def check_training_options(
     patience: int,
     clip_grad_norm: float,
     weight_decay: float = 0.0,
-) -> tuple[int, int, int]:
+    optional: Collection[str] = (),
+) -> tuple[int, int | None, int]:
     """Validate the options of :func:`train` (see there for their meaning and ranges).
 
+    Args:
+        optional: Names of options that may also be None (a caller's "use the default rule"); their
+            error messages then say so. None values are returned / accepted unchanged.
+
     Returns:
-        ``(max_epochs, batch_size, patience)`` as Python ints (numpy integers are accepted).
+        ``(max_epochs, batch_size, patience)`` as Python ints (numpy integers are accepted;
+        ``batch_size`` is None if it is optional and None).
 
     Raises:
         TypeError: If an integer option is not an integer or a real option is not a real number.
@@ -214,27 +221,36 @@ def check_training_options(
         ...                        validation_fraction=0.1, patience=5, clip_grad_norm=5.0)
         (10, 64, 5)
     """
+    def expected(name: str, text: str) -> str:
+        return f"None (the default rule) or {text}" if name in optional else text
+
     ints = {"max_epochs": max_epochs, "batch_size": batch_size, "patience": patience}
     for name, value in ints.items():
+        if value is None and name in optional:
+            continue
+        what = expected(name, "an int >= 1")
         if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int >= 1, got bool {value!r}")
+            raise TypeError(f"{name} must be {what}, got bool {value!r}")
         try:
             ints[name] = operator.index(value)
         except TypeError:
-            raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}") from None
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}") from None
         if ints[name] < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise ValueError(f"{name} must be {what}, got {value!r}")
     reals = {
         "learning_rate": (learning_rate, "finite and > 0", lambda v: 0 < v < math.inf),
         "clip_grad_norm": (clip_grad_norm, "> 0", lambda v: v > 0),
         "validation_fraction": (validation_fraction, "in (0, 1)", lambda v: 0 < v < 1),
         "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
     }
-    for name, (value, expected, ok) in reals.items():
+    for name, (value, condition, ok) in reals.items():
+        if value is None and name in optional:
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number {expected}, got {type(value).__name__} {value!r}")
+            what = expected(name, f"a real number {condition}")
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
         if not ok(float(value)):
-            raise ValueError(f"{name} must be {expected}, got {value!r}")
+            raise ValueError(f"{name} must be {expected(name, condition)}, got {value!r}")
     return ints["max_epochs"], ints["batch_size"], ints["patience"]
 
 

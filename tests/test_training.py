@@ -95,6 +95,18 @@ def test_numpy_integers_are_accepted_and_converted():
     assert train(Gaussian(), data(), max_epochs=np.int64(2), batch_size=np.int64(50)).epochs == 2
 
 
+def test_optional_options_accept_none_and_say_so_in_their_errors():
+    common = {"max_epochs": 3, "validation_fraction": 0.2, "patience": 2, "clip_grad_norm": 5.0}
+    optional = ("batch_size", "learning_rate")
+    assert check_training_options(batch_size=None, learning_rate=None, optional=optional, **common) == (3, None, 2)
+    with pytest.raises(TypeError, match=r"batch_size must be an int >= 1, got NoneType None"):
+        check_training_options(batch_size=None, learning_rate=1e-3, **common)
+    with pytest.raises(ValueError, match=r"learning_rate must be None \(the default rule\) or finite and > 0, got 0.0"):
+        check_training_options(batch_size=8, learning_rate=0.0, optional=optional, **common)
+    with pytest.raises(TypeError, match=r"learning_rate must be None \(the default rule\) or a real number finite"):
+        check_training_options(batch_size=8, learning_rate="fast", optional=optional, **common)
+
+
 def test_batch_size_larger_than_the_training_rows_is_lowered_to_one_full_batch():
     model = Gaussian()
     history = train(model, data(20), max_epochs=3, batch_size=1000, validation_fraction=0.1)
