@@ -51,6 +51,7 @@ from sbiflows.estimator import (
     PosteriorNet,
     build_flow,
     check_hidden_features,
+    default_transforms,
     zscore,
 )
 from sbiflows.flows import Flow
@@ -77,7 +78,9 @@ class NPE:
             batch-of-scalars distribution (treated as ``D`` independent parameters).
         estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
             ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
-        transforms: Number of flow layers (default 5). Ignored for a callable estimator.
+        transforms: Number of flow layers. None (default): chosen at the first ``fit`` from the number
+            of training rows by :func:`~sbiflows.estimator.default_transforms` (5 below 5,000 rows, 10
+            from 5,000; the saved config records the number used). Ignored for a callable estimator.
         hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``; wider
             networks were measured in ``docs/benchmarks.md``). Ignored for a callable estimator.
         activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
@@ -111,7 +114,7 @@ class NPE:
         prior: Distribution,
         estimator: str | Callable[[int, int], Flow] = "maf",
         *,
-        transforms: int = 5,
+        transforms: int | None = None,
         hidden_features: Sequence[int] = (50, 50),
         activation: str = "tanh",
         embedding_net: nn.Module | None = None,
@@ -137,8 +140,10 @@ class NPE:
             raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
-        if not isinstance(transforms, int) or transforms < 1:
-            raise ValueError(f"transforms must be a positive int, got {transforms!r}")
+        if transforms is not None and (isinstance(transforms, bool) or not isinstance(transforms, int)):
+            raise TypeError(f"transforms must be None (the default rule) or an int >= 1, got {transforms!r}")
+        if transforms is not None and transforms < 1:
+            raise ValueError(f"transforms must be None (the default rule) or an int >= 1, got {transforms!r}")
         self.estimator = estimator
         self.transforms, self.hidden_features = transforms, check_hidden_features(hidden_features)
         self.activation = activation
@@ -149,6 +154,7 @@ class NPE:
         self.history: TrainingHistory | None = None
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
+        self._transforms = transforms  # the number of layers of the built flow (set at the first fit)
         self._net: PosteriorNet | None = None
         self._theta: Tensor | None = None
         self._x: Tensor | None = None
@@ -237,8 +243,11 @@ class NPE:
             learning_rate = default_learning_rate(batch_size)
         space = Unconstrained(self._prior.support)
         u = space.to_unconstrained(space.nudge_inside(theta))
-        net = self._build(u, x, seed) if self._net is None else copy.deepcopy(self._net)
-        flow_seed = seed if self._net is None else self._seed
+        if self._net is None:
+            n_layers = default_transforms(n_train) if self.transforms is None else self.transforms
+            net, flow_seed = self._build(u, x, seed, n_layers), seed
+        else:
+            net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
         history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
         epochs_before = history.epochs
         old_threads = torch.get_num_threads()
@@ -252,19 +261,20 @@ class NPE:
             )
         except BaseException as error:
             if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
-                self._keep_partial(net, flow_seed, history, error)
+                self._keep_partial(net, flow_seed, n_layers, history, error)
             raise
         finally:
             torch.set_num_threads(old_threads)
         self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
-        self.partial_posterior = None
+        self._transforms, self.partial_posterior = n_layers, None
         return Posterior(
-            copy.deepcopy(net), self.prior, config=self._config(net, flow_seed), history=copy.deepcopy(history),
+            copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
+            history=copy.deepcopy(history),
             max_batch_elements=self.max_batch_elements,
         )
 
     # ------------------------------------------------------------------------------ internals
-    def _build(self, u: Tensor, x: Tensor, seed: int) -> PosteriorNet:
+    def _build(self, u: Tensor, x: Tensor, seed: int, transforms: int) -> PosteriorNet:
         x_mean, x_std, constant = zscore(x)
         if constant:
             warnings.warn(
@@ -282,19 +292,19 @@ class NPE:
             raise ValueError(f"embedding_net must map (N, {x.shape[1]}) to (N, C), got output {shape}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=self.transforms,
+            flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=transforms,
                               hidden_features=self.hidden_features, activation=self.activation, seed=seed)
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
         net.set_standardization(u, x)
         return net
 
     def _keep_partial(
-        self, net: PosteriorNet, flow_seed: int, history: TrainingHistory, error: BaseException
+        self, net: PosteriorNet, flow_seed: int, transforms: int, history: TrainingHistory, error: BaseException
     ) -> None:
         """Keep the best weights of a fit that raised after some epochs in :attr:`partial_posterior`."""
         try:
             self.partial_posterior = Posterior(
-                net, self.prior, config=self._config(net, flow_seed), history=history,
+                net, self.prior, config=self._config(net, flow_seed, transforms), history=history,
                 max_batch_elements=self.max_batch_elements,
             )
         except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
@@ -305,10 +315,10 @@ class NPE:
                 f"attempt (epoch {history.best_epoch}) are in npe.partial_posterior"
             )
 
-    def _config(self, net: PosteriorNet, flow_seed: int) -> dict:
+    def _config(self, net: PosteriorNet, flow_seed: int, transforms: int) -> dict:
         return {
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
-            "transforms": self.transforms,
+            "transforms": transforms,
             "hidden_features": list(self.hidden_features),
             "activation": self.activation,
             "embedding": "none" if self.embedding_net is None else "custom",

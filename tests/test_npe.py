@@ -17,10 +17,10 @@ from torch.distributions import (
     Uniform,
 )
 
-from sbiflows import NPE, Posterior, training
+from sbiflows import NPE, Posterior, load, training
 from sbiflows.estimator import zscore
 from sbiflows.flows import Flow, maf
-from sbiflows.transforms import Transform
+from sbiflows.transforms import MaskedAutoregressive, Transform
 
 NOISE = 0.5
 FAST = {"max_epochs": 3, "progress": False}
@@ -99,6 +99,35 @@ def test_default_batch_size_and_learning_rate_follow_the_training_rows():
     assert (both.history.batch_size, both.history.learning_rate) == (20, 3e-4)
     lowered = NPE(prior).fit(theta[:100], x[:100], batch_size=512, **FAST)  # 90 training rows
     assert lowered.history.batch_size == 90
+
+
+def maf_layers(posterior) -> int:
+    return sum(isinstance(t, MaskedAutoregressive) for t in posterior.net.flow.transform.transforms)
+
+
+def test_default_depth_follows_the_training_rows_of_the_first_fit(tmp_path):
+    prior, theta, x = box_problem(5600)
+    one_epoch = {"max_epochs": 1, "progress": False}
+    npe = NPE(prior)
+    small = npe.fit(theta[:1000], x[:1000], **one_epoch)  # 900 training rows
+    assert (small.config["transforms"], maf_layers(small)) == (5, 5)
+    grown = npe.fit(theta[1000:], x[1000:], **one_epoch)  # a refit keeps the flow it trains
+    assert (grown.config["transforms"], maf_layers(grown)) == (5, 5)
+    large = NPE(prior).fit(theta, x, **one_epoch)  # 5,040 training rows
+    assert (large.config["transforms"], maf_layers(large)) == (10, 10)
+    large.save(tmp_path / "large.pt")
+    assert maf_layers(load(tmp_path / "large.pt")) == 10
+    explicit = NPE(prior, transforms=3).fit(theta, x, **one_epoch)
+    assert (explicit.config["transforms"], maf_layers(explicit)) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError), ("5", TypeError)]
+)
+def test_transforms_validation_names_the_default(value, error):
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    with pytest.raises(error, match=r"transforms must be None \(the default rule\) or an int >= 1, got"):
+        NPE(prior, transforms=value)
 
 
 def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():
