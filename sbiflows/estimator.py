@@ -52,21 +52,24 @@ def check_hidden_features(hidden_features: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(h) for h in hidden_features)
 
 
-def default_transforms(n_train: int) -> int:
-    """NPE's default number of flow layers for ``n_train`` training rows: 5 below 5,000 rows, 10 from 5,000.
+def default_transforms(n_train: int, theta_dim: int) -> int:
+    """NPE's default number of flow layers: 10 from 5,000 training rows on when ``theta_dim >= 3``, else 5.
 
-    More simulations support a more flexible flow. Measured in docs/benchmarks.md ("Flow depth"), 3
-    seeds per task at 10,000 simulations (9,000 training rows): 10 layers instead of 5 lower the mean
-    C2ST on slcp (0.940 to 0.913) and two_moons (0.662 to 0.654) and leave gaussian_linear unchanged,
-    at about 1.4-1.8x the training time. At 1,000 simulations the extra time would break the budget of
-    half sbi's training time, so small budgets keep 5 layers. The switch point between the two
-    measured budgets is a round number, not a tuned one.
+    More simulations support a more flexible flow, and more parameters need more layers to model
+    their joint dependence: with two parameters, two MAF layers of opposite orderings already
+    condition each parameter on the other. Measured in docs/benchmarks.md ("Flow depth"), 3 seeds at
+    10,000 simulations (9,000 training rows): 10 layers instead of 5 lower the mean C2ST on slcp
+    (5 parameters) from 0.940 to 0.913 and leave gaussian_linear (10 parameters) within 0.004, at
+    about 1.6-1.9x our training time. On two_moons (2 parameters) they gain 0.008 but take the
+    training time from 0.28x to 0.45-0.54x of sbi's, so 2-D problems keep 5 layers. At 1,000
+    simulations the extra time would break the budget of half sbi's training time. The switch point
+    between the two measured budgets is a round number, not a tuned one.
 
     Example:
-        >>> default_transforms(900), default_transforms(9000)
-        (5, 10)
+        >>> default_transforms(900, 5), default_transforms(9000, 5), default_transforms(9000, 2)
+        (5, 10, 5)
     """
-    return 5 if n_train < 5000 else 10
+    return 10 if n_train >= 5000 and theta_dim >= 3 else 5
 
 
 def build_flow(

@@ -78,9 +78,10 @@ class NPE:
             batch-of-scalars distribution (treated as ``D`` independent parameters).
         estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
             ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
-        transforms: Number of flow layers. None (default): chosen at the first ``fit`` from the number
-            of training rows by :func:`~sbiflows.estimator.default_transforms` (5 below 5,000 rows, 10
-            from 5,000; the saved config records the number used). Ignored for a callable estimator.
+        transforms: Number of flow layers. None (default): chosen at the first ``fit`` by
+            :func:`~sbiflows.estimator.default_transforms` (10 from 5,000 training rows on with at
+            least 3 parameters, else 5; the saved config records the number used). Ignored for a
+            callable estimator.
         hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``; wider
             networks were measured in ``docs/benchmarks.md``). Ignored for a callable estimator.
         activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
@@ -244,7 +245,7 @@ class NPE:
         space = Unconstrained(self._prior.support)
         u = space.to_unconstrained(space.nudge_inside(theta))
         if self._net is None:
-            n_layers = default_transforms(n_train) if self.transforms is None else self.transforms
+            n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
             net, flow_seed = self._build(u, x, seed, n_layers), seed
         else:
             net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms

@@ -105,20 +105,22 @@ def maf_layers(posterior) -> int:
     return sum(isinstance(t, MaskedAutoregressive) for t in posterior.net.flow.transform.transforms)
 
 
-def test_default_depth_follows_the_training_rows_of_the_first_fit(tmp_path):
-    prior, theta, x = box_problem(5600)
+def test_default_depth_follows_the_training_rows_and_dimension_of_the_first_fit(tmp_path):
+    prior, theta, x = gaussian_problem(5600, dim=3)
     one_epoch = {"max_epochs": 1, "progress": False}
     npe = NPE(prior)
     small = npe.fit(theta[:1000], x[:1000], **one_epoch)  # 900 training rows
     assert (small.config["transforms"], maf_layers(small)) == (5, 5)
     grown = npe.fit(theta[1000:], x[1000:], **one_epoch)  # a refit keeps the flow it trains
     assert (grown.config["transforms"], maf_layers(grown)) == (5, 5)
-    large = NPE(prior).fit(theta, x, **one_epoch)  # 5,040 training rows
+    large = NPE(prior).fit(theta, x, **one_epoch)  # 5,040 training rows, 3 parameters
     assert (large.config["transforms"], maf_layers(large)) == (10, 10)
     large.save(tmp_path / "large.pt")
     assert maf_layers(load(tmp_path / "large.pt")) == 10
     explicit = NPE(prior, transforms=3).fit(theta, x, **one_epoch)
     assert (explicit.config["transforms"], maf_layers(explicit)) == (3, 3)
+    box_prior, box_theta, box_x = box_problem(5600)  # 2 parameters keep 5 layers at any budget
+    assert NPE(box_prior).fit(box_theta, box_x, **one_epoch).config["transforms"] == 5
 
 
 @pytest.mark.parametrize(
