@@ -53,7 +53,7 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
         sample_seconds.append(time.perf_counter() - start)
     record = {"train_seconds": train_seconds, "epochs": posterior.history.epochs,
               "sample_seconds": statistics.median(sample_seconds), "batch_size": posterior.history.batch_size,
-              "learning_rate": posterior.history.learning_rate}
+              "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"]}
     return record, samples
 
 
@@ -151,7 +151,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
         record["ours"][threads] = run
-        print(f"  sbiflows {args.estimator} ({args.activation}, batch {run['batch_size']}, "
+        print(f"  sbiflows {args.estimator} ({run['transforms']} layers, {args.activation}, batch {run['batch_size']}, "
               f"lr {run['learning_rate']:.2g}, patience {args.patience}) "
               f"threads={threads}: train {run['train_seconds']:.1f} s, "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
