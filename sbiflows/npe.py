@@ -68,6 +68,8 @@ from sbiflows.training import (
 
 __all__ = ["NPE"]
 
+TRANSFORMS_EXPECTED = "None (the default rule) or an int >= 1"
+
 
 class NPE:
     """Neural posterior estimation with a normalizing flow.
@@ -141,12 +143,11 @@ class NPE:
             raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
-        if transforms is not None and (isinstance(transforms, bool) or not isinstance(transforms, int)):
-            raise TypeError(f"transforms must be None (the default rule) or an int >= 1, got {transforms!r}")
-        if transforms is not None and transforms < 1:
-            raise ValueError(f"transforms must be None (the default rule) or an int >= 1, got {transforms!r}")
+        if transforms is not None and _index(transforms, "transforms", TRANSFORMS_EXPECTED) < 1:
+            raise ValueError(f"transforms must be {TRANSFORMS_EXPECTED}, got {transforms!r}")
         self.estimator = estimator
-        self.transforms, self.hidden_features = transforms, check_hidden_features(hidden_features)
+        self.transforms = None if transforms is None else operator.index(transforms)
+        self.hidden_features = check_hidden_features(hidden_features)
         self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements
@@ -155,7 +156,7 @@ class NPE:
         self.history: TrainingHistory | None = None
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
-        self._transforms = transforms  # the number of layers of the built flow (set at the first fit)
+        self._transforms: int | None = None  # the number of layers of the built flow (first fit)
         self._net: PosteriorNet | None = None
         self._theta: Tensor | None = None
         self._x: Tensor | None = None

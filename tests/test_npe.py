@@ -130,6 +130,7 @@ def test_transforms_validation_names_the_default(value, error):
     prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
     with pytest.raises(error, match=r"transforms must be None \(the default rule\) or an int >= 1, got"):
         NPE(prior, transforms=value)
+    assert NPE(prior, transforms=np.int64(3)).transforms == 3  # numpy integers are accepted, as for seed
 
 
 def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors():
