@@ -185,8 +185,9 @@ class NPE:
         batch_size: int | None = None,
         learning_rate: float | None = None,
         validation_fraction: float = 0.1,
-        patience: int = 20,
+        patience: int = 10,
         clip_grad_norm: float = 5.0,
+        ema_epochs: float = 1.0,
         progress: bool = True,
         num_threads: int | None = 1,
     ) -> Posterior:
@@ -207,8 +208,12 @@ class NPE:
                 and ``history.learning_rate`` record the values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
-                restored).
+                restored). 10 rather than sbi's 20, because the averaged weights (``ema_epochs``)
+                give a smooth validation curve; measured in docs/benchmarks.md ("Weight averaging").
             clip_grad_norm: Maximum gradient norm (``> 0``).
+            ema_epochs: The weights that are validated and returned are an exponential moving
+                average of Adam's iterates over about this many epochs (``>= 0``; ``0``: the raw
+                iterates); see :func:`sbiflows.training.train`. ``history.ema_epochs`` records it.
             progress: Show a progress bar with the current losses.
             num_threads: Intra-op threads during training (``>= 1``, restored afterwards); None leaves them.
 
@@ -229,7 +234,7 @@ class NPE:
         max_epochs, checked_batch, patience = check_training_options(
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-            optional=("batch_size", "learning_rate"),
+            ema_epochs=ema_epochs, optional=("batch_size", "learning_rate"),
         )
         seed = _index(seed, "seed", "an int")
         if num_threads is not None and _index(num_threads, "num_threads", "None or an int >= 1") < 1:
@@ -259,7 +264,7 @@ class NPE:
             train(
                 net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                seed=seed, progress=progress, history=history,
+                ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
             )
         except BaseException as error:
             if history.epochs > epochs_before:  # train() restored this attempt's best weights into net

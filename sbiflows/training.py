@@ -3,6 +3,11 @@
 The loss is the lecture's negative log-likelihood: ``-log p(x) = -(log p_Z(f^{-1}(x)) + sum_k logdet_k)``,
 averaged over a minibatch. Training uses Adam, a validation split, early stopping that restores the best
 weights, gradient-norm clipping and an optional progress bar.
+
+What is validated, kept and returned is an exponential moving average (EMA) of the weights over about
+``ema_epochs`` epochs (:class:`torch.optim.swa_utils.AveragedModel`), not the last Adam iterate. The
+average removes most of the minibatch noise of the iterates, so a larger step size stays accurate:
+measured by held-out posterior log-density in docs/benchmarks.md ("Weight averaging").
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass
@@ -40,6 +46,8 @@ class TrainingHistory:
         batch_size: Minibatch size of the last call (after lowering it to the training rows); 0 in
             histories saved before this field existed.
         learning_rate: Adam step size of the last call; 0.0 in histories saved before this field existed.
+        ema_epochs: Length of the weight average of the last call, in epochs (0.0: no average; also
+            in histories saved before this field existed).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -52,6 +60,7 @@ class TrainingHistory:
     seconds: float = 0.0
     batch_size: int = 0
     learning_rate: float = 0.0
+    ema_epochs: float = 0.0
 
     def as_dict(self) -> dict:
         """A JSON-serialisable dictionary."""
@@ -70,6 +79,7 @@ def train(
     patience: int = 20,
     clip_grad_norm: float = 5.0,
     weight_decay: float = 0.0,
+    ema_epochs: float = 1.0,
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
@@ -88,6 +98,10 @@ def train(
         patience: Epochs without validation improvement before stopping (``>= 1``).
         clip_grad_norm: Maximum gradient norm (``> 0``; ``inf`` disables clipping).
         weight_decay: Adam weight decay (``>= 0``).
+        ema_epochs: Validate, keep and return an exponential moving average of the weights with a
+            time constant of this many epochs (``>= 0``; ``0`` uses the raw Adam iterates). Its
+            first steps average over a shorter, growing window, so early epochs are not dominated
+            by the initial weights. ``train_loss`` is the loss of the raw iterates.
         seed: Seeds the split and the minibatch order (the model's initial weights are the caller's).
         progress: Show a progress bar with the current losses.
         history: Continue this history (e.g. when training again with more data): losses are
@@ -108,13 +122,13 @@ def train(
         >>> from sbiflows.flows import maf
         >>> flow = maf(2, transforms=1, hidden_features=(8, 8))
         >>> hist = train(flow, torch.randn(200, 2), max_epochs=2, batch_size=50)
-        >>> hist.epochs
-        2
+        >>> hist.epochs, hist.ema_epochs
+        (2, 1.0)
     """
     max_epochs, batch_size, patience = check_training_options(
         max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-        weight_decay=weight_decay,
+        weight_decay=weight_decay, ema_epochs=ema_epochs,
     )
     n = _check_rows(inputs, context)
     n_train, n_val = split_sizes(n, validation_fraction)
@@ -128,9 +142,13 @@ def train(
     history = TrainingHistory() if history is None else history
     history.stopped_early, history.diverged = False, False
     history.batch_size, history.learning_rate = batch_size, float(learning_rate)
+    history.ema_epochs = float(ema_epochs)
     first = history.epochs  # global number of this call's first epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adam(params, learning_rate=learning_rate, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    average = _weight_average(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
+    validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
     bar = _progress_bar(max_epochs) if progress else None
@@ -150,8 +168,10 @@ def train(
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, clip_grad_norm)
                 optimizer.step()
+                if average is not None:
+                    average.update_parameters(model)
                 total += value * len(batch)
-            val_loss = math.nan if diverged else _evaluate(model, inputs, context, val_idx)
+            val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx)
             if diverged or not math.isfinite(val_loss):
                 history.diverged = True
                 if best_epoch < 0:
@@ -171,7 +191,7 @@ def train(
             history.epochs += 1
             if val_loss < best_loss:
                 best_loss, best_epoch, since_best = val_loss, epoch, 0
-                best_state = _snapshot(model)
+                best_state = _snapshot(validated)
             else:
                 since_best += 1
             if bar is not None:
@@ -200,6 +220,7 @@ def check_training_options(
     patience: int,
     clip_grad_norm: float,
     weight_decay: float = 0.0,
+    ema_epochs: float = 0.0,
     optional: Collection[str] = (),
 ) -> tuple[int, int | None, int]:
     """Validate the options of :func:`train` (see there for their meaning and ranges).
@@ -242,6 +263,7 @@ def check_training_options(
         "clip_grad_norm": (clip_grad_norm, "> 0", lambda v: v > 0),
         "validation_fraction": (validation_fraction, "in (0, 1)", lambda v: 0 < v < 1),
         "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
+        "ema_epochs": (ema_epochs, "finite and >= 0", lambda v: 0 <= v < math.inf),
     }
     for name, (value, condition, ok) in reals.items():
         if value is None and name in optional:
@@ -310,6 +332,23 @@ def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: flo
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch version
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+
+
+def _weight_average(model: nn.Module, *, steps: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters with a time constant of ``steps`` steps.
+
+    The decay is ``1 - 1 / steps``, capped at ``(1 + n) / (10 + n)`` after ``n`` updates: a short
+    window at first (the first update copies the weights), growing to the full time constant. Buffers
+    (e.g. batch-norm statistics) are copied from ``model``, not averaged.
+    """
+    decay = max(0.0, 1.0 - 1.0 / steps)
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=False)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
