@@ -93,6 +93,17 @@ def test_default_batch_size_and_learning_rate_follow_the_training_rows():
     assert (first.history.batch_size, first.history.learning_rate) == (42, 2e-3)
     second = npe.fit(theta[500:], x[500:], **FAST)  # a refit splits all 1,000 rows: 2 * sqrt(900) = 60
     assert (second.history.batch_size, second.history.learning_rate) == (60, 2e-3)
+
+
+def test_weight_averaging_is_on_by_default_and_can_be_turned_off():
+    prior, theta, x = box_problem()
+    averaged = NPE(prior).fit(theta, x, **FAST)
+    raw = NPE(prior).fit(theta, x, ema_epochs=0, **FAST)
+    assert (averaged.history.ema_epochs, raw.history.ema_epochs) == (1.0, 0.0)
+    probe = theta[:20]
+    assert not torch.equal(averaged.log_prob(probe, x=x[0]), raw.log_prob(probe, x=x[0]))
+    with pytest.raises(ValueError, match=r"ema_epochs must be finite and >= 0, got -0.5"):
+        NPE(prior).fit(theta, x, ema_epochs=-0.5, **FAST)
     explicit = NPE(prior).fit(theta, x, batch_size=192, **FAST)  # an explicit batch keeps the default step
     assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 2e-3)
     both = NPE(prior).fit(theta, x, batch_size=20, learning_rate=3e-4, **FAST)

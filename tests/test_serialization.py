@@ -228,6 +228,17 @@ def test_history_fields_of_a_newer_version_are_ignored_with_a_warning(tmp_path, 
     assert torch.equal(loaded.log_prob(theta, x=x[0]), box[0].log_prob(theta, x=x[0]))
 
 
+def test_history_of_an_older_version_without_ema_epochs_loads_as_unaveraged(tmp_path, box, recwarn):
+    path = tmp_path / "p.pt"
+    box[0].save(path)
+    config = json.loads(torch.load(path, weights_only=True)["config"])
+    assert config["history"].pop("ema_epochs") == 1.0
+    rewrite(path, config=config)
+    loaded = load(path)
+    assert loaded.history.ema_epochs == 0.0 and loaded.history.epochs == box[0].history.epochs
+    assert not [w for w in recwarn if "history" in str(w.message)]
+
+
 def test_pickled_objects_are_never_unpickled(tmp_path):
     torch.save({"format_version": 1, "payload": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a readable sbiflows posterior file"):

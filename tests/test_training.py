@@ -1,4 +1,4 @@
-"""train(): option validation, batch-size lowering, and a history extended over several calls."""
+"""train(): option validation, batch-size lowering, weight averaging, and a history extended over several calls."""
 
 import math
 
@@ -61,6 +61,8 @@ def data(n: int = 200) -> torch.Tensor:
         ("validation_fraction", 1.0, r"validation_fraction must be in \(0, 1\), got 1.0"),
         ("validation_fraction", 0, r"validation_fraction must be in \(0, 1\), got 0"),
         ("weight_decay", -0.1, r"weight_decay must be finite and >= 0, got -0.1"),
+        ("ema_epochs", -1.0, r"ema_epochs must be finite and >= 0, got -1.0"),
+        ("ema_epochs", math.inf, r"ema_epochs must be finite and >= 0, got inf"),
     ],
 )
 def test_options_out_of_range_raise_value_error_naming_them(option, value, match):
@@ -79,6 +81,8 @@ def test_options_out_of_range_raise_value_error_naming_them(option, value, match
         ("max_epochs", "10", r"max_epochs must be an int >= 1, got str '10'"),
         ("learning_rate", "0.1", r"learning_rate must be a real number finite and > 0, got str '0.1'"),
         ("clip_grad_norm", None, r"clip_grad_norm must be a real number > 0, got NoneType None"),
+        ("ema_epochs", True, r"ema_epochs must be a real number finite and >= 0, got bool True"),
+        ("ema_epochs", "1", r"ema_epochs must be a real number finite and >= 0, got str '1'"),
     ],
 )
 def test_options_of_the_wrong_type_raise_type_error(option, value, match):
@@ -119,7 +123,8 @@ def test_batch_size_larger_than_the_training_rows_is_lowered_to_one_full_batch()
 
 def test_history_records_the_batch_size_used_and_the_learning_rate():
     history = train(Gaussian(), data(20), max_epochs=1, batch_size=1000, learning_rate=2e-3)
-    assert (history.batch_size, history.learning_rate) == (18, 2e-3)
+    assert (history.batch_size, history.learning_rate, history.ema_epochs) == (18, 2e-3, 1.0)
+    assert train(Gaussian(), data(20), max_epochs=1, ema_epochs=0).ema_epochs == 0.0
 
 
 @pytest.mark.parametrize(
@@ -189,3 +194,47 @@ def test_adam_is_fused_where_torch_has_the_kernel_and_falls_back_to_foreach(monk
     model = Gaussian()
     train(model, torch.randn(200, 2) + 3.0, max_epochs=30, batch_size=50, learning_rate=0.1)
     assert torch.allclose(model.loc, torch.full((2,), 3.0), atol=0.5), "training with the fallback optimizer learns"
+
+
+# ------------------------------------------------------------------------------------ weight averaging
+def test_weight_average_starts_with_a_copy_and_grows_its_window_to_the_time_constant():
+    from sbiflows.training import _weight_average
+
+    model = Gaussian(1)
+    average = _weight_average(model, steps=4.0)  # decay 1 - 1/4
+    expected = None
+    for n in range(40):
+        value = float((-1) ** n * n)
+        model.loc.data.fill_(value)
+        average.update_parameters(model)
+        decay = min(0.75, (1 + n) / (10 + n))  # before update n (from 0), n updates were averaged
+        expected = value if n == 0 else decay * expected + (1 - decay) * value
+        assert average.module.loc.item() == pytest.approx(expected, rel=1e-6)
+    assert (1 + 39) / (10 + 39) > 0.75  # the last updates used the full time constant
+    assert torch.equal(model.loc.detach(), torch.tensor([-39.0]))  # the model itself is untouched
+
+
+def validation_rows(x: torch.Tensor, seed: int, fraction: float = 0.1) -> torch.Tensor:
+    """The validation split train() makes for ``seed``."""
+    n_train = split_sizes(len(x), fraction)[0]
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[n_train:]]
+
+
+def test_train_keeps_the_averaged_weights_it_validated_and_they_are_closer_to_the_optimum():
+    x = data(2000)
+    optimum = x.mean(0)  # the maximum-likelihood loc
+    errors = {1.0: [], 0.0: []}
+    for seed in range(5):
+        for ema_epochs in (1.0, 0.0):
+            model = Gaussian()
+            # a step size this large makes the Adam iterates jump around the optimum
+            history = train(model, x, max_epochs=10, batch_size=10, learning_rate=0.3, patience=100,
+                            validation_fraction=0.5, ema_epochs=ema_epochs, seed=seed)
+            with torch.no_grad():
+                kept = -model.log_prob(validation_rows(x, seed, 0.5)).mean().item()
+            assert kept == pytest.approx(history.best_validation_loss, rel=1e-6)
+            assert history.validation_loss[history.best_epoch] == history.best_validation_loss
+            errors[ema_epochs].append((model.loc.detach() - optimum).norm().item())
+    # measured: 0.006-0.033 averaged against 0.06-0.16 raw (seeds 0-4; sums 0.094 and 0.578)
+    assert all(a < r for a, r in zip(errors[1.0], errors[0.0])), errors
+    assert sum(errors[1.0]) < 0.4 * sum(errors[0.0]), errors
