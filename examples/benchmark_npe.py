@@ -16,6 +16,7 @@ train one untimed epoch (see :func:`warm_up`).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -42,6 +43,7 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
     if transforms is not None:
         options["transforms"] = transforms
+    fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
     start = time.perf_counter()
     posterior = NPE(task.prior, estimator, activation=activation, **options).fit(theta, x, seed=seed, progress=False, num_threads=threads,
                                                **fit_options)
@@ -53,7 +55,8 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
         sample_seconds.append(time.perf_counter() - start)
     record = {"train_seconds": train_seconds, "epochs": posterior.history.epochs,
               "sample_seconds": statistics.median(sample_seconds), "batch_size": posterior.history.batch_size,
-              "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"]}
+              "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"],
+              "ema_epochs": posterior.history.ema_epochs}
     return record, samples
 
 
@@ -136,9 +139,10 @@ def run_seed(task, args, observations, seed: int) -> dict:
     sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
     theta, x = sims.theta[sims.valid], sims.x[sims.valid]  # both libraries get the same valid rows
     print(f"task={args.task} simulations={args.simulations} seed={seed} observations={observations}")
+    patience = inspect.signature(NPE.fit).parameters["patience"].default if args.patience is None else args.patience
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
-              "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": args.patience,
+              "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
@@ -146,13 +150,13 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 activation=args.activation, hidden_features=args.hidden_features, seed=seed,
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                patience=args.patience)
+                                patience=args.patience, ema_epochs=args.ema_epochs)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
         record["ours"][threads] = run
         print(f"  sbiflows {args.estimator} ({run['transforms']} layers, {args.activation}, batch {run['batch_size']}, "
-              f"lr {run['learning_rate']:.2g}, patience {args.patience}) "
+              f"lr {run['learning_rate']:.2g}, patience {patience}, ema_epochs {run['ema_epochs']:g}) "
               f"threads={threads}: train {run['train_seconds']:.1f} s, "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
     print("  sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
@@ -206,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation", default="tanh", help="our conditioner activation (tanh, relu, ...)")
     parser.add_argument("--batch-size", type=int, default=None, help="our training batch size (default: NPE's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="our Adam step size (default: NPE's)")
-    parser.add_argument("--patience", type=int, default=20, help="our early-stopping patience")
+    parser.add_argument("--patience", type=int, default=None, help="our early-stopping patience (default: NPE's)")
+    parser.add_argument("--ema-epochs", type=float, default=None,
+                        help="our weight-average length in epochs, 0 for none (default: NPE's)")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
