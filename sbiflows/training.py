@@ -5,13 +5,17 @@ averaged over a minibatch. Training uses Adam, a validation split, early stoppin
 weights, gradient-norm clipping and an optional progress bar.
 
 What is validated, kept and returned is an exponential moving average (EMA) of the weights over about
-``ema_epochs`` epochs (:class:`torch.optim.swa_utils.AveragedModel`), not the last Adam iterate. The
-average removes most of the minibatch noise of the iterates, so a larger step size stays accurate:
-measured by held-out posterior log-density in docs/benchmarks.md ("Weight averaging").
+``ema_epochs`` epochs, not the last Adam iterate. The average removes most of the minibatch noise of
+the iterates, so a larger step size stays accurate: measured by held-out posterior log-density in
+docs/benchmarks.md ("Weight averaging"). The update is one ``torch._foreach_lerp_`` per step rather
+than :class:`torch.optim.swa_utils.AveragedModel`, whose per-step bookkeeping (regrouping the
+tensors, copying every buffer) made a default NPE training step 21-25% slower against 2% for the
+bare update (measured on two_moons and slcp, batch 190, same-run medians).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import operator
@@ -22,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass
@@ -147,7 +150,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adam(params, learning_rate=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n_train / batch_size)
-    average = _weight_average(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
+    average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
     validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
@@ -169,8 +172,10 @@ def train(
                 nn.utils.clip_grad_norm_(params, clip_grad_norm)
                 optimizer.step()
                 if average is not None:
-                    average.update_parameters(model)
+                    average.update()
                 total += value * len(batch)
+            if average is not None:
+                average.copy_buffers()
             val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx)
             if diverged or not math.isfinite(val_loss):
                 history.diverged = True
@@ -334,21 +339,47 @@ def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: flo
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
 
 
-def _weight_average(model: nn.Module, *, steps: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s parameters with a time constant of ``steps`` steps.
+class WeightAverage:
+    """An exponential moving average of a model's parameters with a time constant of ``steps`` updates.
 
-    The decay is ``1 - 1 / steps``, capped at ``(1 + n) / (10 + n)`` after ``n`` updates: a short
-    window at first (the first update copies the weights), growing to the full time constant. Buffers
-    (e.g. batch-norm statistics) are copied from ``model``, not averaged.
+    The average lives in :attr:`module`, a copy of the model. The first :meth:`update` copies the
+    parameters; update ``n`` (counted from 0) then moves the average towards them with the decay
+    ``min(1 - 1 / steps, (1 + n) / (10 + n))``: a short window at first, growing to the full time
+    constant, so the initial weights fade quickly. Buffers (e.g. batch-norm statistics) are copied
+    from the model by :meth:`copy_buffers`, not averaged.
+
+    Example:
+        >>> model = nn.Linear(1, 1)
+        >>> average = WeightAverage(model, steps=4)
+        >>> _ = model.bias.data.fill_(1.0); average.update()
+        >>> _ = model.bias.data.fill_(2.0); average.update()   # decay min(0.75, 2 / 11)
+        >>> round(average.module.bias.item(), 4)
+        1.8182
     """
-    decay = max(0.0, 1.0 - 1.0 / steps)
+
+    def __init__(self, model: nn.Module, *, steps: float):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self._model = model
+        self._params = list(model.parameters())
+        self._averaged = list(self.module.parameters())
+        self._decay = max(0.0, 1.0 - 1.0 / steps)
+        self.updates = 0
 
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = int(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
+    def update(self) -> None:
+        """Fold the model's current parameters into the average."""
+        if self.updates == 0:
+            torch._foreach_copy_(self._averaged, self._params)
+        else:
+            n = self.updates
+            torch._foreach_lerp_(self._averaged, self._params, 1.0 - min(self._decay, (1 + n) / (10 + n)))
+        self.updates += 1
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=False)
+    @torch.no_grad()
+    def copy_buffers(self) -> None:
+        """Give the average the model's current buffers."""
+        for mine, theirs in zip(self.module.buffers(), self._model.buffers()):
+            mine.copy_(theirs)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:

@@ -198,15 +198,15 @@ def test_adam_is_fused_where_torch_has_the_kernel_and_falls_back_to_foreach(monk
 
 # ------------------------------------------------------------------------------------ weight averaging
 def test_weight_average_starts_with_a_copy_and_grows_its_window_to_the_time_constant():
-    from sbiflows.training import _weight_average
+    from sbiflows.training import WeightAverage
 
     model = Gaussian(1)
-    average = _weight_average(model, steps=4.0)  # decay 1 - 1/4
+    average = WeightAverage(model, steps=4.0)  # decay 1 - 1/4
     expected = None
     for n in range(40):
         value = float((-1) ** n * n)
         model.loc.data.fill_(value)
-        average.update_parameters(model)
+        average.update()
         decay = min(0.75, (1 + n) / (10 + n))  # before update n (from 0), n updates were averaged
         expected = value if n == 0 else decay * expected + (1 - decay) * value
         assert average.module.loc.item() == pytest.approx(expected, rel=1e-6)
