@@ -64,7 +64,8 @@ def default_transforms(n_train: int, theta_dim: int) -> int:
     training time from 0.28x to 0.45-0.54x of sbi's, so 2-D problems keep 5 layers. Deeper flows
     were not measured at 1,000 simulations: the same 1.4-2.0x on the measured time ratios there
     (0.26-0.37 of sbi's) would approach or pass half of sbi's time. The switch point between the
-    two measured budgets is a round number, not a tuned one.
+    two measured budgets is a round number, not a tuned one. These measurements predate the weight
+    average of :func:`sbiflows.training.train`; with it the rule was kept (docs/benchmarks.md, top table).
 
     Example:
         >>> default_transforms(900, 5), default_transforms(9000, 5), default_transforms(9000, 2)
