@@ -355,9 +355,19 @@ class WeightAverage:
         >>> _ = model.bias.data.fill_(2.0); average.update()   # decay min(0.75, 2 / 11)
         >>> round(average.module.bias.item(), 4)
         1.8182
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``steps`` is not a real number.
+        ValueError: If ``steps`` is not finite and > 0.
     """
 
     def __init__(self, model: nn.Module, *, steps: float):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
+            raise TypeError(f"steps must be a real number finite and > 0, got {type(steps).__name__} {steps!r}")
+        if not 0 < steps < math.inf:
+            raise ValueError(f"steps must be finite and > 0, got {steps!r}")
         self.module = copy.deepcopy(model).requires_grad_(False)
         self._model = model
         self._params = list(model.parameters())

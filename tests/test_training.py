@@ -214,6 +214,18 @@ def test_weight_average_starts_with_a_copy_and_grows_its_window_to_the_time_cons
     assert torch.equal(model.loc.detach(), torch.tensor([-39.0]))  # the model itself is untouched
 
 
+def test_weight_average_refuses_bad_input_naming_it():
+    from sbiflows.training import WeightAverage
+
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got list"):
+        WeightAverage([], steps=4)
+    with pytest.raises(TypeError, match=r"steps must be a real number finite and > 0, got str '4'"):
+        WeightAverage(Gaussian(), steps="4")
+    for steps in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"steps must be finite and > 0, got"):
+            WeightAverage(Gaussian(), steps=steps)
+
+
 def validation_rows(x: torch.Tensor, seed: int, fraction: float = 0.1) -> torch.Tensor:
     """The validation split train() makes for ``seed``."""
     n_train = split_sizes(len(x), fraction)[0]
