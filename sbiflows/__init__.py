@@ -5,5 +5,24 @@ __version__ = "0.1.0"
 from sbiflows.npe import NPE  # noqa: E402
 from sbiflows.posterior import Posterior  # noqa: E402
 from sbiflows.serialization import load  # noqa: E402
+from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate to the function)
+    SimulationError,
+    SimulationInterrupted,
+    SimulationResult,
+    load_simulations,
+    simulate,
+    simulate_from_prior,
+)
 
-__all__ = ["NPE", "Posterior", "__version__", "load"]
+__all__ = [
+    "NPE",
+    "Posterior",
+    "SimulationError",
+    "SimulationInterrupted",
+    "SimulationResult",
+    "__version__",
+    "load",
+    "load_simulations",
+    "simulate",
+    "simulate_from_prior",
+]

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["derive_seed"]
+__all__ = ["derive_seed", "stream_seeds"]
 
 
 def derive_seed(seed: int, stream: str | int) -> int:
@@ -42,3 +42,21 @@ def derive_seed(seed: int, stream: str | int) -> int:
     key = zlib.crc32(stream.encode()) if isinstance(stream, str) else int(stream)
     sequence = np.random.SeedSequence([int(seed) % 2**64, key % 2**64])
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def stream_seeds(seed: int, stream: str, count: int) -> np.ndarray:
+    """``count`` 32-bit seeds of the random stream named ``stream`` (e.g. one per row of a chunk).
+
+    32 bits because NumPy's legacy ``np.random.seed`` refuses more; the first ``k`` seeds do not depend
+    on ``count``.
+
+    Example:
+        >>> stream_seeds(0, "simulate/0/rows", 3).dtype
+        dtype('uint32')
+        >>> bool((stream_seeds(0, "a", 5)[:3] == stream_seeds(0, "a", 3)).all())
+        True
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    sequence = np.random.SeedSequence([int(seed) % 2**64, zlib.crc32(stream.encode())])
+    return sequence.generate_state(count, dtype=np.uint32)

@@ -1,39 +1,68 @@
-"""Running black-box simulators in batches, with invalid outputs and exceptions counted, never hidden.
+"""Running black-box simulators: in parallel, on Dask, with timeouts, into a resumable store; no row lost.
 
-A simulator is any callable mapping a ``(N, theta_dim)`` tensor to ``(N, x_dim)`` simulations (a tensor
-or a NumPy array). If it has a ``seed`` keyword (as :class:`simulators.Task.simulate` does) each batch
-gets a child seed; otherwise torch's and NumPy's global generators are seeded per batch, so a run is
-reproducible either way.
+A simulator maps a batch ``theta`` of shape ``(N, theta_dim)`` to ``x`` of shape ``(N, *x_shape)`` (a
+tensor or a NumPy array); one written for a single parameter set, ``(theta_dim,) -> x_shape``, works
+with ``vectorized=False``. The rows are split into chunks of ``batch_size``, one simulator call each,
+and the chunks run
 
-Failures are kept visible:
+* in this process (``workers`` None or 1), or
+* in ``workers`` local worker processes, or
+* on any ``concurrent.futures`` executor, or on a ``dask.distributed.Client`` (``executor=``).
 
-* NaN/inf outputs stay in the returned ``x`` and are counted in :attr:`SimulationResult.num_invalid`;
-  :class:`~sbiflows.NPE` then excludes them with a warning.
-* A batch that raises is re-run row by row to find the failing parameters. With ``on_error="nan"``
-  (default) their rows become NaN and a summary warning says "k of N simulations raised ...";
-  with ``on_error="raise"`` a :class:`SimulationError` chains the original exception and carries the
-  simulations finished so far, so nothing already paid for is lost.
+**Same seed, same numbers.** Chunk ``c`` gets a seed derived from ``(seed, c)``, and a row retried alone
+a seed derived from ``(seed, c, row)``: for a given seed and batch size, the result is bitwise the same
+whatever runs it (in-process, local workers, an executor, Dask) and after a resume. A simulator with a
+``seed`` keyword receives that seed (a 32-bit int); any other one runs with torch's and NumPy's global
+generators seeded with it, which is reproducible in-process and in worker processes but not with a
+thread executor (threads share those generators: give such a simulator a ``seed`` keyword). A
+simulator that draws from its own unseeded generator (``np.random.default_rng()``) cannot be
+reproduced by anyone. Torch's and NumPy's global generator states are the same after a call as before.
+
+**Every failure is a counted row.** An exception (any type), a wrong output shape, a non-numeric output,
+a timeout, a worker process that dies: the rows concerned become NaN and are listed in
+:attr:`SimulationResult.failures`, and the run goes on. A chunk whose call failed is retried row by row
+to isolate the bad rows. A simulator that cannot run at all (its first twenty failed rows share one
+exception type and nothing succeeded before them) stops the run with :class:`SimulationError`.
+
+**Timeouts kill.** With ``timeout``, the simulator runs in a worker process that is killed (with any
+process it started) when a call runs past the limit; with ``workers`` None or 1 that means one worker
+process. Its rows fail with ``TimeoutError``.
+
+**Nothing paid for is lost.** With ``store=PATH`` every finished chunk is written at once to a zarr
+store; rerunning the same call reads what is there and simulates only the rest, and asking for more
+simulations extends it. See :mod:`sbiflows.engine.store` and :func:`load_simulations`. Without a
+store, Ctrl-C raises :class:`SimulationInterrupted` holding the finished chunks.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
+import os
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.engine.backends import is_dask_client, make_backend
+from sbiflows.engine.driver import AbortRun, Driver
+from sbiflows.engine.jobs import takes_seed
+from sbiflows.engine.store import SimulationStore, StoreMismatchError
 from sbiflows.seeding import derive_seed
+
+__all__ = ["SimulationError", "SimulationFailure", "SimulationInterrupted", "SimulationResult", "StoreMismatchError",
+           "load_simulations", "simulate", "simulate_from_prior"]
 
 
 @dataclass
 class SimulationFailure:
-    """One simulation that raised: the row index of its parameters and the exception."""
+    """One failed simulation: the row index of its parameters, the exception type and its message."""
 
     index: int
     error_type: str
@@ -46,46 +75,68 @@ class SimulationResult:
 
     Attributes:
         theta: ``(N, theta_dim)`` parameters.
-        x: ``(N, x_dim)`` simulations; rows of failed simulations are NaN.
-        failures: Simulations that raised (index, exception type, message).
-        seconds: Wall time.
+        x: ``(N, *x_shape)`` simulations in the simulator's float dtype; rows of failed simulations are NaN.
+        failures: Failed simulations (index, exception type, message), by index.
+        seconds: Wall time of the call.
+        reused: Rows read from the store instead of simulated.
+        complete: False for :func:`load_simulations` of an unfinished store or a partial result.
+        store: Path of the store, if any.
     """
 
     theta: Tensor
     x: Tensor
     failures: list[SimulationFailure] = field(default_factory=list)
     seconds: float = 0.0
+    reused: int = 0
+    complete: bool = True
+    store: str | None = None
 
     @property
     def valid(self) -> Tensor:
         """Boolean ``(N,)``: rows whose simulation is finite."""
-        return torch.isfinite(self.x).all(-1)
+        return torch.isfinite(self.x.reshape(len(self.x), -1)).all(-1)
 
     @property
     def num_invalid(self) -> int:
-        """Rows with NaN/inf (including the ones that raised)."""
+        """Rows with NaN/inf (including the ones that failed)."""
         return int((~self.valid).sum())
 
     def summary(self) -> str:
         """One line: how many simulations ran, how many are invalid and why."""
         n = len(self.x)
-        text = f"{n} simulations in {self.seconds:.1f} s; {self.num_invalid} invalid ({self.num_invalid / max(n, 1):.1%})"
+        text = f"{n} simulations in {self.seconds:.1f} s"
+        if self.reused:
+            text += f" ({self.reused} read from the store)"
+        text += f"; {self.num_invalid} invalid ({self.num_invalid / max(n, 1):.1%})"
         if self.failures:
+            kinds = {}
+            for f in self.failures:
+                kinds[f.error_type] = kinds.get(f.error_type, 0) + 1
             first = self.failures[0]
-            text += (
-                f", of which {len(self.failures)} raised (first at theta index {first.index}: "
-                f"{first.error_type}: {first.message})"
-            )
+            text += (f", of which {len(self.failures)} failed ("
+                     + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+                     + f"; first at theta index {first.index}: {first.error_type}: {first.message})")
+        if not self.complete:
+            text += "; INCOMPLETE: unfinished chunks are missing"
         return text
 
 
 class SimulationError(RuntimeError):
-    """A simulation raised with ``on_error="raise"``; ``partial`` holds the rows finished before it."""
+    """The run stopped: the simulator cannot run at all, or one failed with ``on_error="raise"``.
 
-    def __init__(self, message: str, *, index: int, theta: Tensor, partial: SimulationResult):
+    ``partial`` holds the chunks finished before it (they are in the store too, if one was given).
+    """
+
+    def __init__(self, message: str, *, index: int, theta: Tensor | None, partial: SimulationResult):
         super().__init__(message)
-        self.index = index
-        self.theta = theta
+        self.index, self.theta, self.partial = index, theta, partial
+
+
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``partial`` holds the finished chunks (also in the store, if one was given)."""
+
+    def __init__(self, message: str, *, partial: SimulationResult):
+        super().__init__(message)
         self.partial = partial
 
 
@@ -93,89 +144,63 @@ def simulate(
     simulator: Callable,
     theta: Tensor,
     *,
-    batch_size: int = 1000,
     seed: int = 0,
+    batch_size: int = 1000,
+    workers: int | None = None,
+    executor: object = None,
+    timeout: float | None = None,
+    store: str | os.PathLike | None = None,
     on_error: str = "nan",
     progress: bool = False,
+    vectorized: bool = True,
+    retry_failed: bool = False,
 ) -> SimulationResult:
-    """Simulate one ``x`` per row of ``theta``, in batches.
+    """Simulate one ``x`` per row of ``theta`` (see the module docstring for the guarantees).
 
     Args:
-        simulator: Callable ``(N, theta_dim) -> (N, x_dim)``.
+        simulator: ``(N, theta_dim) -> (N, *x_shape)``, or ``(theta_dim,) -> x_shape`` with
+            ``vectorized=False``; may take a ``seed`` keyword.
         theta: Parameters, shape ``(N, theta_dim)``.
-        batch_size: Rows per simulator call.
-        seed: Base seed; batch ``b`` runs with ``derive_seed(seed, f"simulate/{b}")`` (see :mod:`sbiflows.seeding`), so
-            the simulator's noise never repeats the stream of a generator seeded with ``seed`` itself
-            (e.g. the prior draws of :func:`simulate_from_prior`).
-        on_error: ``"nan"`` (failed rows become NaN, summary warning) or ``"raise"``.
-        progress: Show a progress bar.
+        seed: Seed of the run; chunk and row seeds derive from it.
+        batch_size: Rows per simulator call (a chunk; also the store's chunk size).
+        workers: Local worker processes; None or 1 runs in this process.
+        executor: A ``concurrent.futures.Executor`` or a ``dask.distributed.Client``.
+        timeout: Seconds per simulator call (per chunk of a per-row simulator: ``batch_size`` times
+            this), after which the call is killed; None for no limit.
+        store: Directory of a zarr store to write finished chunks to and resume from.
+        on_error: ``"nan"`` (failed rows become NaN, summary warning) or ``"raise"``
+            (:class:`SimulationError` at the first failed row).
+        progress: Show progress (a bar in terminals and notebooks, a line every 30 s in logs).
+        vectorized: False for a simulator that takes one parameter set at a time.
+        retry_failed: Simulate the failed rows of a store again instead of keeping them as failed.
 
     Returns:
         A :class:`SimulationResult`.
 
     Raises:
-        ValueError: On bad arguments or a simulator output of the wrong shape (naming the batch).
-        SimulationError: With ``on_error="raise"``, when a simulation raises.
+        ValueError, TypeError: Bad arguments (before anything runs).
+        StoreMismatchError: The store holds another run.
+        SimulationError: The simulator cannot run at all, or ``on_error="raise"`` and a row failed.
+        SimulationInterrupted: Ctrl-C.
 
     Example:
         >>> result = simulate(lambda t: t + 1.0, torch.zeros(5, 2), batch_size=2)
         >>> result.x.shape, result.num_invalid
         (torch.Size([5, 2]), 0)
     """
-    if on_error not in ("nan", "raise"):
-        raise ValueError(f"on_error must be 'nan' or 'raise', got {on_error!r}")
-    if not isinstance(theta, Tensor) or theta.ndim != 2 or len(theta) == 0:
-        raise ValueError(f"theta must be a non-empty tensor of shape (N, theta_dim), got {_describe(theta)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    takes_seed = "seed" in _parameters(simulator)
-    start = time.perf_counter()
-    outputs: list[Tensor | list[Tensor | None]] = []  # a list marks a batch that was run row by row
-    failures: list[SimulationFailure] = []
-    batches = list(torch.arange(len(theta)).split(batch_size))
-    bar = _bar(len(theta)) if progress else None
-    try:
-        for b, idx in enumerate(batches):
-            call = _seeded_call(simulator, takes_seed, derive_seed(seed, f"simulate/{b}"))
-            try:
-                x = _as_tensor(call(theta[idx]), len(idx), b)
-            except ValueError:
-                raise
-            except Exception:  # noqa: BLE001 - localise the failing rows, below
-                x = _row_by_row(call, theta, idx, failures, on_error, outputs, start)
-            width = _width(outputs)
-            rows = [x] if isinstance(x, Tensor) else [r for r in x if r is not None]
-            for r in rows:
-                if width is not None and r.shape[-1] != width:
-                    raise ValueError(
-                        f"simulator returned x with {r.shape[-1]} columns for batch {b}, but earlier batches "
-                        f"had {width}"
-                    )
-            outputs.append(x)
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-    width = _width(outputs)
-    if width is None:
-        raise SimulationError(
-            f"all {len(theta)} simulations raised (first: {failures[0].error_type}: {failures[0].message})",
-            index=failures[0].index, theta=theta[failures[0].index],
-            partial=SimulationResult(theta[:0], torch.empty(0, 0), failures, time.perf_counter() - start),
-        )
-    result = SimulationResult(theta, _stack(outputs, width), failures, time.perf_counter() - start)
-    if failures:
-        warnings.warn(result.summary(), UserWarning, stacklevel=2)
-    return result
+    _check_theta(theta)
+    return _simulate(simulator, theta, seed=seed, batch_size=batch_size, workers=workers, executor=executor,
+                     timeout=timeout, store=store, on_error=on_error, progress=progress, vectorized=vectorized,
+                     retry_failed=retry_failed)
 
 
-def simulate_from_prior(
-    simulator: Callable, prior: Distribution, num_simulations: int, *, seed: int = 0, **options
-) -> SimulationResult:
-    """Draw ``num_simulations`` parameters from ``prior`` (seeded) and simulate them (see :func:`simulate`).
+def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulations: int, *, seed: int = 0,
+                        batch_size: int = 1000, **options) -> SimulationResult:
+    """Draw ``num_simulations`` parameters from ``prior`` and simulate them (options as :func:`simulate`).
 
-    The prior draws and the simulations use independent streams derived from ``seed``.
+    The parameters of chunk ``c`` are ``prior.sample((batch_size,))`` under a seed derived from
+    ``(seed, "prior", c)``, so a larger ``num_simulations`` extends a run (and its store) without
+    changing the rows already drawn.
 
     Example:
         >>> from torch.distributions import Normal, Independent
@@ -183,91 +208,151 @@ def simulate_from_prior(
         >>> simulate_from_prior(lambda t: 2 * t, prior, 10, seed=1).theta.shape
         torch.Size([10, 2])
     """
-    if not isinstance(num_simulations, int) or num_simulations < 1:
+    if not isinstance(prior, Distribution):
+        raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
+    if isinstance(num_simulations, bool) or not isinstance(num_simulations, (int, np.integer)) or num_simulations < 1:
         raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+    _check_int(batch_size, "batch_size")
+    _check_int(seed, "seed", minimum=None)
+    chunks = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "prior"))
-        theta = prior.sample((num_simulations,))
+        for c in range(-(-int(num_simulations) // batch_size)):
+            torch.manual_seed(derive_seed(seed, f"prior/{c}"))
+            chunks.append(prior.sample((batch_size,)))
+    theta = torch.cat(chunks)[:num_simulations]
     if theta.ndim == 1:
         theta = theta.unsqueeze(-1)
-    return simulate(simulator, theta, seed=seed, **options)
+    return _simulate(simulator, theta, seed=seed, batch_size=batch_size, **options)
 
 
-# ------------------------------------------------------------------------------------ helpers
-def _parameters(fn: Callable) -> set[str]:
+def load_simulations(store: str | os.PathLike) -> SimulationResult:
+    """The :class:`SimulationResult` kept in a store (finished chunks only; warns if it is incomplete).
+
+    Rows of unfinished or corrupted chunks are left out; ``failures`` keep their row index in the
+    full run, and ``complete`` says whether every chunk is there.
+    """
+    reader = SimulationStore.read(store)
+    records, theta, x = reader.read_verified()
+    rows = [np.arange(r["start"], r["start"] + r["rows"]) for _, r in sorted(records.items())]
+    index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    planned = reader.rows
+    complete = len(index) >= planned and (planned == 0 or set(range(planned)) <= set(index.tolist()))
+    failures = [SimulationFailure(int(i), t, m) for _, r in sorted(records.items()) for i, t, m in r["failures"]]
+    x_rows = x[index] if x is not None else np.zeros((0, 0), dtype=np.float32)
+    result = SimulationResult(torch.from_numpy(theta[index]), torch.from_numpy(x_rows), failures,
+                              reused=len(index), complete=complete, store=str(store))
+    if not complete:
+        warnings.warn(f"the store {store} is incomplete: {len(index)} of {planned} rows finished (rerun the same "
+                      "simulate call to finish it)", UserWarning, stacklevel=2)
+    return result
+
+
+# ------------------------------------------------------------------------------------ internals
+def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None, timeout=None, store=None,
+              on_error="nan", progress=False, vectorized=True, retry_failed=False) -> SimulationResult:
+    _check_options(simulator, seed=seed, batch_size=batch_size, workers=workers, executor=executor,
+                   timeout=timeout, store=store, on_error=on_error, progress=progress, vectorized=vectorized,
+                   retry_failed=retry_failed)
+    seeded = takes_seed(simulator)
+    if isinstance(executor, ThreadPoolExecutor) and not seeded and timeout is None:
+        warnings.warn("threads share torch's and NumPy's global generators: a simulator without a seed keyword is "
+                      "not reproducible on a ThreadPoolExecutor", UserWarning, stacklevel=3)
+    start = time.perf_counter()
+    opened = None
+    if store is not None:
+        config = {"seed": int(seed), "batch_size": batch_size, "simulator": _qualified_name(simulator),
+                  "vectorized": vectorized, "theta_dim": theta.shape[1], "theta_dtype": str(theta.dtype)}
+        opened = SimulationStore.open(store, config, rows=len(theta), theta_dim=theta.shape[1],
+                                      theta_dtype=theta.numpy().dtype)
+    backend = None
+    driver = None
     try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
+        backend = make_backend(simulator, workers=workers, executor=executor, timeout=timeout,
+                               vectorized=vectorized, seeded=seeded)
+        driver = Driver(backend, theta, seed=int(seed), batch_size=batch_size, vectorized=vectorized,
+                        on_error=on_error, store=opened, retry_failed=retry_failed, progress=progress)
+        x = driver.run()
+    except AbortRun as stop:
+        backend.close(kill=True)
+        partial = _partial(driver, start, store)
+        raise SimulationError(f"{stop} ({len(partial.x)} simulations finished before it are in .partial"
+                              + (f" and in the store {store})" if store else ")"),
+                              index=stop.index, theta=theta[stop.index], partial=partial) from None
+    except KeyboardInterrupt:
+        if backend is not None:
+            backend.close(kill=True)
+        partial = _partial(driver, start, store)
+        where = f"the store {store} keeps them: rerun to resume" if store else "pass store=PATH to be able to resume"
+        raise SimulationInterrupted(f"interrupted: {len(partial.x)} simulations finished ({where}); they are in "
+                                    ".partial", partial=partial) from None
+    finally:
+        if backend is not None:
+            backend.close()
+        if opened is not None:
+            opened.close()
+    failures = [SimulationFailure(i, t, m) for i, (t, m) in sorted(driver.failures.items())]
+    if x is None:
+        first = failures[0]
+        raise SimulationError(f"all {len(theta)} simulations failed (first: {first.error_type}: {first.message})",
+                              index=first.index, theta=theta[first.index], partial=_partial(driver, start, store))
+    result = SimulationResult(theta, torch.from_numpy(x), failures, time.perf_counter() - start,
+                              reused=driver.reused, store=None if store is None else str(store))
+    if failures:
+        warnings.warn(result.summary(), UserWarning, stacklevel=3)
+    return result
 
 
-def _seeded_call(simulator: Callable, takes_seed: bool, seed: int) -> Callable[[Tensor], object]:
-    if takes_seed:
-        return lambda t: simulator(t, seed=seed)
-
-    def call(t: Tensor):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        return simulator(t)
-
-    return call
+def _partial(driver: Driver | None, start: float, store) -> SimulationResult:
+    theta, x = driver.partial() if driver is not None else (torch.empty(0, 0), None)
+    x = torch.empty(0, 0) if x is None else x
+    failures = [] if driver is None else [SimulationFailure(i, t, m) for i, (t, m) in sorted(driver.failures.items())]
+    return SimulationResult(theta, x, failures, time.perf_counter() - start, complete=False,
+                            store=None if store is None else str(store))
 
 
-def _as_tensor(x, rows: int, batch: int) -> Tensor:
-    try:
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"simulator output for batch {batch} is not numeric: {error}") from error
-    if x.ndim == 1:
-        x = x.unsqueeze(-1)
-    if x.ndim != 2 or x.shape[0] != rows:
-        raise ValueError(
-            f"simulator returned shape {tuple(x.shape)} for batch {batch} of {rows} parameter sets; "
-            f"expected ({rows}, x_dim)"
-        )
-    return x
+def _qualified_name(simulator: Callable) -> str:
+    target = simulator if hasattr(simulator, "__qualname__") else type(simulator)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(simulator).__name__)}"
 
 
-def _width(outputs: list) -> int | None:
-    for x in outputs:
-        rows = [x] if isinstance(x, Tensor) else [r for r in x if r is not None]
-        if rows:
-            return rows[0].shape[-1]
-    return None
+def _check_theta(theta) -> None:
+    if not isinstance(theta, Tensor) or theta.ndim != 2 or len(theta) == 0:
+        shown = f"shape {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
+        raise ValueError(f"theta must be a non-empty tensor of shape (N, theta_dim), got {shown}")
+    if not theta.is_floating_point():
+        raise TypeError(f"theta must have a floating dtype, got {theta.dtype}")
 
 
-def _stack(outputs: list, width: int) -> Tensor:
-    nan = torch.full((width,), float("nan"))
-    parts = [x if isinstance(x, Tensor) else torch.stack([nan if r is None else r for r in x]) for x in outputs]
-    return torch.cat(parts)
+def _check_int(value, name: str, *, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        expected = "an int" if minimum is None else f"an int >= {minimum}"
+        raise (TypeError if not isinstance(value, (int, np.integer)) or isinstance(value, bool) else ValueError)(
+            f"{name} must be {expected}, got {value!r}")
 
 
-def _row_by_row(call, theta, idx, failures, on_error, outputs, start) -> list[Tensor | None]:
-    """Run the rows of a failed batch one at a time; failed rows are None (NaN later) or re-raised."""
-    rows: list[Tensor | None] = []
-    for i in idx.tolist():
-        try:
-            rows.append(_as_tensor(call(theta[i : i + 1]), 1, -1)[0])
-        except Exception as error:  # noqa: BLE001 - recorded, then NaN or re-raised
-            failures.append(SimulationFailure(i, type(error).__name__, str(error)))
-            if on_error == "raise":
-                width = _width(outputs)
-                done = _stack(outputs, width) if width is not None else torch.empty(0, 0)
-                partial = SimulationResult(theta[: len(done)], done, failures, time.perf_counter() - start)
-                raise SimulationError(
-                    f"simulation of theta index {i} raised {type(error).__name__}: {error} "
-                    f"({len(done)} simulations finished before it are in .partial)",
-                    index=i, theta=theta[i], partial=partial,
-                ) from error
-            rows.append(None)
-    return rows
-
-
-def _describe(value) -> str:
-    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-
-
-def _bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="simulating", unit="sim", leave=False)
+def _check_options(simulator, *, seed, batch_size, workers, executor, timeout, store, on_error, progress,
+                   vectorized, retry_failed) -> None:
+    if not callable(simulator):
+        raise TypeError(f"simulator must be callable, got {type(simulator).__name__}")
+    _check_int(seed, "seed", minimum=None)
+    _check_int(batch_size, "batch_size")
+    if workers is not None:
+        _check_int(workers, "workers")
+    if executor is not None:
+        if not (isinstance(executor, Executor) or is_dask_client(executor)):
+            raise TypeError("executor must be a concurrent.futures.Executor or a dask.distributed.Client, got "
+                            f"{type(executor).__name__}")
+        if workers not in (None, 1):
+            raise ValueError(f"give workers or executor, not both (got workers={workers} and an executor)")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if store is not None and not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a directory path (str or Path) or None, got {type(store).__name__}")
+    if store is not None and Path(store).exists() and not Path(store).is_dir():
+        raise ValueError(f"store must be a directory, but {store} is a file")
+    if on_error not in ("nan", "raise"):
+        raise ValueError(f"on_error must be 'nan' or 'raise', got {on_error!r}")
+    for name, value in (("progress", progress), ("vectorized", vectorized), ("retry_failed", retry_failed)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -1,4 +1,4 @@
-"""Batched simulation: reproducibility, invalid outputs counted, exceptions localised, partial results kept."""
+"""Simulation in-process: reproducibility, failures as counted rows, the four regressions of issue 13."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from sbiflows.simulate import SimulationError, simulate, simulate_from_prior
+from sbiflows import SimulationError, simulate, simulate_from_prior
+from sbiflows.engine.driver import BROKEN_AFTER
 
 PRIOR = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
 
@@ -27,13 +28,26 @@ def seeded(theta, seed=None):
 
 
 @pytest.mark.parametrize("simulator", [noisy, numpy_simulator, seeded])
-def test_reproducible_and_batch_size_independent_shapes(simulator):
+def test_reproducible_and_keeps_the_simulators_dtype(simulator):
     a = simulate_from_prior(simulator, PRIOR, 50, seed=3, batch_size=8)
     b = simulate_from_prior(simulator, PRIOR, 50, seed=3, batch_size=8)
-    assert a.x.shape == (50, 2) and a.x.dtype == torch.float32
+    assert a.x.shape == (50, 2)
+    assert a.x.dtype == (torch.float64 if simulator is numpy_simulator else torch.float32)
     assert torch.equal(a.theta, b.theta) and torch.equal(a.x, b.x)
     c = simulate_from_prior(simulator, PRIOR, 50, seed=4, batch_size=8)
     assert not torch.equal(a.x, c.x)
+
+
+def test_seeds_handed_to_simulators_fit_in_32_bits():
+    seen = []
+
+    def record(theta, seed):
+        seen.append(seed)
+        np.random.seed(seed)  # refuses seeds of 2**32 and more
+        return theta
+
+    simulate(record, torch.zeros(40, 1), batch_size=4, seed=2**62 + 5)
+    assert len(seen) == 10 and len(set(seen)) == 10 and all(0 <= s < 2**32 for s in seen)
 
 
 def test_nan_outputs_are_counted_not_dropped():
@@ -45,7 +59,7 @@ def test_nan_outputs_are_counted_not_dropped():
     result = simulate_from_prior(sim, PRIOR, 400, seed=0)
     expected = int((result.theta[:, 0] > 1.0).sum())
     assert expected > 0 and result.num_invalid == expected and len(result.x) == 400
-    assert f"{expected} invalid" in result.summary()
+    assert f"{expected} invalid" in result.summary() and not result.failures
 
 
 def failing(theta):
@@ -55,12 +69,96 @@ def failing(theta):
 
 
 def test_raising_rows_become_nan_with_a_summary_warning():
-    with pytest.warns(UserWarning, match=r"raised \(first at theta index \d+: ArithmeticError: blew up\)"):
+    with pytest.warns(UserWarning, match=r"failed \(ArithmeticError \d+; first at theta index \d+: ArithmeticError: "
+                                         r"blew up\)"):
         result = simulate_from_prior(failing, PRIOR, 300, seed=0, batch_size=50)
     bad = result.theta[:, 0] > 1.5
-    assert len(result.failures) == int(bad.sum()) > 0
+    assert [f.index for f in result.failures] == torch.nonzero(bad).flatten().tolist()
     assert torch.isnan(result.x[bad]).all() and torch.isfinite(result.x[~bad]).all()
     torch.testing.assert_close(result.x[~bad], 2 * result.theta[~bad])
+
+
+def noisy_failing(theta):
+    if (theta[:, 0] > 1.5).any():
+        raise ArithmeticError("blew up")
+    return theta + torch.randn_like(theta)
+
+
+@pytest.mark.parametrize("simulator", [noisy_failing])
+def test_rows_of_a_failed_batch_get_their_own_noise(simulator):
+    """Regression 1: every retried row was rerun with the batch's seed, so their noise was identical."""
+    with pytest.warns(UserWarning, match="failed"):
+        result = simulate_from_prior(simulator, PRIOR, 2000, seed=0, batch_size=100)
+    bad = result.theta[:, 0] > 1.5
+    chunks_with_failures = {int(i) // 100 for i in torch.nonzero(bad).flatten()}
+    assert len(chunks_with_failures) > 5
+    noise = (result.x - result.theta)[~bad]
+    assert len(torch.unique(noise[:, 0])) == len(noise)  # no two rows share their noise
+    for c in chunks_with_failures:
+        rows = torch.arange(c * 100, (c + 1) * 100)
+        rows = rows[~bad[rows]]
+        assert float((result.x[rows] - result.theta[rows]).std(0).min()) > 0.5  # N(0, 1) noise
+
+
+def test_a_value_error_from_the_simulator_is_a_failed_row_not_an_abort():
+    """Regression 2: numpy's binomial raises ValueError for p outside [0, 1]; that aborted the whole run."""
+
+    def binomial(theta):
+        return np.random.binomial(10, np.asarray(theta[:, :1]) + 0.5)
+
+    theta = torch.rand(200, 1)  # p = theta + 0.5 > 1 for about half the rows
+    with pytest.warns(UserWarning, match="ValueError"):
+        result = simulate(binomial, theta, batch_size=20)
+    bad = theta[:, 0] + 0.5 > 1
+    assert len(result.failures) == int(bad.sum()) > 0
+    assert {f.error_type for f in result.failures} == {"ValueError"}
+    assert torch.isfinite(result.x[~bad]).all() and torch.isnan(result.x[bad]).all()
+
+
+def test_global_generators_are_left_as_they_were():
+    """Regression 3: simulate reseeded the global generators, so a prior.sample() loop repeated itself."""
+    torch.manual_seed(11)
+    np.random.seed(11)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    simulate(numpy_simulator, torch.zeros(20, 2), batch_size=5)
+    simulate(noisy, torch.zeros(20, 2), batch_size=5)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], numpy_state[1]) and after[2] == numpy_state[2]
+    draws = []
+    for _ in range(3):
+        theta = PRIOR.sample((4,))
+        simulate(noisy, theta)
+        draws.append(theta)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_wrong_shape_in_the_last_chunk_keeps_all_earlier_chunks():
+    """Regression 4: a wrong-width batch at the end discarded every earlier one."""
+
+    def widening(theta):
+        return torch.zeros(len(theta), 3 if theta[0, 0] >= 90 else 2)
+
+    with pytest.warns(UserWarning, match="BadOutput"):
+        result = simulate(widening, torch.arange(100.0)[:, None], batch_size=10)
+    assert torch.equal(result.x[:90], torch.zeros(90, 2)) and torch.isnan(result.x[90:]).all()
+    assert [f.index for f in result.failures] == list(range(90, 100))
+    assert "shape (3,) per row, but earlier chunks had (2,)" in result.failures[0].message
+
+
+def test_non_numeric_and_wrong_row_count_outputs_are_failed_rows():
+    def odd(theta):
+        if theta[0, 0] == 0:
+            return ["a"] * len(theta)
+        if theta[0, 0] == 1:
+            return torch.zeros(len(theta) + 1, 2)
+        return torch.ones(len(theta), 2)
+
+    with pytest.warns(UserWarning, match="BadOutput"):
+        result = simulate(odd, torch.tensor([[0.0], [1.0], [2.0]]), batch_size=1)
+    assert [f.error_type for f in result.failures] == ["BadOutput", "BadOutput"]
+    assert "not numeric" in result.failures[0].message and "shape (2, 2) for 1 parameter sets" in result.failures[1].message
+    assert torch.equal(result.x[2], torch.ones(2))
 
 
 def test_whole_failed_batch_becomes_nan():
@@ -74,25 +172,66 @@ def test_whole_failed_batch_becomes_nan():
 def test_raise_mode_keeps_finished_simulations():
     theta = torch.zeros(100, 2)
     theta[60, 0] = 2.0
-    with pytest.raises(SimulationError, match="theta index 60 raised ArithmeticError") as info:
+    with pytest.raises(SimulationError, match="theta index 60 failed with ArithmeticError") as info:
         simulate(failing, theta, batch_size=20, on_error="raise")
     assert info.value.index == 60 and info.value.partial.x.shape == (60, 2)
-    assert isinstance(info.value.__cause__, ArithmeticError)
 
 
-def test_bad_outputs_and_arguments():
-    with pytest.raises(ValueError, match=r"returned shape \(3, 2\) for batch 0 of 5 parameter sets"):
-        simulate(lambda t: torch.zeros(3, 2), torch.zeros(5, 2))
+def test_a_simulator_that_cannot_run_stops_early_with_its_exception():
+    calls = []
+
+    def broken(theta):
+        calls.append(len(theta))
+        raise ValueError("unknown option 'tau'")
+
+    with pytest.raises(SimulationError, match=r"first 20 simulations all failed with ValueError: unknown option 'tau'"):
+        simulate(broken, torch.zeros(10_000, 2), batch_size=100)
+    assert len(calls) == 1 + BROKEN_AFTER  # the chunk, then one row at a time until twenty have failed
+
+
+def test_an_undeclared_per_row_simulator_gets_a_message_saying_how_to_declare_it():
+    def one_parameter_set(theta):
+        a, b = theta  # written for theta of shape (2,)
+        return torch.stack([a + b, a - b])
+
+    with pytest.raises(SimulationError, match=r"batch theta of shape \(N, theta_dim\).*vectorized=False"):
+        simulate(one_parameter_set, torch.randn(50, 2), batch_size=10)
+    result = simulate(one_parameter_set, torch.randn(50, 2), batch_size=10, vectorized=False)
+    assert result.x.shape == (50, 2) and not result.failures
+
+
+def test_per_row_simulators_are_seeded_per_row_and_keep_failed_rows_apart():
+    def one(theta, seed):
+        if theta[0] > 1.5:
+            raise RuntimeError("diverged")
+        return theta + torch.randn(2, generator=torch.Generator().manual_seed(seed))
+
+    theta = PRIOR.sample((60,))
+    with pytest.warns(UserWarning):
+        a = simulate(one, theta, batch_size=7, vectorized=False, seed=1)
+    bad = theta[:, 0] > 1.5
+    assert [f.index for f in a.failures] == torch.nonzero(bad).flatten().tolist()
+    noise = (a.x - theta)[~bad]
+    assert len(torch.unique(noise[:, 0])) == len(noise)
+
+
+def test_bad_arguments_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="on_error"):
         simulate(noisy, torch.zeros(5, 2), on_error="ignore")
     with pytest.raises(ValueError, match="theta must be a non-empty tensor"):
         simulate(noisy, np.zeros((5, 2)))
     with pytest.raises(ValueError, match="num_simulations must be a positive int"):
         simulate_from_prior(noisy, PRIOR, 0)
-    with pytest.raises(SimulationError, match="all 2 simulations raised"):
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        simulate(noisy, torch.zeros(5, 2), workers=0)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        simulate(noisy, torch.zeros(5, 2), timeout=-1)
+    with pytest.raises(TypeError, match="executor must be a concurrent.futures.Executor"):
+        simulate(noisy, torch.zeros(5, 2), executor="dask")
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        simulate(noisy, torch.zeros(5, 2), batch_size=2.5)
+    with pytest.raises(SimulationError, match="all 2 simulations failed|first 2 simulations all failed"):
         simulate(lambda t: 1 / 0, torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="batch 1"):
-        simulate(lambda t: torch.zeros(len(t), 2 if t[0, 0] == 0 else 3), torch.tensor([[0.0], [1.0]]), batch_size=1)
 
 
 @pytest.mark.parametrize("simulator", [noisy, seeded])

@@ -1,0 +1,231 @@
+"""Where jobs run: in-process, local worker processes, any ``concurrent.futures`` executor, or Dask.
+
+Every backend has the same small interface: ``slots()`` (how many jobs to keep in flight),
+``submit(job)`` returning a future (``concurrent.futures`` and ``dask.distributed`` futures both have
+``add_done_callback`` and ``result``), ``outcome(future)`` (the job's :class:`Outcome`, with the
+executor's own failures, such as a Dask worker that died, turned into failed rows) and ``close()``.
+The engine's one loop over futures serves all of them.
+
+Which runs the simulator in a :class:`~sbiflows.engine.sandbox.Sandbox` (a child process that can be
+killed): local workers and Dask always (a crash or a timeout costs the child, never the worker, so
+one poisonous theta cannot exhaust Dask's ``allowed-failures``); a ``concurrent.futures`` executor
+when a timeout is set.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from sbiflows.engine.jobs import WORKER_DIED, Job, Outcome, run_job
+from sbiflows.engine.sandbox import Sandbox
+
+__all__ = ["make_backend", "is_dask_client"]
+
+
+def is_dask_client(executor: object) -> bool:
+    """Whether ``executor`` is a ``dask.distributed.Client`` (checked without importing Dask)."""
+    return type(executor).__module__.split(".")[0] == "distributed" and hasattr(executor, "scheduler_info")
+
+
+def make_backend(simulator: Callable, *, workers: int | None, executor: object, timeout: float | None,
+                 vectorized: bool, seeded: bool):
+    """The backend for these options (arguments are checked by the caller).
+
+    In-process (``workers`` None or 1, no executor) with a ``timeout`` runs one worker process, since
+    only a process can be killed.
+    """
+    options = {"vectorized": vectorized, "seeded": seeded}
+    if executor is None and (workers or 1) == 1 and timeout is None:
+        return InProcess(simulator, **options)
+    payload = serialize(simulator, executor)
+    if is_dask_client(executor):
+        return DaskBackend(executor, payload, timeout=timeout, **options)
+    if executor is None:
+        return LocalWorkers(payload, workers=workers or 1, timeout=timeout, **options)
+    return ExecutorBackend(executor, simulator, payload, timeout=timeout, **options)
+
+
+def serialize(simulator: Callable, executor: object) -> bytes:
+    """``cloudpickle.dumps(simulator)``, or a clear error naming the fix."""
+    import cloudpickle
+
+    try:
+        payload = cloudpickle.dumps(simulator)
+    except Exception as error:  # noqa: BLE001 - any pickling failure gets the same advice
+        raise TypeError(
+            f"the simulator cannot be sent to worker processes ({type(error).__name__}: {error}); make it a "
+            "module-level function or an object without open files, locks or connections, or run in-process "
+            "(workers=None, no executor, no timeout)"
+        ) from error
+    if isinstance(executor, Executor) and not isinstance(executor, ThreadPoolExecutor):
+        try:  # concurrent.futures process pools pickle arguments with the standard pickle
+            pickle.dumps(simulator)
+        except Exception as error:  # noqa: BLE001
+            raise TypeError(
+                f"{type(executor).__name__} cannot pickle the simulator ({type(error).__name__}: {error}); "
+                "define it at module level, or use workers=N, which sends it with cloudpickle"
+            ) from error
+    return payload
+
+
+class InProcess:
+    """Runs each job in the calling process, one at a time, when it is submitted."""
+
+    def __init__(self, simulator: Callable, *, vectorized: bool, seeded: bool):
+        self._simulator, self._options = simulator, {"vectorized": vectorized, "seeded": seeded}
+
+    def slots(self) -> int:
+        return 1
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        future.set_result(run_job(self._simulator, job, **self._options))
+        return future
+
+    def outcome(self, future: Future) -> Outcome:
+        return future.result()
+
+    def close(self, *, kill: bool = False) -> None:
+        pass
+
+
+class _Sandboxes:
+    """One :class:`Sandbox` per thread of the process that uses it, created on first use."""
+
+    def __init__(self, payload: bytes, *, vectorized: bool, seeded: bool):
+        self._payload, self._options = payload, {"vectorized": vectorized, "seeded": seeded}
+        self._local = threading.local()
+        self._all: list[Sandbox] = []
+        self._lock = threading.Lock()
+
+    def run(self, job: Job, timeout: float | None) -> Outcome:
+        box = getattr(self._local, "box", None)
+        if box is None:
+            box = self._local.box = Sandbox(self._payload, **self._options)
+            with self._lock:
+                self._all.append(box)
+        return box.run(job, timeout)
+
+    def close(self, *, kill: bool = False) -> None:
+        with self._lock:
+            boxes, self._all = self._all, []
+        for box in boxes:
+            box.kill() if kill else box.close()
+
+
+class LocalWorkers:
+    """``workers`` child processes on this machine, each fed by a thread of a thread pool."""
+
+    def __init__(self, payload: bytes, *, workers: int, timeout: float | None, vectorized: bool, seeded: bool):
+        self._boxes = _Sandboxes(payload, vectorized=vectorized, seeded=seeded)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sbiflows-worker")
+        self._workers, self._timeout = workers, timeout
+
+    def slots(self) -> int:
+        return self._workers
+
+    def submit(self, job: Job) -> Future:
+        return self._pool.submit(self._boxes.run, job, self._timeout)
+
+    def outcome(self, future: Future) -> Outcome:
+        return future.result()
+
+    def close(self, *, kill: bool = False) -> None:
+        self._pool.shutdown(wait=not kill, cancel_futures=True)
+        self._boxes.close(kill=kill)
+
+
+#: Sandboxes of the worker processes of a user's executor or Dask cluster, one set per simulator.
+_WORKER_SANDBOXES: dict[bytes, _Sandboxes] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: bool, seeded: bool) -> Outcome:
+    """The task an executor or Dask worker runs: the job in a sandbox of that worker's process."""
+    import hashlib
+
+    key = hashlib.sha256(payload).digest() + bytes([vectorized, seeded])
+    with _WORKER_LOCK:
+        boxes = _WORKER_SANDBOXES.pop(key, None)
+        if boxes is None:
+            boxes = _Sandboxes(payload, vectorized=vectorized, seeded=seeded)
+        _WORKER_SANDBOXES[key] = boxes  # most recent last
+        while len(_WORKER_SANDBOXES) > 2:  # a long-lived worker keeps the children of two simulators at most
+            _WORKER_SANDBOXES.pop(next(iter(_WORKER_SANDBOXES))).close()
+    return boxes.run(job, timeout)
+
+
+def _run_plain(simulator: Callable, job: Job, vectorized: bool, seeded: bool) -> Outcome:
+    return run_job(simulator, job, vectorized=vectorized, seeded=seeded)
+
+
+class ExecutorBackend:
+    """A user's ``concurrent.futures.Executor``; the simulator runs in a sandbox only with a timeout."""
+
+    def __init__(self, executor: Executor, simulator: Callable, payload: bytes, *, timeout: float | None,
+                 vectorized: bool, seeded: bool):
+        self._executor, self._simulator, self._payload = executor, simulator, payload
+        self._timeout, self._vectorized, self._seeded = timeout, vectorized, seeded
+        self._workers = getattr(executor, "_max_workers", None) or 2
+        # threads of this process: their sandboxes are ours to close; a process pool's live in its workers
+        self._boxes = (_Sandboxes(payload, vectorized=vectorized, seeded=seeded)
+                       if timeout is not None and isinstance(executor, ThreadPoolExecutor) else None)
+
+    def slots(self) -> int:
+        return 2 * self._workers
+
+    def submit(self, job: Job) -> Future:
+        if self._timeout is None:
+            return self._executor.submit(_run_plain, self._simulator, job, self._vectorized, self._seeded)
+        if self._boxes is not None:
+            return self._executor.submit(self._boxes.run, job, self._timeout)
+        return self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,
+                                     self._seeded)
+
+    def outcome(self, future: Future) -> Outcome:
+        try:
+            return future.result()
+        except BrokenProcessPool as error:
+            raise RuntimeError(
+                "the executor's process pool broke (a worker process died while running the simulator); "
+                "finished chunks are kept in the store, if any. Use workers=N or a timeout, which run the "
+                "simulator in replaceable processes"
+            ) from error
+
+    def close(self, *, kill: bool = False) -> None:
+        if self._boxes is not None:  # the user's executor itself stays theirs to shut down
+            self._boxes.close(kill=kill)
+
+
+class DaskBackend:
+    """A ``dask.distributed.Client``: each job is a task that runs the simulator in a sandbox on a worker."""
+
+    def __init__(self, client, payload: bytes, *, timeout: float | None, vectorized: bool, seeded: bool):
+        self._client = client
+        self._payload = client.scatter(payload, broadcast=True, hash=True)
+        self._args = (timeout, vectorized, seeded)
+        self._threads, self._checked = 1, 0.0
+
+    def slots(self) -> int:
+        if time.monotonic() - self._checked > 5.0:  # clusters grow and shrink: look again every 5 s
+            self._threads = max(1, sum(self._client.nthreads().values()))
+            self._checked = time.monotonic()
+        return 2 * self._threads
+
+    def submit(self, job: Job):
+        return self._client.submit(run_in_worker, self._payload, job, *self._args, pure=False)
+
+    def outcome(self, future) -> Outcome:
+        try:
+            return future.result()
+        except Exception as error:  # noqa: BLE001 - KilledWorker, a lost worker, a cancelled task
+            return Outcome.failed(WORKER_DIED, f"Dask worker lost while running the chunk ({type(error).__name__}: "
+                                               f"{error})")
+
+    def close(self, *, kill: bool = False) -> None:
+        pass

@@ -1,0 +1,273 @@
+"""The loop that runs a simulation plan: jobs out to a backend, outcomes back, chunks into the store.
+
+The plan splits ``N`` rows into chunks of ``batch_size``; chunk ``c`` is simulated with the seed
+``stream_seeds(seed, f"simulate/{c}", 1)``. A chunk whose call raised, timed out or lost its worker
+is retried row by row, row ``k`` of the chunk with the seed ``stream_seeds(seed, f"simulate/{c}/rows",
+batch_size)[k]``, so every row has its own stream and the numbers depend on the seed and the chunking
+alone, never on which worker ran what. A per-row simulator (``vectorized=False``) always uses the row
+seeds. Finished chunks go to the store at once, in whatever order they finish.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sbiflows.engine.jobs import BAD_OUTPUT, WORKER_DIED, Job, Outcome
+from sbiflows.engine.progress import Progress
+from sbiflows.engine.store import SimulationStore, StoreMismatchError
+from sbiflows.seeding import stream_seeds
+
+#: Failed rows, all of one exception type and before any success, that stop a run as "cannot run at all"
+#: (a simulator failing half of its rows at random reaches it by chance once in a million runs).
+BROKEN_AFTER = 20
+
+
+class AbortRun(Exception):
+    """Raised inside the loop to stop the run; ``kind`` is 'broken' or 'raise'."""
+
+    def __init__(self, message: str, *, kind: str, index: int):
+        super().__init__(message)
+        self.kind, self.index = kind, index
+
+
+@dataclass
+class _Chunk:
+    start: int
+    rows: int
+    seed: int
+    x: np.ndarray | None = None  # allocated (NaN) when its first rows arrive, once the x layout is known
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # row within chunk -> (type, message)
+    waiting: int = 0  # row jobs still out
+    seconds: float = 0.0
+
+
+class Driver:
+    """Runs the plan for ``theta`` (see the module docstring); :meth:`run` returns the assembled arrays."""
+
+    def __init__(self, backend, theta: Tensor, *, seed: int, batch_size: int, vectorized: bool,
+                 on_error: str, store: SimulationStore | None, retry_failed: bool, progress: bool):
+        self.backend, self.theta, self.seed, self.batch_size = backend, theta, seed, batch_size
+        self.vectorized, self.on_error, self.store = vectorized, on_error, store
+        self.retry_failed, self.show_progress = retry_failed, progress
+        self.n = len(theta)
+        self.num_chunks = -(-self.n // batch_size)
+        self.layout: tuple[tuple[int, ...], np.dtype] | None = None
+        self.layout_from_store = False
+        self.x_done: dict[int, np.ndarray] = {}  # chunk -> x of finished chunks
+        self.failures: dict[int, tuple[str, str]] = {}  # row index -> (type, message)
+        self.reused = 0
+        self.simulated_chunks = 0
+        self._chunks: dict[int, _Chunk] = {}
+        self._deferred: list[int] = []  # finished chunks waiting for the x layout
+        self._pending: deque[Job] = deque()
+        self._done: queue.Queue = queue.Queue()
+        self._in_flight = 0
+        self._succeeded = False
+        self._early: Counter = Counter()
+
+    # ------------------------------------------------------------------------------- plan
+    def _span(self, c: int) -> tuple[int, int]:
+        return c * self.batch_size, min(self.n, (c + 1) * self.batch_size)
+
+    def _new_chunk(self, c: int) -> _Chunk:
+        start, stop = self._span(c)
+        seed = int(stream_seeds(self.seed, f"simulate/{c}", 1)[0])
+        chunk = self._chunks[c] = _Chunk(start, stop - start, seed)
+        return chunk
+
+    def _row_seeds(self, c: int) -> np.ndarray:
+        return stream_seeds(self.seed, f"simulate/{c}/rows", self.batch_size)
+
+    def _plan(self) -> None:
+        stored = self._from_store() if self.store is not None else set()
+        for c in range(self.num_chunks):
+            if c in stored:
+                continue
+            chunk = self._new_chunk(c)
+            theta = self.theta[chunk.start:chunk.start + chunk.rows]
+            seeds = (chunk.seed,) if self.vectorized else tuple(int(s) for s in self._row_seeds(c)[:chunk.rows])
+            self._pending.append(Job(c, chunk.start, theta, seeds))
+
+    def _from_store(self) -> set[int]:
+        """Chunks the store already holds (verified); failed rows to retry go into the queue."""
+        records, theta, x = self.store.read_verified()
+        if self.store.x_layout is not None:
+            self.layout, self.layout_from_store = self.store.x_layout, True
+        mine = self.theta.numpy()
+        reusable = set()
+        for c, record in records.items():
+            if c >= self.num_chunks:
+                continue
+            start, stop = self._span(c)
+            if record["rows"] < stop - start:
+                continue  # a shorter last chunk of a smaller run: simulated again as a full chunk
+            if not np.array_equal(theta[start:stop], mine[start:stop]):
+                raise StoreMismatchError(
+                    f"chunk {c} of the store at {self.store.path} holds other parameters than this run (another "
+                    "prior, seed plan or theta); use another store path, or delete it to start over")
+            failed = {i - start: (t, m) for i, t, m in record["failures"] if i < stop}
+            if self.retry_failed and failed:
+                chunk = self._new_chunk(c)
+                chunk.x = x[start:stop].copy()
+                seeds = self._row_seeds(c)
+                for k in sorted(failed):
+                    chunk.waiting += 1
+                    self._pending.append(Job(c, start + k, self.theta[start + k:start + k + 1],
+                                             (int(seeds[k]),), retry=True))
+                self.reused += stop - start - len(failed)
+            else:
+                self.x_done[c] = x[start:stop]
+                self.failures.update({start + k: v for k, v in failed.items()})
+                self.reused += stop - start
+            reusable.add(c)
+        return reusable
+
+    # ------------------------------------------------------------------------------- loop
+    def run(self) -> np.ndarray | None:
+        """Simulate what the store does not hold; returns x for all rows (None if no row ever succeeded)."""
+        self._plan()
+        self.progress = Progress(self.n, enabled=self.show_progress, initial=self.reused)
+        self.progress.failed = len(self.failures)
+        try:
+            while self._pending or self._in_flight:
+                while self._pending and self._in_flight < self.backend.slots():
+                    job = self._pending.popleft()
+                    future = self.backend.submit(job)
+                    self._in_flight += 1
+                    future.add_done_callback(lambda f, job=job: self._done.put((f, job)))
+                try:
+                    future, job = self._done.get(timeout=1.0)
+                except queue.Empty:
+                    self.progress.update(0)
+                    continue
+                self._in_flight -= 1
+                self._handle(job, self.backend.outcome(future))
+        finally:
+            self.progress.close()
+        return self._assemble()
+
+    def _handle(self, job: Job, outcome: Outcome) -> None:
+        chunk = self._chunks[job.chunk]
+        chunk.seconds += outcome.seconds
+        if outcome.x is None and not job.retry:  # the call failed as a whole
+            kind = outcome.errors[0][1]
+            retry = kind != BAD_OUTPUT and (len(job.theta) > 1 or kind == WORKER_DIED)
+            if retry:  # isolate the bad rows: each row alone, with its own seed
+                seeds = self._row_seeds(job.chunk)
+                rows = [Job(job.chunk, job.start + k, job.theta[k:k + 1],
+                            (int(seeds[job.start + k - chunk.start]),), retry=True) for k in range(len(job.theta))]
+                chunk.waiting += len(rows)
+                self._pending.extendleft(reversed(rows))  # finish this chunk before starting new ones
+                return
+        offset = job.start - chunk.start
+        if outcome.x is None:
+            _, kind, message = outcome.errors[0]
+            for k in range(len(job.theta)):
+                self._fail(chunk, offset + k, kind, message)
+        else:
+            x = self._conform(outcome.x)
+            if isinstance(x, str):
+                for k in range(len(job.theta)):
+                    self._fail(chunk, offset + k, BAD_OUTPUT, x)
+            else:
+                failed = {k for k, _, _ in outcome.errors}
+                self._succeeded = self._succeeded or len(failed) < len(job.theta)
+                for k, kind, message in outcome.errors:
+                    self._fail(chunk, offset + k, kind, message)
+                self._put(chunk, offset, x, failed)
+        if job.retry:
+            chunk.waiting -= 1
+        if chunk.waiting == 0:
+            self._finish(job.chunk)
+
+    def _conform(self, x: np.ndarray) -> np.ndarray | str:
+        """x in the run's layout, or why it cannot be (a message)."""
+        shape, dtype = x.shape[1:], x.dtype
+        if self.layout is None:
+            self.layout = (shape, dtype)
+            if self.store is not None:
+                self.store.set_x_layout(shape, dtype)
+            self._flush_deferred()
+            return x
+        if (shape, dtype) == self.layout:
+            self.layout_from_store = False
+            return x
+        if self.layout_from_store:
+            raise StoreMismatchError(
+                f"the store at {self.store.path} holds x of shape {self.layout[0]} and dtype {self.layout[1]}, but "
+                f"the simulator now returns shape {shape} and dtype {dtype}; use another store path, or delete it")
+        if shape != self.layout[0]:
+            return f"simulator returned x of shape {shape} per row, but earlier chunks had {self.layout[0]}"
+        return x.astype(self.layout[1])
+
+    def _allocate(self, chunk: _Chunk) -> np.ndarray:
+        if chunk.x is None:
+            chunk.x = np.full((chunk.rows, *self.layout[0]), np.nan, dtype=self.layout[1])
+        return chunk.x
+
+    def _put(self, chunk: _Chunk, offset: int, x: np.ndarray, failed: set[int]) -> None:
+        self._allocate(chunk)[offset:offset + len(x)] = x
+        for k in failed:
+            chunk.x[offset + k] = np.nan
+
+    def _fail(self, chunk: _Chunk, k: int, kind: str, message: str) -> None:
+        chunk.errors[k] = (kind, message)
+        index = chunk.start + k
+        if self.on_error == "raise":
+            raise AbortRun(f"simulation of theta index {index} failed with {kind}: {message}", kind="raise",
+                           index=index)
+        if not self._succeeded:
+            self._early[kind] += 1
+            if self._early[kind] >= min(BROKEN_AFTER, self.n):
+                hint = ("" if not self.vectorized else
+                        "; note that sbiflows calls the simulator with a batch theta of shape (N, theta_dim): "
+                        "a simulator written for one parameter set theta (theta_dim,) needs vectorized=False")
+                raise AbortRun(f"the simulator cannot run: the first {self._early[kind]} simulations all failed "
+                               f"with {kind}: {message}{hint}", kind="broken", index=index)
+
+    def _finish(self, c: int) -> None:
+        if self.layout is None:  # every row failed so far in the run: no shape to write NaN rows in
+            self._deferred.append(c)
+            return
+        chunk = self._chunks.pop(c)
+        x = self._allocate(chunk)
+        for k in chunk.errors:
+            x[k] = np.nan
+        start = chunk.start
+        if self.store is not None:
+            failures = [(start + k, t, m) for k, (t, m) in sorted(chunk.errors.items())]
+            self.store.write_chunk(c, start, self.theta[start:start + chunk.rows].numpy(), chunk.x,
+                                   seed=chunk.seed, failures=failures, seconds=chunk.seconds)
+        self.x_done[c] = chunk.x
+        self.failures.update({start + k: v for k, v in chunk.errors.items()})
+        self.simulated_chunks += 1
+        self.progress.update(chunk.rows, failed=len(chunk.errors))
+
+    def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for c in deferred:
+            self._finish(c)
+
+    def _assemble(self) -> np.ndarray | None:
+        if self.layout is None:
+            return None
+        x = np.empty((self.n, *self.layout[0]), dtype=self.layout[1])
+        for c, part in self.x_done.items():
+            start, stop = self._span(c)
+            x[start:stop] = part[:stop - start]
+        return x
+
+    def partial(self) -> tuple[Tensor, Tensor | None]:
+        """``(theta, x)`` of the chunks finished so far, in order (for interrupted or aborted runs)."""
+        done = sorted(self.x_done)
+        if not done or self.layout is None:
+            return self.theta[:0], None
+        rows = torch.cat([torch.arange(*self._span(c)) for c in done])
+        x = np.concatenate([self.x_done[c][: self._span(c)[1] - self._span(c)[0]] for c in done])
+        return self.theta[rows], torch.from_numpy(x)

@@ -1,0 +1,194 @@
+"""A worker process the engine owns: it runs jobs for one simulator and can be killed at any moment.
+
+:class:`Sandbox` starts ``python -m sbiflows.engine.sandbox`` as a child process in a session of its
+own, sends it the simulator once (with cloudpickle, so lambdas and functions of a script's
+``__main__`` work) and then one job at a time over its stdin/stdout pipes. It gives the engine what a
+thread cannot:
+
+* **timeouts that kill**: a job that runs past ``timeout`` has the child's whole process group
+  killed (the simulator's own subprocesses included) and comes back as a ``TimeoutError`` row;
+* **crash isolation**: a simulator that segfaults or is killed for memory takes only the child with
+  it; the job comes back as ``WorkerDied`` and the next job starts a fresh child;
+* **no orphans**: the child exits as soon as the process that started it is gone (a watchdog thread
+  checks its parent every 0.2 s), so a killed driver leaves no simulation running.
+
+The child runs torch with one thread (``OMP_NUM_THREADS=1``): several children share the cores.
+Anything the simulator prints goes to the driver's stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from sbiflows.engine.jobs import TIMEOUT, WORKER_DIED, Job, Outcome
+
+__all__ = ["Sandbox", "SandboxStartError"]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class SandboxStartError(RuntimeError):
+    """The worker process could not load the simulator (the message holds the child's error)."""
+
+
+class Sandbox:
+    """One child process that runs jobs of one simulator; see the module docstring.
+
+    Args:
+        payload: ``cloudpickle.dumps(simulator)``.
+        vectorized: Passed to :func:`~sbiflows.engine.jobs.run_job`.
+        seeded: Passed to :func:`~sbiflows.engine.jobs.run_job`.
+        threads: torch threads in the child.
+
+    Example:
+        >>> import cloudpickle, torch
+        >>> box = Sandbox(cloudpickle.dumps(lambda t: 2 * t), vectorized=True, seeded=False)
+        >>> box.run(Job(chunk=0, start=0, theta=torch.ones(2, 1), seeds=(0,)), timeout=60).x.tolist()
+        [[2.0], [2.0]]
+        >>> box.close()
+    """
+
+    def __init__(self, payload: bytes, *, vectorized: bool, seeded: bool, threads: int = 1):
+        self._init = pickle.dumps((list(sys.path), payload, vectorized, seeded, threads), _PROTOCOL)
+        self._threads, self._vectorized = threads, vectorized
+        self._process: subprocess.Popen | None = None
+        self._send: Connection | None = None
+        self._receive: Connection | None = None
+
+    def run(self, job: Job, timeout: float | None) -> Outcome:
+        """Run ``job`` in the child; kill the child if it takes longer than ``timeout`` seconds."""
+        if self._process is None:
+            self._start()
+        assert self._send is not None and self._receive is not None
+        start = time.perf_counter()
+        if timeout is not None and not self._vectorized:  # a per-row job makes one call per row
+            timeout = timeout * len(job.seeds)
+        try:
+            self._send.send_bytes(pickle.dumps(job, _PROTOCOL))
+            if not self._receive.poll(timeout):
+                self.kill()
+                return Outcome.failed(TIMEOUT, f"simulation ran past the timeout of {timeout:g} s and was killed",
+                                      time.perf_counter() - start)
+            return pickle.loads(self._receive.recv_bytes())
+        except (EOFError, OSError):
+            return Outcome.failed(WORKER_DIED, self._death(), time.perf_counter() - start)
+
+    def kill(self) -> None:
+        """Kill the child and every process it started; the next :meth:`run` starts a new one."""
+        if self._process is not None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._process.wait()
+        self._reset()
+
+    def close(self) -> None:
+        """Let the child exit (end of input), killing it if it does not within a second."""
+        if self._process is None:
+            return
+        for connection in (self._send, self._receive):
+            connection.close()
+        try:
+            self._process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    # ------------------------------------------------------------------------------- internals
+    def _start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), MKL_NUM_THREADS=str(self._threads),
+                   PYTHONUNBUFFERED="1")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "sbiflows.engine.sandbox"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=env,
+        )
+        self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)
+        self._receive = Connection(os.dup(self._process.stdout.fileno()), writable=False)
+        self._process.stdin.close()
+        self._process.stdout.close()
+        try:
+            self._send.send_bytes(self._init)
+            status, detail = pickle.loads(self._receive.recv_bytes())
+        except (EOFError, OSError):
+            status, detail = "error", self._death()
+        if status != "ready":
+            self.kill()
+            raise SandboxStartError(f"the worker process could not load the simulator: {detail}")
+
+    def _death(self) -> str:
+        process = self._process
+        code = process.wait() if process is not None else None
+        self._reset()
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            return f"worker process died (killed by signal {name})"
+        return f"worker process died (exit code {code})"
+
+    def _reset(self) -> None:
+        for connection in (self._send, self._receive):
+            if connection is not None and not connection.closed:
+                connection.close()
+        self._process = self._send = self._receive = None
+
+    def __del__(self):  # best effort: never leave a child behind
+        try:
+            self.kill()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+# ------------------------------------------------------------------------------------ the child
+def _watch_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            try:
+                os.killpg(0, signal.SIGKILL)
+            finally:
+                os._exit(1)
+        time.sleep(0.2)
+
+
+def _child() -> None:
+    parent = os.getppid()
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    receive = Connection(os.dup(0), writable=False)
+    send = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # the simulator's prints go to stderr, never into the protocol
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    try:
+        path, payload, vectorized, seeded, threads = pickle.loads(receive.recv_bytes())
+        sys.path[:0] = [p for p in path if p not in sys.path]
+        import cloudpickle
+        import torch
+
+        from sbiflows.engine.jobs import run_job
+
+        torch.set_num_threads(threads)
+        simulator = cloudpickle.loads(payload)
+    except Exception as error:  # noqa: BLE001 - reported to the driver
+        send.send_bytes(pickle.dumps(("error", f"{type(error).__name__}: {error}"), _PROTOCOL))
+        return
+    send.send_bytes(pickle.dumps(("ready", None), _PROTOCOL))
+    while True:
+        try:
+            job = pickle.loads(receive.recv_bytes())
+        except EOFError:
+            return
+        outcome = run_job(simulator, job, vectorized=vectorized, seeded=seeded)
+        send.send_bytes(pickle.dumps(outcome, _PROTOCOL))
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,211 @@
+"""The on-disk simulation store: a zarr group that a run writes chunk by chunk and a rerun resumes.
+
+Layout of ``<path>`` (a zarr v3 group, readable by ``zarr.open_group`` and ``dask.array.from_zarr``)::
+
+    zarr.json           group attributes: format version and the run's configuration (seed, batch
+                        size, simulator, per-row or batched) plus x's shape and dtype once known
+    theta/, x/          arrays of (rows, theta_dim) and (rows, *x_shape); one zarr chunk per
+                        simulation chunk, so a finished chunk is one file per array
+    records/<c>.json    one per finished chunk, written last and atomically (write, then rename):
+                        its rows, seed, SHA-256 digests of its theta and x bytes, failures, seconds
+    .lock               held (``flock``) by the one process writing the store
+
+A chunk counts as finished only when its record exists and both digests match the bytes on disk; a
+chunk killed mid-write has no record, and a corrupted one fails its digest: either is simulated again.
+Only the driver process writes (workers send results back), and the lock keeps a second driver out,
+so no orphaned process can write into a store that a resumed run is using.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SimulationStore", "StoreMismatchError"]
+
+FORMAT = 1
+
+
+class StoreMismatchError(ValueError):
+    """The store was made by a different run (seed, batch size, simulator, prior, x shape or dtype)."""
+
+
+def digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's bytes (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+class SimulationStore:
+    """A store at ``path``; use :meth:`open` (a run) or :meth:`read` (loading)."""
+
+    def __init__(self, path: str | os.PathLike, group, *, lock_file=None):
+        self.path = Path(path)
+        self._group = group
+        self._lock_file = lock_file
+
+    # ------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, config: dict, *, rows: int, theta_dim: int,
+             theta_dtype: np.dtype) -> SimulationStore:
+        """Open (or create) the store for a run with ``config``; lock it; grow it to ``rows`` rows.
+
+        Raises:
+            StoreMismatchError: If the store holds another run.
+            RuntimeError: If another process is writing it.
+        """
+        import zarr
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lock_file = _lock(path)
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
+            stored = group.attrs.get("sbiflows_simulations")
+            if stored is None:
+                if any(name != ".lock" for name in os.listdir(path)) and "theta" in group:
+                    raise StoreMismatchError(f"{path} is a zarr group that sbiflows did not write")
+                group.attrs["sbiflows_simulations"] = {"format": FORMAT, "config": config}
+                group.create_array("theta", shape=(rows, theta_dim), chunks=(config["batch_size"], theta_dim),
+                                   dtype=theta_dtype, fill_value=np.nan, config={"write_empty_chunks": True})
+            else:
+                _compare(path, stored, config)
+            (path / "records").mkdir(exist_ok=True)
+            store = cls(path, group, lock_file=lock_file)
+            store._grow(rows)
+            return store
+        except BaseException:
+            lock_file.close()
+            raise
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> SimulationStore:
+        """Open an existing store for reading (no lock)."""
+        import zarr
+
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise FileNotFoundError(f"no simulation store at {str(path)!r} (expected a zarr group written by "
+                                    "sbiflows.simulate with store=...)")
+        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+        if "sbiflows_simulations" not in group.attrs:
+            raise ValueError(f"{path} is a zarr group that sbiflows did not write")
+        return cls(path, group)
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ------------------------------------------------------------------------------- contents
+    @property
+    def config(self) -> dict:
+        """The configuration of the run that made the store."""
+        return dict(self._group.attrs["sbiflows_simulations"]["config"])
+
+    @property
+    def rows(self) -> int:
+        """Rows the store has room for (the largest run asked of it)."""
+        return int(self._group["theta"].shape[0])
+
+    @property
+    def x_layout(self) -> tuple[tuple[int, ...], np.dtype] | None:
+        """``(x_shape, dtype)`` of the stored simulations, or None before the first chunk."""
+        layout = self._group.attrs["sbiflows_simulations"].get("x")
+        return None if layout is None else (tuple(layout["shape"]), np.dtype(layout["dtype"]))
+
+    def records(self) -> dict[int, dict]:
+        """Records of the chunks written so far, by chunk index (unverified)."""
+        out = {}
+        for file in (self.path / "records").glob("*.json"):
+            try:
+                record = json.loads(file.read_text())
+                out[int(record["chunk"])] = record
+            except (ValueError, KeyError, OSError):
+                warnings.warn(f"unreadable chunk record {file.name} in {self.path}: that chunk will be simulated "
+                              "again", UserWarning, stacklevel=3)
+        return out
+
+    def read_verified(self) -> tuple[dict[int, dict], np.ndarray, np.ndarray | None]:
+        """``(records whose digests match, theta, x)`` with all stored rows; warns about corrupted chunks."""
+        records = self.records()
+        theta = self._group["theta"][:]
+        x = self._group["x"][:] if "x" in self._group else None
+        good = {}
+        for c, record in sorted(records.items()):
+            a, b = record["start"], record["start"] + record["rows"]
+            if x is None or b > len(theta) or digest(theta[a:b]) != record["theta_sha256"] or \
+                    digest(x[a:b]) != record["x_sha256"]:
+                warnings.warn(f"chunk {c} of {self.path} is corrupted (its data do not match the digest recorded "
+                              "when it was written): it counts as not simulated", UserWarning, stacklevel=3)
+                continue
+            good[c] = record
+        return good, theta, x
+
+    # ------------------------------------------------------------------------------- writing
+    def set_x_layout(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Create the x array (first finished chunk of a new store)."""
+        meta = dict(self._group.attrs["sbiflows_simulations"])
+        meta["x"] = {"shape": list(shape), "dtype": np.dtype(dtype).name}
+        self._group.attrs["sbiflows_simulations"] = meta
+        batch = self.config["batch_size"]
+        self._group.create_array("x", shape=(self.rows, *shape), chunks=(batch, *shape), dtype=dtype,
+                                 fill_value=np.nan, config={"write_empty_chunks": True}, overwrite=True)
+
+    def write_chunk(self, chunk: int, start: int, theta: np.ndarray, x: np.ndarray, *, seed: int,
+                    failures: list[tuple[int, str, str]], seconds: float) -> None:
+        """Write a finished chunk: data first, then its record (atomically)."""
+        stop = start + len(theta)
+        self._group["theta"][start:stop] = theta
+        self._group["x"][start:stop] = x
+        record = {"chunk": chunk, "start": start, "rows": len(theta), "seed": seed,
+                  "theta_sha256": digest(theta), "x_sha256": digest(x),
+                  "failures": [list(f) for f in failures], "seconds": seconds}
+        target = self.path / "records" / f"{chunk}.json"
+        temporary = target.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, target)
+
+    def _grow(self, rows: int) -> None:
+        for name in ("theta", "x"):
+            if name in self._group and self._group[name].shape[0] < rows:
+                array = self._group[name]
+                array.resize((rows, *array.shape[1:]))
+
+
+def _compare(path: Path, stored: dict, config: dict) -> None:
+    if stored.get("format") != FORMAT:
+        raise StoreMismatchError(f"{path} has store format {stored.get('format')}; this sbiflows writes {FORMAT}")
+    old = stored["config"]
+    for key, value in config.items():
+        if old.get(key) != value:
+            raise StoreMismatchError(
+                f"the store at {path} was made with {key}={old.get(key)!r}, not {value!r}; its simulations "
+                "cannot be mixed with these. Use another store path, or delete it to start over"
+            )
+
+
+def _lock(path: Path):
+    handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the lifetime of the run
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RuntimeError(f"the simulation store {path} is in use by another process (pid {owner}); wait for it "
+                           "to finish or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
