@@ -1,6 +1,6 @@
 """A worker process the engine owns: it runs jobs for one simulator and can be killed at any moment.
 
-:class:`Sandbox` starts ``python -m sbiflows.engine.sandbox`` as a child process in a session of its
+:class:`Sandbox` starts a Python child process (running :func:`_child`) in a session of its
 own, sends it the simulator once (with cloudpickle, so lambdas and functions of a script's
 ``__main__`` work) and then one job at a time over its stdin/stdout pipes. It gives the engine what a
 thread cannot:
@@ -107,7 +107,7 @@ class Sandbox:
         env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), MKL_NUM_THREADS=str(self._threads),
                    PYTHONUNBUFFERED="1")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "sbiflows.engine.sandbox"],
+            [sys.executable, "-c", "from sbiflows.engine.sandbox import _child; _child()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=env,
         )
         self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)
@@ -188,7 +188,3 @@ def _child() -> None:
             return
         outcome = run_job(simulator, job, vectorized=vectorized, seeded=seeded)
         send.send_bytes(pickle.dumps(outcome, _PROTOCOL))
-
-
-if __name__ == "__main__":
-    _child()

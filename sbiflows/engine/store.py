@@ -134,18 +134,39 @@ class SimulationStore:
     def read_verified(self) -> tuple[dict[int, dict], np.ndarray, np.ndarray | None]:
         """``(records whose digests match, theta, x)`` with all stored rows; warns about corrupted chunks."""
         records = self.records()
-        theta = self._group["theta"][:]
-        x = self._group["x"][:] if "x" in self._group else None
+        has_x = "x" in self._group
+        try:
+            theta = self._group["theta"][:]
+            x = self._group["x"][:] if has_x else None
+            unreadable: set[int] = set()
+        except Exception:  # noqa: BLE001 - a chunk file that no longer decodes: read chunk by chunk
+            theta, x, unreadable = self._read_by_chunk(records)
         good = {}
         for c, record in sorted(records.items()):
             a, b = record["start"], record["start"] + record["rows"]
-            if x is None or b > len(theta) or digest(theta[a:b]) != record["theta_sha256"] or \
+            if c in unreadable or x is None or b > len(theta) or digest(theta[a:b]) != record["theta_sha256"] or \
                     digest(x[a:b]) != record["x_sha256"]:
                 warnings.warn(f"chunk {c} of {self.path} is corrupted (its data do not match the digest recorded "
                               "when it was written): it counts as not simulated", UserWarning, stacklevel=3)
                 continue
             good[c] = record
         return good, theta, x
+
+    def _read_by_chunk(self, records: dict[int, dict]) -> tuple[np.ndarray, np.ndarray | None, set[int]]:
+        theta_array = self._group["theta"]
+        x_array = self._group["x"] if "x" in self._group else None
+        theta = np.full(theta_array.shape, np.nan, dtype=theta_array.dtype)
+        x = None if x_array is None else np.full(x_array.shape, np.nan, dtype=x_array.dtype)
+        unreadable = set()
+        for c, record in records.items():
+            a, b = record["start"], record["start"] + record["rows"]
+            try:
+                theta[a:b] = theta_array[a:b]
+                if x is not None:
+                    x[a:b] = x_array[a:b]
+            except Exception:  # noqa: BLE001 - reported as corrupted by the caller
+                unreadable.add(c)
+        return theta, x, unreadable
 
     # ------------------------------------------------------------------------------- writing
     def set_x_layout(self, shape: tuple[int, ...], dtype: np.dtype) -> None:

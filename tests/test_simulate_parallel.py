@@ -1,0 +1,146 @@
+"""Simulation in worker processes, on executors and on Dask: same numbers, timeouts that kill, deaths survived."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+from sbiflows import SimulationError, simulate, simulate_from_prior
+from processes import bitwise_equal, wait_for_exit
+
+PRIOR = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+
+def seeded_with_failures(theta, seed):
+    """A seeded simulator that raises for theta_0 > 1.5 (about 7% of rows), so retries are exercised too."""
+    if (theta[:, 0] > 1.5).any():
+        raise ValueError("p outside [0, 1]")
+    g = torch.Generator().manual_seed(seed)
+    return theta + torch.randn(theta.shape, generator=g)
+
+
+def global_numpy(theta):
+    theta = np.asarray(theta)
+    return theta + np.random.normal(size=theta.shape)
+
+
+def sleepy(theta, seed, *, marker=None):
+    """Sleeps forever on theta_0 > 2 after writing its pid; otherwise returns at once."""
+    if (theta[:, 0] > 2.0).any():
+        Path(os.environ["SBIFLOWS_TEST_PID_DIR"], f"{os.getpid()}").write_text("")
+        time.sleep(10_000)
+    return theta * 2
+
+
+def deadly(theta, seed):
+    """Kills its own process on theta_0 > 2 (a segfault, an out-of-memory kill)."""
+    if (theta[:, 0] > 2.0).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return theta * 2
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with pytest.warns(UserWarning, match="ValueError"):
+        return simulate_from_prior(seeded_with_failures, PRIOR, 400, seed=5, batch_size=25)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["workers1", "workers2", "threads", "processes", "timeout"])
+def test_same_numbers_whatever_runs_them(reference, how, tmp_path):
+    options = {
+        "workers1": {"workers": 1},
+        "workers2": {"workers": 2},
+        "threads": {"executor": ThreadPoolExecutor(2)},
+        "processes": {"executor": ProcessPoolExecutor(2)},
+        "timeout": {"timeout": 60.0, "store": tmp_path / "sims.zarr"},
+    }[how]
+    with pytest.warns(UserWarning, match="ValueError"):
+        result = simulate_from_prior(seeded_with_failures, PRIOR, 400, seed=5, batch_size=25, **options)
+    assert torch.equal(result.theta, reference.theta)
+    assert bitwise_equal(result.x, reference.x)
+    assert [(f.index, f.error_type) for f in result.failures] == [(f.index, f.error_type) for f in reference.failures]
+    if "executor" in options:
+        options["executor"].shutdown()
+
+
+@pytest.mark.slow
+def test_global_generator_simulators_match_in_process_and_in_worker_processes():
+    a = simulate_from_prior(global_numpy, PRIOR, 300, seed=2, batch_size=30)
+    b = simulate_from_prior(global_numpy, PRIOR, 300, seed=2, batch_size=30, workers=2)
+    assert torch.equal(a.x, b.x)
+
+
+@pytest.mark.slow
+def test_a_hung_simulation_is_killed_and_the_run_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(tmp_path))
+    theta = torch.zeros(40, 2)
+    theta[13, 0] = 3.0
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="TimeoutError 1"):
+        result = simulate(sleepy, theta, batch_size=10, workers=2, timeout=3.0)
+    assert time.perf_counter() - start < 60
+    assert [(f.index, f.error_type) for f in result.failures] == [(13, "TimeoutError")]
+    assert "killed" in result.failures[0].message
+    assert torch.isnan(result.x[13]).all() and torch.equal(result.x[14:], 2 * theta[14:])
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(pids) == 2  # the chunk call and the row retried alone
+    assert not wait_for_exit(pids)  # the hung work is gone, not left running
+
+
+@pytest.mark.slow
+def test_timeout_in_process_runs_one_killable_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(tmp_path))
+    theta = torch.zeros(4, 2)
+    theta[0, 0] = 3.0
+    with pytest.warns(UserWarning, match="TimeoutError"):
+        result = simulate(sleepy, theta, batch_size=1, timeout=2.0)
+    assert [f.index for f in result.failures] == [0]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_replaced_and_the_row_that_kills_it_fails():
+    theta = torch.zeros(30, 2)
+    theta[7, 0] = 3.0
+    with pytest.warns(UserWarning, match="WorkerDied 1"):
+        result = simulate(deadly, theta, batch_size=10, workers=2)
+    assert [(f.index, f.error_type) for f in result.failures] == [(7, "WorkerDied")]
+    assert "SIGKILL" in result.failures[0].message
+    mask = torch.ones(30, dtype=torch.bool)
+    mask[7] = False
+    assert torch.equal(result.x[mask], 2 * theta[mask])
+
+
+@pytest.mark.slow
+def test_a_lambda_runs_in_worker_processes_and_a_process_pool_names_the_fix():
+    result = simulate(lambda t: t + 1, torch.zeros(6, 1), batch_size=2, workers=2)
+    assert torch.equal(result.x, torch.ones(6, 1))
+    with ProcessPoolExecutor(1) as pool, pytest.raises(TypeError, match="cannot pickle the simulator.*workers=N"):
+        simulate(lambda t: t + 1, torch.zeros(6, 1), executor=pool)
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        simulate(lambda t: t if lock else t, torch.zeros(6, 1), workers=2)
+    pickle.dumps(seeded_with_failures)  # module-level simulators pickle by reference
+
+
+@pytest.mark.slow
+def test_threads_warn_that_global_generator_simulators_are_not_reproducible():
+    with ThreadPoolExecutor(2) as pool, pytest.warns(UserWarning, match="threads share"):
+        simulate(global_numpy, torch.zeros(6, 2), executor=pool)
+
+
+@pytest.mark.slow
+def test_simulate_broken_in_a_worker_stops_early():
+    with pytest.raises(SimulationError, match="cannot run"):
+        simulate(lambda t: 1 / 0, torch.zeros(500, 2), batch_size=10, workers=2)

@@ -1,0 +1,228 @@
+"""The resumable store: resume after SIGKILL and Ctrl-C, extension, refusal of another run, corruption, Dask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+from sbiflows import SimulationInterrupted, load_simulations, simulate, simulate_from_prior
+from sbiflows.simulate import StoreMismatchError
+from processes import bitwise_equal, wait_for_exit
+
+PRIOR = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+
+def seeded(theta, seed):
+    return theta + torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def other(theta, seed):
+    return theta
+
+
+def test_a_rerun_reads_the_store_and_simulates_nothing(tmp_path):
+    store = tmp_path / "sims.zarr"
+    first = simulate_from_prior(seeded, PRIOR, 100, seed=1, batch_size=10, store=store)
+    calls = []
+
+    def counting(theta, seed):
+        calls.append(1)
+        return seeded(theta, seed)
+
+    counting.__qualname__ = seeded.__qualname__  # the same simulator, counted
+    again = simulate_from_prior(counting, PRIOR, 100, seed=1, batch_size=10, store=store)
+    assert not calls and again.reused == 100 and bitwise_equal(again.x, first.x)
+    loaded = load_simulations(store)
+    assert loaded.complete and bitwise_equal(loaded.x, first.x) and torch.equal(loaded.theta, first.theta)
+    assert "100 simulations" in loaded.summary()
+
+
+def test_more_simulations_extend_the_store_with_the_same_seed_plan(tmp_path):
+    store = tmp_path / "sims.zarr"
+    simulate_from_prior(seeded, PRIOR, 95, seed=1, batch_size=10, store=store)  # last chunk 5 rows
+    extended = simulate_from_prior(seeded, PRIOR, 230, seed=1, batch_size=10, store=store)
+    direct = simulate_from_prior(seeded, PRIOR, 230, seed=1, batch_size=10)
+    assert extended.reused == 90 and bitwise_equal(extended.x, direct.x) and torch.equal(extended.theta, direct.theta)
+    fewer = simulate_from_prior(seeded, PRIOR, 50, seed=1, batch_size=10, store=store)
+    assert fewer.reused == 50 and bitwise_equal(fewer.x, direct.x[:50])
+
+
+@pytest.mark.parametrize("change", ["seed", "batch_size", "simulator", "prior", "dtype"])
+def test_a_store_of_another_run_is_refused_not_mixed(tmp_path, change):
+    store = tmp_path / "sims.zarr"
+    simulate_from_prior(seeded, PRIOR, 40, seed=1, batch_size=10, store=store)
+    args = {"simulator": seeded, "prior": PRIOR, "seed": 1, "batch_size": 10}
+    args.update({
+        "seed": {"seed": 2},
+        "batch_size": {"batch_size": 20},
+        "simulator": {"simulator": other},
+        "prior": {"prior": Independent(Normal(torch.ones(2), torch.ones(2)), 1)},
+        "dtype": {"simulator": lambda theta, seed: seeded(theta, seed).double()},
+    }[change])
+    if change == "dtype":
+        args["simulator"].__qualname__ = seeded.__qualname__
+    match = {"seed": "seed=1", "batch_size": "batch_size=10", "simulator": "simulator=",
+             "prior": "other parameters", "dtype": "dtype float32"}[change]
+    with pytest.raises(StoreMismatchError, match=match):
+        simulate_from_prior(args.pop("simulator"), args.pop("prior"), 60, store=store, **args)  # x: on new chunks
+
+
+def test_a_corrupted_chunk_is_detected_and_simulated_again(tmp_path):
+    store = tmp_path / "sims.zarr"
+    first = simulate_from_prior(seeded, PRIOR, 60, seed=1, batch_size=10, store=store)
+    record = json.loads((store / "records" / "2.json").read_text())
+    record["x_sha256"] = "0" * 64  # as if the chunk's bytes had changed on disk
+    (store / "records" / "2.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="chunk 2 .* is corrupted"):
+        again = simulate_from_prior(seeded, PRIOR, 60, seed=1, batch_size=10, store=store)
+    assert again.reused == 50 and bitwise_equal(again.x, first.x)
+    chunk_file = sorted(p for p in (store / "x" / "c").rglob("*") if p.is_file())[3]  # flip a byte of the data
+    data = bytearray(chunk_file.read_bytes())
+    data[-1] ^= 0xFF
+    chunk_file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupted"):
+        again = simulate_from_prior(seeded, PRIOR, 60, seed=1, batch_size=10, store=store)
+    assert bitwise_equal(again.x, first.x)
+
+
+def test_failed_rows_stay_failed_on_resume_unless_retried(tmp_path):
+    store = tmp_path / "sims.zarr"
+    flaky_state = {"fail": True}
+
+    def flaky(theta, seed):
+        if flaky_state["fail"] and (theta[:, 0] > 1.0).any():
+            raise RuntimeError("license server busy")
+        return seeded(theta, seed)
+
+    flaky.__qualname__ = "flaky"
+    with pytest.warns(UserWarning, match="RuntimeError"):
+        first = simulate_from_prior(flaky, PRIOR, 200, seed=0, batch_size=20, store=store)
+    flaky_state["fail"] = False
+    with pytest.warns(UserWarning, match="license server busy"):
+        kept = simulate_from_prior(flaky, PRIOR, 200, seed=0, batch_size=20, store=store)
+    assert [f.index for f in kept.failures] == [f.index for f in first.failures] != []
+    retried = simulate_from_prior(flaky, PRIOR, 200, seed=0, batch_size=20, store=store, retry_failed=True)
+    assert not retried.failures and torch.isfinite(retried.x).all()
+    assert bitwise_equal(retried.x[first.valid], first.x[first.valid])
+    assert not load_simulations(store).failures
+
+
+def test_ctrl_c_keeps_finished_chunks_in_the_store_and_in_the_exception(tmp_path):
+    store = tmp_path / "sims.zarr"
+
+    def interrupted(theta, seed):
+        if theta[0, 0] >= 50:
+            raise KeyboardInterrupt
+        return theta
+
+    interrupted.__qualname__ = "interrupted"
+    theta = torch.arange(100.0)[:, None]
+    with pytest.raises(SimulationInterrupted, match="50 simulations finished.*rerun to resume") as info:
+        simulate(interrupted, theta, batch_size=10, store=store)
+    assert torch.equal(info.value.partial.x, theta[:50])
+    with pytest.warns(UserWarning, match="incomplete: 50 of 100 rows"):
+        partial = load_simulations(store)
+    assert not partial.complete and torch.equal(partial.x, theta[:50])
+
+
+def test_a_store_in_use_by_another_run_is_refused(tmp_path):
+    from sbiflows.engine.store import SimulationStore
+
+    store = tmp_path / "sims.zarr"
+    simulate(seeded, torch.zeros(10, 2), store=store)
+    config = {"seed": 0, "batch_size": 1000, "simulator": f"{__name__}.seeded", "vectorized": True,
+              "theta_dim": 2, "theta_dtype": "torch.float32"}
+    held = SimulationStore.open(store, config, rows=10, theta_dim=2, theta_dtype=np.float32)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            simulate(seeded, torch.zeros(10, 2), store=store)
+    finally:
+        held.close()
+
+
+def test_load_simulations_names_a_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no simulation store"):
+        load_simulations(tmp_path / "nothing.zarr")
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from torch.distributions import Independent, Normal
+    from sbiflows import simulate_from_prior
+
+    LOG = sys.argv[2]  # read here: a worker process has other arguments
+
+    def slow(theta, seed):
+        time.sleep(0.02)
+        x = theta + torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+        with open(LOG, "a") as log:  # one line per chunk simulated (append is atomic)
+            log.write(f"{float(theta[0, 0])!r} {os.getpid()}\\n")
+        return x
+
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    simulate_from_prior(slow, prior, 1000, seed=3, batch_size=5, workers=2, store=sys.argv[1])
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bitwise_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    store, log = tmp_path / "killed.zarr", tmp_path / "killed.log"
+    process = subprocess.Popen([sys.executable, str(script), str(store), str(log)])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((store / "records").glob("*.json"))) < 40:
+        time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_at_kill = len(list((store / "records").glob("*.json")))
+    assert 40 <= done_at_kill < 200
+    workers = {int(line.split()[1]) for line in log.read_text().splitlines()}
+    assert len(workers) == 2
+    assert not wait_for_exit(workers)  # no orphan keeps simulating (the watchdogs see their parent gone)
+    subprocess.run([sys.executable, str(script), str(store), str(log)], check=True)
+    fresh_store, fresh_log = tmp_path / "fresh.zarr", tmp_path / "fresh.log"
+    subprocess.run([sys.executable, str(script), str(fresh_store), str(fresh_log)], check=True)
+    resumed, fresh = load_simulations(store), load_simulations(fresh_store)
+    assert resumed.complete and bitwise_equal(resumed.x, fresh.x) and torch.equal(resumed.theta, fresh.theta)
+    lines = [line.split()[0] for line in log.read_text().splitlines()]
+    twice = len(lines) - len(set(lines))
+    assert len(set(lines)) == 200 and twice <= 2  # at most `workers` chunks simulated twice
+
+
+def kills_its_dask_worker_once(theta, seed):
+    marker = Path(os.environ["SBIFLOWS_TEST_MARKER"])
+    if theta[0, 0] == 60 and not marker.exists():
+        marker.write_text("")
+        os.kill(os.getppid(), signal.SIGKILL)  # the sandbox's parent is the Dask worker process
+        time.sleep(10)
+    return theta + torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_same_numbers_and_survives_a_killed_worker(tmp_path, monkeypatch):
+    import distributed  # in the dev extra: CI runs this on a real LocalCluster
+    monkeypatch.setenv("SBIFLOWS_TEST_MARKER", str(tmp_path / "killed-once"))
+    theta = torch.arange(200.0)[:, None].repeat(1, 2)
+    (tmp_path / "killed-once").write_text("")  # in-process, the simulator must not kill anything
+    reference = simulate(kills_its_dask_worker_once, theta, batch_size=10)
+    (tmp_path / "killed-once").unlink()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as client:
+        result = simulate(kills_its_dask_worker_once, theta, batch_size=10, executor=client,
+                          store=tmp_path / "dask.zarr")
+    assert (tmp_path / "killed-once").exists()  # a worker really was killed
+    assert bitwise_equal(result.x, reference.x) and not result.failures
