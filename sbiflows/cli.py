@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-reference", action="store_true", help="skip the reference posterior and C2ST")
     fit.add_argument("--max-epochs", type=_positive_int, default=500, help="training epoch cap")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
+    engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="local worker processes that run the simulator (default: in this process)")
+    engine.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                        help="run the simulations on a Dask cluster, e.g. tcp://10.0.0.5:8786 "
+                        "(needs pip install 'sbiflows[dask]')")
+    engine.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                        help="kill a simulator call that runs longer; its rows count as failed")
+    engine.add_argument("--batch-size", type=_positive_int, default=100, metavar="ROWS",
+                        help="parameter sets per simulator call and per stored chunk; results depend on it, "
+                        "not on --workers or --scheduler")
 
     sub.add_parser("tasks", help="list the benchmark tasks", description="List the benchmark tasks.")
     return parser
@@ -103,8 +114,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
     from sbiflows.pipeline import run
 
-    run(**setup)
+    client = None
+    if args.scheduler:
+        try:
+            client = setup["executor"] = _dask_client(args.scheduler)
+        except ValueError as error:
+            parser.exit(2, f"sbiflows fit: error: {error}\n")
+    try:
+        run(**setup)
+    except KeyboardInterrupt:
+        print(f"\nsbiflows fit: interrupted. Everything finished is kept in {setup['out']}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if client is not None:
+            client.close()
     return 0
+
+
+def _dask_client(address: str):
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ValueError("--scheduler needs Dask: pip install 'sbiflows[dask]'") from None
+    try:
+        return Client(address, timeout=30)
+    except OSError as error:
+        raise ValueError(f"--scheduler: cannot reach a Dask scheduler at {address!r} ({error})") from None
 
 
 # --------------------------------------------------------------------------------- arguments
@@ -115,6 +151,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -173,6 +219,9 @@ def _setup(args: argparse.Namespace) -> dict:
         "reference": not args.no_reference and task is not None and not args.observation,
         "max_epochs": args.max_epochs,
         "progress": not args.quiet,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "timeout": args.timeout,
     }
 
 

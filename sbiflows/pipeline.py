@@ -1,7 +1,10 @@
 """The main job behind ``sbiflows fit``: simulate, train, sample, check calibration, write a report.
 
-Everything a run paid for is written as soon as it exists (the simulations right after simulating, the
-posterior right after training), so a failure later in the run loses nothing.
+Everything a run paid for is written as soon as it exists: every chunk of simulations as it finishes
+(into the stores ``simulations.zarr`` and ``calibration.zarr``), the posterior right after training,
+the samples right after sampling. Rerunning the same command into the same folder resumes: it reads
+the finished simulations, and reuses the posterior and the samples when ``resume.json`` says they were
+made with the same settings, so a kill or Ctrl-C at any step loses at most the step in progress.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sbiflows  # noqa: E402
 from sbiflows import diagnostics, plots  # noqa: E402
 from sbiflows.npe import NPE  # noqa: E402
 from sbiflows.report import jsonable, write_markdown  # noqa: E402
+from sbiflows.serialization import load  # noqa: E402
 from sbiflows.simulate import simulate, simulate_from_prior  # noqa: E402
 
 
@@ -47,10 +51,18 @@ def run(
     max_epochs: int = 500,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    batch_size: int = 100,
+    workers: int | None = None,
+    executor: object = None,
+    timeout: float | None = None,
 ) -> dict:
-    """Run the whole job and write its outputs into ``out``; returns the report as a dictionary.
+    """Run the whole job (resuming from what ``out`` holds) and write its outputs; returns the report.
 
-    Outputs: ``posterior.pt`` (load with :func:`sbiflows.load`), ``simulations.npz``,
+    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
+    simulation of the run (training set, posterior predictive, calibration).
+
+    Outputs: ``posterior.pt`` (load with :func:`sbiflows.load`), ``simulations.zarr`` and
+    ``calibration.zarr`` (load with :func:`sbiflows.load_simulations`), ``resume.json``,
     ``samples.npz`` (posterior samples per observation), ``corner.png`` (and ``corner_<name>.png``
     per further observation), ``sbc_ranks.png``, ``coverage.png``, ``tarp.png``, ``report.md`` and
     ``report.json``.
@@ -68,6 +80,8 @@ def run(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    engine = {"batch_size": batch_size, "workers": workers, "executor": executor, "timeout": timeout}
+    resume = _Resume(out / "resume.json")
     timings: dict[str, float] = {}
     report: dict = {
         "name": name,
@@ -77,22 +91,31 @@ def run(
         "versions": _versions(),
     }
 
-    log(f"[1/5] simulating {simulations} parameter sets from the prior")
+    log(f"[1/5] simulating {simulations} parameter sets from the prior (store: {out / 'simulations.zarr'})")
     start = time.perf_counter()
-    sims = simulate_from_prior(simulator, prior, simulations, seed=seed, progress=progress)
+    sims = simulate_from_prior(simulator, prior, simulations, seed=seed, progress=progress,
+                               store=out / "simulations.zarr", **engine)
     timings["simulate"] = time.perf_counter() - start
-    np.savez_compressed(out / "simulations.npz", theta=sims.theta.numpy(), x=sims.x.numpy())
     report["simulation_summary"] = sims.summary()
     report["invalid_simulations"] = sims.num_invalid
+    if sims.reused:
+        log(f"      reused {sims.reused} finished simulations from the store")
     log(f"      {sims.summary()}")
 
-    log(f"[2/5] training NPE ({estimator})")
+    trained = {"simulations": simulations, "seed": seed, "estimator": estimator, "max_epochs": max_epochs,
+               "batch_size": batch_size, "simulator": report["name"]}
     start = time.perf_counter()
-    posterior = NPE(prior, estimator=estimator).fit(
-        sims.theta, sims.x, seed=seed, max_epochs=max_epochs, progress=progress
-    )
+    if resume.matches("train", trained, out / "posterior.pt"):
+        log(f"[2/5] reusing the posterior trained by an earlier run ({out / 'posterior.pt'})")
+        posterior = load(out / "posterior.pt", prior=prior)
+    else:
+        log(f"[2/5] training NPE ({estimator})")
+        posterior = NPE(prior, estimator=estimator).fit(
+            sims.theta, sims.x, seed=seed, max_epochs=max_epochs, progress=progress
+        )
+        posterior.save(out / "posterior.pt")
+        resume.done("train", trained)
     timings["train"] = time.perf_counter() - start
-    posterior.save(out / "posterior.pt")
     history = posterior.history
     report["training"] = {
         "epochs": history.epochs,
@@ -105,15 +128,22 @@ def run(
         "train_loss": history.train_loss,
         "validation_loss": history.validation_loss,
     }
-    log(f"      {history.epochs} epochs in {timings['train']:.1f} s, best validation loss "
-        f"{history.best_validation_loss:.3f}")
+    log(f"      {history.epochs} epochs" + (f" in {timings['train']:.1f} s" if "train" in resume.fresh else "")
+        + f", best validation loss {history.best_validation_loss:.3f}")
 
-    log(f"[3/5] sampling {num_samples} posterior draws for {len(observations)} observation(s)")
     start = time.perf_counter()
     xs = torch.stack([x.reshape(-1) for _, x, _ in observations])
-    samples = posterior.sample_batched(num_samples, xs, seed=seed)  # (n, B, D): one batched call
+    sampled = dict(trained, num_samples=num_samples, observations={k: x.reshape(-1).tolist() for k, x, _ in observations})
+    if resume.matches("sample", sampled, out / "samples.npz"):
+        log(f"[3/5] reusing the posterior samples of an earlier run ({out / 'samples.npz'})")
+        with np.load(out / "samples.npz") as stored:
+            samples = torch.stack([torch.from_numpy(stored[key]) for key, _, _ in observations], dim=1)
+    else:
+        log(f"[3/5] sampling {num_samples} posterior draws for {len(observations)} observation(s)")
+        samples = posterior.sample_batched(num_samples, xs, seed=seed)  # (n, B, D): one batched call
+        np.savez_compressed(out / "samples.npz", **{key: samples[:, b].numpy() for b, (key, _, _) in enumerate(observations)})
+        resume.done("sample", sampled)
     timings["sample"] = time.perf_counter() - start
-    np.savez_compressed(out / "samples.npz", **{key: samples[:, b].numpy() for b, (key, _, _) in enumerate(observations)})
 
     log("[4/5] per-observation checks" + (" (C2ST against the reference posterior)" if reference else ""))
     start = time.perf_counter()
@@ -122,7 +152,7 @@ def run(
 
     def as_tensor_simulator(theta: Tensor) -> Tensor:
         """The user's simulator as tensor -> float32 tensor, seeded, failures as NaN rows."""
-        return simulate(simulator, theta, seed=seed + 2).x
+        return simulate(simulator, theta, seed=seed + 2, **engine).x.to(torch.float32)
 
     for b, (key, x_o, truth) in enumerate(observations):
         entry: dict = {"name": key, "observation": x_o.reshape(-1).tolist()}
@@ -152,7 +182,10 @@ def run(
 
     log(f"[5/5] calibration on {calibration_datasets} fresh simulations x {calibration_samples} posterior draws")
     start = time.perf_counter()
-    fresh = simulate_from_prior(simulator, prior, calibration_datasets, seed=seed + 1)
+    fresh = simulate_from_prior(simulator, prior, calibration_datasets, seed=seed + 1,
+                                store=out / "calibration.zarr", progress=progress, **engine)
+    if fresh.reused:
+        log(f"      reused {fresh.reused} calibration simulations from the store")
     valid = fresh.valid
     theta_c, x_c = fresh.theta[valid], fresh.x[valid]
     options = {"num_posterior_samples": calibration_samples, "seed": seed, "theta": theta_c, "x": x_c}
@@ -179,6 +212,30 @@ def run(
     write_markdown(report, out / "report.md")
     log(f"done: report in {(out / 'report.md').resolve()}")
     return report
+
+
+class _Resume:
+    """``resume.json``: the settings each finished step (training, sampling) was made with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fresh: set[str] = set()  # steps run (not reused) by this run
+        try:
+            self.steps = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            self.steps = {}
+
+    def matches(self, step: str, settings: dict, output: Path) -> bool:
+        """Whether ``step`` finished with these settings and its output is still there."""
+        return output.exists() and self.steps.get(step) == jsonable(settings)
+
+    def done(self, step: str, settings: dict) -> None:
+        """Record that ``step`` finished with these settings (written atomically)."""
+        self.steps[step] = jsonable(settings)
+        self.fresh.add(step)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.steps, indent=1))
+        temporary.replace(self.path)
 
 
 def _versions() -> dict[str, str]:

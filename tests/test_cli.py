@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -63,7 +65,7 @@ def test_console_script_entry_point_runs():
 def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL]) == 0
-    for name in ["posterior.pt", "simulations.npz", "samples.npz", "corner.png", "corner_obs2.png",
+    for name in ["posterior.pt", "simulations.zarr", "calibration.zarr", "samples.npz", "corner.png", "corner_obs2.png",
                  "sbc_ranks.png", "coverage.png", "tarp.png", "report.md", "report.json"]:
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
@@ -81,6 +83,14 @@ def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     assert samples["obs1"].shape == (400, 2)
     x_o = torch.tensor(report["observations"][0]["observation"])
     assert load(out / "posterior.pt").sample(5, x=x_o).shape == (5, 2)
+    capsys.readouterr()
+    # the same command again resumes: nothing is simulated, trained or sampled twice
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "reused 600 finished simulations" in printed and "reusing the posterior trained" in printed
+    assert "reusing the posterior samples" in printed and "reused 100 calibration simulations" in printed
+    again = json.loads((out / "report.json").read_text())
+    assert again["observations"][0]["c2st"] == report["observations"][0]["c2st"]
 
 
 @pytest.mark.slow
@@ -120,3 +130,38 @@ def test_fit_task_with_own_observation_file_skips_c2st(tmp_path):
     assert all("c2st" not in o for o in report["observations"]) and "mean_c2st" not in report
     assert "true_parameters" not in report["observations"][0]
     assert (out / "corner.png").exists() and (out / "corner_x_obs_2.png").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
+    """Ctrl-C left an empty folder; now finished chunks stay in the store and a rerun only adds the rest."""
+    (tmp_path / "slowmodel.py").write_text(textwrap.dedent("""
+        import time
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta, seed):
+            time.sleep(0.05)
+            return theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+    """))
+    (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sbiflows.cli", "fit", "--simulator", "slowmodel:simulate", "--prior",
+               "slowmodel:prior", "--observation", "x_obs.csv", "--out", str(out), "--batch-size", "10",
+               "--workers", "2", *SMALL]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("simulations.zarr/records/*.json"))) < 10:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "run the same command again to resume" in stderr
+    kept = len(list(out.glob("simulations.zarr/records/*.json")))
+    assert 10 <= kept < 60
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert f"reused {10 * kept} finished simulations" in finished.stdout
+    assert (out / "report.md").exists()
