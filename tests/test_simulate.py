@@ -253,3 +253,19 @@ def test_task_simulate_does_not_reuse_a_same_seeded_prior_stream():
     noise = task.simulate(theta, seed=3) - theta
     corr = torch.corrcoef(torch.stack([noise[:, 0], theta[:, 0]]))[0, 1]
     assert abs(float(corr)) < 0.1, float(corr)
+
+
+def test_progress_in_a_log_file_is_plain_lines_with_rate_eta_and_failures(monkeypatch):
+    import io
+
+    from sbiflows.engine import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    stream = io.StringIO()  # not a terminal, like a batch job's log
+    bar = progress.Progress(100, enabled=True, stream=stream)
+    bar.update(40, failed=3)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in stream.getvalue()
+    assert lines[0].startswith("simulating: 40/100 rows (40%)") and "rows/s, ETA" in lines[0]
+    assert lines[0].endswith("3 failed")
