@@ -61,7 +61,7 @@ def main() -> None:
         import distributed
 
         cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=40)
+                                           dashboard_address=":0", silence_logs=40)
         client = distributed.Client(cluster)
         configurations.append(("Dask LocalCluster, 2 workers", {"executor": client}, None))
     except ImportError:

@@ -220,9 +220,12 @@ def test_dask_local_cluster_same_numbers_and_survives_a_killed_worker(tmp_path, 
     (tmp_path / "killed-once").write_text("")  # in-process, the simulator must not kill anything
     reference = simulate(kills_its_dask_worker_once, theta, batch_size=10)
     (tmp_path / "killed-once").unlink()
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=40) as cluster, distributed.Client(cluster) as client:
         result = simulate(kills_its_dask_worker_once, theta, batch_size=10, executor=client,
                           store=tmp_path / "dask.zarr")
-    assert (tmp_path / "killed-once").exists()  # a worker really was killed
-    assert bitwise_equal(result.x, reference.x) and not result.failures
+        assert (tmp_path / "killed-once").exists()  # a worker really was killed
+        assert bitwise_equal(result.x, reference.x) and not result.failures
+        for _ in range(2):  # runs one after another on one client (the simulator is sent anew each time)
+            again = simulate(kills_its_dask_worker_once, theta, batch_size=10, executor=client)
+            assert bitwise_equal(again.x, reference.x)

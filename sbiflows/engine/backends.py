@@ -207,7 +207,8 @@ class DaskBackend:
 
     def __init__(self, client, payload: bytes, *, timeout: float | None, vectorized: bool, seeded: bool):
         self._client = client
-        self._payload = client.scatter(payload, broadcast=True, hash=True)
+        # a key of its own (hash=False): a second run must not share a key whose release is still in flight
+        self._payload = client.scatter(payload, broadcast=True, hash=False)
         self._args = (timeout, vectorized, seeded)
         self._threads, self._checked = 1, 0.0
 
@@ -221,11 +222,15 @@ class DaskBackend:
         return self._client.submit(run_in_worker, self._payload, job, *self._args, pure=False)
 
     def outcome(self, future) -> Outcome:
+        from distributed import KilledWorker
+
         try:
             return future.result()
-        except Exception as error:  # noqa: BLE001 - KilledWorker, a lost worker, a cancelled task
-            return Outcome.failed(WORKER_DIED, f"Dask worker lost while running the chunk ({type(error).__name__}: "
-                                               f"{error})")
+        except KilledWorker as error:  # the chunk took down every worker Dask let it try
+            return Outcome.failed(WORKER_DIED, f"Dask workers died running this chunk ({error})")
+        except Exception as error:  # noqa: BLE001 - the cluster itself failed, not the simulator
+            raise RuntimeError(f"the Dask cluster could not run a chunk ({type(error).__name__}: {error}); "
+                               "finished chunks are kept in the store, if any: rerun to resume") from error
 
     def close(self, *, kill: bool = False) -> None:
-        pass
+        self._payload.release()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sbiflows.engine.jobs import BAD_OUTPUT, WORKER_DIED, Job, Outcome
+from sbiflows.engine.jobs import BAD_OUTPUT, TIMEOUT, WORKER_DIED, Job, Outcome
 from sbiflows.engine.progress import Progress
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
 from sbiflows.seeding import stream_seeds
@@ -225,7 +225,7 @@ class Driver:
         if not self._succeeded:
             self._early[kind] += 1
             if self._early[kind] >= min(BROKEN_AFTER, self.n):
-                hint = ("" if not self.vectorized else
+                hint = ("" if not self.vectorized or kind in (TIMEOUT, WORKER_DIED) else
                         "; note that sbiflows calls the simulator with a batch theta of shape (N, theta_dim): "
                         "a simulator written for one parameter set theta (theta_dim,) needs vectorized=False")
                 raise AbortRun(f"the simulator cannot run: the first {self._early[kind]} simulations all failed "
