@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -83,7 +84,19 @@ def save(posterior: Posterior, path: str | Path) -> None:
         "prior_tensors": prior_tensors,
         "sha256": _digest(config_json, state, prior_tensors),
     }
-    torch.save(blob, Path(path))
+    _atomic_save(blob, Path(path))
+
+
+def _atomic_save(blob: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: an interrupted save leaves the
+    previous file intact (a rename within one folder is atomic)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(blob, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load(

@@ -267,3 +267,22 @@ def make_fixture() -> None:  # pragma: no cover - run by hand: python tests/test
 
 if __name__ == "__main__":  # pragma: no cover
     make_fixture()
+
+
+def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch, box):
+    """Issue 14.6: save() wrote in place, so a Ctrl-C during it destroyed the previous good file."""
+    posterior = box[0]
+    path = tmp_path / "post.pt"
+    posterior.save(path)
+    before = path.read_bytes()
+
+    def interrupted(blob, target):
+        Path(target).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        posterior.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["post.pt"]
+    monkeypatch.undo()
+    assert load(path).sample(3, x=torch.zeros(2)).shape == (3, 2)
