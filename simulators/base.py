@@ -124,15 +124,21 @@ class Task:
                 reuse the prior's random stream as noise (that made ``x = 2 * theta`` exactly).
 
         Returns:
-            Simulations of shape ``(N, x_dim)``, float32. Failed simulations (ODE solver errors) are
-            rows of NaN, which callers count and report.
+            Simulations of shape ``(N, x_dim)``, float32. Failed simulations (ODE solver errors) and
+            rows of non-finite ``theta`` are rows of NaN, which callers count and report.
         """
         theta = self._check_theta(theta)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator().manual_seed(derive_seed(int(seed), _NOISE_STREAM))
-        x = self._simulate(theta, generator)
-        return x.to(torch.float32)
+        finite = torch.isfinite(theta).all(-1)
+        if bool(finite.all()):
+            return self._simulate(theta, generator).to(torch.float32)
+        # NaN/inf parameters give NaN rows, never data (bernoulli_glm turned NaN theta into all zeros)
+        x = torch.full((len(theta), self.x_dim), float("nan"))
+        if bool(finite.any()):
+            x[finite] = self._simulate(theta[finite], generator).to(torch.float32)
+        return x
 
     def __call__(self, theta: Tensor) -> Tensor:
         """The task as a plain simulator: ``task(theta) -> x``."""

@@ -297,3 +297,15 @@ def test_gaussian_mixture_reference_matches_prior_rejection(i):
     ks_agree(reference, exact)
     distance = lambda s: ((s - x) ** 2).sum(-1, keepdim=True).sqrt()  # noqa: E731
     ks_agree(distance(reference), distance(exact))  # weights of the two components
+
+
+@pytest.mark.parametrize("name", simulators.names())
+def test_non_finite_parameters_give_nan_rows_never_data(name):
+    """Issue 14.7: bernoulli_glm turned NaN theta into finite data (all zeros)."""
+    task = simulators.get(name)
+    theta = task.prior.sample((3,))
+    theta[1, 0] = float("nan")
+    theta[2, -1] = float("inf")
+    x = task.simulate(theta, seed=0)
+    assert x.shape == (3, task.x_dim)
+    assert torch.isnan(x[1:]).all() and torch.isfinite(x[0]).all()
