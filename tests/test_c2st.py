@@ -127,3 +127,11 @@ def test_c2st_rejects_bad_input(args, kwargs, error, match):
 
 
 # ---------------------------------------------------------------------------------------- SBC
+
+
+def test_a_point_mass_is_told_apart_from_the_point_shifted_by_a_little():
+    """Issue 14.8: z-scoring by a's zero standard deviation (replaced by 1) reported 0.500 here."""
+    point = torch.full((500, 2), 3.0)
+    result = c2st(point, point + 1e-3)
+    assert result.accuracy > 0.95 and not result.passed
+    assert c2st(point, point.clone()).accuracy == pytest.approx(0.5, abs=0.06)  # the same point: chance

@@ -99,7 +99,8 @@ def c2st(
             reproducible; torch's global random state is neither used nor changed).
         folds: Number of stratified cross-validation folds (at least 2, at most ``N``).
         threshold: The test passes if the accuracy is at most this, in ``(0.5, 1]``.
-        z_score: Standardise both sets with the mean and standard deviation of ``samples_a``.
+        z_score: Standardise both sets with the mean and standard deviation of ``samples_a`` (for a
+            column that is constant in ``samples_a``, the standard deviation of both sets together).
         max_epochs: Upper limit on training epochs per fold.
         batch_size: Minibatch size (per fold).
         learning_rate: Adam learning rate.
@@ -128,7 +129,10 @@ def c2st(
     n, dim = a.shape
     if z_score:
         mean, std = a.mean(0), a.std(0)
-        std = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as is
+        # a column constant in a (a point mass) is scaled by the spread of both sets, so that b's distance
+        # from it counts (scaling by 1 called a point and the point shifted by 1e-3 indistinguishable)
+        pooled = torch.cat([a, b]).std(0)
+        std = torch.where(std > 0, std, torch.where(pooled > 0, pooled, torch.ones_like(std)))
         a, b = (a - mean) / std, (b - mean) / std
 
     generator = torch.Generator().manual_seed(int(seed))
