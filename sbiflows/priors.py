@@ -131,16 +131,20 @@ class Unconstrained:
         self._upper = getattr(base, "upper_bound", None)
 
     def to_constrained(self, u: Tensor) -> Tensor:
-        """``theta = T(u)``, strictly inside the support's bounds."""
-        return self._clamp(self.transform(u))
+        """``theta = T(u)``, strictly inside the support's bounds, in ``u``'s dtype."""
+        return self._clamp(self.transform(u).to(u.dtype))
 
     def to_unconstrained(self, theta: Tensor) -> Tensor:
-        """``u = T^{-1}(theta)``; may be infinite for ``theta`` on the boundary of the support."""
-        return self.transform.inv(theta)
+        """``u = T^{-1}(theta)`` in ``theta``'s dtype; may be infinite for ``theta`` on the boundary.
+
+        The bounds of a prior built from NumPy arrays are float64: without the cast they would promote
+        float32 parameters to float64 and mismatch the flow.
+        """
+        return self.transform.inv(theta).to(theta.dtype)
 
     def log_abs_det_jacobian(self, u: Tensor) -> Tensor:
-        """``log|det dT/du|`` of shape ``u.shape[:-1]``."""
-        ladj = self.transform.log_abs_det_jacobian(u, self.transform(u))
+        """``log|det dT/du|`` of shape ``u.shape[:-1]``, in ``u``'s dtype."""
+        ladj = self.transform.log_abs_det_jacobian(u, self.transform(u)).to(u.dtype)
         return ladj.sum(-1) if ladj.shape == u.shape else ladj
 
     def inside(self, theta: Tensor, *, boundary: bool = True) -> Tensor:

@@ -505,3 +505,16 @@ def test_hidden_features_are_built_and_saved_in_the_config():
     assert posterior.config["hidden_features"] == [16, 8]
     made = posterior.net.flow.transform.transforms[0].made
     assert [layer.out_features for layer in made.layers[:-1]] == [16, 8]
+
+
+def test_a_box_prior_with_float64_bounds_fits_and_samples_in_float32(tmp_path):
+    """Issue 14.1: bounds from NumPy (float64) promoted theta to float64 and failed inside the flow."""
+    prior = Independent(Uniform(torch.from_numpy(np.zeros(2)), torch.from_numpy(np.ones(2))), 1)
+    theta = prior.sample((400,))
+    x = (theta + 0.1 * torch.randn_like(theta)).float()
+    posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+    samples = posterior.sample(50, x=x[0])
+    assert samples.dtype == torch.float32 and bool(((samples > 0) & (samples < 1)).all())
+    assert posterior.log_prob(samples, x=x[0]).dtype == torch.float32
+    posterior.save(tmp_path / "p.pt")
+    assert load(tmp_path / "p.pt").sample(5, x=x[0]).dtype == torch.float32
