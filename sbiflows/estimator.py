@@ -147,6 +147,8 @@ class PosteriorNet(nn.Module):
     """``q(u | x)``: z-score ``u`` and ``x``, embed ``x``, evaluate or sample the flow.
 
     The z-score statistics are buffers (they move with ``.to()`` and are saved in the state dict).
+    Those of ``x`` stay float64 whatever the network's dtype: ``x`` is standardized in float64 and only
+    then cast, so float64 simulations on a large offset (``1e8 + theta``) keep their signal.
 
     Args:
         flow: A conditional flow over ``theta_dim`` features with the embedding's output as context.
@@ -167,20 +169,28 @@ class PosteriorNet(nn.Module):
         self.theta_dim, self.x_dim = theta_dim, x_dim
         self.register_buffer("u_shift", torch.zeros(theta_dim))
         self.register_buffer("u_scale", torch.ones(theta_dim))
-        self.register_buffer("x_shift", torch.zeros(x_dim))
-        self.register_buffer("x_scale", torch.ones(x_dim))
+        self.register_buffer("x_shift", torch.zeros(x_dim, dtype=torch.float64))
+        self.register_buffer("x_scale", torch.ones(x_dim, dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.to()``, ``.float()``, ...), but x's statistics keep float64."""
+        before = {name: self._buffers[name] for name in ("x_shift", "x_scale")}
+        super()._apply(fn, recurse)
+        for name, tensor in before.items():
+            self._buffers[name] = tensor.to(device=self._buffers[name].device, dtype=torch.float64)
+        return self
 
     @torch.no_grad()
     def set_standardization(self, u: Tensor, x: Tensor) -> None:
         """Set the z-score buffers from training rows ``u`` (N, D) and ``x`` (N, x_dim) (see :func:`zscore`)."""
-        for data, shift, scale in ((u, self.u_shift, self.u_scale), (x, self.x_shift, self.x_scale)):
+        for data, shift, scale in ((u, self.u_shift, self.u_scale), (x.double(), self.x_shift, self.x_scale)):
             mean, std, _ = zscore(data)
             shift.copy_(mean)
             scale.copy_(std)
 
     def context(self, x: Tensor) -> Tensor:
-        """The flow's context for raw observations ``x`` of shape ``(*batch, x_dim)``."""
-        return self.embedding((x - self.x_shift) / self.x_scale)
+        """The flow's context for raw observations ``x`` of shape ``(*batch, x_dim)`` (any float dtype)."""
+        return self.embedding(((x.double() - self.x_shift) / self.x_scale).to(self.u_shift.dtype))
 
     def log_prob(self, u: Tensor, x: Tensor) -> Tensor:
         """``log q(u | x)``; ``u`` ``(*batch, D)`` and ``x`` ``(*batch', x_dim)`` broadcast together."""

@@ -55,7 +55,7 @@ from sbiflows.estimator import (
     zscore,
 )
 from sbiflows.flows import Flow
-from sbiflows.posterior import Posterior, as_float_tensor
+from sbiflows.posterior import Posterior, _x_dtype, as_float_tensor
 from sbiflows.priors import Unconstrained, check_prior, move_prior, prior_device
 from sbiflows.training import (
     TrainingHistory,
@@ -338,7 +338,7 @@ class NPE:
     def _check_data(self, theta: Any, x: Any, validation_fraction: float) -> tuple[Tensor, Tensor]:
         """The new rows as ``(N, D)`` and ``(N, x_dim)`` tensors, rows with NaN/inf in ``x`` dropped."""
         theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
-        x = as_float_tensor(x, "x", dtype=self.dtype, device=self.device)
+        x = as_float_tensor(x, "x", dtype=_x_dtype(x, self.dtype), device=self.device)  # float64 stays float64
         if theta.ndim == 1 and self.theta_dim == 1:
             theta = theta[:, None]
         if theta.ndim != 2 or theta.shape[1] != self.theta_dim:

@@ -61,6 +61,11 @@ def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.
     return value.detach().to(device=device, dtype=dtype)
 
 
+def _x_dtype(x: Any, default: torch.dtype) -> torch.dtype:
+    """float64 simulations and observations stay float64 until standardized; anything else gets ``default``."""
+    return torch.float64 if getattr(x, "dtype", None) in (torch.float64, np.float64) else default
+
+
 class Posterior:
     """An amortized posterior: sample and evaluate ``p(theta | x)`` for any observation ``x``.
 
@@ -297,7 +302,7 @@ class Posterior:
         return theta
 
     def _observations(self, xs: Any, name: str) -> Tensor:
-        xs = as_float_tensor(xs, name, dtype=self.dtype, device=self.device)
+        xs = as_float_tensor(xs, name, dtype=_x_dtype(xs, self.dtype), device=self.device)
         if xs.ndim == 1 and xs.shape[0] == self.x_dim:
             xs = xs[None]
         if xs.ndim != 2 or xs.shape[1] != self.x_dim:

@@ -518,3 +518,20 @@ def test_a_box_prior_with_float64_bounds_fits_and_samples_in_float32(tmp_path):
     assert posterior.log_prob(samples, x=x[0]).dtype == torch.float32
     posterior.save(tmp_path / "p.pt")
     assert load(tmp_path / "p.pt").sample(5, x=x[0]).dtype == torch.float32
+
+
+def test_float64_x_on_a_large_offset_keeps_its_signal(tmp_path):
+    """Issue 14.2: float64 x was cast to float32 before standardizing, so x = 1e8 + theta + noise gave the prior."""
+    torch.manual_seed(0)
+    prior = Independent(Normal(torch.zeros(1), torch.ones(1)), 1)
+    theta = prior.sample((2000,))
+    x = 1e8 + theta.double() + 0.1 * torch.randn(2000, 1, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 1-D affine-MAF note
+        posterior = NPE(prior, transforms=2, hidden_features=(32, 32)).fit(theta, x, max_epochs=60, progress=False)
+    posterior.save(tmp_path / "p.pt")
+    for post in (posterior, load(tmp_path / "p.pt")):
+        assert post.net.x_shift.dtype == torch.float64
+        for t in (-1.0, 1.0):  # exact posterior: mean ~t, sd ~0.1; the prior has sd 1
+            samples = post.sample(2000, x=torch.tensor([1e8 + t], dtype=torch.float64), seed=0)
+            assert abs(float(samples.mean()) - t) < 0.1 and float(samples.std()) < 0.2
