@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_int
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
 from sbiflows.seeding import derive_seed
@@ -290,7 +291,7 @@ class Posterior:
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if seed is not None:  # its own stream: never the same draws as, e.g., a reference sampler's seed
-            return torch.Generator(device=self.device).manual_seed(derive_seed(operator.index(seed), "posterior"))
+            return torch.Generator(device=self.device).manual_seed(derive_seed(check_int(seed, "seed"), "posterior"))
         return generator
 
     def _theta(self, theta: Any) -> Tensor:

@@ -36,7 +36,6 @@ store, Ctrl-C raises :class:`SimulationInterrupted` holding the finished chunks.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_int, check_positive_number
 from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
@@ -212,8 +212,8 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
         raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
     if isinstance(num_simulations, bool) or not isinstance(num_simulations, (int, np.integer)) or num_simulations < 1:
         raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
-    _check_int(batch_size, "batch_size")
-    _check_int(seed, "seed", minimum=None)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(seed, "seed")
     chunks = []
     with torch.random.fork_rng(devices=[]):
         for c in range(-(-int(num_simulations) // batch_size)):
@@ -323,30 +323,22 @@ def _check_theta(theta) -> None:
         raise TypeError(f"theta must have a floating dtype, got {theta.dtype}")
 
 
-def _check_int(value, name: str, *, minimum: int | None = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
-        expected = "an int" if minimum is None else f"an int >= {minimum}"
-        raise (TypeError if not isinstance(value, (int, np.integer)) or isinstance(value, bool) else ValueError)(
-            f"{name} must be {expected}, got {value!r}")
-
-
 def _check_options(simulator, *, seed, batch_size, workers, executor, timeout, store, on_error, progress,
                    vectorized, retry_failed) -> None:
     if not callable(simulator):
         raise TypeError(f"simulator must be callable, got {type(simulator).__name__}")
-    _check_int(seed, "seed", minimum=None)
-    _check_int(batch_size, "batch_size")
+    check_int(seed, "seed")
+    check_int(batch_size, "batch_size", minimum=1)
     if workers is not None:
-        _check_int(workers, "workers")
+        check_int(workers, "workers", minimum=1)
     if executor is not None:
         if not (isinstance(executor, Executor) or is_dask_client(executor)):
             raise TypeError("executor must be a concurrent.futures.Executor or a dask.distributed.Client, got "
                             f"{type(executor).__name__}")
         if workers not in (None, 1):
             raise ValueError(f"give workers or executor, not both (got workers={workers} and an executor)")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout is not None:
+        check_positive_number(timeout, "timeout", unit=" of seconds (or None)")
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise TypeError(f"store must be a directory path (str or Path) or None, got {type(store).__name__}")
     if store is not None and Path(store).exists() and not Path(store).is_dir():

@@ -225,3 +225,13 @@ def test_failed_move_leaves_the_posterior_unchanged(box_posterior):
     assert posterior.device.type == "cpu" and posterior.prior is prior
     assert all(p.device.type == "cpu" for p in posterior.net.parameters())
     assert torch.isfinite(posterior.log_prob(torch.zeros(3, 2), x=torch.zeros(2))).all()
+
+
+def test_a_non_integer_seed_is_refused_naming_the_argument():
+    """Issue 14.9: sample(seed=1.5) said "'float' object cannot be interpreted as an integer"."""
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = prior.sample((200,))
+    posterior = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, theta, max_epochs=1, progress=False)
+    with pytest.raises(TypeError, match="seed must be an int, got float 1.5"):
+        posterior.sample(3, x=torch.zeros(2), seed=1.5)
+    assert posterior.sample(3, x=torch.zeros(2), seed=np.int64(2)).shape == (3, 2)
