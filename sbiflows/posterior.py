@@ -15,8 +15,13 @@ through the flow at once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import operator
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,38 @@ def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
     return value.detach().to(device=device, dtype=dtype)
+
+
+#: An observation feature more than this many standard deviations from the training simulations' mean
+#: counts as far outside them (the posterior there is an extrapolation of the network).
+OUTSIDE_Z = 5.0
+_CHECK_OBSERVATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("sbiflows_check_observations", default=True)
+
+
+@contextlib.contextmanager
+def observations_unchecked() -> Iterator[None]:
+    """Within the block, posteriors do not warn about observations far outside the training simulations.
+
+    For internal callers (the calibration checks feed simulated x, whose tails may legitimately lie
+    beyond 5 standard deviations).
+
+    Example:
+        >>> with observations_unchecked():
+        ...     pass
+    """
+    token = _CHECK_OBSERVATIONS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_OBSERVATIONS.reset(token)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside sbiflows and torch (a warning points at user code)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("sbiflows", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _x_dtype(x: Any, default: torch.dtype) -> torch.dtype:
@@ -169,7 +206,8 @@ class Posterior:
                 shape or NaN/inf in ``x``.
         """
         x = self._single_observation(x)
-        return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
+        with observations_unchecked():  # checked just above
+            return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
 
     @torch.no_grad()
     def sample_batched(
@@ -211,7 +249,8 @@ class Posterior:
         x = self._single_observation(x)
         theta = self._theta(theta)
         flat = theta.reshape(-1, self.theta_dim)
-        return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
+        with observations_unchecked():  # checked just above
+            return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
 
     @torch.no_grad()
     def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
@@ -315,7 +354,26 @@ class Posterior:
         if bad.any():
             rows = torch.nonzero(bad).flatten().tolist()
             raise ValueError(f"{name} contains NaN or inf (rows {rows[:10]}); the posterior is undefined there")
+        if _CHECK_OBSERVATIONS.get():
+            self._warn_if_outside(xs, name)
         return xs
+
+    def _warn_if_outside(self, xs: Tensor, name: str) -> None:
+        """One warning when features of ``xs`` lie more than :data:`OUTSIDE_Z` sd from the training x."""
+        z = ((xs.double() - self.net.x_shift) / self.net.x_scale).abs()
+        far = z > OUTSIDE_Z
+        if not bool(far.any()):
+            return
+        features = torch.nonzero(far.any(0)).flatten().tolist()
+        rows = int(far.any(1).sum())
+        shown = ", ".join(f"{j} (|z| {float(z[:, j].max()):.3g})" for j in features[:5])
+        warnings.warn(
+            f"{rows} of {len(xs)} {name} row(s) lie far outside the training simulations: feature(s) {shown}"
+            f"{' and more' if len(features) > 5 else ''} are more than {OUTSIDE_Z:g} standard deviations from "
+            "the simulations' mean, so the posterior there is an extrapolation. A misspecified simulator or "
+            "wrong units are the usual cause (silence with sbiflows.posterior.observations_unchecked())",
+            UserWarning, stacklevel=_caller_level(),
+        )
 
     def _single_observation(self, x: Any) -> Tensor:
         if x is None:

@@ -37,7 +37,8 @@ def gaussian_posterior():
 # ------------------------------------------------------------------------------ bounded prior
 def test_samples_never_leave_the_box_even_far_from_the_data(box_posterior):
     far = torch.tensor([[0.99, -0.99], [5.0, 5.0], [-30.0, 2.0]])  # the last two lie far outside the data
-    samples = box_posterior.sample_batched(20_000, far, seed=0)
+    with pytest.warns(UserWarning, match="2 of 3 xs row"):  # and the posterior says so
+        samples = box_posterior.sample_batched(20_000, far, seed=0)
     assert samples.shape == (20_000, 3, 2)
     assert bool((samples.abs() < 1).all())
 
@@ -235,3 +236,28 @@ def test_a_non_integer_seed_is_refused_naming_the_argument():
     with pytest.raises(TypeError, match="seed must be an int, got float 1.5"):
         posterior.sample(3, x=torch.zeros(2), seed=1.5)
     assert posterior.sample(3, x=torch.zeros(2), seed=np.int64(2)).shape == (3, 2)
+
+
+def test_an_observation_far_outside_the_simulations_warns_once_naming_the_feature():
+    """Issue 14.4: a misspecified simulator or wrong units gave no word at all."""
+    from sbiflows.posterior import observations_unchecked
+
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = prior.sample((300,))
+    x = torch.cat([theta, theta.sum(-1, keepdim=True)], dim=1) + 0.1 * torch.randn(300, 3)
+    posterior = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=1, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        posterior.sample(5, x=x[0])  # a typical observation: no warning
+    with pytest.warns(UserWarning, match=r"1 of 1 x row\(s\) lie far outside .*feature\(s\) 2 \(\|z\| ") as record:
+        posterior.sample(5, x=torch.tensor([0.0, 0.0, 100.0]))
+    assert len(record) == 1
+    with pytest.warns(UserWarning, match="2 of 3 xs row") as record:
+        posterior.sample_batched(5, torch.tensor([[0.0, 0.0, 100.0], [0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]))
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with observations_unchecked():
+            posterior.log_prob(torch.zeros(4, 2), x=torch.tensor([0.0, 0.0, 100.0]))

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.posterior import observations_unchecked
+
 __all__ = ["simulate_datasets"]
 
 #: Below these sizes the checks warn, as sbi does: their verdicts are unreliable.
@@ -188,7 +190,8 @@ def posterior_draws(
     chunks = []
     for start in range(0, num, step):
         chunk = xs[start : start + step]
-        draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
+        with observations_unchecked():  # simulated x may lie in the tails: no out-of-range warning
+            draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
         if not isinstance(draws, Tensor) or draws.ndim != 3 or draws.shape[:2] != (num_samples, len(chunk)):
             got = tuple(draws.shape) if isinstance(draws, Tensor) else type(draws).__name__
             raise ValueError(
@@ -209,16 +212,17 @@ def batched_log_prob(posterior: object, theta: Tensor, xs: Tensor, *, batch_size
     falls back to one ``posterior.log_prob`` call per dataset.
     """
     n, num = theta.shape[:2]
-    if callable(getattr(posterior, "log_prob_batched", None)):
-        step = num if batch_size is None else batch_size
-        parts = [
-            posterior.log_prob_batched(theta[:, s : s + step], xs[s : s + step])  # type: ignore[attr-defined]
-            for s in range(0, num, step)
-        ]
-        out = torch.cat([p.detach() for p in parts], dim=1)
-    else:
-        log_prob = posterior.log_prob  # type: ignore[attr-defined]
-        out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)
+    with observations_unchecked():
+        if callable(getattr(posterior, "log_prob_batched", None)):
+            step = num if batch_size is None else batch_size
+            parts = [
+                posterior.log_prob_batched(theta[:, s : s + step], xs[s : s + step])  # type: ignore[attr-defined]
+                for s in range(0, num, step)
+            ]
+            out = torch.cat([p.detach() for p in parts], dim=1)
+        else:
+            log_prob = posterior.log_prob  # type: ignore[attr-defined]
+            out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)
     if out.shape != (n, num):
         raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
     return out
