@@ -265,6 +265,7 @@ class NPE:
                 net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                 ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
+                groups=_duplicate_groups(theta, x),
             )
         except BaseException as error:
             if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
@@ -387,6 +388,15 @@ class NPE:
                 f"(validation_fraction={validation_fraction}), got {total}"
             )
         return theta, x
+
+
+def _duplicate_groups(theta: Tensor, x: Tensor) -> Tensor | None:
+    """Labels that keep identical ``(theta, x)`` rows (duplicated simulations) on one side of the
+    validation split, or None when every row is unique (scored on copies, the validation loss was 0.05
+    where held-out rows gave 0.55)."""
+    rows = torch.cat([theta.reshape(len(theta), -1).double(), x.reshape(len(x), -1).double()], dim=1)
+    _, groups = torch.unique(rows, dim=0, return_inverse=True)
+    return groups if int(groups.max()) + 1 < len(rows) else None
 
 
 def _index(value: Any, name: str, expected: str) -> int:

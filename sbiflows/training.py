@@ -86,6 +86,7 @@ def train(
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
+    groups: Tensor | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -110,6 +111,9 @@ def train(
         history: Continue this history (e.g. when training again with more data): losses are
             appended, epochs keep counting from its ``epochs``, and the per-call fields
             (``stopped_early``, ``diverged``) are reset. The object is updated in place.
+        groups: ``(N,)`` integer labels of rows that must stay on one side of the validation split
+            (e.g. duplicated simulations, which would otherwise be scored on copies of training rows);
+            None splits rows freely.
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -137,9 +141,12 @@ def train(
     n_train, n_val = split_sizes(n, validation_fraction)
     if n_train < 1 or n_val < 1:
         raise ValueError(f"need at least 2 rows for a training and a validation split, got {n}")
-    batch_size = min(batch_size, n_train)
     generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=generator).to(inputs.device)
+    perm = torch.randperm(n, generator=generator)
+    if groups is not None:
+        perm, n_train = _grouped_order(_check_groups(groups, n), generator, n_train)
+    batch_size = min(batch_size, n_train)
+    perm = perm.to(inputs.device)
     train_idx, val_idx = perm[:n_train], perm[n_train:]
 
     history = TrainingHistory() if history is None else history
@@ -279,6 +286,30 @@ def check_training_options(
         if not ok(float(value)):
             raise ValueError(f"{name} must be {expected(name, condition)}, got {value!r}")
     return ints["max_epochs"], ints["batch_size"], ints["patience"]
+
+
+def _grouped_order(groups: Tensor, generator: torch.Generator, n_train: int) -> tuple[Tensor, int]:
+    """``(row order, training rows)`` with whole groups on each side (groups in random order).
+
+    The cut moves from ``n_train`` to the nearest group boundary that leaves rows on both sides.
+    """
+    _, group = torch.unique(groups, return_inverse=True)
+    num = int(group.max()) + 1
+    rank = torch.empty(num, dtype=torch.long)
+    rank[torch.randperm(num, generator=generator)] = torch.arange(num)
+    order = torch.argsort(rank[group], stable=True)  # rows of one group together, groups shuffled
+    sorted_groups = group[order]
+    starts = torch.nonzero(sorted_groups[1:] != sorted_groups[:-1]).flatten() + 1  # first row of each group
+    if len(starts) == 0:  # one group: nothing to keep apart
+        return torch.randperm(len(order), generator=generator), n_train
+    return order, int(starts[torch.argmin((starts - n_train).abs())])
+
+
+def _check_groups(groups: Tensor, n: int) -> Tensor:
+    if not isinstance(groups, Tensor) or groups.shape != (n,) or groups.is_floating_point():
+        shown = tuple(groups.shape) if isinstance(groups, Tensor) else type(groups).__name__
+        raise ValueError(f"groups must be an integer tensor of shape ({n},), got {shown}")
+    return groups.cpu()
 
 
 def split_sizes(n: int, validation_fraction: float) -> tuple[int, int]:
