@@ -144,3 +144,20 @@ def test_threads_warn_that_global_generator_simulators_are_not_reproducible():
 def test_simulate_broken_in_a_worker_stops_early():
     with pytest.raises(SimulationError, match="cannot run"):
         simulate(lambda t: 1 / 0, torch.zeros(500, 2), batch_size=10, workers=2)
+
+
+def pid_and_setting(theta, seed):
+    """The worker's pid and the value of an environment variable, per row."""
+    value = float(os.environ.get("SBIFLOWS_TEST_SETTING", "0"))
+    return torch.tensor([[float(os.getpid()), value]] * len(theta))
+
+
+@pytest.mark.slow
+def test_worker_processes_are_reused_by_the_next_run_and_follow_its_environment(monkeypatch):
+    first = simulate(pid_and_setting, torch.zeros(8, 1), batch_size=2, workers=2)
+    monkeypatch.setenv("SBIFLOWS_TEST_SETTING", "7")
+    second = simulate(pid_and_setting, torch.zeros(8, 1), batch_size=2, workers=2)
+    assert set(second.x[:, 0].tolist()) <= set(first.x[:, 0].tolist())  # no new process started
+    assert set(second.x[:, 1].tolist()) == {7.0} and set(first.x[:, 1].tolist()) == {0.0}
+    other = simulate(lambda t: t + 1, torch.zeros(4, 1), batch_size=2, workers=2)  # another simulator, same processes
+    assert torch.equal(other.x, torch.ones(4, 1))

@@ -14,6 +14,8 @@ when a timeout is set.
 
 from __future__ import annotations
 
+import atexit
+import os
 import pickle
 import threading
 import time
@@ -94,8 +96,26 @@ class InProcess:
         pass
 
 
+#: Worker processes of finished runs, kept for the next run of this process (starting one costs the
+#: 1.4 s of importing torch); at most one per core, closed when the interpreter exits.
+_IDLE: list[Sandbox] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def _close_idle() -> None:
+    with _IDLE_LOCK:
+        boxes, _IDLE[:] = list(_IDLE), []
+    for box in boxes:  # all children exit at once, not one after the other
+        box.release()
+    for box in boxes:
+        box.reap()
+
+
+atexit.register(_close_idle)
+
+
 class _Sandboxes:
-    """One :class:`Sandbox` per thread of the process that uses it, created on first use."""
+    """One :class:`Sandbox` per thread of the process that uses it: an idle one if there is, else new."""
 
     def __init__(self, payload: bytes, *, vectorized: bool, seeded: bool):
         self._payload, self._options = payload, {"vectorized": vectorized, "seeded": seeded}
@@ -106,16 +126,32 @@ class _Sandboxes:
     def run(self, job: Job, timeout: float | None) -> Outcome:
         box = getattr(self._local, "box", None)
         if box is None:
-            box = self._local.box = Sandbox(self._payload, **self._options)
+            with _IDLE_LOCK:
+                box = _IDLE.pop() if _IDLE else None
+            if box is None:
+                box = Sandbox(self._payload, **self._options)
+            else:
+                box.bind(self._payload, **self._options)
+            self._local.box = box
             with self._lock:
                 self._all.append(box)
         return box.run(job, timeout)
 
     def close(self, *, kill: bool = False) -> None:
+        """Kill the children (``kill``), or keep them idle for the next run of this process."""
         with self._lock:
             boxes, self._all = self._all, []
-        for box in boxes:
-            box.kill() if kill else box.close()
+        if kill:
+            for box in boxes:
+                box.kill()
+            return
+        with _IDLE_LOCK:
+            keep = max(0, (os.cpu_count() or 2) - len(_IDLE))
+            _IDLE.extend(box for box in boxes[:keep] if box.alive)
+        for box in boxes[keep:]:
+            box.release()
+        for box in boxes[keep:]:
+            box.reap()
 
 
 class LocalWorkers:

@@ -12,7 +12,10 @@ thread cannot:
 * **no orphans**: the child exits as soon as the process that started it is gone (a watchdog thread
   checks its parent every 0.2 s), so a killed driver leaves no simulation running.
 
-The child runs torch with one thread (``OMP_NUM_THREADS=1``): several children share the cores.
+A child can be reused: :meth:`Sandbox.bind` gives it another simulator, which it loads (with the
+driver's ``sys.path``, working directory and environment variables) before its next job, so a second
+run skips the 1.4 s of importing torch. The child runs torch with one thread (``OMP_NUM_THREADS=1``):
+several children share the cores.
 Anything the simulator prints goes to the driver's stderr.
 """
 
@@ -56,22 +59,31 @@ class Sandbox:
     """
 
     def __init__(self, payload: bytes, *, vectorized: bool, seeded: bool, threads: int = 1):
-        self._init = pickle.dumps((list(sys.path), payload, vectorized, seeded, threads), _PROTOCOL)
-        self._threads, self._vectorized = threads, vectorized
+        self._threads = threads
         self._process: subprocess.Popen | None = None
         self._send: Connection | None = None
         self._receive: Connection | None = None
+        self._loaded: bytes | None = None  # the load message the child has accepted
+        self.bind(payload, vectorized=vectorized, seeded=seeded)
+
+    def bind(self, payload: bytes, *, vectorized: bool, seeded: bool) -> None:
+        """Run this simulator from now on (a live child loads it before its next job, and is reused)."""
+        context = (list(sys.path), os.getcwd(), self._environment())  # a reused child follows the driver's
+        self._load = pickle.dumps(("load", (context, payload, vectorized, seeded, self._threads)), _PROTOCOL)
+        self._vectorized = vectorized
 
     def run(self, job: Job, timeout: float | None) -> Outcome:
         """Run ``job`` in the child; kill the child if it takes longer than ``timeout`` seconds."""
         if self._process is None:
             self._start()
+        if self._loaded != self._load:
+            self._load_simulator()
         assert self._send is not None and self._receive is not None
         start = time.perf_counter()
         if timeout is not None and not self._vectorized:  # a per-row job makes one call per row
             timeout = timeout * len(job.seeds)
         try:
-            self._send.send_bytes(pickle.dumps(job, _PROTOCOL))
+            self._send.send_bytes(pickle.dumps(("job", job), _PROTOCOL))
             if not self._receive.poll(timeout):
                 self.kill()
                 return Outcome.failed(TIMEOUT, f"simulation ran past the timeout of {timeout:g} s and was killed",
@@ -79,6 +91,11 @@ class Sandbox:
             return pickle.loads(self._receive.recv_bytes())
         except (EOFError, OSError):
             return Outcome.failed(WORKER_DIED, self._death(), time.perf_counter() - start)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child process is running."""
+        return self._process is not None and self._process.poll() is None
 
     def kill(self) -> None:
         """Kill the child and every process it started; the next :meth:`run` starts a new one."""
@@ -92,10 +109,19 @@ class Sandbox:
 
     def close(self) -> None:
         """Let the child exit (end of input), killing it if it does not within a second."""
+        self.release()
+        self.reap()
+
+    def release(self) -> None:
+        """Close the pipes: the child exits when it has finished its current job (see :meth:`reap`)."""
+        for connection in (self._send, self._receive):
+            if connection is not None and not connection.closed:
+                connection.close()
+
+    def reap(self) -> None:
+        """Wait up to a second for a released child to exit, then kill it."""
         if self._process is None:
             return
-        for connection in (self._send, self._receive):
-            connection.close()
         try:
             self._process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
@@ -103,25 +129,31 @@ class Sandbox:
         self.kill()
 
     # ------------------------------------------------------------------------------- internals
+    def _environment(self) -> dict[str, str]:
+        return dict(os.environ, OMP_NUM_THREADS=str(self._threads), MKL_NUM_THREADS=str(self._threads),
+                    PYTHONUNBUFFERED="1")
+
     def _start(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), MKL_NUM_THREADS=str(self._threads),
-                   PYTHONUNBUFFERED="1")
         self._process = subprocess.Popen(
             [sys.executable, "-c", "from sbiflows.engine.sandbox import _child; _child()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=self._environment(),
         )
         self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)
         self._receive = Connection(os.dup(self._process.stdout.fileno()), writable=False)
         self._process.stdin.close()
         self._process.stdout.close()
+        self._loaded = None
+
+    def _load_simulator(self) -> None:
         try:
-            self._send.send_bytes(self._init)
+            self._send.send_bytes(self._load)
             status, detail = pickle.loads(self._receive.recv_bytes())
         except (EOFError, OSError):
             status, detail = "error", self._death()
         if status != "ready":
             self.kill()
             raise SandboxStartError(f"the worker process could not load the simulator: {detail}")
+        self._loaded = self._load
 
     def _death(self) -> str:
         process = self._process
@@ -167,24 +199,30 @@ def _child() -> None:
     os.dup2(2, 1)  # the simulator's prints go to stderr, never into the protocol
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    try:
-        path, payload, vectorized, seeded, threads = pickle.loads(receive.recv_bytes())
-        sys.path[:0] = [p for p in path if p not in sys.path]
-        import cloudpickle
-        import torch
+    import cloudpickle
+    import torch
 
-        from sbiflows.engine.jobs import run_job
+    from sbiflows.engine.jobs import run_job
 
-        torch.set_num_threads(threads)
-        simulator = cloudpickle.loads(payload)
-    except Exception as error:  # noqa: BLE001 - reported to the driver
-        send.send_bytes(pickle.dumps(("error", f"{type(error).__name__}: {error}"), _PROTOCOL))
-        return
-    send.send_bytes(pickle.dumps(("ready", None), _PROTOCOL))
+    simulator, options = None, {}
     while True:
         try:
-            job = pickle.loads(receive.recv_bytes())
-        except EOFError:
-            return
-        outcome = run_job(simulator, job, vectorized=vectorized, seeded=seeded)
-        send.send_bytes(pickle.dumps(outcome, _PROTOCOL))
+            kind, body = pickle.loads(receive.recv_bytes())
+        except EOFError:  # the driver is done: exit at once (an interpreter teardown with torch takes 0.5 s)
+            sys.stderr.flush()
+            os._exit(0)
+        if kind == "load":
+            try:
+                (path, cwd, environment), payload, vectorized, seeded, threads = body
+                sys.path[:0] = [p for p in path if p not in sys.path]
+                os.chdir(cwd)
+                os.environ.clear()
+                os.environ.update(environment)
+                torch.set_num_threads(threads)
+                simulator, options = cloudpickle.loads(payload), {"vectorized": vectorized, "seeded": seeded}
+                reply = ("ready", None)
+            except Exception as error:  # noqa: BLE001 - reported to the driver
+                simulator, reply = None, ("error", f"{type(error).__name__}: {error}")
+            send.send_bytes(pickle.dumps(reply, _PROTOCOL))
+        else:
+            send.send_bytes(pickle.dumps(run_job(simulator, body, **options), _PROTOCOL))
