@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from sbiflows.engine.jobs import WORKER_DIED, Job, Outcome, run_job
 from sbiflows.engine.sandbox import Sandbox
 
-__all__ = ["make_backend", "is_dask_client"]
+__all__ = ["close_idle_workers", "is_dask_client", "make_backend"]
 
 
 def is_dask_client(executor: object) -> bool:
@@ -102,7 +102,8 @@ _IDLE: list[Sandbox] = []
 _IDLE_LOCK = threading.Lock()
 
 
-def _close_idle() -> None:
+def close_idle_workers() -> None:
+    """Close the idle worker processes that finished runs left for the next one (see :class:`_Sandboxes`)."""
     with _IDLE_LOCK:
         boxes, _IDLE[:] = list(_IDLE), []
     for box in boxes:  # all children exit at once, not one after the other
@@ -111,7 +112,7 @@ def _close_idle() -> None:
         box.reap()
 
 
-atexit.register(_close_idle)
+atexit.register(close_idle_workers)
 
 
 class _Sandboxes:
