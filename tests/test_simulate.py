@@ -269,3 +269,19 @@ def test_progress_in_a_log_file_is_plain_lines_with_rate_eta_and_failures(monkey
     assert len(lines) == 2 and "\r" not in stream.getvalue()
     assert lines[0].startswith("simulating: 40/100 rows (40%)") and "rows/s, ETA" in lines[0]
     assert lines[0].endswith("3 failed")
+
+
+def test_a_per_row_chunk_whose_rows_all_fail_is_not_run_twice():
+    calls = []
+
+    def one(theta):
+        calls.append(1)
+        if theta[0] > 0:
+            raise RuntimeError(f"bad {float(theta[0])}")
+        return theta
+
+    theta = torch.tensor([[1.0], [2.0], [3.0], [-1.0], [-2.0], [-3.0]])
+    with pytest.warns(UserWarning, match="RuntimeError 3"):
+        result = simulate(one, theta, batch_size=3, vectorized=False)
+    assert len(calls) == 6  # each row once
+    assert [f.message for f in result.failures] == ["bad 1.0", "bad 2.0", "bad 3.0"]

@@ -155,7 +155,8 @@ class Driver:
     def _handle(self, job: Job, outcome: Outcome) -> None:
         chunk = self._chunks[job.chunk]
         chunk.seconds += outcome.seconds
-        if outcome.x is None and not job.retry:  # the call failed as a whole
+        whole = outcome.x is None and outcome.errors[0][0] == -1  # the call failed as a whole
+        if whole and not job.retry:
             kind = outcome.errors[0][1]
             retry = kind != BAD_OUTPUT and (len(job.theta) > 1 or kind == WORKER_DIED)
             if retry:  # isolate the bad rows: each row alone, with its own seed
@@ -166,9 +167,12 @@ class Driver:
                 self._pending.extendleft(reversed(rows))  # finish this chunk before starting new ones
                 return
         offset = job.start - chunk.start
-        if outcome.x is None:
+        if whole:
             _, kind, message = outcome.errors[0]
             for k in range(len(job.theta)):
+                self._fail(chunk, offset + k, kind, message)
+        elif outcome.x is None:  # a per-row job whose every row failed: each with its own error
+            for k, kind, message in outcome.errors:
                 self._fail(chunk, offset + k, kind, message)
         else:
             x = self._conform(outcome.x)
