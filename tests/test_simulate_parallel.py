@@ -161,3 +161,16 @@ def test_worker_processes_are_reused_by_the_next_run_and_follow_its_environment(
     assert set(second.x[:, 1].tolist()) == {7.0} and set(first.x[:, 1].tolist()) == {0.0}
     other = simulate(lambda t: t + 1, torch.zeros(4, 1), batch_size=2, workers=2)  # another simulator, same processes
     assert torch.equal(other.x, torch.ones(4, 1))
+
+
+@pytest.mark.slow
+def test_an_idle_worker_that_died_is_replaced_by_the_next_run():
+    from sbiflows.engine import backends
+
+    first = simulate(pid_and_setting, torch.zeros(4, 1), batch_size=2, workers=2)
+    for pid in set(first.x[:, 0].tolist()):
+        os.kill(int(pid), signal.SIGKILL)  # killed while idle (out of memory, an admin)
+    assert not wait_for_exit({int(p) for p in first.x[:, 0].tolist()})
+    second = simulate(pid_and_setting, torch.zeros(4, 1), batch_size=2, workers=2)
+    assert not second.failures and not set(second.x[:, 0].tolist()) & set(first.x[:, 0].tolist())
+    backends.close_idle_workers()

@@ -74,6 +74,8 @@ class Sandbox:
 
     def run(self, job: Job, timeout: float | None) -> Outcome:
         """Run ``job`` in the child; kill the child if it takes longer than ``timeout`` seconds."""
+        if self._process is not None and self._process.poll() is not None:  # died while idle
+            self._reset()
         if self._process is None:
             self._start()
         if self._loaded != self._load:
