@@ -8,6 +8,8 @@ context to every layer of the flow (the MADE of every MAF layer, the conditioner
 
 from __future__ import annotations
 
+import math
+
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
@@ -141,6 +143,49 @@ def zscore(data: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         mean = torch.where(equal, data[0], mean)
     constant = equal | ~(std >= 1e-14)  # ~(>=) also flags a NaN std
     return mean, torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
+
+
+#: A value more than this many robust standard deviations (interquartile range / 1.349) from its
+#: column's median is extreme.
+EXTREME_Z = 1000.0
+
+
+def extreme_rows(x: Tensor, *, max_rows: int = 100_000) -> tuple[Tensor, list[int], float]:
+    """Rows of ``x`` (N, K) whose values are extreme enough to wreck a column's z-scoring.
+
+    A column is flagged when values beyond :data:`EXTREME_Z` robust standard deviations from its median
+    inflate its standard deviation more than twice (then standardizing squeezes every other row
+    together and the column's information is lost). Columns with a zero interquartile range (discrete
+    or mostly constant) are left alone. The quantiles come from the first ``max_rows`` rows.
+
+    Returns:
+        ``(rows, columns, inflation)``: a boolean ``(N,)`` mask of rows with an extreme value in a
+        flagged column, the flagged columns, and the largest standard-deviation inflation.
+
+    Example:
+        >>> x = torch.randn(1000, 2)
+        >>> x[3, 1] = 1e30
+        >>> rows, columns, _ = extreme_rows(x)
+        >>> int(rows.sum()), columns
+        (1, [1])
+    """
+    flat = x.reshape(len(x), -1).double()
+    sample = flat[:max_rows].sort(0).values
+    n = len(sample)
+    median = sample[n // 2]
+    scale = (sample[(3 * n) // 4] - sample[n // 4]) / 1.349
+    far = (flat - median).abs() > EXTREME_Z * scale
+    far &= scale > 0
+    rows = torch.zeros(len(flat), dtype=torch.bool)
+    columns, worst = [], 1.0
+    for j in torch.nonzero(far.any(0)).flatten().tolist():
+        kept = flat[~far[:, j], j]
+        inflation = float(flat[:, j].std() / kept.std()) if len(kept) > 1 and kept.std() > 0 else math.inf
+        if inflation > 2:
+            columns.append(j)
+            rows |= far[:, j]
+            worst = max(worst, inflation)
+    return rows, columns, worst
 
 
 class PosteriorNet(nn.Module):

@@ -48,10 +48,12 @@ from torch.distributions import Distribution
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
+    EXTREME_Z,
     PosteriorNet,
     build_flow,
     check_hidden_features,
     default_transforms,
+    extreme_rows,
     zscore,
 )
 from sbiflows.flows import Flow
@@ -380,6 +382,16 @@ class NPE:
                 stacklevel=3,
             )
             theta, x = theta[valid], x[valid]
+        extreme, columns, inflation = extreme_rows(x)
+        if columns:
+            warnings.warn(
+                f"{int(extreme.sum())} of {len(x)} simulations have extreme values in x column(s) "
+                f"{columns[:10]} (more than {EXTREME_Z:g} robust standard deviations from the median); they "
+                f"inflate the standard deviation up to {inflation:.3g}x, so z-scoring squeezes the other rows "
+                "together and the column's information is lost. Check those simulations (or transform x, "
+                "e.g. with a log); sbiflows keeps them",
+                UserWarning, stacklevel=3,
+            )
         total = len(theta) + (0 if self._theta is None else len(self._theta))
         n_val = max(1, int(round(total * validation_fraction)))
         if total - n_val < 1:

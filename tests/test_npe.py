@@ -570,3 +570,18 @@ def test_train_keeps_groups_together_and_checks_them():
     assert seen["val"] and not seen["val"] & seen["train"]
     with pytest.raises(ValueError, match=r"groups must be an integer tensor of shape \(100,\)"):
         training.train(flow, data, max_epochs=1, groups=torch.zeros(99, dtype=torch.long))
+
+
+def test_one_outlier_row_that_erases_a_column_is_named_not_silent():
+    """Issue 14.3: x = 1e30 in one row silently turned that column's posterior into the prior."""
+    torch.manual_seed(0)
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = prior.sample((500,))
+    x = theta + 0.1 * torch.randn_like(theta)
+    x[17, 1] = 1e30
+    with pytest.warns(UserWarning, match=r"1 of 500 simulations have extreme values in x column\(s\) \[1\]"):
+        NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=1, progress=False)
+    heavy = theta + 0.1 * torch.distributions.StudentT(3.0).sample(theta.shape)  # heavy tails, no outlier
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, heavy, max_epochs=1, progress=False)
