@@ -174,3 +174,18 @@ def test_an_idle_worker_that_died_is_replaced_by_the_next_run():
     second = simulate(pid_and_setting, torch.zeros(4, 1), batch_size=2, workers=2)
     assert not second.failures and not set(second.x[:, 0].tolist()) & set(first.x[:, 0].tolist())
     backends.close_idle_workers()
+
+
+def test_a_thread_executor_runs_a_simulator_that_cannot_be_pickled():
+    """Threads share the simulator object: one holding a lock needs no pickling there."""
+    import threading
+
+    lock = threading.Lock()
+
+    def locked(theta, seed):
+        with lock:
+            return theta + 1
+
+    with ThreadPoolExecutor(2) as pool:
+        result = simulate(locked, torch.zeros(6, 1), batch_size=2, executor=pool)
+    assert torch.equal(result.x, torch.ones(6, 1))

@@ -44,6 +44,8 @@ def make_backend(simulator: Callable, *, workers: int | None, executor: object, 
     options = {"vectorized": vectorized, "seeded": seeded}
     if executor is None and (workers or 1) == 1 and timeout is None:
         return InProcess(simulator, **options)
+    if isinstance(executor, ThreadPoolExecutor) and timeout is None:  # threads share the simulator object
+        return ExecutorBackend(executor, simulator, None, timeout=None, **options)
     payload = serialize(simulator, executor)
     if is_dask_client(executor):
         return DaskBackend(executor, payload, timeout=timeout, **options)
@@ -197,14 +199,10 @@ def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: b
     return boxes.run(job, timeout)
 
 
-def _run_plain(simulator: Callable, job: Job, vectorized: bool, seeded: bool) -> Outcome:
-    return run_job(simulator, job, vectorized=vectorized, seeded=seeded)
-
-
 class ExecutorBackend:
     """A user's ``concurrent.futures.Executor``; the simulator runs in a sandbox only with a timeout."""
 
-    def __init__(self, executor: Executor, simulator: Callable, payload: bytes, *, timeout: float | None,
+    def __init__(self, executor: Executor, simulator: Callable, payload: bytes | None, *, timeout: float | None,
                  vectorized: bool, seeded: bool):
         self._executor, self._simulator, self._payload = executor, simulator, payload
         self._timeout, self._vectorized, self._seeded = timeout, vectorized, seeded
@@ -218,7 +216,8 @@ class ExecutorBackend:
 
     def submit(self, job: Job) -> Future:
         if self._timeout is None:
-            return self._executor.submit(_run_plain, self._simulator, job, self._vectorized, self._seeded)
+            return self._executor.submit(run_job, self._simulator, job, vectorized=self._vectorized,
+                                         seeded=self._seeded)
         if self._boxes is not None:
             return self._executor.submit(self._boxes.run, job, self._timeout)
         return self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,

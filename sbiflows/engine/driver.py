@@ -29,11 +29,11 @@ BROKEN_AFTER = 20
 
 
 class AbortRun(Exception):
-    """Raised inside the loop to stop the run; ``kind`` is 'broken' or 'raise'."""
+    """Raised inside the loop to stop the run at the row ``index`` (on_error="raise", or a broken simulator)."""
 
-    def __init__(self, message: str, *, kind: str, index: int):
+    def __init__(self, message: str, *, index: int):
         super().__init__(message)
-        self.kind, self.index = kind, index
+        self.index = index
 
 
 @dataclass
@@ -62,7 +62,6 @@ class Driver:
         self.x_done: dict[int, np.ndarray] = {}  # chunk -> x of finished chunks
         self.failures: dict[int, tuple[str, str]] = {}  # row index -> (type, message)
         self.reused = 0
-        self.simulated_chunks = 0
         self._chunks: dict[int, _Chunk] = {}
         self._deferred: list[int] = []  # finished chunks waiting for the x layout
         self._pending: deque[Job] = deque()
@@ -224,7 +223,7 @@ class Driver:
         chunk.errors[k] = (kind, message)
         index = chunk.start + k
         if self.on_error == "raise":
-            raise AbortRun(f"simulation of theta index {index} failed with {kind}: {message}", kind="raise",
+            raise AbortRun(f"simulation of theta index {index} failed with {kind}: {message}",
                            index=index)
         if not self._succeeded:
             self._early[kind] += 1
@@ -233,7 +232,7 @@ class Driver:
                         "; note that sbiflows calls the simulator with a batch theta of shape (N, theta_dim): "
                         "a simulator written for one parameter set theta (theta_dim,) needs vectorized=False")
                 raise AbortRun(f"the simulator cannot run: the first {self._early[kind]} simulations all failed "
-                               f"with {kind}: {message}{hint}", kind="broken", index=index)
+                               f"with {kind}: {message}{hint}", index=index)
 
     def _finish(self, c: int) -> None:
         if self.layout is None:  # every row failed so far in the run: no shape to write NaN rows in
@@ -250,7 +249,6 @@ class Driver:
                                    seed=chunk.seed, failures=failures, seconds=chunk.seconds)
         self.x_done[c] = chunk.x
         self.failures.update({start + k: v for k, v in chunk.errors.items()})
-        self.simulated_chunks += 1
         self.progress.update(chunk.rows, failed=len(chunk.errors))
 
     def _flush_deferred(self) -> None:

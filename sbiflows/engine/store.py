@@ -67,7 +67,7 @@ class SimulationStore:
             group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
             stored = group.attrs.get("sbiflows_simulations")
             if stored is None:
-                if any(name != ".lock" for name in os.listdir(path)) and "theta" in group:
+                if "theta" in group:
                     raise StoreMismatchError(f"{path} is a zarr group that sbiflows did not write")
                 group.attrs["sbiflows_simulations"] = {"format": FORMAT, "config": config}
                 group.create_array("theta", shape=(rows, theta_dim), chunks=(config["batch_size"], theta_dim),
