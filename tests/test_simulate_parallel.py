@@ -189,3 +189,39 @@ def test_a_thread_executor_runs_a_simulator_that_cannot_be_pickled():
     with ThreadPoolExecutor(2) as pool:
         result = simulate(locked, torch.zeros(6, 1), batch_size=2, executor=pool)
     assert torch.equal(result.x, torch.ones(6, 1))
+
+
+def slow_row(theta):
+    time.sleep(0.5)
+    return theta
+
+
+@pytest.mark.slow
+def test_a_sandbox_killed_or_released_by_another_thread_mid_job_closes_each_pipe_once():
+    """An aborted run kills its workers while their threads still read from them (CI once saw EBADF here)."""
+    import threading
+
+    import cloudpickle
+
+    from sbiflows.engine.jobs import WORKER_DIED, Job
+    from sbiflows.engine.sandbox import Sandbox
+
+    box = Sandbox(cloudpickle.dumps(slow_row), vectorized=True, seeded=False)
+    job = Job(chunk=0, start=0, theta=torch.ones(2, 1), seeds=(0,))
+    assert np.array_equal(box.run(job, timeout=60).x, np.ones((2, 1)))  # started and loaded
+    for stop in (box.kill, box.release):
+        outcomes = []
+        thread = threading.Thread(target=lambda: outcomes.append(box.run(job, timeout=60)))
+        thread.start()
+        time.sleep(0.2)  # the job is running in the child
+        pid = box._process.pid
+        stop()  # from this thread, while the other one waits on the pipe
+        thread.join(10)
+        if stop == box.kill:
+            assert outcomes[0].errors[0][1] == WORKER_DIED
+        else:  # released: the job finishes, then the pipes close and the child exits
+            assert np.array_equal(outcomes[0].x, np.ones((2, 1)))
+            box.reap()
+        assert not wait_for_exit({pid}) and not box.alive
+        assert np.array_equal(box.run(job, timeout=60).x, np.ones((2, 1)))  # a fresh child serves the next job
+    box.close()

@@ -64,6 +64,12 @@ class Sandbox:
         self._send: Connection | None = None
         self._receive: Connection | None = None
         self._loaded: bytes | None = None  # the load message the child has accepted
+        # Another thread may kill or release this sandbox while a job runs in it (a run that is
+        # aborted): it then only kills the process, and the thread running the job closes the pipes it
+        # is reading from when the job returns, so no pipe is closed twice or under a reader.
+        self._lock = threading.Lock()
+        self._busy = False
+        self._pending: str | None = None  # "reset" or "release", done when the running job returns
         self.bind(payload, vectorized=vectorized, seeded=seeded)
 
     def bind(self, payload: bytes, *, vectorized: bool, seeded: bool) -> None:
@@ -74,6 +80,19 @@ class Sandbox:
 
     def run(self, job: Job, timeout: float | None) -> Outcome:
         """Run ``job`` in the child; kill the child if it takes longer than ``timeout`` seconds."""
+        with self._lock:
+            self._busy = True
+        try:
+            return self._run(job, timeout)
+        finally:
+            with self._lock:
+                self._busy, pending, self._pending = False, self._pending, None
+            if pending == "reset":
+                self._reset()
+            elif pending == "release":
+                self.release()
+
+    def _run(self, job: Job, timeout: float | None) -> Outcome:
         if self._process is not None and self._process.poll() is not None:  # died while idle
             self._reset()
         if self._process is None:
@@ -101,13 +120,18 @@ class Sandbox:
 
     def kill(self) -> None:
         """Kill the child and every process it started; the next :meth:`run` starts a new one."""
-        if self._process is not None:
+        with self._lock:
+            process, busy = self._process, self._busy
+            if busy:
+                self._pending = "reset"
+        if process is not None:
             try:
-                os.killpg(self._process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            self._process.wait()
-        self._reset()
+            process.wait()
+        if not busy:
+            self._reset()
 
     def close(self) -> None:
         """Let the child exit (end of input), killing it if it does not within a second."""
@@ -116,7 +140,12 @@ class Sandbox:
 
     def release(self) -> None:
         """Close the pipes: the child exits when it has finished its current job (see :meth:`reap`)."""
-        for connection in (self._send, self._receive):
+        with self._lock:
+            if self._busy:
+                self._pending = self._pending or "release"
+                return
+            connections = (self._send, self._receive)
+        for connection in connections:
             if connection is not None and not connection.closed:
                 connection.close()
 
@@ -170,10 +199,12 @@ class Sandbox:
         return f"worker process died (exit code {code})"
 
     def _reset(self) -> None:
-        for connection in (self._send, self._receive):
+        with self._lock:
+            connections = (self._send, self._receive)
+            self._process = self._send = self._receive = None
+        for connection in connections:
             if connection is not None and not connection.closed:
                 connection.close()
-        self._process = self._send = self._receive = None
 
     def __del__(self):  # best effort: never leave a child behind
         try:
