@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sbiflows import __version__
+from sbiflows.threads import torch_threads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
-        run(**setup)
+        with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
+            run(**setup)
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {setup['out']}: run the same command "
               "again to resume", file=sys.stderr)

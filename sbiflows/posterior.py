@@ -34,6 +34,7 @@ from sbiflows.checks import check_int
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
 from sbiflows.seeding import derive_seed
+from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
 
 __all__ = ["Posterior", "as_float_tensor"]
@@ -189,6 +190,7 @@ class Posterior:
 
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()
+    @torch_threads()
     def sample(
         self, n: int, x: Any, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -210,6 +212,7 @@ class Posterior:
             return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
 
     @torch.no_grad()
+    @torch_threads()
     def sample_batched(
         self, n: int, xs: Any, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -234,6 +237,7 @@ class Posterior:
 
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()
+    @torch_threads()
     def log_prob(self, theta: Any, x: Any) -> Tensor:
         """``log p(theta | x)`` for parameters of shape ``(..., D)`` and one observation.
 
@@ -253,6 +257,7 @@ class Posterior:
             return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
 
     @torch.no_grad()
+    @torch_threads()
     def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
         """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, x_dim)``: ``(n, B)``."""
         xs = self._observations(xs, "xs")
@@ -286,6 +291,7 @@ class Posterior:
         return self._space.to_constrained(torch.zeros(self.theta_dim, device=like.device, dtype=like.dtype))
 
     # ------------------------------------------------------------------------------------ MAP
+    @torch_threads()
     def map(
         self,
         x: Any,
