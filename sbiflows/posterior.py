@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_int
+from sbiflows.checks import check_int, check_positive_number
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
 from sbiflows.seeding import derive_seed
@@ -301,13 +301,29 @@ class Posterior:
         num_iter: int = 500,
         learning_rate: float = 0.01,
         seed: int = 0,
+        progress: bool = False,
     ) -> Tensor:
         """A maximum-a-posteriori estimate of ``theta`` for one observation: shape ``(D,)``.
 
         Draws ``num_init_samples`` posterior samples, keeps the ``num_to_optimize`` with the highest
         ``log_prob`` and runs Adam on all of them at once, in the unconstrained space, on
-        ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best.
+        ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best point seen. The cost is
+        bounded by the options: ``num_init_samples`` density evaluations, then ``num_iter`` batched
+        gradient steps on ``num_to_optimize`` points.
+
+        Args:
+            x: One observation.
+            num_init_samples: Posterior samples to start from (``>= 1``).
+            num_to_optimize: How many of the best samples are refined (``>= 1``).
+            num_iter: Adam steps (``>= 0``; 0 returns the best sample).
+            learning_rate: Adam step size in the unconstrained space (``> 0``).
+            seed: Seeds the initial samples.
+            progress: Show a progress bar over the Adam steps.
         """
+        num_init_samples = check_int(num_init_samples, "num_init_samples", minimum=1)
+        num_to_optimize = check_int(num_to_optimize, "num_to_optimize", minimum=1)
+        num_iter = check_int(num_iter, "num_iter", minimum=0)
+        learning_rate = check_positive_number(learning_rate, "learning_rate")
         x = self._single_observation(x)
         generator = self._generator(seed, None)
         context = self.net.context(x).detach()
@@ -317,7 +333,12 @@ class Posterior:
         u = u[start].clone().requires_grad_(True)
         optimizer = torch.optim.Adam([u], lr=learning_rate)
         best_u, best_lp = u.detach().clone(), torch.full((len(u),), -torch.inf, device=self.device, dtype=self.dtype)
-        for _ in range(num_iter):
+        steps = range(num_iter)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="MAP", unit="step", leave=False)
+        for _ in steps:
             log_prob = self._log_prob_u(u, context)
             with torch.no_grad():
                 better = log_prob > best_lp
@@ -326,6 +347,9 @@ class Posterior:
             u.grad = -grad
             optimizer.step()
         with torch.no_grad():
+            final = self._log_prob_u(u, context)  # the point after the last step counts too
+            better = final > best_lp
+            best_u[better], best_lp[better] = u[better], final[better]
             return self._space.to_constrained(best_u[best_lp.argmax()])
 
     def _log_prob_u(self, u: Tensor, context: Tensor) -> Tensor:

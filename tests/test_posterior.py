@@ -261,3 +261,16 @@ def test_an_observation_far_outside_the_simulations_warns_once_naming_the_featur
         warnings.simplefilter("error")
         with observations_unchecked():
             posterior.log_prob(torch.zeros(4, 2), x=torch.tensor([0.0, 0.0, 100.0]))
+
+
+def test_map_checks_its_options_and_counts_the_last_step(gaussian_posterior):
+    posterior, x = gaussian_posterior, torch.tensor([0.5, -0.5])
+    with pytest.raises(TypeError, match="num_iter must be an int >= 0, got float 1.5"):
+        posterior.map(x, num_iter=1.5)
+    with pytest.raises(ValueError, match="num_to_optimize must be an int >= 1, got 0"):
+        posterior.map(x, num_to_optimize=0)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+        posterior.map(x, learning_rate=-1.0)
+    best_sample = posterior.map(x, num_init_samples=200, num_iter=0)
+    refined = posterior.map(x, num_init_samples=200, num_iter=50, progress=True)
+    assert posterior.log_prob(refined, x) >= posterior.log_prob(best_sample, x)
