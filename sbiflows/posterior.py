@@ -33,7 +33,7 @@ from torch.distributions import Distribution
 from sbiflows.checks import check_int, check_positive_number
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
-from sbiflows.seeding import derive_seed
+from sbiflows.seeding import derive_seed, stream_seeds
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
 
@@ -103,6 +103,42 @@ def _caller_level() -> int:
 def _x_dtype(x: Any, default: torch.dtype) -> torch.dtype:
     """float64 simulations and observations stay float64 until standardized; anything else gets ``default``."""
     return torch.float64 if getattr(x, "dtype", None) in (torch.float64, np.float64) else default
+
+
+class _SeededNoise:
+    """Base noise of a seeded draw, in fixed blocks, so that the samples do not depend on chunking.
+
+    Observation ``b`` of a draw gets its own stream: rows ``[k * BLOCK, (k + 1) * BLOCK)`` come from a
+    generator seeded with the ``k``-th seed of stream ``b`` of one root seed, which is drawn from the
+    caller's generator. Chunking over samples or observations (``max_batch_elements``) then only
+    decides which blocks are computed together.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, generator: torch.Generator, n: int, base: torch.nn.Module, device: torch.device):
+        self.root = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        self.blocks = -(-n // self.BLOCK)
+        self.base, self.device = base, device
+        self._seeds: dict[int, np.ndarray] = {}
+
+    def rows(self, start: int, m: int, observations: range) -> Tensor:
+        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``."""
+        first, last = start // self.BLOCK, (start + m - 1) // self.BLOCK
+        offset = start - first * self.BLOCK
+        columns = []
+        for b in observations:
+            seeds = self._seeds.pop(b, None)
+            if seeds is None:
+                seeds = stream_seeds(self.root, f"posterior/{b}", self.blocks)
+            if last + 1 < self.blocks:
+                self._seeds[b] = seeds  # later rows of this observation come in another chunk
+            blocks = [
+                self.base.sample((self.BLOCK,), generator=torch.Generator(device=self.device).manual_seed(int(seeds[k])))
+                for k in range(first, last + 1)
+            ]
+            columns.append(torch.cat(blocks)[offset : offset + m])
+        return torch.stack(columns, 1)
 
 
 class Posterior:
@@ -224,6 +260,7 @@ class Posterior:
         n = _positive_int(n, "n")
         xs = self._observations(xs, "xs")
         generator = self._generator(seed, generator)
+        noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
         sample_step = min(n, self.max_batch_elements)
@@ -231,7 +268,10 @@ class Posterior:
             context = self.net.context(xs[b : b + obs_step])
             for i in range(0, n, sample_step):
                 m = min(sample_step, n - i)
-                u = self.net.sample_given_context(m, context, generator=generator)
+                if noise is None:
+                    u = self.net.sample_given_context(m, context, generator=generator)
+                else:
+                    u = self.net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
 
