@@ -64,6 +64,7 @@ from sbiflows.training import (
     check_training_options,
     default_batch_size,
     default_learning_rate,
+    MAX_EPOCHS,
     split_sizes,
     train,
 )
@@ -184,7 +185,7 @@ class NPE:
         x: Any,
         *,
         seed: int = 0,
-        max_epochs: int = 1000,
+        max_epochs: int = MAX_EPOCHS,
         batch_size: int | None = None,
         learning_rate: float | None = None,
         validation_fraction: float = 0.1,

@@ -30,6 +30,11 @@ from torch import Tensor, nn
 from sbiflows.threads import resolve_threads, torch_threads
 
 
+#: The default cap on training epochs everywhere (``train``, ``NPE.fit``, ``sbiflows fit --max-epochs``);
+#: early stopping usually ends training long before it.
+MAX_EPOCHS = 1000
+
+
 @dataclass
 class TrainingHistory:
     """What happened during training (losses are mean negative log-likelihoods per row).
@@ -77,7 +82,7 @@ def train(
     inputs: Tensor,
     context: Tensor | None = None,
     *,
-    max_epochs: int = 500,
+    max_epochs: int = MAX_EPOCHS,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
     validation_fraction: float = 0.1,
