@@ -14,11 +14,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sbiflows import __version__
+
+if TYPE_CHECKING:
+    from sbiflows.pipeline import Job, Observation
 from sbiflows.threads import torch_threads
 from sbiflows.training import MAX_EPOCHS
 
@@ -112,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim}")
         return 0
     try:
-        setup = _setup(args)
+        job = _setup(args)
     except ValueError as error:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
     from sbiflows.pipeline import run
@@ -120,14 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = None
     if args.scheduler:
         try:
-            client = setup["executor"] = _dask_client(args.scheduler)
+            client = job.executor = _dask_client(args.scheduler)
         except ValueError as error:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
         with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
-            run(**setup)
+            run(job)
     except KeyboardInterrupt:
-        print(f"\nsbiflows fit: interrupted. Everything finished is kept in {setup['out']}: run the same command "
+        print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)
         return 130
     finally:
@@ -168,7 +172,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _setup(args: argparse.Namespace) -> dict:
+def _setup(args: argparse.Namespace) -> Job:
+    from sbiflows.pipeline import Job, Observation  # noqa: F811 - the module imports matplotlib: only for fit
+
     """Resolve the task or user simulator, the observations and the options; ValueError on bad input."""
     task = None
     if args.simulator or args.prior:
@@ -195,39 +201,38 @@ def _setup(args: argparse.Namespace) -> dict:
     else:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
 
-    observations: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    observations: list[Observation] = []
     if args.observation:
         for path in args.observation:
             for k, row in enumerate(_read_observations(path)):
-                observations.append((f"{path.stem}" + (f"_{k + 1}" if k else ""), row, None))
+                observations.append(Observation(f"{path.stem}" + (f"_{k + 1}" if k else ""), row))
     elif task is not None:
         for i in _parse_indices(args.observations):
-            observations.append((f"obs{i}", task.observation(i), task.true_parameters(i)))
+            observations.append(Observation(f"obs{i}", task.observation(i), task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
     _check_observations(observations, task.x_dim if task is not None else _probe_x_dim(simulator, prior, args))
-    return {
-        "name": name,
-        "task": task,
-        "simulator": simulator,
-        "prior": prior,
-        "observations": observations,
-        "out": args.out or Path("runs") / name,
-        "simulations": args.simulations,
-        "estimator": args.estimator,
-        "seed": args.seed,
-        "num_samples": args.num_samples,
-        "calibration_datasets": args.calibration_datasets,
-        "calibration_samples": args.calibration_samples,
-        "c2st_samples": args.c2st_samples,
-        # C2ST needs the reference posterior of a published observation, not of a user's file.
-        "reference": not args.no_reference and task is not None and not args.observation,
-        "max_epochs": args.max_epochs,
-        "progress": not args.quiet,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "timeout": args.timeout,
-    }
+    return Job(
+        name=name,
+        task=task,
+        simulator=simulator,
+        prior=prior,
+        observations=observations,
+        out=args.out or Path("runs") / name,
+        simulations=args.simulations,
+        estimator=args.estimator,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        calibration_datasets=args.calibration_datasets,
+        calibration_samples=args.calibration_samples,
+        c2st_samples=args.c2st_samples,
+        reference=not args.no_reference,  # only observations with a published reference posterior get C2ST
+        max_epochs=args.max_epochs,
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        timeout=args.timeout,
+    )
 
 
 def _import_object(spec: str, option: str):
@@ -269,9 +274,10 @@ def _parse_indices(text: str) -> list[int]:
     return indices
 
 
-def _check_observations(observations: list, x_dim: int | None) -> None:
+def _check_observations(observations: list[Observation], x_dim: int | None) -> None:
     """Every observation finite and as long as the simulator's x (``x_dim``; None: not known)."""
-    for name, x, _ in observations:
+    for observation in observations:
+        name, x = observation.name, observation.x
         if not torch.isfinite(x).all():
             raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
         if x_dim is not None and x.numel() != x_dim:

@@ -1,10 +1,12 @@
 """The main job behind ``sbiflows fit``: simulate, train, sample, check calibration, write a report.
 
-Everything a run paid for is written as soon as it exists: every chunk of simulations as it finishes
-(into the stores ``simulations.zarr`` and ``calibration.zarr``), the posterior right after training,
-the samples right after sampling. Rerunning the same command into the same folder resumes: it reads
-the finished simulations, and reuses the posterior and the samples when ``resume.json`` says they were
-made with the same settings, so a kill or Ctrl-C at any step loses at most the step in progress.
+A :class:`Job` holds the settings and a list of :class:`Observation` records; :func:`run` runs five
+named steps, each of which writes what it made as soon as it exists: every chunk of simulations as
+it finishes (into the stores ``simulations.zarr`` and ``calibration.zarr``), the posterior right after
+training, the samples right after sampling. Rerunning the same job into the same folder resumes: it
+reads the finished simulations, and reuses the posterior and the samples when ``resume.json`` says
+they were made with the same settings, so a kill or Ctrl-C at any step loses at most the step in
+progress.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,41 +27,92 @@ from torch.distributions import Distribution
 import sbiflows
 from sbiflows import diagnostics, plots
 from sbiflows.npe import NPE
+from sbiflows.posterior import Posterior
 from sbiflows.report import jsonable, write_markdown
 from sbiflows.seeding import derive_seed
 from sbiflows.serialization import load
-from sbiflows.simulate import simulate, simulate_from_prior
+from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 
+__all__ = ["Job", "Observation", "run"]
 
-def run(
-    *,
-    name: str,
-    task,
-    simulator: Callable,
-    prior: Distribution,
-    observations: list[tuple[str, Tensor, Tensor | None]],
-    out: Path,
-    simulations: int = 10_000,
-    estimator: str = "maf",
-    seed: int = 0,
-    num_samples: int = 10_000,
-    calibration_datasets: int = 500,
-    calibration_samples: int = 1000,
-    c2st_samples: int = 10_000,
-    reference: bool = True,
-    max_epochs: int = MAX_EPOCHS,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    batch_size: int = 100,
-    workers: int | None = None,
-    executor: object = None,
-    timeout: float | None = None,
-) -> dict:
-    """Run the whole job (resuming from what ``out`` holds) and write its outputs; returns the report.
 
-    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
-    simulation of the run (training set, posterior predictive, calibration).
+@dataclass(frozen=True)
+class Observation:
+    """One observed dataset of a job.
+
+    Attributes:
+        name: Unique within the job; names the output files (``corner_<name>.png``).
+        x: The observed data, ``(x_dim,)``.
+        true_parameters: The parameters that generated ``x``, if known (a benchmark task's).
+        reference: The number of a benchmark task's published observation whose reference posterior
+            ``x`` is (then C2ST compares against it); None for other data.
+    """
+
+    name: str
+    x: Tensor
+    true_parameters: Tensor | None = None
+    reference: int | None = None
+
+
+@dataclass
+class Job:
+    """What ``sbiflows fit`` runs: the model, the observations, the budget and the engine options.
+
+    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for
+    every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
+    benchmark task (with reference posteriors), or None for a user's simulator.
+    """
+
+    name: str
+    simulator: Callable
+    prior: Distribution
+    observations: list[Observation]
+    out: Path
+    task: object = None
+    simulations: int = 10_000
+    estimator: str = "maf"
+    seed: int = 0
+    num_samples: int = 10_000
+    calibration_datasets: int = 500
+    calibration_samples: int = 1000
+    c2st_samples: int = 10_000
+    reference: bool = True
+    max_epochs: int = MAX_EPOCHS
+    progress: bool = True
+    batch_size: int = 100
+    workers: int | None = None
+    executor: object = None
+    timeout: float | None = None
+
+    @property
+    def engine(self) -> dict:
+        """The options of every call of the simulation engine."""
+        return {"batch_size": self.batch_size, "workers": self.workers, "executor": self.executor,
+                "timeout": self.timeout}
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Parameter names of the task, if it has them."""
+        return list(getattr(self.task, "parameter_names", [])) or None
+
+
+@dataclass
+class _State:
+    """What the steps of one run share: the job, the log, the resume record and the report so far."""
+
+    job: Job
+    log: Callable[[str], None]
+    resume: _Resume
+    report: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, step: str, start: float) -> None:
+        self.timings[step] = time.perf_counter() - start
+
+
+def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
+    """Run the whole job (resuming from what ``job.out`` holds) and write its outputs; returns the report.
 
     Outputs: ``posterior.pt`` (load with :func:`sbiflows.load`), ``simulations.zarr`` and
     ``calibration.zarr`` (load with :func:`sbiflows.load_simulations`), ``resume.json``,
@@ -69,150 +123,171 @@ def run(
     Example:
         >>> import simulators, tempfile
         >>> task = simulators.get("two_moons")
-        >>> report = run(name="two_moons", task=task, simulator=task.simulate, prior=task.prior,
-        ...              observations=[("obs1", task.observation(1), task.true_parameters(1))],
-        ...              out=Path(tempfile.mkdtemp()), simulations=500, num_samples=500,
-        ...              calibration_datasets=100, calibration_samples=100, c2st_samples=500,
-        ...              max_epochs=3, progress=False, log=lambda s: None)
-        >>> sorted(report["calibration"])
+        >>> job = Job(name="two_moons", task=task, simulator=task.simulate, prior=task.prior,
+        ...           observations=[Observation("obs1", task.observation(1), task.true_parameters(1), 1)],
+        ...           out=Path(tempfile.mkdtemp()), simulations=500, num_samples=500,
+        ...           calibration_datasets=100, calibration_samples=100, c2st_samples=500,
+        ...           max_epochs=3, progress=False)
+        >>> sorted(run(job, log=lambda s: None)["calibration"])
         ['coverage', 'sbc', 'tarp']
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    engine = {"batch_size": batch_size, "workers": workers, "executor": executor, "timeout": timeout}
-    resume = _Resume(out / "resume.json")
-    timings: dict[str, float] = {}
-    report: dict = {
-        "name": name,
-        "simulations": simulations,
-        "estimator": estimator,
-        "seed": seed,
-        "versions": _versions(),
-    }
+    names = [o.name for o in job.observations]
+    if len(set(names)) != len(names):
+        raise ValueError(f"observation names must be unique, got {names}")
+    job.out = Path(job.out)
+    job.out.mkdir(parents=True, exist_ok=True)
+    state = _State(job, log, _Resume(job.out / "resume.json"))
+    state.report.update(name=job.name, simulations=job.simulations, estimator=job.estimator, seed=job.seed,
+                        versions=_versions())
+    sims = _simulate(state)
+    posterior = _train(state, sims)
+    samples = _sample(state, posterior)
+    _check_observations(state, posterior, samples)
+    _calibrate(state, posterior)
+    state.report["timings_seconds"] = state.timings
+    (job.out / "report.json").write_text(json.dumps(jsonable(state.report), indent=2))
+    write_markdown(state.report, job.out / "report.md")
+    log(f"done: report in {(job.out / 'report.md').resolve()}")
+    return state.report
 
-    log(f"[1/5] simulating {simulations} parameter sets from the prior (store: {out / 'simulations.zarr'})")
-    start = time.perf_counter()
-    sims = simulate_from_prior(simulator, prior, simulations, seed=seed, progress=progress,
-                               store=out / "simulations.zarr", **engine)
-    timings["simulate"] = time.perf_counter() - start
-    report["simulation_summary"] = sims.summary()
-    report["invalid_simulations"] = sims.num_invalid
+
+# -------------------------------------------------------------------------------------- steps
+def _simulate(state: _State) -> SimulationResult:
+    job, start = state.job, time.perf_counter()
+    state.log(f"[1/5] simulating {job.simulations} parameter sets from the prior (store: {job.out / 'simulations.zarr'})")
+    sims = simulate_from_prior(job.simulator, job.prior, job.simulations, seed=job.seed, progress=job.progress,
+                               store=job.out / "simulations.zarr", **job.engine)
+    state.timed("simulate", start)
+    state.report.update(simulation_summary=sims.summary(), invalid_simulations=sims.num_invalid)
     if sims.reused:
-        log(f"      reused {sims.reused} finished simulations from the store")
-    log(f"      {sims.summary()}")
+        state.log(f"      reused {sims.reused} finished simulations from the store")
+    state.log(f"      {sims.summary()}")
+    return sims
 
-    trained = {"simulations": simulations, "seed": seed, "estimator": estimator, "max_epochs": max_epochs,
-               "batch_size": batch_size, "simulator": report["name"]}
-    start = time.perf_counter()
-    if resume.matches("train", trained, out / "posterior.pt"):
-        log(f"[2/5] reusing the posterior trained by an earlier run ({out / 'posterior.pt'})")
-        posterior = load(out / "posterior.pt", prior=prior)
+
+def _training_settings(job: Job) -> dict:
+    return {"simulations": job.simulations, "seed": job.seed, "estimator": job.estimator,
+            "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name}
+
+
+def _train(state: _State, sims: SimulationResult) -> Posterior:
+    job, start = state.job, time.perf_counter()
+    settings, path = _training_settings(job), job.out / "posterior.pt"
+    if state.resume.matches("train", settings, path):
+        state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
+        posterior = load(path, prior=job.prior)
     else:
-        log(f"[2/5] training NPE ({estimator})")
-        posterior = NPE(prior, estimator=estimator).fit(
-            sims.theta, sims.x, seed=seed, max_epochs=max_epochs, progress=progress
+        state.log(f"[2/5] training NPE ({job.estimator})")
+        posterior = NPE(job.prior, estimator=job.estimator).fit(
+            sims.theta, sims.x, seed=job.seed, max_epochs=job.max_epochs, progress=job.progress
         )
-        posterior.save(out / "posterior.pt")
-        resume.done("train", trained)
-    timings["train"] = time.perf_counter() - start
+        posterior.save(path)
+        state.resume.done("train", settings)
+    state.timed("train", start)
     history = posterior.history
-    report["training"] = {
-        "epochs": history.epochs,
-        "best_epoch": history.best_epoch,
-        "best_validation_loss": history.best_validation_loss,
-        "stopped_early": history.stopped_early,
-        "diverged": history.diverged,
-        "batch_size": history.batch_size,
-        "learning_rate": history.learning_rate,
-        "train_loss": history.train_loss,
-        "validation_loss": history.validation_loss,
+    state.report["training"] = {
+        key: getattr(history, key)
+        for key in ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size",
+                    "learning_rate", "train_loss", "validation_loss")
     }
-    log(f"      {history.epochs} epochs" + (f" in {timings['train']:.1f} s" if "train" in resume.fresh else "")
-        + f", best validation loss {history.best_validation_loss:.3f}")
+    took = f" in {state.timings['train']:.1f} s" if "train" in state.resume.fresh else ""
+    state.log(f"      {history.epochs} epochs{took}, best validation loss {history.best_validation_loss:.3f}")
+    return posterior
 
-    start = time.perf_counter()
-    xs = torch.stack([x.reshape(-1) for _, x, _ in observations])
-    sampled = dict(trained, num_samples=num_samples, observations={k: x.reshape(-1).tolist() for k, x, _ in observations})
-    if resume.matches("sample", sampled, out / "samples.npz"):
-        log(f"[3/5] reusing the posterior samples of an earlier run ({out / 'samples.npz'})")
-        with np.load(out / "samples.npz") as stored:
-            samples = torch.stack([torch.from_numpy(stored[key]) for key, _, _ in observations], dim=1)
+
+def _sample(state: _State, posterior: Posterior) -> Tensor:
+    """``(num_samples, B, D)`` posterior draws for the job's observations (reused when resuming)."""
+    job, start = state.job, time.perf_counter()
+    observations, path = job.observations, job.out / "samples.npz"
+    settings = dict(_training_settings(job), num_samples=job.num_samples,
+                    observations={o.name: o.x.reshape(-1).tolist() for o in observations})
+    if state.resume.matches("sample", settings, path):
+        state.log(f"[3/5] reusing the posterior samples of an earlier run ({path})")
+        with np.load(path) as stored:
+            samples = torch.stack([torch.from_numpy(stored[o.name]) for o in observations], dim=1)
     else:
-        log(f"[3/5] sampling {num_samples} posterior draws for {len(observations)} observation(s)")
-        samples = posterior.sample_batched(num_samples, xs, seed=seed)  # (n, B, D): one batched call
-        np.savez_compressed(out / "samples.npz", **{key: samples[:, b].numpy() for b, (key, _, _) in enumerate(observations)})
-        resume.done("sample", sampled)
-    timings["sample"] = time.perf_counter() - start
+        state.log(f"[3/5] sampling {job.num_samples} posterior draws for {len(observations)} observation(s)")
+        xs = torch.stack([o.x.reshape(-1) for o in observations])
+        samples = posterior.sample_batched(job.num_samples, xs, seed=job.seed)  # one batched call
+        np.savez_compressed(path, **{o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
+        state.resume.done("sample", settings)
+    state.timed("sample", start)
+    return samples
 
-    log("[4/5] per-observation checks" + (" (C2ST against the reference posterior)" if reference else ""))
-    start = time.perf_counter()
-    per_observation = []
-    labels = list(getattr(task, "parameter_names", [])) or None
+
+def _check_observations(state: _State, posterior: Posterior, samples: Tensor) -> None:
+    """C2ST against the reference (where one exists), posterior predictive and a corner plot per observation."""
+    job, start = state.job, time.perf_counter()
+    use_reference = job.reference and job.task is not None
+    state.log("[4/5] per-observation checks" + (" (C2ST against the reference posterior)" if use_reference else ""))
 
     def as_tensor_simulator(theta: Tensor) -> Tensor:
         """The user's simulator as tensor -> float32 tensor, seeded, failures as NaN rows."""
-        return simulate(simulator, theta, seed=derive_seed(seed, "predictive"), **engine).x.to(torch.float32)
+        return simulate(job.simulator, theta, seed=derive_seed(job.seed, "predictive"), **job.engine).x.to(torch.float32)
 
-    for b, (key, x_o, truth) in enumerate(observations):
-        entry: dict = {"name": key, "observation": x_o.reshape(-1).tolist()}
-        if truth is not None:
-            entry["true_parameters"] = truth.tolist()
-        ref = None
-        if reference:
-            index = int(key.removeprefix("obs"))
-            ref = task.reference_posterior(index, num_samples=c2st_samples)
-            result = diagnostics.c2st(ref, samples[:c2st_samples, b], seed=seed)
-            entry["c2st"] = result.accuracy
-            log(f"      {key}: C2ST {result.accuracy:.3f}")
+    entries = []
+    for b, observation in enumerate(job.observations):
+        entry: dict = {"name": observation.name, "observation": observation.x.reshape(-1).tolist()}
+        if observation.true_parameters is not None:
+            entry["true_parameters"] = observation.true_parameters.tolist()
+        reference = None
+        if use_reference and observation.reference is not None:
+            reference = job.task.reference_posterior(observation.reference, num_samples=job.c2st_samples)
+            entry["c2st"] = diagnostics.c2st(reference, samples[: job.c2st_samples, b], seed=job.seed).accuracy
+            state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
         predictive = diagnostics.posterior_predictive(
-            posterior, as_tensor_simulator, x_o.reshape(-1), num_samples=1000, seed=seed
+            posterior, as_tensor_simulator, observation.x.reshape(-1), num_samples=1000, seed=job.seed
         )
         entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}
         # quiet: corner logs "Too few points to create valid contours" for very concentrated panels
-        figure = plots.corner(samples[:, b], truths=truth, reference=ref, labels=labels, quiet=True)
-        figure.savefig(out / ("corner.png" if b == 0 else f"corner_{key}.png"), dpi=100)
+        figure = plots.corner(samples[:, b], truths=observation.true_parameters, reference=reference,
+                              labels=job.labels, quiet=True)
+        figure.savefig(job.out / ("corner.png" if b == 0 else f"corner_{observation.name}.png"), dpi=100)
         plt.close(figure)
-        per_observation.append(entry)
-    timings["observation_checks"] = time.perf_counter() - start
-    report["observations"] = per_observation
-    if reference:
-        c2sts = [e["c2st"] for e in per_observation]
-        report["mean_c2st"] = float(np.mean(c2sts))
+        entries.append(entry)
+    state.timed("observation_checks", start)
+    state.report["observations"] = entries
+    c2sts = [e["c2st"] for e in entries if "c2st" in e]
+    if c2sts:
+        state.report["mean_c2st"] = float(np.mean(c2sts))
 
-    log(f"[5/5] calibration on {calibration_datasets} fresh simulations x {calibration_samples} posterior draws")
-    start = time.perf_counter()
-    fresh = simulate_from_prior(simulator, prior, calibration_datasets, seed=derive_seed(seed, "calibration"),
-                                store=out / "calibration.zarr", progress=progress, **engine)
+
+def _calibrate(state: _State, posterior: Posterior) -> None:
+    """SBC, expected coverage and TARP on fresh simulations, with their figures."""
+    job, start = state.job, time.perf_counter()
+    state.log(f"[5/5] calibration on {job.calibration_datasets} fresh simulations x {job.calibration_samples} "
+              "posterior draws")
+    fresh = simulate_from_prior(job.simulator, job.prior, job.calibration_datasets,
+                                seed=derive_seed(job.seed, "calibration"), store=job.out / "calibration.zarr",
+                                progress=job.progress, **job.engine)
     if fresh.reused:
-        log(f"      reused {fresh.reused} calibration simulations from the store")
+        state.log(f"      reused {fresh.reused} calibration simulations from the store")
     valid = fresh.valid
-    theta_c, x_c = fresh.theta[valid], fresh.x[valid]
-    options = {"num_posterior_samples": calibration_samples, "seed": seed, "theta": theta_c, "x": x_c}
-    sbc_names = {"parameter_names": labels} if labels else {}
+    options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
+               "x": fresh.x[valid]}
+    labels = job.labels
     checks = {
-        "sbc": diagnostics.sbc(posterior, prior, simulator, **options, **sbc_names),
-        "coverage": diagnostics.expected_coverage(posterior, prior, simulator, **options),
-        "tarp": diagnostics.tarp(posterior, prior, simulator, **options),
+        "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,
+                               **({"parameter_names": labels} if labels else {})),
+        "coverage": diagnostics.expected_coverage(posterior, job.prior, job.simulator, **options),
+        "tarp": diagnostics.tarp(posterior, job.prior, job.simulator, **options),
     }
-    timings["calibration"] = time.perf_counter() - start
-    report["calibration"] = {key: {"passed": bool(r.passed), "summary": str(r), "result": jsonable(r)} for key, r in checks.items()}
+    state.timed("calibration", start)
+    state.report["calibration"] = {
+        key: {"passed": bool(r.passed), "summary": str(r), "result": jsonable(r)} for key, r in checks.items()
+    }
     for key, figure in (
         ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels)),
         ("coverage", plots.coverage(checks["coverage"])),
         ("tarp", plots.tarp(checks["tarp"])),
     ):
-        figure.savefig(out / f"{key}.png", dpi=100)
+        figure.savefig(job.out / f"{key}.png", dpi=100)
         plt.close(figure)
     for key, r in checks.items():
-        log(f"      {key}: {'passed' if r.passed else 'FAILED'}")
-
-    report["timings_seconds"] = timings
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2))
-    write_markdown(report, out / "report.md")
-    log(f"done: report in {(out / 'report.md').resolve()}")
-    return report
+        state.log(f"      {key}: {'passed' if r.passed else 'FAILED'}")
 
 
+# -------------------------------------------------------------------------------- bookkeeping
 class _Resume:
     """``resume.json``: the settings each finished step (training, sampling) was made with."""
 
@@ -248,3 +323,4 @@ def _versions() -> dict[str, str]:
         "scipy": scipy.__version__,
         "platform": platform.platform(),
     }
+
