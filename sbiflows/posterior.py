@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
+from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
 from sbiflows.priors import Unconstrained, check_prior, move_prior
 from sbiflows.seeding import derive_seed
@@ -231,6 +232,19 @@ class Posterior:
                 u = self.net.sample_given_context(m, context, generator=generator)
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
+
+    def condition(self, x: Any, *, validate_args: bool | None = None) -> ConditionedPosterior:
+        """``p(theta | x)`` for one observation as a distribution over theta (a new object; ``self`` is unchanged).
+
+        A ``pyro.distributions.TorchDistribution`` with ``sample``, a reparameterized ``rsample`` and a
+        ``log_prob`` differentiable in the value, usable in ``pyro.sample``, NUTS/HMC/SVI or as the prior of
+        a new :class:`~sbiflows.NPE`; see :class:`~sbiflows.conditioned.ConditionedPosterior`.
+
+        Args:
+            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)`` (checked as in :meth:`sample`).
+            validate_args: As for ``torch.distributions`` (``None``: torch's global default).
+        """
+        return ConditionedPosterior(self, x, validate_args=validate_args)
 
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()
