@@ -113,7 +113,7 @@ def run(
         posterior = NPE(prior, estimator=estimator).fit(
             sims.theta, sims.x, seed=seed, max_epochs=max_epochs, progress=progress
         )
-        posterior.save(out / "posterior.pt")
+        posterior.save(out / "posterior.pt", allow_unsaved_prior=True)  # reloaded with load(prior=prior) above
         resume.done("train", trained)
     timings["train"] = time.perf_counter() - start
     history = posterior.history

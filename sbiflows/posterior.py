@@ -33,7 +33,8 @@ from torch.distributions import Distribution
 from sbiflows.checks import check_int
 from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
-from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.prior_specs import move_prior
+from sbiflows.priors import Unconstrained, check_prior
 from sbiflows.seeding import derive_seed
 from sbiflows.training import TrainingHistory
 
@@ -168,7 +169,7 @@ class Posterior:
 
         Raises:
             ValueError: If the prior cannot be rebuilt on ``device`` (see
-                :func:`sbiflows.priors.move_prior`); the posterior is then left unchanged.
+                :func:`sbiflows.prior_specs.move_prior`); the posterior is then left unchanged.
         """
         prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
         checked = check_prior(prior)[0]
@@ -176,11 +177,16 @@ class Posterior:
         self.prior, self._prior, self._space = prior, checked, Unconstrained(checked.support)
         return self
 
-    def save(self, path: str | Path) -> None:
-        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`)."""
+    def save(self, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
+        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`).
+
+        Raises:
+            ValueError: If the file cannot describe the prior, unless ``allow_unsaved_prior=True`` (then
+                :func:`sbiflows.load` needs ``prior=...``).
+        """
         from sbiflows.serialization import save
 
-        save(self, path)
+        save(self, path, allow_unsaved_prior=allow_unsaved_prior)
 
     def __repr__(self) -> str:
         return (
