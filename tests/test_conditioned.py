@@ -255,3 +255,16 @@ def test_far_observation_warns_once_at_condition(box_posterior):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dist.sample((5,)), dist.log_prob(torch.zeros(2))
+
+
+def test_a_posterior_prior_is_refused_at_save_unless_left_out(box_posterior, tmp_path):
+    from sbiflows import load
+
+    prior = box_posterior.condition(X_O)
+    theta = prior.sample((300,))
+    second = NPE(prior, **SMALL).fit(theta, theta + 0.3 * torch.randn(theta.shape), max_epochs=2, progress=False)
+    with pytest.raises(ValueError, match="cannot save the ConditionedPosterior prior"):
+        second.save(tmp_path / "p.pt")
+    second.save(tmp_path / "p.pt", allow_unsaved_prior=True)
+    loaded = load(tmp_path / "p.pt", prior=prior)
+    assert torch.equal(loaded.log_prob(theta[:5], X_O), second.log_prob(theta[:5], X_O))
