@@ -402,14 +402,13 @@ class Unconstrained:
 
 
 def _column_bounds(pieces: list[tuple[constraints.Constraint, int]], attribute: str, missing: float) -> Tensor | None:
-    """One bound per column (float64, on the CPU) from per-column pieces, or None if no piece has one."""
-    if not any(hasattr(c, attribute) for c, _ in pieces):
+    """One bound per column (float64, on the bounds' device) from per-column pieces, or None if none has one."""
+    values = [getattr(c, attribute, missing) for c, _ in pieces]
+    if all(v is missing for v in values):
         return None
-    parts = []
-    for constraint, n in pieces:
-        value = getattr(constraint, attribute, missing)
-        parts.append(torch.as_tensor(value, dtype=torch.float64).detach().cpu().expand(n))
-    return torch.cat(parts)
+    device = next((v.device for v in values if isinstance(v, Tensor)), None)
+    return torch.cat([torch.as_tensor(v, dtype=torch.float64, device=device).detach().expand(n)
+                      for v, (_, n) in zip(values, pieces)])
 
 
 def __getattr__(name: str) -> Any:

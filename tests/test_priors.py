@@ -237,6 +237,9 @@ def test_helpers_round_trip_through_save_and_load(tmp_path, make_prior):
 def test_independent_prior_moves_device_through_its_spec():
     moved = move_prior(mixed(), "meta")
     assert type(moved) is IndependentPrior and moved.marginals[2].loc.device.type == "meta"
+    posterior, theta, x = _fit(mixed(), epochs=1)
+    on_meta = posterior.copy().to("meta")  # per-column bounds follow the prior's device
+    assert on_meta._space.to_constrained(torch.zeros(4, 3, device="meta")).device.type == "meta"
 
 
 def test_an_unsaveable_marginal_is_refused_at_save(tmp_path):
