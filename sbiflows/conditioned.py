@@ -20,12 +20,15 @@ conditioning on another observation returns another object (unlike sbi's ``set_d
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
+
+if TYPE_CHECKING:
+    from sbiflows.posterior import Posterior
 
 __all__ = ["ConditionedPosterior"]
 
@@ -62,7 +65,7 @@ class ConditionedPosterior(TorchDistribution):
     arg_constraints: dict[str, constraints.Constraint] = {}
     has_rsample = True
 
-    def __init__(self, posterior: Any, x: Any, *, validate_args: bool | None = None):
+    def __init__(self, posterior: Posterior, x: Any, *, validate_args: bool | None = None):
         from sbiflows.posterior import Posterior
 
         if not isinstance(posterior, Posterior):
@@ -73,7 +76,7 @@ class ConditionedPosterior(TorchDistribution):
 
     # ---------------------------------------------------------------------------------- basics
     @property
-    def posterior(self) -> Any:
+    def posterior(self) -> Posterior:
         """The :class:`~sbiflows.Posterior` this distribution conditions (shared, never modified)."""
         return self._posterior
 

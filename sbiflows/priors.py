@@ -278,8 +278,9 @@ def prior_device(prior: Distribution) -> torch.device:
 def flat_support(support: constraints.Constraint, dim: int | None = None) -> constraints.Constraint:
     """``support`` for vectors ``(D,)`` as ``independent(c, 1)``, ``c`` per column where possible.
 
-    ``independent`` wrappers are unwrapped and a ``cat`` (along ``dim=-1``, possibly nested, possibly
-    of ``independent`` pieces, which torch's own ``cat`` cannot check) becomes a ``cat`` of per-column
+    ``independent`` wrappers are unwrapped and a ``cat`` (along ``dim=-1``, or torch's default ``dim=0``:
+    both name the parameter axis of a ``(D,)`` event; possibly nested, possibly of ``independent``
+    pieces, which torch's own ``cat`` cannot check) becomes a ``cat`` of per-column
     constraints; a genuinely vector-valued support (event dimension 1, e.g. ``ordered_vector``) is
     returned unchanged. A support already in this form is returned as is.
 
@@ -308,8 +309,8 @@ def _blocks(support: constraints.Constraint, length: int | None) -> list[tuple[c
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     if isinstance(support, constraints.cat):
-        if support.dim != -1:
-            raise ValueError(f"a cat support must join the parameters along dim=-1, got dim={support.dim}")
+        if support.dim not in (0, -1):  # of a (D,) event, both name the parameter axis (0 is torch's default)
+            raise ValueError(f"a cat support must join the parameters along dim=-1 (or 0), got dim={support.dim}")
         if length is not None and sum(support.lengths) != length:
             raise ValueError(f"the cat support's lengths {support.lengths} do not add up to the {length} parameters")
         blocks = []

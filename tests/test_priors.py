@@ -167,8 +167,10 @@ def test_a_cat_of_independent_constraints_works_through_the_unconstrained_space(
 
 def test_flat_support_refuses_unsupported_cats():
     c = constraints
-    with pytest.raises(ValueError, match="along dim=-1, got dim=0"):
-        flat_support(c.cat([c.real, c.positive], dim=0))
+    with pytest.raises(ValueError, match=r"along dim=-1 \(or 0\), got dim=1"):
+        flat_support(c.cat([c.real, c.positive], dim=1))
+    default_dim = flat_support(c.cat([c.real, c.positive]), 2)  # torch's default dim=0: the parameter axis
+    assert default_dim.check(torch.tensor([[5.0, 1.0], [5.0, -1.0], [-5.0, 1.0]])).tolist() == [True, False, True]
     with pytest.raises(ValueError, match=r"lengths \[1, 1\] do not add up to the 3 parameters"):
         flat_support(c.cat([c.real, c.positive], dim=-1), 3)
     with pytest.raises(ValueError, match="vector-valued"):
