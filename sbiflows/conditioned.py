@@ -20,7 +20,7 @@ conditioning on another observation returns another object (unlike sbi's ``set_d
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pyro.distributions import TorchDistribution
@@ -62,7 +62,7 @@ class ConditionedPosterior(TorchDistribution):
         True
     """
 
-    arg_constraints: dict[str, constraints.Constraint] = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     has_rsample = True
 
     def __init__(self, posterior: Posterior, x: Any, *, validate_args: bool | None = None):
@@ -105,7 +105,7 @@ class ConditionedPosterior(TorchDistribution):
         )
 
     # -------------------------------------------------------------------------------- sampling
-    def rsample(self, sample_shape: Any = torch.Size(), *, generator: torch.Generator | None = None) -> Tensor:
+    def rsample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterized samples ``(*sample_shape, *batch_shape, D)``: differentiable in the flow's parameters.
 
         Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass).
@@ -119,7 +119,7 @@ class ConditionedPosterior(TorchDistribution):
         u = post.net.sample_given_context(n, self._context(), generator=generator)[:, 0]
         return post._space.to_constrained(u).reshape(shape)
 
-    def sample(self, sample_shape: Any = torch.Size(), *, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:
         """Samples ``(*sample_shape, *batch_shape, D)`` without gradients.
 
         The same draws as ``posterior.sample(n, x)`` for ``n = prod(sample_shape + batch_shape)`` and the

@@ -17,11 +17,17 @@ Saving priors without pickle lives in :mod:`sbiflows.prior_specs`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Uniform, biject_to, constraints
+from torch.distributions import (
+    Distribution,
+    Independent,
+    Uniform,
+    biject_to,
+    constraints,
+)
 
 __all__ = [
     "IndependentPrior", "Unconstrained", "box_uniform", "check_prior", "flat_support", "prior_device",
@@ -114,7 +120,7 @@ class IndependentPrior(Distribution):
         tensor(-1.8379)
     """
 
-    arg_constraints: dict[str, constraints.Constraint] = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
 
     def __init__(self, *marginals: Distribution, validate_args: bool | None = None):
         if len(marginals) == 1 and isinstance(marginals[0], (list, tuple)):
@@ -161,12 +167,12 @@ class IndependentPrior(Distribution):
     def variance(self) -> Tensor:
         return torch.cat([p.variance for p in self._parts], -1)
 
-    def sample(self, sample_shape: Any = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: Any = ()) -> Tensor:
         """Samples of shape ``(*sample_shape, D)``: each marginal's samples, concatenated."""
         with torch.no_grad():
             return torch.cat([p.sample(torch.Size(sample_shape)) for p in self._parts], -1)
 
-    def rsample(self, sample_shape: Any = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: Any = ()) -> Tensor:
         """Reparameterized samples (when every marginal has ``rsample``)."""
         if not self.has_rsample:
             names = [type(m).__name__ for m, p in zip(self.marginals, self._parts) if not p.has_rsample]

@@ -1,6 +1,7 @@
 """Prior helpers (box_uniform, IndependentPrior), cat supports, the support-vs-samples check, and saving priors."""
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -9,7 +10,6 @@ from torch.distributions import (
     Dirichlet,
     Distribution,
     Exponential,
-    Independent,
     LogNormal,
     MultivariateNormal,
     Normal,
@@ -134,7 +134,7 @@ def test_independent_prior_refuses_bad_marginals(marginals, error, match):
 class CatSupportPrior(Distribution):
     """A hand-written prior whose support is a cat of independent constraints (issue 14.9)."""
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.cat(
         [constraints.independent(constraints.interval(0.0, 1.0), 1), constraints.independent(constraints.real, 1)],
         dim=-1, lengths=[1, 1],
@@ -143,7 +143,7 @@ class CatSupportPrior(Distribution):
     def __init__(self):
         super().__init__(torch.Size(), torch.Size((2,)), validate_args=False)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         shape = (*sample_shape, 1)
         return torch.cat([torch.rand(shape), torch.randn(shape)], -1)
 
@@ -155,7 +155,7 @@ class CatSupportPrior(Distribution):
 
 def test_a_cat_of_independent_constraints_works_through_the_unconstrained_space():
     assert CatSupportPrior.support.check(torch.zeros(3, 2)).shape == (6,)  # torch's own check: 6 verdicts, 3 rows
-    prior, dim = check_prior(CatSupportPrior())
+    prior, _ = check_prior(CatSupportPrior())
     space = Unconstrained(prior.support)
     u = torch.tensor([[-50.0, 3.0], [0.0, -2.0], [50.0, 0.0]])
     theta = space.to_constrained(u)
@@ -179,7 +179,7 @@ def test_flat_support_refuses_unsupported_cats():
 
 @pytest.mark.parametrize("make_prior", [CatSupportPrior, mixed], ids=["hand-written", "IndependentPrior"])
 def test_npe_with_a_cat_support_samples_inside_and_is_normalized(make_prior):
-    posterior, theta, x = _fit(make_prior())
+    posterior, _, x = _fit(make_prior())
     x_o = x[0]
     draws = posterior.sample(3000, x_o, seed=0)
     assert ((draws[:, 0] > 0) & (draws[:, 0] < 1)).all()
@@ -197,13 +197,13 @@ def test_npe_with_a_cat_support_samples_inside_and_is_normalized(make_prior):
 class WrongSupport(Distribution):
     """Claims theta_1 in [0, 1] but samples it from N(0.5, 0.2^2): about 1.2% of samples fall outside."""
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.independent(constraints.interval(torch.zeros(2), torch.ones(2)), 1)
 
     def __init__(self):
         super().__init__(torch.Size(), torch.Size((2,)), validate_args=False)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         shape = (*sample_shape, 1)
         return torch.cat([torch.rand(shape), 0.5 + 0.2 * torch.randn(shape)], -1)
 
@@ -239,7 +239,7 @@ def test_helpers_round_trip_through_save_and_load(tmp_path, make_prior):
 def test_independent_prior_moves_device_through_its_spec():
     moved = move_prior(mixed(), "meta")
     assert type(moved) is IndependentPrior and moved.marginals[2].loc.device.type == "meta"
-    posterior, theta, x = _fit(mixed(), epochs=1)
+    posterior, _, _ = _fit(mixed(), epochs=1)
     on_meta = posterior.copy().to("meta")  # per-column bounds follow the prior's device
     assert on_meta._space.to_constrained(torch.zeros(4, 3, device="meta")).device.type == "meta"
 
