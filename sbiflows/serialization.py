@@ -7,14 +7,16 @@ The file is a dict of plain types and tensors, readable with
 * ``config``: a JSON string with the architecture (estimator name, layers, hidden sizes, seed),
   shapes (``theta_dim``, ``x_dim``, context size, every tensor's shape), dtype, the prior spec (a
   whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
-  ``Independent``; null for other priors) and the training history;
+  ``Independent`` and ``IndependentPrior``; null only for a prior that ``save`` was told to leave out
+  with ``allow_unsaved_prior=True``: any other prior is refused at save) and the training history;
 * ``state_dict``: the network's tensors, z-score buffers included;
 * ``prior_tensors``: the prior's parameters;
 * ``sha256``: a digest of the config and every tensor (names, dtypes, shapes and bytes).
 
 Classes are only ever looked up in registries (:data:`sbiflows.estimator.ESTIMATORS`,
 :data:`sbiflows.prior_specs.PRIOR_CLASSES`), never imported by name. Objects that JSON cannot describe (a
-custom prior, a callable estimator, an embedding net) are passed to :func:`load` by the caller.
+custom prior left out on purpose, a callable estimator, an embedding net) are passed to :func:`load` by the
+caller.
 """
 
 from __future__ import annotations
