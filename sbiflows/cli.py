@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from sbiflows import __version__
+from sbiflows.threads import torch_threads
+from sbiflows.training import MAX_EPOCHS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--c2st-samples", type=_positive_int, default=10_000,
                      help="samples per side for C2ST against the reference posterior")
     fit.add_argument("--no-reference", action="store_true", help="skip the reference posterior and C2ST")
-    fit.add_argument("--max-epochs", type=_positive_int, default=500, help="training epoch cap")
+    fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
+                     help="training epoch cap (early stopping usually ends training before it)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
     engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
@@ -121,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
-        run(**setup)
+        with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
+            run(**setup)
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {setup['out']}: run the same command "
               "again to resume", file=sys.stderr)
@@ -201,6 +205,7 @@ def _setup(args: argparse.Namespace) -> dict:
             observations.append((f"obs{i}", task.observation(i), task.true_parameters(i)))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
+    _check_observations(observations, task.x_dim if task is not None else _probe_x_dim(simulator, prior, args))
     return {
         "name": name,
         "task": task,
@@ -226,10 +231,19 @@ def _setup(args: argparse.Namespace) -> dict:
 
 
 def _import_object(spec: str, option: str):
-    module_name, _, attr = spec.partition(":")
+    """``package.module:name`` (importable from the working directory) or ``path/to/file.py:name``."""
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"{option} must look like 'package.module:name', got {spec!r}")
-    sys.path.insert(0, str(Path.cwd()))
+        raise ValueError(f"{option} must look like 'package.module:name' or 'path/to/file.py:name', got {spec!r}")
+    folder = Path.cwd()
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        path = Path(module_name)
+        if path.suffix != ".py" or not path.is_file():
+            raise ValueError(f"{option}: {module_name!r} looks like a file path but is not an existing .py file")
+        folder, module_name = path.resolve().parent, path.stem
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))  # kept: worker processes import the simulator's module by name
+    sys.path.insert(0, str(folder))
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -255,7 +269,46 @@ def _parse_indices(text: str) -> list[int]:
     return indices
 
 
+def _check_observations(observations: list, x_dim: int | None) -> None:
+    """Every observation finite and as long as the simulator's x (``x_dim``; None: not known)."""
+    for name, x, _ in observations:
+        if not torch.isfinite(x).all():
+            raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
+        if x_dim is not None and x.numel() != x_dim:
+            raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_dim}")
+
+
+def _probe_x_dim(simulator, prior, args: argparse.Namespace) -> int | None:
+    """The length of the simulator's x, from one simulation (None if that simulation fails)."""
+    from sbiflows.seeding import derive_seed
+    from sbiflows.simulate import simulate
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(derive_seed(args.seed, "probe"))
+        theta = prior.sample((1,)).reshape(1, -1)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed probe only skips the check; the run reports failures
+        probe = simulate(simulator, theta, seed=derive_seed(args.seed, "probe"), timeout=args.timeout, progress=False)
+    x = probe.x
+    if x is None or x.numel() == 0 or not probe.valid.all():
+        print("sbiflows fit: note: one probe simulation failed, so the observation's length is checked after "
+              "simulating", file=sys.stderr)
+        return None
+    return int(x.reshape(1, -1).shape[1])
+
+
+_FORMATS = (".csv", ".txt", ".npy")
+
+
 def _read_observations(path: Path) -> torch.Tensor:
+    if path.suffix.lower() not in _FORMATS:
+        raise ValueError(f"--observation {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(_FORMATS)} (one observation per row)")
     if not path.exists():
         raise ValueError(f"--observation file {str(path)!r} does not exist")
     try:

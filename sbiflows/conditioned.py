@@ -27,6 +27,8 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
+from sbiflows.threads import torch_threads
+
 if TYPE_CHECKING:
     from sbiflows.posterior import Posterior
 
@@ -105,19 +107,26 @@ class ConditionedPosterior(TorchDistribution):
         )
 
     # -------------------------------------------------------------------------------- sampling
+    @torch_threads()
     def rsample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterized samples ``(*sample_shape, *batch_shape, D)``: differentiable in the flow's parameters.
 
-        Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass).
-        With the same ``generator`` state the values equal :meth:`sample`'s.
+        Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass). With
+        the same ``generator`` state the values equal :meth:`sample`'s (the same seeded base noise).
         """
+        from sbiflows.posterior import _SeededNoise
+
         shape = self._extended_shape(torch.Size(sample_shape))
         n = math.prod(shape[:-1])
         post = self._posterior
         if n == 0:
             return torch.empty(shape, device=post.device, dtype=post.dtype)
-        u = post.net.sample_given_context(n, self._context(), generator=generator)[:, 0]
-        return post._space.to_constrained(u).reshape(shape)
+        if generator is None:
+            u = post.net.sample_given_context(n, self._context())
+        else:  # as Posterior.sample_batched: noise in fixed seeded blocks, then the flow (with gradients)
+            noise = _SeededNoise(generator, n, post.net.flow.base, post.device).rows(0, n, range(1))
+            u = post.net.sample_from_base(noise, self._context())
+        return post._space.to_constrained(u[:, 0]).reshape(shape)
 
     def sample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:
         """Samples ``(*sample_shape, *batch_shape, D)`` without gradients.
@@ -136,6 +145,7 @@ class ConditionedPosterior(TorchDistribution):
             return post.sample_batched(n, self._x, generator=generator)[:, 0].reshape(shape)
 
     # ------------------------------------------------------------------------------- densities
+    @torch_threads()
     def log_prob(self, value: Tensor) -> Tensor:
         """``log p(value | x)`` of shape ``broadcast(value.shape[:-1], batch_shape)``, differentiable in ``value``.
 

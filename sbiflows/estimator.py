@@ -250,3 +250,8 @@ class PosteriorNet(nn.Module):
         """``n`` draws of ``u`` for each context row: ``(n, *batch, D)`` for context ``(*batch, C)``."""
         z = self.flow.sample(n, context, generator=generator)
         return z * self.u_scale + self.u_shift
+
+    def sample_from_base(self, noise: Tensor, context: Tensor) -> Tensor:
+        """Draws of ``u`` from given base noise ``(n, *batch, D)`` for context ``(*batch, C)``."""
+        z = self.flow.from_base(noise, context)[0]
+        return z * self.u_scale + self.u_shift

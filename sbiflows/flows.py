@@ -142,8 +142,17 @@ class Flow(nn.Module):
         context = self._check_context(context)
         batch = () if context is None else tuple(context.shape[:-1])
         z = self.base.sample((n, *batch), generator=generator)
+        return self.from_base(z, context)
+
+    def from_base(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Samples and log-densities of given base draws ``z`` (``(n, *B, D)`` for context ``(*B, C)``).
+
+        What :meth:`sample_and_log_prob` does after drawing ``z``; lets a caller choose the noise
+        (e.g. reproducible blocks that do not depend on how a large draw is chunked).
+        """
+        context = self._check_context(context)
         if context is not None:
-            context = context.expand(n, *batch, self.context_features)
+            context = context.expand(*z.shape[:-1], self.context_features)
         x, logdet = self.transform.inverse(z, context)
         return x, self.base.log_prob(z) - logdet
 

@@ -65,9 +65,11 @@ from sbiflows.training import (
     check_training_options,
     default_batch_size,
     default_learning_rate,
+    MAX_EPOCHS,
     split_sizes,
     train,
 )
+from sbiflows.threads import resolve_threads, torch_threads
 
 __all__ = ["NPE"]
 
@@ -184,7 +186,7 @@ class NPE:
         x: Any,
         *,
         seed: int = 0,
-        max_epochs: int = 1000,
+        max_epochs: int = MAX_EPOCHS,
         batch_size: int | None = None,
         learning_rate: float | None = None,
         validation_fraction: float = 0.1,
@@ -192,7 +194,7 @@ class NPE:
         clip_grad_norm: float = 5.0,
         ema_epochs: float = 1.0,
         progress: bool = True,
-        num_threads: int | None = 1,
+        num_threads: int | None = None,
     ) -> Posterior:
         """Train on simulations and return the posterior.
 
@@ -218,7 +220,9 @@ class NPE:
                 average of Adam's iterates over about this many epochs (``>= 0``; ``0``: the raw
                 iterates); see :func:`sbiflows.training.train`. ``history.ema_epochs`` records it.
             progress: Show a progress bar with the current losses.
-            num_threads: Intra-op threads during training (``>= 1``, restored afterwards); None leaves them.
+            num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
+                (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's
+                thread count yourself).
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -240,49 +244,44 @@ class NPE:
             ema_epochs=ema_epochs, optional=("batch_size", "learning_rate"),
         )
         seed = _index(seed, "seed", "an int")
-        if num_threads is not None and _index(num_threads, "num_threads", "None or an int >= 1") < 1:
-            raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-        theta, x = self._check_data(theta, x, validation_fraction)
-        # Everything below works on new objects; self is only updated once training has succeeded.
-        if self._theta is not None:
-            theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
-        n_train = split_sizes(len(theta), validation_fraction)[0]
-        # The step-size rule sees the batch actually used (train() lowers a batch larger than the rows).
-        batch_size = default_batch_size(n_train) if checked_batch is None else min(checked_batch, n_train)
-        if learning_rate is None:
-            learning_rate = default_learning_rate(batch_size)
-        space = Unconstrained(self._prior.support)
-        u = space.to_unconstrained(space.nudge_inside(theta))
-        if self._net is None:
-            n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-            net, flow_seed = self._build(u, x, seed, n_layers), seed
-        else:
-            net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
-        history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
-        epochs_before = history.epochs
-        old_threads = torch.get_num_threads()
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        try:
-            train(
-                net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
-                groups=_duplicate_groups(theta, x),
+        resolve_threads(num_threads)  # checked before any expensive step
+        with torch_threads(num_threads):
+            theta, x = self._check_data(theta, x, validation_fraction)
+            # Everything below works on new objects; self is only updated once training has succeeded.
+            if self._theta is not None:
+                theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
+            n_train = split_sizes(len(theta), validation_fraction)[0]
+            # The step-size rule sees the batch actually used (train() lowers a batch larger than the rows).
+            batch_size = default_batch_size(n_train) if checked_batch is None else min(checked_batch, n_train)
+            if learning_rate is None:
+                learning_rate = default_learning_rate(batch_size)
+            space = Unconstrained(self._prior.support)
+            u = space.to_unconstrained(space.nudge_inside(theta))
+            if self._net is None:
+                n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
+                net, flow_seed = self._build(u, x, seed, n_layers), seed
+            else:
+                net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
+            history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
+            epochs_before = history.epochs
+            try:
+                train(
+                    net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+                    ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
+                    groups=_duplicate_groups(theta, x), num_threads=num_threads,
+                )
+            except BaseException as error:
+                if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
+                    self._keep_partial(net, flow_seed, n_layers, history, error)
+                raise
+            self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
+            self._transforms, self.partial_posterior = n_layers, None
+            return Posterior(
+                copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
+                history=copy.deepcopy(history),
+                max_batch_elements=self.max_batch_elements,
             )
-        except BaseException as error:
-            if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
-                self._keep_partial(net, flow_seed, n_layers, history, error)
-            raise
-        finally:
-            torch.set_num_threads(old_threads)
-        self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
-        self._transforms, self.partial_posterior = n_layers, None
-        return Posterior(
-            copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
-            history=copy.deepcopy(history),
-            max_batch_elements=self.max_batch_elements,
-        )
 
     # ------------------------------------------------------------------------------ internals
     def _build(self, u: Tensor, x: Tensor, seed: int, transforms: int) -> PosteriorNet:

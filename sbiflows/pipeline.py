@@ -15,21 +15,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch.distributions import Distribution  # noqa: E402
-
-import sbiflows  # noqa: E402
-from sbiflows import diagnostics, plots  # noqa: E402
-from sbiflows.npe import NPE  # noqa: E402
-from sbiflows.report import jsonable, write_markdown  # noqa: E402
-from sbiflows.serialization import load  # noqa: E402
-from sbiflows.simulate import simulate, simulate_from_prior  # noqa: E402
+import sbiflows
+from sbiflows import diagnostics, plots
+from sbiflows.npe import NPE
+from sbiflows.report import jsonable, write_markdown
+from sbiflows.seeding import derive_seed
+from sbiflows.serialization import load
+from sbiflows.simulate import simulate, simulate_from_prior
+from sbiflows.training import MAX_EPOCHS
 
 
 def run(
@@ -48,7 +47,7 @@ def run(
     calibration_samples: int = 1000,
     c2st_samples: int = 10_000,
     reference: bool = True,
-    max_epochs: int = 500,
+    max_epochs: int = MAX_EPOCHS,
     progress: bool = True,
     log: Callable[[str], None] = print,
     batch_size: int = 100,
@@ -152,7 +151,7 @@ def run(
 
     def as_tensor_simulator(theta: Tensor) -> Tensor:
         """The user's simulator as tensor -> float32 tensor, seeded, failures as NaN rows."""
-        return simulate(simulator, theta, seed=seed + 2, **engine).x.to(torch.float32)
+        return simulate(simulator, theta, seed=derive_seed(seed, "predictive"), **engine).x.to(torch.float32)
 
     for b, (key, x_o, truth) in enumerate(observations):
         entry: dict = {"name": key, "observation": x_o.reshape(-1).tolist()}
@@ -182,7 +181,7 @@ def run(
 
     log(f"[5/5] calibration on {calibration_datasets} fresh simulations x {calibration_samples} posterior draws")
     start = time.perf_counter()
-    fresh = simulate_from_prior(simulator, prior, calibration_datasets, seed=seed + 1,
+    fresh = simulate_from_prior(simulator, prior, calibration_datasets, seed=derive_seed(seed, "calibration"),
                                 store=out / "calibration.zarr", progress=progress, **engine)
     if fresh.reused:
         log(f"      reused {fresh.reused} calibration simulations from the store")

@@ -30,12 +30,13 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_int
+from sbiflows.checks import check_int, check_positive_number
 from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import Unconstrained, check_prior
-from sbiflows.seeding import derive_seed
+from sbiflows.seeding import derive_seed, stream_seeds
+from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
 
 __all__ = ["Posterior", "as_float_tensor"]
@@ -104,6 +105,42 @@ def _caller_level() -> int:
 def _x_dtype(x: Any, default: torch.dtype) -> torch.dtype:
     """float64 simulations and observations stay float64 until standardized; anything else gets ``default``."""
     return torch.float64 if getattr(x, "dtype", None) in (torch.float64, np.float64) else default
+
+
+class _SeededNoise:
+    """Base noise of a seeded draw, in fixed blocks, so that the samples do not depend on chunking.
+
+    Observation ``b`` of a draw gets its own stream: rows ``[k * BLOCK, (k + 1) * BLOCK)`` come from a
+    generator seeded with the ``k``-th seed of stream ``b`` of one root seed, which is drawn from the
+    caller's generator. Chunking over samples or observations (``max_batch_elements``) then only
+    decides which blocks are computed together.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, generator: torch.Generator, n: int, base: torch.nn.Module, device: torch.device):
+        self.root = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        self.blocks = -(-n // self.BLOCK)
+        self.base, self.device = base, device
+        self._seeds: dict[int, np.ndarray] = {}
+
+    def rows(self, start: int, m: int, observations: range) -> Tensor:
+        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``."""
+        first, last = start // self.BLOCK, (start + m - 1) // self.BLOCK
+        offset = start - first * self.BLOCK
+        columns = []
+        for b in observations:
+            seeds = self._seeds.pop(b, None)
+            if seeds is None:
+                seeds = stream_seeds(self.root, f"posterior/{b}", self.blocks)
+            if last + 1 < self.blocks:
+                self._seeds[b] = seeds  # later rows of this observation come in another chunk
+            blocks = [
+                self.base.sample((self.BLOCK,), generator=torch.Generator(device=self.device).manual_seed(int(seeds[k])))
+                for k in range(first, last + 1)
+            ]
+            columns.append(torch.cat(blocks)[offset : offset + m])
+        return torch.stack(columns, 1)
 
 
 class Posterior:
@@ -196,6 +233,7 @@ class Posterior:
 
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()
+    @torch_threads()
     def sample(
         self, n: int, x: Any, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -217,6 +255,7 @@ class Posterior:
             return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
 
     @torch.no_grad()
+    @torch_threads()
     def sample_batched(
         self, n: int, xs: Any, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -228,6 +267,7 @@ class Posterior:
         n = _positive_int(n, "n")
         xs = self._observations(xs, "xs")
         generator = self._generator(seed, generator)
+        noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
         sample_step = min(n, self.max_batch_elements)
@@ -235,7 +275,10 @@ class Posterior:
             context = self.net.context(xs[b : b + obs_step])
             for i in range(0, n, sample_step):
                 m = min(sample_step, n - i)
-                u = self.net.sample_given_context(m, context, generator=generator)
+                if noise is None:
+                    u = self.net.sample_given_context(m, context, generator=generator)
+                else:
+                    u = self.net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
 
@@ -254,6 +297,7 @@ class Posterior:
 
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()
+    @torch_threads()
     def log_prob(self, theta: Any, x: Any) -> Tensor:
         """``log p(theta | x)`` for parameters of shape ``(..., D)`` and one observation.
 
@@ -273,6 +317,7 @@ class Posterior:
             return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
 
     @torch.no_grad()
+    @torch_threads()
     def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
         """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, x_dim)``: ``(n, B)``."""
         xs = self._observations(xs, "xs")
@@ -306,6 +351,7 @@ class Posterior:
         return self._space.to_constrained(torch.zeros(self.theta_dim, device=like.device, dtype=like.dtype))
 
     # ------------------------------------------------------------------------------------ MAP
+    @torch_threads()
     def map(
         self,
         x: Any,
@@ -315,13 +361,29 @@ class Posterior:
         num_iter: int = 500,
         learning_rate: float = 0.01,
         seed: int = 0,
+        progress: bool = False,
     ) -> Tensor:
         """A maximum-a-posteriori estimate of ``theta`` for one observation: shape ``(D,)``.
 
         Draws ``num_init_samples`` posterior samples, keeps the ``num_to_optimize`` with the highest
         ``log_prob`` and runs Adam on all of them at once, in the unconstrained space, on
-        ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best.
+        ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best point seen. The cost is
+        bounded by the options: ``num_init_samples`` density evaluations, then ``num_iter`` batched
+        gradient steps on ``num_to_optimize`` points.
+
+        Args:
+            x: One observation.
+            num_init_samples: Posterior samples to start from (``>= 1``).
+            num_to_optimize: How many of the best samples are refined (``>= 1``).
+            num_iter: Adam steps (``>= 0``; 0 returns the best sample).
+            learning_rate: Adam step size in the unconstrained space (``> 0``).
+            seed: Seeds the initial samples.
+            progress: Show a progress bar over the Adam steps.
         """
+        num_init_samples = check_int(num_init_samples, "num_init_samples", minimum=1)
+        num_to_optimize = check_int(num_to_optimize, "num_to_optimize", minimum=1)
+        num_iter = check_int(num_iter, "num_iter", minimum=0)
+        learning_rate = check_positive_number(learning_rate, "learning_rate")
         x = self._single_observation(x)
         generator = self._generator(seed, None)
         context = self.net.context(x).detach()
@@ -331,7 +393,12 @@ class Posterior:
         u = u[start].clone().requires_grad_(True)
         optimizer = torch.optim.Adam([u], lr=learning_rate)
         best_u, best_lp = u.detach().clone(), torch.full((len(u),), -torch.inf, device=self.device, dtype=self.dtype)
-        for _ in range(num_iter):
+        steps = range(num_iter)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="MAP", unit="step", leave=False)
+        for _ in steps:
             log_prob = self._log_prob_u(u, context)
             with torch.no_grad():
                 better = log_prob > best_lp
@@ -340,6 +407,9 @@ class Posterior:
             u.grad = -grad
             optimizer.step()
         with torch.no_grad():
+            final = self._log_prob_u(u, context)  # the point after the last step counts too
+            better = final > best_lp
+            best_u[better], best_lp[better] = u[better], final[better]
             return self._space.to_constrained(best_u[best_lp.argmax()])
 
     def _log_prob_u(self, u: Tensor, context: Tensor) -> Tensor:

@@ -27,6 +27,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sbiflows.threads import resolve_threads, torch_threads
+
+
+#: The default cap on training epochs everywhere (``train``, ``NPE.fit``, ``sbiflows fit --max-epochs``);
+#: early stopping usually ends training long before it.
+MAX_EPOCHS = 1000
+
 
 @dataclass
 class TrainingHistory:
@@ -75,7 +82,7 @@ def train(
     inputs: Tensor,
     context: Tensor | None = None,
     *,
-    max_epochs: int = 500,
+    max_epochs: int = MAX_EPOCHS,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
     validation_fraction: float = 0.1,
@@ -87,6 +94,7 @@ def train(
     progress: bool = False,
     history: TrainingHistory | None = None,
     groups: Tensor | None = None,
+    num_threads: int | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -114,6 +122,8 @@ def train(
         groups: ``(N,)`` integer labels of rows that must stay on one side of the validation split
             (e.g. duplicated simulations, which would otherwise be scored on copies of training rows);
             None splits rows freely.
+        num_threads: torch intra-op threads while training (restored afterwards); None: the rule of
+            :mod:`sbiflows.threads` (one thread unless you set torch's thread count yourself).
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -137,6 +147,7 @@ def train(
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs,
     )
+    resolve_threads(num_threads)
     n = _check_rows(inputs, context)
     n_train, n_val = split_sizes(n, validation_fraction)
     if n_train < 1 or n_val < 1:
@@ -162,64 +173,65 @@ def train(
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
     bar = _progress_bar(max_epochs) if progress else None
-    start = time.perf_counter()
-    try:
-        for epoch in range(first, first + max_epochs):
-            model.train()
-            order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
-            total, diverged = 0.0, False
-            for batch in order.split(batch_size):
-                loss = -model.log_prob(inputs[batch], None if context is None else context[batch]).mean()
-                value = loss.item()
-                if not math.isfinite(value):
-                    diverged = True
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, clip_grad_norm)
-                optimizer.step()
+    with torch_threads(num_threads):
+        start = time.perf_counter()
+        try:
+            for epoch in range(first, first + max_epochs):
+                model.train()
+                order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
+                total, diverged = 0.0, False
+                for batch in order.split(batch_size):
+                    loss = -model.log_prob(inputs[batch], None if context is None else context[batch]).mean()
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        diverged = True
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                    optimizer.step()
+                    if average is not None:
+                        average.update()
+                    total += value * len(batch)
                 if average is not None:
-                    average.update()
-                total += value * len(batch)
-            if average is not None:
-                average.copy_buffers()
-            val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx)
-            if diverged or not math.isfinite(val_loss):
-                history.diverged = True
-                if best_epoch < 0:
-                    raise FloatingPointError(
-                        f"non-finite loss at epoch {epoch} before any finite validation loss; try a lower "
-                        "learning_rate or check the data for extreme values"
+                    average.copy_buffers()
+                val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx)
+                if diverged or not math.isfinite(val_loss):
+                    history.diverged = True
+                    if best_epoch < 0:
+                        raise FloatingPointError(
+                            f"non-finite loss at epoch {epoch} before any finite validation loss; try a lower "
+                            "learning_rate or check the data for extreme values"
+                        )
+                    warnings.warn(
+                        f"training diverged (non-finite loss) at epoch {epoch}; restored the best weights "
+                        f"(epoch {best_epoch}, validation loss {best_loss:.4f})",
+                        RuntimeWarning,
+                        stacklevel=2,
                     )
-                warnings.warn(
-                    f"training diverged (non-finite loss) at epoch {epoch}; restored the best weights "
-                    f"(epoch {best_epoch}, validation loss {best_loss:.4f})",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                break
-            history.train_loss.append(total / n_train)
-            history.validation_loss.append(val_loss)
-            history.epochs += 1
-            if val_loss < best_loss:
-                best_loss, best_epoch, since_best = val_loss, epoch, 0
-                best_state = _snapshot(validated)
-            else:
-                since_best += 1
+                    break
+                history.train_loss.append(total / n_train)
+                history.validation_loss.append(val_loss)
+                history.epochs += 1
+                if val_loss < best_loss:
+                    best_loss, best_epoch, since_best = val_loss, epoch, 0
+                    best_state = _snapshot(validated)
+                else:
+                    since_best += 1
+                if bar is not None:
+                    bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{best_loss:.3f}")
+                    bar.update(1)
+                if since_best >= patience:
+                    history.stopped_early = True
+                    break
+        finally:
             if bar is not None:
-                bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{best_loss:.3f}")
-                bar.update(1)
-            if since_best >= patience:
-                history.stopped_early = True
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        model.load_state_dict(best_state)
-        model.eval()
-        if best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
-            history.best_epoch, history.best_validation_loss = best_epoch, best_loss
-        history.seconds += time.perf_counter() - start
+                bar.close()
+            model.load_state_dict(best_state)
+            model.eval()
+            if best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
+                history.best_epoch, history.best_validation_loss = best_epoch, best_loss
+            history.seconds += time.perf_counter() - start
     return history
 
 

@@ -165,3 +165,70 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert f"reused {10 * kept} finished simulations" in finished.stdout
     assert (out / "report.md").exists()
+
+
+USER_MODEL = textwrap.dedent("""
+    import torch
+    from torch.distributions import Independent, Normal
+
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    CALLS = []
+
+    def simulate(theta):
+        CALLS.append(len(theta))
+        return torch.cat([theta, theta.sum(-1, keepdim=True)], -1)  # x has 3 values
+""")
+
+
+@pytest.mark.parametrize(
+    "observation,message",
+    [
+        ("x.csv:1,2", "observation 'x' has 2 values, but the simulator's x has 3"),
+        ("x.json:[1,2,3]", "unsupported file type '.json'; use one of .csv, .txt, .npy"),
+        ("x.csv:1,nan,3", "observation 'x' contains NaN or inf"),
+    ],
+)
+def test_user_simulator_input_is_checked_after_one_probe_simulation(tmp_path, monkeypatch, capsys, observation,
+                                                                    message):
+    """Issue 14: a wrong observation is one line and exit code 2 before the simulation budget is spent."""
+    (tmp_path / "usermodel.py").write_text(USER_MODEL)
+    name, _, content = observation.partition(":")
+    (tmp_path / name).write_text(content + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--simulator", "usermodel:simulate", "--prior", "usermodel:prior", "--observation", name,
+              "--out", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    import usermodel
+
+    assert sum(usermodel.CALLS) <= 1  # at most the one probe simulation
+    assert not (tmp_path / "run").exists()
+    sys.modules.pop("usermodel")
+
+
+def test_task_with_a_wrong_length_observation_fails_before_simulating(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("0.1 0.2 0.3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "two_moons", "--observation", str(tmp_path / "x.txt"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "observation 'x' has 3 values, but the simulator's x has 2" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_simulator_given_as_a_file_path_is_imported(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "filemodel.py").write_text(USER_MODEL)
+    (tmp_path / "x.csv").write_text("1,2\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:  # imported from the path: the length check is what fails
+        main(["fit", "--simulator", "models/filemodel.py:simulate", "--prior", "models/filemodel.py:prior",
+              "--observation", "x.csv", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2 and "has 2 values, but the simulator's x has 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--simulator", "models/missing.py:simulate", "--prior", "models/filemodel.py:prior",
+              "--observation", "x.csv"])
+    assert info.value.code == 2
+    assert "'models/missing.py' looks like a file path but is not an existing .py file" in capsys.readouterr().err
+    sys.modules.pop("filemodel")

@@ -365,7 +365,7 @@ def test_empty_training_set_is_a_value_error():
         ("max_epochs", 0, ValueError, "max_epochs must be an int >= 1, got 0"),
         ("learning_rate", -1.0, ValueError, r"learning_rate must be None \(the default rule\) or finite and > 0, got -1.0"),
         ("validation_fraction", 1.5, ValueError, r"validation_fraction must be in \(0, 1\), got 1.5"),
-        ("num_threads", 0, ValueError, "num_threads must be None or an int >= 1, got 0"),
+        ("num_threads", 0, ValueError, "num_threads must be an int >= 1, got 0"),
         ("seed", 1.5, TypeError, "seed must be an int, got float 1.5"),
     ],
 )

@@ -261,3 +261,31 @@ def test_an_observation_far_outside_the_simulations_warns_once_naming_the_featur
         warnings.simplefilter("error")
         with observations_unchecked():
             posterior.log_prob(torch.zeros(4, 2), x=torch.tensor([0.0, 0.0, 100.0]))
+
+
+def test_map_checks_its_options_and_counts_the_last_step(gaussian_posterior):
+    posterior, x = gaussian_posterior, torch.tensor([0.5, -0.5])
+    with pytest.raises(TypeError, match="num_iter must be an int >= 0, got float 1.5"):
+        posterior.map(x, num_iter=1.5)
+    with pytest.raises(ValueError, match="num_to_optimize must be an int >= 1, got 0"):
+        posterior.map(x, num_to_optimize=0)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+        posterior.map(x, learning_rate=-1.0)
+    best_sample = posterior.map(x, num_init_samples=200, num_iter=0)
+    refined = posterior.map(x, num_init_samples=200, num_iter=50, progress=True)
+    assert posterior.log_prob(refined, x) >= posterior.log_prob(best_sample, x)
+
+
+def test_seeded_samples_do_not_depend_on_chunking_or_batch_neighbours(box_posterior):
+    """Issue 14.9: seeded draws used to change with max_batch_elements."""
+    xs = torch.linspace(-1, 1, 6).reshape(3, 2)
+    whole = box_posterior.sample_batched(2500, xs, seed=3)
+    small = box_posterior.copy()
+    for elements in (1000, 700, 2500):  # chunks that split observations and the 1024-row noise blocks
+        small.max_batch_elements = elements
+        # the same noise; the flow's arithmetic on batches of other sizes may round differently
+        torch.testing.assert_close(small.sample_batched(2500, xs, seed=3), whole)
+    torch.testing.assert_close(box_posterior.sample(2500, xs[0], seed=3), whole[:, 0])  # observation 0 of a batch
+    torch.testing.assert_close(box_posterior.sample(1000, xs[0], seed=3), whole[:1000, 0])  # fewer rows: a prefix
+    generator = torch.Generator().manual_seed(derive_seed(3, "posterior"))
+    assert torch.equal(box_posterior.sample_batched(2500, xs, generator=generator), whole)

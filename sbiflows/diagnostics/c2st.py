@@ -14,9 +14,9 @@ The test asks how well a classifier can tell two sets of samples apart: a cross-
 All folds are trained at once: their weights are stacked along a leading fold axis and every layer
 is one batched matrix product, with a hand-written backward pass and Adam update on one flat
 parameter buffer, so an epoch costs a handful of small kernels instead of ``folds`` separate
-training loops. Training runs on one intra-op thread (restored afterwards): the matrices are so
-small that a second thread only adds synchronisation, and on a busy machine spinning OpenMP
-threads made training 20-50x slower in our measurements.
+training loops. Training follows the thread rule of :mod:`sbiflows.threads` (one intra-op thread
+unless you chose otherwise): the matrices are so small that a second thread only adds
+synchronisation.
 
 What the numbers mean: under the null hypothesis (same distribution) the accuracy scatters around
 0.5 with a standard deviation of about 0.011-0.017 for 1,000 samples per set in 2-D (and larger for
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sbiflows.threads import torch_threads
 
 __all__ = ["C2STResult", "c2st"]
 
@@ -89,6 +91,7 @@ def c2st(
     l2: float = 1e-4,
     tol: float = 1e-4,
     patience: int = 10,
+    num_threads: int | None = None,
 ) -> C2STResult:
     """Classifier two-sample test: cross-validated accuracy of an MLP telling ``a`` from ``b``.
 
@@ -107,6 +110,7 @@ def c2st(
         l2: L2 penalty on the weights (scikit-learn's ``alpha``).
         tol: Minimum improvement of the epoch training loss that counts as progress.
         patience: Training stops after more than ``patience`` epochs without progress.
+        num_threads: torch threads for the classifier; None: the rule of :mod:`sbiflows.threads`.
 
     Returns:
         A :class:`C2STResult` with the mean and per-fold accuracies and the verdict.
@@ -140,9 +144,7 @@ def c2st(
     labels = torch.cat([torch.zeros(n), torch.ones(n)])
     fold_of = torch.cat([_fold_ids(n, folds, generator), _fold_ids(n, folds, generator)])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add synchronisation (see module doc)
-    try:
+    with torch_threads(num_threads):  # tiny matrices: extra threads only synchronise (see sbiflows.threads)
         mlp = _FoldMLP(dim, 10 * dim, folds, generator)
         epochs = mlp.fit(
             data,
@@ -157,8 +159,6 @@ def c2st(
             patience=patience,
         )
         correct = (mlp.logits(data.expand(folds, -1, -1)) > 0).float() == labels  # (F, 2N)
-    finally:
-        torch.set_num_threads(threads)
     in_fold = fold_of == torch.arange(folds).unsqueeze(1)  # (F, 2N): each fold's test set
     fold_acc = (correct & in_fold).sum(1) / in_fold.sum(1)
     accuracy = float(fold_acc.mean())

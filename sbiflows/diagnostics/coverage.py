@@ -37,6 +37,7 @@ from sbiflows.diagnostics.simulations import (
     posterior_draws,
     seeded,
 )
+from sbiflows.threads import torch_threads
 
 __all__ = ["CoverageResult", "expected_coverage"]
 
@@ -107,6 +108,7 @@ class CoverageResult:
         return "\n".join(lines)
 
 
+@torch_threads()
 def expected_coverage(
     posterior: object,
     prior: Distribution | None = None,

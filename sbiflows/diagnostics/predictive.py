@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from sbiflows.diagnostics.simulations import MIN_POSTERIOR_SAMPLES, check_posterior, seeded
+from sbiflows.threads import torch_threads
 
 __all__ = ["PredictiveResult", "posterior_predictive"]
 
@@ -93,6 +94,7 @@ class PredictiveResult:
         return "\n".join(lines)
 
 
+@torch_threads()
 def posterior_predictive(
     posterior: object,
     simulator: Callable[[Tensor], Tensor],

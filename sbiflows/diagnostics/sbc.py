@@ -36,6 +36,7 @@ from sbiflows.diagnostics.simulations import (
     posterior_draws,
     seeded,
 )
+from sbiflows.threads import torch_threads
 
 __all__ = ["SBCResult", "sbc", "rank_statistics"]
 
@@ -128,6 +129,7 @@ class SBCResult:
         return "\n".join(lines)
 
 
+@torch_threads()
 def sbc(
     posterior: object,
     prior: Distribution | None = None,

@@ -50,6 +50,7 @@ from sbiflows.diagnostics.simulations import (
     posterior_draws,
     seeded,
 )
+from sbiflows.threads import torch_threads
 
 __all__ = ["TARPResult", "tarp"]
 
@@ -121,6 +122,7 @@ class TARPResult:
         )
 
 
+@torch_threads()
 def tarp(
     posterior: object,
     prior: Distribution | None = None,
