@@ -1,21 +1,67 @@
-"""Argument checks shared by the whole package: one wording, one rule for what counts as an int.
+"""Argument and tensor checks shared by the whole package: one wording, one rule for each kind of value.
 
-An int is a Python or NumPy integer and never a bool; a wrong type raises ``TypeError`` and a value
-out of range ``ValueError``; every message names the argument, what it expects and what it got.
+* An int is a Python or NumPy integer and never a bool; a real number is any int or float (NumPy's
+  included) and never a bool.
+* A value of the wrong type raises ``TypeError``; a value of the right type out of range raises
+  ``ValueError``.
+* Every message names the argument, says what it expects and shows what it got, e.g.
+  ``num_bins must be an int >= 2, got 1``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["check_int", "check_positive_number"]
+__all__ = [
+    "as_float_tensor",
+    "check_bool",
+    "check_choice",
+    "check_finite",
+    "check_int",
+    "check_positive_number",
+    "check_real",
+]
 
 
-def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
-    """``value`` as an int, or a clear error naming ``name``.
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value, NumPy scalars shown as the Python number they hold."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _none_text(optional: bool | str) -> str:
+    if isinstance(optional, str):
+        return f"None ({optional}) or "
+    return "None or " if optional else ""
+
+
+def check_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool | str = False
+) -> int | None:
+    """``value`` as a Python int, or a clear error naming ``name``.
+
+    Args:
+        value: The argument.
+        name: Its name, for the message.
+        minimum: Smallest allowed value (inclusive).
+        maximum: Largest allowed value (inclusive).
+        optional: Accept None (and return it); a string says what None means, for the message.
 
     Example:
         >>> check_int(np.int64(3), "seed")
@@ -24,24 +70,132 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
         Traceback (most recent call last):
         ...
         TypeError: seed must be an int, got float 1.5
+        >>> check_int(1, "num_bins", minimum=2, maximum=20)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_bins must be an int in [2, 20], got 1
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, "
-                        f"got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value is None and optional:
+        return None
+    bounds = _range_text(minimum, maximum, False, False)
+    expected = _none_text(optional) + "an int" + (f" {bounds}" if bounds else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {_shown(value)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
     return int(value)
 
 
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool | str = False,
+) -> float | None:
+    """``value`` as a finite float within the given bounds, or a clear error naming ``name``.
+
+    Example:
+        >>> check_real(0.1, "alpha", low=0, high=1, low_open=True, high_open=True)
+        0.1
+        >>> check_real(1.0, "alpha", low=0, high=1, low_open=True, high_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha must be a real number in (0, 1), got 1.0
+    """
+    if value is None and optional:
+        return None
+    bounds = _range_text(low, high, low_open, high_open)
+    expected = _none_text(optional) + "a real number" + (f" {bounds}" if bounds else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {_shown(value)}")
+    number = float(value)
+    inside = math.isfinite(number)
+    if low is not None:
+        inside = inside and (number > low if low_open else number >= low)
+    if high is not None:
+        inside = inside and (number < high if high_open else number <= high)
+    if not inside:
+        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
+    return number
+
+
 def check_positive_number(value: Any, name: str, *, unit: str = "") -> float:
-    """``value`` as a finite float > 0, or a clear error naming ``name``.
+    """``value`` as a finite float > 0, or a clear error naming ``name`` (``unit`` ends the expectation).
 
     Example:
         >>> check_positive_number(2, "timeout")
         2.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a positive number{unit}, got {type(value).__name__} {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number{unit}, got {type(value).__name__} {_shown(value)}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number{unit}, got {value!r}")
+        raise ValueError(f"{name} must be a positive number{unit}, got {_shown(value)}")
     return float(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is True or False (NumPy's bools too), else a ``TypeError`` naming ``name``.
+
+    Example:
+        >>> check_bool(1, "progress")
+        Traceback (most recent call last):
+        ...
+        TypeError: progress must be True or False, got int 1
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {_shown(value)}")
+    return bool(value)
+
+
+def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them.
+
+    Example:
+        >>> check_choice("l3", "distance", ("l2", "l1"))
+        Traceback (most recent call last):
+        ...
+        ValueError: distance must be one of 'l2', 'l1', got 'l3'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """``value`` (a tensor or NumPy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
+
+    Raises:
+        TypeError: For other types, or integer/boolean data (convert explicitly, e.g. ``x.float()``).
+
+    Example:
+        >>> as_float_tensor(np.zeros(2), "x", dtype=torch.float32, device="cpu")
+        tensor([0., 0.])
+    """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
+    return value.detach().to(device=device, dtype=dtype)
+
+
+def check_finite(value: Tensor, name: str) -> Tensor:
+    """``value`` if it holds no NaN or inf, else a ``ValueError`` naming ``name`` and the first bad row.
+
+    Example:
+        >>> check_finite(torch.tensor([[0.0, float("nan")]]), "x")
+        Traceback (most recent call last):
+        ...
+        ValueError: x contains NaN or inf (1 of 1 rows, first at row 0)
+    """
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        rows = bad.reshape(len(value), -1).any(-1) if value.ndim else bad.reshape(1)
+        first = int(rows.nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or inf ({int(rows.sum())} of {len(rows)} rows, first at row {first})")
+    return value

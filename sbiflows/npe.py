@@ -36,7 +36,6 @@ Design choices (see also ``docs/benchmarks.md``):
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_int
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
@@ -73,7 +73,6 @@ from sbiflows.threads import resolve_threads, torch_threads
 
 __all__ = ["NPE"]
 
-TRANSFORMS_EXPECTED = "None (the default rule) or an int >= 1"
 
 
 class NPE:
@@ -148,10 +147,8 @@ class NPE:
             raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
-        if transforms is not None and _index(transforms, "transforms", TRANSFORMS_EXPECTED) < 1:
-            raise ValueError(f"transforms must be {TRANSFORMS_EXPECTED}, got {transforms!r}")
+        self.transforms = check_int(transforms, "transforms", minimum=1, optional="the default rule")
         self.estimator = estimator
-        self.transforms = None if transforms is None else operator.index(transforms)
         self.hidden_features = check_hidden_features(hidden_features)
         self.activation = activation
         self.embedding_net = embedding_net
@@ -243,7 +240,7 @@ class NPE:
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
             ema_epochs=ema_epochs, optional=("batch_size", "learning_rate"),
         )
-        seed = _index(seed, "seed", "an int")
+        seed = check_int(seed, "seed")
         resolve_threads(num_threads)  # checked before any expensive step
         with torch_threads(num_threads):
             theta, x = self._check_data(theta, x, validation_fraction)
@@ -410,12 +407,3 @@ def _duplicate_groups(theta: Tensor, x: Tensor) -> Tensor | None:
     _, groups = torch.unique(rows, dim=0, return_inverse=True)
     return groups if int(groups.max()) + 1 < len(rows) else None
 
-
-def _index(value: Any, name: str, expected: str) -> int:
-    """``value`` as a Python int (numpy integers accepted, bools refused)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {expected}, got bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}") from None

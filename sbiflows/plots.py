@@ -25,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.coverage import CoverageResult
 from sbiflows.diagnostics.sbc import SBCResult
 from sbiflows.diagnostics.tarp import TARPResult
@@ -135,12 +136,9 @@ def sbc_ranks(
     num, dim = ranks.shape
     levels = num_draws + 1
     bins = num_bins if num_bins is not None else default_bins
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= levels:
-        raise ValueError(f"num_bins must be an int in 1..{levels} (L + 1), got {bins!r}")
-    if kind not in ("hist", "ecdf"):
-        raise ValueError(f"kind must be 'hist' or 'ecdf', got {kind!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    check_int(bins, "num_bins (at most L + 1)", minimum=1, maximum=levels)
+    check_choice(kind, "kind", ("hist", "ecdf"))
+    check_real(confidence, "confidence", low=0, high=1, low_open=True, high_open=True)
     names = _labels(labels if labels is not None else default_labels, dim)
 
     fig, axes = plt.subplots(1, dim, figsize=(3.2 * dim, 2.8), squeeze=False, layout="constrained")

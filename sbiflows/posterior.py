@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import operator
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_int, check_positive_number
+from sbiflows.checks import as_float_tensor, check_int, check_positive_number
 from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
 from sbiflows.prior_specs import move_prior
@@ -40,34 +39,6 @@ from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
 
 __all__ = ["Posterior", "as_float_tensor"]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (Python or numpy integers; bools are refused)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``value`` (a tensor or numpy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
-
-    Raises:
-        TypeError: For other types, or integer/boolean data (convert explicitly, e.g. ``x.float()``).
-    """
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
-    return value.detach().to(device=device, dtype=dtype)
 
 
 #: An observation feature more than this many standard deviations from the training simulations' mean
@@ -179,8 +150,7 @@ class Posterior:
         history: TrainingHistory | None = None,
         max_batch_elements: int = 2**17,
     ):
-        if not isinstance(max_batch_elements, int) or max_batch_elements < 1:
-            raise ValueError(f"max_batch_elements must be a positive int, got {max_batch_elements!r}")
+        check_int(max_batch_elements, "max_batch_elements", minimum=1)
         self.net = net.eval()
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
@@ -264,7 +234,7 @@ class Posterior:
         Chunked over observations (and samples) so that at most ``max_batch_elements`` rows are in
         flight at once. ``n``, ``seed`` and ``generator`` are as in :meth:`sample`.
         """
-        n = _positive_int(n, "n")
+        n = check_int(n, "n", minimum=1)
         xs = self._observations(xs, "xs")
         generator = self._generator(seed, generator)
         noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)

@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from sbiflows.checks import check_int
+
 __all__ = ["derive_seed", "stream_seeds"]
 
 
@@ -37,8 +39,7 @@ def derive_seed(seed: int, stream: str | int) -> int:
         >>> derive_seed(0, "prior") != derive_seed(0, "simulate") != derive_seed(1, "prior")
         True
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int(seed, "seed")
     key = zlib.crc32(stream.encode()) if isinstance(stream, str) else int(stream)
     sequence = np.random.SeedSequence([int(seed) % 2**64, key % 2**64])
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -56,7 +57,6 @@ def stream_seeds(seed: int, stream: str, count: int) -> np.ndarray:
         >>> bool((stream_seeds(0, "a", 5)[:3] == stream_seeds(0, "a", 3)).all())
         True
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int(seed, "seed")
     sequence = np.random.SeedSequence([int(seed) % 2**64, zlib.crc32(stream.encode())])
     return sequence.generate_state(count, dtype=np.uint32)

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_int, check_positive_number
+from sbiflows.checks import check_bool, check_choice, check_int, check_positive_number
 from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
@@ -210,8 +210,7 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     """
     if not isinstance(prior, Distribution):
         raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
-    if isinstance(num_simulations, bool) or not isinstance(num_simulations, (int, np.integer)) or num_simulations < 1:
-        raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+    num_simulations = check_int(num_simulations, "num_simulations", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed")
     chunks = []
@@ -343,8 +342,6 @@ def _check_options(simulator, *, seed, batch_size, workers, executor, timeout, s
         raise TypeError(f"store must be a directory path (str or Path) or None, got {type(store).__name__}")
     if store is not None and Path(store).exists() and not Path(store).is_dir():
         raise ValueError(f"store must be a directory, but {store} is a file")
-    if on_error not in ("nan", "raise"):
-        raise ValueError(f"on_error must be 'nan' or 'raise', got {on_error!r}")
+    check_choice(on_error, "on_error", ("nan", "raise"))
     for name, value in (("progress", progress), ("vectorized", vectorized), ("retry_failed", retry_failed)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+        check_bool(value, name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import operator
 import time
 import warnings
 from collections.abc import Collection
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sbiflows.checks import check_int
 from sbiflows.threads import resolve_threads, torch_threads
 
 
@@ -273,15 +273,7 @@ def check_training_options(
     for name, value in ints.items():
         if value is None and name in optional:
             continue
-        what = expected(name, "an int >= 1")
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be {what}, got bool {value!r}")
-        try:
-            ints[name] = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}") from None
-        if ints[name] < 1:
-            raise ValueError(f"{name} must be {what}, got {value!r}")
+        ints[name] = check_int(value, name, minimum=1, optional="the default rule" if name in optional else False)
     reals = {
         "learning_rate": (learning_rate, "finite and > 0", lambda v: 0 < v < math.inf),
         "clip_grad_norm": (clip_grad_norm, "> 0", lambda v: v > 0),

@@ -114,11 +114,11 @@ def test_c2st_agrees_with_the_sklearn_reference_protocol():
         ((torch.tensor([[0.0, math.nan]] * 20), torch.randn(20, 2)), {}, ValueError, "20 rows with NaN"),
         ((torch.randn(3, 2), torch.randn(3, 2)), {}, ValueError, "too few samples for 5 folds.*got 3"),
         ((torch.randn(20, 2), torch.randn(20, 2)), {"folds": 1}, ValueError, "folds must be an int >= 2"),
-        ((torch.randn(20, 2), torch.randn(20, 2)), {"threshold": 0.5}, ValueError, r"threshold must be in \(0.5, 1\]"),
-        ((torch.randn(20, 2), torch.randn(20, 2)), {"batch_size": 0}, ValueError, "batch_size must be a positive int"),
-        ((torch.randn(20, 2), torch.randn(20, 2)), {"max_epochs": 2.5}, ValueError, "max_epochs must be a positive int"),
-        ((torch.randn(20, 2), torch.randn(20, 2)), {"learning_rate": 0.0}, ValueError, "learning_rate must be positive"),
-        ((torch.randn(20, 2), torch.randn(20, 2)), {"patience": -1}, ValueError, "patience must be a non-negative"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"threshold": 0.5}, ValueError, r"threshold must be a real number in \(0.5, 1\], got 0.5"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"max_epochs": 2.5}, TypeError, "max_epochs must be an int >= 1, got float 2.5"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"learning_rate": 0.0}, ValueError, "learning_rate must be a positive number, got 0.0"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"patience": -1}, ValueError, "patience must be an int >= 0, got -1"),
     ],
 )
 def test_c2st_rejects_bad_input(args, kwargs, error, match):

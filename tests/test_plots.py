@@ -135,9 +135,9 @@ def test_sbc_ranks_accepts_raw_ranks():
     [
         ({}, ValueError, "num_posterior_samples .* is required when passing raw ranks"),
         ({"num_posterior_samples": 10}, ValueError, r"ranks must be integers in 0..10"),
-        ({"num_posterior_samples": 50, "kind": "violin"}, ValueError, "kind must be 'hist' or 'ecdf'"),
-        ({"num_posterior_samples": 50, "num_bins": 52}, ValueError, r"num_bins must be an int in 1..51"),
-        ({"num_posterior_samples": 50, "confidence": 1.0}, ValueError, r"confidence must be in \(0, 1\)"),
+        ({"num_posterior_samples": 50, "kind": "violin"}, ValueError, "kind must be one of 'hist', 'ecdf', got 'violin'"),
+        ({"num_posterior_samples": 50, "num_bins": 52}, ValueError, r"num_bins \(at most L \+ 1\) must be an int in \[1, 51\], got 52"),
+        ({"num_posterior_samples": 50, "confidence": 1.0}, ValueError, r"confidence must be a real number in \(0, 1\), got 1.0"),
         ({"num_posterior_samples": 50, "labels": ["a"]}, ValueError, "labels must have 2 entries"),
     ],
 )

@@ -156,7 +156,7 @@ def test_nan_observation_and_nan_theta_are_rejected(box_posterior):
         box_posterior.log_prob(torch.tensor([[torch.nan, 0.0]]), x=torch.zeros(2))
     with pytest.raises(ValueError, match="x is required"):
         box_posterior.sample(10, x=None)
-    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         box_posterior.sample(0, x=torch.zeros(2))
 
 
@@ -164,11 +164,11 @@ def test_sample_size_accepts_numpy_integers_and_rejects_non_integers(box_posteri
     x_o = torch.zeros(2)
     assert torch.equal(box_posterior.sample(np.int64(5), x=x_o, seed=0), box_posterior.sample(5, x=x_o, seed=0))
     assert box_posterior.sample_batched(np.int32(3), torch.zeros(2, 2), seed=0).shape == (3, 2, 2)
-    with pytest.raises(TypeError, match="n must be a positive int, got float 5.0"):
+    with pytest.raises(TypeError, match="n must be an int >= 1, got float 5.0"):
         box_posterior.sample(5.0, x=x_o)
-    with pytest.raises(TypeError, match="n must be a positive int, got bool True"):
+    with pytest.raises(TypeError, match="n must be an int >= 1, got bool True"):
         box_posterior.sample(True, x=x_o)
-    with pytest.raises(ValueError, match="n must be a positive int, got -3"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got -3"):
         box_posterior.sample(np.int64(-3), x=x_o)
 
 

@@ -220,7 +220,7 @@ def test_bad_arguments_are_refused_before_anything_runs():
         simulate(noisy, torch.zeros(5, 2), on_error="ignore")
     with pytest.raises(ValueError, match="theta must be a non-empty tensor"):
         simulate(noisy, np.zeros((5, 2)))
-    with pytest.raises(ValueError, match="num_simulations must be a positive int"):
+    with pytest.raises(ValueError, match="num_simulations must be an int >= 1"):
         simulate_from_prior(noisy, PRIOR, 0)
     with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
         simulate(noisy, torch.zeros(5, 2), workers=0)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sbiflows.checks import check_int, check_positive_number, check_real
 from sbiflows.threads import torch_threads
 
 __all__ = ["C2STResult", "c2st"]
@@ -325,19 +326,14 @@ def _check_options(
             "samples_a and samples_b must have the same number of samples (so that chance level "
             f"is 0.5), got {a.shape[0]} and {b.shape[0]}"
         )
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    check_int(folds, "folds", minimum=2)
     if a.shape[0] < folds:
         raise ValueError(
             f"too few samples for {folds} folds: each set needs at least {folds} samples, "
             f"got {a.shape[0]}"
         )
-    if not 0.5 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0.5, 1], got {threshold!r}")
-    for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise ValueError(f"patience must be a non-negative int, got {patience!r}")
+    check_real(threshold, "threshold", low=0.5, high=1.0, low_open=True)
+    check_int(max_epochs, "max_epochs", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_positive_number(learning_rate, "learning_rate")
+    check_int(patience, "patience", minimum=0)

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.simulations import MIN_POSTERIOR_SAMPLES, check_posterior, seeded
 from sbiflows.threads import torch_threads
 
@@ -146,12 +147,9 @@ def posterior_predictive(
         )
     if not torch.isfinite(x_o).all():
         raise ValueError("x_o contains NaN/inf values")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if metric not in ("mahalanobis", "standardized"):
-        raise ValueError(f"metric must be 'mahalanobis' or 'standardized', got {metric!r}")
+    check_int(num_samples, "num_samples", minimum=2)
+    check_real(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
+    check_choice(metric, "metric", ("mahalanobis", "standardized"))
     x_dim = x_o.shape[0]
 
     with seeded(seed):

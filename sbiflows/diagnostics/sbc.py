@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.simulations import (
     Simulator,
     calibration_pairs,
@@ -224,8 +225,7 @@ def rank_statistics(ranks: Tensor, num_posterior_samples: int, *, num_bins: int 
     num_levels = num_posterior_samples + 1
     if num_bins is None:
         num_bins = max(2, min(20, num // 10, num_levels))
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 2 <= num_bins <= num_levels:
-        raise ValueError(f"num_bins must be an int in 2..{num_levels} (L + 1), got {num_bins!r}")
+    check_int(num_bins, "num_bins (at most L + 1)", minimum=2, maximum=num_levels)
     ranks_np = ranks.numpy().astype(np.int64)
     unit = (ranks_np + 0.5) / num_levels  # normalised ranks, uniform on (0, 1) if calibrated
     ks = scipy.stats.ks_1samp(unit, scipy.stats.uniform.cdf, axis=0).pvalue
@@ -282,7 +282,5 @@ def _parameter_names(names: Sequence[str] | None, dim: int) -> tuple[str, ...]:
 
 
 def _check_options(alpha: float, test: str) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if test not in ("ks", "chi2"):
-        raise ValueError(f"test must be 'ks' or 'chi2', got {test!r}")
+    check_real(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
+    check_choice(test, "test", ("ks", "chi2"))

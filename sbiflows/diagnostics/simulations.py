@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_int
 from sbiflows.posterior import observations_unchecked
 
 __all__ = ["simulate_datasets"]
@@ -41,8 +42,7 @@ def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    seed = check_int(seed, "seed", optional=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -78,8 +78,7 @@ def simulate_datasets(
         raise TypeError(
             f"simulator must be callable (theta (N, D) -> x (N, x_dim)), got {type(simulator).__name__}"
         )
-    if isinstance(num_datasets, bool) or not isinstance(num_datasets, int) or num_datasets < 1:
-        raise ValueError(f"num_datasets must be a positive int, got {num_datasets!r}")
+    check_int(num_datasets, "num_datasets", minimum=1)
     if len(prior.event_shape) != 1:
         raise ValueError(f"prior must have event shape (D,), got {tuple(prior.event_shape)}")
     with seeded(seed):
@@ -149,12 +148,7 @@ def calibration_pairs(
 
 def check_num_posterior_samples(num_posterior_samples: int, check: str) -> None:
     """Validate ``num_posterior_samples`` and warn below :data:`MIN_POSTERIOR_SAMPLES`."""
-    if (
-        isinstance(num_posterior_samples, bool)
-        or not isinstance(num_posterior_samples, int)
-        or num_posterior_samples < 1
-    ):
-        raise ValueError(f"num_posterior_samples must be a positive int, got {num_posterior_samples!r}")
+    check_int(num_posterior_samples, "num_posterior_samples", minimum=1)
     if num_posterior_samples < MIN_POSTERIOR_SAMPLES:
         warnings.warn(
             f"{check}: only {num_posterior_samples} posterior samples per dataset; use at least "
@@ -183,9 +177,7 @@ def posterior_draws(
     go into each call (to bound memory).
     """
     num = xs.shape[0]
-    bad_size = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    if batch_size is not None and bad_size:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_int(batch_size, "batch_size", minimum=1, optional=True)
     step = num if batch_size is None else batch_size
     chunks = []
     for start in range(0, num, step):

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.simulations import (
     Simulator,
     calibration_pairs,
@@ -246,11 +247,7 @@ def _check_references(references: object, shape: torch.Size) -> Tensor:
 
 
 def _check_options(num_bins: int, distance: str, alpha: float, tolerance: float) -> None:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-    if distance not in ("l2", "l1"):
-        raise ValueError(f"distance must be 'l2' or 'l1', got {distance!r}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if not 0.0 < tolerance <= 1.0:
-        raise ValueError(f"tolerance must be in (0, 1], got {tolerance!r}")
+    check_int(num_bins, "num_bins", minimum=2)
+    check_choice(distance, "distance", ("l2", "l1"))
+    check_real(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
+    check_real(tolerance, "tolerance", low=0, high=1, low_open=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sbiflows.checks import check_int
 from sbiflows.nn import MLP
 from sbiflows.transforms.base import Transform
 
@@ -69,8 +70,7 @@ class Planar(Transform):
         max_iter: int = 100,
     ):
         super().__init__()
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        check_int(max_iter, "max_iter", minimum=1)
         self.features = features
         self.context_features = context_features
         self.max_iter = max_iter

@@ -1,0 +1,121 @@
+"""The one module of argument checks: a table of values each check accepts or refuses, and its wording."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sbiflows.checks import (
+    as_float_tensor,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_positive_number,
+    check_real,
+)
+
+
+@pytest.mark.parametrize(
+    "value,options,expected",
+    [
+        (3, {}, 3),
+        (np.int64(3), {}, 3),
+        (np.int32(-2), {}, -2),
+        (None, {"optional": True}, None),
+        (5, {"minimum": 5, "maximum": 5}, 5),
+    ],
+)
+def test_check_int_accepts(value, options, expected):
+    result = check_int(value, "n", **options)
+    assert result == expected and (result is None or type(result) is int)
+
+
+@pytest.mark.parametrize(
+    "value,options,error,message",
+    [
+        (True, {}, TypeError, "n must be an int, got bool True"),
+        (np.bool_(True), {}, TypeError, "n must be an int, got bool True"),
+        (1.0, {}, TypeError, "n must be an int, got float 1.0"),
+        ("3", {}, TypeError, "n must be an int, got str '3'"),
+        (None, {}, TypeError, "n must be an int, got NoneType None"),
+        (0, {"minimum": 1}, ValueError, "n must be an int >= 1, got 0"),
+        (np.int64(-3), {"minimum": 1}, ValueError, "n must be an int >= 1, got -3"),
+        (9, {"minimum": 2, "maximum": 8}, ValueError, r"n must be an int in \[2, 8\], got 9"),
+        (9, {"maximum": 8}, ValueError, "n must be an int <= 8, got 9"),
+        (0, {"minimum": 1, "optional": True}, ValueError, "n must be None or an int >= 1, got 0"),
+        (0, {"minimum": 1, "optional": "the default rule"}, ValueError,
+         r"n must be None \(the default rule\) or an int >= 1, got 0"),
+    ],
+)
+def test_check_int_refuses(value, options, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        check_int(value, "n", **options)
+
+
+@pytest.mark.parametrize(
+    "value,options,error,message",
+    [
+        (0.0, {"low": 0, "low_open": True}, ValueError, "a must be a real number > 0, got 0.0"),
+        (float("nan"), {}, ValueError, "a must be a real number, got nan"),
+        (float("inf"), {"low": 0}, ValueError, "a must be a real number >= 0, got inf"),
+        (1.0, {"low": 0, "high": 1, "high_open": True}, ValueError, r"a must be a real number in \[0, 1\), got 1.0"),
+        (True, {}, TypeError, "a must be a real number, got bool True"),
+        ("0.1", {}, TypeError, "a must be a real number, got str '0.1'"),
+        (2, {"high": 1, "optional": True}, ValueError, "a must be None or a real number <= 1, got 2"),
+    ],
+)
+def test_check_real_refuses(value, options, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        check_real(value, "a", **options)
+
+
+@pytest.mark.parametrize("value", [0.5, np.float32(0.5), np.int64(1), 1])
+def test_check_real_accepts_numpy_and_python_numbers(value):
+    assert check_real(value, "a", low=0, high=1) == float(value)
+    assert check_positive_number(value, "a") == float(value)
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
+                                         (True, TypeError), ("1", TypeError)])
+def test_check_positive_number_refuses(value, error):
+    with pytest.raises(error, match="t must be a positive number of seconds, got"):
+        check_positive_number(value, "t", unit=" of seconds")
+
+
+def test_check_bool_and_check_choice():
+    assert check_bool(np.bool_(False), "flag") is False
+    for value in (0, 1, "yes", None):
+        with pytest.raises(TypeError, match="flag must be True or False, got"):
+            check_bool(value, "flag")
+    assert check_choice("l1", "distance", ("l2", "l1")) == "l1"
+    for value in ("L1", None, 1):
+        with pytest.raises(ValueError, match="distance must be one of 'l2', 'l1', got"):
+            check_choice(value, "distance", ("l2", "l1"))
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ([1.0, 2.0], "x must be a torch.Tensor or a numpy array, got list"),
+        (torch.ones(2, dtype=torch.int64), r"x must have a floating dtype, got torch.int64; convert it, e.g. x.float\(\)"),
+        (np.ones(2, dtype=bool), "x must have a floating dtype, got torch.bool"),
+    ],
+)
+def test_as_float_tensor_refuses(value, message):
+    with pytest.raises(TypeError, match=message):
+        as_float_tensor(value, "x", dtype=torch.float32, device="cpu")
+
+
+def test_as_float_tensor_converts_and_detaches():
+    leaf = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    out = as_float_tensor(leaf, "x", dtype=torch.float32, device=torch.device("cpu"))
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert as_float_tensor(np.zeros((2, 3)), "x", dtype=torch.float64, device="cpu").shape == (2, 3)
+
+
+def test_check_finite_names_the_rows():
+    assert check_finite(torch.zeros(3, 2), "x").shape == (3, 2)
+    with pytest.raises(ValueError, match=r"x contains NaN or inf \(2 of 3 rows, first at row 1\)"):
+        check_finite(torch.tensor([[0.0], [float("inf")], [float("nan")]]), "x")
