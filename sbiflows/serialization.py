@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 import sbiflows
+from sbiflows.checks import check_bool
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior
@@ -80,6 +81,7 @@ def save(posterior: Posterior, path: str | Path, *, allow_unsaved_prior: bool = 
         True
     """
     state = {k: v.detach().clone() for k, v in posterior.net.state_dict().items()}
+    allow_unsaved_prior = check_bool(allow_unsaved_prior, "allow_unsaved_prior")
     spec = prior_spec(posterior.prior)
     if spec is None and not allow_unsaved_prior:
         raise ValueError(

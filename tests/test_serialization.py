@@ -132,6 +132,8 @@ def test_custom_prior_must_be_passed_to_load(tmp_path):
     posterior, theta, x = fitted(prior)
     with pytest.raises(ValueError, match="cannot save the TransformedDistribution prior"):
         posterior.save(tmp_path / "p.pt")
+    with pytest.raises(TypeError, match="allow_unsaved_prior must be True or False, got str 'yes'"):
+        posterior.save(tmp_path / "p.pt", allow_unsaved_prior="yes")
     posterior.save(tmp_path / "p.pt", allow_unsaved_prior=True)
     with pytest.raises(ValueError, match="TransformedDistribution prior.*load\\(path, prior=...\\)"):
         load(tmp_path / "p.pt")
