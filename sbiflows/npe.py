@@ -100,6 +100,7 @@ class NPE:
         device: Where to train; default: the device of the prior's samples.
 
     Attributes:
+        net, theta, x: Read-only: the trained network and all training rows so far (None before a fit).
         history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before).
         partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
             at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
@@ -162,6 +163,22 @@ class NPE:
         self._net: PosteriorNet | None = None
         self._theta: Tensor | None = None
         self._x: Tensor | None = None
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def net(self) -> PosteriorNet | None:
+        """The network of the last successful ``fit`` (None before); the posterior holds a copy of it."""
+        return self._net
+
+    @property
+    def theta(self) -> Tensor | None:
+        """All training parameters so far (rows of every successful ``fit``, invalid rows dropped); None before."""
+        return None if self._theta is None else self._theta.detach()
+
+    @property
+    def x(self) -> Tensor | None:
+        """All training simulations so far, matching :attr:`theta`; None before the first ``fit``."""
+        return None if self._x is None else self._x.detach()
 
     def to(self, device: torch.device | str) -> NPE:
         """Move the network, the stored training data and the prior to ``device``; returns ``self``.

@@ -154,7 +154,7 @@ def load(
         See :func:`save`.
     """
     try:
-        blob = torch.load(Path(path), weights_only=True, map_location=map_location)
+        blob = torch.load(Path(path), weights_only=True, map_location="cpu")  # checked on the CPU, then moved
     except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
         raise ValueError(f"{path} is not a readable sbiflows posterior file: {error}") from error
     config, state, prior_tensors = _check_blob(blob, path)
@@ -181,7 +181,7 @@ def load(
         net.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
-    device = next(iter(state.values())).device
+    device = torch.device(map_location)
     history = None if config["history"] is None else _history(config["history"], path)
     return Posterior(net.to(device), prior, config=post_config, history=history,
                      max_batch_elements=config["max_batch_elements"])

@@ -27,3 +27,13 @@ def guard_torch_defaults():
     dtype = torch.get_default_dtype()
     yield
     assert torch.get_default_dtype() == dtype, "test changed torch's default dtype"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: without it they are reported as skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

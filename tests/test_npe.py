@@ -148,10 +148,10 @@ def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors(
     prior, theta, x = box_problem(600)
     npe = NPE(prior)
     first = npe.fit(theta[:300], x[:300], **FAST)
-    shift = npe._net.x_shift.clone()
+    shift = npe.net.x_shift.clone()
     second = npe.fit(theta[300:], x[300:], **FAST)
-    assert len(npe._theta) == 600
-    assert torch.equal(npe._net.x_shift, shift)
+    assert len(npe.theta) == 600
+    assert torch.equal(npe.net.x_shift, shift)
     assert npe.history.epochs == 6 and second.history.epochs == 6 and first.history.epochs == 3
     probe = theta[:5]
     assert not torch.equal(first.log_prob(probe, x=x[0]), second.log_prob(probe, x=x[0]))
@@ -194,9 +194,9 @@ def test_failed_first_fit_leaves_a_fresh_object(monkeypatch, failure):
     prior, theta, x = box_problem()
     npe = NPE(prior)
     fail_fit(npe, theta, x, monkeypatch, failure)
-    assert npe._net is None and npe._theta is None and npe._x is None and npe.history is None
+    assert npe.net is None and npe.theta is None and npe.x is None and npe.history is None
     posterior = npe.fit(theta, x, seed=3, **FAST)
-    assert len(npe._theta) == 400 and npe.history.epochs == 3  # the rows of the failed fit are not kept
+    assert len(npe.theta) == 400 and npe.history.epochs == 3  # the rows of the failed fit are not kept
     fresh = NPE(prior).fit(theta, x, seed=3, **FAST)
     assert torch.equal(posterior.log_prob(theta[:20], x=x[0]), fresh.log_prob(theta[:20], x=x[0]))
     assert posterior.config == fresh.config
@@ -207,13 +207,13 @@ def test_failed_refit_keeps_data_weights_and_history(monkeypatch, failure):
     prior, theta, x = box_problem()
     npe = NPE(prior)
     npe.fit(theta[:200], x[:200], seed=1, **FAST)
-    weights = copy.deepcopy(npe._net.state_dict())
+    weights = copy.deepcopy(npe.net.state_dict())
     history = copy.deepcopy(npe.history)
     fail_fit(npe, theta[200:300], x[200:300], monkeypatch, failure)
-    assert len(npe._theta) == len(npe._x) == 200 and npe.history == history
-    assert all(torch.equal(value, weights[name]) for name, value in npe._net.state_dict().items())
+    assert len(npe.theta) == len(npe.x) == 200 and npe.history == history
+    assert all(torch.equal(value, weights[name]) for name, value in npe.net.state_dict().items())
     second = npe.fit(theta[200:], x[200:], seed=2, **FAST)
-    assert len(npe._theta) == 400 and npe.history.epochs == len(npe.history.train_loss) == 6
+    assert len(npe.theta) == 400 and npe.history.epochs == len(npe.history.train_loss) == 6
     reference = NPE(prior)
     reference.fit(theta[:200], x[:200], seed=1, **FAST)
     expected = reference.fit(theta[200:], x[200:], seed=2, **FAST)
@@ -230,7 +230,7 @@ def test_interrupted_fit_keeps_its_best_weights_in_partial_posterior(monkeypatch
     # the best of the 2 completed epochs, exactly as a fit stopped after 2 epochs
     two_epochs = NPE(prior).fit(theta, x, max_epochs=2, progress=False)
     assert torch.equal(partial.log_prob(theta[:20], x=x[0]), two_epochs.log_prob(theta[:20], x=x[0]))
-    assert npe._net is None  # the NPE itself was rolled back
+    assert npe.net is None  # the NPE itself was rolled back
     fail_fit(npe, theta, x, monkeypatch, "bad-option")  # a failure without progress keeps it
     assert npe.partial_posterior is partial
     npe.fit(theta, x, **FAST)
@@ -317,7 +317,7 @@ def test_nan_simulations_are_excluded_with_count_and_fraction():
     npe = NPE(prior)
     with pytest.warns(UserWarning, match=r"excluded 10 of 400 simulations \(2.5%\)"):
         npe.fit(theta, x, **FAST)
-    assert len(npe._x) == 390
+    assert len(npe.x) == 390
 
 
 def test_all_invalid_rows_and_nan_theta():
@@ -354,7 +354,7 @@ def test_empty_training_set_is_a_value_error():
     npe.fit(theta, x, **FAST)
     with pytest.raises(ValueError, match=r"theta and x must contain at least 1 row, got 0"):
         npe.fit(torch.zeros(0, 2), torch.zeros(0, 2), **FAST)
-    assert len(npe._theta) == 400
+    assert len(npe.theta) == 400
 
 
 @pytest.mark.parametrize(
@@ -374,7 +374,7 @@ def test_fit_options_are_validated_before_anything_happens(option, value, error,
     npe = NPE(prior)
     with pytest.raises(error, match=match):
         npe.fit(theta, x, **{**FAST, option: value})
-    assert npe._net is None and npe._theta is None and npe.history is None
+    assert npe.net is None and npe.theta is None and npe.history is None
 
 
 def test_input_types_numpy_accepted_lists_and_integers_rejected():
@@ -472,7 +472,7 @@ def test_to_device_moves_everything():
     npe = NPE(prior, device=torch.device("cpu"))
     npe.fit(theta, x, **FAST)
     npe.to(torch.device("cpu"))
-    assert npe._net.u_shift.device == torch.device("cpu")
+    assert npe.net.u_shift.device == torch.device("cpu")
     assert npe.prior.base_dist.low.device == torch.device("cpu")
 
 

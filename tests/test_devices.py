@@ -1,0 +1,62 @@
+"""Posteriors between devices: .to(device), and files saved on one device loaded on another.
+
+The CPU tests move through the ``meta`` device (shapes without data) to exercise the device logic;
+the ``gpu`` tests repeat the round trips on CUDA when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Independent, Uniform
+
+from sbiflows import NPE, load
+
+
+@pytest.fixture(scope="module")
+def box_posterior():
+    prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+    generator = torch.Generator().manual_seed(0)
+    theta = prior.sample((400,))
+    x = theta + 0.1 * torch.randn(400, 2, generator=generator)
+    return NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+
+
+def test_a_file_loads_onto_the_device_map_location_names(box_posterior, tmp_path):
+    box_posterior.save(tmp_path / "p.pt")
+    loaded = load(tmp_path / "p.pt", map_location="meta")
+    assert loaded.device.type == "meta"
+    assert all(p.device.type == "meta" for p in loaded.net.parameters())
+    assert loaded.prior.base_dist.low.device.type == "meta"
+    assert load(tmp_path / "p.pt").device.type == "cpu"  # the default: the CPU, wherever it was saved
+
+
+def test_moving_records_the_device_and_keeps_the_original(box_posterior):
+    moved = box_posterior.copy().to("meta")
+    assert moved.device.type == "meta" and box_posterior.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_round_trip_gives_the_same_numbers(box_posterior, tmp_path):
+    x_o, theta = torch.zeros(2), torch.rand(50, 2) * 2 - 1
+    on_gpu = box_posterior.copy().to("cuda")
+    assert on_gpu.device.type == "cuda" and on_gpu.prior.base_dist.low.is_cuda
+    torch.testing.assert_close(on_gpu.log_prob(theta, x_o).cpu(), box_posterior.log_prob(theta, x_o),
+                               atol=1e-4, rtol=1e-4)
+    samples = on_gpu.sample(10_000, x_o, seed=0)
+    assert samples.is_cuda and bool((samples.abs() < 1).all())
+    on_gpu.save(tmp_path / "gpu.pt")
+    back = load(tmp_path / "gpu.pt")  # saved on CUDA, loads on the CPU
+    assert back.device.type == "cpu"
+    torch.testing.assert_close(back.log_prob(theta, x_o), box_posterior.log_prob(theta, x_o))
+    assert load(tmp_path / "gpu.pt", map_location="cuda").device.type == "cuda"
+
+
+@pytest.mark.gpu
+def test_npe_trains_on_cuda():
+    prior = Independent(Uniform(-torch.ones(2, device="cuda"), torch.ones(2, device="cuda")), 1)
+    theta = prior.sample((500,))
+    x = theta + 0.1 * torch.randn_like(theta)
+    posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+    assert posterior.device.type == "cuda"
+    assert posterior.sample(100, x[0]).is_cuda
