@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from sbiflows.npe import NPE  # noqa: E402
 from sbiflows.posterior import Posterior  # noqa: E402
+from sbiflows.priors import IndependentPrior, box_uniform  # noqa: E402
 from sbiflows.serialization import load  # noqa: E402
 from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate to the function)
     SimulationError,
@@ -16,11 +17,13 @@ from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate
 
 __all__ = [
     "NPE",
+    "IndependentPrior",
     "Posterior",
     "SimulationError",
     "SimulationInterrupted",
     "SimulationResult",
     "__version__",
+    "box_uniform",
     "load",
     "load_simulations",
     "simulate",

@@ -181,7 +181,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         posterior = NPE(job.prior, estimator=job.estimator).fit(
             sims.theta, sims.x, seed=job.seed, max_epochs=job.max_epochs, progress=job.progress
         )
-        posterior.save(path)
+        posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
     state.timed("train", start)
     history = posterior.history

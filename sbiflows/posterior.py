@@ -30,8 +30,10 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from sbiflows.checks import as_float_tensor, check_int, check_positive_number
+from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
-from sbiflows.priors import Unconstrained, check_prior, move_prior
+from sbiflows.prior_specs import move_prior
+from sbiflows.priors import Unconstrained, check_prior
 from sbiflows.seeding import derive_seed, stream_seeds
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
@@ -174,7 +176,7 @@ class Posterior:
 
         Raises:
             ValueError: If the prior cannot be rebuilt on ``device`` (see
-                :func:`sbiflows.priors.move_prior`); the posterior is then left unchanged.
+                :func:`sbiflows.prior_specs.move_prior`); the posterior is then left unchanged.
         """
         prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
         checked = check_prior(prior)[0]
@@ -182,11 +184,16 @@ class Posterior:
         self.prior, self._prior, self._space = prior, checked, Unconstrained(checked.support)
         return self
 
-    def save(self, path: str | Path) -> None:
-        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`)."""
+    def save(self, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
+        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`).
+
+        Raises:
+            ValueError: If the file cannot describe the prior, unless ``allow_unsaved_prior=True`` (then
+                :func:`sbiflows.load` needs ``prior=...``).
+        """
         from sbiflows.serialization import save
 
-        save(self, path)
+        save(self, path, allow_unsaved_prior=allow_unsaved_prior)
 
     def __repr__(self) -> str:
         return (
@@ -244,6 +251,19 @@ class Posterior:
                     u = self.net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
+
+    def condition(self, x: Any, *, validate_args: bool | None = None) -> ConditionedPosterior:
+        """``p(theta | x)`` for one observation as a distribution over theta (a new object; ``self`` is unchanged).
+
+        A ``pyro.distributions.TorchDistribution`` with ``sample``, a reparameterized ``rsample`` and a
+        ``log_prob`` differentiable in the value, usable in ``pyro.sample``, NUTS/HMC/SVI or as the prior of
+        a new :class:`~sbiflows.NPE`; see :class:`~sbiflows.conditioned.ConditionedPosterior`.
+
+        Args:
+            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)`` (checked as in :meth:`sample`).
+            validate_args: As for ``torch.distributions`` (``None``: torch's global default).
+        """
+        return ConditionedPosterior(self, x, validate_args=validate_args)
 
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()

@@ -7,14 +7,16 @@ The file is a dict of plain types and tensors, readable with
 * ``config``: a JSON string with the architecture (estimator name, layers, hidden sizes, seed),
   shapes (``theta_dim``, ``x_dim``, context size, every tensor's shape), dtype, the prior spec (a
   whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
-  ``Independent``; null for other priors) and the training history;
+  ``Independent`` and ``IndependentPrior``; null only for a prior that ``save`` was told to leave out
+  with ``allow_unsaved_prior=True``: any other prior is refused at save) and the training history;
 * ``state_dict``: the network's tensors, z-score buffers included;
 * ``prior_tensors``: the prior's parameters;
 * ``sha256``: a digest of the config and every tensor (names, dtypes, shapes and bytes).
 
 Classes are only ever looked up in registries (:data:`sbiflows.estimator.ESTIMATORS`,
-:data:`sbiflows.priors.PRIOR_CLASSES`), never imported by name. Objects that JSON cannot describe (a
-custom prior, a callable estimator, an embedding net) are passed to :func:`load` by the caller.
+:data:`sbiflows.prior_specs.PRIOR_CLASSES`), never imported by name. Objects that JSON cannot describe (a
+custom prior left out on purpose, a callable estimator, an embedding net) are passed to :func:`load` by the
+caller.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 import sbiflows
+from sbiflows.checks import check_bool
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior
-from sbiflows.priors import build_prior, check_prior, prior_spec
+from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
+from sbiflows.priors import check_prior
 from sbiflows.training import TrainingHistory
 
 __all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "load", "save"]
@@ -47,8 +51,22 @@ _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_te
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def save(posterior: Posterior, path: str | Path) -> None:
+def save(posterior: Posterior, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
     """Write ``posterior`` to ``path`` (the in-memory object is not modified).
+
+    The prior is saved when it is made of whitelisted classes (:mod:`sbiflows.prior_specs`: the common
+    ``torch.distributions``, ``Independent``, :func:`~sbiflows.priors.box_uniform`,
+    :class:`~sbiflows.priors.IndependentPrior` of such marginals). Any other prior (a hand-written class,
+    a ``TransformedDistribution``, a conditioned posterior) is refused, never dropped silently, unless
+    ``allow_unsaved_prior=True``: then the file holds no prior and :func:`load` needs ``prior=...``.
+
+    Args:
+        posterior: The posterior to save.
+        path: The file (written atomically: an interrupted save leaves the previous file intact).
+        allow_unsaved_prior: Save a prior that the file cannot describe by leaving it out.
+
+    Raises:
+        ValueError: If the prior cannot be saved and ``allow_unsaved_prior`` is False.
 
     Example:
         >>> import tempfile, torch
@@ -63,7 +81,15 @@ def save(posterior: Posterior, path: str | Path) -> None:
         True
     """
     state = {k: v.detach().clone() for k, v in posterior.net.state_dict().items()}
+    allow_unsaved_prior = check_bool(allow_unsaved_prior, "allow_unsaved_prior")
     spec = prior_spec(posterior.prior)
+    if spec is None and not allow_unsaved_prior:
+        raise ValueError(
+            f"cannot save the {type(posterior.prior).__name__} prior: a file holds only priors made of {KNOWN} "
+            "(e.g. sbiflows.priors.box_uniform or IndependentPrior of standard marginals). Either build the prior "
+            "from those, or save without it, save(path, allow_unsaved_prior=True), and pass it back at load: "
+            "load(path, prior=...)"
+        )
     prior_config, prior_tensors = (None, {}) if spec is None else spec
     dtype = next(name for name, value in _DTYPES.items() if value == posterior.dtype)
     config = {

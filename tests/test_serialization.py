@@ -117,7 +117,10 @@ def test_subclass_of_a_standard_prior_is_saved_as_its_base_class(tmp_path):
 def test_subclass_that_changes_the_distribution_must_be_passed_to_load(tmp_path):
     prior = ShiftedNormal(torch.zeros(2), torch.ones(2))
     posterior, theta, x = fitted(prior)
-    posterior.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match=r"cannot save the ShiftedNormal prior.*allow_unsaved_prior=True"):
+        posterior.save(tmp_path / "p.pt")  # refused, not dropped silently (issue 15.6)
+    assert not (tmp_path / "p.pt").exists()
+    posterior.save(tmp_path / "p.pt", allow_unsaved_prior=True)
     with pytest.raises(ValueError, match=r"ShiftedNormal prior.*load\(path, prior=...\)"):
         load(tmp_path / "p.pt")
     loaded = load(tmp_path / "p.pt", prior=prior)
@@ -127,7 +130,11 @@ def test_subclass_that_changes_the_distribution_must_be_passed_to_load(tmp_path)
 def test_custom_prior_must_be_passed_to_load(tmp_path):
     prior = TransformedDistribution(Independent(Normal(torch.zeros(2), torch.ones(2)), 1), AffineTransform(1.0, 2.0))
     posterior, theta, x = fitted(prior)
-    posterior.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="cannot save the TransformedDistribution prior"):
+        posterior.save(tmp_path / "p.pt")
+    with pytest.raises(TypeError, match="allow_unsaved_prior must be True or False, got str 'yes'"):
+        posterior.save(tmp_path / "p.pt", allow_unsaved_prior="yes")
+    posterior.save(tmp_path / "p.pt", allow_unsaved_prior=True)
     with pytest.raises(ValueError, match="TransformedDistribution prior.*load\\(path, prior=...\\)"):
         load(tmp_path / "p.pt")
     loaded = load(tmp_path / "p.pt", prior=prior)
