@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
                      help="training epoch cap (early stopping usually ends training before it)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--labels", metavar="LIST", default=None,
+                     help="comma-separated parameter names for plots and the report (default: the task's, or the "
+                     "prior's parameter_names, or theta_1, ...)")
+    fit.add_argument("--name", default=None, help="title of the report (default: the task or simulator module)")
+    fit.add_argument("--strict", action="store_true",
+                     help="exit with code 1 when calibration finds the posterior over-confident or biased")
+    fit.add_argument("--force", action="store_true",
+                     help="replace the results of an earlier run with other settings in --out (only files sbiflows "
+                     "wrote are removed; simulations are kept where the settings they depend on are unchanged)")
     engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
     engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                         help="local worker processes that run the simulator (default: in this process)")
@@ -115,11 +125,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = simulators.get(name)
             print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim}")
         return 0
+    from sbiflows import outputs
+    from sbiflows.diagnostics.verdict import FAILING
+    from sbiflows.pipeline import run
+
     try:
         job = _setup(args)
+        job.command = "sbiflows " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+        job.parameter_names()  # checks --labels against the prior's dimension
+        settings = job.settings()
+        removed = outputs.prepare(job.out, settings, force=args.force)
     except ValueError as error:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
-    from sbiflows.pipeline import run
+    if removed:
+        print(f"sbiflows fit: --force: removed {len(removed)} outputs of the earlier run in {job.out}: "
+              f"{', '.join(removed)}", file=sys.stderr)
 
     client = None
     if args.scheduler:
@@ -129,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
         with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
-            run(job)
+            report = run(job)
+        outputs.record(job.out, settings)
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)
@@ -137,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if client is not None:
             client.close()
+    if args.strict and report["verdict"] in FAILING:
+        print(f"sbiflows fit: --strict: calibration found the posterior {report['verdict']}: {report['advice']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -190,7 +215,7 @@ def _setup(args: argparse.Namespace) -> Job:
             raise ValueError(f"--prior must name a torch.distributions.Distribution, got {type(prior).__name__}")
         if not callable(simulator):
             raise ValueError(f"--simulator must name a callable, got {type(simulator).__name__}")
-        name = args.simulator.split(":")[-1]
+        name = Path(args.simulator.rpartition(":")[0]).stem.split(".")[-1]  # the module, not "simulate"
     elif args.task:
         import simulators
 
@@ -203,17 +228,28 @@ def _setup(args: argparse.Namespace) -> Job:
 
     observations: list[Observation] = []
     if args.observation:
+        taken: set[str] = set()
         for path in args.observation:
+            stem = path.stem
+            if stem in taken:  # two files with the same name: the second gets its folder's name, or a number
+                stem = f"{path.parent.name}_{path.stem}" if path.parent.name else stem
+                stem = next(f"{stem}-{k}" for k in range(2, 10_000) if f"{stem}-{k}" not in taken) \
+                    if stem in taken else stem
             for k, row in enumerate(_read_observations(path)):
-                observations.append(Observation(f"{path.stem}" + (f"_{k + 1}" if k else ""), row))
+                row_name = stem + (f"_{k + 1}" if k else "")
+                taken.add(row_name)
+                observations.append(Observation(row_name, row))
+            taken.add(stem)
     elif task is not None:
         for i in _parse_indices(args.observations):
             observations.append(Observation(f"obs{i}", task.observation(i), task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
     _check_observations(observations, task.x_dim if task is not None else _probe_x_dim(simulator, prior, args))
+    labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
-        name=name,
+        name=args.name or name,
+        labels=labels,
         task=task,
         simulator=simulator,
         prior=prior,

@@ -28,7 +28,8 @@ import sbiflows
 from sbiflows import diagnostics, plots
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior
-from sbiflows.report import jsonable, write_markdown
+from sbiflows.diagnostics.verdict import ADVICE
+from sbiflows.report import jsonable, parameter_summary, plain_label, write_markdown
 from sbiflows.seeding import derive_seed
 from sbiflows.serialization import load
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
@@ -84,6 +85,8 @@ class Job:
     workers: int | None = None
     executor: object = None
     timeout: float | None = None
+    labels: list[str] | None = None
+    command: str | None = None
 
     @property
     def engine(self) -> dict:
@@ -91,10 +94,26 @@ class Job:
         return {"batch_size": self.batch_size, "workers": self.workers, "executor": self.executor,
                 "timeout": self.timeout}
 
-    @property
-    def labels(self) -> list[str] | None:
-        """Parameter names of the task, if it has them."""
-        return list(getattr(self.task, "parameter_names", [])) or None
+    def settings(self) -> dict:
+        """The settings that change the run's results (not progress output or the engine's parallelism)."""
+        return jsonable({
+            "name": self.name, "simulator": _identity(self.simulator), "prior": _prior_identity(self.prior),
+            "observations": {o.name: o.x.reshape(-1).tolist() for o in self.observations},
+            **{key: getattr(self, key) for key in ("simulations", "estimator", "seed", "num_samples",
+                                                   "calibration_datasets", "calibration_samples", "c2st_samples",
+                                                   "reference", "max_epochs", "batch_size", "timeout", "labels")},
+        })
+
+    def parameter_names(self) -> list[str]:
+        """Parameter labels: ``labels``, else the task's or the prior's ``parameter_names``, else theta_1..."""
+        dim = self.prior.sample().reshape(-1).numel()
+        for names in (self.labels, getattr(self.task, "parameter_names", None),
+                      getattr(self.prior, "parameter_names", None)):
+            if names is not None:
+                if len(names) != dim:
+                    raise ValueError(f"{len(names)} parameter labels {list(names)} for {dim} parameters")
+                return [str(name) for name in names]
+        return [f"$\\theta_{{{j + 1}}}$" for j in range(dim)]
 
 
 @dataclass
@@ -116,9 +135,10 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
 
     Outputs: ``posterior.pt`` (load with :func:`sbiflows.load`), ``simulations.zarr`` and
     ``calibration.zarr`` (load with :func:`sbiflows.load_simulations`), ``resume.json``,
-    ``samples.npz`` (posterior samples per observation), ``corner.png`` (and ``corner_<name>.png``
-    per further observation), ``sbc_ranks.png``, ``coverage.png``, ``tarp.png``, ``report.md`` and
-    ``report.json``.
+    ``samples.npz`` (posterior samples per observation), ``corner_<observation>.png`` / ``.pdf``,
+    ``sbc_ranks``, ``coverage`` and ``tarp`` (``.png`` at 300 dpi and ``.pdf``), ``report.md`` and
+    ``report.json`` (per observation and parameter the median, 68% and 95% credible intervals and the
+    MAP; the calibration verdict in words).
 
     Example:
         >>> import simulators, tempfile
@@ -137,7 +157,8 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     job.out = Path(job.out)
     job.out.mkdir(parents=True, exist_ok=True)
     state = _State(job, log, _Resume(job.out / "resume.json"))
-    state.report.update(name=job.name, simulations=job.simulations, estimator=job.estimator, seed=job.seed,
+    state.report.update(name=job.name, command=job.command, simulations=job.simulations, estimator=job.estimator,
+                        seed=job.seed, parameter_names=[plain_label(n) for n in job.parameter_names()],
                         versions=_versions())
     sims = _simulate(state)
     posterior = _train(state, sims)
@@ -225,7 +246,7 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         """The user's simulator as tensor -> float32 tensor, seeded, failures as NaN rows."""
         return simulate(job.simulator, theta, seed=derive_seed(job.seed, "predictive"), **job.engine).x.to(torch.float32)
 
-    entries = []
+    entries, labels = [], job.parameter_names()
     for b, observation in enumerate(job.observations):
         entry: dict = {"name": observation.name, "observation": observation.x.reshape(-1).tolist()}
         if observation.true_parameters is not None:
@@ -239,11 +260,15 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
             posterior, as_tensor_simulator, observation.x.reshape(-1), num_samples=1000, seed=job.seed
         )
         entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}
+        # MAP at a bounded cost: the best of 1,000 posterior draws, refined by 100 Adam steps
+        best = posterior.map(observation.x.reshape(-1), num_init_samples=1000, num_to_optimize=10, num_iter=100,
+                             seed=job.seed)
+        entry["parameters"] = parameter_summary(samples[:, b], [plain_label(n) for n in labels], best)
         # quiet: corner logs "Too few points to create valid contours" for very concentrated panels
         figure = plots.corner(samples[:, b], truths=observation.true_parameters, reference=reference,
-                              labels=job.labels, quiet=True)
-        figure.savefig(job.out / ("corner.png" if b == 0 else f"corner_{observation.name}.png"), dpi=100)
-        plt.close(figure)
+                              labels=labels, title=f"{job.name}: {observation.name}", quiet=True)
+        entry["corner"] = f"corner_{observation.name}"
+        _save_figure(figure, job.out / entry["corner"])
         entries.append(entry)
     state.timed("observation_checks", start)
     state.report["observations"] = entries
@@ -265,29 +290,63 @@ def _calibrate(state: _State, posterior: Posterior) -> None:
     valid = fresh.valid
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
                "x": fresh.x[valid]}
-    labels = job.labels
+    labels = job.parameter_names()
     checks = {
         "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,
-                               **({"parameter_names": labels} if labels else {})),
+                               parameter_names=[plain_label(n) for n in labels]),
         "coverage": diagnostics.expected_coverage(posterior, job.prior, job.simulator, **options),
         "tarp": diagnostics.tarp(posterior, job.prior, job.simulator, **options),
     }
     state.timed("calibration", start)
+    words = {key: diagnostics.verdict(r) for key, r in checks.items()}
     state.report["calibration"] = {
-        key: {"passed": bool(r.passed), "summary": str(r), "result": jsonable(r)} for key, r in checks.items()
+        key: {"verdict": words[key], "passed": bool(r.passed), "summary": str(r), "result": jsonable(r)}
+        for key, r in checks.items()
     }
+    state.report["verdict"] = diagnostics.overall(words.values())
+    state.report["advice"] = ADVICE[state.report["verdict"]]
     for key, figure in (
-        ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels)),
+        ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels, kind="ecdf")),
         ("coverage", plots.coverage(checks["coverage"])),
         ("tarp", plots.tarp(checks["tarp"])),
     ):
-        figure.savefig(job.out / f"{key}.png", dpi=100)
-        plt.close(figure)
-    for key, r in checks.items():
-        state.log(f"      {key}: {'passed' if r.passed else 'FAILED'}")
+        _save_figure(figure, job.out / key)
+    for key in checks:
+        state.log(f"      {key}: {words[key]}")
+    state.log(f"      calibration: {state.report['verdict']}: {state.report['advice']}")
 
 
 # -------------------------------------------------------------------------------- bookkeeping
+def _identity(function: Callable) -> str:
+    target = function if hasattr(function, "__qualname__") else type(function)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
+
+
+def _prior_identity(prior: Distribution) -> str:
+    """The prior's class and parameters (a digest of them), or its repr when it cannot be described."""
+    import hashlib
+
+    from sbiflows.prior_specs import prior_spec
+
+    spec = prior_spec(prior)
+    if spec is None:
+        return repr(prior)
+    config, tensors = spec
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(tensors[name].detach().cpu().double().numpy().tobytes())
+    return f"{config.get('class')}:{digest.hexdigest()[:16]}"
+
+
+
+def _save_figure(figure, stem: Path) -> None:
+    """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure."""
+    figure.savefig(stem.with_suffix(".png"), dpi=300)
+    figure.savefig(stem.with_suffix(".pdf"))
+    plt.close(figure)
+
+
+
 class _Resume:
     """``resume.json``: the settings each finished step (training, sampling) was made with."""
 

@@ -29,11 +29,16 @@ from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.coverage import CoverageResult
 from sbiflows.diagnostics.sbc import SBCResult
 from sbiflows.diagnostics.tarp import TARPResult
+from sbiflows.diagnostics.verdict import verdict
 
 __all__ = ["corner", "coverage", "sbc_ranks", "tarp"]
 
-SAMPLES_COLOR = "C0"
-REFERENCE_COLOR = "C1"
+#: Colours of the Okabe-Ito palette (distinguishable with every common colour-vision deficiency).
+SAMPLES_COLOR = "#0072B2"
+REFERENCE_COLOR = "#E69F00"
+TRUTH_COLOR = "#000000"
+#: The central share of each sample set that sets a corner plot's axis ranges.
+VIEW_MASS = 0.998
 
 
 def corner(
@@ -43,34 +48,44 @@ def corner(
     reference: torch.Tensor | np.ndarray | None = None,
     labels: Sequence[str] | None = None,
     task: Any = None,
+    title: str | None = None,
     color: str = SAMPLES_COLOR,
     reference_color: str = REFERENCE_COLOR,
-    legend: tuple[str, str] = ("posterior", "reference"),
+    truth_color: str = TRUTH_COLOR,
+    legend: tuple[str, str, str] = ("posterior", "reference", "true parameters"),
     **kwargs: Any,
 ) -> Figure:
     """Corner plot of ``samples`` (N, D), optionally with ``truths`` and overlaid ``reference``.
 
+    The axis range of each parameter follows the posterior: it spans the central 99.8% of the
+    samples (and of the reference), includes the true value and is padded by 10%, so a posterior
+    much narrower than the prior fills its panels; the bins follow the Freedman-Diaconis rule with
+    the spread within modes (20 to 100 per axis), so narrow and multi-modal shapes stay visible. Nothing is
+    smoothed in 1-D (mass the flow puts between modes shows as it is); 2-D contours are smoothed by one
+    bin. A reference is drawn as contour lines over the posterior's filled contours.
+
     Args:
         samples: Posterior samples, shape ``(N, D)`` (or ``(N,)`` for one parameter).
-        truths: True parameters, shape ``(D,)``: drawn as lines and markers.
+        truths: True parameters, shape ``(D,)``: drawn as lines and markers in ``truth_color``.
         reference: Reference samples ``(M, D)`` drawn into the same panels in ``reference_color``
-            (e.g. the reference posterior); both sets then get density-normalised histograms and
-            a shared axis range.
+            (e.g. the reference posterior); both sets then get density-normalised histograms.
         labels: One label per parameter; default ``task.parameter_names`` if a ``task`` is given,
             else ``theta_1, ..., theta_D``.
         task: Anything with a ``parameter_names`` attribute, e.g. a ``simulators`` task.
+        title: Figure title (e.g. the observation's name).
         color: Colour of ``samples``.
         reference_color: Colour of ``reference``.
-        legend: Legend entries for ``samples`` and ``reference`` (shown if ``reference`` is given).
-        **kwargs: Passed to ``corner.corner`` (e.g. ``bins``, ``smooth``, ``range``).
+        truth_color: Colour of ``truths``.
+        legend: Legend entries for samples, reference and truths (each shown when drawn).
+        **kwargs: Passed to ``corner.corner`` (e.g. ``bins``, ``smooth``, ``range`` override the rules above).
 
     Returns:
         The figure, with ``D x D`` axes.
 
     Example:
-        >>> fig = corner(torch.randn(2000, 2), truths=[0.0, 0.0], reference=torch.randn(2000, 2))
-        >>> len(fig.axes)
-        4
+        >>> fig = corner(torch.randn(2000, 2), truths=[0.0, 0.0], reference=torch.randn(2000, 2), title="obs1")
+        >>> len(fig.axes), fig.texts[0].get_text()
+        (4, 'obs1')
     """
     data = _as_2d(samples, "samples")
     dim = data.shape[1]
@@ -81,20 +96,29 @@ def corner(
     ref = None if reference is None else _as_2d(reference, "reference")
     if ref is not None and ref.shape[1] != dim:
         raise ValueError(f"reference must have {dim} columns like samples, got shape {ref.shape}")
+    kwargs.setdefault("range", _view_range(data, ref, truth))
+    kwargs.setdefault("bins", _bins(data, kwargs["range"]))
+    kwargs.setdefault("smooth", 1.0)  # 2-D contours only: one bin of Gaussian smoothing; 1-D histograms are raw
     hist_kwargs = dict(kwargs.pop("hist_kwargs", None) or {})
     if ref is not None:
-        kwargs.setdefault("range", _shared_range(data, ref, truth))
         hist_kwargs.setdefault("density", True)
     # corner.corner writes the colour into hist_kwargs, so each call gets its own copy.
     fig = corner_package.corner(
-        data, labels=labels, color=color, truths=truth, hist_kwargs=dict(hist_kwargs), **kwargs
+        data, labels=labels, color=color, truths=truth, truth_color=truth_color, hist_kwargs=dict(hist_kwargs),
+        **kwargs,
     )
+    handles = [Line2D([], [], color=color, label=legend[0])]
     if ref is not None:
-        corner_package.corner(
-            ref, fig=fig, labels=labels, color=reference_color, hist_kwargs=dict(hist_kwargs), **kwargs
+        outline = {"plot_datapoints": False, "plot_density": False, "fill_contours": False, **kwargs}
+        corner_package.corner(  # contour lines only, so the posterior underneath stays visible
+            ref, fig=fig, labels=labels, color=reference_color, hist_kwargs=dict(hist_kwargs), **outline
         )
-        handles = [Line2D([], [], color=c, label=name) for c, name in zip((color, reference_color), legend)]
-        fig.legend(handles=handles, loc="upper right", frameon=False)
+        handles.append(Line2D([], [], color=reference_color, label=legend[1]))
+    if truth is not None:
+        handles.append(Line2D([], [], color=truth_color, marker="s", label=legend[2]))
+    fig.legend(handles=handles, loc="upper right", frameon=False)
+    if title is not None:
+        fig.suptitle(title)
     return fig
 
 
@@ -105,9 +129,15 @@ def sbc_ranks(
     num_bins: int | None = None,
     kind: Literal["hist", "ecdf"] = "hist",
     labels: Sequence[str] | None = None,
-    confidence: float = 0.99,
+    confidence: float | None = None,
 ) -> Figure:
     """Per-parameter SBC rank histograms (or ECDF differences) with a confidence band.
+
+    Given an :class:`SBCResult`, the title states its verdict in words and which test decided it,
+    and each panel says whether that parameter passed. The ECDF view's band is simultaneous: at the
+    default ``confidence`` of ``1 - result.threshold`` a curve leaving it is exactly what the KS test
+    rejects. The histogram's bands are pointwise (one per bin): a bar outside one does not by itself
+    contradict a passed KS test, and the title says so.
 
     ``kind="hist"``: counts of ranks in ``num_bins`` bins and the central ``confidence`` interval
     of each bin's Binomial(N, p_bin) count under uniformity (shaded), plus the expected count.
@@ -122,7 +152,8 @@ def sbc_ranks(
         num_bins: Histogram bins; default the result's ``num_bins`` (or ``min(20, N // 10)``).
         kind: "hist" or "ecdf".
         labels: Panel titles; default the result's parameter names or ``theta_1, ...``.
-        confidence: Coverage of the band, in (0, 1).
+        confidence: Coverage of the band, in (0, 1); default ``1 - result.threshold`` for a result
+            decided by the KS test, else 0.99.
 
     Returns:
         The figure, with one axis per parameter.
@@ -133,6 +164,9 @@ def sbc_ranks(
         2
     """
     ranks, num_draws, default_bins, default_labels = _unpack_ranks(result_or_ranks, num_posterior_samples)
+    result = result_or_ranks if isinstance(result_or_ranks, SBCResult) else None
+    if confidence is None:
+        confidence = 1 - result.threshold if result is not None and result.test == "ks" else 0.99
     num, dim = ranks.shape
     levels = num_draws + 1
     bins = num_bins if num_bins is not None else default_bins
@@ -147,15 +181,25 @@ def sbc_ranks(
             _rank_histogram(ax, ranks[:, i], levels, bins, confidence)
         else:
             _rank_ecdf(ax, ranks[:, i], levels, confidence)
-        ax.set_title(names[i])
-    fig.suptitle(f"SBC ranks: {num} datasets, {num_draws} draws, {confidence:.0%} band")
+        if result is None:
+            ax.set_title(names[i])
+        else:
+            passed = result.pvalues[i] >= result.threshold
+            ax.set_title(f"{names[i]}: {'uniform' if passed else 'FAILED'} (p = {result.pvalues[i]:.2g})",
+                         color="k" if passed else "#D55E00")
+    band = "simultaneous" if kind == "ecdf" else "pointwise, per bin"
+    title = f"SBC ranks: {num} datasets, {num_draws} draws, {confidence:.3g} band ({band})"
+    if result is not None:
+        title = (f"SBC: {verdict(result)}, decided by the {result.test.upper()} test per parameter at "
+                 f"level {result.threshold:.2g}\n{title}")
+    fig.suptitle(title)
     return fig
 
 
 def coverage(result: CoverageResult, *, ax: Axes | None = None) -> Figure:
     """Empirical vs nominal coverage of HPD regions, with the diagonal and the accepted band.
 
-    Below the diagonal = over-confident, above = under-confident.
+    Below the diagonal = over-confident (too narrow), above = conservative (too wide).
 
     Example:
         >>> import sbiflows.diagnostics as d
@@ -176,10 +220,10 @@ def coverage(result: CoverageResult, *, ax: Axes | None = None) -> Figure:
     ax.fill_between(levels, levels - band, levels + band, color="0.85", label="accepted band")
     ax.plot([0, 1], [0, 1], color="k", linestyle="--", linewidth=1, label="calibrated")
     ax.plot(levels, empirical, color=SAMPLES_COLOR, marker="o", markersize=3, label="empirical")
-    ax.text(0.97, 0.03, "over-confident", ha="right", va="bottom", transform=ax.transAxes, color="0.4")
-    ax.text(0.03, 0.97, "under-confident", ha="left", va="top", transform=ax.transAxes, color="0.4")
+    ax.text(0.97, 0.03, "over-confident\n(too narrow)", ha="right", va="bottom", transform=ax.transAxes, color="0.4")
+    ax.text(0.03, 0.97, "conservative (too wide)", ha="left", va="top", transform=ax.transAxes, color="0.4")
     _unit_square(ax, "credibility level of HPD region", "empirical coverage")
-    ax.set_title(f"Expected coverage, {result.num_datasets} datasets\nverdict: {result.verdict}")
+    ax.set_title(f"Expected coverage: {verdict(result)}\n{result.num_datasets} datasets, outside the band = failed")
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), frameon=False)
     return fig
 
@@ -208,7 +252,7 @@ def tarp(result: TARPResult, *, ax: Axes | None = None) -> Figure:
     ax.plot([0, 1], [0, 1], color="k", linestyle="--", linewidth=1, label="calibrated")
     ax.plot(grid, ecp, color=SAMPLES_COLOR, label="ECP")
     _unit_square(ax, "credibility level alpha", "expected coverage probability")
-    ax.set_title(f"TARP: {result.verdict}\nATC {result.atc:+.3f}, KS p {result.ks_pvalue:.2g}")
+    ax.set_title(f"TARP: {verdict(result)}\nATC {result.atc:+.3f}, KS p {result.ks_pvalue:.2g}")
     ax.legend(loc="upper left", frameon=False)
     return fig
 
@@ -276,12 +320,31 @@ def _unit_square(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
 
 
-def _shared_range(*arrays: np.ndarray | None) -> list[tuple[float, float]]:
-    """Per-column (min, max) over all given arrays, padded by 5%, for aligned overlays."""
-    stacked = np.concatenate([np.atleast_2d(a) for a in arrays if a is not None])
-    low, high = stacked.min(0), stacked.max(0)
-    pad = np.where(high > low, 0.05 * (high - low), 0.5)
+def _view_range(samples: np.ndarray, reference: np.ndarray | None, truth: np.ndarray | None) -> list[tuple[float, float]]:
+    """Per column: the central ``VIEW_MASS`` of each sample set and the truth, padded by 10%."""
+    tail = (1 - VIEW_MASS) / 2
+    bounds = [np.quantile(a, [tail, 1 - tail], axis=0) for a in (samples, reference) if a is not None]
+    low = np.min([b[0] for b in bounds], axis=0)
+    high = np.max([b[1] for b in bounds], axis=0)
+    if truth is not None:
+        low, high = np.minimum(low, truth), np.maximum(high, truth)
+    pad = np.where(high > low, 0.1 * (high - low), np.maximum(0.05 * np.abs(low), 0.5))
     return [(float(lo), float(hi)) for lo, hi in zip(low - pad, high + pad)]
+
+
+def _bins(samples: np.ndarray, ranges: Sequence[tuple[float, float]]) -> list[int]:
+    """Bins per column over its range: the Freedman-Diaconis width of the modes, between 20 and 100.
+
+    Freedman and Diaconis use the interquartile range, which for two narrow modes far apart is the
+    distance between them; the median width of windows holding 10% of the samples measures the
+    spread within a mode instead (4.6 of those widths make an IQR for a normal distribution).
+    """
+    ordered = np.sort(samples, axis=0)
+    k = max(1, len(ordered) // 10)
+    local = 4.6 * np.median(ordered[k:] - ordered[:-k], axis=0)
+    width = 2 * np.maximum(local, 1e-12) * len(samples) ** (-1 / 3)
+    spans = np.array([hi - lo for lo, hi in ranges])
+    return [int(b) for b in np.clip(np.ceil(spans / width), 20, 100)]
 
 
 def _as_numpy(value: object, name: str) -> np.ndarray:

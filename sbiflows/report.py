@@ -1,9 +1,10 @@
-"""Writing a run's report: JSON-safe conversion and the human-readable ``report.md``."""
+"""A run's report: the numbers people cite, JSON-safe conversion and the human-readable ``report.md``."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,39 +42,99 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+#: The central credible intervals the report gives for every parameter.
+INTERVALS = (0.68, 0.95)
+
+
+def parameter_summary(samples: torch.Tensor, names: list[str], map_estimate: torch.Tensor | None = None) -> list[dict]:
+    """Per parameter: the posterior median, the 68% and 95% central credible intervals and the MAP.
+
+    Args:
+        samples: Posterior samples ``(N, D)`` for one observation.
+        names: One name per parameter.
+        map_estimate: A maximum-a-posteriori point ``(D,)`` (e.g. :meth:`sbiflows.Posterior.map`), or None.
+
+    Example:
+        >>> rows = parameter_summary(torch.linspace(0, 1, 101, dtype=torch.float64)[:, None], ["a"])
+        >>> rows[0]["median"], rows[0]["ci68"]
+        (0.5, [0.16, 0.84])
+    """
+    data = samples.detach().double().cpu()
+    probabilities = [0.5] + [p for level in INTERVALS for p in ((1 - level) / 2, (1 + level) / 2)]
+    quantiles = torch.quantile(data, torch.tensor(probabilities, dtype=data.dtype), dim=0)
+    rows = []
+    for j, name in enumerate(names):
+        row = {"name": name, "median": round(float(quantiles[0, j]), 12)}
+        for k, level in enumerate(INTERVALS):
+            row[f"ci{round(level * 100)}"] = [round(float(quantiles[1 + 2 * k, j]), 12),
+                                              round(float(quantiles[2 + 2 * k, j]), 12)]
+        row["map"] = None if map_estimate is None else float(map_estimate[j])
+        rows.append(row)
+    return rows
+
+
+def plain_label(label: str) -> str:
+    """A parameter label without TeX markup, for Markdown and JSON (``$\\theta_1$`` -> ``θ_1``).
+
+    Example:
+        >>> plain_label(r"$\\beta_{2}$"), plain_label("rate")
+        ('β_2', 'rate')
+    """
+    greek = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "theta": "θ", "lambda": "λ",
+             "mu": "μ", "nu": "ν", "rho": "ρ", "sigma": "σ", "tau": "τ", "phi": "φ", "omega": "ω"}
+    text = label.replace("$", "")
+    text = re.sub(r"\\([A-Za-z]+)", lambda m: greek.get(m.group(1), m.group(1)), text)
+    return text.replace("{", "").replace("}", "")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    """Write the human-readable summary of a run (``report.md``)."""
+    """Write the human-readable summary of a run (``report.md``); the same numbers are in ``report.json``."""
     lines = [f"# sbiflows report: {report['name']}", ""]
+    if report.get("command"):
+        lines += ["Produced by:", "", "```", report["command"], "```", ""]
+    training = report["training"]
     lines += [
         f"- simulations: {report['simulations']} ({report['simulation_summary']})",
         f"- estimator: {report['estimator']}, seed {report['seed']}",
-        f"- training: {report['training']['epochs']} epochs, best epoch {report['training']['best_epoch']}, "
-        f"best validation loss {report['training']['best_validation_loss']:.4f}"
-        + (" (diverged: best weights restored)" if report["training"]["diverged"] else ""),
+        f"- training: {training['epochs']} epochs, best epoch {training['best_epoch']}, "
+        f"best validation loss {training['best_validation_loss']:.4f}"
+        + (" (diverged: best weights restored)" if training["diverged"] else ""),
+        f"- calibration: **{report['verdict']}**: {report['advice']}",
         "",
         "## Observations",
         "",
     ]
-    has_c2st = any("c2st" in o for o in report["observations"])
-    columns = ["observation", *(["C2ST vs reference"] if has_c2st else []), "posterior predictive"]
-    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for o in report["observations"]:
-        row = f"| {o['name']} | "
-        if has_c2st:
-            row += f"{o['c2st']:.3f} | "
-        row += ("pass" if o["predictive"]["passed"] else "FLAGGED") + " |"
-        lines.append(row)
+        lines += [f"### {o['name']}", ""]
+        checks = [f"posterior predictive: {'typical' if o['predictive']['passed'] else 'FLAGGED (atypical)'}"]
+        if "c2st" in o:
+            checks.insert(0, f"C2ST against the reference posterior: {o['c2st']:.3f} (0.5 = indistinguishable)")
+        lines += [f"- {c}" for c in checks] + [""]
+        lines += ["| parameter | median | 68% interval | 95% interval | MAP | true |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        truth = o.get("true_parameters")
+        for j, p in enumerate(o["parameters"]):
+            lines.append(
+                f"| {p['name']} | {_number(p['median'])} | [{_number(p['ci68'][0])}, {_number(p['ci68'][1])}] | "
+                f"[{_number(p['ci95'][0])}, {_number(p['ci95'][1])}] | {_number(p['map'])} | "
+                f"{_number(truth[j]) if truth else '-'} |"
+            )
+        lines += ["", f"![corner plot of {o['name']}]({o['corner']}.png) ([PDF]({o['corner']}.pdf))", ""]
     if "mean_c2st" in report:
-        lines += ["", f"Mean C2ST: **{report['mean_c2st']:.3f}** (0.5 = indistinguishable from the reference)."]
-    lines += ["", "![corner plot](corner.png)", "", "## Calibration", ""]
+        lines += [f"Mean C2ST: **{report['mean_c2st']:.3f}** (0.5 = indistinguishable from the reference).", ""]
+    lines += ["## Calibration", "", f"Verdict: **{report['verdict']}**: {report['advice']}", ""]
     for key, title, figure in (
-        ("sbc", "Simulation-based calibration", "sbc_ranks.png"),
-        ("coverage", "Expected coverage", "coverage.png"),
-        ("tarp", "TARP", "tarp.png"),
+        ("sbc", "Simulation-based calibration", "sbc_ranks"),
+        ("coverage", "Expected coverage", "coverage"),
+        ("tarp", "TARP", "tarp"),
     ):
         entry = report["calibration"][key]
-        lines += [f"### {title}: {'passed' if entry['passed'] else 'FAILED'}", "", "```", entry["summary"], "```",
-                  "", f"![{title}]({figure})", ""]
+        lines += [f"### {title}: {entry['verdict']}", "", "```", entry["summary"], "```",
+                  "", f"![{title}]({figure}.png)", ""]
     lines += ["## Timings (seconds)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings_seconds"].items()]
     lines += ["", "## Versions", ""]

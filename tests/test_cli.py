@@ -65,21 +65,38 @@ def test_console_script_entry_point_runs():
 def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL]) == 0
-    for name in ["posterior.pt", "simulations.zarr", "calibration.zarr", "samples.npz", "corner.png", "corner_obs2.png",
-                 "sbc_ranks.png", "coverage.png", "tarp.png", "report.md", "report.json"]:
+    figures = [f"{stem}.{suffix}" for stem in ("corner_obs1", "corner_obs2", "sbc_ranks", "coverage", "tarp")
+               for suffix in ("png", "pdf")]
+    for name in ["posterior.pt", "simulations.zarr", "calibration.zarr", "samples.npz", *figures, "report.md",
+                 "report.json", "run.json"]:
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert [o["name"] for o in report["observations"]] == ["obs1", "obs2"]
+    assert report["command"] == "sbiflows " + " ".join(["fit", "two_moons", "--out", str(out), "--observations",
+                                                         "1,2", *SMALL])
+    assert report["verdict"] in ("calibrated", "conservative", "over-confident", "biased") and report["advice"]
+    assert {entry["verdict"] for entry in report["calibration"].values()} <= {
+        "calibrated", "conservative", "over-confident", "biased"}
+    import numpy as np
+
+    samples = np.load(out / "samples.npz")
+    for o in report["observations"]:  # the report's numbers are the samples' quantiles
+        assert [p["name"] for p in o["parameters"]] == ["θ_1", "θ_2"]
+        for j, p in enumerate(o["parameters"]):
+            column = torch.from_numpy(samples[o["name"]][:, j]).double()
+            expected = torch.quantile(column, torch.tensor([0.5, 0.16, 0.84, 0.025, 0.975], dtype=torch.float64))
+            got = [p["median"], *p["ci68"], *p["ci95"]]
+            assert got == pytest.approx(expected.tolist(), abs=1e-9)
+            assert p["map"] is not None
+    markdown = (out / "report.md").read_text()
+    assert "$" not in markdown and "| θ_1 |" in markdown and "68% interval" in markdown
     assert 0.4 < report["observations"][0]["c2st"] <= 1.0
     assert set(report["calibration"]) == {"sbc", "coverage", "tarp"}
     assert report["versions"]["torch"] and report["training"]["epochs"] >= 1
     assert report["training"]["batch_size"] >= 32 and report["training"]["learning_rate"] >= 1e-3
     assert "C2ST" in (out / "report.md").read_text()
-    import numpy as np
-
     from sbiflows import load
 
-    samples = np.load(out / "samples.npz")
     assert samples["obs1"].shape == (400, 2)
     x_o = torch.tensor(report["observations"][0]["observation"])
     assert load(out / "posterior.pt").sample(5, x=x_o).shape == (5, 2)
@@ -115,7 +132,8 @@ def test_fit_user_numpy_simulator(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["observations"][0]["observation"] == pytest.approx([0.5, -0.2])
     assert "c2st" not in report["observations"][0]
-    assert (out / "corner.png").exists() and (out / "report.md").exists()
+    assert report["name"] == "mymodel"  # the module, not the function's name "simulate"
+    assert (out / "corner_x_obs.png").exists() and (out / "corner_x_obs.pdf").exists() and (out / "report.md").exists()
 
 
 @pytest.mark.slow
@@ -129,7 +147,7 @@ def test_fit_task_with_own_observation_file_skips_c2st(tmp_path):
     assert [o["name"] for o in report["observations"]] == ["x_obs", "x_obs_2"]
     assert all("c2st" not in o for o in report["observations"]) and "mean_c2st" not in report
     assert "true_parameters" not in report["observations"][0]
-    assert (out / "corner.png").exists() and (out / "corner_x_obs_2.png").exists()
+    assert (out / "corner_x_obs.png").exists() and (out / "corner_x_obs_2.png").exists()
 
 
 @pytest.mark.slow
@@ -232,3 +250,81 @@ def test_a_simulator_given_as_a_file_path_is_imported(tmp_path, monkeypatch, cap
     assert info.value.code == 2
     assert "'models/missing.py' looks like a file path but is not an existing .py file" in capsys.readouterr().err
     sys.modules.pop("filemodel")
+
+
+def fake_run(verdict):
+    """A stand-in for the pipeline's run: writes one file and reports ``verdict``."""
+
+    def run(job, log=print):
+        (job.out / "report.json").write_text("{}")
+        return {"verdict": verdict, "advice": "advice"}
+
+    return run
+
+
+@pytest.mark.parametrize("verdict,code", [("calibrated", 0), ("conservative", 0), ("over-confident", 1),
+                                          ("biased", 1)])
+def test_strict_exits_with_1_only_for_an_over_confident_or_biased_posterior(tmp_path, monkeypatch, capsys,
+                                                                           verdict, code):
+    import sbiflows.pipeline
+
+    monkeypatch.setattr(sbiflows.pipeline, "run", fake_run(verdict))
+    out = str(tmp_path / "run")
+    assert main(["fit", "two_moons", "--out", out, "--observations", "1", "--strict"]) == code
+    assert (verdict in capsys.readouterr().err) == (code == 1)
+    assert main(["fit", "two_moons", "--out", out, "--observations", "1"]) == 0  # without --strict: 0
+
+
+def test_out_of_another_run_is_refused_and_force_removes_only_what_sbiflows_wrote(tmp_path, monkeypatch, capsys):
+    import sbiflows.pipeline
+
+    monkeypatch.setattr(sbiflows.pipeline, "run", fake_run("calibrated"))
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--quiet"]) == 0
+    (out / "simulations.zarr").mkdir()  # as a real run leaves it
+    (out / "notes.txt").write_text("mine")  # the user's own file
+    # same results-changing settings (--workers and --quiet do not count): resumes, no refusal
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--workers", "2"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds a run with other settings (seed: 0 -> 1)" in err and "--force" in err
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--num-samples", "50",
+                 "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "simulations.zarr").exists()  # kept
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--seed", "1", "--force"]) == 0
+    assert not (out / "simulations.zarr").exists()  # made with the old seed: removed
+    assert (out / "notes.txt").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("1,2\n")
+    for extra in ([], ["--force"]):
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "two_moons", "--out", str(foreign), "--observations", "1", *extra])
+        assert info.value.code == 2 and "not written by sbiflows fit" in capsys.readouterr().err
+    assert (foreign / "data.csv").exists()
+
+
+def test_observation_files_with_the_same_name_get_distinct_names(tmp_path, monkeypatch):
+    import sbiflows.pipeline
+
+    seen = []
+    monkeypatch.setattr(sbiflows.pipeline, "run", lambda job, log=print: seen.append(job) or {"verdict": "calibrated"})
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.csv").write_text("0.1,0.2\n0.3,0.4\n")
+    assert main(["fit", "two_moons", "--out", str(tmp_path / "run"), "--observation", str(tmp_path / "a" / "x.csv"),
+                 "--observation", str(tmp_path / "b" / "x.csv")]) == 0
+    assert [o.name for o in seen[0].observations] == ["x", "x_2", "b_x", "b_x_2"]
+
+
+def test_labels_option_names_the_parameters_and_is_checked(tmp_path, monkeypatch, capsys):
+    import sbiflows.pipeline
+
+    seen = []
+    monkeypatch.setattr(sbiflows.pipeline, "run", lambda job, log=print: seen.append(job) or {"verdict": "calibrated"})
+    assert main(["fit", "two_moons", "--out", str(tmp_path / "a"), "--labels", "left, right"]) == 0
+    assert seen[0].parameter_names() == ["left", "right"]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "two_moons", "--out", str(tmp_path / "b"), "--labels", "a,b,c"])
+    assert info.value.code == 2 and "3 parameter labels ['a', 'b', 'c'] for 2 parameters" in capsys.readouterr().err

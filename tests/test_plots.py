@@ -52,21 +52,42 @@ def test_corner_draws_a_grid_with_labels_and_truth_lines():
         vertical = [line.get_xdata()[0] for line in grid[i, i].lines]
         assert float(truths[i]) in vertical  # the truth line on each 1-D marginal
         assert len(grid[i, i].patches) == 1  # one histogram
-    assert fig.legends == []  # no reference, no legend
+    entries = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert entries == ["posterior", "true parameters"]  # no reference: no reference entry
+    truth_colour = [line.get_color() for line in grid[0, 0].lines if line.get_xdata()[0] == 0.5]
+    assert to_rgba(truth_colour[0]) == to_rgba(plots.TRUTH_COLOR) != to_rgba(plots.SAMPLES_COLOR)
 
 
 def test_corner_overlays_reference_in_a_second_colour_on_a_shared_range():
     post, ref = samples(seed=1), samples(seed=2, shift=3.0).numpy()  # numpy works too
-    fig = plots.corner(post, reference=ref)
+    fig = plots.corner(post, reference=ref, title="obs1")
     diagonal = [fig.axes[0], fig.axes[3]]
     for i, ax in enumerate(diagonal):
         colours = [patch.get_edgecolor() for patch in ax.patches]
-        assert colours == [to_rgba("C0"), to_rgba("C1")]
-        low = min(float(post[:, i].min()), float(ref[:, i].min()))
-        high = max(float(post[:, i].max()), float(ref[:, i].max()))
-        pad = 0.05 * (high - low)
+        assert colours == [to_rgba(plots.SAMPLES_COLOR), to_rgba(plots.REFERENCE_COLOR)]
+        low = min(np.quantile(post[:, i].numpy(), 0.001), np.quantile(ref[:, i], 0.001))
+        high = max(np.quantile(post[:, i].numpy(), 0.999), np.quantile(ref[:, i], 0.999))
+        pad = 0.1 * (high - low)
         assert ax.get_xlim() == pytest.approx((low - pad, high + pad))
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["posterior", "reference"]
+    assert fig.texts[0].get_text() == "obs1"
+
+
+def test_corner_range_follows_a_narrow_posterior_and_includes_the_truth():
+    narrow = 0.01 * samples(seed=3) + 0.5  # far narrower than any prior, away from the truth
+    fig = plots.corner(narrow, truths=[0.0, 0.5])
+    low, high = fig.axes[0].get_xlim()
+    assert low < 0.0 < 0.48 < 0.52 < high < 0.7  # the truth 0.0 is in view, and the posterior fills it
+    low, high = fig.axes[3].get_xlim()
+    assert 0.45 < low < 0.48 and 0.52 < high < 0.55
+
+
+def test_corner_bins_resolve_narrow_modes_far_apart():
+    two = torch.cat([0.01 * samples(seed=4) - 1.0, 0.01 * samples(seed=5) + 1.0])  # two modes 200 sd apart
+    fig = plots.corner(two)
+    edges = [patch.get_path().vertices[:, 0] for patch in fig.axes[0].patches][0]
+    width = np.diff(np.unique(edges)).min()
+    assert width < 0.05  # a mode (sd 0.01) spans several bins; interquartile bins would be ~0.5 wide
 
 
 def test_corner_takes_labels_from_a_task_and_defaults_otherwise():
@@ -97,9 +118,10 @@ def test_corner_rejects_bad_input(args, kwargs, error, match):
 # ------------------------------------------------------------------------------------ sbc_ranks
 def test_sbc_ranks_histogram_matches_the_ranks_and_the_binomial_band(results):
     result = results.sbc
-    fig = plots.sbc_ranks(result)
+    fig = plots.sbc_ranks(result, confidence=0.99)
     assert len(fig.axes) == 2
-    assert [ax.get_title() for ax in fig.axes] == ["mass", "spin"]
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["mass", "spin"]
+    assert "pointwise" in fig.get_suptitle() and "decided by the KS test" in fig.get_suptitle()
     bins, levels = result.num_bins, result.num_posterior_samples + 1
     for i, ax in enumerate(fig.axes):
         heights = [bar.get_height() for bar in ax.patches]
@@ -115,7 +137,13 @@ def test_sbc_ranks_histogram_matches_the_ranks_and_the_binomial_band(results):
 def test_sbc_ranks_ecdf_difference_and_ks_band(results):
     result = results.sbc
     fig = plots.sbc_ranks(result, kind="ecdf", labels=["m", "s"], confidence=0.95)
-    assert [ax.get_title() for ax in fig.axes] == ["m", "s"]
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["m", "s"]
+    assert [ax.get_title().split(": ")[1].split(" ")[0] for ax in fig.axes] == [
+        "uniform" if p >= result.threshold else "FAILED" for p in result.pvalues]
+    default = plots.sbc_ranks(result, kind="ecdf")  # the band of the test that decides
+    band = default.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() == pytest.approx(scipy.stats.kstwo.ppf(1 - result.threshold, result.num_datasets))
+    assert "simultaneous" in default.get_suptitle()
     unit = np.sort((result.ranks[:, 0].numpy() + 0.5) / (result.num_posterior_samples + 1))
     x, y = fig.axes[0].lines[-1].get_data()
     np.testing.assert_allclose(y, np.searchsorted(unit, x, side="right") / len(unit) - x)

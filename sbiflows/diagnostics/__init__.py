@@ -8,6 +8,8 @@
   under-confidence of the joint posterior; needs ``log_prob``).
 * :func:`tarp` -- coverage of random-reference balls (joint calibration from samples only).
 * :func:`posterior_predictive` -- is the observation typical of data simulated from the posterior?
+* :func:`verdict` / :func:`overall` -- a check's result (or several) in words: calibrated,
+  conservative, over-confident or biased.
 
 The calibration checks share a call form ``check(posterior, prior, simulator, *, num_datasets=...,
 num_posterior_samples=..., seed=...)`` and accept precomputed pairs via ``theta=..., x=...`` so
@@ -33,6 +35,7 @@ from sbiflows.diagnostics.predictive import PredictiveResult, posterior_predicti
 from sbiflows.diagnostics.sbc import SBCResult, rank_statistics, sbc
 from sbiflows.diagnostics.simulations import simulate_datasets
 from sbiflows.diagnostics.tarp import TARPResult, tarp
+from sbiflows.diagnostics.verdict import overall, verdict
 
 __all__ = [
     "C2STResult",
@@ -42,9 +45,11 @@ __all__ = [
     "TARPResult",
     "c2st",
     "expected_coverage",
+    "overall",
     "posterior_predictive",
     "rank_statistics",
     "sbc",
     "simulate_datasets",
     "tarp",
+    "verdict",
 ]

@@ -1,0 +1,88 @@
+"""Calibration verdicts in words: calibrated, conservative, over-confident or biased.
+
+Each calibration check has its own vocabulary (SBC rank shapes, coverage's "under-confident", TARP's
+verdicts); :func:`verdict` maps a result to one of four words a scientist can act on, and
+:func:`overall` combines several, the most dangerous first:
+
+* **over-confident** -- credible regions miss the truth more often than they claim (too narrow):
+  intervals from this posterior are not trustworthy;
+* **biased** -- the truth lies systematically on one side of the posterior (or the ranks are
+  non-uniform in another way that is not a plain widening);
+* **conservative** -- credible regions contain the truth more often than they claim (too wide):
+  safe, only less sharp than it could be;
+* **calibrated** -- no check found a deviation at its level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sbiflows.diagnostics.coverage import CoverageResult
+from sbiflows.diagnostics.sbc import SBCResult
+from sbiflows.diagnostics.tarp import TARPResult
+
+__all__ = ["ADVICE", "FAILING", "VERDICTS", "overall", "verdict"]
+
+#: The words, from the most to the least dangerous.
+VERDICTS = ("over-confident", "biased", "conservative", "calibrated")
+#: The verdicts that make ``sbiflows fit --strict`` exit with an error.
+FAILING = ("over-confident", "biased")
+#: What each verdict means for the user, and what to try.
+ADVICE = {
+    "calibrated": "its credible regions contain the true parameters as often as they claim.",
+    "conservative": "the posterior is wider than it needs to be: its credible regions contain the true "
+    "parameters more often than they claim. That is safe to report; more simulations usually sharpen it.",
+    "over-confident": "the posterior is too narrow: its credible regions miss the true parameters more often "
+    "than they claim, so intervals from it understate the uncertainty. Try more simulations, a more flexible "
+    "estimator, an ensemble of flows, and check the simulator's failed rows.",
+    "biased": "the true parameters lie systematically on one side of the posterior for some parameters. Try "
+    "more simulations and a more flexible estimator, and check that the simulator and prior are the ones the "
+    "observations came from.",
+}
+
+
+def verdict(result: SBCResult | CoverageResult | TARPResult) -> str:
+    """The verdict word of one calibration check.
+
+    Example:
+        >>> import torch
+        >>> from sbiflows.diagnostics import sbc
+        >>> class Exact:  # the exact posterior of theta ~ N(0, 1), x ~ N(theta, 1)
+        ...     def sample_batched(self, n, xs):
+        ...         return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(1), torch.eye(1))
+        >>> verdict(sbc(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=300,
+        ...             num_posterior_samples=100))
+        'calibrated'
+    """
+    if isinstance(result, SBCResult):
+        if result.passed:
+            return "calibrated"
+        shapes = [shape for name, shape in zip(result.parameter_names, result.shapes)
+                  if name in result.failed_parameters]
+        if any("over-confident" in s for s in shapes):
+            return "over-confident"
+        if any("biased" in s or s == "non-uniform" for s in shapes):
+            return "biased"
+        return "conservative" if any("under-confident" in s for s in shapes) else "biased"
+    if isinstance(result, CoverageResult):
+        return {"calibrated": "calibrated", "over-confident": "over-confident", "under-confident": "conservative",
+                "mis-calibrated": "biased"}[result.verdict]
+    if isinstance(result, TARPResult):
+        return {"calibrated": "calibrated", "over-confident": "over-confident",
+                "under-confident": "conservative"}[result.verdict]
+    raise TypeError(f"result must be an SBCResult, CoverageResult or TARPResult, got {type(result).__name__}")
+
+
+def overall(words: Iterable[str]) -> str:
+    """The most dangerous of several verdicts (``calibrated`` for none).
+
+    Example:
+        >>> overall(["calibrated", "conservative", "calibrated"])
+        'conservative'
+    """
+    found = set(words)
+    unknown = found - set(VERDICTS)
+    if unknown:
+        raise ValueError(f"verdicts must be among {VERDICTS}, got {sorted(unknown)}")
+    return next((word for word in VERDICTS if word in found), "calibrated")

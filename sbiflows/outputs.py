@@ -1,0 +1,116 @@
+"""The output folder of ``sbiflows fit``: never clobber a foreign run, never leave stale files.
+
+A run records in ``run.json`` the settings that change its results (model, observations, budget,
+seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wrote. Before a run:
+
+* an empty or missing folder is used as it is;
+* a folder whose ``run.json`` has the same settings is resumed (the simulation stores and
+  ``resume.json`` say what is already done);
+* any other non-empty folder is refused, unless ``force``: then the files the earlier run recorded
+  are removed (only those: a file sbiflows did not write is never touched), the simulation stores
+  only if the settings they depend on changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+__all__ = ["MANIFEST", "OutputFolderError", "prepare", "record"]
+
+#: The file that marks a folder as an sbiflows run.
+MANIFEST = "run.json"
+#: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
+OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
+           "calibration.zarr", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
+#: Outputs that hold simulations, and the settings they depend on.
+STORES = ("simulations.zarr", "calibration.zarr")
+STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "timeout")
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds something this run must not overwrite."""
+
+
+def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
+    """Make ``out`` ready for a run with ``settings``; returns what was removed (for the log).
+
+    Raises:
+        OutputFolderError: If ``out`` is not empty and not a run with the same settings (and not ``force``).
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> prepare(out, {"seed": 0}); record(out, {"seed": 0})
+        []
+        >>> prepare(out, {"seed": 1})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sbiflows.outputs.OutputFolderError: ... holds a run with other settings (seed: 0 -> 1); ...
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {str(out)!r} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out, {"settings": settings, "files": []})
+        return []
+    manifest = _read(out)
+    if manifest is None:
+        raise OutputFolderError(
+            f"--out {str(out)!r} is not empty and was not written by sbiflows fit (no {MANIFEST}); choose another "
+            "folder (nothing in it is removed, not even with --force)"
+        )
+    old = manifest.get("settings", {})
+    if old == settings:
+        return []
+    changed = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
+    if not force:
+        details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
+        raise OutputFolderError(
+            f"--out {str(out)!r} holds a run with other settings ({details}); choose another --out, or add --force "
+            "to replace that run's results"
+        )
+    keep_stores = not any(key in STORE_SETTINGS for key in changed)
+    removed = []
+    for name in manifest.get("files", []):
+        path = out / name
+        if (keep_stores and name in STORES) or name == MANIFEST or path.parent != out or not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(name)
+    for name in STORES if not keep_stores else ():  # a killed run may not have recorded them yet
+        if (out / name).is_dir() and name not in removed:
+            shutil.rmtree(out / name)
+            removed.append(name)
+    if (out / "resume.json").exists():
+        (out / "resume.json").unlink()
+        removed.append("resume.json")
+    _write(out, {"settings": settings, "files": [name for name in manifest.get("files", []) if name not in removed]})
+    return removed
+
+
+def record(out: Path, settings: dict) -> None:
+    """Record that a run with ``settings`` finished, with the outputs (:data:`OUTPUTS`) now in ``out``."""
+    out = Path(out)
+    files = sorted({path.name for pattern in OUTPUTS for path in out.glob(pattern)})
+    _write(out, {"settings": settings, "files": files})
+
+
+def _read(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(out: Path, manifest: dict) -> None:
+    temporary = out / f"{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1))
+    temporary.replace(out / MANIFEST)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
