@@ -253,7 +253,8 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
             entry["true_parameters"] = observation.true_parameters.tolist()
         reference = None
         if use_reference and observation.reference is not None:
-            reference = job.task.reference_posterior(observation.reference, num_samples=job.c2st_samples)
+            reference = job.task.reference_posterior(observation.reference, num_samples=job.c2st_samples,
+                                                     progress=job.progress)
             entry["c2st"] = diagnostics.c2st(reference, samples[: job.c2st_samples, b], seed=job.seed).accuracy
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
         predictive = diagnostics.posterior_predictive(
@@ -289,7 +290,7 @@ def _calibrate(state: _State, posterior: Posterior) -> None:
         state.log(f"      reused {fresh.reused} calibration simulations from the store")
     valid = fresh.valid
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
-               "x": fresh.x[valid]}
+               "x": fresh.x[valid], "progress": job.progress}
     labels = job.parameter_names()
     checks = {
         "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,

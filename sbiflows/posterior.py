@@ -367,7 +367,7 @@ class Posterior:
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="MAP", unit="step", leave=False)
+            steps = tqdm(steps, desc="MAP", unit="step", leave=False, disable=None)  # silent off a terminal
         for _ in steps:
             log_prob = self._log_prob_u(u, context)
             with torch.no_grad():

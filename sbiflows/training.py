@@ -460,4 +460,4 @@ def _evaluate(model: nn.Module, inputs: Tensor, context: Tensor | None, idx: Ten
 def _progress_bar(total: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="training", unit="epoch", leave=False)
+    return tqdm(total=total, desc="training", unit="epoch", leave=False, disable=None)  # silent off a terminal

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from simulators.mcmc.slice import show_progress
+
 from sbiflows.seeding import derive_seed
 
 #: Stream tag of the simulator noise (see :func:`sbiflows.seeding.derive_seed`).
@@ -154,7 +156,7 @@ class Task:
         self._check_index(i)
         return read_csv_row(f"{self.data_folder}/{i}", "true_parameters.csv")
 
-    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0) -> Tensor:
+    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0, progress: bool = False) -> Tensor:
         """Samples of the reference posterior for observation ``i``, shape ``(num_samples, theta_dim)``.
 
         Closed-form posteriors are sampled directly. MCMC-based ones are computed once and cached in
@@ -170,6 +172,7 @@ class Task:
             i: Observation number, 1..10.
             num_samples: Number of samples to return.
             seed: Seed of the sampler.
+            progress: Show progress bars while MCMC runs (a cached or closed-form posterior needs none).
 
         Raises:
             ValueError: On a bad observation number or sample count.
@@ -189,7 +192,8 @@ class Task:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # many tiny batched ops: a second thread only adds synchronisation
         try:  # (bernoulli_glm: 15 s on one thread, 232 s on two of a loaded 2-core machine)
-            samples = self._reference_posterior(i, num_samples, torch.Generator().manual_seed(seed))
+            with show_progress(progress):
+                samples = self._reference_posterior(i, num_samples, torch.Generator().manual_seed(seed))
         finally:
             torch.set_num_threads(threads)
         if self.last_diagnostics is None:

@@ -170,11 +170,11 @@ class BernoulliGLMRaw(_BernoulliGLMBase):
     def _simulate(self, theta: Tensor, generator: torch.Generator) -> Tensor:
         return self._spikes(theta, generator)
 
-    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0) -> Tensor:
+    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0, progress: bool = False) -> Tensor:
         """The same posterior as :class:`BernoulliGLM` (``V^T y`` is sufficient): shares its samples and cache."""
         task = BernoulliGLM()
         task.mcmc_options = self.mcmc_options
-        samples = task.reference_posterior(i, num_samples, seed=seed)
+        samples = task.reference_posterior(i, num_samples, seed=seed, progress=progress)
         self.last_diagnostics = task.last_diagnostics
         return samples
 

@@ -259,17 +259,17 @@ class SLCPDistractors(SLCP):
         log_lik = slcp_log_likelihood(theta, data) + self.distractor_log_prob(distractors)
         return log_lik.to(theta.dtype)
 
-    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0) -> Tensor:
+    def reference_posterior(self, i: int, num_samples: int = 10_000, *, seed: int = 0, progress: bool = False) -> Tensor:
         """SLCP's reference posterior for the 8-D data inside observation ``i`` (shares its cache)."""
         self._check_index(i)
         data, _ = self.split(self.observation(i))
         slcp = SLCP()
         slcp.mcmc_options = self.mcmc_options
         if torch.equal(data, slcp.observation(i)):
-            samples = slcp.reference_posterior(i, num_samples, seed=seed)
+            samples = slcp.reference_posterior(i, num_samples, seed=seed, progress=progress)
             self.last_diagnostics = slcp.last_diagnostics
             return samples
-        return super().reference_posterior(i, num_samples, seed=seed)
+        return super().reference_posterior(i, num_samples, seed=seed, progress=progress)
 
     def _reference_posterior(self, i: int, num_samples: int, generator: torch.Generator) -> Tensor:
         data, _ = self.split(self.observation(i))

@@ -11,6 +11,7 @@ import doctest
 import importlib
 import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -352,3 +353,30 @@ def test_docstring_examples_run(module):
 
 def test_package_docstring_example_runs():
     assert doctest.testmod(diagnostics).failed == 0
+
+
+def test_calibration_checks_show_progress_on_a_terminal(capsys, monkeypatch):
+    """progress=True splits the posterior calls into chunks with a bar, over every dataset."""
+    from sbiflows.diagnostics import expected_coverage, sbc, simulate_datasets, tarp
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 120, seed=3)
+
+    class Exact:
+        def sample_batched(self, n, xs):
+            return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+
+        def log_prob_batched(self, theta, xs):
+            return -(theta - xs / 2).square().sum(-1)
+
+        def log_prob(self, theta, x):
+            return -(theta - x / 2).square().sum(-1)
+
+    for check in (sbc, expected_coverage, tarp):
+        check(Exact(), theta=theta, x=x, num_posterior_samples=100, seed=1, progress=True)
+        assert "chunk" not in capsys.readouterr().err  # not a terminal: silent
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for check in (sbc, expected_coverage, tarp):
+        shown = check(Exact(), theta=theta, x=x, num_posterior_samples=100, seed=1, progress=True)
+        assert "chunk" in capsys.readouterr().err, check.__name__  # tqdm writes to stderr
+        assert shown.num_datasets == 120 and shown.passed, check.__name__

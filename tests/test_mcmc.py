@@ -300,3 +300,20 @@ def test_bad_arguments(kwargs, match):
 def test_log_likelihood_of_wrong_shape_is_reported():
     with pytest.raises(ValueError, match="log_likelihood must return shape"):
         sample_posterior(lambda t: -(t**2), box(-1, 1, 2), 10, generator=gen())
+
+
+def test_slice_sampler_shows_progress_only_when_asked(capsys, monkeypatch):
+    import sys
+
+    from simulators.mcmc.slice import show_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are silent off a terminal
+
+    target = lambda z: -0.5 * (z**2).sum(-1)  # noqa: E731
+    options = {"num_draws": 20, "warmup": 20, "generator": torch.Generator().manual_seed(0)}
+    slice_chains(target, torch.zeros(4, 2), **options)
+    assert "MCMC" not in capsys.readouterr().err
+    with show_progress():
+        chains, _ = slice_chains(target, torch.zeros(4, 2), **options)
+    err = capsys.readouterr().err
+    assert "MCMC warm-up" in err and "MCMC draws" in err and chains.shape == (4, 20, 2)

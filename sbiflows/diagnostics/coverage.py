@@ -124,6 +124,7 @@ def expected_coverage(
     tolerance: float = 0.02,
     one_sided: bool = False,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> CoverageResult:
     """Empirical coverage of the posterior's HPD regions at a grid of credibility levels.
 
@@ -143,6 +144,8 @@ def expected_coverage(
         tolerance: Extra half-width for the Monte-Carlo error of the ranks.
         one_sided: Fail only on under-coverage (over-confidence).
         batch_size: At most this many datasets per batched posterior call; ``None`` = one call.
+        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
+            unless ``batch_size`` says otherwise).
 
     Returns:
         A :class:`CoverageResult`; ``print`` it for a readable report.
@@ -173,12 +176,14 @@ def expected_coverage(
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage"
         )
-        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size)
+        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
+                                progress="coverage draws" if progress else None)
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
         )
-    log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size)  # (L, N)
+    log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size,
+                                   progress="coverage densities" if progress else None)  # (L, N)
     log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size)  # (1, N)
     hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
     empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)

@@ -146,6 +146,7 @@ def sbc(
     num_bins: int | None = None,
     parameter_names: Sequence[str] | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> SBCResult:
     """Simulation-based calibration of a posterior over ``num_datasets`` simulated datasets.
 
@@ -164,6 +165,8 @@ def sbc(
         num_bins: Bins of the chi-square test; default ``min(20, N // 10, L + 1)``, at least 2.
         parameter_names: Names for the report; default ``theta_1, ..., theta_D``.
         batch_size: At most this many datasets per ``sample_batched`` call; ``None`` = one call.
+        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
+            unless ``batch_size`` says otherwise).
 
     Returns:
         An :class:`SBCResult`; ``print`` it for a readable report.
@@ -188,7 +191,8 @@ def sbc(
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="sbc"
         )
-        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size)
+        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
+                                progress="SBC draws" if progress else None)
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"

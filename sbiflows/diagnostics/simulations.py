@@ -14,7 +14,7 @@ posterior through the duck-typed protocol::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -168,19 +168,35 @@ def check_posterior(posterior: object, *methods: str) -> None:
         )
 
 
+#: Datasets per call when a progress bar is shown and no ``batch_size`` was given.
+PROGRESS_CHUNK = 50
+
+
+def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterable[int]:
+    """Start indices of the dataset chunks; with a progress label, a bar over them (50 per chunk by default)."""
+    step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
+    starts = range(0, num, max(step, 1))
+    if not progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=progress, unit="chunk", leave=False, disable=None)  # silent off a terminal
+
+
 def posterior_draws(
-    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None
+    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None, progress: str | None = None
 ) -> Tensor:
     """``posterior.sample_batched(num_samples, xs)`` -> ``(num_samples, B, D)``, chunked over ``xs``.
 
     ``batch_size=None`` makes one call for all datasets; otherwise at most ``batch_size`` datasets
-    go into each call (to bound memory).
+    go into each call (to bound memory). ``progress``: the label of a progress bar over the calls
+    (then at most :data:`PROGRESS_CHUNK` datasets per call unless ``batch_size`` says otherwise).
     """
     num = xs.shape[0]
     check_int(batch_size, "batch_size", minimum=1, optional=True)
-    step = num if batch_size is None else batch_size
+    step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
     chunks = []
-    for start in range(0, num, step):
+    for start in _chunks(num, batch_size, progress):
         chunk = xs[start : start + step]
         with observations_unchecked():  # simulated x may lie in the tails: no out-of-range warning
             draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
@@ -197,7 +213,9 @@ def posterior_draws(
     return draws
 
 
-def batched_log_prob(posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None) -> Tensor:
+def batched_log_prob(
+    posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None, progress: str | None = None
+) -> Tensor:
     """``log q(theta[:, b] | xs[b])`` for ``theta`` of shape ``(n, B, D)`` -> ``(n, B)``.
 
     Uses ``posterior.log_prob_batched`` if present (chunked like :func:`posterior_draws`), else
@@ -206,10 +224,10 @@ def batched_log_prob(posterior: object, theta: Tensor, xs: Tensor, *, batch_size
     n, num = theta.shape[:2]
     with observations_unchecked():
         if callable(getattr(posterior, "log_prob_batched", None)):
-            step = num if batch_size is None else batch_size
+            step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
             parts = [
                 posterior.log_prob_batched(theta[:, s : s + step], xs[s : s + step])  # type: ignore[attr-defined]
-                for s in range(0, num, step)
+                for s in _chunks(num, batch_size, progress)
             ]
             out = torch.cat([p.detach() for p in parts], dim=1)
         else:

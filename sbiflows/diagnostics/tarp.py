@@ -141,6 +141,7 @@ def tarp(
     alpha: float = 0.01,
     tolerance: float = 0.1,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> TARPResult:
     """TARP expected-coverage test of the joint posterior with random reference points.
 
@@ -162,6 +163,8 @@ def tarp(
         alpha: Significance level of the KS test, in (0, 1).
         tolerance: Largest accepted ``max |ECP - alpha|``, in (0, 1].
         batch_size: At most this many datasets per ``sample_batched`` call; ``None`` = one call.
+        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
+            unless ``batch_size`` says otherwise).
 
     Returns:
         A :class:`TARPResult`; ``print`` it for a readable report.
@@ -185,7 +188,8 @@ def tarp(
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="tarp"
         )
-        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size)
+        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
+                                progress="TARP draws" if progress else None)
         low, high = theta.min(0).values, theta.max(0).values
         if references is None:
             references = low + (high - low) * torch.rand(theta.shape, dtype=theta.dtype)

@@ -6,7 +6,10 @@ chain and ``L`` the Cholesky factor of the chains' covariance, re-estimated duri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterable, Iterator
 from typing import Callable
 
 import torch
@@ -16,7 +19,30 @@ LogProbFn = Callable[[Tensor], Tensor]
 #: A log density of chains that differ by dataset: ``(points (N, D), dataset index (N,)) -> (N,)``.
 IndexedLogProbFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["IndexedLogProbFn", "LogProbFn", "slice_chains"]
+__all__ = ["IndexedLogProbFn", "LogProbFn", "show_progress", "slice_chains"]
+
+
+#: Whether the samplers show progress bars (set by :func:`show_progress`).
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("mcmc_progress", default=False)
+
+
+@contextlib.contextmanager
+def show_progress(enabled: bool = True) -> Iterator[None]:
+    """Within the block, slice samplers show a progress bar over their steps (when ``enabled``)."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _steps(num_steps: int, label: str) -> Iterable[int]:
+    steps = range(1, num_steps + 1)
+    if not _PROGRESS.get():
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=label, unit="step", leave=False, disable=None)  # silent off a terminal
 
 
 def _safe_log_prob(fn: IndexedLogProbFn, z: Tensor, rows: Tensor) -> Tensor:
@@ -158,7 +184,7 @@ class _Chains:
         """Run ``num_steps`` discarded steps; re-estimate the covariances at 1/4, 1/2 and 3/4 of them."""
         window = num_steps // 4
         history: list[Tensor] = []
-        for step in range(1, num_steps + 1):
+        for step in _steps(num_steps, "MCMC warm-up"):
             self._step()
             history.append(self.z)
             if window > 0 and step in (window, 2 * window, 3 * window):
@@ -171,7 +197,7 @@ class _Chains:
     def draw(self, num_draws: int, thin: int) -> Tensor:
         """Run ``num_draws * thin`` steps and keep every ``thin``-th: shape ``(num_chains, num_draws, D)``."""
         kept = []
-        for step in range(1, num_draws * thin + 1):
+        for step in _steps(num_draws * thin, "MCMC draws"):
             self._step()
             if step % thin == 0:
                 kept.append(self.z)
