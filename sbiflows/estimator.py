@@ -59,15 +59,10 @@ def default_transforms(n_train: int, theta_dim: int) -> int:
 
     More simulations support a more flexible flow, and more parameters need more layers to model
     their joint dependence: with two parameters, two MAF layers of opposite orderings already
-    condition each parameter on the other. Measured in docs/benchmarks.md ("Flow depth"), 3 seeds at
-    10,000 simulations (9,000 training rows): 10 layers instead of 5 lower the mean C2ST on slcp
-    (5 parameters) from 0.940 to 0.913 and leave gaussian_linear (10 parameters) within 0.004, at
-    1.4-2.0x our training time. On two_moons (2 parameters) they gain 0.008 but take the
-    training time from 0.28x to 0.45-0.54x of sbi's, so 2-D problems keep 5 layers. Deeper flows
-    were not measured at 1,000 simulations: the same 1.4-2.0x on the measured time ratios there
-    (0.26-0.37 of sbi's) would approach or pass half of sbi's time. The switch point between the
-    two measured budgets is a round number, not a tuned one. These measurements predate the weight
-    average of :func:`sbiflows.training.train`; with it the rule was kept (docs/benchmarks.md, top table).
+    condition each parameter on the other, and deeper flows cost training time without a gain worth
+    it. The evidence for the rule (C2ST and training time at 1,000 and 10,000 simulations) is in
+    docs/benchmarks.md, "Flow depth"; the switch point between the measured budgets is a round
+    number, not a tuned one.
 
     Example:
         >>> default_transforms(900, 5), default_transforms(9000, 5), default_transforms(9000, 2)

@@ -6,11 +6,11 @@ weights, gradient-norm clipping and an optional progress bar.
 
 What is validated, kept and returned is an exponential moving average (EMA) of the weights over about
 ``ema_epochs`` epochs, not the last Adam iterate. The average removes most of the minibatch noise of
-the iterates, so a larger step size stays accurate: measured by C2ST against sbi in
-docs/benchmarks.md ("Weight averaging"). The update is one ``torch._foreach_lerp_`` per step rather
-than :class:`torch.optim.swa_utils.AveragedModel`, whose per-step bookkeeping (regrouping the
-tensors, copying every buffer) made a default NPE training step about 21% slower, against 4% for the
-bare update (``examples/benchmark_training_step.py``, two_moons, batch 190, same-run medians).
+the iterates, so a larger step size stays accurate (docs/benchmarks.md, "Weight averaging"). The
+update is one ``torch._foreach_lerp_`` per step rather than
+:class:`torch.optim.swa_utils.AveragedModel`, whose per-step bookkeeping (regrouping the tensors,
+copying every buffer) costs more per step (``examples/benchmark_training_step.py`` measures both;
+numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations

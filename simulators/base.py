@@ -191,7 +191,7 @@ class Task:
         self.last_diagnostics = None
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # many tiny batched ops: a second thread only adds synchronisation
-        try:  # (bernoulli_glm: 15 s on one thread, 232 s on two of a loaded 2-core machine)
+        try:  # many tiny batched ops: one thread (see sbiflows.threads)
             with show_progress(progress):
                 samples = self._reference_posterior(i, num_samples, torch.Generator().manual_seed(seed))
         finally:
