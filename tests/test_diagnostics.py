@@ -380,3 +380,18 @@ def test_calibration_checks_show_progress_on_a_terminal(capsys, monkeypatch):
         shown = check(Exact(), theta=theta, x=x, num_posterior_samples=100, seed=1, progress=True)
         assert "chunk" in capsys.readouterr().err, check.__name__  # tqdm writes to stderr
         assert shown.num_datasets == 120 and shown.passed, check.__name__
+
+
+@pytest.mark.parametrize(
+    "scale,shift,expected",
+    [(1.0, 0.0, "calibrated"), (1.6, 0.0, "conservative"), (0.5, 0.0, "over-confident"), (1.0, 1.0, "biased")],
+)
+def test_verdict_words_for_exact_wide_narrow_and_shifted_posteriors(model, pairs, scale, shift, expected):
+    """Issue 15: the report's words, from the synthetic posteriors with a known error."""
+    from sbiflows.diagnostics import overall, verdict
+
+    posterior = model.posterior(scale=scale, shift=shift)
+    words = {check.__name__: verdict(run(check, posterior, pairs)) for check in (sbc, expected_coverage, tarp)}
+    assert overall(words.values()) == expected, words
+    if expected != "biased":  # a shift is what SBC names; coverage and TARP call it over-confident
+        assert set(words.values()) <= {expected, "calibrated"}, words

@@ -2,12 +2,14 @@
 
 Each calibration check has its own vocabulary (SBC rank shapes, coverage's "under-confident", TARP's
 verdicts); :func:`verdict` maps a result to one of four words a scientist can act on, and
-:func:`overall` combines several, the most dangerous first:
+:func:`overall` combines several, in this order:
 
+* **biased** -- the truth lies systematically on one side of the posterior (or the ranks are
+  non-uniform in another way that is not a plain widening). It comes first because a shifted
+  posterior also misses the truth too often, which coverage and TARP report as over-confidence:
+  only SBC's rank shapes tell a shift from a narrowing;
 * **over-confident** -- credible regions miss the truth more often than they claim (too narrow):
   intervals from this posterior are not trustworthy;
-* **biased** -- the truth lies systematically on one side of the posterior (or the ranks are
-  non-uniform in another way that is not a plain widening);
 * **conservative** -- credible regions contain the truth more often than they claim (too wide):
   safe, only less sharp than it could be;
 * **calibrated** -- no check found a deviation at its level.
@@ -23,8 +25,8 @@ from sbiflows.diagnostics.tarp import TARPResult
 
 __all__ = ["ADVICE", "FAILING", "VERDICTS", "overall", "verdict"]
 
-#: The words, from the most to the least dangerous.
-VERDICTS = ("over-confident", "biased", "conservative", "calibrated")
+#: The words, in the order :func:`overall` picks them.
+VERDICTS = ("biased", "over-confident", "conservative", "calibrated")
 #: The verdicts that make ``sbiflows fit --strict`` exit with an error.
 FAILING = ("over-confident", "biased")
 #: What each verdict means for the user, and what to try.
@@ -75,7 +77,7 @@ def verdict(result: SBCResult | CoverageResult | TARPResult) -> str:
 
 
 def overall(words: Iterable[str]) -> str:
-    """The most dangerous of several verdicts (``calibrated`` for none).
+    """The first of :data:`VERDICTS` among several verdicts (``calibrated`` for none).
 
     Example:
         >>> overall(["calibrated", "conservative", "calibrated"])
