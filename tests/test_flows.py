@@ -17,14 +17,19 @@ from sbiflows.flows import (
     iaf,
     maf,
     nice,
+    nsf,
     planar_flow,
     realnvp,
 )
 from sbiflows.training import train
 from sbiflows.transforms import ElementwiseAffine
 
-FACTORIES = {"maf": maf, "realnvp": realnvp, "nice": nice, "iaf": iaf, "planar_flow": planar_flow}
-ONE_D = ["maf", "iaf", "planar_flow"]  # couplings need at least 2 dimensions
+FACTORIES = {
+    "maf": maf, "realnvp": realnvp, "nice": nice, "iaf": iaf, "planar_flow": planar_flow, "nsf": nsf,
+    "spline_maf": functools.partial(maf, transformer="spline", bins=8),
+    "spline_iaf": functools.partial(iaf, transformer="spline", bins=8),
+}
+ONE_D = ["maf", "iaf", "planar_flow", "spline_maf", "spline_iaf"]  # couplings need 2 dimensions (or a context)
 
 
 @functools.lru_cache(maxsize=None)
