@@ -64,6 +64,8 @@ def resolve_transformer(
         if given:
             raise ValueError(f"{sorted(given)} apply to named estimators only; a callable estimator builds its own flow")
         return {"transformer": None, "bins": None, "bound": None}
+    if estimator not in ESTIMATOR_TRANSFORMERS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
     choices = ESTIMATOR_TRANSFORMERS[estimator]
     name = choices[0] if transformer is None else transformer
     make_transformer(name, bins=DEFAULT_BINS if bins is None else bins,  # type and value checks
