@@ -128,39 +128,31 @@ class RationalQuadraticSpline(Transformer):
         return f"RationalQuadraticSpline(bins={self.bins}, bound={self.bound})"
 
     def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Knot positions ``(*, K+1)`` in x and y and knot derivatives ``(*, K+1)``."""
+        """Knot positions ``(*, K+1)`` in x and y and knot derivatives ``(*, K+1)``.
+
+        The end knots are exactly ``-bound`` and ``bound`` (fractions 0 and 1 of the interval), so the
+        spline meets the identity tails there whatever the rounding of the cumulative sums.
+        """
         k, bound = self.bins, self.bound
-        raw_w, raw_h, raw_d = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
-        widths = MIN_BIN_WIDTH + (1 - MIN_BIN_WIDTH * k) * torch.softmax(raw_w, dim=-1)
-        heights = MIN_BIN_HEIGHT + (1 - MIN_BIN_HEIGHT * k) * torch.softmax(raw_h, dim=-1)
-        knots_x, knots_y = (self._cumulate(v, bound) for v in (widths, heights))
-        inner = MIN_DERIVATIVE + F.softplus(raw_d + self._derivative_shift)
-        derivatives = F.pad(inner, (1, 1), value=1.0)
-        return knots_x, knots_y, derivatives
-
-    @staticmethod
-    def _cumulate(sizes: Tensor, bound: float) -> Tensor:
-        knots = F.pad(torch.cumsum(sizes, dim=-1), (1, 0), value=0.0) * (2 * bound) - bound
-        # exact ends: the spline meets the identity tails at +-bound whatever the rounding of cumsum
-        return torch.cat([torch.full_like(knots[..., :1], -bound), knots[..., 1:-1],
-                          torch.full_like(knots[..., :1], bound)], dim=-1)
-
-    @staticmethod
-    def _bin(knots: Tensor, v: Tensor) -> Tensor:
-        """Index ``(*, 1)`` of the bin of each ``v`` (``knots[i] <= v < knots[i+1]``; the last bin is closed)."""
-        index = torch.searchsorted(knots.contiguous(), v.unsqueeze(-1).contiguous(), right=True) - 1
-        return index.clamp(0, knots.shape[-1] - 2)
+        raw_w, raw_h, raw_d = params.split((k, k, k - 1), dim=-1)
+        knots = []
+        for raw, minimum in ((raw_w, MIN_BIN_WIDTH), (raw_h, MIN_BIN_HEIGHT)):
+            sizes = torch.softmax(raw, dim=-1) * (1 - minimum * k) + minimum  # fractions of the interval
+            inner = torch.cumsum(sizes[..., :-1], dim=-1)
+            knots.append(F.pad(F.pad(inner, (1, 0), value=0.0), (0, 1), value=1.0) * (2 * bound) - bound)
+        derivatives = F.pad(F.softplus(raw_d + self._derivative_shift) + MIN_DERIVATIVE, (1, 1), value=1.0)
+        return knots[0], knots[1], derivatives
 
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         knots_x, knots_y, derivatives = self._knots(params)
-        index = self._bin(knots_y if inverse else knots_x, v)
-
-        def at(t: Tensor, shift: int = 0) -> Tensor:
-            return t.gather(-1, index + shift).squeeze(-1)
-
-        x_k, w = at(knots_x), at(knots_x, 1) - at(knots_x)
-        y_k, h = at(knots_y), at(knots_y, 1) - at(knots_y)
-        d_k, d_k1 = at(derivatives), at(derivatives, 1)
+        knots = knots_y if inverse else knots_x
+        # the bin of v: knots[i] <= v < knots[i+1], the last bin closed
+        index = torch.searchsorted(knots, v.unsqueeze(-1), right=True).sub_(1).clamp_(0, self.bins - 1)
+        # per-bin quantities (*, 6, K), gathered at the bin in one call
+        table = torch.stack([knots_x[..., :-1], knots_x.diff(dim=-1), knots_y[..., :-1], knots_y.diff(dim=-1),
+                             derivatives[..., :-1], derivatives[..., 1:]], dim=-2)
+        picked = table.gather(-1, index.unsqueeze(-2).expand(*table.shape[:-1], 1)).squeeze(-1)
+        x_k, w, y_k, h, d_k, d_k1 = picked.unbind(-1)
         slope = h / w
         curvature = d_k1 + d_k - 2 * slope
         if inverse:
