@@ -237,7 +237,8 @@ def mixture() -> MixtureSameFamily:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,margin", [("maf", 0.05), ("realnvp", 0.05), ("nice", 0.05), ("iaf", 0.05), ("planar_flow", 0.15)])
+@pytest.mark.parametrize("name,margin", [("maf", 0.05), ("realnvp", 0.05), ("nice", 0.05), ("iaf", 0.05), ("planar_flow", 0.15),
+                                         ("nsf", 0.05), ("spline_maf", 0.05)])
 def test_learns_a_mixture_of_gaussians(name, margin):
     torch.manual_seed(0)
     target = mixture()
