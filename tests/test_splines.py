@@ -253,3 +253,20 @@ def test_affine_layers_are_bit_identical_to_the_formulas_before_the_seam(dtype):
             assert all(torch.equal(a, b) for a, b in zip(new, old))
         for new, old in zip((coupling(x, c), coupling.inverse(x, c)), _old_affine_coupling(coupling, x, c)):
             assert all(torch.equal(a, b) for a, b in zip(new, old))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("factory", [nsf, lambda f, c: maf(f, c, transformer="spline")])
+def test_spline_flows_on_cuda_match_the_cpu(factory):
+    torch.manual_seed(0)
+    flow = factory(3, 2).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, c = 2 * torch.randn(256, 3, dtype=torch.float64), torch.randn(256, 2, dtype=torch.float64)
+    expected = flow.log_prob(x, c)
+    gpu = flow.to("cuda")
+    torch.testing.assert_close(gpu.log_prob(x.cuda(), c.cuda()).cpu(), expected, atol=1e-9, rtol=0)
+    samples = gpu.sample(10, c[:4].cuda())
+    assert samples.device.type == "cuda" and torch.isfinite(samples).all()
