@@ -78,6 +78,19 @@ def test_density_integrates_to_one_in_1d(name, context_features):
     assert abs(torch.trapezoid(density, grid.squeeze(-1)).item() - 1.0) < 1e-2
 
 
+def test_one_feature_nsf_density_integrates_to_one():
+    """With one feature an NSF's conditioner sees the context alone (which it then needs)."""
+    flow = perturbed("nsf", 1, 2)
+    context = torch.tensor([0.3, -1.0], dtype=torch.float64)
+    with torch.no_grad():
+        (lo, hi), = _box(flow.sample(20_000, context))
+        grid = torch.linspace(lo, hi, 2000, dtype=torch.float64).unsqueeze(-1)
+        density = flow.log_prob(grid, context).exp()
+    assert abs(torch.trapezoid(density, grid.squeeze(-1)).item() - 1.0) < 1e-2
+    other = flow.log_prob(grid, torch.tensor([-1.0, 1.0], dtype=torch.float64)).exp()
+    assert (other - density).abs().max() > 0.05  # the context matters
+
+
 @pytest.mark.parametrize("name", list(FACTORIES))
 @pytest.mark.parametrize("context_features", [0, 2])
 def test_density_integrates_to_one_in_2d(name, context_features):
