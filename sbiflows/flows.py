@@ -28,14 +28,12 @@ from sbiflows.transforms import (
 )
 from sbiflows.transforms.autoregressive import LOG_SCALE_BOUND as MAF_LOG_SCALE_BOUND
 from sbiflows.transforms.coupling import LOG_SCALE_BOUND as COUPLING_LOG_SCALE_BOUND
+from sbiflows.transforms.transformers import DEFAULT_BINS, DEFAULT_BOUND
 
-__all__ = ["BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "nsf", "planar_flow", "realnvp"]
-
-#: Default number of spline bins and half-width of the spline interval (in the flow's standardized
-#: space), as in sbi 0.27's ``nsf`` (``num_bins=10``, ``tail_bound=3.0``), so that the two libraries'
-#: spline flows are compared at the same settings; outside ``[-3, 3]`` a spline layer is the identity.
-DEFAULT_BINS = 10
-DEFAULT_BOUND = 3.0
+__all__ = [
+    "DEFAULT_BINS", "DEFAULT_BOUND", "BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "nsf", "planar_flow",
+    "realnvp",
+]
 
 
 #: Start of the warning of :func:`maf` and :func:`iaf` for one feature (callers that already warned filter it).
