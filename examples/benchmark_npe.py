@@ -8,6 +8,10 @@ NPE (MAF, default settings) on exactly the same draws in the same run and prints
 Example:
     python examples/benchmark_npe.py --task two_moons --simulations 1000 --seeds 0 1 2 --observations 1..10
 
+``--estimator nsf`` (or ``--transformer spline --bins 8``) benchmarks our spline flows, and
+``--sbi-estimator nsf`` sbi's neural spline flow. Training is reported in wall and CPU seconds (the
+process's CPU time; the machine may be shared).
+
 Options ``--threads 1 2`` trains ours once per thread count (the effect of ``num_threads``);
 ``--json FILE`` appends one JSON record per seed. Before anything is timed, both libraries
 train one untimed epoch (see :func:`warm_up`).
@@ -26,6 +30,7 @@ import torch
 import simulators
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
+from sbiflows.estimator import ESTIMATORS
 from sbiflows.simulate import simulate_from_prior
 
 
@@ -38,22 +43,26 @@ def parse_observations(text: str) -> list[int]:
 
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
-             transforms=None, **fit_options):
+             transforms=None, transformer=None, bins=None, bound=None, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
+    options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound))
+                    if value is not None})
     if transforms is not None:
         options["transforms"] = transforms
     fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     posterior = NPE(task.prior, estimator, activation=activation, **options).fit(theta, x, seed=seed, progress=False, num_threads=threads,
                                                **fit_options)
-    train_seconds = time.perf_counter() - start
+    train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     samples, sample_seconds = {}, []
     for i in observations:
         start = time.perf_counter()
         samples[i] = posterior.sample(num_samples, x=task.observation(i), seed=seed + i)
         sample_seconds.append(time.perf_counter() - start)
-    record = {"train_seconds": train_seconds, "epochs": posterior.history.epochs,
+    record = {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "epochs": posterior.history.epochs,
+              "transformer": posterior.config.get("transformer"), "bins": posterior.config.get("bins"),
+              "bound": posterior.config.get("bound"),
               "sample_seconds": statistics.median(sample_seconds), "batch_size": posterior.history.batch_size,
               "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"],
               "ema_epochs": posterior.history.ema_epochs}
@@ -81,8 +90,8 @@ class _NullTracker:
         pass
 
 
-def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
-    """Train sbi's NPE (MAF, default settings) on the same draws; None if sbi is not installed."""
+def run_sbi(task, theta, x, observations, *, seed, threads, num_samples, density_estimator="maf"):
+    """Train sbi's NPE (``density_estimator``, default settings) on the same draws; None if sbi is not installed."""
     try:
         from sbi.inference import NPE as SbiNPE
     except ImportError:
@@ -92,11 +101,11 @@ def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        inference = SbiNPE(prior=task.prior, density_estimator="maf", show_progress_bars=False,
+        inference = SbiNPE(prior=task.prior, density_estimator=density_estimator, show_progress_bars=False,
                            tracker=_NullTracker())
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         estimator = inference.append_simulations(theta, x).train()
-        train_seconds = time.perf_counter() - start
+        train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         torch.set_num_threads(old)
     posterior = inference.build_posterior(estimator)
@@ -106,7 +115,8 @@ def run_sbi(task, theta, x, observations, *, seed, threads, num_samples):
         samples[i] = posterior.sample((num_samples,), x=task.observation(i), show_progress_bars=False)
         sample_seconds.append(time.perf_counter() - start)
     epochs = len(inference.summary["epoch_durations_sec"])
-    return {"train_seconds": train_seconds, "epochs": epochs, "sample_seconds": statistics.median(sample_seconds)}, samples
+    return {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "epochs": epochs,
+            "sample_seconds": statistics.median(sample_seconds), "density_estimator": density_estimator}, samples
 
 
 def score(task, samples, observations, seed):
@@ -143,33 +153,37 @@ def run_seed(task, args, observations, seed: int) -> dict:
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
-              "hidden_features": args.hidden_features, "transforms": args.transforms, "ours": {}}
+              "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
+              "bins": args.bins, "bound": args.bound, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
                                 activation=args.activation, hidden_features=args.hidden_features, seed=seed,
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                patience=args.patience, ema_epochs=args.ema_epochs)
+                                patience=args.patience, ema_epochs=args.ema_epochs, transformer=args.transformer,
+                                bins=args.bins, bound=args.bound)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
         record["ours"][threads] = run
-        print(f"  sbiflows {args.estimator} ({run['transforms']} layers, {args.activation}, batch {run['batch_size']}, "
+        spline = f", spline {run['bins']} bins on +-{run['bound']:g}" if run["transformer"] == "spline" else ""
+        print(f"  sbiflows {args.estimator} ({run['transforms']} layers{spline}, {args.activation}, batch {run['batch_size']}, "
               f"lr {run['learning_rate']:.2g}, patience {patience}, ema_epochs {run['ema_epochs']:g}) "
-              f"threads={threads}: train {run['train_seconds']:.1f} s, "
+              f"threads={threads}: train {run['train_seconds']:.1f} s ({run['train_cpu_seconds']:.1f} CPU s), "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
     print("  sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
           + f"  mean {statistics.mean(ours_c2st.values()):.3f}")
     if not args.no_sbi:
         run, samples = run_sbi(task, theta, x, observations, seed=seed, threads=args.sbi_threads,
-                               num_samples=args.num_samples)
+                               num_samples=args.num_samples, density_estimator=args.sbi_estimator)
         if run is None:
             print("  sbi is not installed: no comparison")
         else:
             sbi_c2st = score(task, samples, observations, seed)
             record.update(sbi=run, sbi_c2st=sbi_c2st, sbi_threads=args.sbi_threads)
-            print(f"  sbi NPE maf: train {run['train_seconds']:.1f} s, {run['epochs']} epochs, "
+            print(f"  sbi NPE {args.sbi_estimator}: train {run['train_seconds']:.1f} s "
+                  f"({run['train_cpu_seconds']:.1f} CPU s), {run['epochs']} epochs, "
                   f"sampling {run['sample_seconds']:.3f} s")
             print("  sbi C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in sbi_c2st.items())
                   + f"  mean {statistics.mean(sbi_c2st.values()):.3f}")
@@ -185,7 +199,9 @@ def summarize(records: list[dict], threads: int) -> None:
     """Means over seeds: C2ST (mean over observations, then over seeds) and total training time."""
     ours = [statistics.mean(r["ours_c2st"].values()) for r in records]
     ours_time = sum(r["ours"][threads]["train_seconds"] for r in records)
-    line = f"over seeds {[r['seed'] for r in records]}: ours mean C2ST {statistics.mean(ours):.3f}"
+    ours_cpu = sum(r["ours"][threads]["train_cpu_seconds"] for r in records)
+    line = (f"over seeds {[r['seed'] for r in records]}: ours mean C2ST {statistics.mean(ours):.3f}, training "
+            f"{ours_time:.1f} s wall / {ours_cpu:.1f} s CPU in total")
     if all("sbi" in r for r in records):
         sbi = [statistics.mean(r["sbi_c2st"].values()) for r in records]
         sbi_time = sum(r["sbi"]["train_seconds"] for r in records)
@@ -203,7 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run (simulations, training, sampling, C2ST) per seed")
     parser.add_argument("--observations", default="1..10", help='"1..10" or "1,2,3"')
-    parser.add_argument("--estimator", default="maf", choices=["maf", "realnvp"])
+    parser.add_argument("--estimator", default="maf", choices=sorted(ESTIMATORS))
+    parser.add_argument("--transformer", default=None, choices=["affine", "spline"],
+                        help="our layers' elementwise map (default: the estimator's)")
+    parser.add_argument("--bins", type=int, default=None, help="our spline bins (default: NPE's)")
+    parser.add_argument("--bound", type=float, default=None, help="our spline interval half-width (default: NPE's)")
+    parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (maf, nsf, ...)")
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op threads for our training")
     parser.add_argument("--sbi-threads", type=int, default=1, help="intra-op threads for sbi (default 1, as ours)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sbiflows import __version__
+from sbiflows.estimator import ESTIMATORS
 
 if TYPE_CHECKING:
     from sbiflows.pipeline import Job, Observation
@@ -72,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--observations", default="1-10", metavar="LIST",
                      help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
     fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
-    fit.add_argument("--estimator", choices=["maf", "realnvp"], default="maf", help="flow architecture")
+    fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default="maf",
+                     help="flow architecture: maf (affine masked autoregressive), nsf (neural spline flow), "
+                     "realnvp (affine couplings)")
     fit.add_argument("--out", type=Path, default=None, help="output folder (default runs/<task>)")
     fit.add_argument("--seed", type=int, default=0, help="seed of simulation, training and sampling")
     fit.add_argument("--num-samples", type=_positive_int, default=10_000, help="posterior samples per observation")

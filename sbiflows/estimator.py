@@ -17,15 +17,68 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.flows import ONE_FEATURE_WARNING, Flow, maf, realnvp
+from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
+from sbiflows.transforms.transformers import make_transformer
 
 __all__ = [
-    "ACTIVATIONS", "ESTIMATORS", "PosteriorNet", "build_flow", "check_hidden_features", "default_transforms",
-    "zscore",
+    "ACTIVATIONS", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow", "check_hidden_features",
+    "default_transforms", "resolve_transformer", "zscore",
 ]
 
-#: Estimator names accepted by :class:`~sbiflows.npe.NPE` and stored in saved files.
-ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "realnvp": realnvp}
+#: Estimator names accepted by :class:`~sbiflows.npe.NPE` and the command line's ``--estimator``, and
+#: stored in saved files.
+ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "nsf": nsf, "realnvp": realnvp}
+
+#: The transformers each named estimator takes; the first is its default. ``"nsf"`` is spline
+#: couplings by definition (``"realnvp"`` with ``transformer="spline"`` is the same architecture with
+#: RealNVP's defaults of 6 layers).
+ESTIMATOR_TRANSFORMERS: dict[str, tuple[str, ...]] = {
+    "maf": ("affine", "spline"), "nsf": ("spline",), "realnvp": ("affine", "spline"),
+}
+
+
+def resolve_transformer(
+    estimator: str | Callable, transformer: str | None = None, bins: int | None = None, bound: float | None = None,
+) -> dict:
+    """The transformer options of an estimator, defaults filled in, as stored in saved configs.
+
+    Returns ``{"transformer": name, "bins": int, "bound": float}`` for a spline,
+    ``{"transformer": "affine", "bins": None, "bound": None}`` for an affine estimator, and all None
+    for a callable estimator.
+
+    Raises:
+        TypeError: For a ``transformer`` that is not a string, ``bins`` not an int or ``bound`` not a number.
+        ValueError: For a transformer the estimator does not take, ``bins``/``bound`` without a spline,
+            any of them with a callable estimator, ``bins < 1`` or ``bound <= 0``.
+
+    Example:
+        >>> resolve_transformer("nsf")
+        {'transformer': 'spline', 'bins': 10, 'bound': 3.0}
+        >>> resolve_transformer("maf", "spline", bins=8)
+        {'transformer': 'spline', 'bins': 8, 'bound': 3.0}
+        >>> resolve_transformer("maf")
+        {'transformer': 'affine', 'bins': None, 'bound': None}
+    """
+    given = {k: v for k, v in (("transformer", transformer), ("bins", bins), ("bound", bound)) if v is not None}
+    if not isinstance(estimator, str):
+        if given:
+            raise ValueError(f"{sorted(given)} apply to named estimators only; a callable estimator builds its own flow")
+        return {"transformer": None, "bins": None, "bound": None}
+    if estimator not in ESTIMATOR_TRANSFORMERS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
+    choices = ESTIMATOR_TRANSFORMERS[estimator]
+    name = choices[0] if transformer is None else transformer
+    make_transformer(name, bins=DEFAULT_BINS if bins is None else bins,  # type and value checks
+                     bound=DEFAULT_BOUND if bound is None else bound, log_scale_bound=1.0)
+    if name not in choices:
+        raise ValueError(f"estimator {estimator!r} takes transformer {' or '.join(map(repr, choices))}, got {name!r}")
+    if name != "spline":
+        extra = sorted(set(given) - {"transformer"})
+        if extra:
+            raise ValueError(f"{extra} apply to transformer='spline' only; got transformer={name!r}")
+        return {"transformer": name, "bins": None, "bound": None}
+    return {"transformer": name, "bins": DEFAULT_BINS if bins is None else int(bins),
+            "bound": DEFAULT_BOUND if bound is None else float(bound)}
 
 #: Activation names of the flows' conditioner networks (stored in saved files by name). NPE defaults to
 #: ``"tanh"``: bounded hidden units keep the flow's shift and log-scale bounded for observations outside
@@ -80,18 +133,24 @@ def build_flow(
     hidden_features: Sequence[int],
     activation: str = "tanh",
     seed: int = 0,
+    transformer: str | None = None,
+    bins: int | None = None,
+    bound: float | None = None,
 ) -> Flow:
-    """Build the flow of an estimator name (``"maf"``, ``"realnvp"``) or call a user factory.
+    """Build the flow of an estimator name (``"maf"``, ``"nsf"``, ``"realnvp"``) or call a user factory.
 
-    ``activation`` (a key of :data:`ACTIVATIONS`) applies to named estimators only.
+    ``activation`` (a key of :data:`ACTIVATIONS`), ``transformer``, ``bins`` and ``bound`` apply to
+    named estimators only (see :func:`resolve_transformer` for their defaults and checks).
 
     Raises:
-        ValueError: On an unknown estimator or activation name.
+        ValueError: On an unknown estimator or activation name, or transformer options that do not fit.
         TypeError: If a user factory does not return a :class:`~sbiflows.flows.Flow` of the right size.
 
     Example:
         >>> build_flow("maf", 2, 3, transforms=2, hidden_features=(8, 8)).features
         2
+        >>> build_flow("nsf", 1, 3, transforms=2, hidden_features=(8, 8), bins=4).features
+        1
     """
     if isinstance(estimator, str):
         if estimator not in ESTIMATORS:
@@ -100,11 +159,17 @@ def build_flow(
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
         options = {"transforms": transforms, "hidden_features": tuple(hidden_features),
                    "activation": ACTIVATIONS[activation]}
+        resolved = resolve_transformer(estimator, transformer, bins, bound)
+        if resolved["transformer"] == "spline":
+            options.update(bins=resolved["bins"], bound=resolved["bound"])
+        if estimator != "nsf":
+            options["transformer"] = resolved["transformer"]
         if estimator == "maf":
             options["seed"] = seed
         with warnings.catch_warnings():  # NPE warns about a 1-D MAF when it is constructed, not again here
             warnings.filterwarnings("ignore", message=ONE_FEATURE_WARNING, category=UserWarning)
             return ESTIMATORS[estimator](features, context_features, **options)
+    resolve_transformer(estimator, transformer, bins, bound)  # refuses spline options for a callable
     flow = estimator(features, context_features)
     if not isinstance(flow, Flow):
         raise TypeError(f"the estimator callable must return a sbiflows Flow, got {type(flow).__name__}")

@@ -16,28 +16,35 @@ from torch import Tensor, nn
 from sbiflows.distributions import BoxUniform, StandardNormal
 from sbiflows.transforms import (
     AdditiveCoupling,
-    AffineCoupling,
     Compose,
+    Coupling,
     ElementwiseAffine,
     InverseAutoregressive,
     MaskedAutoregressive,
     Planar,
     Transform,
     alternating_mask,
+    make_transformer,
 )
+from sbiflows.transforms.autoregressive import LOG_SCALE_BOUND as MAF_LOG_SCALE_BOUND
+from sbiflows.transforms.coupling import LOG_SCALE_BOUND as COUPLING_LOG_SCALE_BOUND
+from sbiflows.transforms.transformers import DEFAULT_BINS, DEFAULT_BOUND
 
-__all__ = ["BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "planar_flow", "realnvp"]
+__all__ = [
+    "DEFAULT_BINS", "DEFAULT_BOUND", "BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "nsf", "planar_flow",
+    "realnvp",
+]
 
 
 #: Start of the warning of :func:`maf` and :func:`iaf` for one feature (callers that already warned filter it).
 ONE_FEATURE_WARNING = "with 1 feature, a stack of affine autoregressive layers is a Gaussian"
 
 
-def _warn_one_feature(features: int, name: str) -> None:
-    if features == 1:
+def _warn_one_feature(features: int, name: str, transformer: str) -> None:
+    if features == 1 and transformer == "affine":
         warnings.warn(
             f"{ONE_FEATURE_WARNING} (conditional on the context, if any): {name}(1) cannot represent skewed or "
-            "multimodal densities; use more features or a non-affine flow",
+            "multimodal densities; use more features or transformer='spline'",
             UserWarning,
             stacklevel=3,
         )
@@ -171,22 +178,45 @@ def maf(
     random_degrees: bool = True,
     activation: type[nn.Module] = nn.ReLU,
     seed: int = 0,
+    transformer: str = "affine",
+    bins: int = DEFAULT_BINS,
+    bound: float = DEFAULT_BOUND,
 ) -> Flow:
     """Masked autoregressive flow: ``transforms`` MAF layers, reversing the ordering between layers.
 
     Density evaluation is one pass per layer; sampling is ``D`` passes per layer. With one feature
-    every layer is an affine map of a Gaussian, so the flow is a Gaussian (it warns).
+    and ``transformer="affine"`` every layer is an affine map of a Gaussian, so the flow is a
+    Gaussian (it warns).
+
+    Args:
+        features: Dimension D.
+        context_features: Context dimension C (0: unconditional).
+        transforms: Number of layers.
+        hidden_features: Hidden sizes of each layer's MADE.
+        random_degrees: Random (True) or cyclic MADE connectivity.
+        activation: Activation class of the MADEs.
+        seed: Seed of the MADE degrees (layer ``i`` uses ``seed + i``).
+        transformer: ``"affine"`` (``x = z * exp(s) + m``) or ``"spline"`` (rational-quadratic
+            splines on ``[-bound, bound]`` with ``bins`` bins and identity tails).
+        bins: Number of spline bins (``>= 1``; validated, used by ``"spline"`` only).
+        bound: Half-width of the spline interval (``> 0``; validated, used by ``"spline"`` only).
+
+    Raises:
+        TypeError, ValueError: For a ``transformer``, ``bins`` or ``bound`` of the wrong type or value.
 
     Example:
         >>> maf(3, 2).log_prob(torch.randn(4, 3), torch.randn(4, 2)).shape
         torch.Size([4])
+        >>> maf(3, 2, transformer="spline", bins=8).log_prob(torch.randn(4, 3), torch.randn(4, 2)).shape
+        torch.Size([4])
     """
-    _warn_one_feature(features, "maf")
+    map_ = make_transformer(transformer, bins=bins, bound=bound, log_scale_bound=MAF_LOG_SCALE_BOUND)
+    _warn_one_feature(features, "maf", transformer)
     layers = [
         MaskedAutoregressive(
             features, context_features, hidden_features=hidden_features,
             ordering="natural" if i % 2 == 0 else "reverse", random_degrees=random_degrees,
-            activation=activation, seed=seed + i,
+            activation=activation, seed=seed + i, transformer=map_,
         )
         for i in range(transforms)
     ]
@@ -202,22 +232,27 @@ def iaf(
     random_degrees: bool = True,
     activation: type[nn.Module] = nn.ReLU,
     seed: int = 0,
+    transformer: str = "affine",
+    bins: int = DEFAULT_BINS,
+    bound: float = DEFAULT_BOUND,
 ) -> Flow:
     """Inverse autoregressive flow: MAF layers used the other way round.
 
     Sampling is one pass per layer; the density of an arbitrary point takes ``D`` passes per layer.
-    With one feature the flow is a Gaussian (it warns), as for :func:`maf`.
+    With one feature and affine layers the flow is a Gaussian (it warns), as for :func:`maf`, whose
+    options (``transformer``, ``bins``, ``bound``) it takes.
 
     Example:
         >>> iaf(2).sample(3).shape
         torch.Size([3, 2])
     """
-    _warn_one_feature(features, "iaf")
+    map_ = make_transformer(transformer, bins=bins, bound=bound, log_scale_bound=MAF_LOG_SCALE_BOUND)
+    _warn_one_feature(features, "iaf", transformer)
     layers = [
         InverseAutoregressive(
             features, context_features, hidden_features=hidden_features,
             ordering="natural" if i % 2 == 0 else "reverse", random_degrees=random_degrees,
-            activation=activation, seed=seed + i,
+            activation=activation, seed=seed + i, transformer=map_,
         )
         for i in range(transforms)
     ]
@@ -231,21 +266,68 @@ def realnvp(
     transforms: int = 6,
     hidden_features: Sequence[int] = (64, 64),
     activation: type[nn.Module] = nn.ReLU,
+    transformer: str = "affine",
+    bins: int = DEFAULT_BINS,
+    bound: float = DEFAULT_BOUND,
 ) -> Flow:
-    """RealNVP: affine coupling layers with alternating masks (needs ``features >= 2``).
+    """Coupling layers with alternating masks: RealNVP (affine) or, with ``transformer="spline"``, NSF.
+
+    ``transformer``, ``bins`` and ``bound`` are as in :func:`maf`. Affine couplings need
+    ``features >= 2``; spline couplings also take one feature with a context (the conditioner then
+    sees the context alone).
+
+    Raises:
+        ValueError: For one feature with affine couplings or without a context (and see :func:`maf`).
 
     Example:
         >>> realnvp(2).log_prob(torch.zeros(1, 2)).shape
         torch.Size([1])
     """
+    map_ = make_transformer(transformer, bins=bins, bound=bound, log_scale_bound=COUPLING_LOG_SCALE_BOUND)
+    if features < 2 and (transformer == "affine" or context_features < 1):
+        raise ValueError(
+            f"realnvp needs features >= 2 (couplings condition one half on the other), or features == 1 with "
+            f"transformer='spline' and context_features >= 1; got features={features}, transformer="
+            f"{transformer!r}, context_features={context_features}"
+        )
     layers = [
-        AffineCoupling(
-            features, context_features, mask=alternating_mask(features, parity=i % 2),
-            hidden_features=hidden_features, activation=activation,
+        Coupling(
+            features, context_features, transformer=map_, hidden_features=hidden_features, activation=activation,
+            mask=alternating_mask(features, parity=i % 2) if features > 1 else None,
         )
         for i in range(transforms)
     ]
     return Flow(layers)
+
+
+def nsf(
+    features: int,
+    context_features: int = 0,
+    *,
+    transforms: int = 5,
+    hidden_features: Sequence[int] = (50, 50),
+    activation: type[nn.Module] = nn.ReLU,
+    bins: int = DEFAULT_BINS,
+    bound: float = DEFAULT_BOUND,
+) -> Flow:
+    """Neural spline flow (Durkan et al. 2019): rational-quadratic spline couplings, alternating masks.
+
+    The architecture of sbi's ``nsf`` without its LU-linear layers between couplings: each layer
+    transforms half of the features with splines on ``[-bound, bound]`` (``bins`` bins, identity
+    tails) whose parameters an MLP computes from the other half and the context. With one feature
+    (which needs a context) the MLP sees the context alone, as in sbi. Same as
+    ``realnvp(..., transformer="spline")`` with this function's defaults (5 layers of ``(50, 50)``).
+
+    Example:
+        >>> nsf(2, 3).log_prob(torch.zeros(4, 2), torch.zeros(4, 3)).shape
+        torch.Size([4])
+        >>> nsf(1, 3).sample(5, torch.zeros(3)).shape
+        torch.Size([5, 1])
+    """
+    return realnvp(
+        features, context_features, transforms=transforms, hidden_features=hidden_features, activation=activation,
+        transformer="spline", bins=bins, bound=bound,
+    )
 
 
 def nice(

@@ -54,6 +54,7 @@ from sbiflows.estimator import (
     check_hidden_features,
     default_transforms,
     extreme_rows,
+    resolve_transformer,
     zscore,
 )
 from sbiflows.flows import Flow
@@ -82,8 +83,9 @@ class NPE:
         prior: The prior over ``theta``, a ``torch.distributions.Distribution`` with event shape
             ``(D,)`` (e.g. ``Independent(Uniform(low, high), 1)``, ``MultivariateNormal``) or a scalar /
             batch-of-scalars distribution (treated as ``D`` independent parameters).
-        estimator: ``"maf"`` (masked autoregressive flow), ``"realnvp"`` (affine couplings, needs
-            ``D >= 2``) or a callable ``(features, context_features) -> Flow``.
+        estimator: ``"maf"`` (masked autoregressive flow), ``"nsf"`` (neural spline flow: spline
+            couplings; with ``D = 1`` the splines' parameters come from ``x`` alone), ``"realnvp"``
+            (couplings, needs ``D >= 2`` unless splines) or a callable ``(features, context_features) -> Flow``.
         transforms: Number of flow layers. None (default): chosen at the first ``fit`` by
             :func:`~sbiflows.estimator.default_transforms` (10 from 5,000 training rows on with at
             least 3 parameters, else 5; the saved config records the number used). Ignored for a
@@ -93,6 +95,12 @@ class NPE:
         activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
             ``"gelu"``. Ignored for a callable estimator. tanh keeps the flow bounded for observations
             outside the training range (see ``docs/benchmarks.md`` for the measured difference).
+        transformer: The elementwise map of the flow's layers: ``"affine"`` or ``"spline"``
+            (monotonic rational-quadratic splines, Durkan et al. 2019). None (default): ``"spline"``
+            for ``"nsf"``, ``"affine"`` for ``"maf"`` and ``"realnvp"``. Named estimators only.
+        bins: Spline bins (default 10, as sbi's ``nsf``); only with a spline transformer.
+        bound: Splines act on ``[-bound, bound]`` of the flow's standardized space and are the
+            identity outside (default 3.0, as sbi's ``nsf``); only with a spline transformer.
         embedding_net: Optional ``nn.Module`` applied to the z-scored ``x`` before the flow, trained
             jointly; its output size is read from a forward pass on the data. It is deep-copied at the
             first ``fit``, so the module you pass is never modified.
@@ -125,6 +133,9 @@ class NPE:
         transforms: int | None = None,
         hidden_features: Sequence[int] = (50, 50),
         activation: str = "tanh",
+        transformer: str | None = None,
+        bins: int | None = None,
+        bound: float | None = None,
         embedding_net: nn.Module | None = None,
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
@@ -135,12 +146,18 @@ class NPE:
             raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
         if not isinstance(estimator, str) and not callable(estimator):
             raise TypeError(f"estimator must be a name {sorted(ESTIMATORS)} or a callable, got {type(estimator).__name__}")
-        if estimator == "realnvp" and self.theta_dim < 2:
-            raise ValueError("estimator 'realnvp' needs theta with at least 2 dimensions (couplings split theta); use 'maf'")
-        if estimator == "maf" and self.theta_dim == 1:
+        self._transformer = resolve_transformer(estimator, transformer, bins, bound)
+        spline = self._transformer["transformer"] == "spline"
+        if estimator == "realnvp" and self.theta_dim < 2 and not spline:
+            raise ValueError(
+                "estimator 'realnvp' with affine couplings needs theta with at least 2 dimensions (couplings split "
+                "theta); use 'nsf' or 'maf'"
+            )
+        if estimator == "maf" and self.theta_dim == 1 and not spline:
             warnings.warn(
                 "with 1-D theta, a MAF of affine layers is a conditional Gaussian in the prior's unconstrained "
-                "space (it cannot represent multimodal posteriors); pass a callable estimator for more flexibility",
+                "space (it cannot represent multimodal posteriors); use estimator='nsf' or transformer='spline' for "
+                "more flexibility",
                 UserWarning,
                 stacklevel=2,
             )
@@ -317,7 +334,8 @@ class NPE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=transforms,
-                              hidden_features=self.hidden_features, activation=self.activation, seed=seed)
+                              hidden_features=self.hidden_features, activation=self.activation, seed=seed,
+                              **self._transformer)
         net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
         net.set_standardization(u, x)
         return net
@@ -342,6 +360,7 @@ class NPE:
     def _config(self, net: PosteriorNet, flow_seed: int, transforms: int) -> dict:
         return {
             "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
+            **self._transformer,
             "transforms": transforms,
             "hidden_features": list(self.hidden_features),
             "activation": self.activation,

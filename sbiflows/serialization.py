@@ -4,7 +4,8 @@ The file is a dict of plain types and tensors, readable with
 ``torch.load(path, weights_only=True, map_location=...)``:
 
 * ``format_version`` (int) and ``sbiflows_version`` (str);
-* ``config``: a JSON string with the architecture (estimator name, layers, hidden sizes, seed),
+* ``config``: a JSON string with the architecture (estimator name, transformer with its bins and
+  bound, layers, hidden sizes, seed),
   shapes (``theta_dim``, ``x_dim``, context size, every tensor's shape), dtype, the prior spec (a
   whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
   ``Independent`` and ``IndependentPrior``; null only for a prior that ``save`` was told to leave out
@@ -44,7 +45,9 @@ from sbiflows.training import TrainingHistory
 __all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "load", "save"]
 
 #: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
-FORMAT_VERSION = 1
+#: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
+#: estimator may be ``"nsf"``. Version 1 files have no such keys: their flows are affine.
+FORMAT_VERSION = 2
 #: The oldest file layout :func:`load` reads.
 MIN_FORMAT_VERSION = 1
 _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
@@ -246,6 +249,9 @@ def _flow(config: dict, estimator) -> Flow:
             estimator, config["theta_dim"], config["context_features"], transforms=config["transforms"],
             hidden_features=config["hidden_features"], seed=config.get("flow_seed", 0),
             activation=config.get("activation", "relu"),  # files written before the option used ReLU
+            # format 1 has no transformer keys: its flows are affine (a callable's stay None)
+            transformer=config.get("transformer", None if name == "custom" else "affine"),
+            bins=config.get("bins"), bound=config.get("bound"),
         )
 
 

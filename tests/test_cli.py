@@ -56,6 +56,31 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_estimator_choices_come_from_the_registry(capsys):
+    from sbiflows.cli import _setup, build_parser
+    from sbiflows.estimator import ESTIMATORS
+
+    parser = build_parser()
+    fit = parser._subparsers._group_actions[0].choices["fit"]
+    (action,) = [a for a in fit._actions if "--estimator" in a.option_strings]
+    assert list(action.choices) == sorted(ESTIMATORS) and "nsf" in action.choices
+    args = parser.parse_args(["fit", "two_moons", "--estimator", "nsf", "--observations", "1"])
+    assert _setup(args)["estimator"] == "nsf"
+
+
+@pytest.mark.slow
+def test_fit_with_the_nsf_estimator(tmp_path):
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2", "--quiet"]
+    assert main(["fit", "two_moons", "--estimator", "nsf", "--out", str(out), "--observations", "1", *small]) == 0
+    from sbiflows import load
+
+    posterior = load(out / "posterior.pt")
+    assert (posterior.config["estimator"], posterior.config["transformer"]) == ("nsf", "spline")
+    assert json.loads((out / "report.json").read_text())["estimator"] == "nsf"
+
+
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "sbiflows.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "sbiflows" in result.stdout

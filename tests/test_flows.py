@@ -17,14 +17,19 @@ from sbiflows.flows import (
     iaf,
     maf,
     nice,
+    nsf,
     planar_flow,
     realnvp,
 )
 from sbiflows.training import train
 from sbiflows.transforms import ElementwiseAffine
 
-FACTORIES = {"maf": maf, "realnvp": realnvp, "nice": nice, "iaf": iaf, "planar_flow": planar_flow}
-ONE_D = ["maf", "iaf", "planar_flow"]  # couplings need at least 2 dimensions
+FACTORIES = {
+    "maf": maf, "realnvp": realnvp, "nice": nice, "iaf": iaf, "planar_flow": planar_flow, "nsf": nsf,
+    "spline_maf": functools.partial(maf, transformer="spline", bins=8),
+    "spline_iaf": functools.partial(iaf, transformer="spline", bins=8),
+}
+ONE_D = ["maf", "iaf", "planar_flow", "spline_maf", "spline_iaf"]  # couplings need 2 dimensions (or a context)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +76,19 @@ def test_density_integrates_to_one_in_1d(name, context_features):
         grid = torch.linspace(lo, hi, 2000, dtype=torch.float64).unsqueeze(-1)
         density = flow.log_prob(grid, context).exp()
     assert abs(torch.trapezoid(density, grid.squeeze(-1)).item() - 1.0) < 1e-2
+
+
+def test_one_feature_nsf_density_integrates_to_one():
+    """With one feature an NSF's conditioner sees the context alone (which it then needs)."""
+    flow = perturbed("nsf", 1, 2)
+    context = torch.tensor([0.3, -1.0], dtype=torch.float64)
+    with torch.no_grad():
+        (lo, hi), = _box(flow.sample(20_000, context))
+        grid = torch.linspace(lo, hi, 2000, dtype=torch.float64).unsqueeze(-1)
+        density = flow.log_prob(grid, context).exp()
+    assert abs(torch.trapezoid(density, grid.squeeze(-1)).item() - 1.0) < 1e-2
+    other = flow.log_prob(grid, torch.tensor([-1.0, 1.0], dtype=torch.float64)).exp()
+    assert (other - density).abs().max() > 0.05  # the context matters
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -232,7 +250,8 @@ def mixture() -> MixtureSameFamily:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,margin", [("maf", 0.05), ("realnvp", 0.05), ("nice", 0.05), ("iaf", 0.05), ("planar_flow", 0.15)])
+@pytest.mark.parametrize("name,margin", [("maf", 0.05), ("realnvp", 0.05), ("nice", 0.05), ("iaf", 0.05), ("planar_flow", 0.15),
+                                         ("nsf", 0.05), ("spline_maf", 0.05)])
 def test_learns_a_mixture_of_gaussians(name, margin):
     torch.manual_seed(0)
     target = mixture()

@@ -48,7 +48,7 @@ def box_problem(n: int = 400, seed: int = 0):
 
 # ------------------------------------------------------------------------------------ accuracy
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["maf", "realnvp"])
+@pytest.mark.parametrize("estimator", ["maf", "realnvp", "nsf"])
 def test_gaussian_linear_posterior_is_accurate(estimator):
     prior, theta, x = gaussian_problem(5000)
     posterior = NPE(prior, estimator).fit(theta, x, seed=0, progress=False)
@@ -290,10 +290,63 @@ def test_estimator_validation():
     with pytest.raises(ValueError, match="realnvp.*at least 2 dimensions"):
         NPE(prior, "realnvp")
     box, theta, x = box_problem()
-    with pytest.raises(ValueError, match=r"unknown estimator 'nsf'; valid names are \['maf', 'realnvp'\]"):
-        NPE(box, "nsf")
+    with pytest.raises(ValueError, match=r"unknown estimator 'nope'; valid names are \['maf', 'nsf', 'realnvp'\]"):
+        NPE(box, "nope")
     with pytest.raises(TypeError, match="must return a sbiflows Flow"):
         NPE(box, lambda f, c: nn.Linear(f, c)).fit(theta, x, **FAST)
+
+
+@pytest.mark.parametrize(
+    "estimator,options,error,message",
+    [
+        ("nsf", {"transformer": "affine"}, ValueError, "estimator 'nsf' takes transformer 'spline', got 'affine'"),
+        ("maf", {"transformer": "cubic"}, ValueError, r"transformer must be one of \('affine', 'spline'\), got 'cubic'"),
+        ("maf", {"transformer": 1}, TypeError, "transformer must be one of .*got int 1"),
+        ("maf", {"bins": 8}, ValueError, r"\['bins'\] apply to transformer='spline' only; got transformer='affine'"),
+        ("realnvp", {"bound": 5.0}, ValueError, r"\['bound'\] apply to transformer='spline' only"),
+        ("maf", {"transformer": "spline", "bins": 0}, ValueError, "bins must be an int >= 1, got 0"),
+        ("nsf", {"bins": True}, TypeError, "bins must be an int >= 1, got bool True"),
+        ("nsf", {"bound": 0.0}, ValueError, "bound must be a positive number, got 0.0"),
+        ("nsf", {"bound": "5"}, TypeError, "bound must be a positive number, got str '5'"),
+        (lambda f, c: maf(f, c), {"transformer": "spline"}, ValueError, r"\['transformer'\] apply to named estimators"),
+    ],
+)
+def test_transformer_options_are_validated(estimator, options, error, message):
+    with pytest.raises(error, match=message):
+        NPE(box_problem()[0], estimator, **options)
+
+
+@pytest.mark.parametrize(
+    "estimator,options,expected,layer_type",
+    [
+        ("maf", {}, ("affine", None, None), "MaskedAutoregressive"),
+        ("maf", {"transformer": "spline", "bins": 8}, ("spline", 8, 3.0), "MaskedAutoregressive"),
+        ("nsf", {}, ("spline", 10, 3.0), "Coupling"),
+        ("nsf", {"bins": 4, "bound": 5}, ("spline", 4, 5.0), "Coupling"),
+        ("realnvp", {"transformer": "spline"}, ("spline", 10, 3.0), "Coupling"),
+    ],
+)
+def test_transformer_is_built_and_recorded_in_the_config(estimator, options, expected, layer_type):
+    prior, theta, x = box_problem()
+    posterior = NPE(prior, estimator, transforms=2, hidden_features=(16, 16), **options).fit(theta, x, **FAST)
+    assert tuple(posterior.config[k] for k in ("transformer", "bins", "bound")) == expected
+    layers = posterior.net.flow.transform.transforms
+    assert all(type(layer).__name__ == layer_type for layer in layers)
+    transformer = layers[0].transformer
+    assert getattr(transformer, "bins", None) == expected[1] and getattr(transformer, "bound", None) == expected[2]
+
+
+@pytest.mark.parametrize("estimator,options", [("nsf", {}), ("maf", {"transformer": "spline"}),
+                                               ("realnvp", {"transformer": "spline"})])
+def test_one_parameter_spline_estimators_fit_without_the_gaussian_warning(estimator, options):
+    prior = Normal(torch.zeros(1), torch.ones(1))
+    theta = prior.sample((300,))
+    x = torch.cat([theta, theta**2], dim=1) + 0.1 * torch.randn(300, 2)
+    posterior = NPE(prior, estimator, transforms=2, hidden_features=(16, 16), **options).fit(theta, x, **FAST)
+    samples = posterior.sample(50, x=x[0])
+    assert samples.shape == (50, 1) and torch.isfinite(posterior.log_prob(samples, x=x[0])).all()
+    if estimator != "maf":  # one feature: the conditioner sees x alone
+        assert posterior.net.flow.transform.transforms[0].identity_idx.numel() == 0
 
 
 def test_callable_estimator_and_embedding_net():

@@ -48,9 +48,15 @@ def rewrite(path, **changes):
 
 
 # ----------------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("estimator", ["maf", "realnvp"])
-def test_round_trip_is_bit_identical(tmp_path, estimator):
-    posterior, theta, x = fitted(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1), estimator)
+ESTIMATOR_OPTIONS = [
+    ("maf", {}), ("maf", {"transformer": "spline", "bins": 6}), ("realnvp", {}),
+    ("realnvp", {"transformer": "spline", "bound": 4.0}), ("nsf", {}), ("nsf", {"bins": 5, "bound": 2.5}),
+]
+
+
+@pytest.mark.parametrize("estimator,options", ESTIMATOR_OPTIONS)
+def test_round_trip_is_bit_identical(tmp_path, estimator, options):
+    posterior, theta, x = fitted(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1), estimator, **options)
     path = tmp_path / "post.pt"
     before = {k: v.clone() for k, v in posterior.net.state_dict().items()}
     posterior.save(path)
@@ -60,6 +66,31 @@ def test_round_trip_is_bit_identical(tmp_path, estimator):
     assert torch.equal(loaded.sample(100, x=x[1], seed=7), posterior.sample(100, x=x[1], seed=7))
     assert loaded.history.epochs == posterior.history.epochs == 3
     assert loaded.config == posterior.config
+    assert type(loaded.net.flow.transform.transforms[0].transformer) is type(
+        posterior.net.flow.transform.transforms[0].transformer
+    )
+
+
+@pytest.mark.parametrize("estimator,options", [("nsf", {}), ("maf", {"transformer": "spline"})])
+def test_one_parameter_spline_posterior_round_trip(tmp_path, estimator, options):
+    posterior, theta, x = fitted(Normal(torch.zeros(1), torch.ones(1)), estimator, **options)
+    posterior.save(tmp_path / "post.pt")
+    loaded = load(tmp_path / "post.pt")
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+    assert torch.equal(loaded.sample(20, x=x[1], seed=7), posterior.sample(20, x=x[1], seed=7))
+
+
+def test_format_1_config_without_transformer_keys_loads_as_affine(tmp_path, box):
+    """Files written before the transformer seam (format 1) have no transformer, bins or bound keys."""
+    posterior, theta, x = box
+    posterior.save(tmp_path / "p.pt")
+    config = json.loads(torch.load(tmp_path / "p.pt", weights_only=True)["config"])
+    for key in ("transformer", "bins", "bound"):
+        del config["posterior"][key]
+    rewrite(tmp_path / "p.pt", config=config, format_version=1)
+    loaded = load(tmp_path / "p.pt")
+    assert torch.equal(loaded.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+    assert "transformer" not in loaded.config
 
 
 def test_file_is_plain_tensors_and_json(tmp_path, box):
@@ -256,7 +287,10 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
 def test_fixture_from_format_1_still_loads():
     """``tests/data/npe_posterior_format1.pt`` was saved by sbiflows 0.1.0; future versions must read it."""
     expected = json.loads((DATA / "npe_posterior_format1.json").read_text())
+    assert torch.load(FIXTURE, weights_only=True)["format_version"] == 1 < FORMAT_VERSION
     posterior = load(FIXTURE)
+    assert "transformer" not in posterior.config  # written before the seam: an affine MAF
+    assert type(posterior.net.flow.transform.transforms[0].transformer).__name__ == "Affine"
     theta, x = torch.tensor(expected["theta"]), torch.tensor(expected["x"])
     torch.testing.assert_close(posterior.log_prob(theta, x=x), torch.tensor(expected["log_prob"]), atol=1e-5, rtol=1e-5)
     assert posterior.sample(3, x=x, seed=0).shape == (3, 2)

@@ -2,17 +2,20 @@
 
 from sbiflows.transforms.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from sbiflows.transforms.base import Compose, Inverse, Transform, broadcast_context
-from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, alternating_mask
+from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling, alternating_mask
 from sbiflows.transforms.elementwise import BatchNorm, ElementwiseAffine, Permutation
 from sbiflows.transforms.made import MADE, MaskedLinear
 from sbiflows.transforms.planar import Planar
+from sbiflows.transforms.transformers import Affine, RationalQuadraticSpline, Transformer, make_transformer
 
 __all__ = [
     "MADE",
     "AdditiveCoupling",
+    "Affine",
     "AffineCoupling",
     "BatchNorm",
     "Compose",
+    "Coupling",
     "ElementwiseAffine",
     "Inverse",
     "InverseAutoregressive",
@@ -20,7 +23,10 @@ __all__ = [
     "MaskedLinear",
     "Permutation",
     "Planar",
+    "RationalQuadraticSpline",
     "Transform",
+    "Transformer",
     "alternating_mask",
     "broadcast_context",
+    "make_transformer",
 ]

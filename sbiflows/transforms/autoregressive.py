@@ -7,22 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.nn import soft_clamp
 from sbiflows.transforms.base import Inverse, Transform
 from sbiflows.transforms.made import MADE
+from sbiflows.transforms.transformers import Affine, Transformer
 
 #: Bound on the autoregressive log-scales per layer.
 LOG_SCALE_BOUND = 5.0
 
 
 class MaskedAutoregressive(Transform):
-    """MAF layer (Papamakarios et al. 2017): the generative map ``x_i = z_i * exp(s_i) + m_i``.
+    """MAF layer (Papamakarios et al. 2017): the generative map ``x_i = f(z_i; params_i)``.
 
-    ``(m_i, s_i)`` come from a :class:`MADE` of ``x_{<i}`` (in the layer's ordering) and the context;
-    ``s`` is softly bounded to ``(-5, 5)``.
+    ``f`` is the layer's :class:`~sbiflows.transforms.transformers.Transformer`, elementwise and
+    monotonic, and ``params_i`` come from a :class:`MADE` of ``x_{<i}`` (in the layer's ordering) and
+    the context. The default is the affine map ``x_i = z_i * exp(s_i) + m_i`` with ``s`` softly
+    bounded to ``(-5, 5)``; a :class:`~sbiflows.transforms.transformers.RationalQuadraticSpline`
+    gives a spline MAF layer (Durkan et al. 2019).
 
-    * ``forward`` (data -> latent, density): ``z = (x - m(x)) * exp(-s(x))``, **one** network pass,
-      ``logdet = -sum(s)``.
+    * ``forward`` (data -> latent, density): ``z = f^{-1}(x; params(x))``, **one** network pass
+      (affine: ``z = (x - m(x)) * exp(-s(x))``, ``logdet = -sum(s)``).
     * ``inverse`` (latent -> data, sampling): ``D`` sequential passes, each fixing one more coordinate.
 
     Args:
@@ -33,6 +36,8 @@ class MaskedAutoregressive(Transform):
         random_degrees: Random (True) or cyclic hidden connectivity integers.
         seed: Seed of random orderings and degrees.
         activation: Activation class of the MADE.
+        transformer: The elementwise map; default ``Affine(LOG_SCALE_BOUND)``. The MADE's last layer
+            starts at zero, so a new layer is the identity for every transformer here.
 
     Example:
         >>> layer = MaskedAutoregressive(3, context_features=2)
@@ -51,32 +56,28 @@ class MaskedAutoregressive(Transform):
         random_degrees: bool = True,
         seed: int = 0,
         activation: type[nn.Module] = nn.ReLU,
+        transformer: Transformer | None = None,
     ):
         super().__init__()
         self.features = features
         self.context_features = context_features
+        self.transformer = Affine(LOG_SCALE_BOUND) if transformer is None else transformer
         self.made = MADE(
-            features, 2, context_features, hidden_features=hidden_features, ordering=ordering,
+            features, self.transformer.num_params, context_features, hidden_features=hidden_features, ordering=ordering,
             random_degrees=random_degrees, seed=seed, activation=activation, zero_last=True,
         )
 
-    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        out = self.made(x, context)
-        return out[..., 0], soft_clamp(out[..., 1], LOG_SCALE_BOUND)
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self._context(x, context)
-        m, s = self._params(x, context)
-        neg_s = -s
-        return (x - m) * torch.exp(neg_s), neg_s.sum(-1)
+        z, logdet = self.transformer.inverse(x, self.made(x, context))
+        return z, logdet.sum(-1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self._context(z, context)
         x = torch.zeros_like(z)
         for _ in range(self.features):
-            m, s = self._params(x, context)
-            x = z * torch.exp(s) + m
-        return x, s.sum(-1)
+            x, logdet = self.transformer.forward(z, self.made(x, context))
+        return x, logdet.sum(-1)
 
 
 class InverseAutoregressive(Inverse):

@@ -1,4 +1,5 @@
-"""Coupling layers: NICE's additive coupling and RealNVP's affine coupling, with context-fed conditioners."""
+"""Coupling layers with context-fed conditioners: NICE's additive coupling, and couplings with an
+elementwise transformer (RealNVP's affine map, or a rational-quadratic spline as in Neural Spline Flows)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.nn import MLP, soft_clamp
+from sbiflows.nn import MLP
 from sbiflows.transforms.base import Transform
+from sbiflows.transforms.transformers import Affine, Transformer
 
 #: Bound on the affine coupling log-scale per layer.
 LOG_SCALE_BOUND = 3.0
@@ -25,7 +27,11 @@ def alternating_mask(features: int, *, parity: int = 0) -> Tensor:
 
 
 class _Coupling(Transform):
-    """Shared mechanics: split by ``mask`` into ``x1`` (kept) and ``x2`` (transformed by ``x1`` and context)."""
+    """Shared mechanics: split by ``mask`` into ``x1`` (kept) and ``x2`` (transformed by ``x1`` and context).
+
+    With one feature and a context, nothing is kept: the conditioner sees the context alone (as sbi's
+    ``nsf`` does for one parameter).
+    """
 
     params_per_feature: int = 1
 
@@ -39,10 +45,16 @@ class _Coupling(Transform):
         activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
-        if features < 2:
-            raise ValueError(f"coupling layers need features >= 2 (one dimension to condition on), got {features}")
-        mask = alternating_mask(features) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-        if mask.shape != (features,) or mask.all() or not mask.any():
+        if features < 1 or (features == 1 and context_features < 1):
+            raise ValueError(
+                "coupling layers need features >= 2 (one dimension to condition on), or 1 feature with "
+                f"context_features >= 1 (the conditioner then sees the context alone); got features={features}, "
+                f"context_features={context_features}"
+            )
+        if mask is None:
+            mask = alternating_mask(features) if features > 1 else torch.zeros(1, dtype=torch.bool)
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (features,) or mask.all() or (features > 1 and not mask.any()):
             raise ValueError(
                 f"mask must be a boolean tensor of shape ({features},) with both True (kept) and False "
                 f"(transformed) entries, got {mask.tolist()}"
@@ -104,14 +116,50 @@ class AdditiveCoupling(_Coupling):
         return y2, x2.new_zeros(x2.shape[:-1])
 
 
-class AffineCoupling(_Coupling):
+class Coupling(_Coupling):
+    """A coupling layer with an elementwise transformer: ``z1 = x1``, ``z2 = f(x2; params(x1, context))``.
+
+    The conditioner outputs ``num_params`` blocks of ``len(x2)`` values (parameter-major), reshaped to
+    ``(*batch, len(x2), num_params)`` for the transformer. Its last layer starts at zero, so a new
+    layer is the identity.
+
+    Args:
+        features: Dimension D (>= 2, or 1 with a context: then the conditioner sees the context alone).
+        context_features: Context dimension C (0: unconditional); the context is fed to the conditioner.
+        transformer: The elementwise map (e.g.
+            :class:`~sbiflows.transforms.transformers.RationalQuadraticSpline`).
+        mask: Boolean ``(D,)``; True marks the kept part ``x1``. Default: even dimensions.
+        hidden_features: Hidden sizes of the conditioner.
+        activation: Activation class of the conditioner's hidden layers.
+
+    Example:
+        >>> from sbiflows.transforms.transformers import RationalQuadraticSpline
+        >>> layer = Coupling(3, 2, transformer=RationalQuadraticSpline(bins=4))
+        >>> z, logdet = layer(torch.randn(5, 3), torch.randn(5, 2))
+        >>> z.shape, logdet.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+
+    def __init__(self, features: int, context_features: int = 0, *, transformer: Transformer, **options):
+        self.params_per_feature = transformer.num_params
+        super().__init__(features, context_features, **options)
+        self.transformer = transformer
+
+    def _couple(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        params = params.unflatten(-1, (self.params_per_feature, x2.shape[-1])).transpose(-1, -2)
+        y2, logdet = (self.transformer.inverse if inverse else self.transformer.forward)(x2, params)
+        return y2, logdet.sum(-1)
+
+
+class AffineCoupling(Coupling):
     """RealNVP affine coupling (Dinh et al. 2017): ``z1 = x1``, ``z2 = x2 * exp(s) + m``.
 
     ``s`` and ``m`` are functions of ``(x1, context)``; ``s`` is softly bounded to ``(-3, 3)`` so that
     training cannot overflow. ``logdet = sum(s)``; the inverse is ``x2 = (z2 - m) * exp(-s)``.
+    The conditioner's outputs are all the ``m`` first, then all the ``s``.
 
     Args:
-        features: Dimension D (>= 2).
+        features: Dimension D (>= 2, or 1 with a context).
         context_features: Context dimension C (0: unconditional); the context is fed to the conditioner.
         mask: Boolean ``(D,)``; True marks the kept part ``x1``. Default: even dimensions.
         hidden_features: Hidden sizes of the conditioner.
@@ -124,11 +172,5 @@ class AffineCoupling(_Coupling):
         True
     """
 
-    params_per_feature = 2
-
-    def _couple(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        m, s = params.chunk(2, dim=-1)
-        s = soft_clamp(s, LOG_SCALE_BOUND)
-        if inverse:
-            return (x2 - m) * torch.exp(-s), -s.sum(-1)
-        return x2 * torch.exp(s) + m, s.sum(-1)
+    def __init__(self, features: int, context_features: int = 0, **options):
+        super().__init__(features, context_features, transformer=Affine(LOG_SCALE_BOUND), **options)

@@ -1,0 +1,233 @@
+"""Elementwise monotonic maps ("transformers") of autoregressive and coupling layers.
+
+A transformer maps each feature ``x_i`` to ``y_i`` with parameters that a conditioner (a MADE, a
+coupling network) computes from other features and the context. It is the one place that says how
+many parameters a feature needs (:attr:`Transformer.num_params`), so MAF and coupling layers work
+with any transformer without a copy per map.
+
+Both directions take ``params`` of shape ``(*batch, D, num_params)`` and return ``(y, logabsdet)``
+with ``logabsdet`` **per element** (``(*batch, D)``); the layer sums it.
+
+* :class:`Affine`: ``y = x * exp(s) + m`` with ``s`` softly bounded (MAF's and RealNVP's map).
+* :class:`RationalQuadraticSpline`: the monotonic rational-quadratic spline of Durkan et al. (2019,
+  "Neural Spline Flows") on ``[-B, B]`` with ``K`` bins, identity tails outside, analytic inverse.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sbiflows.checks import check_int, check_positive_number
+from sbiflows.nn import soft_clamp
+
+__all__ = [
+    "DEFAULT_BINS", "DEFAULT_BOUND", "TRANSFORMERS", "Affine", "RationalQuadraticSpline", "Transformer", "make_transformer",
+]
+
+#: Names accepted by the factories' ``transformer`` option.
+TRANSFORMERS = ("affine", "spline")
+
+
+class Transformer:
+    """An elementwise monotonic map with ``num_params`` parameters per feature (a base class).
+
+    ``forward(x, params)`` and ``inverse(y, params)`` return ``(output, logabsdet)``; ``logabsdet`` is
+    ``log|d output / d input|`` per element. ``identity_params`` is what a zero conditioner output
+    means: every transformer here is the identity map when its parameters are all zero.
+    """
+
+    num_params: int
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = f(x)`` and ``log|f'(x)|`` elementwise."""
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``x = f^{-1}(y)`` and ``log|d x / d y|`` elementwise."""
+        raise NotImplementedError
+
+
+class Affine(Transformer):
+    """``y = x * exp(s) + m``: params ``(m, s_raw)`` with ``s = log_scale_bound * tanh(s_raw / log_scale_bound)``.
+
+    Args:
+        log_scale_bound: Soft bound on the log-scale (5 in MAF layers, 3 in RealNVP couplings).
+
+    Example:
+        >>> y, logdet = Affine(3.0).forward(torch.ones(2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        >>> y.tolist(), logdet.tolist()
+        ([2.0, 1.0], [0.0, 0.0])
+    """
+
+    num_params = 2
+
+    def __init__(self, log_scale_bound: float):
+        self.log_scale_bound = log_scale_bound
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        return params[..., 0], soft_clamp(params[..., 1], self.log_scale_bound)
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        m, s = self._split(params)
+        return x * torch.exp(s) + m, s
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        m, s = self._split(params)
+        neg_s = -s
+        return (y - m) * torch.exp(neg_s), neg_s
+
+    def __repr__(self) -> str:
+        return f"Affine(log_scale_bound={self.log_scale_bound})"
+
+
+#: Default number of spline bins and half-width of the spline interval (in the flow's standardized
+#: space): sbi 0.27's ``nsf`` defaults (``num_bins=10``, ``tail_bound=3.0``), so that the two libraries'
+#: spline flows are compared at the same settings. Outside ``[-3, 3]`` a spline layer is the identity,
+#: which passes the base's tails through unchanged: on a posterior 0.45 prior-sd wide (tests/test_npe.py's
+#: Gaussian problem) an NSF's 0.1% quantile lay 7.7 sd from the mean with bound 3 and 3.5 sd with
+#: bound 5 (exact: 3.1), while on two_moons (1,000 simulations, seeds 0 1, observations 1-5) bound 3
+#: scored a better C2ST (0.706 against 0.727). The choice is left to a measurement over all tasks.
+DEFAULT_BINS = 10
+DEFAULT_BOUND = 3.0
+
+#: Smallest bin width and height (as a fraction of ``2B``) and smallest knot derivative of the spline.
+MIN_BIN_WIDTH = 1e-3
+MIN_BIN_HEIGHT = 1e-3
+MIN_DERIVATIVE = 1e-3
+
+
+class RationalQuadraticSpline(Transformer):
+    """Monotonic rational-quadratic spline on ``[-bound, bound]`` with identity (linear) tails.
+
+    Each feature has ``3 * bins - 1`` parameters: ``bins`` unnormalized widths, ``bins`` heights (a
+    softmax each, floored at :data:`MIN_BIN_WIDTH` / :data:`MIN_BIN_HEIGHT` of the interval) and the
+    derivatives at the ``bins - 1`` interior knots (``MIN_DERIVATIVE + softplus``, shifted so that a
+    raw 0 gives derivative 1). The derivatives at ``+-bound`` are 1, so the map and its slope are
+    continuous with the identity outside. All parameters 0 give equal bins and unit derivatives:
+    the identity map.
+
+    Numerical safety: both directions evaluate the spline on inputs clamped into the interval (the
+    tails select the identity with ``torch.where``, so no NaN or inf reaches a gradient); the bin
+    position is clamped to ``[0, 1]`` and the inverse's discriminant to ``>= 0``.
+
+    Args:
+        bins: Number of bins ``K`` (>= 1).
+        bound: Half-width ``B`` of the interval (> 0).
+
+    Example:
+        >>> spline = RationalQuadraticSpline(bins=4, bound=3.0)
+        >>> spline.num_params
+        11
+        >>> x = torch.tensor([-5.0, -1.0, 0.5, 3.0])
+        >>> y, logdet = spline.forward(x, torch.zeros(4, 11))  # zero params: the identity
+        >>> torch.allclose(y, x), bool(logdet.abs().max() < 1e-6)
+        (True, True)
+    """
+
+    def __init__(self, *, bins: int = DEFAULT_BINS, bound: float = DEFAULT_BOUND):
+        self.bins = check_int(bins, "bins", minimum=1)
+        self.bound = check_positive_number(bound, "bound")
+        self.num_params = 3 * self.bins - 1
+        # softplus(raw + shift) + MIN_DERIVATIVE == 1 at raw == 0
+        self._derivative_shift = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
+
+    def __repr__(self) -> str:
+        return f"RationalQuadraticSpline(bins={self.bins}, bound={self.bound})"
+
+    def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Knot positions ``(*, K+1)`` in x and y and knot derivatives ``(*, K+1)``.
+
+        The end knots are exactly ``-bound`` and ``bound`` (fractions 0 and 1 of the interval), so the
+        spline meets the identity tails there whatever the rounding of the cumulative sums.
+        """
+        k, bound = self.bins, self.bound
+        raw_w, raw_h, raw_d = params.split((k, k, k - 1), dim=-1)
+        knots = []
+        for raw, minimum in ((raw_w, MIN_BIN_WIDTH), (raw_h, MIN_BIN_HEIGHT)):
+            sizes = torch.softmax(raw, dim=-1) * (1 - minimum * k) + minimum  # fractions of the interval
+            inner = torch.cumsum(sizes[..., :-1], dim=-1)
+            knots.append(F.pad(F.pad(inner, (1, 0), value=0.0), (0, 1), value=1.0) * (2 * bound) - bound)
+        derivatives = F.pad(F.softplus(raw_d + self._derivative_shift) + MIN_DERIVATIVE, (1, 1), value=1.0)
+        return knots[0], knots[1], derivatives
+
+    def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        knots_x, knots_y, derivatives = self._knots(params)
+        knots = knots_y if inverse else knots_x
+        # the bin of v: knots[i] <= v < knots[i+1], the last bin closed
+        index = torch.searchsorted(knots, v.unsqueeze(-1), right=True).sub_(1).clamp_(0, self.bins - 1)
+        # per-bin quantities (*, 6, K), gathered at the bin in one call
+        table = torch.stack([knots_x[..., :-1], knots_x.diff(dim=-1), knots_y[..., :-1], knots_y.diff(dim=-1),
+                             derivatives[..., :-1], derivatives[..., 1:]], dim=-2)
+        picked = table.gather(-1, index.unsqueeze(-2).expand(*table.shape[:-1], 1)).squeeze(-1)
+        x_k, w, y_k, h, d_k, d_k1 = picked.unbind(-1)
+        slope = h / w
+        curvature = d_k1 + d_k - 2 * slope
+        if inverse:
+            dy = v - y_k
+            a = h * (slope - d_k) + dy * curvature
+            b = h * d_k - dy * curvature
+            c = -slope * dy
+            # The stable root of a * xi^2 + b * xi + c = 0. Rounding can make the discriminant <= 0 or
+            # the denominator >= 0 (both impossible in exact arithmetic); "double where" keeps those
+            # points (root 0, or the linear guess dy / h) finite in value and gradient.
+            disc = b.square() - 4 * a * c
+            positive = disc > 0
+            root = torch.where(positive, torch.sqrt(torch.where(positive, disc, torch.ones_like(disc))), 0.0)
+            denominator = -b - root
+            negative = denominator < 0
+            safe = torch.where(negative, denominator, -torch.ones_like(denominator))
+            xi = torch.where(negative, 2 * c / safe, dy / h).clamp(0, 1)
+            out = x_k + xi * w
+        else:
+            xi = ((v - x_k) / w).clamp(0, 1)
+        one_minus = 1 - xi
+        both = xi * one_minus
+        denominator = slope + curvature * both
+        if not inverse:
+            out = y_k + h * (slope * xi.square() + d_k * both) / denominator
+        numerator = slope.square() * (d_k1 * xi.square() + 2 * slope * both + d_k * one_minus.square())
+        logdet = torch.log(numerator) - 2 * torch.log(denominator)
+        return out, -logdet if inverse else logdet
+
+    def _apply(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        inside = (v >= -self.bound) & (v <= self.bound)
+        out, logdet = self._spline(v.clamp(-self.bound, self.bound), params, inverse)
+        return torch.where(inside, out, v), torch.where(inside, logdet, torch.zeros_like(logdet))
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(x, params, inverse=False)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(y, params, inverse=True)
+
+
+def make_transformer(
+    transformer: Any, *, bins: Any = DEFAULT_BINS, bound: Any = DEFAULT_BOUND, log_scale_bound: float
+) -> Transformer:
+    """The transformer of a factory's options: ``"affine"`` (with ``log_scale_bound``) or ``"spline"``.
+
+    ``bins`` and ``bound`` are validated whatever the transformer, so a typo never passes silently.
+
+    Raises:
+        TypeError: If ``transformer`` is not a string, ``bins`` not an int or ``bound`` not a number.
+        ValueError: For an unknown name, ``bins < 1`` or ``bound <= 0`` (or not finite).
+
+    Example:
+        >>> make_transformer("spline", bins=8, bound=5.0, log_scale_bound=3.0)
+        RationalQuadraticSpline(bins=8, bound=5.0)
+        >>> make_transformer("cubic", log_scale_bound=3.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: transformer must be one of ('affine', 'spline'), got 'cubic'
+    """
+    if not isinstance(transformer, str):
+        raise TypeError(f"transformer must be one of {TRANSFORMERS}, got {type(transformer).__name__} {transformer!r}")
+    if transformer not in TRANSFORMERS:
+        raise ValueError(f"transformer must be one of {TRANSFORMERS}, got {transformer!r}")
+    spline = RationalQuadraticSpline(bins=bins, bound=bound)
+    return spline if transformer == "spline" else Affine(log_scale_bound)
