@@ -65,7 +65,7 @@ def test_estimator_choices_come_from_the_registry(capsys):
     (action,) = [a for a in fit._actions if "--estimator" in a.option_strings]
     assert list(action.choices) == sorted(ESTIMATORS) and "nsf" in action.choices
     args = parser.parse_args(["fit", "two_moons", "--estimator", "nsf", "--observations", "1"])
-    assert _setup(args)["estimator"] == "nsf"
+    assert _setup(args).estimator == "nsf"
 
 
 @pytest.mark.slow
