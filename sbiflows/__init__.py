@@ -3,9 +3,8 @@
 __version__ = "0.1.0"
 
 from sbiflows.npe import NPE  # noqa: E402
-from sbiflows.posterior import Posterior  # noqa: E402
+from sbiflows.posterior import Posterior, load  # noqa: E402
 from sbiflows.priors import IndependentPrior, box_uniform  # noqa: E402
-from sbiflows.serialization import load  # noqa: E402
 from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate to the function)
     SimulationError,
     SimulationInterrupted,

@@ -27,11 +27,10 @@ from torch.distributions import Distribution
 import sbiflows
 from sbiflows import diagnostics, plots
 from sbiflows.npe import NPE
-from sbiflows.posterior import Posterior
+from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.report import jsonable, parameter_summary, plain_label, write_markdown
 from sbiflows.seeding import derive_seed
-from sbiflows.serialization import load
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 

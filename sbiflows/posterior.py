@@ -34,11 +34,12 @@ from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import Unconstrained, check_prior
+from sbiflows import serialization
 from sbiflows.seeding import derive_seed, stream_seeds
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
 
-__all__ = ["Posterior", "as_float_tensor"]
+__all__ = ["Posterior", "as_float_tensor", "load"]
 
 
 #: An observation feature more than this many standard deviations from the training simulations' mean
@@ -185,15 +186,13 @@ class Posterior:
         return self
 
     def save(self, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
-        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`).
+        """Save to ``path`` without pickle (see :func:`sbiflows.serialization.save`); read it with :func:`load`.
 
         Raises:
             ValueError: If the file cannot describe the prior, unless ``allow_unsaved_prior=True`` (then
                 :func:`sbiflows.load` needs ``prior=...``).
         """
-        from sbiflows.serialization import save
-
-        save(self, path, allow_unsaved_prior=allow_unsaved_prior)
+        serialization.save(self, path, allow_unsaved_prior=allow_unsaved_prior)
 
     def __repr__(self) -> str:
         return (
@@ -454,3 +453,34 @@ class Posterior:
     def copy(self) -> Posterior:
         """An independent deep copy."""
         return copy.deepcopy(self)
+
+
+def load(
+    path: str | Path,
+    *,
+    prior: Distribution | None = None,
+    estimator: Any = None,
+    embedding_net: torch.nn.Module | None = None,
+    map_location: torch.device | str = "cpu",
+) -> Posterior:
+    """Load a posterior written by :meth:`Posterior.save` (never unpickles: ``torch.load(weights_only=True)``).
+
+    Args:
+        path: The file.
+        prior: Required if the file holds no prior (saved with ``allow_unsaved_prior=True``); otherwise
+            it replaces the saved prior.
+        estimator: The callable used at training time, required if the posterior was trained with one.
+        embedding_net: A module of the architecture used at training time, required if one was used
+            (its weights are overwritten by the saved ones).
+        map_location: Device of the loaded posterior (a file saved on a GPU loads on the CPU by default).
+
+    Raises:
+        ValueError: For a file that is not a valid sbiflows posterior of a readable format version
+            (a newer one asks to upgrade sbiflows), a digest mismatch, or a missing
+            ``prior``/``estimator``/``embedding_net``; see :func:`sbiflows.serialization.read`.
+
+    Example:
+        See :func:`sbiflows.serialization.save`.
+    """
+    return Posterior(**serialization.read(path, prior=prior, estimator=estimator, embedding_net=embedding_net,
+                                          map_location=map_location))

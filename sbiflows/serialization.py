@@ -28,6 +28,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +38,11 @@ import sbiflows
 from sbiflows.checks import check_bool
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
-from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
 from sbiflows.priors import check_prior
 from sbiflows.training import TrainingHistory
 
-__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "save"]
 
 #: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
 #: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
@@ -54,8 +54,12 @@ _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_te
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def save(posterior: Posterior, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
-    """Write ``posterior`` to ``path`` (the in-memory object is not modified).
+def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
+    """Write ``posterior`` (a :class:`~sbiflows.posterior.Posterior`) to ``path``; the object is not modified.
+
+    This module knows the file format and nothing of the ``Posterior`` class, which calls it
+    (``Posterior.save``) and builds itself from :func:`read` (:func:`sbiflows.load`), so the two
+    modules do not import each other.
 
     The prior is saved when it is made of whitelisted classes (:mod:`sbiflows.prior_specs`: the common
     ``torch.distributions``, ``Independent``, :func:`~sbiflows.priors.box_uniform`,
@@ -128,15 +132,18 @@ def _atomic_save(blob: dict, path: Path) -> None:
         raise
 
 
-def load(
+def read(
     path: str | Path,
     *,
     prior: Distribution | None = None,
     estimator=None,
     embedding_net: nn.Module | None = None,
     map_location: torch.device | str = "cpu",
-) -> Posterior:
-    """Load a posterior saved by :func:`save` (never unpickles: ``torch.load(weights_only=True)``).
+) -> dict[str, Any]:
+    """The parts of a posterior saved by :func:`save`: the keyword arguments of ``Posterior(...)``.
+
+    Never unpickles (``torch.load(weights_only=True)``). :func:`sbiflows.load` is
+    ``Posterior(**read(path, ...))``.
 
     Args:
         path: The file.
@@ -184,10 +191,9 @@ def load(
         net.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
-    device = torch.device(map_location)
     history = None if config["history"] is None else _history(config["history"], path)
-    return Posterior(net.to(device), prior, config=post_config, history=history,
-                     max_batch_elements=config["max_batch_elements"])
+    return {"net": net.to(torch.device(map_location)), "prior": prior, "config": post_config, "history": history,
+            "max_batch_elements": config["max_batch_elements"]}
 
 
 # ------------------------------------------------------------------------------------ internals
