@@ -1,7 +1,7 @@
 """The conditional density estimator of NPE: z-scoring, an optional embedding net, and a flow.
 
 :class:`PosteriorNet` models ``q(u | x)`` for ``u``, the parameters in the prior's unconstrained
-space (see :class:`sbiflows.priors.Unconstrained`). It z-scores ``u`` and ``x`` with statistics of
+space (see :class:`sbiflows.unconstrained.Unconstrained`). It z-scores ``u`` and ``x`` with statistics of
 the training data, passes the z-scored ``x`` through the embedding net, and feeds the result as the
 context to every layer of the flow (the MADE of every MAF layer, the conditioner of every coupling).
 """

@@ -60,7 +60,8 @@ from sbiflows.estimator import (
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior, _x_dtype, as_float_tensor
 from sbiflows.prior_specs import move_prior
-from sbiflows.priors import Unconstrained, check_prior, prior_device
+from sbiflows.priors import check_prior, prior_device
+from sbiflows.unconstrained import Unconstrained
 from sbiflows.training import (
     TrainingHistory,
     check_training_options,

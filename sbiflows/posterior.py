@@ -33,7 +33,8 @@ from sbiflows.checks import as_float_tensor, check_int, check_positive_number
 from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
 from sbiflows.prior_specs import move_prior
-from sbiflows.priors import Unconstrained, check_prior
+from sbiflows.priors import check_prior
+from sbiflows.unconstrained import Unconstrained
 from sbiflows import serialization
 from sbiflows.seeding import derive_seed, stream_seeds
 from sbiflows.threads import torch_threads
