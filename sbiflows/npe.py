@@ -48,17 +48,15 @@ from sbiflows.checks import check_int
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
-    EXTREME_Z,
     PosteriorNet,
     build_flow,
     check_hidden_features,
     default_transforms,
-    extreme_rows,
     resolve_transformer,
     zscore,
 )
 from sbiflows.flows import Flow
-from sbiflows.posterior import Posterior, _x_dtype, as_float_tensor
+from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, prior_device
 from sbiflows.unconstrained import Unconstrained
@@ -72,6 +70,7 @@ from sbiflows.training import (
     train,
 )
 from sbiflows.threads import resolve_threads, torch_threads
+from sbiflows.training_data import check_training_data, duplicate_groups
 
 __all__ = ["NPE"]
 
@@ -278,7 +277,11 @@ class NPE:
         seed = check_int(seed, "seed")
         resolve_threads(num_threads)  # checked before any expensive step
         with torch_threads(num_threads):
-            theta, x = self._check_data(theta, x, validation_fraction)
+            theta, x = check_training_data(
+                theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype, device=self.device,
+                earlier=None if self._theta is None else (self._theta, self._x),
+                validation_fraction=validation_fraction,
+            )
             # Everything below works on new objects; self is only updated once training has succeeded.
             if self._theta is not None:
                 theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
@@ -301,7 +304,7 @@ class NPE:
                     net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                     validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                     ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
-                    groups=_duplicate_groups(theta, x), num_threads=num_threads,
+                    groups=duplicate_groups(theta, x), num_threads=num_threads,
                 )
             except BaseException as error:
                 if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
@@ -371,76 +374,3 @@ class NPE:
             "context_features": net.flow.context_features,
             "flow_seed": flow_seed,
         }
-
-    def _check_data(self, theta: Any, x: Any, validation_fraction: float) -> tuple[Tensor, Tensor]:
-        """The new rows as ``(N, D)`` and ``(N, x_dim)`` tensors, rows with NaN/inf in ``x`` dropped."""
-        theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
-        x = as_float_tensor(x, "x", dtype=_x_dtype(x, self.dtype), device=self.device)  # float64 stays float64
-        if theta.ndim == 1 and self.theta_dim == 1:
-            theta = theta[:, None]
-        if theta.ndim != 2 or theta.shape[1] != self.theta_dim:
-            raise ValueError(
-                f"theta must have shape (N, {self.theta_dim}) to match the prior's event shape ({self.theta_dim},), "
-                f"got {tuple(theta.shape)}"
-            )
-        x = x[:, None] if x.ndim == 1 else x
-        if x.ndim != 2:
-            raise ValueError(f"x must have shape (N, x_dim), got {tuple(x.shape)}")
-        if self._x is not None and x.shape[1] != self._x.shape[1]:
-            raise ValueError(f"x must have shape (N, {self._x.shape[1]}) like the data of the first fit, got {tuple(x.shape)}")
-        if len(theta) != len(x):
-            raise ValueError(
-                f"got {len(theta)} parameter sets but {len(x)} simulations; theta and x need one row per simulation"
-            )
-        if len(theta) == 0:
-            need = "2 rows (a training and a validation row)" if self._theta is None else "1 row"
-            raise ValueError(f"theta and x must contain at least {need}, got 0")
-        bad_theta = ~torch.isfinite(theta).all(-1)
-        if bad_theta.any():
-            raise ValueError(f"theta contains NaN or inf in {int(bad_theta.sum())} of {len(theta)} rows")
-        outside = ~Unconstrained(self._prior.support).inside(theta)
-        if outside.any():
-            row = int(torch.nonzero(outside)[0])
-            raise ValueError(
-                f"{int(outside.sum())} of {len(theta)} rows of theta (parameter sets) lie outside the prior's "
-                f"support ({self._prior.support}), e.g. row {row}: {theta[row].tolist()}"
-            )
-        valid = torch.isfinite(x).all(-1)
-        n_bad = int((~valid).sum())
-        if n_bad == len(x):
-            raise ValueError(f"all {len(x)} rows of x (simulations) contain NaN or inf; nothing to train on")
-        if n_bad:
-            warnings.warn(
-                f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain NaN or inf",
-                UserWarning,
-                stacklevel=3,
-            )
-            theta, x = theta[valid], x[valid]
-        extreme, columns, inflation = extreme_rows(x)
-        if columns:
-            warnings.warn(
-                f"{int(extreme.sum())} of {len(x)} simulations have extreme values in x column(s) "
-                f"{columns[:10]} (more than {EXTREME_Z:g} robust standard deviations from the median); they "
-                f"inflate the standard deviation up to {inflation:.3g}x, so z-scoring squeezes the other rows "
-                "together and the column's information is lost. Check those simulations (or transform x, "
-                "e.g. with a log); sbiflows keeps them",
-                UserWarning, stacklevel=3,
-            )
-        total = len(theta) + (0 if self._theta is None else len(self._theta))
-        n_val = max(1, int(round(total * validation_fraction)))
-        if total - n_val < 1:
-            raise ValueError(
-                f"need at least 2 valid simulations for a training and a validation split "
-                f"(validation_fraction={validation_fraction}), got {total}"
-            )
-        return theta, x
-
-
-def _duplicate_groups(theta: Tensor, x: Tensor) -> Tensor | None:
-    """Labels that keep identical ``(theta, x)`` rows (duplicated simulations) on one side of the
-    validation split, or None when every row is unique (scored on copies, the validation loss was 0.05
-    where held-out rows gave 0.55)."""
-    rows = torch.cat([theta.reshape(len(theta), -1).double(), x.reshape(len(x), -1).double()], dim=1)
-    _, groups = torch.unique(rows, dim=0, return_inverse=True)
-    return groups if int(groups.max()) + 1 < len(rows) else None
-
