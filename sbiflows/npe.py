@@ -67,7 +67,7 @@ from sbiflows.training import (
     default_learning_rate,
     MAX_EPOCHS,
     split_sizes,
-    train,
+    train_checked,
 )
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_data import check_training_data, duplicate_groups
@@ -300,7 +300,7 @@ class NPE:
             history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
             epochs_before = history.epochs
             try:
-                train(
+                train_checked(  # the options were checked at the top of fit
                     net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                     validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                     ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,

@@ -220,9 +220,9 @@ class Posterior:
             ValueError: For ``n < 1``, a batch of observations (use :meth:`sample_batched`), a wrong
                 shape or NaN/inf in ``x``.
         """
+        n = check_int(n, "n", minimum=1)
         x = self._single_observation(x)
-        with observations_unchecked():  # checked just above
-            return self.sample_batched(n, x, seed=seed, generator=generator)[:, 0]
+        return self._draw(n, x, self._generator(seed, generator))[:, 0]
 
     @torch.no_grad()
     @torch_threads()
@@ -236,7 +236,10 @@ class Posterior:
         """
         n = check_int(n, "n", minimum=1)
         xs = self._observations(xs, "xs")
-        generator = self._generator(seed, generator)
+        return self._draw(n, xs, self._generator(seed, generator))
+
+    def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``(n, B, D)`` draws for checked observations ``xs`` ``(B, x_dim)`` (the work of sample and sample_batched)."""
         noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
@@ -283,8 +286,7 @@ class Posterior:
         x = self._single_observation(x)
         theta = self._theta(theta)
         flat = theta.reshape(-1, self.theta_dim)
-        with observations_unchecked():  # checked just above
-            return self.log_prob_batched(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
+        return self._evaluate(flat[:, None, :], x)[:, 0].reshape(theta.shape[:-1])
 
     @torch.no_grad()
     @torch_threads()
@@ -297,6 +299,10 @@ class Posterior:
                 f"theta must have shape (n, B, {self.theta_dim}) with B = {len(xs)} observations, "
                 f"got {tuple(theta.shape)}"
             )
+        return self._evaluate(theta, xs)
+
+    def _evaluate(self, theta: Tensor, xs: Tensor) -> Tensor:
+        """``(n, B)`` log-densities of checked ``theta`` ``(n, B, D)`` given checked ``xs`` (log_prob's work)."""
         n = theta.shape[0]
         out = torch.empty(n, len(xs), device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // max(n, 1))

@@ -147,6 +147,35 @@ def train(
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs,
     )
+    return train_checked(
+        model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+        validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+        weight_decay=weight_decay, ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
+        groups=groups, num_threads=num_threads,
+    )
+
+
+def train_checked(
+    model: nn.Module,
+    inputs: Tensor,
+    context: Tensor | None = None,
+    *,
+    max_epochs: int = MAX_EPOCHS,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int = 20,
+    clip_grad_norm: float = 5.0,
+    weight_decay: float = 0.0,
+    ema_epochs: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+    history: TrainingHistory | None = None,
+    groups: Tensor | None = None,
+    num_threads: int | None = None,
+) -> TrainingHistory:
+    """:func:`train` for options already checked with :func:`check_training_options` (``NPE.fit`` does,
+    before its own data checks), so one call validates them once."""
     resolve_threads(num_threads)
     n = _check_rows(inputs, context)
     n_train, n_val = split_sizes(n, validation_fraction)
