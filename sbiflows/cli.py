@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
     )
     fit.add_argument("task", nargs="?", help="benchmark task name (see 'sbiflows tasks'); omit with --simulator")
-    fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim)")
-    fit.add_argument("--prior", metavar="MODULE:OBJECT", help="your prior: a torch Distribution (or a function returning one)")
+    fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim); MODULE may also be a file, path/to/model.py")
+    fit.add_argument("--prior", metavar="MODULE:OBJECT", help="your prior: a torch Distribution (or a function returning one); MODULE may be a file")
     fit.add_argument("--observation", type=Path, action="append", metavar="FILE",
                      help="observed data (.csv/.txt/.npy, one observation per row); repeatable")
     fit.add_argument("--observations", default="1-10", metavar="LIST",
