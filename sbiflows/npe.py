@@ -69,6 +69,8 @@ from sbiflows.training import (
     split_sizes,
     train_checked,
 )
+from sbiflows.ensemble import EnsembleNet
+from sbiflows.seeding import derive_seed
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_data import check_training_data, duplicate_groups
 
@@ -104,12 +106,17 @@ class NPE:
         embedding_net: Optional ``nn.Module`` applied to the z-scored ``x`` before the flow, trained
             jointly; its output size is read from a forward pass on the data. It is deep-copied at the
             first ``fit``, so the module you pass is never modified.
+        ensemble: Train this many flows on the same rows with different seeds (initial weights,
+            validation split, minibatch order) and return their equal-weight mixture (see
+            :mod:`sbiflows.ensemble`); 1 (default) is a single flow. Costs ``ensemble`` times the training.
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
         device: Where to train; default: the device of the prior's samples.
 
     Attributes:
         net, theta, x: Read-only: the trained network and all training rows so far (None before a fit).
-        history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before).
+        history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before); for an
+            ensemble, the first member's.
+        histories: One history per ensemble member (None before a fit).
         partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
             at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
             NPE itself is rolled back, so this is the only place those weights are kept; a
@@ -137,9 +144,11 @@ class NPE:
         bins: int | None = None,
         bound: float | None = None,
         embedding_net: nn.Module | None = None,
+        ensemble: int = 1,
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
     ):
+        self.ensemble = check_int(ensemble, "ensemble", minimum=1)
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -174,6 +183,7 @@ class NPE:
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
+        self.histories: list[TrainingHistory] | None = None  # one per ensemble member
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
         self._transforms: int | None = None  # the number of layers of the built flow (first fit)
@@ -294,23 +304,29 @@ class NPE:
             u = space.to_unconstrained(space.nudge_inside(theta))
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-                net, flow_seed = self._build(u, x, seed, n_layers), seed
+                members = [self._build(u, x, member_seed(seed, k), n_layers) for k in range(self.ensemble)]
+                net, flow_seed = (members[0] if self.ensemble == 1 else EnsembleNet(members)), seed
             else:
                 net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
-            history = TrainingHistory() if self.history is None else copy.deepcopy(self.history)
+            members = list(net.members) if isinstance(net, EnsembleNet) else [net]
+            histories = ([TrainingHistory() for _ in members] if self.histories is None
+                         else copy.deepcopy(self.histories))
+            history = histories[0]
             epochs_before = history.epochs
             try:
-                train_checked(  # the options were checked at the top of fit
-                    net, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                    ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
-                    groups=duplicate_groups(theta, x), num_threads=num_threads,
-                )
+                for k, (member, member_history) in enumerate(zip(members, histories)):
+                    train_checked(  # the options were checked at the top of fit
+                        member, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                        validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+                        ema_epochs=ema_epochs, seed=member_seed(seed, k), progress=progress, history=member_history,
+                        groups=duplicate_groups(theta, x), num_threads=num_threads,
+                    )
             except BaseException as error:
-                if history.epochs > epochs_before:  # train() restored this attempt's best weights into net
+                if history.epochs > epochs_before and self.ensemble == 1:  # train() restored the best weights
                     self._keep_partial(net, flow_seed, n_layers, history, error)
                 raise
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
+            self.histories = histories
             self._transforms, self.partial_posterior = n_layers, None
             return Posterior(
                 copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
@@ -371,6 +387,12 @@ class NPE:
             "embedding": "none" if self.embedding_net is None else "custom",
             "theta_dim": self.theta_dim,
             "x_dim": net.x_dim,
-            "context_features": net.flow.context_features,
+            "context_features": (net.members[0] if isinstance(net, EnsembleNet) else net).flow.context_features,
             "flow_seed": flow_seed,
+            "ensemble": self.ensemble,
         }
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of ensemble member ``k`` (member 0 uses ``seed`` itself, so ``ensemble=1`` is a single flow)."""
+    return seed if k == 0 else derive_seed(seed, f"ensemble/{k}")

@@ -23,6 +23,7 @@ caller.
 from __future__ import annotations
 
 import dataclasses
+from copy import deepcopy
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from torch.distributions import Distribution
 
 import sbiflows
 from sbiflows.checks import check_bool
+from sbiflows.ensemble import EnsembleNet
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
 from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
@@ -47,7 +49,8 @@ __all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "save"]
 #: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
 #: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
 #: estimator may be ``"nsf"``. Version 1 files have no such keys: their flows are affine.
-FORMAT_VERSION = 2
+#: 3: the config may record ``ensemble`` (K members, state keys ``members.<k>.``); older files are single flows.
+FORMAT_VERSION = 3
 #: The oldest file layout :func:`load` reads.
 MIN_FORMAT_VERSION = 1
 _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
@@ -179,10 +182,12 @@ def read(
     theta_dim = check_prior(prior)[1]
     if theta_dim != post_config["theta_dim"]:
         raise ValueError(f"prior has {theta_dim} dimensions but the saved posterior has {post_config['theta_dim']}")
-    net = PosteriorNet(
-        _flow(post_config, estimator), _embedding(post_config, embedding_net),
-        theta_dim=theta_dim, x_dim=post_config["x_dim"],
-    ).to(_DTYPES[config["dtype"]])
+    members = [
+        PosteriorNet(_flow(post_config, estimator), _embedding(post_config, embedding_net, copy=k > 0),
+                     theta_dim=theta_dim, x_dim=post_config["x_dim"])
+        for k in range(post_config.get("ensemble", 1))
+    ]
+    net = (members[0] if len(members) == 1 else EnsembleNet(members)).to(_DTYPES[config["dtype"]])
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
         diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))
@@ -261,7 +266,7 @@ def _flow(config: dict, estimator) -> Flow:
         )
 
 
-def _embedding(config: dict, embedding_net: nn.Module | None) -> nn.Module:
+def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = False) -> nn.Module:
     if config["embedding"] == "none":
         if embedding_net is not None:
             raise ValueError("this posterior was trained without an embedding_net, but one was passed")
@@ -273,7 +278,7 @@ def _embedding(config: dict, embedding_net: nn.Module | None) -> nn.Module:
             "this posterior was trained with an embedding_net, which a file cannot hold; pass a module of the "
             "same architecture: load(path, embedding_net=...)"
         )
-    return embedding_net
+    return deepcopy(embedding_net) if copy else embedding_net  # each ensemble member needs its own
 
 
 def _digest(config_json: str, *tensor_dicts: dict[str, Tensor]) -> str:

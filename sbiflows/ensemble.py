@@ -1,0 +1,129 @@
+"""An ensemble of posterior networks: the equal-weight mixture ``q(u | x) = (1/K) sum_k q_k(u | x)``.
+
+``NPE(prior, ensemble=K)`` trains ``K`` :class:`~sbiflows.estimator.PosteriorNet` members on the same
+rows with different seeds (initial weights, validation split and minibatch order) and wraps them in an
+:class:`EnsembleNet`, which has the interface :class:`~sbiflows.Posterior` uses, so sampling, densities,
+``map``, saving and every diagnostic work unchanged. Ensembles are the field's first remedy for
+over-confident NPE posteriors: a mixture is at least as wide as its members where they disagree.
+
+* **Density**: ``log q = logsumexp_k log q_k - log K``.
+* **Sampling**: each draw picks a member uniformly at random, then draws from it; each member only
+  computes the draws assigned to it. With a seed, the member of draw ``i`` comes from a uniform
+  variable drawn in the same fixed seeded blocks as the base noise (:attr:`EnsembleBase`), so seeded
+  draws stay independent of chunking.
+* **Context**: ``context(x)`` stacks the members' contexts along a member axis, ``(*batch, K, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from sbiflows.estimator import PosteriorNet
+
+__all__ = ["EnsembleBase", "EnsembleNet"]
+
+
+class EnsembleBase(nn.Module):
+    """Base noise of an ensemble: the members' base draws ``(..., D)`` plus one uniform column that picks
+    the member of each draw."""
+
+    def __init__(self, base: nn.Module, members: int):
+        super().__init__()
+        self.inner, self.members = base, members
+
+    def sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None) -> Tensor:
+        """Samples of shape ``(*shape, D + 1)``: base draws, then a uniform in [0, 1)."""
+        z = self.inner.sample(shape, generator=generator)
+        pick = torch.rand(*shape, 1, generator=generator, device=z.device, dtype=z.dtype)
+        return torch.cat([z, pick], -1)
+
+
+class _Flow:
+    """What :class:`~sbiflows.Posterior` reads from ``net.flow``: the base of seeded draws."""
+
+    def __init__(self, base: EnsembleBase):
+        self.base = base
+
+
+class EnsembleNet(nn.Module):
+    """``K`` posterior networks as one equal-weight mixture (see the module docstring).
+
+    Args:
+        members: Trained (or to be trained) networks of the same architecture and data standardization.
+
+    Example:
+        >>> from sbiflows.flows import maf
+        >>> nets = [PosteriorNet(maf(2, 2, transforms=1, hidden_features=(8,), seed=k), nn.Identity(), theta_dim=2,
+        ...                      x_dim=2) for k in range(3)]
+        >>> ensemble = EnsembleNet(nets)
+        >>> context = ensemble.context(torch.zeros(4, 2))
+        >>> context.shape, ensemble.sample_given_context(5, context).shape
+        (torch.Size([4, 3, 2]), torch.Size([5, 4, 2]))
+        >>> lp = ensemble.log_prob_given_context(torch.zeros(4, 2), context)
+        >>> members = torch.stack([n.log_prob_given_context(torch.zeros(4, 2), context[:, k]) for k, n in enumerate(nets)])
+        >>> bool(torch.allclose(lp, members.exp().mean(0).log()))
+        True
+    """
+
+    def __init__(self, members: list[PosteriorNet]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.theta_dim, self.x_dim = members[0].theta_dim, members[0].x_dim
+        self.flow = _Flow(EnsembleBase(members[0].flow.base, len(members)))
+
+    # the standardization and device of the members (they share the data, hence the statistics)
+    @property
+    def u_shift(self) -> Tensor:
+        return self.members[0].u_shift
+
+    @property
+    def x_shift(self) -> Tensor:
+        return self.members[0].x_shift
+
+    @property
+    def x_scale(self) -> Tensor:
+        return self.members[0].x_scale
+
+    def context(self, x: Tensor) -> Tensor:
+        """The members' contexts for ``x`` ``(*batch, x_dim)``: ``(*batch, K, C)``."""
+        return torch.stack([member.context(x) for member in self.members], -2)
+
+    def log_prob_given_context(self, u: Tensor, context: Tensor) -> Tensor:
+        """``log (1/K) sum_k q_k(u | x)``; ``context`` as returned by :meth:`context`."""
+        parts = [member.log_prob_given_context(u, context[..., k, :]) for k, member in enumerate(self.members)]
+        return torch.logsumexp(torch.stack(parts), 0) - math.log(len(self.members))
+
+    def sample_given_context(self, n: int, context: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` mixture draws of ``u`` for each context row: ``(n, *batch, D)``."""
+        base = self.flow.base
+        a = self.u_shift
+        noise = base.sample((n, *context.shape[:-2]), generator=generator).to(device=a.device, dtype=a.dtype)
+        return self.sample_from_base(noise, context)
+
+    def sample_from_base(self, noise: Tensor, context: Tensor) -> Tensor:
+        """Mixture draws from :class:`EnsembleBase` noise ``(n, *batch, D + 1)`` for context ``(*batch, K, C)``."""
+        z, pick = noise[..., :-1], noise[..., -1]
+        members = len(self.members)
+        which = (pick * members).long().clamp_(max=members - 1)  # (n, *batch)
+        batch = context.shape[:-2]
+        flat_z = z.reshape(-1, z.shape[-1])
+        flat_which = which.reshape(-1)
+        # the context row of each draw: draws are laid out (n, *batch), so row r has batch index r % B
+        rows = torch.arange(len(flat_z), device=z.device) % max(1, math.prod(batch))
+        flat_context = context.reshape(-1, members, context.shape[-1])
+        out = torch.empty_like(flat_z)
+        for k, member in enumerate(self.members):
+            chosen = torch.nonzero(flat_which == k).flatten()
+            if len(chosen):
+                out[chosen] = member.sample_from_base(flat_z[chosen][None], flat_context[rows[chosen], k])[0]
+        return out.reshape(z.shape)
+
+    def set_standardization(self, u: Tensor, x: Tensor) -> None:
+        """Set every member's z-score statistics from the training rows."""
+        for member in self.members:
+            member.set_standardization(u, x)

@@ -1,0 +1,99 @@
+"""NPE(prior, ensemble=K): an equal-weight mixture of K flows trained on the same rows."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Uniform
+
+from sbiflows import NPE, Posterior, load
+from sbiflows.diagnostics import sbc
+from sbiflows.ensemble import EnsembleNet
+
+PRIOR = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+OPTIONS = {"transforms": 2, "hidden_features": (16, 16)}
+
+
+def data(n=800, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    theta = PRIOR.sample((n,))
+    return theta, theta + 0.3 * torch.randn(n, 2, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    theta, x = data()
+    return NPE(PRIOR, ensemble=3, **OPTIONS).fit(theta, x, max_epochs=8, progress=False)
+
+
+def members(posterior):
+    """Each member as a posterior of its own."""
+    return [Posterior(copy.deepcopy(net), PRIOR, config=dict(posterior.config, ensemble=1))
+            for net in posterior.net.members]
+
+
+def test_log_prob_is_the_log_of_the_members_mean_density(ensemble):
+    assert isinstance(ensemble.net, EnsembleNet) and len(ensemble.net.members) == 3
+    theta, x_o = PRIOR.sample((50,)), torch.tensor([0.2, -0.4])
+    parts = torch.stack([m.log_prob(theta, x_o) for m in members(ensemble)])
+    expected = torch.logsumexp(parts, 0) - math.log(3)
+    torch.testing.assert_close(ensemble.log_prob(theta, x_o), expected)
+    assert not torch.allclose(parts[0], parts[1])  # the members differ (different seeds)
+
+
+def test_samples_follow_the_mixture_and_integrate_to_one(ensemble):
+    x_o = torch.tensor([0.2, -0.4])
+    draws = ensemble.sample(40_000, x_o, seed=0)
+    assert bool((draws.abs() < 1).all())
+    member_draws = torch.cat([m.sample(20_000, x_o, seed=k) for k, m in enumerate(members(ensemble))])
+    torch.testing.assert_close(draws.mean(0), member_draws.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(draws.std(0), member_draws.std(0), atol=0.01, rtol=0)
+    grid = torch.linspace(-0.995, 0.995, 200)
+    points = torch.cartesian_prod(grid, grid)
+    mass = ensemble.log_prob(points, x_o).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert abs(float(mass) - 1.0) < 0.03
+
+
+def test_seeded_draws_do_not_depend_on_chunking(ensemble):
+    xs = torch.tensor([[0.2, -0.4], [0.0, 0.5]])
+    whole = ensemble.sample_batched(3000, xs, seed=4)
+    small = ensemble.copy()
+    small.max_batch_elements = 700
+    torch.testing.assert_close(small.sample_batched(3000, xs, seed=4), whole)
+    torch.testing.assert_close(ensemble.sample(3000, xs[0], seed=4), whole[:, 0])
+
+
+def test_save_load_map_condition_and_diagnostics_work_unchanged(ensemble, tmp_path):
+    x_o = torch.tensor([0.2, -0.4])
+    ensemble.save(tmp_path / "e.pt")
+    loaded = load(tmp_path / "e.pt")
+    assert loaded.config["ensemble"] == 3 and isinstance(loaded.net, EnsembleNet)
+    assert torch.equal(loaded.sample(100, x_o, seed=1), ensemble.sample(100, x_o, seed=1))
+    theta = PRIOR.sample((20,))
+    assert torch.equal(loaded.log_prob(theta, x_o), ensemble.log_prob(theta, x_o))
+    assert bool((ensemble.map(x_o, num_iter=20).abs() < 1).all())
+    conditioned = ensemble.condition(x_o)
+    torch.testing.assert_close(conditioned.log_prob(theta), ensemble.log_prob(theta, x_o))
+    assert conditioned.rsample((5,)).shape == (5, 2)
+    theta_c, x_c = data(200, seed=3)
+    assert sbc(ensemble, theta=theta_c, x=x_c, num_posterior_samples=100).num_datasets == 200
+
+
+def test_one_member_is_the_single_flow_and_refits_continue_every_member():
+    theta, x = data()
+    single = NPE(PRIOR, **OPTIONS).fit(theta, x, max_epochs=3, progress=False)
+    one = NPE(PRIOR, ensemble=1, **OPTIONS).fit(theta, x, max_epochs=3, progress=False)
+    assert torch.equal(single.sample(50, x[0], seed=0), one.sample(50, x[0], seed=0))
+    npe = NPE(PRIOR, ensemble=2, **OPTIONS)
+    npe.fit(theta, x, max_epochs=2, progress=False)
+    npe.fit(*data(200, seed=5), max_epochs=2, progress=False)
+    assert [h.epochs for h in npe.histories] == [4, 4] and len(npe.theta) == 1000
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_bad_ensemble_sizes_are_refused(value, error):
+    with pytest.raises(error, match="ensemble must be an int >= 1"):
+        NPE(PRIOR, ensemble=value)
