@@ -224,7 +224,8 @@ def test_coverage_detects_dispersion_and_bias(model, pairs, kwargs, verdict, one
     result = run(expected_coverage, model.posterior(**kwargs), pairs)
     assert not result.passed and result.verdict == verdict, str(result)
     assert result.deviation.mean() < 0 if verdict == "over-confident" else result.deviation.mean() > 0
-    assert f"verdict: {verdict}" in str(result) and "FAILED" in str(result)
+    status = "CONSERVATIVE" if verdict == "under-confident" else "FAILED"  # too wide is not shouted as a failure
+    assert f"verdict: {verdict}" in str(result) and status in str(result)
     one_sided = run(expected_coverage, model.posterior(**kwargs), pairs, one_sided=True)
     assert one_sided.passed == one_sided_passes
     assert one_sided.verdict == verdict

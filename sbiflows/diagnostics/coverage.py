@@ -98,11 +98,11 @@ class CoverageResult:
             "over-confident": "credible regions contain the truth less often than claimed: the "
             "posterior is too narrow or biased.",
             "under-confident": "credible regions contain the truth more often than claimed: the "
-            "posterior is too wide (conservative).",
+            "posterior is too wide (conservative: safe to report, not as sharp as it could be).",
             "mis-calibrated": "coverage is too low at some levels and too high at others: the "
             "posterior has the wrong shape.",
         }[self.verdict]
-        status = "PASSED" if self.passed else "FAILED"
+        status = "PASSED" if self.passed else ("CONSERVATIVE" if self.verdict == "under-confident" else "FAILED")
         sided = " (one-sided: only over-confidence fails)" if self.one_sided else ""
         lines.append(f"  {status}{sided}: {meaning}")
         return "\n".join(lines)
