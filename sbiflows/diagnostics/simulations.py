@@ -172,15 +172,15 @@ def check_posterior(posterior: object, *methods: str) -> None:
 PROGRESS_CHUNK = 50
 
 
-def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterable[int]:
-    """Start indices of the dataset chunks; with a progress label, a bar over them (50 per chunk by default)."""
-    step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
-    starts = range(0, num, max(step, 1))
+def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterable[slice]:
+    """The dataset chunks as slices; with a progress label, a bar over them (50 per chunk by default)."""
+    step = max((PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size, 1)
+    chunks = [slice(start, start + step) for start in range(0, num, step)]
     if not progress:
-        return starts
+        return chunks
     from tqdm.auto import tqdm
 
-    return tqdm(starts, desc=progress, unit="chunk", leave=False, disable=None)  # silent off a terminal
+    return tqdm(chunks, desc=progress, unit="chunk", leave=False, disable=None)  # silent off a terminal
 
 
 def posterior_draws(
@@ -194,10 +194,9 @@ def posterior_draws(
     """
     num = xs.shape[0]
     check_int(batch_size, "batch_size", minimum=1, optional=True)
-    step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
     chunks = []
-    for start in _chunks(num, batch_size, progress):
-        chunk = xs[start : start + step]
+    for part in _chunks(num, batch_size, progress):
+        chunk = xs[part]
         with observations_unchecked():  # simulated x may lie in the tails: no out-of-range warning
             draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
         if not isinstance(draws, Tensor) or draws.ndim != 3 or draws.shape[:2] != (num_samples, len(chunk)):
@@ -224,10 +223,9 @@ def batched_log_prob(
     n, num = theta.shape[:2]
     with observations_unchecked():
         if callable(getattr(posterior, "log_prob_batched", None)):
-            step = (PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size
             parts = [
-                posterior.log_prob_batched(theta[:, s : s + step], xs[s : s + step])  # type: ignore[attr-defined]
-                for s in _chunks(num, batch_size, progress)
+                posterior.log_prob_batched(theta[:, part], xs[part])  # type: ignore[attr-defined]
+                for part in _chunks(num, batch_size, progress)
             ]
             out = torch.cat([p.detach() for p in parts], dim=1)
         else:
