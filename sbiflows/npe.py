@@ -120,7 +120,10 @@ class NPE:
         partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
             at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
             NPE itself is rolled back, so this is the only place those weights are kept; a
-            successful ``fit`` clears it.
+            successful ``fit`` clears it. For an ensemble it is the mixture of the members that have
+            trained weights: those finished before the failure, the interrupted one's best epoch, and
+            on a refit the not-yet-refitted members' previous weights (its ``config["ensemble"]``
+            says how many members it holds).
 
     Example:
         >>> from torch.distributions import Independent, Uniform
@@ -312,7 +315,7 @@ class NPE:
             histories = ([TrainingHistory() for _ in members] if self.histories is None
                          else copy.deepcopy(self.histories))
             history = histories[0]
-            epochs_before = history.epochs
+            epochs_before = [h.epochs for h in histories]
             try:
                 for k, (member, member_history) in enumerate(zip(members, histories)):
                     train_checked(  # the options were checked at the top of fit
@@ -322,8 +325,14 @@ class NPE:
                         groups=duplicate_groups(theta, x), num_threads=num_threads,
                     )
             except BaseException as error:
-                if history.epochs > epochs_before and self.ensemble == 1:  # train() restored the best weights
-                    self._keep_partial(net, flow_seed, n_layers, history, error)
+                # train() restored the best weights of the member it was training; members trained before
+                # (this fit or, on a refit, the previous one) are complete, members never trained are not.
+                trained = [k for k, h in enumerate(histories) if h.epochs > 0 and
+                           (h.epochs > epochs_before[k] or self._net is not None)]
+                if any(histories[k].epochs > epochs_before[k] for k in trained):
+                    kept = [members[k] for k in trained]
+                    partial = kept[0] if len(kept) == 1 else EnsembleNet(kept)
+                    self._keep_partial(partial, flow_seed, n_layers, histories[trained[0]], error)
                 raise
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
             self.histories = histories
@@ -361,7 +370,8 @@ class NPE:
         return net
 
     def _keep_partial(
-        self, net: PosteriorNet, flow_seed: int, transforms: int, history: TrainingHistory, error: BaseException
+        self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int, history: TrainingHistory,
+        error: BaseException,
     ) -> None:
         """Keep the best weights of a fit that raised after some epochs in :attr:`partial_posterior`."""
         try:
@@ -372,9 +382,11 @@ class NPE:
         except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
             return
         if hasattr(error, "add_note"):  # Python >= 3.11
+            what = (f"{len(net.members)} of {self.ensemble} ensemble members" if isinstance(net, EnsembleNet)
+                    else f"epoch {history.best_epoch}")
             error.add_note(
                 "sbiflows: the NPE was restored to its state before this fit; the best weights of this "
-                f"attempt (epoch {history.best_epoch}) are in npe.partial_posterior"
+                f"attempt ({what}) are in npe.partial_posterior"
             )
 
     def _config(self, net: PosteriorNet, flow_seed: int, transforms: int) -> dict:
@@ -389,7 +401,7 @@ class NPE:
             "x_dim": net.x_dim,
             "context_features": (net.members[0] if isinstance(net, EnsembleNet) else net).flow.context_features,
             "flow_seed": flow_seed,
-            "ensemble": self.ensemble,
+            "ensemble": len(net.members) if isinstance(net, EnsembleNet) else 1,
         }
 
 

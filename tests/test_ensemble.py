@@ -97,3 +97,56 @@ def test_one_member_is_the_single_flow_and_refits_continue_every_member():
 def test_bad_ensemble_sizes_are_refused(value, error):
     with pytest.raises(error, match="ensemble must be an int >= 1"):
         NPE(PRIOR, ensemble=value)
+
+
+def interrupt_at_evaluation(monkeypatch, at):
+    """Make the ``at``-th validation of this test raise KeyboardInterrupt (as Ctrl-C during training)."""
+    from sbiflows import training
+
+    real, calls = training._evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == at:
+            raise KeyboardInterrupt("Ctrl-C")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_evaluate", evaluate)
+
+
+def test_interrupted_ensemble_fit_keeps_the_trained_members_in_partial_posterior(monkeypatch):
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble=3, **OPTIONS)
+    interrupt_at_evaluation(monkeypatch, 4 + 4)  # member 0 runs 4 epochs, member 1 is stopped in its 4th
+    with pytest.raises(KeyboardInterrupt) as caught:
+        npe.fit(theta, x, max_epochs=4, progress=False)
+    monkeypatch.undo()
+    assert any("2 of 3 ensemble members" in note for note in caught.value.__notes__)
+    assert npe.net is None  # the NPE itself was rolled back
+    partial = npe.partial_posterior
+    assert isinstance(partial.net, EnsembleNet) and partial.config["ensemble"] == 2
+    # member 0 is a complete 4-epoch fit and member 1 the best of its 3 completed epochs
+    full = NPE(PRIOR, ensemble=2, **OPTIONS).fit(theta, x, max_epochs=4, progress=False)
+    first, second = members(partial)
+    expected_first, _ = members(full)
+    probe, x_o = PRIOR.sample((20,)), torch.tensor([0.2, -0.4])
+    assert torch.equal(first.log_prob(probe, x_o), expected_first.log_prob(probe, x_o))
+    assert not torch.equal(second.log_prob(probe, x_o), first.log_prob(probe, x_o))
+    assert partial.sample(100, x_o, seed=0).shape == (100, 2)
+
+
+def test_interrupted_ensemble_refit_keeps_every_member(monkeypatch):
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble=3, **OPTIONS)
+    npe.fit(theta[:400], x[:400], max_epochs=2, progress=False)
+    before = copy.deepcopy(npe.net.state_dict())
+    interrupt_at_evaluation(monkeypatch, 2)  # the refit of member 0 is stopped in its 2nd epoch
+    with pytest.raises(KeyboardInterrupt):
+        npe.fit(theta[400:], x[400:], max_epochs=2, progress=False)
+    monkeypatch.undo()
+    assert all(torch.equal(value, before[name]) for name, value in npe.net.state_dict().items())  # rolled back
+    partial = npe.partial_posterior
+    assert partial.config["ensemble"] == 3  # members 1 and 2 keep the weights of the first fit
+    state = partial.net.state_dict()
+    assert all(torch.equal(state[name], before[name]) for name in before if name.startswith(("members.1.", "members.2.")))
+    assert not all(torch.equal(state[name], before[name]) for name in before if name.startswith("members.0."))
