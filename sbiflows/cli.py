@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from sbiflows import __version__
-from sbiflows.estimator import ESTIMATORS
+from sbiflows.estimator import ESTIMATORS, resolve_transformer
+from sbiflows.transforms.transformers import DEFAULT_BINS, TRANSFORMERS
 
 if TYPE_CHECKING:
     from sbiflows.pipeline import Job, Observation
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default="maf",
                      help="flow architecture: maf (affine masked autoregressive), nsf (neural spline flow), "
                      "realnvp (affine couplings)")
+    fit.add_argument("--transformer", choices=sorted(TRANSFORMERS), default=None,
+                     help="elementwise map of the flow's layers (default: spline for nsf, affine otherwise)")
+    fit.add_argument("--bins", type=_positive_int, default=None, metavar="K",
+                     help=f"spline bins (default {DEFAULT_BINS}); only with a spline transformer")
+    fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                     help="train K flows with different seeds and use their equal-weight mixture (K times the "
+                     "training cost; wider, less over-confident posteriors)")
     fit.add_argument("--out", type=Path, default=None, help="output folder (default runs/<task>)")
     fit.add_argument("--seed", type=int, default=0, help="seed of simulation, training and sampling")
     fit.add_argument("--num-samples", type=_positive_int, default=10_000, help="posterior samples per observation")
@@ -229,6 +237,7 @@ def _setup(args: argparse.Namespace) -> Job:
     else:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
 
+    resolve_transformer(args.estimator, args.transformer, args.bins)  # a bad combination fails before simulating
     observations: list[Observation] = []
     if args.observation:
         taken: set[str] = set()
@@ -260,6 +269,9 @@ def _setup(args: argparse.Namespace) -> Job:
         out=args.out or Path("runs") / name,
         simulations=args.simulations,
         estimator=args.estimator,
+        transformer=args.transformer,
+        bins=args.bins,
+        ensemble=args.ensemble,
         seed=args.seed,
         num_samples=args.num_samples,
         calibration_datasets=args.calibration_datasets,

@@ -29,7 +29,7 @@ from sbiflows import diagnostics, plots
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
-from sbiflows.report import jsonable, parameter_summary, plain_label, write_markdown
+from sbiflows.report import describe_estimator, jsonable, parameter_summary, plain_label, write_markdown
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
@@ -72,6 +72,9 @@ class Job:
     task: object = None
     simulations: int = 10_000
     estimator: str = "maf"
+    transformer: str | None = None
+    bins: int | None = None
+    ensemble: int = 1
     seed: int = 0
     num_samples: int = 10_000
     calibration_datasets: int = 500
@@ -88,6 +91,13 @@ class Job:
     command: str | None = None
 
     @property
+    def estimator_options(self) -> dict:
+        """The options of :class:`~sbiflows.NPE` that choose the flow (``estimator``, ``transformer``, ``bins``,
+        ``ensemble``)."""
+        return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
+                "ensemble": self.ensemble}
+
+    @property
     def engine(self) -> dict:
         """The options of every call of the simulation engine."""
         return {"batch_size": self.batch_size, "workers": self.workers, "executor": self.executor,
@@ -98,7 +108,8 @@ class Job:
         return jsonable({
             "name": self.name, "simulator": _identity(self.simulator), "prior": _prior_identity(self.prior),
             "observations": {o.name: o.x.reshape(-1).tolist() for o in self.observations},
-            **{key: getattr(self, key) for key in ("simulations", "estimator", "seed", "num_samples",
+            **{key: getattr(self, key) for key in ("simulations", "estimator", "transformer", "bins", "ensemble",
+                                                   "seed", "num_samples",
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
                                                    "reference", "max_epochs", "batch_size", "timeout", "labels")},
         })
@@ -156,7 +167,7 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     job.out = Path(job.out)
     job.out.mkdir(parents=True, exist_ok=True)
     state = _State(job, log, _Resume(job.out / "resume.json"))
-    state.report.update(name=job.name, command=job.command, simulations=job.simulations, estimator=job.estimator,
+    state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
                         seed=job.seed, parameter_names=[plain_label(n) for n in job.parameter_names()],
                         versions=_versions())
     sims = _simulate(state)
@@ -186,7 +197,7 @@ def _simulate(state: _State) -> SimulationResult:
 
 
 def _training_settings(job: Job) -> dict:
-    return {"simulations": job.simulations, "seed": job.seed, "estimator": job.estimator,
+    return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options,
             "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name}
 
 
@@ -197,8 +208,8 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
         posterior = load(path, prior=job.prior)
     else:
-        state.log(f"[2/5] training NPE ({job.estimator})")
-        posterior = NPE(job.prior, estimator=job.estimator).fit(
+        state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)})")
+        posterior = NPE(job.prior, **job.estimator_options).fit(
             sims.theta, sims.x, seed=job.seed, max_epochs=job.max_epochs, progress=job.progress
         )
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above

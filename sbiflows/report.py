@@ -91,6 +91,29 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def describe_estimator(options: dict) -> str:
+    """A short text for the NPE options of a run: estimator, a non-default transformer, ensemble size.
+
+    Example:
+        >>> describe_estimator({"estimator": "maf"})
+        'maf'
+        >>> describe_estimator({"estimator": "nsf", "bins": 8, "ensemble": 5})
+        'nsf (spline transformer, 8 bins), ensemble of 5 flows'
+        >>> describe_estimator({"estimator": "maf", "transformer": "spline"})
+        'maf (spline transformer, 10 bins)'
+    """
+    from sbiflows.estimator import resolve_transformer
+
+    estimator = options["estimator"]
+    transformer = resolve_transformer(estimator, options.get("transformer"), options.get("bins"))
+    text = estimator
+    if transformer["transformer"] == "spline":
+        text += f" (spline transformer, {transformer['bins']} bins)"
+    if options.get("ensemble", 1) > 1:
+        text += f", ensemble of {options['ensemble']} flows"
+    return text
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """Write the human-readable summary of a run (``report.md``); the same numbers are in ``report.json``."""
     lines = [f"# sbiflows report: {report['name']}", ""]
@@ -99,7 +122,7 @@ def write_markdown(report: dict, path: Path) -> None:
     training = report["training"]
     lines += [
         f"- simulations: {report['simulations']} ({report['simulation_summary']})",
-        f"- estimator: {report['estimator']}, seed {report['seed']}",
+        f"- estimator: {describe_estimator(report)}, seed {report['seed']}",
         f"- training: {training['epochs']} epochs, best epoch {training['best_epoch']}, "
         f"best validation loss {training['best_validation_loss']:.4f}"
         + (" (diverged: best weights restored)" if training["diverged"] else ""),

@@ -41,6 +41,9 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "no_such_task"], "unknown task 'no_such_task'"),
         (["fit", "two_moons", "--simulations", "-5"], "expected a positive integer, got -5"),
         (["fit", "two_moons", "--estimator", "nope"], "invalid choice"),
+        (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
+        (["fit", "two_moons", "--bins", "4"], "bins"),  # maf's default transformer is affine
+        (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, got 0"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
         (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
@@ -79,6 +82,32 @@ def test_fit_with_the_nsf_estimator(tmp_path):
     posterior = load(out / "posterior.pt")
     assert (posterior.config["estimator"], posterior.config["transformer"]) == ("nsf", "spline")
     assert json.loads((out / "report.json").read_text())["estimator"] == "nsf"
+
+
+@pytest.mark.slow
+def test_fit_with_a_spline_maf_ensemble(tmp_path, capsys):
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2", "--quiet"]
+    flow = ["--estimator", "maf", "--transformer", "spline", "--bins", "4", "--ensemble", "2"]
+    assert main(["fit", "two_moons", *flow, "--out", str(out), "--observations", "1", *small]) == 0
+    from sbiflows import load
+
+    posterior = load(out / "posterior.pt")
+    config = posterior.config
+    assert (config["estimator"], config["transformer"], config["bins"], config["ensemble"]) == ("maf", "spline", 4, 2)
+    report = json.loads((out / "report.json").read_text())
+    assert (report["estimator"], report["transformer"], report["bins"], report["ensemble"]) == ("maf", "spline", 4, 2)
+    assert "maf (spline transformer, 4 bins), ensemble of 2 flows" in (out / "report.md").read_text()
+    # the flow options are part of the run's settings: another ensemble size needs --force and retrains,
+    # while the simulations are reused
+    again = ["fit", "two_moons", *flow[:-1], "3", "--out", str(out), "--observations", "1", *small]
+    with pytest.raises(SystemExit, match="2"):
+        main(again)
+    capsys.readouterr()
+    assert main([*again, "--force"]) == 0
+    assert load(out / "posterior.pt").config["ensemble"] == 3
+    assert "300 read from the store" in capsys.readouterr().out.split("[2/5]")[0]
 
 
 def test_console_script_entry_point_runs():
