@@ -15,6 +15,8 @@ theta-space posterior is not normalized on the box; only samples are compared.
 
 Usage:
     python examples/benchmark_bounded_space.py --task slcp --simulations 10000 --seeds 0 1 2
+    python examples/benchmark_bounded_space.py --task two_moons --simulations 1000 --seeds 0 1 2 \
+        --estimator nsf --observations 1..5 --json results.jsonl
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.distributions import Independent, Normal
 import simulators
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st
+from sbiflows.estimator import ESTIMATORS
 from sbiflows.priors import Unconstrained
 from sbiflows.simulate import simulate_from_prior
 
@@ -50,18 +53,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulations", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num-samples", type=int, default=10_000)
+    parser.add_argument("--estimator", default="maf", choices=sorted(ESTIMATORS))
+    parser.add_argument("--observations", default="1..10", help='"1..10" or "1,2,3"')
+    parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
-    observations = range(1, 11)
+    first, _, last = args.observations.partition("..")
+    observations = range(int(first), int(last) + 1) if last else [int(v) for v in first.split(",")]
     for seed in args.seeds:
         sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
         theta, x = sims.theta[sims.valid], sims.x[sims.valid]
         dim = theta.shape[1]
         wide = Independent(Normal(torch.zeros(dim), 100 * torch.ones(dim)), 1)
-        record = {"task": args.task, "simulations": args.simulations, "seed": seed}
+        record = {"task": args.task, "simulations": args.simulations, "seed": seed, "estimator": args.estimator}
         for name, prior in (("unconstrained", task.prior), ("theta space", wide)):
-            posterior = NPE(prior).fit(theta, x, seed=seed, progress=False)
+            posterior = NPE(prior, args.estimator).fit(theta, x, seed=seed, progress=False)
             scores, acceptance = {}, {}
             for i in observations:
                 samples, acceptance[i] = truncated_samples(posterior, task, i, args.num_samples, seed + i)
@@ -71,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                             "acceptance": {i: round(a, 3) for i, a in acceptance.items()},
                             "epochs": posterior.history.epochs}
         print(json.dumps(record), flush=True)
+        if args.json:
+            with open(args.json, "a") as stream:
+                stream.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
