@@ -20,7 +20,7 @@ import math
 import numbers
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,23 @@ from sbiflows.checks import check_int
 from sbiflows.threads import resolve_threads, torch_threads
 
 
+#: A training loss: ``objective(model, inputs, context, rows)`` is the mean loss of the rows ``rows`` (a
+#: 1-D index tensor) as a scalar tensor; :func:`negative_log_likelihood` is the default.
+Objective = Callable[[nn.Module, Tensor, "Tensor | None", Tensor], Tensor]
+
+
+def negative_log_likelihood(model: nn.Module, inputs: Tensor, context: Tensor | None, rows: Tensor) -> Tensor:
+    """The mean negative log-likelihood ``-mean log p(inputs[rows] | context[rows])``: the default objective.
+
+    Example:
+        >>> from sbiflows.flows import maf
+        >>> flow = maf(2, transforms=1, hidden_features=(8,))
+        >>> negative_log_likelihood(flow, torch.zeros(3, 2), None, torch.arange(3)).shape
+        torch.Size([])
+    """
+    return -model.log_prob(inputs[rows], None if context is None else context[rows]).mean()
+
+
 #: The default cap on training epochs everywhere (``train``, ``NPE.fit``, ``sbiflows fit --max-epochs``);
 #: early stopping usually ends training long before it.
 MAX_EPOCHS = 1000
@@ -37,7 +54,8 @@ MAX_EPOCHS = 1000
 
 @dataclass
 class TrainingHistory:
-    """What happened during training (losses are mean negative log-likelihoods per row).
+    """What happened during training (losses are the objective's mean per row: the negative log-likelihood
+    unless another objective was given).
 
     A history passed to :func:`train` again (e.g. by a second :meth:`sbiflows.NPE.fit`) is extended:
     epochs are numbered over all calls, so ``validation_loss[best_epoch] == best_validation_loss``.
@@ -95,6 +113,7 @@ def train(
     history: TrainingHistory | None = None,
     groups: Tensor | None = None,
     num_threads: int | None = None,
+    objective: Objective | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -124,6 +143,9 @@ def train(
             None splits rows freely.
         num_threads: torch intra-op threads while training (restored afterwards); None: the rule of
             :mod:`sbiflows.threads` (one thread unless you set torch's thread count yourself).
+        objective: The loss minimized and validated (an :data:`Objective`); None: the mean negative
+            log-likelihood (:func:`negative_log_likelihood`). ``NPE(balancing=...)`` passes a
+            :class:`~sbiflows.balance.BalancedObjective`.
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -151,7 +173,7 @@ def train(
         model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
-        groups=groups, num_threads=num_threads,
+        groups=groups, num_threads=num_threads, objective=objective,
     )
 
 
@@ -173,10 +195,12 @@ def train_checked(
     history: TrainingHistory | None = None,
     groups: Tensor | None = None,
     num_threads: int | None = None,
+    objective: Objective | None = None,
 ) -> TrainingHistory:
     """:func:`train` for options already checked with :func:`check_training_options` (``NPE.fit`` does,
     before its own data checks), so one call validates them once."""
     resolve_threads(num_threads)
+    objective = negative_log_likelihood if objective is None else objective
     n = _check_rows(inputs, context)
     n_train, n_val = split_sizes(n, validation_fraction)
     if n_train < 1 or n_val < 1:
@@ -210,7 +234,7 @@ def train_checked(
                 order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
                 total, diverged = 0.0, False
                 for batch in order.split(batch_size):
-                    loss = -model.log_prob(inputs[batch], None if context is None else context[batch]).mean()
+                    loss = objective(model, inputs, context, batch)
                     value = loss.item()
                     if not math.isfinite(value):
                         diverged = True
@@ -224,7 +248,7 @@ def train_checked(
                     total += value * len(batch)
                 if average is not None:
                     average.copy_buffers()
-                val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx)
+                val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
                 if diverged or not math.isfinite(val_loss):
                     history.diverged = True
                     if best_epoch < 0:
@@ -477,12 +501,12 @@ def _check_rows(inputs: Tensor, context: Tensor | None) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, inputs: Tensor, context: Tensor | None, idx: Tensor, chunk: int = 8192) -> float:
+def _evaluate(model: nn.Module, inputs: Tensor, context: Tensor | None, idx: Tensor,
+              objective: Objective = negative_log_likelihood, chunk: int = 8192) -> float:
     model.eval()
     total = 0.0
     for part in idx.split(chunk):
-        lp = model.log_prob(inputs[part], None if context is None else context[part])
-        total += -lp.sum().item()
+        total += objective(model, inputs, context, part).item() * len(part)
     return total / len(idx)
 
 
