@@ -5,8 +5,13 @@ seed: mean C2ST over the observations against the task's reference posterior, th
 of HPD regions at the 50% and 90% levels on fresh simulations (below the level = over-confident),
 the coverage verdict in words, and training CPU seconds.
 
+``--balancing L`` adds a third configuration, one flow trained as balanced NPE
+(``NPE(prior, balancing=L)``, :mod:`sbiflows.balance`), the other remedy for over-confidence; ``--ensemble 1``
+leaves the ensemble out.
+
 Usage:
     python examples/benchmark_ensemble.py --task two_moons --simulations 1000 --ensemble 5 --seeds 0 1 2
+    python examples/benchmark_ensemble.py --task slcp --simulations 10000 --ensemble 1 --balancing 100 --seeds 0
 """
 
 from __future__ import annotations
@@ -46,19 +51,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--observations", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--coverage-datasets", type=int, default=300)
+    parser.add_argument("--balancing", type=float, default=None, help="also train balanced NPE with this weight")
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = simulators.get(args.task)
     print(f"{args.task}, {args.simulations} simulations, observations {args.observations}, "
           f"{args.coverage_datasets} coverage datasets")
-    print("| seed | K | mean C2ST | coverage at 50% | at 90% | coverage verdict | training CPU s |")
+    print("| seed | configuration | mean C2ST | coverage at 50% | at 90% | coverage verdict | training CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows = {1: [], args.ensemble: []}
+    configurations = {"one flow": {}}
+    if args.ensemble > 1:
+        configurations[f"{args.ensemble} flows"] = {"ensemble": args.ensemble}
+    if args.balancing is not None:
+        configurations[f"balanced ({args.balancing:g})"] = {"balancing": args.balancing}
+    rows = {name: [] for name in configurations}
     for seed in args.seeds:
         sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed, progress=False)
-        for k in (1, args.ensemble):
+        for k, options in configurations.items():
             start = time.process_time()
-            posterior = NPE(task.prior, ensemble=k).fit(sims.theta, sims.x, seed=seed, progress=False)
+            posterior = NPE(task.prior, **options).fit(sims.theta, sims.x, seed=seed, progress=False)
             cpu = time.process_time() - start
             accuracy, coverage, word = measure(task, posterior, args.observations, seed=seed,
                                                datasets=args.coverage_datasets)
@@ -66,7 +77,7 @@ def main() -> None:
             print(f"| {seed} | {k} | {accuracy:.3f} | {coverage[0]:.3f} | {coverage[1]:.3f} | {word} | {cpu:.1f} |",
                   flush=True)
     for k, values in rows.items():
-        print(f"K={k}: mean C2ST {statistics.mean(v[0] for v in values):.3f}, coverage at 50% "
+        print(f"{k}: mean C2ST {statistics.mean(v[0] for v in values):.3f}, coverage at 50% "
               f"{statistics.mean(v[1][0] for v in values):.3f}, at 90% {statistics.mean(v[1][1] for v in values):.3f}, "
               f"training CPU {sum(v[2] for v in values):.1f} s in all")
 
