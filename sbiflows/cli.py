@@ -276,7 +276,7 @@ def _setup(args: argparse.Namespace) -> Job:
             observations.append(Observation(f"obs{i}", x, task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
-    _check_observations(observations, x_shape)
+    _check_observations(observations, x_shape, padded_trials=embedding == "set")
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
         name=args.name or name,
@@ -342,11 +342,16 @@ def _parse_indices(text: str) -> list[int]:
     return indices
 
 
-def _check_observations(observations: list[Observation], x_shape: tuple[int, ...] | None) -> None:
-    """Every observation finite and of the simulator's x shape (None: not known)."""
+def _check_observations(
+    observations: list[Observation], x_shape: tuple[int, ...] | None, *, padded_trials: bool = False
+) -> None:
+    """Every observation finite (up to NaN-padded trials for a set embedding) and of the simulator's x shape
+    (None: not known)."""
+    from sbiflows.xshape import valid_rows
+
     for observation in observations:
         name, x = observation.name, observation.x
-        if not torch.isfinite(x).all():
+        if not valid_rows(x[None], padded_trials=padded_trials and x.ndim == 2).all():
             raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
         if x_shape is not None and len(x_shape) == 1 and x.numel() != x_shape[0]:
             raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_shape[0]}")

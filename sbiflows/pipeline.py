@@ -30,7 +30,6 @@ from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
-from sbiflows.xshape import valid_rows
 from sbiflows.report import jsonable, parameter_summary, plain_label, write_markdown
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
@@ -184,6 +183,7 @@ def _simulate(state: _State) -> SimulationResult:
     state.log(f"[1/5] simulating {job.simulations} parameter sets from the prior (store: {job.out / 'simulations.zarr'})")
     sims = simulate_from_prior(job.simulator, job.prior, job.simulations, seed=job.seed, progress=job.progress,
                                store=job.out / "simulations.zarr", **job.engine)
+    sims.padded_trials = job.embedding == "set"  # NaN-padded trials of a set are not failures
     state.timed("simulate", start)
     state.report.update(simulation_summary=sims.summary(), invalid_simulations=sims.num_invalid)
     if sims.reused:
@@ -298,7 +298,8 @@ def _calibrate(state: _State, posterior: Posterior) -> None:
                                 progress=job.progress, **job.engine)
     if fresh.reused:
         state.log(f"      reused {fresh.reused} calibration simulations from the store")
-    valid = valid_rows(fresh.x, padded_trials=posterior.net.padded_trials)  # padded sets are not failures
+    fresh.padded_trials = posterior.net.padded_trials  # padded sets are not failures
+    valid = fresh.valid
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
                "x": fresh.x[valid], "progress": job.progress}
     labels = job.parameter_names()

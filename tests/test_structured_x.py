@@ -239,3 +239,30 @@ def test_the_simulation_store_round_trips_structured_x(tmp_path):
     padded = simulate(lambda t: trials(t), theta, batch_size=10, store=tmp_path / "sets.zarr", seed=1)
     again = load_simulations(tmp_path / "sets.zarr")
     assert again.x.shape == (30, 12, 2) and torch.equal(again.x.isnan(), padded.x.isnan())
+    assert padded.num_invalid > 0  # strict by default: NaN anywhere
+    padded.padded_trials = True  # the caller knows these are NaN-padded sets
+    assert padded.num_invalid == 0 and padded.valid.all()
+
+
+def test_a_format_3_file_without_x_shape_still_loads(tmp_path):
+    """Files written before structured x (format <= 3) hold flat x and no x_shape: they load as before."""
+    import json
+
+    from sbiflows.serialization import _digest
+
+    torch.manual_seed(0)
+    theta = PRIOR.sample((200,))
+    x = theta + 0.1 * torch.randn_like(theta)
+    posterior = NPE(PRIOR, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=1, progress=False)
+    posterior.save(tmp_path / "p.pt")
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    config = json.loads(blob["config"])
+    for key in ("x_shape", "x_stats_shape"):
+        del config["posterior"][key]
+    blob["config"] = json.dumps(config, sort_keys=True)
+    blob["format_version"] = 3
+    blob["sha256"] = _digest(blob["config"], blob["state_dict"], blob["prior_tensors"])
+    torch.save(blob, tmp_path / "old.pt")
+    old = load(tmp_path / "old.pt")
+    assert old.x_shape == (2,)
+    torch.testing.assert_close(old.log_prob(theta[:5], x=x[0]), posterior.log_prob(theta[:5], x=x[0]), rtol=0, atol=0)
