@@ -265,7 +265,8 @@ class Posterior:
         a new :class:`~sbiflows.NPE`; see :class:`~sbiflows.conditioned.ConditionedPosterior`.
 
         Args:
-            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded) (checked as in :meth:`sample`).
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)``, checked (and a small set padded) as in
+                :meth:`sample`.
             validate_args: As for ``torch.distributions`` (``None``: torch's global default).
         """
         return ConditionedPosterior(self, x, validate_args=validate_args)
