@@ -265,7 +265,8 @@ def _setup(args: argparse.Namespace) -> Job:
                 stem = f"{path.parent.name}_{path.stem}" if path.parent.name else stem
                 stem = next(f"{stem}-{k}" for k in range(2, 10_000) if f"{stem}-{k}" not in taken) \
                     if stem in taken else stem
-            for k, row in enumerate(_split_observations(_read_observations(path), x_shape, path)):
+            rows = _split_observations(_read_observations(path), x_shape, path, padded_trials=embedding == "set")
+            for k, row in enumerate(rows):
                 row_name = stem + (f"_{k + 1}" if k else "")
                 taken.add(row_name)
                 observations.append(Observation(row_name, row))
@@ -386,9 +387,17 @@ def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...
     return tuple(x.shape[1:]) if x.ndim > 1 else (1,)
 
 
-def _split_observations(data: torch.Tensor, x_shape: tuple[int, ...] | None, path: Path) -> list[torch.Tensor]:
+def _split_observations(
+    data: torch.Tensor, x_shape: tuple[int, ...] | None, path: Path, *, padded_trials: bool = False
+) -> list[torch.Tensor]:
     """The observations in a file's array: ``x_shape`` is one, ``(B, *x_shape)`` is B; a table's rows are
-    reshaped to ``x_shape`` when they hold its number of values (unknown shape: one observation per row)."""
+    reshaped to ``x_shape`` when they hold its number of values (unknown shape: one observation per row).
+    For a set embedding (``padded_trials``), sets of fewer trials are NaN-padded to ``x_shape``."""
+    if padded_trials and x_shape is not None and len(x_shape) == 2 and data.ndim in (2, 3) \
+            and data.shape[-1] == x_shape[1]:
+        from sbiflows.xshape import check_observations
+
+        return list(check_observations(data, x_shape, f"--observation {str(path)!r}", padded_trials=True))
     if x_shape is None or len(x_shape) == 1:
         return list(data.reshape(1, -1) if data.ndim <= 1 else data.reshape(len(data), -1))
     x_shape = tuple(x_shape)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import textwrap
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from sbiflows import load
-from sbiflows.cli import main
+from sbiflows.cli import _split_observations, main
 
 SMALL = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
          "--calibration-samples", "100", "--max-epochs", "2", "--quiet"]
@@ -84,3 +87,12 @@ def test_an_embedding_that_does_not_fit_the_task_is_refused(tmp_path, capsys):
         main(["fit", "two_moons", "--embedding", "set", "--observations", "1", "--out", str(tmp_path / "r"), *SMALL])
     assert info.value.code == 2
     assert "'set' takes x of shape (trials, features) per simulation, got x_shape (2,)" in capsys.readouterr().err
+
+
+def test_set_observation_files_with_fewer_trials_are_padded():
+    one = _split_observations(torch.ones((3, 10)), (100, 10), Path("one.npy"), padded_trials=True)
+    assert len(one) == 1 and one[0].shape == (100, 10) and one[0][3:].isnan().all() and (one[0][:3] == 1).all()
+    batch = _split_observations(torch.ones((2, 100, 10)), (100, 10), Path("b.npy"), padded_trials=True)
+    assert len(batch) == 2 and not batch[1].isnan().any()
+    with pytest.raises(ValueError, match="sets of 101 trials, more than the 100"):
+        _split_observations(torch.ones((101, 10)), (100, 10), Path("big.npy"), padded_trials=True)
