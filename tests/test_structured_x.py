@@ -266,3 +266,15 @@ def test_a_format_3_file_without_x_shape_still_loads(tmp_path):
     old = load(tmp_path / "old.pt")
     assert old.x_shape == (2,)
     torch.testing.assert_close(old.log_prob(theta[:5], x=x[0]), posterior.log_prob(theta[:5], x=x[0]), rtol=0, atol=0)
+
+
+def test_training_x_that_does_not_fit_the_embedding_is_refused_before_training():
+    theta = PRIOR.sample((50,))
+    npe = NPE(PRIOR, embedding_net=from_name("cnn1d", (2, 20)))
+    with pytest.raises(ValueError, match=r"training x of shape \(N, 3, 20\).*CNN1d expects input of shape "
+                                         r"\(B, 2, 20\), got \(2, 3, 20\)"):
+        npe.fit(theta, torch.randn(50, 3, 20), max_epochs=1, progress=False)
+    npe = NPE(PRIOR, embedding_net=from_name("set", (12, 2)))
+    with pytest.raises(ValueError, match=r"\(N, trials, features\) for a set embedding.*got \(50, 24\)"):
+        npe.fit(theta, torch.randn(50, 24), max_epochs=1, progress=False)
+    assert npe.net is None  # nothing was trained
