@@ -24,6 +24,9 @@ from sbiflows import __version__
 from sbiflows.estimator import ESTIMATORS, resolve_transformer
 from sbiflows.transforms.transformers import DEFAULT_BINS, TRANSFORMERS
 
+#: ``--embedding`` names (:data:`sbiflows.embeddings.EMBEDDINGS`; listed here so that ``--help`` imports no network code).
+EMBEDDING_NAMES = ("mlp", "cnn1d", "cnn2d", "set")
+
 if TYPE_CHECKING:
     from sbiflows.pipeline import Job, Observation
 from sbiflows.threads import torch_threads
@@ -67,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
     )
     fit.add_argument("task", nargs="?", help="benchmark task name (see 'sbiflows tasks'); omit with --simulator")
-    fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim); MODULE may also be a file, path/to/model.py")
+    fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim) or (N, *x_shape); MODULE may also be a file, path/to/model.py")
     fit.add_argument("--prior", metavar="MODULE:OBJECT", help="your prior: a torch Distribution (or a function returning one); MODULE may be a file")
     fit.add_argument("--observation", type=Path, action="append", metavar="FILE",
-                     help="observed data (.csv/.txt/.npy, one observation per row); repeatable")
+                     help="observed data: .csv/.txt with one observation per row (reshaped to the simulator's "
+                     "x shape), or .npy of shape x_shape (one) or (B, *x_shape); repeatable")
     fit.add_argument("--observations", default="1-10", metavar="LIST",
                      help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
     fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
@@ -84,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (K times the "
                      "training cost; wider, less over-confident posteriors)")
+    fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
+                     help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
+                     "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "
+                     "Default: the task's own (cnn1d for sir and lotka_volterra, set for bernoulli_glm_raw, mlp "
+                     "for slcp_distractors, none for the others); for --simulator, none for flat x and mlp for "
+                     "structured x")
     fit.add_argument("--out", type=Path, default=None, help="output folder (default runs/<task>)")
     fit.add_argument("--seed", type=int, default=0, help="seed of simulation, training and sampling")
     fit.add_argument("--num-samples", type=_positive_int, default=10_000, help="posterior samples per observation")
@@ -134,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for name in simulators.names():
             task = simulators.get(name)
-            print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim}")
+            print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim:<4d} x_shape={task.x_shape} "
+                  f"embedding={task.default_embedding}")
         return 0
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING
@@ -236,6 +247,22 @@ def _setup(args: argparse.Namespace) -> Job:
         simulator, prior, name = task.simulate, task.prior, args.task
     else:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
+    embedding, structured = args.embedding, False
+    if task is not None:
+        embedding = embedding or task.default_embedding
+        # the flat x for none/mlp; the task's structure (same information) for the networks made for it
+        structured = embedding in ("cnn1d", "cnn2d", "set") and task.x_shape != (task.x_dim,)
+        if structured:
+            simulator = task.simulate_structured
+        x_shape = task.x_shape if structured else (task.x_dim,)
+    else:
+        x_shape = _probe_x_shape(simulator, prior, args)
+        if embedding is None:
+            embedding = "none" if x_shape is None or len(x_shape) == 1 else "mlp"
+    if embedding != "none" and x_shape is not None:
+        from sbiflows.embeddings import from_name
+
+        from_name(embedding, x_shape)  # refuses a shape the network does not take, before simulating
 
     resolve_transformer(args.estimator, args.transformer, args.bins)  # a bad combination fails before simulating
     observations: list[Observation] = []
@@ -247,17 +274,19 @@ def _setup(args: argparse.Namespace) -> Job:
                 stem = f"{path.parent.name}_{path.stem}" if path.parent.name else stem
                 stem = next(f"{stem}-{k}" for k in range(2, 10_000) if f"{stem}-{k}" not in taken) \
                     if stem in taken else stem
-            for k, row in enumerate(_read_observations(path)):
+            rows = _split_observations(_read_observations(path), x_shape, path, padded_trials=embedding == "set")
+            for k, row in enumerate(rows):
                 row_name = stem + (f"_{k + 1}" if k else "")
                 taken.add(row_name)
                 observations.append(Observation(row_name, row))
             taken.add(stem)
     elif task is not None:
         for i in _parse_indices(args.observations):
-            observations.append(Observation(f"obs{i}", task.observation(i), task.true_parameters(i), reference=i))
+            x = task.structured(task.observation(i)) if structured else task.observation(i)
+            observations.append(Observation(f"obs{i}", x, task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
-    _check_observations(observations, task.x_dim if task is not None else _probe_x_dim(simulator, prior, args))
+    _check_observations(observations, x_shape, padded_trials=embedding == "set")
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
         name=args.name or name,
@@ -272,6 +301,7 @@ def _setup(args: argparse.Namespace) -> Job:
         transformer=args.transformer,
         bins=args.bins,
         ensemble=args.ensemble,
+        embedding=embedding,
         seed=args.seed,
         num_samples=args.num_samples,
         calibration_datasets=args.calibration_datasets,
@@ -325,18 +355,28 @@ def _parse_indices(text: str) -> list[int]:
     return indices
 
 
-def _check_observations(observations: list[Observation], x_dim: int | None) -> None:
-    """Every observation finite and as long as the simulator's x (``x_dim``; None: not known)."""
+def _check_observations(
+    observations: list[Observation], x_shape: tuple[int, ...] | None, *, padded_trials: bool = False
+) -> None:
+    """Every observation finite (up to NaN-padded trials for a set embedding) and of the simulator's x shape
+    (None: not known)."""
+    from sbiflows.xshape import valid_rows
+
     for observation in observations:
         name, x = observation.name, observation.x
-        if not torch.isfinite(x).all():
+        if not valid_rows(x[None], padded_trials=padded_trials and x.ndim == 2).all():
             raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
-        if x_dim is not None and x.numel() != x_dim:
-            raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_dim}")
+        if x_shape is not None and len(x_shape) == 1 and x.numel() != x_shape[0]:
+            raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_shape[0]}")
+        if x_shape is not None and tuple(x.shape) != tuple(x_shape) and len(x_shape) > 1:
+            raise ValueError(
+                f"observation {name!r} has shape {tuple(x.shape)} ({x.numel()} values), but the simulator's x has "
+                f"shape {tuple(x_shape)}"
+            )
 
 
-def _probe_x_dim(simulator, prior, args: argparse.Namespace) -> int | None:
-    """The length of the simulator's x, from one simulation (None if that simulation fails)."""
+def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The shape of one of the simulator's x, from one simulation (None if that simulation fails)."""
     from sbiflows.seeding import derive_seed
     from sbiflows.simulate import simulate
 
@@ -353,10 +393,37 @@ def _probe_x_dim(simulator, prior, args: argparse.Namespace) -> int | None:
         probe = simulate(simulator, theta, seed=derive_seed(args.seed, "probe"), timeout=args.timeout, progress=False)
     x = probe.x
     if x is None or x.numel() == 0 or not probe.valid.all():
-        print("sbiflows fit: note: one probe simulation failed, so the observation's length is checked after "
+        print("sbiflows fit: note: one probe simulation failed, so the observation's shape is checked after "
               "simulating", file=sys.stderr)
         return None
-    return int(x.reshape(1, -1).shape[1])
+    return tuple(x.shape[1:]) if x.ndim > 1 else (1,)
+
+
+def _split_observations(
+    data: torch.Tensor, x_shape: tuple[int, ...] | None, path: Path, *, padded_trials: bool = False
+) -> list[torch.Tensor]:
+    """The observations in a file's array: ``x_shape`` is one, ``(B, *x_shape)`` is B; a table's rows are
+    reshaped to ``x_shape`` when they hold its number of values (unknown shape: one observation per row).
+    For a set embedding (``padded_trials``), sets of fewer trials are NaN-padded to ``x_shape``."""
+    if padded_trials and x_shape is not None and len(x_shape) == 2 and data.ndim in (2, 3) \
+            and data.shape[-1] == x_shape[1]:
+        from sbiflows.xshape import check_observations
+
+        return list(check_observations(data, x_shape, f"--observation {str(path)!r}", padded_trials=True))
+    if x_shape is None or len(x_shape) == 1:
+        return list(data.reshape(1, -1) if data.ndim <= 1 else data.reshape(len(data), -1))
+    x_shape = tuple(x_shape)
+    if tuple(data.shape) == x_shape:
+        return [data]
+    if tuple(data.shape[1:]) == x_shape:
+        return list(data)
+    if data.ndim == 2 and data.shape[1] == int(np.prod(x_shape)):
+        return list(data.reshape(len(data), *x_shape))
+    raise ValueError(
+        f"--observation {str(path)!r} holds an array of shape {tuple(data.shape)}; the simulator's x has shape "
+        f"{x_shape}: give {x_shape} (one observation), (B, {', '.join(map(str, x_shape))}) or a table of "
+        f"{int(np.prod(x_shape))} values per row"
+    )
 
 
 _FORMATS = (".csv", ".txt", ".npy")
@@ -375,8 +442,8 @@ def _read_observations(path: Path) -> torch.Tensor:
             data = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2, skiprows=_header(path))
     except ValueError as error:
         raise ValueError(f"--observation {str(path)!r} is not a numeric table: {error}") from None
-    data = np.atleast_2d(np.asarray(data, dtype=np.float32))
-    return torch.from_numpy(data)
+    data = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
+    return torch.from_numpy(data if path.suffix == ".npy" else np.atleast_2d(data))
 
 
 def _header(path: Path) -> int:

@@ -44,7 +44,7 @@ class ConditionedPosterior(TorchDistribution):
 
     Args:
         posterior: The trained posterior (its network is shared, not copied).
-        x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``; checked like in
+        x: One observation, shape ``x_shape`` or ``(1, *x_shape)``; checked like in
             :meth:`~sbiflows.Posterior.sample` (a warning if it lies far outside the training x).
         validate_args: As for ``torch.distributions`` (``None``: torch's global default).
 
@@ -73,7 +73,7 @@ class ConditionedPosterior(TorchDistribution):
         if not isinstance(posterior, Posterior):
             raise TypeError(f"posterior must be a sbiflows Posterior, got {type(posterior).__name__}")
         self._posterior = posterior
-        self._x = posterior._single_observation(x)  # (1, x_dim), checked and warned about once, here
+        self._x = posterior._single_observation(x)  # (1, *x_shape), checked and warned about once, here
         super().__init__(torch.Size(), torch.Size((posterior.theta_dim,)), validate_args=validate_args)
 
     # ---------------------------------------------------------------------------------- basics
@@ -84,7 +84,7 @@ class ConditionedPosterior(TorchDistribution):
 
     @property
     def x(self) -> Tensor:
-        """The observation, shape ``(1, x_dim)`` (a copy: the distribution is immutable)."""
+        """The observation, shape ``(1, *x_shape)`` (a copy: the distribution is immutable)."""
         return self._x.clone()
 
     @constraints.dependent_property(is_discrete=False, event_dim=1)

@@ -74,6 +74,7 @@ class EnsembleNet(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
         self.theta_dim, self.x_dim = members[0].theta_dim, members[0].x_dim
+        self.x_shape, self.padded_trials = members[0].x_shape, members[0].padded_trials
         self.flow = _Flow(EnsembleBase(members[0].flow.base, len(members)))
 
     # the standardization and device of the members (they share the data, hence the statistics)

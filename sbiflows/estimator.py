@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
 from sbiflows.transforms.transformers import make_transformer
+from sbiflows.xshape import layout, zscore, zscore_shaped
+from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
     "ACTIVATIONS", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow", "check_hidden_features",
@@ -181,30 +183,6 @@ def build_flow(
     return flow
 
 
-@torch.no_grad()
-def zscore(data: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-    """Column means, stds and the constant columns of ``data`` (N, K); constant columns get std 1.
-
-    A column is constant when all its values are equal or its std is below the absolute floor
-    ``1e-14``. The floor is absolute, not relative to the mean, so that signal in small units
-    (std ``1e-9``) or on a large offset (mean ``1e8``, std ``50``) is standardized, not discarded. The
-    equality test catches constant columns whose float std is not zero (a float32 column of ``1e8``
-    has a computed std of about 8); their mean is the constant itself, so they standardize to 0.
-
-    Example:
-        >>> mean, std, constant = zscore(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
-        >>> std.tolist(), constant
-        ([1.4142135381698608, 1.0], [1])
-    """
-    mean = data.mean(0)
-    std = data.std(0) if len(data) > 1 else torch.zeros_like(mean)
-    equal = (data == data[:1]).all(0)
-    if len(data):
-        mean = torch.where(equal, data[0], mean)
-    constant = equal | ~(std >= 1e-14)  # ~(>=) also flags a NaN std
-    return mean, torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
-
-
 #: A value more than this many robust standard deviations (interquartile range / 1.349) from its
 #: column's median is extreme.
 EXTREME_Z = 1000.0
@@ -253,13 +231,17 @@ class PosteriorNet(nn.Module):
 
     The z-score statistics are buffers (they move with ``.to()`` and are saved in the state dict).
     Those of ``x`` stay float64 whatever the network's dtype: ``x`` is standardized in float64 and only
-    then cast, so float64 simulations on a large offset (``1e8 + theta``) keep their signal.
+    then cast, so float64 simulations on a large offset (``1e8 + theta``) keep their signal. Their
+    shape fits the embedding (:mod:`sbiflows.xshape`): per element of a flat ``x``, per channel for
+    the CNNs, per trial feature for a set network.
 
     Args:
         flow: A conditional flow over ``theta_dim`` features with the embedding's output as context.
-        embedding: Maps z-scored ``x`` of shape ``(*batch, x_dim)`` to ``(*batch, context_features)``.
+        embedding: Maps z-scored ``x`` of shape ``(B, *x_shape)`` to ``(B, context_features)``.
         theta_dim: Number of parameters ``D``.
-        x_dim: Dimension of one simulation.
+        x_dim: Dimension of one flat simulation (shorthand for ``x_shape=(x_dim,)``).
+        x_shape: Shape of one simulation.
+        stats_shape: Shape of x's z-score statistics (default: from the embedding's ``zscore_axes``).
 
     Example:
         >>> net = PosteriorNet(maf(2, 3, transforms=1), nn.Identity(), theta_dim=2, x_dim=3)
@@ -267,15 +249,22 @@ class PosteriorNet(nn.Module):
         torch.Size([4])
     """
 
-    def __init__(self, flow: Flow, embedding: nn.Module, *, theta_dim: int, x_dim: int):
+    def __init__(self, flow: Flow, embedding: nn.Module, *, theta_dim: int, x_dim: int | None = None,
+                 x_shape: Sequence[int] | None = None, stats_shape: Sequence[int] | None = None):
         super().__init__()
+        if (x_dim is None) == (x_shape is None):
+            raise TypeError("PosteriorNet needs exactly one of x_dim and x_shape")
         self.flow = flow
         self.embedding = embedding
-        self.theta_dim, self.x_dim = theta_dim, x_dim
+        self.x_shape = (int(x_dim),) if x_shape is None else tuple(int(s) for s in x_shape)
+        self.theta_dim, self.x_dim = theta_dim, math.prod(self.x_shape)
+        self.zscore_axes, self.padded_trials = layout(embedding, self.x_shape)
+        if stats_shape is None:
+            stats_shape = xshape_stats(self.x_shape, self.zscore_axes)
         self.register_buffer("u_shift", torch.zeros(theta_dim))
         self.register_buffer("u_scale", torch.ones(theta_dim))
-        self.register_buffer("x_shift", torch.zeros(x_dim, dtype=torch.float64))
-        self.register_buffer("x_scale", torch.ones(x_dim, dtype=torch.float64))
+        self.register_buffer("x_shift", torch.zeros(tuple(stats_shape), dtype=torch.float64))
+        self.register_buffer("x_scale", torch.ones(tuple(stats_shape), dtype=torch.float64))
 
     def _apply(self, fn, recurse=True):
         """As ``nn.Module._apply`` (``.to()``, ``.float()``, ...), but x's statistics keep float64."""
@@ -287,15 +276,23 @@ class PosteriorNet(nn.Module):
 
     @torch.no_grad()
     def set_standardization(self, u: Tensor, x: Tensor) -> None:
-        """Set the z-score buffers from training rows ``u`` (N, D) and ``x`` (N, x_dim) (see :func:`zscore`)."""
-        for data, shift, scale in ((u, self.u_shift, self.u_scale), (x.double(), self.x_shift, self.x_scale)):
-            mean, std, _ = zscore(data)
-            shift.copy_(mean)
-            scale.copy_(std)
+        """Set the z-score buffers from training rows ``u`` (N, D) and ``x`` (N, *x_shape) (see :func:`zscore`)."""
+        mean, std, _ = zscore(u)
+        self.u_shift.copy_(mean)
+        self.u_scale.copy_(std)
+        mean, std, _ = zscore_shaped(x.double(), axes=self.zscore_axes, padded_trials=self.padded_trials)
+        self.x_shift.copy_(mean.reshape(self.x_shift.shape))
+        self.x_scale.copy_(std.reshape(self.x_scale.shape))
 
     def context(self, x: Tensor) -> Tensor:
-        """The flow's context for raw observations ``x`` of shape ``(*batch, x_dim)`` (any float dtype)."""
-        return self.embedding(((x.double() - self.x_shift) / self.x_scale).to(self.u_shift.dtype))
+        """The flow's context ``(*batch, C)`` for raw observations ``x`` ``(*batch, *x_shape)`` (any float dtype).
+
+        The embedding sees one batch axis: ``(prod(batch), *x_shape)``.
+        """
+        batch = x.shape[: x.ndim - len(self.x_shape)]
+        z = ((x.double() - self.x_shift) / self.x_scale).to(self.u_shift.dtype)
+        out = self.embedding(z.reshape(-1, *self.x_shape))
+        return out.reshape(*batch, out.shape[-1])
 
     def log_prob(self, u: Tensor, x: Tensor) -> Tensor:
         """``log q(u | x)``; ``u`` ``(*batch, D)`` and ``x`` ``(*batch', x_dim)`` broadcast together."""

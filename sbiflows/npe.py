@@ -15,7 +15,15 @@ Design choices (see also ``docs/benchmarks.md``):
   and truncated by rejection scores a better C2ST (0.917 against 0.934 on slcp with 10,000
   simulations, ``examples/benchmark_bounded_space.py``).
 * **z-scoring.** ``u`` and ``x`` are standardized with the mean and std of the (valid) training
-  rows of the first ``fit``; a constant ``x`` dimension gets std 1 and a warning.
+  rows of the first ``fit``; a constant ``x`` dimension gets std 1 and a warning. Flat ``x`` gets
+  one mean and std per feature; structured ``x`` (``(N, *x_shape)``) gets them per group that fits
+  its embedding (:mod:`sbiflows.xshape`): per channel for the CNNs (a convolution sees one scale at
+  every time point or pixel), per trial feature for :class:`~sbiflows.embeddings.PermutationInvariant`
+  (trials are exchangeable; NaN padding is left out), per element otherwise.
+* **Structured x.** ``x`` may be ``(N, *x_shape)``, e.g. a time series ``(N, C, T)``, an image
+  ``(N, H, W)`` or sets of trials ``(N, trials, d)``; the posterior remembers ``x_shape`` and takes
+  ``x_shape`` for one observation and ``(B, *x_shape)`` for a batch. The embedding net decides what the
+  shape means (:mod:`sbiflows.embeddings`); without one, structured ``x`` is flattened.
 * **Refitting.** ``fit`` called again appends the new rows to the data seen so far and continues
   training from the current weights on all of it (new validation split), keeping the z-score
   statistics of the first fit and extending the same training history. Each ``fit`` returns an
@@ -49,13 +57,14 @@ from sbiflows.checks import check_int, check_real
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
-    PosteriorNet,
     build_flow,
     check_hidden_features,
     default_transforms,
     resolve_transformer,
-    zscore,
+    PosteriorNet,
 )
+from sbiflows.embeddings import embedding_config
+from sbiflows.xshape import layout, zscore_shaped
 from sbiflows.flows import Flow
 from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
@@ -104,9 +113,11 @@ class NPE:
         bins: Spline bins (default 10, as sbi's ``nsf``); only with a spline transformer.
         bound: Splines act on ``[-bound, bound]`` of the flow's standardized space and are the
             identity outside (default 3.0, as sbi's ``nsf``); only with a spline transformer.
-        embedding_net: Optional ``nn.Module`` applied to the z-scored ``x`` before the flow, trained
-            jointly; its output size is read from a forward pass on the data. It is deep-copied at the
-            first ``fit``, so the module you pass is never modified.
+        embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
+            the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
+            deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
+            (:mod:`sbiflows.embeddings`: ``MLP``, ``CNN1d``, ``CNN2d``, ``PermutationInvariant``) are saved
+            with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
         ensemble: Train this many flows on the same rows with different seeds (initial weights,
             validation split, minibatch order) and return their equal-weight mixture (see
             :mod:`sbiflows.ensemble`); 1 (default) is a single flow. Costs ``ensemble`` times the training.
@@ -251,8 +262,10 @@ class NPE:
 
         Args:
             theta: Parameters ``(N, D)`` drawn from the prior (``(N,)`` for ``D = 1``); tensor or numpy array.
-            x: Simulations ``(N, x_dim)`` (``(N,)`` for ``x_dim = 1``), one row per parameter set. Rows with
-                NaN or inf are dropped with a warning.
+            x: Simulations ``(N, x_dim)`` (``(N,)`` for ``x_dim = 1``) or ``(N, *x_shape)`` (structured),
+                one per parameter set. Failed simulations (NaN or inf) are dropped with a warning; with a
+                set embedding, all-NaN trials are padding, and only a set without a finite trial (or with
+                inf, or NaN inside a trial) is failed.
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
             max_epochs: Upper bound on epochs (``>= 1``).
@@ -301,6 +314,7 @@ class NPE:
                 theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype, device=self.device,
                 earlier=None if self._theta is None else (self._theta, self._x),
                 validation_fraction=validation_fraction,
+                padded_trials=bool(getattr(self.embedding_net, "nan_padded_trials", False)),
             )
             # Everything below works on new objects; self is only updated once training has succeeded.
             if self._theta is not None:
@@ -355,27 +369,40 @@ class NPE:
 
     # ------------------------------------------------------------------------------ internals
     def _build(self, u: Tensor, x: Tensor, seed: int, transforms: int) -> PosteriorNet:
-        x_mean, x_std, constant = zscore(x)
+        x_shape = tuple(x.shape[1:])
+        if self.embedding_net is not None:
+            embedding = copy.deepcopy(self.embedding_net)
+        else:  # structured x without an embedding: the flow sees it flattened
+            embedding = nn.Identity() if len(x_shape) == 1 else nn.Flatten()
+        embedding.to(self.device, self.dtype)
+        axes, padded = layout(embedding, x_shape)
+        x_mean, x_std, constant = zscore_shaped(x, axes=axes, padded_trials=padded)
         if constant:
+            where = "dimensions" if not axes else f"z-scoring groups (statistics of shape {tuple(x_mean.shape)})"
             warnings.warn(
-                f"x has constant dimensions {constant} in the training data; they carry no information and are "
+                f"x has constant {where} {constant} in the training data; they carry no information and are "
                 "not standardized (std set to 1)",
                 UserWarning,
                 stacklevel=3,
             )
-        embedding = copy.deepcopy(self.embedding_net) if self.embedding_net is not None else nn.Identity()
-        embedding.to(self.device, self.dtype)
-        with torch.no_grad():
-            out = embedding((x[:2] - x_mean) / x_std)
-        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(x[:2]):
+        probe = ((x[:2] - x_mean) / x_std).to(self.dtype)
+        expected = f"(N, {', '.join(map(str, x_shape))})"
+        try:
+            with torch.no_grad():
+                out = embedding(probe)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"embedding_net failed on training x of shape {expected} (x_shape {x_shape}): {error}"
+            ) from error
+        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(probe):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"embedding_net must map (N, {x.shape[1]}) to (N, C), got output {shape}")
+            raise ValueError(f"embedding_net must map {expected} to (N, C), got output {shape}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=transforms,
                               hidden_features=self.hidden_features, activation=self.activation, seed=seed,
                               **self._transformer)
-        net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_dim=x.shape[1]).to(self.device, self.dtype)
+        net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_shape=x_shape).to(self.device, self.dtype)
         net.set_standardization(u, x)
         return net
 
@@ -406,9 +433,11 @@ class NPE:
             "transforms": transforms,
             "hidden_features": list(self.hidden_features),
             "activation": self.activation,
-            "embedding": "none" if self.embedding_net is None else "custom",
+            **embedding_config(self.embedding_net),
             "theta_dim": self.theta_dim,
             "x_dim": net.x_dim,
+            "x_shape": list(net.x_shape),
+            "x_stats_shape": list(net.x_shift.shape),
             "context_features": (net.members[0] if isinstance(net, EnsembleNet) else net).flow.context_features,
             "flow_seed": flow_seed,
             "ensemble": len(net.members) if isinstance(net, EnsembleNet) else 1,

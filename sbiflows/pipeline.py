@@ -29,6 +29,7 @@ from sbiflows import diagnostics, plots
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
+from sbiflows.embeddings import from_name
 from sbiflows.report import describe_estimator, jsonable, parameter_summary, plain_label, write_markdown
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
@@ -37,13 +38,17 @@ from sbiflows.training import MAX_EPOCHS
 __all__ = ["Job", "Observation", "run"]
 
 
+#: Posterior-predictive simulations per observation.
+PREDICTIVE_SAMPLES = 1000
+
+
 @dataclass(frozen=True)
 class Observation:
     """One observed dataset of a job.
 
     Attributes:
         name: Unique within the job; names the output files (``corner_<name>.png``).
-        x: The observed data, ``(x_dim,)``.
+        x: The observed data, ``(x_dim,)`` or ``x_shape`` (structured x).
         true_parameters: The parameters that generated ``x``, if known (a benchmark task's).
         reference: The number of a benchmark task's published observation whose reference posterior
             ``x`` is (then C2ST compares against it); None for other data.
@@ -75,6 +80,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     ensemble: int = 1
+    embedding: str = "none"
     seed: int = 0
     num_samples: int = 10_000
     calibration_datasets: int = 500
@@ -109,7 +115,7 @@ class Job:
             "name": self.name, "simulator": _identity(self.simulator), "prior": _prior_identity(self.prior),
             "observations": {o.name: o.x.reshape(-1).tolist() for o in self.observations},
             **{key: getattr(self, key) for key in ("simulations", "estimator", "transformer", "bins", "ensemble",
-                                                   "seed", "num_samples",
+                                                   "embedding", "seed", "num_samples",
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
                                                    "reference", "max_epochs", "batch_size", "timeout", "labels")},
         })
@@ -168,7 +174,8 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     job.out.mkdir(parents=True, exist_ok=True)
     state = _State(job, log, _Resume(job.out / "resume.json"))
     state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
-                        seed=job.seed, parameter_names=[plain_label(n) for n in job.parameter_names()],
+                        embedding=job.embedding, seed=job.seed,
+                        parameter_names=[plain_label(n) for n in job.parameter_names()],
                         versions=_versions())
     sims = _simulate(state)
     posterior = _train(state, sims)
@@ -188,6 +195,7 @@ def _simulate(state: _State) -> SimulationResult:
     state.log(f"[1/5] simulating {job.simulations} parameter sets from the prior (store: {job.out / 'simulations.zarr'})")
     sims = simulate_from_prior(job.simulator, job.prior, job.simulations, seed=job.seed, progress=job.progress,
                                store=job.out / "simulations.zarr", **job.engine)
+    sims.padded_trials = job.embedding == "set"  # NaN-padded trials of a set are not failures
     state.timed("simulate", start)
     state.report.update(simulation_summary=sims.summary(), invalid_simulations=sims.num_invalid)
     if sims.reused:
@@ -197,7 +205,7 @@ def _simulate(state: _State) -> SimulationResult:
 
 
 def _training_settings(job: Job) -> dict:
-    return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options,
+    return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options, "embedding": job.embedding,
             "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name}
 
 
@@ -208,8 +216,9 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
         posterior = load(path, prior=job.prior)
     else:
-        state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)})")
-        posterior = NPE(job.prior, **job.estimator_options).fit(
+        state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
+        embedding = None if job.embedding == "none" else from_name(job.embedding, tuple(sims.x.shape[1:]))
+        posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
             sims.theta, sims.x, seed=job.seed, max_epochs=job.max_epochs, progress=job.progress
         )
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
@@ -238,7 +247,7 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
             samples = torch.stack([torch.from_numpy(stored[o.name]) for o in observations], dim=1)
     else:
         state.log(f"[3/5] sampling {job.num_samples} posterior draws for {len(observations)} observation(s)")
-        xs = torch.stack([o.x.reshape(-1) for o in observations])
+        xs = torch.stack([o.x for o in observations])
         samples = posterior.sample_batched(job.num_samples, xs, seed=job.seed)  # one batched call
         np.savez_compressed(path, **{o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
         state.resume.done("sample", settings)
@@ -267,12 +276,15 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
                                                      progress=job.progress)
             entry["c2st"] = diagnostics.c2st(reference, samples[: job.c2st_samples, b], seed=job.seed).accuracy
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
+        # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
+        metric = "mahalanobis" if observation.x.numel() < PREDICTIVE_SAMPLES // 2 else "standardized"
         predictive = diagnostics.posterior_predictive(
-            posterior, as_tensor_simulator, observation.x.reshape(-1), num_samples=1000, seed=job.seed
+            posterior, as_tensor_simulator, observation.x, num_samples=PREDICTIVE_SAMPLES, seed=job.seed,
+            metric=metric,
         )
         entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}
         # MAP at a bounded cost: the best of 1,000 posterior draws, refined by 100 Adam steps
-        best = posterior.map(observation.x.reshape(-1), num_init_samples=1000, num_to_optimize=10, num_iter=100,
+        best = posterior.map(observation.x, num_init_samples=1000, num_to_optimize=10, num_iter=100,
                              seed=job.seed)
         entry["parameters"] = parameter_summary(samples[:, b], [plain_label(n) for n in labels], best)
         # quiet: corner logs "Too few points to create valid contours" for very concentrated panels
@@ -298,6 +310,7 @@ def _calibrate(state: _State, posterior: Posterior) -> None:
                                 progress=job.progress, **job.engine)
     if fresh.reused:
         state.log(f"      reused {fresh.reused} calibration simulations from the store")
+    fresh.padded_trials = posterior.net.padded_trials  # padded sets are not failures
     valid = fresh.valid
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
                "x": fresh.x[valid], "progress": job.progress}

@@ -35,6 +35,7 @@ from sbiflows.estimator import PosteriorNet
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior
 from sbiflows.unconstrained import Unconstrained
+from sbiflows.xshape import check_observations, valid_rows
 from sbiflows import serialization
 from sbiflows.seeding import derive_seed, stream_seeds
 from sbiflows.threads import torch_threads
@@ -158,6 +159,7 @@ class Posterior:
         self._prior, self.theta_dim = check_prior(prior)
         self._space = Unconstrained(self._prior.support)
         self.x_dim = net.x_dim
+        self.x_shape: tuple[int, ...] = tuple(net.x_shape)
         self.config = config
         self.history = history
         self.max_batch_elements = max_batch_elements
@@ -198,7 +200,7 @@ class Posterior:
     def __repr__(self) -> str:
         return (
             f"Posterior(estimator={self.config.get('estimator')!r}, theta_dim={self.theta_dim}, "
-            f"x_dim={self.x_dim}, device={self.device})"
+            f"x_shape={self.x_shape}, device={self.device})"
         )
 
     # -------------------------------------------------------------------------------- sampling
@@ -211,7 +213,7 @@ class Posterior:
 
         Args:
             n: Number of samples, a positive int (numpy integers are accepted).
-            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``.
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded).
             seed: Seeds a fresh generator (reproducible samples); exclusive with ``generator``.
             generator: A ``torch.Generator`` on the posterior's device.
 
@@ -229,7 +231,7 @@ class Posterior:
     def sample_batched(
         self, n: int, xs: Any, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """``n`` samples for each of ``B`` observations ``xs`` (``(B, x_dim)``): shape ``(n, B, D)``.
+        """``n`` samples for each of ``B`` observations ``xs`` (``(B, *x_shape)``): shape ``(n, B, D)``.
 
         Chunked over observations (and samples) so that at most ``max_batch_elements`` rows are in
         flight at once. ``n``, ``seed`` and ``generator`` are as in :meth:`sample`.
@@ -239,7 +241,7 @@ class Posterior:
         return self._draw(n, xs, self._generator(seed, generator))
 
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None) -> Tensor:
-        """``(n, B, D)`` draws for checked observations ``xs`` ``(B, x_dim)`` (the work of sample and sample_batched)."""
+        """``(n, B, D)`` draws for checked observations ``xs`` ``(B, *x_shape)`` (the work of sample and sample_batched)."""
         noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
@@ -263,7 +265,8 @@ class Posterior:
         a new :class:`~sbiflows.NPE`; see :class:`~sbiflows.conditioned.ConditionedPosterior`.
 
         Args:
-            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)`` (checked as in :meth:`sample`).
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)``, checked (and a small set padded) as in
+                :meth:`sample`.
             validate_args: As for ``torch.distributions`` (``None``: torch's global default).
         """
         return ConditionedPosterior(self, x, validate_args=validate_args)
@@ -277,7 +280,7 @@ class Posterior:
         Args:
             theta: Parameters ``(..., D)`` with any leading batch shape, e.g. ``(N, D)``, ``(D,)``,
                 ``(n, B, D)``.
-            x: One observation, shape ``(x_dim,)`` or ``(1, x_dim)``.
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded).
 
         Returns:
             Shape ``theta.shape[:-1]`` (``(N,)``, a scalar for one ``(D,)`` theta); ``-inf`` outside
@@ -291,7 +294,7 @@ class Posterior:
     @torch.no_grad()
     @torch_threads()
     def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
-        """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, x_dim)``: ``(n, B)``."""
+        """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, *x_shape)``: ``(n, B)``."""
         xs = self._observations(xs, "xs")
         theta = self._theta(theta)
         if theta.ndim != 3 or theta.shape[1] != len(xs):
@@ -407,27 +410,23 @@ class Posterior:
             raise ValueError("theta contains NaN")
         return theta
 
-    def _observations(self, xs: Any, name: str) -> Tensor:
+    def _observations(self, xs: Any, name: str, *, single: bool = False) -> Tensor:
+        """Checked observations ``(B, *x_shape)`` (sets with fewer trials NaN-padded; see :mod:`sbiflows.xshape`)."""
         xs = as_float_tensor(xs, name, dtype=_x_dtype(xs, self.dtype), device=self.device)
-        if xs.ndim == 1 and xs.shape[0] == self.x_dim:
-            xs = xs[None]
-        if xs.ndim != 2 or xs.shape[1] != self.x_dim:
-            raise ValueError(
-                f"{name} must have shape (B, {self.x_dim}) (observations of the training x's shape "
-                f"({self.x_dim},)), got {tuple(xs.shape)}"
-            )
-        bad = ~torch.isfinite(xs).all(-1)
+        xs = check_observations(xs, self.x_shape, name, padded_trials=self.net.padded_trials, single=single)
+        bad = ~valid_rows(xs, padded_trials=self.net.padded_trials)
         if bad.any():
             rows = torch.nonzero(bad).flatten().tolist()
-            raise ValueError(f"{name} contains NaN or inf (rows {rows[:10]}); the posterior is undefined there")
+            what = "NaN or inf" if not self.net.padded_trials else "no finite trial, inf, or NaN inside a trial"
+            raise ValueError(f"{name} contains {what} (rows {rows[:10]}); the posterior is undefined there")
         if _CHECK_OBSERVATIONS.get():
             self._warn_if_outside(xs, name)
         return xs
 
     def _warn_if_outside(self, xs: Tensor, name: str) -> None:
         """One warning when features of ``xs`` lie more than :data:`OUTSIDE_Z` sd from the training x."""
-        z = ((xs.double() - self.net.x_shift) / self.net.x_scale).abs()
-        far = z > OUTSIDE_Z
+        z = ((xs.double() - self.net.x_shift) / self.net.x_scale).abs().reshape(len(xs), -1)
+        far = z > OUTSIDE_Z  # NaN padding is never far
         if not bool(far.any()):
             return
         features = torch.nonzero(far.any(0)).flatten().tolist()
@@ -443,19 +442,8 @@ class Posterior:
 
     def _single_observation(self, x: Any) -> Tensor:
         if x is None:
-            raise ValueError(f"x is required: one observation of shape ({self.x_dim},)")
-        shape = tuple(x.shape) if hasattr(x, "shape") else None
-        if shape is not None and len(shape) == 2 and shape[0] > 1 and shape[1] == self.x_dim:
-            raise ValueError(
-                f"x has shape {shape}: a batch of {shape[0]} observations; sample() and log_prob() take one "
-                f"observation of shape ({self.x_dim},) or (1, {self.x_dim}); use sample_batched() or "
-                "log_prob_batched() for many"
-            )
-        if shape is not None and shape not in ((self.x_dim,), (1, self.x_dim)):
-            raise ValueError(
-                f"x must have shape ({self.x_dim},) or (1, {self.x_dim}) like the training simulations, got {shape}"
-            )
-        return self._observations(x, "x")
+            raise ValueError(f"x is required: one observation of shape {self.x_shape}")
+        return self._observations(x, "x", single=True)
 
     def copy(self) -> Posterior:
         """An independent deep copy."""

@@ -122,7 +122,7 @@ def write_markdown(report: dict, path: Path) -> None:
     training = report["training"]
     lines += [
         f"- simulations: {report['simulations']} ({report['simulation_summary']})",
-        f"- estimator: {describe_estimator(report)}, seed {report['seed']}",
+        f"- estimator: {describe_estimator(report)}, embedding: {report.get('embedding', 'none')}, seed {report['seed']}",
         f"- training: {training['epochs']} epochs, best epoch {training['best_epoch']}, "
         f"best validation loss {training['best_validation_loss']:.4f}"
         + (" (diverged: best weights restored)" if training["diverged"] else ""),

@@ -16,8 +16,9 @@ The file is a dict of plain types and tensors, readable with
 
 Classes are only ever looked up in registries (:data:`sbiflows.estimator.ESTIMATORS`,
 :data:`sbiflows.prior_specs.PRIOR_CLASSES`), never imported by name. Objects that JSON cannot describe (a
-custom prior left out on purpose, a callable estimator, an embedding net) are passed to :func:`load` by the
-caller.
+custom prior left out on purpose, a callable estimator, an embedding net of the user's own) are passed to
+:func:`load` by the caller; a built-in embedding (:data:`sbiflows.embeddings.EMBEDDINGS`) is saved as its
+name, its constructor arguments and its weights.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from torch.distributions import Distribution
 
 import sbiflows
 from sbiflows.checks import check_bool
+from sbiflows.embeddings import EMBEDDINGS
+from sbiflows.embeddings import build as build_embedding
 from sbiflows.ensemble import EnsembleNet
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
@@ -50,7 +53,10 @@ __all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "save"]
 #: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
 #: estimator may be ``"nsf"``. Version 1 files have no such keys: their flows are affine.
 #: 3: the config may record ``ensemble`` (K members, state keys ``members.<k>.``); older files are single flows.
-FORMAT_VERSION = 3
+#: 4: the config may record ``x_shape`` and ``x_stats_shape`` (structured x; older files are flat, ``(x_dim,)``)
+#: and a built-in embedding (``embedding`` a name of :data:`sbiflows.embeddings.EMBEDDINGS` with its
+#: ``embedding_config``), whose weights are in the state dict like the flow's.
+FORMAT_VERSION = 4
 #: The oldest file layout :func:`load` reads.
 MIN_FORMAT_VERSION = 1
 _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
@@ -182,15 +188,23 @@ def read(
     theta_dim = check_prior(prior)[1]
     if theta_dim != post_config["theta_dim"]:
         raise ValueError(f"prior has {theta_dim} dimensions but the saved posterior has {post_config['theta_dim']}")
+    x_shape = post_config.get("x_shape", [post_config["x_dim"]])  # format <= 3: flat x
     members = [
         PosteriorNet(_flow(post_config, estimator), _embedding(post_config, embedding_net, copy=k > 0),
-                     theta_dim=theta_dim, x_dim=post_config["x_dim"])
+                     theta_dim=theta_dim, x_shape=x_shape, stats_shape=post_config.get("x_stats_shape", x_shape))
         for k in range(post_config.get("ensemble", 1))
     ]
     net = (members[0] if len(members) == 1 else EnsembleNet(members)).to(_DTYPES[config["dtype"]])
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
         diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))
+        if post_config["embedding"] == "custom" and any(".embedding." in f".{k}" for k in diff):
+            shown = "; ".join(f"{k}: {config['shapes'].get(k, 'absent')} in the file, {shapes.get(k, 'absent')} "
+                              "in the module" for k in diff[:5])
+            raise ValueError(
+                f"the embedding_net passed to load does not match the one the posterior was trained with "
+                f"(x_shape {tuple(x_shape)}): {shown}; pass a module of the same architecture and sizes"
+            )
         raise ValueError(f"the rebuilt network does not match the saved one; differing tensors: {diff}")
     try:
         net.load_state_dict(state)
@@ -267,17 +281,28 @@ def _flow(config: dict, estimator) -> Flow:
 
 
 def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = False) -> nn.Module:
-    if config["embedding"] == "none":
+    name = config["embedding"]
+    if name == "none":
         if embedding_net is not None:
             raise ValueError("this posterior was trained without an embedding_net, but one was passed")
-        return nn.Identity()
-    if config["embedding"] != "custom":
-        raise ValueError(f"unknown embedding {config['embedding']!r} in the saved config")
+        return nn.Identity() if len(config.get("x_shape", [0])) == 1 else nn.Flatten()  # structured x: flattened
+    if name in EMBEDDINGS:
+        if embedding_net is not None:
+            raise ValueError(
+                f"this posterior was trained with the built-in embedding {name!r}, which the file holds "
+                "(architecture and weights); load it without embedding_net="
+            )
+        with torch.random.fork_rng(devices=[]):  # weights are overwritten: keep the global RNG untouched
+            return build_embedding(name, config.get("embedding_config"))
+    if name != "custom":
+        raise ValueError(f"unknown embedding {name!r} in the saved config; known: {sorted(EMBEDDINGS)} or 'custom'")
     if embedding_net is None:
         raise ValueError(
-            "this posterior was trained with an embedding_net, which a file cannot hold; pass a module of the "
-            "same architecture: load(path, embedding_net=...)"
+            "this posterior was trained with an embedding_net of your own, which a file cannot hold (only its "
+            "weights); pass a module of the same architecture: load(path, embedding_net=...)"
         )
+    if not isinstance(embedding_net, nn.Module):
+        raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
     return deepcopy(embedding_net) if copy else embedding_net  # each ensemble member needs its own
 
 

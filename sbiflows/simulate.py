@@ -55,6 +55,7 @@ from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
 from sbiflows.seeding import derive_seed
+from sbiflows.xshape import valid_rows
 
 __all__ = ["SimulationError", "SimulationFailure", "SimulationInterrupted", "SimulationResult", "StoreMismatchError",
            "load_simulations", "simulate", "simulate_from_prior"]
@@ -81,6 +82,9 @@ class SimulationResult:
         reused: Rows read from the store instead of simulated.
         complete: False for :func:`load_simulations` of an unfinished store or a partial result.
         store: Path of the store, if any.
+        padded_trials: Set it when x holds NaN-padded sets of trials ``(N, trials, features)`` (for a set
+            embedding): then all-NaN trials are padding, and only a set without a finite trial (or with
+            inf, or NaN inside a trial) counts as invalid (:func:`sbiflows.xshape.valid_rows`).
     """
 
     theta: Tensor
@@ -90,11 +94,12 @@ class SimulationResult:
     reused: int = 0
     complete: bool = True
     store: str | None = None
+    padded_trials: bool = False
 
     @property
     def valid(self) -> Tensor:
-        """Boolean ``(N,)``: rows whose simulation is finite."""
-        return torch.isfinite(self.x.reshape(len(self.x), -1)).all(-1)
+        """Boolean ``(N,)``: rows whose simulation is finite (with :attr:`padded_trials`: up to padding)."""
+        return valid_rows(self.x, padded_trials=self.padded_trials and self.x.ndim == 3)
 
     @property
     def num_invalid(self) -> int:

@@ -493,7 +493,7 @@ def _check_rows(inputs: Tensor, context: Tensor | None) -> int:
     if context is not None:
         if not isinstance(context, Tensor):
             raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
-        if context.ndim != 2 or len(context) != len(inputs):
+        if context.ndim < 2 or len(context) != len(inputs):  # (N, C), or structured x (N, *x_shape) for NPE
             raise ValueError(
                 f"context must have shape ({len(inputs)}, C) to match inputs, got {tuple(context.shape)}"
             )

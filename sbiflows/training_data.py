@@ -19,6 +19,7 @@ from sbiflows.checks import as_float_tensor
 from sbiflows.estimator import EXTREME_Z, extreme_rows
 from sbiflows.posterior import _x_dtype
 from sbiflows.unconstrained import Unconstrained
+from sbiflows.xshape import valid_rows
 
 __all__ = ["check_training_data", "duplicate_groups"]
 
@@ -33,8 +34,14 @@ def check_training_data(
     device: torch.device,
     earlier: tuple[Tensor, Tensor] | None,
     validation_fraction: float,
+    padded_trials: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """New training rows as ``(N, D)`` and ``(N, x_dim)`` tensors, rows with NaN/inf in ``x`` dropped.
+    """New training rows as ``(N, D)`` and ``(N, *x_shape)`` tensors, failed simulations dropped.
+
+    ``x`` may be flat, ``(N, x_dim)`` (``(N,)`` for one dimension), or structured, ``(N, *x_shape)``.
+    A failed simulation holds NaN or inf; with ``padded_trials`` (sets ``(N, trials, features)`` for a
+    set embedding), all-NaN trials are padding, and only a set with no finite trial, inf, or NaN
+    inside a trial is failed (see :func:`sbiflows.xshape.valid_rows`).
 
     Args:
         theta: Parameters drawn from the prior (a tensor or NumPy array).
@@ -43,8 +50,9 @@ def check_training_data(
         theta_dim: ``D``.
         dtype: The network's dtype (theta's).
         device: Where the rows go.
-        earlier: The rows of earlier fits ``(theta, x)``, whose x width new rows must match; None at first.
+        earlier: The rows of earlier fits ``(theta, x)``, whose x shape new rows must match; None at first.
         validation_fraction: The split the rows must allow (at least one training row).
+        padded_trials: Whether x holds NaN-padded sets.
 
     Raises:
         TypeError: For data that are not float tensors or arrays.
@@ -69,10 +77,17 @@ def check_training_data(
             f"got {tuple(theta.shape)}"
         )
     x = x[:, None] if x.ndim == 1 else x
-    if x.ndim != 2:
-        raise ValueError(f"x must have shape (N, x_dim), got {tuple(x.shape)}")
-    if earlier is not None and x.shape[1] != earlier[1].shape[1]:
-        raise ValueError(f"x must have shape (N, {earlier[1].shape[1]}) like the data of the first fit, got {tuple(x.shape)}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, x_dim) or (N, *x_shape), got {tuple(x.shape)}")
+    if earlier is not None and x.shape[1:] != earlier[1].shape[1:]:
+        raise ValueError(
+            f"x must have shape (N, {', '.join(map(str, earlier[1].shape[1:]))}) like the data of the first fit, "
+            f"got {tuple(x.shape)}"
+        )
+    if padded_trials and x.ndim != 3:
+        raise ValueError(
+            f"x must have shape (N, trials, features) for a set embedding (NaN-padded trials), got {tuple(x.shape)}"
+        )
     if len(theta) != len(x):
         raise ValueError(
             f"got {len(theta)} parameter sets but {len(x)} simulations; theta and x need one row per simulation"
@@ -90,18 +105,27 @@ def check_training_data(
             f"{int(outside.sum())} of {len(theta)} rows of theta (parameter sets) lie outside the prior's "
             f"support ({prior.support}), e.g. row {row}: {theta[row].tolist()}"
         )
-    valid = torch.isfinite(x).all(-1)
+    valid = valid_rows(x, padded_trials=padded_trials)
     n_bad = int((~valid).sum())
+    what = "NaN or inf" if not padded_trials else "no finite trial, inf, or NaN inside a trial"
     if n_bad == len(x):
-        raise ValueError(f"all {len(x)} rows of x (simulations) contain NaN or inf; nothing to train on")
+        raise ValueError(f"all {len(x)} rows of x (simulations) contain {what}; nothing to train on")
     if n_bad:
         warnings.warn(
-            f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain NaN or inf",
+            f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain {what}",
             UserWarning,
             stacklevel=3,
         )
         theta, x = theta[valid], x[valid]
-    extreme, columns, inflation = extreme_rows(x)
+    if padded_trials:  # the trials are the rows whose columns are z-scored
+        trials = x.reshape(-1, x.shape[-1])
+        finite = torch.isfinite(trials).all(-1)
+        extreme_trials, columns, inflation = extreme_rows(trials[finite])
+        flagged = torch.zeros(len(trials), dtype=torch.bool, device=x.device)
+        flagged[finite] = extreme_trials.to(x.device)
+        extreme = flagged.reshape(x.shape[:2]).any(1)
+    else:
+        extreme, columns, inflation = extreme_rows(x)
     if columns:
         warnings.warn(
             f"{int(extreme.sum())} of {len(x)} simulations have extreme values in x column(s) "

@@ -85,11 +85,17 @@ class Task:
         parameter_names: Plot labels, one per parameter.
         data_folder: Folder under ``simulators/data`` with the published observations.
         observation_file: CSV with the observation in each ``<data_folder>/<i>/`` folder.
+        structure: The shape of one simulation as :meth:`structured` lays it out for an embedding net
+            (empty: flat, ``(x_dim,)``), e.g. ``(channels, time)`` or ``(trials, features)``.
+        default_embedding: The :data:`sbiflows.embeddings.EMBEDDINGS` name made for that structure
+            (``"none"``: the flat x goes to the flow as it is); ``sbiflows fit``'s default.
     """
 
     name: str = ""
     theta_dim: int = 0
     x_dim: int = 0
+    structure: tuple[int, ...] = ()
+    default_embedding: str = "none"
     parameter_names: tuple[str, ...] = ()
     data_folder: str = ""
     observation_file: str = "observation.csv"
@@ -145,6 +151,26 @@ class Task:
     def __call__(self, theta: Tensor) -> Tensor:
         """The task as a plain simulator: ``task(theta) -> x``."""
         return self.simulate(theta)
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        """The shape of one structured simulation (:attr:`structure`, or ``(x_dim,)`` for a flat task)."""
+        return tuple(self.structure) or (self.x_dim,)
+
+    def structured(self, x: Tensor) -> Tensor:
+        """Flat simulations ``(..., x_dim)`` laid out as ``(..., *x_shape)`` for an embedding net.
+
+        The layout carries the same information as ``x`` (the reference posteriors stay valid); this
+        default reshapes the same values in order (``(channels, time)`` for a flat ``x`` stored channel
+        after channel). Subclasses may add known constants, e.g. the design row of each trial.
+        """
+        if x.shape[-1:] != (self.x_dim,):
+            raise ValueError(f"x must have shape (..., {self.x_dim}), got {tuple(x.shape)}")
+        return x.reshape(*x.shape[:-1], *self.x_shape)
+
+    def simulate_structured(self, theta: Tensor, *, seed: int | None = None) -> Tensor:
+        """:meth:`simulate`, laid out by :meth:`structured`: ``(N, *x_shape)``."""
+        return self.structured(self.simulate(theta, seed=seed))
 
     def observation(self, i: int) -> Tensor:
         """The published observation number ``i`` (1..10), shape ``(x_dim,)``."""

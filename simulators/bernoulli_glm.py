@@ -166,6 +166,29 @@ class BernoulliGLMRaw(_BernoulliGLMBase):
     name = "bernoulli_glm_raw"
     x_dim = NUM_BINS
     observation_file = "observation_raw.csv"
+    #: As a set of 100 exchangeable trials (stimulus row ``V[t, 1:]``, spike ``y_t``): the likelihood
+    #: ``prod_t Bernoulli(y_t | sigmoid(V_t theta))`` depends on the pairs only, not on their order.
+    structure = (NUM_BINS, NUM_FILTER + 1)
+    default_embedding = "set"
+
+    def structured(self, x: Tensor) -> Tensor:
+        """Spike trains ``(..., 100)`` as sets of (stimulus row, spike) pairs ``(..., 100, 10)``.
+
+        The intercept column of the design (all ones) is left out: it carries nothing. NaN spike trains
+        (failed simulations) stay all NaN.
+
+        Example:
+            >>> task = BernoulliGLMRaw()
+            >>> pairs = task.structured(task.observation(1))
+            >>> pairs.shape, bool((pairs[:, -1] == task.observation(1)).all())
+            (torch.Size([100, 10]), True)
+        """
+        if x.shape[-1:] != (self.x_dim,):
+            raise ValueError(f"x must have shape (..., {self.x_dim}), got {tuple(x.shape)}")
+        stimulus = design_matrix()[:, 1:].to(x.dtype).expand(*x.shape[:-1], NUM_BINS, NUM_FILTER)
+        failed = torch.isnan(x).any(-1)[..., None, None]
+        stimulus = torch.where(failed, torch.full_like(stimulus, float("nan")), stimulus)
+        return torch.cat([stimulus, x[..., None]], -1)
 
     def _simulate(self, theta: Tensor, generator: torch.Generator) -> Tensor:
         return self._spikes(theta, generator)

@@ -50,6 +50,9 @@ class LotkaVolterra(ODETask):
     name = "lotka_volterra"
     theta_dim = 4
     x_dim = 20
+    #: Two channels (prey, predator) of 10 time points: the flat x is prey then predator.
+    structure = (2, 10)
+    default_embedding = "cnn1d"
     parameter_names = (r"$\alpha$", r"$\beta$", r"$\gamma$", r"$\delta$")
     data_folder = "lotka_volterra"
     cache_reference = True

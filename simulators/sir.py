@@ -50,6 +50,9 @@ class SIR(ODETask):
     name = "sir"
     theta_dim = 2
     x_dim = 10
+    #: A one-channel series of the 10 days, for a 1-D CNN.
+    structure = (1, 10)
+    default_embedding = "cnn1d"
     parameter_names = (r"$\beta$", r"$\gamma$")
     data_folder = "sir"
     cache_reference = True

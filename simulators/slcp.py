@@ -164,6 +164,8 @@ class SLCPDistractors(SLCP):
 
     name = "slcp_distractors"
     x_dim = 100
+    #: Flat on purpose: as a set, which points are the informative ones would be hidden. An MLP picks them out.
+    default_embedding = "mlp"
     observation_file = "observation_distractors.csv"
 
     @cached_property

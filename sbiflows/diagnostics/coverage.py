@@ -32,6 +32,7 @@ from sbiflows.diagnostics.simulations import (
     Simulator,
     batched_log_prob,
     calibration_pairs,
+    padded_trials,
     check_num_posterior_samples,
     check_posterior,
     posterior_draws,
@@ -132,9 +133,9 @@ def expected_coverage(
         posterior: Implements ``sample_batched`` and ``log_prob_batched`` (or ``log_prob``, called
             once per dataset as a fallback).
         prior: Prior with event shape ``(D,)``; needed unless ``theta`` and ``x`` are given.
-        simulator: Maps ``theta`` (N, D) to ``x`` (N, x_dim); needed unless ``theta``, ``x`` given.
+        simulator: Maps ``theta`` (N, D) to ``x`` (N, *x_shape); needed unless ``theta``, ``x`` given.
         theta: Precomputed true parameters ``(N, D)`` (e.g. from :func:`simulate_datasets`).
-        x: Precomputed simulations ``(N, x_dim)`` matching ``theta``.
+        x: Precomputed simulations ``(N, *x_shape)`` matching ``theta``.
         num_datasets: Number of datasets to simulate (ignored with ``theta``/``x``).
         num_posterior_samples: Posterior draws per dataset.
         seed: Seeds the simulations and posterior draws (torch's global generator is restored
@@ -174,7 +175,8 @@ def expected_coverage(
     check_num_posterior_samples(num_posterior_samples, "expected_coverage")
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
-            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage"
+            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage",
+            padded_trials=padded_trials(posterior)
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="coverage draws" if progress else None)

@@ -39,8 +39,8 @@ class PredictiveResult:
     """Outcome of :func:`posterior_predictive`.
 
     Attributes:
-        x_o: The observation, shape ``(x_dim,)``.
-        predictive: Valid posterior-predictive simulations, shape ``(n, x_dim)``.
+        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value).
+        predictive: Valid posterior-predictive simulations, shape ``(n, *x_shape)``.
         quantiles: Per dimension, the fraction of predictive draws below ``x_o``.
         extreme_dimensions: Dimensions whose quantile is outside the accepted range.
         distance: Distance of ``x_o`` from the predictive mean.
@@ -111,7 +111,7 @@ def posterior_predictive(
     Args:
         posterior: Implements ``sample(n, x=x_o) -> (n, D)``.
         simulator: Maps ``theta`` (n, D) to ``x`` (n, x_dim).
-        x_o: The observation, shape ``(x_dim,)``.
+        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value).
         num_samples: Posterior draws, one simulation each (must exceed ``x_dim`` for
             ``metric="mahalanobis"``).
         seed: Seeds the posterior draws and simulations (torch's global generator is restored
@@ -141,7 +141,14 @@ def posterior_predictive(
         )
     if not isinstance(x_o, Tensor):
         raise TypeError(f"x_o must be a torch.Tensor of shape (x_dim,), got {type(x_o).__name__}")
-    if x_o.ndim != 1 or not x_o.is_floating_point():
+    structure = tuple(getattr(posterior, "x_shape", None) or ())  # a posterior trained on structured x
+    if len(structure) > 1:
+        if tuple(x_o.shape) != structure or not x_o.is_floating_point():
+            raise ValueError(
+                f"x_o must be a floating-point tensor of the posterior's x_shape {structure}, got {x_o.dtype} "
+                f"{tuple(x_o.shape)}"
+            )
+    elif x_o.ndim != 1 or not x_o.is_floating_point():
         raise ValueError(
             f"x_o must be a floating-point tensor of shape (x_dim,), got {x_o.dtype} {tuple(x_o.shape)}"
         )
@@ -150,7 +157,8 @@ def posterior_predictive(
     check_int(num_samples, "num_samples", minimum=2)
     check_real(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
     check_choice(metric, "metric", ("mahalanobis", "standardized"))
-    x_dim = x_o.shape[0]
+    x_shape = tuple(x_o.shape)
+    x_dim = x_o.numel()  # structured x is compared value by value (flat indices in extreme_dimensions)
 
     with seeded(seed):
         theta = posterior.sample(num_samples, x=x_o)  # type: ignore[attr-defined]
@@ -160,10 +168,11 @@ def posterior_predictive(
                 f"posterior.sample({num_samples}, x=x_o) must return shape ({num_samples}, D), got {got}"
             )
         predictive = simulator(theta.detach())
-    if not isinstance(predictive, Tensor) or predictive.shape != (num_samples, x_dim):
+    if not isinstance(predictive, Tensor) or predictive.shape != (num_samples, *x_shape):
         got = tuple(predictive.shape) if isinstance(predictive, Tensor) else type(predictive).__name__
-        raise ValueError(f"simulator must return shape ({num_samples}, {x_dim}) matching x_o, got {got}")
-    predictive = predictive.detach().double()
+        wanted = ", ".join(map(str, (num_samples, *x_shape)))
+        raise ValueError(f"simulator must return shape ({wanted}) matching x_o, got {got}")
+    predictive = predictive.detach().double().reshape(num_samples, x_dim)
     valid = torch.isfinite(predictive).all(1)
     num_invalid = int((~valid).sum())
     if num_invalid:
@@ -190,7 +199,7 @@ def posterior_predictive(
             f"dimensions ({x_dim}); raise num_samples or use metric='standardized'"
         )
 
-    obs = x_o.detach().double()
+    obs = x_o.detach().double().reshape(x_dim)
     quantiles = ((predictive < obs).double().mean(0) + 0.5 * (predictive == obs).double().mean(0))
     edge = alpha / (2 * x_dim)
     extreme = tuple(int(i) for i in torch.nonzero((quantiles < edge) | (quantiles > 1 - edge)).flatten())
@@ -198,7 +207,7 @@ def posterior_predictive(
     pvalue = (1 + int((distances >= distance).sum())) / (num + 1)
     return PredictiveResult(
         x_o=x_o.detach(),
-        predictive=predictive.to(x_o.dtype),
+        predictive=predictive.to(x_o.dtype).reshape(-1, *x_shape),
         quantiles=quantiles,
         extreme_dimensions=extreme,
         distance=distance,

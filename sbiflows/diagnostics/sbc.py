@@ -32,6 +32,7 @@ from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.simulations import (
     Simulator,
     calibration_pairs,
+    padded_trials,
     check_num_posterior_samples,
     check_posterior,
     posterior_draws,
@@ -153,9 +154,9 @@ def sbc(
     Args:
         posterior: Implements ``sample_batched(n, xs) -> (n, B, D)``.
         prior: Prior with event shape ``(D,)``; needed unless ``theta`` and ``x`` are given.
-        simulator: Maps ``theta`` (N, D) to ``x`` (N, x_dim); needed unless ``theta``, ``x`` given.
+        simulator: Maps ``theta`` (N, D) to ``x`` (N, *x_shape); needed unless ``theta``, ``x`` given.
         theta: Precomputed true parameters ``(N, D)`` (e.g. from :func:`simulate_datasets`).
-        x: Precomputed simulations ``(N, x_dim)`` matching ``theta``.
+        x: Precomputed simulations ``(N, *x_shape)`` matching ``theta``.
         num_datasets: Number of datasets to simulate (ignored with ``theta``/``x``).
         num_posterior_samples: Posterior draws per dataset, ``L``.
         seed: Seeds the simulations and posterior draws (torch's global generator is restored
@@ -189,7 +190,8 @@ def sbc(
     check_num_posterior_samples(num_posterior_samples, "sbc")
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
-            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="sbc"
+            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="sbc",
+            padded_trials=padded_trials(posterior)
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="SBC draws" if progress else None)

@@ -6,9 +6,13 @@ makes the pairs once so that several checks can reuse them (pass ``theta=..., x=
 helpers validate them, drop invalid simulations (with a warning giving the count) and talk to a
 posterior through the duck-typed protocol::
 
-    posterior.sample_batched(n, xs)            # xs (B, x_dim) -> (n, B, D)
+    posterior.sample_batched(n, xs)            # xs (B, *x_shape) -> (n, B, D)
     posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
-    posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o (x_dim,) -> (N,)
+    posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o x_shape -> (N,)
+
+``x_shape`` is ``(x_dim,)`` for flat simulations or any structured shape (a series, an image, a set of
+trials). A posterior whose embedding masks NaN-padded trials (``posterior.net.padded_trials``) makes the
+checks keep padded sets and drop only failed simulations (:func:`sbiflows.xshape.valid_rows`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
 from sbiflows.posterior import observations_unchecked
+from sbiflows.xshape import valid_rows
 
 __all__ = ["simulate_datasets"]
 
@@ -58,13 +63,13 @@ def simulate_datasets(
 
     Args:
         prior: A torch distribution with event shape ``(D,)``.
-        simulator: Maps ``theta`` of shape ``(N, D)`` to ``x`` of shape ``(N, x_dim)``.
+        simulator: Maps ``theta`` of shape ``(N, D)`` to ``x`` of shape ``(N, *x_shape)``.
         num_datasets: Number of pairs ``N``.
         seed: Seeds torch's global generator for the prior and the simulator (restored
             afterwards); ``None`` uses and advances it.
 
     Returns:
-        ``(theta, x)`` with shapes ``(N, D)`` and ``(N, x_dim)``.
+        ``(theta, x)`` with shapes ``(N, D)`` and ``(N, *x_shape)``.
 
     Example:
         >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
@@ -86,9 +91,9 @@ def simulate_datasets(
         x = simulator(theta)
     if not isinstance(x, Tensor):
         raise TypeError(f"simulator must return a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2 or x.shape[0] != num_datasets:
+    if x.ndim < 2 or x.shape[0] != num_datasets:
         raise ValueError(
-            f"simulator must return shape (N, x_dim) = ({num_datasets}, x_dim), got {tuple(x.shape)}"
+            f"simulator must return shape (N, x_dim) = ({num_datasets}, x_dim) or (N, *x_shape), got {tuple(x.shape)}"
         )
     return theta, x
 
@@ -101,6 +106,7 @@ def calibration_pairs(
     x: Tensor | None,
     num_datasets: int,
     check: str,
+    padded_trials: bool = False,
 ) -> tuple[Tensor, Tensor, int]:
     """The valid ``(theta, x)`` pairs for a check and the number of invalid ones excluded.
 
@@ -115,7 +121,7 @@ def calibration_pairs(
             raise ValueError(f"{check}: needs a prior and a simulator, or precomputed theta= and x=")
         theta, x = simulate_datasets(prior, simulator, num_datasets, seed=None)
     theta = _check_2d(theta, "theta", "(N, D)")
-    x = _check_2d(x, "x", "(N, x_dim)")
+    x = _check_2d(x, "x", "(N, x_dim) or (N, *x_shape)", structured=True)
     if theta.shape[0] != x.shape[0]:
         raise ValueError(
             f"theta and x must have the same number of rows, got {theta.shape[0]} and {x.shape[0]}"
@@ -125,7 +131,7 @@ def calibration_pairs(
             f"theta has {theta.shape[1]} parameters but the prior's event shape is "
             f"{tuple(prior.event_shape)}"
         )
-    valid = torch.isfinite(x).all(1) & torch.isfinite(theta).all(1)
+    valid = valid_rows(x, padded_trials=padded_trials and x.ndim == 3) & torch.isfinite(theta).all(1)
     num_invalid = int((~valid).sum())
     if num_invalid:
         warnings.warn(
@@ -236,10 +242,15 @@ def batched_log_prob(
     return out
 
 
-def _check_2d(value: object, name: str, expected: str) -> Tensor:
+def padded_trials(posterior: object) -> bool:
+    """Whether ``posterior``'s embedding masks NaN-padded trials (then padded sets are valid simulations)."""
+    return bool(getattr(getattr(posterior, "net", None), "padded_trials", False))
+
+
+def _check_2d(value: object, name: str, expected: str, *, structured: bool = False) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(value).__name__}")
-    if value.ndim != 2:
+    if value.ndim != 2 and not (structured and value.ndim > 2):
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")

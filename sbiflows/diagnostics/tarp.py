@@ -46,6 +46,7 @@ from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.diagnostics.simulations import (
     Simulator,
     calibration_pairs,
+    padded_trials,
     check_num_posterior_samples,
     check_posterior,
     posterior_draws,
@@ -148,9 +149,9 @@ def tarp(
     Args:
         posterior: Implements ``sample_batched(n, xs) -> (n, B, D)``.
         prior: Prior with event shape ``(D,)``; needed unless ``theta`` and ``x`` are given.
-        simulator: Maps ``theta`` (N, D) to ``x`` (N, x_dim); needed unless ``theta``, ``x`` given.
+        simulator: Maps ``theta`` (N, D) to ``x`` (N, *x_shape); needed unless ``theta``, ``x`` given.
         theta: Precomputed true parameters ``(N, D)`` (e.g. from :func:`simulate_datasets`).
-        x: Precomputed simulations ``(N, x_dim)`` matching ``theta``.
+        x: Precomputed simulations ``(N, *x_shape)`` matching ``theta``.
         num_datasets: Number of datasets to simulate (ignored with ``theta``/``x``).
         num_posterior_samples: Posterior draws per dataset.
         seed: Seeds simulations, posterior draws and reference points (torch's global generator
@@ -186,7 +187,8 @@ def tarp(
     check_num_posterior_samples(num_posterior_samples, "tarp")
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
-            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="tarp"
+            prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="tarp",
+            padded_trials=padded_trials(posterior)
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="TARP draws" if progress else None)
