@@ -144,16 +144,9 @@ class TruncatedPrior(Distribution):
             raise TypeError(f"posterior must be a sbiflows Posterior, got {type(posterior).__name__}")
         if posterior.theta_dim != dim:
             raise ValueError(f"the posterior has {posterior.theta_dim} parameters but the prior has {dim}")
-        self.quantile = check_real(quantile, "quantile", low=0, high=0.5, low_open=True, high_open=True)
-        self.num_threshold_samples = check_int(num_threshold_samples, "num_threshold_samples", minimum=1)
-        if self.quantile * self.num_threshold_samples < 10:
-            raise ValueError(
-                f"num_threshold_samples * quantile must be at least 10 (draws below the quantile), got "
-                f"{self.num_threshold_samples} * {self.quantile:g}; use num_threshold_samples >= "
-                f"{math.ceil(10 / self.quantile)}"
-            )
-        self.min_acceptance = check_real(min_acceptance, "min_acceptance", low=0, high=1, low_open=True)
-        self.oversampling = check_int(oversampling, "oversampling", minimum=1)
+        self.quantile, self.num_threshold_samples, self.min_acceptance, self.oversampling = self.check_options(
+            quantile=quantile, num_threshold_samples=num_threshold_samples, min_acceptance=min_acceptance,
+            oversampling=oversampling)
         seed = check_int(seed, "seed")
         self.posterior = posterior
         self.x_o = posterior._single_observation(x_o)[0]  # default_x when None; a clear error if it has none
@@ -171,6 +164,26 @@ class TruncatedPrior(Distribution):
         self.last_draw: Draw | None = None
         self._anchor = draws[int(log_q.argmax())].to(self._device)  # a point inside the region
         super().__init__(torch.Size(), torch.Size((dim,)), validate_args=False)
+
+    @staticmethod
+    def check_options(
+        *, quantile: float, num_threshold_samples: int, min_acceptance: float = 1e-3, oversampling: int = 1024
+    ) -> tuple[float, int, float, int]:
+        """The options checked (TypeError/ValueError naming the option), without building a region.
+
+        Example:
+            >>> TruncatedPrior.check_options(quantile=1e-4, num_threshold_samples=10**6)
+            (0.0001, 1000000, 0.001, 1024)
+        """
+        quantile = check_real(quantile, "quantile", low=0, high=0.5, low_open=True, high_open=True)
+        num_threshold_samples = check_int(num_threshold_samples, "num_threshold_samples", minimum=1)
+        if quantile * num_threshold_samples < 10:
+            raise ValueError(
+                f"num_threshold_samples * quantile must be at least 10 (draws below the quantile), got "
+                f"{num_threshold_samples} * {quantile:g}; use num_threshold_samples >= {math.ceil(10 / quantile)}"
+            )
+        min_acceptance = check_real(min_acceptance, "min_acceptance", low=0, high=1, low_open=True)
+        return quantile, num_threshold_samples, min_acceptance, check_int(oversampling, "oversampling", minimum=1)
 
     @constraints.dependent_property(is_discrete=False, event_dim=1)
     def support(self) -> constraints.Constraint:
