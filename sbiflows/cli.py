@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--observations", default="1-10", metavar="LIST",
                      help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
     fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
+    fit.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
+                     help="R > 1: truncated sequential NPE for exactly one observation (one --observation file "
+                     "with one row, or a task with --observations N), the budget split over R rounds; 1: "
+                     "amortized NPE")
     fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default="maf",
                      help="flow architecture: maf (affine masked autoregressive), nsf (neural spline flow), "
                      "realnvp (affine couplings)")
@@ -248,6 +252,14 @@ def _setup(args: argparse.Namespace) -> Job:
             observations.append(Observation(f"obs{i}", task.observation(i), task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
+    if args.rounds > 1 and len(observations) != 1:
+        raise ValueError(f"--rounds {args.rounds} (sequential NPE) needs exactly one observation, got "
+                         f"{len(observations)} ({', '.join(o.name for o in observations[:5])}"
+                         f"{', ...' if len(observations) > 5 else ''}); give one --observation file with one row, "
+                         "or a task with --observations N")
+    if args.rounds > args.simulations:
+        raise ValueError(f"--rounds {args.rounds} needs at least one simulation per round, got --simulations "
+                         f"{args.simulations}")
     _check_observations(observations, task.x_dim if task is not None else _probe_x_dim(simulator, prior, args))
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
@@ -271,6 +283,7 @@ def _setup(args: argparse.Namespace) -> Job:
         batch_size=args.batch_size,
         workers=args.workers,
         timeout=args.timeout,
+        rounds=args.rounds,
     )
 
 

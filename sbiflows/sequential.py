@@ -180,6 +180,8 @@ class TSNPE:
         first_round: int | None = None,
         quantile: float = 1e-4,
         threshold_samples: int = 1_000_000,
+        min_acceptance: float = 1e-3,
+        oversampling: int = 1024,
         check_simulations: int = 200,
         check_samples: int = 500,
         fit_options: Mapping[str, Any] | None = None,
@@ -200,6 +202,9 @@ class TSNPE:
             first_round: Simulations of round 0 (None: an equal share).
             quantile: Share of the posterior's mass left outside each region (``epsilon``, default 1e-4).
             threshold_samples: Posterior draws per region for its threshold and volume (default 10^6).
+            min_acceptance: Rejection from the prior while a region's volume is at least this, SIR below
+                (see :class:`~sbiflows.truncation.TruncatedPrior`).
+            oversampling: SIR candidates per sample.
             check_simulations: Fresh simulations for the final coverage check (0: skip it); not part
                 of ``simulations``.
             check_samples: Posterior draws per dataset in that check.
@@ -242,32 +247,34 @@ class TSNPE:
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
         # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
-        TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples)
+        truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
+                              TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,
+                                                           min_acceptance=min_acceptance, oversampling=oversampling)))
         if store is not None and "store" in simulate_options:
             raise ValueError("give store once")
         say = log or (lambda line: None)
-        layout = _Layout(store, _settings(self, simulator, x_o, budget, seed, quantile, threshold_samples,
-                                          fit_options, simulate_options)) if store is not None else None
+        layout = _Layout(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
+                                          simulate_options)) if store is not None else None
         self.rounds, self.proposals, self.check = [], [], None
         start = self._resume(layout, say) if layout is not None else 0
         for r in range(start, rounds):
-            self._round(r, budget[r], simulator, x_o, seed, quantile, threshold_samples, fit_options, layout,
-                        progress, say, simulate_options)
+            self._round(r, budget[r], simulator, x_o, seed, truncation, fit_options, layout, progress, say,
+                        simulate_options)
         if check_simulations:
-            self._final_check(simulator, check_simulations, check_samples, seed, layout, progress, say,
+            self._final_check(simulator, check_simulations, check_samples, seed, truncation, layout, progress, say,
                               simulate_options)
         return self.posterior
 
     # ------------------------------------------------------------------------------ one round
-    def _round(self, r, n, simulator, x_o, seed, quantile, threshold_samples, fit_options, layout, progress, say,
+    def _round(self, r, n, simulator, x_o, seed, truncation, fit_options, layout, progress, say,
                simulate_options) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         theta_file = None if layout is None else layout.round(r) / "theta.npy"
         if r == 0:
             proposal: Distribution = self.prior
         else:
-            proposal = TruncatedPrior(self.prior, self.posterior, x_o, quantile=quantile,
-                                      num_threshold_samples=threshold_samples, seed=derive_seed(seed, f"tsnpe/region/{r}"))
+            proposal = TruncatedPrior(self.prior, self.posterior, x_o, seed=derive_seed(seed, f"tsnpe/region/{r}"),
+                                      **truncation)
         self.proposals.append(proposal)
         if theta_file is not None and theta_file.exists():
             theta = torch.from_numpy(np.load(theta_file))
@@ -333,14 +340,13 @@ class TSNPE:
         return len(records)
 
     # ------------------------------------------------------------------------------ the check
-    def _final_check(self, simulator, n, samples, seed, layout, progress, say, simulate_options) -> None:
+    def _final_check(self, simulator, n, samples, seed, truncation, layout, progress, say, simulate_options) -> None:
         proposal = self.proposals[-1]
         if proposal is None:  # resumed after the last round: rebuild the last region
             r = len(self.rounds) - 1
             proposal = self.prior if r == 0 else TruncatedPrior(
                 self.prior, load(layout.round(r - 1) / "posterior.pt", prior=self.prior), self.posterior.default_x,
-                quantile=layout.settings["quantile"], num_threshold_samples=layout.settings["threshold_samples"],
-                seed=derive_seed(seed, f"tsnpe/region/{r}"))
+                seed=derive_seed(seed, f"tsnpe/region/{r}"), **truncation)
         theta, _, _ = _draw(proposal, n, derive_seed(seed, "tsnpe/check/proposal"))
         folder = None if layout is None else layout.root / "check"
         if folder is not None:
@@ -393,14 +399,13 @@ def _stored_draw(layout: _Layout, r: int) -> tuple[str, float]:
     return draw.get("method", "unknown"), float(draw.get("acceptance", float("nan")))
 
 
-def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, quantile, threshold_samples, fit_options,
-              simulate_options) -> dict:
+def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:
     """What a store's rounds depend on (a resumed run must match them)."""
     from sbiflows.report import jsonable
 
     return jsonable({
         "simulator": _qualified_name(simulator), "x_o": x_o.tolist(), "budget": budget, "seed": seed,
-        "quantile": quantile, "threshold_samples": threshold_samples, "fit_options": fit_options,
+        "truncation": truncation, "fit_options": fit_options,
         "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
         "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),
     })
