@@ -1,4 +1,4 @@
-"""The guide's and the coming-from-sbi page's Python snippets run as written, in order, in a fresh folder.
+"""The guide's, the coming-from-sbi and the sequential pages' Python snippets run as written, in order, in a fresh folder.
 
 Each page's ``python`` blocks share one namespace, like a notebook; a block whose first line is a
 file name comment (``# mymodel.py``) is written to that file instead, as the page tells the reader.
@@ -22,7 +22,7 @@ def blocks(page: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", ["guide.md", "coming-from-sbi.md"])
+@pytest.mark.parametrize("page", ["guide.md", "coming-from-sbi.md", "sequential.md"])
 def test_snippets_run_as_written(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
