@@ -70,14 +70,15 @@ def run_ours_npe(task, args, seed):
 
 def run_sbi_tsnpe(task, x_o, args, seed):
     """sbi's TSNPE recipe on the same simulator and per-round budget; None without sbi."""
+    from benchmark_npe import (
+        _NullTracker,  # examples/ is on the path: no TensorBoard files from sbi
+    )
     from sbi.inference import NPE as SbiNPE
     from sbi.utils import RestrictedPrior, get_density_thresholder
 
-    from benchmark_npe import _NullTracker  # examples/ is on the path: no TensorBoard files from sbi
-
     torch.manual_seed(seed)
     inference = SbiNPE(prior=task.prior, show_progress_bars=False, tracker=_NullTracker())
-    proposal, volumes = task.prior, []
+    proposal, volumes = task.prior, [1.0]  # as ours: round 1 draws from the whole prior
     for r, n in enumerate(split_budget(args.simulations, args.rounds, args.first_round)):
         theta = proposal.sample((n,))
         x = simulate(task.simulate, theta, seed=derive_seed(seed, f"sbi/{r}")).x
