@@ -127,7 +127,9 @@ class Posterior:
         max_batch_elements: Rows per chunk in batched sampling and evaluation (bounds memory).
         default_x: An observation that :meth:`sample`, :meth:`log_prob`, :meth:`map` and :meth:`condition`
             use when called without ``x`` (e.g. the ``x_o`` of a sequential run, :class:`~sbiflows.TSNPE`);
-            None (default): ``x`` is required. Saved and loaded with the posterior.
+            None (default): ``x`` is required. Saved and loaded with the posterior. A sequential posterior
+            is trained for its ``default_x``: for another ``x`` it is only valid inside the last round's
+            truncated region.
 
     Attributes:
         history: The :class:`~sbiflows.training.TrainingHistory` of the fit (None after :func:`load`

@@ -170,3 +170,19 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"x_o has shape \(3,\) but the simulator returns x of shape \(2,\)"):
         run(simulator, torch.zeros(3), rounds=2, simulations=100, store=tmp_path / "s", check_simulations=0, **FAST)
     assert len(load_simulations(tmp_path / "s" / "round_0" / "simulations.zarr").theta) == 50
+
+
+def test_npe_restore_refuses_what_it_cannot_continue():
+    from sbiflows import NPE
+
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    posterior = tsnpe.run(simulator, X_O, rounds=1, simulations=200, check_simulations=0, **FAST)
+    theta, x = tsnpe.npe.theta, tsnpe.npe.x
+    with pytest.raises(ValueError, match="single flows"):
+        NPE(PRIOR, ensemble=2).restore(posterior, theta, x)
+    with pytest.raises(ValueError, match="x must have shape \\(N, 2\\)"):
+        NPE(PRIOR).restore(posterior, theta, torch.cat([x, x], 1))
+    restored = NPE(PRIOR, **SMALL).restore(posterior, theta, x)
+    assert torch.equal(restored.theta, theta) and restored.history.epochs == posterior.history.epochs
+    again = restored.fit(theta[:50] * 0.5, x[:50], max_epochs=2, progress=False)  # continues: appends rows
+    assert len(restored.theta) == 250 and again.history.epochs == posterior.history.epochs + 2
