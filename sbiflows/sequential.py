@@ -68,6 +68,11 @@ __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "split_budget"]
 
 #: A region holding at least this share of the prior's mass counts as covering the prior.
 COVERS_PRIOR = 0.9
+#: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 10).
+#: Later rounds continue from the earlier weights on a new validation split, and stopped too early with
+#: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
+#: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
+PATIENCE = 30
 MANIFEST = "tsnpe.json"
 
 
@@ -209,7 +214,7 @@ class TSNPE:
                 of ``simulations``.
             check_samples: Posterior draws per dataset in that check.
             fit_options: Keyword options of :meth:`sbiflows.NPE.fit` (``max_epochs``, ...); ``seed`` and
-                ``progress`` are set by the run.
+                ``progress`` are set by the run, ``patience`` defaults to :data:`PATIENCE` (30).
             store: Folder to keep every round in and to resume from (see the module docstring).
             progress: Progress bars for simulating and training.
             log: Called with one line per step (e.g. ``print``); None: silent.
@@ -242,7 +247,7 @@ class TSNPE:
         if x_o.ndim != 1 or not bool(torch.isfinite(x_o).all()):
             raise ValueError(f"x_o must be one finite observation of shape (x_dim,), got shape {tuple(x_o.shape)}"
                              + ("" if x_o.ndim != 1 else " with NaN or inf"))
-        fit_options = dict(fit_options or {})
+        fit_options = {"patience": PATIENCE, **(fit_options or {})}
         for key in ("seed", "progress"):
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
