@@ -37,12 +37,10 @@ test other observations than those the region produces.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +54,7 @@ from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
 from sbiflows.seeding import derive_seed
+from sbiflows.sequential_store import RoundStore, atomic_npy
 from sbiflows.simulate import (
     SimulationResult,
     _qualified_name,
@@ -73,7 +72,6 @@ COVERS_PRIOR = 0.9
 #: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
 #: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
 PATIENCE = 30
-MANIFEST = "tsnpe.json"
 
 
 @dataclass(frozen=True)
@@ -258,7 +256,7 @@ class TSNPE:
         if store is not None and "store" in simulate_options:
             raise ValueError("give store once")
         say = log or (lambda line: None)
-        layout = _Layout(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
+        layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
                                           simulate_options)) if store is not None else None
         self.rounds, self.proposals, self.check = [], [], None
         start = self._resume(layout, say) if layout is not None else 0
@@ -283,11 +281,11 @@ class TSNPE:
         self.proposals.append(proposal)
         if theta_file is not None and theta_file.exists():
             theta = torch.from_numpy(np.load(theta_file))
-            method, acceptance = _stored_draw(layout, r)
+            method, acceptance = layout.stored_draw(r)
         else:
             theta, method, acceptance = _draw(proposal, n, derive_seed(seed, f"tsnpe/proposal/{r}"))
             if theta_file is not None:
-                _atomic_npy(theta_file, theta.cpu().numpy())
+                atomic_npy(theta_file, theta.cpu().numpy())
                 layout.note_draw(r, method, acceptance)
         volume = 1.0 if r == 0 else proposal.volume
         say(f"round {r + 1}: {n} simulations from "
@@ -325,7 +323,7 @@ class TSNPE:
         return posterior
 
     # ------------------------------------------------------------------------------- resuming
-    def _resume(self, layout: _Layout, say) -> int:
+    def _resume(self, layout: RoundStore, say) -> int:
         records = layout.finished()
         if not records:
             return 0
@@ -359,7 +357,7 @@ class TSNPE:
             if (folder / "theta.npy").exists():
                 theta = torch.from_numpy(np.load(folder / "theta.npy"))
             else:
-                _atomic_npy(folder / "theta.npy", theta.numpy())
+                atomic_npy(folder / "theta.npy", theta.numpy())
         sims = simulate(simulator, theta, seed=derive_seed(seed, "tsnpe/check/simulate"), progress=progress,
                         store=None if folder is None else folder / "simulations.zarr", **simulate_options)
         valid = sims.valid
@@ -393,17 +391,6 @@ def _observations_quiet():
     return observations_unchecked()
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
-
-
-def _stored_draw(layout: _Layout, r: int) -> tuple[str, float]:
-    draw = layout.manifest.get("draws", {}).get(str(r), {})
-    return draw.get("method", "unknown"), float(draw.get("acceptance", float("nan")))
-
-
 def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:
     """What a store's rounds depend on (a resumed run must match them)."""
     from sbiflows.report import jsonable
@@ -414,54 +401,3 @@ def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_option
         "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
         "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),
     })
-
-
-class _Layout:
-    """The store folder of a run (see the module docstring): ``tsnpe.json`` and one folder per round."""
-
-    def __init__(self, root: str | os.PathLike, settings: dict):
-        self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"store must be a directory, but {self.root} is a file")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.settings = settings
-        path = self.root / MANIFEST
-        if path.exists():
-            self.manifest = json.loads(path.read_text())
-            old = self.manifest.get("settings")
-            if old != settings:
-                changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
-                raise ValueError(f"the store {self.root} holds a TSNPE run with other settings ({', '.join(changed)}); "
-                                 "use another store path, or delete it to start over")
-        else:
-            if any(self.root.iterdir()):
-                raise ValueError(f"store {self.root} is a non-empty folder without {MANIFEST}; use an empty or new one")
-            self.manifest = {"settings": settings, "rounds": [], "draws": {}}
-            self._write()
-
-    def round(self, r: int) -> Path:
-        folder = self.root / f"round_{r}"
-        folder.mkdir(exist_ok=True)
-        return folder
-
-    def finished(self) -> list[dict]:
-        """Records of the finished rounds whose posterior file exists, in order."""
-        records = []
-        for record in self.manifest["rounds"]:
-            if not (self.root / f"round_{record['index']}" / "posterior.pt").exists():
-                break
-            records.append(record)
-        return records
-
-    def note_draw(self, r: int, method: str, acceptance: float) -> None:
-        self.manifest.setdefault("draws", {})[str(r)] = {"method": method, "acceptance": acceptance}
-        self._write()
-
-    def finish_round(self, record: Round) -> None:
-        self.manifest["rounds"] = [x for x in self.manifest["rounds"] if x["index"] < record.index] + [asdict(record)]
-        self._write()
-
-    def _write(self) -> None:
-        temporary = self.root / f"{MANIFEST}.tmp"
-        temporary.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(temporary, self.root / MANIFEST)
