@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from sbiflows.npe import NPE  # noqa: E402
 from sbiflows.posterior import Posterior, load  # noqa: E402
 from sbiflows.priors import IndependentPrior, box_uniform  # noqa: E402
+from sbiflows.sequential import TSNPE  # noqa: E402
 from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate to the function)
     SimulationError,
     SimulationInterrupted,
@@ -16,6 +17,7 @@ from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate
 
 __all__ = [
     "NPE",
+    "TSNPE",
     "IndependentPrior",
     "Posterior",
     "SimulationError",

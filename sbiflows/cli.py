@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--observations", default="1-10", metavar="LIST",
                      help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
     fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
+    fit.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
+                     help="R > 1: truncated sequential NPE for exactly one observation (one --observation file "
+                     "with one row, or a task with --observations N), the budget split over R rounds; 1: "
+                     "amortized NPE")
     fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default="maf",
                      help="flow architecture: maf (affine masked autoregressive), nsf (neural spline flow), "
                      "realnvp (affine couplings)")
@@ -249,7 +253,9 @@ def _setup(args: argparse.Namespace) -> Job:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
     embedding, structured = args.embedding, False
     if task is not None:
-        embedding = embedding or task.default_embedding
+        if embedding is None:  # sequential runs take flat x: the task's structured networks become the MLP
+            structured_default = task.default_embedding in ("cnn1d", "cnn2d", "set")
+            embedding = "mlp" if args.rounds > 1 and structured_default else task.default_embedding
         # the flat x for none/mlp; the task's structure (same information) for the networks made for it
         structured = embedding in ("cnn1d", "cnn2d", "set") and task.x_shape != (task.x_dim,)
         if structured:
@@ -286,6 +292,20 @@ def _setup(args: argparse.Namespace) -> Job:
             observations.append(Observation(f"obs{i}", x, task.true_parameters(i), reference=i))
     else:
         raise ValueError("with --simulator, give the observed data with --observation FILE")
+    if args.rounds > 1 and len(observations) != 1:
+        raise ValueError(f"--rounds {args.rounds} (sequential NPE) needs exactly one observation, got "
+                         f"{len(observations)} ({', '.join(o.name for o in observations[:5])}"
+                         f"{', ...' if len(observations) > 5 else ''}); give one --observation file with one row, "
+                         "or a task with --observations N")
+    if args.rounds > 1 and args.ensemble > 1:
+        raise ValueError(f"--rounds {args.rounds} (sequential NPE) trains one flow; it does not take --ensemble "
+                         f"{args.ensemble}")
+    if args.rounds > 1 and len(x_shape or ()) > 1:
+        raise ValueError(f"--rounds {args.rounds} (sequential NPE) takes flat observations only, got x of shape "
+                         f"{x_shape}; use --embedding none or mlp")
+    if args.rounds > args.simulations:
+        raise ValueError(f"--rounds {args.rounds} needs at least one simulation per round, got --simulations "
+                         f"{args.simulations}")
     _check_observations(observations, x_shape, padded_trials=embedding == "set")
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
@@ -313,6 +333,7 @@ def _setup(args: argparse.Namespace) -> Job:
         batch_size=args.batch_size,
         workers=args.workers,
         timeout=args.timeout,
+        rounds=args.rounds,
     )
 
 

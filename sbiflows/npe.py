@@ -367,6 +367,42 @@ class NPE:
                 max_batch_elements=self.max_batch_elements,
             )
 
+    def restore(self, posterior: Posterior, theta: Any, x: Any) -> NPE:
+        """Continue from an earlier fit: adopt ``posterior``'s weights and history and the rows it was trained on.
+
+        After ``restore``, ``fit`` appends to ``theta``/``x`` and trains on from ``posterior``'s weights,
+        as if the fits that made ``posterior`` had run on this object (how :class:`~sbiflows.TSNPE`
+        resumes a killed run from its saved rounds). Nothing is checked against the original training
+        run beyond shapes: pass the valid rows that fit saw, in order.
+
+        Args:
+            posterior: A posterior returned by ``fit`` of an NPE with this prior and these options (or
+                loaded from its file); single flows only.
+            theta: Its training parameters ``(N, D)``.
+            x: Its training simulations ``(N, x_dim)``, all finite.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: For an ensemble, a posterior of another shape, or rows that do not fit it.
+        """
+        if self.ensemble != 1 or posterior.config.get("ensemble", 1) != 1:
+            raise ValueError("restore supports single flows (ensemble=1) only")
+        if posterior.theta_dim != self.theta_dim:
+            raise ValueError(f"the posterior has {posterior.theta_dim} parameters, this NPE's prior {self.theta_dim}")
+        theta, x = check_training_data(theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype,
+                                       device=self.device, earlier=None, validation_fraction=0.5)
+        if x.shape[1] != posterior.x_dim:
+            raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
+        self._net = copy.deepcopy(posterior.net).to(self.device)
+        self._theta, self._x = theta, x
+        self.history = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
+        self.histories = [self.history]
+        self._seed, self._transforms = posterior.config.get("flow_seed", 0), posterior.config["transforms"]
+        self.partial_posterior = None
+        return self
+
     # ------------------------------------------------------------------------------ internals
     def _build(self, u: Tensor, x: Tensor, seed: int, transforms: int) -> PosteriorNet:
         x_shape = tuple(x.shape[1:])

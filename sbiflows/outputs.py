@@ -8,7 +8,7 @@ seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wro
   ``resume.json`` say what is already done);
 * any other non-empty folder is refused, unless ``force``: then the files the earlier run recorded
   are removed (only those: a file sbiflows did not write is never touched), the simulation stores
-  only if the settings they depend on changed.
+  only if the settings they depend on changed, a sequential run's ``rounds`` folder always.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ __all__ = ["MANIFEST", "OutputFolderError", "prepare", "record"]
 MANIFEST = "run.json"
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
 OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
-           "calibration.zarr", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
+           "calibration.zarr", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
 #: Outputs that hold simulations, and the settings they depend on.
 STORES = ("simulations.zarr", "calibration.zarr")
 STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "timeout")
+#: The rounds of a sequential run (``--rounds``): they depend on every setting, so ``force`` always removes them.
+SEQUENTIAL = "rounds"
 
 
 class OutputFolderError(ValueError):
@@ -80,7 +82,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         removed.append(name)
-    for name in STORES if not keep_stores else ():  # a killed run may not have recorded them yet
+    for name in (*(STORES if not keep_stores else ()), SEQUENTIAL):  # a killed run may not have recorded them
         if (out / name).is_dir() and name not in removed:
             shutil.rmtree(out / name)
             removed.append(name)

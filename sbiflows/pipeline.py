@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 import sbiflows
-from sbiflows import diagnostics, plots
+from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
@@ -66,7 +66,8 @@ class Job:
 
     ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for
     every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
-    benchmark task (with reference posteriors), or None for a user's simulator.
+    benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
+    truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`).
     """
 
     name: str
@@ -95,6 +96,7 @@ class Job:
     timeout: float | None = None
     labels: list[str] | None = None
     command: str | None = None
+    rounds: int = 1
 
     @property
     def estimator_options(self) -> dict:
@@ -118,6 +120,7 @@ class Job:
                                                    "embedding", "seed", "num_samples",
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
                                                    "reference", "max_epochs", "batch_size", "timeout", "labels")},
+            **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
         })
 
     def parameter_names(self) -> list[str]:
@@ -141,6 +144,7 @@ class _State:
     resume: _Resume
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    sequential: object = None  # the TSNPE of a run with rounds > 1
 
     def timed(self, step: str, start: float) -> None:
         self.timings[step] = time.perf_counter() - start
@@ -170,6 +174,8 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     names = [o.name for o in job.observations]
     if len(set(names)) != len(names):
         raise ValueError(f"observation names must be unique, got {names}")
+    if job.rounds > 1 and len(names) != 1:
+        raise ValueError(f"a sequential run (rounds={job.rounds}) is for exactly one observation, got {len(names)}")
     job.out = Path(job.out)
     job.out.mkdir(parents=True, exist_ok=True)
     state = _State(job, log, _Resume(job.out / "resume.json"))
@@ -177,11 +183,13 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
                         embedding=job.embedding, seed=job.seed,
                         parameter_names=[plain_label(n) for n in job.parameter_names()],
                         versions=_versions())
-    sims = _simulate(state)
-    posterior = _train(state, sims)
+    if job.rounds > 1:  # the seam: a sequential method replaces simulate + train and calibration
+        posterior = pipeline_sequential.fit(state)
+    else:
+        posterior = _train(state, _simulate(state))
     samples = _sample(state, posterior)
     _check_observations(state, posterior, samples)
-    _calibrate(state, posterior)
+    (pipeline_sequential.calibrate if job.rounds > 1 else _calibrate)(state, posterior)
     state.report["timings_seconds"] = state.timings
     (job.out / "report.json").write_text(json.dumps(jsonable(state.report), indent=2))
     write_markdown(state.report, job.out / "report.md")
@@ -206,7 +214,8 @@ def _simulate(state: _State) -> SimulationResult:
 
 def _training_settings(job: Job) -> dict:
     return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options, "embedding": job.embedding,
-            "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name}
+            "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name,
+            **({"rounds": job.rounds} if job.rounds > 1 else {})}
 
 
 def _train(state: _State, sims: SimulationResult) -> Posterior:

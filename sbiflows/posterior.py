@@ -126,10 +126,17 @@ class Posterior:
         config: Architecture description (used by :meth:`save`).
         history: The training history.
         max_batch_elements: Rows per chunk in batched sampling and evaluation (bounds memory).
+        default_x: An observation that :meth:`sample`, :meth:`log_prob`, :meth:`map` and :meth:`condition`
+            use when called without ``x`` (e.g. the ``x_o`` of a sequential run, :class:`~sbiflows.TSNPE`);
+            None (default): ``x`` is required. Saved and loaded with the posterior. A sequential posterior
+            is trained for its ``default_x``: for another ``x`` it is only valid inside the last round's
+            truncated region.
 
     Attributes:
         history: The :class:`~sbiflows.training.TrainingHistory` of the fit (None after :func:`load`
             of a file without one).
+        default_x: The default observation ``(x_dim,)`` or None (see the argument; set it with
+            :meth:`set_default_x`).
 
     Example:
         >>> import torch
@@ -152,6 +159,7 @@ class Posterior:
         config: dict,
         history: TrainingHistory | None = None,
         max_batch_elements: int = 2**17,
+        default_x: Any = None,
     ):
         check_int(max_batch_elements, "max_batch_elements", minimum=1)
         self.net = net.eval()
@@ -163,6 +171,25 @@ class Posterior:
         self.config = config
         self.history = history
         self.max_batch_elements = max_batch_elements
+        self.default_x: Tensor | None = None
+        if default_x is not None:
+            self.set_default_x(default_x)
+
+    def set_default_x(self, x: Any) -> Posterior:
+        """Make ``x`` (one observation, checked as in :meth:`sample`) the default observation; None clears it.
+
+        Returns ``self``.
+
+        Example:
+            >>> from sbiflows import NPE
+            >>> prior = torch.distributions.Normal(torch.zeros(2), torch.ones(2))
+            >>> theta = prior.sample((200,))
+            >>> post = NPE(prior, transforms=1).fit(theta, theta, max_epochs=2, progress=False)
+            >>> post.set_default_x(torch.zeros(2)).sample(5).shape
+            torch.Size([5, 2])
+        """
+        self.default_x = None if x is None else self._single_observation(x)[0].clone()
+        return self
 
     # ---------------------------------------------------------------------------------- basics
     @property
@@ -186,6 +213,8 @@ class Posterior:
         checked = check_prior(prior)[0]
         self.net.to(device)
         self.prior, self._prior, self._space = prior, checked, Unconstrained(checked.support)
+        if self.default_x is not None:
+            self.default_x = self.default_x.to(device)
         return self
 
     def save(self, path: str | Path, *, allow_unsaved_prior: bool = False) -> None:
@@ -207,13 +236,14 @@ class Posterior:
     @torch.no_grad()
     @torch_threads()
     def sample(
-        self, n: int, x: Any, *, seed: int | None = None, generator: torch.Generator | None = None
+        self, n: int, x: Any = None, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """``n`` posterior samples for one observation: shape ``(n, D)``.
 
         Args:
             n: Number of samples, a positive int (numpy integers are accepted).
-            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded).
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded);
+                None: :attr:`default_x`.
             seed: Seeds a fresh generator (reproducible samples); exclusive with ``generator``.
             generator: A ``torch.Generator`` on the posterior's device.
 
@@ -257,7 +287,7 @@ class Posterior:
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
 
-    def condition(self, x: Any, *, validate_args: bool | None = None) -> ConditionedPosterior:
+    def condition(self, x: Any = None, *, validate_args: bool | None = None) -> ConditionedPosterior:
         """``p(theta | x)`` for one observation as a distribution over theta (a new object; ``self`` is unchanged).
 
         A ``pyro.distributions.TorchDistribution`` with ``sample``, a reparameterized ``rsample`` and a
@@ -274,13 +304,14 @@ class Posterior:
     # ------------------------------------------------------------------------------ densities
     @torch.no_grad()
     @torch_threads()
-    def log_prob(self, theta: Any, x: Any) -> Tensor:
+    def log_prob(self, theta: Any, x: Any = None) -> Tensor:
         """``log p(theta | x)`` for parameters of shape ``(..., D)`` and one observation.
 
         Args:
             theta: Parameters ``(..., D)`` with any leading batch shape, e.g. ``(N, D)``, ``(D,)``,
                 ``(n, B, D)``.
-            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded).
+            x: One observation, shape ``x_shape`` or ``(1, *x_shape)`` (sets with fewer trials are NaN-padded);
+                None: :attr:`default_x`.
 
         Returns:
             Shape ``theta.shape[:-1]`` (``(N,)``, a scalar for one ``(D,)`` theta); ``-inf`` outside
@@ -333,7 +364,7 @@ class Posterior:
     @torch_threads()
     def map(
         self,
-        x: Any,
+        x: Any = None,
         *,
         num_init_samples: int = 1_000,
         num_to_optimize: int = 100,
@@ -351,7 +382,7 @@ class Posterior:
         gradient steps on ``num_to_optimize`` points.
 
         Args:
-            x: One observation.
+            x: One observation; None: :attr:`default_x`.
             num_init_samples: Posterior samples to start from (``>= 1``).
             num_to_optimize: How many of the best samples are refined (``>= 1``).
             num_iter: Adam steps (``>= 0``; 0 returns the best sample).
@@ -442,7 +473,10 @@ class Posterior:
 
     def _single_observation(self, x: Any) -> Tensor:
         if x is None:
-            raise ValueError(f"x is required: one observation of shape {self.x_shape}")
+            if self.default_x is not None:
+                return self.default_x[None]
+            raise ValueError(f"x is required: one observation of shape {self.x_shape} (this posterior has no "
+                             "default_x)")
         return self._observations(x, "x", single=True)
 
     def copy(self) -> Posterior:

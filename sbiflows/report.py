@@ -114,6 +114,29 @@ def describe_estimator(options: dict) -> str:
     return text
 
 
+#: Title and figure of each calibration check a report may hold.
+_CHECKS = {
+    "sbc": ("Simulation-based calibration", "sbc_ranks"),
+    "coverage": ("Expected coverage", "coverage"),
+    "tarp": ("TARP", "tarp"),
+    "truncated_coverage": ("Expected coverage on the last truncated prior", "coverage"),
+}
+
+
+def _rounds(rounds: list[dict]) -> list[str]:
+    """The per-round table of a sequential run."""
+    lines = ["## Rounds (truncated sequential NPE)", "",
+             "| round | simulations | failed | proposal | acceptance | truncated volume | validation loss | epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rounds:
+        volume = f"{r['volume']:.3g}" + (" (covers the prior)" if r["covers_prior"] else "")
+        lines.append(f"| {r['index'] + 1} | {r['simulations']} | {r['failed']} | {r['method']} | "
+                     f"{_number(r['acceptance'])} | {volume} | {_number(r['validation_loss'])} | {r['epochs']} |")
+    note = ("Truncated volume: the prior mass of the region the round's parameters were drawn from. Validation "
+            "losses are on all rounds so far.")
+    return [*lines, "", note, ""]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """Write the human-readable summary of a run (``report.md``); the same numbers are in ``report.json``."""
     lines = [f"# sbiflows report: {report['name']}", ""]
@@ -149,15 +172,18 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", f"![corner plot of {o['name']}]({o['corner']}.png) ([PDF]({o['corner']}.pdf))", ""]
     if "mean_c2st" in report:
         lines += [f"Mean C2ST: **{report['mean_c2st']:.3f}** (0.5 = indistinguishable from the reference).", ""]
+    if "rounds" in report:
+        lines += _rounds(report["rounds"])
     lines += ["## Calibration", "", f"Verdict: **{report['verdict']}**: {report['advice']}", ""]
-    for key, title, figure in (
-        ("sbc", "Simulation-based calibration", "sbc_ranks"),
-        ("coverage", "Expected coverage", "coverage"),
-        ("tarp", "TARP", "tarp"),
-    ):
-        entry = report["calibration"][key]
-        lines += [f"### {title}: {entry['verdict']}", "", "```", entry["summary"], "```",
-                  "", f"![{title}]({figure}.png)", ""]
+    for key, entry in report["calibration"].items():
+        title, figure = _CHECKS[key]
+        lines += [f"### {title}: {entry['verdict']}", ""]
+        if entry.get("meaning"):
+            lines += [f"What it checks: {entry['meaning']}", ""]
+        lines += ["```", entry["summary"], "```", "", f"![{title}]({figure}.png)", ""]
+    if report.get("not_applicable"):
+        lines += ["### Checks that do not apply to this posterior", ""]
+        lines += [f"- {key}: {reason}" for key, reason in report["not_applicable"].items()] + [""]
     lines += ["## Timings (seconds)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings_seconds"].items()]
     lines += ["", "## Versions", ""]

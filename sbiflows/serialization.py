@@ -9,7 +9,8 @@ The file is a dict of plain types and tensors, readable with
   shapes (``theta_dim``, ``x_dim``, context size, every tensor's shape), dtype, the prior spec (a
   whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
   ``Independent`` and ``IndependentPrior``; null only for a prior that ``save`` was told to leave out
-  with ``allow_unsaved_prior=True``: any other prior is refused at save) and the training history;
+  with ``allow_unsaved_prior=True``: any other prior is refused at save), the training history and
+  the posterior's ``default_x`` (a list of floats, or absent/null; e.g. the ``x_o`` of a sequential run);
 * ``state_dict``: the network's tensors, z-score buffers included;
 * ``prior_tensors``: the prior's parameters;
 * ``sha256``: a digest of the config and every tensor (names, dtypes, shapes and bytes).
@@ -117,6 +118,9 @@ def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False)
         "max_batch_elements": posterior.max_batch_elements,
         "history": None if posterior.history is None else posterior.history.as_dict(),
     }
+    default_x = getattr(posterior, "default_x", None)
+    if default_x is not None:  # only when set: files without one stay byte-identical to earlier versions
+        config["default_x"] = {"values": default_x.detach().double().cpu().tolist(), "dtype": str(default_x.dtype)}
     config_json = json.dumps(config, sort_keys=True)
     blob = {
         "format_version": FORMAT_VERSION,
@@ -211,8 +215,12 @@ def read(
     except RuntimeError as error:
         raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
     history = None if config["history"] is None else _history(config["history"], path)
+    default_x = config.get("default_x")
+    if default_x is not None:
+        dtype = torch.float64 if default_x.get("dtype") == "torch.float64" else _DTYPES[config["dtype"]]
+        default_x = torch.tensor(default_x["values"], dtype=dtype, device=torch.device(map_location))
     return {"net": net.to(torch.device(map_location)), "prior": prior, "config": post_config, "history": history,
-            "max_batch_elements": config["max_batch_elements"]}
+            "max_batch_elements": config["max_batch_elements"], "default_x": default_x}
 
 
 # ------------------------------------------------------------------------------------ internals

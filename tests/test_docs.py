@@ -1,4 +1,4 @@
-"""The Python snippets of the guide, the coming-from-sbi page and the embeddings page run as written, in order.
+"""The Python snippets of the guide, the coming-from-sbi, embeddings and sequential pages run as written, in order.
 
 Each page's ``python`` blocks share one namespace, like a notebook; a block whose first line is a
 file name comment (``# mymodel.py``) is written to that file instead, as the page tells the reader.
@@ -22,7 +22,7 @@ def blocks(page: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", ["guide.md", "coming-from-sbi.md", "embeddings.md"])
+@pytest.mark.parametrize("page", ["guide.md", "coming-from-sbi.md", "embeddings.md", "sequential.md"])
 def test_snippets_run_as_written(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))

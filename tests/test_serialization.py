@@ -327,3 +327,30 @@ def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypat
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["post.pt"]
     monkeypatch.undo()
     assert load(path).sample(3, x=torch.zeros(2)).shape == (3, 2)
+
+
+def test_default_x_round_trip_and_use(box, tmp_path):
+    post, theta, x = box
+    x_o = torch.tensor([0.3, -0.2])
+    post.set_default_x(x_o)
+    assert torch.equal(post.sample(50, seed=1), post.sample(50, x_o, seed=1))
+    assert torch.equal(post.log_prob(theta[:4]), post.log_prob(theta[:4], x_o))
+    post.save(tmp_path / "p.pt")
+    loaded = load(tmp_path / "p.pt")
+    assert torch.equal(loaded.default_x, x_o)
+    assert torch.equal(loaded.sample(50, seed=1), post.sample(50, seed=1))
+    assert torch.equal(loaded.map(num_iter=2), post.map(x_o, num_iter=2))
+    post.set_default_x(None)  # cleared: x is required again, and the file has no default
+    with pytest.raises(ValueError, match="x is required.*no default_x"):
+        post.sample(5)
+    post.save(tmp_path / "q.pt")
+    assert load(tmp_path / "q.pt").default_x is None
+    assert "default_x" not in json.loads(torch.load(tmp_path / "q.pt", weights_only=True)["config"])
+
+
+def test_default_x_is_checked(box):
+    post, _, _ = box
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(1, 2\)"):
+        post.set_default_x(torch.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        post.set_default_x(torch.tensor([float("nan"), 0.0]))

@@ -1,0 +1,101 @@
+"""The steps of ``sbiflows fit --rounds R`` (R > 1) that differ from the amortized job: TSNPE and its checks.
+
+:func:`sbiflows.pipeline.run` calls :func:`fit` in place of its simulate and train steps and
+:func:`calibrate` in place of its calibration step; sampling, the per-observation checks and the report
+are shared. Everything TSNPE simulates and trains is kept in ``<out>/rounds`` (see
+:mod:`sbiflows.sequential`), so rerunning the command resumes from the last finished round.
+
+**Which calibration checks apply.** A sequential posterior is trained for one observation ``x_o``: its
+later rounds' parameters come from the region that ``x_o`` singles out, so it is only valid for data
+produced inside that region. SBC, expected coverage and TARP over the *prior* draw parameters from the
+whole prior and ask the posterior about data it was never trained for: they would flag failures that
+say nothing about the posterior at ``x_o`` (and a pass would be luck). What applies is the paper's check
+(:data:`APPLICABLE`): expected coverage with parameters drawn from the last round's truncated prior,
+plus the posterior predictive check of ``x_o`` that every run makes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from sbiflows import diagnostics, plots
+from sbiflows.diagnostics.verdict import ADVICE
+from sbiflows.embeddings import from_name
+from sbiflows.posterior import Posterior
+from sbiflows.report import jsonable
+from sbiflows.sequential import TSNPE
+
+__all__ = ["APPLICABLE", "NOT_APPLICABLE", "STORE", "calibrate", "fit"]
+
+#: The folder under ``--out`` that holds the rounds.
+STORE = "rounds"
+#: The calibration check of a sequential run and what it can and cannot see.
+APPLICABLE = {
+    "truncated_coverage": "expected coverage of HPD regions with parameters drawn from the last round's truncated "
+    "prior (Deistler et al. 2022). It detects a posterior that is over- or under-confident for data produced "
+    "inside the region; it cannot detect posterior mass that a region cut off, since every test parameter lies "
+    "inside it.",
+}
+#: The amortized checks left out, and why.
+NOT_APPLICABLE = {
+    "sbc": "SBC over the prior draws parameters from the whole prior, but this posterior was trained for one "
+    "observation: its later rounds saw only parameters inside the truncated region, so for most prior draws "
+    "the posterior is asked about data it was never trained for.",
+    "coverage": "expected coverage over the prior: not applicable for the same reason as SBC (the check above "
+    "is its version restricted to the truncated prior).",
+    "tarp": "TARP over the prior: not applicable for the same reason as SBC.",
+}
+
+
+def fit(state) -> Posterior:
+    """Run (or resume) TSNPE for the job's one observation; fills the report's rounds and training entries."""
+    job, start = state.job, time.perf_counter()
+    observation = job.observations[0]
+    store = job.out / STORE
+    state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
+              f"for {observation.name} (store: {store})")
+    embedding = None if job.embedding == "none" else from_name(job.embedding, tuple(observation.x.shape))
+    tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
+    posterior = tsnpe.run(
+        job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
+        check_simulations=job.calibration_datasets, check_samples=job.calibration_samples,
+        fit_options={"max_epochs": job.max_epochs}, store=store, progress=job.progress,
+        log=lambda line: state.log(f"      {line}"), **job.engine,
+    )
+    posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)
+    state.timed("tsnpe", start)
+    state.sequential = tsnpe  # for calibrate()
+    failed = sum(r.failed for r in tsnpe.rounds)
+    state.report.update(
+        rounds=[asdict(r) for r in tsnpe.rounds],
+        simulation_summary=f"{job.rounds} rounds of {', '.join(str(r.simulations) for r in tsnpe.rounds)} "
+        f"simulations; {failed} failed or invalid",
+        invalid_simulations=failed,
+    )
+    history = posterior.history
+    state.report["training"] = {
+        key: getattr(history, key)
+        for key in ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size",
+                    "learning_rate", "train_loss", "validation_loss")
+    }
+    return posterior
+
+
+def calibrate(state, posterior: Posterior) -> None:
+    """Report the final check of the TSNPE run (computed by :func:`fit`) and why the others do not apply."""
+    check = state.sequential.check
+    if check is None:
+        raise RuntimeError("the TSNPE run made no final check; calibrate() needs check_simulations > 0")
+    word = diagnostics.verdict(check)
+    state.report["calibration"] = {
+        "truncated_coverage": {"verdict": word, "passed": bool(check.passed), "summary": str(check),
+                               "result": jsonable(check), "meaning": APPLICABLE["truncated_coverage"]},
+    }
+    state.report["not_applicable"] = dict(NOT_APPLICABLE)
+    state.report["verdict"] = diagnostics.overall([word])
+    state.report["advice"] = ADVICE[state.report["verdict"]]
+    from sbiflows.pipeline import _save_figure
+
+    _save_figure(plots.coverage(check), state.job.out / "coverage")
+    state.log(f"[5/5] calibration on the last truncated prior: {word}: {state.report['advice']}")

@@ -1,0 +1,403 @@
+"""Truncated sequential NPE (TSNPE, Deistler et al. 2022): fewer simulations for one observation.
+
+Round 0 simulates from the prior and trains NPE. Round ``r >= 1`` draws its parameters from the prior
+truncated to the highest-density region of the current posterior estimate for ``x_o``
+(:class:`~sbiflows.truncation.TruncatedPrior`), simulates them and trains the same NPE on all rounds so
+far (``NPE.fit`` appends the rows and continues from the current weights). Inside the region the
+proposal is proportional to the prior, so the plain NPE loss needs no correction; the final posterior
+is NPE's posterior for ``x_o`` as long as every region holds the posterior's mass, which the threshold
+(``1 - quantile`` of ``q``'s mass) makes very likely.
+
+**Budget.** ``simulations`` is the total over the rounds. Without ``first_round`` it is split equally
+(the paper's and sbi's tutorial's choice), the remainder going one each to the earliest rounds;
+``first_round=n`` gives round 0 ``n`` simulations (a larger first round makes the first region more
+reliable) and splits the rest equally over the later rounds.
+
+**Store and resume.** With ``store=PATH`` the run keeps, under ``PATH``::
+
+    tsnpe.json                the settings and one record per finished round (written atomically)
+    round_<r>/theta.npy       the round's parameters, written before simulating them
+    round_<r>/simulations.zarr  the round's simulation store (chunk by chunk, see sbiflows.simulate)
+    round_<r>/posterior.pt    the posterior after training on rounds 0..r
+    check/                    the final coverage check's parameters and simulations
+
+Rerunning the same call resumes: finished rounds are read back (their rows and the last posterior,
+whose weights and training history the NPE continues from), an unfinished round's parameters are read
+from ``theta.npy`` and its simulation store simulates only the missing chunks. A store made with other
+settings is refused with a ``ValueError``.
+
+**Checks.** A round whose region holds at least ``COVERS_PRIOR`` of the prior's mass is flagged
+(``covers_prior``): truncation did not narrow anything there, and more simulations per round (or fewer
+rounds) would help. After the last round, the paper's check: expected coverage of the HPD regions with
+parameters drawn from the last round's proposal and fresh simulations (``check_simulations``, outside
+the budget). It detects a posterior that is over- or under-confident *inside* the region. It cannot
+detect posterior mass that a region cut off, since every test parameter lies inside it; nor does it
+test other observations than those the region produces.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbiflows.checks import as_float_tensor, check_int
+from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
+from sbiflows.npe import NPE
+from sbiflows.posterior import Posterior, load
+from sbiflows.prior_specs import prior_spec
+from sbiflows.seeding import derive_seed
+from sbiflows.sequential_store import RoundStore, atomic_npy
+from sbiflows.simulate import (
+    SimulationResult,
+    _qualified_name,
+    load_simulations,
+    simulate,
+)
+from sbiflows.truncation import TruncatedPrior
+
+__all__ = ["COVERS_PRIOR", "TSNPE", "Round", "split_budget"]
+
+#: A region holding at least this share of the prior's mass counts as covering the prior.
+COVERS_PRIOR = 0.9
+#: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 10).
+#: Later rounds continue from the earlier weights on a new validation split, and stopped too early with
+#: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
+#: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
+PATIENCE = 30
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round did.
+
+    Attributes:
+        index: The round, from 0.
+        simulations: Parameter sets simulated in this round.
+        failed: Of those, rows whose simulation failed or is NaN/inf (not trained on).
+        method: How its parameters were drawn: ``"prior"`` (round 0), ``"rejection"``, ``"sir"`` or
+            ``"rejection+sir"`` (see :class:`~sbiflows.truncation.TruncatedPrior`).
+        acceptance: The accepted fraction of the draw (1.0 for the prior).
+        volume: The prior mass of the region the parameters came from (1.0 for the prior).
+        volume_stderr: Its standard error.
+        threshold: The log-density threshold of that region (None for the prior).
+        covers_prior: Whether the region holds at least :data:`COVERS_PRIOR` of the prior.
+        validation_loss: The best validation loss of the training after this round (on a validation split
+            of all rounds so far, so later rounds' losses are not comparable with round 0's).
+        epochs: Epochs of that training.
+        seconds: Wall seconds of the round (drawing, simulating, training).
+        cpu_seconds: CPU seconds of this process in the round (simulations in worker processes excluded).
+    """
+
+    index: int
+    simulations: int
+    failed: int
+    method: str
+    acceptance: float
+    volume: float
+    volume_stderr: float
+    threshold: float | None
+    covers_prior: bool
+    validation_loss: float
+    epochs: int
+    seconds: float
+    cpu_seconds: float
+
+
+def split_budget(simulations: int, rounds: int, first_round: int | None = None) -> list[int]:
+    """Simulations per round (see the module docstring).
+
+    Example:
+        >>> split_budget(1000, 3), split_budget(1000, 3, first_round=400)
+        ([334, 333, 333], [400, 300, 300])
+    """
+    rounds = check_int(rounds, "rounds", minimum=1)
+    simulations = check_int(simulations, "simulations", minimum=1)
+    if simulations < rounds:
+        raise ValueError(f"simulations must be at least rounds (one simulation per round), got {simulations} "
+                         f"simulations for {rounds} rounds")
+    if first_round is None:
+        base, extra = divmod(simulations, rounds)
+        return [base + (r < extra) for r in range(rounds)]
+    first_round = check_int(first_round, "first_round", minimum=1, maximum=simulations - (rounds - 1))
+    if rounds == 1 and first_round != simulations:
+        raise ValueError(f"with rounds=1, first_round must equal simulations ({simulations}), got {first_round}")
+    return [first_round] + (split_budget(simulations - first_round, rounds - 1) if rounds > 1 else [])
+
+
+class TSNPE:
+    """Truncated sequential neural posterior estimation for one observation (see the module docstring).
+
+    Args:
+        prior: The prior (as for :class:`~sbiflows.NPE`).
+        **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...); the
+            ensemble option is not supported.
+
+    Attributes:
+        npe: The :class:`~sbiflows.NPE` trained over the rounds.
+        rounds: One :class:`Round` per finished round (after :meth:`run`, also after one that raised).
+        posterior: The posterior after the last finished round (None before).
+        proposals: The proposal of each round (the prior, then :class:`~sbiflows.truncation.TruncatedPrior`).
+        check: The final :class:`~sbiflows.diagnostics.CoverageResult` (None when skipped or not reached).
+
+    Example:
+        >>> from sbiflows import box_uniform
+        >>> prior = box_uniform([-2.0, -2.0], [2.0, 2.0])
+        >>> simulator = lambda theta: theta + 0.1 * torch.randn_like(theta)
+        >>> tsnpe = TSNPE(prior, transforms=2, hidden_features=(20, 20))
+        >>> posterior = tsnpe.run(simulator, torch.tensor([0.5, 0.0]), rounds=2, simulations=600,
+        ...                       threshold_samples=20_000, quantile=1e-3, check_simulations=0,
+        ...                       fit_options={"max_epochs": 20})
+        >>> posterior.sample(1000).shape  # x defaults to x_o
+        torch.Size([1000, 2])
+        >>> [r.simulations for r in tsnpe.rounds], tsnpe.rounds[1].volume < 0.5
+        ([300, 300], True)
+    """
+
+    def __init__(self, prior: Distribution, **npe_options: Any):
+        if npe_options.get("ensemble", 1) != 1:
+            raise ValueError("TSNPE trains a single flow; the ensemble option is not supported")
+        self.prior = prior
+        self._npe_options = dict(npe_options)
+        self.npe = NPE(prior, **npe_options)  # checks the prior and the options now, before any simulation
+        self.rounds: list[Round] = []
+        self.posterior: Posterior | None = None
+        self.proposals: list[Distribution] = []
+        self.check: CoverageResult | None = None
+
+    def run(
+        self,
+        simulator: Callable,
+        x_o: Any,
+        *,
+        rounds: int = 5,
+        simulations: int = 10_000,
+        seed: int = 0,
+        first_round: int | None = None,
+        quantile: float = 1e-4,
+        threshold_samples: int = 1_000_000,
+        min_acceptance: float = 1e-3,
+        oversampling: int = 1024,
+        check_simulations: int = 200,
+        check_samples: int = 500,
+        fit_options: Mapping[str, Any] | None = None,
+        store: str | os.PathLike | None = None,
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+        **simulate_options: Any,
+    ) -> Posterior:
+        """Run the rounds and return the final posterior for ``x_o``.
+
+        Args:
+            simulator: As for :func:`sbiflows.simulate`.
+            x_o: The observation, ``(x_dim,)`` (or ``(1, x_dim)``); checked against the simulations'
+                shape after round 0's simulations (which a store keeps), before any training.
+            rounds: Number of rounds (``>= 1``; 1 is amortized NPE on the prior).
+            simulations: Total simulation budget (``>= rounds``), split by :func:`split_budget`.
+            seed: Seeds every step (each round's draws, simulations and training get their own stream).
+            first_round: Simulations of round 0 (None: an equal share).
+            quantile: Share of the posterior's mass left outside each region (``epsilon``, default 1e-4).
+            threshold_samples: Posterior draws per region for its threshold and volume (default 10^6).
+            min_acceptance: Rejection from the prior while a region's volume is at least this, SIR below
+                (see :class:`~sbiflows.truncation.TruncatedPrior`).
+            oversampling: SIR candidates per sample.
+            check_simulations: Fresh simulations for the final coverage check (0: skip it); not part
+                of ``simulations``.
+            check_samples: Posterior draws per dataset in that check.
+            fit_options: Keyword options of :meth:`sbiflows.NPE.fit` (``max_epochs``, ...); ``seed`` and
+                ``progress`` are set by the run, ``patience`` defaults to :data:`PATIENCE` (30).
+            store: Folder to keep every round in and to resume from (see the module docstring).
+            progress: Progress bars for simulating and training.
+            log: Called with one line per step (e.g. ``print``); None: silent.
+            **simulate_options: :func:`sbiflows.simulate` options: ``workers``, ``executor``,
+                ``timeout``, ``batch_size``, ``on_error``, ``vectorized``, ``retry_failed``.
+
+        Returns:
+            The posterior after the last round, with ``default_x = x_o``: ``sample(n)`` and
+            ``log_prob(theta)`` use ``x_o``. For another ``x`` it is only valid inside the last round's
+            truncated region (it was trained on parameters from there only). Its ``config["tsnpe"]``
+            holds the per-round records, so the saved file remembers them.
+
+        Raises:
+            ValueError, TypeError: Bad arguments (before anything runs), an ``x_o`` that does not
+                match the simulations, or a store made with other settings.
+            SimulationError: A round's simulator cannot run (earlier rounds stay in :attr:`rounds`,
+                :attr:`posterior` and the store).
+        """
+        rounds = check_int(rounds, "rounds", minimum=1)
+        budget = split_budget(simulations, rounds, first_round)
+        seed = check_int(seed, "seed")
+        check_simulations = check_int(check_simulations, "check_simulations", minimum=0)
+        check_samples = check_int(check_samples, "check_samples", minimum=1)
+        if not callable(simulator):
+            raise TypeError(f"simulator must be callable, got {type(simulator).__name__}")
+        x_o = as_float_tensor(x_o, "x_o", dtype=self.npe.dtype if getattr(x_o, "dtype", None) != torch.float64
+                              else torch.float64, device=self.npe.device)
+        if x_o.ndim == 2 and x_o.shape[0] == 1:
+            x_o = x_o[0]
+        if x_o.ndim != 1 or not bool(torch.isfinite(x_o).all()):
+            raise ValueError(f"x_o must be one finite observation of shape (x_dim,), got shape {tuple(x_o.shape)}"
+                             + ("" if x_o.ndim != 1 else " with NaN or inf"))
+        fit_options = {"patience": PATIENCE, **(fit_options or {})}
+        for key in ("seed", "progress"):
+            if key in fit_options:
+                raise ValueError(f"fit_options must not set {key!r}: the run sets it")
+        # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
+        truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
+                              TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,
+                                                           min_acceptance=min_acceptance, oversampling=oversampling)))
+        if store is not None and "store" in simulate_options:
+            raise ValueError("give store once")
+        say = log or (lambda line: None)
+        layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
+                                          simulate_options)) if store is not None else None
+        self.rounds, self.proposals, self.check = [], [], None
+        start = self._resume(layout, say) if layout is not None else 0
+        for r in range(start, rounds):
+            self._round(r, budget[r], simulator, x_o, seed, truncation, fit_options, layout, progress, say,
+                        simulate_options)
+        if check_simulations:
+            self._final_check(simulator, check_simulations, check_samples, seed, truncation, layout, progress, say,
+                              simulate_options)
+        return self.posterior
+
+    # ------------------------------------------------------------------------------ one round
+    def _round(self, r, n, simulator, x_o, seed, truncation, fit_options, layout, progress, say,
+               simulate_options) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        theta_file = None if layout is None else layout.round(r) / "theta.npy"
+        if r == 0:
+            proposal: Distribution = self.prior
+        else:
+            proposal = TruncatedPrior(self.prior, self.posterior, x_o, seed=derive_seed(seed, f"tsnpe/region/{r}"),
+                                      **truncation)
+        self.proposals.append(proposal)
+        if theta_file is not None and theta_file.exists():
+            theta = torch.from_numpy(np.load(theta_file))
+            method, acceptance = layout.stored_draw(r)
+        else:
+            theta, method, acceptance = _draw(proposal, n, derive_seed(seed, f"tsnpe/proposal/{r}"))
+            if theta_file is not None:
+                atomic_npy(theta_file, theta.cpu().numpy())
+                layout.note_draw(r, method, acceptance)
+        volume = 1.0 if r == 0 else proposal.volume
+        say(f"round {r + 1}: {n} simulations from "
+            + ("the prior" if r == 0 else f"the truncated prior (volume {volume:.3g} of the prior, {method}, "
+                                          f"acceptance {acceptance:.3g})"))
+        sims = simulate(simulator, theta, seed=derive_seed(seed, f"tsnpe/simulate/{r}"), progress=progress,
+                        store=None if layout is None else layout.round(r) / "simulations.zarr", **simulate_options)
+        valid = sims.valid
+        _check_x_o(x_o, sims)
+        epochs_before = 0 if self.npe.history is None else self.npe.history.epochs
+        with _observations_quiet():
+            posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
+                                     seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
+                                     progress=progress, **fit_options)
+        history = posterior.history
+        record = Round(
+            index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),
+            volume=float(volume), volume_stderr=0.0 if r == 0 else float(proposal.volume_stderr),
+            threshold=None if r == 0 else float(proposal.threshold), covers_prior=volume >= COVERS_PRIOR and r > 0,
+            validation_loss=float(history.best_validation_loss), epochs=int(history.epochs - epochs_before),
+            seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+        )
+        self.rounds.append(record)
+        self.posterior = self._finish(posterior, x_o)
+        if layout is not None:
+            self.posterior.save(layout.round(r) / "posterior.pt", allow_unsaved_prior=prior_spec(self.prior) is None)
+            layout.finish_round(record)
+        say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
+            f"{record.validation_loss:.3f}" + ("; the region covers (almost) the whole prior: truncation had no "
+                                               "effect in this round" if record.covers_prior else ""))
+
+    def _finish(self, posterior: Posterior, x_o: Tensor) -> Posterior:
+        posterior.set_default_x(x_o)
+        posterior.config = dict(posterior.config, tsnpe={"rounds": [asdict(r) for r in self.rounds]})
+        return posterior
+
+    # ------------------------------------------------------------------------------- resuming
+    def _resume(self, layout: RoundStore, say) -> int:
+        records = layout.finished()
+        if not records:
+            return 0
+        last = len(records) - 1
+        posterior = load(layout.round(last) / "posterior.pt", prior=self.prior)
+        thetas, xs = [], []
+        for r in range(len(records)):
+            sims = load_simulations(layout.round(r) / "simulations.zarr")
+            valid = sims.valid
+            thetas.append(sims.theta[valid])
+            xs.append(sims.x[valid].reshape(int(valid.sum()), -1))
+        self.npe.restore(posterior, torch.cat(thetas), torch.cat(xs))
+        self.rounds = [Round(**record) for record in records]
+        self.proposals = [self.prior] + [None] * last  # the regions of finished rounds are not rebuilt
+        self.posterior = posterior
+        say(f"resuming after round {last + 1} from {layout.root}")
+        return len(records)
+
+    # ------------------------------------------------------------------------------ the check
+    def _final_check(self, simulator, n, samples, seed, truncation, layout, progress, say, simulate_options) -> None:
+        proposal = self.proposals[-1]
+        if proposal is None:  # resumed after the last round: rebuild the last region
+            r = len(self.rounds) - 1
+            proposal = self.prior if r == 0 else TruncatedPrior(
+                self.prior, load(layout.round(r - 1) / "posterior.pt", prior=self.prior), self.posterior.default_x,
+                seed=derive_seed(seed, f"tsnpe/region/{r}"), **truncation)
+        theta, _, _ = _draw(proposal, n, derive_seed(seed, "tsnpe/check/proposal"))
+        folder = None if layout is None else layout.root / "check"
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+            if (folder / "theta.npy").exists():
+                theta = torch.from_numpy(np.load(folder / "theta.npy"))
+            else:
+                atomic_npy(folder / "theta.npy", theta.numpy())
+        sims = simulate(simulator, theta, seed=derive_seed(seed, "tsnpe/check/simulate"), progress=progress,
+                        store=None if folder is None else folder / "simulations.zarr", **simulate_options)
+        valid = sims.valid
+        self.check = expected_coverage(self.posterior, theta=sims.theta[valid],
+                                       x=sims.x[valid].reshape(int(valid.sum()), -1).to(self.posterior.dtype),
+                                       num_posterior_samples=samples, seed=seed)
+        say("final check (expected coverage, parameters from the last truncated prior):\n" + str(self.check))
+
+
+# ------------------------------------------------------------------------------------ internals
+def _draw(proposal: Distribution, n: int, seed: int) -> tuple[Tensor, str, float]:
+    if isinstance(proposal, TruncatedPrior):
+        theta = proposal.sample((n,), seed=seed)
+        return theta, proposal.last_draw.method, proposal.last_draw.acceptance
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        theta = proposal.sample((n,))
+    return theta.reshape(n, -1), "prior", 1.0
+
+
+def _check_x_o(x_o: Tensor, sims: SimulationResult) -> None:
+    shape = tuple(sims.x.shape[1:])
+    if x_o.numel() != int(np.prod(shape)) or (len(shape) == 1 and tuple(x_o.shape) != shape):
+        raise ValueError(f"x_o has shape {tuple(x_o.shape)} but the simulator returns x of shape {shape} (the "
+                         "simulations are kept" + (f" in {sims.store})" if sims.store else ")"))
+
+
+def _observations_quiet():
+    from sbiflows.posterior import observations_unchecked
+
+    return observations_unchecked()
+
+
+def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:
+    """What a store's rounds depend on (a resumed run must match them)."""
+    from sbiflows.report import jsonable
+
+    return jsonable({
+        "simulator": _qualified_name(simulator), "x_o": x_o.tolist(), "budget": budget, "seed": seed,
+        "truncation": truncation, "fit_options": fit_options,
+        "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
+        "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),
+    })

@@ -1,0 +1,72 @@
+"""``sbiflows fit --rounds R``: truncated sequential NPE from the command line, its report and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sbiflows.cli import main
+
+SMALL = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets", "100",
+         "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "5", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["fit", "two_moons", "--rounds", "3"], "--rounds 3 (sequential NPE) needs exactly one observation, got 10"),
+        (["fit", "two_moons", "--rounds", "2", "--observations", "1,2"], "needs exactly one observation, got 2"),
+        (["fit", "two_moons", "--rounds", "0"], "expected a positive integer, got 0"),
+        (["fit", "two_moons", "--rounds", "5", "--observations", "1", "--simulations", "4"],
+         "at least one simulation per round"),
+    ],
+)
+def test_bad_rounds_give_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_an_observation_file_with_two_rows_is_refused(tmp_path, capsys):
+    path = tmp_path / "x.csv"
+    np.savetxt(path, np.zeros((2, 2)), delimiter=",")
+    with pytest.raises(SystemExit):
+        main(["fit", "two_moons", "--observation", str(path), "--rounds", "2", "--out", str(tmp_path / "o")])
+    assert "needs exactly one observation, got 2 (x, x_2)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["fit", "two_moons", "--out", str(out), "--observations", "3", "--rounds", "2", *SMALL]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["simulations"] for r in report["rounds"]] == [300, 300]
+    assert report["rounds"][0]["method"] == "prior" and 0 < report["rounds"][1]["volume"] < 1
+    assert set(report["calibration"]) == {"truncated_coverage"}
+    assert set(report["not_applicable"]) == {"sbc", "coverage", "tarp"}
+    assert report["verdict"] in ("calibrated", "conservative", "over-confident", "biased")
+    assert [o["name"] for o in report["observations"]] == ["obs3"] and 0.4 < report["observations"][0]["c2st"] <= 1
+    markdown = (out / "report.md").read_text()
+    assert "## Rounds (truncated sequential NPE)" in markdown and "| 2 | 300 | 0 |" in markdown
+    assert "SBC over the prior" in markdown and "cannot detect posterior mass that a region cut off" in markdown
+    for name in ("posterior.pt", "samples.npz", "coverage.png", "corner_obs3.png", "rounds/tsnpe.json",
+                 "rounds/round_1/simulations.zarr", "rounds/check/simulations.zarr"):
+        assert (out / name).exists(), name
+    assert not (out / "sbc_ranks.png").exists() and not (out / "simulations.zarr").exists()
+    from sbiflows import load
+
+    posterior = load(out / "posterior.pt")
+    assert torch.allclose(posterior.default_x, torch.tensor(report["observations"][0]["observation"]))
+    assert "rounds" in json.loads((out / "run.json").read_text())["files"]
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command resumes: no round is simulated or trained again
+    printed = capsys.readouterr().out
+    assert "resuming after round 2" in printed and "round 1:" not in printed
+    assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]

@@ -1,0 +1,188 @@
+"""TSNPE: the rounds, the budget, the store (failures, resume), the saved posterior and bad inputs.
+
+The accuracy test against an exact posterior is in ``test_sequential_accuracy.py``; these use small
+networks and regions estimated from 20,000 draws (``quantile=1e-3``) to stay fast.
+"""
+
+import json
+
+import pytest
+import torch
+
+from sbiflows import TSNPE, SimulationError, box_uniform, load, load_simulations
+from sbiflows.diagnostics import CoverageResult
+from sbiflows.sequential import split_budget
+from sbiflows.simulate import SimulationInterrupted
+from sbiflows.truncation import TruncatedPrior
+
+PRIOR = box_uniform([-3.0, -3.0], [3.0, 3.0])
+X_O = torch.tensor([0.5, -1.0])
+SMALL = {"transforms": 2, "hidden_features": (20, 20)}
+FAST = {"threshold_samples": 20_000, "quantile": 1e-3, "fit_options": {"max_epochs": 30}}
+
+#: What the module-level simulator does: "ok", "raise" (every row fails) or "interrupt" (Ctrl-C).
+MODE = {"mode": "ok", "calls": 0, "from_call": 0}
+
+
+def simulator(theta, seed):
+    """``x = theta + 0.1 noise``; misbehaves from call ``MODE["from_call"]`` on as ``MODE["mode"]`` says."""
+    MODE["calls"] += 1
+    if MODE["calls"] > MODE["from_call"]:
+        if MODE["mode"] == "raise":
+            raise RuntimeError("the simulator is broken")
+        if MODE["mode"] == "interrupt":
+            raise KeyboardInterrupt
+    generator = torch.Generator().manual_seed(int(seed))
+    return theta + 0.1 * torch.randn(theta.shape, generator=generator)
+
+
+def noise_only(theta, seed):
+    """x carries no information about theta: the posterior is the prior."""
+    return torch.randn(theta.shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+@pytest.fixture(autouse=True)
+def reset_mode():
+    MODE.update(mode="ok", calls=0, from_call=0)
+    yield
+    MODE.update(mode="ok", calls=0, from_call=0)
+
+
+def test_split_budget():
+    assert split_budget(10, 3) == [4, 3, 3]
+    assert split_budget(10, 1) == [10]
+    assert split_budget(1000, 4, first_round=400) == [400, 200, 200, 200]
+    assert sum(split_budget(10_001, 7)) == 10_001
+    with pytest.raises(ValueError, match="simulations must be at least rounds.*2 simulations for 3 rounds"):
+        split_budget(2, 3)
+    with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
+        split_budget(10, 0)
+    with pytest.raises(ValueError, match="first_round must be an int in \\[1, 8\\]"):
+        split_budget(10, 3, first_round=9)
+
+
+def test_rounds_records_and_saved_posterior(tmp_path):
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    posterior = tsnpe.run(simulator, X_O, rounds=3, simulations=900, seed=0, batch_size=100,
+                          check_simulations=120, check_samples=200, **FAST)
+    assert [r.simulations for r in tsnpe.rounds] == [300, 300, 300]
+    assert [r.index for r in tsnpe.rounds] == [0, 1, 2]
+    first, later = tsnpe.rounds[0], tsnpe.rounds[1:]
+    assert first.method == "prior" and first.volume == 1.0 and first.threshold is None
+    for record in later:
+        assert record.method == "rejection" and 0 < record.volume < 0.2 and not record.covers_prior
+        assert abs(record.acceptance - record.volume) < 0.5 * record.volume
+        assert record.failed == 0 and record.epochs >= 1 and record.seconds > 0
+    assert len(tsnpe.npe.theta) == 900  # the last round trained on all rounds
+    assert tsnpe.npe.history.epochs == sum(r.epochs for r in tsnpe.rounds)
+    # the last round's parameters came from the truncated prior of the round before
+    assert isinstance(tsnpe.proposals[2], TruncatedPrior)
+    assert bool(tsnpe.proposals[2].inside(tsnpe.npe.theta[600:]).all())
+    # x defaults to x_o
+    assert torch.equal(posterior.default_x, X_O)
+    assert torch.equal(posterior.sample(100, seed=3), posterior.sample(100, X_O, seed=3))
+    # the final check: expected coverage on parameters from the last truncated prior
+    assert isinstance(tsnpe.check, CoverageResult) and tsnpe.check.num_datasets == 120
+    # save/load remembers x_o and the rounds
+    posterior.save(tmp_path / "post.pt")
+    loaded = load(tmp_path / "post.pt")
+    assert torch.equal(loaded.default_x, X_O)
+    assert torch.equal(loaded.sample(100, seed=3), posterior.sample(100, seed=3))
+    assert [r["volume"] for r in loaded.config["tsnpe"]["rounds"]] == [r.volume for r in tsnpe.rounds]
+
+
+def test_one_round_is_amortized_npe_on_the_prior():
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    tsnpe.run(simulator, X_O, rounds=1, simulations=300, check_simulations=0, **FAST)
+    assert len(tsnpe.rounds) == 1 and tsnpe.rounds[0].method == "prior"
+
+
+def test_region_covering_the_prior_is_flagged():
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    tsnpe.run(noise_only, torch.zeros(2), rounds=2, simulations=600, check_simulations=0, **FAST)
+    assert tsnpe.rounds[1].covers_prior and tsnpe.rounds[1].volume > 0.9
+
+
+def test_failed_round_keeps_earlier_rounds(tmp_path):
+    store = tmp_path / "run"
+    MODE.update(mode="raise", from_call=1)  # round 0 (one call of 300 rows) works; round 1 fails on every row
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    with pytest.raises(SimulationError, match="the simulator is broken"):
+        tsnpe.run(simulator, X_O, rounds=3, simulations=900, store=store, check_simulations=0, **FAST)
+    assert len(tsnpe.rounds) == 1 and tsnpe.posterior is not None
+    kept = load_simulations(store / "round_0" / "simulations.zarr")
+    assert len(kept.theta) == 300 and kept.complete
+    saved = load(store / "round_0" / "posterior.pt")
+    assert torch.equal(saved.sample(50, seed=0), tsnpe.posterior.sample(50, seed=0))
+    manifest = json.loads((store / "tsnpe.json").read_text())
+    assert [r["index"] for r in manifest["rounds"]] == [0]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    options = {"rounds": 3, "simulations": 900, "seed": 4, "check_simulations": 0, "batch_size": 300, **FAST}
+    reference = TSNPE(PRIOR, **SMALL).run(simulator, X_O, **options)
+    MODE.update(mode="interrupt", calls=0, from_call=2)  # Ctrl-C during round 2 (the third call)
+    store = tmp_path / "run"
+    with pytest.raises(SimulationInterrupted):
+        TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
+    assert (store / "round_2" / "theta.npy").exists() and not (store / "round_2" / "posterior.pt").exists()
+    MODE.update(mode="ok", calls=0)
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    resumed = tsnpe.run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 1  # only round 2 was simulated again
+    assert len(tsnpe.rounds) == 3 and len(tsnpe.npe.theta) == 900
+    assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
+    # a finished store resumes to the same posterior without simulating
+    MODE.update(calls=0)
+    again = TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 0
+    assert torch.equal(again.sample(50, seed=0), resumed.sample(50, seed=0))
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **dict(options, seed=5))
+
+
+def test_bad_inputs(tmp_path):
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    run = tsnpe.run
+    with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
+        run(simulator, X_O, rounds=0)
+    with pytest.raises(ValueError, match="simulations must be at least rounds"):
+        run(simulator, X_O, rounds=5, simulations=4)
+    with pytest.raises(ValueError, match="x_o must be one finite observation of shape \\(x_dim,\\)"):
+        run(simulator, torch.zeros(3, 2), rounds=2, simulations=100)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(simulator, torch.tensor([0.0, float("nan")]), rounds=2, simulations=100)
+    with pytest.raises(TypeError, match="x_o must be a torch.Tensor"):
+        run(simulator, [0.0, 1.0], rounds=2, simulations=100)
+    with pytest.raises(TypeError, match="simulator must be callable"):
+        run("simulator", X_O, rounds=2, simulations=100)
+    with pytest.raises(ValueError, match="fit_options must not set 'seed'"):
+        run(simulator, X_O, rounds=2, simulations=100, fit_options={"seed": 1})
+    with pytest.raises(ValueError, match="quantile must be a real number in \\(0, 0.5\\)"):
+        run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
+    with pytest.raises(ValueError, match="ensemble"):
+        TSNPE(PRIOR, ensemble=2)
+    assert MODE["calls"] == 0  # nothing was simulated for any of these
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        run(simulator, X_O, rounds=2, simulations=100, store=tmp_path / "file")
+    # x_o of the wrong length: found after round 0's simulations (kept in the store), before training
+    with pytest.raises(ValueError, match=r"x_o has shape \(3,\) but the simulator returns x of shape \(2,\)"):
+        run(simulator, torch.zeros(3), rounds=2, simulations=100, store=tmp_path / "s", check_simulations=0, **FAST)
+    assert len(load_simulations(tmp_path / "s" / "round_0" / "simulations.zarr").theta) == 50
+
+
+def test_npe_restore_refuses_what_it_cannot_continue():
+    from sbiflows import NPE
+
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    posterior = tsnpe.run(simulator, X_O, rounds=1, simulations=200, check_simulations=0, **FAST)
+    theta, x = tsnpe.npe.theta, tsnpe.npe.x
+    with pytest.raises(ValueError, match="single flows"):
+        NPE(PRIOR, ensemble=2).restore(posterior, theta, x)
+    with pytest.raises(ValueError, match="x must have shape \\(N, 2\\)"):
+        NPE(PRIOR).restore(posterior, theta, torch.cat([x, x], 1))
+    restored = NPE(PRIOR, **SMALL).restore(posterior, theta, x)
+    assert torch.equal(restored.theta, theta) and restored.history.epochs == posterior.history.epochs
+    again = restored.fit(theta[:50] * 0.5, x[:50], max_epochs=2, progress=False)  # continues: appends rows
+    assert len(restored.theta) == 250 and again.history.epochs == posterior.history.epochs + 2
