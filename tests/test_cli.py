@@ -215,7 +215,7 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
         prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
 
         def simulate(theta, seed):
-            time.sleep(0.05)
+            time.sleep(0.3)  # 60 chunks take about 9 s on 2 workers: Ctrl-C lands mid-simulation even on a loaded CPU
             return theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
     """))
     (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
