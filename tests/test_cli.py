@@ -220,7 +220,11 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
     """))
     (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "sbiflows.cli", "fit", "--simulator", "slowmodel:simulate", "--prior",
+    # As from a terminal: a test runner started in the background of a non-interactive shell ignores SIGINT,
+    # and a Python started from it would too; the command restores Python's Ctrl-C handler first.
+    as_from_a_terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "runpy.run_module('sbiflows.cli', run_name='__main__')")
+    command = [sys.executable, "-c", as_from_a_terminal, "fit", "--simulator", "slowmodel:simulate", "--prior",
                "slowmodel:prior", "--observation", "x_obs.csv", "--out", str(out), "--batch-size", "10",
                "--workers", "2", *SMALL]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
