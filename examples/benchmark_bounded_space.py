@@ -29,6 +29,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import simulators
+from benchmark_npe import parse_observations  # examples/ is on the path of a script run from it
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.estimator import ESTIMATORS
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
-    first, _, last = args.observations.partition("..")
-    observations = range(int(first), int(last) + 1) if last else [int(v) for v in first.split(",")]
+    observations = parse_observations(args.observations)
     for seed in args.seeds:
         sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
         theta, x = sims.theta[sims.valid], sims.x[sims.valid]

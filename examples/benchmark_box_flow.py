@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import simulators
+from benchmark_npe import parse_observations  # examples/ is on the path of a script run from it
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.distributions import BoxUniform
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
-    first, _, last = args.observations.partition("..")
-    observations = range(int(first), int(last) + 1) if last else [int(v) for v in first.split(",")]
+    observations = parse_observations(args.observations)
     low, high = box_bounds(task.prior)
     space = Unconstrained(task.prior.support)
     for seed in args.seeds:
