@@ -6,29 +6,33 @@ weights, gradient-norm clipping and an optional progress bar.
 
 What is validated, kept and returned is an exponential moving average (EMA) of the weights over about
 ``ema_epochs`` epochs, not the last Adam iterate. The average removes most of the minibatch noise of
-the iterates, so a larger step size stays accurate (docs/benchmarks.md, "Weight averaging"). The
-update is one ``torch._foreach_lerp_`` per step rather than
-:class:`torch.optim.swa_utils.AveragedModel`, whose per-step bookkeeping (regrouping the tensors,
-copying every buffer) costs more per step (``examples/benchmark_training_step.py`` measures both;
-numbers in docs/benchmarks.md).
+the iterates, so a larger step size stays accurate (docs/benchmarks.md, "Weight averaging"); the
+average is a :class:`~sbiflows.weight_average.WeightAverage`. The options' checks and defaults live in
+:mod:`sbiflows.training_options`; both are importable from here too.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import numbers
 import time
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from sbiflows.checks import check_int
 from sbiflows.threads import resolve_threads, torch_threads
-
+from sbiflows.training_options import (
+    MAX_EPOCHS,
+    _check_groups,
+    _grouped_order,
+    check_training_options,
+    default_batch_size,  # noqa: F401 - public here
+    default_learning_rate,  # noqa: F401 - public here
+    split_sizes,
+)
+from sbiflows.weight_average import WeightAverage
 
 #: A training loss: ``objective(model, inputs, context, rows)`` is the mean loss of the rows ``rows`` (a
 #: 1-D index tensor) as a scalar tensor; :func:`negative_log_likelihood` is the default.
@@ -45,11 +49,6 @@ def negative_log_likelihood(model: nn.Module, inputs: Tensor, context: Tensor | 
         torch.Size([])
     """
     return -model.log_prob(inputs[rows], None if context is None else context[rows]).mean()
-
-
-#: The default cap on training epochs everywhere (``train``, ``NPE.fit``, ``sbiflows fit --max-epochs``);
-#: early stopping usually ends training long before it.
-MAX_EPOCHS = 1000
 
 
 @dataclass
@@ -288,131 +287,6 @@ def train_checked(
     return history
 
 
-def check_training_options(
-    *,
-    max_epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    validation_fraction: float,
-    patience: int,
-    clip_grad_norm: float,
-    weight_decay: float = 0.0,
-    ema_epochs: float = 0.0,
-    optional: Collection[str] = (),
-) -> tuple[int, int | None, int]:
-    """Validate the options of :func:`train` (see there for their meaning and ranges).
-
-    Args:
-        optional: Names of options that may also be None (a caller's "use the default rule"); their
-            error messages then say so. None values are returned / accepted unchanged.
-
-    Returns:
-        ``(max_epochs, batch_size, patience)`` as Python ints (numpy integers are accepted;
-        ``batch_size`` is None if it is optional and None).
-
-    Raises:
-        TypeError: If an integer option is not an integer or a real option is not a real number.
-        ValueError: If an option is out of range; the message names it, its range and the value.
-
-    Example:
-        >>> check_training_options(max_epochs=10, batch_size=64, learning_rate=1e-3,
-        ...                        validation_fraction=0.1, patience=5, clip_grad_norm=5.0)
-        (10, 64, 5)
-    """
-    def expected(name: str, text: str) -> str:
-        return f"None (the default rule) or {text}" if name in optional else text
-
-    ints = {"max_epochs": max_epochs, "batch_size": batch_size, "patience": patience}
-    for name, value in ints.items():
-        if value is None and name in optional:
-            continue
-        ints[name] = check_int(value, name, minimum=1, optional="the default rule" if name in optional else False)
-    reals = {
-        "learning_rate": (learning_rate, "finite and > 0", lambda v: 0 < v < math.inf),
-        "clip_grad_norm": (clip_grad_norm, "> 0", lambda v: v > 0),
-        "validation_fraction": (validation_fraction, "in (0, 1)", lambda v: 0 < v < 1),
-        "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
-        "ema_epochs": (ema_epochs, "finite and >= 0", lambda v: 0 <= v < math.inf),
-    }
-    for name, (value, condition, ok) in reals.items():
-        if value is None and name in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            what = expected(name, f"a real number {condition}")
-            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-        if not ok(float(value)):
-            raise ValueError(f"{name} must be {expected(name, condition)}, got {value!r}")
-    return ints["max_epochs"], ints["batch_size"], ints["patience"]
-
-
-def _grouped_order(groups: Tensor, generator: torch.Generator, n_train: int) -> tuple[Tensor, int]:
-    """``(row order, training rows)`` with whole groups on each side (groups in random order).
-
-    The cut moves from ``n_train`` to the nearest group boundary that leaves rows on both sides.
-    """
-    _, group = torch.unique(groups, return_inverse=True)
-    num = int(group.max()) + 1
-    rank = torch.empty(num, dtype=torch.long)
-    rank[torch.randperm(num, generator=generator)] = torch.arange(num)
-    order = torch.argsort(rank[group], stable=True)  # rows of one group together, groups shuffled
-    sorted_groups = group[order]
-    starts = torch.nonzero(sorted_groups[1:] != sorted_groups[:-1]).flatten() + 1  # first row of each group
-    if len(starts) == 0:  # one group: nothing to keep apart
-        return torch.randperm(len(order), generator=generator), n_train
-    return order, int(starts[torch.argmin((starts - n_train).abs())])
-
-
-def _check_groups(groups: Tensor, n: int) -> Tensor:
-    if not isinstance(groups, Tensor) or groups.shape != (n,) or groups.is_floating_point():
-        shown = tuple(groups.shape) if isinstance(groups, Tensor) else type(groups).__name__
-        raise ValueError(f"groups must be an integer tensor of shape ({n},), got {shown}")
-    return groups.cpu()
-
-
-def split_sizes(n: int, validation_fraction: float) -> tuple[int, int]:
-    """Rows ``(n_train, n_val)`` of the split :func:`train` makes: at least one validation row.
-
-    Example:
-        >>> split_sizes(1000, 0.1)
-        (900, 100)
-    """
-    n_val = max(1, round(n * validation_fraction))
-    return n - n_val, n_val
-
-
-def default_batch_size(n_train: int) -> int:
-    """NPE's default minibatch size for ``n_train`` training rows: ``2 * sqrt(n_train)``, within [32, 256].
-
-    Small simulation budgets need many gradient steps per epoch: with a fixed batch, an epoch of 900
-    rows is only a few steps, and early stopping (counted in epochs) ends training before the flow
-    has converged. Large budgets gain nothing from small batches but pay for more steps. The square
-    root trades the two off (measured in docs/benchmarks.md: about 60 rows for 1,000 simulations,
-    about 190 for 10,000, 256 from about 16,000 training rows on).
-
-    Example:
-        >>> default_batch_size(900), default_batch_size(9000), default_batch_size(100_000)
-        (60, 190, 256)
-    """
-    return min(256, max(32, round(2 * math.sqrt(n_train))))
-
-
-def default_learning_rate(batch_size: int) -> float:
-    """NPE's default Adam step size: ``2e-3`` for the batches of :func:`default_batch_size` (32 to 256 rows).
-
-    Measured by held-out posterior log-density against the earlier rule (``1e-3``, scaled up linearly
-    above 128 rows), 3-6 seeds per setting (docs/benchmarks.md, "Step size"): at ``2e-3`` two_moons fits
-    better at 1,000 and 10,000 simulations, slcp equally well, gaussian_linear slightly worse (0.01-0.02
-    nats), and training takes 0.7-0.9x the time on five of the six settings, because early stopping
-    comes sooner. The argument is kept so that a rule that depends on the batch size can replace this one.
-
-    Example:
-        >>> default_learning_rate(60), default_learning_rate(190)
-        (0.002, 0.002)
-    """
-    del batch_size  # the measured optimum did not depend on it within the default range
-    return 2e-3
-
-
 def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: float) -> torch.optim.Adam:
     """Adam with its fused kernel where torch has one for the parameters' device and dtype.
 
@@ -425,59 +299,6 @@ def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: flo
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch version
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
-
-
-class WeightAverage:
-    """An exponential moving average of a model's parameters with a time constant of ``steps`` updates.
-
-    The average lives in :attr:`module`, a copy of the model. The first :meth:`update` copies the
-    parameters; update ``n`` (counted from 0) then moves the average towards them with the decay
-    ``min(1 - 1 / steps, (1 + n) / (10 + n))``: a short window at first, growing to the full time
-    constant, so the initial weights fade quickly. Buffers (e.g. batch-norm statistics) are copied
-    from the model by :meth:`copy_buffers`, not averaged.
-
-    Example:
-        >>> model = nn.Linear(1, 1)
-        >>> average = WeightAverage(model, steps=4)
-        >>> _ = model.bias.data.fill_(1.0); average.update()
-        >>> _ = model.bias.data.fill_(2.0); average.update()   # decay min(0.75, 2 / 11)
-        >>> round(average.module.bias.item(), 4)
-        1.8182
-
-    Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``steps`` is not a real number.
-        ValueError: If ``steps`` is not finite and > 0.
-    """
-
-    def __init__(self, model: nn.Module, *, steps: float):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
-            raise TypeError(f"steps must be a real number finite and > 0, got {type(steps).__name__} {steps!r}")
-        if not 0 < steps < math.inf:
-            raise ValueError(f"steps must be finite and > 0, got {steps!r}")
-        self.module = copy.deepcopy(model).requires_grad_(False)
-        self._model = model
-        self._params = list(model.parameters())
-        self._averaged = list(self.module.parameters())
-        self._decay = max(0.0, 1.0 - 1.0 / steps)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Fold the model's current parameters into the average."""
-        if self.updates == 0:
-            torch._foreach_copy_(self._averaged, self._params)
-        else:
-            n = self.updates
-            torch._foreach_lerp_(self._averaged, self._params, 1.0 - min(self._decay, (1 + n) / (10 + n)))
-        self.updates += 1
-
-    @torch.no_grad()
-    def copy_buffers(self) -> None:
-        """Give the average the model's current buffers."""
-        for mine, theirs in zip(self.module.buffers(), self._model.buffers()):
-            mine.copy_(theirs)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
