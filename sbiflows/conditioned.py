@@ -27,6 +27,8 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
+from sbiflows.observation_range import observations_unchecked
+from sbiflows.seeding import SeededNoise
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -114,8 +116,6 @@ class ConditionedPosterior(TorchDistribution):
         Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass). With
         the same ``generator`` state the values equal :meth:`sample`'s (the same seeded base noise).
         """
-        from sbiflows.posterior import _SeededNoise
-
         shape = self._extended_shape(torch.Size(sample_shape))
         n = math.prod(shape[:-1])
         post = self._posterior
@@ -124,7 +124,7 @@ class ConditionedPosterior(TorchDistribution):
         if generator is None:
             u = post.net.sample_given_context(n, self._context())
         else:  # as Posterior.sample_batched: noise in fixed seeded blocks, then the flow (with gradients)
-            noise = _SeededNoise(generator, n, post.net.flow.base, post.device).rows(0, n, range(1))
+            noise = SeededNoise(generator, n, post.net.flow.base, post.device).rows(0, n, range(1))
             u = post.net.sample_from_base(noise, self._context())
         return post._space.to_constrained(u[:, 0]).reshape(shape)
 
@@ -134,8 +134,6 @@ class ConditionedPosterior(TorchDistribution):
         The same draws as ``posterior.sample(n, x)`` for ``n = prod(sample_shape + batch_shape)`` and the
         same ``generator`` state (chunked like it to bound memory).
         """
-        from sbiflows.posterior import observations_unchecked
-
         shape = self._extended_shape(torch.Size(sample_shape))
         n = math.prod(shape[:-1])
         post = self._posterior

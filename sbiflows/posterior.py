@@ -15,12 +15,7 @@ through the flow at once.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
-import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,92 +24,30 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows import serialization
 from sbiflows.checks import as_float_tensor, check_int, check_positive_number
 from sbiflows.conditioned import ConditionedPosterior
 from sbiflows.estimator import PosteriorNet
+from sbiflows.observation_range import (
+    OUTSIDE_Z,  # noqa: F401 - public here
+    observations_unchecked,  # noqa: F401 - public here (sbiflows.posterior.observations_unchecked)
+    warn_if_outside,
+)
+from sbiflows.posterior_file import load
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior
-from sbiflows.unconstrained import Unconstrained
-from sbiflows.xshape import check_observations, valid_rows
-from sbiflows import serialization
-from sbiflows.seeding import derive_seed, stream_seeds
+from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
+from sbiflows.unconstrained import Unconstrained
+from sbiflows.xshape import check_observations, valid_rows
 
 __all__ = ["Posterior", "as_float_tensor", "load"]
-
-
-#: An observation feature more than this many standard deviations from the training simulations' mean
-#: counts as far outside them (the posterior there is an extrapolation of the network).
-OUTSIDE_Z = 5.0
-_CHECK_OBSERVATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("sbiflows_check_observations", default=True)
-
-
-@contextlib.contextmanager
-def observations_unchecked() -> Iterator[None]:
-    """Within the block, posteriors do not warn about observations far outside the training simulations.
-
-    For internal callers (the calibration checks feed simulated x, whose tails may legitimately lie
-    beyond 5 standard deviations).
-
-    Example:
-        >>> with observations_unchecked():
-        ...     pass
-    """
-    token = _CHECK_OBSERVATIONS.set(False)
-    try:
-        yield
-    finally:
-        _CHECK_OBSERVATIONS.reset(token)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside sbiflows and torch (a warning points at user code)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("sbiflows", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _x_dtype(x: Any, default: torch.dtype) -> torch.dtype:
     """float64 simulations and observations stay float64 until standardized; anything else gets ``default``."""
     return torch.float64 if getattr(x, "dtype", None) in (torch.float64, np.float64) else default
-
-
-class _SeededNoise:
-    """Base noise of a seeded draw, in fixed blocks, so that the samples do not depend on chunking.
-
-    Observation ``b`` of a draw gets its own stream: rows ``[k * BLOCK, (k + 1) * BLOCK)`` come from a
-    generator seeded with the ``k``-th seed of stream ``b`` of one root seed, which is drawn from the
-    caller's generator. Chunking over samples or observations (``max_batch_elements``) then only
-    decides which blocks are computed together.
-    """
-
-    BLOCK = 1024
-
-    def __init__(self, generator: torch.Generator, n: int, base: torch.nn.Module, device: torch.device):
-        self.root = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-        self.blocks = -(-n // self.BLOCK)
-        self.base, self.device = base, device
-        self._seeds: dict[int, np.ndarray] = {}
-
-    def rows(self, start: int, m: int, observations: range) -> Tensor:
-        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``."""
-        first, last = start // self.BLOCK, (start + m - 1) // self.BLOCK
-        offset = start - first * self.BLOCK
-        columns = []
-        for b in observations:
-            seeds = self._seeds.pop(b, None)
-            if seeds is None:
-                seeds = stream_seeds(self.root, f"posterior/{b}", self.blocks)
-            if last + 1 < self.blocks:
-                self._seeds[b] = seeds  # later rows of this observation come in another chunk
-            blocks = [
-                self.base.sample((self.BLOCK,), generator=torch.Generator(device=self.device).manual_seed(int(seeds[k])))
-                for k in range(first, last + 1)
-            ]
-            columns.append(torch.cat(blocks)[offset : offset + m])
-        return torch.stack(columns, 1)
 
 
 class Posterior:
@@ -272,7 +205,7 @@ class Posterior:
 
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None) -> Tensor:
         """``(n, B, D)`` draws for checked observations ``xs`` ``(B, *x_shape)`` (the work of sample and sample_batched)."""
-        noise = None if generator is None else _SeededNoise(generator, n, self.net.flow.base, self.device)
+        noise = None if generator is None else SeededNoise(generator, n, self.net.flow.base, self.device)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
         sample_step = min(n, self.max_batch_elements)
@@ -450,26 +383,8 @@ class Posterior:
             rows = torch.nonzero(bad).flatten().tolist()
             what = "NaN or inf" if not self.net.padded_trials else "no finite trial, inf, or NaN inside a trial"
             raise ValueError(f"{name} contains {what} (rows {rows[:10]}); the posterior is undefined there")
-        if _CHECK_OBSERVATIONS.get():
-            self._warn_if_outside(xs, name)
+        warn_if_outside(xs, name, x_shift=self.net.x_shift, x_scale=self.net.x_scale)
         return xs
-
-    def _warn_if_outside(self, xs: Tensor, name: str) -> None:
-        """One warning when features of ``xs`` lie more than :data:`OUTSIDE_Z` sd from the training x."""
-        z = ((xs.double() - self.net.x_shift) / self.net.x_scale).abs().reshape(len(xs), -1)
-        far = z > OUTSIDE_Z  # NaN padding is never far
-        if not bool(far.any()):
-            return
-        features = torch.nonzero(far.any(0)).flatten().tolist()
-        rows = int(far.any(1).sum())
-        shown = ", ".join(f"{j} (|z| {float(z[:, j].max()):.3g})" for j in features[:5])
-        warnings.warn(
-            f"{rows} of {len(xs)} {name} row(s) lie far outside the training simulations: feature(s) {shown}"
-            f"{' and more' if len(features) > 5 else ''} are more than {OUTSIDE_Z:g} standard deviations from "
-            "the simulations' mean, so the posterior there is an extrapolation. A misspecified simulator or "
-            "wrong units are the usual cause (silence with sbiflows.posterior.observations_unchecked())",
-            UserWarning, stacklevel=_caller_level(),
-        )
 
     def _single_observation(self, x: Any) -> Tensor:
         if x is None:
@@ -482,34 +397,3 @@ class Posterior:
     def copy(self) -> Posterior:
         """An independent deep copy."""
         return copy.deepcopy(self)
-
-
-def load(
-    path: str | Path,
-    *,
-    prior: Distribution | None = None,
-    estimator: Any = None,
-    embedding_net: torch.nn.Module | None = None,
-    map_location: torch.device | str = "cpu",
-) -> Posterior:
-    """Load a posterior written by :meth:`Posterior.save` (never unpickles: ``torch.load(weights_only=True)``).
-
-    Args:
-        path: The file.
-        prior: Required if the file holds no prior (saved with ``allow_unsaved_prior=True``); otherwise
-            it replaces the saved prior.
-        estimator: The callable used at training time, required if the posterior was trained with one.
-        embedding_net: A module of the architecture used at training time, required if one was used
-            (its weights are overwritten by the saved ones).
-        map_location: Device of the loaded posterior (a file saved on a GPU loads on the CPU by default).
-
-    Raises:
-        ValueError: For a file that is not a valid sbiflows posterior of a readable format version
-            (a newer one asks to upgrade sbiflows), a digest mismatch, or a missing
-            ``prior``/``estimator``/``embedding_net``; see :func:`sbiflows.serialization.read`.
-
-    Example:
-        See :func:`sbiflows.serialization.save`.
-    """
-    return Posterior(**serialization.read(path, prior=prior, estimator=estimator, embedding_net=embedding_net,
-                                          map_location=map_location))

@@ -6,7 +6,8 @@ Seeding each step's generator with the same integer makes their streams *identic
 the noise equals the standardized parameters and ``x = 2 * theta`` exactly, and posterior samples drawn
 with seed 0 coincide point by point with reference samples drawn with seed 0 (C2ST then falls below
 0.5). :func:`derive_seed` gives every step its own stream, reproducibly, with NumPy's ``SeedSequence``
-(the standard way to spawn independent streams from one seed).
+(the standard way to spawn independent streams from one seed). :class:`SeededNoise` is the base noise
+of a seeded posterior draw, one stream per observation, so the samples do not depend on chunking.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from sbiflows.checks import check_int
 
-__all__ = ["derive_seed", "stream_seeds"]
+__all__ = ["SeededNoise", "derive_seed", "stream_seeds"]
 
 
 def derive_seed(seed: int, stream: str | int) -> int:
@@ -60,3 +63,39 @@ def stream_seeds(seed: int, stream: str, count: int) -> np.ndarray:
     check_int(seed, "seed")
     sequence = np.random.SeedSequence([int(seed) % 2**64, zlib.crc32(stream.encode())])
     return sequence.generate_state(count, dtype=np.uint32)
+
+
+class SeededNoise:
+    """Base noise of a seeded draw, in fixed blocks, so that the samples do not depend on chunking.
+
+    Observation ``b`` of a draw gets its own stream: rows ``[k * BLOCK, (k + 1) * BLOCK)`` come from a
+    generator seeded with the ``k``-th seed of stream ``b`` of one root seed, which is drawn from the
+    caller's generator. Chunking over samples or observations (``max_batch_elements``) then only
+    decides which blocks are computed together.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, generator: torch.Generator, n: int, base: torch.nn.Module, device: torch.device):
+        self.root = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        self.blocks = -(-n // self.BLOCK)
+        self.base, self.device = base, device
+        self._seeds: dict[int, np.ndarray] = {}
+
+    def rows(self, start: int, m: int, observations: range) -> Tensor:
+        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``."""
+        first, last = start // self.BLOCK, (start + m - 1) // self.BLOCK
+        offset = start - first * self.BLOCK
+        columns = []
+        for b in observations:
+            seeds = self._seeds.pop(b, None)
+            if seeds is None:
+                seeds = stream_seeds(self.root, f"posterior/{b}", self.blocks)
+            if last + 1 < self.blocks:
+                self._seeds[b] = seeds  # later rows of this observation come in another chunk
+            blocks = [
+                self.base.sample((self.BLOCK,), generator=torch.Generator(device=self.device).manual_seed(int(seeds[k])))
+                for k in range(first, last + 1)
+            ]
+            columns.append(torch.cat(blocks)[offset : offset + m])
+        return torch.stack(columns, 1)

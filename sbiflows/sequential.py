@@ -386,7 +386,7 @@ def _check_x_o(x_o: Tensor, sims: SimulationResult) -> None:
 
 
 def _observations_quiet():
-    from sbiflows.posterior import observations_unchecked
+    from sbiflows.observation_range import observations_unchecked
 
     return observations_unchecked()
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
-from sbiflows.posterior import observations_unchecked
+from sbiflows.observation_range import observations_unchecked
 from sbiflows.xshape import valid_rows
 
 __all__ = ["simulate_datasets"]

@@ -1,0 +1,79 @@
+"""Observations far outside the training simulations: the warning a posterior gives, and how to silence it.
+
+A posterior is an extrapolation of the network where an observation's features lie more than
+:data:`OUTSIDE_Z` standard deviations from the training simulations' mean; :func:`warn_if_outside`
+says so once per call, pointing at the user's code. :func:`observations_unchecked` silences it
+within a block (the calibration checks feed simulated x, whose tails may lie that far out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["OUTSIDE_Z", "observations_unchecked", "warn_if_outside"]
+
+#: An observation feature more than this many standard deviations from the training simulations' mean
+#: counts as far outside them (the posterior there is an extrapolation of the network).
+OUTSIDE_Z = 5.0
+_CHECK_OBSERVATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("sbiflows_check_observations", default=True)
+
+
+@contextlib.contextmanager
+def observations_unchecked() -> Iterator[None]:
+    """Within the block, posteriors do not warn about observations far outside the training simulations.
+
+    For internal callers (the calibration checks feed simulated x, whose tails may legitimately lie
+    beyond 5 standard deviations).
+
+    Example:
+        >>> with observations_unchecked():
+        ...     pass
+    """
+    token = _CHECK_OBSERVATIONS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_OBSERVATIONS.reset(token)
+
+
+def warn_if_outside(xs: Tensor, name: str, *, x_shift: Tensor, x_scale: Tensor) -> None:
+    """One warning when features of ``xs`` lie more than :data:`OUTSIDE_Z` sd from the training x.
+
+    ``x_shift`` and ``x_scale`` are the training simulations' z-scoring (a network's ``x_shift`` and
+    ``x_scale``). Nothing is checked inside :func:`observations_unchecked`.
+
+    Example:
+        >>> shift, scale = torch.zeros(2), torch.ones(2)
+        >>> warn_if_outside(torch.tensor([[1.0, -2.0]]), "x", x_shift=shift, x_scale=scale)  # within 5 sd: silent
+    """
+    if not _CHECK_OBSERVATIONS.get():
+        return
+    z = ((xs.double() - x_shift) / x_scale).abs().reshape(len(xs), -1)
+    far = z > OUTSIDE_Z  # NaN padding is never far
+    if not bool(far.any()):
+        return
+    features = torch.nonzero(far.any(0)).flatten().tolist()
+    rows = int(far.any(1).sum())
+    shown = ", ".join(f"{j} (|z| {float(z[:, j].max()):.3g})" for j in features[:5])
+    warnings.warn(
+        f"{rows} of {len(xs)} {name} row(s) lie far outside the training simulations: feature(s) {shown}"
+        f"{' and more' if len(features) > 5 else ''} are more than {OUTSIDE_Z:g} standard deviations from "
+        "the simulations' mean, so the posterior there is an extrapolation. A misspecified simulator or "
+        "wrong units are the usual cause (silence with sbiflows.posterior.observations_unchecked())",
+        UserWarning, stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside sbiflows and torch (a warning points at user code)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("sbiflows", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
