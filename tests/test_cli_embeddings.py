@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sbiflows import load
-from sbiflows.cli import _split_observations, main
+from sbiflows.cli import main
+from sbiflows.cli_observations import _split_observations
 
 SMALL = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
          "--calibration-samples", "100", "--max-epochs", "2", "--quiet"]

@@ -1,0 +1,136 @@
+"""The observations of ``sbiflows fit``: reading ``--observation`` files, ``--observations`` indices, checks.
+
+A file (``.csv``, ``.txt`` or ``.npy``) holds one observation or a batch of them;
+:func:`_split_observations` cuts it into observations of the simulator's x shape (probed from one
+simulation by :func:`_probe_x_shape` when the simulator is the user's), and
+:func:`_check_observations` refuses NaN, inf or a wrong shape before anything is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sbiflows.pipeline import Observation
+
+
+def _parse_indices(text: str) -> list[int]:
+    indices: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            indices.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--observations must look like '1-10' or '1,4', got {text!r}") from None
+    bad = [i for i in indices if not 1 <= i <= 10]
+    if bad or not indices:
+        raise ValueError(f"--observations must lie in 1..10, got {text!r}")
+    return indices
+
+
+def _check_observations(
+    observations: list[Observation], x_shape: tuple[int, ...] | None, *, padded_trials: bool = False
+) -> None:
+    """Every observation finite (up to NaN-padded trials for a set embedding) and of the simulator's x shape
+    (None: not known)."""
+    from sbiflows.xshape import valid_rows
+
+    for observation in observations:
+        name, x = observation.name, observation.x
+        if not valid_rows(x[None], padded_trials=padded_trials and x.ndim == 2).all():
+            raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
+        if x_shape is not None and len(x_shape) == 1 and x.numel() != x_shape[0]:
+            raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_shape[0]}")
+        if x_shape is not None and tuple(x.shape) != tuple(x_shape) and len(x_shape) > 1:
+            raise ValueError(
+                f"observation {name!r} has shape {tuple(x.shape)} ({x.numel()} values), but the simulator's x has "
+                f"shape {tuple(x_shape)}"
+            )
+
+
+def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The shape of one of the simulator's x, from one simulation (None if that simulation fails)."""
+    from sbiflows.seeding import derive_seed
+    from sbiflows.simulate import simulate
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(derive_seed(args.seed, "probe"))
+        theta = prior.sample((1,)).reshape(1, -1)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed probe only skips the check; the run reports failures
+        probe = simulate(simulator, theta, seed=derive_seed(args.seed, "probe"), timeout=args.timeout, progress=False)
+    x = probe.x
+    if x is None or x.numel() == 0 or not probe.valid.all():
+        print("sbiflows fit: note: one probe simulation failed, so the observation's shape is checked after "
+              "simulating", file=sys.stderr)
+        return None
+    return tuple(x.shape[1:]) if x.ndim > 1 else (1,)
+
+
+def _split_observations(
+    data: torch.Tensor, x_shape: tuple[int, ...] | None, path: Path, *, padded_trials: bool = False
+) -> list[torch.Tensor]:
+    """The observations in a file's array: ``x_shape`` is one, ``(B, *x_shape)`` is B; a table's rows are
+    reshaped to ``x_shape`` when they hold its number of values (unknown shape: one observation per row).
+    For a set embedding (``padded_trials``), sets of fewer trials are NaN-padded to ``x_shape``."""
+    if padded_trials and x_shape is not None and len(x_shape) == 2 and data.ndim in (2, 3) \
+            and data.shape[-1] == x_shape[1]:
+        from sbiflows.xshape import check_observations
+
+        return list(check_observations(data, x_shape, f"--observation {str(path)!r}", padded_trials=True))
+    if x_shape is None or len(x_shape) == 1:
+        return list(data.reshape(1, -1) if data.ndim <= 1 else data.reshape(len(data), -1))
+    x_shape = tuple(x_shape)
+    if tuple(data.shape) == x_shape:
+        return [data]
+    if tuple(data.shape[1:]) == x_shape:
+        return list(data)
+    if data.ndim == 2 and data.shape[1] == int(np.prod(x_shape)):
+        return list(data.reshape(len(data), *x_shape))
+    raise ValueError(
+        f"--observation {str(path)!r} holds an array of shape {tuple(data.shape)}; the simulator's x has shape "
+        f"{x_shape}: give {x_shape} (one observation), (B, {', '.join(map(str, x_shape))}) or a table of "
+        f"{int(np.prod(x_shape))} values per row"
+    )
+
+
+_FORMATS = (".csv", ".txt", ".npy")
+
+
+def _read_observations(path: Path) -> torch.Tensor:
+    if path.suffix.lower() not in _FORMATS:
+        raise ValueError(f"--observation {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(_FORMATS)} (one observation per row)")
+    if not path.exists():
+        raise ValueError(f"--observation file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        else:
+            data = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2, skiprows=_header(path))
+    except ValueError as error:
+        raise ValueError(f"--observation {str(path)!r} is not a numeric table: {error}") from None
+    data = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
+    return torch.from_numpy(data if path.suffix == ".npy" else np.atleast_2d(data))
+
+
+def _header(path: Path) -> int:
+    first = path.read_text().splitlines()[:1]
+    if not first:
+        return 0
+    try:
+        [float(v) for v in first[0].replace(",", " ").split()]
+        return 0
+    except ValueError:
+        return 1

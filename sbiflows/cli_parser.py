@@ -1,0 +1,142 @@
+"""The argument parser of the ``sbiflows`` command: its subcommands, options, defaults and help.
+
+:func:`build_parser` only describes the command line; :func:`sbiflows.cli.main` runs it. Importing this
+module loads no network code, so ``sbiflows --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sbiflows import __version__
+from sbiflows.estimator import ESTIMATORS
+from sbiflows.training_options import MAX_EPOCHS
+from sbiflows.transforms.transformers import DEFAULT_BINS, TRANSFORMERS
+
+#: ``--embedding`` names (:data:`sbiflows.embeddings.EMBEDDINGS`; listed here so that ``--help`` imports no network code).
+EMBEDDING_NAMES = ("mlp", "cnn1d", "cnn2d", "set")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows an option's default where it has a meaningful one (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sbiflows`` command."""
+    parser = _Parser(
+        prog="sbiflows",
+        description="Simulation-based inference with normalizing flows: simulate, train a neural posterior "
+        "estimator, check its calibration and write a report.",
+        epilog="Run 'sbiflows fit --help' for the main job.",
+    )
+    parser.add_argument("--version", action="version", version=f"sbiflows {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    fit = sub.add_parser(
+        "fit",
+        help="simulate, train NPE, sample the posterior, run calibration checks, write a report",
+        description="Simulate from the prior, train a neural posterior estimator, sample the posterior for "
+        "the observations, run calibration checks (SBC, expected coverage, TARP, posterior predictive; C2ST "
+        "against the reference posterior of a benchmark task) and write everything into --out.",
+        formatter_class=_DefaultsFormatter,
+    )
+    fit.add_argument("task", nargs="?", help="benchmark task name (see 'sbiflows tasks'); omit with --simulator")
+    fit.add_argument("--simulator", metavar="MODULE:FUNCTION", help="your simulator: theta (N, D) -> x (N, x_dim) or (N, *x_shape); MODULE may also be a file, path/to/model.py")
+    fit.add_argument("--prior", metavar="MODULE:OBJECT", help="your prior: a torch Distribution (or a function returning one); MODULE may be a file")
+    fit.add_argument("--observation", type=Path, action="append", metavar="FILE",
+                     help="observed data: .csv/.txt with one observation per row (reshaped to the simulator's "
+                     "x shape), or .npy of shape x_shape (one) or (B, *x_shape); repeatable")
+    fit.add_argument("--observations", default="1-10", metavar="LIST",
+                     help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
+    fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
+    fit.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
+                     help="R > 1: truncated sequential NPE for exactly one observation (one --observation file "
+                     "with one row, or a task with --observations N), the budget split over R rounds; 1: "
+                     "amortized NPE")
+    fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default="maf",
+                     help="flow architecture: maf (affine masked autoregressive), nsf (neural spline flow), "
+                     "realnvp (affine couplings)")
+    fit.add_argument("--transformer", choices=sorted(TRANSFORMERS), default=None,
+                     help="elementwise map of the flow's layers (default: spline for nsf, affine otherwise)")
+    fit.add_argument("--bins", type=_positive_int, default=None, metavar="K",
+                     help=f"spline bins (default {DEFAULT_BINS}); only with a spline transformer")
+    fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                     help="train K flows with different seeds and use their equal-weight mixture (K times the "
+                     "training cost; wider, less over-confident posteriors)")
+    fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
+                     help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
+                     "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "
+                     "Default: the task's own (cnn1d for sir and lotka_volterra, set for bernoulli_glm_raw, mlp "
+                     "for slcp_distractors, none for the others); for --simulator, none for flat x and mlp for "
+                     "structured x")
+    fit.add_argument("--out", type=Path, default=None, help="output folder (default runs/<task>)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of simulation, training and sampling")
+    fit.add_argument("--num-samples", type=_positive_int, default=10_000, help="posterior samples per observation")
+    fit.add_argument("--calibration-datasets", type=_positive_int, default=500,
+                     help="fresh simulations for SBC / coverage / TARP")
+    fit.add_argument("--calibration-samples", type=_positive_int, default=1000,
+                     help="posterior samples per calibration dataset")
+    fit.add_argument("--c2st-samples", type=_positive_int, default=10_000,
+                     help="samples per side for C2ST against the reference posterior")
+    fit.add_argument("--no-reference", action="store_true", help="skip the reference posterior and C2ST")
+    fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
+                     help="training epoch cap (early stopping usually ends training before it)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--labels", metavar="LIST", default=None,
+                     help="comma-separated parameter names for plots and the report (default: the task's, or the "
+                     "prior's parameter_names, or theta_1, ...)")
+    fit.add_argument("--name", default=None, help="title of the report (default: the task or simulator module)")
+    fit.add_argument("--strict", action="store_true",
+                     help="exit with code 1 when calibration finds the posterior over-confident or biased")
+    fit.add_argument("--force", action="store_true",
+                     help="replace the results of an earlier run with other settings in --out (only files sbiflows "
+                     "wrote are removed; simulations are kept where the settings they depend on are unchanged)")
+    engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
+    engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="local worker processes that run the simulator (default: in this process)")
+    engine.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                        help="run the simulations on a Dask cluster, e.g. tcp://10.0.0.5:8786 "
+                        "(needs pip install 'sbiflows[dask]')")
+    engine.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                        help="kill a simulator call that runs longer; its rows count as failed")
+    engine.add_argument("--batch-size", type=_positive_int, default=100, metavar="ROWS",
+                        help="parameter sets per simulator call and per stored chunk; results depend on it, "
+                        "not on --workers or --scheduler")
+
+    sub.add_parser("tasks", help="list the benchmark tasks", description="List the benchmark tasks.")
+    return parser
+
+
+# --------------------------------------------------------------------------------- arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
