@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from sbiflows.estimator import PosteriorNet
+from sbiflows.seeding import derive_seed
 
-__all__ = ["EnsembleBase", "EnsembleNet"]
+__all__ = ["EnsembleBase", "EnsembleNet", "member_seed"]
 
 
 class EnsembleBase(nn.Module):
@@ -128,3 +129,13 @@ class EnsembleNet(nn.Module):
         """Set every member's z-score statistics from the training rows."""
         for member in self.members:
             member.set_standardization(u, x)
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of ensemble member ``k`` (member 0 uses ``seed`` itself, so ``ensemble=1`` is a single flow).
+
+    Example:
+        >>> member_seed(7, 0), member_seed(7, 1) == member_seed(7, 2)
+        (7, False)
+    """
+    return seed if k == 0 else derive_seed(seed, f"ensemble/{k}")

@@ -44,7 +44,6 @@ Design choices (see also ``docs/benchmarks.md``):
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,35 +53,24 @@ from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
 from sbiflows.checks import check_int, check_real
-from sbiflows.estimator import (
-    ACTIVATIONS,
-    ESTIMATORS,
-    build_flow,
-    check_hidden_features,
-    default_transforms,
-    resolve_transformer,
-    PosteriorNet,
-)
-from sbiflows.embeddings import embedding_config
-from sbiflows.xshape import layout, zscore_shaped
+from sbiflows.ensemble import EnsembleNet, member_seed
+from sbiflows.estimator import PosteriorNet, default_transforms
 from sbiflows.flows import Flow
+from sbiflows.npe_network import build_network, check_network_options, network_config
 from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, prior_device
-from sbiflows.unconstrained import Unconstrained
+from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training import (
+    MAX_EPOCHS,
     TrainingHistory,
     check_training_options,
-    default_batch_size,
-    default_learning_rate,
-    MAX_EPOCHS,
     split_sizes,
     train_checked,
 )
-from sbiflows.ensemble import EnsembleNet
-from sbiflows.seeding import derive_seed
-from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_data import check_training_data, duplicate_groups
+from sbiflows.training_options import batch_options
+from sbiflows.unconstrained import Unconstrained
 
 __all__ = ["NPE"]
 
@@ -172,32 +160,11 @@ class NPE:
         self.balancing = check_real(balancing, "balancing", low=0.0)
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
-        if isinstance(estimator, str) and estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
-        if not isinstance(estimator, str) and not callable(estimator):
-            raise TypeError(f"estimator must be a name {sorted(ESTIMATORS)} or a callable, got {type(estimator).__name__}")
-        self._transformer = resolve_transformer(estimator, transformer, bins, bound)
-        spline = self._transformer["transformer"] == "spline"
-        if estimator == "realnvp" and self.theta_dim < 2 and not spline:
-            raise ValueError(
-                "estimator 'realnvp' with affine couplings needs theta with at least 2 dimensions (couplings split "
-                "theta); use 'nsf' or 'maf'"
-            )
-        if estimator == "maf" and self.theta_dim == 1 and not spline:
-            warnings.warn(
-                "with 1-D theta, a MAF of affine layers is a conditional Gaussian in the prior's unconstrained "
-                "space (it cannot represent multimodal posteriors); use estimator='nsf' or transformer='spline' for "
-                "more flexibility",
-                UserWarning,
-                stacklevel=2,
-            )
-        if embedding_net is not None and not isinstance(embedding_net, nn.Module):
-            raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
-        self.transforms = check_int(transforms, "transforms", minimum=1, optional="the default rule")
+        self._transformer, self.transforms, self.hidden_features = check_network_options(
+            estimator, self.theta_dim, transformer=transformer, bins=bins, bound=bound, embedding_net=embedding_net,
+            activation=activation, transforms=transforms, hidden_features=hidden_features,
+        )
         self.estimator = estimator
-        self.hidden_features = check_hidden_features(hidden_features)
         self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements
@@ -320,10 +287,7 @@ class NPE:
             if self._theta is not None:
                 theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
             n_train = split_sizes(len(theta), validation_fraction)[0]
-            # The step-size rule sees the batch actually used (train() lowers a batch larger than the rows).
-            batch_size = default_batch_size(n_train) if checked_batch is None else min(checked_batch, n_train)
-            if learning_rate is None:
-                learning_rate = default_learning_rate(batch_size)
+            batch_size, learning_rate = batch_options(n_train, checked_batch, learning_rate)
             space = Unconstrained(self._prior.support)
             inside = space.nudge_inside(theta)
             u = space.to_unconstrained(inside)
@@ -331,7 +295,8 @@ class NPE:
                 self._prior.log_prob(inside).to(u.dtype) + space.log_abs_det_jacobian(u), weight=self.balancing)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-                members = [self._build(u, x, member_seed(seed, k), n_layers) for k in range(self.ensemble)]
+                members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
+                                         dtype=self.dtype, **self._architecture()) for k in range(self.ensemble)]
                 net, flow_seed = (members[0] if self.ensemble == 1 else EnsembleNet(members)), seed
             else:
                 net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
@@ -404,44 +369,6 @@ class NPE:
         return self
 
     # ------------------------------------------------------------------------------ internals
-    def _build(self, u: Tensor, x: Tensor, seed: int, transforms: int) -> PosteriorNet:
-        x_shape = tuple(x.shape[1:])
-        if self.embedding_net is not None:
-            embedding = copy.deepcopy(self.embedding_net)
-        else:  # structured x without an embedding: the flow sees it flattened
-            embedding = nn.Identity() if len(x_shape) == 1 else nn.Flatten()
-        embedding.to(self.device, self.dtype)
-        axes, padded = layout(embedding, x_shape)
-        x_mean, x_std, constant = zscore_shaped(x, axes=axes, padded_trials=padded)
-        if constant:
-            where = "dimensions" if not axes else f"z-scoring groups (statistics of shape {tuple(x_mean.shape)})"
-            warnings.warn(
-                f"x has constant {where} {constant} in the training data; they carry no information and are "
-                "not standardized (std set to 1)",
-                UserWarning,
-                stacklevel=3,
-            )
-        probe = ((x[:2] - x_mean) / x_std).to(self.dtype)
-        expected = f"(N, {', '.join(map(str, x_shape))})"
-        try:
-            with torch.no_grad():
-                out = embedding(probe)
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(
-                f"embedding_net failed on training x of shape {expected} (x_shape {x_shape}): {error}"
-            ) from error
-        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(probe):
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"embedding_net must map {expected} to (N, C), got output {shape}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            flow = build_flow(self.estimator, self.theta_dim, out.shape[1], transforms=transforms,
-                              hidden_features=self.hidden_features, activation=self.activation, seed=seed,
-                              **self._transformer)
-        net = PosteriorNet(flow, embedding, theta_dim=self.theta_dim, x_shape=x_shape).to(self.device, self.dtype)
-        net.set_standardization(u, x)
-        return net
-
     def _keep_partial(
         self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int, history: TrainingHistory,
         error: BaseException,
@@ -462,25 +389,11 @@ class NPE:
                 f"attempt ({what}) are in npe.partial_posterior"
             )
 
-    def _config(self, net: PosteriorNet, flow_seed: int, transforms: int) -> dict:
-        return {
-            "estimator": self.estimator if isinstance(self.estimator, str) else "custom",
-            **self._transformer,
-            "transforms": transforms,
-            "hidden_features": list(self.hidden_features),
-            "activation": self.activation,
-            **embedding_config(self.embedding_net),
-            "theta_dim": self.theta_dim,
-            "x_dim": net.x_dim,
-            "x_shape": list(net.x_shape),
-            "x_stats_shape": list(net.x_shift.shape),
-            "context_features": (net.members[0] if isinstance(net, EnsembleNet) else net).flow.context_features,
-            "flow_seed": flow_seed,
-            "ensemble": len(net.members) if isinstance(net, EnsembleNet) else 1,
-            "balancing": self.balancing,
-        }
+    def _architecture(self) -> dict[str, Any]:
+        """The options (checked by ``__init__``) that :func:`build_network` and :func:`network_config` share."""
+        return {"estimator": self.estimator, "theta_dim": self.theta_dim, "hidden_features": self.hidden_features,
+                "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
 
-
-def member_seed(seed: int, k: int) -> int:
-    """The seed of ensemble member ``k`` (member 0 uses ``seed`` itself, so ``ensemble=1`` is a single flow)."""
-    return seed if k == 0 else derive_seed(seed, f"ensemble/{k}")
+    def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
+        return network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
+                              **self._architecture())

@@ -145,3 +145,19 @@ def default_learning_rate(batch_size: int) -> float:
     """
     del batch_size  # the measured optimum did not depend on it within the default range
     return 2e-3
+
+
+def batch_options(n_train: int, batch_size: int | None, learning_rate: float | None) -> tuple[int, float]:
+    """``(batch_size, learning_rate)`` NPE trains ``n_train`` rows with: the defaults where an option is None.
+
+    A batch larger than the rows is lowered to them first, so the step-size rule sees the batch actually
+    used (:func:`~sbiflows.training.train` lowers it too). The options are assumed checked
+    (:func:`check_training_options`).
+
+    Example:
+        >>> batch_options(900, None, None), batch_options(100, 256, 1e-3)
+        ((60, 0.002), (100, 0.001))
+    """
+    batch_size = default_batch_size(n_train) if batch_size is None else min(batch_size, n_train)
+    return batch_size, default_learning_rate(batch_size) if learning_rate is None else learning_rate
+
