@@ -5,14 +5,13 @@ named steps, each of which writes what it made as soon as it exists: every chunk
 it finishes (into the stores ``simulations.zarr`` and ``calibration.zarr``), the posterior right after
 training, the samples right after sampling. Rerunning the same job into the same folder resumes: it
 reads the finished simulations, and reuses the posterior and the samples when ``resume.json`` says
-they were made with the same settings, so a kill or Ctrl-C at any step loses at most the step in
-progress.
+they were made with the same settings (:mod:`sbiflows.pipeline_resume`), so a kill or Ctrl-C at any step
+loses at most the step in progress.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +23,19 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-import sbiflows
 from sbiflows import diagnostics, pipeline_sequential, plots
-from sbiflows.npe import NPE
-from sbiflows.posterior import Posterior, load
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
-from sbiflows.report import describe_estimator, jsonable, parameter_summary, plain_label, write_markdown
+from sbiflows.npe import NPE
+from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
+from sbiflows.posterior import Posterior, load
+from sbiflows.report import (
+    describe_estimator,
+    jsonable,
+    parameter_summary,
+    plain_label,
+    write_markdown,
+)
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
@@ -114,7 +119,7 @@ class Job:
     def settings(self) -> dict:
         """The settings that change the run's results (not progress output or the engine's parallelism)."""
         return jsonable({
-            "name": self.name, "simulator": _identity(self.simulator), "prior": _prior_identity(self.prior),
+            "name": self.name, "simulator": function_identity(self.simulator), "prior": prior_identity(self.prior),
             "observations": {o.name: o.x.reshape(-1).tolist() for o in self.observations},
             **{key: getattr(self, key) for key in ("simulations", "estimator", "transformer", "bins", "ensemble",
                                                    "embedding", "seed", "num_samples",
@@ -141,7 +146,7 @@ class _State:
 
     job: Job
     log: Callable[[str], None]
-    resume: _Resume
+    resume: Resume
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sequential: object = None  # the TSNPE of a run with rounds > 1
@@ -178,11 +183,11 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
         raise ValueError(f"a sequential run (rounds={job.rounds}) is for exactly one observation, got {len(names)}")
     job.out = Path(job.out)
     job.out.mkdir(parents=True, exist_ok=True)
-    state = _State(job, log, _Resume(job.out / "resume.json"))
+    state = _State(job, log, Resume(job.out / "resume.json"))
     state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
                         embedding=job.embedding, seed=job.seed,
                         parameter_names=[plain_label(n) for n in job.parameter_names()],
-                        versions=_versions())
+                        versions=versions())
     if job.rounds > 1:  # the seam: a sequential method replaces simulate + train and calibration
         posterior = pipeline_sequential.fit(state)
     else:
@@ -349,70 +354,8 @@ def _calibrate(state: _State, posterior: Posterior) -> None:
     state.log(f"      calibration: {state.report['verdict']}: {state.report['advice']}")
 
 
-# -------------------------------------------------------------------------------- bookkeeping
-def _identity(function: Callable) -> str:
-    target = function if hasattr(function, "__qualname__") else type(function)
-    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
-
-
-def _prior_identity(prior: Distribution) -> str:
-    """The prior's class and parameters (a digest of them), or its repr when it cannot be described."""
-    import hashlib
-
-    from sbiflows.prior_specs import prior_spec
-
-    spec = prior_spec(prior)
-    if spec is None:
-        return repr(prior)
-    config, tensors = spec
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in sorted(tensors):
-        digest.update(tensors[name].detach().cpu().double().numpy().tobytes())
-    return f"{config.get('class')}:{digest.hexdigest()[:16]}"
-
-
-
 def _save_figure(figure, stem: Path) -> None:
     """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure."""
     figure.savefig(stem.with_suffix(".png"), dpi=300)
     figure.savefig(stem.with_suffix(".pdf"))
     plt.close(figure)
-
-
-
-class _Resume:
-    """``resume.json``: the settings each finished step (training, sampling) was made with."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fresh: set[str] = set()  # steps run (not reused) by this run
-        try:
-            self.steps = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:
-            self.steps = {}
-
-    def matches(self, step: str, settings: dict, output: Path) -> bool:
-        """Whether ``step`` finished with these settings and its output is still there."""
-        return output.exists() and self.steps.get(step) == jsonable(settings)
-
-    def done(self, step: str, settings: dict) -> None:
-        """Record that ``step`` finished with these settings (written atomically)."""
-        self.steps[step] = jsonable(settings)
-        self.fresh.add(step)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.steps, indent=1))
-        temporary.replace(self.path)
-
-
-def _versions() -> dict[str, str]:
-    import scipy
-
-    return {
-        "sbiflows": sbiflows.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "platform": platform.platform(),
-    }
-
