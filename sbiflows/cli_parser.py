@@ -1,7 +1,6 @@
 """The argument parser of the ``sbiflows`` command: its subcommands, options, defaults and help.
 
-:func:`build_parser` only describes the command line; :func:`sbiflows.cli.main` runs it. Importing this
-module loads no network code, so ``sbiflows --help`` stays fast.
+:func:`build_parser` only describes the command line; :func:`sbiflows.cli.main` runs it.
 """
 
 from __future__ import annotations
