@@ -55,17 +55,18 @@ def exact_posterior(x: torch.Tensor, num_samples: int, generator: torch.Generato
 
 
 def run_iid(*, simulations: int, max_trials: int, trials: list[int], observations: int, seed: int,
-            num_samples: int = 10_000, max_epochs: int = 1000, out_features: int = 20) -> dict:
+            num_samples: int = 10_000, max_epochs: int = 1000, out_features: int = 20,
+            pooling: str | None = None) -> dict:
     """Train one network on 1..max_trials trials and score it at each count; returns the record."""
     generator = torch.Generator().manual_seed(seed)
     prior = iid_prior()
     theta = torch.randn(simulations, DIM, generator=generator)  # the N(0, I) prior, from the seeded generator
     counts = torch.randint(1, max_trials + 1, (simulations,), generator=generator)
     x = iid_simulate(theta, counts, max_trials, generator)
-    embedding = PermutationInvariant(DIM, out_features=out_features)
+    embedding = PermutationInvariant(DIM, out_features=out_features, **({"pooling": pooling} if pooling else {}))
     start, cpu = time.perf_counter(), time.process_time()
     posterior = NPE(prior, embedding_net=embedding).fit(theta, x, seed=seed, max_epochs=max_epochs, progress=False)
-    record = {"seed": seed, "simulations": simulations, "train_seconds": time.perf_counter() - start,
+    record = {"seed": seed, "simulations": simulations, "pooling": embedding.config["pooling"], "train_seconds": time.perf_counter() - start,
               "train_cpu_seconds": time.process_time() - cpu, "epochs": posterior.history.epochs, "c2st": {}}
     for n in trials:
         scores = []
@@ -80,8 +81,9 @@ def run_iid(*, simulations: int, max_trials: int, trials: list[int], observation
 
 
 # ------------------------------------------------------------------------------------ tasks
-def run_task_ours(task, theta, x, observations, *, seed, num_samples):
-    embedding = from_name(task.default_embedding, task.x_shape)
+def run_task_ours(task, theta, x, observations, *, seed, num_samples, pooling=None):
+    options = {"pooling": pooling} if pooling and task.default_embedding == "set" else {}
+    embedding = from_name(task.default_embedding, task.x_shape, **options)
     start, cpu = time.perf_counter(), time.process_time()
     posterior = NPE(task.prior, embedding_net=embedding).fit(theta, x, seed=seed, progress=False)
     record = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu,
@@ -91,7 +93,7 @@ def run_task_ours(task, theta, x, observations, *, seed, num_samples):
     return record, samples
 
 
-def run_task_sbi(task, theta, x, observations, *, seed, num_samples):
+def run_task_sbi(task, theta, x, observations, *, seed, num_samples, pooling=None):
     """sbi 0.27 NPE (MAF, its defaults) with the embedding that matches the task's default one."""
     from benchmark_npe import _NullTracker  # examples/ is on the path when this runs as a script
     from sbi.inference import NPE as SbiNPE
@@ -120,7 +122,7 @@ def run_task_sbi(task, theta, x, observations, *, seed, num_samples):
 
 
 def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, with_sbi: bool,
-             observations: list[int]) -> dict:
+             observations: list[int], pooling: str | None = None) -> dict:
     import simulators
     from sbiflows.simulate import simulate_from_prior
 
@@ -133,7 +135,7 @@ def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, w
     if with_sbi:
         runners["sbi"] = run_task_sbi
     for label, runner in runners.items():
-        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples)
+        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples, pooling=pooling)
         record["c2st"] = [c2st(references[i], samples[i], seed=seed).accuracy for i in observations]
         out[label] = record
     return out
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     iid.add_argument("--observations", type=int, default=5, help="observations per trial count")
     iid.add_argument("--seeds", type=int, nargs="+", default=[0])
     iid.add_argument("--num-samples", type=int, default=10_000)
+    iid.add_argument("--pooling", choices=["mean", "sum"], help="the set network's pooling (default: its own)")
     task = sub.add_parser("task", help="a benchmark task with its default embedding (and sbi's matching one)")
     task.add_argument("--task", default="slcp_distractors",
                       choices=["slcp_distractors", "bernoulli_glm_raw", "sir", "lotka_volterra"])
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     task.add_argument("--num-samples", type=int, default=10_000)
     task.add_argument("--observations", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     task.add_argument("--no-sbi", action="store_true")
+    task.add_argument("--pooling", choices=["mean", "sum"], help="ours: the set network's pooling (default: its own)")
     args = parser.parse_args(argv if argv is not None else None)
     records = []
     if args.mode in (None, "iid"):
@@ -164,9 +168,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args = parser.parse_args(["iid", *(argv or [])])
         for seed in args.seeds:
             record = run_iid(simulations=args.simulations, max_trials=args.max_trials, trials=args.trials,
-                             observations=args.observations, seed=seed, num_samples=args.num_samples)
+                             observations=args.observations, seed=seed, num_samples=args.num_samples,
+                             pooling=args.pooling)
             records.append(record)
-            print(f"seed {seed}: {record['simulations']} simulations, {record['epochs']} epochs, training "
+            print(f"seed {seed}: {record['simulations']} simulations, {record['pooling']} pooling, {record['epochs']} epochs, training "
                   f"{record['train_seconds']:.1f} s wall / {record['train_cpu_seconds']:.1f} s CPU")
             for n, scores in record["c2st"].items():
                 print(f"  {n:3d} trials: C2ST mean {statistics.mean(scores):.3f} "
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with_sbi = False
     for seed in args.seeds:
         record = run_task(args.task, simulations=args.simulations, seed=seed, num_samples=args.num_samples,
-                          with_sbi=with_sbi, observations=args.observations)
+                          with_sbi=with_sbi, observations=args.observations, pooling=args.pooling)
         records.append(record)
         for label in ("ours", "sbi"):
             if label in record:

@@ -206,10 +206,12 @@ class PermutationInvariant(_Embedding):
     padding and are masked out, so one network serves sets of 1 to ``trials`` trials (NPE pads
     smaller observations automatically). Pooling:
 
-    * ``"mean"`` (default): the mean of the trial embeddings with ``log(number of trials)`` appended,
-      so the network can narrow the posterior as trials are added (a mean alone cannot tell 1 trial
-      from 50) while its inputs stay on one scale whatever the count;
-    * ``"sum"``: the sum (the count is implicit in its magnitude).
+    * ``"sum"`` (default): the sum of the trial embeddings, the form of an exponential family's
+      sufficient statistic ``sum_i T(x_i)``; the count is in its magnitude (a constant in ``phi`` sums
+      to it), so the posterior can narrow as trials are added;
+    * ``"mean"``: the mean with ``log(number of trials)`` appended, inputs on one scale whatever the
+      count. Its fluctuations between sets shrink like ``1 / sqrt(trials)``, which can starve ``rho``
+      of signal when every set has many trials (docs/benchmarks.md, "bernoulli_glm_raw").
 
     The output does not depend on the order of the trials. NPE z-scores the input per trial feature.
 
@@ -218,7 +220,7 @@ class PermutationInvariant(_Embedding):
         out_features: Output size.
         hidden_features: Hidden sizes of ``phi`` and of ``rho``.
         trial_out_features: Size of each trial's embedding (``phi``'s output).
-        pooling: ``"mean"`` or ``"sum"``.
+        pooling: ``"sum"`` or ``"mean"``.
 
     Example:
         >>> net = PermutationInvariant(2, out_features=4).double()
@@ -235,7 +237,7 @@ class PermutationInvariant(_Embedding):
     nan_padded_trials = True
 
     def __init__(self, trial_features: int, *, out_features: int = 20, hidden_features: Sequence[int] = (100, 100),
-                 trial_out_features: int = 50, pooling: str = "mean"):
+                 trial_out_features: int = 50, pooling: str = "sum"):
         trial_features = check_int(trial_features, "trial_features", minimum=1)
         hidden = check_hidden_features(hidden_features)
         trial_out = check_int(trial_out_features, "trial_out_features", minimum=1)

@@ -91,9 +91,10 @@ def test_nan_padded_trials_have_no_effect_wherever_they_are(pooling):
     assert torch.isfinite(x.grad).all()
 
 
-def test_mean_pooling_sees_the_number_of_trials():
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_pooling_sees_the_number_of_trials(pooling):
     torch.manual_seed(3)
-    net = PermutationInvariant(1, out_features=3).double()
+    net = PermutationInvariant(1, out_features=3, pooling=pooling).double()
     x = torch.randn(4, 5, 1, dtype=torch.float64)
     doubled = torch.cat([x, x], 1)  # same trial mean, twice the trials
     assert not torch.allclose(net(doubled), net(x))
@@ -122,6 +123,10 @@ def test_embedding_config_of_other_modules():
         build("lstm", {})
     with pytest.raises(ValueError, match="cannot rebuild embedding 'mlp'"):
         build("mlp", {"out_features": 3})
+
+
+def test_sum_pooling_is_the_default():
+    assert PermutationInvariant(2).config["pooling"] == "sum"
 
 
 def test_constructor_arguments_are_checked():

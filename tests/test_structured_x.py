@@ -202,7 +202,7 @@ def test_more_trials_narrow_the_posterior():
             theta, x, max_epochs=40, progress=False, seed=0)
     stds = [float(posterior.sample(2000, x=torch.full((n, 1), 0.5), seed=0).std()) for n in (1, 40)]
     exact = [(1 / (1 + n)) ** 0.5 for n in (1, 40)]  # 0.71 and 0.16
-    assert 0.55 < stds[0] < 0.85 and 0.12 < stds[1] < 0.22, (stds, exact)  # measured 0.68 and 0.16
+    assert 0.55 < stds[0] < 0.85 and 0.12 < stds[1] < 0.22, (stds, exact)  # measured 0.77 and 0.18 (sum pooling; mean: 0.68, 0.16)
 
 
 def test_diagnostics_take_structured_batches():
