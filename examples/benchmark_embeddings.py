@@ -81,19 +81,21 @@ def run_iid(*, simulations: int, max_trials: int, trials: list[int], observation
 
 
 # ------------------------------------------------------------------------------------ tasks
-def run_task_ours(task, theta, x, observations, *, seed, num_samples, pooling=None):
-    options = {"pooling": pooling} if pooling and task.default_embedding == "set" else {}
+def run_task_ours(task, theta, x, observations, *, seed, num_samples, pooling=None, embedding_options=None):
+    options = dict(embedding_options or {})
+    if pooling and task.default_embedding == "set":
+        options["pooling"] = pooling
     embedding = from_name(task.default_embedding, task.x_shape, **options)
     start, cpu = time.perf_counter(), time.process_time()
     posterior = NPE(task.prior, embedding_net=embedding).fit(theta, x, seed=seed, progress=False)
     record = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu,
-              "epochs": posterior.history.epochs}
+              "epochs": posterior.history.epochs, "embedding_config": dict(embedding.config)}
     samples = {i: posterior.sample(num_samples, x=task.structured(task.observation(i)), seed=seed)
                for i in observations}
     return record, samples
 
 
-def run_task_sbi(task, theta, x, observations, *, seed, num_samples, pooling=None):
+def run_task_sbi(task, theta, x, observations, *, seed, num_samples, **_ours_only):
     """sbi 0.27 NPE (MAF, its defaults) with the embedding that matches the task's default one."""
     from benchmark_npe import _NullTracker  # examples/ is on the path when this runs as a script
     from sbi.inference import NPE as SbiNPE
@@ -122,7 +124,8 @@ def run_task_sbi(task, theta, x, observations, *, seed, num_samples, pooling=Non
 
 
 def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, with_sbi: bool,
-             observations: list[int], pooling: str | None = None) -> dict:
+             observations: list[int], pooling: str | None = None,
+             embedding_options: dict | None = None) -> dict:
     import simulators
     from sbiflows.simulate import simulate_from_prior
 
@@ -135,7 +138,8 @@ def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, w
     if with_sbi:
         runners["sbi"] = run_task_sbi
     for label, runner in runners.items():
-        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples, pooling=pooling)
+        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples, pooling=pooling,
+                                 embedding_options=embedding_options)
         record["c2st"] = [c2st(references[i], samples[i], seed=seed).accuracy for i in observations]
         out[label] = record
     return out
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     task.add_argument("--observations", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     task.add_argument("--no-sbi", action="store_true")
     task.add_argument("--pooling", choices=["mean", "sum"], help="ours: the set network's pooling (default: its own)")
+    task.add_argument("--out-features", type=int, help="ours: the embedding's output size (default: its own)")
+    task.add_argument("--hidden-features", type=int, nargs="+", help="ours: the embedding's hidden sizes")
     args = parser.parse_args(argv if argv is not None else None)
     records = []
     if args.mode in (None, "iid"):
@@ -184,12 +190,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with_sbi = False
     for seed in args.seeds:
         record = run_task(args.task, simulations=args.simulations, seed=seed, num_samples=args.num_samples,
-                          with_sbi=with_sbi, observations=args.observations, pooling=args.pooling)
+                          with_sbi=with_sbi, observations=args.observations, pooling=args.pooling,
+                          embedding_options={k: v for k, v in (("out_features", args.out_features),
+                                                                ("hidden_features", args.hidden_features)) if v})
         records.append(record)
         for label in ("ours", "sbi"):
             if label in record:
                 r = record[label]
-                print(f"{args.task} seed {seed} {label} ({record['embedding']}): C2ST mean "
+                config = f" {r['embedding_config']}" if "embedding_config" in r else ""
+                print(f"{args.task} seed {seed} {label} ({record['embedding']}{config}): C2ST mean "
                       f"{statistics.mean(r['c2st']):.3f} ({', '.join(f'{s:.3f}' for s in r['c2st'])}); "
                       f"{r['epochs']} epochs, training {r['train_seconds']:.1f} s wall / "
                       f"{r['train_cpu_seconds']:.1f} s CPU")

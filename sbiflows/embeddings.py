@@ -77,6 +77,12 @@ class _Embedding(nn.Module):
 class MLP(_Embedding):
     """A fully connected network on the flattened simulation: ``(B, *x_shape) -> (B, out_features)``.
 
+    The default size (two hidden layers of 50, as sbi's ``FCEmbedding``) is small on purpose: a wide
+    network on high-dimensional x can tell every training simulation apart by its uninformative
+    values and overfits within a few epochs (measured on slcp_distractors in docs/benchmarks.md,
+    where ``(100, 100)`` fitted worse on every seed). A smaller ``out_features`` (e.g. twice the number of
+    parameters) can help further.
+
     Args:
         in_features: Values per simulation (``prod(x_shape)``).
         out_features: Output size (the flow's context).
@@ -90,7 +96,7 @@ class MLP(_Embedding):
 
     name = "mlp"
 
-    def __init__(self, in_features: int, *, out_features: int = 20, hidden_features: Sequence[int] = (100, 100),
+    def __init__(self, in_features: int, *, out_features: int = 20, hidden_features: Sequence[int] = (50, 50),
                  activation: str = "relu"):
         in_features = check_int(in_features, "in_features", minimum=1)
         out_features = check_int(out_features, "out_features", minimum=1)
