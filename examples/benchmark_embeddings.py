@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch.distributions import Independent, Normal
@@ -81,11 +82,8 @@ def run_iid(*, simulations: int, max_trials: int, trials: list[int], observation
 
 
 # ------------------------------------------------------------------------------------ tasks
-def run_task_ours(task, theta, x, observations, *, seed, num_samples, pooling=None, embedding_options=None):
-    options = dict(embedding_options or {})
-    if pooling and task.default_embedding == "set":
-        options["pooling"] = pooling
-    embedding = from_name(task.default_embedding, task.x_shape, **options)
+def run_task_ours(task, theta, x, observations, *, seed, num_samples, embedding_options=None):
+    embedding = from_name(task.default_embedding, task.x_shape, **(embedding_options or {}))
     start, cpu = time.perf_counter(), time.process_time()
     posterior = NPE(task.prior, embedding_net=embedding).fit(theta, x, seed=seed, progress=False)
     record = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu,
@@ -95,7 +93,7 @@ def run_task_ours(task, theta, x, observations, *, seed, num_samples, pooling=No
     return record, samples
 
 
-def run_task_sbi(task, theta, x, observations, *, seed, num_samples, **_ours_only):
+def run_task_sbi(task, theta, x, observations, *, seed, num_samples):
     """sbi 0.27 NPE (MAF, its defaults) with the embedding that matches the task's default one."""
     from benchmark_npe import _NullTracker  # examples/ is on the path when this runs as a script
     from sbi.inference import NPE as SbiNPE
@@ -124,8 +122,8 @@ def run_task_sbi(task, theta, x, observations, *, seed, num_samples, **_ours_onl
 
 
 def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, with_sbi: bool,
-             observations: list[int], pooling: str | None = None,
-             embedding_options: dict | None = None) -> dict:
+             observations: list[int], embedding_options: dict | None = None) -> dict:
+    """Train ours (``embedding_options`` go to its embedding) and sbi on the same draws; C2ST per observation."""
     import simulators
     from sbiflows.simulate import simulate_from_prior
 
@@ -134,12 +132,11 @@ def run_task(task_name: str, *, simulations: int, seed: int, num_samples: int, w
     theta, x = sims.theta[sims.valid], sims.x[sims.valid]
     references = {i: task.reference_posterior(i, num_samples) for i in observations}
     out = {"task": task_name, "seed": seed, "simulations": simulations, "embedding": task.default_embedding}
-    runners = {"ours": run_task_ours}
+    runners = {"ours": partial(run_task_ours, embedding_options=embedding_options)}
     if with_sbi:
         runners["sbi"] = run_task_sbi
     for label, runner in runners.items():
-        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples, pooling=pooling,
-                                 embedding_options=embedding_options)
+        record, samples = runner(task, theta, x, observations, seed=seed, num_samples=num_samples)
         record["c2st"] = [c2st(references[i], samples[i], seed=seed).accuracy for i in observations]
         out[label] = record
     return out
@@ -188,11 +185,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with_sbi = not args.no_sbi
     except ImportError:
         with_sbi = False
+    import simulators
+
+    options = {"out_features": args.out_features, "hidden_features": args.hidden_features, "pooling": args.pooling}
+    options = {k: v for k, v in options.items() if v}
+    if "pooling" in options and simulators.get(args.task).default_embedding != "set":
+        parser.error(f"--pooling is for a task with the set embedding; {args.task} uses another")
     for seed in args.seeds:
         record = run_task(args.task, simulations=args.simulations, seed=seed, num_samples=args.num_samples,
-                          with_sbi=with_sbi, observations=args.observations, pooling=args.pooling,
-                          embedding_options={k: v for k, v in (("out_features", args.out_features),
-                                                                ("hidden_features", args.hidden_features)) if v})
+                          with_sbi=with_sbi, observations=args.observations, embedding_options=options)
         records.append(record)
         for label in ("ours", "sbi"):
             if label in record:
