@@ -201,6 +201,7 @@ def _setup(args: argparse.Namespace) -> Job:
         transformer=args.transformer,
         bins=args.bins,
         ensemble=args.ensemble,
+        space=args.space,
         embedding=embedding,
         seed=args.seed,
         num_samples=args.num_samples,

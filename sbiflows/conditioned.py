@@ -30,6 +30,7 @@ from torch.distributions import constraints
 from sbiflows.observation_range import observations_unchecked
 from sbiflows.seeding import SeededNoise
 from sbiflows.threads import torch_threads
+from sbiflows.truncated_space import draw_inside
 
 if TYPE_CHECKING:
     from sbiflows.posterior import Posterior
@@ -113,7 +114,8 @@ class ConditionedPosterior(TorchDistribution):
     def rsample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterized samples ``(*sample_shape, *batch_shape, D)``: differentiable in the flow's parameters.
 
-        Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass). With
+        Drawn in one vectorized pass (not chunked: the whole graph is kept for the backward pass; in the
+        truncated space, in rounds of rejection until ``n`` draws are inside the support). With
         the same ``generator`` state the values equal :meth:`sample`'s (the same seeded base noise).
         """
         shape = self._extended_shape(torch.Size(sample_shape))
@@ -121,11 +123,19 @@ class ConditionedPosterior(TorchDistribution):
         post = self._posterior
         if n == 0:
             return torch.empty(shape, device=post.device, dtype=post.dtype)
-        if generator is None:
-            u = post.net.sample_given_context(n, self._context())
-        else:  # as Posterior.sample_batched: noise in fixed seeded blocks, then the flow (with gradients)
-            noise = SeededNoise(generator, n, post.net.flow.base, post.device).rows(0, n, range(1))
-            u = post.net.sample_from_base(noise, self._context())
+        context = self._context()
+        noise = None if generator is None else SeededNoise(generator, n, post.net.flow.base, post.device)
+
+        def propose(start: int, m: int, active: Tensor) -> Tensor:
+            if noise is None:
+                return post.net.sample_given_context(m, context)
+            # as Posterior.sample_batched: noise in fixed seeded blocks, then the flow (with gradients)
+            return post.net.sample_from_base(noise.rows(start, m, range(1)), context)
+
+        if post._space.truncated:  # the flow's draws inside the support (rejection), as Posterior.sample
+            u = draw_inside(propose, post._space.inside, n, 1, max_rows=max(n, post.max_batch_elements))
+        else:
+            u = propose(0, n, torch.zeros(1, dtype=torch.long))
         return post._space.to_constrained(u[:, 0]).reshape(shape)
 
     def sample(self, sample_shape: Any = (), *, generator: torch.Generator | None = None) -> Tensor:

@@ -70,7 +70,7 @@ from sbiflows.training import (
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
 from sbiflows.training_options import batch_options
-from sbiflows.unconstrained import Unconstrained
+from sbiflows.truncated_space import SPACES, make_space
 
 __all__ = ["NPE"]
 
@@ -113,6 +113,10 @@ class NPE:
             :mod:`sbiflows.balance`), which pushes the posterior towards conservative credible regions at
             some cost in sharpness; 0 (default): plain NPE, 100: the paper's choice. It costs a second
             network pass per training step, and the training history then records the penalized loss.
+        space: Where the flow models theta. ``"unconstrained"`` (default): in ``u = T^{-1}(theta)``, so
+            samples never leave the support and ``log_prob`` is exactly normalized on it. ``"truncated"``:
+            in theta itself, restricted to the support (rejection sampling, ``log_prob`` normalized by a
+            Monte Carlo estimate; see :mod:`sbiflows.truncated_space`), as sbi does.
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
         device: Where to train; default: the device of the prior's samples.
 
@@ -153,11 +157,15 @@ class NPE:
         embedding_net: nn.Module | None = None,
         ensemble: int = 1,
         balancing: float = 0.0,
+        space: str = "unconstrained",
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
     ):
         self.ensemble = check_int(ensemble, "ensemble", minimum=1)
         self.balancing = check_real(balancing, "balancing", low=0.0)
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
+        self.space = space
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
         self._transformer, self.transforms, self.hidden_features = check_network_options(
@@ -288,7 +296,7 @@ class NPE:
                 theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
             n_train = split_sizes(len(theta), validation_fraction)[0]
             batch_size, learning_rate = batch_options(n_train, checked_batch, learning_rate)
-            space = Unconstrained(self._prior.support)
+            space = make_space(self._prior.support, self.space)
             inside = space.nudge_inside(theta)
             u = space.to_unconstrained(inside)
             objective = None if self.balancing == 0 else BalancedObjective(
@@ -395,5 +403,5 @@ class NPE:
                 "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
 
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
-        return network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                              **self._architecture())
+        return {**network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
+                                 **self._architecture()), "space": self.space}

@@ -86,6 +86,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     ensemble: int = 1
+    space: str = "unconstrained"
     embedding: str = "none"
     seed: int = 0
     num_samples: int = 10_000
@@ -106,9 +107,9 @@ class Job:
     @property
     def estimator_options(self) -> dict:
         """The options of :class:`~sbiflows.NPE` that choose the flow (``estimator``, ``transformer``, ``bins``,
-        ``ensemble``)."""
+        ``ensemble``, and ``space`` unless it is the default)."""
         return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
-                "ensemble": self.ensemble}
+                "ensemble": self.ensemble, **({"space": self.space} if self.space != "unconstrained" else {})}
 
     @property
     def engine(self) -> dict:
@@ -126,6 +127,7 @@ class Job:
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
                                                    "reference", "max_epochs", "batch_size", "timeout", "labels")},
             **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
+            **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
         })
 
     def parameter_names(self) -> list[str]:

@@ -7,6 +7,10 @@ The flow models the parameters in the prior's unconstrained space, ``u = T^{-1}(
 * ``log_prob(theta) = log q(u | x) - log|det dT/du|``, a density normalized on the support, and
   ``-inf`` for ``theta`` outside it (or on its boundary, where ``u`` is infinite).
 
+With ``NPE(..., space="truncated")`` the flow models theta itself and the posterior is its restriction
+to the support: samples by rejection, ``log_prob`` normalized by a Monte Carlo estimate of the mass
+inside (see :mod:`sbiflows.truncated_space`).
+
 Device rule: inputs (tensors on any device, or numpy arrays) are moved to the posterior's device
 (:attr:`Posterior.device`) and cast to its dtype; results are returned on that device.
 Memory: batched sampling and evaluation are chunked so that at most ``max_batch_elements`` rows pass
@@ -34,12 +38,13 @@ from sbiflows.observation_range import (
     warn_if_outside,
 )
 from sbiflows.posterior_file import load
+from sbiflows.posterior_map import ascend
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
-from sbiflows.unconstrained import Unconstrained
+from sbiflows.truncated_space import LogNormalizer, draw_posterior, make_space
 from sbiflows.xshape import check_observations, valid_rows
 
 __all__ = ["Posterior", "as_float_tensor", "load"]
@@ -98,7 +103,8 @@ class Posterior:
         self.net = net.eval()
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
-        self._space = Unconstrained(self._prior.support)
+        self._space = make_space(self._prior.support, config.get("space", "unconstrained"))
+        self._normalizer = LogNormalizer()  # truncated space: log Z per observation, cached
         self.x_dim = net.x_dim
         self.x_shape: tuple[int, ...] = tuple(net.x_shape)
         self.config = config
@@ -145,7 +151,8 @@ class Posterior:
         prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
         checked = check_prior(prior)[0]
         self.net.to(device)
-        self.prior, self._prior, self._space = prior, checked, Unconstrained(checked.support)
+        self.prior, self._prior = prior, checked
+        self._space = make_space(checked.support, self.config.get("space", "unconstrained"))
         if self.default_x is not None:
             self.default_x = self.default_x.to(device)
         return self
@@ -206,6 +213,9 @@ class Posterior:
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None) -> Tensor:
         """``(n, B, D)`` draws for checked observations ``xs`` ``(B, *x_shape)`` (the work of sample and sample_batched)."""
         noise = None if generator is None else SeededNoise(generator, n, self.net.flow.base, self.device)
+        if self._space.truncated:
+            return draw_posterior(self.net, self._space, n, xs, noise=noise, generator=generator,
+                                  max_rows=self.max_batch_elements)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
         sample_step = min(n, self.max_batch_elements)
@@ -219,6 +229,18 @@ class Posterior:
                     u = self.net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
                 out[i : i + m, b : b + obs_step] = self._space.to_constrained(u)
         return out
+
+    def support_mass(self, x: Any = None) -> Tensor:
+        """The share of the flow's mass inside the prior's support for one observation (a scalar).
+
+        1 in the unconstrained space. In the truncated space it is the Monte Carlo estimate that normalizes
+        :meth:`log_prob` (see :mod:`sbiflows.truncated_space`), and the expected acceptance of sampling.
+        """
+        x = self._single_observation(x)
+        if not self._space.truncated:
+            return torch.ones((), device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            return self._normalizer(self.net, self._space, self.net.context(x), self.max_batch_elements)[0].exp()
 
     def condition(self, x: Any = None, *, validate_args: bool | None = None) -> ConditionedPosterior:
         """``p(theta | x)`` for one observation as a distribution over theta (a new object; ``self`` is unchanged).
@@ -288,6 +310,8 @@ class Posterior:
         ok = inside & torch.isfinite(u).all(-1)
         u = torch.where(ok[..., None], u, torch.zeros_like(u))
         log_prob = self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)
+        if self._space.truncated:
+            log_prob = log_prob - self._normalizer(self.net, self._space, context, self.max_batch_elements)
         return torch.where(ok, log_prob, torch.full_like(log_prob, -torch.inf))
 
     def _interior(self, like: Tensor) -> Tensor:
@@ -331,29 +355,10 @@ class Posterior:
         generator = self._generator(seed, None)
         context = self.net.context(x).detach()
         with torch.no_grad():
-            u = self.net.sample_given_context(num_init_samples, context, generator=generator)[:, 0]
-            start = self._log_prob_u(u, context).topk(min(num_to_optimize, num_init_samples)).indices
-        u = u[start].clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([u], lr=learning_rate)
-        best_u, best_lp = u.detach().clone(), torch.full((len(u),), -torch.inf, device=self.device, dtype=self.dtype)
-        steps = range(num_iter)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="MAP", unit="step", leave=False, disable=None)  # silent off a terminal
-        for _ in steps:
-            log_prob = self._log_prob_u(u, context)
-            with torch.no_grad():
-                better = log_prob > best_lp
-                best_u[better], best_lp[better] = u[better], log_prob[better]
-            (grad,) = torch.autograd.grad(log_prob.sum(), u)
-            u.grad = -grad
-            optimizer.step()
-        with torch.no_grad():
-            final = self._log_prob_u(u, context)  # the point after the last step counts too
-            better = final > best_lp
-            best_u[better], best_lp[better] = u[better], final[better]
-            return self._space.to_constrained(best_u[best_lp.argmax()])
+            starts = self._space.project(self.net.sample_given_context(num_init_samples, context, generator=generator)[:, 0])
+        best = ascend(lambda u: self._log_prob_u(u, context), starts, num_to_optimize=num_to_optimize,
+                      num_iter=num_iter, learning_rate=learning_rate, project=self._space.project, progress=progress)
+        return self._space.to_constrained(best)
 
     def _log_prob_u(self, u: Tensor, context: Tensor) -> Tensor:
         return self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)

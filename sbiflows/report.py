@@ -99,8 +99,8 @@ def describe_estimator(options: dict) -> str:
         'maf'
         >>> describe_estimator({"estimator": "nsf", "bins": 8, "ensemble": 5})
         'nsf (spline transformer, 8 bins), ensemble of 5 flows'
-        >>> describe_estimator({"estimator": "maf", "transformer": "spline"})
-        'maf (spline transformer, 10 bins)'
+        >>> describe_estimator({"estimator": "maf", "transformer": "spline", "space": "truncated"})
+        'maf (spline transformer, 10 bins), truncated theta space'
     """
     from sbiflows.estimator import resolve_transformer
 
@@ -111,6 +111,8 @@ def describe_estimator(options: dict) -> str:
         text += f" (spline transformer, {transformer['bins']} bins)"
     if options.get("ensemble", 1) > 1:
         text += f", ensemble of {options['ensemble']} flows"
+    if options.get("space", "unconstrained") != "unconstrained":
+        text += ", truncated theta space"
     return text
 
 

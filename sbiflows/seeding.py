@@ -13,6 +13,7 @@ of a seeded posterior draw, one stream per observation, so the samples do not de
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -82,15 +83,18 @@ class SeededNoise:
         self.base, self.device = base, device
         self._seeds: dict[int, np.ndarray] = {}
 
-    def rows(self, start: int, m: int, observations: range) -> Tensor:
-        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``."""
+    def rows(self, start: int, m: int, observations: Iterable[int]) -> Tensor:
+        """Noise for rows ``[start, start + m)`` of the given observations: ``(m, len(observations), D)``.
+
+        Rows past the ``n`` of the constructor continue each observation's stream (for rejection).
+        """
         first, last = start // self.BLOCK, (start + m - 1) // self.BLOCK
         offset = start - first * self.BLOCK
         columns = []
         for b in observations:
             seeds = self._seeds.pop(b, None)
-            if seeds is None:
-                seeds = stream_seeds(self.root, f"posterior/{b}", self.blocks)
+            if seeds is None or len(seeds) <= last:
+                seeds = stream_seeds(self.root, f"posterior/{b}", max(self.blocks, last + 1))
             if last + 1 < self.blocks:
                 self._seeds[b] = seeds  # later rows of this observation come in another chunk
             blocks = [

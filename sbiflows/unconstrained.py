@@ -92,6 +92,8 @@ class Unconstrained:
         True
     """
 
+    truncated = False  # samples never need rejection (see sbiflows.truncated_space for the space that does)
+
     def __init__(self, support: constraints.Constraint):
         self.support = flat_support(support)
         self.transform = biject_to(self.support)
@@ -137,6 +139,10 @@ class Unconstrained:
     def nudge_inside(self, theta: Tensor) -> Tensor:
         """Move boundary values one floating-point step inside (for training data drawn on a bound)."""
         return self._clamp(theta)
+
+    def project(self, u: Tensor) -> Tensor:
+        """``u`` unchanged: every point of the unconstrained space is valid."""
+        return u
 
     def _clamp(self, theta: Tensor) -> Tensor:
         for bound, toward, limit in ((self._lower, math.inf, torch.maximum), (self._upper, -math.inf, torch.minimum)):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,22 @@ def test_fit_with_a_spline_maf_ensemble(tmp_path, capsys):
     assert main([*again, "--force"]) == 0
     assert load(out / "posterior.pt").config["ensemble"] == 3
     assert "300 read from the store" in capsys.readouterr().out.split("[2/5]")[0]
+
+
+def test_fit_in_the_truncated_space(tmp_path):
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2", "--quiet"]
+    assert main(["fit", "two_moons", "--estimator", "nsf", "--space", "truncated", "--out", str(out),
+                 "--observations", "1", *small]) == 0
+    from sbiflows import load
+
+    posterior = load(out / "posterior.pt")
+    assert posterior.config["space"] == "truncated"
+    assert json.loads((out / "report.json").read_text())["space"] == "truncated"
+    assert "nsf (spline transformer, 10 bins), truncated theta space" in (out / "report.md").read_text()
+    with np.load(out / "samples.npz") as samples:
+        assert all((np.abs(samples[name]) <= 1).all() for name in samples.files)  # two_moons' box is [-1, 1]^2
 
 
 def test_console_script_entry_point_runs():
