@@ -1,0 +1,135 @@
+"""Tables for docs/benchmarks.md from the JSON records of the benchmark scripts (a reader, not a benchmark).
+
+Reads the ``--json`` files of ``benchmark_npe.py`` (ours against sbi on the same rows) and of
+``benchmark_bounded_space.py`` (the unconstrained against the truncated space) and prints one markdown
+row per task, budget and configuration: the mean over seeds of the per-seed mean C2ST over
+observations, the paired difference with its standard error over seeds (the targets' "no worse"
+test), how many seeds ours won, the summed training CPU seconds and the published NPE-NSF mean (sbibm,
+Lueckmann et al. 2021). Records of the same task, budget, configuration and seed are deduplicated
+(the last one wins), so a file may be appended to by reruns.
+
+Usage:
+    python examples/summarize_benchmarks.py npe results.jsonl
+    python examples/summarize_benchmarks.py bounded box.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+
+#: Published NPE-NSF mean C2ST at 1,000 and 10,000 simulations (sbibm; quoted in issue 16).
+PUBLISHED_NSF = {
+    "two_moons": (0.725, 0.606), "slcp": (0.975, 0.901), "gaussian_linear": (0.694, 0.552),
+    "gaussian_linear_uniform": (0.696, 0.553), "bernoulli_glm": (0.863, 0.678), "bernoulli_glm_raw": (0.900, 0.765),
+    "gaussian_mixture": (0.716, 0.615), "slcp_distractors": (0.982, 0.970), "sir": (0.815, 0.680),
+    "lotka_volterra": (0.999, 0.997),
+}
+
+
+def published(task: str, simulations: int) -> str:
+    """The published NPE-NSF mean for ``task`` at 1,000 or 10,000 simulations, else ``"-"``.
+
+    Example:
+        >>> published("two_moons", 10_000), published("two_moons", 5_000)
+        ('0.606', '-')
+    """
+    values = PUBLISHED_NSF.get(task)
+    column = {1_000: 0, 10_000: 1}.get(simulations)
+    return "-" if values is None or column is None else f"{values[column]:.3f}"
+
+
+def paired(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """Mean of ``ours - theirs`` and its standard error over seeds (NaN for one seed).
+
+    Example:
+        >>> [round(v, 4) for v in paired([0.6, 0.7, 0.8], [0.7, 0.7, 0.7])]
+        [0.0, 0.0577]
+    """
+    differences = [a - b for a, b in zip(ours, theirs)]
+    spread = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    return statistics.fmean(differences), spread
+
+
+def _mean(c2st: dict) -> float:
+    return statistics.fmean(c2st.values())
+
+
+def _latest(path: str, key) -> dict:
+    records = {}
+    with open(path) as stream:
+        for line in stream:
+            if line.strip():
+                record = json.loads(line)
+                records[key(record)] = record
+    return records
+
+
+def npe_rows(path: str) -> list[str]:
+    """Rows for ``benchmark_npe.py`` records: ours (per estimator) against sbi where sbi ran."""
+    def key(r):
+        return r["task"], r["simulations"], r["estimator"], r.get("transformer"), r["seed"]
+
+    groups = defaultdict(list)
+    for record in _latest(path, key).values():
+        groups[key(record)[:-1]].append(record)
+    rows = ["| task | simulations | ours | seeds | ours C2ST | sbi C2ST | ours - sbi (SE) | seeds ours <= sbi "
+            "| ours train CPU s | sbi train CPU s | published NPE-NSF |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, estimator, transformer), records in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        records.sort(key=lambda r: r["seed"])
+        ours = [_mean(r["ours_c2st"]) for r in records]
+        cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
+        name = estimator + (f" ({transformer})" if transformer else "")
+        if all("sbi_c2st" in r for r in records):
+            sbi = [_mean(r["sbi_c2st"]) for r in records]
+            difference, se = paired(ours, sbi)
+            wins = sum(a <= b for a, b in zip(ours, sbi))
+            sbi_cols = (f"{statistics.fmean(sbi):.3f} | {difference:+.3f} ({se:.3f}) | {wins} of {len(records)} | "
+                        f"{cpu:.1f} | {sum(r['sbi']['train_cpu_seconds'] for r in records):.1f}")
+        else:
+            sbi_cols = f"- | - | - | {cpu:.1f} | -"
+        rows.append(f"| {task} | {simulations:,} | {name} | {len(records)} | {statistics.fmean(ours):.3f} | {sbi_cols} "
+                    f"| {published(task, simulations)} |")
+    return rows
+
+
+def bounded_rows(path: str) -> list[str]:
+    """Rows for ``benchmark_bounded_space.py`` records: the truncated against the unconstrained space."""
+    def key(r):
+        return r["task"], r["simulations"], r["estimator"], r["seed"]
+
+    groups = defaultdict(list)
+    for record in _latest(path, key).values():
+        groups[key(record)[:-1]].append(record)
+    rows = ["| task | simulations | estimator | seeds | unconstrained C2ST | truncated C2ST | truncated - unconstrained "
+            "(SE) | seeds truncated better | lowest support mass | train CPU s unconstrained / truncated |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, estimator), records in sorted(groups.items()):
+        records.sort(key=lambda r: r["seed"])
+        free = [r["unconstrained"]["mean_c2st"] for r in records]
+        cut = [r["theta space"]["mean_c2st"] for r in records]
+        difference, se = paired(cut, free)
+        lowest = min(min(r["theta space"]["acceptance"].values()) for r in records)
+        cpu = [sum(r[name].get("train_cpu_s", math.nan) for r in records) for name in ("unconstrained", "theta space")]
+        rows.append(f"| {task} | {simulations:,} | {estimator} | {len(records)} | {statistics.fmean(free):.3f} | "
+                    f"{statistics.fmean(cut):.3f} | {difference:+.3f} ({se:.3f}) | "
+                    f"{sum(c < f for c, f in zip(cut, free))} of {len(records)} | {lowest:.2f} | "
+                    f"{cpu[0]:.1f} / {cpu[1]:.1f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["npe", "bounded"])
+    parser.add_argument("path")
+    args = parser.parse_args(argv)
+    print("\n".join((npe_rows if args.kind == "npe" else bounded_rows)(args.path)))
+
+
+if __name__ == "__main__":
+    main()
