@@ -91,6 +91,19 @@ def test_rounds_records_and_saved_posterior(tmp_path):
     assert [r["volume"] for r in loaded.config["tsnpe"]["rounds"]] == [r.volume for r in tsnpe.rounds]
 
 
+def test_rounds_in_the_truncated_space():
+    """TSNPE with NPE(space="truncated"): every round's parameters and the final samples stay in the box."""
+    tsnpe = TSNPE(PRIOR, space="truncated", **SMALL)
+    posterior = tsnpe.run(simulator, X_O, rounds=2, simulations=600, seed=0, batch_size=100, check_simulations=0,
+                          **FAST)
+    assert posterior.config["space"] == "truncated"
+    assert bool(PRIOR.support.check(tsnpe.npe.theta).all())
+    assert 0 < tsnpe.rounds[1].volume < 0.2
+    samples = posterior.sample(2000, seed=1)
+    assert bool(PRIOR.support.check(samples).all())
+    assert float((samples.mean(0) - X_O).abs().max()) < 0.3
+
+
 def test_one_round_is_amortized_npe_on_the_prior():
     tsnpe = TSNPE(PRIOR, **SMALL)
     tsnpe.run(simulator, X_O, rounds=1, simulations=300, check_simulations=0, **FAST)
