@@ -188,15 +188,18 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
     :func:`draw_inside` with the network's draws as candidates: from ``noise`` (the seeded stream of
     :meth:`sbiflows.Posterior.sample`, continued past ``n``) or else from ``generator``.
     """
-    step = max(1, max_rows // n)
-    contexts = torch.cat([net.context(xs[b : b + step]) for b in range(0, len(xs), step)])
+    step = max(1, max_rows // n)  # observations per chunk, as the unconstrained path chunks them
+    chunks = []
+    for b in range(0, len(xs), step):
+        context = net.context(xs[b : b + step])
 
-    def propose(start: int, m: int, active: Tensor) -> Tensor:
-        if noise is None:
-            return net.sample_given_context(m, contexts[active], generator=generator)
-        return net.sample_from_base(noise.rows(start, m, active.tolist()), contexts[active])
+        def propose(start: int, m: int, active: Tensor, context: Tensor = context, b: int = b) -> Tensor:
+            if noise is None:
+                return net.sample_given_context(m, context[active], generator=generator)
+            return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
 
-    return draw_inside(propose, space.inside, n, len(xs), max_rows=max_rows)
+        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows))
+    return torch.cat(chunks, 1)
 
 
 def log_mass(sample: Callable[[int, Tensor, torch.Generator], Tensor], inside: Callable[[Tensor], Tensor],
