@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -43,7 +42,7 @@ def samples_and_acceptance(posterior, task, observation: int, num_samples: int, 
     samples = posterior.sample(num_samples, x=x, seed=seed)
     if posterior.config.get("space") != "truncated":
         return samples, 1.0
-    return samples, math.exp(posterior.log_normalizer(x).item())
+    return samples, float(posterior.support_mass(x))
 
 
 def main(argv: list[str] | None = None) -> None:
