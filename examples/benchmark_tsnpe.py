@@ -53,7 +53,7 @@ def timed(function, *args, **kwargs):
 
 
 def run_ours_tsnpe(task, x_o, args, seed):
-    tsnpe = TSNPE(task.prior)
+    tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space)
     posterior = tsnpe.run(task.simulate, x_o, rounds=args.rounds, simulations=args.simulations, seed=seed,
                           check_simulations=0, first_round=args.first_round)
     samples = posterior.sample(args.num_samples, seed=seed)
@@ -65,7 +65,7 @@ def run_ours_tsnpe(task, x_o, args, seed):
 def run_ours_npe(task, args, seed):
     sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
     valid = sims.valid
-    return NPE(task.prior).fit(sims.theta[valid], sims.x[valid], seed=seed, progress=False)
+    return NPE(task.prior, args.estimator, space=args.space).fit(sims.theta[valid], sims.x[valid], seed=seed, progress=False)
 
 
 def run_sbi_tsnpe(task, x_o, args, seed):
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method")
     parser.add_argument("--no-sbi", action="store_true")
+    parser.add_argument("--estimator", default="maf", help="our flow, for TSNPE and amortized NPE (maf, nsf, ...)")
+    parser.add_argument("--space", default="unconstrained", choices=["unconstrained", "truncated"],
+                        help="where our flow models a bounded prior's parameters (NPE's space option)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed and observation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in observations:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
-                      "observation": i}
+                      "observation": i, "estimator": args.estimator, "space": args.space}
             (samples, rounds), wall, cpu = timed(run_ours_tsnpe, task, x_o, args, seed)
             record["ours_tsnpe"] = {"c2st": c2st(reference, samples, seed=seed).accuracy, "seconds": wall,
                                     "cpu_seconds": cpu, "rounds": rounds}
