@@ -43,11 +43,11 @@ def parse_observations(text: str) -> list[int]:
 
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
-             transforms=None, transformer=None, bins=None, bound=None, **fit_options):
+             transforms=None, transformer=None, bins=None, bound=None, space=None, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
-    options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound))
-                    if value is not None})
+    options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound),
+                                                  ("space", space)) if value is not None})
     if transforms is not None:
         options["transforms"] = transforms
     fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
@@ -154,7 +154,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
-              "bins": args.bins, "bound": args.bound, "ours": {}}
+              "bins": args.bins, "bound": args.bound, "space": args.space, "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
@@ -162,7 +162,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 patience=args.patience, ema_epochs=args.ema_epochs, transformer=args.transformer,
-                                bins=args.bins, bound=args.bound)
+                                bins=args.bins, bound=args.bound, space=args.space)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
+    parser.add_argument("--space", default=None, choices=["unconstrained", "truncated"],
+                        help="where our flow models a bounded prior's parameters (default: NPE's)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)
 

@@ -58,32 +58,32 @@ def _mean(c2st: dict) -> float:
     return statistics.fmean(c2st.values())
 
 
-def _latest(path: str, key) -> dict:
-    records = {}
+def _groups(path: str, key) -> list[tuple[tuple, list[dict]]]:
+    """Records grouped by ``key(record)[:-1]`` (the last element is the seed), the last of duplicates kept."""
+    latest = {}
     with open(path) as stream:
         for line in stream:
             if line.strip():
                 record = json.loads(line)
-                records[key(record)] = record
-    return records
+                latest[key(record)] = record
+    groups = defaultdict(list)
+    for record in latest.values():
+        groups[key(record)[:-1]].append(record)
+    return [(group, sorted(records, key=lambda r: r["seed"])) for group, records in sorted(groups.items(), key=str)]
 
 
 def npe_rows(path: str) -> list[str]:
     """Rows for ``benchmark_npe.py`` records: ours (per estimator) against sbi where sbi ran."""
     def key(r):
-        return r["task"], r["simulations"], r["estimator"], r.get("transformer"), r["seed"]
+        return r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), r["seed"]
 
-    groups = defaultdict(list)
-    for record in _latest(path, key).values():
-        groups[key(record)[:-1]].append(record)
     rows = ["| task | simulations | ours | seeds | ours C2ST | sbi C2ST | ours - sbi (SE) | seeds ours <= sbi "
             "| ours train CPU s | sbi train CPU s | published NPE-NSF |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer), records in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        records.sort(key=lambda r: r["seed"])
+    for (task, simulations, estimator, transformer, space), records in _groups(path, key):
         ours = [_mean(r["ours_c2st"]) for r in records]
         cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
-        name = estimator + (f" ({transformer})" if transformer else "")
+        name = estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
         if all("sbi_c2st" in r for r in records):
             sbi = [_mean(r["sbi_c2st"]) for r in records]
             difference, se = paired(ours, sbi)
@@ -102,14 +102,10 @@ def bounded_rows(path: str) -> list[str]:
     def key(r):
         return r["task"], r["simulations"], r["estimator"], r["seed"]
 
-    groups = defaultdict(list)
-    for record in _latest(path, key).values():
-        groups[key(record)[:-1]].append(record)
     rows = ["| task | simulations | estimator | seeds | unconstrained C2ST | truncated C2ST | truncated - unconstrained "
             "(SE) | seeds truncated better | lowest support mass | train CPU s unconstrained / truncated |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator), records in sorted(groups.items()):
-        records.sort(key=lambda r: r["seed"])
+    for (task, simulations, estimator), records in _groups(path, key):
         free = [r["unconstrained"]["mean_c2st"] for r in records]
         cut = [r["theta space"]["mean_c2st"] for r in records]
         difference, se = paired(cut, free)
