@@ -14,11 +14,13 @@ from sbiflows.simulate import (  # noqa: E402  (binds the name sbiflows.simulate
     simulate,
     simulate_from_prior,
 )
+from sbiflows.truncated_space import LeakageError  # noqa: E402
 
 __all__ = [
     "NPE",
     "TSNPE",
     "IndependentPrior",
+    "LeakageError",
     "Posterior",
     "SimulationError",
     "SimulationInterrupted",

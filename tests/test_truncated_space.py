@@ -17,7 +17,8 @@ from torch.distributions import Independent, Normal, Uniform
 from sbiflows import NPE, load
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.diagnostics.coverage import expected_coverage
-from sbiflows.truncated_space import LeakageError, draw_inside, log_mass
+from sbiflows import LeakageError
+from sbiflows.truncated_space import draw_inside, log_mass
 
 NOISE = 0.3
 
