@@ -358,12 +358,15 @@ class NPE:
             ``self``.
 
         Raises:
-            ValueError: For an ensemble, a posterior of another shape, or rows that do not fit it.
+            ValueError: For an ensemble, a posterior of another shape or space, or rows that do not fit it.
         """
         if self.ensemble != 1 or posterior.config.get("ensemble", 1) != 1:
             raise ValueError("restore supports single flows (ensemble=1) only")
         if posterior.theta_dim != self.theta_dim:
             raise ValueError(f"the posterior has {posterior.theta_dim} parameters, this NPE's prior {self.theta_dim}")
+        if posterior.config.get("space", "unconstrained") != self.space:
+            raise ValueError(f"the posterior's flow lives in the {posterior.config.get('space', 'unconstrained')!r} "
+                             f"space, this NPE's in {self.space!r}")
         theta, x = check_training_data(theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype,
                                        device=self.device, earlier=None, validation_fraction=0.5)
         if x.shape[1] != posterior.x_dim:

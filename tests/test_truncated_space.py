@@ -179,3 +179,10 @@ def test_bad_space_is_refused_before_training():
     prior, _, _ = box_problem(10)
     with pytest.raises(ValueError, match=r"space must be one of \['unconstrained', 'truncated'\], got 'theta'"):
         NPE(prior, space="theta")
+
+
+def test_restore_refuses_a_posterior_of_the_other_space(fitted):
+    prior, posterior = fitted
+    _, theta, x = box_problem(3000)
+    with pytest.raises(ValueError, match="the posterior's flow lives in the 'truncated' space, this NPE's in 'unconstrained'"):
+        NPE(prior, "nsf").restore(posterior, theta, x)
