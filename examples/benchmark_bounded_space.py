@@ -39,10 +39,7 @@ from sbiflows.simulate import simulate_from_prior
 def samples_and_acceptance(posterior, task, observation: int, num_samples: int, seed: int) -> tuple[torch.Tensor, float]:
     """``num_samples`` posterior draws and the share of the flow's mass inside the support (1 when unconstrained)."""
     x = task.observation(observation)
-    samples = posterior.sample(num_samples, x=x, seed=seed)
-    if posterior.config.get("space") != "truncated":
-        return samples, 1.0
-    return samples, float(posterior.support_mass(x))
+    return posterior.sample(num_samples, x=x, seed=seed), float(posterior.support_mass(x))
 
 
 def main(argv: list[str] | None = None) -> None:

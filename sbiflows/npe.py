@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
-from sbiflows.checks import check_int, check_real
+from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.ensemble import EnsembleNet, member_seed
 from sbiflows.estimator import PosteriorNet, default_transforms
 from sbiflows.flows import Flow
@@ -163,9 +163,7 @@ class NPE:
     ):
         self.ensemble = check_int(ensemble, "ensemble", minimum=1)
         self.balancing = check_real(balancing, "balancing", low=0.0)
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
-        self.space = space
+        self.space = check_choice(space, "space", SPACES)
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
         self._transformer, self.transforms, self.hidden_features = check_network_options(
@@ -364,9 +362,9 @@ class NPE:
             raise ValueError("restore supports single flows (ensemble=1) only")
         if posterior.theta_dim != self.theta_dim:
             raise ValueError(f"the posterior has {posterior.theta_dim} parameters, this NPE's prior {self.theta_dim}")
-        if posterior.config.get("space", "unconstrained") != self.space:
-            raise ValueError(f"the posterior's flow lives in the {posterior.config.get('space', 'unconstrained')!r} "
-                             f"space, this NPE's in {self.space!r}")
+        space = posterior.config.get("space", "unconstrained")  # files saved before the option: unconstrained
+        if space != self.space:
+            raise ValueError(f"the posterior's flow lives in the {space!r} space, this NPE's in {self.space!r}")
         theta, x = check_training_data(theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype,
                                        device=self.device, earlier=None, validation_fraction=0.5)
         if x.shape[1] != posterior.x_dim:
@@ -406,5 +404,5 @@ class NPE:
                 "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
 
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
-        return {**network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                                 **self._architecture()), "space": self.space}
+        return network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
+                              space=self.space, **self._architecture())

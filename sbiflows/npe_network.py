@@ -180,6 +180,7 @@ def network_config(
     theta_dim: int,
     flow_seed: int,
     balancing: float,
+    space: str,
 ) -> dict:
     """The architecture description a :class:`~sbiflows.posterior.Posterior` keeps as ``config`` (and saves).
 
@@ -200,4 +201,5 @@ def network_config(
         "flow_seed": flow_seed,
         "ensemble": len(net.members) if isinstance(net, EnsembleNet) else 1,
         "balancing": balancing,
+        "space": space,
     }

@@ -103,7 +103,8 @@ class Posterior:
         self.net = net.eval()
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
-        self._space = make_space(self._prior.support, config.get("space", "unconstrained"))
+        self._space_name = config.get("space", "unconstrained")  # files saved before the option: unconstrained
+        self._space = make_space(self._prior.support, self._space_name)
         self._normalizer = LogNormalizer()  # truncated space: log Z per observation, cached
         self.x_dim = net.x_dim
         self.x_shape: tuple[int, ...] = tuple(net.x_shape)
@@ -152,7 +153,7 @@ class Posterior:
         checked = check_prior(prior)[0]
         self.net.to(device)
         self.prior, self._prior = prior, checked
-        self._space = make_space(checked.support, self.config.get("space", "unconstrained"))
+        self._space = make_space(checked.support, self._space_name)
         if self.default_x is not None:
             self.default_x = self.default_x.to(device)
         return self

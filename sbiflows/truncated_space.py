@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.distributions import constraints
 
+from sbiflows.checks import check_choice
 from sbiflows.seeding import SeededNoise
 from sbiflows.unconstrained import Unconstrained
 
@@ -63,11 +64,7 @@ def make_space(support: constraints.Constraint, space: str) -> Unconstrained | T
         >>> type(make_space(torch.distributions.constraints.real_vector, "truncated")).__name__
         'TruncatedSpace'
     """
-    if space == "unconstrained":
-        return Unconstrained(support)
-    if space == "truncated":
-        return TruncatedSpace(support)
-    raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
+    return (Unconstrained if check_choice(space, "space", SPACES) == "unconstrained" else TruncatedSpace)(support)
 
 
 class TruncatedSpace:
@@ -115,6 +112,7 @@ def draw_inside(
     batch: int,
     *,
     max_rows: int,
+    device: torch.device | str | None = None,
     min_acceptance: float = MIN_ACCEPTANCE,
     check_after: int = CHECK_AFTER,
 ) -> Tensor:
@@ -127,6 +125,7 @@ def draw_inside(
         n: Draws per observation.
         batch: Number of observations.
         max_rows: At most this many candidates (rows times observations) per round.
+        device: Where ``propose`` makes its candidates (the bookkeeping lives there too).
         min_acceptance: Raise once an observation's acceptance is below this after ``check_after``
             candidates.
         check_after: Candidates per observation before the acceptance is judged.
@@ -141,26 +140,19 @@ def draw_inside(
         >>> draws.shape, bool((draws.abs() < 1).all())
         (torch.Size([100, 3, 1]), True)
     """
+    filled = torch.zeros(batch, dtype=torch.long, device=device)  # draws kept per observation
+    tried, accepted = torch.zeros_like(filled), torch.zeros_like(filled)  # candidates seen, inside
     out: Tensor | None = None
-    filled = tried = accepted = None
     start = 0
-    while True:
-        if filled is not None:
-            active = torch.nonzero(filled < n).flatten()
-            if len(active) == 0:
-                return out
-            rate = float(((accepted[active] + 1) / (tried[active] + 1)).min())
-            need = int((n - filled[active]).max())
-        else:
-            active, rate, need = torch.arange(batch), 1.0, n
+    while bool((filled < n).any()):
+        active = torch.nonzero(filled < n).flatten()
+        rate = float(((accepted[active] + 1) / (tried[active] + 1)).min())
+        need = int((n - filled[active]).max())
         m = math.ceil(1.2 * need / max(rate, min_acceptance)) + 16
         m = max(1, min(m, max_rows // len(active)))
-        theta = propose(start, m, active.to(filled.device if filled is not None else "cpu"))
+        theta = propose(start, m, active)
         if out is None:
-            device = theta.device
             out = theta.new_empty(n, batch, theta.shape[-1])
-            filled, tried, accepted = (torch.zeros(batch, dtype=torch.long, device=device) for _ in range(3))
-            active = active.to(device)
         ok = inside(theta)
         position = filled[active][None, :] + ok.long().cumsum(0) - 1
         keep = ok & (position < n)
@@ -179,6 +171,7 @@ def draw_inside(
                 "The flow puts its mass outside the prior there; this x is probably unlike the training "
                 "simulations. space='unconstrained' never rejects."
             )
+    return out
 
 
 def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tensor, *, noise: SeededNoise | None,
@@ -198,7 +191,7 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
                 return net.sample_given_context(m, context[active], generator=generator)
             return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
 
-        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows))
+        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows, device=context.device))
     return torch.cat(chunks, 1)
 
 
