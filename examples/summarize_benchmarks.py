@@ -1,7 +1,8 @@
 """Tables for docs/benchmarks.md from the JSON records of the benchmark scripts (a reader, not a benchmark).
 
-Reads the ``--json`` files of ``benchmark_npe.py`` (ours against sbi on the same rows) and of
-``benchmark_bounded_space.py`` (the unconstrained against the truncated space) and prints one markdown
+Reads the ``--json`` files of ``benchmark_npe.py`` (ours against sbi on the same rows), of
+``benchmark_bounded_space.py`` (the unconstrained against the truncated space) and of
+``benchmark_npe_training.py`` (held-out posterior NLL per setting, ``nll``) and prints one markdown
 row per task, budget and configuration: the mean over seeds of the per-seed mean C2ST over
 observations, the paired difference with its standard error over seeds (the targets' "no worse"
 test), how many seeds ours won, the summed training CPU seconds and the published NPE-NSF mean (sbibm,
@@ -11,6 +12,7 @@ Lueckmann et al. 2021). Records of the same task, budget, configuration and seed
 Usage:
     python examples/summarize_benchmarks.py npe results.jsonl
     python examples/summarize_benchmarks.py bounded box.jsonl
+    python examples/summarize_benchmarks.py nll heldout.jsonl
 """
 
 from __future__ import annotations
@@ -118,13 +120,42 @@ def bounded_rows(path: str) -> list[str]:
     return rows
 
 
+def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
+    """Rows for ``benchmark_npe_training.py`` records: each setting's held-out NLL against ``baseline``.
+
+    The difference is paired by seed (the same simulations and test pairs); negative is better. The
+    last column counts the seeds on which the setting's NLL was lower than the baseline's.
+    """
+    def key(r):
+        return r["task"], r["simulations"], r["setting"], r["seed"]
+
+    table = {group: records for group, records in _groups(path, key)}
+    rows = ["| task | simulations | setting | seeds | held-out NLL | minus defaults (SE) | seeds better | "
+            "train CPU s (sum) | epochs (mean) |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, setting), records in sorted(table.items(), key=lambda item: (item[0][0], item[0][1],
+                                                                                         item[0][2] != baseline)):
+        nll = {r["seed"]: r["heldout_nll"] for r in records}
+        base = {r["seed"]: r["heldout_nll"] for r in table.get((task, simulations, baseline), [])}
+        seeds = sorted(set(nll) & set(base))
+        if setting != baseline and seeds:
+            difference, se = paired([nll[s] for s in seeds], [base[s] for s in seeds])
+            versus = f"{difference:+.3f} ({se:.3f}) | {sum(nll[s] < base[s] for s in seeds)} of {len(seeds)}"
+        else:
+            versus = "- | -"
+        cpu = sum(r.get("train_cpu_seconds", math.nan) for r in records)
+        rows.append(f"| {task} | {simulations:,} | {setting} | {len(records)} | {statistics.fmean(nll.values()):.3f} | "
+                    f"{versus} | {cpu:.1f} | {statistics.fmean(r['epochs'] for r in records):.0f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll"])
     parser.add_argument("path")
     args = parser.parse_args(argv)
-    print("\n".join((npe_rows if args.kind == "npe" else bounded_rows)(args.path)))
+    print("\n".join({"npe": npe_rows, "bounded": bounded_rows, "nll": nll_rows}[args.kind](args.path)))
 
 
 if __name__ == "__main__":
