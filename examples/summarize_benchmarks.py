@@ -12,7 +12,8 @@ Lueckmann et al. 2021). Records of the same task, budget, configuration and seed
 Usage:
     python examples/summarize_benchmarks.py npe results.jsonl
     python examples/summarize_benchmarks.py bounded box.jsonl
-    python examples/summarize_benchmarks.py nll heldout.jsonl
+    python examples/summarize_benchmarks.py nll heldout.jsonl --baseline "sbi nsf"
+    python examples/summarize_benchmarks.py nll-grid heldout.jsonl --candidate estimator=nsf
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
         return r["task"], r["simulations"], r["setting"], r["seed"]
 
     table = {group: records for group, records in _groups(path, key)}
-    rows = ["| task | simulations | setting | seeds | held-out NLL | minus defaults (SE) | seeds better | "
+    rows = [f"| task | simulations | setting | seeds | held-out NLL | minus {baseline} (SE) | seeds better | "
             "train CPU s (sum) | epochs (mean) |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (task, simulations, setting), records in sorted(table.items(), key=lambda item: (item[0][0], item[0][1],
@@ -149,13 +150,47 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     return rows
 
 
+def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | None = None) -> list[str]:
+    """One row per task and budget: every setting's mean held-out NLL, then ``candidate - baseline`` paired by seed.
+
+    Settings are the columns in the order they first appear in the file; ``-`` where a setting was not run.
+    """
+    def key(r):
+        return r["task"], r["simulations"], r["setting"], r["seed"]
+
+    table = {group: {r["seed"]: r["heldout_nll"] for r in records} for group, records in _groups(path, key)}
+    settings = list(dict.fromkeys(setting for _, _, setting in table))
+    rows = ["| task | simulations | " + " | ".join(settings) + f" | {candidate} - {baseline} (SE) | seeds better |",
+            "| --- | ---: | " + " | ".join("---:" for _ in settings) + " | ---: | ---: |"]
+    for task, simulations in sorted({(t, n) for t, n, _ in table}, key=lambda item: (item[1], item[0])):
+        cells = [f"{statistics.fmean(table[(task, simulations, s)].values()):.3f}" if (task, simulations, s) in table
+                 else "-" for s in settings]
+        ours, base = table.get((task, simulations, candidate), {}), table.get((task, simulations, baseline), {})
+        seeds = sorted(set(ours) & set(base))
+        if seeds:
+            difference, se = paired([ours[s] for s in seeds], [base[s] for s in seeds])
+            versus = f"{difference:+.3f} ({se:.3f}) | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
+        else:
+            versus = "- | -"
+        rows.append(f"| {task} | {simulations:,} | " + " | ".join(cells) + f" | {versus} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded", "nll"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid"])
     parser.add_argument("path")
+    parser.add_argument("--baseline", default="defaults", help="nll, nll-grid: the setting the others are compared with")
+    parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
     args = parser.parse_args(argv)
-    print("\n".join({"npe": npe_rows, "bounded": bounded_rows, "nll": nll_rows}[args.kind](args.path)))
+    if args.kind == "nll":
+        rows = nll_rows(args.path, baseline=args.baseline)
+    elif args.kind == "nll-grid":
+        rows = nll_grid_rows(args.path, baseline=args.baseline, candidate=args.candidate)
+    else:
+        rows = {"npe": npe_rows, "bounded": bounded_rows}[args.kind](args.path)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
