@@ -31,6 +31,7 @@ from sbiflows.cli_observations import (
 )
 from sbiflows.cli_parser import EMBEDDING_NAMES, build_parser  # noqa: F401 - public here
 from sbiflows.estimator import resolve_transformer
+from sbiflows.sequential import default_estimator
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ def _setup(args: argparse.Namespace) -> Job:
 
         from_name(embedding, x_shape)  # refuses a shape the network does not take, before simulating
 
-    resolve_transformer(args.estimator, args.transformer, args.bins)  # a bad combination fails before simulating
+    estimator = args.estimator or default_estimator(args.rounds)
+    resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
     observations: list[Observation] = []
     if args.observation:
         taken: set[str] = set()
@@ -197,7 +199,7 @@ def _setup(args: argparse.Namespace) -> Job:
         observations=observations,
         out=args.out or Path("runs") / name,
         simulations=args.simulations,
-        estimator=args.estimator,
+        estimator=estimator,
         transformer=args.transformer,
         bins=args.bins,
         ensemble=args.ensemble,

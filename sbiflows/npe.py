@@ -86,6 +86,9 @@ class NPE:
         estimator: ``"maf"`` (masked autoregressive flow), ``"nsf"`` (neural spline flow: spline
             couplings; with ``D = 1`` the splines' parameters come from ``x`` alone), ``"realnvp"``
             (couplings, needs ``D >= 2`` unless splines) or a callable ``(features, context_features) -> Flow``.
+            Default ``"nsf"``, chosen by held-out posterior log-density on all ten benchmark tasks
+            (``docs/benchmarks.md``, "Defaults from all ten tasks"); ``"maf"`` fitted the three
+            10-parameter tasks with Gaussian priors better.
         transforms: Number of flow layers. None (default): chosen at the first ``fit`` by
             :func:`~sbiflows.estimator.default_transforms` (10 from 5,000 training rows on with at
             least 3 parameters, else 5; the saved config records the number used). Ignored for a
@@ -98,9 +101,9 @@ class NPE:
         transformer: The elementwise map of the flow's layers: ``"affine"`` or ``"spline"``
             (monotonic rational-quadratic splines, Durkan et al. 2019). None (default): ``"spline"``
             for ``"nsf"``, ``"affine"`` for ``"maf"`` and ``"realnvp"``. Named estimators only.
-        bins: Spline bins (default 10, as sbi's ``nsf``); only with a spline transformer.
+        bins: Spline bins (default 8; sbi's ``nsf`` uses 10); only with a spline transformer.
         bound: Splines act on ``[-bound, bound]`` of the flow's standardized space and are the
-            identity outside (default 3.0, as sbi's ``nsf``); only with a spline transformer.
+            identity outside (default 5.0; sbi's ``nsf`` uses 3.0); only with a spline transformer.
         embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
             the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
@@ -146,7 +149,7 @@ class NPE:
     def __init__(
         self,
         prior: Distribution,
-        estimator: str | Callable[[int, int], Flow] = "maf",
+        estimator: str | Callable[[int, int], Flow] = "nsf",
         *,
         transforms: int | None = None,
         hidden_features: Sequence[int] = (50, 50),

@@ -27,6 +27,7 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
 from sbiflows.npe import NPE
+from sbiflows.sequential import default_estimator
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.report import (
@@ -82,7 +83,7 @@ class Job:
     out: Path
     task: object = None
     simulations: int = 10_000
-    estimator: str = "maf"
+    estimator: str | None = None  # None: NPE's default, or TSNPE's when rounds > 1 (resolved on construction)
     transformer: str | None = None
     bins: int | None = None
     ensemble: int = 1
@@ -103,6 +104,10 @@ class Job:
     labels: list[str] | None = None
     command: str | None = None
     rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.estimator is None:
+            self.estimator = default_estimator(self.rounds)
 
     @property
     def estimator_options(self) -> dict:

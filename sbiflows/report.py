@@ -100,7 +100,7 @@ def describe_estimator(options: dict) -> str:
         >>> describe_estimator({"estimator": "nsf", "bins": 8, "ensemble": 5})
         'nsf (spline transformer, 8 bins), ensemble of 5 flows'
         >>> describe_estimator({"estimator": "maf", "transformer": "spline", "space": "truncated"})
-        'maf (spline transformer, 10 bins), truncated theta space'
+        'maf (spline transformer, 8 bins), truncated theta space'
     """
     from sbiflows.estimator import resolve_transformer
 

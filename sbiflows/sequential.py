@@ -37,6 +37,7 @@ test other observations than those the region produces.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -132,13 +133,30 @@ def split_budget(simulations: int, rounds: int, first_round: int | None = None) 
     return [first_round] + (split_budget(simulations - first_round, rounds - 1) if rounds > 1 else [])
 
 
+#: TSNPE's default flow: the affine MAF. Its rounds fit posteriors that are narrow relative to the
+#: prior, where the affine MAF fitted better than NPE's default spline flow (docs/benchmarks.md,
+#: "Defaults from all ten tasks").
+SEQUENTIAL_ESTIMATOR = "maf"
+
+
+def default_estimator(rounds: int) -> str:
+    """The flow ``sbiflows fit`` trains without ``--estimator``: NPE's default, or TSNPE's for ``rounds > 1``.
+
+    Example:
+        >>> default_estimator(1), default_estimator(3)
+        ('nsf', 'maf')
+    """
+    return SEQUENTIAL_ESTIMATOR if rounds > 1 else inspect.signature(NPE).parameters["estimator"].default
+
+
 class TSNPE:
     """Truncated sequential neural posterior estimation for one observation (see the module docstring).
 
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...); the
-            ensemble option is not supported.
+            ensemble option is not supported. The estimator defaults to :data:`SEQUENTIAL_ESTIMATOR`
+            (``"maf"``), not NPE's ``"nsf"``.
 
     Attributes:
         npe: The :class:`~sbiflows.NPE` trained over the rounds.
@@ -165,8 +183,8 @@ class TSNPE:
         if npe_options.get("ensemble", 1) != 1:
             raise ValueError("TSNPE trains a single flow; the ensemble option is not supported")
         self.prior = prior
-        self._npe_options = dict(npe_options)
-        self.npe = NPE(prior, **npe_options)  # checks the prior and the options now, before any simulation
+        self._npe_options = dict(npe_options)  # as given: a store records these (the default estimator is implied)
+        self.npe = NPE(prior, **{"estimator": SEQUENTIAL_ESTIMATOR, **npe_options})  # checks the prior and the options now, before any simulation
         self.rounds: list[Round] = []
         self.posterior: Posterior | None = None
         self.proposals: list[Distribution] = []

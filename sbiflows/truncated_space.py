@@ -8,7 +8,7 @@ the flow's density restricted to the prior's support:
   observations: each round draws, for every observation that still needs samples, enough candidates
   for the one with the lowest acceptance so far. With a seed, observation ``b``'s candidates are a
   fixed stream and its samples are the first ``n`` of them inside the support, so they do not depend
-  on chunking.
+  on chunking (up to the last-bit rounding of matrix products over batches of another size).
 * **log_prob** is ``log q(theta | x) - log Z(x)``, ``-inf`` outside the support, with
   ``Z(x) = P_q(theta in support | x)`` estimated from :data:`NORMALIZER_SAMPLES` draws of a fixed seed
   (the standard error of ``log Z`` is ``sqrt((1 - Z) / (Z M))``: 0.011 at ``Z = 0.5``); so it is

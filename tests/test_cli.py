@@ -43,7 +43,7 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--simulations", "-5"], "expected a positive integer, got -5"),
         (["fit", "two_moons", "--estimator", "nope"], "invalid choice"),
         (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
-        (["fit", "two_moons", "--bins", "4"], "bins"),  # maf's default transformer is affine
+        (["fit", "two_moons", "--estimator", "maf", "--bins", "4"], "bins"),  # maf's default transformer is affine
         (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, got 0"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
@@ -122,7 +122,7 @@ def test_fit_in_the_truncated_space(tmp_path):
     posterior = load(out / "posterior.pt")
     assert posterior.config["space"] == "truncated"
     assert json.loads((out / "report.json").read_text())["space"] == "truncated"
-    assert "nsf (spline transformer, 10 bins), truncated theta space" in (out / "report.md").read_text()
+    assert "nsf (spline transformer, 8 bins), truncated theta space" in (out / "report.md").read_text()
     with np.load(out / "samples.npz") as samples:
         assert all((np.abs(samples[name]) <= 1).all() for name in samples.files)  # two_moons' box is [-1, 1]^2
 

@@ -20,7 +20,7 @@ from torch.distributions import (
 from sbiflows import NPE, Posterior, load, training
 from sbiflows.estimator import zscore
 from sbiflows.flows import Flow, maf
-from sbiflows.transforms import MaskedAutoregressive, Transform
+from sbiflows.transforms import Coupling, MaskedAutoregressive, Transform
 
 NOISE = 0.5
 FAST = {"max_epochs": 3, "progress": False}
@@ -112,24 +112,25 @@ def test_weight_averaging_is_on_by_default_and_can_be_turned_off():
     assert lowered.history.batch_size == 90
 
 
-def maf_layers(posterior) -> int:
-    return sum(isinstance(t, MaskedAutoregressive) for t in posterior.net.flow.transform.transforms)
+def flow_layers(posterior, kind: type = Coupling) -> int:
+    return sum(isinstance(t, kind) for t in posterior.net.flow.transform.transforms)
 
 
-def test_default_depth_follows_the_training_rows_and_dimension_of_the_first_fit(tmp_path):
+@pytest.mark.parametrize("estimator,kind", [("nsf", Coupling), ("maf", MaskedAutoregressive)])
+def test_default_depth_follows_the_training_rows_and_dimension_of_the_first_fit(tmp_path, estimator, kind):
     prior, theta, x = gaussian_problem(5600, dim=3)
     one_epoch = {"max_epochs": 1, "progress": False}
-    npe = NPE(prior)
+    npe = NPE(prior, estimator)
     small = npe.fit(theta[:1000], x[:1000], **one_epoch)  # 900 training rows
-    assert (small.config["transforms"], maf_layers(small)) == (5, 5)
+    assert (small.config["transforms"], flow_layers(small, kind)) == (5, 5)
     grown = npe.fit(theta[1000:], x[1000:], **one_epoch)  # a refit keeps the flow it trains
-    assert (grown.config["transforms"], maf_layers(grown)) == (5, 5)
-    large = NPE(prior).fit(theta, x, **one_epoch)  # 5,040 training rows, 3 parameters
-    assert (large.config["transforms"], maf_layers(large)) == (10, 10)
+    assert (grown.config["transforms"], flow_layers(grown, kind)) == (5, 5)
+    large = NPE(prior, estimator).fit(theta, x, **one_epoch)  # 5,040 training rows, 3 parameters
+    assert (large.config["transforms"], flow_layers(large, kind)) == (10, 10)
     large.save(tmp_path / "large.pt")
-    assert maf_layers(load(tmp_path / "large.pt")) == 10
-    explicit = NPE(prior, transforms=3).fit(theta, x, **one_epoch)
-    assert (explicit.config["transforms"], maf_layers(explicit)) == (3, 3)
+    assert flow_layers(load(tmp_path / "large.pt"), kind) == 10
+    explicit = NPE(prior, estimator, transforms=3).fit(theta, x, **one_epoch)
+    assert (explicit.config["transforms"], flow_layers(explicit, kind)) == (3, 3)
     box_prior, box_theta, box_x = box_problem(5600)  # 2 parameters keep 5 layers at any budget
     assert NPE(box_prior).fit(box_theta, box_x, **one_epoch).config["transforms"] == 5
 
@@ -270,7 +271,7 @@ def test_standard_priors_train_and_sample_inside_support(prior):
 def test_scalar_prior_gives_one_dimensional_theta_with_warning():
     prior = Normal(0.0, 1.0)
     with pytest.warns(UserWarning, match="1-D theta.*conditional Gaussian"):
-        npe = NPE(prior)
+        npe = NPE(prior, estimator="maf")
     theta = prior.sample((200,))
     posterior = npe.fit(theta, theta + 0.1 * torch.randn(200), **FAST)
     assert posterior.sample(10, x=torch.zeros(1)).shape == (10, 1)
@@ -320,10 +321,10 @@ def test_transformer_options_are_validated(estimator, options, error, message):
     "estimator,options,expected,layer_type",
     [
         ("maf", {}, ("affine", None, None), "MaskedAutoregressive"),
-        ("maf", {"transformer": "spline", "bins": 8}, ("spline", 8, 3.0), "MaskedAutoregressive"),
-        ("nsf", {}, ("spline", 10, 3.0), "Coupling"),
-        ("nsf", {"bins": 4, "bound": 5}, ("spline", 4, 5.0), "Coupling"),
-        ("realnvp", {"transformer": "spline"}, ("spline", 10, 3.0), "Coupling"),
+        ("maf", {"transformer": "spline", "bins": 6}, ("spline", 6, 5.0), "MaskedAutoregressive"),
+        ("nsf", {}, ("spline", 8, 5.0), "Coupling"),
+        ("nsf", {"bins": 4, "bound": 3}, ("spline", 4, 3.0), "Coupling"),
+        ("realnvp", {"transformer": "spline"}, ("spline", 8, 5.0), "Coupling"),
     ],
 )
 def test_transformer_is_built_and_recorded_in_the_config(estimator, options, expected, layer_type):
@@ -554,9 +555,12 @@ def test_hidden_features_validation(value, error, match):
 
 def test_hidden_features_are_built_and_saved_in_the_config():
     prior, theta, x = box_problem()
-    posterior = NPE(prior, hidden_features=[16, 8]).fit(theta, x, **FAST)
+    posterior = NPE(prior, hidden_features=[16, 8]).fit(theta, x, **FAST)  # a coupling conditioner (nsf)
     assert posterior.config["hidden_features"] == [16, 8]
-    made = posterior.net.flow.transform.transforms[0].made
+    conditioner = posterior.net.flow.transform.transforms[0].conditioner
+    assert [layer.out_features for layer in conditioner if isinstance(layer, torch.nn.Linear)][:-1] == [16, 8]
+    maf = NPE(prior, "maf", hidden_features=[16, 8]).fit(theta, x, **FAST)
+    made = maf.net.flow.transform.transforms[0].made
     assert [layer.out_features for layer in made.layers[:-1]] == [16, 8]
 
 

@@ -110,7 +110,9 @@ def test_seeded_draws_do_not_depend_on_chunking(fitted):
     reference = posterior.sample_batched(500, xs, seed=5)
     small = posterior.copy()
     small.max_batch_elements = 333
-    assert torch.equal(small.sample_batched(500, xs, seed=5), reference)
+    # the same candidates and the same accepted ones; matrix products over batches of another size may
+    # round the last bit differently (as in the unconstrained path), hence a tolerance, not equality
+    torch.testing.assert_close(small.sample_batched(500, xs, seed=5), reference, atol=1e-5, rtol=0)
     assert torch.equal(posterior.sample(500, xs[2], seed=5), posterior.sample(500, xs[2], seed=5))
 
 

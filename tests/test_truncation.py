@@ -21,7 +21,7 @@ def trained(half: float, sigma: float):
         torch.manual_seed(0)
         theta = prior.sample((2000,))
         x = theta + sigma * torch.randn_like(theta)
-    posterior = NPE(prior, transforms=3, hidden_features=(32, 32)).fit(theta, x, seed=0, progress=False)
+    posterior = NPE(prior, "maf", transforms=3, hidden_features=(32, 32)).fit(theta, x, seed=0, progress=False)
     return prior, posterior
 
 
