@@ -13,13 +13,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from sbiflows import NPE, TSNPE, box_uniform, simulate_from_prior
 from sbiflows.diagnostics import c2st
+
+from benchmark_npe_training import emit  # examples/ is on sys.path when this runs as a script
 
 HALF, SIGMA = 14.0, 0.07
 X_O = torch.tensor([1.0, -2.0])
@@ -52,13 +53,9 @@ def main(argv: list[str] | None = None) -> None:
             posterior = tsnpe.run(simulator, X_O, rounds=4, simulations=2000, seed=seed, check_simulations=0,
                                   progress=False)
             sequential = c2st(exact, posterior.sample(5000, seed=seed + 1), seed=0).accuracy
-            record = {"estimator": estimator, "seed": seed, "amortized_c2st": round(single, 3),
-                      "tsnpe_c2st": round(sequential, 3), "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
-                      "amortized_cpu_s": round(npe_cpu, 1), "tsnpe_cpu_s": round(time.process_time() - start, 1)}
-            print(json.dumps(record), flush=True)
-            if args.json:
-                with open(args.json, "a") as stream:
-                    stream.write(json.dumps(record) + "\n")
+            emit(args.json, {"estimator": estimator, "seed": seed, "amortized_c2st": round(single, 3),
+                             "tsnpe_c2st": round(sequential, 3), "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
+                             "amortized_cpu_s": round(npe_cpu, 1), "tsnpe_cpu_s": round(time.process_time() - start, 1)})
 
 
 if __name__ == "__main__":

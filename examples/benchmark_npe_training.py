@@ -58,6 +58,14 @@ def parse_setting(text: str) -> dict[str, object]:
     return options
 
 
+def fit_setting(prior, text: str, theta, x, *, seed: int):
+    """Train NPE on ``(theta, x)`` with one setting's options (NPE options to ``NPE``, the rest to ``fit``)."""
+    options = parse_setting(text)
+    npe_options = {k: v for k, v in options.items() if k in NPE_OPTIONS}
+    fit_options = {k: v for k, v in options.items() if k not in NPE_OPTIONS}
+    return NPE(prior, **npe_options).fit(theta, x, seed=seed, progress=False, **fit_options)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparison; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,11 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         theta, x = sims.theta[sims.valid], sims.x[sims.valid]
         record = {"task": args.task, "simulations": args.simulations, "seed": seed}
         for text in args.settings:
-            options = parse_setting(text)
-            npe_options = {k: v for k, v in options.items() if k in NPE_OPTIONS}
-            fit_options = {k: v for k, v in options.items() if k not in NPE_OPTIONS}
             start, cpu_start = time.perf_counter(), time.process_time()
-            posterior = NPE(task.prior, **npe_options).fit(theta, x, seed=seed, progress=False, **fit_options)
+            posterior = fit_setting(task.prior, text, theta, x, seed=seed)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             with torch.no_grad():
                 log_q = posterior.log_prob_batched(test_theta[None], test_x)[0]

@@ -21,10 +21,9 @@ import time
 import torch
 
 import simulators
-from sbiflows import NPE
 from sbiflows.simulate import simulate_from_prior
 
-from benchmark_npe_training import NPE_OPTIONS, emit, parse_setting
+from benchmark_npe_training import emit, fit_setting
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,13 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=0)
     theta, x = sims.theta[sims.valid], sims.x[sims.valid]
     xs = simulate_from_prior(task.simulate, task.prior, args.observations, seed=1).x
-    posteriors = {}
-    for text in args.settings:
-        options = parse_setting(text)
-        npe_options = {k: v for k, v in options.items() if k in NPE_OPTIONS}
-        fit_options = {k: v for k, v in options.items() if k not in NPE_OPTIONS}
-        posteriors[text or "defaults"] = NPE(task.prior, **npe_options).fit(theta, x, seed=0, progress=False,
-                                                                           **fit_options)
+    posteriors = {text or "defaults": fit_setting(task.prior, text, theta, x, seed=0) for text in args.settings}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in posteriors}
     for _ in range(args.repeats):
         for name, posterior in posteriors.items():

@@ -121,6 +121,20 @@ def bounded_rows(path: str) -> list[str]:
     return rows
 
 
+def _versus(ours: dict, base: dict) -> str:
+    """``"difference (SE) | k of n"``: ``ours - base`` paired over their common seeds (``"- | -"`` if none).
+
+    Example:
+        >>> _versus({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.0, 2: 0.0})
+        '-0.250 (0.250) | 1 of 2'
+    """
+    seeds = sorted(set(ours) & set(base))
+    if not seeds:
+        return "- | -"
+    difference, se = paired([ours[s] for s in seeds], [base[s] for s in seeds])
+    return f"{difference:+.3f} ({se:.3f}) | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
+
+
 def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     """Rows for ``benchmark_npe_training.py`` records: each setting's held-out NLL against ``baseline``.
 
@@ -138,12 +152,7 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
                                                                                          item[0][2] != baseline)):
         nll = {r["seed"]: r["heldout_nll"] for r in records}
         base = {r["seed"]: r["heldout_nll"] for r in table.get((task, simulations, baseline), [])}
-        seeds = sorted(set(nll) & set(base))
-        if setting != baseline and seeds:
-            difference, se = paired([nll[s] for s in seeds], [base[s] for s in seeds])
-            versus = f"{difference:+.3f} ({se:.3f}) | {sum(nll[s] < base[s] for s in seeds)} of {len(seeds)}"
-        else:
-            versus = "- | -"
+        versus = _versus(nll, base) if setting != baseline else "- | -"
         cpu = sum(r.get("train_cpu_seconds", math.nan) for r in records)
         rows.append(f"| {task} | {simulations:,} | {setting} | {len(records)} | {statistics.fmean(nll.values()):.3f} | "
                     f"{versus} | {cpu:.1f} | {statistics.fmean(r['epochs'] for r in records):.0f} |")
@@ -165,13 +174,7 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
     for task, simulations in sorted({(t, n) for t, n, _ in table}, key=lambda item: (item[1], item[0])):
         cells = [f"{statistics.fmean(table[(task, simulations, s)].values()):.3f}" if (task, simulations, s) in table
                  else "-" for s in settings]
-        ours, base = table.get((task, simulations, candidate), {}), table.get((task, simulations, baseline), {})
-        seeds = sorted(set(ours) & set(base))
-        if seeds:
-            difference, se = paired([ours[s] for s in seeds], [base[s] for s in seeds])
-            versus = f"{difference:+.3f} ({se:.3f}) | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
-        else:
-            versus = "- | -"
+        versus = _versus(table.get((task, simulations, candidate), {}), table.get((task, simulations, baseline), {}))
         rows.append(f"| {task} | {simulations:,} | " + " | ".join(cells) + f" | {versus} |")
     return rows
 

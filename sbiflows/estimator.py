@@ -23,13 +23,17 @@ from sbiflows.xshape import layout, zscore, zscore_shaped
 from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
-    "ACTIVATIONS", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow", "check_hidden_features",
-    "default_transforms", "resolve_transformer", "zscore",
+    "ACTIVATIONS", "DEFAULT_ESTIMATOR", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow",
+    "check_hidden_features", "default_transforms", "resolve_transformer", "zscore",
 ]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and the command line's ``--estimator``, and
 #: stored in saved files.
 ESTIMATORS: dict[str, Callable[..., Flow]] = {"maf": maf, "nsf": nsf, "realnvp": realnvp}
+
+#: NPE's default estimator, chosen by held-out posterior log-density on all ten benchmark tasks
+#: (docs/benchmarks.md, "Defaults from all ten tasks").
+DEFAULT_ESTIMATOR = "nsf"
 
 #: The transformers each named estimator takes; the first is its default. ``"nsf"`` is spline
 #: couplings by definition (``"realnvp"`` with ``transformer="spline"`` is the same architecture with

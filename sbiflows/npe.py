@@ -54,7 +54,7 @@ from torch.distributions import Distribution
 from sbiflows.balance import BalancedObjective
 from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.ensemble import EnsembleNet, member_seed
-from sbiflows.estimator import PosteriorNet, default_transforms
+from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
 from sbiflows.npe_network import build_network, check_network_options, network_config
 from sbiflows.posterior import Posterior
@@ -149,7 +149,7 @@ class NPE:
     def __init__(
         self,
         prior: Distribution,
-        estimator: str | Callable[[int, int], Flow] = "nsf",
+        estimator: str | Callable[[int, int], Flow] = DEFAULT_ESTIMATOR,
         *,
         transforms: int | None = None,
         hidden_features: Sequence[int] = (50, 50),

@@ -27,7 +27,6 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
 from sbiflows.npe import NPE
-from sbiflows.sequential import default_estimator
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.report import (
@@ -38,6 +37,7 @@ from sbiflows.report import (
     write_markdown,
 )
 from sbiflows.seeding import derive_seed
+from sbiflows.sequential import default_estimator
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 

@@ -37,7 +37,6 @@ test other observations than those the region produces.
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +50,7 @@ from torch.distributions import Distribution
 
 from sbiflows.checks import as_float_tensor, check_int
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
+from sbiflows.estimator import DEFAULT_ESTIMATOR
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
@@ -146,7 +146,7 @@ def default_estimator(rounds: int) -> str:
         >>> default_estimator(1), default_estimator(3)
         ('nsf', 'maf')
     """
-    return SEQUENTIAL_ESTIMATOR if rounds > 1 else inspect.signature(NPE).parameters["estimator"].default
+    return SEQUENTIAL_ESTIMATOR if rounds > 1 else DEFAULT_ESTIMATOR
 
 
 class TSNPE:
@@ -184,7 +184,8 @@ class TSNPE:
             raise ValueError("TSNPE trains a single flow; the ensemble option is not supported")
         self.prior = prior
         self._npe_options = dict(npe_options)  # as given: a store records these (the default estimator is implied)
-        self.npe = NPE(prior, **{"estimator": SEQUENTIAL_ESTIMATOR, **npe_options})  # checks the prior and the options now, before any simulation
+        # checks the prior and the options now, before any simulation
+        self.npe = NPE(prior, **{"estimator": SEQUENTIAL_ESTIMATOR, **npe_options})
         self.rounds: list[Round] = []
         self.posterior: Posterior | None = None
         self.proposals: list[Distribution] = []

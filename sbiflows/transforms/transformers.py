@@ -89,7 +89,8 @@ class Affine(Transformer):
 #: space). Outside ``[-bound, bound]`` a spline layer is the identity. Chosen by held-out posterior
 #: log-density on all ten benchmark tasks (docs/benchmarks.md, "Defaults from all ten tasks"): 8 bins
 #: on ``[-5, 5]`` fitted better than sbi 0.27's ``nsf`` defaults (10 bins on ``[-3, 3]``, our earlier
-#: default) on nine of the ten tasks at 1,000 simulations; two_moons was level. A wider interval keeps
+#: default) on eight of the ten tasks at 1,000 simulations and seven at 10,000; two_moons preferred the
+#: narrower interval at both budgets. A wider interval keeps
 #: posteriors that are narrow or off-centre relative to the prior inside the splines' range.
 DEFAULT_BINS = 8
 DEFAULT_BOUND = 5.0
