@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,24 @@ def test_iid_embedding_example_matches_the_exact_posterior_at_every_trial_count(
                              num_samples=2000)
     means = {n: sum(scores) / len(scores) for n, scores in record["c2st"].items()}
     assert all(mean <= 0.62 for mean in means.values()), means
+
+
+def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(tmp_path, monkeypatch):
+    """``benchmark_coverage.py``'s record: the coverage per level and the rule "z >= -3" computed from it.
+
+    gaussian_linear's posterior is Gaussian, which the default flow fits from 1,000 simulations; the
+    record must agree with a recomputation from its own coverage table.
+    """
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_coverage")
+    out = tmp_path / "coverage.jsonl"
+    example.main(["--tasks", "gaussian_linear", "--simulations", "1000", "--datasets", "300",
+                  "--posterior-samples", "200", "--json", str(out)])
+    record = json.loads(out.read_text().splitlines()[0])
+    levels = sorted(float(level) for level in record["coverage"])
+    assert levels[0] == pytest.approx(0.05) and levels[-1] == pytest.approx(0.95) and len(levels) == 19
+    n = record["datasets"]
+    z = [(record["coverage"][str(level)] - level) / math.sqrt(level * (1 - level) / n) for level in levels]
+    assert record["worst_z"] == pytest.approx(min(z), abs=0.02)
+    assert record["passes"] == (min(z) >= -3)
+    assert record["passes"], record  # a Gaussian posterior from 1,000 simulations is not over-confident

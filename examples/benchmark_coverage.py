@@ -1,0 +1,108 @@
+"""Is the default posterior over-confident? Expected HPD coverage per task (issue 16's calibration target).
+
+For each task, seed and setting: simulate ``--simulations`` training pairs (the benchmark's seeded
+draws), train NPE with the setting's options, simulate ``--datasets`` fresh pairs from the prior
+(another seed), and compute the expected coverage of the posterior's HPD regions at the levels
+0.05, 0.10, ..., 0.95 with :func:`sbiflows.diagnostics.expected_coverage` (``--posterior-samples``
+draws per dataset). Reported per row: the empirical coverage at 50% and 90%, the most negative
+deviation in binomial standard deviations, ``z = (empirical - level) / sqrt(level (1 - level) / N)``
+over all levels, and whether it passes the issue's rule "nowhere below the level by more than
+3 standard deviations" (``z >= -3``); also the verdict of the library's two-sided check (3 standard
+deviations plus its 0.02 Monte Carlo tolerance) and training CPU seconds.
+
+Settings are comma-separated NPE and ``fit`` options as in ``benchmark_npe_training.py`` (``""`` is
+the defaults; ``ensemble=5`` an ensemble).
+
+Usage:
+    python examples/benchmark_coverage.py --tasks slcp two_moons --simulations 10000 --seeds 0
+    python examples/benchmark_coverage.py --tasks slcp --simulations 10000 --settings "" ensemble=5 --json cov.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import simulators
+from sbiflows.diagnostics import expected_coverage
+from sbiflows.seeding import derive_seed
+from sbiflows.simulate import simulate_from_prior
+
+from benchmark_npe_training import emit, fit_setting  # examples/ is on sys.path when this runs as a script
+
+#: The issue's rule: coverage nowhere below the level by more than this many binomial standard deviations.
+MAX_SIGMAS_BELOW = 3.0
+
+
+def worst_z(levels: torch.Tensor, empirical: torch.Tensor, n: int) -> tuple[float, float]:
+    """The most negative ``(empirical - level) / sqrt(level (1 - level) / n)`` and the level where it occurs.
+
+    Example:
+        >>> worst_z(torch.tensor([0.5, 0.9]), torch.tensor([0.5, 0.84]), 100)
+        (-2.0, 0.9)
+    """
+    z = (empirical - levels) / (levels * (1 - levels) / n).sqrt()
+    i = int(z.argmin())
+    return round(float(z[i]), 2), round(float(levels[i]), 2)
+
+
+def measure(task_name: str, simulations: int, seed: int, setting: str, *, datasets: int,
+            posterior_samples: int) -> dict[str, object]:
+    """Train one posterior and return its coverage record."""
+    task = simulators.get(task_name)
+    sims = simulate_from_prior(task.simulate, task.prior, simulations, seed=seed, progress=False)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    posterior = fit_setting(task.prior, setting, sims.theta[sims.valid], sims.x[sims.valid], seed=seed)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    fresh = simulate_from_prior(task.simulate, task.prior, datasets, seed=derive_seed(seed, "coverage"), progress=False)
+    start = time.process_time()
+    result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
+                               num_posterior_samples=posterior_samples, seed=seed)
+    coverage_cpu = time.process_time() - start
+    n = result.num_datasets
+    z, at = worst_z(result.levels, result.empirical, n)
+    level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
+    return {"task": task_name, "simulations": simulations, "seed": seed, "setting": setting, "datasets": n,
+            "posterior_samples": posterior_samples, "coverage": level, "worst_z": z, "worst_level": at,
+            "passes": z >= -MAX_SIGMAS_BELOW, "verdict": result.verdict,
+            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
+            "coverage_cpu_seconds": round(coverage_cpu, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the measurement; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["two_moons"], choices=simulators.names())
+    parser.add_argument("--simulations", type=int, default=10_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--settings", nargs="*", default=[""], help="comma-separated NPE / fit options; '' = defaults")
+    parser.add_argument("--datasets", type=int, default=300, help="fresh prior datasets for the coverage")
+    parser.add_argument("--posterior-samples", type=int, default=500, help="posterior draws per dataset")
+    parser.add_argument("--json", default=None, help="append one JSON record per row to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for task_name in args.tasks:
+        for seed in args.seeds:
+            for setting in args.settings:
+                record = measure(task_name, args.simulations, seed, setting, datasets=args.datasets,
+                                 posterior_samples=args.posterior_samples)
+                emit(args.json, record)
+                rows.append(record)
+    print("\n| task | simulations | setting | seed | datasets | coverage at 50% | at 90% | worst z (level) "
+          "| z >= -3 | verdict | train CPU s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
+    for r in rows:
+        cov = r["coverage"]
+        print(f"| {r['task']} | {r['simulations']:,} | {r['setting'] or 'defaults'} | {r['seed']} | {r['datasets']} "
+              f"| {cov[0.5]:.3f} | {cov[0.9]:.3f} | {r['worst_z']:+.2f} ({r['worst_level']:.2f}) "
+              f"| {'yes' if r['passes'] else 'NO'} | {r['verdict']} | {r['train_cpu_seconds']:.1f} |")
+    failing = sorted({r["task"] for r in rows if not r["passes"]})
+    print(f"\nover-confident beyond {MAX_SIGMAS_BELOW:g} standard deviations: "
+          + (", ".join(failing) if failing else "none") + f" (of {len({r['task'] for r in rows})} tasks)")
+
+
+if __name__ == "__main__":
+    main()
