@@ -2,7 +2,8 @@
 
 Reads the ``--json`` files of ``benchmark_npe.py`` (ours against sbi on the same rows), of
 ``benchmark_bounded_space.py`` (the unconstrained against the truncated space) and of
-``benchmark_npe_training.py`` (held-out posterior NLL per setting, ``nll``) and prints one markdown
+``benchmark_npe_training.py`` (held-out posterior NLL per setting, ``nll``) and of ``benchmark_coverage.py``
+(expected HPD coverage per setting, ``coverage``) and prints one markdown
 row per task, budget and configuration: the mean over seeds of the per-seed mean C2ST over
 observations, the paired difference with its standard error over seeds (the targets' "no worse"
 test), how many seeds ours won, the summed training CPU seconds and the published NPE-NSF mean (sbibm,
@@ -14,6 +15,7 @@ Usage:
     python examples/summarize_benchmarks.py bounded box.jsonl
     python examples/summarize_benchmarks.py nll heldout.jsonl --baseline "sbi nsf"
     python examples/summarize_benchmarks.py nll-grid heldout.jsonl --candidate estimator=nsf
+    python examples/summarize_benchmarks.py coverage coverage.jsonl
 """
 
 from __future__ import annotations
@@ -121,6 +123,25 @@ def bounded_rows(path: str) -> list[str]:
     return rows
 
 
+def coverage_rows(path: str) -> list[str]:
+    """Rows for ``benchmark_coverage.py`` records: coverage at 50% and 90% (means over seeds), the worst deviation."""
+    def key(r):
+        return r["task"], r["simulations"], r["setting"], r["seed"]
+
+    rows = ["| task | simulations | setting | seeds | coverage at 50% | at 90% | worst z over levels and seeds (level) "
+            "| seeds with z >= -3 | train CPU s |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, setting), records in _groups(path, key):
+        worst = min(records, key=lambda r: r["worst_z"])
+        rows.append(f"| {task} | {simulations:,} | {setting or 'defaults'} | {len(records)} | "
+                    f"{statistics.fmean(r['coverage']['0.5'] for r in records):.3f} | "
+                    f"{statistics.fmean(r['coverage']['0.9'] for r in records):.3f} | "
+                    f"{worst['worst_z']:+.2f} ({worst['worst_level']:.2f}) | "
+                    f"{sum(r['passes'] for r in records)} of {len(records)} | "
+                    f"{sum(r['train_cpu_seconds'] for r in records):.1f} |")
+    return rows
+
+
 def _versus(ours: dict, base: dict) -> str:
     """``"difference (SE) | k of n"``: ``ours - base`` paired over their common seeds (``"- | -"`` if none).
 
@@ -182,7 +203,7 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage"])
     parser.add_argument("path")
     parser.add_argument("--baseline", default="defaults", help="nll, nll-grid: the setting the others are compared with")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "nll-grid":
         rows = nll_grid_rows(args.path, baseline=args.baseline, candidate=args.candidate)
     else:
-        rows = {"npe": npe_rows, "bounded": bounded_rows}[args.kind](args.path)
+        rows = {"npe": npe_rows, "bounded": bounded_rows, "coverage": coverage_rows}[args.kind](args.path)
     print("\n".join(rows))
 
 

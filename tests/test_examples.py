@@ -84,3 +84,6 @@ def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(t
     assert record["worst_z"] == pytest.approx(min(z), abs=0.02)
     assert record["passes"] == (min(z) >= -3)
     assert record["passes"], record  # a Gaussian posterior from 1,000 simulations is not over-confident
+    rows = load_example("summarize_benchmarks").coverage_rows(str(out))
+    assert len(rows) == 3 and rows[2].startswith("| gaussian_linear | 1,000 | defaults | 1 | ")
+    assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 |" in rows[2]
