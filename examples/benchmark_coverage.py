@@ -21,12 +21,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import time
 
 import torch
 
 import simulators
 from sbiflows.diagnostics import expected_coverage
+from sbiflows.posterior import observations_unchecked
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 
@@ -48,27 +51,70 @@ def worst_z(levels: torch.Tensor, empirical: torch.Tensor, n: int) -> tuple[floa
     return round(float(z[i]), 2), round(float(levels[i]), 2)
 
 
-def measure(task_name: str, simulations: int, seed: int, setting: str, *, datasets: int,
-            posterior_samples: int) -> dict[str, object]:
-    """Train one posterior and return its coverage record."""
+@contextlib.contextmanager
+def tempered(posterior, temperature: float):
+    """Within the block, the flow's standard normal base has standard deviation ``temperature``.
+
+    A measurement of post-hoc widening (not a library feature): sampling scales the base draws by
+    ``temperature`` and ``log_prob`` uses the widened base, so the posterior stays a normalized flow
+    density. Single flows in the unconstrained space only.
+    """
+    if temperature == 1.0:
+        yield posterior
+        return
+    net = posterior.net
+    if hasattr(net, "members") or posterior.config.get("space", "unconstrained") != "unconstrained":
+        raise ValueError("temperatures are measured for single flows in the unconstrained space only")
+    base, from_base = net.flow.base, net.sample_from_base
+    dim = base.features
+
+    class Widened(torch.nn.Module):
+        features = dim
+
+        def log_prob(self, z):
+            return base.log_prob(z / temperature) - dim * math.log(temperature)
+
+        def sample(self, shape, *, generator=None):
+            return base.sample(shape, generator=generator) * temperature
+
+    net.flow.base = Widened()
+    net.sample_from_base = lambda noise, context: from_base(noise * temperature, context)
+    try:
+        yield posterior
+    finally:
+        net.flow.base = base
+        del net.sample_from_base  # back to the class's method
+
+
+def measure(task_name: str, simulations: int, seed: int, setting: str, *, datasets: int, posterior_samples: int,
+            test_size: int, temperatures: list[float]) -> list[dict[str, object]]:
+    """Train one posterior and return its coverage record per temperature."""
     task = simulators.get(task_name)
     sims = simulate_from_prior(task.simulate, task.prior, simulations, seed=seed, progress=False)
     start, cpu_start = time.perf_counter(), time.process_time()
     posterior = fit_setting(task.prior, setting, sims.theta[sims.valid], sims.x[sims.valid], seed=seed)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     fresh = simulate_from_prior(task.simulate, task.prior, datasets, seed=derive_seed(seed, "coverage"), progress=False)
-    start = time.process_time()
-    result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
-                               num_posterior_samples=posterior_samples, seed=seed)
-    coverage_cpu = time.process_time() - start
-    n = result.num_datasets
-    z, at = worst_z(result.levels, result.empirical, n)
-    level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
-    return {"task": task_name, "simulations": simulations, "seed": seed, "setting": setting, "datasets": n,
-            "posterior_samples": posterior_samples, "coverage": level, "worst_z": z, "worst_level": at,
-            "passes": z >= -MAX_SIGMAS_BELOW, "verdict": result.verdict,
-            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-            "coverage_cpu_seconds": round(coverage_cpu, 1)}
+    test = simulate_from_prior(task.simulate, task.prior, test_size, seed=derive_seed(seed, "heldout"), progress=False)
+    records = []
+    for temperature in temperatures:
+        with tempered(posterior, temperature), observations_unchecked():
+            start = time.process_time()
+            result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
+                                       num_posterior_samples=posterior_samples, seed=seed)
+            coverage_cpu = time.process_time() - start
+            with torch.no_grad():
+                nll = -float(posterior.log_prob_batched(test.theta[test.valid][None], test.x[test.valid]).mean())
+        n = result.num_datasets
+        z, at = worst_z(result.levels, result.empirical, n)
+        level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
+        records.append({"task": task_name, "simulations": simulations, "seed": seed, "setting": setting,
+                        "temperature": temperature, "datasets": n, "posterior_samples": posterior_samples,
+                        "coverage": level, "worst_z": z, "worst_level": at, "passes": z >= -MAX_SIGMAS_BELOW,
+                        "verdict": result.verdict, "heldout_nll": round(nll, 4), "test_size": int(test.valid.sum()),
+                        "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
+                        "coverage_cpu_seconds": round(coverage_cpu, 1)})
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="*", default=[""], help="comma-separated NPE / fit options; '' = defaults")
     parser.add_argument("--datasets", type=int, default=300, help="fresh prior datasets for the coverage")
     parser.add_argument("--posterior-samples", type=int, default=500, help="posterior draws per dataset")
+    parser.add_argument("--test-size", type=int, default=1000, help="fresh pairs for the held-out NLL")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
+                        help="also score the flow with its base widened to these standard deviations (a measurement)")
     parser.add_argument("--json", default=None, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -87,18 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     for task_name in args.tasks:
         for seed in args.seeds:
             for setting in args.settings:
-                record = measure(task_name, args.simulations, seed, setting, datasets=args.datasets,
-                                 posterior_samples=args.posterior_samples)
-                emit(args.json, record)
-                rows.append(record)
-    print("\n| task | simulations | setting | seed | datasets | coverage at 50% | at 90% | worst z (level) "
-          "| z >= -3 | verdict | train CPU s |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
+                for record in measure(task_name, args.simulations, seed, setting, datasets=args.datasets,
+                                      posterior_samples=args.posterior_samples, test_size=args.test_size,
+                                      temperatures=args.temperatures):
+                    emit(args.json, record)
+                    rows.append(record)
+    print("\n| task | simulations | setting | temperature | seed | datasets | coverage at 50% | at 90% | worst z (level) "
+          "| z >= -3 | verdict | held-out NLL | train CPU s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for r in rows:
         cov = r["coverage"]
-        print(f"| {r['task']} | {r['simulations']:,} | {r['setting'] or 'defaults'} | {r['seed']} | {r['datasets']} "
-              f"| {cov[0.5]:.3f} | {cov[0.9]:.3f} | {r['worst_z']:+.2f} ({r['worst_level']:.2f}) "
-              f"| {'yes' if r['passes'] else 'NO'} | {r['verdict']} | {r['train_cpu_seconds']:.1f} |")
+        print(f"| {r['task']} | {r['simulations']:,} | {r['setting'] or 'defaults'} | {r['temperature']:g} | {r['seed']} "
+              f"| {r['datasets']} | {cov[0.5]:.3f} | {cov[0.9]:.3f} | {r['worst_z']:+.2f} ({r['worst_level']:.2f}) "
+              f"| {'yes' if r['passes'] else 'NO'} | {r['verdict']} | {r['heldout_nll']:.3f} | {r['train_cpu_seconds']:.1f} |")
     failing = sorted({r["task"] for r in rows if not r["passes"]})
     print(f"\nover-confident beyond {MAX_SIGMAS_BELOW:g} standard deviations: "
           + (", ".join(failing) if failing else "none") + f" (of {len({r['task'] for r in rows})} tasks)")

@@ -126,19 +126,21 @@ def bounded_rows(path: str) -> list[str]:
 def coverage_rows(path: str) -> list[str]:
     """Rows for ``benchmark_coverage.py`` records: coverage at 50% and 90% (means over seeds), the worst deviation."""
     def key(r):
-        return r["task"], r["simulations"], r["setting"], r["seed"]
+        return r["task"], r["simulations"], r["setting"], r.get("temperature", 1.0), r["seed"]
 
     rows = ["| task | simulations | setting | seeds | coverage at 50% | at 90% | worst z over levels and seeds (level) "
-            "| seeds with z >= -3 | train CPU s |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, setting), records in _groups(path, key):
+            "| seeds with z >= -3 | held-out NLL | train CPU s |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, setting, temperature), records in _groups(path, key):
         worst = min(records, key=lambda r: r["worst_z"])
-        rows.append(f"| {task} | {simulations:,} | {setting or 'defaults'} | {len(records)} | "
+        name = (setting or "defaults") + (f", base sd {temperature:g}" if temperature != 1.0 else "")
+        nll = [r["heldout_nll"] for r in records if "heldout_nll" in r]
+        rows.append(f"| {task} | {simulations:,} | {name} | {len(records)} | "
                     f"{statistics.fmean(r['coverage']['0.5'] for r in records):.3f} | "
                     f"{statistics.fmean(r['coverage']['0.9'] for r in records):.3f} | "
                     f"{worst['worst_z']:+.2f} ({worst['worst_level']:.2f}) | "
                     f"{sum(r['passes'] for r in records)} of {len(records)} | "
-                    f"{sum(r['train_cpu_seconds'] for r in records):.1f} |")
+                    f"{statistics.fmean(nll) if nll else math.nan:.3f} | {sum(r['train_cpu_seconds'] for r in records):.1f} |")
     return rows
 
 

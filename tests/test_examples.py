@@ -86,4 +86,4 @@ def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(t
     assert record["passes"], record  # a Gaussian posterior from 1,000 simulations is not over-confident
     rows = load_example("summarize_benchmarks").coverage_rows(str(out))
     assert len(rows) == 3 and rows[2].startswith("| gaussian_linear | 1,000 | defaults | 1 | ")
-    assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 |" in rows[2]
+    assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 | {record['heldout_nll']:.3f} |" in rows[2]
