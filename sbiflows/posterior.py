@@ -216,7 +216,7 @@ class Posterior:
         noise = None if generator is None else SeededNoise(generator, n, self.net.flow.base, self.device)
         if self._space.truncated:
             return draw_posterior(self.net, self._space, n, xs, noise=noise, generator=generator,
-                                  max_rows=self.max_batch_elements)
+                                  max_rows=self.max_batch_elements, prior=self._prior)
         out = torch.empty(n, len(xs), self.theta_dim, device=self.device, dtype=self.dtype)
         obs_step = max(1, self.max_batch_elements // n)
         sample_step = min(n, self.max_batch_elements)

@@ -14,8 +14,13 @@ the flow's density restricted to the prior's support:
   (the standard error of ``log Z`` is ``sqrt((1 - Z) / (Z M))``: 0.011 at ``Z = 0.5``); so it is
   normalized on the support up to that Monte Carlo error, and deterministic.
 * **no stall:** an observation whose acceptance stays below :data:`MIN_ACCEPTANCE` after
-  :data:`CHECK_AFTER` candidates raises :class:`LeakageError` instead of looping on, so a draw costs at
-  most ``n / MIN_ACCEPTANCE`` candidates per observation. The unconstrained space never rejects.
+  :data:`CHECK_AFTER` candidates stops rejecting, so rejection costs at most ``n / MIN_ACCEPTANCE``
+  candidates per observation. A posterior then draws that observation's remaining samples by
+  sampling-importance-resampling with the prior as proposal (:func:`sir_from_prior`:
+  :data:`SIR_OVERSAMPLING` prior draws per sample, weighted by ``q(theta | x) / p(theta)``, one resampled)
+  and warns that they are approximate: as the oversampling grows they follow the flow's density
+  restricted to the support, with a finite one they lean towards the prior. :func:`draw_inside` without
+  such a fallback raises :class:`LeakageError`. The unconstrained space never rejects.
 
 Why it exists: on some box-prior tasks the flow learns the posterior better in theta space than in the
 sigmoid-warped space (``docs/benchmarks.md``, "Bounded priors").
@@ -30,24 +35,28 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints
+from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_choice
-from sbiflows.seeding import SeededNoise
+from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.unconstrained import Unconstrained
 
-__all__ = ["CHECK_AFTER", "MIN_ACCEPTANCE", "NORMALIZER_SAMPLES", "SPACES", "LeakageError", "LogNormalizer",
-           "TruncatedSpace", "draw_inside", "draw_posterior", "log_mass", "make_space"]
+__all__ = ["CHECK_AFTER", "MIN_ACCEPTANCE", "NORMALIZER_SAMPLES", "SIR_OVERSAMPLING", "SPACES", "LeakageError",
+           "LogNormalizer", "TruncatedSpace", "draw_inside", "draw_posterior", "log_mass", "make_space",
+           "sir_from_prior"]
 
 SPACES = ("unconstrained", "truncated")
 MIN_ACCEPTANCE = 1e-3
 CHECK_AFTER = 10_000
 NORMALIZER_SAMPLES = 2**13
 NORMALIZER_SEED = 20_251_130
+#: Prior draws per sample when a leaking observation falls back to sampling-importance-resampling.
+SIR_OVERSAMPLING = 256
 
 
 class LeakageError(RuntimeError):
@@ -115,6 +124,8 @@ def draw_inside(
     device: torch.device | str | None = None,
     min_acceptance: float = MIN_ACCEPTANCE,
     check_after: int = CHECK_AFTER,
+    fallback: Callable[[int, Tensor], Tensor] | None = None,
+    first: int = 0,
 ) -> Tensor:
     """``n`` draws inside the support for each of ``batch`` observations, by rejection: ``(n, batch, D)``.
 
@@ -126,12 +137,17 @@ def draw_inside(
         batch: Number of observations.
         max_rows: At most this many candidates (rows times observations) per round.
         device: Where ``propose`` makes its candidates (the bookkeeping lives there too).
-        min_acceptance: Raise once an observation's acceptance is below this after ``check_after``
-            candidates.
+        min_acceptance: Stop rejecting for an observation whose acceptance is below this after
+            ``check_after`` candidates.
         check_after: Candidates per observation before the acceptance is judged.
+        fallback: ``fallback(m, starving)`` returns ``(m, len(starving), D)`` draws for the observations
+            ``starving`` (a long tensor of indices) that stopped rejecting; each keeps the first
+            ``n - kept`` of them after its ``kept`` rejection draws, with a warning. ``None``: raise.
+        first: The index of observation 0 in messages (for a chunk of a larger batch).
 
     Raises:
-        LeakageError: If an observation's acceptance falls below ``min_acceptance``.
+        LeakageError: If an observation's acceptance falls below ``min_acceptance`` and there is no
+            ``fallback``.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -165,21 +181,33 @@ def draw_inside(
         starving = (filled < n) & (tried >= check_after) & (accepted < min_acceptance * tried)
         if starving.any():
             b = int(torch.nonzero(starving)[0])
-            raise LeakageError(
-                f"observation {b}: only {int(accepted[b])} of {int(tried[b])} posterior draws fell inside the "
-                f"prior's support (acceptance below {min_acceptance:g}), so rejection sampling would not finish. "
-                "The flow puts its mass outside the prior there; this x is probably unlike the training "
-                "simulations. space='unconstrained' never rejects."
-            )
+            message = (f"observation {first + b}: only {int(accepted[b])} of {int(tried[b])} posterior draws fell inside the "
+                       f"prior's support (acceptance below {min_acceptance:g}), so rejection sampling would not finish. "
+                       "The flow puts its mass outside the prior there; this x is probably unlike the training "
+                       "simulations. space='unconstrained' never rejects.")
+            if fallback is None:
+                raise LeakageError(message)
+            idx = torch.nonzero(starving).flatten()
+            need = n - filled[idx]
+            theta = fallback(int(need.max()), idx)
+            position = filled[idx][None, :] + torch.arange(len(theta), device=filled.device)[:, None]
+            rows, columns = torch.nonzero(position < n, as_tuple=True)
+            out[position[rows, columns], idx[columns]] = theta[rows, columns]
+            filled[idx] = n
+            warnings.warn(f"{message} The remaining draws of {len(idx)} such observation(s) come from "
+                          "sampling-importance-resampling with the prior as proposal, an approximation "
+                          "(see sbiflows.truncated_space).", stacklevel=2)
     return out
 
 
 def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tensor, *, noise: SeededNoise | None,
-                   generator: torch.Generator | None, max_rows: int) -> Tensor:
+                   generator: torch.Generator | None, max_rows: int, prior: Distribution | None = None) -> Tensor:
     """``n`` draws of a posterior network inside the support for each observation ``xs``: ``(n, B, D)``.
 
     :func:`draw_inside` with the network's draws as candidates: from ``noise`` (the seeded stream of
-    :meth:`sbiflows.Posterior.sample`, continued past ``n``) or else from ``generator``.
+    :meth:`sbiflows.Posterior.sample`, continued past ``n``) or else from ``generator``. With a
+    ``prior``, an observation whose acceptance is too low falls back to :func:`sir_from_prior` (seeded
+    from ``noise`` or ``generator``); without one it raises :class:`LeakageError`.
     """
     step = max(1, max_rows // n)  # observations per chunk, as the unconstrained path chunks them
     chunks = []
@@ -191,8 +219,49 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
                 return net.sample_given_context(m, context[active], generator=generator)
             return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
 
-        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows, device=context.device))
+        def fallback(m: int, starving: Tensor, context: Tensor = context, b: int = b) -> Tensor:
+            seeds = [derive_seed(noise.root, f"sir/{b + i}") if noise is not None
+                     else int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+                     for i in starving.tolist()]
+            return torch.stack([sir_from_prior(lambda t, c=context[i]: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
+                                               prior, m, seed=seed, max_rows=max_rows)
+                                for i, seed in zip(starving.tolist(), seeds)], 1)
+
+        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows, device=context.device,
+                                  fallback=None if prior is None else fallback, first=b))
     return torch.cat(chunks, 1)
+
+
+def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: int, *, seed: int, max_rows: int,
+                   oversampling: int = SIR_OVERSAMPLING) -> Tensor:
+    """``n`` draws of ``q`` restricted to the prior's support by sampling-importance-resampling: ``(n, D)``.
+
+    Each draw is one of ``oversampling`` prior draws, picked with probability proportional to
+    ``q(theta) / p(theta)``. Exact as ``oversampling`` grows; with a finite one the draws lean towards the
+    prior where ``q`` is much narrower than it. Reproducible with ``seed`` (the prior is sampled under
+    a forked global generator, as torch distributions take no generator).
+
+    Example:
+        >>> from torch.distributions import Independent, Uniform
+        >>> box = Independent(Uniform(-torch.ones(1), torch.ones(1)), 1)
+        >>> q = torch.distributions.Normal(3.0, 1.0)  # almost all of its mass is outside [-1, 1]
+        >>> draws = sir_from_prior(lambda t: q.log_prob(t).sum(-1), box, 2000, seed=0, max_rows=2**16)
+        >>> bool((draws.abs() <= 1).all()), round(float(draws.mean()), 1)  # the restricted normal has mean 0.63
+        (True, 0.6)
+    """
+    out = []
+    groups = max(1, max_rows // oversampling)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n, groups):
+        g = min(groups, n - start)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, start))
+            candidates = prior.sample((g, oversampling))
+        with torch.no_grad():
+            log_w = log_q(candidates) - prior.log_prob(candidates).to(candidates.dtype)
+        pick = torch.multinomial(torch.softmax(log_w.cpu(), dim=1), 1, generator=generator)[:, 0]
+        out.append(candidates[torch.arange(g), pick.to(candidates.device)])
+    return torch.cat(out)
 
 
 def log_mass(sample: Callable[[int, Tensor, torch.Generator], Tensor], inside: Callable[[Tensor], Tensor],
