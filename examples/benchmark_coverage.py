@@ -11,11 +11,15 @@ over all levels, and whether it passes the issue's rule "nowhere below the level
 deviations plus its 0.02 Monte Carlo tolerance) and training CPU seconds.
 
 Settings are comma-separated NPE and ``fit`` options as in ``benchmark_npe_training.py`` (``""`` is
-the defaults; ``ensemble=5`` an ensemble).
+the defaults; ``ensemble=5`` an ensemble). ``--sbi`` (with the ``sbi`` package importable) adds a row
+for sbi's NPE (``--sbi-estimator``, default ``nsf``, sbi's defaults) trained on the same simulations
+and scored on the same datasets; its HPD ranks use the flow's density without sbi's leakage
+normalization, which does not change ranks within one dataset.
 
 Usage:
     python examples/benchmark_coverage.py --tasks slcp two_moons --simulations 10000 --seeds 0
     python examples/benchmark_coverage.py --tasks slcp --simulations 10000 --settings "" ensemble=5 --json cov.jsonl
+    python examples/benchmark_coverage.py --tasks slcp --simulations 10000 --settings "" --sbi
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from sbiflows.posterior import observations_unchecked
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 
-from benchmark_npe_training import emit, fit_setting  # examples/ is on sys.path when this runs as a script
+from benchmark_npe import _NullTracker  # examples/ is on sys.path when this runs as a script
+from benchmark_npe_training import emit, fit_setting
 
 #: The issue's rule: coverage nowhere below the level by more than this many binomial standard deviations.
 MAX_SIGMAS_BELOW = 3.0
@@ -86,18 +91,49 @@ def tempered(posterior, temperature: float):
         del net.sample_from_base  # back to the class's method
 
 
+class SbiPosterior:
+    """sbi's posterior with the two batched methods :func:`expected_coverage` calls."""
+
+    def __init__(self, posterior):
+        self.posterior = posterior
+
+    def sample_batched(self, n, xs):
+        return self.posterior.sample_batched((n,), x=xs, show_progress_bars=False)
+
+    def log_prob_batched(self, theta, xs):
+        return self.posterior.log_prob_batched(theta, x=xs, norm_posterior=False)
+
+    def log_prob(self, theta, x):
+        return self.posterior.log_prob(theta, x=x, norm_posterior=False)
+
+
+def train_sbi(prior, theta, x, *, seed: int, density_estimator: str) -> SbiPosterior:
+    """sbi's NPE with its defaults on the same rows (one torch thread, as ours)."""
+    from sbi.inference import NPE as SbiNPE
+
+    torch.manual_seed(seed)
+    inference = SbiNPE(prior=prior, density_estimator=density_estimator, show_progress_bars=False,
+                       tracker=_NullTracker())
+    estimator = inference.append_simulations(theta, x).train()
+    return SbiPosterior(inference.build_posterior(estimator))
+
+
 def measure(task_name: str, simulations: int, seed: int, setting: str, *, datasets: int, posterior_samples: int,
             test_size: int, temperatures: list[float]) -> list[dict[str, object]]:
-    """Train one posterior and return its coverage record per temperature."""
+    """Train one posterior and return its coverage record per temperature (``setting`` "sbi nsf": sbi's NSF)."""
     task = simulators.get(task_name)
     sims = simulate_from_prior(task.simulate, task.prior, simulations, seed=seed, progress=False)
     start, cpu_start = time.perf_counter(), time.process_time()
-    posterior = fit_setting(task.prior, setting, sims.theta[sims.valid], sims.x[sims.valid], seed=seed)
+    if setting.startswith("sbi "):
+        posterior = train_sbi(task.prior, sims.theta[sims.valid], sims.x[sims.valid], seed=seed,
+                              density_estimator=setting.removeprefix("sbi "))
+    else:
+        posterior = fit_setting(task.prior, setting, sims.theta[sims.valid], sims.x[sims.valid], seed=seed)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     fresh = simulate_from_prior(task.simulate, task.prior, datasets, seed=derive_seed(seed, "coverage"), progress=False)
     test = simulate_from_prior(task.simulate, task.prior, test_size, seed=derive_seed(seed, "heldout"), progress=False)
     records = []
-    for temperature in temperatures:
+    for temperature in [1.0] if setting.startswith("sbi ") else temperatures:
         with tempered(posterior, temperature), observations_unchecked():
             start = time.process_time()
             result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
@@ -129,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-size", type=int, default=1000, help="fresh pairs for the held-out NLL")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
                         help="also score the flow with its base widened to these standard deviations (a measurement)")
+    parser.add_argument("--sbi", action="store_true", help="also train and score sbi's NPE")
+    parser.add_argument("--sbi-estimator", default="nsf", help="sbi's density_estimator")
     parser.add_argument("--json", default=None, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
+    settings = [*args.settings, *([f"sbi {args.sbi_estimator}"] if args.sbi else [])]
     torch.set_num_threads(1)
     rows = []
     for task_name in args.tasks:
         for seed in args.seeds:
-            for setting in args.settings:
+            for setting in settings:
                 for record in measure(task_name, args.simulations, seed, setting, datasets=args.datasets,
                                       posterior_samples=args.posterior_samples, test_size=args.test_size,
                                       temperatures=args.temperatures):
