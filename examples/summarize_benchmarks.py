@@ -140,7 +140,8 @@ def coverage_rows(path: str) -> list[str]:
                     f"{statistics.fmean(r['coverage']['0.9'] for r in records):.3f} | "
                     f"{worst['worst_z']:+.2f} ({worst['worst_level']:.2f}) | "
                     f"{sum(r['passes'] for r in records)} of {len(records)} | "
-                    f"{statistics.fmean(nll) if nll else math.nan:.3f} | {sum(r['train_cpu_seconds'] for r in records):.1f} |")
+                    f"{f'{statistics.fmean(nll):.3f}' if len(nll) == len(records) else '-'} | "
+                    f"{sum(r['train_cpu_seconds'] for r in records):.1f} |")
     return rows
 
 
