@@ -30,6 +30,7 @@ from sbiflows.unconstrained import Unconstrained, flat_support
 
 __all__ = [
     "IndependentPrior", "Unconstrained", "box_uniform", "check_prior", "flat_support", "prior_device",
+    "sample_seeded",
 ]
 
 #: Prior samples :func:`check_prior` compares with the declared support (a support violated by 0.7% of
@@ -277,6 +278,27 @@ def prior_device(prior: Distribution) -> torch.device:
     """The device of the prior's samples (drawn without changing torch's global RNG state)."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         return prior.sample((1,)).device
+
+
+def sample_seeded(prior: Distribution, shape: tuple[int, ...], seed: int, *,
+                  device: torch.device | str | None = None) -> Tensor:
+    """``prior.sample(shape)`` under ``torch.manual_seed(seed)``, torch's global RNG left as it was.
+
+    Torch distributions take no generator, so the global one is seeded inside a fork; ``device``, the
+    prior's device, is forked too when it is a CUDA device (seeding reseeds every device).
+
+    Example:
+        >>> prior = torch.distributions.Normal(torch.zeros(2), torch.ones(2))
+        >>> state = torch.random.get_rng_state()
+        >>> torch.equal(sample_seeded(prior, (3,), 7), sample_seeded(prior, (3,), 7))
+        True
+        >>> torch.equal(torch.random.get_rng_state(), state)
+        True
+    """
+    device = None if device is None else torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return prior.sample(shape)
 
 
 def __getattr__(name: str) -> Any:

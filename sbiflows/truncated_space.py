@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_choice
+from sbiflows.priors import sample_seeded
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.unconstrained import Unconstrained
 
@@ -220,12 +221,17 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
             return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
 
         def fallback(m: int, starving: Tensor, context: Tensor = context, b: int = b) -> Tensor:
-            seeds = [derive_seed(noise.root, f"sir/{b + i}") if noise is not None
-                     else int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
-                     for i in starving.tolist()]
-            return torch.stack([sir_from_prior(lambda t, c=context[i]: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
-                                               prior, m, seed=seed, max_rows=max_rows)
-                                for i, seed in zip(starving.tolist(), seeds)], 1)
+            draws = []
+            for i in starving.tolist():  # rare: observations whose flow leaks almost all of its mass
+                if noise is not None:
+                    seed = derive_seed(noise.root, f"sir/{b + i}")
+                else:
+                    seed = int(torch.randint(2**62, (1,), generator=generator,
+                                             device=None if generator is None else generator.device))
+                c = context[i]
+                draws.append(sir_from_prior(lambda t, c=c: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
+                                            prior, m, seed=seed, max_rows=max_rows, device=c.device))
+            return torch.stack(draws, 1)
 
         chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows, device=context.device,
                                   fallback=None if prior is None else fallback, first=b))
@@ -233,13 +239,13 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
 
 
 def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: int, *, seed: int, max_rows: int,
-                   oversampling: int = SIR_OVERSAMPLING) -> Tensor:
+                   oversampling: int = SIR_OVERSAMPLING, device: torch.device | str | None = None) -> Tensor:
     """``n`` draws of ``q`` restricted to the prior's support by sampling-importance-resampling: ``(n, D)``.
 
     Each draw is one of ``oversampling`` prior draws, picked with probability proportional to
     ``q(theta) / p(theta)``. Exact as ``oversampling`` grows; with a finite one the draws lean towards the
-    prior where ``q`` is much narrower than it. Reproducible with ``seed`` (the prior is sampled under
-    a forked global generator, as torch distributions take no generator).
+    prior where ``q`` is much narrower than it. Reproducible with ``seed`` (the prior is sampled with
+    :func:`~sbiflows.priors.sample_seeded`; ``device`` is the prior's device).
 
     Example:
         >>> from torch.distributions import Independent, Uniform
@@ -254,9 +260,7 @@ def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: in
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, n, groups):
         g = min(groups, n - start)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, start))
-            candidates = prior.sample((g, oversampling))
+        candidates = sample_seeded(prior, (g, oversampling), derive_seed(seed, start), device=device)
         with torch.no_grad():
             log_w = log_q(candidates) - prior.log_prob(candidates).to(candidates.dtype)
         pick = torch.multinomial(torch.softmax(log_w.cpu(), dim=1), 1, generator=generator)[:, 0]

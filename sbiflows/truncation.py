@@ -50,7 +50,7 @@ from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_int, check_real
 from sbiflows.posterior import Posterior
-from sbiflows.priors import check_prior, prior_device
+from sbiflows.priors import check_prior, prior_device, sample_seeded
 from sbiflows.seeding import derive_seed
 
 __all__ = ["Draw", "TruncatedPrior"]
@@ -250,10 +250,7 @@ class TruncatedPrior(Distribution):
         return torch.cat(parts).reshape(*shape, self.event_shape[0])
 
     def _prior_draws(self, m: int, seed: int) -> Tensor:
-        device = self._device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return self._prior.sample((m,))
+        return sample_seeded(self._prior, (m,), seed, device=self._device)
 
     def _sir(self, n: int, seed: int) -> tuple[Tensor, float]:
         """``n`` SIR draws (see the module docstring) and the mean effective sample size fraction."""
