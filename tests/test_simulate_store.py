@@ -229,3 +229,33 @@ def test_dask_local_cluster_same_numbers_and_survives_a_killed_worker(tmp_path, 
         for _ in range(2):  # runs one after another on one client (the simulator is sent anew each time)
             again = simulate(kills_its_dask_worker_once, theta, batch_size=10, executor=client)
             assert bitwise_equal(again.x, reference.x)
+
+
+def _kill_this_worker():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_dask_recovers_the_simulator_when_every_worker_holding_it_dies():
+    """The pickled simulator is a task's result on the cluster: Dask recomputes it when its holders die
+    (scattered data would be lost for good, and the Active Memory Manager trims a broadcast to one copy)."""
+    import distributed
+
+    from sbiflows.engine.backends import DaskBackend, serialize
+    from sbiflows.engine.jobs import Job
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        backend = DaskBackend(client, serialize(seeded, client), timeout=60, vectorized=True, seeded=True)
+        job = Job(chunk=0, start=0, theta=torch.zeros(3, 2), seeds=(7,))
+        expected = seeded(torch.zeros(3, 2), 7).numpy()
+        assert np.array_equal(backend.outcome(backend.submit(job)).x, expected)
+        holders = client.who_has([backend._payload])[backend._payload.key]
+        assert holders
+        try:
+            client.run(_kill_this_worker, workers=list(holders))
+        except Exception:  # noqa: BLE001, S110 - the workers die before they answer
+            pass
+        client.wait_for_workers(2, timeout=60)  # the nannies restart them
+        assert np.array_equal(backend.outcome(backend.submit(job)).x, expected)
+        backend.close()

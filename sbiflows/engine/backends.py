@@ -184,6 +184,11 @@ _WORKER_SANDBOXES: dict[bytes, _Sandboxes] = {}
 _WORKER_LOCK = threading.Lock()
 
 
+def _payload(payload: bytes) -> bytes:
+    """The pickled simulator, as a Dask task's result (recomputed from the graph if its worker dies)."""
+    return payload
+
+
 def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: bool, seeded: bool) -> Outcome:
     """The task an executor or Dask worker runs: the job in a sandbox of that worker's process."""
     import hashlib
@@ -243,8 +248,11 @@ class DaskBackend:
 
     def __init__(self, client, payload: bytes, *, timeout: float | None, vectorized: bool, seeded: bool):
         self._client = client
-        # a key of its own (hash=False): a second run must not share a key whose release is still in flight
-        self._payload = client.scatter(payload, broadcast=True, hash=False)
+        # The simulator goes to the cluster as the result of a task, not by scatter: if the worker holding
+        # it dies, Dask recomputes a task's result from the graph, while scattered data is lost for good
+        # (and the Active Memory Manager trims a broadcast back to one copy). pure=False: a key of its own,
+        # so a second run never shares a key whose release is still in flight.
+        self._payload = client.submit(_payload, payload, pure=False)
         self._args = (timeout, vectorized, seeded)
         self._threads, self._checked = 1, 0.0
 
