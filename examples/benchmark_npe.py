@@ -32,6 +32,7 @@ from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
 from sbiflows.estimator import ESTIMATORS
 from sbiflows.simulate import simulate_from_prior
+from sbiflows.truncated_space import SPACE_OPTIONS
 
 
 def parse_observations(text: str) -> list[int]:
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
-    parser.add_argument("--space", default=None, choices=["unconstrained", "truncated"],
+    parser.add_argument("--space", default=None, choices=list(SPACE_OPTIONS),
                         help="where our flow models a bounded prior's parameters (default: NPE's)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from sbiflows.diagnostics.c2st import c2st
 from sbiflows.seeding import derive_seed
 from sbiflows.sequential import split_budget
 from sbiflows.simulate import simulate, simulate_from_prior
+from sbiflows.truncated_space import SPACE_OPTIONS, resolve_space
 
 
 def parse_observations(text: str) -> list[int]:
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method")
     parser.add_argument("--no-sbi", action="store_true")
     parser.add_argument("--estimator", default="maf", help="our flow, for TSNPE and amortized NPE (maf, nsf, ...)")
-    parser.add_argument("--space", default="unconstrained", choices=["unconstrained", "truncated"],
-                        help="where our flow models a bounded prior's parameters (NPE's space option)")
+    parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
+                        help="where our flow models a bounded prior's parameters (NPE's space option; "
+                        "auto: truncated for a box prior)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed and observation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         for i in observations:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
-                      "observation": i, "estimator": args.estimator, "space": args.space}
+                      "observation": i, "estimator": args.estimator,
+                      "space": resolve_space(task.prior.support, args.space)}
             (samples, rounds), wall, cpu = timed(run_ours_tsnpe, task, x_o, args, seed)
             record["ours_tsnpe"] = {"c2st": c2st(reference, samples, seed=seed).accuracy, "seconds": wall,
                                     "cpu_seconds": cpu, "rounds": rounds}

@@ -1,8 +1,8 @@
 """NPE for your own simulator: a plain NumPy model, a torch prior, one observed data set.
 
 The model: a signal decays as ``A * exp(-k * t)`` and is measured at 12 times with Gaussian noise of
-unknown size ``sigma``. The parameters are ``theta = (A, k, sigma)`` with a box prior (NPE learns in the
-prior's unconstrained space, so posterior samples never leave the box). The simulator below is written
+unknown size ``sigma``. The parameters are ``theta = (A, k, sigma)`` with a box prior (NPE learns in
+theta itself, restricted to the box: posterior samples never leave it). The simulator below is written
 in NumPy, takes a batch of parameter rows and knows nothing of torch or sbiflows; some parameter sets
 fail (NaN), as real simulators do, and sbiflows counts and excludes them.
 

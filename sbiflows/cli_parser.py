@@ -12,7 +12,7 @@ from sbiflows import __version__
 from sbiflows.estimator import ESTIMATORS
 from sbiflows.training_options import MAX_EPOCHS
 from sbiflows.transforms.transformers import DEFAULT_BINS, TRANSFORMERS
-from sbiflows.truncated_space import SPACES
+from sbiflows.truncated_space import SPACE_OPTIONS
 
 #: ``--embedding`` names (:data:`sbiflows.embeddings.EMBEDDINGS`; listed here so that ``--help`` imports no network code).
 EMBEDDING_NAMES = ("mlp", "cnn1d", "cnn2d", "set")
@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="elementwise map of the flow's layers (default: spline for nsf, affine otherwise)")
     fit.add_argument("--bins", type=_positive_int, default=None, metavar="K",
                      help=f"spline bins (default {DEFAULT_BINS}); only with a spline transformer")
-    fit.add_argument("--space", choices=list(SPACES), default="unconstrained",
-                     help="where the flow models a bounded prior's parameters: unconstrained (default; samples "
-                     "never leave the support, exact densities) or truncated (theta itself, restricted to the "
-                     "support by rejection, as sbi does)")
+    fit.add_argument("--space", choices=list(SPACE_OPTIONS), default="auto",
+                     help="where the flow models the parameters: auto (default: truncated for a box prior, "
+                     "unconstrained otherwise), truncated (theta itself, restricted to the support by rejection, "
+                     "as sbi does) or unconstrained (mapped onto the real line: samples never leave the support, "
+                     "exact densities)")
     fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (K times the "
                      "training cost; wider, less over-confident posteriors)")

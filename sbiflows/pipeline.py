@@ -29,6 +29,7 @@ from sbiflows.embeddings import from_name
 from sbiflows.npe import NPE
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
+from sbiflows.priors import check_prior
 from sbiflows.report import (
     describe_estimator,
     jsonable,
@@ -40,6 +41,7 @@ from sbiflows.seeding import derive_seed
 from sbiflows.sequential import default_estimator
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
+from sbiflows.truncated_space import resolve_space
 
 __all__ = ["Job", "Observation", "run"]
 
@@ -87,7 +89,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     ensemble: int = 1
-    space: str = "unconstrained"
+    space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
     embedding: str = "none"
     seed: int = 0
     num_samples: int = 10_000
@@ -108,6 +110,7 @@ class Job:
     def __post_init__(self) -> None:
         if self.estimator is None:
             self.estimator = default_estimator(self.rounds)
+        self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
 
     @property
     def estimator_options(self) -> dict:

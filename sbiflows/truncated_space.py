@@ -1,8 +1,9 @@
 """Theta space truncated to the prior's support: NPE's ``space="truncated"``.
 
-By default (``space="unconstrained"``) the flow models ``u = T^{-1}(theta)`` (:mod:`sbiflows.unconstrained`).
+With ``space="unconstrained"`` the flow models ``u = T^{-1}(theta)`` (:mod:`sbiflows.unconstrained`).
 With ``space="truncated"`` it models theta itself (z-scored only, as sbi does), and the posterior is
-the flow's density restricted to the prior's support:
+the flow's density restricted to the prior's support. NPE's default ``space="auto"`` is the truncated
+space for a box prior and the unconstrained one otherwise (:func:`resolve_space`). In the truncated space:
 
 * **samples** are the flow's draws that fall inside the support (rejection), vectorized over
   observations: each round draws, for every observation that still needs samples, enough candidates
@@ -22,8 +23,8 @@ the flow's density restricted to the prior's support:
   restricted to the support, with a finite one they lean towards the prior. :func:`draw_inside` without
   such a fallback raises :class:`LeakageError`. The unconstrained space never rejects.
 
-Why it exists: on some box-prior tasks the flow learns the posterior better in theta space than in the
-sigmoid-warped space (``docs/benchmarks.md``, "Bounded priors").
+Why it exists: on box-prior tasks the flow learns the posterior better in theta space than in the
+sigmoid-warped space (``docs/benchmarks.md``, "Which space for box priors").
 
 Example:
     >>> from torch.distributions import Independent, Uniform
@@ -47,11 +48,13 @@ from sbiflows.priors import sample_seeded
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.unconstrained import Unconstrained
 
-__all__ = ["CHECK_AFTER", "MIN_ACCEPTANCE", "NORMALIZER_SAMPLES", "SIR_OVERSAMPLING", "SPACES", "LeakageError",
-           "LogNormalizer", "TruncatedSpace", "draw_inside", "draw_posterior", "log_mass", "make_space",
-           "sir_from_prior"]
+__all__ = ["CHECK_AFTER", "MIN_ACCEPTANCE", "NORMALIZER_SAMPLES", "SIR_OVERSAMPLING", "SPACES", "SPACE_OPTIONS",
+           "LeakageError", "LogNormalizer", "TruncatedSpace", "draw_inside", "draw_posterior", "log_mass",
+           "make_space", "resolve_space", "sir_from_prior"]
 
 SPACES = ("unconstrained", "truncated")
+#: What NPE's ``space`` option accepts: a space, or ``"auto"`` (see :func:`resolve_space`).
+SPACE_OPTIONS = ("auto", *SPACES)
 MIN_ACCEPTANCE = 1e-3
 CHECK_AFTER = 10_000
 NORMALIZER_SAMPLES = 2**13
@@ -62,6 +65,32 @@ SIR_OVERSAMPLING = 256
 
 class LeakageError(RuntimeError):
     """The flow puts too little of its mass inside the prior's support to sample it by rejection."""
+
+
+def resolve_space(support: constraints.Constraint, space: str) -> str:
+    """The space NPE's ``space`` option names: ``"auto"`` is ``"truncated"`` for a box, else ``"unconstrained"``.
+
+    A box is a support with a finite lower and upper bound on every parameter (``Uniform``,
+    :func:`~sbiflows.priors.box_uniform`, ``Beta``, and :class:`~sbiflows.priors.IndependentPrior` of
+    such marginals). The flow is more accurate in the truncated theta space on the box-prior benchmark
+    tasks (``docs/benchmarks.md``, "Which space for box priors"); a prior with an unbounded parameter
+    keeps the unconstrained space, where the truncated one was not measured.
+
+    Raises:
+        ValueError: For a name not in :data:`SPACE_OPTIONS`.
+
+    Example:
+        >>> from torch.distributions import Independent, Normal, Uniform
+        >>> resolve_space(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1).support, "auto")
+        'truncated'
+        >>> resolve_space(Independent(Normal(torch.zeros(2), 1.0), 1).support, "auto")
+        'unconstrained'
+        >>> resolve_space(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1).support, "unconstrained")
+        'unconstrained'
+    """
+    if check_choice(space, "space", SPACE_OPTIONS) != "auto":
+        return space
+    return "truncated" if Unconstrained(support).bounded else "unconstrained"
 
 
 def make_space(support: constraints.Constraint, space: str) -> Unconstrained | TruncatedSpace:
@@ -272,7 +301,9 @@ def log_mass(sample: Callable[[int, Tensor, torch.Generator], Tensor], inside: C
              contexts: Tensor, *, max_rows: int, num_samples: int = NORMALIZER_SAMPLES) -> Tensor:
     """``log Z`` for each context row: the log share of ``num_samples`` seeded draws inside the support.
 
-    ``sample(m, context_rows, generator)`` returns ``(m, len(context_rows), D)`` draws. A context with no
+    ``sample(m, context_rows, generator)`` returns ``(m, len(context_rows), D)`` draws; the generator is
+    seeded afresh for every chunk of contexts, so a context's estimate depends on its chunk only through
+    ``sample`` (:class:`LogNormalizer`'s draws share one noise stream, so it does not at all). A context with no
     draw inside gets ``log(1 / num_samples)``, an upper bound on its mass.
 
     Example:
@@ -289,6 +320,16 @@ def log_mass(sample: Callable[[int, Tensor, torch.Generator], Tensor], inside: C
         count = inside(draws).sum(0).to(torch.float64).clamp(min=1.0)
         out[b : b + step] = torch.log(count / num_samples)
     return out
+
+
+def _common_draws(net: torch.nn.Module, m: int, contexts: Tensor, generator: torch.Generator) -> Tensor:
+    """``(m, len(contexts), D)`` draws of ``net`` from one base-noise stream shared by every context.
+
+    Common random numbers: an observation's normalizer then does not depend on which other observations
+    it is computed with (a single ``x`` and the same ``x`` in a batch get the same ``log Z``).
+    """
+    noise = net.flow.base.sample((m, 1), generator=generator).to(contexts.device)
+    return net.sample_from_base(noise.expand(m, len(contexts), noise.shape[-1]), contexts)
 
 
 class LogNormalizer:
@@ -309,7 +350,7 @@ class LogNormalizer:
         missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
         if missing:
             with torch.no_grad():
-                values = log_mass(lambda m, c, g: net.sample_given_context(m, c, generator=g), space.inside,
-                                  flat[missing], max_rows=max_rows)
+                values = log_mass(lambda m, c, g: _common_draws(net, m, c, g), space.inside, flat[missing],
+                                  max_rows=max_rows)
             self._cache.update(zip((keys[i] for i in missing), values.tolist()))
         return torch.tensor([self._cache[key] for key in keys], device=context.device, dtype=context.dtype).reshape(batch)

@@ -106,6 +106,20 @@ class Unconstrained:
             self._lower = _column_bounds(pieces, "lower_bound", -math.inf)
             self._upper = _column_bounds(pieces, "upper_bound", math.inf)
 
+    @property
+    def bounded(self) -> bool:
+        """Whether every column has a finite lower and upper bound (the support is a box).
+
+        Example:
+            >>> from torch.distributions import Independent, Normal, Uniform
+            >>> Unconstrained(Independent(Uniform(-torch.ones(2), torch.ones(2)), 1).support).bounded
+            True
+            >>> Unconstrained(Independent(Normal(torch.zeros(2), 1.0), 1).support).bounded
+            False
+        """
+        return all(bound is not None and bool(torch.isfinite(torch.as_tensor(bound)).all())
+                   for bound in (self._lower, self._upper))
+
     def to_constrained(self, u: Tensor) -> Tensor:
         """``theta = T(u)``, strictly inside the support's bounds, in ``u``'s dtype."""
         return self._clamp(self.transform(u).to(u.dtype))

@@ -14,14 +14,18 @@ from sbiflows.seeding import derive_seed
 NOISE = 0.5
 
 
+def box_posterior_rows(n: int):
+    """theta from the uniform prior on [-1, 1]^2 and x = theta + N(0, 0.3^2)."""
+    g = torch.Generator().manual_seed(0)
+    theta = 2 * torch.rand(n, 2, generator=g) - 1
+    return theta, theta + 0.3 * torch.randn(n, 2, generator=g)
+
+
 @pytest.fixture(scope="module")
 def box_posterior():
-    """A MAF posterior under the uniform prior on [-1, 1]^2 with x = theta + N(0, 0.3^2)."""
-    g = torch.Generator().manual_seed(0)
+    """A posterior (the default flow and space) under the uniform prior on [-1, 1]^2 with x = theta + N(0, 0.3^2)."""
     prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
-    theta = 2 * torch.rand(2000, 2, generator=g) - 1
-    x = theta + 0.3 * torch.randn(2000, 2, generator=g)
-    return NPE(prior, transforms=3).fit(theta, x, max_epochs=40, progress=False)
+    return NPE(prior, transforms=3).fit(*box_posterior_rows(2000), max_epochs=40, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +56,17 @@ def test_log_prob_integrates_to_one_on_the_box(box_posterior):
         assert abs(mass.item() - 1) < 0.02
 
 
-def test_log_prob_is_minus_inf_outside_and_on_the_boundary(box_posterior):
+@pytest.mark.parametrize("space", ["auto", "unconstrained"])
+def test_log_prob_is_minus_inf_outside_the_support(box_posterior, space):
+    """Outside: -inf in both spaces. On the boundary (measure zero): -inf where the sigmoid maps it to
+    infinity (unconstrained), the flow's density in the truncated space (the closed box)."""
+    posterior = box_posterior if space == "auto" else NPE(box_posterior.prior, transforms=1, space=space).fit(
+        *box_posterior_rows(200), max_epochs=1, progress=False)
     theta = torch.tensor([[1.5, 0.0], [0.0, -1.01], [1.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])
-    lp = box_posterior.log_prob(theta, x=torch.zeros(2))
-    assert torch.isneginf(lp[:4]).all() and torch.isfinite(lp[4])
+    lp = posterior.log_prob(theta, x=torch.zeros(2))
+    assert torch.isneginf(lp[:2]).all() and torch.isfinite(lp[4])
+    on_boundary = lp[2:4]
+    assert bool((torch.isneginf(on_boundary) if space == "unconstrained" else torch.isfinite(on_boundary)).all())
 
 
 def test_log_prob_of_one_theta_is_a_scalar(box_posterior):

@@ -13,11 +13,19 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Independent, Normal, Uniform
+from torch.distributions import (
+    Beta,
+    Exponential,
+    Independent,
+    LogNormal,
+    Normal,
+    Uniform,
+)
 
 from sbiflows import NPE, LeakageError, load
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.diagnostics.coverage import expected_coverage
+from sbiflows.priors import IndependentPrior, box_uniform
 from sbiflows.truncated_space import draw_inside, log_mass
 
 NOISE = 0.3
@@ -102,6 +110,20 @@ def test_truncated_posterior_matches_the_exact_truncated_gaussian(fitted):
     exact = exact[(exact.abs() <= 1).all(-1)][:4000]
     samples = posterior.sample(4000, X_CORNER, seed=4)
     assert c2st(exact, samples, seed=0).accuracy <= 0.6
+
+
+def test_an_observations_log_prob_does_not_depend_on_its_batch(fitted):
+    """The mass estimate of x is the same alone and among other observations (one shared noise stream)."""
+    prior, posterior = fitted
+    xs = torch.tensor([[0.0, 0.3], [0.95, -0.95], [-0.5, 0.9]])  # x 1: about a third of the mass outside
+    theta = posterior.sample(5, xs[1], seed=0)
+    batched = posterior.log_prob_batched(theta[:, None].expand(5, 3, 2), xs)
+
+    def fresh():  # the same network without the cached normalizers
+        return type(posterior)(copy.deepcopy(posterior.net), prior, config=dict(posterior.config))
+
+    torch.testing.assert_close(batched[:, 1], fresh().log_prob(theta, x=xs[1]))
+    assert float(fresh().support_mass(xs[1])) == float(posterior.support_mass(xs[1]))
 
 
 def test_seeded_draws_do_not_depend_on_chunking(fitted):
@@ -190,15 +212,42 @@ def test_coverage_runs_on_a_truncated_posterior(fitted):
     assert result.verdict in ("calibrated", "under-confident")  # a 40-epoch flow: not over-confident
 
 
-def test_unconstrained_is_the_default_and_has_full_mass():
+def test_unconstrained_space_has_full_mass_and_is_what_old_files_meant():
     prior, theta, x = box_problem(300)
-    posterior = NPE(prior).fit(theta, x, seed=0, max_epochs=2, progress=False)
+    posterior = NPE(prior, space="unconstrained").fit(theta, x, seed=0, max_epochs=2, progress=False)
     assert posterior.config["space"] == "unconstrained"
     assert float(posterior.support_mass(X_CORNER)) == 1.0
     old = posterior.copy()
     del old.config["space"]  # a file saved before the option existed
     reloaded = type(posterior)(old.net, prior, config=old.config)
     assert torch.equal(reloaded.sample(10, X_CORNER, seed=0), posterior.sample(10, X_CORNER, seed=0))
+
+
+@pytest.mark.parametrize(("prior", "expected"), [
+    (Independent(Uniform(-torch.ones(2), torch.ones(2)), 1), "truncated"),
+    (box_uniform([0.0, -5.0, 1.0], [1.0, 5.0, 2.0]), "truncated"),
+    (IndependentPrior(Uniform(0.0, 1.0), Beta(torch.ones(2), torch.ones(2))), "truncated"),
+    (Independent(Normal(torch.zeros(2), torch.ones(2)), 1), "unconstrained"),
+    (Independent(LogNormal(torch.zeros(2), torch.ones(2)), 1), "unconstrained"),
+    (IndependentPrior(Uniform(0.0, 1.0), Normal(0.0, 1.0)), "unconstrained"),  # one unbounded parameter
+    (IndependentPrior(Uniform(0.0, 1.0), Exponential(1.0)), "unconstrained"),  # bounded below only
+])
+def test_auto_space_is_truncated_for_a_box_prior_only(prior, expected):
+    npe = NPE(prior)
+    assert npe.space == expected
+    assert NPE(prior, space="unconstrained").space == "unconstrained"
+    assert NPE(prior, space="truncated").space == "truncated"
+
+
+def test_the_default_space_of_a_box_prior_is_saved_as_truncated(tmp_path):
+    prior, theta, x = box_problem(300)
+    posterior = NPE(prior).fit(theta, x, seed=0, max_epochs=2, progress=False)
+    assert posterior.config["space"] == "truncated"
+    posterior.save(tmp_path / "p.pt")
+    reloaded = load(tmp_path / "p.pt")
+    assert reloaded.config["space"] == "truncated"
+    assert torch.equal(reloaded.sample(20, X_CORNER, seed=1), posterior.sample(20, X_CORNER, seed=1))
+    assert bool(prior.support.check(reloaded.sample(500, X_CORNER, seed=2)).all())
 
 
 def test_a_real_prior_never_rejects():
@@ -211,7 +260,7 @@ def test_a_real_prior_never_rejects():
 
 def test_bad_space_is_refused_before_training():
     prior, _, _ = box_problem(10)
-    with pytest.raises(ValueError, match=r"space must be one of 'unconstrained', 'truncated', got 'theta'"):
+    with pytest.raises(ValueError, match=r"space must be one of 'auto', 'unconstrained', 'truncated', got 'theta'"):
         NPE(prior, space="theta")
 
 
@@ -219,4 +268,4 @@ def test_restore_refuses_a_posterior_of_the_other_space(fitted):
     prior, posterior = fitted
     _, theta, x = box_problem(3000)
     with pytest.raises(ValueError, match="the posterior's flow lives in the 'truncated' space, this NPE's in 'unconstrained'"):
-        NPE(prior, "nsf").restore(posterior, theta, x)
+        NPE(prior, "nsf", space="unconstrained").restore(posterior, theta, x)
