@@ -32,7 +32,7 @@ from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
 from sbiflows.estimator import ESTIMATORS
 from sbiflows.simulate import simulate_from_prior
-from sbiflows.truncated_space import SPACE_OPTIONS
+from sbiflows.truncated_space import SPACE_OPTIONS, resolve_space
 
 
 def parse_observations(text: str) -> list[int]:
@@ -155,7 +155,8 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
-              "bins": args.bins, "bound": args.bound, "space": args.space, "ours": {}}
+              "bins": args.bins, "bound": args.bound, "space": resolve_space(task.prior.support, args.space or "auto"),
+              "ours": {}}
     ours_c2st = None
     for threads in args.threads:
         run, samples = run_ours(task, theta, x, observations, estimator=args.estimator,
