@@ -12,7 +12,7 @@ Lueckmann et al. 2021). Records of the same task, budget, configuration and seed
 
 Usage:
     python examples/summarize_benchmarks.py npe results.jsonl
-    python examples/summarize_benchmarks.py bounded box.jsonl
+    python examples/summarize_benchmarks.py bounded box.jsonl [--sbi results.jsonl]
     python examples/summarize_benchmarks.py nll heldout.jsonl --baseline "sbi nsf"
     python examples/summarize_benchmarks.py nll-grid heldout.jsonl --candidate estimator=nsf
     python examples/summarize_benchmarks.py coverage coverage.jsonl
@@ -102,24 +102,40 @@ def npe_rows(path: str) -> list[str]:
     return rows
 
 
-def bounded_rows(path: str) -> list[str]:
-    """Rows for ``benchmark_bounded_space.py`` records: the truncated against the unconstrained space."""
+def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
+    """Rows for ``benchmark_bounded_space.py`` records: the truncated against the unconstrained space.
+
+    With ``sbi_path`` (``benchmark_npe.py`` records of the same tasks, budgets and seeds, hence the same
+    rows), the truncated space is also compared with sbi's C2ST, paired by seed, on the seeds both have.
+    """
     def key(r):
         return r["task"], r["simulations"], r["estimator"], r["seed"]
 
+    sbi = {}  # (task, simulations, seed) -> sbi NSF's mean C2ST (the last record wins)
+    if sbi_path is not None:
+        with open(sbi_path) as stream:
+            for r in map(json.loads, filter(str.strip, stream)):
+                if "sbi_c2st" in r and r["sbi"].get("density_estimator", "nsf") == "nsf":
+                    sbi[r["task"], r["simulations"], r["seed"]] = _mean(r["sbi_c2st"])
     rows = ["| task | simulations | estimator | seeds | unconstrained C2ST | truncated C2ST | truncated - unconstrained "
-            "(SE) | seeds truncated better | lowest support mass | train CPU s unconstrained / truncated |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "(SE) | seeds truncated better | lowest support mass | train CPU s unconstrained / truncated |"
+            + (" seeds with sbi | truncated - sbi (SE) | published NPE-NSF |" if sbi_path else ""),
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if sbi_path else "")]
     for (task, simulations, estimator), records in _groups(path, key):
         free = [r["unconstrained"]["mean_c2st"] for r in records]
         cut = [r["theta space"]["mean_c2st"] for r in records]
         difference, se = paired(cut, free)
         lowest = min(min(r["theta space"]["acceptance"].values()) for r in records)
         cpu = [sum(r[name].get("train_cpu_s", math.nan) for r in records) for name in ("unconstrained", "theta space")]
-        rows.append(f"| {task} | {simulations:,} | {estimator} | {len(records)} | {statistics.fmean(free):.3f} | "
-                    f"{statistics.fmean(cut):.3f} | {difference:+.3f} ({se:.3f}) | "
-                    f"{sum(c < f for c, f in zip(cut, free))} of {len(records)} | {lowest:.2f} | "
-                    f"{cpu[0]:.1f} / {cpu[1]:.1f} |")
+        row = (f"| {task} | {simulations:,} | {estimator} | {len(records)} | {statistics.fmean(free):.3f} | "
+               f"{statistics.fmean(cut):.3f} | {difference:+.3f} ({se:.3f}) | "
+               f"{sum(c < f for c, f in zip(cut, free))} of {len(records)} | {lowest:.2f} | "
+               f"{cpu[0]:.1f} / {cpu[1]:.1f} |")
+        if sbi_path:
+            pairs = [(c, sbi[task, simulations, r["seed"]]) for c, r in zip(cut, records) if (task, simulations, r["seed"]) in sbi]
+            versus = "-" if not pairs else "{:+.3f} ({:.3f})".format(*paired(*map(list, zip(*pairs))))
+            row += f" {len(pairs)} | {versus} | {published(task, simulations)} |"
+        rows.append(row)
     return rows
 
 
@@ -210,13 +226,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path")
     parser.add_argument("--baseline", default="defaults", help="nll, nll-grid: the setting the others are compared with")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
+    parser.add_argument("--sbi", default=None, metavar="NPE_JSONL",
+                        help="bounded: benchmark_npe.py records on the same rows, to compare the truncated space with sbi")
     args = parser.parse_args(argv)
     if args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline)
     elif args.kind == "nll-grid":
         rows = nll_grid_rows(args.path, baseline=args.baseline, candidate=args.candidate)
+    elif args.kind == "bounded":
+        rows = bounded_rows(args.path, sbi_path=args.sbi)
     else:
-        rows = {"npe": npe_rows, "bounded": bounded_rows, "coverage": coverage_rows}[args.kind](args.path)
+        rows = {"npe": npe_rows, "coverage": coverage_rows}[args.kind](args.path)
     print("\n".join(rows))
 
 

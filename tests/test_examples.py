@@ -87,3 +87,24 @@ def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(t
     rows = load_example("summarize_benchmarks").coverage_rows(str(out))
     assert len(rows) == 3 and rows[2].startswith("| gaussian_linear | 1,000 | defaults | 1 | ")
     assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 | {record['heldout_nll']:.3f} |" in rows[2]
+
+
+def test_bounded_summary_pairs_the_truncated_space_with_sbi_by_seed(tmp_path):
+    """``summarize_benchmarks.py bounded --sbi``: truncated minus sbi's NSF, paired by seed, on the seeds both have."""
+    def bounded(seed, free, cut):
+        return {"task": "two_moons", "simulations": 1000, "seed": seed, "estimator": "nsf",
+                "unconstrained": {"mean_c2st": free, "acceptance": {"1": 1.0}, "train_cpu_s": 1.0},
+                "theta space": {"mean_c2st": cut, "acceptance": {"1": 0.5}, "train_cpu_s": 2.0}}
+
+    def npe(seed, sbi, estimator="nsf"):
+        return {"task": "two_moons", "simulations": 1000, "seed": seed, "estimator": "nsf",
+                "sbi": {"density_estimator": estimator}, "sbi_c2st": {"1": sbi, "2": sbi}}
+
+    box, sbi = tmp_path / "box.jsonl", tmp_path / "sbi.jsonl"
+    box.write_text("\n".join(json.dumps(bounded(*r)) for r in [(0, 0.8, 0.6), (1, 0.7, 0.7), (2, 0.9, 0.6)]))
+    sbi.write_text("\n".join(json.dumps(r) for r in [npe(0, 0.7), npe(1, 0.6), npe(1, 0.1, "maf")]))
+    rows = load_example("summarize_benchmarks").bounded_rows(str(box), sbi_path=str(sbi))
+    assert len(rows) == 3
+    # truncated - sbi on seeds 0 and 1 (seed 2 has no sbi record; sbi's MAF is not its NSF): -0.1 and +0.1
+    assert rows[2].endswith("| 2 | +0.000 (0.100) | 0.725 |"), rows[2]
+    assert "| 0.800 | 0.633 | -0.167 (0.088) | 2 of 3 | 0.50 | 3.0 / 6.0 |" in rows[2]
