@@ -155,7 +155,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
-              "bins": args.bins, "bound": args.bound, "space": resolve_space(task.prior.support, args.space or "auto"),
+              "bins": args.bins, "bound": args.bound, "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
     ours_c2st = None
     for threads in args.threads:
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
-    parser.add_argument("--space", default=None, choices=list(SPACE_OPTIONS),
-                        help="where our flow models a bounded prior's parameters (default: NPE's)")
+    parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
+                        help="where our flow models the parameters (NPE's space option; default: auto)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)
 

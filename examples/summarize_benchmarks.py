@@ -132,9 +132,13 @@ def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
                f"{sum(c < f for c, f in zip(cut, free))} of {len(records)} | {lowest:.2f} | "
                f"{cpu[0]:.1f} / {cpu[1]:.1f} |")
         if sbi_path:
-            pairs = [(c, sbi[task, simulations, r["seed"]]) for c, r in zip(cut, records) if (task, simulations, r["seed"]) in sbi]
-            versus = "-" if not pairs else "{:+.3f} ({:.3f})".format(*paired(*map(list, zip(*pairs))))
-            row += f" {len(pairs)} | {versus} | {published(task, simulations)} |"
+            both = [(c, sbi[task, simulations, r["seed"]]) for c, r in zip(cut, records)
+                    if (task, simulations, r["seed"]) in sbi]
+            versus = "-"
+            if both:
+                versus_mean, versus_se = paired([c for c, _ in both], [s for _, s in both])
+                versus = f"{versus_mean:+.3f} ({versus_se:.3f})"
+            row += f" {len(both)} | {versus} | {published(task, simulations)} |"
         rows.append(row)
     return rows
 

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -350,7 +351,7 @@ class LogNormalizer:
         missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
         if missing:
             with torch.no_grad():
-                values = log_mass(lambda m, c, g: _common_draws(net, m, c, g), space.inside, flat[missing],
+                values = log_mass(functools.partial(_common_draws, net), space.inside, flat[missing],
                                   max_rows=max_rows)
             self._cache.update(zip((keys[i] for i in missing), values.tolist()))
         return torch.tensor([self._cache[key] for key in keys], device=context.device, dtype=context.dtype).reshape(batch)
