@@ -59,6 +59,16 @@ def paired(ours: list[float], theirs: list[float]) -> tuple[float, float]:
     return statistics.fmean(differences), spread
 
 
+def difference_text(difference: float, se: float) -> str:
+    """A paired difference and its standard error, ``-`` for the error of a single seed.
+
+    Example:
+        >>> difference_text(-0.0123, 0.004), difference_text(0.02, float("nan"))
+        ('-0.012 (0.004)', '+0.020 (-)')
+    """
+    return f"{difference:+.3f} ({'-' if math.isnan(se) else f'{se:.3f}'})"
+
+
 def _mean(c2st: dict) -> float:
     return statistics.fmean(c2st.values())
 
@@ -93,7 +103,7 @@ def npe_rows(path: str) -> list[str]:
             sbi = [_mean(r["sbi_c2st"]) for r in records]
             difference, se = paired(ours, sbi)
             wins = sum(a <= b for a, b in zip(ours, sbi))
-            sbi_cols = (f"{statistics.fmean(sbi):.3f} | {difference:+.3f} ({se:.3f}) | {wins} of {len(records)} | "
+            sbi_cols = (f"{statistics.fmean(sbi):.3f} | {difference_text(difference, se)} | {wins} of {len(records)} | "
                         f"{cpu:.1f} | {sum(r['sbi']['train_cpu_seconds'] for r in records):.1f}")
         else:
             sbi_cols = f"- | - | - | {cpu:.1f} | -"
@@ -128,7 +138,7 @@ def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
         lowest = min(min(r["theta space"]["acceptance"].values()) for r in records)
         cpu = [sum(r[name].get("train_cpu_s", math.nan) for r in records) for name in ("unconstrained", "theta space")]
         row = (f"| {task} | {simulations:,} | {estimator} | {len(records)} | {statistics.fmean(free):.3f} | "
-               f"{statistics.fmean(cut):.3f} | {difference:+.3f} ({se:.3f}) | "
+               f"{statistics.fmean(cut):.3f} | {difference_text(difference, se)} | "
                f"{sum(c < f for c, f in zip(cut, free))} of {len(records)} | {lowest:.2f} | "
                f"{cpu[0]:.1f} / {cpu[1]:.1f} |")
         if sbi_path:
@@ -137,7 +147,7 @@ def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
             versus = "-"
             if both:
                 versus_mean, versus_se = paired([c for c, _ in both], [s for _, s in both])
-                versus = f"{versus_mean:+.3f} ({versus_se:.3f})"
+                versus = difference_text(versus_mean, versus_se)
             row += f" {len(both)} | {versus} | {published(task, simulations)} |"
         rows.append(row)
     return rows
@@ -176,7 +186,7 @@ def _versus(ours: dict, base: dict) -> str:
     if not seeds:
         return "- | -"
     difference, se = paired([ours[s] for s in seeds], [base[s] for s in seeds])
-    return f"{difference:+.3f} ({se:.3f}) | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
+    return f"{difference_text(difference, se)} | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
 
 
 def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
