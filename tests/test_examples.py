@@ -108,3 +108,15 @@ def test_bounded_summary_pairs_the_truncated_space_with_sbi_by_seed(tmp_path):
     # truncated - sbi on seeds 0 and 1 (seed 2 has no sbi record; sbi's MAF is not its NSF): -0.1 and +0.1
     assert rows[2].endswith("| 2 | +0.000 (0.100) | 0.725 |"), rows[2]
     assert "| 0.800 | 0.633 | -0.167 (0.088) | 2 of 3 | 0.50 | 3.0 / 6.0 |" in rows[2]
+
+
+def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
+    """``summarize_benchmarks.py npe``: one seed's difference has no standard error ("-", not "nan")."""
+    record = {"task": "slcp", "simulations": 10000, "seed": 0, "estimator": "nsf", "space": "truncated",
+              "ours": {"1": {"train_cpu_seconds": 90.0}}, "ours_c2st": {"1": 0.86, "2": 0.88},
+              "sbi": {"train_cpu_seconds": 200.0}, "sbi_c2st": {"1": 0.87, "2": 0.89}}
+    path = tmp_path / "npe.jsonl"
+    path.write_text(json.dumps(record))
+    rows = load_example("summarize_benchmarks").npe_rows(str(path))
+    assert rows[2] == ("| slcp | 10,000 | nsf, truncated | 1 | 0.870 | 0.880 | -0.010 (-) | 1 of 1 | 90.0 | 200.0 "
+                       "| 0.901 |"), rows[2]
