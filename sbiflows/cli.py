@@ -212,6 +212,8 @@ def _setup(args: argparse.Namespace) -> Job:
         c2st_samples=args.c2st_samples,
         reference=not args.no_reference,  # only observations with a published reference posterior get C2ST
         max_epochs=args.max_epochs,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
         progress=not args.quiet,
         batch_size=args.batch_size,
         workers=args.workers,

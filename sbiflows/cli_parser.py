@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-reference", action="store_true", help="skip the reference posterior and C2ST")
     fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
                      help="training epoch cap (early stopping usually ends training before it)")
+    fit.add_argument("--learning-rate", type=_positive_float, default=None, metavar="STEP",
+                     help="Adam step size of training (default: NPE's, 2e-3)")
+    fit.add_argument("--patience", type=_positive_int, default=None, metavar="EPOCHS",
+                     help="epochs without validation improvement before training stops (default: NPE's 10; "
+                          "30 per round with --rounds)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--labels", metavar="LIST", default=None,
                      help="comma-separated parameter names for plots and the report (default: the task's, or the "

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from sbiflows import diagnostics, pipeline_sequential, plots
+from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
 from sbiflows.npe import NPE
@@ -76,6 +77,9 @@ class Job:
     every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
     benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
     truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`).
+    ``max_epochs``, ``learning_rate`` and ``patience`` go to :meth:`sbiflows.NPE.fit` (None: its
+    defaults); like the flow options they are part of the run's settings, so changing one retrains on the
+    stored simulations.
     """
 
     name: str
@@ -98,6 +102,8 @@ class Job:
     c2st_samples: int = 10_000
     reference: bool = True
     max_epochs: int = MAX_EPOCHS
+    learning_rate: float | None = None  # None: NPE's default step size
+    patience: int | None = None  # None: NPE's default (TSNPE's per-round default when rounds > 1)
     progress: bool = True
     batch_size: int = 100
     workers: int | None = None
@@ -108,6 +114,10 @@ class Job:
     rounds: int = 1
 
     def __post_init__(self) -> None:
+        # checked here, before any simulation, rather than by NPE.fit after the simulations are paid for
+        self.learning_rate = check_real(self.learning_rate, "learning_rate", low=0, low_open=True,
+                                        optional="NPE's default")
+        self.patience = check_int(self.patience, "patience", minimum=1, optional="NPE's default")
         if self.estimator is None:
             self.estimator = default_estimator(self.rounds)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
@@ -118,6 +128,15 @@ class Job:
         ``ensemble``, and ``space`` unless it is the default)."""
         return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
                 "ensemble": self.ensemble, **({"space": self.space} if self.space != "unconstrained" else {})}
+
+    @property
+    def fit_options(self) -> dict:
+        """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate`` and ``patience`` only
+        where given, so that runs which leave them at the defaults keep their settings)."""
+        return {"max_epochs": self.max_epochs, **self._training_choices()}
+
+    def _training_choices(self) -> dict:
+        return {key: getattr(self, key) for key in ("learning_rate", "patience") if getattr(self, key) is not None}
 
     @property
     def engine(self) -> dict:
@@ -134,6 +153,7 @@ class Job:
                                                    "embedding", "seed", "num_samples",
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
                                                    "reference", "max_epochs", "batch_size", "timeout", "labels")},
+            **self._training_choices(),
             **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
             **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
         })
@@ -229,7 +249,7 @@ def _simulate(state: _State) -> SimulationResult:
 
 def _training_settings(job: Job) -> dict:
     return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options, "embedding": job.embedding,
-            "max_epochs": job.max_epochs, "batch_size": job.batch_size, "simulator": job.name,
+            **job.fit_options, "batch_size": job.batch_size, "simulator": job.name,
             **({"rounds": job.rounds} if job.rounds > 1 else {})}
 
 
@@ -243,7 +263,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
         embedding = None if job.embedding == "none" else from_name(job.embedding, tuple(sims.x.shape[1:]))
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
-            sims.theta, sims.x, seed=job.seed, max_epochs=job.max_epochs, progress=job.progress
+            sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress
         )
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)

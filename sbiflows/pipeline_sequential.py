@@ -60,7 +60,7 @@ def fit(state) -> Posterior:
     posterior = tsnpe.run(
         job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
         check_simulations=job.calibration_datasets, check_samples=job.calibration_samples,
-        fit_options={"max_epochs": job.max_epochs}, store=store, progress=job.progress,
+        fit_options=job.fit_options, store=store, progress=job.progress,
         log=lambda line: state.log(f"      {line}"), **job.engine,
     )
     posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)

@@ -45,6 +45,9 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
         (["fit", "two_moons", "--estimator", "maf", "--bins", "4"], "bins"),  # maf's default transformer is affine
         (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, got 0"),
+        (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
+        (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
+        (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
         (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
@@ -109,6 +112,52 @@ def test_fit_with_a_spline_maf_ensemble(tmp_path, capsys):
     assert main([*again, "--force"]) == 0
     assert load(out / "posterior.pt").config["ensemble"] == 3
     assert "300 read from the store" in capsys.readouterr().out.split("[2/5]")[0]
+
+
+def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "200", "--quiet",
+             "--observations", "1", "--no-reference", "--out", str(out)]
+    assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "1", *small]) == 0
+    training = json.loads((out / "report.json").read_text())["training"]
+    assert training["learning_rate"] == 0.0005
+    # patience 1: training stops one epoch after its best one (200 epochs are never reached on 300 rows)
+    assert training["stopped_early"] and training["epochs"] == training["best_epoch"] + 2
+    # another step size changes the run's settings: refused without --force, then retrained on the stored rows
+    again = ["fit", "two_moons", "--learning-rate", "0.001", "--patience", "1", *small]
+    with pytest.raises(SystemExit, match="2"):
+        main(again)
+    capsys.readouterr()
+    assert main([*again, "--force"]) == 0
+    assert json.loads((out / "report.json").read_text())["training"]["learning_rate"] == 0.001
+    assert "300 read from the store" in capsys.readouterr().out.split("[2/5]")[0]
+
+
+def test_a_job_checks_its_training_options_before_simulating(tmp_path):
+    from sbiflows.pipeline import Job
+    import simulators
+
+    task = simulators.get("two_moons")
+    calls = []
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return task.simulate(theta)
+
+    common = {"name": "t", "simulator": simulator, "prior": task.prior, "observations": [], "out": tmp_path}
+    with pytest.raises(ValueError, match=r"learning_rate must be None \(NPE's default\) or a real number > 0, got -0.1"):
+        Job(**common, learning_rate=-0.1)
+    with pytest.raises(TypeError, match="patience must be None .* or an int >= 1, got float 2.5"):
+        Job(**common, patience=2.5)
+    assert calls == []
+    # left at the defaults, the options are not in the settings, so runs made before they existed resume
+    plain = Job(**common)
+    assert plain.fit_options == {"max_epochs": plain.max_epochs}
+    assert "learning_rate" not in plain.settings() and "patience" not in plain.settings()
+    chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), rounds=2)
+    assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4}
+    assert (chosen.settings()["learning_rate"], chosen.settings()["patience"]) == (1e-3, 4)
 
 
 def test_fit_in_the_truncated_space(tmp_path):
