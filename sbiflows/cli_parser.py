@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--calibration-samples", type=_positive_int, default=1000,
                      help="posterior samples per calibration dataset")
     fit.add_argument("--c2st-samples", type=_positive_int, default=10_000,
-                     help="samples per side for C2ST against the reference posterior")
+                     help="samples per side for C2ST against the reference posterior (at most --num-samples)")
     fit.add_argument("--no-reference", action="store_true", help="skip the reference posterior and C2ST")
     fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
                      help="training epoch cap (early stopping usually ends training before it)")

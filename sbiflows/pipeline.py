@@ -310,15 +310,17 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         return simulate(job.simulator, theta, seed=derive_seed(job.seed, "predictive"), **job.engine).x.to(torch.float32)
 
     entries, labels = [], job.parameter_names()
+    c2st_samples = min(job.c2st_samples, job.num_samples)  # C2ST compares equal numbers of draws per side
     for b, observation in enumerate(job.observations):
         entry: dict = {"name": observation.name, "observation": observation.x.reshape(-1).tolist()}
         if observation.true_parameters is not None:
             entry["true_parameters"] = observation.true_parameters.tolist()
         reference = None
         if use_reference and observation.reference is not None:
-            reference = job.task.reference_posterior(observation.reference, num_samples=job.c2st_samples,
+            reference = job.task.reference_posterior(observation.reference, num_samples=c2st_samples,
                                                      progress=job.progress)
-            entry["c2st"] = diagnostics.c2st(reference, samples[: job.c2st_samples, b], seed=job.seed).accuracy
+            entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
+            entry["c2st_samples"] = c2st_samples
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
         # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
         metric = "mahalanobis" if observation.x.numel() < PREDICTIVE_SAMPLES // 2 else "standardized"

@@ -116,11 +116,14 @@ def test_fit_with_a_spline_maf_ensemble(tmp_path, capsys):
 
 def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_path, capsys):
     out = tmp_path / "run"
+    # --c2st-samples above --num-samples: C2ST uses the draws there are (it once crashed after training)
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
-             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "200", "--quiet",
-             "--observations", "1", "--no-reference", "--out", str(out)]
+             "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "200", "--quiet",
+             "--observations", "1", "--out", str(out)]
     assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "1", *small]) == 0
-    training = json.loads((out / "report.json").read_text())["training"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["observations"][0]["c2st_samples"] == 100 and 0.5 <= report["observations"][0]["c2st"] <= 1
+    training = report["training"]
     assert training["learning_rate"] == 0.0005
     # patience 1: training stops one epoch after its best one (200 epochs are never reached on 300 rows)
     assert training["stopped_early"] and training["epochs"] == training["best_epoch"] + 2
