@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--learning-rate", type=_positive_float, default=None, metavar="STEP",
                      help="Adam step size of training (default: NPE's, 2e-3)")
     fit.add_argument("--patience", type=_positive_int, default=None, metavar="EPOCHS",
-                     help="epochs without validation improvement before training stops (default: NPE's 10; "
+                     help="epochs without validation improvement before training stops (default: NPE's 20; "
                           "30 per round with --rounds)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--labels", metavar="LIST", default=None,

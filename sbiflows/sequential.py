@@ -68,7 +68,7 @@ __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "split_budget"]
 
 #: A region holding at least this share of the prior's mass counts as covering the prior.
 COVERS_PRIOR = 0.9
-#: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 10).
+#: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 20).
 #: Later rounds continue from the earlier weights on a new validation split, and stopped too early with
 #: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
 #: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
