@@ -133,10 +133,8 @@ class Job:
     def fit_options(self) -> dict:
         """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate`` and ``patience`` only
         where given, so that runs which leave them at the defaults keep their settings)."""
-        return {"max_epochs": self.max_epochs, **self._training_choices()}
-
-    def _training_choices(self) -> dict:
-        return {key: getattr(self, key) for key in ("learning_rate", "patience") if getattr(self, key) is not None}
+        chosen = {"learning_rate": self.learning_rate, "patience": self.patience}
+        return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property
     def engine(self) -> dict:
@@ -152,8 +150,8 @@ class Job:
             **{key: getattr(self, key) for key in ("simulations", "estimator", "transformer", "bins", "ensemble",
                                                    "embedding", "seed", "num_samples",
                                                    "calibration_datasets", "calibration_samples", "c2st_samples",
-                                                   "reference", "max_epochs", "batch_size", "timeout", "labels")},
-            **self._training_choices(),
+                                                   "reference", "batch_size", "timeout", "labels")},
+            **self.fit_options,
             **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
             **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
         })

@@ -158,6 +158,7 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
     plain = Job(**common)
     assert plain.fit_options == {"max_epochs": plain.max_epochs}
     assert "learning_rate" not in plain.settings() and "patience" not in plain.settings()
+    assert plain.settings()["max_epochs"] == plain.max_epochs
     chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), rounds=2)
     assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4}
     assert (chosen.settings()["learning_rate"], chosen.settings()["patience"]) == (1e-3, 4)
