@@ -235,6 +235,8 @@ class NPE:
         patience: int = 20,
         clip_grad_norm: float = 5.0,
         ema_epochs: float = 1.0,
+        step_drops: int = 0,
+        step_drop_factor: float = 0.2,
         progress: bool = True,
         num_threads: int | None = None,
     ) -> Posterior:
@@ -265,6 +267,10 @@ class NPE:
             ema_epochs: The weights that are validated and returned are an exponential moving
                 average of Adam's iterates over about this many epochs (``>= 0``; ``0``: the raw
                 iterates); see :func:`sbiflows.training.train`. ``history.ema_epochs`` records it.
+            step_drops: Plateaus that lower the step size instead of ending training (``>= 0``): each
+                restarts from the best weights with the step times ``step_drop_factor``;
+                ``history.step_drop_epochs`` records when (see :func:`sbiflows.training.train`).
+            step_drop_factor: Factor of each drop, in ``(0, 1)``.
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's
@@ -287,7 +293,8 @@ class NPE:
         max_epochs, checked_batch, patience = check_training_options(
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-            ema_epochs=ema_epochs, optional=("batch_size", "learning_rate"),
+            ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
+            optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
         resolve_threads(num_threads)  # checked before any expensive step
@@ -325,7 +332,8 @@ class NPE:
                     train_checked(  # the options were checked at the top of fit
                         member, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                        ema_epochs=ema_epochs, seed=member_seed(seed, k), progress=progress, history=member_history,
+                        ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
+                        seed=member_seed(seed, k), progress=progress, history=member_history,
                         groups=duplicate_groups(theta, x), num_threads=num_threads, objective=objective,
                     )
             except BaseException as error:

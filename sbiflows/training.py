@@ -75,6 +75,8 @@ class TrainingHistory:
         learning_rate: Adam step size of the last call; 0.0 in histories saved before this field existed.
         ema_epochs: Length of the weight average of the last call, in epochs (0.0: no average; also
             in histories saved before this field existed).
+        step_drop_epochs: Epochs of the last call after which a plateau lowered the step size
+            (``step_drops``); empty in histories saved before this field existed.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -88,6 +90,7 @@ class TrainingHistory:
     batch_size: int = 0
     learning_rate: float = 0.0
     ema_epochs: float = 0.0
+    step_drop_epochs: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """A JSON-serialisable dictionary."""
@@ -107,6 +110,8 @@ def train(
     clip_grad_norm: float = 5.0,
     weight_decay: float = 0.0,
     ema_epochs: float = 1.0,
+    step_drops: int = 0,
+    step_drop_factor: float = 0.2,
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
@@ -132,6 +137,11 @@ def train(
             time constant of this many epochs (``>= 0``; ``0`` uses the raw Adam iterates). Its
             first steps average over a shorter, growing window, so early epochs are not dominated
             by the initial weights. ``train_loss`` is the loss of the raw iterates.
+        step_drops: How often a plateau lowers the step size instead of ending training (``>= 0``):
+            after ``patience`` epochs without improvement, while drops are left, training restarts
+            from the best weights with the step size times ``step_drop_factor`` and counts patience
+            afresh; the plateau after the last drop stops training. ``0``: the first plateau stops.
+        step_drop_factor: Factor of each drop, in ``(0, 1)``.
         seed: Seeds the split and the minibatch order (the model's initial weights are the caller's).
         progress: Show a progress bar with the current losses.
         history: Continue this history (e.g. when training again with more data): losses are
@@ -166,13 +176,13 @@ def train(
     max_epochs, batch_size, patience = check_training_options(
         max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-        weight_decay=weight_decay, ema_epochs=ema_epochs,
+        weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
     )
     return train_checked(
         model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-        weight_decay=weight_decay, ema_epochs=ema_epochs, seed=seed, progress=progress, history=history,
-        groups=groups, num_threads=num_threads, objective=objective,
+        weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
+        seed=seed, progress=progress, history=history, groups=groups, num_threads=num_threads, objective=objective,
     )
 
 
@@ -189,6 +199,8 @@ def train_checked(
     clip_grad_norm: float = 5.0,
     weight_decay: float = 0.0,
     ema_epochs: float = 1.0,
+    step_drops: int = 0,
+    step_drop_factor: float = 0.2,
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
@@ -224,6 +236,8 @@ def train_checked(
     validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
+    drops_left = step_drops
+    history.step_drop_epochs = []
     bar = _progress_bar(max_epochs) if progress else None
     with torch_threads(num_threads):
         start = time.perf_counter()
@@ -273,7 +287,15 @@ def train_checked(
                 if bar is not None:
                     bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{best_loss:.3f}")
                     bar.update(1)
-                if since_best >= patience:
+                if since_best >= patience and drops_left > 0:  # a plateau: go on from the best weights
+                    drops_left, since_best = drops_left - 1, 0
+                    model.load_state_dict(best_state)
+                    if average is not None:
+                        average.restart()
+                    for group in optimizer.param_groups:
+                        group["lr"] *= step_drop_factor
+                    history.step_drop_epochs.append(epoch)
+                elif since_best >= patience:
                     history.stopped_early = True
                     break
         finally:

@@ -32,6 +32,8 @@ def check_training_options(
     clip_grad_norm: float,
     weight_decay: float = 0.0,
     ema_epochs: float = 0.0,
+    step_drops: int = 0,
+    step_drop_factor: float = 0.2,
     optional: Collection[str] = (),
 ) -> tuple[int, int | None, int]:
     """Validate the options of :func:`~sbiflows.training.train` (see there for their meaning and ranges).
@@ -56,6 +58,7 @@ def check_training_options(
     def expected(name: str, text: str) -> str:
         return f"None (the default rule) or {text}" if name in optional else text
 
+    check_int(step_drops, "step_drops", minimum=0)
     ints = {"max_epochs": max_epochs, "batch_size": batch_size, "patience": patience}
     for name, value in ints.items():
         if value is None and name in optional:
@@ -67,6 +70,7 @@ def check_training_options(
         "validation_fraction": (validation_fraction, "in (0, 1)", lambda v: 0 < v < 1),
         "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
         "ema_epochs": (ema_epochs, "finite and >= 0", lambda v: 0 <= v < math.inf),
+        "step_drop_factor": (step_drop_factor, "in (0, 1)", lambda v: 0 < v < 1),
     }
     for name, (value, condition, ok) in reals.items():
         if value is None and name in optional:

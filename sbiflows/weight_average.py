@@ -62,6 +62,10 @@ class WeightAverage:
             torch._foreach_lerp_(self._averaged, self._params, 1.0 - min(self._decay, (1 + n) / (10 + n)))
         self.updates += 1
 
+    def restart(self) -> None:
+        """Start the average afresh: the next :meth:`update` copies the model's parameters."""
+        self.updates = 0
+
     @torch.no_grad()
     def copy_buffers(self) -> None:
         """Give the average the model's current buffers."""

@@ -277,6 +277,19 @@ def test_history_of_an_older_version_without_ema_epochs_loads_as_unaveraged(tmp_
     assert not [w for w in recwarn if "history" in str(w.message)]
 
 
+def test_the_epochs_of_step_drops_are_saved_and_older_files_load_without_them(tmp_path, box):
+    theta, x = box[1], box[2]
+    posterior = NPE(box[0].prior, transforms=1, hidden_features=(8,)).fit(
+        theta, x, max_epochs=30, learning_rate=0.05, patience=1, step_drops=2, progress=False)
+    assert len(posterior.history.step_drop_epochs) == 2  # a large step and patience 1 plateau quickly
+    posterior.save(tmp_path / "p.pt")
+    assert load(tmp_path / "p.pt").history.step_drop_epochs == posterior.history.step_drop_epochs
+    config = json.loads(torch.load(tmp_path / "p.pt", weights_only=True)["config"])
+    config["history"].pop("step_drop_epochs")
+    rewrite(tmp_path / "p.pt", config=config)
+    assert load(tmp_path / "p.pt").history.step_drop_epochs == []
+
+
 def test_pickled_objects_are_never_unpickled(tmp_path):
     torch.save({"format_version": 1, "payload": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a readable sbiflows posterior file"):

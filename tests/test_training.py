@@ -63,6 +63,9 @@ def data(n: int = 200) -> torch.Tensor:
         ("weight_decay", -0.1, r"weight_decay must be finite and >= 0, got -0.1"),
         ("ema_epochs", -1.0, r"ema_epochs must be finite and >= 0, got -1.0"),
         ("ema_epochs", math.inf, r"ema_epochs must be finite and >= 0, got inf"),
+        ("step_drops", -1, r"step_drops must be an int >= 0, got -1"),
+        ("step_drop_factor", 1.0, r"step_drop_factor must be in \(0, 1\), got 1.0"),
+        ("step_drop_factor", 0.0, r"step_drop_factor must be in \(0, 1\), got 0.0"),
     ],
 )
 def test_options_out_of_range_raise_value_error_naming_them(option, value, match):
@@ -83,6 +86,8 @@ def test_options_out_of_range_raise_value_error_naming_them(option, value, match
         ("clip_grad_norm", None, r"clip_grad_norm must be a real number > 0, got NoneType None"),
         ("ema_epochs", True, r"ema_epochs must be a real number finite and >= 0, got bool True"),
         ("ema_epochs", "1", r"ema_epochs must be a real number finite and >= 0, got str '1'"),
+        ("step_drops", 1.5, r"step_drops must be an int >= 0, got float 1.5"),
+        ("step_drop_factor", "0.5", r"step_drop_factor must be a real number in \(0, 1\), got str '0.5'"),
     ],
 )
 def test_options_of_the_wrong_type_raise_type_error(option, value, match):
@@ -250,3 +255,39 @@ def test_train_keeps_the_averaged_weights_it_validated_and_they_are_closer_to_th
     # measured: 0.006-0.033 averaged against 0.06-0.16 raw (seeds 0-4; sums 0.094 and 0.578)
     assert all(a < r for a, r in zip(errors[1.0], errors[0.0])), errors
     assert sum(errors[1.0]) < 0.4 * sum(errors[0.0]), errors
+
+
+# ------------------------------------------------------------------------------------ step drops
+def noisy_fit(x, seed, **options):
+    """A Gaussian fitted with a step so large that Adam's raw iterates jump around the optimum."""
+    model = Gaussian()
+    history = train(model, x, max_epochs=200, batch_size=10, learning_rate=0.3, validation_fraction=0.5,
+                    ema_epochs=0.0, seed=seed, **options)
+    return model, history
+
+
+def test_a_plateau_drops_the_step_and_training_goes_on_from_the_best_weights():
+    x = data(1000)
+    _, plain = noisy_fit(x, 0, patience=3)
+    _, dropped = noisy_fit(x, 0, patience=3, step_drops=1, step_drop_factor=1e-9)
+    (drop,) = dropped.step_drop_epochs
+    # up to the plateau both runs are the same run; the plain one stops there
+    assert drop == plain.epochs - 1 and plain.step_drop_epochs == [] and plain.stopped_early
+    assert dropped.validation_loss[: drop + 1] == plain.validation_loss
+    # a step of 3e-10 leaves the restored best weights where they are: every later epoch scores as the best did
+    best_before = min(plain.validation_loss)
+    assert dropped.validation_loss[drop + 1:] == pytest.approx([best_before] * (dropped.epochs - drop - 1), rel=1e-6)
+    assert dropped.epochs == drop + 1 + 3 and dropped.stopped_early  # patience counts afresh after the drop
+
+
+def test_step_drops_bring_noisy_iterates_closer_to_the_optimum():
+    x = data(2000)
+    optimum = x.mean(0)
+    errors = {0: [], 2: []}
+    for seed in range(5):
+        for drops in errors:
+            model, history = noisy_fit(x, seed, patience=5, step_drops=drops, step_drop_factor=0.1)
+            assert len(history.step_drop_epochs) == drops
+            errors[drops].append((model.loc.detach() - optimum).norm().item())
+    assert all(d < p for d, p in zip(errors[2], errors[0])), errors
+    assert sum(errors[2]) < 0.3 * sum(errors[0]), errors
