@@ -214,6 +214,7 @@ def _setup(args: argparse.Namespace) -> Job:
         max_epochs=args.max_epochs,
         learning_rate=args.learning_rate,
         patience=args.patience,
+        step_drops=args.step_drops,
         progress=not args.quiet,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--patience", type=_positive_int, default=None, metavar="EPOCHS",
                      help="epochs without validation improvement before training stops (default: NPE's 20; "
                           "30 per round with --rounds)")
+    fit.add_argument("--step-drops", type=_nonnegative_int, default=None, metavar="N",
+                     help="plateaus that lower the step size (times 0.2, from the best weights) before training "
+                          "stops (default: NPE's)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--labels", metavar="LIST", default=None,
                      help="comma-separated parameter names for plots and the report (default: the task's, or the "
@@ -139,6 +142,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

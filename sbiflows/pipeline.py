@@ -36,6 +36,7 @@ from sbiflows.report import (
     jsonable,
     parameter_summary,
     plain_label,
+    training_record,
     write_markdown,
 )
 from sbiflows.seeding import derive_seed
@@ -77,7 +78,7 @@ class Job:
     every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
     benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
     truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`).
-    ``max_epochs``, ``learning_rate`` and ``patience`` go to :meth:`sbiflows.NPE.fit` (None: its
+    ``max_epochs``, ``learning_rate``, ``patience`` and ``step_drops`` go to :meth:`sbiflows.NPE.fit` (None: its
     defaults); like the flow options they are part of the run's settings, so changing one retrains on the
     stored simulations.
     """
@@ -104,6 +105,7 @@ class Job:
     max_epochs: int = MAX_EPOCHS
     learning_rate: float | None = None  # None: NPE's default step size
     patience: int | None = None  # None: NPE's default (TSNPE's per-round default when rounds > 1)
+    step_drops: int | None = None  # None: NPE's default
     progress: bool = True
     batch_size: int = 100
     workers: int | None = None
@@ -118,6 +120,7 @@ class Job:
         self.learning_rate = check_real(self.learning_rate, "learning_rate", low=0, low_open=True,
                                         optional="NPE's default")
         self.patience = check_int(self.patience, "patience", minimum=1, optional="NPE's default")
+        self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         if self.estimator is None:
             self.estimator = default_estimator(self.rounds)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
@@ -131,9 +134,9 @@ class Job:
 
     @property
     def fit_options(self) -> dict:
-        """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate`` and ``patience`` only
-        where given, so that runs which leave them at the defaults keep their settings)."""
-        chosen = {"learning_rate": self.learning_rate, "patience": self.patience}
+        """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience`` and
+        ``step_drops`` only where given, so that runs which leave them at the defaults keep their settings)."""
+        chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops}
         return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property
@@ -267,11 +270,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         state.resume.done("train", settings)
     state.timed("train", start)
     history = posterior.history
-    state.report["training"] = {
-        key: getattr(history, key)
-        for key in ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size",
-                    "learning_rate", "train_loss", "validation_loss")
-    }
+    state.report["training"] = training_record(history)
     took = f" in {state.timings['train']:.1f} s" if "train" in state.resume.fresh else ""
     state.log(f"      {history.epochs} epochs{took}, best validation loss {history.best_validation_loss:.3f}")
     return posterior

@@ -23,7 +23,7 @@ from sbiflows import diagnostics, plots
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
 from sbiflows.posterior import Posterior
-from sbiflows.report import jsonable
+from sbiflows.report import jsonable, training_record
 from sbiflows.sequential import TSNPE
 
 __all__ = ["APPLICABLE", "NOT_APPLICABLE", "STORE", "calibrate", "fit"]
@@ -74,11 +74,7 @@ def fit(state) -> Posterior:
         invalid_simulations=failed,
     )
     history = posterior.history
-    state.report["training"] = {
-        key: getattr(history, key)
-        for key in ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size",
-                    "learning_rate", "train_loss", "validation_loss")
-    }
+    state.report["training"] = training_record(history)
     return posterior
 
 

@@ -46,6 +46,19 @@ def jsonable(value: Any) -> Any:
 INTERVALS = (0.68, 0.95)
 
 
+def training_record(history: Any) -> dict:
+    """The report's ``training`` entry: what a :class:`~sbiflows.training.TrainingHistory` says about the fit.
+
+    Example:
+        >>> from sbiflows.training import TrainingHistory
+        >>> sorted(training_record(TrainingHistory(epochs=3)))[:3]
+        ['batch_size', 'best_epoch', 'best_validation_loss']
+    """
+    keys = ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size", "learning_rate",
+            "step_drop_epochs", "train_loss", "validation_loss")
+    return {key: getattr(history, key) for key in keys}
+
+
 def parameter_summary(samples: torch.Tensor, names: list[str], map_estimate: torch.Tensor | None = None) -> list[dict]:
     """Per parameter: the posterior median, the 68% and 95% central credible intervals and the MAP.
 

@@ -48,6 +48,8 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
         (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
+        (["fit", "two_moons", "--step-drops", "-1"], "--step-drops: expected an integer >= 0, got -1"),
+        (["fit", "two_moons", "--step-drops", "one"], "--step-drops: expected an integer >= 0, got 'one'"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
         (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
@@ -120,13 +122,15 @@ def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_pa
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "200", "--quiet",
              "--observations", "1", "--out", str(out)]
-    assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "1", *small]) == 0
+    assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "1", "--step-drops", "1", *small]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["observations"][0]["c2st_samples"] == 100 and 0.5 <= report["observations"][0]["c2st"] <= 1
     training = report["training"]
     assert training["learning_rate"] == 0.0005
-    # patience 1: training stops one epoch after its best one (200 epochs are never reached on 300 rows)
-    assert training["stopped_early"] and training["epochs"] == training["best_epoch"] + 2
+    # patience 1 and one step drop: the first plateau lowers the step, and training stops one epoch after
+    # the later of its best epoch and the drop (200 epochs are never reached on 300 rows)
+    (drop,) = training["step_drop_epochs"]
+    assert training["stopped_early"] and training["epochs"] == max(training["best_epoch"], drop) + 2
     # another step size changes the run's settings: refused without --force, then retrained on the stored rows
     again = ["fit", "two_moons", "--learning-rate", "0.001", "--patience", "1", *small]
     with pytest.raises(SystemExit, match="2"):
@@ -153,14 +157,16 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         Job(**common, learning_rate=-0.1)
     with pytest.raises(TypeError, match="patience must be None .* or an int >= 1, got float 2.5"):
         Job(**common, patience=2.5)
+    with pytest.raises(ValueError, match=r"step_drops must be None \(NPE's default\) or an int >= 0, got -1"):
+        Job(**common, step_drops=-1)
     assert calls == []
     # left at the defaults, the options are not in the settings, so runs made before they existed resume
     plain = Job(**common)
     assert plain.fit_options == {"max_epochs": plain.max_epochs}
-    assert "learning_rate" not in plain.settings() and "patience" not in plain.settings()
+    assert not {"learning_rate", "patience", "step_drops"} & set(plain.settings())
     assert plain.settings()["max_epochs"] == plain.max_epochs
-    chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), rounds=2)
-    assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4}
+    chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), step_drops=0, rounds=2)
+    assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4, "step_drops": 0}
     assert (chosen.settings()["learning_rate"], chosen.settings()["patience"]) == (1e-3, 4)
 
 
