@@ -150,10 +150,13 @@ def run_seed(task, args, observations, seed: int) -> dict:
     sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
     theta, x = sims.theta[sims.valid], sims.x[sims.valid]  # both libraries get the same valid rows
     print(f"task={args.task} simulations={args.simulations} seed={seed} observations={observations}")
-    patience = inspect.signature(NPE.fit).parameters["patience"].default if args.patience is None else args.patience
+    fit_defaults = inspect.signature(NPE.fit).parameters
+    patience = fit_defaults["patience"].default if args.patience is None else args.patience
+    step_drops = fit_defaults["step_drops"].default if args.step_drops is None else args.step_drops
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
+              "step_drops": step_drops,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
@@ -163,7 +166,8 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 activation=args.activation, hidden_features=args.hidden_features, seed=seed,
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                patience=args.patience, ema_epochs=args.ema_epochs, transformer=args.transformer,
+                                patience=args.patience, step_drops=args.step_drops, ema_epochs=args.ema_epochs,
+                                transformer=args.transformer,
                                 bins=args.bins, bound=args.bound, space=args.space)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
@@ -171,7 +175,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
         record["ours"][threads] = run
         spline = f", spline {run['bins']} bins on +-{run['bound']:g}" if run["transformer"] == "spline" else ""
         print(f"  sbiflows {args.estimator} ({run['transforms']} layers{spline}, {args.activation}, batch {run['batch_size']}, "
-              f"lr {run['learning_rate']:.2g}, patience {patience}, ema_epochs {run['ema_epochs']:g}) "
+              f"lr {run['learning_rate']:.2g}, patience {patience}, step drops {step_drops}, ema_epochs {run['ema_epochs']:g}) "
               f"threads={threads}: train {run['train_seconds']:.1f} s ({run['train_cpu_seconds']:.1f} CPU s), "
               f"{run['epochs']} epochs, sampling {run['sample_seconds']:.3f} s")
     print("  sbiflows C2ST: " + " ".join(f"{i}:{v:.3f}" for i, v in ours_c2st.items())
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="our training batch size (default: NPE's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="our Adam step size (default: NPE's)")
     parser.add_argument("--patience", type=int, default=None, help="our early-stopping patience (default: NPE's)")
+    parser.add_argument("--step-drops", type=int, default=None,
+                        help="our plateaus that lower the step size before stopping (default: NPE's)")
     parser.add_argument("--ema-epochs", type=float, default=None,
                         help="our weight-average length in epochs, 0 for none (default: NPE's)")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
