@@ -18,6 +18,7 @@ from sbiflows.transforms import (
     ElementwiseAffine,
     Inverse,
     InverseAutoregressive,
+    LULinear,
     MaskedAutoregressive,
     Permutation,
     Planar,
@@ -72,6 +73,7 @@ REGISTRY = {
     "permutation_reverse": (lambda c: Permutation(D, order="reverse"), True, None),
     "permutation_random": (lambda c: Permutation(D, order="random", seed=1), True, None),
     "batchnorm_eval": (lambda c: BatchNorm(D).eval(), True, "diagonal"),
+    "lu_linear": (lambda c: LULinear(D), True, None),
     "inverse_affine_coupling": (lambda c: Inverse(AffineCoupling(D, c)), True, None),
     "compose": (
         lambda c: Compose(MaskedAutoregressive(D, c, hidden_features=(16, 16)), Permutation(D), AffineCoupling(D, c)),
@@ -79,7 +81,7 @@ REGISTRY = {
         None,
     ),
 }
-CONDITIONAL = [n for n in REGISTRY if not n.startswith(("permutation", "batchnorm"))]
+CONDITIONAL = [n for n in REGISTRY if not n.startswith(("permutation", "batchnorm", "lu_"))]
 CASES = [(n, 0) for n in REGISTRY] + [(n, C) for n in CONDITIONAL]
 
 
@@ -401,3 +403,29 @@ def test_compose_validates_features():
         Compose(ElementwiseAffine(2), ElementwiseAffine(3))
     with pytest.raises(ValueError, match="at least one"):
         Compose()
+
+
+# ------------------------------------------------------------------------------------ LU-linear
+def test_lu_linear_starts_at_the_identity_and_its_matrix_mixes_every_dimension():
+    layer = LULinear(D).to(torch.float64)
+    x, _ = inputs((5,))
+    z, logdet = layer(x)
+    assert torch.allclose(z, x, atol=1e-6, rtol=0) and torch.allclose(logdet, torch.zeros_like(logdet), atol=1e-6)  # float32 init
+    _perturb(layer)
+    J = jacobian(lambda v: layer(v)[0], x[0])
+    assert torch.count_nonzero(J) == D * D  # a dense matrix, unlike a coupling's block structure
+    lower, upper, diagonal = layer._factors()
+    torch.testing.assert_close(J, lower @ upper)
+    assert (diagonal > 0).all() and torch.equal(torch.diagonal(lower), torch.ones(D, dtype=J.dtype))
+
+
+def test_lu_linear_is_finite_in_float32_far_out_and_refuses_bad_sizes():
+    layer = _perturb(LULinear(D))
+    x = torch.tensor([[50.0, -50.0, 50.0, -50.0], [-50.0] * D])
+    z, logdet = layer(x)
+    xr, _ = layer.inverse(z)
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    torch.testing.assert_close(xr, x, atol=1e-3, rtol=1e-4)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"features must be an int >= 1, got"):
+            LULinear(bad)

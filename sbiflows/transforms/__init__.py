@@ -4,6 +4,7 @@ from sbiflows.transforms.autoregressive import InverseAutoregressive, MaskedAuto
 from sbiflows.transforms.base import Compose, Inverse, Transform, broadcast_context
 from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling, alternating_mask
 from sbiflows.transforms.elementwise import BatchNorm, ElementwiseAffine, Permutation
+from sbiflows.transforms.linear import LULinear
 from sbiflows.transforms.made import MADE, MaskedLinear
 from sbiflows.transforms.planar import Planar
 from sbiflows.transforms.transformers import Affine, RationalQuadraticSpline, Transformer, make_transformer
@@ -19,6 +20,7 @@ __all__ = [
     "ElementwiseAffine",
     "Inverse",
     "InverseAutoregressive",
+    "LULinear",
     "MaskedAutoregressive",
     "MaskedLinear",
     "Permutation",
