@@ -44,11 +44,11 @@ def parse_observations(text: str) -> list[int]:
 
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
-             transforms=None, transformer=None, bins=None, bound=None, space=None, **fit_options):
+             transforms=None, transformer=None, bins=None, bound=None, space=None, mixing=None, **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
     options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound),
-                                                  ("space", space)) if value is not None})
+                                                  ("space", space), ("mixing", mixing)) if value is not None})
     if transforms is not None:
         options["transforms"] = transforms
     fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
@@ -158,7 +158,8 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "step_drops": step_drops,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
-              "bins": args.bins, "bound": args.bound, "space": resolve_space(task.prior.support, args.space),
+              "bins": args.bins, "bound": args.bound, "mixing": args.mixing,
+              "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
     ours_c2st = None
     for threads in args.threads:
@@ -168,7 +169,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 patience=args.patience, step_drops=args.step_drops, ema_epochs=args.ema_epochs,
                                 transformer=args.transformer,
-                                bins=args.bins, bound=args.bound, space=args.space)
+                                bins=args.bins, bound=args.bound, space=args.space, mixing=args.mixing)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
+    parser.add_argument("--mixing", default=None, choices=["none", "lu"],
+                        help="our coupling flows' layer between couplings (default: NPE's)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models the parameters (NPE's space option; default: auto)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")

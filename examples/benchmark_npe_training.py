@@ -33,7 +33,7 @@ from sbiflows.simulate import simulate_from_prior
 
 from benchmark_npe import _NullTracker, warm_up  # examples/ is on sys.path when this runs as a script
 
-NPE_OPTIONS = {"activation", "transforms", "estimator", "hidden_features", "transformer", "bins", "bound", "space",
+NPE_OPTIONS = {"activation", "transforms", "estimator", "hidden_features", "transformer", "bins", "bound", "space", "mixing",
                "ensemble"}
 
 

@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
+from sbiflows.checks import check_choice
+from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, MIXINGS, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
 from sbiflows.transforms.transformers import make_transformer
 from sbiflows.xshape import layout, zscore, zscore_shaped
 from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
     "ACTIVATIONS", "DEFAULT_ESTIMATOR", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow",
-    "check_hidden_features", "default_transforms", "resolve_transformer", "zscore",
+    "check_hidden_features", "check_mixing", "default_transforms", "resolve_transformer", "zscore",
 ]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and the command line's ``--estimator``, and
@@ -86,6 +87,24 @@ def resolve_transformer(
     return {"transformer": name, "bins": DEFAULT_BINS if bins is None else int(bins),
             "bound": DEFAULT_BOUND if bound is None else float(bound)}
 
+def check_mixing(estimator: str | Callable, mixing: str) -> str:
+    """``mixing`` if the estimator takes it: ``"lu"`` is for the coupling flows ``"nsf"`` and ``"realnvp"`` only.
+
+    Example:
+        >>> check_mixing("nsf", "lu")
+        'lu'
+        >>> check_mixing("maf", "lu")
+        Traceback (most recent call last):
+        ...
+        ValueError: mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'
+    """
+    check_choice(mixing, "mixing", MIXINGS)
+    if mixing != "none" and estimator not in ("nsf", "realnvp"):
+        shown = repr(estimator) if isinstance(estimator, str) else "a callable"
+        raise ValueError(f"mixing={mixing!r} applies to the coupling estimators 'nsf' and 'realnvp', got estimator {shown}")
+    return mixing
+
+
 #: Activation names of the flows' conditioner networks (stored in saved files by name). NPE defaults to
 #: ``"tanh"``: bounded hidden units keep the flow's shift and log-scale bounded for observations outside
 #: the training range; with ``"relu"`` they extrapolate linearly and held-out log-densities collapse (see
@@ -143,11 +162,13 @@ def build_flow(
     transformer: str | None = None,
     bins: int | None = None,
     bound: float | None = None,
+    mixing: str = "none",
 ) -> Flow:
     """Build the flow of an estimator name (``"maf"``, ``"nsf"``, ``"realnvp"``) or call a user factory.
 
     ``activation`` (a key of :data:`ACTIVATIONS`), ``transformer``, ``bins`` and ``bound`` apply to
-    named estimators only (see :func:`resolve_transformer` for their defaults and checks).
+    named estimators only (see :func:`resolve_transformer` for their defaults and checks); ``mixing``
+    to the coupling estimators only (:func:`check_mixing`).
 
     Raises:
         ValueError: On an unknown estimator or activation name, or transformer options that do not fit.
@@ -159,9 +180,10 @@ def build_flow(
         >>> build_flow("nsf", 1, 3, transforms=2, hidden_features=(8, 8), bins=4).features
         1
     """
+    if isinstance(estimator, str) and estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
+    check_mixing(estimator, mixing)
     if isinstance(estimator, str):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
         options = {"transforms": transforms, "hidden_features": tuple(hidden_features),
@@ -171,6 +193,8 @@ def build_flow(
             options.update(bins=resolved["bins"], bound=resolved["bound"])
         if estimator != "nsf":
             options["transformer"] = resolved["transformer"]
+        if estimator != "maf":
+            options["mixing"] = mixing
         if estimator == "maf":
             options["seed"] = seed
         with warnings.catch_warnings():  # NPE warns about a 1-D MAF when it is constructed, not again here

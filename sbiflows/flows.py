@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sbiflows.checks import check_choice
 from sbiflows.distributions import BoxUniform, StandardNormal
 from sbiflows.transforms import (
     AdditiveCoupling,
@@ -20,6 +21,7 @@ from sbiflows.transforms import (
     Coupling,
     ElementwiseAffine,
     InverseAutoregressive,
+    LULinear,
     MaskedAutoregressive,
     Planar,
     Transform,
@@ -31,9 +33,12 @@ from sbiflows.transforms.coupling import LOG_SCALE_BOUND as COUPLING_LOG_SCALE_B
 from sbiflows.transforms.transformers import DEFAULT_BINS, DEFAULT_BOUND
 
 __all__ = [
-    "DEFAULT_BINS", "DEFAULT_BOUND", "BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "nsf", "planar_flow",
-    "realnvp",
+    "DEFAULT_BINS", "DEFAULT_BOUND", "MIXINGS", "BoxUniform", "Flow", "StandardNormal", "iaf", "maf", "nice", "nsf",
+    "planar_flow", "realnvp",
 ]
+
+#: What :func:`realnvp` and :func:`nsf` put between couplings: nothing (the masks alternate) or an LU-linear layer.
+MIXINGS = ("none", "lu")
 
 
 #: Start of the warning of :func:`maf` and :func:`iaf` for one feature (callers that already warned filter it).
@@ -269,12 +274,15 @@ def realnvp(
     transformer: str = "affine",
     bins: int = DEFAULT_BINS,
     bound: float = DEFAULT_BOUND,
+    mixing: str = "none",
 ) -> Flow:
     """Coupling layers with alternating masks: RealNVP (affine) or, with ``transformer="spline"``, NSF.
 
     ``transformer``, ``bins`` and ``bound`` are as in :func:`maf`. Affine couplings need
     ``features >= 2``; spline couplings also take one feature with a context (the conditioner then
-    sees the context alone).
+    sees the context alone). ``mixing="lu"`` puts a :class:`~sbiflows.transforms.LULinear` after each
+    coupling (as sbi's ``nsf`` does), so that every dimension can depend on every other, not only the
+    two halves of the masks on each other; ``"none"`` (default) alternates the masks alone.
 
     Raises:
         ValueError: For one feature with affine couplings or without a context (and see :func:`maf`).
@@ -290,13 +298,15 @@ def realnvp(
             f"transformer='spline' and context_features >= 1; got features={features}, transformer="
             f"{transformer!r}, context_features={context_features}"
         )
-    layers = [
-        Coupling(
+    check_choice(mixing, "mixing", MIXINGS)
+    layers: list[Transform] = []
+    for i in range(transforms):
+        layers.append(Coupling(
             features, context_features, transformer=map_, hidden_features=hidden_features, activation=activation,
             mask=alternating_mask(features, parity=i % 2) if features > 1 else None,
-        )
-        for i in range(transforms)
-    ]
+        ))
+        if mixing == "lu" and features > 1:
+            layers.append(LULinear(features))
     return Flow(layers)
 
 
@@ -309,10 +319,12 @@ def nsf(
     activation: type[nn.Module] = nn.ReLU,
     bins: int = DEFAULT_BINS,
     bound: float = DEFAULT_BOUND,
+    mixing: str = "none",
 ) -> Flow:
     """Neural spline flow (Durkan et al. 2019): rational-quadratic spline couplings, alternating masks.
 
-    The architecture of sbi's ``nsf`` without its LU-linear layers between couplings: each layer
+    The architecture of sbi's ``nsf`` without its LU-linear layers between couplings (``mixing="lu"``
+    adds them, see :func:`realnvp`): each layer
     transforms half of the features with splines on ``[-bound, bound]`` (``bins`` bins, identity
     tails) whose parameters an MLP computes from the other half and the context. With one feature
     (which needs a context) the MLP sees the context alone, as in sbi. Same as
@@ -326,7 +338,7 @@ def nsf(
     """
     return realnvp(
         features, context_features, transforms=transforms, hidden_features=hidden_features, activation=activation,
-        transformer="spline", bins=bins, bound=bound,
+        transformer="spline", bins=bins, bound=bound, mixing=mixing,
     )
 
 

@@ -285,6 +285,7 @@ def _flow(config: dict, estimator) -> Flow:
             # format 1 has no transformer keys: its flows are affine (a callable's stay None)
             transformer=config.get("transformer", None if name == "custom" else "affine"),
             bins=config.get("bins"), bound=config.get("bound"),
+            mixing=config.get("mixing", "none"),  # files written before the option had no mixing layers
         )
 
 

@@ -28,6 +28,7 @@ FACTORIES = {
     "maf": maf, "realnvp": realnvp, "nice": nice, "iaf": iaf, "planar_flow": planar_flow, "nsf": nsf,
     "spline_maf": functools.partial(maf, transformer="spline", bins=8),
     "spline_iaf": functools.partial(iaf, transformer="spline", bins=8),
+    "nsf_lu": functools.partial(nsf, mixing="lu"),
 }
 ONE_D = ["maf", "iaf", "planar_flow", "spline_maf", "spline_iaf"]  # couplings need 2 dimensions (or a context)
 

@@ -537,6 +537,22 @@ def test_activation_default_and_unknown_name():
         NPE(prior, activation="swish")
 
 
+def test_lu_mixing_puts_a_linear_layer_after_each_coupling_and_is_refused_elsewhere():
+    from sbiflows.transforms import LULinear
+
+    prior, theta, x = box_problem()
+    posterior = NPE(prior, "nsf", mixing="lu", transforms=3).fit(theta, x, **FAST)
+    layers = list(posterior.net.flow.transform.transforms)
+    assert [type(layer).__name__ for layer in layers] == ["Coupling", "LULinear"] * 3
+    assert posterior.config["mixing"] == "lu" and NPE(prior).mixing == "none"
+    assert any(isinstance(m, LULinear) for m in posterior.net.modules())
+    with pytest.raises(ValueError, match="mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got "
+                                         "estimator 'maf'"):
+        NPE(prior, "maf", mixing="lu")
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        NPE(prior, "nsf", mixing="permute")
+
+
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [

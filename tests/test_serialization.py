@@ -51,6 +51,7 @@ def rewrite(path, **changes):
 ESTIMATOR_OPTIONS = [
     ("maf", {}), ("maf", {"transformer": "spline", "bins": 6}), ("realnvp", {}),
     ("realnvp", {"transformer": "spline", "bound": 4.0}), ("nsf", {}), ("nsf", {"bins": 5, "bound": 2.5}),
+    ("nsf", {"mixing": "lu"}), ("realnvp", {"mixing": "lu"}),
 ]
 
 
