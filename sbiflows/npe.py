@@ -279,8 +279,9 @@ class NPE:
                 posterior log-density on most benchmark tasks (the same weights, where the smaller step
                 finds no better validation loss) and a better one in the mean on gaussian_mixture,
                 two_moons and sir at 1,000 and 10,000 simulations and gaussian_linear at 1,000, at up
-                to 2x the training time; slcp at 1,000 was 0.02 nats worse (docs/benchmarks.md, "Step
-                drops"). ``0`` stops at the first plateau, as before.
+                to 2x the training time; slcp and gaussian_linear_uniform at 1,000 were 0.02 nats worse
+                (docs/benchmarks.md, "Step drops on a plateau"). ``0`` stops at the first plateau, as
+                before.
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
