@@ -5,7 +5,8 @@ of:
 
 * **ours TSNPE**: ``sbiflows.TSNPE(task.prior).run(task.simulate, x_o, rounds=R, simulations=N)``;
 * **ours NPE**: amortized NPE on ``N`` simulations from the prior (one network per seed, evaluated at
-  every observation);
+  every observation), by default NPE's own default flow (``--npe-estimator``), so TSNPE is compared
+  with what a user gets from ``NPE(prior)``; ``--no-npe`` skips it;
 * **sbi TSNPE** (sbi 0.27's tutorial recipe): ``NPE`` trained round by round with
   ``force_first_round_loss=True`` on draws from ``RestrictedPrior(prior, get_density_thresholder(posterior,
   quantile=1e-4), sample_with="rejection")``, the same rounds and per-round budget
@@ -32,8 +33,9 @@ import torch
 import simulators
 from sbiflows import NPE, TSNPE
 from sbiflows.diagnostics.c2st import c2st
+from sbiflows.estimator import DEFAULT_ESTIMATOR
 from sbiflows.seeding import derive_seed
-from sbiflows.sequential import split_budget
+from sbiflows.sequential import SEQUENTIAL_ESTIMATOR, split_budget
 from sbiflows.simulate import simulate, simulate_from_prior
 from sbiflows.truncated_space import SPACE_OPTIONS, resolve_space
 
@@ -66,7 +68,7 @@ def run_ours_tsnpe(task, x_o, args, seed):
 def run_ours_npe(task, args, seed):
     sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed)
     valid = sims.valid
-    return NPE(task.prior, args.estimator, space=args.space).fit(sims.theta[valid], sims.x[valid], seed=seed, progress=False)
+    return NPE(task.prior, args.npe_estimator, space=args.space).fit(sims.theta[valid], sims.x[valid], seed=seed, progress=False)
 
 
 def run_sbi_tsnpe(task, x_o, args, seed):
@@ -112,7 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method")
     parser.add_argument("--no-sbi", action="store_true")
-    parser.add_argument("--estimator", default="maf", help="our flow, for TSNPE and amortized NPE (maf, nsf, ...)")
+    parser.add_argument("--estimator", default=SEQUENTIAL_ESTIMATOR,
+                        help=f"our TSNPE's flow (default: TSNPE's, {SEQUENTIAL_ESTIMATOR})")
+    parser.add_argument("--npe-estimator", default=DEFAULT_ESTIMATOR,
+                        help=f"our amortized NPE's flow (default: NPE's, {DEFAULT_ESTIMATOR})")
+    parser.add_argument("--no-npe", action="store_true", help="skip the amortized NPE")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models a bounded prior's parameters (NPE's space option; "
                         "auto: truncated for a box prior)")
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
           f"observations={observations} sbi={'yes' if with_sbi else 'no'}")
     records = []
     for seed in args.seeds:
-        npe, npe_wall, npe_cpu = timed(run_ours_npe, task, args, seed)
+        npe = None if args.no_npe else timed(run_ours_npe, task, args, seed)
         for i in observations:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
@@ -136,11 +142,15 @@ def main(argv: list[str] | None = None) -> None:
             (samples, rounds), wall, cpu = timed(run_ours_tsnpe, task, x_o, args, seed)
             record["ours_tsnpe"] = {"c2st": c2st(reference, samples, seed=seed).accuracy, "seconds": wall,
                                     "cpu_seconds": cpu, "rounds": rounds}
-            amortized = npe.sample(args.num_samples, x_o, seed=seed)
-            record["ours_npe"] = {"c2st": c2st(reference, amortized, seed=seed).accuracy, "seconds": npe_wall,
-                                  "cpu_seconds": npe_cpu}
             line = (f"seed {seed} obs {i}: ours TSNPE {record['ours_tsnpe']['c2st']:.3f} ({wall:.0f} s, {cpu:.0f} CPU s;"
-                    f" volumes {[round(r['volume'], 4) for r in rounds]}), ours NPE {record['ours_npe']['c2st']:.3f}")
+                    f" volumes {[round(r['volume'], 4) for r in rounds]})")
+            if npe is not None:
+                posterior, npe_wall, npe_cpu = npe
+                amortized = posterior.sample(args.num_samples, x_o, seed=seed)
+                record["npe_estimator"] = args.npe_estimator
+                record["ours_npe"] = {"c2st": c2st(reference, amortized, seed=seed).accuracy, "seconds": npe_wall,
+                                      "cpu_seconds": npe_cpu}
+                line += f", ours NPE ({args.npe_estimator}) {record['ours_npe']['c2st']:.3f}"
             if with_sbi:
                 (sbi_samples, volumes), wall, cpu = timed(run_sbi_tsnpe, task, x_o, args, seed)
                 record["sbi_tsnpe"] = {"c2st": c2st(reference, sbi_samples.float(), seed=seed).accuracy,
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps(record) + "\n")
     print("summary (mean C2ST over seeds and observations; median wall / CPU seconds per run):")
     for key in ("ours_tsnpe", "ours_npe", "sbi_tsnpe"):
-        if key in records[0]:
+        if all(key in r for r in records):
             values = [r[key]["c2st"] for r in records]
             print(f"  {key}: C2ST {statistics.mean(values):.3f} (min {min(values):.3f}, max {max(values):.3f}); "
                   f"{statistics.median(r[key]['seconds'] for r in records):.1f} s wall, "

@@ -120,3 +120,17 @@ def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
     rows = load_example("summarize_benchmarks").npe_rows(str(path))
     assert rows[2] == ("| slcp | 10,000 | nsf, truncated | 1 | 0.870 | 0.880 | -0.010 (-) | 1 of 1 | 90.0 | 200.0 "
                        "| 0.901 |"), rows[2]
+
+
+@pytest.mark.slow
+def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys):
+    """benchmark_tsnpe.py: one record per observation, the amortized column is NPE's default flow."""
+    out = tmp_path / "tsnpe.jsonl"
+    load_example("benchmark_tsnpe").main(["--task", "two_moons", "--simulations", "300", "--rounds", "2",
+                                          "--observations", "1", "--num-samples", "500", "--no-sbi",
+                                          "--json", str(out)])
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["estimator"], record["npe_estimator"]) == ("maf", "nsf")
+    assert [r["volume"] for r in record["ours_tsnpe"]["rounds"]][0] == 1.0
+    assert 0.5 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.5 <= record["ours_npe"]["c2st"] <= 1.0
+    assert "ours_npe" in capsys.readouterr().out
