@@ -3,7 +3,8 @@
 For each seed and observation, C2ST against the task's reference posterior (10,000 samples by default)
 of:
 
-* **ours TSNPE**: ``sbiflows.TSNPE(task.prior).run(task.simulate, x_o, rounds=R, simulations=N)``;
+* **ours TSNPE**: ``sbiflows.TSNPE(task.prior).run(task.simulate, x_o, rounds=R, simulations=N)``
+  (``--no-tsnpe`` skips it);
 * **ours NPE**: amortized NPE on ``N`` simulations from the prior (one network per seed, evaluated at
   every observation), by default NPE's own default flow (``--npe-estimator``), so TSNPE is compared
   with what a user gets from ``NPE(prior)``; ``--no-npe`` skips it;
@@ -11,7 +12,8 @@ of:
   ``force_first_round_loss=True`` on draws from ``RestrictedPrior(prior, get_density_thresholder(posterior,
   quantile=1e-4), sample_with="rejection")``, the same rounds and per-round budget
   (:func:`sbiflows.sequential.split_budget`), simulated by the same simulator through
-  ``sbiflows.simulate`` with seeds derived from the same seed.
+  ``sbiflows.simulate`` with seeds derived from the same seed; sbi's default flow (its MAF) unless
+  ``--sbi-estimator`` says otherwise.
 
 Wall and CPU seconds (this process's CPU time; simulating included) are reported per method and
 observation, medians over the runs in the summary; ours NPE trains once per seed for all observations,
@@ -80,7 +82,8 @@ def run_sbi_tsnpe(task, x_o, args, seed):
     from sbi.utils import RestrictedPrior, get_density_thresholder
 
     torch.manual_seed(seed)
-    inference = SbiNPE(prior=task.prior, show_progress_bars=False, tracker=_NullTracker())
+    inference = SbiNPE(prior=task.prior, density_estimator=args.sbi_estimator, show_progress_bars=False,
+                       tracker=_NullTracker())
     proposal, volumes = task.prior, [1.0]  # as ours: round 1 draws from the whole prior
     for r, n in enumerate(split_budget(args.simulations, args.rounds, args.first_round)):
         theta = proposal.sample((n,))
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"our TSNPE's flow (default: TSNPE's, {SEQUENTIAL_ESTIMATOR})")
     parser.add_argument("--npe-estimator", default=DEFAULT_ESTIMATOR,
                         help=f"our amortized NPE's flow (default: NPE's, {DEFAULT_ESTIMATOR})")
+    parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (default: sbi's, maf)")
     parser.add_argument("--no-npe", action="store_true", help="skip the amortized NPE")
+    parser.add_argument("--no-tsnpe", action="store_true", help="skip our TSNPE (e.g. to add sbi's to earlier records)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models a bounded prior's parameters (NPE's space option; "
                         "auto: truncated for a box prior)")
@@ -139,23 +144,26 @@ def main(argv: list[str] | None = None) -> None:
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
                       "observation": i, "estimator": args.estimator,
                       "space": resolve_space(task.prior.support, args.space)}
-            (samples, rounds), wall, cpu = timed(run_ours_tsnpe, task, x_o, args, seed)
-            record["ours_tsnpe"] = {"c2st": c2st(reference, samples, seed=seed).accuracy, "seconds": wall,
-                                    "cpu_seconds": cpu, "rounds": rounds}
-            line = (f"seed {seed} obs {i}: ours TSNPE {record['ours_tsnpe']['c2st']:.3f} ({wall:.0f} s, {cpu:.0f} CPU s;"
-                    f" volumes {[round(r['volume'], 4) for r in rounds]})")
+            line = f"seed {seed} obs {i}:"
+            if not args.no_tsnpe:
+                (samples, rounds), wall, cpu = timed(run_ours_tsnpe, task, x_o, args, seed)
+                record["ours_tsnpe"] = {"c2st": c2st(reference, samples, seed=seed).accuracy, "seconds": wall,
+                                        "cpu_seconds": cpu, "rounds": rounds}
+                line += (f" ours TSNPE {record['ours_tsnpe']['c2st']:.3f} ({wall:.0f} s, {cpu:.0f} CPU s;"
+                         f" volumes {[round(r['volume'], 4) for r in rounds]})")
             if npe is not None:
                 posterior, npe_wall, npe_cpu = npe
                 amortized = posterior.sample(args.num_samples, x_o, seed=seed)
                 record["npe_estimator"] = args.npe_estimator
                 record["ours_npe"] = {"c2st": c2st(reference, amortized, seed=seed).accuracy, "seconds": npe_wall,
                                       "cpu_seconds": npe_cpu}
-                line += f", ours NPE ({args.npe_estimator}) {record['ours_npe']['c2st']:.3f}"
+                line += f" ours NPE ({args.npe_estimator}) {record['ours_npe']['c2st']:.3f}"
             if with_sbi:
                 (sbi_samples, volumes), wall, cpu = timed(run_sbi_tsnpe, task, x_o, args, seed)
                 record["sbi_tsnpe"] = {"c2st": c2st(reference, sbi_samples.float(), seed=seed).accuracy,
-                                       "seconds": wall, "cpu_seconds": cpu, "volumes": volumes}
-                line += (f", sbi TSNPE {record['sbi_tsnpe']['c2st']:.3f} ({wall:.0f} s, {cpu:.0f} CPU s; "
+                                       "seconds": wall, "cpu_seconds": cpu, "volumes": volumes,
+                                       "density_estimator": args.sbi_estimator}
+                line += (f" sbi TSNPE {record['sbi_tsnpe']['c2st']:.3f} ({wall:.0f} s, {cpu:.0f} CPU s; "
                          f"volumes {[round(v, 4) for v in volumes]})")
             print(line, flush=True)
             records.append(record)
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps(record) + "\n")
     print("summary (mean C2ST over seeds and observations; median wall / CPU seconds per run):")
     for key in ("ours_tsnpe", "ours_npe", "sbi_tsnpe"):
-        if all(key in r for r in records):
+        if records and all(key in r for r in records):
             values = [r[key]["c2st"] for r in records]
             print(f"  {key}: C2ST {statistics.mean(values):.3f} (min {min(values):.3f}, max {max(values):.3f}); "
                   f"{statistics.median(r[key]['seconds'] for r in records):.1f} s wall, "
