@@ -3,7 +3,7 @@
 Reads the ``--json`` files of ``benchmark_npe.py`` (ours against sbi on the same rows), of
 ``benchmark_bounded_space.py`` (the unconstrained against the truncated space) and of
 ``benchmark_npe_training.py`` (held-out posterior NLL per setting, ``nll``) and of ``benchmark_coverage.py``
-(expected HPD coverage per setting, ``coverage``) and prints one markdown
+(expected HPD coverage per setting, ``coverage``) and of ``benchmark_tsnpe.py`` (``tsnpe``) and prints one markdown
 row per task, budget and configuration: the mean over seeds of the per-seed mean C2ST over
 observations, the paired difference with its standard error over seeds (the targets' "no worse"
 test), how many seeds ours won, the summed training CPU seconds and the published NPE-NSF mean (sbibm,
@@ -16,6 +16,7 @@ Usage:
     python examples/summarize_benchmarks.py nll heldout.jsonl --baseline "sbi nsf"
     python examples/summarize_benchmarks.py nll-grid heldout.jsonl --candidate estimator=nsf
     python examples/summarize_benchmarks.py coverage coverage.jsonl
+    python examples/summarize_benchmarks.py tsnpe ours.jsonl sbi.jsonl --baseline "NPE nsf"
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def difference_text(difference: float, se: float) -> str:
         ('-0.012 (0.004)', '+0.020 (-)')
     """
     return f"{difference:+.3f} ({'-' if math.isnan(se) else f'{se:.3f}'})"
+
+
+#: Published sequential NPE (SNPE-C with NSF, sbibm) mean C2ST at 1,000 and 10,000 simulations (issue 18).
+PUBLISHED_SNPE_C = {
+    "two_moons": (0.643, 0.554), "slcp": (0.965, 0.845), "gaussian_mixture": (0.697, 0.583),
+    "sir": (0.638, 0.561), "lotka_volterra": (0.990, 0.953),
+}
 
 
 def _mean(c2st: dict) -> float:
@@ -233,20 +241,75 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
     return rows
 
 
+def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
+    """The methods of one ``benchmark_tsnpe.py`` record, named with their flow: ``{name: (C2ST, CPU s)}``.
+
+    Records from before ``npe_estimator`` was written used TSNPE's flow for the amortized NPE too;
+    sbi's without ``density_estimator`` used sbi's default, its MAF.
+
+    Example:
+        >>> tsnpe_methods({"estimator": "maf", "ours_tsnpe": {"c2st": 0.6, "cpu_seconds": 9.0},
+        ...                "ours_npe": {"c2st": 0.7, "cpu_seconds": 4.0}})
+        {'TSNPE maf': (0.6, 9.0), 'NPE maf': (0.7, 4.0)}
+    """
+    names = {"ours_tsnpe": f"TSNPE {record['estimator']}",
+             "ours_npe": f"NPE {record.get('npe_estimator', record['estimator'])}",
+             "sbi_tsnpe": f"sbi TSNPE {record.get('sbi_tsnpe', {}).get('density_estimator', 'maf')}"}
+    return {name: (record[key]["c2st"], record[key]["cpu_seconds"]) for key, name in names.items() if key in record}
+
+
+def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
+    """One row per task, budget, rounds and method: mean C2ST over runs and the difference from ``baseline``.
+
+    A run is one seed and observation; records of the same run from several files are merged (the last
+    file wins for a method in two). The difference is paired over the runs both methods have, with its
+    standard error over those runs; "runs better" counts the runs where the method's C2ST is lower.
+    The amortized NPE's CPU seconds are one training per seed, shared by its observations.
+    """
+    runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
+    for path in paths:
+        with open(path) as stream:
+            for line in stream:
+                if line.strip():
+                    record = json.loads(line)
+                    key = (record["task"], record["simulations"], record["rounds"], record["seed"], record["observation"])
+                    runs[key].update(tsnpe_methods(record))
+    rows = [f"| task | simulations | rounds | method | runs | mean C2ST | minus {baseline} (SE) | runs better "
+            "| median CPU s | published SNPE-C |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for task, simulations, rounds in sorted({key[:3] for key in runs}, key=lambda k: (k[1], k[0], k[2])):
+        group = {key[3:]: methods for key, methods in runs.items() if key[:3] == (task, simulations, rounds)}
+        names = sorted({name for methods in group.values() for name in methods}, key=lambda n: (n != baseline, n))
+        column = {1_000: 0, 10_000: 1}.get(simulations)
+        snpe = f"{PUBLISHED_SNPE_C[task][column]:.3f}" if task in PUBLISHED_SNPE_C and column is not None else "-"
+        for name in names:
+            c2st = {run: methods[name][0] for run, methods in group.items() if name in methods}
+            base = {run: methods[baseline][0] for run, methods in group.items() if baseline in methods}
+            cpu = statistics.median(methods[name][1] for methods in group.values() if name in methods)
+            versus = _versus(c2st, base) if name != baseline else "- | -"
+            rows.append(f"| {task} | {simulations:,} | {rounds} | {name} | {len(c2st)} | "
+                        f"{statistics.fmean(c2st.values()):.3f} | {versus} | {cpu:.1f} | {snpe} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe"])
     parser.add_argument("path")
-    parser.add_argument("--baseline", default="defaults", help="nll, nll-grid: the setting the others are compared with")
+    parser.add_argument("more", nargs="*", help="tsnpe: more record files, merged by task, budget, rounds, seed, "
+                        "observation")
+    parser.add_argument("--baseline", default=None, help="nll, nll-grid: the setting the others are compared with "
+                        "(default: defaults); tsnpe: the method (default: NPE nsf)")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
     parser.add_argument("--sbi", default=None, metavar="NPE_JSONL",
                         help="bounded: benchmark_npe.py records on the same rows, to compare the truncated space with sbi")
     args = parser.parse_args(argv)
-    if args.kind == "nll":
-        rows = nll_rows(args.path, baseline=args.baseline)
+    if args.kind == "tsnpe":
+        rows = tsnpe_rows([args.path, *args.more], baseline=args.baseline or "NPE nsf")
+    elif args.kind == "nll":
+        rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":
-        rows = nll_grid_rows(args.path, baseline=args.baseline, candidate=args.candidate)
+        rows = nll_grid_rows(args.path, baseline=args.baseline or "defaults", candidate=args.candidate)
     elif args.kind == "bounded":
         rows = bounded_rows(args.path, sbi_path=args.sbi)
     else:

@@ -122,6 +122,30 @@ def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
                        "| 0.901 |"), rows[2]
 
 
+def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
+    """``summarize_benchmarks.py tsnpe``: ours and sbi's records of the same runs merge; differences pair by run."""
+    def record(observation, tsnpe, npe=None, sbi=None, estimator="maf"):
+        r = {"task": "sir", "simulations": 10000, "rounds": 5, "seed": 0, "observation": observation,
+             "estimator": estimator}
+        if tsnpe is not None:
+            r["ours_tsnpe"] = {"c2st": tsnpe, "cpu_seconds": 100.0 * observation}
+        if npe is not None:
+            r.update(npe_estimator="nsf", ours_npe={"c2st": npe, "cpu_seconds": 50.0})
+        if sbi is not None:
+            r["sbi_tsnpe"] = {"c2st": sbi, "cpu_seconds": 300.0}
+        return json.dumps(r)
+
+    ours, sbi = tmp_path / "ours.jsonl", tmp_path / "sbi.jsonl"
+    ours.write_text("\n".join([record(1, 0.55, npe=0.60), record(2, 0.57, npe=0.58), record(3, 0.60, npe=0.59)]))
+    sbi.write_text("\n".join([record(1, None, sbi=0.65), record(2, None, sbi=0.61)]))
+    rows = load_example("summarize_benchmarks").tsnpe_rows([str(ours), str(sbi)], baseline="NPE nsf")
+    assert len(rows) == 5 and rows[2].startswith("| sir | 10,000 | 5 | NPE nsf | 3 | 0.590 | - | - | 50.0 | 0.561 |")
+    # TSNPE - NPE over the three runs: -0.05, -0.01, +0.01
+    assert rows[3] == "| sir | 10,000 | 5 | TSNPE maf | 3 | 0.573 | -0.017 (0.018) | 2 of 3 | 200.0 | 0.561 |", rows[3]
+    # sbi ran on two of the runs: +0.05, +0.03 against NPE on those two
+    assert rows[4] == "| sir | 10,000 | 5 | sbi TSNPE maf | 2 | 0.630 | +0.040 (0.010) | 0 of 2 | 300.0 | 0.561 |", rows[4]
+
+
 @pytest.mark.slow
 def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys):
     """benchmark_tsnpe.py: one record per observation, the amortized column is NPE's default flow."""
