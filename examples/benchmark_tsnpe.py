@@ -59,10 +59,13 @@ def timed(function, *args, **kwargs):
 
 def run_ours_tsnpe(task, x_o, args, seed):
     tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space)
+    fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops))
+                   if value is not None}
     posterior = tsnpe.run(task.simulate, x_o, rounds=args.rounds, simulations=args.simulations, seed=seed,
-                          check_simulations=0, first_round=args.first_round)
+                          check_simulations=0, first_round=args.first_round, fit_options=fit_options)
     samples = posterior.sample(args.num_samples, seed=seed)
-    rounds = [{"volume": r.volume, "method": r.method, "acceptance": r.acceptance, "epochs": r.epochs}
+    rounds = [{"volume": r.volume, "method": r.method, "acceptance": r.acceptance, "epochs": r.epochs,
+               "cpu_seconds": r.cpu_seconds, "validation_loss": r.validation_loss}
               for r in tsnpe.rounds]
     return samples, rounds
 
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--npe-estimator", default=DEFAULT_ESTIMATOR,
                         help=f"our amortized NPE's flow (default: NPE's, {DEFAULT_ESTIMATOR})")
     parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (default: sbi's, maf)")
+    parser.add_argument("--patience", type=int, default=None, help="our TSNPE's per-round patience (default: TSNPE's)")
+    parser.add_argument("--step-drops", type=int, default=None, help="our TSNPE's per-round step drops (default: NPE's)")
     parser.add_argument("--no-npe", action="store_true", help="skip the amortized NPE")
     parser.add_argument("--no-tsnpe", action="store_true", help="skip our TSNPE (e.g. to add sbi's to earlier records)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         for i in observations:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
-                      "observation": i, "estimator": args.estimator,
+                      "observation": i, "estimator": args.estimator, "patience": args.patience,
+                      "step_drops": args.step_drops,
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"
             if not args.no_tsnpe:
