@@ -37,7 +37,7 @@ from sbiflows import NPE, TSNPE
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.estimator import DEFAULT_ESTIMATOR
 from sbiflows.seeding import derive_seed
-from sbiflows.sequential import SEQUENTIAL_ESTIMATOR, split_budget
+from sbiflows.sequential import split_budget
 from sbiflows.simulate import simulate, simulate_from_prior
 from sbiflows.truncated_space import SPACE_OPTIONS, resolve_space
 
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method")
     parser.add_argument("--no-sbi", action="store_true")
-    parser.add_argument("--estimator", default=SEQUENTIAL_ESTIMATOR,
-                        help=f"our TSNPE's flow (default: TSNPE's, {SEQUENTIAL_ESTIMATOR})")
+    parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
+                        help=f"our TSNPE's flow (default: TSNPE's, {DEFAULT_ESTIMATOR})")
     parser.add_argument("--npe-estimator", default=DEFAULT_ESTIMATOR,
                         help=f"our amortized NPE's flow (default: NPE's, {DEFAULT_ESTIMATOR})")
     parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (default: sbi's, maf)")

@@ -30,8 +30,7 @@ from sbiflows.cli_observations import (
     _split_observations,
 )
 from sbiflows.cli_parser import EMBEDDING_NAMES, build_parser  # noqa: F401 - public here
-from sbiflows.estimator import resolve_transformer
-from sbiflows.sequential import default_estimator
+from sbiflows.estimator import DEFAULT_ESTIMATOR, resolve_transformer
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -151,7 +150,7 @@ def _setup(args: argparse.Namespace) -> Job:
 
         from_name(embedding, x_shape)  # refuses a shape the network does not take, before simulating
 
-    estimator = args.estimator or default_estimator(args.rounds)
+    estimator = args.estimator or DEFAULT_ESTIMATOR
     resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
     observations: list[Observation] = []
     if args.observation:

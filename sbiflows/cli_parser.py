@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "with one row, or a task with --observations N), the budget split over R rounds; 1: "
                      "amortized NPE")
     fit.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,
-                     help="flow architecture: nsf (neural spline flow; the default), maf (affine masked "
-                     "autoregressive; the default with --rounds), realnvp (affine couplings)")
+                     help="flow architecture: nsf (neural spline flow; the default, also with --rounds), maf (affine "
+                     "masked autoregressive), realnvp (affine couplings)")
     fit.add_argument("--transformer", choices=sorted(TRANSFORMERS), default=None,
                      help="elementwise map of the flow's layers (default: spline for nsf, affine otherwise)")
     fit.add_argument("--bins", type=_positive_int, default=None, metavar="K",

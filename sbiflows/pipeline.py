@@ -27,6 +27,7 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
+from sbiflows.estimator import DEFAULT_ESTIMATOR
 from sbiflows.npe import NPE
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
@@ -40,7 +41,6 @@ from sbiflows.report import (
     write_markdown,
 )
 from sbiflows.seeding import derive_seed
-from sbiflows.sequential import default_estimator
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space
@@ -90,7 +90,7 @@ class Job:
     out: Path
     task: object = None
     simulations: int = 10_000
-    estimator: str | None = None  # None: NPE's default, or TSNPE's when rounds > 1 (resolved on construction)
+    estimator: str | None = None  # None: NPE's default, also for rounds > 1 (resolved on construction)
     transformer: str | None = None
     bins: int | None = None
     ensemble: int = 1
@@ -122,7 +122,7 @@ class Job:
         self.patience = check_int(self.patience, "patience", minimum=1, optional="NPE's default")
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         if self.estimator is None:
-            self.estimator = default_estimator(self.rounds)
+            self.estimator = DEFAULT_ESTIMATOR
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
 
     @property

@@ -50,7 +50,6 @@ from torch.distributions import Distribution
 
 from sbiflows.checks import as_float_tensor, check_int
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
-from sbiflows.estimator import DEFAULT_ESTIMATOR
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
@@ -133,30 +132,15 @@ def split_budget(simulations: int, rounds: int, first_round: int | None = None) 
     return [first_round] + (split_budget(simulations - first_round, rounds - 1) if rounds > 1 else [])
 
 
-#: TSNPE's default flow: the affine MAF. Its rounds fit posteriors that are narrow relative to the
-#: prior, where the affine MAF fitted better than NPE's default spline flow (docs/benchmarks.md,
-#: "Defaults from all ten tasks").
-SEQUENTIAL_ESTIMATOR = "maf"
-
-
-def default_estimator(rounds: int) -> str:
-    """The flow ``sbiflows fit`` trains without ``--estimator``: NPE's default, or TSNPE's for ``rounds > 1``.
-
-    Example:
-        >>> default_estimator(1), default_estimator(3)
-        ('nsf', 'maf')
-    """
-    return SEQUENTIAL_ESTIMATOR if rounds > 1 else DEFAULT_ESTIMATOR
-
-
 class TSNPE:
     """Truncated sequential neural posterior estimation for one observation (see the module docstring).
 
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...); the
-            ensemble option is not supported. The estimator defaults to :data:`SEQUENTIAL_ESTIMATOR`
-            (``"maf"``), not NPE's ``"nsf"``.
+            ensemble option is not supported. The flow defaults to NPE's (the spline flow, ``"nsf"``);
+            for a posterior hundreds of times narrower than the prior the affine MAF
+            (``estimator="maf"``) fits better (docs/sequential.md).
 
     Attributes:
         npe: The :class:`~sbiflows.NPE` trained over the rounds.
@@ -183,9 +167,11 @@ class TSNPE:
         if npe_options.get("ensemble", 1) != 1:
             raise ValueError("TSNPE trains a single flow; the ensemble option is not supported")
         self.prior = prior
-        self._npe_options = dict(npe_options)  # as given: a store records these (the default estimator is implied)
         # checks the prior and the options now, before any simulation
-        self.npe = NPE(prior, **{"estimator": SEQUENTIAL_ESTIMATOR, **npe_options})
+        self.npe = NPE(prior, **npe_options)
+        # what a store records: the options as given plus the flow they resolve to, so that a run stored
+        # under another default flow is refused rather than resumed with a different network
+        self._npe_options = {"estimator": self.npe.estimator, **npe_options}
         self.rounds: list[Round] = []
         self.posterior: Posterior | None = None
         self.proposals: list[Distribution] = []

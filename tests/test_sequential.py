@@ -17,7 +17,9 @@ from sbiflows.truncation import TruncatedPrior
 
 PRIOR = box_uniform([-3.0, -3.0], [3.0, 3.0])
 X_O = torch.tensor([0.5, -1.0])
-SMALL = {"transforms": 2, "hidden_features": (20, 20)}
+#: A small affine MAF: these tests are about the rounds' mechanics, and with 30 epochs a round it narrows the
+#: region the fastest (the default spline flow is run in test_sequential_accuracy.py and test_cli_rounds.py).
+SMALL = {"estimator": "maf", "transforms": 2, "hidden_features": (20, 20)}
 FAST = {"threshold_samples": 20_000, "quantile": 1e-3, "fit_options": {"max_epochs": 30}}
 
 #: What the module-level simulator does: "ok", "raise" (every row fails) or "interrupt" (Ctrl-C).
@@ -152,6 +154,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert torch.equal(again.sample(50, seed=0), resumed.sample(50, seed=0))
     with pytest.raises(ValueError, match="other settings.*seed"):
         TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **dict(options, seed=5))
+    # the store records the flow the options resolved to: the same options under another default flow
+    # (the MAF was TSNPE's default before the spline flow) are refused, not resumed with another network
+    with pytest.raises(ValueError, match="other settings.*npe_options"):
+        TSNPE(PRIOR, **{k: v for k, v in SMALL.items() if k != "estimator"}).run(simulator, X_O, store=store, **options)
 
 
 def test_bad_inputs(tmp_path):
