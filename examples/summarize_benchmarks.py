@@ -36,14 +36,16 @@ PUBLISHED_NSF = {
 }
 
 
-def published(task: str, simulations: int) -> str:
-    """The published NPE-NSF mean for ``task`` at 1,000 or 10,000 simulations, else ``"-"``.
+def published(task: str, simulations: int, *, table: dict | None = None) -> str:
+    """The published mean (``table``, default NPE-NSF) for ``task`` at 1,000 or 10,000 simulations, else ``"-"``.
 
     Example:
         >>> published("two_moons", 10_000), published("two_moons", 5_000)
         ('0.606', '-')
+        >>> published("sir", 1_000, table=PUBLISHED_SNPE_C)
+        '0.638'
     """
-    values = PUBLISHED_NSF.get(task)
+    values = (PUBLISHED_NSF if table is None else table).get(task)
     column = {1_000: 0, 10_000: 1}.get(simulations)
     return "-" if values is None or column is None else f"{values[column]:.3f}"
 
@@ -81,14 +83,15 @@ def _mean(c2st: dict) -> float:
     return statistics.fmean(c2st.values())
 
 
+def _records(path: str):
+    """The JSON records of a ``--json`` file, one per non-empty line, in file order."""
+    with open(path) as stream:
+        yield from (json.loads(line) for line in stream if line.strip())
+
+
 def _groups(path: str, key) -> list[tuple[tuple, list[dict]]]:
     """Records grouped by ``key(record)[:-1]`` (the last element is the seed), the last of duplicates kept."""
-    latest = {}
-    with open(path) as stream:
-        for line in stream:
-            if line.strip():
-                record = json.loads(line)
-                latest[key(record)] = record
+    latest = {key(record): record for record in _records(path)}
     groups = defaultdict(list)
     for record in latest.values():
         groups[key(record)[:-1]].append(record)
@@ -270,22 +273,18 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     for path in paths:
-        with open(path) as stream:
-            for line in stream:
-                if line.strip():
-                    record = json.loads(line)
-                    key = (record["task"], record["simulations"], record["rounds"], record["seed"], record["observation"])
-                    runs[key].update(tsnpe_methods(record))
+        for record in _records(path):
+            key = (record["task"], record["simulations"], record["rounds"], record["seed"], record["observation"])
+            runs[key].update(tsnpe_methods(record))
     rows = [f"| task | simulations | rounds | method | runs | mean C2ST | minus {baseline} (SE) | runs better "
             "| median CPU s | published SNPE-C |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for task, simulations, rounds in sorted({key[:3] for key in runs}, key=lambda k: (k[1], k[0], k[2])):
         group = {key[3:]: methods for key, methods in runs.items() if key[:3] == (task, simulations, rounds)}
         names = sorted({name for methods in group.values() for name in methods}, key=lambda n: (n != baseline, n))
-        column = {1_000: 0, 10_000: 1}.get(simulations)
-        snpe = f"{PUBLISHED_SNPE_C[task][column]:.3f}" if task in PUBLISHED_SNPE_C and column is not None else "-"
+        snpe = published(task, simulations, table=PUBLISHED_SNPE_C)
+        base = {run: methods[baseline][0] for run, methods in group.items() if baseline in methods}
         for name in names:
             c2st = {run: methods[name][0] for run, methods in group.items() if name in methods}
-            base = {run: methods[baseline][0] for run, methods in group.items() if baseline in methods}
             cpu = statistics.median(methods[name][1] for methods in group.values() if name in methods)
             versus = _versus(c2st, base) if name != baseline else "- | -"
             rows.append(f"| {task} | {simulations:,} | {rounds} | {name} | {len(c2st)} | "
