@@ -56,7 +56,13 @@ def _warn_one_feature(features: int, name: str, transformer: str) -> None:
 
 
 def _assemble(
-    layers: list[Transform], features: int, context_features: int, hidden_features: Sequence[int], affine_first: bool,
+    layers: list[Transform],
+    features: int,
+    context_features: int,
+    *,
+    hidden_features: Sequence[int],
+    activation: type[nn.Module],
+    affine_first: bool,
 ) -> Flow:
     """A flow of ``layers``, led (data side) by a context-conditioned :class:`ElementwiseAffine` if ``affine_first``.
 
@@ -66,7 +72,8 @@ def _assemble(
     """
     if not check_bool(affine_first, "affine_first"):
         return Flow(layers)
-    return Flow([ElementwiseAffine(features, context_features, hidden_features=hidden_features), *layers])
+    first = ElementwiseAffine(features, context_features, hidden_features=hidden_features, activation=activation)
+    return Flow([first, *layers])
 
 
 class Flow(nn.Module):
@@ -221,7 +228,7 @@ def maf(
         bins: Number of spline bins (``>= 1``; validated, used by ``"spline"`` only).
         bound: Half-width of the spline interval (``> 0``; validated, used by ``"spline"`` only).
         affine_first: Lead the flow (on the data side) with an :class:`~sbiflows.transforms.ElementwiseAffine`
-            whose shift and log-scale a network of the context computes (with ``hidden_features``),
+            whose shift and log-scale a network of the context computes (``hidden_features``, ``activation``),
             starting as the identity. It lets a spline flow centre and scale a posterior far narrower
             than the training parameters in one step, before its bounded splines shape it.
 
@@ -245,7 +252,8 @@ def maf(
         )
         for i in range(transforms)
     ]
-    return _assemble(layers, features, context_features, hidden_features, affine_first)
+    return _assemble(layers, features, context_features, hidden_features=hidden_features, activation=activation,
+                     affine_first=affine_first)
 
 
 def iaf(
@@ -328,7 +336,8 @@ def realnvp(
         ))
         if mixing == "lu" and features > 1:
             layers.append(LULinear(features))
-    return _assemble(layers, features, context_features, hidden_features, affine_first)
+    return _assemble(layers, features, context_features, hidden_features=hidden_features, activation=activation,
+                     affine_first=affine_first)
 
 
 def nsf(
