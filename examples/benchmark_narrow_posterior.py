@@ -5,12 +5,11 @@ The analytic case of ``tests/test_sequential_accuracy.py``: ``theta ~ U([-14, 14
 (``--noise 0.02``, the test's case, makes it 700 times narrower). For each
 estimator, amortized NPE on 2,000 prior simulations and TSNPE (4 rounds of 500) are scored by C2ST
 (5,000 samples against 5,000 exact draws; 0.5 is perfect). This is where NPE's default spline flow
-and the affine MAF differ most; ``--affine-first`` leads each flow with a context-conditioned shift
-and scale (``NPE(..., affine_first=True)``).
+and the affine MAF differ most.
 
 Usage:
     python examples/benchmark_narrow_posterior.py --estimators maf nsf --seeds 0 1
-    python examples/benchmark_narrow_posterior.py --estimators nsf --affine-first --seeds 0 1 --noise 0.02
+    python examples/benchmark_narrow_posterior.py --estimators maf nsf --seeds 0 1 --noise 0.02
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimators", nargs="+", default=["maf", "nsf"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--noise", type=float, default=SIGMA, help="the simulator's noise: the posterior's std")
-    parser.add_argument("--affine-first", action="store_true", help="NPE(..., affine_first=True) for every flow")
     parser.add_argument("--json", default=None, help="append one JSON record per estimator and seed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -52,17 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         sims = simulate_from_prior(simulate, prior, 2000, seed=seed)
         for estimator in args.estimators:
             start = time.process_time()
-            amortized = NPE(prior, estimator, affine_first=args.affine_first).fit(sims.theta, sims.x, seed=seed,
-                                                                               progress=False)
+            amortized = NPE(prior, estimator).fit(sims.theta, sims.x, seed=seed, progress=False)
             single = c2st(exact, amortized.sample(5000, X_O, seed=seed + 1), seed=0).accuracy
             npe_cpu = time.process_time() - start
-            tsnpe = TSNPE(prior, estimator=estimator, affine_first=args.affine_first)
+            tsnpe = TSNPE(prior, estimator=estimator)
             start = time.process_time()
             posterior = tsnpe.run(simulate, X_O, rounds=4, simulations=2000, seed=seed, check_simulations=0,
                                   progress=False)
             sequential = c2st(exact, posterior.sample(5000, seed=seed + 1), seed=0).accuracy
-            emit(args.json, {"estimator": estimator, "affine_first": args.affine_first, "noise": args.noise,
-                             "seed": seed, "amortized_c2st": round(single, 3), "tsnpe_c2st": round(sequential, 3), "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
+            emit(args.json, {"estimator": estimator, "noise": args.noise, "seed": seed,
+                             "amortized_c2st": round(single, 3), "tsnpe_c2st": round(sequential, 3), "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
                              "amortized_cpu_s": round(npe_cpu, 1), "tsnpe_cpu_s": round(time.process_time() - start, 1)})
 
 

@@ -58,8 +58,7 @@ def timed(function, *args, **kwargs):
 
 
 def run_ours_tsnpe(task, x_o, args, seed):
-    flow_options = {} if args.affine_first is None else {"affine_first": args.affine_first == "yes"}
-    tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space, **flow_options)
+    tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space)
     fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops))
                    if value is not None}
     posterior = tsnpe.run(task.simulate, x_o, rounds=args.rounds, simulations=args.simulations, seed=seed,
@@ -128,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (default: sbi's, maf)")
     parser.add_argument("--patience", type=int, default=None, help="our TSNPE's per-round patience (default: TSNPE's)")
     parser.add_argument("--step-drops", type=int, default=None, help="our TSNPE's per-round step drops (default: NPE's)")
-    parser.add_argument("--affine-first", choices=("yes", "no"), default=None,
-                        help="lead our TSNPE's flow with a context-conditioned affine layer (default: TSNPE's)")
     parser.add_argument("--no-npe", action="store_true", help="skip the amortized NPE")
     parser.add_argument("--no-tsnpe", action="store_true", help="skip our TSNPE (e.g. to add sbi's to earlier records)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
@@ -152,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
                       "observation": i, "estimator": args.estimator, "patience": args.patience,
                       "step_drops": args.step_drops,
-                      "affine_first": None if args.affine_first is None else args.affine_first == "yes",
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"
             if not args.no_tsnpe:

@@ -247,7 +247,8 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
 def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
     """The methods of one ``benchmark_tsnpe.py`` record, named with their flow: ``{name: (C2ST, CPU s)}``.
 
-    TSNPE's name carries the options the record set (``patience``, ``step_drops``, ``affine_first``). Records
+    TSNPE's name carries the options the record set (``patience``, ``step_drops``; ``affine_first`` in
+    records of commit e828ab2, whose NPE had that option). Records
     from before ``npe_estimator`` was written used TSNPE's flow for the amortized NPE too;
     sbi's without ``density_estimator`` used sbi's default, its MAF.
 

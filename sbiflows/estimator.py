@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.checks import check_bool, check_choice
+from sbiflows.checks import check_choice
 from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, MIXINGS, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
 from sbiflows.transforms.transformers import make_transformer
 from sbiflows.xshape import layout, zscore, zscore_shaped
@@ -25,8 +25,7 @@ from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
     "ACTIVATIONS", "DEFAULT_ESTIMATOR", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow",
-    "check_affine_first", "check_hidden_features", "check_mixing", "default_transforms", "resolve_transformer",
-    "zscore",
+    "check_hidden_features", "check_mixing", "default_transforms", "resolve_transformer", "zscore",
 ]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and the command line's ``--estimator``, and
@@ -113,23 +112,6 @@ def check_mixing(estimator: str | Callable, mixing: str) -> str:
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
-def check_affine_first(estimator: str | Callable, affine_first: bool) -> bool:
-    """``affine_first`` if it is a bool and the estimator is a name (a callable builds its own flow).
-
-    Example:
-        >>> check_affine_first("nsf", True)
-        True
-        >>> check_affine_first(lambda f, c: None, True)
-        Traceback (most recent call last):
-        ...
-        ValueError: affine_first=True applies to named estimators only; a callable estimator builds its own flow
-    """
-    check_bool(affine_first, "affine_first")
-    if affine_first and not isinstance(estimator, str):
-        raise ValueError("affine_first=True applies to named estimators only; a callable estimator builds its own flow")
-    return affine_first
-
-
 def check_hidden_features(hidden_features: Sequence[int]) -> tuple[int, ...]:
     """A non-empty sequence of positive ints, returned as a tuple.
 
@@ -181,14 +163,12 @@ def build_flow(
     bins: int | None = None,
     bound: float | None = None,
     mixing: str = "none",
-    affine_first: bool = False,
 ) -> Flow:
     """Build the flow of an estimator name (``"maf"``, ``"nsf"``, ``"realnvp"``) or call a user factory.
 
     ``activation`` (a key of :data:`ACTIVATIONS`), ``transformer``, ``bins`` and ``bound`` apply to
     named estimators only (see :func:`resolve_transformer` for their defaults and checks); ``mixing``
-    to the coupling estimators only (:func:`check_mixing`); ``affine_first`` (see :func:`~sbiflows.flows.maf`)
-    to named estimators only.
+    to the coupling estimators only (:func:`check_mixing`).
 
     Raises:
         ValueError: On an unknown estimator or activation name, or transformer options that do not fit.
@@ -203,12 +183,11 @@ def build_flow(
     if isinstance(estimator, str) and estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
     check_mixing(estimator, mixing)
-    check_affine_first(estimator, affine_first)
     if isinstance(estimator, str):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
         options = {"transforms": transforms, "hidden_features": tuple(hidden_features),
-                   "activation": ACTIVATIONS[activation], "affine_first": affine_first}
+                   "activation": ACTIVATIONS[activation]}
         resolved = resolve_transformer(estimator, transformer, bins, bound)
         if resolved["transformer"] == "spline":
             options.update(bins=resolved["bins"], bound=resolved["bound"])

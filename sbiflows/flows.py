@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sbiflows.checks import check_bool, check_choice
+from sbiflows.checks import check_choice
 from sbiflows.distributions import BoxUniform, StandardNormal
 from sbiflows.transforms import (
     AdditiveCoupling,
@@ -53,27 +53,6 @@ def _warn_one_feature(features: int, name: str, transformer: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _assemble(
-    layers: list[Transform],
-    features: int,
-    context_features: int,
-    *,
-    hidden_features: Sequence[int],
-    activation: type[nn.Module],
-    affine_first: bool,
-) -> Flow:
-    """A flow of ``layers``, led (data side) by a context-conditioned :class:`ElementwiseAffine` if ``affine_first``.
-
-    The leading layer starts as the identity (its network's last layer is zero), so it changes nothing
-    until training moves it; it is built after ``layers``, whose initial weights are therefore the same
-    with and without it.
-    """
-    if not check_bool(affine_first, "affine_first"):
-        return Flow(layers)
-    first = ElementwiseAffine(features, context_features, hidden_features=hidden_features, activation=activation)
-    return Flow([first, *layers])
 
 
 class Flow(nn.Module):
@@ -207,7 +186,6 @@ def maf(
     transformer: str = "affine",
     bins: int = DEFAULT_BINS,
     bound: float = DEFAULT_BOUND,
-    affine_first: bool = False,
 ) -> Flow:
     """Masked autoregressive flow: ``transforms`` MAF layers, reversing the ordering between layers.
 
@@ -227,14 +205,9 @@ def maf(
             splines on ``[-bound, bound]`` with ``bins`` bins and identity tails).
         bins: Number of spline bins (``>= 1``; validated, used by ``"spline"`` only).
         bound: Half-width of the spline interval (``> 0``; validated, used by ``"spline"`` only).
-        affine_first: Lead the flow (on the data side) with an :class:`~sbiflows.transforms.ElementwiseAffine`
-            whose shift and log-scale a network of the context computes (``hidden_features``, ``activation``),
-            starting as the identity. It lets a spline flow centre and scale a posterior far narrower
-            than the training parameters in one step, before its bounded splines shape it.
 
     Raises:
-        TypeError, ValueError: For a ``transformer``, ``bins``, ``bound`` or ``affine_first`` of the wrong
-            type or value.
+        TypeError, ValueError: For a ``transformer``, ``bins`` or ``bound`` of the wrong type or value.
 
     Example:
         >>> maf(3, 2).log_prob(torch.randn(4, 3), torch.randn(4, 2)).shape
@@ -252,8 +225,7 @@ def maf(
         )
         for i in range(transforms)
     ]
-    return _assemble(layers, features, context_features, hidden_features=hidden_features, activation=activation,
-                     affine_first=affine_first)
+    return Flow(layers)
 
 
 def iaf(
@@ -303,11 +275,10 @@ def realnvp(
     bins: int = DEFAULT_BINS,
     bound: float = DEFAULT_BOUND,
     mixing: str = "none",
-    affine_first: bool = False,
 ) -> Flow:
     """Coupling layers with alternating masks: RealNVP (affine) or, with ``transformer="spline"``, NSF.
 
-    ``transformer``, ``bins``, ``bound`` and ``affine_first`` are as in :func:`maf`. Affine couplings need
+    ``transformer``, ``bins`` and ``bound`` are as in :func:`maf`. Affine couplings need
     ``features >= 2``; spline couplings also take one feature with a context (the conditioner then
     sees the context alone). ``mixing="lu"`` puts a :class:`~sbiflows.transforms.LULinear` after each
     coupling (as sbi's ``nsf`` does), so that every dimension can depend on every other, not only the
@@ -336,8 +307,7 @@ def realnvp(
         ))
         if mixing == "lu" and features > 1:
             layers.append(LULinear(features))
-    return _assemble(layers, features, context_features, hidden_features=hidden_features, activation=activation,
-                     affine_first=affine_first)
+    return Flow(layers)
 
 
 def nsf(
@@ -350,7 +320,6 @@ def nsf(
     bins: int = DEFAULT_BINS,
     bound: float = DEFAULT_BOUND,
     mixing: str = "none",
-    affine_first: bool = False,
 ) -> Flow:
     """Neural spline flow (Durkan et al. 2019): rational-quadratic spline couplings, alternating masks.
 
@@ -360,7 +329,6 @@ def nsf(
     tails) whose parameters an MLP computes from the other half and the context. With one feature
     (which needs a context) the MLP sees the context alone, as in sbi. Same as
     ``realnvp(..., transformer="spline")`` with this function's defaults (5 layers of ``(50, 50)``).
-    ``affine_first=True`` leads it with a context-conditioned shift and scale (see :func:`maf`).
 
     Example:
         >>> nsf(2, 3).log_prob(torch.zeros(4, 2), torch.zeros(4, 3)).shape
@@ -370,7 +338,7 @@ def nsf(
     """
     return realnvp(
         features, context_features, transforms=transforms, hidden_features=hidden_features, activation=activation,
-        transformer="spline", bins=bins, bound=bound, mixing=mixing, affine_first=affine_first,
+        transformer="spline", bins=bins, bound=bound, mixing=mixing,
     )
 
 

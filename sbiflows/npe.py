@@ -108,11 +108,6 @@ class NPE:
         mixing: What the coupling estimators (``"nsf"``, ``"realnvp"``) put between couplings: ``"none"``
             (default; the masks alternate) or ``"lu"``, an LU-linear layer after each coupling as in
             sbi's ``nsf`` (:class:`~sbiflows.transforms.LULinear`). Saved with the posterior.
-        affine_first: Lead the flow (theta side) with a shift and scale computed from the embedded
-            ``x`` (:class:`~sbiflows.transforms.ElementwiseAffine`, starting as the identity), so a spline
-            flow can centre and scale a posterior far narrower than the training parameters in one step;
-            TSNPE's later rounds are that case (see ``docs/sequential.md``). Named estimators only; saved
-            with the posterior.
         embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
             the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
@@ -169,7 +164,6 @@ class NPE:
         bins: int | None = None,
         bound: float | None = None,
         mixing: str = "none",
-        affine_first: bool = False,
         embedding_net: nn.Module | None = None,
         ensemble: int = 1,
         balancing: float = 0.0,
@@ -186,11 +180,9 @@ class NPE:
         self._transformer, self.transforms, self.hidden_features = check_network_options(
             estimator, self.theta_dim, transformer=transformer, bins=bins, bound=bound, embedding_net=embedding_net,
             activation=activation, transforms=transforms, hidden_features=hidden_features, mixing=mixing,
-            affine_first=affine_first,
         )
         self.estimator = estimator
         self.mixing = mixing
-        self.affine_first = affine_first
         self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements

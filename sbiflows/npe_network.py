@@ -24,7 +24,6 @@ from sbiflows.estimator import (
     ESTIMATORS,
     PosteriorNet,
     build_flow,
-    check_affine_first,
     check_hidden_features,
     check_mixing,
     resolve_transformer,
@@ -47,7 +46,6 @@ def check_network_options(
     transforms: int | None,
     hidden_features: Sequence[int],
     mixing: str = "none",
-    affine_first: bool = False,
 ) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
     """Check the architecture options of :class:`~sbiflows.npe.NPE` for ``theta_dim`` parameters.
 
@@ -56,9 +54,9 @@ def check_network_options(
 
     Returns:
         ``(transformer, transforms, hidden_features)``: the transformer options of
-        :func:`~sbiflows.estimator.resolve_transformer` with ``mixing`` and ``affine_first`` added (the
-        flow options a saved config records and :func:`~sbiflows.estimator.build_flow` takes), the
-        number of layers (None: the default rule at the first fit) and the hidden sizes as a tuple.
+        :func:`~sbiflows.estimator.resolve_transformer` with ``mixing`` added (the flow options a saved
+        config records and :func:`~sbiflows.estimator.build_flow` takes), the number of layers (None: the default rule at
+        the first fit) and the hidden sizes as a tuple.
 
     Raises:
         TypeError: For an estimator that is neither a name nor a callable, or an embedding net that is
@@ -77,8 +75,7 @@ def check_network_options(
         raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
     if not isinstance(estimator, str) and not callable(estimator):
         raise TypeError(f"estimator must be a name {sorted(ESTIMATORS)} or a callable, got {type(estimator).__name__}")
-    resolved = {**resolve_transformer(estimator, transformer, bins, bound), "mixing": check_mixing(estimator, mixing),
-                "affine_first": check_affine_first(estimator, affine_first)}
+    resolved = {**resolve_transformer(estimator, transformer, bins, bound), "mixing": check_mixing(estimator, mixing)}
     spline = resolved["transformer"] == "spline"
     if estimator == "realnvp" and theta_dim < 2 and not spline:
         raise ValueError(

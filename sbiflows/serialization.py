@@ -286,7 +286,6 @@ def _flow(config: dict, estimator) -> Flow:
             transformer=config.get("transformer", None if name == "custom" else "affine"),
             bins=config.get("bins"), bound=config.get("bound"),
             mixing=config.get("mixing", "none"),  # files written before the option had no mixing layers
-            affine_first=config.get("affine_first", False),  # nor, before this option, a leading affine layer
         )
 
 

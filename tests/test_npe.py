@@ -553,24 +553,6 @@ def test_lu_mixing_puts_a_linear_layer_after_each_coupling_and_is_refused_elsewh
         NPE(prior, "nsf", mixing="permute")
 
 
-def test_affine_first_leads_the_flow_is_saved_and_is_refused_for_a_callable():
-    from sbiflows.flows import nsf
-    from sbiflows.transforms import ElementwiseAffine
-
-    prior, theta, x = box_problem()
-    posterior = NPE(prior, "nsf", affine_first=True, transforms=2).fit(theta, x, **FAST)
-    layers = list(posterior.net.flow.transform.transforms)
-    assert [type(layer).__name__ for layer in layers] == ["ElementwiseAffine", "Coupling", "Coupling"]
-    assert layers[0].context_features == posterior.net.flow.context_features
-    assert posterior.config["affine_first"] is True and NPE(prior).affine_first is False
-    assert NPE(prior, "maf").fit(theta, x, **FAST).config["affine_first"] is False
-    assert any(isinstance(m, ElementwiseAffine) for m in posterior.net.modules())
-    with pytest.raises(TypeError, match="affine_first must be True or False, got int 1"):
-        NPE(prior, affine_first=1)
-    with pytest.raises(ValueError, match="affine_first=True applies to named estimators only"):
-        NPE(prior, lambda features, context: nsf(features, context), affine_first=True)
-
-
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [

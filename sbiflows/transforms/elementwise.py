@@ -32,7 +32,6 @@ class ElementwiseAffine(Transform):
         shift: Initial shift ``m`` (scalar or per dimension).
         log_scale: Initial log-scale ``s`` (scalar or per dimension).
         hidden_features: Hidden sizes of the context network.
-        activation: Activation class of the context network.
 
     Example:
         >>> layer = ElementwiseAffine(1, shift=1.0, log_scale=math.log(2.0))
@@ -48,7 +47,6 @@ class ElementwiseAffine(Transform):
         shift: float | Sequence[float] = 0.0,
         log_scale: float | Sequence[float] = 0.0,
         hidden_features: Sequence[int] = (64, 64),
-        activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
         self.features = features
@@ -58,8 +56,7 @@ class ElementwiseAffine(Transform):
             torch.as_tensor(log_scale, dtype=torch.get_default_dtype()).expand(features).clone()
         )
         self.net = (
-            MLP(context_features, 2 * features, hidden_features, activation=activation, zero_last=True)
-            if context_features else None
+            MLP(context_features, 2 * features, hidden_features, zero_last=True) if context_features else None
         )
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
