@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                                   progress=False)
             sequential = c2st(exact, posterior.sample(5000, seed=seed + 1), seed=0).accuracy
             emit(args.json, {"estimator": estimator, "noise": args.noise, "seed": seed,
-                             "amortized_c2st": round(single, 3), "tsnpe_c2st": round(sequential, 3), "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
+                             "amortized_c2st": round(single, 3), "tsnpe_c2st": round(sequential, 3),
+                             "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
                              "amortized_cpu_s": round(npe_cpu, 1), "tsnpe_cpu_s": round(time.process_time() - start, 1)})
 
 

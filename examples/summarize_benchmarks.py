@@ -36,7 +36,7 @@ PUBLISHED_NSF = {
 }
 
 
-def published(task: str, simulations: int, *, table: dict | None = None) -> str:
+def published(task: str, simulations: int, *, table: dict = PUBLISHED_NSF) -> str:
     """The published mean (``table``, default NPE-NSF) for ``task`` at 1,000 or 10,000 simulations, else ``"-"``.
 
     Example:
@@ -45,7 +45,7 @@ def published(task: str, simulations: int, *, table: dict | None = None) -> str:
         >>> published("sir", 1_000, table=PUBLISHED_SNPE_C)
         '0.638'
     """
-    values = (PUBLISHED_NSF if table is None else table).get(task)
+    values = table.get(task)
     column = {1_000: 0, 10_000: 1}.get(simulations)
     return "-" if values is None or column is None else f"{values[column]:.3f}"
 
@@ -247,8 +247,7 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
 def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
     """The methods of one ``benchmark_tsnpe.py`` record, named with their flow: ``{name: (C2ST, CPU s)}``.
 
-    TSNPE's name carries the options the record set (``patience``, ``step_drops``; ``affine_first`` in
-    records of commit e828ab2, whose NPE had that option). Records
+    TSNPE's name carries the training options the record set (``patience``, ``step_drops``). Records
     from before ``npe_estimator`` was written used TSNPE's flow for the amortized NPE too;
     sbi's without ``density_estimator`` used sbi's default, its MAF.
 
@@ -257,8 +256,7 @@ def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
         ...                "ours_npe": {"c2st": 0.7, "cpu_seconds": 4.0}})
         {'TSNPE maf': (0.6, 9.0), 'NPE maf': (0.7, 4.0)}
     """
-    options = "".join(f", {key}={record[key]}" for key in ("patience", "step_drops", "affine_first")
-                      if record.get(key) is not None)
+    options = "".join(f", {key}={record[key]}" for key in ("patience", "step_drops") if record.get(key) is not None)
     names = {"ours_tsnpe": f"TSNPE {record['estimator']}{options}",
              "ours_npe": f"NPE {record.get('npe_estimator', record['estimator'])}",
              "sbi_tsnpe": f"sbi TSNPE {record.get('sbi_tsnpe', {}).get('density_estimator', 'maf')}"}
