@@ -26,8 +26,10 @@ Design choices (see also ``docs/benchmarks.md``):
   ``x_shape`` for one observation and ``(B, *x_shape)`` for a batch. The embedding net decides what the
   shape means (:mod:`sbiflows.embeddings`); without one, structured ``x`` is flattened.
 * **Refitting.** ``fit`` called again appends the new rows to the data seen so far and continues
-  training from the current weights on all of it (new validation split), keeping the z-score
-  statistics of the first fit and extending the same training history. Each ``fit`` returns an
+  training from the current weights on all of it, keeping the z-score statistics of the first fit
+  and extending the same training history. Earlier rows keep their side of the validation split and
+  a ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`), so a refit is never
+  scored on rows it was trained on before. Each ``fit`` returns an
   independent :class:`~sbiflows.posterior.Posterior` (a snapshot of the weights).
 * **Transactional fits.** ``fit`` trains a copy and commits data, weights and history only when
   training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
@@ -70,7 +72,7 @@ from sbiflows.training import (
     train_checked,
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
-from sbiflows.training_options import batch_options
+from sbiflows.training_options import batch_options, check_validation, fit_validation, validation_mask
 from sbiflows.truncated_space import SPACE_OPTIONS, make_space, resolve_space
 
 __all__ = ["NPE"]
@@ -196,6 +198,7 @@ class NPE:
         self._net: PosteriorNet | None = None
         self._theta: Tensor | None = None
         self._x: Tensor | None = None
+        self._validation: list[Tensor] | None = None  # per member: which rows of _theta validate
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -212,6 +215,12 @@ class NPE:
     def x(self) -> Tensor | None:
         """All training simulations so far, matching :attr:`theta`; None before the first ``fit``."""
         return None if self._x is None else self._x.detach()
+
+    @property
+    def validation(self) -> Tensor | None:
+        """``(N,)`` boolean mask of the rows of :attr:`theta` that validate (the first ensemble member's);
+        None before the first ``fit``."""
+        return None if self._validation is None else self._validation[0].clone()
 
     def to(self, device: torch.device | str) -> NPE:
         """Move the network, the stored training data and the prior to ``device``; returns ``self``.
@@ -339,6 +348,9 @@ class NPE:
                          else copy.deepcopy(self.histories))
             history = histories[0]
             epochs_before = [h.epochs for h in histories]
+            groups = duplicate_groups(theta, x)
+            masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
+                                          seeds=[member_seed(seed, k) for k in range(len(members))])
             try:
                 for k, (member, member_history) in enumerate(zip(members, histories)):
                     train_checked(  # the options were checked at the top of fit
@@ -346,7 +358,7 @@ class NPE:
                         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                         ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
                         seed=member_seed(seed, k), progress=progress, history=member_history,
-                        groups=duplicate_groups(theta, x), num_threads=num_threads, objective=objective,
+                        groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
                     )
             except BaseException as error:
                 # train() restored the best weights of the member it was training; members trained before
@@ -359,7 +371,7 @@ class NPE:
                     self._keep_partial(partial, flow_seed, n_layers, histories[trained[0]], error)
                 raise
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
-            self.histories = histories
+            self.histories, self._validation = histories, masks
             self._transforms, self.partial_posterior = n_layers, None
             return Posterior(
                 copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
@@ -367,7 +379,7 @@ class NPE:
                 max_batch_elements=self.max_batch_elements,
             )
 
-    def restore(self, posterior: Posterior, theta: Any, x: Any) -> NPE:
+    def restore(self, posterior: Posterior, theta: Any, x: Any, *, validation: Any = None) -> NPE:
         """Continue from an earlier fit: adopt ``posterior``'s weights and history and the rows it was trained on.
 
         After ``restore``, ``fit`` appends to ``theta``/``x`` and trains on from ``posterior``'s weights,
@@ -380,6 +392,9 @@ class NPE:
                 loaded from its file); single flows only.
             theta: Its training parameters ``(N, D)``.
             x: Its training simulations ``(N, x_dim)``, all finite.
+            validation: ``(N,)`` booleans, the rows that validated (:attr:`validation` after that fit),
+                so later fits keep them on the validation side. None: a random split of
+                ``validation_fraction`` 0.1 (seeded by the posterior's flow seed).
 
         Returns:
             ``self``.
@@ -399,6 +414,10 @@ class NPE:
         if x.shape[1] != posterior.x_dim:
             raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
         self._net = copy.deepcopy(posterior.net).to(self.device)
+        if validation is None:
+            validation = validation_mask(len(theta), 0.1, seed=posterior.config.get("flow_seed", 0),
+                                         groups=duplicate_groups(theta, x))
+        self._validation = [check_validation(torch.as_tensor(validation), len(theta))]
         self._theta, self._x = theta, x
         self.history = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
         self.histories = [self.history]

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_options import (
     MAX_EPOCHS,
-    _check_groups,
-    _grouped_order,
     check_training_options,
+    check_validation,
     default_batch_size,  # noqa: F401 - public here
     default_learning_rate,  # noqa: F401 - public here
-    split_sizes,
+    split_order,
+    split_sizes,  # noqa: F401 - public here
 )
 from sbiflows.weight_average import WeightAverage
 
@@ -116,6 +116,7 @@ def train(
     progress: bool = False,
     history: TrainingHistory | None = None,
     groups: Tensor | None = None,
+    validation: Tensor | None = None,
     num_threads: int | None = None,
     objective: Objective | None = None,
 ) -> TrainingHistory:
@@ -150,6 +151,10 @@ def train(
         groups: ``(N,)`` integer labels of rows that must stay on one side of the validation split
             (e.g. duplicated simulations, which would otherwise be scored on copies of training rows);
             None splits rows freely.
+        validation: ``(N,)`` boolean mask of the rows to validate on (True) instead of a random split of
+            ``validation_fraction`` (then ``groups`` is not used: the mask must keep copies together); e.g.
+            a held-out set that stays fixed when refitting on more rows
+            (:func:`~sbiflows.training_options.extend_validation_mask`). Both sides must be non-empty.
         num_threads: torch intra-op threads while training (restored afterwards); None: the rule of
             :mod:`sbiflows.threads` (one thread unless you set torch's thread count yourself).
         objective: The loss minimized and validated (an :data:`Objective`); None: the mean negative
@@ -182,7 +187,8 @@ def train(
         model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-        seed=seed, progress=progress, history=history, groups=groups, num_threads=num_threads, objective=objective,
+        seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
+        objective=objective,
     )
 
 
@@ -205,6 +211,7 @@ def train_checked(
     progress: bool = False,
     history: TrainingHistory | None = None,
     groups: Tensor | None = None,
+    validation: Tensor | None = None,
     num_threads: int | None = None,
     objective: Objective | None = None,
 ) -> TrainingHistory:
@@ -213,13 +220,12 @@ def train_checked(
     resolve_threads(num_threads)
     objective = negative_log_likelihood if objective is None else objective
     n = _check_rows(inputs, context)
-    n_train, n_val = split_sizes(n, validation_fraction)
-    if n_train < 1 or n_val < 1:
-        raise ValueError(f"need at least 2 rows for a training and a validation split, got {n}")
     generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=generator)
-    if groups is not None:
-        perm, n_train = _grouped_order(_check_groups(groups, n), generator, n_train)
+    perm, n_train = split_order(n, validation_fraction, generator, groups)
+    if validation is not None:  # the caller's split; the draw above keeps the minibatch stream seeded alike
+        validation = check_validation(validation, n)
+        perm = torch.cat([torch.nonzero(~validation).flatten(), torch.nonzero(validation).flatten()])
+        n_train = int((~validation).sum())
     batch_size = min(batch_size, n_train)
     perm = perm.to(inputs.device)
     train_idx, val_idx = perm[:n_train], perm[n_train:]

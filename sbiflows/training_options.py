@@ -100,6 +100,92 @@ def _grouped_order(groups: Tensor, generator: torch.Generator, n_train: int) -> 
     return order, int(starts[torch.argmin((starts - n_train).abs())])
 
 
+def split_order(n: int, validation_fraction: float, generator: torch.Generator,
+                groups: Tensor | None = None) -> tuple[Tensor, int]:
+    """``(row order, training rows)`` of :func:`~sbiflows.training.train`'s random split: the first
+    ``n_train`` rows of the order train, the rest validate (whole groups on each side)."""
+    n_train, n_val = split_sizes(n, validation_fraction)
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"need at least 2 rows for a training and a validation split, got {n}")
+    perm = torch.randperm(n, generator=generator)
+    if groups is not None:
+        perm, n_train = _grouped_order(_check_groups(groups, n), generator, n_train)
+    return perm, n_train
+
+
+def validation_mask(n: int, validation_fraction: float, *, seed: int, groups: Tensor | None = None) -> Tensor:
+    """The ``(n,)`` boolean mask of the rows ``train(..., seed=seed, groups=groups)`` holds out.
+
+    Example:
+        >>> mask = validation_mask(1000, 0.1, seed=0)
+        >>> mask.dtype, int(mask.sum())
+        (torch.bool, 100)
+    """
+    perm, n_train = split_order(n, validation_fraction, torch.Generator().manual_seed(seed), groups)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[perm[n_train:]] = True
+    return mask
+
+
+def extend_validation_mask(
+    mask: Tensor, new_rows: int, validation_fraction: float, *, seed: int, groups: Tensor | None = None,
+) -> Tensor:
+    """The mask of ``mask``'s rows followed by ``new_rows`` appended rows: earlier rows keep their side,
+    a random ``validation_fraction`` of the new rows validates.
+
+    Refitting on more data this way never scores the model on rows it was trained on before. With
+    ``groups`` (labels of all rows, e.g. duplicated simulations), each group takes the side of its
+    first row, so a new copy of an earlier row joins that row's side.
+
+    Example:
+        >>> old = validation_mask(100, 0.1, seed=0)
+        >>> new = extend_validation_mask(old, 50, 0.1, seed=1)
+        >>> bool((new[:100] == old).all()), int(new[100:].sum())
+        (True, 5)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    appended = torch.zeros(new_rows, dtype=torch.bool)
+    appended[torch.randperm(new_rows, generator=generator)[:round(new_rows * validation_fraction)]] = True
+    mask = torch.cat([mask.detach().cpu().bool(), appended])
+    if groups is not None:
+        _, group = torch.unique(_check_groups(groups, len(mask)), return_inverse=True)
+        first = torch.full((int(group.max()) + 1,), len(mask), dtype=torch.long)
+        first = first.scatter_reduce(0, group, torch.arange(len(mask)), reduce="amin")
+        mask = mask[first[group]]
+    return mask
+
+
+def fit_validation(
+    earlier: list[Tensor] | None, n: int, validation_fraction: float, *, seeds: list[int], groups: Tensor | None,
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``NPE.fit``'s split of ``n`` rows per ensemble member (one training seed each): ``(masks to keep,
+    masks to pass to train)``.
+
+    A first fit (``earlier`` None) lets ``train`` draw its own split (passing None, so the result is
+    that of a plain ``train``) and records it; a refit extends each member's earlier mask by the new
+    rows (:func:`extend_validation_mask`).
+    """
+    if earlier is None:
+        masks = [validation_mask(n, validation_fraction, seed=seed, groups=groups) for seed in seeds]
+        return masks, [None] * len(seeds)
+    masks = [extend_validation_mask(mask, n - len(mask), validation_fraction, seed=seed, groups=groups)
+             for mask, seed in zip(earlier, seeds)]
+    return masks, masks
+
+
+def check_validation(validation: Tensor, n: int) -> Tensor:
+    """``validation`` as a CPU boolean mask of ``n`` rows with rows on both sides, or a ``ValueError``."""
+    if not isinstance(validation, Tensor) or validation.dtype != torch.bool or validation.shape != (n,):
+        shown = (f"{validation.dtype} of shape {tuple(validation.shape)}" if isinstance(validation, Tensor)
+                 else type(validation).__name__)
+        raise ValueError(f"validation must be a boolean tensor of shape ({n},) (True: a validation row), got {shown}")
+    held_out = int(validation.sum())
+    if held_out == 0 or held_out == n:
+        raise ValueError(f"validation must leave rows on both sides of the split, got {held_out} of {n} "
+                         "rows marked for validation")
+    return validation.cpu()
+
+
 def _check_groups(groups: Tensor, n: int) -> Tensor:
     if not isinstance(groups, Tensor) or groups.shape != (n,) or groups.is_floating_point():
         shown = tuple(groups.shape) if isinstance(groups, Tensor) else type(groups).__name__
