@@ -3,7 +3,8 @@
 Round 0 simulates from the prior and trains NPE. Round ``r >= 1`` draws its parameters from the prior
 truncated to the highest-density region of the current posterior estimate for ``x_o``
 (:class:`~sbiflows.truncation.TruncatedPrior`), simulates them and trains the same NPE on all rounds so
-far (``NPE.fit`` appends the rows and continues from the current weights). Inside the region the
+far (``NPE.fit`` appends the rows and continues from the current weights; earlier rows keep their side of
+the validation split, so a round is never validated on rows an earlier round trained on). Inside the region the
 proposal is proportional to the prior, so the plain NPE loss needs no correction; the final posterior
 is NPE's posterior for ``x_o`` as long as every region holds the posterior's mass, which the threshold
 (``1 - quantile`` of ``q``'s mass) makes very likely.
@@ -19,6 +20,7 @@ reliable) and splits the rest equally over the later rounds.
     round_<r>/theta.npy       the round's parameters, written before simulating them
     round_<r>/simulations.zarr  the round's simulation store (chunk by chunk, see sbiflows.simulate)
     round_<r>/posterior.pt    the posterior after training on rounds 0..r
+    round_<r>/validation.npy  which of those rows validated (kept on that side by later rounds)
     check/                    the final coverage check's parameters and simulations
 
 Rerunning the same call resumes: finished rounds are read back (their rows and the last posterior,
@@ -68,7 +70,7 @@ __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "split_budget"]
 #: A region holding at least this share of the prior's mass counts as covering the prior.
 COVERS_PRIOR = 0.9
 #: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 20).
-#: Later rounds continue from the earlier weights on a new validation split, and stopped too early with
+#: Later rounds continue from the earlier weights, and stopped too early with
 #: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
 #: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
 PATIENCE = 30
@@ -89,8 +91,9 @@ class Round:
         volume_stderr: Its standard error.
         threshold: The log-density threshold of that region (None for the prior).
         covers_prior: Whether the region holds at least :data:`COVERS_PRIOR` of the prior.
-        validation_loss: The best validation loss of the training after this round (on a validation split
-            of all rounds so far, so later rounds' losses are not comparable with round 0's).
+        validation_loss: The best validation loss of the training after this round, on the validation rows
+            of all rounds so far (each round adds a share of its own rows; later rounds' rows lie in smaller
+            regions, so the losses of different rounds are not comparable).
         epochs: Epochs of that training.
         seconds: Wall seconds of the round (drawing, simulating, training).
         cpu_seconds: CPU seconds of this process in the round (simulations in worker processes excluded).
@@ -316,6 +319,7 @@ class TSNPE:
         self.rounds.append(record)
         self.posterior = self._finish(posterior, x_o)
         if layout is not None:
+            atomic_npy(layout.round(r) / "validation.npy", self.npe.validation.numpy())
             self.posterior.save(layout.round(r) / "posterior.pt", allow_unsaved_prior=prior_spec(self.prior) is None)
             layout.finish_round(record)
         say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
@@ -340,7 +344,9 @@ class TSNPE:
             valid = sims.valid
             thetas.append(sims.theta[valid])
             xs.append(sims.x[valid].reshape(int(valid.sum()), -1))
-        self.npe.restore(posterior, torch.cat(thetas), torch.cat(xs))
+        split = layout.round(last) / "validation.npy"  # absent in stores of older versions: a random split
+        self.npe.restore(posterior, torch.cat(thetas), torch.cat(xs),
+                         validation=torch.from_numpy(np.load(split)) if split.exists() else None)
         self.rounds = [Round(**record) for record in records]
         self.proposals = [self.prior] + [None] * last  # the regions of finished rounds are not rebuilt
         self.posterior = posterior
