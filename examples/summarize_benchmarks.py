@@ -17,6 +17,7 @@ Usage:
     python examples/summarize_benchmarks.py nll-grid heldout.jsonl --candidate estimator=nsf
     python examples/summarize_benchmarks.py coverage coverage.jsonl
     python examples/summarize_benchmarks.py tsnpe ours.jsonl sbi.jsonl --baseline "NPE nsf"
+    python examples/summarize_benchmarks.py tsnpe before.jsonl "fixed split=after.jsonl" --baseline "TSNPE nsf"
 """
 
 from __future__ import annotations
@@ -267,15 +268,18 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     """One row per task, budget, rounds and method: mean C2ST over runs and the difference from ``baseline``.
 
     A run is one seed and observation; records of the same run from several files are merged (the last
-    file wins for a method in two). The difference is paired over the runs both methods have, with its
+    file wins for a method in two). A path given as ``LABEL=PATH`` names its methods ``"NAME (LABEL)"``,
+    so the same method run with other code can be set against the unlabelled one. The difference is paired over the runs both methods have, with its
     standard error over those runs; "runs better" counts the runs where the method's C2ST is lower.
     The amortized NPE's CPU seconds are one training per seed, shared by its observations.
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
-    for path in paths:
+    for given in paths:
+        label, _, path = given.rpartition("=")
         for record in _records(path):
             key = (record["task"], record["simulations"], record["rounds"], record["seed"], record["observation"])
-            runs[key].update(tsnpe_methods(record))
+            runs[key].update({f"{name} ({label})" if label else name: value
+                              for name, value in tsnpe_methods(record).items()})
     rows = [f"| task | simulations | rounds | method | runs | mean C2ST | minus {baseline} (SE) | runs better "
             "| median CPU s | published SNPE-C |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for task, simulations, rounds in sorted({key[:3] for key in runs}, key=lambda k: (k[1], k[0], k[2])):
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe"])
     parser.add_argument("path")
     parser.add_argument("more", nargs="*", help="tsnpe: more record files, merged by task, budget, rounds, seed, "
-                        "observation")
+                        "observation; LABEL=PATH adds ' (LABEL)' to the names of its methods")
     parser.add_argument("--baseline", default=None, help="nll, nll-grid: the setting the others are compared with "
                         "(default: defaults); tsnpe: the method (default: NPE nsf)")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")

@@ -144,6 +144,13 @@ def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
     assert rows[3] == "| sir | 10,000 | 5 | TSNPE maf | 3 | 0.573 | -0.017 (0.018) | 2 of 3 | 200.0 | 0.561 |", rows[3]
     # sbi ran on two of the runs: +0.05, +0.03 against NPE on those two
     assert rows[4] == "| sir | 10,000 | 5 | sbi TSNPE maf | 2 | 0.630 | +0.040 (0.010) | 0 of 2 | 300.0 | 0.561 |", rows[4]
+    # LABEL=PATH: the same method from another file under its own name, compared with the unlabelled one
+    rows = load_example("summarize_benchmarks").tsnpe_rows([str(ours), f"new code={sbi}", f"again={ours}"],
+                                                           baseline="TSNPE maf")
+    named = {row.split(" | ")[3]: row for row in rows[2:]}
+    assert set(named) == {"TSNPE maf", "NPE nsf", "NPE nsf (again)", "TSNPE maf (again)", "sbi TSNPE maf (new code)"}
+    assert named["TSNPE maf (again)"].startswith("| sir | 10,000 | 5 | TSNPE maf (again) | 3 | 0.573 | +0.000 (0.000) |")
+    assert named["sbi TSNPE maf (new code)"].startswith("| sir | 10,000 | 5 | sbi TSNPE maf (new code) | 2 | 0.630 | +0.070")
 
 
 @pytest.mark.slow
