@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 
@@ -33,8 +34,8 @@ from sbiflows.simulate import simulate_from_prior
 
 from benchmark_npe import _NullTracker, warm_up  # examples/ is on sys.path when this runs as a script
 
-NPE_OPTIONS = {"activation", "transforms", "estimator", "hidden_features", "transformer", "bins", "bound", "space", "mixing",
-               "ensemble"}
+#: Setting keys that go to ``NPE(...)`` (its keyword parameters); the rest go to ``NPE.fit``.
+NPE_OPTIONS = set(inspect.signature(NPE.__init__).parameters) - {"self", "prior"}
 
 
 def parse_setting(text: str) -> dict[str, object]:

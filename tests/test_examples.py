@@ -165,3 +165,19 @@ def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys):
     assert [r["volume"] for r in record["ours_tsnpe"]["rounds"]][0] == 1.0
     assert 0.5 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.5 <= record["ours_npe"]["c2st"] <= 1.0
     assert "ours_npe" in capsys.readouterr().out
+
+
+def test_settings_route_every_npe_option_to_npe_and_the_rest_to_fit(monkeypatch):
+    """benchmark_npe_training.py settings: NPE's keyword options (e.g. ``balancing``) go to ``NPE``."""
+    import torch
+
+    from sbiflows import box_uniform
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    training = load_example("benchmark_npe_training")
+    assert training.parse_setting("balancing=10,hidden_features=8x8,activation=relu,max_epochs=1") == {
+        "balancing": 10, "hidden_features": (8, 8), "activation": "relu", "max_epochs": 1}
+    theta = torch.rand(60, 2)
+    posterior = training.fit_setting(box_uniform([0.0, 0.0], [1.0, 1.0]), "balancing=10,transforms=1,max_epochs=1",
+                                     theta, theta + 0.1, seed=0)
+    assert posterior.config["balancing"] == 10 and posterior.history.epochs == 1
