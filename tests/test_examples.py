@@ -163,6 +163,8 @@ def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys):
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (record["estimator"], record["npe_estimator"]) == ("nsf", "nsf")  # TSNPE's default flow is NPE's
     assert [r["volume"] for r in record["ours_tsnpe"]["rounds"]][0] == 1.0
+    later = record["ours_tsnpe"]["rounds"][1]  # the region's share of the reference and of the final draws
+    assert 0.9 <= later["reference_inside"] <= 1.0 and 0.9 <= later["samples_inside"] <= 1.0
     assert 0.5 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.5 <= record["ours_npe"]["c2st"] <= 1.0
     assert "ours_npe" in capsys.readouterr().out
 
