@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 
@@ -275,7 +276,7 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     for given in paths:
-        label, _, path = given.rpartition("=")
+        label, _, path = ("", "", given) if os.path.exists(given) else given.partition("=")
         for record in _records(path):
             key = (record["task"], record["simulations"], record["rounds"], record["seed"], record["observation"])
             runs[key].update({f"{name} ({label})" if label else name: value

@@ -29,7 +29,7 @@ Design choices (see also ``docs/benchmarks.md``):
   training from the current weights on all of it, keeping the z-score statistics of the first fit
   and extending the same training history. Earlier rows keep their side of the validation split and
   a ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`), so a refit is never
-  scored on rows it was trained on before. Each ``fit`` returns an
+  scored on rows it was trained on before (after :meth:`NPE.restore`, only if it was given the split). Each ``fit`` returns an
   independent :class:`~sbiflows.posterior.Posterior` (a snapshot of the weights).
 * **Transactional fits.** ``fit`` trains a copy and commits data, weights and history only when
   training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
@@ -393,8 +393,9 @@ class NPE:
             theta: Its training parameters ``(N, D)``.
             x: Its training simulations ``(N, x_dim)``, all finite.
             validation: ``(N,)`` booleans, the rows that validated (:attr:`validation` after that fit),
-                so later fits keep them on the validation side. None: a random split of
-                ``validation_fraction`` 0.1 (seeded by the posterior's flow seed).
+                so later fits keep them on the validation side. None: a seeded random split of 10% of
+                the rows (some of which may have trained the posterior: only the given split keeps
+                the guarantee that refits never validate on rows trained on before).
 
         Returns:
             ``self``.
@@ -413,11 +414,12 @@ class NPE:
                                        device=self.device, earlier=None, validation_fraction=0.5)
         if x.shape[1] != posterior.x_dim:
             raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
-        self._net = copy.deepcopy(posterior.net).to(self.device)
         if validation is None:
             validation = validation_mask(len(theta), 0.1, seed=posterior.config.get("flow_seed", 0),
                                          groups=duplicate_groups(theta, x))
-        self._validation = [check_validation(torch.as_tensor(validation), len(theta))]
+        validation = check_validation(torch.as_tensor(validation), len(theta))  # before self changes
+        self._net = copy.deepcopy(posterior.net).to(self.device)
+        self._validation = [validation]
         self._theta, self._x = theta, x
         self.history = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
         self.histories = [self.history]

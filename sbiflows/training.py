@@ -221,8 +221,9 @@ def train_checked(
     objective = negative_log_likelihood if objective is None else objective
     n = _check_rows(inputs, context)
     generator = torch.Generator().manual_seed(seed)
-    perm, n_train = split_order(n, validation_fraction, generator, groups)
-    if validation is not None:  # the caller's split; the draw above keeps the minibatch stream seeded alike
+    if validation is None:
+        perm, n_train = split_order(n, validation_fraction, generator, groups)
+    else:  # the caller's split
         validation = check_validation(validation, n)
         perm = torch.cat([torch.nonzero(~validation).flatten(), torch.nonzero(validation).flatten()])
         n_train = int((~validation).sum())

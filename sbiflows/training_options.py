@@ -135,7 +135,8 @@ def extend_validation_mask(
 
     Refitting on more data this way never scores the model on rows it was trained on before. With
     ``groups`` (labels of all rows, e.g. duplicated simulations), each group takes the side of its
-    first row, so a new copy of an earlier row joins that row's side.
+    first row, so a new copy of an earlier row joins that row's side (and copies that an earlier mask
+    put on both sides are moved to their first row's side).
 
     Example:
         >>> old = validation_mask(100, 0.1, seed=0)

@@ -135,7 +135,8 @@ def test_failed_round_keeps_earlier_rounds(tmp_path):
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     options = {"rounds": 3, "simulations": 900, "seed": 4, "check_simulations": 0, "batch_size": 300, **FAST}
-    reference = TSNPE(PRIOR, **SMALL).run(simulator, X_O, **options)
+    uninterrupted = TSNPE(PRIOR, **SMALL)
+    reference = uninterrupted.run(simulator, X_O, **options)
     MODE.update(mode="interrupt", calls=0, from_call=2)  # Ctrl-C during round 2 (the third call)
     store = tmp_path / "run"
     with pytest.raises(SimulationInterrupted):
@@ -146,6 +147,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     resumed = tsnpe.run(simulator, X_O, store=store, **options)
     assert MODE["calls"] == 1  # only round 2 was simulated again
     assert len(tsnpe.rounds) == 3 and len(tsnpe.npe.theta) == 900
+    # the finished rounds' validation rows were restored from the store, so round 2 validated on the same rows
+    assert (store / "round_1" / "validation.npy").exists()
+    assert torch.equal(tsnpe.npe.validation, uninterrupted.npe.validation)
     assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
     # a finished store resumes to the same posterior without simulating
     MODE.update(calls=0)

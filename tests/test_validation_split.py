@@ -126,10 +126,14 @@ def test_a_refit_never_validates_on_rows_trained_before(monkeypatch):
     second = npe.validation
     assert torch.equal(second[:300], first) and int(second[300:].sum()) == 20
     assert calls[-1] == ids(second)  # the refit scored exactly these rows, none trained on in the first fit
-    # a failed refit leaves the split as it was
-    with pytest.raises(ValueError, match="validation_fraction"):
-        npe.fit(more_theta, more_x, validation_fraction=2.0, **FAST)
-    assert torch.equal(npe.validation, second)
+    # a refit whose training fails leaves the split as it was
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(npe_module, "train_checked", broken)
+    with pytest.raises(KeyboardInterrupt):
+        npe.fit(*simulate(100, 2), seed=5, **FAST)
+    assert torch.equal(npe.validation, second) and len(npe.theta) == 500
 
 
 def test_ensemble_members_keep_their_own_splits(monkeypatch):
@@ -138,6 +142,7 @@ def test_ensemble_members_keep_their_own_splits(monkeypatch):
     npe.fit(*simulate(300, 0), seed=0, **FAST)
     firsts = [mask.clone() for mask in npe._validation]
     assert not torch.equal(firsts[0], firsts[1])
+    assert calls[:2] == [ids(mask) for mask in firsts]  # each member's recorded split is the one it trained with
     npe.fit(*simulate(100, 1), seed=1, **FAST)
     for first, mask in zip(firsts, npe._validation):
         assert torch.equal(mask[:300], first)
@@ -157,5 +162,13 @@ def test_restore_takes_the_split_and_refuses_a_bad_one(monkeypatch):
     assert set(range(30)) <= calls[-1] and not calls[-1] & set(range(30, 300))
     # without a mask: a seeded random split of the restored rows
     assert int(NPE(PRIOR).restore(posterior, theta, x).validation.sum()) == 30
+    fresh = NPE(PRIOR)
     with pytest.raises(ValueError, match=r"validation must be a boolean tensor of shape \(300,\)"):
-        NPE(PRIOR).restore(posterior, theta, x, validation=mask[:10])
+        fresh.restore(posterior, theta, x, validation=mask[:10])
+    assert fresh.net is None and fresh.theta is None and fresh.validation is None  # nothing half-restored
+
+
+def test_train_takes_a_mask_where_a_random_split_would_not_fit():
+    model = Recorder()
+    train(model, rows(2), max_epochs=1, validation_fraction=0.9, validation=torch.tensor([False, True]), ema_epochs=0)
+    assert model.trained == {0} and model.validated == {1}
