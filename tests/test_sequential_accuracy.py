@@ -8,7 +8,8 @@ regions 4 to 300 times larger than the MAF's, up to 0.005 and 0.010 of the prior
 which the same seeds did not reproduce bit for bit between a plain and a two-worker pytest run on
 this machine: splines on the prior-scaled interval build so narrow a peak poorly); amortized NPE
 with its defaults (patience 20, one step drop) 0.597. (Before refits kept their validation rows,
-0.516 and 0.554.) With a posterior 200 times narrower (noise 0.07) amortized NPE was already close: 0.521 against TSNPE's 0.500 once the step drop became NPE's default
+0.516 and 0.554.) With a posterior 200 times narrower (noise 0.07) amortized NPE was already close:
+0.521 against TSNPE's 0.500 once the step drop became NPE's default
 (0.575 with patience 10, before it); at 0.035, 0.551 against 0.502.
 """
 
