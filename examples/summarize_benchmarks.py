@@ -270,9 +270,10 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
 
     A run is one seed and observation; records of the same run from several files are merged (the last
     file wins for a method in two). A path given as ``LABEL=PATH`` names its methods ``"NAME (LABEL)"``,
-    so the same method run with other code can be set against the unlabelled one. The difference is paired over the runs both methods have, with its
-    standard error over those runs; "runs better" counts the runs where the method's C2ST is lower.
-    The amortized NPE's CPU seconds are one training per seed, shared by its observations.
+    so the same method run with other code can be set against the unlabelled one. The difference is
+    paired over the runs both methods have, with its standard error over those runs; "runs better"
+    counts the runs where the method's C2ST is lower. The amortized NPE's CPU seconds are one training
+    per seed, shared by its observations.
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     for given in paths:

@@ -29,8 +29,9 @@ Design choices (see also ``docs/benchmarks.md``):
   training from the current weights on all of it, keeping the z-score statistics of the first fit
   and extending the same training history. Earlier rows keep their side of the validation split and
   a ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`), so a refit is never
-  scored on rows it was trained on before (after :meth:`NPE.restore`, only if it was given the split). Each ``fit`` returns an
-  independent :class:`~sbiflows.posterior.Posterior` (a snapshot of the weights).
+  scored on rows it was trained on before (after :meth:`NPE.restore`, only if it was given the
+  split). Each ``fit`` returns an independent :class:`~sbiflows.posterior.Posterior` (a snapshot of
+  the weights).
 * **Transactional fits.** ``fit`` trains a copy and commits data, weights and history only when
   training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
   leaves the object as it was, so the next ``fit`` never trains on duplicated rows. The best
