@@ -6,8 +6,8 @@ truncated to the highest-density region of the current posterior estimate for ``
 far (``NPE.fit`` appends the rows and continues from the current weights; earlier rows keep their side
 of the validation split, so a round is never validated on rows an earlier round trained on). Inside the
 region the proposal is proportional to the prior, so the plain NPE loss needs no correction; the final
-posterior is NPE's posterior for ``x_o`` as long as every region holds the posterior's mass, which the threshold
-(``1 - quantile`` of ``q``'s mass) makes very likely.
+posterior is NPE's posterior for ``x_o`` as long as every region holds the posterior's mass, which the
+threshold (``1 - quantile`` of ``q``'s mass) makes very likely.
 
 **Budget.** ``simulations`` is the total over the rounds. Without ``first_round`` it is split equally
 (the paper's and sbi's tutorial's choice), the remainder going one each to the earliest rounds;
