@@ -5,8 +5,9 @@ factor in isolation, on random data of a task's dimensions, so that it is not mi
 number of epochs (which depends on the data and early stopping). Reported: the median over
 ``--repeats`` blocks of 50 steps, for our default estimator with the fused Adam kernel and with
 ``foreach`` Adam, with the fused kernel plus the weight average that training keeps (ours, one
-foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's default MAF; the
-timings are interleaved, so the ratios compare the same machine load.
+foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
+(``--sbi-estimators``, default its MAF and its NSF); the timings are interleaved, so the ratios
+compare the same machine load.
 
 Usage:
     python examples/benchmark_training_step.py --task slcp --batch-sizes 128 200
@@ -61,13 +62,13 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Cal
     return step
 
 
-def sbi_step(prior, theta, x) -> Callable | None:
-    """A training step of sbi's default MAF with sbi's optimizer settings; None without sbi."""
+def sbi_step(prior, theta, x, *, estimator_name: str = "maf") -> Callable | None:
+    """A training step of sbi's ``estimator_name`` flow with sbi's optimizer settings; None without sbi."""
     try:
         from sbi.neural_nets import posterior_nn
     except ImportError:
         return None
-    estimator = posterior_nn("maf")(theta, x)
+    estimator = posterior_nn(estimator_name)(theta, x)
     params = list(estimator.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-5)
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="slcp", choices=simulators.names())
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 200])
     parser.add_argument("--repeats", type=int, default=15, help="blocks of 50 steps per variant")
+    parser.add_argument("--sbi-estimators", nargs="*", default=["maf", "nsf"],
+                        help="sbi density estimators to time beside ours (when sbi is installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}
-    sbi = sbi_step(task.prior, theta, x)
-    if sbi is not None:
-        steps["sbi 0.27 MAF"] = sbi
+    for name in args.sbi_estimators:
+        sbi = sbi_step(task.prior, theta, x, estimator_name=name)
+        if sbi is not None:
+            steps[f"sbi 0.27 {name.upper()}"] = sbi
     print(f"task={args.task} theta_dim={theta.shape[1]} x_dim={x.shape[1]} one torch thread; "
           f"median ms per step over {args.repeats} blocks of 50 steps")
     generator = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ def spline_params(n: int, *, scale: float = 1.0, dtype=torch.float64, seed: int 
 
 def special_points(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``params``: every knot in x and in y, +-bound, points just inside/outside, tails."""
-    knots_x, knots_y, _ = SPLINE._knots(params)
+    knots_x, knots_y, _ = SPLINE._knots(params).unbind(-2)
     n = len(params)
     fixed = torch.tensor([-50.0, -10.0, -BOUND - 1e-9, -BOUND, -BOUND + 1e-9, 0.0, BOUND - 1e-9, BOUND,
                           BOUND + 1e-9, 10.0, 50.0], dtype=params.dtype).expand(n, -1)
@@ -63,7 +63,7 @@ def test_round_trip_on_knots_edges_and_tails_float64():
 
 def test_knots_map_to_knots_and_the_map_is_continuous_at_the_bound():
     params = spline_params(50)
-    knots_x, knots_y, _ = SPLINE._knots(params)
+    knots_x, knots_y, _ = SPLINE._knots(params).unbind(-2)
     y, _ = SPLINE.forward(knots_x, params[:, None].expand(-1, knots_x.shape[1], -1))
     torch.testing.assert_close(y, knots_y, atol=1e-12, rtol=0)
     assert (knots_x[:, 0] == -BOUND).all() and (knots_x[:, -1] == BOUND).all()

@@ -62,6 +62,9 @@ REGISTRY = {
     "spline_coupling_odd": (
         lambda c: Coupling(D, c, transformer=SPLINE, mask=alternating_mask(D, parity=1)), True, "coupling"
     ),
+    "spline_coupling_blocks": (  # not alternating: the halves are put back in place by the gather
+        lambda c: Coupling(D, c, transformer=SPLINE, mask=torch.tensor([True, False, False, True])), True, "coupling"
+    ),
     "spline_maf_layer": (
         lambda c: MaskedAutoregressive(D, c, hidden_features=(16, 16), transformer=SPLINE), True, "autoregressive"
     ),
@@ -396,6 +399,19 @@ def test_coupling_rejects_one_feature_and_bad_masks():
         AffineCoupling(1)
     with pytest.raises(ValueError, match="both True"):
         AdditiveCoupling(D, mask=torch.ones(D, dtype=torch.bool))
+
+
+def test_coupling_merge_index_follows_a_loaded_mask():
+    """The gather that merges the halves is derived from the saved index buffers, again after a load."""
+    source = _perturb(Coupling(D, C, transformer=SPLINE, mask=torch.tensor([True, True, False, False])))
+    target = Coupling(D, C, transformer=SPLINE, mask=torch.tensor([False, True, False, True]))
+    target.load_state_dict(source.state_dict())
+    assert "merge_idx" not in source.state_dict()  # derived, so saved files are unchanged
+    x, ctx = torch.randn(6, D), torch.randn(6, C)
+    for a, b in zip(source(x, ctx), target(x, ctx)):
+        assert torch.equal(a, b)
+    y = source(x, ctx)[0]
+    assert torch.equal(y[:, :2], x[:, :2]) and not torch.equal(y[:, 2:], x[:, 2:])
 
 
 def test_compose_validates_features():

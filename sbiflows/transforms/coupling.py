@@ -63,11 +63,21 @@ class _Coupling(Transform):
         self.context_features = context_features
         self.register_buffer("identity_idx", torch.nonzero(mask).squeeze(-1))
         self.register_buffer("transform_idx", torch.nonzero(~mask).squeeze(-1))
+        self.register_buffer("merge_idx", torch.empty(0, dtype=torch.long), persistent=False)
+        self._derive_merge_idx()
+        self.register_load_state_dict_post_hook(lambda module, _: module._derive_merge_idx())
         n_id, n_tr = len(self.identity_idx), len(self.transform_idx)
         self.conditioner = MLP(
             n_id + context_features, self.params_per_feature * n_tr, hidden_features,
             activation=activation, zero_last=True,
         )
+
+    def _derive_merge_idx(self) -> None:
+        """``merge_idx``: where each feature sits in ``cat([x1, x2])``, so that one gather puts the halves
+        back in place (cheaper than two indexed writes and their backward). Derived from the saved index
+        buffers, again after a state-dict load, and not saved itself: saved files stay as they were.
+        """
+        self.merge_idx = torch.cat([self.identity_idx, self.transform_idx]).argsort()
 
     def _conditioner(self, x1: Tensor, context: Tensor | None) -> Tensor:
         inputs = x1 if context is None else torch.cat([x1, context], dim=-1)
@@ -77,10 +87,7 @@ class _Coupling(Transform):
         context = self._context(x, context)
         x1, x2 = x[..., self.identity_idx], x[..., self.transform_idx]
         y2, logdet = self._couple(x2, self._conditioner(x1, context), inverse)
-        y = torch.empty_like(x)
-        y[..., self.identity_idx] = x1
-        y[..., self.transform_idx] = y2
-        return y, logdet
+        return torch.cat([x1, y2], dim=-1)[..., self.merge_idx], logdet
 
     def _couple(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -95,9 +95,9 @@ class Affine(Transformer):
 DEFAULT_BINS = 8
 DEFAULT_BOUND = 5.0
 
-#: Smallest bin width and height (as a fraction of ``2B``) and smallest knot derivative of the spline.
-MIN_BIN_WIDTH = 1e-3
-MIN_BIN_HEIGHT = 1e-3
+#: Smallest bin width and height (one floor for both, as a fraction of ``2B``) and smallest knot
+#: derivative of the spline.
+MIN_BIN_SIZE = 1e-3
 MIN_DERIVATIVE = 1e-3
 
 
@@ -105,7 +105,7 @@ class RationalQuadraticSpline(Transformer):
     """Monotonic rational-quadratic spline on ``[-bound, bound]`` with identity (linear) tails.
 
     Each feature has ``3 * bins - 1`` parameters: ``bins`` unnormalized widths, ``bins`` heights (a
-    softmax each, floored at :data:`MIN_BIN_WIDTH` / :data:`MIN_BIN_HEIGHT` of the interval) and the
+    softmax each, floored at :data:`MIN_BIN_SIZE` of the interval) and the
     derivatives at the ``bins - 1`` interior knots (``MIN_DERIVATIVE + softplus``, shifted so that a
     raw 0 gives derivative 1). The derivatives at ``+-bound`` are 1, so the map and its slope are
     continuous with the identity outside. All parameters 0 give equal bins and unit derivatives:
@@ -139,32 +139,30 @@ class RationalQuadraticSpline(Transformer):
     def __repr__(self) -> str:
         return f"RationalQuadraticSpline(bins={self.bins}, bound={self.bound})"
 
-    def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Knot positions ``(*, K+1)`` in x and y and knot derivatives ``(*, K+1)``.
+    def _knots(self, params: Tensor) -> Tensor:
+        """The knots as one ``(*, 3, K+1)`` table: positions in x, positions in y, derivatives.
 
         The end knots are exactly ``-bound`` and ``bound`` (fractions 0 and 1 of the interval), so the
         spline meets the identity tails there whatever the rounding of the cumulative sums.
         """
         k, bound = self.bins, self.bound
-        raw_w, raw_h, raw_d = params.split((k, k, k - 1), dim=-1)
-        knots = []
-        for raw, minimum in ((raw_w, MIN_BIN_WIDTH), (raw_h, MIN_BIN_HEIGHT)):
-            sizes = torch.softmax(raw, dim=-1) * (1 - minimum * k) + minimum  # fractions of the interval
-            inner = torch.cumsum(sizes[..., :-1], dim=-1)
-            knots.append(F.pad(F.pad(inner, (1, 0), value=0.0), (0, 1), value=1.0) * (2 * bound) - bound)
-        derivatives = F.pad(F.softplus(raw_d + self._derivative_shift) + MIN_DERIVATIVE, (1, 1), value=1.0)
-        return knots[0], knots[1], derivatives
+        # widths and heights as one (*, 2, K) softmax and cumsum: fewer autograd nodes than two passes
+        sizes = torch.softmax(params[..., : 2 * k].unflatten(-1, (2, k)), dim=-1) * (1 - MIN_BIN_SIZE * k) + MIN_BIN_SIZE
+        inner = torch.cumsum(sizes[..., :-1], dim=-1)  # interior knots as fractions of the interval
+        zero = inner.new_zeros(()).expand(*inner.shape[:-1], 1)
+        knots = torch.cat([zero, inner, zero + 1.0], dim=-1) * (2 * bound) - bound
+        derivatives = F.pad(F.softplus(params[..., 2 * k :] + self._derivative_shift) + MIN_DERIVATIVE, (1, 1), value=1.0)
+        return torch.cat([knots, derivatives.unsqueeze(-2)], dim=-2)
 
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        knots_x, knots_y, derivatives = self._knots(params)
-        knots = knots_y if inverse else knots_x
+        table = self._knots(params)
+        knots = table[..., 1 if inverse else 0, :].detach().contiguous()
         # the bin of v: knots[i] <= v < knots[i+1], the last bin closed
         index = torch.searchsorted(knots, v.unsqueeze(-1), right=True).sub_(1).clamp_(0, self.bins - 1)
-        # per-bin quantities (*, 6, K), gathered at the bin in one call
-        table = torch.stack([knots_x[..., :-1], knots_x.diff(dim=-1), knots_y[..., :-1], knots_y.diff(dim=-1),
-                             derivatives[..., :-1], derivatives[..., 1:]], dim=-2)
-        picked = table.gather(-1, index.unsqueeze(-2).expand(*table.shape[:-1], 1)).squeeze(-1)
-        x_k, w, y_k, h, d_k, d_k1 = picked.unbind(-1)
+        # both knots of the bin (x, y and derivative) in one gather
+        ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-2).expand(*table.shape[:-1], 2)
+        (x_k, y_k, d_k), (x_k1, y_k1, d_k1) = (side.unbind(-1) for side in table.gather(-1, ends).unbind(-1))
+        w, h = x_k1 - x_k, y_k1 - y_k
         slope = h / w
         curvature = d_k1 + d_k - 2 * slope
         if inverse:
@@ -197,7 +195,7 @@ class RationalQuadraticSpline(Transformer):
     def _apply(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         inside = (v >= -self.bound) & (v <= self.bound)
         out, logdet = self._spline(v.clamp(-self.bound, self.bound), params, inverse)
-        return torch.where(inside, out, v), torch.where(inside, logdet, torch.zeros_like(logdet))
+        return torch.where(inside, out, v), torch.where(inside, logdet, 0.0)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         return self._apply(x, params, inverse=False)
