@@ -66,8 +66,9 @@ def run_ours_tsnpe(task, x_o, args, seed):
     tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space)
     fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops))
                    if value is not None}
+    truncation = {} if args.quantile is None else {"quantile": args.quantile}
     posterior = tsnpe.run(task.simulate, x_o, rounds=args.rounds, simulations=args.simulations, seed=seed,
-                          check_simulations=0, first_round=args.first_round, fit_options=fit_options)
+                          check_simulations=0, first_round=args.first_round, fit_options=fit_options, **truncation)
     samples = posterior.sample(args.num_samples, seed=seed)
     rounds = [{"volume": r.volume, "method": r.method, "acceptance": r.acceptance, "epochs": r.epochs,
                "cpu_seconds": r.cpu_seconds, "validation_loss": r.validation_loss}
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulations", type=int, default=1000, help="total budget of every method")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--first-round", type=int, default=None, help="simulations of round 1 (default: equal)")
+    parser.add_argument("--quantile", type=float, default=None,
+                        help="our TSNPE's posterior mass left outside each region (default: TSNPE's, 1e-4)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--observations", default="1..3", help='"1..10" or "1,2,3"')
     parser.add_argument("--num-samples", type=int, default=10_000)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
                       "observation": i, "estimator": args.estimator, "patience": args.patience,
-                      "step_drops": args.step_drops,
+                      "step_drops": args.step_drops, "first_round": args.first_round, "quantile": args.quantile,
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"
             if not args.no_tsnpe:

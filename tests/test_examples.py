@@ -154,13 +154,18 @@ def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
 
 
 @pytest.mark.slow
-def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys):
+def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys, monkeypatch):
     """benchmark_tsnpe.py: one record per observation; by default both TSNPE and the amortized NPE use NPE's flow."""
-    out = tmp_path / "tsnpe.jsonl"
+    from sbiflows import TSNPE
+
+    out, calls, run = tmp_path / "tsnpe.jsonl", [], TSNPE.run
+    monkeypatch.setattr(TSNPE, "run", lambda self, *a, **kw: calls.append(kw) or run(self, *a, **kw))
     load_example("benchmark_tsnpe").main(["--task", "two_moons", "--simulations", "300", "--rounds", "2",
                                           "--observations", "1", "--num-samples", "500", "--no-sbi",
-                                          "--json", str(out)])
+                                          "--first-round", "200", "--quantile", "0.001", "--json", str(out)])
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (calls[0]["first_round"], calls[0]["quantile"]) == (200, 0.001)  # the options reach TSNPE.run
+    assert (record["first_round"], record["quantile"]) == (200, 0.001)
     assert (record["estimator"], record["npe_estimator"]) == ("nsf", "nsf")  # TSNPE's default flow is NPE's
     assert [r["volume"] for r in record["ours_tsnpe"]["rounds"]][0] == 1.0
     later = record["ours_tsnpe"]["rounds"][1]  # the region's share of the reference and of the final draws
