@@ -66,7 +66,9 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
               "bound": posterior.config.get("bound"),
               "sample_seconds": statistics.median(sample_seconds), "batch_size": posterior.history.batch_size,
               "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"],
-              "ema_epochs": posterior.history.ema_epochs}
+              "ema_epochs": posterior.history.ema_epochs, "best_epoch": posterior.history.best_epoch,
+              "step_drop_epochs": posterior.history.step_drop_epochs,
+              "validation_loss": posterior.history.validation_loss}
     return record, samples
 
 

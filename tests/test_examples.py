@@ -174,6 +174,20 @@ def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys, monke
     assert "ours_npe" in capsys.readouterr().out
 
 
+def test_npe_benchmark_records_how_training_stopped(tmp_path):
+    """benchmark_npe.py: each record keeps the validation curve, the best epoch and the step-drop epochs."""
+    out = tmp_path / "npe.jsonl"
+    load_example("benchmark_npe").main(["--task", "two_moons", "--simulations", "300", "--observations", "1",
+                                        "--num-samples", "500", "--estimator", "nsf", "--no-sbi",
+                                        "--json", str(out)])
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    run = record["ours"]["1"]
+    curve = run["validation_loss"]
+    assert len(curve) == run["epochs"] and curve[run["best_epoch"]] == min(curve)
+    assert len(run["step_drop_epochs"]) == record["step_drops"] == 1  # NPE's default: one drop, recorded
+    assert 0.5 <= record["ours_c2st"]["1"] <= 1.0
+
+
 def test_settings_route_every_npe_option_to_npe_and_the_rest_to_fit(monkeypatch):
     """benchmark_npe_training.py settings: NPE's keyword options (e.g. ``balancing``) go to ``NPE``."""
     import torch
