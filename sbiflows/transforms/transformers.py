@@ -147,11 +147,13 @@ class RationalQuadraticSpline(Transformer):
         """
         k, bound = self.bins, self.bound
         # widths and heights as one (*, 2, K) softmax and cumsum: fewer autograd nodes than two passes
-        sizes = torch.softmax(params[..., : 2 * k].unflatten(-1, (2, k)), dim=-1) * (1 - MIN_BIN_SIZE * k) + MIN_BIN_SIZE
+        raw_sizes = params[..., : 2 * k].unflatten(-1, (2, k))
+        sizes = torch.softmax(raw_sizes, dim=-1) * (1 - MIN_BIN_SIZE * k) + MIN_BIN_SIZE
         inner = torch.cumsum(sizes[..., :-1], dim=-1)  # interior knots as fractions of the interval
         zero = inner.new_zeros(()).expand(*inner.shape[:-1], 1)
         knots = torch.cat([zero, inner, zero + 1.0], dim=-1) * (2 * bound) - bound
-        derivatives = F.pad(F.softplus(params[..., 2 * k :] + self._derivative_shift) + MIN_DERIVATIVE, (1, 1), value=1.0)
+        interior = F.softplus(params[..., 2 * k :] + self._derivative_shift) + MIN_DERIVATIVE
+        derivatives = F.pad(interior, (1, 1), value=1.0)
         return torch.cat([knots, derivatives.unsqueeze(-2)], dim=-2)
 
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
