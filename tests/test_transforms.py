@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -412,6 +413,8 @@ def test_coupling_merge_index_follows_a_loaded_mask():
         assert torch.equal(a, b)
     y = source(x, ctx)[0]
     assert torch.equal(y[:, :2], x[:, :2]) and not torch.equal(y[:, 2:], x[:, 2:])
+    copied = pickle.loads(pickle.dumps(target))  # whole layers still pickle (torch.save of a module)
+    assert torch.equal(copied(x, ctx)[0], y)
 
 
 def test_compose_validates_features():

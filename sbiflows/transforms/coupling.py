@@ -26,6 +26,11 @@ def alternating_mask(features: int, *, parity: int = 0) -> Tensor:
     return torch.arange(features) % 2 == parity
 
 
+def _rederive_merge_idx(module: _Coupling, incompatible_keys: object) -> None:
+    """Load hook: ``merge_idx`` from the loaded index buffers (a module-level function, so layers pickle)."""
+    module._derive_merge_idx()
+
+
 class _Coupling(Transform):
     """Shared mechanics: split by ``mask`` into ``x1`` (kept) and ``x2`` (transformed by ``x1`` and context).
 
@@ -65,7 +70,7 @@ class _Coupling(Transform):
         self.register_buffer("transform_idx", torch.nonzero(~mask).squeeze(-1))
         self.register_buffer("merge_idx", torch.empty(0, dtype=torch.long), persistent=False)
         self._derive_merge_idx()
-        self.register_load_state_dict_post_hook(lambda module, _: module._derive_merge_idx())
+        self.register_load_state_dict_post_hook(_rederive_merge_idx)
         n_id, n_tr = len(self.identity_idx), len(self.transform_idx)
         self.conditioner = MLP(
             n_id + context_features, self.params_per_feature * n_tr, hidden_features,
