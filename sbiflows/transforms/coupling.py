@@ -26,11 +26,6 @@ def alternating_mask(features: int, *, parity: int = 0) -> Tensor:
     return torch.arange(features) % 2 == parity
 
 
-def _rederive_merge_idx(module: _Coupling, incompatible_keys: object) -> None:
-    """Load hook: ``merge_idx`` from the loaded index buffers (a module-level function, so layers pickle)."""
-    module._derive_merge_idx()
-
-
 class _Coupling(Transform):
     """Shared mechanics: split by ``mask`` into ``x1`` (kept) and ``x2`` (transformed by ``x1`` and context).
 
@@ -68,21 +63,11 @@ class _Coupling(Transform):
         self.context_features = context_features
         self.register_buffer("identity_idx", torch.nonzero(mask).squeeze(-1))
         self.register_buffer("transform_idx", torch.nonzero(~mask).squeeze(-1))
-        self.register_buffer("merge_idx", torch.empty(0, dtype=torch.long), persistent=False)
-        self._derive_merge_idx()
-        self.register_load_state_dict_post_hook(_rederive_merge_idx)
         n_id, n_tr = len(self.identity_idx), len(self.transform_idx)
         self.conditioner = MLP(
             n_id + context_features, self.params_per_feature * n_tr, hidden_features,
             activation=activation, zero_last=True,
         )
-
-    def _derive_merge_idx(self) -> None:
-        """``merge_idx``: where each feature sits in ``cat([x1, x2])``, so that one gather puts the halves
-        back in place (cheaper than two indexed writes and their backward). Derived from the saved index
-        buffers, again after a state-dict load, and not saved itself: saved files stay as they were.
-        """
-        self.merge_idx = torch.cat([self.identity_idx, self.transform_idx]).argsort()
 
     def _conditioner(self, x1: Tensor, context: Tensor | None) -> Tensor:
         inputs = x1 if context is None else torch.cat([x1, context], dim=-1)
@@ -92,7 +77,7 @@ class _Coupling(Transform):
         context = self._context(x, context)
         x1, x2 = x[..., self.identity_idx], x[..., self.transform_idx]
         y2, logdet = self._couple(x2, self._conditioner(x1, context), inverse)
-        return torch.cat([x1, y2], dim=-1)[..., self.merge_idx], logdet
+        return x.index_copy(-1, self.transform_idx, y2), logdet  # one op: x with the moved half replaced
 
     def _couple(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
