@@ -30,7 +30,7 @@ from sbiflows.cli_observations import (
     _split_observations,
 )
 from sbiflows.cli_parser import EMBEDDING_NAMES, build_parser  # noqa: F401 - public here
-from sbiflows.estimator import DEFAULT_ESTIMATOR, resolve_transformer
+from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing, resolve_transformer
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -152,6 +152,8 @@ def _setup(args: argparse.Namespace) -> Job:
 
     estimator = args.estimator or DEFAULT_ESTIMATOR
     resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
+    if args.mixing is not None:
+        check_mixing(estimator, args.mixing)
     observations: list[Observation] = []
     if args.observation:
         taken: set[str] = set()
@@ -201,6 +203,7 @@ def _setup(args: argparse.Namespace) -> Job:
         estimator=estimator,
         transformer=args.transformer,
         bins=args.bins,
+        mixing=args.mixing,
         ensemble=args.ensemble,
         space=args.space,
         embedding=embedding,

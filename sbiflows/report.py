@@ -105,7 +105,7 @@ def _number(value: float | None) -> str:
 
 
 def describe_estimator(options: dict) -> str:
-    """A short text for the NPE options of a run: estimator, a non-default transformer, ensemble size.
+    """A short text for the NPE options of a run: estimator, transformer, mixing layers, ensemble, space.
 
     Example:
         >>> describe_estimator({"estimator": "maf"})
@@ -114,6 +114,8 @@ def describe_estimator(options: dict) -> str:
         'nsf (spline transformer, 8 bins), ensemble of 5 flows'
         >>> describe_estimator({"estimator": "maf", "transformer": "spline", "space": "truncated"})
         'maf (spline transformer, 8 bins), truncated theta space'
+        >>> describe_estimator({"estimator": "nsf", "mixing": "lu"})
+        'nsf (spline transformer, 8 bins), LU-linear layers between couplings'
     """
     from sbiflows.estimator import resolve_transformer
 
@@ -122,6 +124,8 @@ def describe_estimator(options: dict) -> str:
     text = estimator
     if transformer["transformer"] == "spline":
         text += f" (spline transformer, {transformer['bins']} bins)"
+    if options.get("mixing", "none") != "none":
+        text += ", LU-linear layers between couplings"
     if options.get("ensemble", 1) > 1:
         text += f", ensemble of {options['ensemble']} flows"
     if options.get("space", "unconstrained") != "unconstrained":

@@ -45,6 +45,9 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
         (["fit", "two_moons", "--estimator", "maf", "--bins", "4"], "bins"),  # maf's default transformer is affine
         (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, got 0"),
+        (["fit", "two_moons", "--mixing", "permute"], "invalid choice"),
+        (["fit", "bernoulli_glm", "--estimator", "maf", "--mixing", "lu"],
+         "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),
         (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
         (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
@@ -88,6 +91,22 @@ def test_fit_with_the_nsf_estimator(tmp_path):
     posterior = load(out / "posterior.pt")
     assert (posterior.config["estimator"], posterior.config["transformer"]) == ("nsf", "spline")
     assert json.loads((out / "report.json").read_text())["estimator"] == "nsf"
+
+
+def test_mixing_follows_the_dimension_rule_and_joins_the_settings_only_when_used():
+    from sbiflows.cli import _setup, build_parser
+
+    parser = build_parser()
+
+    def job(*argv):
+        return _setup(parser.parse_args(["fit", *argv, "--observations", "1"]))
+
+    glm, moons = job("bernoulli_glm"), job("two_moons")
+    assert glm.mixing == "lu" and glm.settings()["mixing"] == "lu" and glm.estimator_options["mixing"] == "lu"
+    assert moons.mixing == "none" and "mixing" not in moons.settings() and "mixing" not in moons.estimator_options
+    assert "mixing" not in job("bernoulli_glm", "--mixing", "none").settings()  # an explicit choice wins
+    assert job("bernoulli_glm", "--estimator", "maf").mixing == "none"
+    assert job("two_moons", "--mixing", "lu").settings()["mixing"] == "lu"
 
 
 @pytest.mark.slow
