@@ -152,8 +152,7 @@ def _setup(args: argparse.Namespace) -> Job:
 
     estimator = args.estimator or DEFAULT_ESTIMATOR
     resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
-    if args.mixing is not None:
-        check_mixing(estimator, args.mixing)
+    check_mixing(estimator, args.mixing)
     observations: list[Observation] = []
     if args.observation:
         taken: set[str] = set()

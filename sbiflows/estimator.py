@@ -25,7 +25,7 @@ from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
     "ACTIVATIONS", "DEFAULT_ESTIMATOR", "ESTIMATORS", "ESTIMATOR_TRANSFORMERS", "PosteriorNet", "build_flow",
-    "check_hidden_features", "check_mixing", "default_mixing", "default_transforms", "resolve_transformer", "zscore",
+    "check_hidden_features", "check_mixing", "default_transforms", "resolve_transformer", "zscore",
 ]
 
 #: Estimator names accepted by :class:`~sbiflows.npe.NPE` and the command line's ``--estimator``, and
@@ -103,26 +103,6 @@ def check_mixing(estimator: str | Callable, mixing: str) -> str:
         shown = repr(estimator) if isinstance(estimator, str) else "a callable"
         raise ValueError(f"mixing={mixing!r} applies to the coupling estimators 'nsf' and 'realnvp', got estimator {shown}")
     return mixing
-
-
-def default_mixing(estimator: str | Callable, theta_dim: int) -> str:
-    """NPE's default ``mixing``: ``"lu"`` for the ``"nsf"`` estimator from ten parameters on, else ``"none"``.
-
-    With alternating masks, a coupling flow correlates each half of theta with the other only through
-    the next coupling; posteriors with correlations among many parameters (the 10-parameter Bernoulli
-    GLM and Gaussian linear tasks) need several couplings for what one LU-linear layer does. The LU
-    layers fitted every 10-parameter benchmark row better or level (most on bernoulli_glm_raw, and there
-    they moved C2ST at 10,000 simulations from above sbi's NSF to below it) but cost 0.2 nats on
-    slcp_distractors and helped little or hurt on the 2- and 5-parameter tasks. The evidence is in
-    docs/benchmarks.md, "LU-linear layers from ten parameters on". The benchmark has no task between 5
-    and 10 parameters, so the switch point is where the measured gain starts, not a tuned value. Other estimators
-    (``"realnvp"`` was not measured, ``"maf"`` and callables take no mixing) get ``"none"``.
-
-    Example:
-        >>> default_mixing("nsf", 10), default_mixing("nsf", 5), default_mixing("maf", 10)
-        ('lu', 'none', 'none')
-    """
-    return "lu" if estimator == "nsf" and theta_dim >= 10 else "none"
 
 
 #: Activation names of the flows' conditioner networks (stored in saved files by name). NPE defaults to

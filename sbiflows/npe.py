@@ -109,10 +109,8 @@ class NPE:
         bound: Splines act on ``[-bound, bound]`` of the flow's standardized space and are the
             identity outside (default 5.0; sbi's ``nsf`` uses 3.0); only with a spline transformer.
         mixing: What the coupling estimators (``"nsf"``, ``"realnvp"``) put between couplings: ``"none"``
-            (the masks alternate) or ``"lu"``, an LU-linear layer after each coupling as in sbi's ``nsf``
-            (:class:`~sbiflows.transforms.LULinear`). None (default): ``"lu"`` for ``"nsf"`` with ten or
-            more parameters, else ``"none"`` (:func:`~sbiflows.estimator.default_mixing`, measured in
-            ``docs/benchmarks.md``). The resolved value is ``self.mixing`` and is saved with the posterior.
+            (default; the masks alternate) or ``"lu"``, an LU-linear layer after each coupling as in
+            sbi's ``nsf`` (:class:`~sbiflows.transforms.LULinear`). Saved with the posterior.
         embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
             the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
@@ -168,7 +166,7 @@ class NPE:
         transformer: str | None = None,
         bins: int | None = None,
         bound: float | None = None,
-        mixing: str | None = None,
+        mixing: str = "none",
         embedding_net: nn.Module | None = None,
         ensemble: int = 1,
         balancing: float = 0.0,
@@ -187,7 +185,7 @@ class NPE:
             activation=activation, transforms=transforms, hidden_features=hidden_features, mixing=mixing,
         )
         self.estimator = estimator
-        self.mixing = self._transformer["mixing"]
+        self.mixing = mixing
         self.activation = activation
         self.embedding_net = embedding_net
         self.max_batch_elements = max_batch_elements

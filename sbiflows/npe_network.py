@@ -26,7 +26,6 @@ from sbiflows.estimator import (
     build_flow,
     check_hidden_features,
     check_mixing,
-    default_mixing,
     resolve_transformer,
 )
 from sbiflows.flows import Flow
@@ -46,7 +45,7 @@ def check_network_options(
     activation: str,
     transforms: int | None,
     hidden_features: Sequence[int],
-    mixing: str | None = None,
+    mixing: str = "none",
 ) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
     """Check the architecture options of :class:`~sbiflows.npe.NPE` for ``theta_dim`` parameters.
 
@@ -55,8 +54,7 @@ def check_network_options(
 
     Returns:
         ``(transformer, transforms, hidden_features)``: the transformer options of
-        :func:`~sbiflows.estimator.resolve_transformer` with ``mixing`` added (None resolved by
-        :func:`~sbiflows.estimator.default_mixing`; the flow options a saved
+        :func:`~sbiflows.estimator.resolve_transformer` with ``mixing`` added (the flow options a saved
         config records and :func:`~sbiflows.estimator.build_flow` takes), the number of layers (None: the default rule at
         the first fit) and the hidden sizes as a tuple.
 
@@ -77,8 +75,6 @@ def check_network_options(
         raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)} or a callable")
     if not isinstance(estimator, str) and not callable(estimator):
         raise TypeError(f"estimator must be a name {sorted(ESTIMATORS)} or a callable, got {type(estimator).__name__}")
-    if mixing is None:
-        mixing = default_mixing(estimator, theta_dim)
     resolved = {**resolve_transformer(estimator, transformer, bins, bound), "mixing": check_mixing(estimator, mixing)}
     spline = resolved["transformer"] == "spline"
     if estimator == "realnvp" and theta_dim < 2 and not spline:

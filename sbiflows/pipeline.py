@@ -27,7 +27,7 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
-from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing, default_mixing
+from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
@@ -93,7 +93,7 @@ class Job:
     estimator: str | None = None  # None: NPE's default, also for rounds > 1 (resolved on construction)
     transformer: str | None = None
     bins: int | None = None
-    mixing: str | None = None  # None: NPE's rule for the prior's dimension (resolved on construction)
+    mixing: str = "none"
     ensemble: int = 1
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
     embedding: str = "none"
@@ -124,14 +124,13 @@ class Job:
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         if self.estimator is None:
             self.estimator = DEFAULT_ESTIMATOR
-        prior, theta_dim = check_prior(self.prior)
-        self.mixing = check_mixing(self.estimator, self.mixing or default_mixing(self.estimator, theta_dim))
-        self.space = resolve_space(prior.support, self.space)
+        check_mixing(self.estimator, self.mixing)
+        self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
 
     @property
     def estimator_options(self) -> dict:
         """The options of :class:`~sbiflows.NPE` that choose the flow (``estimator``, ``transformer``, ``bins``,
-        ``ensemble``, ``mixing`` unless ``"none"`` and ``space`` unless it is the default)."""
+        ``ensemble``, and ``mixing`` and ``space`` unless they are the default)."""
         return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
                 "ensemble": self.ensemble, **({"mixing": self.mixing} if self.mixing != "none" else {}),
                 **({"space": self.space} if self.space != "unconstrained" else {})}
@@ -161,8 +160,7 @@ class Job:
             **self.fit_options,
             **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
             **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
-            # and runs without mixing layers; a run trained before the LU default for ten parameters retrains
-            **({"mixing": self.mixing} if self.mixing != "none" else {}),
+            **({"mixing": self.mixing} if self.mixing != "none" else {}),  # and runs without mixing layers
         })
 
     def parameter_names(self) -> list[str]:

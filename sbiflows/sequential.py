@@ -175,8 +175,6 @@ class TSNPE:
         # what a store records: the options as given plus the flow they resolve to, so that a run stored
         # under another default flow is refused rather than resumed with a different network
         self._npe_options = {"estimator": self.npe.estimator, **npe_options}
-        if self.npe.mixing != "none":  # recorded when mixing layers are used, also by default (ten parameters on)
-            self._npe_options["mixing"] = self.npe.mixing
         self.rounds: list[Round] = []
         self.posterior: Posterior | None = None
         self.proposals: list[Distribution] = []

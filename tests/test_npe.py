@@ -553,28 +553,6 @@ def test_lu_mixing_puts_a_linear_layer_after_each_coupling_and_is_refused_elsewh
         NPE(prior, "nsf", mixing="permute")
 
 
-def test_default_mixing_is_lu_for_nsf_from_ten_parameters_on_and_is_saved(tmp_path):
-    from sbiflows.transforms import LULinear
-
-    def prior_of(dim):
-        return Independent(Normal(torch.zeros(dim), torch.ones(dim)), 1)
-
-    assert [NPE(prior_of(d)).mixing for d in (2, 9, 10, 12)] == ["none", "none", "lu", "lu"]
-    assert NPE(prior_of(10), "maf").mixing == "none" and NPE(prior_of(10), "realnvp").mixing == "none"
-    assert NPE(prior_of(10), mixing="none").mixing == "none"  # an explicit choice wins over the rule
-    theta = prior_of(10).sample((300,))
-    x = theta + 0.1 * torch.randn(300, 10)
-    posterior = NPE(prior_of(10), transforms=2).fit(theta, x, **FAST)
-    assert [type(layer).__name__ for layer in posterior.net.flow.transform.transforms] == ["Coupling", "LULinear"] * 2
-    assert posterior.config["mixing"] == "lu"
-    posterior.save(tmp_path / "p.pt")
-    loaded = load(tmp_path / "p.pt")
-    assert sum(isinstance(m, LULinear) for m in loaded.net.modules()) == 2
-    torch.testing.assert_close(loaded.log_prob(theta[:5], x[0]), posterior.log_prob(theta[:5], x[0]))
-    plain = NPE(prior_of(10), transforms=2, mixing="none").fit(theta, x, **FAST)
-    assert not any(isinstance(m, LULinear) for m in plain.net.modules()) and plain.config["mixing"] == "none"
-
-
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [

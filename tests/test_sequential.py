@@ -164,22 +164,6 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
         TSNPE(PRIOR, **{k: v for k, v in SMALL.items() if k != "estimator"}).run(simulator, X_O, store=store, **options)
 
 
-def test_the_store_records_the_mixing_layers_the_default_rule_chose(tmp_path):
-    prior = box_uniform([-3.0] * 10, [3.0] * 10)
-
-    def noisy(theta, seed):
-        return theta + 0.1 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
-
-    options = {"rounds": 1, "simulations": 200, "seed": 0, "check_simulations": 0, "threshold_samples": 2_000,
-               "quantile": 1e-2, "fit_options": {"max_epochs": 2}, "store": tmp_path / "run"}
-    flow = {"transforms": 2, "hidden_features": (8, 8)}
-    TSNPE(prior, **flow).run(noisy, torch.zeros(10), **options)  # ten parameters: LU layers by default
-    manifest = json.loads((tmp_path / "run" / "tsnpe.json").read_text())
-    assert manifest["settings"]["npe_options"]["mixing"] == "lu"
-    with pytest.raises(ValueError, match="other settings.*npe_options"):
-        TSNPE(prior, **flow, mixing="none").run(noisy, torch.zeros(10), **options)
-
-
 def test_bad_inputs(tmp_path):
     tsnpe = TSNPE(PRIOR, **SMALL)
     run = tsnpe.run
