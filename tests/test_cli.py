@@ -104,7 +104,7 @@ def test_mixing_joins_the_flow_options_and_settings_only_when_used():
     plain, lu = job("bernoulli_glm"), job("bernoulli_glm", "--mixing", "lu")
     assert plain.mixing == "none" and "mixing" not in plain.settings() and "mixing" not in plain.estimator_options
     assert lu.settings()["mixing"] == "lu" and lu.estimator_options["mixing"] == "lu"
-    assert plain.settings() == {**{k: v for k, v in lu.settings().items() if k != "mixing"}}  # the one difference
+    assert plain.settings() == {k: v for k, v in lu.settings().items() if k != "mixing"}  # the one difference
 
 
 @pytest.mark.slow
