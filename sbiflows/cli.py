@@ -30,7 +30,7 @@ from sbiflows.cli_observations import (
     _split_observations,
 )
 from sbiflows.cli_parser import EMBEDDING_NAMES, build_parser  # noqa: F401 - public here
-from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing, resolve_transformer
+from sbiflows.estimator import DEFAULT_ESTIMATOR, resolve_transformer
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -152,7 +152,6 @@ def _setup(args: argparse.Namespace) -> Job:
 
     estimator = args.estimator or DEFAULT_ESTIMATOR
     resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
-    check_mixing(estimator, args.mixing)
     observations: list[Observation] = []
     if args.observation:
         taken: set[str] = set()
