@@ -178,9 +178,6 @@ def _setup(args: argparse.Namespace) -> Job:
                          f"{len(observations)} ({', '.join(o.name for o in observations[:5])}"
                          f"{', ...' if len(observations) > 5 else ''}); give one --observation file with one row, "
                          "or a task with --observations N")
-    if args.rounds > 1 and args.ensemble > 1:
-        raise ValueError(f"--rounds {args.rounds} (sequential NPE) trains one flow; it does not take --ensemble "
-                         f"{args.ensemble}")
     if args.rounds > 1 and len(x_shape or ()) > 1:
         raise ValueError(f"--rounds {args.rounds} (sequential NPE) takes flat observations only, got x of shape "
                          f"{x_shape}; use --embedding none or mlp")
@@ -203,6 +200,7 @@ def _setup(args: argparse.Namespace) -> Job:
         bins=args.bins,
         mixing=args.mixing,
         ensemble=args.ensemble,
+        balancing=args.balancing,
         space=args.space,
         embedding=embedding,
         seed=args.seed,

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (K times the "
                      "training cost; wider, less over-confident posteriors)")
+    fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
+                     help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
+                     "conservative posteriors at about twice the training cost; 0 (default): plain NPE; not "
+                     "with --rounds")
     fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
                      help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
                      "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "
@@ -157,11 +161,19 @@ def _nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def _positive_float(text: str) -> float:
+def _float_above(text: str, minimum: float, *, inclusive: bool, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (value >= minimum if inclusive else value > minimum) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_above(text, 0.0, inclusive=False, expected="a positive number")
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float_above(text, 0.0, inclusive=True, expected="a number >= 0")

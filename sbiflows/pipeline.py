@@ -41,6 +41,7 @@ from sbiflows.report import (
     write_markdown,
 )
 from sbiflows.seeding import derive_seed
+from sbiflows.sequential import check_sequential_options
 from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space
@@ -77,7 +78,8 @@ class Job:
     ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for
     every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
     benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
-    truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`).
+    truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`), which
+    takes neither ``ensemble`` nor ``balancing`` (balanced NPE's penalty weight, ``NPE(balancing=)``).
     ``max_epochs``, ``learning_rate``, ``patience`` and ``step_drops`` go to :meth:`sbiflows.NPE.fit` (None: its
     defaults); like the flow options they are part of the run's settings, so changing one retrains on the
     stored simulations.
@@ -95,6 +97,7 @@ class Job:
     bins: int | None = None
     mixing: str = "none"
     ensemble: int = 1
+    balancing: float = 0.0  # weight of balanced NPE's penalty; 0 = plain NPE
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
     embedding: str = "none"
     seed: int = 0
@@ -125,15 +128,19 @@ class Job:
         if self.estimator is None:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
+        self.balancing = check_real(self.balancing, "balancing", low=0)
+        if self.rounds > 1:
+            check_sequential_options(self.estimator_options)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
 
     @property
     def estimator_options(self) -> dict:
-        """The options of :class:`~sbiflows.NPE` that choose the flow (``estimator``, ``transformer``, ``bins``,
-        ``ensemble``, and ``mixing`` and ``space`` unless they are the default)."""
+        """The options of :class:`~sbiflows.NPE` that choose the flow and its loss (``estimator``, ``transformer``,
+        ``bins``, ``ensemble``, and ``mixing``, ``space`` and ``balancing`` unless they are the default)."""
         return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
                 "ensemble": self.ensemble, **({"mixing": self.mixing} if self.mixing != "none" else {}),
-                **({"space": self.space} if self.space != "unconstrained" else {})}
+                **({"space": self.space} if self.space != "unconstrained" else {}),
+                **({"balancing": self.balancing} if self.balancing else {})}
 
     @property
     def fit_options(self) -> dict:
@@ -161,6 +168,7 @@ class Job:
             **({"rounds": self.rounds} if self.rounds > 1 else {}),  # amortized runs keep their old settings
             **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
             **({"mixing": self.mixing} if self.mixing != "none" else {}),  # and runs without mixing layers
+            **({"balancing": self.balancing} if self.balancing else {}),  # and runs of plain NPE
         })
 
     def parameter_names(self) -> list[str]:

@@ -105,7 +105,7 @@ def _number(value: float | None) -> str:
 
 
 def describe_estimator(options: dict) -> str:
-    """A short text for the NPE options of a run: estimator, transformer, mixing layers, ensemble, space.
+    """A short text for the NPE options of a run: estimator, transformer, mixing layers, ensemble, balancing, space.
 
     Example:
         >>> describe_estimator({"estimator": "maf"})
@@ -116,6 +116,8 @@ def describe_estimator(options: dict) -> str:
         'maf (spline transformer, 8 bins), truncated theta space'
         >>> describe_estimator({"estimator": "nsf", "mixing": "lu"})
         'nsf (spline transformer, 8 bins), LU-linear layers between couplings'
+        >>> describe_estimator({"estimator": "nsf", "balancing": 100.0})
+        'nsf (spline transformer, 8 bins), balanced (weight 100)'
     """
     from sbiflows.estimator import resolve_transformer
 
@@ -128,6 +130,8 @@ def describe_estimator(options: dict) -> str:
         text += ", LU-linear layers between couplings"
     if options.get("ensemble", 1) > 1:
         text += f", ensemble of {options['ensemble']} flows"
+    if options.get("balancing", 0):
+        text += f", balanced (weight {options['balancing']:g})"
     if options.get("space", "unconstrained") != "unconstrained":
         text += ", truncated theta space"
     return text

@@ -65,7 +65,7 @@ from sbiflows.simulate import (
 )
 from sbiflows.truncation import TruncatedPrior
 
-__all__ = ["COVERS_PRIOR", "TSNPE", "Round", "split_budget"]
+__all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
 
 #: A region holding at least this share of the prior's mass counts as covering the prior.
 COVERS_PRIOR = 0.9
@@ -114,6 +114,29 @@ class Round:
     cpu_seconds: float
 
 
+def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
+    """Refuse the :class:`~sbiflows.NPE` options that TSNPE cannot honour, before any simulation.
+
+    ``ensemble``: TSNPE trains one flow. ``balancing``: balanced NPE's penalty compares ``q(theta | x)``
+    with the prior's density on parameters drawn from the prior, while every round after the first draws
+    them from the truncated prior, where that comparison is off by the region's prior mass.
+
+    Example:
+        >>> check_sequential_options({"estimator": "nsf", "balancing": 0.0})  # the defaults pass
+        >>> check_sequential_options({"balancing": 100.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: TSNPE does not take balancing (balanced NPE), got balancing=100.0: its penalty assumes parameters drawn from the prior, and rounds after the first draw them from the truncated prior
+    """
+    if npe_options.get("ensemble", 1) != 1:
+        raise ValueError(f"TSNPE trains a single flow; it does not take an ensemble, got "
+                         f"ensemble={npe_options['ensemble']}")
+    if npe_options.get("balancing", 0):
+        raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
+                         "its penalty assumes parameters drawn from the prior, and rounds after the first draw "
+                         "them from the truncated prior")
+
+
 def split_budget(simulations: int, rounds: int, first_round: int | None = None) -> list[int]:
     """Simulations per round (see the module docstring).
 
@@ -140,10 +163,10 @@ class TSNPE:
 
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
-        **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...); the
-            ensemble option is not supported. The flow defaults to NPE's (the spline flow, ``"nsf"``);
-            for a posterior hundreds of times narrower than the prior the affine MAF
-            (``estimator="maf"``) fits better (docs/sequential.md).
+        **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...) except
+            ``ensemble`` and ``balancing`` (:func:`check_sequential_options`). The flow defaults to
+            NPE's (the spline flow, ``"nsf"``); for a posterior hundreds of times narrower than the prior
+            the affine MAF (``estimator="maf"``) fits better (docs/sequential.md).
 
     Attributes:
         npe: The :class:`~sbiflows.NPE` trained over the rounds.
@@ -167,8 +190,7 @@ class TSNPE:
     """
 
     def __init__(self, prior: Distribution, **npe_options: Any):
-        if npe_options.get("ensemble", 1) != 1:
-            raise ValueError("TSNPE trains a single flow; the ensemble option is not supported")
+        check_sequential_options(npe_options)
         self.prior = prior
         # checks the prior and the options now, before any simulation
         self.npe = NPE(prior, **npe_options)

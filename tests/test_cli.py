@@ -48,6 +48,8 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--mixing", "permute"], "invalid choice"),
         (["fit", "bernoulli_glm", "--estimator", "maf", "--mixing", "lu"],
          "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),
+        (["fit", "two_moons", "--balancing", "-1"], "--balancing: expected a number >= 0, got -1"),
+        (["fit", "two_moons", "--balancing", "inf"], "--balancing: expected a number >= 0, got inf"),
         (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
         (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
@@ -93,7 +95,9 @@ def test_fit_with_the_nsf_estimator(tmp_path):
     assert json.loads((out / "report.json").read_text())["estimator"] == "nsf"
 
 
-def test_mixing_joins_the_flow_options_and_settings_only_when_used():
+@pytest.mark.parametrize("option,value,key,parsed", [("--mixing", "lu", "mixing", "lu"),
+                                                      ("--balancing", "100", "balancing", 100.0)])
+def test_an_option_joins_the_flow_options_and_settings_only_when_used(option, value, key, parsed):
     from sbiflows.cli import _setup, build_parser
 
     parser = build_parser()
@@ -101,27 +105,30 @@ def test_mixing_joins_the_flow_options_and_settings_only_when_used():
     def job(*argv):
         return _setup(parser.parse_args(["fit", *argv, "--observations", "1"]))
 
-    plain, lu = job("bernoulli_glm"), job("bernoulli_glm", "--mixing", "lu")
-    assert plain.mixing == "none" and "mixing" not in plain.settings() and "mixing" not in plain.estimator_options
-    assert lu.settings()["mixing"] == "lu" and lu.estimator_options["mixing"] == "lu"
-    assert plain.settings() == {k: v for k, v in lu.settings().items() if k != "mixing"}  # the one difference
+    plain, chosen = job("bernoulli_glm"), job("bernoulli_glm", option, value)
+    assert key not in plain.settings() and key not in plain.estimator_options  # earlier runs keep their settings
+    assert chosen.settings()[key] == parsed and chosen.estimator_options[key] == parsed
+    assert plain.settings() == {k: v for k, v in chosen.settings().items() if k != key}  # the one difference
 
 
 @pytest.mark.slow
-def test_fit_with_a_spline_maf_ensemble(tmp_path, capsys):
+def test_fit_with_a_balanced_spline_maf_ensemble(tmp_path, capsys):
     out = tmp_path / "run"
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2", "--quiet"]
-    flow = ["--estimator", "maf", "--transformer", "spline", "--bins", "4", "--ensemble", "2"]
+    flow = ["--estimator", "maf", "--transformer", "spline", "--bins", "4", "--balancing", "10", "--ensemble", "2"]
     assert main(["fit", "two_moons", *flow, "--out", str(out), "--observations", "1", *small]) == 0
     from sbiflows import load
 
     posterior = load(out / "posterior.pt")
     config = posterior.config
     assert (config["estimator"], config["transformer"], config["bins"], config["ensemble"]) == ("maf", "spline", 4, 2)
+    assert config["balancing"] == 10.0  # balanced NPE trained every member
     report = json.loads((out / "report.json").read_text())
     assert (report["estimator"], report["transformer"], report["bins"], report["ensemble"]) == ("maf", "spline", 4, 2)
-    assert "maf (spline transformer, 4 bins), ensemble of 2 flows" in (out / "report.md").read_text()
+    assert report["balancing"] == 10.0
+    text = (out / "report.md").read_text()
+    assert "maf (spline transformer, 4 bins), ensemble of 2 flows, balanced (weight 10)" in text
     # the flow options are part of the run's settings: another ensemble size needs --force and retrains,
     # while the simulations are reused
     again = ["fit", "two_moons", *flow[:-1], "3", "--out", str(out), "--observations", "1", *small]

@@ -22,6 +22,10 @@ SMALL = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets
         (["fit", "two_moons", "--rounds", "0"], "expected a positive integer, got 0"),
         (["fit", "two_moons", "--rounds", "5", "--observations", "1", "--simulations", "4"],
          "at least one simulation per round"),
+        (["fit", "two_moons", "--rounds", "2", "--observations", "1", "--ensemble", "2"],
+         "TSNPE trains a single flow; it does not take an ensemble, got ensemble=2"),
+        (["fit", "two_moons", "--rounds", "2", "--observations", "1", "--balancing", "100"],
+         "TSNPE does not take balancing (balanced NPE), got balancing=100.0"),
     ],
 )
 def test_bad_rounds_give_one_line_and_exit_code_2(argv, message, capsys, tmp_path):

@@ -183,8 +183,10 @@ def test_bad_inputs(tmp_path):
         run(simulator, X_O, rounds=2, simulations=100, fit_options={"seed": 1})
     with pytest.raises(ValueError, match="quantile must be a real number in \\(0, 0.5\\)"):
         run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
-    with pytest.raises(ValueError, match="ensemble"):
+    with pytest.raises(ValueError, match="it does not take an ensemble, got ensemble=2"):
         TSNPE(PRIOR, ensemble=2)
+    with pytest.raises(ValueError, match="TSNPE does not take balancing .* got balancing=100"):
+        TSNPE(PRIOR, balancing=100.0)
     assert MODE["calls"] == 0  # nothing was simulated for any of these
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file"):
