@@ -26,7 +26,7 @@ from sbiflows.posterior import Posterior
 from sbiflows.report import jsonable, training_record
 from sbiflows.sequential import TSNPE
 
-__all__ = ["APPLICABLE", "NOT_APPLICABLE", "STORE", "calibrate", "fit"]
+__all__ = ["APPLICABLE", "NOT_APPLICABLE", "SEQUENTIAL_ADVICE", "STORE", "calibrate", "fit"]
 
 #: The folder under ``--out`` that holds the rounds.
 STORE = "rounds"
@@ -36,6 +36,15 @@ APPLICABLE = {
     "prior (Deistler et al. 2022). It detects a posterior that is over- or under-confident for data produced "
     "inside the region; it cannot detect posterior mass that a region cut off, since every test parameter lies "
     "inside it.",
+}
+#: What each verdict means, as :data:`~sbiflows.diagnostics.verdict.ADVICE` says, except where a TSNPE run
+#: cannot follow its advice (TSNPE trains one flow, so no ensemble).
+SEQUENTIAL_ADVICE = {
+    **ADVICE,
+    "over-confident": "the posterior is too narrow inside the last truncated region: its credible regions miss "
+    "the true parameters more often than they claim. Try more simulations per round (fewer rounds, or a larger "
+    "budget), or amortized NPE with an ensemble of flows (--rounds 1 --ensemble 3), and check the simulator's "
+    "failed rows.",
 }
 #: The amortized checks left out, and why.
 NOT_APPLICABLE = {
@@ -90,7 +99,7 @@ def calibrate(state, posterior: Posterior) -> None:
     }
     state.report["not_applicable"] = dict(NOT_APPLICABLE)
     state.report["verdict"] = diagnostics.overall([word])
-    state.report["advice"] = ADVICE[state.report["verdict"]]
+    state.report["advice"] = SEQUENTIAL_ADVICE[state.report["verdict"]]
     from sbiflows.pipeline import _save_figure
 
     _save_figure(plots.coverage(check), state.job.out / "coverage")

@@ -74,3 +74,13 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     printed = capsys.readouterr().out
     assert "resuming after round 2" in printed and "round 1:" not in printed
     assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
+
+
+def test_the_advice_of_a_sequential_run_asks_only_for_what_tsnpe_takes():
+    from sbiflows.diagnostics.verdict import ADVICE, VERDICTS
+    from sbiflows.pipeline_sequential import SEQUENTIAL_ADVICE
+
+    assert set(SEQUENTIAL_ADVICE) == set(ADVICE) == set(VERDICTS)
+    assert "--ensemble 3" in ADVICE["over-confident"]  # the amortized advice names the measured remedy
+    for text in SEQUENTIAL_ADVICE.values():  # TSNPE refuses ensembles: only amortized NPE may be suggested
+        assert "ensemble=3" not in text and ("--ensemble" not in text or "--rounds 1 --ensemble" in text)

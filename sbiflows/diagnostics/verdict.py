@@ -35,8 +35,9 @@ ADVICE = {
     "conservative": "the posterior is wider than it needs to be: its credible regions contain the true "
     "parameters more often than they claim. That is safe to report; more simulations usually sharpen it.",
     "over-confident": "the posterior is too narrow: its credible regions miss the true parameters more often "
-    "than they claim, so intervals from it understate the uncertainty. Try more simulations, a more flexible "
-    "estimator, an ensemble of flows, and check the simulator's failed rows.",
+    "than they claim, so intervals from it understate the uncertainty. Try an ensemble of flows (ensemble=3, "
+    "or --ensemble 3 on the command line: calibrated on the benchmark tasks where one flow was not), more "
+    "simulations, and check the simulator's failed rows.",
     "biased": "the true parameters lie systematically on one side of the posterior for some parameters. Try "
     "more simulations and a more flexible estimator, and check that the simulator and prior are the ones the "
     "observations came from.",
