@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "training cost; wider, less over-confident posteriors)")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
-                     "conservative posteriors at about twice the training cost; 0 (default): plain NPE; not "
-                     "with --rounds")
+                     "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
+                     "where both were measured); 0 (default): plain NPE; not with --rounds")
     fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
                      help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
                      "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "
