@@ -36,8 +36,8 @@ ADVICE = {
     "parameters more often than they claim. That is safe to report; more simulations usually sharpen it.",
     "over-confident": "the posterior is too narrow: its credible regions miss the true parameters more often "
     "than they claim, so intervals from it understate the uncertainty. Try an ensemble of flows (ensemble=3, "
-    "or --ensemble 3 on the command line: calibrated on the benchmark tasks where one flow was not), more "
-    "simulations, and check the simulator's failed rows.",
+    "or --ensemble 3 on the command line: calibrated on the two benchmark tasks where one flow was "
+    "over-confident on every seed), more simulations, and check the simulator's failed rows.",
     "biased": "the true parameters lie systematically on one side of the posterior for some parameters. Try "
     "more simulations and a more flexible estimator, and check that the simulator and prior are the ones the "
     "observations came from.",
