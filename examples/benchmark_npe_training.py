@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                 log_q = posterior.log_prob_batched(test_theta[None], test_x)[0]
             emit(args.json, {**record, "setting": text or "defaults", "heldout_nll": round(-log_q.mean().item(), 4),
                              "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-                             "epochs": posterior.history.epochs, "batch_size": posterior.history.batch_size,
+                             "epochs": posterior.history.epochs, "best_epoch": posterior.history.best_epoch,
+                             "step_drop_epochs": posterior.history.step_drop_epochs,
+                             "batch_size": posterior.history.batch_size,
                              "learning_rate": posterior.history.learning_rate,
                              "transforms": posterior.config["transforms"], "test_size": len(test_theta)})
         if args.sbi:

@@ -252,6 +252,7 @@ class NPE:
         ema_epochs: float = 1.0,
         step_drops: int = 1,
         step_drop_factor: float = 0.2,
+        drop_patience: int | None = None,
         progress: bool = True,
         num_threads: int | None = None,
     ) -> Posterior:
@@ -293,6 +294,7 @@ class NPE:
                 (docs/benchmarks.md, "Step drops on a plateau"). ``0`` stops at the first plateau, as
                 before.
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
+            drop_patience: Patience counted after a step drop (``>= 1``); None (default): ``patience``.
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's
@@ -316,7 +318,7 @@ class NPE:
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
             ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-            optional=("batch_size", "learning_rate"),
+            drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
         resolve_threads(num_threads)  # checked before any expensive step
@@ -358,7 +360,7 @@ class NPE:
                         member, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                         ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-                        seed=member_seed(seed, k), progress=progress, history=member_history,
+                        drop_patience=drop_patience, seed=member_seed(seed, k), progress=progress, history=member_history,
                         groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
                     )
             except BaseException as error:

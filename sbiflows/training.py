@@ -112,6 +112,7 @@ def train(
     ema_epochs: float = 1.0,
     step_drops: int = 0,
     step_drop_factor: float = 0.2,
+    drop_patience: int | None = None,
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
@@ -143,6 +144,8 @@ def train(
             from the best weights with the step size times ``step_drop_factor`` and counts patience
             afresh; the plateau after the last drop stops training. ``0``: the first plateau stops.
         step_drop_factor: Factor of each drop, in ``(0, 1)``.
+        drop_patience: Patience counted after a step drop (``>= 1``); None: ``patience``. A shorter
+            value ends training sooner where the smaller step finds nothing better.
         seed: Seeds the split and the minibatch order (the model's initial weights are the caller's).
         progress: Show a progress bar with the current losses.
         history: Continue this history (e.g. when training again with more data): losses are
@@ -182,12 +185,13 @@ def train(
         max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
+        drop_patience=drop_patience,
     )
     return train_checked(
         model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-        seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
+        drop_patience=drop_patience, seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
         objective=objective,
     )
 
@@ -207,6 +211,7 @@ def train_checked(
     ema_epochs: float = 1.0,
     step_drops: int = 0,
     step_drop_factor: float = 0.2,
+    drop_patience: int | None = None,
     seed: int = 0,
     progress: bool = False,
     history: TrainingHistory | None = None,
@@ -296,6 +301,7 @@ def train_checked(
                     bar.update(1)
                 if since_best >= patience and drops_left > 0:  # a plateau: go on from the best weights
                     drops_left, since_best = drops_left - 1, 0
+                    patience = patience if drop_patience is None else drop_patience
                     model.load_state_dict(best_state)
                     if average is not None:
                         average.restart()

@@ -34,6 +34,7 @@ def check_training_options(
     ema_epochs: float = 0.0,
     step_drops: int = 0,
     step_drop_factor: float = 0.2,
+    drop_patience: int | None = None,
     optional: Collection[str] = (),
 ) -> tuple[int, int | None, int]:
     """Validate the options of :func:`~sbiflows.training.train` (see there for their meaning and ranges).
@@ -59,6 +60,7 @@ def check_training_options(
         return f"None (the default rule) or {text}" if name in optional else text
 
     check_int(step_drops, "step_drops", minimum=0)
+    check_int(drop_patience, "drop_patience", minimum=1, optional="patience")
     ints = {"max_epochs": max_epochs, "batch_size": batch_size, "patience": patience}
     for name, value in ints.items():
         if value is None and name in optional:

@@ -66,6 +66,7 @@ def data(n: int = 200) -> torch.Tensor:
         ("step_drops", -1, r"step_drops must be an int >= 0, got -1"),
         ("step_drop_factor", 1.0, r"step_drop_factor must be in \(0, 1\), got 1.0"),
         ("step_drop_factor", 0.0, r"step_drop_factor must be in \(0, 1\), got 0.0"),
+        ("drop_patience", 0, r"drop_patience must be None \(patience\) or an int >= 1, got 0"),
     ],
 )
 def test_options_out_of_range_raise_value_error_naming_them(option, value, match):
@@ -88,6 +89,7 @@ def test_options_out_of_range_raise_value_error_naming_them(option, value, match
         ("ema_epochs", "1", r"ema_epochs must be a real number finite and >= 0, got str '1'"),
         ("step_drops", 1.5, r"step_drops must be an int >= 0, got float 1.5"),
         ("step_drop_factor", "0.5", r"step_drop_factor must be a real number in \(0, 1\), got str '0.5'"),
+        ("drop_patience", 2.0, r"drop_patience must be None \(patience\) or an int >= 1, got float 2.0"),
     ],
 )
 def test_options_of_the_wrong_type_raise_type_error(option, value, match):
@@ -278,6 +280,10 @@ def test_a_plateau_drops_the_step_and_training_goes_on_from_the_best_weights():
     best_before = min(plain.validation_loss)
     assert dropped.validation_loss[drop + 1:] == pytest.approx([best_before] * (dropped.epochs - drop - 1), rel=1e-6)
     assert dropped.epochs == drop + 1 + 3 and dropped.stopped_early  # patience counts afresh after the drop
+    # drop_patience replaces the patience after the drop only: the same run up to the drop, then 1 epoch
+    _, short = noisy_fit(x, 0, patience=3, step_drops=1, step_drop_factor=1e-9, drop_patience=1)
+    assert short.step_drop_epochs == [drop] and short.validation_loss == dropped.validation_loss[: drop + 2]
+    assert short.stopped_early
 
 
 def test_step_drops_bring_noisy_iterates_closer_to_the_optimum():
