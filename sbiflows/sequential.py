@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
 from sbiflows.seeding import derive_seed
+from sbiflows.sequential_rounds import COVERS_PRIOR, Round, check_sequential_options, split_budget
 from sbiflows.sequential_store import RoundStore, atomic_npy
 from sbiflows.simulate import (
     SimulationResult,
@@ -67,95 +68,11 @@ from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
 
-#: A region holding at least this share of the prior's mass counts as covering the prior.
-COVERS_PRIOR = 0.9
 #: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 20).
 #: Later rounds continue from the earlier weights, and stopped too early with
 #: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
 #: patience 10 to 0.513 with 30 (see docs/benchmarks.md).
 PATIENCE = 30
-
-
-@dataclass(frozen=True)
-class Round:
-    """What one round did.
-
-    Attributes:
-        index: The round, from 0.
-        simulations: Parameter sets simulated in this round.
-        failed: Of those, rows whose simulation failed or is NaN/inf (not trained on).
-        method: How its parameters were drawn: ``"prior"`` (round 0), ``"rejection"``, ``"sir"`` or
-            ``"rejection+sir"`` (see :class:`~sbiflows.truncation.TruncatedPrior`).
-        acceptance: The accepted fraction of the draw (1.0 for the prior).
-        volume: The prior mass of the region the parameters came from (1.0 for the prior).
-        volume_stderr: Its standard error.
-        threshold: The log-density threshold of that region (None for the prior).
-        covers_prior: Whether the region holds at least :data:`COVERS_PRIOR` of the prior.
-        validation_loss: The best validation loss of the training after this round, on the validation rows
-            of all rounds so far (each round adds a share of its own rows; later rounds' rows lie in smaller
-            regions, so the losses of different rounds are not comparable).
-        epochs: Epochs of that training.
-        seconds: Wall seconds of the round (drawing, simulating, training).
-        cpu_seconds: CPU seconds of this process in the round (simulations in worker processes excluded).
-    """
-
-    index: int
-    simulations: int
-    failed: int
-    method: str
-    acceptance: float
-    volume: float
-    volume_stderr: float
-    threshold: float | None
-    covers_prior: bool
-    validation_loss: float
-    epochs: int
-    seconds: float
-    cpu_seconds: float
-
-
-def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
-    """Refuse the :class:`~sbiflows.NPE` options that TSNPE cannot honour, before any simulation.
-
-    ``ensemble``: TSNPE trains one flow. ``balancing``: balanced NPE's penalty compares ``q(theta | x)``
-    with the prior's density on parameters drawn from the prior, while every round after the first draws
-    them from the truncated prior, where that comparison is off by the region's prior mass.
-
-    Example:
-        >>> check_sequential_options({"estimator": "nsf", "balancing": 0.0})  # the defaults pass
-        >>> check_sequential_options({"balancing": 100.0})
-        Traceback (most recent call last):
-        ...
-        ValueError: TSNPE does not take balancing (balanced NPE), got balancing=100.0: its penalty assumes parameters drawn from the prior, and rounds after the first draw them from the truncated prior
-    """
-    if npe_options.get("ensemble", 1) != 1:
-        raise ValueError(f"TSNPE trains a single flow; it does not take an ensemble, got "
-                         f"ensemble={npe_options['ensemble']}")
-    if npe_options.get("balancing", 0):
-        raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
-                         "its penalty assumes parameters drawn from the prior, and rounds after the first draw "
-                         "them from the truncated prior")
-
-
-def split_budget(simulations: int, rounds: int, first_round: int | None = None) -> list[int]:
-    """Simulations per round (see the module docstring).
-
-    Example:
-        >>> split_budget(1000, 3), split_budget(1000, 3, first_round=400)
-        ([334, 333, 333], [400, 300, 300])
-    """
-    rounds = check_int(rounds, "rounds", minimum=1)
-    simulations = check_int(simulations, "simulations", minimum=1)
-    if simulations < rounds:
-        raise ValueError(f"simulations must be at least rounds (one simulation per round), got {simulations} "
-                         f"simulations for {rounds} rounds")
-    if first_round is None:
-        base, extra = divmod(simulations, rounds)
-        return [base + (r < extra) for r in range(rounds)]
-    first_round = check_int(first_round, "first_round", minimum=1, maximum=simulations - (rounds - 1))
-    if rounds == 1 and first_round != simulations:
-        raise ValueError(f"with rounds=1, first_round must equal simulations ({simulations}), got {first_round}")
-    return [first_round] + (split_budget(simulations - first_round, rounds - 1) if rounds > 1 else [])
 
 
 class TSNPE:
