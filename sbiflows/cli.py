@@ -213,6 +213,7 @@ def _setup(args: argparse.Namespace) -> Job:
         learning_rate=args.learning_rate,
         patience=args.patience,
         step_drops=args.step_drops,
+        drop_patience=args.drop_patience,
         progress=not args.quiet,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -80,7 +80,7 @@ class Job:
     benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
     truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`), which
     takes neither ``ensemble`` nor ``balancing`` (balanced NPE's penalty weight, ``NPE(balancing=)``).
-    ``max_epochs``, ``learning_rate``, ``patience`` and ``step_drops`` go to :meth:`sbiflows.NPE.fit` (None: its
+    ``max_epochs``, ``learning_rate``, ``patience``, ``step_drops`` and ``drop_patience`` go to :meth:`sbiflows.NPE.fit` (None: its
     defaults); like the flow options they are part of the run's settings, so changing one retrains on the
     stored simulations.
     """
@@ -110,6 +110,7 @@ class Job:
     learning_rate: float | None = None  # None: NPE's default step size
     patience: int | None = None  # None: NPE's default (TSNPE's per-round default when rounds > 1)
     step_drops: int | None = None  # None: NPE's default
+    drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
     progress: bool = True
     batch_size: int = 100
     workers: int | None = None
@@ -125,6 +126,7 @@ class Job:
                                         optional="NPE's default")
         self.patience = check_int(self.patience, "patience", minimum=1, optional="NPE's default")
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
+        self.drop_patience = check_int(self.drop_patience, "drop_patience", minimum=1, optional="NPE's default")
         if self.estimator is None:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
@@ -144,9 +146,11 @@ class Job:
 
     @property
     def fit_options(self) -> dict:
-        """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience`` and
-        ``step_drops`` only where given, so that runs which leave them at the defaults keep their settings)."""
-        chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops}
+        """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience``,
+        ``step_drops`` and ``drop_patience`` only where given, so that runs which leave them at the defaults keep
+        their settings)."""
+        chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops,
+                  "drop_patience": self.drop_patience}
         return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property

@@ -159,7 +159,8 @@ class TSNPE:
                 of ``simulations``.
             check_samples: Posterior draws per dataset in that check.
             fit_options: Keyword options of :meth:`sbiflows.NPE.fit` (``max_epochs``, ...); ``seed`` and
-                ``progress`` are set by the run, ``patience`` defaults to :data:`PATIENCE` (30).
+                ``progress`` are set by the run, ``patience`` defaults to :data:`PATIENCE` (30) and
+                ``drop_patience`` to ``patience``.
             store: Folder to keep every round in and to resume from (see the module docstring).
             progress: Progress bars for simulating and training.
             log: Called with one line per step (e.g. ``print``); None: silent.
@@ -246,7 +247,7 @@ class TSNPE:
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
-                                     progress=progress, **fit_options)
+                                     progress=progress, **{"drop_patience": fit_options["patience"], **fit_options})
         history = posterior.history
         record = Round(
             index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),

@@ -55,6 +55,7 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
         (["fit", "two_moons", "--step-drops", "-1"], "--step-drops: expected an integer >= 0, got -1"),
         (["fit", "two_moons", "--step-drops", "one"], "--step-drops: expected an integer >= 0, got 'one'"),
+        (["fit", "two_moons", "--drop-patience", "0"], "--drop-patience: expected a positive integer, got 0"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
         (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
@@ -146,13 +147,14 @@ def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_pa
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "200", "--quiet",
              "--observations", "1", "--out", str(out)]
-    assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "1", "--step-drops", "1", *small]) == 0
+    assert main(["fit", "two_moons", "--learning-rate", "0.0005", "--patience", "2", "--step-drops", "1",
+                 "--drop-patience", "1", *small]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["observations"][0]["c2st_samples"] == 100 and 0.5 <= report["observations"][0]["c2st"] <= 1
     training = report["training"]
     assert training["learning_rate"] == 0.0005
-    # patience 1 and one step drop: the first plateau lowers the step, and training stops one epoch after
-    # the later of its best epoch and the drop (200 epochs are never reached on 300 rows)
+    # patience 2 and one step drop: the first plateau lowers the step, and with patience 1 after the drop training
+    # stops one epoch after the later of its best epoch and the drop (200 epochs are never reached on 300 rows)
     (drop,) = training["step_drop_epochs"]
     assert training["stopped_early"] and training["epochs"] == max(training["best_epoch"], drop) + 2
     # another step size changes the run's settings: refused without --force, then retrained on the stored rows
@@ -183,15 +185,19 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         Job(**common, patience=2.5)
     with pytest.raises(ValueError, match=r"step_drops must be None \(NPE's default\) or an int >= 0, got -1"):
         Job(**common, step_drops=-1)
+    with pytest.raises(ValueError, match=r"drop_patience must be None \(NPE's default\) or an int >= 1, got 0"):
+        Job(**common, drop_patience=0)
     assert calls == []
     # left at the defaults, the options are not in the settings, so runs made before they existed resume
     plain = Job(**common)
     assert plain.fit_options == {"max_epochs": plain.max_epochs}
-    assert not {"learning_rate", "patience", "step_drops"} & set(plain.settings())
+    assert not {"learning_rate", "patience", "step_drops", "drop_patience"} & set(plain.settings())
     assert plain.settings()["max_epochs"] == plain.max_epochs
-    chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), step_drops=0, rounds=2)
-    assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4, "step_drops": 0}
-    assert (chosen.settings()["learning_rate"], chosen.settings()["patience"]) == (1e-3, 4)
+    chosen = Job(**common, learning_rate=1e-3, patience=np.int64(4), step_drops=0, drop_patience=2, rounds=2)
+    assert chosen.fit_options == {"max_epochs": chosen.max_epochs, "learning_rate": 1e-3, "patience": 4, "step_drops": 0,
+                                  "drop_patience": 2}
+    assert (chosen.settings()["learning_rate"], chosen.settings()["patience"], chosen.settings()["drop_patience"]) == (
+        1e-3, 4, 2)
 
 
 def test_fit_in_the_truncated_space(tmp_path):
