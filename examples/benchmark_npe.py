@@ -158,7 +158,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
-              "step_drops": step_drops,
+              "step_drops": step_drops, "drop_patience": args.drop_patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "mixing": args.mixing,
               "space": resolve_space(task.prior.support, args.space),
@@ -170,6 +170,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 patience=args.patience, step_drops=args.step_drops, ema_epochs=args.ema_epochs,
+                                drop_patience=args.drop_patience,
                                 transformer=args.transformer,
                                 bins=args.bins, bound=args.bound, space=args.space, mixing=args.mixing)
         if ours_c2st is None:
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int, default=None, help="our early-stopping patience (default: NPE's)")
     parser.add_argument("--step-drops", type=int, default=None,
                         help="our plateaus that lower the step size before stopping (default: NPE's)")
+    parser.add_argument("--drop-patience", type=int, default=None,
+                        help="our patience after a step drop (default: NPE's)")
     parser.add_argument("--ema-epochs", type=float, default=None,
                         help="our weight-average length in epochs, 0 for none (default: NPE's)")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,
