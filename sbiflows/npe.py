@@ -294,7 +294,8 @@ class NPE:
                 (docs/benchmarks.md, "Step drops on a plateau"). ``0`` stops at the first plateau, as
                 before.
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
-            drop_patience: Patience counted after a step drop (``>= 1``); None (default): ``patience``.
+            drop_patience: Epochs a step drop gets to improve on the best validation loss before training
+                stops (``>= 1``; once it improves, ``patience`` applies); None (default): ``patience``.
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's

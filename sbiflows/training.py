@@ -144,8 +144,11 @@ def train(
             from the best weights with the step size times ``step_drop_factor`` and counts patience
             afresh; the plateau after the last drop stops training. ``0``: the first plateau stops.
         step_drop_factor: Factor of each drop, in ``(0, 1)``.
-        drop_patience: Patience counted after a step drop (``>= 1``); None: ``patience``. A shorter
-            value ends training sooner where the smaller step finds nothing better.
+        drop_patience: Epochs a step drop gets to improve on the best validation loss (``>= 1``): if
+            none of the first ``drop_patience`` epochs after a drop does, training stops (or the next
+            drop comes) there; once one does, ``patience`` applies as before. None: ``patience``. A
+            shorter value saves the epochs after a drop that finds nothing better, without cutting
+            short a drop that does.
         seed: Seeds the split and the minibatch order (the model's initial weights are the caller's).
         progress: Show a progress bar with the current losses.
         history: Continue this history (e.g. when training again with more data): losses are
@@ -248,7 +251,7 @@ def train_checked(
     validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
     best_loss, best_epoch, since_best = math.inf, -1, 0
-    drops_left = step_drops
+    drops_left, on_trial = step_drops, False  # on_trial: after a drop that has not improved yet
     history.step_drop_epochs = []
     bar = _progress_bar(max_epochs) if progress else None
     with torch_threads(num_threads):
@@ -292,23 +295,23 @@ def train_checked(
                 history.validation_loss.append(val_loss)
                 history.epochs += 1
                 if val_loss < best_loss:
-                    best_loss, best_epoch, since_best = val_loss, epoch, 0
+                    best_loss, best_epoch, since_best, on_trial = val_loss, epoch, 0, False
                     best_state = _snapshot(validated)
                 else:
                     since_best += 1
                 if bar is not None:
                     bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{best_loss:.3f}")
                     bar.update(1)
-                if since_best >= patience and drops_left > 0:  # a plateau: go on from the best weights
-                    drops_left, since_best = drops_left - 1, 0
-                    patience = patience if drop_patience is None else drop_patience
+                plateau = since_best >= (drop_patience if on_trial else patience)
+                if plateau and drops_left > 0:  # a plateau: go on from the best weights
+                    drops_left, since_best, on_trial = drops_left - 1, 0, drop_patience is not None
                     model.load_state_dict(best_state)
                     if average is not None:
                         average.restart()
                     for group in optimizer.param_groups:
                         group["lr"] *= step_drop_factor
                     history.step_drop_epochs.append(epoch)
-                elif since_best >= patience:
+                elif plateau:
                     history.stopped_early = True
                     break
         finally:

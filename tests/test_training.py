@@ -280,10 +280,27 @@ def test_a_plateau_drops_the_step_and_training_goes_on_from_the_best_weights():
     best_before = min(plain.validation_loss)
     assert dropped.validation_loss[drop + 1:] == pytest.approx([best_before] * (dropped.epochs - drop - 1), rel=1e-6)
     assert dropped.epochs == drop + 1 + 3 and dropped.stopped_early  # patience counts afresh after the drop
-    # drop_patience replaces the patience after the drop only: the same run up to the drop, then 1 epoch
+    # a drop that finds nothing better within drop_patience epochs ends training: the same run up to the drop,
+    # then 1 epoch
     _, short = noisy_fit(x, 0, patience=3, step_drops=1, step_drop_factor=1e-9, drop_patience=1)
     assert short.step_drop_epochs == [drop] and short.validation_loss == dropped.validation_loss[: drop + 2]
     assert short.stopped_early
+
+
+def test_a_drop_that_improves_within_drop_patience_keeps_the_full_patience():
+    x = data(1000)
+    outcomes = []
+    for seed in range(4):
+        _, full = noisy_fit(x, seed, patience=3, step_drops=1, step_drop_factor=0.1)
+        _, trial = noisy_fit(x, seed, patience=3, step_drops=1, step_drop_factor=0.1, drop_patience=1)
+        (drop,) = full.step_drop_epochs
+        improved = full.validation_loss[drop + 1] < min(full.validation_loss[: drop + 1])
+        # improved in its first epoch: patience 3 applies again and the runs are the same run; otherwise the
+        # trial run stops one epoch after the drop
+        expected = full.validation_loss if improved else full.validation_loss[: drop + 2]
+        assert trial.validation_loss == expected, seed
+        outcomes.append(improved)
+    assert True in outcomes and False in outcomes  # both branches ran (seeds 1-3 improved, seed 0 did not)
 
 
 def test_step_drops_bring_noisy_iterates_closer_to_the_optimum():
