@@ -155,10 +155,11 @@ def run_seed(task, args, observations, seed: int) -> dict:
     fit_defaults = inspect.signature(NPE.fit).parameters
     patience = fit_defaults["patience"].default if args.patience is None else args.patience
     step_drops = fit_defaults["step_drops"].default if args.step_drops is None else args.step_drops
+    drop_patience = fit_defaults["drop_patience"].default if args.drop_patience is None else args.drop_patience
     record = {"task": args.task, "simulations": args.simulations, "seed": seed,
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
-              "step_drops": step_drops, "drop_patience": args.drop_patience,
+              "step_drops": step_drops, "drop_patience": drop_patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "mixing": args.mixing,
               "space": resolve_space(task.prior.support, args.space),

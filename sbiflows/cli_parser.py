@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="plateaus that lower the step size (times 0.2, from the best weights) before training "
                           "stops (default: NPE's)")
     fit.add_argument("--drop-patience", type=_positive_int, default=None, metavar="EPOCHS",
-                     help="patience after a step drop (default: NPE's; with --rounds, the round's --patience)")
+                     help="epochs a step drop gets to improve before training stops (default: NPE's, 10; with "
+                          "--rounds, the round's --patience)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--labels", metavar="LIST", default=None,
                      help="comma-separated parameter names for plots and the report (default: the task's, or the "

@@ -112,6 +112,25 @@ def test_one_round_is_amortized_npe_on_the_prior():
     assert len(tsnpe.rounds) == 1 and tsnpe.rounds[0].method == "prior"
 
 
+def test_rounds_keep_the_full_patience_after_a_step_drop(monkeypatch):
+    from sbiflows.npe import NPE
+
+    calls, fit = [], NPE.fit
+
+    def recording_fit(self, *args, **options):
+        calls.append(options)
+        return fit(self, *args, **options)
+
+    monkeypatch.setattr(NPE, "fit", recording_fit)
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, rounds=2, simulations=300, check_simulations=0, **FAST)
+    # NPE's default trial for a drop (10 epochs) was measured for one fit on prior draws, not for rounds
+    assert [(c["patience"], c["drop_patience"]) for c in calls] == [(30, 30), (30, 30)]
+    calls.clear()
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, rounds=1, simulations=300, check_simulations=0,
+                              **{**FAST, "fit_options": {"max_epochs": 30, "patience": 5, "drop_patience": 2}})
+    assert [(c["patience"], c["drop_patience"]) for c in calls] == [(5, 2)]
+
+
 def test_region_covering_the_prior_is_flagged():
     tsnpe = TSNPE(PRIOR, **SMALL)
     tsnpe.run(noise_only, torch.zeros(2), rounds=2, simulations=600, check_simulations=0, **FAST)
