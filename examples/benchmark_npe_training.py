@@ -41,7 +41,8 @@ NPE_OPTIONS = set(inspect.signature(NPE.__init__).parameters) - {"self", "prior"
 def parse_setting(text: str) -> dict[str, object]:
     """``"batch_size=64,learning_rate=5e-4"`` -> ``{"batch_size": 64, "learning_rate": 0.0005}``.
 
-    Values become ints or floats where they parse as such, else stay strings (e.g. ``activation=relu``);
+    Values become ints or floats where they parse as such, ``None`` becomes None (e.g.
+    ``drop_patience=None``), anything else stays a string (e.g. ``activation=relu``);
     ``hidden_features=100x100`` becomes ``(100, 100)``.
     """
     options: dict[str, object] = {}
@@ -49,6 +50,9 @@ def parse_setting(text: str) -> dict[str, object]:
         key, _, value = part.partition("=")
         if key == "hidden_features":
             options[key] = tuple(int(h) for h in value.split("x"))
+            continue
+        if value == "None":
+            options[key] = None
             continue
         for kind in (int, float, str):
             try:

@@ -198,6 +198,7 @@ def test_settings_route_every_npe_option_to_npe_and_the_rest_to_fit(monkeypatch)
     training = load_example("benchmark_npe_training")
     assert training.parse_setting("balancing=10,hidden_features=8x8,activation=relu,max_epochs=1") == {
         "balancing": 10, "hidden_features": (8, 8), "activation": "relu", "max_epochs": 1}
+    assert training.parse_setting("drop_patience=None") == {"drop_patience": None}
     theta = torch.rand(60, 2)
     posterior = training.fit_setting(box_uniform([0.0, 0.0], [1.0, 1.0]), "balancing=10,transforms=1,max_epochs=1",
                                      theta, theta + 0.1, seed=0)
