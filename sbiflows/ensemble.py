@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from sbiflows.estimator import PosteriorNet
 from sbiflows.seeding import derive_seed
 
-__all__ = ["EnsembleBase", "EnsembleNet", "member_seed"]
+__all__ = ["EnsembleBase", "EnsembleNet", "member_seed", "members_of", "mixture"]
 
 
 class EnsembleBase(nn.Module):
@@ -139,3 +139,13 @@ def member_seed(seed: int, k: int) -> int:
         (7, False)
     """
     return seed if k == 0 else derive_seed(seed, f"ensemble/{k}")
+
+
+def mixture(members: list[PosteriorNet]) -> PosteriorNet | EnsembleNet:
+    """One network as itself, several as their equal-weight :class:`EnsembleNet` (the inverse of :func:`members_of`)."""
+    return members[0] if len(members) == 1 else EnsembleNet(members)
+
+
+def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
+    """The flows of ``net``: an ensemble's members, or ``[net]`` for a single flow."""
+    return list(net.members) if isinstance(net, EnsembleNet) else [net]

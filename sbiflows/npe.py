@@ -4,45 +4,28 @@ Given pairs ``(theta_i, x_i)`` with ``theta_i ~ prior`` and ``x_i ~ simulator(th
 ``sum_i log q(theta_i | x_i)`` makes ``q(theta | x)`` approximate the posterior ``p(theta | x)`` for
 every ``x`` at once (amortized inference).
 
-Design choices (see also ``docs/benchmarks.md``):
+What it does beyond the maximum-likelihood fit (``docs/guide.md``, "The Python API", has the details
+and the measured reasons):
 
-* **Where the flow models theta** (``space``). For a prior with an unbounded parameter, in
-  ``u = T^{-1}(theta)`` with ``T = torch.distributions.biject_to(prior.support)`` (``exp`` for a
-  positive parameter): samples ``T(u)`` are always inside the support, with no rejection loop, and
-  ``log_prob`` adds the change of variables, so it is exactly normalized on the support. For a box
-  prior, in theta itself restricted to the box, as sbi does (:mod:`sbiflows.truncated_space`:
-  rejection sampling, ``log_prob`` normalized by a Monte Carlo estimate of the mass inside), because
-  the sigmoid of the unconstrained space costs accuracy on the box-prior benchmark tasks
-  (``docs/benchmarks.md``, "Which space for box priors"). ``space="unconstrained"`` keeps the exact
-  guarantee for a box too.
-* **z-scoring.** ``u`` and ``x`` are standardized with the mean and std of the (valid) training
-  rows of the first ``fit``; a constant ``x`` dimension gets std 1 and a warning. Flat ``x`` gets
-  one mean and std per feature; structured ``x`` (``(N, *x_shape)``) gets them per group that fits
-  its embedding (:mod:`sbiflows.xshape`): per channel for the CNNs (a convolution sees one scale at
-  every time point or pixel), per trial feature for :class:`~sbiflows.embeddings.PermutationInvariant`
-  (trials are exchangeable; NaN padding is left out), per element otherwise.
-* **Structured x.** ``x`` may be ``(N, *x_shape)``, e.g. a time series ``(N, C, T)``, an image
-  ``(N, H, W)`` or sets of trials ``(N, trials, d)``; the posterior remembers ``x_shape`` and takes
-  ``x_shape`` for one observation and ``(B, *x_shape)`` for a batch. The embedding net decides what the
-  shape means (:mod:`sbiflows.embeddings`); without one, structured ``x`` is flattened.
-* **Refitting.** ``fit`` called again appends the new rows to the data seen so far and continues
-  training from the current weights on all of it, keeping the z-score statistics of the first fit
-  and extending the same training history. Earlier rows keep their side of the validation split and
-  a ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`), so a refit is never
-  scored on rows it was trained on before (after :meth:`NPE.restore`, only if it was given the
-  split). Each ``fit`` returns an independent :class:`~sbiflows.posterior.Posterior` (a snapshot of
-  the weights).
-* **Transactional fits.** ``fit`` trains a copy and commits data, weights and history only when
-  training succeeds: a fit that raises (bad input, ``FloatingPointError``, ``KeyboardInterrupt``)
-  leaves the object as it was, so the next ``fit`` never trains on duplicated rows. The best
-  weights of a fit that failed after some epochs are kept in ``NPE.partial_posterior``.
-* **Batch size from the budget.** By default ``fit`` uses minibatches of ``2 * sqrt(n_train)`` rows
-  (within [32, 256]) and Adam steps of ``2e-3``. A small budget then gets enough gradient steps
-  before early stopping, and a large one fewer, cheaper epochs (see
-  :func:`sbiflows.training.default_batch_size`, :func:`~sbiflows.training.default_learning_rate` and
-  docs/benchmarks.md).
-* **Threads.** Small flows train several times faster with one intra-op thread on a loaded CPU, so
-  ``fit`` sets ``torch.set_num_threads(num_threads)`` (default 1) and restores the old value after.
+* **Space** (``space``): for a prior with an unbounded parameter the flow models
+  ``u = T^{-1}(theta)`` with ``T = torch.distributions.biject_to(prior.support)``, so samples are
+  always inside the support and ``log_prob`` is exactly normalized on it; for a box prior, theta
+  itself restricted to the box, as sbi does (:mod:`sbiflows.truncated_space`).
+* **z-scoring**: ``u`` and ``x`` are standardized with statistics of the valid training rows of the
+  first ``fit`` (a constant ``x`` dimension gets std 1 and a warning); structured ``x`` per group
+  that fits its embedding (:mod:`sbiflows.xshape`, ``docs/embeddings.md``).
+* **Structured x**: ``x`` may be ``(N, *x_shape)`` (a series, an image, sets of trials); the
+  posterior remembers ``x_shape``, and the embedding net decides what the shape means
+  (:mod:`sbiflows.embeddings`); without one, structured ``x`` is flattened.
+* **Refitting**: ``fit`` called again appends its rows and trains on from the current weights with
+  the first fit's z-score statistics; earlier rows keep their side of the validation split and a
+  ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`). Each ``fit`` returns
+  an independent :class:`~sbiflows.posterior.Posterior`.
+* **Transactional fits**: ``fit`` trains a copy and commits data, weights and history only when
+  training succeeds, so a fit that raised (bad input, divergence, Ctrl-C) never leaves duplicated
+  rows behind; its best weights are kept in ``NPE.partial_posterior``.
+* **Batches from the budget, one thread**: :func:`sbiflows.training.default_batch_size`,
+  :func:`~sbiflows.training.default_learning_rate`, :mod:`sbiflows.threads`.
 """
 
 from __future__ import annotations
@@ -57,7 +40,7 @@ from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
 from sbiflows.checks import check_choice, check_int, check_real
-from sbiflows.ensemble import EnsembleNet, member_seed
+from sbiflows.ensemble import EnsembleNet, member_seed, members_of, mixture
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
 from sbiflows.npe_network import build_network, check_network_options, network_config
@@ -90,18 +73,16 @@ class NPE:
         estimator: ``"maf"`` (masked autoregressive flow), ``"nsf"`` (neural spline flow: spline
             couplings; with ``D = 1`` the splines' parameters come from ``x`` alone), ``"realnvp"``
             (couplings, needs ``D >= 2`` unless splines) or a callable ``(features, context_features) -> Flow``.
-            Default ``"nsf"``, chosen by held-out posterior log-density on all ten benchmark tasks
-            (``docs/benchmarks.md``, "Defaults from all ten tasks"); ``"maf"`` fitted the three
-            10-parameter tasks with Gaussian priors better.
+            Default ``"nsf"`` (``docs/benchmarks.md``, "Defaults from all ten tasks").
         transforms: Number of flow layers. None (default): chosen at the first ``fit`` by
             :func:`~sbiflows.estimator.default_transforms` (10 from 5,000 training rows on with at
             least 3 parameters, else 5; the saved config records the number used). Ignored for a
             callable estimator.
         hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``; wider
             networks were measured in ``docs/benchmarks.md``). Ignored for a callable estimator.
-        activation: Activation of those networks: ``"tanh"`` (default), ``"relu"``, ``"elu"`` or
-            ``"gelu"``. Ignored for a callable estimator. tanh keeps the flow bounded for observations
-            outside the training range (see ``docs/benchmarks.md`` for the measured difference).
+        activation: Activation of those networks: ``"tanh"`` (default; it keeps the flow bounded for
+            observations outside the training range), ``"relu"``, ``"elu"`` or ``"gelu"``. Ignored for a
+            callable estimator.
         transformer: The elementwise map of the flow's layers: ``"affine"`` or ``"spline"``
             (monotonic rational-quadratic splines, Durkan et al. 2019). None (default): ``"spline"``
             for ``"nsf"``, ``"affine"`` for ``"maf"`` and ``"realnvp"``. Named estimators only.
@@ -123,12 +104,10 @@ class NPE:
             :mod:`sbiflows.balance`), which pushes the posterior towards conservative credible regions at
             some cost in sharpness; 0 (default): plain NPE, 100: the paper's choice. It costs a second
             network pass per training step, and the training history then records the penalized loss.
-        space: Where the flow models theta. ``"auto"`` (default): ``"truncated"`` for a box prior (every
-            parameter bounded on both sides), ``"unconstrained"`` otherwise (:func:`~sbiflows.truncated_space.resolve_space`;
-            the attribute ``space`` holds the resolved name). ``"unconstrained"``: in ``u = T^{-1}(theta)``,
-            so samples never leave the support and ``log_prob`` is exactly normalized on it.
-            ``"truncated"``: in theta itself, restricted to the support (rejection sampling, ``log_prob``
-            normalized by a Monte Carlo estimate; see :mod:`sbiflows.truncated_space`), as sbi does.
+        space: Where the flow models theta: ``"unconstrained"`` (in ``u = T^{-1}(theta)``), ``"truncated"``
+            (theta itself, restricted to the support; :mod:`sbiflows.truncated_space`) or ``"auto"``
+            (default): truncated for a box prior, unconstrained otherwise (the attribute ``space`` holds
+            the resolved name; :func:`~sbiflows.truncated_space.resolve_space`).
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
         device: Where to train; default: the device of the prior's samples.
 
@@ -275,10 +254,8 @@ class NPE:
                 and ``history.learning_rate`` record the values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
-                restored). 20, as sbi's: against 10 it gave the same or a better held-out posterior
-                log-density in the mean on all ten benchmark tasks at 1,000 and 10,000 simulations,
-                at 1.2x-4.1x the training time (docs/benchmarks.md, "Early-stopping patience with the
-                spline default").
+                restored). 20, as sbi's (docs/benchmarks.md, "Early-stopping patience with the spline
+                default").
             clip_grad_norm: Maximum gradient norm (``> 0``).
             ema_epochs: The weights that are validated and returned are an exponential moving
                 average of Adam's iterates over about this many epochs (``>= 0``; ``0``: the raw
@@ -286,20 +263,12 @@ class NPE:
             step_drops: Plateaus that lower the step size instead of ending training (``>= 0``): each
                 restarts from the best weights with the step times ``step_drop_factor`` and patience
                 counted afresh; ``history.step_drop_epochs`` records when (see
-                :func:`sbiflows.training.train`). 1 (default): against 0 it gave the same held-out
-                posterior log-density on most benchmark tasks (the same weights, where the smaller step
-                finds no better validation loss) and a better one in the mean on gaussian_mixture,
-                two_moons and sir at 1,000 and 10,000 simulations and gaussian_linear at 1,000, at up
-                to 2x the training time; slcp and gaussian_linear_uniform at 1,000 were 0.02 nats worse
-                (docs/benchmarks.md, "Step drops on a plateau"). ``0`` stops at the first plateau, as
-                before.
+                :func:`sbiflows.training.train`). Default 1 (docs/benchmarks.md, "Step drops on a
+                plateau"); ``0`` stops at the first plateau.
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
             drop_patience: Epochs a step drop gets to improve on the best validation loss before training
-                stops (``>= 1``; once it improves, ``patience`` applies); None: ``patience``. 10 (default):
-                against None it gave the same held-out posterior log-density on all 34 benchmark runs
-                measured (nine tasks at 10,000 simulations, six at 1,000): where a drop improved, it did
-                so within 10 epochs and the run was the same run; where it found nothing, training ended
-                10 epochs sooner (docs/benchmarks.md, "A trial for the step drop").
+                stops (``>= 1``; once it improves, ``patience`` applies); None: ``patience``. Default 10
+                (docs/benchmarks.md, "A trial for the step drop").
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's
@@ -348,10 +317,10 @@ class NPE:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
                                          dtype=self.dtype, **self._architecture()) for k in range(self.ensemble)]
-                net, flow_seed = (members[0] if self.ensemble == 1 else EnsembleNet(members)), seed
+                net, flow_seed = mixture(members), seed
             else:
                 net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
-            members = list(net.members) if isinstance(net, EnsembleNet) else [net]
+            members = members_of(net)
             histories = ([TrainingHistory() for _ in members] if self.histories is None
                          else copy.deepcopy(self.histories))
             history = histories[0]
@@ -374,8 +343,7 @@ class NPE:
                 trained = [k for k, h in enumerate(histories) if h.epochs > 0 and
                            (h.epochs > epochs_before[k] or self._net is not None)]
                 if any(histories[k].epochs > epochs_before[k] for k in trained):
-                    kept = [members[k] for k in trained]
-                    partial = kept[0] if len(kept) == 1 else EnsembleNet(kept)
+                    partial = mixture([members[k] for k in trained])
                     self._keep_partial(partial, flow_seed, n_layers, histories[trained[0]], error)
                 raise
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from sbiflows.checks import check_int
 from sbiflows.embeddings import embedding_config
-from sbiflows.ensemble import EnsembleNet
+from sbiflows.ensemble import EnsembleNet, members_of
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
@@ -200,9 +200,9 @@ def network_config(
         "x_dim": net.x_dim,
         "x_shape": list(net.x_shape),
         "x_stats_shape": list(net.x_shift.shape),
-        "context_features": (net.members[0] if isinstance(net, EnsembleNet) else net).flow.context_features,
+        "context_features": members_of(net)[0].flow.context_features,
         "flow_seed": flow_seed,
-        "ensemble": len(net.members) if isinstance(net, EnsembleNet) else 1,
+        "ensemble": len(members_of(net)),
         "balancing": balancing,
         "space": space,
     }

@@ -41,7 +41,7 @@ import sbiflows
 from sbiflows.checks import check_bool
 from sbiflows.embeddings import EMBEDDINGS
 from sbiflows.embeddings import build as build_embedding
-from sbiflows.ensemble import EnsembleNet
+from sbiflows.ensemble import mixture
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
 from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
@@ -198,7 +198,7 @@ def read(
                      theta_dim=theta_dim, x_shape=x_shape, stats_shape=post_config.get("x_stats_shape", x_shape))
         for k in range(post_config.get("ensemble", 1))
     ]
-    net = (members[0] if len(members) == 1 else EnsembleNet(members)).to(_DTYPES[config["dtype"]])
+    net = mixture(members).to(_DTYPES[config["dtype"]])
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
         diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))
