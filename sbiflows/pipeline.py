@@ -75,14 +75,12 @@ class Observation:
 class Job:
     """What ``sbiflows fit`` runs: the model, the observations, the budget and the engine options.
 
-    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for
-    every simulation of the run (training set, posterior predictive, calibration). ``task`` is a
-    benchmark task (with reference posteriors), or None for a user's simulator. ``rounds > 1`` runs
-    truncated sequential NPE for the job's single observation (:mod:`sbiflows.pipeline_sequential`), which
-    takes neither ``ensemble`` nor ``balancing`` (balanced NPE's penalty weight, ``NPE(balancing=)``).
-    ``max_epochs``, ``learning_rate``, ``patience``, ``step_drops`` and ``drop_patience`` go to :meth:`sbiflows.NPE.fit` (None: its
-    defaults); like the flow options they are part of the run's settings, so changing one retrains on the
-    stored simulations.
+    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
+    simulation of the run. ``task`` is a benchmark task (with reference posteriors), or None for a user's
+    simulator. ``rounds > 1`` runs truncated sequential NPE for the job's single observation
+    (:mod:`sbiflows.pipeline_sequential`), which takes neither ``ensemble`` nor ``balancing``. The training
+    options go to :meth:`sbiflows.NPE.fit` (None: its defaults); like the flow options they are part of the
+    run's settings, so changing one retrains on the stored simulations.
     """
 
     name: str
