@@ -203,3 +203,14 @@ def test_settings_route_every_npe_option_to_npe_and_the_rest_to_fit(monkeypatch)
     posterior = training.fit_setting(box_uniform([0.0, 0.0], [1.0, 1.0]), "balancing=10,transforms=1,max_epochs=1",
                                      theta, theta + 0.1, seed=0)
     assert posterior.config["balancing"] == 10 and posterior.history.epochs == 1
+
+
+def test_c2st_floor_scores_two_reference_draws_near_chance(capsys):
+    """benchmark_c2st_floor.py: two independent draws of two_moons' closed-form reference posterior."""
+    example = load_example("benchmark_c2st_floor")
+    assert example.parse_observations("1..3") == [1, 2, 3] and example.parse_observations("2,5") == [2, 5]
+    assert 0.45 < example.floor("two_moons", 1, seed=1, num_samples=1000) < 0.56
+    with pytest.raises(ValueError, match="seed must differ from 0"):
+        example.floor("two_moons", 1, seed=0, num_samples=1000)
+    example.main(["--tasks", "two_moons", "--observations", "1", "--seeds", "2", "--num-samples", "500"])
+    assert "two_moons: floor 0." in capsys.readouterr().out
