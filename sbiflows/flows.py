@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 #: What :func:`realnvp` and :func:`nsf` put between couplings: nothing (the masks alternate) or an LU-linear layer.
-MIXINGS = ("none", "lu")
+MIXINGS = ("none", "lu", "masks")
 
 
 #: Start of the warning of :func:`maf` and :func:`iaf` for one feature (callers that already warned filter it).
@@ -303,11 +304,26 @@ def realnvp(
     for i in range(transforms):
         layers.append(Coupling(
             features, context_features, transformer=map_, hidden_features=hidden_features, activation=activation,
-            mask=alternating_mask(features, parity=i % 2) if features > 1 else None,
+            mask=(None if features < 2 else bit_mask(features, layer=i) if mixing == "masks"
+                  else alternating_mask(features, parity=i % 2)),
         ))
         if mixing == "lu" and features > 1:
             layers.append(LULinear(features))
     return Flow(layers)
+
+
+def bit_mask(features: int, *, layer: int) -> Tensor:
+    """The mask of coupling ``layer`` in the ``"masks"`` schedule: layers ``2j`` and ``2j + 1`` split the
+    dimensions by binary digit ``j mod ceil(log2(features))`` of their index (kept where it is
+    ``layer % 2``), so every pair of dimensions lies on opposite sides in some layer.
+
+    Example:
+        >>> bit_mask(4, layer=2)
+        tensor([ True,  True, False, False])
+    """
+    bits = max(1, math.ceil(math.log2(features)))
+    digit = (layer // 2) % bits
+    return (torch.arange(features) >> digit) % 2 == layer % 2
 
 
 def nsf(
