@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bins", type=_positive_int, default=None, metavar="K",
                      help=f"spline bins (default {DEFAULT_BINS}); only with a spline transformer")
     fit.add_argument("--mixing", choices=list(MIXINGS), default="none",
-                     help="layer between the couplings of nsf and realnvp: none (default) or lu (sbi's LU-linear "
-                     "layer: a closer fit on the 10-parameter benchmark tasks, somewhat narrower posteriors)")
+                     help="how nsf and realnvp mix dimensions: none (default: alternating masks), lu (sbi's "
+                     "LU-linear layer after each coupling) or masks (masks cycling through binary digits)")
     fit.add_argument("--space", choices=list(SPACE_OPTIONS), default="auto",
                      help="where the flow models the parameters: auto (default: truncated for a box prior, "
                      "unconstrained otherwise), truncated (theta itself, restricted to the support by rejection, "

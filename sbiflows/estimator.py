@@ -88,7 +88,8 @@ def resolve_transformer(
             "bound": DEFAULT_BOUND if bound is None else float(bound)}
 
 def check_mixing(estimator: str | Callable, mixing: str) -> str:
-    """``mixing`` if the estimator takes it: ``"lu"`` is for the coupling flows ``"nsf"`` and ``"realnvp"`` only.
+    """``mixing`` if the estimator takes it: ``"lu"`` and ``"masks"`` are for the coupling flows ``"nsf"`` and
+    ``"realnvp"`` only.
 
     Example:
         >>> check_mixing("nsf", "lu")

@@ -38,7 +38,8 @@ __all__ = [
     "planar_flow", "realnvp",
 ]
 
-#: What :func:`realnvp` and :func:`nsf` put between couplings: nothing (the masks alternate) or an LU-linear layer.
+#: How :func:`realnvp` and :func:`nsf` let every dimension depend on every other: nothing (the masks
+#: alternate), an LU-linear layer after each coupling, or masks that cycle through binary digits (:func:`bit_mask`).
 MIXINGS = ("none", "lu", "masks")
 
 
@@ -281,9 +282,13 @@ def realnvp(
 
     ``transformer``, ``bins`` and ``bound`` are as in :func:`maf`. Affine couplings need
     ``features >= 2``; spline couplings also take one feature with a context (the conditioner then
-    sees the context alone). ``mixing="lu"`` puts a :class:`~sbiflows.transforms.LULinear` after each
-    coupling (as sbi's ``nsf`` does), so that every dimension can depend on every other, not only the
-    two halves of the masks on each other; ``"none"`` (default) alternates the masks alone.
+    sees the context alone). ``"none"`` (default) alternates the masks (even dimensions, then odd ones),
+    so each layer conditions one half on the other and two dimensions of the same half never act on
+    each other directly. ``mixing="lu"`` puts a :class:`~sbiflows.transforms.LULinear` after each
+    coupling (as sbi's ``nsf`` does); ``mixing="masks"`` keeps the couplings alone but lets the masks
+    cycle through the binary digits of the dimension index (:func:`bit_mask`), so every pair of
+    dimensions is split by some layer, at no extra parameters or cost. With two features all three
+    masks agree.
 
     Raises:
         ValueError: For one feature with affine couplings or without a context (and see :func:`maf`).

@@ -89,9 +89,10 @@ class NPE:
         bins: Spline bins (default 8; sbi's ``nsf`` uses 10); only with a spline transformer.
         bound: Splines act on ``[-bound, bound]`` of the flow's standardized space and are the
             identity outside (default 5.0; sbi's ``nsf`` uses 3.0); only with a spline transformer.
-        mixing: What the coupling estimators (``"nsf"``, ``"realnvp"``) put between couplings: ``"none"``
-            (default; the masks alternate) or ``"lu"``, an LU-linear layer after each coupling as in
-            sbi's ``nsf`` (:class:`~sbiflows.transforms.LULinear`). Saved with the posterior.
+        mixing: How the coupling estimators (``"nsf"``, ``"realnvp"``) mix dimensions: ``"none"`` (default;
+            the masks alternate), ``"lu"`` (an LU-linear layer after each coupling, as in sbi's ``nsf``)
+            or ``"masks"`` (masks cycling through binary digits; :func:`~sbiflows.flows.realnvp`). Saved
+            with the posterior.
         embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
             the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones

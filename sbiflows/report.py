@@ -116,6 +116,8 @@ def describe_estimator(options: dict) -> str:
         'maf (spline transformer, 8 bins), truncated theta space'
         >>> describe_estimator({"estimator": "nsf", "mixing": "lu"})
         'nsf (spline transformer, 8 bins), LU-linear layers between couplings'
+        >>> describe_estimator({"estimator": "nsf", "mixing": "masks"})
+        'nsf (spline transformer, 8 bins), masks cycling through binary digits'
         >>> describe_estimator({"estimator": "nsf", "balancing": 100.0})
         'nsf (spline transformer, 8 bins), balanced (weight 100)'
     """
@@ -126,8 +128,9 @@ def describe_estimator(options: dict) -> str:
     text = estimator
     if transformer["transformer"] == "spline":
         text += f" (spline transformer, {transformer['bins']} bins)"
-    if options.get("mixing", "none") != "none":
-        text += ", LU-linear layers between couplings"
+    mixing = options.get("mixing", "none")
+    if mixing != "none":
+        text += ", LU-linear layers between couplings" if mixing == "lu" else ", masks cycling through binary digits"
     if options.get("ensemble", 1) > 1:
         text += f", ensemble of {options['ensemble']} flows"
     if options.get("balancing", 0):

@@ -29,6 +29,7 @@ FACTORIES = {
     "spline_maf": functools.partial(maf, transformer="spline", bins=8),
     "spline_iaf": functools.partial(iaf, transformer="spline", bins=8),
     "nsf_lu": functools.partial(nsf, mixing="lu"),
+    "nsf_masks": functools.partial(nsf, mixing="masks"),  # differs from alternating masks from 3 features on
 }
 ONE_D = ["maf", "iaf", "planar_flow", "spline_maf", "spline_iaf"]  # couplings need 2 dimensions (or a context)
 
@@ -263,3 +264,20 @@ def test_learns_a_mixture_of_gaussians(name, margin):
     with torch.no_grad():
         gap = -flow.log_prob(held_out).mean() + target.log_prob(held_out).mean()
     assert gap < margin, f"{name}: held-out NLL {gap:.4f} nats above the true density's"
+
+
+@pytest.mark.parametrize("features", range(2, 18))
+def test_bit_masks_split_every_pair_of_dimensions(features):
+    """mixing="masks": every mask keeps and transforms something, and each pair of dimensions is split by some layer."""
+    from sbiflows.flows import bit_mask
+
+    layers = 2 * max(1, math.ceil(math.log2(features)))
+    masks = [bit_mask(features, layer=i) for i in range(layers)]
+    assert all(mask.any() and not mask.all() for mask in masks)
+    assert torch.equal(masks[0], ~masks[1])  # the two layers of a digit transform complementary halves
+    split = torch.zeros(features, features, dtype=torch.bool)
+    for mask in masks:
+        split |= mask[:, None] != mask[None, :]
+    assert split.sum() == features * (features - 1)
+    if features == 2:  # two features: the alternating masks
+        assert all(torch.equal(mask, torch.tensor([i % 2 == 0, i % 2 == 1])) for i, mask in enumerate(masks))

@@ -549,6 +549,8 @@ def test_lu_mixing_puts_a_linear_layer_after_each_coupling_and_is_refused_elsewh
     with pytest.raises(ValueError, match="mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got "
                                          "estimator 'maf'"):
         NPE(prior, "maf", mixing="lu")
+    with pytest.raises(ValueError, match="mixing='masks' applies to the coupling estimators"):
+        NPE(prior, "maf", mixing="masks")
     with pytest.raises(ValueError, match="mixing must be one of"):
         NPE(prior, "nsf", mixing="permute")
 
