@@ -31,6 +31,7 @@ import simulators
 from sbiflows import NPE
 from sbiflows.diagnostics.c2st import c2st  # the project's C2ST (sbibm protocol)
 from sbiflows.estimator import ESTIMATORS
+from sbiflows.flows import MIXINGS
 from sbiflows.simulate import simulate_from_prior
 from sbiflows.truncated_space import SPACE_OPTIONS, resolve_space
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
-    parser.add_argument("--mixing", default=None, choices=["none", "lu"],
+    parser.add_argument("--mixing", default=None, choices=list(MIXINGS),
                         help="our coupling flows' layer between couplings (default: NPE's)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models the parameters (NPE's space option; default: auto)")
