@@ -16,19 +16,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+
+from benchmark_npe import parse_observations  # examples/ is on sys.path when this runs as a script
+from benchmark_npe_training import emit
 
 import simulators
 from sbiflows.diagnostics.c2st import c2st
-
-
-def parse_observations(text: str) -> list[int]:
-    """``"1..5"`` -> ``[1, 2, 3, 4, 5]``; ``"1,3"`` -> ``[1, 3]``."""
-    if ".." in text:
-        first, last = text.split("..")
-        return list(range(int(first), int(last) + 1))
-    return [int(part) for part in text.split(",")]
 
 
 def floor(task_name: str, observation: int, *, seed: int, num_samples: int) -> float:
@@ -60,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             means.append(statistics.mean(scores.values()))
             print(f"{task_name} seed {seed}: " + " ".join(f"{i}:{v:.3f}" for i, v in scores.items())
                   + f"  mean {means[-1]:.3f}")
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps({"task": task_name, "seed": seed, "num_samples": args.num_samples,
-                                             "c2st": scores}) + "\n")
+            emit(args.json, {"task": task_name, "seed": seed, "num_samples": args.num_samples, "c2st": scores})
         print(f"{task_name}: floor {statistics.mean(means):.3f} (mean over {len(means)} seeds "
               f"and {len(observations)} observations)")
 

@@ -205,8 +205,9 @@ def test_settings_route_every_npe_option_to_npe_and_the_rest_to_fit(monkeypatch)
     assert posterior.config["balancing"] == 10 and posterior.history.epochs == 1
 
 
-def test_c2st_floor_scores_two_reference_draws_near_chance(capsys):
+def test_c2st_floor_scores_two_reference_draws_near_chance(capsys, monkeypatch):
     """benchmark_c2st_floor.py: two independent draws of two_moons' closed-form reference posterior."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     example = load_example("benchmark_c2st_floor")
     assert example.parse_observations("1..3") == [1, 2, 3] and example.parse_observations("2,5") == [2, 5]
     assert 0.45 < example.floor("two_moons", 1, seed=1, num_samples=1000) < 0.56
