@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +26,7 @@ from sbiflows.transforms import (
     Planar,
     Transform,
     alternating_mask,
+    bit_mask,
     make_transformer,
 )
 from sbiflows.transforms.autoregressive import LOG_SCALE_BOUND as MAF_LOG_SCALE_BOUND
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: How :func:`realnvp` and :func:`nsf` let every dimension depend on every other: nothing (the masks
-#: alternate), an LU-linear layer after each coupling, or masks that cycle through binary digits (:func:`bit_mask`).
+#: alternate), an LU-linear layer after each coupling, or masks that cycle through binary digits (:func:`~sbiflows.transforms.bit_mask`).
 MIXINGS = ("none", "lu", "masks")
 
 
@@ -286,7 +286,7 @@ def realnvp(
     so each layer conditions one half on the other and two dimensions of the same half never act on
     each other directly. ``mixing="lu"`` puts a :class:`~sbiflows.transforms.LULinear` after each
     coupling (as sbi's ``nsf`` does); ``mixing="masks"`` keeps the couplings alone but lets the masks
-    cycle through the binary digits of the dimension index (:func:`bit_mask`), so every pair of
+    cycle through the binary digits of the dimension index (:func:`~sbiflows.transforms.bit_mask`), so every pair of
     dimensions is split by some layer, at no extra parameters or cost. With two features all three
     masks agree.
 
@@ -315,20 +315,6 @@ def realnvp(
         if mixing == "lu" and features > 1:
             layers.append(LULinear(features))
     return Flow(layers)
-
-
-def bit_mask(features: int, *, layer: int) -> Tensor:
-    """The mask of coupling ``layer`` in the ``"masks"`` schedule: layers ``2j`` and ``2j + 1`` split the
-    dimensions by binary digit ``j mod ceil(log2(features))`` of their index (kept where it is
-    ``layer % 2``), so every pair of dimensions lies on opposite sides in some layer.
-
-    Example:
-        >>> bit_mask(4, layer=2)
-        tensor([ True,  True, False, False])
-    """
-    bits = max(1, math.ceil(math.log2(features)))
-    digit = (layer // 2) % bits
-    return (torch.arange(features) >> digit) % 2 == layer % 2
 
 
 def nsf(

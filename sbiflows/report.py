@@ -104,6 +104,10 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+#: How :func:`describe_estimator` names each non-default ``mixing`` of :data:`sbiflows.flows.MIXINGS`.
+_MIXING_TEXT = {"lu": "LU-linear layers between couplings", "masks": "masks cycling through binary digits"}
+
+
 def describe_estimator(options: dict) -> str:
     """A short text for the NPE options of a run: estimator, transformer, mixing layers, ensemble, balancing, space.
 
@@ -128,9 +132,8 @@ def describe_estimator(options: dict) -> str:
     text = estimator
     if transformer["transformer"] == "spline":
         text += f" (spline transformer, {transformer['bins']} bins)"
-    mixing = options.get("mixing", "none")
-    if mixing != "none":
-        text += ", LU-linear layers between couplings" if mixing == "lu" else ", masks cycling through binary digits"
+    if options.get("mixing", "none") != "none":
+        text += ", " + _MIXING_TEXT[options["mixing"]]
     if options.get("ensemble", 1) > 1:
         text += f", ensemble of {options['ensemble']} flows"
     if options.get("balancing", 0):

@@ -2,7 +2,7 @@
 
 from sbiflows.transforms.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from sbiflows.transforms.base import Compose, Inverse, Transform, broadcast_context
-from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling, alternating_mask
+from sbiflows.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling, alternating_mask, bit_mask
 from sbiflows.transforms.elementwise import BatchNorm, ElementwiseAffine, Permutation
 from sbiflows.transforms.linear import LULinear
 from sbiflows.transforms.made import MADE, MaskedLinear
@@ -29,6 +29,7 @@ __all__ = [
     "Transform",
     "Transformer",
     "alternating_mask",
+    "bit_mask",
     "broadcast_context",
     "make_transformer",
 ]

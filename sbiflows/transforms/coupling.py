@@ -3,6 +3,8 @@ elementwise transformer (RealNVP's affine map, or a rational-quadratic spline as
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +26,22 @@ def alternating_mask(features: int, *, parity: int = 0) -> Tensor:
         tensor([False,  True, False,  True])
     """
     return torch.arange(features) % 2 == parity
+
+
+def bit_mask(features: int, *, layer: int) -> Tensor:
+    """The mask of coupling ``layer`` in the ``mixing="masks"`` schedule of :func:`sbiflows.flows.realnvp`.
+
+    Layers ``2j`` and ``2j + 1`` split the dimensions by binary digit ``j mod ceil(log2(features))``
+    of their index (kept where it is ``layer % 2``), so every pair of dimensions lies on opposite sides
+    in some layer; layers 0 and 1 are :func:`alternating_mask`.
+
+    Example:
+        >>> bit_mask(4, layer=2)
+        tensor([ True,  True, False, False])
+    """
+    bits = max(1, math.ceil(math.log2(features)))
+    digit = (layer // 2) % bits
+    return (torch.arange(features) >> digit) % 2 == layer % 2
 
 
 class _Coupling(Transform):
