@@ -8,7 +8,9 @@ draws per dataset). Reported per row: the empirical coverage at 50% and 90%, the
 deviation in binomial standard deviations, ``z = (empirical - level) / sqrt(level (1 - level) / N)``
 over all levels, and whether it passes the issue's rule "nowhere below the level by more than
 3 standard deviations" (``z >= -3``); also the verdict of the library's two-sided check (3 standard
-deviations plus its 0.02 Monte Carlo tolerance) and training CPU seconds.
+deviations plus its 0.02 Monte Carlo tolerance) and training CPU seconds. Each record also says how
+many flows the posterior has (``ensemble``) and, for ``ensemble=auto``, what the first flow's check
+on its validation rows found (``ensemble_auto``: rows, over-confident or not, worst z and its level).
 
 Settings are comma-separated NPE and ``fit`` options as in ``benchmark_npe_training.py`` (``""`` is
 the defaults; ``ensemble=5`` an ensemble). ``--sbi`` (with the ``sbi`` package importable) adds a row
@@ -130,6 +132,8 @@ def measure(task_name: str, simulations: int, seed: int, setting: str, *, datase
     else:
         posterior = fit_setting(task.prior, setting, sims.theta[sims.valid], sims.x[sims.valid], seed=seed)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    config = getattr(posterior, "config", {})  # sbi's posterior has none
+    flows = {"ensemble": config.get("ensemble", 1), "ensemble_auto": config.get("ensemble_auto")}
     fresh = simulate_from_prior(task.simulate, task.prior, datasets, seed=derive_seed(seed, "coverage"), progress=False)
     test = simulate_from_prior(task.simulate, task.prior, test_size, seed=derive_seed(seed, "heldout"), progress=False)
     records = []
@@ -149,7 +153,7 @@ def measure(task_name: str, simulations: int, seed: int, setting: str, *, datase
                         "coverage": level, "worst_z": z, "worst_level": at, "passes": z >= -MAX_SIGMAS_BELOW,
                         "verdict": result.verdict, "heldout_nll": round(nll, 4), "test_size": int(test.valid.sum()),
                         "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-                        "coverage_cpu_seconds": round(coverage_cpu, 1)})
+                        "coverage_cpu_seconds": round(coverage_cpu, 1), **flows})
     return records
 
 

@@ -6,6 +6,10 @@ rows with different seeds (initial weights, validation split and minibatch order
 ``map``, saving and every diagnostic work unchanged. Ensembles are the field's first remedy for
 over-confident NPE posteriors: a mixture is at least as wide as its members where they disagree.
 
+``NPE(prior, ensemble="auto")`` trains one flow, checks it with :func:`auto_check` on its own
+validation rows (held out from its training), and adds the members of ``ensemble=3`` only when that
+flow is over-confident there; the single flow is the first member either way.
+
 * **Density**: ``log q = logsumexp_k log q_k - log K``.
 * **Sampling**: each draw picks a member uniformly at random, then draws from it; each member only
   computes the draws assigned to it. With a seed, the member of draw ``i`` comes from a uniform
@@ -21,10 +25,19 @@ import math
 import torch
 from torch import Tensor, nn
 
+from sbiflows.checks import check_int
 from sbiflows.estimator import PosteriorNet
 from sbiflows.seeding import derive_seed
 
-__all__ = ["EnsembleBase", "EnsembleNet", "member_seed", "members_of", "mixture"]
+__all__ = [
+    "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "EnsembleBase", "EnsembleNet", "auto_check", "auto_summary", "check_ensemble",
+    "member_seed", "members_of", "mixture",
+]
+
+#: ``ensemble="auto"``: the members trained when the first flow fails :func:`auto_check`.
+AUTO_MEMBERS = 3
+#: :func:`auto_check` uses at most this many validation rows, with this many posterior draws each.
+AUTO_ROWS, AUTO_DRAWS = 1000, 500
 
 
 class EnsembleBase(nn.Module):
@@ -149,3 +162,66 @@ def mixture(members: list[PosteriorNet]) -> PosteriorNet | EnsembleNet:
 def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
     """The flows of ``net``: an ensemble's members, or ``[net]`` for a single flow."""
     return list(net.members) if isinstance(net, EnsembleNet) else [net]
+
+
+def check_ensemble(ensemble: object) -> int | str:
+    """``ensemble`` as an int >= 1 or the string ``"auto"``, or a clear error naming the argument.
+
+    Example:
+        >>> check_ensemble(3), check_ensemble("auto")
+        (3, 'auto')
+    """
+    if ensemble == "auto":
+        return "auto"
+    if isinstance(ensemble, str):
+        raise ValueError(f"ensemble must be an int >= 1 or 'auto', got {ensemble!r}")
+    try:
+        return check_int(ensemble, "ensemble", minimum=1)
+    except (TypeError, ValueError) as error:  # the same message, naming the string choice too
+        raise type(error)(str(error).replace("an int >= 1", "an int >= 1 or 'auto'")) from None
+
+
+def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> object:
+    """The rule of ``ensemble="auto"``: is one flow over-confident on rows it did not train on?
+
+    Expected coverage of the posterior's HPD regions (:func:`~sbiflows.diagnostics.expected_coverage`)
+    on at most :data:`AUTO_ROWS` of the given rows, :data:`AUTO_DRAWS` draws each, one-sided and
+    without a Monte Carlo tolerance: the flow fails when its coverage is below the nominal level by
+    more than 3 binomial standard deviations at any of the levels 0.05, ..., 0.95 (the rule of
+    ``docs/benchmarks.md``, "Calibration at 10,000 simulations"). ``NPE.fit`` passes the first flow's
+    validation rows, which chose its early-stopping epoch but never trained it.
+
+    Args:
+        posterior: The first flow's :class:`~sbiflows.posterior.Posterior`.
+        theta: Held-out parameters ``(N, D)``.
+        x: Their simulations ``(N, *x_shape)``.
+        seed: Seeds the choice of rows and the posterior draws (torch's global generator is untouched).
+
+    Returns:
+        The :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False means "add members".
+    """
+    from sbiflows.diagnostics.coverage import expected_coverage  # diagnostics import the posterior
+
+    rows = torch.randperm(len(theta), generator=torch.Generator().manual_seed(seed))[:AUTO_ROWS].to(theta.device)
+    return expected_coverage(posterior, theta=theta[rows], x=x[rows], num_posterior_samples=AUTO_DRAWS, seed=seed,
+                             tolerance=0.0, one_sided=True, batch_size=100)
+
+
+def auto_summary(result: object) -> dict:
+    """What a posterior's config records of :func:`auto_check`: rows, verdict, and the most negative
+    ``z = (coverage - level) / sqrt(level (1 - level) / rows)`` with its level.
+
+    Example:
+        >>> from sbiflows.diagnostics.coverage import CoverageResult
+        >>> levels = torch.tensor([0.5, 0.9])
+        >>> result = CoverageResult(levels=levels, empirical=torch.tensor([0.45, 0.80]), band=torch.zeros(2),
+        ...                         hpd_ranks=torch.rand(100), num_posterior_samples=500, one_sided=True,
+        ...                         verdict="over-confident", passed=False)
+        >>> auto_summary(result)
+        {'rows': 100, 'over_confident': True, 'worst_z': -3.33, 'level': 0.9}
+    """
+    levels = result.levels.double()
+    z = (result.empirical.double() - levels) / (levels * (1 - levels) / result.num_datasets).sqrt()
+    worst = int(z.argmin())
+    return {"rows": result.num_datasets, "over_confident": not result.passed, "worst_z": round(float(z[worst]), 2),
+            "level": round(float(levels[worst]), 2)}

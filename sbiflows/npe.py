@@ -40,7 +40,9 @@ from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
 from sbiflows.checks import check_choice, check_int, check_real
-from sbiflows.ensemble import EnsembleNet, member_seed, members_of, mixture
+from sbiflows.ensemble import (
+    AUTO_MEMBERS, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
+)
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
 from sbiflows.npe_network import build_network, check_network_options, network_config
@@ -101,6 +103,8 @@ class NPE:
         ensemble: Train this many flows on the same rows with different seeds (initial weights,
             validation split, minibatch order) and return their equal-weight mixture (see
             :mod:`sbiflows.ensemble`); 1 (default) is a single flow. Costs ``ensemble`` times the training.
+            ``"auto"``: one flow, and three when that flow is over-confident on its own validation rows
+            (:func:`~sbiflows.ensemble.auto_check`, kept in :attr:`auto_coverage`); the first fit decides.
         balancing: Weight of the balancing penalty of balanced NPE (Delaunoy et al. 2023; see
             :mod:`sbiflows.balance`), which pushes the posterior towards conservative credible regions at
             some cost in sharpness; 0 (default): plain NPE, 100: the paper's choice. It costs a second
@@ -117,6 +121,8 @@ class NPE:
         history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before); for an
             ensemble, the first member's.
         histories: One history per ensemble member (None before a fit).
+        auto_coverage: With ``ensemble="auto"``, the coverage check of the first fit's first flow (a
+            :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False: members were added); else None.
         partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
             at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
             NPE itself is rolled back, so this is the only place those weights are kept; a
@@ -148,13 +154,13 @@ class NPE:
         bound: float | None = None,
         mixing: str = "none",
         embedding_net: nn.Module | None = None,
-        ensemble: int = 1,
+        ensemble: int | str = 1,
         balancing: float = 0.0,
         space: str = "auto",
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
     ):
-        self.ensemble = check_int(ensemble, "ensemble", minimum=1)
+        self.ensemble = check_ensemble(ensemble)
         self.balancing = check_real(balancing, "balancing", low=0.0)
         check_choice(space, "space", SPACE_OPTIONS)
         self.prior = prior
@@ -173,6 +179,7 @@ class NPE:
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
         self.histories: list[TrainingHistory] | None = None  # one per ensemble member
+        self.auto_coverage = None
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
         self._transforms: int | None = None  # the number of layers of the built flow (first fit)
@@ -316,12 +323,14 @@ class NPE:
                 self._prior.log_prob(inside).to(u.dtype) + space.log_abs_det_jacobian(u), weight=self.balancing)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
+                count = AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
-                                         dtype=self.dtype, **self._architecture()) for k in range(self.ensemble)]
-                net, flow_seed = mixture(members), seed
+                                         dtype=self.dtype, **self._architecture()) for k in range(count)]
+                flow_seed = seed
             else:
-                net, flow_seed, n_layers = copy.deepcopy(self._net), self._seed, self._transforms
-            members = members_of(net)
+                flow_seed, n_layers = self._seed, self._transforms
+                members = members_of(copy.deepcopy(self._net))
+            auto = self.ensemble == "auto" and self._net is None  # the first fit decides the number of flows
             histories = ([TrainingHistory() for _ in members] if self.histories is None
                          else copy.deepcopy(self.histories))
             history = histories[0]
@@ -329,6 +338,7 @@ class NPE:
             groups = duplicate_groups(theta, x)
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
+            check = None
             try:
                 for k, (member, member_history) in enumerate(zip(members, histories)):
                     train_checked(  # the options were checked at the top of fit
@@ -338,6 +348,13 @@ class NPE:
                         drop_patience=drop_patience, seed=member_seed(seed, k), progress=progress, history=member_history,
                         groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
                     )
+                    if auto and k == 0:
+                        first = Posterior(copy.deepcopy(member), self.prior, config=self._config(member, seed, n_layers))
+                        held_out = masks[0].to(theta.device)
+                        check = auto_check(first, theta[held_out], x[held_out], seed=seed)
+                        if check.passed:  # one flow is enough: drop the members not trained
+                            members, histories, masks = members[:1], histories[:1], masks[:1]
+                            break
             except BaseException as error:
                 # train() restored the best weights of the member it was training; members trained before
                 # (this fit or, on a refit, the previous one) are complete, members never trained are not.
@@ -347,8 +364,10 @@ class NPE:
                     partial = mixture([members[k] for k in trained])
                     self._keep_partial(partial, flow_seed, n_layers, histories[trained[0]], error)
                 raise
+            net = mixture(members)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
             self.histories, self._validation = histories, masks
+            self.auto_coverage = check if auto else self.auto_coverage
             self._transforms, self.partial_posterior = n_layers, None
             return Posterior(
                 copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
@@ -418,7 +437,7 @@ class NPE:
         except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
             return
         if hasattr(error, "add_note"):  # Python >= 3.11
-            what = (f"{len(net.members)} of {self.ensemble} ensemble members" if isinstance(net, EnsembleNet)
+            what = (f"{len(net.members)} ensemble members" if isinstance(net, EnsembleNet)
                     else f"epoch {history.best_epoch}")
             error.add_note(
                 "sbiflows: the NPE was restored to its state before this fit; the best weights of this "
@@ -431,5 +450,6 @@ class NPE:
                 "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
 
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
-        return network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                              space=self.space, **self._architecture())
+        auto = {} if self.auto_coverage is None else {"ensemble_auto": auto_summary(self.auto_coverage)}
+        return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
+                                     space=self.space, **self._architecture())
