@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "unconstrained otherwise), truncated (theta itself, restricted to the support by rejection, "
                      "as sbi does) or unconstrained (mapped onto the real line: samples never leave the support, "
                      "exact densities)")
-    fit.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+    fit.add_argument("--ensemble", type=_ensemble, default=1, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (K times the "
-                     "training cost; wider, less over-confident posteriors)")
+                     "training cost; wider, less over-confident posteriors); auto: one flow, and three when that "
+                     "flow is over-confident on its own held-out validation rows")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
@@ -158,6 +159,10 @@ def _int_at_least(text: str, minimum: int, expected: str) -> int:
 
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
+
+
+def _ensemble(text: str) -> int | str:
+    return "auto" if text == "auto" else _int_at_least(text, 1, "a positive integer or auto")
 
 
 def _nonnegative_int(text: str) -> int:

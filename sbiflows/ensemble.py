@@ -21,6 +21,7 @@ flow is over-confident there; the single flow is the first member either way.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +190,8 @@ def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> obj
     without a Monte Carlo tolerance: the flow fails when its coverage is below the nominal level by
     more than 3 binomial standard deviations at any of the levels 0.05, ..., 0.95 (the rule of
     ``docs/benchmarks.md``, "Calibration at 10,000 simulations"). ``NPE.fit`` passes the first flow's
-    validation rows, which chose its early-stopping epoch but never trained it.
+    validation rows, which chose its early-stopping epoch but never trained it. With few rows (100 at
+1,000 simulations) the band is wide and the check finds only a large over-confidence.
 
     Args:
         posterior: The first flow's :class:`~sbiflows.posterior.Posterior`.
@@ -203,8 +205,10 @@ def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> obj
     from sbiflows.diagnostics.coverage import expected_coverage  # diagnostics import the posterior
 
     rows = torch.randperm(len(theta), generator=torch.Generator().manual_seed(seed))[:AUTO_ROWS].to(theta.device)
-    return expected_coverage(posterior, theta=theta[rows], x=x[rows], num_posterior_samples=AUTO_DRAWS, seed=seed,
-                             tolerance=0.0, one_sided=True, batch_size=100)
+    with warnings.catch_warnings():  # few rows (a small budget) make a weak check, not a reason to warn the user
+        warnings.filterwarnings("ignore", message="expected_coverage: only", category=UserWarning)
+        return expected_coverage(posterior, theta=theta[rows], x=x[rows], num_posterior_samples=AUTO_DRAWS,
+                                 seed=seed, tolerance=0.0, one_sided=True, batch_size=100)
 
 
 def auto_summary(result: object) -> dict:

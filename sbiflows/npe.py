@@ -1,31 +1,20 @@
 """Neural posterior estimation (NPE): train a conditional flow ``q(theta | x)`` on simulations.
 
-Given pairs ``(theta_i, x_i)`` with ``theta_i ~ prior`` and ``x_i ~ simulator(theta_i)``, maximizing
-``sum_i log q(theta_i | x_i)`` makes ``q(theta | x)`` approximate the posterior ``p(theta | x)`` for
-every ``x`` at once (amortized inference).
+Maximizing ``sum_i log q(theta_i | x_i)`` over pairs with ``theta_i ~ prior``, ``x_i ~ simulator(theta_i)``
+makes ``q(theta | x)`` approximate the posterior ``p(theta | x)`` for every ``x`` at once (amortized
+inference). Beyond that fit (details and measured reasons in ``docs/guide.md``, "The Python API"):
 
-What it does beyond the maximum-likelihood fit (``docs/guide.md``, "The Python API", has the details
-and the measured reasons):
-
-* **Space** (``space``): for a prior with an unbounded parameter the flow models
-  ``u = T^{-1}(theta)`` with ``T = torch.distributions.biject_to(prior.support)``, so samples are
-  always inside the support and ``log_prob`` is exactly normalized on it; for a box prior, theta
-  itself restricted to the box, as sbi does (:mod:`sbiflows.truncated_space`).
-* **z-scoring**: ``u`` and ``x`` are standardized with statistics of the valid training rows of the
-  first ``fit`` (a constant ``x`` dimension gets std 1 and a warning); structured ``x`` per group
-  that fits its embedding (:mod:`sbiflows.xshape`, ``docs/embeddings.md``).
-* **Structured x**: ``x`` may be ``(N, *x_shape)`` (a series, an image, sets of trials); the
-  posterior remembers ``x_shape``, and the embedding net decides what the shape means
-  (:mod:`sbiflows.embeddings`); without one, structured ``x`` is flattened.
-* **Refitting**: ``fit`` called again appends its rows and trains on from the current weights with
-  the first fit's z-score statistics; earlier rows keep their side of the validation split and a
-  ``validation_fraction`` of the new rows validates (:attr:`NPE.validation`). Each ``fit`` returns
-  an independent :class:`~sbiflows.posterior.Posterior`.
-* **Transactional fits**: ``fit`` trains a copy and commits data, weights and history only when
-  training succeeds, so a fit that raised (bad input, divergence, Ctrl-C) never leaves duplicated
-  rows behind; its best weights are kept in ``NPE.partial_posterior``.
-* **Batches from the budget, one thread**: :func:`sbiflows.training.default_batch_size`,
-  :func:`~sbiflows.training.default_learning_rate`, :mod:`sbiflows.threads`.
+* **Space**: the flow models ``u = T^{-1}(theta)`` (``T = biject_to(prior.support)``) for a prior with
+  an unbounded parameter, and theta restricted to the box for a box prior (:mod:`sbiflows.truncated_space`).
+* **z-scoring** of ``u`` and ``x`` with the first ``fit``'s valid training rows (a constant ``x``
+  dimension gets std 1 and a warning); **structured x**
+  ``(N, *x_shape)`` goes to an embedding net (:mod:`sbiflows.embeddings`, :mod:`sbiflows.xshape`).
+* **Refitting** appends rows and trains on from the current weights; each ``fit`` returns an
+  independent :class:`~sbiflows.posterior.Posterior`.
+* **Transactional fits**: a ``fit`` that raised leaves the object as it was, its best weights in
+  ``NPE.partial_posterior``.
+* **Ensembles** (:mod:`sbiflows.ensemble`), batches from the budget and one thread
+  (:func:`sbiflows.training.default_batch_size`, :mod:`sbiflows.threads`).
 """
 
 from __future__ import annotations
@@ -45,7 +34,7 @@ from sbiflows.ensemble import (
 )
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
-from sbiflows.npe_network import build_network, check_network_options, network_config
+from sbiflows.npe_network import build_network, check_network_options, network_config, partial_posterior
 from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, prior_device
@@ -76,15 +65,12 @@ class NPE:
             couplings; with ``D = 1`` the splines' parameters come from ``x`` alone), ``"realnvp"``
             (couplings, needs ``D >= 2`` unless splines) or a callable ``(features, context_features) -> Flow``.
             Default ``"nsf"`` (``docs/benchmarks.md``, "Defaults from all ten tasks").
-        transforms: Number of flow layers. None (default): chosen at the first ``fit`` by
-            :func:`~sbiflows.estimator.default_transforms` (10 from 5,000 training rows on with at
-            least 3 parameters, else 5; the saved config records the number used). Ignored for a
-            callable estimator.
+        transforms: Number of flow layers. None (default): :func:`~sbiflows.estimator.default_transforms` at
+            the first ``fit`` (10 from 5,000 training rows with >= 3 parameters, else 5). Not for a callable.
         hidden_features: Hidden layer sizes of each layer's network (default ``(50, 50)``; wider
             networks were measured in ``docs/benchmarks.md``). Ignored for a callable estimator.
-        activation: Activation of those networks: ``"tanh"`` (default; it keeps the flow bounded for
-            observations outside the training range), ``"relu"``, ``"elu"`` or ``"gelu"``. Ignored for a
-            callable estimator.
+        activation: Their activation: ``"tanh"`` (default; it keeps the flow bounded for observations outside
+            the training range), ``"relu"``, ``"elu"`` or ``"gelu"``. Ignored for a callable estimator.
         transformer: The elementwise map of the flow's layers: ``"affine"`` or ``"spline"``
             (monotonic rational-quadratic splines, Durkan et al. 2019). None (default): ``"spline"``
             for ``"nsf"``, ``"affine"`` for ``"maf"`` and ``"realnvp"``. Named estimators only.
@@ -100,19 +86,16 @@ class NPE:
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
             (:mod:`sbiflows.embeddings`: ``MLP``, ``CNN1d``, ``CNN2d``, ``PermutationInvariant``) are saved
             with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
-        ensemble: Train this many flows on the same rows with different seeds (initial weights,
-            validation split, minibatch order) and return their equal-weight mixture (see
-            :mod:`sbiflows.ensemble`); 1 (default) is a single flow. Costs ``ensemble`` times the training.
+        ensemble: Train this many flows on the same rows with different seeds (weights, validation split,
+            minibatch order) and return their equal-weight mixture (:mod:`sbiflows.ensemble`); 1 (default).
             ``"auto"``: one flow, and three when that flow is over-confident on its own validation rows
             (:func:`~sbiflows.ensemble.auto_check`, kept in :attr:`auto_coverage`); the first fit decides.
-        balancing: Weight of the balancing penalty of balanced NPE (Delaunoy et al. 2023; see
-            :mod:`sbiflows.balance`), which pushes the posterior towards conservative credible regions at
-            some cost in sharpness; 0 (default): plain NPE, 100: the paper's choice. It costs a second
-            network pass per training step, and the training history then records the penalized loss.
-        space: Where the flow models theta: ``"unconstrained"`` (in ``u = T^{-1}(theta)``), ``"truncated"``
-            (theta itself, restricted to the support; :mod:`sbiflows.truncated_space`) or ``"auto"``
-            (default): truncated for a box prior, unconstrained otherwise (the attribute ``space`` holds
-            the resolved name; :func:`~sbiflows.truncated_space.resolve_space`).
+        balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
+            pushes credible regions towards conservative ones at some cost in sharpness and a second network
+            pass per step; 0 (default): plain NPE, 100: the paper's choice.
+        space: Where the flow models theta: ``"unconstrained"`` (``u = T^{-1}(theta)``), ``"truncated"`` (theta
+            restricted to the support; :mod:`sbiflows.truncated_space`) or ``"auto"`` (default): truncated for
+            a box prior, unconstrained otherwise (the attribute ``space`` holds the resolved name).
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
         device: Where to train; default: the device of the prior's samples.
 
@@ -123,13 +106,10 @@ class NPE:
         histories: One history per ensemble member (None before a fit).
         auto_coverage: With ``ensemble="auto"``, the coverage check of the first fit's first flow (a
             :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False: members were added); else None.
-        partial_posterior: The best posterior of the most recent ``fit`` that raised after completing
-            at least one epoch (e.g. interrupted with Ctrl-C), with its history; None otherwise. The
-            NPE itself is rolled back, so this is the only place those weights are kept; a
-            successful ``fit`` clears it. For an ensemble it is the mixture of the members that have
-            trained weights: those finished before the failure, the interrupted one's best epoch, and
-            on a refit the not-yet-refitted members' previous weights (its ``config["ensemble"]``
-            says how many members it holds).
+        partial_posterior: The best posterior of the latest ``fit`` that raised after at least one epoch
+            (e.g. Ctrl-C), the only place those weights are kept (the NPE is rolled back); None otherwise.
+            For an ensemble, the mixture of the members with trained weights (finished ones, the
+            interrupted one's best epoch, on a refit the others' previous weights).
 
     Example:
         >>> from torch.distributions import Independent, Uniform
@@ -170,16 +150,13 @@ class NPE:
             estimator, self.theta_dim, transformer=transformer, bins=bins, bound=bound, embedding_net=embedding_net,
             activation=activation, transforms=transforms, hidden_features=hidden_features, mixing=mixing,
         )
-        self.estimator = estimator
-        self.mixing = mixing
-        self.activation = activation
-        self.embedding_net = embedding_net
+        self.estimator, self.mixing, self.activation, self.embedding_net = estimator, mixing, activation, embedding_net
         self.max_batch_elements = max_batch_elements
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
         self.histories: list[TrainingHistory] | None = None  # one per ensemble member
-        self.auto_coverage = None
+        self.auto_coverage: Any = None  # a CoverageResult (diagnostics import this module's posterior)
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
         self._transforms: int | None = None  # the number of layers of the built flow (first fit)
@@ -254,33 +231,25 @@ class NPE:
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
             max_epochs: Upper bound on epochs (``>= 1``).
-            batch_size: Minibatch size (``>= 1``, lowered to the number of training rows if larger). None
-                (default): :func:`~sbiflows.training.default_batch_size` of the training rows, ``2 * sqrt``
-                of their number within [32, 256] (60 for 1,000 simulations, 190 for 10,000).
-            learning_rate: Adam step size (``> 0``). None (default):
-                :func:`~sbiflows.training.default_learning_rate` (``2e-3``). ``history.batch_size``
-                and ``history.learning_rate`` record the values used.
+            batch_size: Minibatch size (``>= 1``, at most the training rows). None (default): ``2 * sqrt`` of
+                the training rows within [32, 256] (:func:`~sbiflows.training.default_batch_size`).
+            learning_rate: Adam step size (``> 0``). None (default): ``2e-3``
+                (:func:`~sbiflows.training.default_learning_rate`). ``history`` records both values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
-                restored). 20, as sbi's (docs/benchmarks.md, "Early-stopping patience with the spline
-                default").
+                restored). 20, as sbi's (docs/benchmarks.md, "Early-stopping patience with the spline default").
             clip_grad_norm: Maximum gradient norm (``> 0``).
-            ema_epochs: The weights that are validated and returned are an exponential moving
-                average of Adam's iterates over about this many epochs (``>= 0``; ``0``: the raw
-                iterates); see :func:`sbiflows.training.train`. ``history.ema_epochs`` records it.
-            step_drops: Plateaus that lower the step size instead of ending training (``>= 0``): each
-                restarts from the best weights with the step times ``step_drop_factor`` and patience
-                counted afresh; ``history.step_drop_epochs`` records when (see
-                :func:`sbiflows.training.train`). Default 1 (docs/benchmarks.md, "Step drops on a
-                plateau"); ``0`` stops at the first plateau.
+            ema_epochs: Validate and return an exponential moving average of Adam's iterates over about this
+                many epochs (``>= 0``; ``0``: the raw iterates; :func:`sbiflows.training.train`).
+            step_drops: Plateaus that restart from the best weights with the step times ``step_drop_factor``
+                instead of ending training (``>= 0``; default 1, docs/benchmarks.md, "Step drops on a
+                plateau"); ``history.step_drop_epochs`` records when.
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
-            drop_patience: Epochs a step drop gets to improve on the best validation loss before training
-                stops (``>= 1``; once it improves, ``patience`` applies); None: ``patience``. Default 10
-                (docs/benchmarks.md, "A trial for the step drop").
+            drop_patience: Epochs a step drop gets to improve on the best validation loss (``>= 1``; then
+                ``patience`` applies); None: ``patience``. Default 10 (docs/benchmarks.md, "A trial for the step drop").
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
-                (default): the rule of :mod:`sbiflows.threads` (one thread, unless you set torch's
-                thread count yourself).
+                (default): :mod:`sbiflows.threads` (one, unless you set torch's thread count yourself).
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -292,9 +261,8 @@ class NPE:
                 the validation split.
             FloatingPointError: If the loss is non-finite before the first finite validation loss.
 
-        Whatever is raised (also ``KeyboardInterrupt``), the object keeps the data, weights and
-        history it had before the call; see :attr:`partial_posterior` for the weights of the
-        failed attempt.
+        Whatever is raised (also ``KeyboardInterrupt``), the object keeps the data, weights and history it
+        had before the call; :attr:`partial_posterior` holds the failed attempt's weights.
         """
         max_epochs, checked_batch, patience = check_training_options(
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -348,7 +316,7 @@ class NPE:
                         drop_patience=drop_patience, seed=member_seed(seed, k), progress=progress, history=member_history,
                         groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
                     )
-                    if auto and k == 0:
+                    if auto and k == 0:  # the first flow, checked on its own validation rows
                         first = Posterior(copy.deepcopy(member), self.prior, config=self._config(member, seed, n_layers))
                         held_out = masks[0].to(theta.device)
                         check = auto_check(first, theta[held_out], x[held_out], seed=seed)
@@ -362,18 +330,17 @@ class NPE:
                            (h.epochs > epochs_before[k] or self._net is not None)]
                 if any(histories[k].epochs > epochs_before[k] for k in trained):
                     partial = mixture([members[k] for k in trained])
-                    self._keep_partial(partial, flow_seed, n_layers, histories[trained[0]], error)
+                    self.partial_posterior = partial_posterior(
+                        partial, self.prior, self._config(partial, flow_seed, n_layers), histories[trained[0]],
+                        error, of=len(members), max_batch_elements=self.max_batch_elements)
                 raise
             net = mixture(members)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
             self.histories, self._validation = histories, masks
             self.auto_coverage = check if auto else self.auto_coverage
             self._transforms, self.partial_posterior = n_layers, None
-            return Posterior(
-                copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
-                history=copy.deepcopy(history),
-                max_batch_elements=self.max_batch_elements,
-            )
+            return Posterior(copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
+                             history=copy.deepcopy(history), max_batch_elements=self.max_batch_elements)
 
     def restore(self, posterior: Posterior, theta: Any, x: Any, *, validation: Any = None) -> NPE:
         """Continue from an earlier fit: adopt ``posterior``'s weights and history and the rows it was trained on.
@@ -424,26 +391,6 @@ class NPE:
         return self
 
     # ------------------------------------------------------------------------------ internals
-    def _keep_partial(
-        self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int, history: TrainingHistory,
-        error: BaseException,
-    ) -> None:
-        """Keep the best weights of a fit that raised after some epochs in :attr:`partial_posterior`."""
-        try:
-            self.partial_posterior = Posterior(
-                net, self.prior, config=self._config(net, flow_seed, transforms), history=history,
-                max_batch_elements=self.max_batch_elements,
-            )
-        except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
-            return
-        if hasattr(error, "add_note"):  # Python >= 3.11
-            what = (f"{len(net.members)} ensemble members" if isinstance(net, EnsembleNet)
-                    else f"epoch {history.best_epoch}")
-            error.add_note(
-                "sbiflows: the NPE was restored to its state before this fit; the best weights of this "
-                f"attempt ({what}) are in npe.partial_posterior"
-            )
-
     def _architecture(self) -> dict[str, Any]:
         """The options (checked by ``__init__``) that :func:`build_network` and :func:`network_config` share."""
         return {"estimator": self.estimator, "theta_dim": self.theta_dim, "hidden_features": self.hidden_features,

@@ -3,7 +3,8 @@
 :func:`check_network_options` refuses a bad architecture before any data is seen;
 :func:`build_network` makes a member's :class:`~sbiflows.estimator.PosteriorNet` from the first fit's
 rows (the embedding's output size and the z-scoring come from them); :func:`network_config` is the
-description a posterior keeps and saves.
+description a posterior keeps and saves; :func:`partial_posterior` keeps the trained weights of a fit that
+raised.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
 from sbiflows.embeddings import embedding_config
 from sbiflows.ensemble import EnsembleNet, members_of
+from sbiflows.posterior import Posterior
+from sbiflows.training import TrainingHistory
 from sbiflows.estimator import (
     ACTIVATIONS,
     ESTIMATORS,
@@ -206,3 +210,21 @@ def network_config(
         "balancing": balancing,
         "space": space,
     }
+
+
+def partial_posterior(
+    net: PosteriorNet | EnsembleNet, prior: Distribution, config: dict, history: TrainingHistory,
+    error: BaseException, *, of: int, max_batch_elements: int,
+) -> Posterior | None:
+    """The posterior of the trained weights of a fit that raised after some epochs (``NPE.partial_posterior``),
+    or None if even that fails; a note on ``error`` says where they are. ``of``: the members the fit trains."""
+    try:
+        posterior = Posterior(net, prior, config=config, history=history, max_batch_elements=max_batch_elements)
+    except Exception:  # noqa: BLE001 - rescuing the weights must never hide the original error
+        return None
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        what = (f"{len(net.members)} of {of} ensemble members" if isinstance(net, EnsembleNet)
+                else f"epoch {history.best_epoch}")
+        error.add_note("sbiflows: the NPE was restored to its state before this fit; the best weights of this "
+                       f"attempt ({what}) are in npe.partial_posterior")
+    return posterior

@@ -27,12 +27,14 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_name
+from sbiflows.ensemble import check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.priors import check_prior
 from sbiflows.report import (
+    describe_auto,
     describe_estimator,
     jsonable,
     parameter_summary,
@@ -94,7 +96,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     mixing: str = "none"
-    ensemble: int = 1
+    ensemble: int | str = 1  # "auto": NPE's ensemble="auto"
     balancing: float = 0.0  # weight of balanced NPE's penalty; 0 = plain NPE
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
     embedding: str = "none"
@@ -129,6 +131,7 @@ class Job:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
         self.balancing = check_real(self.balancing, "balancing", low=0)
+        self.ensemble = check_ensemble(self.ensemble)
         if self.rounds > 1:
             check_sequential_options(self.estimator_options)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
@@ -285,6 +288,9 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     state.timed("train", start)
     history = posterior.history
     state.report["training"] = training_record(history)
+    if "ensemble_auto" in posterior.config:  # what ensemble="auto" decided, for the report
+        state.report["ensemble_auto"] = posterior.config["ensemble_auto"]
+        state.log(f"      {describe_auto(state.report['ensemble_auto'])}")
     took = f" in {state.timings['train']:.1f} s" if "train" in state.resume.fresh else ""
     state.log(f"      {history.epochs} epochs{took}, best validation loss {history.best_validation_loss:.3f}")
     return posterior

@@ -124,6 +124,8 @@ def describe_estimator(options: dict) -> str:
         'nsf (spline transformer, 8 bins), masks cycling through binary digits'
         >>> describe_estimator({"estimator": "nsf", "balancing": 100.0})
         'nsf (spline transformer, 8 bins), balanced (weight 100)'
+        >>> describe_estimator({"estimator": "nsf", "ensemble": "auto"})
+        'nsf (spline transformer, 8 bins), auto ensemble (three flows if one is over-confident on held-out rows)'
     """
     from sbiflows.estimator import resolve_transformer
 
@@ -134,13 +136,33 @@ def describe_estimator(options: dict) -> str:
         text += f" (spline transformer, {transformer['bins']} bins)"
     if options.get("mixing", "none") != "none":
         text += ", " + _MIXING_TEXT[options["mixing"]]
-    if options.get("ensemble", 1) > 1:
-        text += f", ensemble of {options['ensemble']} flows"
+    ensemble = options.get("ensemble", 1)
+    if ensemble == "auto":
+        text += ", " + describe_auto(options.get("ensemble_auto"))
+    elif ensemble > 1:
+        text += f", ensemble of {ensemble} flows"
     if options.get("balancing", 0):
         text += f", balanced (weight {options['balancing']:g})"
     if options.get("space", "unconstrained") != "unconstrained":
         text += ", truncated theta space"
     return text
+
+
+def describe_auto(check: dict | None) -> str:
+    """What ``ensemble="auto"`` decided, from the posterior's ``config["ensemble_auto"]`` (None: not trained yet).
+
+    Example:
+        >>> describe_auto({"rows": 1000, "over_confident": True, "worst_z": -5.1, "level": 0.95})
+        'auto ensemble: 3 flows (one flow was over-confident on 1000 held-out rows: z = -5.1 at the 95% level)'
+    """
+    if check is None:
+        return "auto ensemble (three flows if one is over-confident on held-out rows)"
+    from sbiflows.ensemble import AUTO_MEMBERS
+
+    found = f"{check['rows']} held-out rows: z = {check['worst_z']:+.1f} at the {check['level']:.0%} level"
+    if check["over_confident"]:
+        return f"auto ensemble: {AUTO_MEMBERS} flows (one flow was over-confident on {found})"
+    return f"auto ensemble: 1 flow (it passed the coverage check on {found})"
 
 
 #: Title and figure of each calibration check a report may hold.

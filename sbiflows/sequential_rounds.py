@@ -69,7 +69,7 @@ def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
     """
     if npe_options.get("ensemble", 1) != 1:
         raise ValueError(f"TSNPE trains a single flow; it does not take an ensemble, got "
-                         f"ensemble={npe_options['ensemble']}")
+                         f"ensemble={npe_options['ensemble']!r}")
     if npe_options.get("balancing", 0):
         raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
                          "its penalty assumes parameters drawn from the prior, and rounds after the first draw "

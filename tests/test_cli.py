@@ -44,7 +44,8 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--estimator", "nope"], "invalid choice"),
         (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
         (["fit", "two_moons", "--estimator", "maf", "--bins", "4"], "bins"),  # maf's default transformer is affine
-        (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, got 0"),
+        (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer or auto, got 0"),
+        (["fit", "two_moons", "--ensemble", "many"], "expected a positive integer or auto, got 'many'"),
         (["fit", "two_moons", "--mixing", "permute"], "invalid choice"),
         (["fit", "bernoulli_glm", "--estimator", "maf", "--mixing", "lu"],
          "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),
@@ -139,6 +140,28 @@ def test_fit_with_a_balanced_spline_maf_ensemble(tmp_path, capsys):
     assert main([*again, "--force"]) == 0
     assert load(out / "posterior.pt").config["ensemble"] == 3
     assert "300 read from the store" in capsys.readouterr().out.split("[2/5]")[0]
+
+
+@pytest.mark.slow
+def test_auto_ensemble_reports_what_the_check_decided(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from sbiflows import load, npe
+    from sbiflows.ensemble import auto_check
+
+    def failing(posterior, theta, x, *, seed):  # a 2-epoch flow is seldom over-confident: make its check fail
+        return dataclasses.replace(auto_check(posterior, theta, x, seed=seed), passed=False)
+
+    monkeypatch.setattr(npe, "auto_check", failing)
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2"]
+    assert main(["fit", "two_moons", "--ensemble", "auto", "--out", str(out), "--observations", "1", *small]) == 0
+    assert "auto ensemble: 3 flows (one flow was over-confident on 30 held-out rows: z = " in capsys.readouterr().out
+    assert load(out / "posterior.pt").config["ensemble"] == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["ensemble"] == "auto" and report["ensemble_auto"]["rows"] == 30
+    assert "auto ensemble: 3 flows (one flow was over-confident on 30 held-out rows" in (out / "report.md").read_text()
 
 
 def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_path, capsys):

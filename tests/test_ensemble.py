@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from torch.distributions import Independent, Uniform
 
 from sbiflows import NPE, Posterior, load
 from sbiflows.diagnostics import sbc
-from sbiflows.ensemble import EnsembleNet
+from sbiflows.ensemble import AUTO_ROWS, EnsembleNet, auto_check
 
 PRIOR = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
 # The unconstrained space, where each member is exactly normalized and the mixture's density is their
@@ -96,10 +97,81 @@ def test_one_member_is_the_single_flow_and_refits_continue_every_member():
     assert [h.epochs for h in npe.histories] == [4, 4] and len(npe.theta) == 1000
 
 
-@pytest.mark.parametrize("value,error", [(0, ValueError), (2.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("value,error", [(0, ValueError), (2.0, TypeError), (True, TypeError), ("three", ValueError)])
 def test_bad_ensemble_sizes_are_refused(value, error):
-    with pytest.raises(error, match="ensemble must be an int >= 1"):
+    with pytest.raises(error, match="ensemble must be an int >= 1 or 'auto', got"):
         NPE(PRIOR, ensemble=value)
+
+
+class GaussianPosterior:
+    """theta ~ N(0, I), x = theta + N(0, I): the exact posterior is N(x / 2, I / 2); ``narrow`` scales its sd."""
+
+    def __init__(self, narrow=1.0):
+        self.sd = narrow * 0.5**0.5
+
+    def sample_batched(self, n, xs):
+        return xs / 2 + self.sd * torch.randn(n, *xs.shape)
+
+    def log_prob_batched(self, theta, xs):
+        return torch.distributions.Normal(xs / 2, self.sd).log_prob(theta).sum(-1)
+
+    def log_prob(self, theta, x):
+        return self.log_prob_batched(theta, x)
+
+
+def test_auto_check_passes_the_exact_posterior_and_flags_a_too_narrow_one():
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(3000, 2, generator=generator)
+    x = theta + torch.randn(3000, 2, generator=generator)
+    exact = auto_check(GaussianPosterior(), theta, x, seed=0)
+    assert exact.passed and exact.num_datasets == AUTO_ROWS  # at most AUTO_ROWS of the given rows
+    narrow = auto_check(GaussianPosterior(narrow=0.8), theta, x, seed=0)
+    assert not narrow.passed and narrow.verdict == "over-confident"
+    before = torch.random.get_rng_state()
+    auto_check(GaussianPosterior(), theta, x, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # seeded without touching the global generator
+
+
+def test_auto_keeps_the_single_flow_when_it_passes_its_check():
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble="auto", **OPTIONS)
+    posterior = npe.fit(theta, x, max_epochs=8, progress=False)
+    single = NPE(PRIOR, **OPTIONS).fit(theta, x, max_epochs=8, progress=False)
+    assert npe.auto_coverage.passed and npe.auto_coverage.num_datasets == int(npe.validation.sum()) == 80
+    assert posterior.config["ensemble"] == 1 and not isinstance(posterior.net, EnsembleNet)
+    assert posterior.config["ensemble_auto"] == {"rows": 80, "over_confident": False,
+                                                 "worst_z": posterior.config["ensemble_auto"]["worst_z"],
+                                                 "level": posterior.config["ensemble_auto"]["level"]}
+    probe, x_o = PRIOR.sample((20,)), torch.tensor([0.2, -0.4])
+    assert torch.equal(posterior.log_prob(probe, x_o), single.log_prob(probe, x_o))  # the single flow itself
+    assert len(npe.histories) == 1
+
+
+def test_auto_adds_the_members_of_ensemble_3_when_the_first_flow_fails(monkeypatch, tmp_path):
+    from sbiflows import npe as npe_module
+
+    checked = []
+
+    def failing(posterior, theta, x, *, seed):  # the real check, made to fail: over-confidence is hard to order
+        checked.append((theta, x))
+        result = auto_check(posterior, theta, x, seed=seed)
+        return dataclasses.replace(result, passed=False, verdict="over-confident")
+
+    monkeypatch.setattr(npe_module, "auto_check", failing)
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble="auto", **OPTIONS)
+    posterior = npe.fit(theta, x, max_epochs=4, progress=False)
+    three = NPE(PRIOR, ensemble=3, **OPTIONS).fit(theta, x, max_epochs=4, progress=False)
+    assert isinstance(posterior.net, EnsembleNet) and posterior.config["ensemble"] == 3
+    probe, x_o = PRIOR.sample((20,)), torch.tensor([0.2, -0.4])
+    assert torch.equal(posterior.log_prob(probe, x_o), three.log_prob(probe, x_o))  # exactly ensemble=3
+    assert torch.equal(checked[0][0], npe.theta[npe.validation])  # checked on the first flow's held-out rows
+    assert torch.equal(checked[0][1], npe.x[npe.validation])
+    assert posterior.config["ensemble_auto"]["over_confident"] is True
+    npe.fit(*data(200, seed=5), max_epochs=2, progress=False)  # a refit keeps the three flows, unchecked
+    assert len(checked) == 1 and [h.epochs for h in npe.histories] == [6, 6, 6]
+    posterior.save(tmp_path / "auto.pt")
+    assert load(tmp_path / "auto.pt").config["ensemble_auto"] == posterior.config["ensemble_auto"]
 
 
 def interrupt_at_evaluation(monkeypatch, at):

@@ -215,3 +215,14 @@ def test_c2st_floor_scores_two_reference_draws_near_chance(capsys, monkeypatch):
         example.floor("two_moons", 1, seed=0, num_samples=1000)
     example.main(["--tasks", "two_moons", "--observations", "1", "--seeds", "2", "--num-samples", "500"])
     assert "two_moons: floor 0." in capsys.readouterr().out
+
+
+def test_auto_check_fires_rarely_for_the_exact_posterior_and_always_for_a_narrow_one(capsys, monkeypatch):
+    """benchmark_auto_check.py: ensemble="auto"'s check on closed-form Gaussian posteriors."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_auto_check")
+    exact = example.firing(1.0, dims=2, rows=500, repeats=10)
+    assert exact["fired"] <= 0.2 and exact["rows"] == 500
+    assert example.firing(0.8, dims=2, rows=500, repeats=5)["fired"] == 1.0  # 20% too narrow: always found
+    example.main(["--dims", "2", "--rows", "300", "--repeats", "3", "--narrow", "1"])
+    assert "| 1 | 300 | 3 |" in capsys.readouterr().out

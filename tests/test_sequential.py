@@ -204,6 +204,8 @@ def test_bad_inputs(tmp_path):
         run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
     with pytest.raises(ValueError, match="it does not take an ensemble, got ensemble=2"):
         TSNPE(PRIOR, ensemble=2)
+    with pytest.raises(ValueError, match="it does not take an ensemble, got ensemble='auto'"):
+        TSNPE(PRIOR, ensemble="auto")
     with pytest.raises(ValueError, match="TSNPE does not take balancing .* got balancing=100"):
         TSNPE(PRIOR, balancing=100.0)
     assert MODE["calls"] == 0  # nothing was simulated for any of these
@@ -222,8 +224,9 @@ def test_npe_restore_refuses_what_it_cannot_continue():
     tsnpe = TSNPE(PRIOR, **SMALL)
     posterior = tsnpe.run(simulator, X_O, rounds=1, simulations=200, check_simulations=0, **FAST)
     theta, x = tsnpe.npe.theta, tsnpe.npe.x
-    with pytest.raises(ValueError, match="single flows"):
-        NPE(PRIOR, ensemble=2).restore(posterior, theta, x)
+    for ensemble in (2, "auto"):
+        with pytest.raises(ValueError, match="single flows"):
+            NPE(PRIOR, ensemble=ensemble).restore(posterior, theta, x)
     with pytest.raises(ValueError, match="x must have shape \\(N, 2\\)"):
         NPE(PRIOR).restore(posterior, theta, torch.cat([x, x], 1))
     restored = NPE(PRIOR, **SMALL).restore(posterior, theta, x)
