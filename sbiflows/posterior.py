@@ -280,8 +280,13 @@ class Posterior:
 
     @torch.no_grad()
     @torch_threads()
-    def log_prob_batched(self, theta: Any, xs: Any) -> Tensor:
-        """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, *x_shape)``: ``(n, B)``."""
+    def log_prob_batched(self, theta: Any, xs: Any, *, normalized: bool = True) -> Tensor:
+        """``log p(theta[i, b] | xs[b])`` for ``theta`` ``(n, B, D)`` and ``xs`` ``(B, *x_shape)``: ``(n, B)``.
+
+        ``normalized=False`` skips the truncated space's Monte Carlo normalizer (8,192 flow draws per
+        observation): the log-densities are then off by a constant per observation, which is all that
+        ranking parameters needs (HPD regions, :func:`sbiflows.ensemble.auto_check`).
+        """
         xs = self._observations(xs, "xs")
         theta = self._theta(theta)
         if theta.ndim != 3 or theta.shape[1] != len(xs):
@@ -289,9 +294,9 @@ class Posterior:
                 f"theta must have shape (n, B, {self.theta_dim}) with B = {len(xs)} observations, "
                 f"got {tuple(theta.shape)}"
             )
-        return self._evaluate(theta, xs)
+        return self._evaluate(theta, xs, normalized=normalized)
 
-    def _evaluate(self, theta: Tensor, xs: Tensor) -> Tensor:
+    def _evaluate(self, theta: Tensor, xs: Tensor, *, normalized: bool = True) -> Tensor:
         """``(n, B)`` log-densities of checked ``theta`` ``(n, B, D)`` given checked ``xs`` (log_prob's work)."""
         n = theta.shape[0]
         out = torch.empty(n, len(xs), device=self.device, dtype=self.dtype)
@@ -301,17 +306,17 @@ class Posterior:
             context = self.net.context(xs[b : b + obs_step])
             for i in range(0, n, sample_step):
                 out[i : i + sample_step, b : b + obs_step] = self._log_prob(
-                    theta[i : i + sample_step, b : b + obs_step], context
+                    theta[i : i + sample_step, b : b + obs_step], context, normalized=normalized
                 )
         return out
 
-    def _log_prob(self, theta: Tensor, context: Tensor) -> Tensor:
+    def _log_prob(self, theta: Tensor, context: Tensor, *, normalized: bool = True) -> Tensor:
         inside = self._space.inside(theta, boundary=False)
         u = self._space.to_unconstrained(torch.where(inside[..., None], theta, self._interior(theta)))
         ok = inside & torch.isfinite(u).all(-1)
         u = torch.where(ok[..., None], u, torch.zeros_like(u))
         log_prob = self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)
-        if self._space.truncated:
+        if self._space.truncated and normalized:
             log_prob = log_prob - self._normalizer(self.net, self._space, context, self.max_batch_elements)
         return torch.where(ok, log_prob, torch.full_like(log_prob, -torch.inf))
 

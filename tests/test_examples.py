@@ -226,3 +226,5 @@ def test_auto_check_fires_rarely_for_the_exact_posterior_and_always_for_a_narrow
     assert example.firing(0.8, dims=2, rows=500, repeats=5)["fired"] == 1.0  # 20% too narrow: always found
     example.main(["--dims", "2", "--rows", "300", "--repeats", "3", "--narrow", "1"])
     assert "| 1 | 300 | 3 |" in capsys.readouterr().out
+    example.main(["--cost", "two_moons", "--simulations", "300"])
+    assert '"rows": 30' in capsys.readouterr().out  # the first flow's 10% validation rows
