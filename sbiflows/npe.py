@@ -213,6 +213,7 @@ class NPE:
         validation_fraction: float = 0.1,
         patience: int = 20,
         clip_grad_norm: float = 5.0,
+        weight_decay: float = 0.0,
         ema_epochs: float = 1.0,
         step_drops: int = 1,
         step_drop_factor: float = 0.2,
@@ -239,6 +240,7 @@ class NPE:
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
                 restored). 20, as sbi's (docs/benchmarks.md, "Early-stopping patience with the spline default").
             clip_grad_norm: Maximum gradient norm (``> 0``).
+            weight_decay: Adam's L2 penalty on the weights (``>= 0``; default 0, as sbi).
             ema_epochs: Validate and return an exponential moving average of Adam's iterates over about this
                 many epochs (``>= 0``; ``0``: the raw iterates; :func:`sbiflows.training.train`).
             step_drops: Plateaus that restart from the best weights with the step times ``step_drop_factor``
@@ -267,7 +269,7 @@ class NPE:
         max_epochs, checked_batch, patience = check_training_options(
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-            ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
+            weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
             drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
@@ -312,8 +314,9 @@ class NPE:
                     train_checked(  # the options were checked at the top of fit
                         member, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                        ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-                        drop_patience=drop_patience, seed=member_seed(seed, k), progress=progress, history=member_history,
+                        weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
+                        step_drop_factor=step_drop_factor, drop_patience=drop_patience, seed=member_seed(seed, k),
+                        progress=progress, history=member_history,
                         groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
                     )
                     if auto and k == 0:  # the first flow, checked on its own validation rows

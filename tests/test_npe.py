@@ -95,6 +95,16 @@ def test_default_batch_size_and_learning_rate_follow_the_training_rows():
     assert (second.history.batch_size, second.history.learning_rate) == (60, 2e-3)
 
 
+def test_weight_decay_reaches_adam_and_is_checked():
+    prior, theta, x = box_problem()
+    plain = NPE(prior).fit(theta, x, **FAST)
+    decayed = NPE(prior).fit(theta, x, weight_decay=0.1, **FAST)
+    probe = theta[:20]
+    assert not torch.equal(plain.log_prob(probe, x=x[0]), decayed.log_prob(probe, x=x[0]))
+    with pytest.raises(ValueError, match=r"weight_decay must be finite and >= 0, got -0.001"):
+        NPE(prior).fit(theta, x, weight_decay=-0.001, **FAST)
+
+
 def test_weight_averaging_is_on_by_default_and_can_be_turned_off():
     prior, theta, x = box_problem()
     averaged = NPE(prior).fit(theta, x, **FAST)
