@@ -228,3 +228,36 @@ def test_auto_check_fires_rarely_for_the_exact_posterior_and_always_for_a_narrow
     assert "| 1 | 300 | 3 |" in capsys.readouterr().out
     example.main(["--cost", "two_moons", "--simulations", "300"])
     assert '"rows": 30' in capsys.readouterr().out  # the first flow's 10% validation rows
+
+
+def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeypatch):
+    """benchmark_mode_weights.py: every map of a task's group gives the same prior density and, with the
+    same noise, the same simulation, so the exact posterior is invariant; its symmetrized density is normalized."""
+    import torch
+
+    import simulators
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_mode_weights")
+    torch.manual_seed(1)
+    for name, (maps, cell) in example.SYMMETRIES.items():
+        task = simulators.get(name)
+        theta = task.prior.sample((64,))
+        x = task.simulate(theta, seed=3)
+        cells = set()
+        for g in maps:
+            moved = theta @ g.T
+            assert torch.allclose(task.prior.log_prob(moved), task.prior.log_prob(theta)), name
+            assert torch.allclose(task.simulate(moved, seed=3), x, atol=1e-5), name
+            cells.add(tuple(cell(moved[:1]).tolist()))
+        assert len(cells) == len(maps), name  # each map sends a point to its own cell
+
+    class Gaussian:  # a 2-D standard normal shifted off the reflection's axis: q_G must still integrate to 1
+        def log_prob_batched(self, theta, xs):
+            return torch.distributions.Normal(0.7, 0.3).log_prob(theta).sum(-1)
+
+    maps = example.SYMMETRIES["two_moons"][0]
+    grid = torch.linspace(-3, 3, 301)
+    points = torch.cartesian_prod(grid, grid)[:, None]
+    density = example.Symmetrized(Gaussian(), maps, seed=0).log_prob_batched(points, torch.zeros(1, 1)).exp()
+    assert float(density.sum()) * (grid[1] - grid[0]) ** 2 == pytest.approx(1.0, abs=1e-3)
