@@ -80,7 +80,7 @@ class Symmetrized:
 
     Example:
         >>> class Base:
-        ...     def log_prob_batched(self, theta, xs):
+        ...     def log_prob_batched(self, theta, xs, normalized=True):
         ...         return torch.where(theta[..., 0] > 0, 0.0, -math.inf)
         >>> q = Symmetrized(Base(), _sign_flips(1, (0,)), seed=0)
         >>> q.log_prob_batched(torch.tensor([[[1.0]], [[-1.0]]]), torch.zeros(1, 1)).exp()
@@ -99,9 +99,6 @@ class Symmetrized:
 
     def log_prob_batched(self, theta: Tensor, xs: Tensor) -> Tensor:
         maps = self.maps.to(theta)
-        if not hasattr(self.posterior, "config"):  # a plain density (the example above)
-            parts = torch.stack([self.posterior.log_prob_batched(theta @ g.T, xs) for g in maps])
-            return torch.logsumexp(parts, dim=0) - math.log(len(maps))
         # The truncated space's normalizer is a constant per x, the same for every g (the support is
         # symmetric too): estimate it once, from the identity's normalized and unnormalized log-densities.
         parts = torch.stack([self.posterior.log_prob_batched(theta @ g.T, xs, normalized=False) for g in maps])

@@ -253,7 +253,7 @@ def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeyp
         assert len(cells) == len(maps), name  # each map sends a point to its own cell
 
     class Gaussian:  # a 2-D standard normal shifted off the reflection's axis: q_G must still integrate to 1
-        def log_prob_batched(self, theta, xs):
+        def log_prob_batched(self, theta, xs, normalized=True):
             return torch.distributions.Normal(0.7, 0.3).log_prob(theta).sum(-1)
 
     maps = example.SYMMETRIES["two_moons"][0]
