@@ -201,6 +201,7 @@ def _setup(args: argparse.Namespace) -> Job:
         mixing=args.mixing,
         ensemble=args.ensemble,
         balancing=args.balancing,
+        calibration=args.calibration,
         space=args.space,
         embedding=embedding,
         seed=args.seed,

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
                      "where both were measured); 0 (default): plain NPE; not with --rounds")
+    fit.add_argument("--calibration", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
+                     help="weight of calibrated NPE's penalty on the coverage of the posterior's highest-density "
+                     "regions (Falkiewicz et al. 2023; 200 was measured): widens over-confident posteriors at "
+                     "several times the training cost; 0 (default): plain NPE; not with --rounds")
     fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
                      help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
                      "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
+from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.ensemble import (
     AUTO_MEMBERS, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
@@ -43,6 +44,7 @@ from sbiflows.training import (
     MAX_EPOCHS,
     TrainingHistory,
     check_training_options,
+    negative_log_likelihood,
     split_sizes,
     train_checked,
 )
@@ -93,6 +95,10 @@ class NPE:
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
+        calibration: Weight of calibrated NPE's penalty on the coverage of the posterior's HPD regions
+            (Falkiewicz et al. 2023; :mod:`sbiflows.coverage_loss`), which widens an over-confident
+            posterior at the cost of 16 posterior draws for 64 rows of every training step; 0 (default):
+            plain NPE. Saved with the posterior.
         space: Where the flow models theta: ``"unconstrained"`` (``u = T^{-1}(theta)``), ``"truncated"`` (theta
             restricted to the support; :mod:`sbiflows.truncated_space`) or ``"auto"`` (default): truncated for
             a box prior, unconstrained otherwise (the attribute ``space`` holds the resolved name).
@@ -136,12 +142,14 @@ class NPE:
         embedding_net: nn.Module | None = None,
         ensemble: int | str = 1,
         balancing: float = 0.0,
+        calibration: float = 0.0,
         space: str = "auto",
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
     ):
         self.ensemble = check_ensemble(ensemble)
         self.balancing = check_real(balancing, "balancing", low=0.0)
+        self.calibration = check_real(calibration, "calibration", low=0.0)
         check_choice(space, "space", SPACE_OPTIONS)
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
@@ -291,6 +299,8 @@ class NPE:
             u = space.to_unconstrained(inside)
             objective = None if self.balancing == 0 else BalancedObjective(
                 self._prior.log_prob(inside).to(u.dtype) + space.log_abs_det_jacobian(u), weight=self.balancing)
+            if self.calibration > 0:
+                objective = CalibratedObjective(objective or negative_log_likelihood, weight=self.calibration, seed=seed)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
                 count = AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
@@ -402,4 +412,4 @@ class NPE:
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
         auto = {} if self.auto_coverage is None else {"ensemble_auto": auto_summary(self.auto_coverage)}
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                                     space=self.space, **self._architecture())
+                                     calibration=self.calibration, space=self.space, **self._architecture())

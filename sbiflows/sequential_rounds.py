@@ -74,6 +74,9 @@ def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
         raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
                          "its penalty assumes parameters drawn from the prior, and rounds after the first draw "
                          "them from the truncated prior")
+    if npe_options.get("calibration", 0):
+        raise ValueError(f"TSNPE does not take calibration (calibrated NPE), got calibration={npe_options['calibration']}: "
+                         "its penalty was measured for amortized NPE on parameters drawn from the prior only")
 
 
 def split_budget(simulations: int, rounds: int, first_round: int | None = None) -> list[int]:
