@@ -51,6 +51,7 @@ def test_tasks_lists_the_benchmark(capsys):
          "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),
         (["fit", "two_moons", "--balancing", "-1"], "--balancing: expected a number >= 0, got -1"),
         (["fit", "two_moons", "--balancing", "inf"], "--balancing: expected a number >= 0, got inf"),
+        (["fit", "two_moons", "--calibration", "-2"], "--calibration: expected a number >= 0, got -2"),
         (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
         (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
@@ -98,7 +99,8 @@ def test_fit_with_the_nsf_estimator(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,key,parsed", [("--mixing", "lu", "mixing", "lu"),
-                                                      ("--balancing", "100", "balancing", 100.0)])
+                                                      ("--balancing", "100", "balancing", 100.0),
+                                                      ("--calibration", "200", "calibration", 200.0)])
 def test_an_option_joins_the_flow_options_and_settings_only_when_used(option, value, key, parsed):
     from sbiflows.cli import _setup, build_parser
 
