@@ -75,8 +75,9 @@ class CalibratedObjective:
         base: The loss the penalty is added to (e.g. :func:`~sbiflows.training.negative_log_likelihood`).
         weight: The penalty's weight ``>= 0`` (0: the base loss alone).
         rows: How many rows of each minibatch are ranked (``>= 2``; the first ones, which are a random
-            subset because minibatches are shuffled).
-        draws: Posterior draws per ranked row (``>= 1``).
+            subset because minibatches are shuffled); None: :data:`DEFAULT_ROWS`, read when the objective
+            is made.
+        draws: Posterior draws per ranked row (``>= 1``); None: :data:`DEFAULT_DRAWS`.
         seed: Seeds the draws' base noise (torch's global generator is untouched).
 
     Example:
@@ -90,11 +91,11 @@ class CalibratedObjective:
         True
     """
 
-    def __init__(self, base, *, weight: float, rows: int = DEFAULT_ROWS, draws: int = DEFAULT_DRAWS, seed: int = 0):
+    def __init__(self, base, *, weight: float, rows: int | None = None, draws: int | None = None, seed: int = 0):
         self.base = base
         self.weight = check_real(weight, "calibration", low=0.0)
-        self.rows = check_int(rows, "rows", minimum=2)
-        self.draws = check_int(draws, "draws", minimum=1)
+        self.rows = check_int(DEFAULT_ROWS if rows is None else rows, "rows", minimum=2)
+        self.draws = check_int(DEFAULT_DRAWS if draws is None else draws, "draws", minimum=1)
         self.seed = check_int(seed, "seed", minimum=0)
         self._generator: torch.Generator | None = None
 
