@@ -172,17 +172,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score the flow with its base widened to these standard deviations (a measurement)")
     parser.add_argument("--sbi", action="store_true", help="also train and score sbi's NPE")
     parser.add_argument("--sbi-estimator", default="nsf", help="sbi's density_estimator")
-    parser.add_argument("--calibration-rows", type=int, default=None,
-                        help="rows per minibatch that calibrated NPE's penalty ranks (default: the library's)")
-    parser.add_argument("--calibration-draws", type=int, default=None,
+    parser.add_argument("--penalty-rows", type=int, default=None,
+                        help="rows per minibatch that calibrated NPE's coverage penalty ranks (default: the library's)")
+    parser.add_argument("--penalty-draws", type=int, default=None,
                         help="posterior draws per ranked row of that penalty (default: the library's)")
     parser.add_argument("--json", default=None, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
     settings = [*args.settings, *([f"sbi {args.sbi_estimator}"] if args.sbi else [])]
-    if args.calibration_rows is not None:  # measurement knobs: the library's constants, read per fit
-        coverage_loss.DEFAULT_ROWS = args.calibration_rows
-    if args.calibration_draws is not None:
-        coverage_loss.DEFAULT_DRAWS = args.calibration_draws
+    if args.penalty_rows is not None:  # measurement knobs: the library's constants, read per fit
+        coverage_loss.DEFAULT_ROWS = args.penalty_rows
+    if args.penalty_draws is not None:
+        coverage_loss.DEFAULT_DRAWS = args.penalty_draws
     torch.set_num_threads(1)
     rows = []
     for task_name in args.tasks:
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                 for record in measure(task_name, args.simulations, seed, setting, datasets=args.datasets,
                                       posterior_samples=args.posterior_samples, test_size=args.test_size,
                                       temperatures=args.temperatures):
-                    if "calibration=" in setting:  # what the penalty ranked, with the setting's weight
-                        record |= {"calibration_rows": coverage_loss.DEFAULT_ROWS,
-                                   "calibration_draws": coverage_loss.DEFAULT_DRAWS}
+                    if "coverage_penalty=" in setting:  # what the penalty ranked, with the setting's weight
+                        record |= {"penalty_rows": coverage_loss.DEFAULT_ROWS,
+                                   "penalty_draws": coverage_loss.DEFAULT_DRAWS}
                     emit(args.json, record)
                     rows.append(record)
     print("\n| task | simulations | setting | temperature | seed | datasets | coverage at 50% | at 90% | worst z (level) "

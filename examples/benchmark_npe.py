@@ -45,13 +45,13 @@ def parse_observations(text: str) -> list[int]:
 
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
-             transforms=None, transformer=None, bins=None, bound=None, space=None, mixing=None, calibration=None,
+             transforms=None, transformer=None, bins=None, bound=None, space=None, mixing=None, coverage_penalty=None,
              **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
     options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound),
                                                   ("space", space), ("mixing", mixing),
-                                                  ("calibration", calibration)) if value is not None})
+                                                  ("coverage_penalty", coverage_penalty)) if value is not None})
     if transforms is not None:
         options["transforms"] = transforms
     fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
@@ -164,7 +164,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "step_drops": step_drops, "drop_patience": drop_patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
-              "bins": args.bins, "bound": args.bound, "mixing": args.mixing, "calibration": args.calibration,
+              "bins": args.bins, "bound": args.bound, "mixing": args.mixing, "coverage_penalty": args.coverage_penalty,
               "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
     ours_c2st = None
@@ -177,7 +177,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 drop_patience=args.drop_patience,
                                 transformer=args.transformer,
                                 bins=args.bins, bound=args.bound, space=args.space, mixing=args.mixing,
-                                calibration=args.calibration)
+                                coverage_penalty=args.coverage_penalty)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="our coupling flows' layer between couplings (default: NPE's)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models the parameters (NPE's space option; default: auto)")
-    parser.add_argument("--calibration", type=float, default=None,
+    parser.add_argument("--coverage-penalty", type=float, default=None,
                         help="weight of our calibrated NPE's coverage penalty (default: NPE's, none)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed to this file")
     args = parser.parse_args(argv)

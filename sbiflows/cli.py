@@ -201,7 +201,7 @@ def _setup(args: argparse.Namespace) -> Job:
         mixing=args.mixing,
         ensemble=args.ensemble,
         balancing=args.balancing,
-        calibration=args.calibration,
+        coverage_penalty=args.coverage_penalty,
         space=args.space,
         embedding=embedding,
         seed=args.seed,

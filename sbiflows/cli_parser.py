@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
                      "where both were measured); 0 (default): plain NPE; not with --rounds")
-    fit.add_argument("--calibration", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
+    fit.add_argument("--coverage-penalty", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of calibrated NPE's penalty on the coverage of the posterior's highest-density "
                      "regions (Falkiewicz et al. 2023; 200 was measured): widens over-confident posteriors at "
                      "several times the training cost; 0 (default): plain NPE; not with --rounds")

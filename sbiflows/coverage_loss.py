@@ -86,14 +86,15 @@ class CalibratedObjective:
         >>> from sbiflows.training import negative_log_likelihood
         >>> net = PosteriorNet(nsf(2, 3, transforms=1, hidden_features=(8,)), nn.Identity(), theta_dim=2, x_dim=3)
         >>> u, x = torch.randn(6, 2), torch.randn(6, 3)
-        >>> loss = CalibratedObjective(negative_log_likelihood, weight=100.0, rows=4, draws=8)(net, u, x, torch.arange(6))
+        >>> objective = CalibratedObjective(negative_log_likelihood, weight=100.0, rows=4, draws=8)
+        >>> loss = objective(net, u, x, torch.arange(6))
         >>> bool(loss >= negative_log_likelihood(net, u, x, torch.arange(6)))
         True
     """
 
     def __init__(self, base, *, weight: float, rows: int | None = None, draws: int | None = None, seed: int = 0):
         self.base = base
-        self.weight = check_real(weight, "calibration", low=0.0)
+        self.weight = check_real(weight, "coverage_penalty", low=0.0)
         self.rows = check_int(DEFAULT_ROWS if rows is None else rows, "rows", minimum=2)
         self.draws = check_int(DEFAULT_DRAWS if draws is None else draws, "draws", minimum=1)
         self.seed = check_int(seed, "seed", minimum=0)

@@ -95,7 +95,7 @@ class NPE:
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
-        calibration: Weight of calibrated NPE's penalty on the coverage of the posterior's HPD regions
+        coverage_penalty: Weight of calibrated NPE's penalty on the coverage of the posterior's HPD regions
             (Falkiewicz et al. 2023; :mod:`sbiflows.coverage_loss`), which widens an over-confident
             posterior at the cost of 16 posterior draws for 64 rows of every training step; 0 (default):
             plain NPE. Saved with the posterior.
@@ -142,14 +142,14 @@ class NPE:
         embedding_net: nn.Module | None = None,
         ensemble: int | str = 1,
         balancing: float = 0.0,
-        calibration: float = 0.0,
+        coverage_penalty: float = 0.0,
         space: str = "auto",
         max_batch_elements: int = 2**17,
         device: torch.device | str | None = None,
     ):
         self.ensemble = check_ensemble(ensemble)
         self.balancing = check_real(balancing, "balancing", low=0.0)
-        self.calibration = check_real(calibration, "calibration", low=0.0)
+        self.coverage_penalty = check_real(coverage_penalty, "coverage_penalty", low=0.0)
         check_choice(space, "space", SPACE_OPTIONS)
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
@@ -299,8 +299,9 @@ class NPE:
             u = space.to_unconstrained(inside)
             objective = None if self.balancing == 0 else BalancedObjective(
                 self._prior.log_prob(inside).to(u.dtype) + space.log_abs_det_jacobian(u), weight=self.balancing)
-            if self.calibration > 0:
-                objective = CalibratedObjective(objective or negative_log_likelihood, weight=self.calibration, seed=seed)
+            if self.coverage_penalty > 0:
+                objective = CalibratedObjective(objective or negative_log_likelihood, weight=self.coverage_penalty,
+                                                seed=seed)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
                 count = AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
@@ -412,4 +413,4 @@ class NPE:
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
         auto = {} if self.auto_coverage is None else {"ensemble_auto": auto_summary(self.auto_coverage)}
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                                     calibration=self.calibration, space=self.space, **self._architecture())
+                                     coverage_penalty=self.coverage_penalty, space=self.space, **self._architecture())

@@ -188,7 +188,7 @@ def network_config(
     flow_seed: int,
     balancing: float,
     space: str,
-    calibration: float = 0.0,
+    coverage_penalty: float = 0.0,
 ) -> dict:
     """The architecture description a :class:`~sbiflows.posterior.Posterior` keeps as ``config`` (and saves).
 
@@ -209,7 +209,7 @@ def network_config(
         "flow_seed": flow_seed,
         "ensemble": len(members_of(net)),
         "balancing": balancing,
-        "calibration": calibration,
+        "coverage_penalty": coverage_penalty,
         "space": space,
     }
 

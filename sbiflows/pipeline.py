@@ -80,7 +80,8 @@ class Job:
     ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
     simulation of the run. ``task`` is a benchmark task (with reference posteriors), or None for a user's
     simulator. ``rounds > 1`` runs truncated sequential NPE for the job's single observation
-    (:mod:`sbiflows.pipeline_sequential`), which takes neither ``ensemble`` nor ``balancing`` nor ``calibration``. The training
+    (:mod:`sbiflows.pipeline_sequential`), which takes neither ``ensemble`` nor ``balancing`` nor ``coverage_penalty``. The
+    training
     options go to :meth:`sbiflows.NPE.fit` (None: its defaults); like the flow options they are part of the
     run's settings, so changing one retrains on the stored simulations.
     """
@@ -98,7 +99,7 @@ class Job:
     mixing: str = "none"
     ensemble: int | str = 1  # "auto": NPE's ensemble="auto"
     balancing: float = 0.0  # weight of balanced NPE's penalty; 0 = plain NPE
-    calibration: float = 0.0  # weight of calibrated NPE's coverage penalty; 0 = plain NPE
+    coverage_penalty: float = 0.0  # weight of calibrated NPE's coverage penalty; 0 = plain NPE
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
     embedding: str = "none"
     seed: int = 0
@@ -132,7 +133,7 @@ class Job:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
         self.balancing = check_real(self.balancing, "balancing", low=0)
-        self.calibration = check_real(self.calibration, "calibration", low=0)
+        self.coverage_penalty = check_real(self.coverage_penalty, "coverage_penalty", low=0)
         self.ensemble = check_ensemble(self.ensemble)
         if self.rounds > 1:
             check_sequential_options(self.estimator_options)
@@ -141,12 +142,12 @@ class Job:
     @property
     def estimator_options(self) -> dict:
         """The options of :class:`~sbiflows.NPE` that choose the flow and its loss (``estimator``, ``transformer``,
-        ``bins``, ``ensemble``, and ``mixing``, ``space``, ``balancing`` and ``calibration`` unless they are the default)."""
+        ``bins``, ``ensemble``, and ``mixing``, ``space``, ``balancing`` and ``coverage_penalty`` unless they are the default)."""
         return {"estimator": self.estimator, "transformer": self.transformer, "bins": self.bins,
                 "ensemble": self.ensemble, **({"mixing": self.mixing} if self.mixing != "none" else {}),
                 **({"space": self.space} if self.space != "unconstrained" else {}),
                 **({"balancing": self.balancing} if self.balancing else {}),
-                **({"calibration": self.calibration} if self.calibration else {})}
+                **({"coverage_penalty": self.coverage_penalty} if self.coverage_penalty else {})}
 
     @property
     def fit_options(self) -> dict:
@@ -177,7 +178,7 @@ class Job:
             **({"space": self.space} if self.space != "unconstrained" else {}),  # so do runs of the default space
             **({"mixing": self.mixing} if self.mixing != "none" else {}),  # and runs without mixing layers
             **({"balancing": self.balancing} if self.balancing else {}),  # and runs of plain NPE
-            **({"calibration": self.calibration} if self.calibration else {}),
+            **({"coverage_penalty": self.coverage_penalty} if self.coverage_penalty else {}),
         })
 
     def parameter_names(self) -> list[str]:

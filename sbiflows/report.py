@@ -124,7 +124,7 @@ def describe_estimator(options: dict) -> str:
         'nsf (spline transformer, 8 bins), masks cycling through binary digits'
         >>> describe_estimator({"estimator": "nsf", "balancing": 100.0})
         'nsf (spline transformer, 8 bins), balanced (weight 100)'
-        >>> describe_estimator({"estimator": "nsf", "calibration": 200.0})
+        >>> describe_estimator({"estimator": "nsf", "coverage_penalty": 200.0})
         'nsf (spline transformer, 8 bins), coverage penalty (weight 200)'
         >>> describe_estimator({"estimator": "nsf", "ensemble": "auto"})
         'nsf (spline transformer, 8 bins), auto ensemble (three flows if one is over-confident on held-out rows)'
@@ -145,8 +145,8 @@ def describe_estimator(options: dict) -> str:
         text += f", ensemble of {ensemble} flows"
     if options.get("balancing", 0):
         text += f", balanced (weight {options['balancing']:g})"
-    if options.get("calibration", 0):
-        text += f", coverage penalty (weight {options['calibration']:g})"
+    if options.get("coverage_penalty", 0):
+        text += f", coverage penalty (weight {options['coverage_penalty']:g})"
     if options.get("space", "unconstrained") != "unconstrained":
         text += ", truncated theta space"
     return text

@@ -81,7 +81,8 @@ class TSNPE:
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...) except
-            ``ensemble``, ``balancing`` and ``calibration`` (:func:`check_sequential_options`). The flow defaults to
+            ``ensemble``, ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). The flow
+            defaults to
             NPE's (the spline flow, ``"nsf"``); for a posterior hundreds of times narrower than the prior
             the affine MAF (``estimator="maf"``) fits better (docs/sequential.md).
 

@@ -59,6 +59,7 @@ def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
     ``ensemble``: TSNPE trains one flow. ``balancing``: balanced NPE's penalty compares ``q(theta | x)``
     with the prior's density on parameters drawn from the prior, while every round after the first draws
     them from the truncated prior, where that comparison is off by the region's prior mass.
+    ``coverage_penalty``: calibrated NPE's penalty was measured for amortized NPE only.
 
     Example:
         >>> check_sequential_options({"estimator": "nsf", "balancing": 0.0})  # the defaults pass
@@ -74,9 +75,9 @@ def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
         raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
                          "its penalty assumes parameters drawn from the prior, and rounds after the first draw "
                          "them from the truncated prior")
-    if npe_options.get("calibration", 0):
-        raise ValueError(f"TSNPE does not take calibration (calibrated NPE), got calibration={npe_options['calibration']}: "
-                         "its penalty was measured for amortized NPE on parameters drawn from the prior only")
+    if npe_options.get("coverage_penalty", 0):
+        raise ValueError(f"TSNPE does not take coverage_penalty (calibrated NPE), got coverage_penalty="
+                         f"{npe_options['coverage_penalty']}: its penalty was measured for amortized NPE only")
 
 
 def split_budget(simulations: int, rounds: int, first_round: int | None = None) -> list[int]:

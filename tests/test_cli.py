@@ -51,7 +51,7 @@ def test_tasks_lists_the_benchmark(capsys):
          "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),
         (["fit", "two_moons", "--balancing", "-1"], "--balancing: expected a number >= 0, got -1"),
         (["fit", "two_moons", "--balancing", "inf"], "--balancing: expected a number >= 0, got inf"),
-        (["fit", "two_moons", "--calibration", "-2"], "--calibration: expected a number >= 0, got -2"),
+        (["fit", "two_moons", "--coverage-penalty", "-2"], "--coverage-penalty: expected a number >= 0, got -2"),
         (["fit", "two_moons", "--learning-rate", "0"], "--learning-rate: expected a positive number, got 0"),
         (["fit", "two_moons", "--learning-rate", "fast"], "expected a positive number, got 'fast'"),
         (["fit", "two_moons", "--patience", "0"], "--patience: expected a positive integer, got 0"),
@@ -100,7 +100,7 @@ def test_fit_with_the_nsf_estimator(tmp_path):
 
 @pytest.mark.parametrize("option,value,key,parsed", [("--mixing", "lu", "mixing", "lu"),
                                                       ("--balancing", "100", "balancing", 100.0),
-                                                      ("--calibration", "200", "calibration", 200.0)])
+                                                      ("--coverage-penalty", "200", "coverage_penalty", 200.0)])
 def test_an_option_joins_the_flow_options_and_settings_only_when_used(option, value, key, parsed):
     from sbiflows.cli import _setup, build_parser
 
@@ -120,19 +120,22 @@ def test_fit_with_a_balanced_spline_maf_ensemble(tmp_path, capsys):
     out = tmp_path / "run"
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "2", "--quiet"]
-    flow = ["--estimator", "maf", "--transformer", "spline", "--bins", "4", "--balancing", "10", "--ensemble", "2"]
+    flow = ["--estimator", "maf", "--transformer", "spline", "--bins", "4", "--balancing", "10", "--coverage-penalty",
+            "5", "--ensemble", "2"]  # the ensemble size last: the rerun below changes it
     assert main(["fit", "two_moons", *flow, "--out", str(out), "--observations", "1", *small]) == 0
     from sbiflows import load
 
     posterior = load(out / "posterior.pt")
     config = posterior.config
     assert (config["estimator"], config["transformer"], config["bins"], config["ensemble"]) == ("maf", "spline", 4, 2)
-    assert config["balancing"] == 10.0  # balanced NPE trained every member
+    assert config["balancing"] == 10.0 and config["coverage_penalty"] == 5.0  # both penalties trained every member
     report = json.loads((out / "report.json").read_text())
     assert (report["estimator"], report["transformer"], report["bins"], report["ensemble"]) == ("maf", "spline", 4, 2)
-    assert report["balancing"] == 10.0
+    assert report["balancing"] == 10.0 and report["coverage_penalty"] == 5.0  # beside the calibration checks
+    assert set(report["calibration"]) >= {"sbc", "coverage"}
     text = (out / "report.md").read_text()
-    assert "maf (spline transformer, 4 bins), ensemble of 2 flows, balanced (weight 10)" in text
+    assert ("maf (spline transformer, 4 bins), ensemble of 2 flows, balanced (weight 10), coverage penalty (weight 5)"
+            in text)
     # the flow options are part of the run's settings: another ensemble size needs --force and retrains,
     # while the simulations are reused
     again = ["fit", "two_moons", *flow[:-1], "3", "--out", str(out), "--observations", "1", *small]

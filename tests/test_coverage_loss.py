@@ -1,4 +1,4 @@
-"""Calibrated NPE (NPE(prior, calibration=...)): the coverage penalty, its objective and its effect on training."""
+"""Calibrated NPE (NPE(prior, coverage_penalty=...)): the coverage penalty, its objective and its effect on training."""
 
 from __future__ import annotations
 
@@ -98,22 +98,22 @@ def test_calibrated_npe_is_less_over_confident_than_plain_npe_on_held_out_pairs(
     options = {"transforms": 3, "hidden_features": (64, 64)}
     fit = {"seed": 0, "patience": 100, "max_epochs": 300, "progress": False}
     plain = NPE(PRIOR, **options).fit(theta, x, **fit)
-    calibrated = NPE(PRIOR, calibration=200.0, **options).fit(theta, x, **fit)
+    calibrated = NPE(PRIOR, coverage_penalty=200.0, **options).fit(theta, x, **fit)
     plain_rank, calibrated_rank = mean_hpd_rank(plain, held_theta, held_x), mean_hpd_rank(calibrated, held_theta, held_x)
     assert plain_rank > 0.55  # over-confident without the penalty (measured: 0.587)
     assert calibrated_rank < plain_rank - 0.06  # measured: 0.468, slightly conservative
-    assert calibrated.config["calibration"] == 200.0 and plain.config["calibration"] == 0.0
+    assert calibrated.config["coverage_penalty"] == 200.0 and plain.config["coverage_penalty"] == 0.0
 
 
 def test_calibration_is_saved_and_checked(tmp_path):
     theta, x = data(200)
-    posterior = NPE(PRIOR, calibration=10, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=2,
+    posterior = NPE(PRIOR, coverage_penalty=10, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=2,
                                                                                   progress=False)
     posterior.save(tmp_path / "p.pt")
-    assert load(tmp_path / "p.pt").config["calibration"] == 10.0
-    with pytest.raises(ValueError, match="calibration must be a real number >= 0, got -1"):
-        NPE(PRIOR, calibration=-1.0)
-    with pytest.raises(TypeError, match="calibration"):
-        NPE(PRIOR, calibration="much")
-    with pytest.raises(ValueError, match="TSNPE does not take calibration .* got calibration=100"):
-        TSNPE(PRIOR, calibration=100.0)
+    assert load(tmp_path / "p.pt").config["coverage_penalty"] == 10.0
+    with pytest.raises(ValueError, match="coverage_penalty must be a real number >= 0, got -1"):
+        NPE(PRIOR, coverage_penalty=-1.0)
+    with pytest.raises(TypeError, match="coverage_penalty"):
+        NPE(PRIOR, coverage_penalty="much")
+    with pytest.raises(ValueError, match="TSNPE does not take coverage_penalty .* got coverage_penalty=100"):
+        TSNPE(PRIOR, coverage_penalty=100.0)
