@@ -30,6 +30,7 @@ from torch.distributions import Distribution
 from sbiflows.balance import BalancedObjective
 from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_int, check_real
+from sbiflows.ensemble_training import train_members
 from sbiflows.ensemble import (
     AUTO_MEMBERS, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
 )
@@ -46,7 +47,6 @@ from sbiflows.training import (
     check_training_options,
     negative_log_likelihood,
     split_sizes,
-    train_checked,
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
 from sbiflows.training_options import batch_options, check_validation, fit_validation, validation_mask
@@ -320,23 +320,28 @@ class NPE:
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
             check = None
+            options = dict(  # checked at the top of fit
+                max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
+                weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
+                step_drop_factor=step_drop_factor, drop_patience=drop_patience, progress=progress,
+                groups=groups, num_threads=num_threads, objective=objective)
             try:
-                for k, (member, member_history) in enumerate(zip(members, histories)):
-                    train_checked(  # the options were checked at the top of fit
-                        member, u, x, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                        validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
-                        weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
-                        step_drop_factor=step_drop_factor, drop_patience=drop_patience, seed=member_seed(seed, k),
-                        progress=progress, history=member_history,
-                        groups=groups, validation=fixed[k], num_threads=num_threads, objective=objective,
-                    )
-                    if auto and k == 0:  # the first flow, checked on its own validation rows
-                        first = Posterior(copy.deepcopy(member), self.prior, config=self._config(member, seed, n_layers))
-                        held_out = masks[0].to(theta.device)
-                        check = auto_check(first, theta[held_out], x[held_out], seed=seed)
-                        if check.passed:  # one flow is enough: drop the members not trained
-                            members, histories, masks = members[:1], histories[:1], masks[:1]
-                            break
+                first = 0
+                if auto:  # the first flow alone, checked on its own validation rows
+                    train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1], validations=fixed[:1],
+                                  **options)
+                    posterior = Posterior(copy.deepcopy(members[0]), self.prior,
+                                          config=self._config(members[0], seed, n_layers))
+                    held_out = masks[0].to(theta.device)
+                    check = auto_check(posterior, theta[held_out], x[held_out], seed=seed)
+                    if check.passed:  # one flow is enough: drop the members not trained
+                        members, histories, masks = members[:1], histories[:1], masks[:1]
+                    first = 1
+                if first < len(members):  # the others together, in one vectorized pass where they allow it
+                    train_members(
+                        members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
+                        histories=histories[first:], validations=fixed[first:], **options)
             except BaseException as error:
                 # train() restored the best weights of the member it was training; members trained before
                 # (this fit or, on a refit, the previous one) are complete, members never trained are not.

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sbiflows.early_stopping import Plateau
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_options import (
     MAX_EPOCHS,
     check_training_options,
-    check_validation,
     default_batch_size,  # noqa: F401 - public here
     default_learning_rate,  # noqa: F401 - public here
-    split_order,
     split_sizes,  # noqa: F401 - public here
+    training_split,
 )
 from sbiflows.weight_average import WeightAverage
 
@@ -228,16 +228,10 @@ def train_checked(
     resolve_threads(num_threads)
     objective = negative_log_likelihood if objective is None else objective
     n = _check_rows(inputs, context)
-    generator = torch.Generator().manual_seed(seed)
-    if validation is None:
-        perm, n_train = split_order(n, validation_fraction, generator, groups)
-    else:  # the caller's split
-        validation = check_validation(validation, n)
-        perm = torch.cat([torch.nonzero(~validation).flatten(), torch.nonzero(validation).flatten()])
-        n_train = int((~validation).sum())
+    generator, train_idx, val_idx = training_split(n, validation_fraction, seed=seed, groups=groups,
+                                                   validation=validation, device=inputs.device)
+    n_train = len(train_idx)
     batch_size = min(batch_size, n_train)
-    perm = perm.to(inputs.device)
-    train_idx, val_idx = perm[:n_train], perm[n_train:]
 
     history = TrainingHistory() if history is None else history
     history.stopped_early, history.diverged = False, False
@@ -250,8 +244,7 @@ def train_checked(
     average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
     validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
-    best_loss, best_epoch, since_best = math.inf, -1, 0
-    drops_left, on_trial = step_drops, False  # on_trial: after a drop that has not improved yet
+    rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)
     history.step_drop_epochs = []
     bar = _progress_bar(max_epochs) if progress else None
     with torch_threads(num_threads):
@@ -279,39 +272,25 @@ def train_checked(
                 val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
                 if diverged or not math.isfinite(val_loss):
                     history.diverged = True
-                    if best_epoch < 0:
-                        raise FloatingPointError(
-                            f"non-finite loss at epoch {epoch} before any finite validation loss; try a lower "
-                            "learning_rate or check the data for extreme values"
-                        )
-                    warnings.warn(
-                        f"training diverged (non-finite loss) at epoch {epoch}; restored the best weights "
-                        f"(epoch {best_epoch}, validation loss {best_loss:.4f})",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                    diverged_warning(rule, epoch, stacklevel=2)
                     break
                 history.train_loss.append(total / n_train)
                 history.validation_loss.append(val_loss)
                 history.epochs += 1
-                if val_loss < best_loss:
-                    best_loss, best_epoch, since_best, on_trial = val_loss, epoch, 0, False
+                improved, action = rule.observe(val_loss, epoch)
+                if improved:
                     best_state = _snapshot(validated)
-                else:
-                    since_best += 1
                 if bar is not None:
-                    bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{best_loss:.3f}")
+                    bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{rule.best_loss:.3f}")
                     bar.update(1)
-                plateau = since_best >= (drop_patience if on_trial else patience)
-                if plateau and drops_left > 0:  # a plateau: go on from the best weights
-                    drops_left, since_best, on_trial = drops_left - 1, 0, drop_patience is not None
+                if action == "drop":  # a plateau: go on from the best weights
                     model.load_state_dict(best_state)
                     if average is not None:
                         average.restart()
                     for group in optimizer.param_groups:
                         group["lr"] *= step_drop_factor
                     history.step_drop_epochs.append(epoch)
-                elif plateau:
+                elif action == "stop":
                     history.stopped_early = True
                     break
         finally:
@@ -319,10 +298,29 @@ def train_checked(
                 bar.close()
             model.load_state_dict(best_state)
             model.eval()
-            if best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
-                history.best_epoch, history.best_validation_loss = best_epoch, best_loss
+            if rule.best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
+                history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
             history.seconds += time.perf_counter() - start
     return history
+
+
+def diverged_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:
+    """Warn that training diverged at ``epoch`` and the best weights were restored; raise if there are none.
+
+    Raises:
+        FloatingPointError: If no epoch reached a finite validation loss.
+    """
+    if rule.best_epoch < 0:
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch} before any finite validation loss; try a lower "
+            "learning_rate or check the data for extreme values"
+        )
+    warnings.warn(
+        f"training diverged (non-finite loss) at epoch {epoch}; restored the best weights "
+        f"(epoch {rule.best_epoch}, validation loss {rule.best_loss:.4f})",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: float) -> torch.optim.Adam:

@@ -115,6 +115,32 @@ def split_order(n: int, validation_fraction: float, generator: torch.Generator,
     return perm, n_train
 
 
+def training_split(
+    n: int, validation_fraction: float, *, seed: int, groups: Tensor | None = None,
+    validation: Tensor | None = None, device: torch.device | str = "cpu",
+) -> tuple[torch.Generator, Tensor, Tensor]:
+    """``(generator, training rows, validation rows)`` of :func:`~sbiflows.training.train` with ``seed``.
+
+    Without ``validation`` the split is :func:`split_order`'s, drawn from ``generator``, which then
+    goes on to draw the minibatch orders; with it (a checked boolean mask, True: validate) the split
+    is the mask's. The row indices are on ``device``.
+
+    Example:
+        >>> generator, train_rows, val_rows = training_split(10, 0.2, seed=0)
+        >>> len(train_rows), len(val_rows), sorted(train_rows.tolist() + val_rows.tolist()) == list(range(10))
+        (8, 2, True)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if validation is None:
+        perm, n_train = split_order(n, validation_fraction, generator, groups)
+    else:  # the caller's split
+        validation = check_validation(validation, n)
+        perm = torch.cat([torch.nonzero(~validation).flatten(), torch.nonzero(validation).flatten()])
+        n_train = int((~validation).sum())
+    perm = perm.to(device)
+    return generator, perm[:n_train], perm[n_train:]
+
+
 def validation_mask(n: int, validation_fraction: float, *, seed: int, groups: Tensor | None = None) -> Tensor:
     """The ``(n,)`` boolean mask of the rows ``train(..., seed=seed, groups=groups)`` holds out.
 

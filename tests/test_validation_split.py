@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sbiflows import NPE, box_uniform, training
+from sbiflows import NPE, box_uniform, ensemble_training, training
 from sbiflows import npe as npe_module
 from sbiflows.ensemble import member_seed
 from sbiflows.training import train
@@ -96,9 +96,11 @@ def simulate(n: int, seed: int):
 
 
 def record_validation_rows(monkeypatch) -> list[set[int]]:
-    """The row indices ``training._evaluate`` scores, one set per ``train_checked`` call of ``NPE.fit``
-    (one per ensemble member)."""
-    calls, evaluate, train_checked = [], training._evaluate, npe_module.train_checked
+    """The row indices scored for validation, one set per ensemble member ``NPE.fit`` trains (in order):
+    ``training._evaluate``'s for a member trained alone, ``ensemble_training._validate``'s, slot by slot,
+    for members trained together."""
+    calls, evaluate, validate = [], training._evaluate, ensemble_training._validate
+    train_checked, stacked, first = ensemble_training.train_checked, ensemble_training._train_stacked, [0]
 
     def recording_train(*args, **kwargs):
         calls.append(set())
@@ -108,8 +110,20 @@ def record_validation_rows(monkeypatch) -> list[set[int]]:
         calls[-1].update(idx.tolist())
         return evaluate(model, inputs, context, idx, objective)
 
-    monkeypatch.setattr(npe_module, "train_checked", recording_train)
+    def recording_stacked(members, *args, **kwargs):
+        first[0] = len(calls)
+        calls.extend(set() for _ in members)
+        return stacked(members, *args, **kwargs)
+
+    def recording_validate(stack, params, inputs, context, rows):
+        for slot, member in enumerate(stack.active):
+            calls[first[0] + member].update(rows[slot].tolist())
+        return validate(stack, params, inputs, context, rows)
+
+    monkeypatch.setattr(ensemble_training, "train_checked", recording_train)
     monkeypatch.setattr(training, "_evaluate", recording_evaluate)
+    monkeypatch.setattr(ensemble_training, "_train_stacked", recording_stacked)
+    monkeypatch.setattr(ensemble_training, "_validate", recording_validate)
     return calls
 
 
@@ -130,7 +144,7 @@ def test_a_refit_never_validates_on_rows_trained_before(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(npe_module, "train_checked", broken)
+    monkeypatch.setattr(npe_module, "train_members", broken)
     with pytest.raises(KeyboardInterrupt):
         npe.fit(*simulate(100, 2), seed=5, **FAST)
     assert torch.equal(npe.validation, second) and len(npe.theta) == 500
