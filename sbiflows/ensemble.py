@@ -10,6 +10,9 @@ over-confident NPE posteriors: a mixture is at least as wide as its members wher
 validation rows (held out from its training), and adds the members of ``ensemble=3`` only when that
 flow is over-confident there; the single flow is the first member either way.
 
+* **Training**: the members step together, one vectorized forward and backward pass per minibatch
+  over their stacked weights (:mod:`sbiflows.ensemble_training`), each with its own split, minibatch
+  order, step size and early stopping.
 * **Density**: ``log q = logsumexp_k log q_k - log K``.
 * **Sampling**: each draw picks a member uniformly at random, then draws from it; each member only
   computes the draws assigned to it. With a seed, the member of draw ``i`` comes from a uniform

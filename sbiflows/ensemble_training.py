@@ -88,7 +88,8 @@ def train_members(
     The options are :func:`~sbiflows.training.train`'s, already checked (``NPE.fit`` checks them once);
     ``histories[k]`` is extended as train extends a history and ``validations[k]`` is member ``k``'s
     split (None: drawn from its seed). Every member ends with its best weights, also after an
-    exception (members not reached by sequential training keep their initial weights).
+    exception (members not reached by sequential training keep their initial weights). Trained
+    together, each member's ``seconds`` counts the whole joint training.
 
     Returns:
         ``"vectorized"`` or ``"sequential"``: how the members were trained.

@@ -90,6 +90,9 @@ class NPE:
             with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
         ensemble: Train this many flows on the same rows with different seeds (weights, validation split,
             minibatch order) and return their equal-weight mixture (:mod:`sbiflows.ensemble`); 1 (default).
+            The flows step together, one vectorized pass per minibatch, unless a custom objective
+            (``balancing``, ``coverage_penalty``) or the network rules it out
+            (:mod:`sbiflows.ensemble_training`); either way each trains as it would alone.
             ``"auto"``: one flow, and three when that flow is over-confident on its own validation rows
             (:func:`~sbiflows.ensemble.auto_check`, kept in :attr:`auto_coverage`); the first fit decides.
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which

@@ -60,3 +60,19 @@ def test_npe_trains_on_cuda():
     posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
     assert posterior.device.type == "cuda"
     assert posterior.sample(100, x[0]).is_cuda
+
+
+@pytest.mark.gpu
+def test_ensemble_members_train_together_on_cuda():
+    from sbiflows.ensemble_training import train_members
+    from sbiflows.flows import nsf
+    from sbiflows.training import TrainingHistory
+
+    theta = torch.randn(500, 2, device="cuda")
+    x = theta + 0.1 * torch.randn_like(theta)
+    members = [nsf(2, 2, transforms=2, hidden_features=(16,)).to("cuda") for _ in range(2)]
+    histories = [TrainingHistory(), TrainingHistory()]
+    assert train_members(members, theta, x, seeds=[0, 1], histories=histories, validations=[None, None],
+                         max_epochs=3, batch_size=64) == "vectorized"
+    assert [h.epochs for h in histories] == [3, 3]
+    assert all(p.is_cuda for member in members for p in member.parameters())
