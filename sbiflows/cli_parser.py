@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "as sbi does) or unconstrained (mapped onto the real line: samples never leave the support, "
                      "exact densities)")
     fit.add_argument("--ensemble", type=_ensemble, default=1, metavar="K",
-                     help="train K flows with different seeds and use their equal-weight mixture (K times the "
-                     "training cost; wider, less over-confident posteriors); auto: one flow, and three when that "
+                     help="train K flows with different seeds and use their equal-weight mixture (trained together "
+                     "in one vectorized pass; wider, less over-confident posteriors); auto: one flow, and three when that "
                      "flow is over-confident on its own held-out validation rows")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
