@@ -179,9 +179,7 @@ class _Stack:
         for name, old in self.params.items():
             state = optimizer.state.get(old)
             if state:
-                new_optimizer.state[new_params[name]] = {
-                    key: value[index].clone() if torch.is_tensor(value) and value.ndim > 0 else value.clone()
-                    if torch.is_tensor(value) else value for key, value in state.items()}
+                new_optimizer.state[new_params[name]] = {key: _rows(value, index) for key, value in state.items()}
         self.params = new_params
         self.fixed = {name: t[index] for name, t in self.fixed.items()}
         for stacks in extra:
@@ -189,6 +187,13 @@ class _Stack:
                 stacks[name] = stacks[name][index].clone()
         self.active = [self.active[s] for s in slots]
         return new_optimizer
+
+
+def _rows(value, index: Tensor):
+    """An optimizer state entry for the kept slots ``index``: per-slot tensors sliced, scalars (step) copied."""
+    if not torch.is_tensor(value):
+        return value
+    return value[index].clone() if value.ndim > 0 else value.clone()
 
 
 def _broadcast(values: Tensor, like: Tensor) -> Tensor:
