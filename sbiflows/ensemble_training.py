@@ -115,9 +115,11 @@ def train_members(
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
-    if (len(members) > 1 and objective is None and len({len(s[1]) for s in splits}) == 1
-            and _vectorizes(members, inputs, context)):
-        _train_stacked(members, inputs, context, splits=splits, histories=histories, progress=progress,
+    stack = None
+    if len(members) > 1 and objective is None and len({len(s[1]) for s in splits}) == 1:
+        stack = _stack_if_vectorized(members, inputs, context)
+    if stack is not None:
+        _train_stacked(stack, members, inputs, context, splits=splits, histories=histories, progress=progress,
                        num_threads=num_threads, **options)
         return "vectorized"
     for member, seed, history, mask in zip(members, seeds, histories, validations):
@@ -126,21 +128,21 @@ def train_members(
     return "sequential"
 
 
-def _vectorizes(members: Sequence[nn.Module], inputs: Tensor, context: Tensor | None) -> bool:
-    """Whether one vmapped forward and backward pass over the stacked members runs on two rows."""
+def _stack_if_vectorized(members: Sequence[nn.Module], inputs: Tensor, context: Tensor | None) -> _Stack | None:
+    """The members' :class:`_Stack` if one vmapped forward and backward pass over it runs on two rows, else None."""
     if any(type(m) is not type(members[0]) for m in members):
-        return False
+        return None
     try:
         stack = _Stack(members)
         rows = torch.arange(min(2, len(inputs)), device=inputs.device).expand(len(members), -1)
-        stack.losses(inputs, context, rows).sum().backward()
+        stack.losses(inputs, context, rows).sum().backward()  # the gradients are cleared before each step
     except Exception:  # noqa: BLE001 - any op without a batching rule, in-place buffer update, shape change...
-        return False
-    return True
+        return None
+    return stack
 
 
 class _Stack:
-    """The trainable state of the members still training: stacked weights, Adam, weight average.
+    """The stacked weights and buffers of the members still training, and the vmapped loss over them.
 
     ``active[i]`` is the member index of slot ``i`` of every stacked tensor.
     """
@@ -202,10 +204,10 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
 
 
 def _train_stacked(
-    members: Sequence[nn.Module], inputs: Tensor, context: Tensor | None, *, splits: list, histories, progress: bool,
-    num_threads: int | None, max_epochs: int, batch_size: int, learning_rate: float, validation_fraction: float,
-    patience: int, clip_grad_norm: float, weight_decay: float, ema_epochs: float, step_drops: int,
-    step_drop_factor: float, drop_patience: int | None,
+    stack: _Stack, members: Sequence[nn.Module], inputs: Tensor, context: Tensor | None, *, splits: list, histories,
+    progress: bool, num_threads: int | None, max_epochs: int, batch_size: int, learning_rate: float,
+    validation_fraction: float, patience: int, clip_grad_norm: float, weight_decay: float, ema_epochs: float,
+    step_drops: int, step_drop_factor: float, drop_patience: int | None,
 ) -> None:
     del validation_fraction  # the splits are made
     k = len(members)
@@ -216,19 +218,18 @@ def _train_stacked(
     steps_per_epoch = math.ceil(n_train / batch_size)
     for history in histories:
         history.stopped_early, history.diverged = False, False
-        history.batch_size, history.learning_rate, history.ema_epochs = batch_size, float(learning_rate), float(ema_epochs)
+        history.batch_size, history.learning_rate = batch_size, float(learning_rate)
+        history.ema_epochs = float(ema_epochs)
         history.step_drop_epochs = []
     firsts = [h.epochs for h in histories]
-    stack = _Stack(members)
     optimizer = _adam(list(stack.params.values()), learning_rate=learning_rate, weight_decay=weight_decay)
     averaged = {name: p.detach().clone() for name, p in stack.params.items()}  # the weights scored and kept
     decay = max(0.0, 1.0 - 1.0 / (ema_epochs * steps_per_epoch)) if ema_epochs > 0 else 0.0
     updates = torch.zeros(k)  # weight-average updates per slot since its last (re)start
-    factors = torch.ones(k)  # each slot's step size as a multiple of learning_rate (step drops; 0: stopped)
+    factors = torch.ones(k)  # each member's step size as a multiple of learning_rate (step drops)
     rules = [Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience) for _ in range(k)]
     best = [stack.member_state(slot, averaged) for slot in range(k)]  # per member, by member index
     bar = _progress_bar(max_epochs) if progress else None
-    finished: list[int] = []  # members whose training ended (stopped, diverged or out of epochs)
     with torch_threads(num_threads):
         start = time.perf_counter()
         try:
@@ -246,7 +247,7 @@ def _train_stacked(
                     training = ~diverged.to(losses.device)
                     optimizer.zero_grad(set_to_none=True)
                     torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
-                    _step(stack, optimizer, clip_grad_norm, factors[stack.active] * (~diverged), learning_rate)
+                    _step(stack, optimizer, clip_grad_norm, factors[stack.active] * (~diverged))
                     if ema_epochs > 0:
                         _average(averaged, stack.params, updates[stack.active], decay, ~diverged)
                         updates[stack.active] += 1
@@ -261,7 +262,6 @@ def _train_stacked(
                     history = histories[m]
                     if bool(diverged[slot]) or not math.isfinite(float(val[slot])):
                         history.diverged = True
-                        finished.append(m)
                         diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
                         continue
                     history.train_loss.append(float(totals[slot]) / n_train)
@@ -279,7 +279,6 @@ def _train_stacked(
                         history.step_drop_epochs.append(firsts[m] + epoch)
                     elif action == "stop":
                         history.stopped_early = True
-                        finished.append(m)
                         continue
                     keep.append(slot)
                 if bar is not None:
@@ -302,12 +301,11 @@ def _train_stacked(
 
 
 @torch.no_grad()
-def _step(stack: _Stack, optimizer: torch.optim.Optimizer, clip_grad_norm: float, factors: Tensor,
-          learning_rate: float) -> None:
-    """Clip each slot's gradient to ``clip_grad_norm`` and take Adam steps of ``learning_rate * factors``.
+def _step(stack: _Stack, optimizer: torch.optim.Optimizer, clip_grad_norm: float, factors: Tensor) -> None:
+    """Clip each slot's gradient to ``clip_grad_norm``; take Adam steps of the optimizer's step size times ``factors``.
 
-    Adam's update is proportional to its step size, so slot ``i`` takes the step of ``learning_rate``
-    scaled by ``factors[i]`` (0 leaves the slot's weights unchanged).
+    Adam's update is proportional to its step size, so slot ``i`` takes the optimizer's step scaled by
+    ``factors[i]`` (0 leaves the slot's weights unchanged: a slot whose loss diverged this epoch).
     """
     params = list(stack.params.values())
     grads = [p.grad for p in params]
@@ -319,7 +317,6 @@ def _step(stack: _Stack, optimizer: torch.optim.Optimizer, clip_grad_norm: float
     factors = factors.to(params[0].device, params[0].dtype)
     scaled = not bool((factors == 1).all())
     before = [p.detach().clone() for p in params] if scaled else None
-    optimizer.param_groups[0]["lr"] = learning_rate
     optimizer.step()
     if scaled:
         for p, old in zip(params, before):

@@ -332,8 +332,8 @@ class NPE:
             try:
                 first = 0
                 if auto:  # the first flow alone, checked on its own validation rows
-                    train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1], validations=fixed[:1],
-                                  **options)
+                    train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
+                                  validations=fixed[:1], **options)
                     posterior = Posterior(copy.deepcopy(members[0]), self.prior,
                                           config=self._config(members[0], seed, n_layers))
                     held_out = masks[0].to(theta.device)
@@ -346,8 +346,8 @@ class NPE:
                         members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
                         histories=histories[first:], validations=fixed[first:], **options)
             except BaseException as error:
-                # train() restored the best weights of the member it was training; members trained before
-                # (this fit or, on a refit, the previous one) are complete, members never trained are not.
+                # train_members() restored the best weights of the members it was training; members trained
+                # before (this fit or, on a refit, the previous one) are complete, members never trained are not.
                 trained = [k for k, h in enumerate(histories) if h.epochs > 0 and
                            (h.epochs > epochs_before[k] or self._net is not None)]
                 if any(histories[k].epochs > epochs_before[k] for k in trained):

@@ -110,10 +110,10 @@ def record_validation_rows(monkeypatch) -> list[set[int]]:
         calls[-1].update(idx.tolist())
         return evaluate(model, inputs, context, idx, objective)
 
-    def recording_stacked(members, *args, **kwargs):
+    def recording_stacked(stack, members, *args, **kwargs):
         first[0] = len(calls)
         calls.extend(set() for _ in members)
-        return stacked(members, *args, **kwargs)
+        return stacked(stack, members, *args, **kwargs)
 
     def recording_validate(stack, params, inputs, context, rows):
         for slot, member in enumerate(stack.active):
