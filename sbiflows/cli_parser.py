@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "exact densities)")
     fit.add_argument("--ensemble", type=_ensemble, default=1, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (trained together "
-                     "in one vectorized pass; wider, less over-confident posteriors); auto: one flow, and three when that "
-                     "flow is over-confident on its own held-out validation rows")
+                     "in one vectorized pass; wider, less over-confident posteriors; with --rounds, in every round, and each "
+                     "region is the mixture's); auto: one flow, and three when that flow is over-confident on its "
+                     "own held-out validation rows")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "

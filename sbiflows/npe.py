@@ -198,6 +198,12 @@ class NPE:
         None before the first ``fit``."""
         return None if self._validation is None else self._validation[0].clone()
 
+    @property
+    def validations(self) -> Tensor | None:
+        """``(K, N)`` boolean masks, one per ensemble member (each has its own split): the rows of
+        :attr:`theta` that validate member ``k``; None before the first ``fit``."""
+        return None if self._validation is None else torch.stack(self._validation)
+
     def to(self, device: torch.device | str) -> NPE:
         """Move the network, the stored training data and the prior to ``device``; returns ``self``.
 
@@ -364,7 +370,10 @@ class NPE:
             return Posterior(copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
                              history=copy.deepcopy(history), max_batch_elements=self.max_batch_elements)
 
-    def restore(self, posterior: Posterior, theta: Any, x: Any, *, validation: Any = None) -> NPE:
+    def restore(
+        self, posterior: Posterior, theta: Any, x: Any, *, validation: Any = None,
+        histories: list[TrainingHistory] | None = None,
+    ) -> NPE:
         """Continue from an earlier fit: adopt ``posterior``'s weights and history and the rows it was trained on.
 
         After ``restore``, ``fit`` appends to ``theta``/``x`` and trains on from ``posterior``'s weights,
@@ -374,22 +383,29 @@ class NPE:
 
         Args:
             posterior: A posterior returned by ``fit`` of an NPE with this prior and these options (or
-                loaded from its file); single flows only.
+                loaded from its file), a single flow or an ensemble of ``K`` flows.
             theta: Its training parameters ``(N, D)``.
             x: Its training simulations ``(N, x_dim)``, all finite.
-            validation: ``(N,)`` booleans, the rows that validated (:attr:`validation` after that fit),
-                so later fits keep them on the validation side. None: a seeded random split of 10% of
-                the rows (some of which may have trained the posterior: only the given split keeps
-                the guarantee that refits never validate on rows trained on before).
+            validation: The rows that validated, so later fits keep them on the validation side:
+                ``(N,)`` booleans for a single flow (:attr:`validation` after that fit), ``(K, N)`` for an
+                ensemble (:attr:`validations`). None: a seeded random split of 10% of the rows per member
+                (some of which may have trained the posterior: only the given split keeps the guarantee
+                that refits never validate on rows trained on before).
+            histories: An ensemble's ``K`` training histories (:attr:`histories` after that fit), so that
+                later fits continue each one. None: the posterior's history for the first member, and
+                empty ones for the others (a saved posterior keeps only the first member's).
 
         Returns:
             ``self``.
 
         Raises:
-            ValueError: For an ensemble, a posterior of another shape or space, or rows that do not fit it.
+            ValueError: For a posterior of another shape, space or number of flows than this NPE's
+                ``ensemble`` (``"auto"`` takes one or three), or rows, splits or histories that do not fit it.
         """
-        if self.ensemble != 1 or posterior.config.get("ensemble", 1) != 1:
-            raise ValueError("restore supports single flows (ensemble=1) only")
+        members = posterior.config.get("ensemble", 1)
+        allowed = (1, AUTO_MEMBERS) if self.ensemble == "auto" else (self.ensemble,)
+        if members not in allowed:
+            raise ValueError(f"the posterior has {members} flow(s), this NPE has ensemble={self.ensemble!r}")
         if posterior.theta_dim != self.theta_dim:
             raise ValueError(f"the posterior has {posterior.theta_dim} parameters, this NPE's prior {self.theta_dim}")
         space = posterior.config.get("space", "unconstrained")  # files saved before the option: unconstrained
@@ -399,16 +415,32 @@ class NPE:
                                        device=self.device, earlier=None, validation_fraction=0.5)
         if x.shape[1] != posterior.x_dim:
             raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
+        flow_seed = posterior.config.get("flow_seed", 0)
         if validation is None:
-            validation = validation_mask(len(theta), 0.1, seed=posterior.config.get("flow_seed", 0),
-                                         groups=duplicate_groups(theta, x))
-        validation = check_validation(torch.as_tensor(validation), len(theta))  # before self changes
+            groups = duplicate_groups(theta, x)
+            masks = [validation_mask(len(theta), 0.1, seed=member_seed(flow_seed, k), groups=groups)
+                     for k in range(members)]
+        else:
+            validation = torch.as_tensor(validation)
+            if members == 1 and validation.ndim == 2 and len(validation) == 1:
+                validation = validation[0]
+            if members > 1 and (validation.ndim != 2 or len(validation) != members):
+                raise ValueError(f"validation must be {members} boolean masks of shape ({members}, {len(theta)}) "
+                                 f"for an ensemble of {members} flows, got shape {tuple(validation.shape)}")
+            masks = list(validation) if members > 1 else [validation]
+        masks = [check_validation(mask, len(theta)) for mask in masks]  # before self changes
+        first = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
+        if histories is None:
+            histories = [first] + [TrainingHistory() for _ in range(members - 1)]
+        elif len(histories) != members or not all(isinstance(h, TrainingHistory) for h in histories):
+            raise ValueError(f"histories must be {members} TrainingHistory objects, one per flow, got "
+                             f"{type(histories).__name__} of length {len(histories)}")
         self._net = copy.deepcopy(posterior.net).to(self.device)
-        self._validation = [validation]
+        self._validation = masks
         self._theta, self._x = theta, x
-        self.history = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
-        self.histories = [self.history]
-        self._seed, self._transforms = posterior.config.get("flow_seed", 0), posterior.config["transforms"]
+        self.histories = copy.deepcopy(list(histories))
+        self.history = self.histories[0]
+        self._seed, self._transforms = flow_seed, posterior.config["transforms"]
         self.partial_posterior = None
         return self
 

@@ -80,8 +80,8 @@ class Job:
     ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
     simulation of the run. ``task`` is a benchmark task (with reference posteriors), or None for a user's
     simulator. ``rounds > 1`` runs truncated sequential NPE for the job's single observation
-    (:mod:`sbiflows.pipeline_sequential`), which takes neither ``ensemble`` nor ``balancing`` nor ``coverage_penalty``. The
-    training
+    (:mod:`sbiflows.pipeline_sequential`), which takes neither ``balancing`` nor ``coverage_penalty`` (an
+    ``ensemble`` trains in every round). The training
     options go to :meth:`sbiflows.NPE.fit` (None: its defaults); like the flow options they are part of the
     run's settings, so changing one retrains on the stored simulations.
     """

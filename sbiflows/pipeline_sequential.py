@@ -38,13 +38,13 @@ APPLICABLE = {
     "inside it.",
 }
 #: What each verdict means, as :data:`~sbiflows.diagnostics.verdict.ADVICE` says, except where a TSNPE run
-#: cannot follow its advice (TSNPE trains one flow, so no ensemble).
+#: cannot follow its advice (TSNPE takes no balancing; its ensemble trains in every round).
 SEQUENTIAL_ADVICE = {
     **ADVICE,
     "over-confident": "the posterior is too narrow inside the last truncated region: its credible regions miss "
-    "the true parameters more often than they claim. Try more simulations per round (fewer rounds, or a larger "
-    "budget), or amortized NPE with an ensemble of flows (--rounds 1 --ensemble 3), and check the simulator's "
-    "failed rows.",
+    "the true parameters more often than they claim, and a too narrow posterior also sets too narrow regions "
+    "for the rounds after it. Try an ensemble of flows in every round (--ensemble 3), more simulations per "
+    "round (fewer rounds, or a larger budget), and check the simulator's failed rows.",
 }
 #: The amortized checks left out, and why.
 NOT_APPLICABLE = {

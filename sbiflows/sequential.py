@@ -20,7 +20,9 @@ reliable) and splits the rest equally over the later rounds.
     round_<r>/theta.npy       the round's parameters, written before simulating them
     round_<r>/simulations.zarr  the round's simulation store (chunk by chunk, see sbiflows.simulate)
     round_<r>/posterior.pt    the posterior after training on rounds 0..r
-    round_<r>/validation.npy  which of those rows validated (kept on that side by later rounds)
+    round_<r>/validation.npy  which of those rows validated (kept on that side by later rounds; one row per flow
+                              of an ensemble)
+    round_<r>/histories.json  an ensemble's training histories, one per flow (the posterior file keeps the first)
     check/                    the final coverage check's parameters and simulations
 
 Rerunning the same call resumes: finished rounds are read back (their rows and the last posterior,
@@ -39,6 +41,7 @@ test other observations than those the region produces.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -57,13 +60,14 @@ from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
 from sbiflows.seeding import derive_seed
 from sbiflows.sequential_rounds import COVERS_PRIOR, Round, check_sequential_options, split_budget
-from sbiflows.sequential_store import RoundStore, atomic_npy
+from sbiflows.sequential_store import RoundStore, atomic_npy, atomic_text
 from sbiflows.simulate import (
     SimulationResult,
     _qualified_name,
     load_simulations,
     simulate,
 )
+from sbiflows.training import TrainingHistory
 from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
@@ -81,7 +85,9 @@ class TSNPE:
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...) except
-            ``ensemble``, ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). The flow
+            ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). With ``ensemble=K``
+            every round trains K flows and each region is their mixture's (wider where the flows
+            disagree, so less prone to cutting off posterior mass; docs/sequential.md). The flow
             defaults to
             NPE's (the spline flow, ``"nsf"``); for a posterior hundreds of times narrower than the prior
             the affine MAF (``estimator="maf"``) fits better (docs/sequential.md).
@@ -260,7 +266,12 @@ class TSNPE:
         self.rounds.append(record)
         self.posterior = self._finish(posterior, x_o)
         if layout is not None:
-            atomic_npy(layout.round(r) / "validation.npy", self.npe.validation.numpy())
+            # one split per flow: (N,) for a single flow (the format of earlier versions), (K, N) for K flows
+            masks = self.npe.validations
+            atomic_npy(layout.round(r) / "validation.npy", (masks[0] if len(masks) == 1 else masks).numpy())
+            if len(masks) > 1:  # a saved posterior keeps only the first flow's training history
+                atomic_text(layout.round(r) / "histories.json",
+                            json.dumps([h.as_dict() for h in self.npe.histories]))
             self.posterior.save(layout.round(r) / "posterior.pt", allow_unsaved_prior=prior_spec(self.prior) is None)
             layout.finish_round(record)
         say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
@@ -286,8 +297,12 @@ class TSNPE:
             thetas.append(sims.theta[valid])
             xs.append(sims.x[valid].reshape(int(valid.sum()), -1))
         split = layout.round(last) / "validation.npy"  # absent in stores of older versions: a random split
+        saved_histories = layout.round(last) / "histories.json"  # an ensemble's K histories
+        histories = ([TrainingHistory(**fields) for fields in json.loads(saved_histories.read_text())]
+                     if saved_histories.exists() else None)
         self.npe.restore(posterior, torch.cat(thetas), torch.cat(xs),
-                         validation=torch.from_numpy(np.load(split)) if split.exists() else None)
+                         validation=torch.from_numpy(np.load(split)) if split.exists() else None,
+                         histories=histories)
         self.rounds = [Round(**record) for record in records]
         self.proposals = [self.prior] + [None] * last  # the regions of finished rounds are not rebuilt
         self.posterior = posterior

@@ -56,7 +56,8 @@ class Round:
 def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
     """Refuse the :class:`~sbiflows.NPE` options that TSNPE cannot honour, before any simulation.
 
-    ``ensemble``: TSNPE trains one flow. ``balancing``: balanced NPE's penalty compares ``q(theta | x)``
+    ``ensemble`` is allowed: every round then trains the ensemble, and each region is the mixture's.
+    ``balancing``: balanced NPE's penalty compares ``q(theta | x)``
     with the prior's density on parameters drawn from the prior, while every round after the first draws
     them from the truncated prior, where that comparison is off by the region's prior mass.
     ``coverage_penalty``: calibrated NPE's penalty was measured for amortized NPE only.
@@ -68,9 +69,6 @@ def check_sequential_options(npe_options: Mapping[str, Any]) -> None:
         ...
         ValueError: TSNPE does not take balancing (balanced NPE), got balancing=100.0: its penalty assumes parameters drawn from the prior, and rounds after the first draw them from the truncated prior
     """
-    if npe_options.get("ensemble", 1) != 1:
-        raise ValueError(f"TSNPE trains a single flow; it does not take an ensemble, got "
-                         f"ensemble={npe_options['ensemble']!r}")
     if npe_options.get("balancing", 0):
         raise ValueError(f"TSNPE does not take balancing (balanced NPE), got balancing={npe_options['balancing']}: "
                          "its penalty assumes parameters drawn from the prior, and rounds after the first draw "

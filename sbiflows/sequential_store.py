@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MANIFEST", "RoundStore", "atomic_npy"]
+__all__ = ["MANIFEST", "RoundStore", "atomic_npy", "atomic_text"]
 
 MANIFEST = "tsnpe.json"
 
@@ -24,6 +24,13 @@ def atomic_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary file beside ``path``, then rename (a kill never leaves half a file)."""
     temporary = path.with_name(path.name + ".tmp.npy")
     np.save(temporary, array)
+    os.replace(temporary, path)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename (a kill never leaves half a file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
     os.replace(temporary, path)
 
 
@@ -78,6 +85,4 @@ class RoundStore:
         self._write()
 
     def _write(self) -> None:
-        temporary = self.root / f"{MANIFEST}.tmp"
-        temporary.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(temporary, self.root / MANIFEST)
+        atomic_text(self.root / MANIFEST, json.dumps(self.manifest, indent=1))

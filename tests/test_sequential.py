@@ -202,10 +202,6 @@ def test_bad_inputs(tmp_path):
         run(simulator, X_O, rounds=2, simulations=100, fit_options={"seed": 1})
     with pytest.raises(ValueError, match="quantile must be a real number in \\(0, 0.5\\)"):
         run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
-    with pytest.raises(ValueError, match="it does not take an ensemble, got ensemble=2"):
-        TSNPE(PRIOR, ensemble=2)
-    with pytest.raises(ValueError, match="it does not take an ensemble, got ensemble='auto'"):
-        TSNPE(PRIOR, ensemble="auto")
     with pytest.raises(ValueError, match="TSNPE does not take balancing .* got balancing=100"):
         TSNPE(PRIOR, balancing=100.0)
     assert MODE["calls"] == 0  # nothing was simulated for any of these
@@ -224,8 +220,8 @@ def test_npe_restore_refuses_what_it_cannot_continue():
     tsnpe = TSNPE(PRIOR, **SMALL)
     posterior = tsnpe.run(simulator, X_O, rounds=1, simulations=200, check_simulations=0, **FAST)
     theta, x = tsnpe.npe.theta, tsnpe.npe.x
-    for ensemble in (2, "auto"):
-        with pytest.raises(ValueError, match="single flows"):
+    for ensemble in (2, 3):
+        with pytest.raises(ValueError, match=f"the posterior has 1 flow\\(s\\), this NPE has ensemble={ensemble}"):
             NPE(PRIOR, ensemble=ensemble).restore(posterior, theta, x)
     with pytest.raises(ValueError, match="x must have shape \\(N, 2\\)"):
         NPE(PRIOR).restore(posterior, theta, torch.cat([x, x], 1))
@@ -233,3 +229,66 @@ def test_npe_restore_refuses_what_it_cannot_continue():
     assert torch.equal(restored.theta, theta) and restored.history.epochs == posterior.history.epochs
     again = restored.fit(theta[:50] * 0.5, x[:50], max_epochs=2, progress=False)  # continues: appends rows
     assert len(restored.theta) == 250 and again.history.epochs == posterior.history.epochs + 2
+
+
+def test_rounds_with_an_ensemble_use_the_mixture_and_resume_exactly(tmp_path):
+    """``TSNPE(prior, ensemble=K)``: every round trains K flows (each with its own validation split), every
+    region is the mixture's, and a killed run resumes to the uninterrupted result (all K splits and
+    histories come back from the store, though the posterior file keeps only the first history)."""
+    ensemble = {**SMALL, "ensemble": 2}
+    options = {"rounds": 3, "simulations": 900, "seed": 4, "check_simulations": 0, "batch_size": 300, **FAST}
+    uninterrupted = TSNPE(PRIOR, **ensemble)
+    reference = uninterrupted.run(simulator, X_O, **options)
+    assert reference.config["ensemble"] == 2 and torch.equal(reference.default_x, X_O)
+    masks = uninterrupted.npe.validations
+    assert masks.shape == (2, 900) and not torch.equal(masks[0], masks[1])
+    assert all(h.epochs == sum(r.epochs for r in uninterrupted.rounds) for h in uninterrupted.npe.histories)
+    region = uninterrupted.proposals[2]  # set by the posterior after round 1: the two flows' mixture
+    assert region.posterior.config["ensemble"] == 2
+    probe = PRIOR.sample((2000,), )
+    with torch.no_grad():
+        expected = region.posterior.log_prob(probe, X_O) >= region.threshold
+    assert torch.equal(region.inside(probe), expected) and 0 < int(expected.sum()) < 2000
+    assert bool(region.inside(uninterrupted.npe.theta[600:]).all())
+
+    MODE.update(mode="interrupt", calls=0, from_call=2)  # Ctrl-C during round 2 (the third call)
+    store = tmp_path / "run"
+    with pytest.raises(SimulationInterrupted):
+        TSNPE(PRIOR, **ensemble).run(simulator, X_O, store=store, **options)
+    assert (store / "round_1" / "histories.json").exists()
+    MODE.update(mode="ok", calls=0)
+    tsnpe = TSNPE(PRIOR, **ensemble)
+    resumed = tsnpe.run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 1  # only round 2 was simulated again
+    assert torch.equal(tsnpe.npe.validations, masks)
+    assert [h.as_dict() for h in tsnpe.npe.histories] == [
+        dict(h.as_dict(), seconds=r.seconds) for h, r in zip(uninterrupted.npe.histories, tsnpe.npe.histories)]
+    assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
+    with pytest.raises(ValueError, match="other settings.*npe_options"):
+        TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)  # one flow on a store of two
+
+
+def test_npe_restore_continues_an_ensemble():
+    from sbiflows import NPE
+
+    theta = PRIOR.sample((300,))
+    x = simulator(theta, 0)
+    npe = NPE(PRIOR, **SMALL, ensemble=2)
+    posterior = npe.fit(theta, x, max_epochs=3, progress=False, seed=1)
+    restored = NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x, validation=npe.validations,
+                                                       histories=npe.histories)
+    assert torch.equal(restored.validations, npe.validations)
+    more = PRIOR.sample((100,))
+    a = npe.fit(more, simulator(more, 1), max_epochs=2, progress=False)
+    b = restored.fit(more, simulator(more, 1), max_epochs=2, progress=False)
+    assert torch.equal(a.sample(50, X_O, seed=0), b.sample(50, X_O, seed=0))
+    assert [h.epochs for h in restored.histories] == [5, 5]
+    with pytest.raises(ValueError, match="validation must be 2 boolean masks of shape \\(2, 300\\)"):
+        NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x, validation=npe.validation)
+    with pytest.raises(ValueError, match="histories must be 2 TrainingHistory objects"):
+        NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x, histories=npe.histories[:1])
+    with pytest.raises(ValueError, match="the posterior has 2 flow\\(s\\), this NPE has ensemble=1"):
+        NPE(PRIOR, **SMALL).restore(posterior, theta, x)
+    # without the histories the first flow's comes from the posterior and the others start empty
+    fresh = NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x)
+    assert [h.epochs for h in fresh.histories] == [3, 0] and fresh.validations.shape == (2, 300)
