@@ -4,7 +4,7 @@ For each seed and observation, C2ST against the task's reference posterior (10,0
 of:
 
 * **ours TSNPE**: ``sbiflows.TSNPE(task.prior).run(task.simulate, x_o, rounds=R, simulations=N)``
-  (``--no-tsnpe`` skips it);
+  (``--no-tsnpe`` skips it; ``--ensemble K`` trains K flows per round);
 * **ours NPE**: amortized NPE on ``N`` simulations from the prior (one network per seed, evaluated at
   every observation), by default NPE's own default flow (``--npe-estimator``), so TSNPE is compared
   with what a user gets from ``NPE(prior)``; ``--no-npe`` skips it;
@@ -63,7 +63,7 @@ def timed(function, *args, **kwargs):
 
 
 def run_ours_tsnpe(task, x_o, args, seed):
-    tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space)
+    tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space, ensemble=args.ensemble)
     fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops))
                    if value is not None}
     truncation = {} if args.quantile is None else {"quantile": args.quantile}
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models a bounded prior's parameters (NPE's space option; "
                         "auto: truncated for a box prior)")
+    parser.add_argument("--ensemble", default=1, type=lambda v: v if v == "auto" else int(v),
+                        help="flows per round of our TSNPE (TSNPE(prior, ensemble=K); default 1)")
     parser.add_argument("--json", default=None, help="append one JSON record per seed and observation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in observations:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
-                      "observation": i, "estimator": args.estimator, "patience": args.patience,
+                      "observation": i, "estimator": args.estimator, "ensemble": args.ensemble, "patience": args.patience,
                       "step_drops": args.step_drops, "first_round": args.first_round, "quantile": args.quantile,
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"

@@ -18,6 +18,7 @@ Usage:
     python examples/summarize_benchmarks.py coverage coverage.jsonl
     python examples/summarize_benchmarks.py tsnpe ours.jsonl sbi.jsonl --baseline "NPE nsf"
     python examples/summarize_benchmarks.py tsnpe before.jsonl "fixed split=after.jsonl" --baseline "TSNPE nsf"
+    python examples/summarize_benchmarks.py tsnpe-regions ours.jsonl   # per TSNPE run: posterior mass inside each region
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
 def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
     """The methods of one ``benchmark_tsnpe.py`` record, named with their flow: ``{name: (C2ST, CPU s)}``.
 
-    TSNPE's name carries the training options the record set (``patience``, ``step_drops``). Records
+    TSNPE's name carries the training options the record set (``patience``, ``step_drops``, ``ensemble``). Records
     from before ``npe_estimator`` was written used TSNPE's flow for the amortized NPE too;
     sbi's without ``density_estimator`` used sbi's default, its MAF.
 
@@ -257,8 +258,11 @@ def tsnpe_methods(record: dict) -> dict[str, tuple[float, float]]:
         >>> tsnpe_methods({"estimator": "maf", "ours_tsnpe": {"c2st": 0.6, "cpu_seconds": 9.0},
         ...                "ours_npe": {"c2st": 0.7, "cpu_seconds": 4.0}})
         {'TSNPE maf': (0.6, 9.0), 'NPE maf': (0.7, 4.0)}
+        >>> list(tsnpe_methods({"estimator": "nsf", "ensemble": 3, "ours_tsnpe": {"c2st": 0.6, "cpu_seconds": 9.0}}))
+        ['TSNPE nsf, ensemble=3']
     """
     options = "".join(f", {key}={record[key]}" for key in ("patience", "step_drops") if record.get(key) is not None)
+    options += f", ensemble={record['ensemble']}" if record.get("ensemble", 1) != 1 else ""
     names = {"ours_tsnpe": f"TSNPE {record['estimator']}{options}",
              "ours_npe": f"NPE {record.get('npe_estimator', record['estimator'])}",
              "sbi_tsnpe": f"sbi TSNPE {record.get('sbi_tsnpe', {}).get('density_estimator', 'maf')}"}
@@ -298,10 +302,40 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     return rows
 
 
+def tsnpe_region_rows(paths: list[str]) -> list[str]:
+    """One row per TSNPE run (task, budget, method, seed, observation): its C2ST and, for each truncated round,
+    the share of the reference posterior's draws inside the region (``reference_inside``), with the smallest.
+
+    Example:
+        >>> import tempfile
+        >>> record = {"task": "slcp", "simulations": 1000, "rounds": 3, "seed": 0, "observation": 2,
+        ...           "estimator": "nsf", "ours_tsnpe": {"c2st": 0.9, "cpu_seconds": 5.0, "rounds": [
+        ...           {"volume": 1.0}, {"reference_inside": 0.99}, {"reference_inside": 1.0}]}}
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write(json.dumps(record) + "\\n")
+        >>> tsnpe_region_rows([f.name])[2]
+        '| slcp | 1,000 | TSNPE nsf | 0 | 2 | 0.900 | 0.9900 1.0000 | 0.9900 |'
+    """
+    rows = ["| task | simulations | method | seed | observation | C2ST | reference draws inside each region | "
+            "smallest |", "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: |"]
+    for given in paths:
+        label, _, path = ("", "", given) if os.path.exists(given) else given.partition("=")
+        for record in _records(path):
+            if "ours_tsnpe" not in record:
+                continue
+            name = next(iter(tsnpe_methods({k: v for k, v in record.items() if k in (
+                "estimator", "patience", "step_drops", "ensemble", "ours_tsnpe")})))
+            shares = [r["reference_inside"] for r in record["ours_tsnpe"]["rounds"] if "reference_inside" in r]
+            rows.append(f"| {record['task']} | {record['simulations']:,} | {name}{f' ({label})' if label else ''} | "
+                        f"{record['seed']} | {record['observation']} | {record['ours_tsnpe']['c2st']:.3f} | "
+                        f"{' '.join(f'{v:.4f}' for v in shares)} | {min(shares, default=float('nan')):.4f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe", "tsnpe-regions"])
     parser.add_argument("path")
     parser.add_argument("more", nargs="*", help="tsnpe: more record files, merged by task, budget, rounds, seed, "
                         "observation; LABEL=PATH adds ' (LABEL)' to the names of its methods")
@@ -313,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.kind == "tsnpe":
         rows = tsnpe_rows([args.path, *args.more], baseline=args.baseline or "NPE nsf")
+    elif args.kind == "tsnpe-regions":
+        rows = tsnpe_region_rows([args.path, *args.more])
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":
