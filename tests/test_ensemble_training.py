@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -136,3 +137,26 @@ def test_a_member_non_finite_from_the_start_raises():
         train_members(members, inputs, None, seeds=SEEDS[:2], histories=histories(2), validations=[None] * 2,
                       **dict(OPTIONS, max_epochs=3))
     assert copy.deepcopy(members[0].mean).isfinite().all()
+
+
+def test_spline_members_train_together_without_torch_warnings():
+    """Under vmap the spline's bin search got a non-contiguous value tensor, and torch warned about the copy
+    (once per program, in the middle of a user's fit); the values are made contiguous first."""
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(300, 5, generator=generator)
+    x = theta + 0.3 * torch.randn(300, 5, generator=generator)
+    members = []
+    for k in range(3):
+        torch.manual_seed(k)
+        members.append(nsf(5, 5, transforms=2, hidden_features=(16,)))
+    always = torch._C._get_warnAlways()
+    torch._C._set_warnAlways(True)  # torch's once-per-program warnings fire on every call
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = train_members(members, theta, x, seeds=SEEDS, histories=histories(), validations=[None] * 3,
+                                 **dict(OPTIONS, max_epochs=2))
+    finally:
+        torch._C._set_warnAlways(always)
+    assert path == "vectorized"
+    assert [str(w.message) for w in caught] == []

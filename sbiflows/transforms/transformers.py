@@ -159,8 +159,9 @@ class RationalQuadraticSpline(Transformer):
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         table = self._knots(params)
         knots = table[..., 1 if inverse else 0, :].detach().contiguous()
-        # the bin of v: knots[i] <= v < knots[i+1], the last bin closed
-        index = torch.searchsorted(knots, v.unsqueeze(-1), right=True).sub(1).clamp(0, self.bins - 1)
+        # the bin of v: knots[i] <= v < knots[i+1], the last bin closed (v made contiguous: under vmap it
+        # may not be, and searchsorted then copies it with a warning)
+        index = torch.searchsorted(knots, v.unsqueeze(-1).contiguous(), right=True).sub(1).clamp(0, self.bins - 1)
         # both knots of the bin (x, y and derivative) in one gather
         ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-2).expand(*table.shape[:-1], 2)
         (x_k, y_k, d_k), (x_k1, y_k1, d_k1) = (side.unbind(-1) for side in table.gather(-1, ends).unbind(-1))
