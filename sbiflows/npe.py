@@ -168,6 +168,7 @@ class NPE:
         self.history: TrainingHistory | None = None
         self.histories: list[TrainingHistory] | None = None  # one per ensemble member
         self.auto_coverage: Any = None  # a CoverageResult (diagnostics import this module's posterior)
+        self._auto_summary: dict | None = None  # what ensemble="auto" decided, as a restored posterior recorded it
         self.partial_posterior: Posterior | None = None
         self._seed = 0  # the seed that initialised the flow's weights (first fit)
         self._transforms: int | None = None  # the number of layers of the built flow (first fit)
@@ -441,6 +442,7 @@ class NPE:
         self.histories = copy.deepcopy(list(histories))
         self.history = self.histories[0]
         self._seed, self._transforms = flow_seed, posterior.config["transforms"]
+        self.auto_coverage, self._auto_summary = None, posterior.config.get("ensemble_auto")
         self.partial_posterior = None
         return self
 
@@ -451,6 +453,7 @@ class NPE:
                 "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
 
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
-        auto = {} if self.auto_coverage is None else {"ensemble_auto": auto_summary(self.auto_coverage)}
+        summary = self._auto_summary if self.auto_coverage is None else auto_summary(self.auto_coverage)
+        auto = {} if summary is None else {"ensemble_auto": summary}
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
                                      coverage_penalty=self.coverage_penalty, space=self.space, **self._architecture())

@@ -292,3 +292,20 @@ def test_npe_restore_continues_an_ensemble():
     # without the histories the first flow's comes from the posterior and the others start empty
     fresh = NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x)
     assert [h.epochs for h in fresh.histories] == [3, 0] and fresh.validations.shape == (2, 300)
+
+
+def test_rounds_with_ensemble_auto_decide_in_the_first_round_and_resume_with_the_decision(tmp_path):
+    options = {"rounds": 2, "simulations": 600, "seed": 1, "check_simulations": 0, **FAST}
+    uninterrupted = TSNPE(PRIOR, **SMALL, ensemble="auto")
+    reference = uninterrupted.run(simulator, X_O, **options)
+    flows = reference.config["ensemble"]
+    assert flows in (1, 3) and uninterrupted.npe.validations.shape == (flows, 600)
+    assert reference.config["ensemble_auto"]["over_confident"] == (flows == 3)
+    MODE.update(mode="interrupt", calls=0, from_call=1)  # Ctrl-C during round 1 (the second call)
+    store = tmp_path / "run"
+    with pytest.raises(SimulationInterrupted):
+        TSNPE(PRIOR, **SMALL, ensemble="auto").run(simulator, X_O, store=store, **options)
+    MODE.update(mode="ok", calls=0)
+    resumed = TSNPE(PRIOR, **SMALL, ensemble="auto").run(simulator, X_O, store=store, **options)
+    assert resumed.config["ensemble"] == flows and resumed.config["ensemble_auto"] == reference.config["ensemble_auto"]
+    assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
