@@ -59,6 +59,7 @@ from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
 from sbiflows.seeding import derive_seed
+from sbiflows.serialization import read_history
 from sbiflows.sequential_rounds import COVERS_PRIOR, Round, check_sequential_options, split_budget
 from sbiflows.sequential_store import RoundStore, atomic_npy, atomic_text
 from sbiflows.simulate import (
@@ -67,7 +68,6 @@ from sbiflows.simulate import (
     load_simulations,
     simulate,
 )
-from sbiflows.training import TrainingHistory
 from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
@@ -298,7 +298,7 @@ class TSNPE:
             xs.append(sims.x[valid].reshape(int(valid.sum()), -1))
         split = layout.round(last) / "validation.npy"  # absent in stores of older versions: a random split
         saved_histories = layout.round(last) / "histories.json"  # an ensemble's K histories
-        histories = ([TrainingHistory(**fields) for fields in json.loads(saved_histories.read_text())]
+        histories = ([read_history(fields, saved_histories) for fields in json.loads(saved_histories.read_text())]
                      if saved_histories.exists() else None)
         self.npe.restore(posterior, torch.cat(thetas), torch.cat(xs),
                          validation=torch.from_numpy(np.load(split)) if split.exists() else None,

@@ -48,7 +48,7 @@ from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
 from sbiflows.priors import check_prior
 from sbiflows.training import TrainingHistory
 
-__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "save"]
+__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "read_history", "save"]
 
 #: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
 #: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
@@ -214,7 +214,7 @@ def read(
         net.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"the saved weights do not fit the rebuilt network: {error}") from None
-    history = None if config["history"] is None else _history(config["history"], path)
+    history = None if config["history"] is None else read_history(config["history"], path)
     default_x = config.get("default_x")
     if default_x is not None:
         dtype = torch.float64 if default_x.get("dtype") == "torch.float64" else _DTYPES[config["dtype"]]
@@ -250,9 +250,15 @@ def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]
     return config, state, prior_tensors
 
 
-def _history(fields: dict, path) -> TrainingHistory:
-    """The training history; fields this version does not know (a newer sbiflows's additions) are dropped
-    with a warning, since the history describes the fit and is not needed to use the posterior."""
+def read_history(fields: dict, path) -> TrainingHistory:
+    """A training history from its :meth:`~sbiflows.training.TrainingHistory.as_dict` fields, as read from
+    ``path``; fields this version does not know (a newer sbiflows's additions) are dropped with a warning,
+    since the history describes the fit and is not needed to use the posterior.
+
+    Example:
+        >>> read_history({"epochs": 3, "best_epoch": 1}, "post.pt").epochs
+        3
+    """
     known = {f.name for f in dataclasses.fields(TrainingHistory)}
     unknown = sorted(set(fields) - known)
     if unknown:
