@@ -136,6 +136,7 @@ def _setup(args: argparse.Namespace) -> Job:
         if embedding is None:  # sequential runs take flat x: the task's structured networks become the MLP
             structured_default = task.default_embedding in ("cnn1d", "cnn2d", "set")
             embedding = "mlp" if args.rounds > 1 and structured_default else task.default_embedding
+            embedding = "auto" if embedding == "none" else embedding  # no network made for it: NPE's default
         # the flat x for none/mlp; the task's structure (same information) for the networks made for it
         structured = embedding in ("cnn1d", "cnn2d", "set") and task.x_shape != (task.x_dim,)
         if structured:
@@ -144,8 +145,11 @@ def _setup(args: argparse.Namespace) -> Job:
     else:
         x_shape = _probe_x_shape(simulator, prior, args)
         if embedding is None:
-            embedding = "none" if x_shape is None or len(x_shape) == 1 else "mlp"
-    if embedding != "none" and x_shape is not None:
+            embedding = "auto" if x_shape is None or len(x_shape) == 1 else "mlp"
+    if embedding == "auto" and x_shape is not None:
+        # NPE's rule, applied here so that the run's settings (and a resumed run's check) name the network
+        embedding = "auto" if _auto_embedding(prior, x_shape) else "none"
+    if embedding not in ("none", "auto") and x_shape is not None:
         from sbiflows.embeddings import from_name
 
         from_name(embedding, x_shape)  # refuses a shape the network does not take, before simulating
@@ -221,6 +225,14 @@ def _setup(args: argparse.Namespace) -> Job:
         timeout=args.timeout,
         rounds=args.rounds,
     )
+
+
+def _auto_embedding(prior, x_shape: tuple[int, ...]) -> bool:
+    """Whether ``NPE(prior)``'s default ``embedding_net="auto"`` puts a linear summary before the flow for ``x_shape``."""
+    from sbiflows.embeddings import auto_embedding
+    from sbiflows.priors import check_prior
+
+    return auto_embedding(x_shape, check_prior(prior)[1]) is not None
 
 
 def _import_object(spec: str, option: str):

@@ -16,7 +16,7 @@ from sbiflows.transforms.transformers import DEFAULT_BINS, TRANSFORMERS
 from sbiflows.truncated_space import SPACE_OPTIONS
 
 #: ``--embedding`` names (:data:`sbiflows.embeddings.EMBEDDINGS`; listed here so that ``--help`` imports no network code).
-EMBEDDING_NAMES = ("mlp", "cnn1d", "cnn2d", "set")
+EMBEDDING_NAMES = ("mlp", "linear", "cnn1d", "cnn2d", "set")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of calibrated NPE's penalty on the coverage of the posterior's highest-density "
                      "regions (Falkiewicz et al. 2023; 200 was measured): widens over-confident posteriors at "
                      "several times the training cost; 0 (default): plain NPE; not with --rounds")
-    fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "none"], default=None,
-                     help="embedding net trained with the flow: mlp (any x, flattened), cnn1d (series "
-                     "(channels, time)), cnn2d (images), set (iid trials (trials, features), NaN-padded), none. "
-                     "Default: the task's own (cnn1d for sir and lotka_volterra, set for bernoulli_glm_raw, mlp "
-                     "for slcp_distractors, none for the others); for --simulator, none for flat x and mlp for "
-                     "structured x")
+    fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "auto", "none"], default=None,
+                     help="embedding net trained with the flow: mlp (any x, flattened), linear (a learned linear "
+                     "summary), cnn1d (series (channels, time)), cnn2d (images), set (iid trials (trials, "
+                     "features), NaN-padded), auto (linear, one value per parameter, for x with more than 5 values "
+                     "per parameter; else none), none. Default: the task's own (cnn1d for sir and lotka_volterra, "
+                     "set for bernoulli_glm_raw, mlp for slcp_distractors, auto for the others); for --simulator, "
+                     "auto for flat x and mlp for structured x")
     fit.add_argument("--out", type=Path, default=None, help="output folder (default runs/<task>)")
     fit.add_argument("--seed", type=int, default=0, help="seed of simulation, training and sampling")
     fit.add_argument("--num-samples", type=_positive_int, default=10_000, help="posterior samples per observation")

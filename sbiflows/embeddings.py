@@ -5,6 +5,8 @@ Pass one as ``NPE(prior, embedding_net=...)``. Each maps z-scored simulations ``
 
 * :class:`MLP` - any ``x_shape``, flattened (a short vector, or many features of which few matter,
   as in slcp_distractors);
+* :class:`Linear` - any ``x_shape``, flattened: a learned linear summary, shared by all flow layers
+  (what ``NPE``'s default ``embedding_net="auto"`` uses for long ``x``, :func:`auto_embedding`);
 * :class:`CNN1d` - time series ``(channels, time)`` (or ``(time,)``, one channel);
 * :class:`CNN2d` - images ``(channels, height, width)`` (or ``(height, width)``);
 * :class:`PermutationInvariant` - sets of iid trials ``(trials, features)`` (DeepSets): one network
@@ -35,7 +37,11 @@ from sbiflows.checks import check_choice, check_int
 from sbiflows.estimator import ACTIVATIONS, check_hidden_features
 from sbiflows.xshape import trial_mask
 
-__all__ = ["EMBEDDINGS", "MLP", "CNN1d", "CNN2d", "PermutationInvariant", "build", "embedding_config", "from_name"]
+__all__ = [
+    "AUTO_VALUES_PER_PARAMETER", "EMBEDDINGS", "MLP", "CNN1d", "CNN2d", "Linear", "PermutationInvariant",
+    "auto_embedding", "build", "from_choice",
+    "embedding_config", "from_name",
+]
 
 
 def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
@@ -114,6 +120,42 @@ class MLP(_Embedding):
                 f"values), got {tuple(x.shape)}"
             )
         return self.net(flat)
+
+
+class Linear(_Embedding):
+    """A learned linear map of the flattened simulation: ``(B, *x_shape) -> (B, out_features)``.
+
+    Without an embedding every flow layer's conditioner reads all of ``x`` and learns its own first
+    layer on it; with many values per simulation those ten or so copies fit noise in the training rows
+    within a few epochs. One shared linear summary has far fewer weights and loses nothing a linear
+    statistic carries (e.g. the sufficient statistics of a GLM, which are linear in its raw
+    responses). The measurements behind :func:`auto_embedding` are in docs/benchmarks.md.
+
+    Args:
+        in_features: Values per simulation (``prod(x_shape)``).
+        out_features: Output size (the flow's context).
+
+    Example:
+        >>> Linear(100, out_features=10)(torch.randn(7, 100)).shape
+        torch.Size([7, 10])
+    """
+
+    name = "linear"
+
+    def __init__(self, in_features: int, *, out_features: int):
+        in_features = check_int(in_features, "in_features", minimum=1)
+        out_features = check_int(out_features, "out_features", minimum=1)
+        super().__init__({"in_features": in_features, "out_features": out_features})
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(len(x), -1) if x.ndim > 1 else x
+        if flat.ndim != 2 or flat.shape[1] != self.config["in_features"]:
+            raise ValueError(
+                f"Linear expects input of shape (B, {self.config['in_features']}) (or (B, *x_shape) of that many "
+                f"values), got {tuple(x.shape)}"
+            )
+        return self.linear(flat)
 
 
 class _CNN(_Embedding):
@@ -270,7 +312,9 @@ class PermutationInvariant(_Embedding):
 
 
 #: The built-in embeddings by name (``sbiflows fit --embedding``, saved files): ``EMBEDDINGS[name](**config)``.
-EMBEDDINGS: dict[str, type[_Embedding]] = {"mlp": MLP, "cnn1d": CNN1d, "cnn2d": CNN2d, "set": PermutationInvariant}
+EMBEDDINGS: dict[str, type[_Embedding]] = {
+    "mlp": MLP, "linear": Linear, "cnn1d": CNN1d, "cnn2d": CNN2d, "set": PermutationInvariant,
+}
 
 
 def from_name(name: str, x_shape: Sequence[int], **options: Any) -> _Embedding:
@@ -288,18 +332,56 @@ def from_name(name: str, x_shape: Sequence[int], **options: Any) -> _Embedding:
     """
     name = check_choice(name, "embedding", EMBEDDINGS)
     x_shape = tuple(int(s) for s in x_shape)
-    takes = {"mlp": (1, 2, 3, 4), "cnn1d": (1, 2), "cnn2d": (2, 3), "set": (2,)}[name]
+    takes = {"mlp": (1, 2, 3, 4), "linear": (1, 2, 3, 4), "cnn1d": (1, 2), "cnn2d": (2, 3), "set": (2,)}[name]
     if len(x_shape) not in takes:
         described = {"cnn1d": "(channels, time) or (time,)", "cnn2d": "(channels, height, width) or (height, width)",
-                     "set": "(trials, features)", "mlp": "any"}[name]
+                     "set": "(trials, features)", "mlp": "any", "linear": "any"}[name]
         raise ValueError(f"embedding {name!r} takes x of shape {described} per simulation, got x_shape {x_shape}")
     if name == "mlp":
         return MLP(math.prod(x_shape), **options)
+    if name == "linear":
+        return Linear(math.prod(x_shape), **{"out_features": 20, **options})
     if name == "set":
         return PermutationInvariant(x_shape[1], **options)
     if name == "cnn1d":
         return CNN1d(*((1,) + x_shape if len(x_shape) == 1 else x_shape), **options)
     return CNN2d(*((1,) + x_shape if len(x_shape) == 2 else x_shape), **options)
+
+
+#: ``embedding_net="auto"``: a :class:`Linear` summary when ``x`` has more than this many values per parameter.
+AUTO_VALUES_PER_PARAMETER = 5
+
+
+def auto_embedding(x_shape: Sequence[int], theta_dim: int) -> Linear | None:
+    """What ``NPE(prior, embedding_net="auto")`` (the default) puts before the flow for simulations of ``x_shape``.
+
+    ``x`` with more than :data:`AUTO_VALUES_PER_PARAMETER` values per parameter (counting every value of
+    structured ``x``) gets a learned :class:`Linear` summary of one value per parameter
+    (``out_features=theta_dim``); shorter ``x`` goes to the flow as it is (None). The evidence
+    (held-out posterior log-density and C2ST) is in docs/benchmarks.md, "A shared linear summary of
+    long x".
+
+    Example:
+        >>> auto_embedding((100,), 10).config, auto_embedding((8,), 5)
+        ({'in_features': 100, 'out_features': 10}, None)
+    """
+    values = math.prod(int(s) for s in x_shape)
+    if values <= AUTO_VALUES_PER_PARAMETER * theta_dim:
+        return None
+    return Linear(values, out_features=theta_dim)
+
+
+def from_choice(choice: str, x_shape: Sequence[int]) -> _Embedding | str | None:
+    """``NPE``'s ``embedding_net`` for a command-line ``--embedding`` choice: ``"none"`` -> None, ``"auto"`` stays
+    ``"auto"`` (NPE decides), any other name -> :func:`from_name` for ``x_shape``.
+
+    Example:
+        >>> from_choice("none", (3,)), from_choice("auto", (3,)), type(from_choice("mlp", (3,))).__name__
+        (None, 'auto', 'MLP')
+    """
+    if choice == "none":
+        return None
+    return "auto" if choice == "auto" else from_name(choice, x_shape)
 
 
 def embedding_config(embedding: nn.Module | None) -> dict[str, Any]:
@@ -311,7 +393,7 @@ def embedding_config(embedding: nn.Module | None) -> dict[str, Any]:
         >>> embedding_config(MLP(3, out_features=2, hidden_features=(4,)))
         {'embedding': 'mlp', 'embedding_config': {'in_features': 3, 'out_features': 2, 'hidden_features': [4], 'activation': 'relu'}}
     """
-    if embedding is None:
+    if embedding is None or type(embedding) in (nn.Identity, nn.Flatten):  # what NPE uses without one
         return {"embedding": "none"}
     name = getattr(embedding, "name", None)
     if isinstance(name, str) and EMBEDDINGS.get(name) is type(embedding):
@@ -333,7 +415,7 @@ def build(name: str, config: dict[str, Any]) -> _Embedding:
         raise ValueError(f"unknown embedding {name!r}; the built-in ones are {sorted(EMBEDDINGS)}")
     if not isinstance(config, dict):
         raise ValueError(f"the arguments of embedding {name!r} must be a dict, got {type(config).__name__}")  # noqa: TRY004 - a bad file
-    positional = {"mlp": ("in_features",), "cnn1d": ("in_channels", "length"),
+    positional = {"mlp": ("in_features",), "linear": ("in_features",), "cnn1d": ("in_channels", "length"),
                   "cnn2d": ("in_channels", "height", "width"), "set": ("trial_features",)}[name]
     try:
         args = [config[k] for k in positional]

@@ -83,11 +83,14 @@ class NPE:
             the masks alternate), ``"lu"`` (an LU-linear layer after each coupling, as in sbi's ``nsf``)
             or ``"masks"`` (masks cycling through binary digits; :func:`~sbiflows.flows.realnvp`). Saved
             with the posterior.
-        embedding_net: Optional ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
+        embedding_net: An ``nn.Module`` mapping z-scored ``x`` ``(B, *x_shape)`` to ``(B, C)`` before
             the flow, trained jointly; its output size ``C`` is read from a forward pass on the data. It is
             deep-copied at the first ``fit``, so the module you pass is never modified. The built-in ones
-            (:mod:`sbiflows.embeddings`: ``MLP``, ``CNN1d``, ``CNN2d``, ``PermutationInvariant``) are saved
-            with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
+            (:mod:`sbiflows.embeddings`: ``MLP``, ``Linear``, ``CNN1d``, ``CNN2d``, ``PermutationInvariant``)
+            are saved with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
+            ``"auto"`` (default): a learned linear summary for ``x`` with many values per parameter, none
+            otherwise (:func:`~sbiflows.embeddings.auto_embedding`, decided at the first ``fit``); None: no
+            embedding (``x`` goes to every flow layer as it is, structured ``x`` flattened).
         ensemble: Train this many flows on the same rows with different seeds (weights, validation split,
             minibatch order) and return their equal-weight mixture (:mod:`sbiflows.ensemble`); 1 (default).
             The flows step together, one vectorized pass per minibatch, unless a custom objective
@@ -142,7 +145,7 @@ class NPE:
         bins: int | None = None,
         bound: float | None = None,
         mixing: str = "none",
-        embedding_net: nn.Module | None = None,
+        embedding_net: nn.Module | str | None = "auto",
         ensemble: int | str = 1,
         balancing: float = 0.0,
         coverage_penalty: float = 0.0,
@@ -456,4 +459,5 @@ class NPE:
         summary = self._auto_summary if self.auto_coverage is None else auto_summary(self.auto_coverage)
         auto = {} if summary is None else {"ensemble_auto": summary}
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
-                                     coverage_penalty=self.coverage_penalty, space=self.space, **self._architecture())
+                                     coverage_penalty=self.coverage_penalty, space=self.space,
+                                     **{k: v for k, v in self._architecture().items() if k != "embedding_net"})

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
-from sbiflows.embeddings import embedding_config
+from sbiflows.embeddings import auto_embedding, embedding_config
 from sbiflows.ensemble import EnsembleNet, members_of
 from sbiflows.posterior import Posterior
 from sbiflows.training import TrainingHistory
@@ -45,7 +45,7 @@ def check_network_options(
     transformer: str | None,
     bins: int | None,
     bound: float | None,
-    embedding_net: nn.Module | None,
+    embedding_net: nn.Module | str | None,
     activation: str,
     transforms: int | None,
     hidden_features: Sequence[int],
@@ -64,9 +64,10 @@ def check_network_options(
 
     Raises:
         TypeError: For an estimator that is neither a name nor a callable, or an embedding net that is
-            not an ``nn.Module``.
+            not an ``nn.Module``, None or ``"auto"``.
         ValueError: For an unknown estimator or activation name, an affine ``"realnvp"`` with 1-D theta,
-            or transformer, bins, bound, transforms or hidden sizes out of range.
+            an embedding name other than ``"auto"``, or transformer, bins, bound, transforms or hidden sizes
+            out of range.
 
     Example:
         >>> transformer, transforms, hidden = check_network_options(
@@ -94,8 +95,11 @@ def check_network_options(
             UserWarning,
             stacklevel=3,  # the caller of NPE(...)
         )
-    if embedding_net is not None and not isinstance(embedding_net, nn.Module):
-        raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
+    if isinstance(embedding_net, str):
+        if embedding_net != "auto":
+            raise ValueError(f"embedding_net must be an nn.Module, None or 'auto', got {embedding_net!r}")
+    elif embedding_net is not None and not isinstance(embedding_net, nn.Module):
+        raise TypeError(f"embedding_net must be a torch.nn.Module, None or 'auto', got {type(embedding_net).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
     transforms = check_int(transforms, "transforms", minimum=1, optional="the default rule")
@@ -113,14 +117,14 @@ def build_network(
     hidden_features: tuple[int, ...],
     activation: str,
     transformer: dict[str, Any],
-    embedding_net: nn.Module | None,
+    embedding_net: nn.Module | str | None,
     device: torch.device,
     dtype: torch.dtype,
 ) -> PosteriorNet:
     """A new :class:`~sbiflows.estimator.PosteriorNet` for training rows ``u`` ``(N, D)`` and ``x`` ``(N, *x_shape)``.
 
-    The embedding net (a deep copy of ``embedding_net``; without one, flat ``x`` passes unchanged and
-    structured ``x`` is flattened) is probed on two z-scored rows to read its output size, then a flow of
+    The embedding net (a deep copy of ``embedding_net``; ``"auto"``: :func:`~sbiflows.embeddings.auto_embedding`,
+    with weights from ``seed``; without one, flat ``x`` passes unchanged and structured ``x`` is flattened) is probed on two z-scored rows to read its output size, then a flow of
     ``estimator`` is built with ``seed`` (torch's global RNG state is left unchanged) and the network
     z-scores with the statistics of ``u`` and ``x``. The options are those :func:`check_network_options`
     returned; ``transformer`` is its transformer dict.
@@ -138,6 +142,10 @@ def build_network(
         ((3,), 3)
     """
     x_shape = tuple(x.shape[1:])
+    if embedding_net == "auto":
+        with torch.random.fork_rng(devices=[]):  # its weights come from the seed, as the flow's do
+            torch.manual_seed(seed)
+            embedding_net = auto_embedding(x_shape, theta_dim)
     if embedding_net is not None:
         embedding = copy.deepcopy(embedding_net)
     else:  # structured x without an embedding: the flow sees it flattened
@@ -183,7 +191,6 @@ def network_config(
     transforms: int,
     hidden_features: tuple[int, ...],
     activation: str,
-    embedding_net: nn.Module | None,
     theta_dim: int,
     flow_seed: int,
     balancing: float,
@@ -192,7 +199,8 @@ def network_config(
 ) -> dict:
     """The architecture description a :class:`~sbiflows.posterior.Posterior` keeps as ``config`` (and saves).
 
-    A callable ``estimator`` is recorded as ``"custom"``; ``flow_seed`` is the seed of the first fit.
+    A callable ``estimator`` is recorded as ``"custom"``; ``flow_seed`` is the seed of the first fit; the
+    embedding recorded is the one the network holds (:func:`~sbiflows.embeddings.embedding_config`).
     """
     return {
         "estimator": estimator if isinstance(estimator, str) else "custom",
@@ -200,7 +208,7 @@ def network_config(
         "transforms": transforms,
         "hidden_features": list(hidden_features),
         "activation": activation,
-        **embedding_config(embedding_net),
+        **embedding_config(members_of(net)[0].embedding),  # the one built (``"auto"`` resolved)
         "theta_dim": theta_dim,
         "x_dim": net.x_dim,
         "x_shape": list(net.x_shape),

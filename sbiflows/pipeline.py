@@ -26,7 +26,7 @@ from torch.distributions import Distribution
 from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
-from sbiflows.embeddings import from_name
+from sbiflows.embeddings import from_choice
 from sbiflows.ensemble import check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
@@ -284,7 +284,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         posterior = load(path, prior=job.prior)
     else:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
-        embedding = None if job.embedding == "none" else from_name(job.embedding, tuple(sims.x.shape[1:]))
+        embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
             sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress
         )

@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 from sbiflows import diagnostics, plots
 from sbiflows.diagnostics.verdict import ADVICE
-from sbiflows.embeddings import from_name
+from sbiflows.embeddings import from_choice
 from sbiflows.posterior import Posterior
 from sbiflows.report import jsonable, training_record
 from sbiflows.sequential import TSNPE
@@ -64,7 +64,7 @@ def fit(state) -> Posterior:
     store = job.out / STORE
     state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
               f"for {observation.name} (store: {store})")
-    embedding = None if job.embedding == "none" else from_name(job.embedding, tuple(observation.x.shape))
+    embedding = from_choice(job.embedding, tuple(observation.x.shape))
     tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
     posterior = tsnpe.run(
         job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
