@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--embedding", choices=[*EMBEDDING_NAMES, "auto", "none"], default=None,
                      help="embedding net trained with the flow: mlp (any x, flattened), linear (a learned linear "
                      "summary), cnn1d (series (channels, time)), cnn2d (images), set (iid trials (trials, "
-                     "features), NaN-padded), auto (linear, one value per parameter, for x with more than 5 values "
+                     "features), NaN-padded), auto (linear, two values per parameter, for x with more than 5 values "
                      "per parameter; else none), none. Default: the task's own (cnn1d for sir and lotka_volterra, "
                      "set for bernoulli_glm_raw, mlp for slcp_distractors, auto for the others); for --simulator, "
                      "auto for flat x and mlp for structured x")

@@ -356,19 +356,20 @@ def auto_embedding(x_shape: Sequence[int], theta_dim: int) -> Linear | None:
     """What ``NPE(prior, embedding_net="auto")`` (the default) puts before the flow for simulations of ``x_shape``.
 
     ``x`` with more than :data:`AUTO_VALUES_PER_PARAMETER` values per parameter (counting every value of
-    structured ``x``) gets a learned :class:`Linear` summary of one value per parameter
-    (``out_features=theta_dim``); shorter ``x`` goes to the flow as it is (None). The evidence
-    (held-out posterior log-density and C2ST) is in docs/benchmarks.md, "A shared linear summary of
-    long x".
+    structured ``x``) gets a learned :class:`Linear` summary of two values per parameter
+    (``out_features=2 * theta_dim``: one per parameter loses information where the statistics that
+    matter are not linear in ``x``, e.g. the second moments of slcp's draws); shorter ``x`` goes to
+    the flow as it is (None). The evidence (held-out posterior log-density and C2ST) is in
+    docs/benchmarks.md, "A shared linear summary of long x".
 
     Example:
         >>> auto_embedding((100,), 10).config, auto_embedding((8,), 5)
-        ({'in_features': 100, 'out_features': 10}, None)
+        ({'in_features': 100, 'out_features': 20}, None)
     """
     values = math.prod(int(s) for s in x_shape)
     if values <= AUTO_VALUES_PER_PARAMETER * theta_dim:
         return None
-    return Linear(values, out_features=theta_dim)
+    return Linear(values, out_features=2 * theta_dim)
 
 
 def from_choice(choice: str, x_shape: Sequence[int]) -> _Embedding | str | None:
@@ -385,7 +386,8 @@ def from_choice(choice: str, x_shape: Sequence[int]) -> _Embedding | str | None:
 
 
 def embedding_config(embedding: nn.Module | None) -> dict[str, Any]:
-    """How a saved file describes an embedding: ``{"embedding": "none"}``, a built-in's name with its
+    """How a saved file describes an embedding: ``{"embedding": "none"}`` (also for the ``nn.Identity`` or
+    ``nn.Flatten`` that NPE uses without one), a built-in's name with its
     ``"embedding_config"`` (constructor arguments), or ``{"embedding": "custom"}`` for any other module
     (a subclass of a built-in included: its code may differ), which :func:`sbiflows.load` needs passed back.
 
@@ -393,7 +395,8 @@ def embedding_config(embedding: nn.Module | None) -> dict[str, Any]:
         >>> embedding_config(MLP(3, out_features=2, hidden_features=(4,)))
         {'embedding': 'mlp', 'embedding_config': {'in_features': 3, 'out_features': 2, 'hidden_features': [4], 'activation': 'relu'}}
     """
-    if embedding is None or type(embedding) in (nn.Identity, nn.Flatten):  # what NPE uses without one
+    plain_flatten = type(embedding) is nn.Flatten and (embedding.start_dim, embedding.end_dim) == (1, -1)
+    if embedding is None or type(embedding) is nn.Identity or plain_flatten:  # what NPE uses without one
         return {"embedding": "none"}
     name = getattr(embedding, "name", None)
     if isinstance(name, str) and EMBEDDINGS.get(name) is type(embedding):

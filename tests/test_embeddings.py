@@ -5,13 +5,17 @@ import torch
 from torch import nn
 
 from sbiflows.embeddings import (
+    AUTO_VALUES_PER_PARAMETER,
     EMBEDDINGS,
     MLP,
     CNN1d,
     CNN2d,
+    Linear,
     PermutationInvariant,
+    auto_embedding,
     build,
     embedding_config,
+    from_choice,
     from_name,
 )
 from sbiflows.xshape import check_observations, valid_rows, zscore_shaped
@@ -22,6 +26,8 @@ NAN = float("nan")
 CASES = [
     ("mlp", (7,), (5, 7)),
     ("mlp", (3, 4), (5, 3, 4)),
+    ("linear", (7,), (5, 7)),
+    ("linear", (3, 4), (5, 3, 4)),
     ("cnn1d", (2, 30), (5, 2, 30)),
     ("cnn1d", (30,), (5, 30)),
     ("cnn2d", (3, 12, 10), (5, 3, 12, 10)),
@@ -44,6 +50,7 @@ def test_every_embedding_maps_a_batch_to_out_features(name, x_shape, batch):
     ("net", "bad", "expected"),
     [
         (MLP(7), (5, 8), r"\(B, 7\).*got \(5, 8\)"),
+        (Linear(7, out_features=2), (5, 8), r"Linear expects .*\(B, 7\).*got \(5, 8\)"),
         (CNN1d(2, 30), (5, 3, 30), r"\(B, 2, 30\).*got \(5, 3, 30\)"),
         (CNN1d(2, 30), (5, 30), r"\(B, 2, 30\).*got \(5, 30\)"),
         (CNN2d(1, 8, 8), (5, 8, 9), r"\(B, 1, 8, 8\) or \(B, 8, 8\).*got \(5, 8, 9\)"),
@@ -117,6 +124,8 @@ def test_embedding_config_of_other_modules():
         pass
 
     assert embedding_config(None) == {"embedding": "none"}
+    assert embedding_config(nn.Identity()) == embedding_config(nn.Flatten()) == {"embedding": "none"}
+    assert embedding_config(nn.Flatten(start_dim=2)) == {"embedding": "custom"}
     assert embedding_config(nn.Linear(2, 3)) == {"embedding": "custom"}
     assert embedding_config(Mine(3)) == {"embedding": "custom"}  # a subclass may have other code
     with pytest.raises(ValueError, match="unknown embedding 'lstm'"):
@@ -166,3 +175,21 @@ def test_check_observations_pads_small_sets_and_refuses_large_ones():
         check_observations(torch.ones(6, 2), (5, 2), "x", padded_trials=True, single=True)
     with pytest.raises(ValueError, match=r"xs must have shape \(B, 2, 30\).*got \(4, 3, 30\)"):
         check_observations(torch.ones(4, 3, 30), (2, 30), "xs")
+
+
+def test_auto_embedding_is_a_linear_summary_of_two_values_per_parameter_for_long_x():
+    limit = AUTO_VALUES_PER_PARAMETER
+    assert auto_embedding((limit * 3,), 3) is None  # at the limit: x goes to the flow as it is
+    net = auto_embedding((limit * 3 + 1,), 3)
+    assert type(net) is Linear and net.config == {"in_features": limit * 3 + 1, "out_features": 6}
+    structured = auto_embedding((4, 5), 2)  # 20 values for 2 parameters, counted flattened
+    assert structured.config == {"in_features": 20, "out_features": 4}
+    assert structured(torch.randn(6, 4, 5)).shape == (6, 4)
+    assert auto_embedding((2,), 2) is None
+
+
+def test_from_choice_maps_command_line_names():
+    assert from_choice("none", (30,)) is None
+    assert from_choice("auto", (30,)) == "auto"
+    assert type(from_choice("linear", (30,))) is Linear
+    assert from_choice("linear", (30,)).out_features == 20

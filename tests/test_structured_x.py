@@ -160,7 +160,8 @@ def test_no_embedding_flattens_structured_x_and_still_saves(tmp_path):
     torch.manual_seed(0)
     theta = PRIOR.sample((200,))
     x = series(theta, length=5)
-    posterior = NPE(PRIOR, transforms=1, hidden_features=(16,)).fit(theta, x, max_epochs=2, progress=False)
+    posterior = NPE(PRIOR, transforms=1, hidden_features=(16,), embedding_net=None).fit(theta, x, max_epochs=2,
+                                                                                       progress=False)
     assert posterior.x_shape == (2, 5) and posterior.net.flow.context_features == 10
     posterior.save(tmp_path / "p.pt")
     torch.testing.assert_close(load(tmp_path / "p.pt").log_prob(theta[:5], x=x[0]), posterior.log_prob(theta[:5], x=x[0]))
