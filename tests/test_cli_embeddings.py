@@ -69,6 +69,31 @@ def test_a_user_simulator_with_structured_x_and_npy_observations(tmp_path, monke
     assert posterior.x_shape == (2, 8) and posterior.config["embedding"] == "cnn1d"
 
 
+
+@pytest.mark.slow
+def test_a_user_simulator_with_long_flat_x_gets_the_linear_summary_unless_none(tmp_path, monkeypatch):
+    (tmp_path / "longx.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):  # 2 parameters, 30 values: the signal twice, then noise
+            signal = torch.cat([theta, theta], 1) + 0.3 * torch.randn(len(theta), 4)
+            return torch.cat([signal, torch.randn(len(theta), 26)], 1)
+    """))
+    monkeypatch.chdir(tmp_path)
+    np.savetxt(tmp_path / "obs.csv", np.zeros((1, 30)), delimiter=",")
+    for choice, recorded, built in ((None, "auto", "linear"), ("none", "none", "none")):
+        out = tmp_path / f"run_{choice}"
+        extra = [] if choice is None else ["--embedding", choice]
+        assert main(["fit", "--simulator", "longx:simulate", "--prior", "longx:prior", "--observation", "obs.csv",
+                     "--out", str(out), *extra, *SMALL]) == 0
+        assert json.loads((out / "report.json").read_text())["embedding"] == recorded
+        posterior = load(out / "posterior.pt")
+        assert posterior.config["embedding"] == built
+        assert posterior.config["context_features"] == (4 if built == "linear" else 30)
+
 def test_a_structured_observation_of_the_wrong_shape_fails_before_training(tmp_path, monkeypatch, capsys):
     _write_model(tmp_path)
     monkeypatch.chdir(tmp_path)
