@@ -46,7 +46,7 @@ def parse_observations(text: str) -> list[int]:
 
 def run_ours(task, theta, x, observations, *, estimator, activation, hidden_features, seed, threads, num_samples,
              transforms=None, transformer=None, bins=None, bound=None, space=None, mixing=None, coverage_penalty=None,
-             **fit_options):
+             embedding="auto", **fit_options):
     """Train our NPE and return (record, samples per observation)."""
     options = {} if hidden_features is None else {"hidden_features": hidden_features}
     options.update({key: value for key, value in (("transformer", transformer), ("bins", bins), ("bound", bound),
@@ -54,6 +54,7 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
                                                   ("coverage_penalty", coverage_penalty)) if value is not None})
     if transforms is not None:
         options["transforms"] = transforms
+    options["embedding_net"] = None if embedding == "none" else "auto"
     fit_options = {key: value for key, value in fit_options.items() if value is not None}  # None: NPE's default
     start, cpu_start = time.perf_counter(), time.process_time()
     posterior = NPE(task.prior, estimator, activation=activation, **options).fit(theta, x, seed=seed, progress=False, num_threads=threads,
@@ -71,6 +72,7 @@ def run_ours(task, theta, x, observations, *, estimator, activation, hidden_feat
               "learning_rate": posterior.history.learning_rate, "transforms": posterior.config["transforms"],
               "ema_epochs": posterior.history.ema_epochs, "best_epoch": posterior.history.best_epoch,
               "step_drop_epochs": posterior.history.step_drop_epochs,
+              "embedding": posterior.config["embedding"], "context_features": posterior.config["context_features"],
               "validation_loss": posterior.history.validation_loss}
     return record, samples
 
@@ -165,6 +167,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "step_drops": step_drops, "drop_patience": drop_patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "mixing": args.mixing, "coverage_penalty": args.coverage_penalty,
+              "embedding": args.embedding,
               "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
     ours_c2st = None
@@ -177,7 +180,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 drop_patience=args.drop_patience,
                                 transformer=args.transformer,
                                 bins=args.bins, bound=args.bound, space=args.space, mixing=args.mixing,
-                                coverage_penalty=args.coverage_penalty)
+                                coverage_penalty=args.coverage_penalty, embedding=args.embedding)
         if ours_c2st is None:
             ours_c2st = score(task, samples, observations, seed)
             record["ours_c2st"] = ours_c2st
@@ -257,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="our hidden layer sizes (default: NPE's default)")
     parser.add_argument("--transforms", type=int, default=None, help="our number of flow layers (default: NPE's)")
     parser.add_argument("--no-sbi", action="store_true", help="skip sbi even if it is installed")
+    parser.add_argument("--embedding", default="auto", choices=["auto", "none"],
+                        help="our embedding_net: NPE's default 'auto' (a linear summary of long x) or none (x straight "
+                        "to every flow layer, the default before session 46)")
     parser.add_argument("--mixing", default=None, choices=list(MIXINGS),
                         help="our coupling flows' layer between couplings (default: NPE's)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
