@@ -76,6 +76,16 @@ class _Embedding(nn.Module):
             raise ValueError(f"{type(self).__name__} expects input of shape {wanted}, got {tuple(x.shape)}")
         return x
 
+    def _flat(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, *x_shape)`` as ``(B, in_features)``, else a ValueError naming both shapes."""
+        flat = x.reshape(len(x), -1) if x.ndim > 1 else x
+        if flat.ndim != 2 or flat.shape[1] != self.config["in_features"]:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (B, {self.config['in_features']}) (or (B, *x_shape) "
+                f"of that many values), got {tuple(x.shape)}"
+            )
+        return flat
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 
@@ -113,13 +123,7 @@ class MLP(_Embedding):
         self.net = _mlp([in_features, *hidden, out_features], activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(len(x), -1) if x.ndim > 1 else x
-        if flat.ndim != 2 or flat.shape[1] != self.config["in_features"]:
-            raise ValueError(
-                f"MLP expects input of shape (B, {self.config['in_features']}) (or (B, *x_shape) of that many "
-                f"values), got {tuple(x.shape)}"
-            )
-        return self.net(flat)
+        return self.net(self._flat(x))
 
 
 class Linear(_Embedding):
@@ -149,13 +153,7 @@ class Linear(_Embedding):
         self.linear = nn.Linear(in_features, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(len(x), -1) if x.ndim > 1 else x
-        if flat.ndim != 2 or flat.shape[1] != self.config["in_features"]:
-            raise ValueError(
-                f"Linear expects input of shape (B, {self.config['in_features']}) (or (B, *x_shape) of that many "
-                f"values), got {tuple(x.shape)}"
-            )
-        return self.linear(flat)
+        return self.linear(self._flat(x))
 
 
 class _CNN(_Embedding):
