@@ -148,7 +148,10 @@ def _setup(args: argparse.Namespace) -> Job:
             embedding = "auto" if x_shape is None or len(x_shape) == 1 else "mlp"
     if embedding == "auto" and x_shape is not None:
         # NPE's rule, applied here so that the run's settings (and a resumed run's check) name the network
-        embedding = "auto" if _auto_embedding(prior, x_shape) else "none"
+        from sbiflows.embeddings import auto_features
+        from sbiflows.priors import check_prior
+
+        embedding = "none" if auto_features(x_shape, check_prior(prior)[1]) is None else "auto"
     if embedding not in ("none", "auto") and x_shape is not None:
         from sbiflows.embeddings import from_name
 
@@ -225,14 +228,6 @@ def _setup(args: argparse.Namespace) -> Job:
         timeout=args.timeout,
         rounds=args.rounds,
     )
-
-
-def _auto_embedding(prior, x_shape: tuple[int, ...]) -> bool:
-    """Whether ``NPE(prior)``'s default ``embedding_net="auto"`` puts a linear summary before the flow for ``x_shape``."""
-    from sbiflows.embeddings import auto_embedding
-    from sbiflows.priors import check_prior
-
-    return auto_embedding(x_shape, check_prior(prior)[1]) is not None
 
 
 def _import_object(spec: str, option: str):

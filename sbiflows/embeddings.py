@@ -39,8 +39,7 @@ from sbiflows.xshape import trial_mask
 
 __all__ = [
     "AUTO_VALUES_PER_PARAMETER", "EMBEDDINGS", "MLP", "CNN1d", "CNN2d", "Linear", "PermutationInvariant",
-    "auto_embedding", "build", "from_choice",
-    "embedding_config", "from_name",
+    "auto_embedding", "auto_features", "build", "embedding_config", "from_choice", "from_name",
 ]
 
 
@@ -350,6 +349,18 @@ def from_name(name: str, x_shape: Sequence[int], **options: Any) -> _Embedding:
 AUTO_VALUES_PER_PARAMETER = 5
 
 
+def auto_features(x_shape: Sequence[int], theta_dim: int) -> int | None:
+    """The size of the summary ``NPE(prior, embedding_net="auto")`` (the default) learns for simulations of
+    ``x_shape``, or None where ``x`` goes to the flow as it is (the rule of :func:`auto_embedding`).
+
+    Example:
+        >>> auto_features((100,), 10), auto_features((8,), 5)
+        (20, None)
+    """
+    values = math.prod(int(s) for s in x_shape)
+    return 2 * theta_dim if values > AUTO_VALUES_PER_PARAMETER * theta_dim else None
+
+
 def auto_embedding(x_shape: Sequence[int], theta_dim: int) -> Linear | None:
     """What ``NPE(prior, embedding_net="auto")`` (the default) puts before the flow for simulations of ``x_shape``.
 
@@ -364,10 +375,8 @@ def auto_embedding(x_shape: Sequence[int], theta_dim: int) -> Linear | None:
         >>> auto_embedding((100,), 10).config, auto_embedding((8,), 5)
         ({'in_features': 100, 'out_features': 20}, None)
     """
-    values = math.prod(int(s) for s in x_shape)
-    if values <= AUTO_VALUES_PER_PARAMETER * theta_dim:
-        return None
-    return Linear(values, out_features=2 * theta_dim)
+    features = auto_features(x_shape, theta_dim)
+    return None if features is None else Linear(math.prod(int(s) for s in x_shape), out_features=features)
 
 
 def from_choice(choice: str, x_shape: Sequence[int]) -> _Embedding | str | None:

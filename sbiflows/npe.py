@@ -319,7 +319,8 @@ class NPE:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
                 count = AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
-                                         dtype=self.dtype, **self._architecture()) for k in range(count)]
+                                         dtype=self.dtype, embedding_net=self.embedding_net,
+                                         **self._architecture()) for k in range(count)]
                 flow_seed = seed
             else:
                 flow_seed, n_layers = self._seed, self._transforms
@@ -453,11 +454,11 @@ class NPE:
     def _architecture(self) -> dict[str, Any]:
         """The options (checked by ``__init__``) that :func:`build_network` and :func:`network_config` share."""
         return {"estimator": self.estimator, "theta_dim": self.theta_dim, "hidden_features": self.hidden_features,
-                "activation": self.activation, "transformer": self._transformer, "embedding_net": self.embedding_net}
+                "activation": self.activation, "transformer": self._transformer}
 
     def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
         summary = self._auto_summary if self.auto_coverage is None else auto_summary(self.auto_coverage)
         auto = {} if summary is None else {"ensemble_auto": summary}
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
                                      coverage_penalty=self.coverage_penalty, space=self.space,
-                                     **{k: v for k, v in self._architecture().items() if k != "embedding_net"})
+                                     **self._architecture())

@@ -123,9 +123,10 @@ def build_network(
 ) -> PosteriorNet:
     """A new :class:`~sbiflows.estimator.PosteriorNet` for training rows ``u`` ``(N, D)`` and ``x`` ``(N, *x_shape)``.
 
-    The embedding net (a deep copy of ``embedding_net``; ``"auto"``: :func:`~sbiflows.embeddings.auto_embedding`,
-    with weights from ``seed``; without one, flat ``x`` passes unchanged and structured ``x`` is flattened) is probed on two z-scored rows to read its output size, then a flow of
-    ``estimator`` is built with ``seed`` (torch's global RNG state is left unchanged) and the network
+    The embedding net (a deep copy of ``embedding_net``; ``"auto"``:
+    :func:`~sbiflows.embeddings.auto_embedding`, with weights from ``seed``; without one, flat ``x`` passes
+    unchanged and structured ``x`` is flattened) is probed on two z-scored rows to read its output size,
+    then a flow of ``estimator`` is built with ``seed`` (torch's global RNG state is left unchanged) and the network
     z-scores with the statistics of ``u`` and ``x``. The options are those :func:`check_network_options`
     returned; ``transformer`` is its transformer dict.
 

@@ -13,6 +13,7 @@ from sbiflows.embeddings import (
     Linear,
     PermutationInvariant,
     auto_embedding,
+    auto_features,
     build,
     embedding_config,
     from_choice,
@@ -180,6 +181,7 @@ def test_check_observations_pads_small_sets_and_refuses_large_ones():
 def test_auto_embedding_is_a_linear_summary_of_two_values_per_parameter_for_long_x():
     limit = AUTO_VALUES_PER_PARAMETER
     assert auto_embedding((limit * 3,), 3) is None  # at the limit: x goes to the flow as it is
+    assert auto_features((limit * 3,), 3) is None and auto_features((limit * 3 + 1,), 3) == 6
     net = auto_embedding((limit * 3 + 1,), 3)
     assert type(net) is Linear and net.config == {"in_features": limit * 3 + 1, "out_features": 6}
     structured = auto_embedding((4, 5), 2)  # 20 values for 2 parameters, counted flattened
