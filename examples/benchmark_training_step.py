@@ -11,6 +11,7 @@ compare the same machine load.
 
 Usage:
     python examples/benchmark_training_step.py --task slcp --batch-sizes 128 200
+    python examples/benchmark_training_step.py --task bernoulli_glm_raw --simulations 10000 --batch-sizes 190 200
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="slcp", choices=simulators.names())
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 200])
     parser.add_argument("--repeats", type=int, default=15, help="blocks of 50 steps per variant")
+    parser.add_argument("--simulations", type=int, default=2000,
+                        help="rows the networks are built for (our default depth depends on the budget)")
     parser.add_argument("--sbi-estimators", nargs="*", default=["maf", "nsf"],
                         help="sbi density estimators to time beside ours (when sbi is installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = simulators.get(args.task)
     torch.manual_seed(0)
-    theta = task.prior.sample((2000,))
+    theta = task.prior.sample((args.simulations,))
     x = task.simulate(theta, seed=0)
     steps = {"ours (fused Adam)": our_step(task.prior, theta, x, fused=True),
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
