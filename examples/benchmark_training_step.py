@@ -4,7 +4,9 @@ A training run is epochs x steps per epoch x the cost of one step; this script m
 factor in isolation, on random data of a task's dimensions, so that it is not mixed up with the
 number of epochs (which depends on the data and early stopping). Reported: the median over
 ``--repeats`` blocks of 50 steps, for our default estimator with the fused Adam kernel and with
-``foreach`` Adam, with the fused kernel plus the weight average that training keeps (ours, one
+``foreach`` Adam, with the fused kernel and torch's softmax for the spline bins at every size (the
+code before the written-out softmax of :func:`sbiflows.transforms.transformers._softmax_rows`), with
+the fused kernel plus the weight average that training keeps (ours, one
 foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
 (``--sbi-estimators``, default its MAF and its NSF); the timings are interleaved, so the ratios
 compare the same machine load.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 import simulators
 from sbiflows import NPE
 from sbiflows.training import WeightAverage
+from sbiflows.transforms import transformers
 
 
 def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -61,6 +65,20 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Cal
         update()
 
     return step
+
+
+def torch_softmax(step: Callable[[torch.Tensor, torch.Tensor], None]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``step`` with the spline's bin softmax left to ``torch.softmax`` at every size (as before commit 267309e)."""
+
+    def wrapped(t, c):
+        threshold = transformers.SOFTMAX_ROWS_WRITTEN_OUT
+        transformers.SOFTMAX_ROWS_WRITTEN_OUT = sys.maxsize
+        try:
+            step(t, c)
+        finally:
+            transformers.SOFTMAX_ROWS_WRITTEN_OUT = threshold
+
+    return wrapped
 
 
 def sbi_step(prior, theta, x, *, estimator_name: str = "maf") -> Callable | None:
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     theta = task.prior.sample((args.simulations,))
     x = task.simulate(theta, seed=0)
     steps = {"ours (fused Adam)": our_step(task.prior, theta, x, fused=True),
+             "ours fused, torch softmax": torch_softmax(our_step(task.prior, theta, x, fused=True)),
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}

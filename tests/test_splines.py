@@ -8,6 +8,7 @@ import torch
 
 from sbiflows.flows import iaf, maf, nsf, realnvp
 from sbiflows.nn import soft_clamp
+from sbiflows.transforms import transformers
 from sbiflows.transforms import (
     AffineCoupling,
     Coupling,
@@ -105,6 +106,37 @@ def test_finite_with_gradients_at_edges_and_for_extreme_parameters(dtype, scale)
         assert torch.isfinite(out).all() and torch.isfinite(logdet).all()
         grads = torch.autograd.grad(out.sum() + logdet.sum(), (v, params))
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_bin_softmax_written_out_matches_torch_in_value_and_gradient(dtype, scale):
+    """Both forms of the bins' softmax (torch's below 512 rows, written out from there) are torch's softmax."""
+    raw = scale * torch.randn(700, 2, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    weights = torch.randn(700, 2, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-10}
+    for rows in (100, 700):  # 200 and 1,400 rows of 8 bins: one on each side of the switch
+        mine = raw[:rows].clone().requires_grad_()
+        theirs = raw[:rows].clone().requires_grad_()
+        out, expected = transformers._softmax_rows(mine), torch.softmax(theirs, dim=-1)
+        torch.testing.assert_close(out, expected, **tol)
+        (grad,), (expected_grad,) = (torch.autograd.grad((o * weights[:rows]).sum(), t)
+                                     for o, t in ((out, mine), (expected, theirs)))
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, expected_grad, **tol)
+
+
+def test_spline_values_do_not_depend_on_the_batch_size():
+    """600 rows at once (written-out softmax) give the values of 100-row chunks (torch's softmax)."""
+    params = spline_params(600, scale=3.0)
+    x = 2 * BOUND * torch.rand(600, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - BOUND
+    rows = 600 * 2 >= transformers.SOFTMAX_ROWS_WRITTEN_OUT > 100 * 2  # widths and heights: 2 rows each
+    assert rows
+    for direction in (SPLINE.forward, SPLINE.inverse):
+        whole = direction(x, params)
+        chunks = [direction(xs, ps) for xs, ps in zip(x.split(100), params.split(100))]
+        for got, parts in zip(whole, zip(*chunks)):
+            torch.testing.assert_close(got, torch.cat(parts), atol=1e-12, rtol=0)
 
 
 SPLINE_LAYERS = {
