@@ -108,11 +108,13 @@ SOFTMAX_ROWS_WRITTEN_OUT = 512
 def _softmax_rows(raw: Tensor) -> Tensor:
     """``torch.softmax(raw, dim=-1)`` for rows of a few values (the bins), computed the faster way.
 
-    On CPU, torch's softmax kernel costs about 0.15 microseconds per row of 8 values, several times the
-    written-out ``exp(raw - max) / sum``; below a few hundred rows the written-out form's extra
-    operations cost more than that (``examples/benchmark_training_step.py``; docs/benchmarks.md,
-    "The spline's softmax"). The max it subtracts is detached: a softmax does not change under a
-    shift, so the gradient is exactly the softmax's. Both forms agree to rounding.
+    On CPU, torch's softmax kernel is slow on rows of a few values (its cost grows with the rows far
+    faster than the written-out ``exp(raw - max) / sum``'s), while below a few hundred rows the
+    written-out form's extra operations cost more than it saves; so torch's softmax is used below
+    :data:`SOFTMAX_ROWS_WRITTEN_OUT` rows, where the values are then exactly as before the written-out
+    form existed (``examples/benchmark_training_step.py``; docs/benchmarks.md, "The spline's bin
+    softmax written out"). The max it subtracts is detached: a softmax does not change under a shift,
+    so the gradient is exactly the softmax's. Both forms agree to rounding.
 
     Example:
         >>> raw = torch.randn(600, 8)
