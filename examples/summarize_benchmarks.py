@@ -8,7 +8,8 @@ row per task, budget and configuration: the mean over seeds of the per-seed mean
 observations, the paired difference with its standard error over seeds (the targets' "no worse"
 test), how many seeds ours won, the summed training CPU seconds and the published NPE-NSF mean (sbibm,
 Lueckmann et al. 2021). Records of the same task, budget, configuration and seed are deduplicated
-(the last one wins), so a file may be appended to by reruns.
+(the last one wins), so a file may be appended to by reruns; in ``npe`` a configuration includes every
+training option that differs from NPE's defaults (``--learning-rate 0.004`` is a row of its own).
 
 Usage:
     python examples/summarize_benchmarks.py npe results.jsonl
@@ -101,18 +102,41 @@ def _groups(path: str, key) -> list[tuple[tuple, list[dict]]]:
     return [(group, sorted(records, key=lambda r: r["seed"])) for group, records in sorted(groups.items(), key=str)]
 
 
+#: Options of ``benchmark_npe.py`` records that set one configuration of ours apart from another, each with
+#: the value that means NPE's default (records before an option existed lack it; it is then not compared).
+NPE_OPTIONS = {"activation": "tanh", "batch_size": None, "learning_rate": None, "patience": 20, "step_drops": 1,
+               "drop_patience": 10, "hidden_features": None, "transforms": None, "bins": None, "bound": None,
+               "mixing": None, "coverage_penalty": None, "embedding": "auto"}
+
+
+def npe_options(record: dict) -> tuple[tuple[str, str], ...]:
+    """The options of a ``benchmark_npe.py`` record that differ from NPE's defaults, as ``(name, value)`` pairs.
+
+    Example:
+        >>> npe_options({"learning_rate": 0.004, "patience": 20, "hidden_features": [100, 100]})
+        (('learning_rate', '0.004'), ('hidden_features', '100x100'))
+    """
+    def text(value) -> str:
+        return "x".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return tuple((name, text(record[name])) for name, default in NPE_OPTIONS.items()
+                 if name in record and record[name] != default)
+
+
 def npe_rows(path: str) -> list[str]:
-    """Rows for ``benchmark_npe.py`` records: ours (per estimator) against sbi where sbi ran."""
+    """Rows for ``benchmark_npe.py`` records: ours (per estimator and options) against sbi where sbi ran."""
     def key(r):
-        return r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), r["seed"]
+        return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
+                r["seed"])
 
     rows = ["| task | simulations | ours | seeds | ours C2ST | sbi C2ST | ours - sbi (SE) | seeds ours <= sbi "
             "| ours train CPU s | sbi train CPU s | published NPE-NSF |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer, space), records in _groups(path, key):
+    for (task, simulations, estimator, transformer, space, options), records in _groups(path, key):
         ours = [_mean(r["ours_c2st"]) for r in records]
         cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
-        name = estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
+        name = (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
+                + "".join(f", {option}={value}" for option, value in options))
         if all("sbi_c2st" in r for r in records):
             sbi = [_mean(r["sbi_c2st"]) for r in records]
             difference, se = paired(ours, sbi)

@@ -122,6 +122,23 @@ def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
                        "| 0.901 |"), rows[2]
 
 
+def test_npe_summary_keeps_runs_with_other_training_options_apart(tmp_path):
+    """``summarize_benchmarks.py npe``: a run with another step size is a row of its own, not a rerun that replaces
+    the default's records of the same seeds."""
+    def record(seed, c2st, **options):
+        return json.dumps({"task": "slcp", "simulations": 10000, "seed": seed, "estimator": "nsf", "space": "truncated",
+                           "learning_rate": None, "patience": 20, "hidden_features": None,
+                           "ours": {"1": {"train_cpu_seconds": 10.0}}, "ours_c2st": {"1": c2st}} | options)
+
+    path = tmp_path / "npe.jsonl"
+    path.write_text("\n".join([record(0, 0.86), record(1, 0.87), record(0, 0.85, learning_rate=0.004),
+                               record(1, 0.89, learning_rate=0.004, hidden_features=[100, 100])]))
+    rows = load_example("summarize_benchmarks").npe_rows(str(path))[2:]
+    names = {row.split(" | ")[2]: row.split(" | ")[3:5] for row in rows}
+    assert names == {"nsf, truncated": ["2", "0.865"], "nsf, truncated, learning_rate=0.004": ["1", "0.850"],
+                     "nsf, truncated, learning_rate=0.004, hidden_features=100x100": ["1", "0.890"]}, rows
+
+
 def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
     """``summarize_benchmarks.py tsnpe``: ours and sbi's records of the same runs merge; differences pair by run."""
     def record(observation, tsnpe, npe=None, sbi=None, estimator="maf"):
