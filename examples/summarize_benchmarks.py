@@ -25,11 +25,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
 import statistics
 from collections import defaultdict
+
+from sbiflows import NPE
 
 #: Published NPE-NSF mean C2ST at 1,000 and 10,000 simulations (sbibm; quoted in issue 16).
 PUBLISHED_NSF = {
@@ -104,8 +107,11 @@ def _groups(path: str, key) -> list[tuple[tuple, list[dict]]]:
 
 #: Options of ``benchmark_npe.py`` records that set one configuration of ours apart from another, each with
 #: the value that means NPE's default (records before an option existed lack it; it is then not compared).
-NPE_OPTIONS = {"activation": "tanh", "batch_size": None, "learning_rate": None, "patience": 20, "step_drops": 1,
-               "drop_patience": 10, "hidden_features": None, "transforms": None, "bins": None, "bound": None,
+#: The script records ``NPE.fit``'s own defaults for the stopping options, so they are read from there.
+NPE_OPTIONS = {"activation": "tanh", "batch_size": None, "learning_rate": None,
+               **{name: inspect.signature(NPE.fit).parameters[name].default
+                  for name in ("patience", "step_drops", "drop_patience")},
+               "hidden_features": None, "transforms": None, "bins": None, "bound": None,
                "mixing": None, "coverage_penalty": None, "embedding": "auto"}
 
 
