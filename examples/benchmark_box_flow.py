@@ -82,7 +82,7 @@ def fit_box_flow(theta, x, low, high, *, seed: int, bound: float = DEFAULT_BOUND
     net.u_shift.zero_()  # no z-scoring of theta: the flow's domain is exactly the box [-B, B]^D
     net.u_scale.fill_(1.0)
     batch = default_batch_size(n_train)
-    history = train(net, z, x, batch_size=batch, learning_rate=default_learning_rate(n_train), patience=10,
+    history = train(net, z, x, batch_size=batch, learning_rate=default_learning_rate(batch), patience=10,
                     seed=seed, ema_epochs=1.0)
 
     @torch.no_grad()

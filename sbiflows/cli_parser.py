@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS,
                      help="training epoch cap (early stopping usually ends training before it)")
     fit.add_argument("--learning-rate", type=_positive_float, default=None, metavar="STEP",
-                     help="Adam step size of training (default: NPE's, 4e-3 up to 1,000 simulations, "
-                          "2e-3 from 2,000 on)")
+                     help="Adam step size of training (default: NPE's, 2e-3)")
     fit.add_argument("--patience", type=_positive_int, default=None, metavar="EPOCHS",
                      help="epochs without validation improvement before training stops (default: NPE's 20; "
                           "30 per round with --rounds)")

@@ -255,8 +255,8 @@ class NPE:
             max_epochs: Upper bound on epochs (``>= 1``).
             batch_size: Minibatch size (``>= 1``, at most the training rows). None (default): ``2 * sqrt`` of
                 the training rows within [32, 256] (:func:`~sbiflows.training.default_batch_size`).
-            learning_rate: Adam step size (``> 0``). None (default): ``4e-3`` up to 900 training rows,
-                ``2e-3`` from 1,800 on (:func:`~sbiflows.training.default_learning_rate`). ``history`` records both values used.
+            learning_rate: Adam step size (``> 0``). None (default): ``2e-3``
+                (:func:`~sbiflows.training.default_learning_rate`). ``history`` records both values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
             patience: Epochs without validation improvement before stopping (``>= 1``; best weights
                 restored). 20, as sbi's (docs/benchmarks.md, "Early-stopping patience with the spline default").

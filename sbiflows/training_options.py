@@ -249,37 +249,34 @@ def default_batch_size(n_train: int) -> int:
     return min(256, max(32, round(2 * math.sqrt(n_train))))
 
 
-def default_learning_rate(n_train: int) -> float:
-    """NPE's default Adam step size for ``n_train`` training rows: ``4e-3 * 900 / n_train`` within [2e-3, 4e-3].
+def default_learning_rate(batch_size: int) -> float:
+    """NPE's default Adam step size: ``2e-3`` for the batches of :func:`default_batch_size` (32 to 256 rows).
 
-    ``4e-3`` up to 900 training rows (1,000 simulations with the default validation split), ``2e-3``
-    from 1,800 rows (2,000 simulations) on, and inversely proportional to the rows between the two.
-    Measured by held-out posterior log-density on the ten benchmark tasks (docs/benchmarks.md, "A
-    larger step at 1,000 simulations"): at 1,000 simulations the larger step fits six tasks better
-    and one worse (gaussian_linear); at 10,000 it fits lotka_volterra worse on both seeds measured
-    and saves no time, so large budgets keep ``2e-3`` ("A larger step, and larger batches, at 10,000").
-    Budgets between 1,000 and 10,000 simulations were not measured with the larger step; the rule
-    reaches ``2e-3`` at the first rounds of TSNPE's 10,000-simulation benchmarks (2,000 simulations).
+    Measured by held-out posterior log-density against the earlier rule (``1e-3``, scaled up linearly
+    above 128 rows), 3-6 seeds per setting (docs/benchmarks.md, "Step size"): at ``2e-3`` two_moons fits
+    better at 1,000 and 10,000 simulations, slcp equally well, gaussian_linear slightly worse (0.01-0.02
+    nats), and training takes 0.7-0.9x the time on five of the six settings, because early stopping
+    comes sooner. The argument is kept so that a rule that depends on the batch size can replace this one.
 
     Example:
-        >>> default_learning_rate(500), default_learning_rate(900), default_learning_rate(1200)
-        (0.004, 0.004, 0.003)
-        >>> default_learning_rate(1800), default_learning_rate(9000)
+        >>> default_learning_rate(60), default_learning_rate(190)
         (0.002, 0.002)
     """
-    return 4e-3 * min(1.0, max(0.5, 900 / n_train))
+    del batch_size  # the measured optimum did not depend on it within the default range
+    return 2e-3
 
 
 def batch_options(n_train: int, batch_size: int | None, learning_rate: float | None) -> tuple[int, float]:
     """``(batch_size, learning_rate)`` NPE trains ``n_train`` rows with: the defaults where an option is None.
 
-    A batch larger than the rows is lowered to them (:func:`~sbiflows.training.train` lowers it too). The
-    options are assumed checked (:func:`check_training_options`).
+    A batch larger than the rows is lowered to them first, so the step-size rule sees the batch actually
+    used (:func:`~sbiflows.training.train` lowers it too). The options are assumed checked
+    (:func:`check_training_options`).
 
     Example:
-        >>> batch_options(900, None, None), batch_options(100, 256, 1e-3), batch_options(9000, None, None)
-        ((60, 0.004), (100, 0.001), (190, 0.002))
+        >>> batch_options(900, None, None), batch_options(100, 256, 1e-3)
+        ((60, 0.002), (100, 0.001))
     """
     batch_size = default_batch_size(n_train) if batch_size is None else min(batch_size, n_train)
-    return batch_size, default_learning_rate(n_train) if learning_rate is None else learning_rate
+    return batch_size, default_learning_rate(batch_size) if learning_rate is None else learning_rate
 
