@@ -167,7 +167,7 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "step_drops": step_drops, "drop_patience": drop_patience,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "mixing": args.mixing, "coverage_penalty": args.coverage_penalty,
-              "embedding": args.embedding,
+              "embedding": args.embedding, "ema_epochs": args.ema_epochs,
               "space": resolve_space(task.prior.support, args.space),
               "ours": {}}
     ours_c2st = None

@@ -112,7 +112,7 @@ NPE_OPTIONS = {"activation": "tanh", "batch_size": None, "learning_rate": None,
                **{name: inspect.signature(NPE.fit).parameters[name].default
                   for name in ("patience", "step_drops", "drop_patience")},
                "hidden_features": None, "transforms": None, "bins": None, "bound": None,
-               "mixing": None, "coverage_penalty": None, "embedding": "auto"}
+               "mixing": None, "coverage_penalty": None, "embedding": "auto", "ema_epochs": None}
 
 
 def npe_options(record: dict) -> tuple[tuple[str, str], ...]:

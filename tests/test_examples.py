@@ -132,11 +132,13 @@ def test_npe_summary_keeps_runs_with_other_training_options_apart(tmp_path):
 
     path = tmp_path / "npe.jsonl"
     path.write_text("\n".join([record(0, 0.86), record(1, 0.87), record(0, 0.85, learning_rate=0.004),
-                               record(1, 0.89, learning_rate=0.004, hidden_features=[100, 100])]))
+                               record(1, 0.89, learning_rate=0.004, hidden_features=[100, 100]),
+                               record(1, 0.88, ema_epochs=0.0)]))
     rows = load_example("summarize_benchmarks").npe_rows(str(path))[2:]
     names = {row.split(" | ")[2]: row.split(" | ")[3:5] for row in rows}
     assert names == {"nsf, truncated": ["2", "0.865"], "nsf, truncated, learning_rate=0.004": ["1", "0.850"],
-                     "nsf, truncated, learning_rate=0.004, hidden_features=100x100": ["1", "0.890"]}, rows
+                     "nsf, truncated, learning_rate=0.004, hidden_features=100x100": ["1", "0.890"],
+                     "nsf, truncated, ema_epochs=0.0": ["1", "0.880"]}, rows
 
 
 def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
