@@ -280,3 +280,36 @@ def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeyp
     points = torch.cartesian_prod(grid, grid)[:, None]
     density = example.Symmetrized(Gaussian(), maps, seed=0).log_prob_batched(points, torch.zeros(1, 1)).exp()
     assert float(density.sum()) * (grid[1] - grid[0]) ** 2 == pytest.approx(1.0, abs=1e-3)
+
+
+def test_snapshot_mixture_records_training_without_changing_it(tmp_path, monkeypatch):
+    """``benchmark_snapshot_mixture.py``: the recorder sees every improvement snapshot with its epoch, leaves
+    training's result unchanged and its functions restored, and picks distinct members at least ``gap`` and ``2 gap`` epochs before the best."""
+    import torch
+
+    import sbiflows.training as training
+    from sbiflows import NPE
+    from sbiflows.early_stopping import Plateau
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_snapshot_mixture")
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    x = theta + 0.3 * torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
+    options = dict(seed=0, max_epochs=25, progress=False)
+    plain = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, **options)
+    snapshot, observe = training._snapshot, Plateau.observe
+    with example.Recorder() as recorder:
+        recorded = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, **options)
+    assert training._snapshot is snapshot and Plateau.observe is observe
+    for a, b in zip(plain.net.state_dict().values(), recorded.net.state_dict().values()):
+        assert torch.equal(a, b)
+    epochs = [epoch for epoch, _ in recorder.snapshots]
+    assert epochs[0] == -1 and epochs == sorted(epochs)  # the initial weights, then one per improvement
+    best = recorded.history.best_epoch
+    assert epochs[-1] == best
+    members = recorder.members(best, 5)
+    chosen = [epoch for epoch, state in recorder.snapshots if any(state is m for m in members)]
+    assert chosen[-1] == best and len(set(chosen)) == len(chosen) == len(members)
+    assert all(epoch <= best - 5 * lag for lag, epoch in enumerate(reversed(chosen)))
+    assert example.parse_observations("1..3") == [1, 2, 3] and example.parse_observations("") == []
