@@ -16,6 +16,7 @@ with the same seed), and with ``--observations`` the C2ST against the reference 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 1 --gaps 20 --observations 1..5
+    python examples/benchmark_snapshot_mixture.py --tasks two_moons --simulations 10000 --seeds 1 --gaps --gap-fractions 0.3
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["slcp"], choices=simulators.names())
     parser.add_argument("--simulations", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--gaps", type=int, nargs="+", default=[10, 20], help="epochs between snapshot members")
+    parser.add_argument("--gaps", type=int, nargs="*", default=[10, 20], help="epochs between snapshot members")
+    parser.add_argument("--gap-fractions", type=float, nargs="*", default=[],
+                        help="gaps as fractions of the best epoch (e.g. 0.3: members 0.3 and 0.6 of it before the best)")
     parser.add_argument("--datasets", type=int, default=300)
     parser.add_argument("--posterior-samples", type=int, default=500)
     parser.add_argument("--test-size", type=int, default=2000)
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             emit(args.json, {**base, "setting": "defaults", "members": [history.best_epoch],
                              **score(posterior, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                              **c2st_record(task, posterior, observations, seed=seed)})
-            for gap in args.gaps:
+            gaps = [("gap", gap, gap) for gap in args.gaps]
+            gaps += [("gap_fraction", f, max(1, round(f * history.best_epoch))) for f in args.gap_fractions]
+            for kind, value, gap in gaps:
                 states = recorder.members(history.best_epoch, gap)
                 epochs = [e for e, s in recorder.snapshots if any(s is t for t in states)]
                 nets = []
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                     net.load_state_dict(state)
                     nets.append(net.eval())
                 mixed = Posterior(mixture(nets), task.prior, config={**posterior.config, "ensemble": len(nets)})
-                emit(args.json, {**base, "setting": f"snapshots gap={gap}", "members": epochs,
+                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": epochs,
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
 
