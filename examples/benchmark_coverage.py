@@ -121,6 +121,23 @@ def train_sbi(prior, theta, x, *, seed: int, density_estimator: str) -> SbiPoste
     return SbiPosterior(inference.build_posterior(estimator))
 
 
+def score(posterior, fresh, test, *, seed: int, posterior_samples: int) -> dict[str, object]:
+    """The coverage fields of a record: expected HPD coverage on the ``fresh`` datasets, its worst ``z``
+    and the rule, the library's verdict, and the held-out NLL of ``test`` (valid rows of both)."""
+    with observations_unchecked():
+        start = time.process_time()
+        result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
+                                   num_posterior_samples=posterior_samples, seed=seed)
+        coverage_cpu = time.process_time() - start
+        with torch.no_grad():
+            nll = -float(posterior.log_prob_batched(test.theta[test.valid][None], test.x[test.valid]).mean())
+    z, at = worst_z(result.levels, result.empirical, result.num_datasets)
+    level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
+    return {"datasets": result.num_datasets, "coverage": level, "worst_z": z, "worst_level": at,
+            "passes": z >= -MAX_SIGMAS_BELOW, "verdict": result.verdict, "heldout_nll": round(nll, 4),
+            "test_size": int(test.valid.sum()), "coverage_cpu_seconds": round(coverage_cpu, 1)}
+
+
 def measure(task_name: str, simulations: int, seed: int, setting: str, *, datasets: int, posterior_samples: int,
             test_size: int, temperatures: list[float]) -> list[dict[str, object]]:
     """Train one posterior and return its coverage record per temperature (``setting`` "sbi nsf": sbi's NSF)."""
@@ -139,22 +156,11 @@ def measure(task_name: str, simulations: int, seed: int, setting: str, *, datase
     test = simulate_from_prior(task.simulate, task.prior, test_size, seed=derive_seed(seed, "heldout"), progress=False)
     records = []
     for temperature in [1.0] if setting.startswith("sbi ") else temperatures:
-        with tempered(posterior, temperature), observations_unchecked():
-            start = time.process_time()
-            result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
-                                       num_posterior_samples=posterior_samples, seed=seed)
-            coverage_cpu = time.process_time() - start
-            with torch.no_grad():
-                nll = -float(posterior.log_prob_batched(test.theta[test.valid][None], test.x[test.valid]).mean())
-        n = result.num_datasets
-        z, at = worst_z(result.levels, result.empirical, n)
-        level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
+        with tempered(posterior, temperature):
+            scores = score(posterior, fresh, test, seed=seed, posterior_samples=posterior_samples)
         records.append({"task": task_name, "simulations": simulations, "seed": seed, "setting": setting,
-                        "temperature": temperature, "datasets": n, "posterior_samples": posterior_samples,
-                        "coverage": level, "worst_z": z, "worst_level": at, "passes": z >= -MAX_SIGMAS_BELOW,
-                        "verdict": result.verdict, "heldout_nll": round(nll, 4), "test_size": int(test.valid.sum()),
-                        "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-                        "coverage_cpu_seconds": round(coverage_cpu, 1), **flows})
+                        "temperature": temperature, "posterior_samples": posterior_samples, **scores,
+                        "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), **flows})
     return records
 
 

@@ -30,14 +30,12 @@ import torch
 import simulators
 import sbiflows.training as training
 from sbiflows import NPE, Posterior
-from sbiflows.diagnostics import expected_coverage
 from sbiflows.early_stopping import Plateau
 from sbiflows.ensemble import mixture
-from sbiflows.posterior import observations_unchecked
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 
-from benchmark_coverage import worst_z  # examples/ is on sys.path when this runs as a script
+from benchmark_coverage import score  # examples/ is on sys.path when this runs as a script
 from benchmark_npe import score as c2st_scores
 from benchmark_npe_training import emit
 
@@ -77,21 +75,6 @@ class Recorder:
             if earlier and all(earlier[-1][1] is not state for _, state in chosen):
                 chosen.append(earlier[-1])
         return [state for _, state in chosen]
-
-
-def score(posterior, fresh, test, *, seed: int, posterior_samples: int) -> dict:
-    """Expected coverage and held-out NLL of ``posterior`` (as ``benchmark_coverage.measure`` scores them)."""
-    with observations_unchecked():
-        start = time.process_time()
-        result = expected_coverage(posterior, theta=fresh.theta[fresh.valid], x=fresh.x[fresh.valid],
-                                   num_posterior_samples=posterior_samples, seed=seed)
-        coverage_cpu = time.process_time() - start
-        with torch.no_grad():
-            nll = -float(posterior.log_prob_batched(test.theta[test.valid][None], test.x[test.valid]).mean())
-    z, at = worst_z(result.levels, result.empirical, result.num_datasets)
-    level = {round(float(v), 2): round(float(c), 3) for v, c in zip(result.levels, result.empirical)}
-    return {"coverage": level, "worst_z": z, "worst_level": at, "passes": z >= -3.0, "verdict": result.verdict,
-            "heldout_nll": round(nll, 4), "datasets": result.num_datasets, "coverage_cpu_seconds": round(coverage_cpu, 1)}
 
 
 def c2st_record(task, posterior, observations: list[int], *, seed: int, num_samples: int = 10_000) -> dict:
