@@ -36,7 +36,7 @@ from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 
 from benchmark_coverage import score  # examples/ is on sys.path when this runs as a script
-from benchmark_npe import score as c2st_scores
+from benchmark_npe import parse_observations, score as c2st_scores
 from benchmark_npe_training import emit
 
 
@@ -66,15 +66,15 @@ class Recorder:
     def __exit__(self, *exc) -> None:
         training._snapshot, Plateau.observe = self._snapshot, self._observe
 
-    def members(self, best_epoch: int, gap: int) -> list[dict]:
-        """The best epoch's weights and the latest snapshots at least ``gap`` and ``2 gap`` epochs before it
-        (distinct ones: fewer members where training improved rarely)."""
+    def members(self, best_epoch: int, gap: int) -> list[tuple[int, dict]]:
+        """``(epoch, weights)`` of the best epoch and of the latest snapshots at least ``gap`` and ``2 gap``
+        epochs before it, oldest first (distinct ones: fewer members where training improved rarely)."""
         chosen: list[tuple[int, dict]] = []
         for lag in (0, gap, 2 * gap):
             earlier = [(e, s) for e, s in self.snapshots if 0 <= e <= best_epoch - lag]
-            if earlier and all(earlier[-1][1] is not state for _, state in chosen):
+            if earlier and all(earlier[-1][0] != epoch for epoch, _ in chosen):  # one snapshot per epoch
                 chosen.append(earlier[-1])
-        return [state for _, state in chosen]
+        return chosen[::-1]
 
 
 def c2st_record(task, posterior, observations: list[int], *, seed: int, num_samples: int = 10_000) -> dict:
@@ -84,14 +84,6 @@ def c2st_record(task, posterior, observations: list[int], *, seed: int, num_samp
     samples = {i: posterior.sample(num_samples, x=task.observation(i), seed=seed + i) for i in observations}
     scores = c2st_scores(task, samples, observations, seed)
     return {"c2st": {i: round(v, 4) for i, v in scores.items()}, "c2st_mean": round(sum(scores.values()) / len(scores), 4)}
-
-
-def parse_observations(text: str) -> list[int]:
-    """``"1..5"`` -> ``[1, 2, 3, 4, 5]``, ``"1,3"`` -> ``[1, 3]``, ``""`` -> ``[]``."""
-    if ".." in text:
-        first, last = text.split("..")
-        return list(range(int(first), int(last) + 1))
-    return [int(part) for part in text.split(",") if part]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    observations = parse_observations(args.observations)
+    observations = parse_observations(args.observations) if args.observations else []
     for task_name in args.tasks:
         task = simulators.get(task_name)
         for seed in args.seeds:
@@ -132,15 +124,14 @@ def main(argv: list[str] | None = None) -> None:
             gaps = [("gap", gap, gap) for gap in args.gaps]
             gaps += [("gap_fraction", f, max(1, round(f * history.best_epoch))) for f in args.gap_fractions]
             for kind, value, gap in gaps:
-                states = recorder.members(history.best_epoch, gap)
-                epochs = [e for e, s in recorder.snapshots if any(s is t for t in states)]
+                members = recorder.members(history.best_epoch, gap)
                 nets = []
-                for state in states:
+                for _, state in members:
                     net = copy.deepcopy(posterior.net)
                     net.load_state_dict(state)
                     nets.append(net.eval())
                 mixed = Posterior(mixture(nets), task.prior, config={**posterior.config, "ensemble": len(nets)})
-                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": epochs,
+                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": [epoch for epoch, _ in members],
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
 
