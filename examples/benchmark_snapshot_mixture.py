@@ -2,16 +2,20 @@
 
 Three flows trained with different seeds (``NPE(prior, ensemble=3)``) make the default posterior
 calibrated on every task where one flow is over-confident, at up to three times the training time.
-A snapshot mixture (Huang et al. 2017, "Snapshot ensembles") trains once: its members are the weights
-training kept at the best validation epoch and at earlier improvements, at least ``gap`` and
-``2 gap`` epochs before it. This script measures whether such a mixture is calibrated, not a
-library feature: it trains the default NPE once per task and seed (the training is unchanged; the
-script only records the weights training snapshots at each validation improvement), and scores the
-default posterior and each mixture like ``benchmark_coverage.py`` does: expected HPD coverage on
-``--datasets`` fresh prior pairs, the worst deviation in binomial standard deviations, and the
-held-out NLL on ``--test-size`` fresh pairs (the same pairs and datasets as ``benchmark_coverage.py``
-with the same seed), and with ``--observations`` the C2ST against the reference posteriors as
-``benchmark_npe.py`` scores it (10,000 draws per observation).
+A snapshot mixture (Huang et al. 2017, "Snapshot ensembles"; ``NPE(prior, ensemble="snapshots")``,
+:mod:`sbiflows.snapshots`) trains once: its members are the weights training kept at the best
+validation epoch and at earlier improvements, at least ``gap`` and ``2 gap`` epochs before it. This
+script trains ``NPE(task.prior, ensemble="snapshots")`` once per task and seed (its last member is the
+default single flow, weight for weight), keeps the trail of snapshots the fit made, and scores the
+single flow and the mixtures of each gap like ``benchmark_coverage.py`` does: expected HPD coverage on
+``--datasets`` fresh prior pairs, the worst deviation in binomial standard deviations, and the held-out
+NLL on ``--test-size`` fresh pairs (the same pairs and datasets as ``benchmark_coverage.py`` with the
+same seed), and with ``--observations`` the C2ST against the reference posteriors as ``benchmark_npe.py``
+scores it (10,000 draws per observation). ``--gap-fractions 0.4`` is the library's choice
+(:data:`~sbiflows.snapshots.SNAPSHOT_GAP`): that row is the posterior the fit returned. Every row also
+records ``auto_check``: the check of ``ensemble="auto"`` (:func:`~sbiflows.ensemble.auto_check`) on the
+single flow's validation rows, which says whether a rule "mix only where the check fails" would mix;
+``--check-only`` trains and records that check without scoring anything.
 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
@@ -28,12 +32,12 @@ import time
 import torch
 
 import simulators
-import sbiflows.training as training
+import sbiflows.npe as npe_module
 from sbiflows import NPE, Posterior
-from sbiflows.early_stopping import Plateau
-from sbiflows.ensemble import mixture
+from sbiflows.ensemble import auto_check, auto_summary, members_of, mixture
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
+from sbiflows.snapshots import SNAPSHOT_GAP, SnapshotTrail
 
 from benchmark_coverage import score  # examples/ is on sys.path when this runs as a script
 from benchmark_npe import parse_observations, score as c2st_scores
@@ -41,40 +45,35 @@ from benchmark_npe_training import emit
 
 
 class Recorder:
-    """Records ``(epoch, weights)`` of every improvement snapshot training takes (single flows only)."""
+    """Keeps the :class:`~sbiflows.snapshots.SnapshotTrail` that ``NPE(ensemble="snapshots").fit`` makes
+    (the fit itself is unchanged; ``trail`` is None until a fit made one)."""
 
     def __init__(self) -> None:
-        self.snapshots: list[tuple[int, dict]] = []
-        self._epoch = -1
+        self.trail: SnapshotTrail | None = None
 
     def __enter__(self) -> Recorder:
-        self._snapshot, self._observe = training._snapshot, Plateau.observe
+        self._class = npe_module.SnapshotTrail
         recorder = self
 
-        def observe(plateau, loss, epoch):
-            recorder._epoch = epoch
-            return recorder._observe(plateau, loss, epoch)
+        def make(*args, **kwargs) -> SnapshotTrail:
+            recorder.trail = recorder._class(*args, **kwargs)
+            return recorder.trail
 
-        def snapshot(model):
-            state = recorder._snapshot(model)
-            recorder.snapshots.append((recorder._epoch, state))
-            return state
-
-        training._snapshot, Plateau.observe = snapshot, observe
+        npe_module.SnapshotTrail = make
         return self
 
     def __exit__(self, *exc) -> None:
-        training._snapshot, Plateau.observe = self._snapshot, self._observe
+        npe_module.SnapshotTrail = self._class
 
-    def members(self, best_epoch: int, gap: int) -> list[tuple[int, dict]]:
-        """``(epoch, weights)`` of the best epoch and of the latest snapshots at least ``gap`` and ``2 gap``
-        epochs before it, oldest first (distinct ones: fewer members where training improved rarely)."""
-        chosen: list[tuple[int, dict]] = []
-        for lag in (0, gap, 2 * gap):
-            earlier = [(e, s) for e, s in self.snapshots if 0 <= e <= best_epoch - lag]
-            if earlier and all(earlier[-1][0] != epoch for epoch, _ in chosen):  # one snapshot per epoch
-                chosen.append(earlier[-1])
-        return chosen[::-1]
+
+def snapshot_mixture(single: Posterior, chosen: list[tuple[int, dict]]) -> Posterior:
+    """The mixture of copies of ``single``'s network holding the chosen snapshots' weights."""
+    nets = []
+    for _, state in chosen:
+        net = copy.deepcopy(single.net)
+        net.load_state_dict(state)
+        nets.append(net.eval())
+    return Posterior(mixture(nets), single.prior, config={**single.config, "ensemble": len(nets)})
 
 
 def c2st_record(task, posterior, observations: list[int], *, seed: int, num_samples: int = 10_000) -> dict:
@@ -98,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posterior-samples", type=int, default=500)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--observations", default="", help="C2ST on these observations, e.g. 1..5 (default none)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="train and record the auto check of the single flow, score nothing")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,31 +108,39 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed, progress=False)
             start = time.process_time()
+            npe = NPE(task.prior, ensemble="snapshots")
             with Recorder() as recorder:
-                posterior = NPE(task.prior).fit(sims.theta[sims.valid], sims.x[sims.valid], seed=seed, progress=False)
+                fitted = npe.fit(sims.theta[sims.valid], sims.x[sims.valid], seed=seed, progress=False)
             train_cpu = round(time.process_time() - start, 1)
-            history = posterior.history
+            history = fitted.history
+            config = {key: value for key, value in fitted.config.items() if key != "snapshot_epochs"}
+            posterior = Posterior(copy.deepcopy(members_of(fitted.net)[-1]), task.prior,  # the default single flow
+                                  config={**config, "ensemble": 1}, history=history)
+            start = time.process_time()
+            check = auto_check(posterior, npe.theta[npe.validation], npe.x[npe.validation], seed=seed)
+            check_cpu = round(time.process_time() - start, 1)
+            base = {"task": task_name, "simulations": args.simulations, "seed": seed, "train_cpu_seconds": train_cpu,
+                    "best_epoch": history.best_epoch, "epochs": history.epochs,
+                    "step_drop_epochs": history.step_drop_epochs, "auto_check": auto_summary(check),
+                    "check_cpu_seconds": check_cpu}
+            if args.check_only:
+                emit(args.json, {**base, "setting": "defaults", "members": [history.best_epoch]})
+                continue
             fresh = simulate_from_prior(task.simulate, task.prior, args.datasets, seed=derive_seed(seed, "coverage"),
                                         progress=False)
             test = simulate_from_prior(task.simulate, task.prior, args.test_size, seed=derive_seed(seed, "heldout"),
                                        progress=False)
-            base = {"task": task_name, "simulations": args.simulations, "seed": seed, "train_cpu_seconds": train_cpu,
-                    "best_epoch": history.best_epoch, "epochs": history.epochs,
-                    "step_drop_epochs": history.step_drop_epochs}
             emit(args.json, {**base, "setting": "defaults", "members": [history.best_epoch],
                              **score(posterior, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                              **c2st_record(task, posterior, observations, seed=seed)})
-            gaps = [("gap", gap, gap) for gap in args.gaps]
-            gaps += [("gap_fraction", f, max(1, round(f * history.best_epoch))) for f in args.gap_fractions]
-            for kind, value, gap in gaps:
-                members = recorder.members(history.best_epoch, gap)
-                nets = []
-                for _, state in members:
-                    net = copy.deepcopy(posterior.net)
-                    net.load_state_dict(state)
-                    nets.append(net.eval())
-                mixed = Posterior(mixture(nets), task.prior, config={**posterior.config, "ensemble": len(nets)})
-                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": [epoch for epoch, _ in members],
+            settings = [("gap", gap, {"gap": gap}) for gap in args.gaps]
+            settings += [("gap_fraction", f, {"fraction": f}) for f in args.gap_fractions]
+            for kind, value, option in settings:
+                chosen = recorder.trail.members(history.best_epoch, **option)
+                if option.get("fraction") == SNAPSHOT_GAP:  # the library's choice: what the fit returned
+                    assert [epoch for epoch, _ in chosen] == fitted.config["snapshot_epochs"]
+                mixed = snapshot_mixture(posterior, chosen)
+                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": [epoch for epoch, _ in chosen],
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
 

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train K flows with different seeds and use their equal-weight mixture (trained together "
                      "in one vectorized pass; wider, less over-confident posteriors; with --rounds, in every round, and each "
                      "region is the mixture's); auto: one flow, and three when that flow is over-confident on its "
-                     "own held-out validation rows")
+                     "own held-out validation rows; snapshots: one flow, mixed with two earlier snapshots of its "
+                     "own training (no extra training)")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
@@ -168,7 +169,7 @@ def _positive_int(text: str) -> int:
 
 
 def _ensemble(text: str) -> int | str:
-    return "auto" if text == "auto" else _int_at_least(text, 1, "a positive integer or auto")
+    return text if text in ("auto", "snapshots") else _int_at_least(text, 1, "a positive integer, auto or snapshots")
 
 
 def _nonnegative_int(text: str) -> int:

@@ -170,20 +170,21 @@ def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
 
 
 def check_ensemble(ensemble: object) -> int | str:
-    """``ensemble`` as an int >= 1 or the string ``"auto"``, or a clear error naming the argument.
+    """``ensemble`` as an int >= 1 or one of the strings ``"auto"`` and ``"snapshots"``
+    (:mod:`sbiflows.snapshots`), or a clear error naming the argument.
 
     Example:
-        >>> check_ensemble(3), check_ensemble("auto")
-        (3, 'auto')
+        >>> check_ensemble(3), check_ensemble("auto"), check_ensemble("snapshots")
+        (3, 'auto', 'snapshots')
     """
-    if ensemble == "auto":
-        return "auto"
+    if ensemble in ("auto", "snapshots"):
+        return ensemble
     if isinstance(ensemble, str):
-        raise ValueError(f"ensemble must be an int >= 1 or 'auto', got {ensemble!r}")
+        raise ValueError(f"ensemble must be an int >= 1, 'auto' or 'snapshots', got {ensemble!r}")
     try:
         return check_int(ensemble, "ensemble", minimum=1)
-    except (TypeError, ValueError) as error:  # the same message, naming the string choice too
-        raise type(error)(str(error).replace("an int >= 1", "an int >= 1 or 'auto'")) from None
+    except (TypeError, ValueError) as error:  # the same message, naming the string choices too
+        raise type(error)(str(error).replace("an int >= 1", "an int >= 1, 'auto' or 'snapshots'")) from None
 
 
 def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> object:

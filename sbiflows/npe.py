@@ -40,6 +40,7 @@ from sbiflows.npe_network import build_network, check_network_options, network_c
 from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, prior_device
+from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training import (
     MAX_EPOCHS,
@@ -47,6 +48,7 @@ from sbiflows.training import (
     check_training_options,
     negative_log_likelihood,
     split_sizes,
+    train_checked,
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
 from sbiflows.training_options import batch_options, check_validation, fit_validation, validation_mask
@@ -98,6 +100,9 @@ class NPE:
             (:mod:`sbiflows.ensemble_training`); either way each trains as it would alone.
             ``"auto"``: one flow, and three when that flow is over-confident on its own validation rows
             (:func:`~sbiflows.ensemble.auto_check`, kept in :attr:`auto_coverage`); the first fit decides.
+            ``"snapshots"``: one flow trained as the default is, and the mixture of its best weights with
+            two earlier snapshots of its own training (:mod:`sbiflows.snapshots`; their epochs are in the
+            posterior's ``config["snapshot_epochs"]``): no extra training, three flows per density.
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
@@ -317,7 +322,7 @@ class NPE:
                                                 seed=seed)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-                count = AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
+                count = {"auto": AUTO_MEMBERS, "snapshots": 1}.get(self.ensemble, self.ensemble)
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
                                          dtype=self.dtype, embedding_net=self.embedding_net,
                                          **self._architecture()) for k in range(count)]
@@ -325,6 +330,8 @@ class NPE:
             else:
                 flow_seed, n_layers = self._seed, self._transforms
                 members = members_of(copy.deepcopy(self._net))
+                if self.ensemble == "snapshots":  # train on from the best weights (the last member)
+                    members = members[-1:]
             auto = self.ensemble == "auto" and self._net is None  # the first fit decides the number of flows
             histories = ([TrainingHistory() for _ in members] if self.histories is None
                          else copy.deepcopy(self.histories))
@@ -333,7 +340,7 @@ class NPE:
             groups = duplicate_groups(theta, x)
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
-            check = None
+            check, trail = None, SnapshotTrail() if self.ensemble == "snapshots" else None
             options = dict(  # checked at the top of fit
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
@@ -352,7 +359,10 @@ class NPE:
                     if check.passed:  # one flow is enough: drop the members not trained
                         members, histories, masks = members[:1], histories[:1], masks[:1]
                     first = 1
-                if first < len(members):  # the others together, in one vectorized pass where they allow it
+                if trail is not None:  # one flow, keeping the weights of its improvements
+                    train_checked(members[0], u, x, seed=seed, history=histories[0], validation=fixed[0],
+                                  snapshots=trail, **options)
+                elif first < len(members):  # the others together, in one vectorized pass where they allow it
                     train_members(
                         members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
                         histories=histories[first:], validations=fixed[first:], **options)
@@ -367,12 +377,15 @@ class NPE:
                         partial, self.prior, self._config(partial, flow_seed, n_layers), histories[trained[0]],
                         error, of=len(members), max_batch_elements=self.max_batch_elements)
                 raise
+            snapshot_epochs = None
+            if trail is not None:
+                members, snapshot_epochs = trail.networks(members[0], history.best_epoch, start=epochs_before[0])
             net = mixture(members)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
             self.histories, self._validation = histories, masks
             self.auto_coverage = check if auto else self.auto_coverage
             self._transforms, self.partial_posterior = n_layers, None
-            return Posterior(copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers),
+            return Posterior(copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers, snapshot_epochs),
                              history=copy.deepcopy(history), max_batch_elements=self.max_batch_elements)
 
     def restore(
@@ -408,7 +421,7 @@ class NPE:
                 ``ensemble`` (``"auto"`` takes one or three), or rows, splits or histories that do not fit it.
         """
         members = posterior.config.get("ensemble", 1)
-        allowed = (1, AUTO_MEMBERS) if self.ensemble == "auto" else (self.ensemble,)
+        allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3)}.get(self.ensemble, (self.ensemble,))
         if members not in allowed:
             raise ValueError(f"the posterior has {members} flow(s), this NPE has ensemble={self.ensemble!r}")
         if posterior.theta_dim != self.theta_dim:
@@ -421,6 +434,7 @@ class NPE:
         if x.shape[1] != posterior.x_dim:
             raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
         flow_seed = posterior.config.get("flow_seed", 0)
+        members = 1 if self.ensemble == "snapshots" else members  # one flow was trained: one split, one history
         if validation is None:
             groups = duplicate_groups(theta, x)
             masks = [validation_mask(len(theta), 0.1, seed=member_seed(flow_seed, k), groups=groups)
@@ -456,9 +470,13 @@ class NPE:
         return {"estimator": self.estimator, "theta_dim": self.theta_dim, "hidden_features": self.hidden_features,
                 "activation": self.activation, "transformer": self._transformer}
 
-    def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int) -> dict:
+    def _config(self, net: PosteriorNet | EnsembleNet, flow_seed: int, transforms: int,
+                snapshot_epochs: list[int] | None = None) -> dict:
         summary = self._auto_summary if self.auto_coverage is None else auto_summary(self.auto_coverage)
         auto = {} if summary is None else {"ensemble_auto": summary}
+        if snapshot_epochs is not None:
+            auto["snapshot_epochs"] = list(snapshot_epochs)
         return auto | network_config(net, flow_seed=flow_seed, transforms=transforms, balancing=self.balancing,
                                      coverage_penalty=self.coverage_penalty, space=self.space,
                                      **self._architecture())
+

@@ -36,6 +36,7 @@ from sbiflows.priors import check_prior
 from sbiflows.report import (
     describe_auto,
     describe_estimator,
+    describe_snapshots,
     jsonable,
     parameter_summary,
     plain_label,
@@ -97,7 +98,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     mixing: str = "none"
-    ensemble: int | str = 1  # "auto": NPE's ensemble="auto"
+    ensemble: int | str = 1  # "auto" or "snapshots": NPE's ensemble="auto" / "snapshots"
     balancing: float = 0.0  # weight of balanced NPE's penalty; 0 = plain NPE
     coverage_penalty: float = 0.0  # weight of calibrated NPE's coverage penalty; 0 = plain NPE
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
@@ -296,6 +297,9 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     if "ensemble_auto" in posterior.config:  # what ensemble="auto" decided, for the report
         state.report["ensemble_auto"] = posterior.config["ensemble_auto"]
         state.log(f"      {describe_auto(state.report['ensemble_auto'])}")
+    if "snapshot_epochs" in posterior.config:  # which epochs ensemble="snapshots" mixed, for the report
+        state.report["snapshot_epochs"] = posterior.config["snapshot_epochs"]
+        state.log(f"      {describe_snapshots(state.report['snapshot_epochs'])}")
     took = f" in {state.timings['train']:.1f} s" if "train" in state.resume.fresh else ""
     state.log(f"      {history.epochs} epochs{took}, best validation loss {history.best_validation_loss:.3f}")
     return posterior

@@ -128,6 +128,8 @@ def describe_estimator(options: dict) -> str:
         'nsf (spline transformer, 8 bins), coverage penalty (weight 200)'
         >>> describe_estimator({"estimator": "nsf", "ensemble": "auto"})
         'nsf (spline transformer, 8 bins), auto ensemble (three flows if one is over-confident on held-out rows)'
+        >>> describe_estimator({"estimator": "maf", "ensemble": "snapshots", "snapshot_epochs": [12, 37, 62]})
+        "maf, mixture of one flow's snapshots at epochs 12, 37 and 62"
     """
     from sbiflows.estimator import resolve_transformer
 
@@ -141,6 +143,8 @@ def describe_estimator(options: dict) -> str:
     ensemble = options.get("ensemble", 1)
     if ensemble == "auto":
         text += ", " + describe_auto(options.get("ensemble_auto"))
+    elif ensemble == "snapshots":
+        text += ", " + describe_snapshots(options.get("snapshot_epochs"))
     elif ensemble > 1:
         text += f", ensemble of {ensemble} flows"
     if options.get("balancing", 0):
@@ -167,6 +171,23 @@ def describe_auto(check: dict | None) -> str:
     if check["over_confident"]:
         return f"auto ensemble: {AUTO_MEMBERS} flows (one flow was over-confident on {found})"
     return f"auto ensemble: 1 flow (it passed the coverage check on {found})"
+
+
+def describe_snapshots(epochs: list[int] | None) -> str:
+    """What ``ensemble="snapshots"`` mixed, from the posterior's ``config["snapshot_epochs"]`` (None: not trained yet).
+
+    Example:
+        >>> describe_snapshots([3, 9])
+        "mixture of one flow's snapshots at epochs 3 and 9"
+        >>> describe_snapshots([5])
+        "one flow (its training's only snapshot at epoch 5)"
+    """
+    if epochs is None:
+        return "mixture of one flow's snapshots (its best epoch and two earlier ones)"
+    if len(epochs) == 1:
+        return f"one flow (its training's only snapshot at epoch {epochs[0]})"
+    listed = ", ".join(str(e) for e in epochs[:-1]) + f" and {epochs[-1]}"
+    return f"mixture of one flow's snapshots at epochs {listed}"
 
 
 #: Title and figure of each calibration check a report may hold.

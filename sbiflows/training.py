@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sbiflows.early_stopping import Plateau
+from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_options import (
     MAX_EPOCHS,
@@ -120,6 +121,7 @@ def train(
     validation: Tensor | None = None,
     num_threads: int | None = None,
     objective: Objective | None = None,
+    snapshots: SnapshotTrail | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -166,6 +168,8 @@ def train(
         objective: The loss minimized and validated (an :data:`Objective`); None: the mean negative
             log-likelihood (:func:`negative_log_likelihood`). ``NPE(balancing=...)`` passes a
             :class:`~sbiflows.balance.BalancedObjective`.
+        snapshots: Keep the weights of every validation improvement of this call in this trail
+            (:mod:`sbiflows.snapshots`; ``NPE(ensemble="snapshots")`` mixes some of them); None: only the best.
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -195,7 +199,7 @@ def train(
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
         drop_patience=drop_patience, seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
-        objective=objective,
+        objective=objective, snapshots=snapshots,
     )
 
 
@@ -222,6 +226,7 @@ def train_checked(
     validation: Tensor | None = None,
     num_threads: int | None = None,
     objective: Objective | None = None,
+    snapshots: SnapshotTrail | None = None,
 ) -> TrainingHistory:
     """:func:`train` for options already checked with :func:`check_training_options` (``NPE.fit`` does,
     before its own data checks), so one call validates them once."""
@@ -280,6 +285,8 @@ def train_checked(
                 improved, action = rule.observe(val_loss, epoch)
                 if improved:
                     best_state = _snapshot(validated)
+                    if snapshots is not None:
+                        snapshots.add(epoch, best_state)  # the copy itself: loading it never changes it
                 if bar is not None:
                     bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{rule.best_loss:.3f}")
                     bar.update(1)

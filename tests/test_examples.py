@@ -282,14 +282,15 @@ def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeyp
     assert float(density.sum()) * (grid[1] - grid[0]) ** 2 == pytest.approx(1.0, abs=1e-3)
 
 
-def test_snapshot_mixture_records_training_without_changing_it(tmp_path, monkeypatch):
-    """``benchmark_snapshot_mixture.py``: the recorder sees every improvement snapshot with its epoch, leaves
-    training's result unchanged and its functions restored, and picks distinct members at least ``gap`` and ``2 gap`` epochs before the best."""
+def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, monkeypatch):
+    """``benchmark_snapshot_mixture.py``: the recorder keeps the trail of ``NPE(ensemble="snapshots")`` and
+    restores the class it patched; the fit's last member is the default single flow, and the mixtures of
+    other gaps are built from the trail's weights."""
     import torch
 
-    import sbiflows.training as training
+    import sbiflows.npe as npe_module
     from sbiflows import NPE
-    from sbiflows.early_stopping import Plateau
+    from sbiflows.snapshots import SnapshotTrail
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
     example = load_example("benchmark_snapshot_mixture")
@@ -298,16 +299,18 @@ def test_snapshot_mixture_records_training_without_changing_it(tmp_path, monkeyp
     x = theta + 0.3 * torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
     options = dict(seed=0, max_epochs=25, progress=False)
     plain = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, **options)
-    snapshot, observe = training._snapshot, Plateau.observe
     with example.Recorder() as recorder:
-        recorded = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, **options)
-    assert training._snapshot is snapshot and Plateau.observe is observe
-    for a, b in zip(plain.net.state_dict().values(), recorded.net.state_dict().values()):
+        fitted = NPE(prior, transforms=1, hidden_features=(8,), ensemble="snapshots").fit(theta, x, **options)
+    assert npe_module.SnapshotTrail is SnapshotTrail
+    for a, b in zip(plain.net.state_dict().values(), fitted.net.members[-1].state_dict().values()):
         assert torch.equal(a, b)
-    epochs = [epoch for epoch, _ in recorder.snapshots]
-    assert epochs[0] == -1 and epochs == sorted(epochs)  # the initial weights, then one per improvement
-    best = recorded.history.best_epoch
-    assert epochs[-1] == best
-    chosen = [epoch for epoch, _ in recorder.members(best, 5)]
-    assert chosen == sorted(set(chosen)) and chosen[-1] == best and chosen[0] >= 0
-    assert all(epoch <= best - 5 * lag for lag, epoch in enumerate(reversed(chosen)))
+    epochs = [epoch for epoch, _ in recorder.trail.snapshots]
+    best = fitted.history.best_epoch
+    assert epochs == sorted(set(epochs)) and epochs[-1] == best
+    assert [epoch for epoch, _ in recorder.trail.members(best)] == fitted.config["snapshot_epochs"]
+    chosen = recorder.trail.members(best, gap=5)
+    mixed = example.snapshot_mixture(plain, chosen)
+    assert mixed.config["ensemble"] == len(chosen) and len(chosen) >= 2
+    assert all(epoch <= best - 5 * lag for lag, (epoch, _) in enumerate(reversed(chosen)))
+    for net, (_, state) in zip(mixed.net.members, chosen):
+        assert all(torch.equal(value, state[key]) for key, value in net.state_dict().items())

@@ -268,6 +268,29 @@ def test_rounds_with_an_ensemble_use_the_mixture_and_resume_exactly(tmp_path):
         TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)  # one flow on a store of two
 
 
+def test_rounds_with_snapshot_mixtures_resume_exactly(tmp_path):
+    """``TSNPE(prior, ensemble="snapshots")``: every round trains one flow on from the last round's best
+    member and mixes its own snapshots; a killed run resumes to the uninterrupted result."""
+    snapshots = {**SMALL, "ensemble": "snapshots"}
+    options = {"rounds": 3, "simulations": 900, "seed": 4, "check_simulations": 0, "batch_size": 300, **FAST}
+    uninterrupted = TSNPE(PRIOR, **snapshots)
+    reference = uninterrupted.run(simulator, X_O, **options)
+    epochs = reference.config["snapshot_epochs"]
+    assert reference.config["ensemble"] == len(epochs) and epochs == sorted(epochs)
+    earlier = sum(r.epochs for r in uninterrupted.rounds[:2])
+    assert epochs[0] >= earlier  # the last round's members are its own snapshots
+    assert len(uninterrupted.npe.histories) == 1 and uninterrupted.npe.validations.shape == (1, 900)
+    MODE.update(mode="interrupt", calls=0, from_call=2)  # Ctrl-C during round 2 (the third call)
+    store = tmp_path / "run"
+    with pytest.raises(SimulationInterrupted):
+        TSNPE(PRIOR, **snapshots).run(simulator, X_O, store=store, **options)
+    MODE.update(mode="ok", calls=0)
+    tsnpe = TSNPE(PRIOR, **snapshots)
+    resumed = tsnpe.run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 1 and resumed.config["snapshot_epochs"] == epochs
+    assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
+
+
 def test_npe_restore_continues_an_ensemble():
     from sbiflows import NPE
 
