@@ -41,6 +41,7 @@ import simulators
 from sbiflows import NPE, TSNPE
 from sbiflows.diagnostics.c2st import c2st
 from sbiflows.estimator import DEFAULT_ESTIMATOR
+from sbiflows.ensemble import ENSEMBLE_CHOICES
 from sbiflows.seeding import derive_seed
 from sbiflows.sequential import split_budget
 from sbiflows.simulate import simulate, simulate_from_prior
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
                         help="where our flow models a bounded prior's parameters (NPE's space option; "
                         "auto: truncated for a box prior)")
-    parser.add_argument("--ensemble", default=1, type=lambda v: v if v == "auto" else int(v),
-                        help="flows per round of our TSNPE (TSNPE(prior, ensemble=K); default 1)")
+    parser.add_argument("--ensemble", default=1, type=lambda v: v if v in ENSEMBLE_CHOICES else int(v),
+                        help="flows per round of our TSNPE (TSNPE(prior, ensemble=K); default 1; or one of NPE's "
+                        f"string choices {', '.join(ENSEMBLE_CHOICES)})")
     parser.add_argument("--json", default=None, help="append one JSON record per seed and observation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

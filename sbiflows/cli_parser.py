@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from sbiflows import __version__
+from sbiflows.ensemble import ENSEMBLE_CHOICES
 from sbiflows.estimator import ESTIMATORS
 from sbiflows.flows import MIXINGS
 from sbiflows.training_options import MAX_EPOCHS
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "in one vectorized pass; wider, less over-confident posteriors; with --rounds, in every round, and each "
                      "region is the mixture's); auto: one flow, and three when that flow is over-confident on its "
                      "own held-out validation rows; snapshots: one flow, mixed with two earlier snapshots of its "
-                     "own training (no extra training)")
+                     "own training (no extra training); auto-snapshots: that mixture only where the flow fails "
+                     "auto's check")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "
@@ -169,7 +171,9 @@ def _positive_int(text: str) -> int:
 
 
 def _ensemble(text: str) -> int | str:
-    return text if text in ("auto", "snapshots") else _int_at_least(text, 1, "a positive integer, auto or snapshots")
+    if text in ENSEMBLE_CHOICES:
+        return text
+    return _int_at_least(text, 1, "a positive integer, " + ", ".join(ENSEMBLE_CHOICES[:-1]) + " or " + ENSEMBLE_CHOICES[-1])
 
 
 def _nonnegative_int(text: str) -> int:

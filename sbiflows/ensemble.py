@@ -33,8 +33,8 @@ from sbiflows.estimator import PosteriorNet
 from sbiflows.seeding import derive_seed
 
 __all__ = [
-    "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "AUTO_SIGMAS", "EnsembleBase", "EnsembleNet", "auto_check",
-    "auto_summary", "check_ensemble", "member_seed", "members_of", "mixture",
+    "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "AUTO_SIGMAS", "ENSEMBLE_CHOICES", "EnsembleBase", "EnsembleNet",
+    "auto_check", "auto_summary", "check_ensemble", "member_seed", "members_of", "mixture",
 ]
 
 #: ``ensemble="auto"``: the members trained when the first flow fails :func:`auto_check`.
@@ -169,22 +169,26 @@ def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
     return list(net.members) if isinstance(net, EnsembleNet) else [net]
 
 
+#: The string choices of ``NPE(ensemble=...)`` besides an int (:mod:`sbiflows.snapshots` for the last two).
+ENSEMBLE_CHOICES = ("auto", "snapshots", "auto-snapshots")
+
+
 def check_ensemble(ensemble: object) -> int | str:
-    """``ensemble`` as an int >= 1 or one of the strings ``"auto"`` and ``"snapshots"``
-    (:mod:`sbiflows.snapshots`), or a clear error naming the argument.
+    """``ensemble`` as an int >= 1 or one of :data:`ENSEMBLE_CHOICES`, or a clear error naming the argument.
 
     Example:
-        >>> check_ensemble(3), check_ensemble("auto"), check_ensemble("snapshots")
-        (3, 'auto', 'snapshots')
+        >>> check_ensemble(3), check_ensemble("auto"), check_ensemble("auto-snapshots")
+        (3, 'auto', 'auto-snapshots')
     """
-    if ensemble in ("auto", "snapshots"):
+    if ensemble in ENSEMBLE_CHOICES:
         return ensemble
+    choices = "an int >= 1, 'auto', 'snapshots' or 'auto-snapshots'"
     if isinstance(ensemble, str):
-        raise ValueError(f"ensemble must be an int >= 1, 'auto' or 'snapshots', got {ensemble!r}")
+        raise ValueError(f"ensemble must be {choices}, got {ensemble!r}")
     try:
         return check_int(ensemble, "ensemble", minimum=1)
     except (TypeError, ValueError) as error:  # the same message, naming the string choices too
-        raise type(error)(str(error).replace("an int >= 1", "an int >= 1, 'auto' or 'snapshots'")) from None
+        raise type(error)(str(error).replace("an int >= 1", choices)) from None
 
 
 def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> object:

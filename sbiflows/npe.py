@@ -56,6 +56,9 @@ from sbiflows.truncated_space import SPACE_OPTIONS, make_space, resolve_space
 
 __all__ = ["NPE"]
 
+#: The ``ensemble`` choices that train one flow and keep its snapshots (:mod:`sbiflows.snapshots`).
+SNAPSHOT_CHOICES = ("snapshots", "auto-snapshots")
+
 
 
 class NPE:
@@ -103,6 +106,8 @@ class NPE:
             ``"snapshots"``: one flow trained as the default is, and the mixture of its best weights with
             two earlier snapshots of its own training (:mod:`sbiflows.snapshots`; their epochs are in the
             posterior's ``config["snapshot_epochs"]``): no extra training, three flows per density.
+            ``"auto-snapshots"``: that mixture only where the flow fails ``"auto"``'s check, else the flow
+            (the first fit decides; the check is in :attr:`auto_coverage`).
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
@@ -121,8 +126,9 @@ class NPE:
         history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before); for an
             ensemble, the first member's.
         histories: One history per ensemble member (None before a fit).
-        auto_coverage: With ``ensemble="auto"``, the coverage check of the first fit's first flow (a
-            :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False: members were added); else None.
+        auto_coverage: With ``ensemble="auto"`` or ``"auto-snapshots"``, the coverage check of the first fit's
+            first flow (a :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False: members were added,
+            or snapshots mixed); else None.
         partial_posterior: The best posterior of the latest ``fit`` that raised after at least one epoch
             (e.g. Ctrl-C), the only place those weights are kept (the NPE is rolled back); None otherwise.
             For an ensemble, the mixture of the members with trained weights (finished ones, the
@@ -322,7 +328,7 @@ class NPE:
                                                 seed=seed)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-                count = {"auto": AUTO_MEMBERS, "snapshots": 1}.get(self.ensemble, self.ensemble)
+                count = 1 if self.ensemble in SNAPSHOT_CHOICES else AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
                                          dtype=self.dtype, embedding_net=self.embedding_net,
                                          **self._architecture()) for k in range(count)]
@@ -330,9 +336,10 @@ class NPE:
             else:
                 flow_seed, n_layers = self._seed, self._transforms
                 members = members_of(copy.deepcopy(self._net))
-                if self.ensemble == "snapshots":  # train on from the best weights (the last member)
+                if self.ensemble in SNAPSHOT_CHOICES:  # train on from the best weights (the last member)
                     members = members[-1:]
-            auto = self.ensemble == "auto" and self._net is None  # the first fit decides the number of flows
+            # the first fit's check decides the number of flows ("auto") or whether to mix ("auto-snapshots")
+            auto = self.ensemble in ("auto", "auto-snapshots") and self._net is None
             histories = ([TrainingHistory() for _ in members] if self.histories is None
                          else copy.deepcopy(self.histories))
             history = histories[0]
@@ -340,7 +347,7 @@ class NPE:
             groups = duplicate_groups(theta, x)
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
-            check, trail = None, SnapshotTrail() if self.ensemble == "snapshots" else None
+            check, trail = None, SnapshotTrail() if self.ensemble in SNAPSHOT_CHOICES else None
             options = dict(  # checked at the top of fit
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
@@ -349,9 +356,14 @@ class NPE:
                 groups=groups, num_threads=num_threads, objective=objective)
             try:
                 first = 0
+                if trail is not None:  # one flow, keeping the weights of its improvements
+                    train_checked(members[0], u, x, seed=seed, history=histories[0], validation=fixed[0],
+                                  snapshots=trail, **options)
+                    first = 1
                 if auto:  # the first flow alone, checked on its own validation rows
-                    train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
-                                  validations=fixed[:1], **options)
+                    if first == 0:
+                        train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
+                                      validations=fixed[:1], **options)
                     posterior = Posterior(copy.deepcopy(members[0]), self.prior,
                                           config=self._config(members[0], seed, n_layers))
                     held_out = masks[0].to(theta.device)
@@ -359,10 +371,7 @@ class NPE:
                     if check.passed:  # one flow is enough: drop the members not trained
                         members, histories, masks = members[:1], histories[:1], masks[:1]
                     first = 1
-                if trail is not None:  # one flow, keeping the weights of its improvements
-                    train_checked(members[0], u, x, seed=seed, history=histories[0], validation=fixed[0],
-                                  snapshots=trail, **options)
-                elif first < len(members):  # the others together, in one vectorized pass where they allow it
+                if first < len(members):  # the others together, in one vectorized pass where they allow it
                     train_members(
                         members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
                         histories=histories[first:], validations=fixed[first:], **options)
@@ -378,7 +387,7 @@ class NPE:
                         error, of=len(members), max_batch_elements=self.max_batch_elements)
                 raise
             snapshot_epochs = None
-            if trail is not None:
+            if trail is not None and (self.ensemble == "snapshots" or self._over_confident(check)):
                 members, snapshot_epochs = trail.networks(members[0], history.best_epoch, start=epochs_before[0])
             net = mixture(members)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
@@ -421,7 +430,8 @@ class NPE:
                 ``ensemble`` (``"auto"`` takes one or three), or rows, splits or histories that do not fit it.
         """
         members = posterior.config.get("ensemble", 1)
-        allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3)}.get(self.ensemble, (self.ensemble,))
+        allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3), "auto-snapshots": (1, 2, 3)}.get(
+            self.ensemble, (self.ensemble,))
         if members not in allowed:
             raise ValueError(f"the posterior has {members} flow(s), this NPE has ensemble={self.ensemble!r}")
         if posterior.theta_dim != self.theta_dim:
@@ -434,7 +444,7 @@ class NPE:
         if x.shape[1] != posterior.x_dim:
             raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
         flow_seed = posterior.config.get("flow_seed", 0)
-        members = 1 if self.ensemble == "snapshots" else members  # one flow was trained: one split, one history
+        members = 1 if self.ensemble in SNAPSHOT_CHOICES else members  # one flow trained: one split, one history
         if validation is None:
             groups = duplicate_groups(theta, x)
             masks = [validation_mask(len(theta), 0.1, seed=member_seed(flow_seed, k), groups=groups)
@@ -465,6 +475,14 @@ class NPE:
         return self
 
     # ------------------------------------------------------------------------------ internals
+    def _over_confident(self, check: Any) -> bool:
+        """Whether the auto check failed: this fit's ``check``, else the first fit's (kept or restored)."""
+        if check is not None:
+            return not check.passed
+        if self.auto_coverage is not None:
+            return not self.auto_coverage.passed
+        return bool(self._auto_summary and self._auto_summary.get("over_confident"))
+
     def _architecture(self) -> dict[str, Any]:
         """The options (checked by ``__init__``) that :func:`build_network` and :func:`network_config` share."""
         return {"estimator": self.estimator, "theta_dim": self.theta_dim, "hidden_features": self.hidden_features,

@@ -141,8 +141,9 @@ def describe_estimator(options: dict) -> str:
     if options.get("mixing", "none") != "none":
         text += ", " + _MIXING_TEXT[options["mixing"]]
     ensemble = options.get("ensemble", 1)
-    if ensemble == "auto":
-        text += ", " + describe_auto(options.get("ensemble_auto"))
+    if ensemble in ("auto", "auto-snapshots"):
+        snapshots = options.get("snapshot_epochs", []) if ensemble == "auto-snapshots" else None
+        text += ", " + describe_auto(options.get("ensemble_auto"), snapshot_epochs=snapshots)
     elif ensemble == "snapshots":
         text += ", " + describe_snapshots(options.get("snapshot_epochs"))
     elif ensemble > 1:
@@ -156,21 +157,30 @@ def describe_estimator(options: dict) -> str:
     return text
 
 
-def describe_auto(check: dict | None) -> str:
-    """What ``ensemble="auto"`` decided, from the posterior's ``config["ensemble_auto"]`` (None: not trained yet).
+def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = None) -> str:
+    """What ``ensemble="auto"`` decided, from the posterior's ``config["ensemble_auto"]`` (None: not trained yet);
+    with ``snapshot_epochs`` (``config["snapshot_epochs"]``, empty where none were mixed), what
+    ``ensemble="auto-snapshots"`` decided.
 
     Example:
         >>> describe_auto({"rows": 1000, "over_confident": True, "worst_z": -5.1, "level": 0.95})
         'auto ensemble: 3 flows (one flow was over-confident on 1000 held-out rows: z = -5.1 at the 95% level)'
+        >>> describe_auto({"rows": 100, "over_confident": True, "worst_z": -4.0, "level": 0.9}, snapshot_epochs=[5, 14, 23])
+        "auto snapshots: mixture of one flow's snapshots at epochs 5, 14 and 23 (the flow was over-confident on 100 held-out rows: z = -4.0 at the 90% level)"
     """
+    kind = "auto ensemble" if snapshot_epochs is None else "auto snapshots"
     if check is None:
-        return "auto ensemble (three flows if one is over-confident on held-out rows)"
+        if snapshot_epochs is None:
+            return "auto ensemble (three flows if one is over-confident on held-out rows)"
+        return "auto snapshots (one flow's snapshot mixture if the flow is over-confident on held-out rows)"
     from sbiflows.ensemble import AUTO_MEMBERS
 
     found = f"{check['rows']} held-out rows: z = {check['worst_z']:+.1f} at the {check['level']:.0%} level"
     if check["over_confident"]:
-        return f"auto ensemble: {AUTO_MEMBERS} flows (one flow was over-confident on {found})"
-    return f"auto ensemble: 1 flow (it passed the coverage check on {found})"
+        if snapshot_epochs is None:
+            return f"auto ensemble: {AUTO_MEMBERS} flows (one flow was over-confident on {found})"
+        return f"auto snapshots: {describe_snapshots(snapshot_epochs)} (the flow was over-confident on {found})"
+    return f"{kind}: 1 flow (it passed the coverage check on {found})"
 
 
 def describe_snapshots(epochs: list[int] | None) -> str:

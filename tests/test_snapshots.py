@@ -183,3 +183,60 @@ def test_command_line_reports_the_snapshot_epochs(tmp_path, capsys):
     if len(epochs) > 1:
         assert "mixture of one flow's snapshots at epochs" in capsys.readouterr().out
         assert "mixture of one flow's snapshots at epochs" in (out / "report.md").read_text()
+
+
+def forced_check(monkeypatch, *, passed):
+    """Make ``ensemble="auto"``'s check return ``passed`` (a short fit's flow seldom fails it), recording its calls."""
+    import dataclasses
+
+    import sbiflows.npe as npe_module
+    from sbiflows.ensemble import auto_check
+
+    calls = []
+
+    def check(posterior, theta, x, *, seed):
+        calls.append(len(theta))
+        return dataclasses.replace(auto_check(posterior, theta, x, seed=seed), passed=passed)
+
+    monkeypatch.setattr(npe_module, "auto_check", check)
+    return calls
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_auto_snapshots_mixes_only_where_the_check_fails_and_refits_keep_the_decision(monkeypatch, fitted, passed):
+    _, mixed, single = fitted
+    calls = forced_check(monkeypatch, passed=passed)
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble="auto-snapshots", **OPTIONS)
+    posterior = npe.fit(theta, x, max_epochs=30, progress=False)
+    assert calls == [int(npe.validation.sum())]  # the flow's own validation rows
+    assert posterior.config["ensemble_auto"]["over_confident"] is (not passed)
+    assert npe.auto_coverage.passed is passed
+    x_o, probe = torch.tensor([0.2, -0.4]), PRIOR.sample((50,))
+    expected = single if passed else mixed  # the single flow, or ensemble="snapshots"'s mixture
+    assert posterior.config.get("snapshot_epochs") == expected.config.get("snapshot_epochs")
+    assert torch.equal(posterior.log_prob(probe, x_o), expected.log_prob(probe, x_o))
+    refit = npe.fit(*data(200, seed=5), max_epochs=5, progress=False)
+    assert calls == [int(npe.validation[:800].sum())]  # refits do not check again
+    assert ("snapshot_epochs" in refit.config) is (not passed and refit.config["ensemble"] > 1)
+    restored = NPE(PRIOR, ensemble="auto-snapshots", **OPTIONS).restore(posterior, theta, x, validation=npe.validation[:800])
+    again = restored.fit(*data(200, seed=5), max_epochs=5, progress=False)
+    assert again.config["ensemble_auto"] == posterior.config["ensemble_auto"]
+    assert again.config["ensemble"] == refit.config["ensemble"]
+
+
+@pytest.mark.slow
+def test_command_line_reports_what_auto_snapshots_decided(monkeypatch, tmp_path, capsys):
+    forced_check(monkeypatch, passed=False)
+    out = tmp_path / "run"
+    small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "6"]
+    assert main(["fit", "two_moons", "--ensemble", "auto-snapshots", "--out", str(out), "--observations", "1",
+                 *small]) == 0
+    config = load(out / "posterior.pt").config
+    report = json.loads((out / "report.json").read_text())
+    assert report["ensemble"] == "auto-snapshots" and report["ensemble_auto"]["over_confident"]
+    assert report.get("snapshot_epochs") == config.get("snapshot_epochs")
+    mixed = len(config.get("snapshot_epochs", [])) > 1
+    text = "auto snapshots: " + ("mixture of one flow's snapshots at epochs" if mixed else "")
+    assert text in capsys.readouterr().out and text in (out / "report.md").read_text()
