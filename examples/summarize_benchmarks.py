@@ -20,6 +20,7 @@ Usage:
     python examples/summarize_benchmarks.py tsnpe ours.jsonl sbi.jsonl --baseline "NPE nsf"
     python examples/summarize_benchmarks.py tsnpe before.jsonl "fixed split=after.jsonl" --baseline "TSNPE nsf"
     python examples/summarize_benchmarks.py tsnpe-regions ours.jsonl   # per TSNPE run: posterior mass inside each region
+    python examples/summarize_benchmarks.py snapshots snap.jsonl checks.jsonl  # benchmark_snapshot_mixture.py
 """
 
 from __future__ import annotations
@@ -219,6 +220,42 @@ def coverage_rows(path: str) -> list[str]:
     return rows
 
 
+def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
+    """Rows for ``benchmark_snapshot_mixture.py`` records (several files merged; the last of duplicates kept):
+    the single flow against the mixture of ``setting``, per task, budget and seed, with the auto check (from
+    any record of that run, ``--check-only`` ones too) and what ``ensemble="auto-snapshots"`` returns: the
+    mixture where the check fails, else the flow. Each cell: worst z; mean C2ST; held-out NLL."""
+    records = {}
+    checks = {}
+    for path in paths:
+        for r in _records(path):
+            run = r["task"], r["simulations"], r["seed"]
+            if "auto_check" in r:
+                checks[run] = r["auto_check"]
+            if "worst_z" in r and "c2st" in r:
+                records[(*run, r["setting"])] = r
+
+    def cell(r: dict, *, nll: bool = True) -> str:
+        return f"{r['worst_z']:+.2f}; {_mean(r['c2st']):.3f}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
+
+    rows = ["| task | simulations | seed | one flow: worst z; C2ST; NLL | members | mixture: worst z; C2ST; NLL "
+            "| C2ST change | auto check z | auto-snapshots: worst z; C2ST |",
+            "| --- | ---: | ---: | --- | --- | --- | ---: | --- | --- |"]
+    for task, simulations, seed, name in sorted(records, key=str):
+        mixed = records.get((task, simulations, seed, setting))
+        if name != "defaults" or mixed is None:
+            continue
+        one = records[(task, simulations, seed, name)]
+        check = checks.get((task, simulations, seed))
+        fires = check is not None and check["over_confident"]
+        auto = "-" if check is None else cell(mixed if fires else one, nll=False)
+        verdict = "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if fires else 'passes'})"
+        members = ", ".join(map(str, mixed["members"]))
+        rows.append(f"| {task} | {simulations:,} | {seed} | {cell(one)} | {members} | {cell(mixed)} | "
+                    f"{_mean(mixed['c2st']) - _mean(one['c2st']):+.3f} | {verdict} | {auto} |")
+    return rows
+
+
 def _versus(ours: dict, base: dict) -> str:
     """``"difference (SE) | k of n"``: ``ours - base`` paired over their common seeds (``"- | -"`` if none).
 
@@ -365,10 +402,12 @@ def tsnpe_region_rows(paths: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe", "tsnpe-regions"])
+    parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe", "tsnpe-regions",
+                                         "snapshots"])
     parser.add_argument("path")
     parser.add_argument("more", nargs="*", help="tsnpe: more record files, merged by task, budget, rounds, seed, "
-                        "observation; LABEL=PATH adds ' (LABEL)' to the names of its methods")
+                        "observation; LABEL=PATH adds ' (LABEL)' to the names of its methods; snapshots: more "
+                        "benchmark_snapshot_mixture.py files (e.g. --check-only ones)")
     parser.add_argument("--baseline", default=None, help="nll, nll-grid: the setting the others are compared with "
                         "(default: defaults); tsnpe: the method (default: NPE nsf)")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
@@ -379,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = tsnpe_rows([args.path, *args.more], baseline=args.baseline or "NPE nsf")
     elif args.kind == "tsnpe-regions":
         rows = tsnpe_region_rows([args.path, *args.more])
+    elif args.kind == "snapshots":
+        rows = snapshot_rows([args.path, *args.more])
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":

@@ -89,6 +89,29 @@ def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(t
     assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 | {record['heldout_nll']:.3f} |" in rows[2]
 
 
+def test_snapshot_summary_merges_check_only_records_and_reads_off_auto_snapshots(tmp_path):
+    """``summarize_benchmarks.py snapshots``: the flow against the mixture per run, the check from another
+    file, and the auto rule's pick (the mixture where the check fires, else the flow)."""
+    def record(task, setting, z, c2st, members, check=None):
+        r = {"task": task, "simulations": 10000, "seed": 0, "setting": setting, "members": members,
+             "worst_z": z, "heldout_nll": 1.0, "c2st": {"1": c2st, "2": c2st}}
+        return r if check is None else {**r, "auto_check": check}
+
+    scores, checks = tmp_path / "scores.jsonl", tmp_path / "checks.jsonl"
+    scores.write_text("\n".join(json.dumps(r) for r in [
+        record("slcp", "defaults", -6.0, 0.86, [73]), record("slcp", "snapshots gap_fraction=0.4", -0.4, 0.87, [15, 44, 73]),
+        record("sir", "defaults", -2.5, 0.56, [310], {"rows": 1000, "over_confident": False, "worst_z": -1.2, "level": 0.25}),
+        record("sir", "snapshots gap_fraction=0.4", -0.3, 0.57, [62, 186, 310])]) + "\n")
+    checks.write_text(json.dumps({"task": "slcp", "simulations": 10000, "seed": 0, "setting": "defaults", "members": [73],
+                                  "auto_check": {"rows": 1000, "over_confident": True, "worst_z": -9.9,
+                                                 "level": 0.95}}) + "\n")
+    rows = load_example("summarize_benchmarks").snapshot_rows([str(scores), str(checks)])
+    assert rows[2] == ("| sir | 10,000 | 0 | -2.50; 0.560; 1.000 | 62, 186, 310 | -0.30; 0.570; 1.000 | +0.010 | "
+                       "-1.20 (passes) | -2.50; 0.560 |")
+    assert rows[3] == ("| slcp | 10,000 | 0 | -6.00; 0.860; 1.000 | 15, 44, 73 | -0.40; 0.870; 1.000 | +0.010 | "
+                       "-9.90 (fires) | -0.40; 0.870 |")
+
+
 def test_bounded_summary_pairs_the_truncated_space_with_sbi_by_seed(tmp_path):
     """``summarize_benchmarks.py bounded --sbi``: truncated minus sbi's NSF, paired by seed, on the seeds both have."""
     def bounded(seed, free, cut):
