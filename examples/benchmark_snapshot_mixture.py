@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                 if option.get("fraction") == SNAPSHOT_GAP:  # the library's choice: what the fit returned
                     assert [epoch for epoch, _ in chosen] == fitted.config["snapshot_epochs"]
                 mixed = snapshot_mixture(posterior, chosen)
-                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": [epoch for epoch, _ in chosen],
+                emit(args.json, {**base, "setting": f"snapshots {kind}={value}",
+                                 "members": [epoch for epoch, _ in chosen],
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
 

@@ -173,7 +173,8 @@ def _positive_int(text: str) -> int:
 def _ensemble(text: str) -> int | str:
     if text in ENSEMBLE_CHOICES:
         return text
-    return _int_at_least(text, 1, "a positive integer, " + ", ".join(ENSEMBLE_CHOICES[:-1]) + " or " + ENSEMBLE_CHOICES[-1])
+    named = ", ".join(ENSEMBLE_CHOICES[:-1]) + " or " + ENSEMBLE_CHOICES[-1]
+    return _int_at_least(text, 1, f"a positive integer, {named}")
 
 
 def _nonnegative_int(text: str) -> int:

@@ -328,7 +328,7 @@ class NPE:
                                                 seed=seed)
             if self._net is None:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
-                count = 1 if self.ensemble in SNAPSHOT_CHOICES else AUTO_MEMBERS if self.ensemble == "auto" else self.ensemble
+                count = {"auto": AUTO_MEMBERS, **dict.fromkeys(SNAPSHOT_CHOICES, 1)}.get(self.ensemble, self.ensemble)
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
                                          dtype=self.dtype, embedding_net=self.embedding_net,
                                          **self._architecture()) for k in range(count)]
@@ -394,8 +394,9 @@ class NPE:
             self.histories, self._validation = histories, masks
             self.auto_coverage = check if auto else self.auto_coverage
             self._transforms, self.partial_posterior = n_layers, None
-            return Posterior(copy.deepcopy(net), self.prior, config=self._config(net, flow_seed, n_layers, snapshot_epochs),
-                             history=copy.deepcopy(history), max_batch_elements=self.max_batch_elements)
+            config = self._config(net, flow_seed, n_layers, snapshot_epochs)
+            return Posterior(copy.deepcopy(net), self.prior, config=config, history=copy.deepcopy(history),
+                             max_batch_elements=self.max_batch_elements)
 
     def restore(
         self, posterior: Posterior, theta: Any, x: Any, *, validation: Any = None,
@@ -427,7 +428,7 @@ class NPE:
 
         Raises:
             ValueError: For a posterior of another shape, space or number of flows than this NPE's
-                ``ensemble`` (``"auto"`` takes one or three), or rows, splits or histories that do not fit it.
+                ``ensemble`` (``"auto"`` takes one or three, the snapshot choices one to three), or rows, splits or histories that do not fit it.
         """
         members = posterior.config.get("ensemble", 1)
         allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3), "auto-snapshots": (1, 2, 3)}.get(

@@ -165,8 +165,9 @@ def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = Non
     Example:
         >>> describe_auto({"rows": 1000, "over_confident": True, "worst_z": -5.1, "level": 0.95})
         'auto ensemble: 3 flows (one flow was over-confident on 1000 held-out rows: z = -5.1 at the 95% level)'
-        >>> describe_auto({"rows": 100, "over_confident": True, "worst_z": -4.0, "level": 0.9}, snapshot_epochs=[5, 14, 23])
-        "auto snapshots: mixture of one flow's snapshots at epochs 5, 14 and 23 (the flow was over-confident on 100 held-out rows: z = -4.0 at the 90% level)"
+        >>> check = {"rows": 100, "over_confident": True, "worst_z": -4.0, "level": 0.9}
+        >>> describe_auto(check, snapshot_epochs=[5, 14]).split(" (")[0]
+        "auto snapshots: mixture of one flow's snapshots at epochs 5 and 14"
     """
     kind = "auto ensemble" if snapshot_epochs is None else "auto snapshots"
     if check is None:
