@@ -66,14 +66,11 @@ class Recorder:
         npe_module.SnapshotTrail = self._class
 
 
-def snapshot_mixture(single: Posterior, chosen: list[tuple[int, dict]]) -> Posterior:
-    """The mixture of copies of ``single``'s network holding the chosen snapshots' weights."""
-    nets = []
-    for _, state in chosen:
-        net = copy.deepcopy(single.net)
-        net.load_state_dict(state)
-        nets.append(net.eval())
-    return Posterior(mixture(nets), single.prior, config={**single.config, "ensemble": len(nets)})
+def snapshot_mixture(single: Posterior, trail: SnapshotTrail, **choice) -> tuple[Posterior, list[int]]:
+    """The mixture of ``trail``'s members chosen by ``choice`` (:meth:`SnapshotTrail.networks`), in copies of
+    ``single``'s network (which holds the best weights), and the members' epochs."""
+    nets, epochs = trail.networks(copy.deepcopy(single.net), single.history.best_epoch, **choice)
+    return Posterior(mixture(nets), single.prior, config={**single.config, "ensemble": len(nets)}), epochs
 
 
 def c2st_record(task, posterior, observations: list[int], *, seed: int, num_samples: int = 10_000) -> dict:
@@ -136,12 +133,10 @@ def main(argv: list[str] | None = None) -> None:
             settings = [("gap", gap, {"gap": gap}) for gap in args.gaps]
             settings += [("gap_fraction", f, {"fraction": f}) for f in args.gap_fractions]
             for kind, value, option in settings:
-                chosen = recorder.trail.members(history.best_epoch, **option)
+                mixed, epochs = snapshot_mixture(posterior, recorder.trail, **option)
                 if option.get("fraction") == SNAPSHOT_GAP:  # the library's choice: what the fit returned
-                    assert [epoch for epoch, _ in chosen] == fitted.config["snapshot_epochs"]
-                mixed = snapshot_mixture(posterior, chosen)
-                emit(args.json, {**base, "setting": f"snapshots {kind}={value}",
-                                 "members": [epoch for epoch, _ in chosen],
+                    assert epochs == fitted.config["snapshot_epochs"]
+                emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": epochs,
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
 

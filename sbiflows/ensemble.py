@@ -182,7 +182,8 @@ def check_ensemble(ensemble: object) -> int | str:
     """
     if ensemble in ENSEMBLE_CHOICES:
         return ensemble
-    choices = "an int >= 1, 'auto', 'snapshots' or 'auto-snapshots'"
+    named = [repr(choice) for choice in ENSEMBLE_CHOICES]
+    choices = f"an int >= 1, {', '.join(named[:-1])} or {named[-1]}"
     if isinstance(ensemble, str):
         raise ValueError(f"ensemble must be {choices}, got {ensemble!r}")
     try:

@@ -94,10 +94,11 @@ class SnapshotTrail:
                 chosen.append(earlier[-1])
         return chosen[::-1]
 
-    def networks(self, net: nn.Module, best_epoch: int, *, start: int = 0) -> tuple[list[nn.Module], list[int]]:
+    def networks(self, net: nn.Module, best_epoch: int, **choice) -> tuple[list[nn.Module], list[int]]:
         """The members as networks, oldest first, and their epochs: copies of ``net`` (which holds the best
         weights) loaded with the earlier members' weights, then ``net`` itself. Only ``net`` where the
         trail does not reach ``best_epoch`` (a refit that did not improve on an earlier fit's best).
+        ``choice``: :meth:`members`' ``fraction``, ``gap`` and ``start``.
 
         Example:
             >>> trail, net = SnapshotTrail(), nn.Linear(1, 1)
@@ -107,7 +108,7 @@ class SnapshotTrail:
             >>> epochs, [float(n.weight.detach()) for n in nets[:-1]], nets[-1] is net
             ([1, 5, 9], [1.0, 5.0], True)
         """
-        chosen = self.members(best_epoch, start=start)
+        chosen = self.members(best_epoch, **choice)
         if not chosen or chosen[-1][0] != best_epoch:
             return [net], [best_epoch]
         members = []

@@ -332,7 +332,8 @@ def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, mon
     assert epochs == sorted(set(epochs)) and epochs[-1] == best
     assert [epoch for epoch, _ in recorder.trail.members(best)] == fitted.config["snapshot_epochs"]
     chosen = recorder.trail.members(best, gap=5)
-    mixed = example.snapshot_mixture(plain, chosen)
+    mixed, epochs = example.snapshot_mixture(plain, recorder.trail, gap=5)
+    assert epochs == [epoch for epoch, _ in chosen]
     assert mixed.config["ensemble"] == len(chosen) and len(chosen) >= 2
     assert all(epoch <= best - 5 * lag for lag, (epoch, _) in enumerate(reversed(chosen)))
     for net, (_, state) in zip(mixed.net.members, chosen):
