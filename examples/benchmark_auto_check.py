@@ -12,17 +12,20 @@ below -2, -2.5 and -3.
 ``--cost TASK ...`` measures what the check costs instead: for each task, a flow of the default
 architecture trained for one epoch on ``--simulations`` of the task's simulations (the check's cost
 does not depend on the weights), then the CPU seconds of :func:`~sbiflows.ensemble.auto_check` on its
-validation rows.
+validation rows, and of :func:`~sbiflows.diagnostics.expected_coverage` on 300 of them with 500 draws
+each; both as the library runs them (the draws' densities from the pass that drew them) and in two
+passes (draw, then evaluate), alternating, medians over ``--cost-repeats``.
 
 Usage:
     python examples/benchmark_auto_check.py --dims 3 --repeats 200 --narrow 1 0.97 0.95
-    python examples/benchmark_auto_check.py --cost two_moons slcp lotka_volterra --simulations 10000
+    python examples/benchmark_auto_check.py --cost two_moons slcp lotka_volterra --simulations 10000 --cost-repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -30,10 +33,13 @@ from torch import Tensor
 
 import simulators
 from sbiflows import NPE
+from sbiflows.diagnostics import expected_coverage
 from sbiflows.ensemble import AUTO_ROWS, auto_check, auto_summary
 from sbiflows.simulate import simulate_from_prior
 
 THRESHOLDS = (-2.0, -2.5, -3.0)
+#: ``--cost`` also times expected coverage as ``benchmark_coverage.py`` scores it: rows x draws per row.
+COVERAGE_ROWS, COVERAGE_DRAWS = 300, 500
 
 
 class ScaledGaussianPosterior:
@@ -65,16 +71,54 @@ def firing(narrow: float, *, dims: int, rows: int, repeats: int) -> dict[str, ob
             "median_worst_z": float(z.median())}
 
 
-def check_cost(task_name: str, simulations: int, *, seed: int = 0) -> dict[str, object]:
-    """CPU seconds of the check for the default flow of ``task_name`` at ``simulations`` simulations."""
+class TwoPasses:
+    """A posterior seen without ``sample_and_log_prob_batched``: the checks then draw, and evaluate the
+    draws in a second pass through the flow (what they did before session 54)."""
+
+    def __init__(self, posterior) -> None:
+        self.posterior = posterior
+
+    def sample_batched(self, n: int, xs: Tensor, **options) -> Tensor:
+        return self.posterior.sample_batched(n, xs, **options)
+
+    def log_prob_batched(self, theta: Tensor, xs: Tensor, **options) -> Tensor:
+        return self.posterior.log_prob_batched(theta, xs, **options)
+
+    def log_prob(self, theta: Tensor, x: Tensor | None = None) -> Tensor:
+        return self.posterior.log_prob(theta, x)
+
+
+def check_cost(task_name: str, simulations: int, *, repeats: int = 1, seed: int = 0) -> dict[str, object]:
+    """CPU (and wall) seconds of the check, and of ``expected_coverage`` on ``COVERAGE_ROWS`` x
+    ``COVERAGE_DRAWS``, for the default flow of ``task_name`` at ``simulations`` simulations: one pass per
+    draw (the library's) and two (:class:`TwoPasses`), alternating, medians over ``repeats``."""
     task = simulators.get(task_name)
     sims = simulate_from_prior(task.simulate, task.prior, simulations, seed=seed, progress=False)
     npe = NPE(task.prior)
     posterior = npe.fit(sims.theta[sims.valid], sims.x[sims.valid], max_epochs=1, seed=seed, progress=False)
-    start = time.process_time()
-    result = auto_check(posterior, npe.theta[npe.validation], npe.x[npe.validation], seed=seed)
-    return {"task": task_name, "simulations": simulations, "rows": result.num_datasets,
-            "check_cpu_seconds": round(time.process_time() - start, 2)}
+    theta, x = npe.theta[npe.validation], npe.x[npe.validation]
+    pairs = {"theta": theta[:COVERAGE_ROWS], "x": x[:COVERAGE_ROWS], "num_posterior_samples": COVERAGE_DRAWS, "seed": seed}
+    jobs = {
+        "check": lambda: auto_check(posterior, theta, x, seed=seed),
+        "check_two_passes": lambda: auto_check(TwoPasses(posterior), theta, x, seed=seed),
+        "coverage": lambda: expected_coverage(posterior, **pairs),
+        "coverage_two_passes": lambda: expected_coverage(TwoPasses(posterior), **pairs),
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in jobs}
+    wall: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            start, start_wall = time.process_time(), time.perf_counter()
+            job()
+            cpu[name].append(time.process_time() - start)
+            wall[name].append(time.perf_counter() - start_wall)
+    record = {"task": task_name, "simulations": simulations, "rows": len(theta[:AUTO_ROWS]), "repeats": repeats}
+    for name in jobs:
+        record[f"{name}_cpu_seconds"] = round(statistics.median(cpu[name]), 2)
+        record[f"{name}_wall_seconds"] = round(statistics.median(wall[name]), 2)
+    for name in ("check", "coverage"):  # same-run ratios of the medians
+        record[f"{name}_cpu_ratio"] = round(record[f"{name}_cpu_seconds"] / record[f"{name}_two_passes_cpu_seconds"], 2)
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--narrow", type=float, nargs="+", default=[1.0, 0.97, 0.95])
     parser.add_argument("--cost", nargs="*", default=None, metavar="TASK", help="time the check on these tasks")
     parser.add_argument("--simulations", type=int, default=10_000, help="training simulations for --cost")
+    parser.add_argument("--cost-repeats", type=int, default=1, help="timings per job for --cost (medians)")
     parser.add_argument("--json", default=None, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
     if args.cost:
         for task_name in args.cost:
-            record = check_cost(task_name, args.simulations)
+            record = check_cost(task_name, args.simulations, repeats=args.cost_repeats)
             print(json.dumps(record), flush=True)
             _append(args.json, record)
         return

@@ -209,7 +209,8 @@ def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> obj
     and ``U`` uniform, which is exactly uniform for a calibrated posterior (``k / L`` from few draws lowers
     the coverage of a calibrated posterior by up to ``1 / (L + 1)``); and densities skip the truncated
     space's normalizer (``log_prob_batched(..., normalized=False)``), a constant per observation that
-    leaves ranks unchanged.
+    leaves ranks unchanged. The draws' densities come from the pass that drew them where the posterior
+    has :meth:`~sbiflows.Posterior.sample_and_log_prob_batched`.
 
     Args:
         posterior: The first flow's :class:`~sbiflows.posterior.Posterior`.
@@ -228,8 +229,10 @@ def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> obj
     rows = torch.randperm(len(theta), generator=generator)[:AUTO_ROWS].to(theta.device)
     theta, x = theta[rows], x[rows]
     with observations_unchecked():  # held-out simulations: the range warning would only be noise
-        draws = posterior.sample_batched(AUTO_DRAWS, x, seed=seed)  # (L, N, D)
-        log_q = posterior.log_prob_batched(draws, x, normalized=False)
+        if callable(getattr(posterior, "sample_and_log_prob_batched", None)):
+            log_q = posterior.sample_and_log_prob_batched(AUTO_DRAWS, x, seed=seed, normalized=False)[1]  # (L, N)
+        else:
+            log_q = posterior.log_prob_batched(posterior.sample_batched(AUTO_DRAWS, x, seed=seed), x, normalized=False)
         log_q_truth = posterior.log_prob_batched(theta[None], x, normalized=False)
     higher = (log_q > log_q_truth).sum(0).cpu().double()  # (N,)
     ranks = (higher + torch.rand(len(higher), generator=generator, dtype=torch.float64)) / (AUTO_DRAWS + 1)

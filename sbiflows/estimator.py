@@ -340,5 +340,10 @@ class PosteriorNet(nn.Module):
 
     def sample_from_base(self, noise: Tensor, context: Tensor) -> Tensor:
         """Draws of ``u`` from given base noise ``(n, *batch, D)`` for context ``(*batch, C)``."""
-        z = self.flow.from_base(noise, context)[0]
-        return z * self.u_scale + self.u_shift
+        return self.sample_and_log_prob_from_base(noise, context)[0]
+
+    def sample_and_log_prob_from_base(self, noise: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Draws of ``u`` as :meth:`sample_from_base` makes them, and their ``log q(u | x)`` ``(n, *batch)``
+        from the same inverse pass (no second pass through the flow)."""
+        z, log_q = self.flow.from_base(noise, context)
+        return z * self.u_scale + self.u_shift, log_q - torch.log(self.u_scale).sum()

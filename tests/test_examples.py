@@ -268,8 +268,10 @@ def test_auto_check_fires_rarely_for_the_exact_posterior_and_always_for_a_narrow
     assert example.firing(0.8, dims=2, rows=500, repeats=5)["fired"] == 1.0  # 20% too narrow: always found
     example.main(["--dims", "2", "--rows", "300", "--repeats", "3", "--narrow", "1"])
     assert "| 1 | 300 | 3 |" in capsys.readouterr().out
-    example.main(["--cost", "two_moons", "--simulations", "300"])
-    assert '"rows": 30' in capsys.readouterr().out  # the first flow's 10% validation rows
+    example.main(["--cost", "two_moons", "--simulations", "1000", "--cost-repeats", "2"])
+    out = capsys.readouterr().out
+    assert '"rows": 100' in out and '"repeats": 2' in out  # the first flow's 10% validation rows
+    assert '"check_two_passes_cpu_seconds"' in out and '"coverage_cpu_ratio"' in out
 
 
 def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeypatch):

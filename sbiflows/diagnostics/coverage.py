@@ -35,7 +35,7 @@ from sbiflows.diagnostics.simulations import (
     padded_trials,
     check_num_posterior_samples,
     check_posterior,
-    posterior_draws,
+    draws_and_log_prob,
     seeded,
 )
 from sbiflows.threads import torch_threads
@@ -178,14 +178,12 @@ def expected_coverage(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage",
             padded_trials=padded_trials(posterior)
         )
-        draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
-                                progress="coverage draws" if progress else None)
+        draws, log_q_draws = draws_and_log_prob(posterior, num_posterior_samples, x, batch_size=batch_size,
+                                                progress="coverage draws" if progress else None)  # (L, N, D), (L, N)
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
         )
-    log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size,
-                                   progress="coverage densities" if progress else None)  # (L, N)
     log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size)  # (1, N)
     hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
     empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)

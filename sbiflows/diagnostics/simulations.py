@@ -7,6 +7,7 @@ helpers validate them, drop invalid simulations (with a warning giving the count
 posterior through the duck-typed protocol::
 
     posterior.sample_batched(n, xs)            # xs (B, *x_shape) -> (n, B, D)
+    posterior.sample_and_log_prob_batched(n, xs)  # both at once -> (n, B, D), (n, B); optional
     posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
     posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o x_shape -> (N,)
 
@@ -198,23 +199,50 @@ def posterior_draws(
     go into each call (to bound memory). ``progress``: the label of a progress bar over the calls
     (then at most :data:`PROGRESS_CHUNK` datasets per call unless ``batch_size`` says otherwise).
     """
-    num = xs.shape[0]
     check_int(batch_size, "batch_size", minimum=1, optional=True)
     chunks = []
-    for part in _chunks(num, batch_size, progress):
-        chunk = xs[part]
+    for part in _chunks(xs.shape[0], batch_size, progress):
         with observations_unchecked():  # simulated x may lie in the tails: no out-of-range warning
-            draws = posterior.sample_batched(num_samples, chunk)  # type: ignore[attr-defined]
-        if not isinstance(draws, Tensor) or draws.ndim != 3 or draws.shape[:2] != (num_samples, len(chunk)):
-            got = tuple(draws.shape) if isinstance(draws, Tensor) else type(draws).__name__
-            raise ValueError(
-                f"posterior.sample_batched({num_samples}, xs) with xs of shape {tuple(chunk.shape)} "
-                f"must return shape ({num_samples}, {len(chunk)}, D), got {got}"
-            )
-        chunks.append(draws.detach())
-    draws = torch.cat(chunks, dim=1)
+            draws = posterior.sample_batched(num_samples, xs[part])  # type: ignore[attr-defined]
+        chunks.append(_checked_draws(draws, num_samples, xs[part], "sample_batched"))
+    return _finite(torch.cat(chunks, dim=1), "sample_batched")
+
+
+def draws_and_log_prob(
+    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None, progress: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`posterior_draws` and their :func:`batched_log_prob`: ``(num_samples, B, D)`` and ``(num_samples, B)``.
+
+    A posterior with ``sample_and_log_prob_batched`` (:class:`sbiflows.Posterior`) gives both in one call
+    per chunk: one pass through a single flow instead of two. Others are sampled, then evaluated.
+    """
+    fused = getattr(posterior, "sample_and_log_prob_batched", None)
+    if not callable(fused):
+        draws = posterior_draws(posterior, num_samples, xs, batch_size=batch_size, progress=progress)
+        return draws, batched_log_prob(posterior, draws, xs, batch_size=batch_size)
+    check_int(batch_size, "batch_size", minimum=1, optional=True)
+    draws, log_q = [], []
+    for part in _chunks(xs.shape[0], batch_size, progress):
+        with observations_unchecked():
+            chunk_draws, chunk_log_q = fused(num_samples, xs[part])
+        draws.append(_checked_draws(chunk_draws, num_samples, xs[part], "sample_and_log_prob_batched"))
+        log_q.append(chunk_log_q.detach())
+    return _finite(torch.cat(draws, dim=1), "sample_and_log_prob_batched"), torch.cat(log_q, dim=1)
+
+
+def _checked_draws(draws: object, num_samples: int, chunk: Tensor, method: str) -> Tensor:
+    if not isinstance(draws, Tensor) or draws.ndim != 3 or draws.shape[:2] != (num_samples, len(chunk)):
+        got = tuple(draws.shape) if isinstance(draws, Tensor) else type(draws).__name__
+        raise ValueError(
+            f"posterior.{method}({num_samples}, xs) with xs of shape {tuple(chunk.shape)} "
+            f"must return shape ({num_samples}, {len(chunk)}, D), got {got}"
+        )
+    return draws.detach()
+
+
+def _finite(draws: Tensor, method: str) -> Tensor:
     if not torch.isfinite(draws).all():
-        raise ValueError("posterior.sample_batched returned NaN/inf samples")
+        raise ValueError(f"posterior.{method} returned NaN/inf samples")
     return draws
 
 

@@ -1,0 +1,95 @@
+"""Posterior draws in the unconstrained space, optionally with their log-densities from the same pass.
+
+A flow's inverse pass already computes the log-determinant that ``log q`` of its draws needs, so a
+single flow can return draws and densities for the cost of the draws alone; evaluating the draws
+afterwards costs a second pass through every layer. HPD ranks (:func:`sbiflows.diagnostics.expected_coverage`,
+:func:`sbiflows.ensemble.auto_check`) need both. :meth:`sbiflows.Posterior.sample_and_log_prob_batched`
+is the public door; this module holds the chunked loop that :meth:`sbiflows.Posterior.sample_batched`
+shares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sbiflows.seeding import SeededNoise
+
+__all__ = ["SATURATED", "draw_unconstrained", "fuses_log_prob"]
+
+#: How far ``T^{-1}(T(u))`` may round from ``u`` before a draw's density is evaluated again at the
+#: returned ``theta`` (float32 sigmoids lose ``u`` only near saturation, ``|u|`` above about 9).
+SATURATED = 1e-3
+
+
+def fuses_log_prob(net: torch.nn.Module) -> bool:
+    """Whether ``net`` returns draws and their log-densities in one pass (one flow; an ensemble's
+    mixture density needs every member's, so it evaluates its draws afterwards)."""
+    return callable(getattr(net, "sample_and_log_prob_from_base", None))
+
+
+def draw_unconstrained(net: torch.nn.Module, space: object, n: int, xs: Tensor, *, dim: int, dtype: torch.dtype,
+                       noise: SeededNoise | None, generator: torch.Generator | None, max_rows: int,
+                       log_prob: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(n, B, D)`` draws of ``T(u)``, ``u ~ q(u | x_b)``, and with ``log_prob`` their ``log q(theta | x_b)`` ``(n, B)``.
+
+    Chunked so that at most ``max_rows`` rows pass through the flow at once. Draws come from ``noise``
+    (the seeded blocks of :class:`~sbiflows.seeding.SeededNoise`) or else from ``generator`` (None: torch's
+    global one), and do not depend on ``log_prob``: with it, ``net`` must fuse (:func:`fuses_log_prob`),
+    and the densities are those of the inverse pass, ``log q(u | x) - log|det dT/du|``, except for draws
+    whose ``T(u)`` rounded far from ``u`` (more than :data:`SATURATED` in ``u``), which are evaluated again.
+
+    Example:
+        >>> from sbiflows import NPE
+        >>> from sbiflows.truncated_space import make_space
+        >>> prior = torch.distributions.Independent(torch.distributions.Uniform(-torch.ones(2), torch.ones(2)), 1)
+        >>> theta = prior.sample((200,)); x = theta + 0.1 * torch.randn_like(theta)
+        >>> posterior = NPE(prior, transforms=1, space="unconstrained").fit(theta, x, max_epochs=2, seed=0, progress=False)
+        >>> draws, log_q = draw_unconstrained(posterior.net, make_space(prior.support, "unconstrained"), 4, x[:3],
+        ...                                   dim=2, dtype=torch.float32, noise=None, max_rows=2**17,
+        ...                                   generator=torch.Generator().manual_seed(0), log_prob=True)
+        >>> draws.shape, log_q.shape, bool(torch.allclose(log_q, posterior.log_prob_batched(draws, x[:3]), atol=1e-4))
+        (torch.Size([4, 3, 2]), torch.Size([4, 3]), True)
+    """
+    if log_prob and not fuses_log_prob(net):
+        raise TypeError(f"{type(net).__name__} does not return log-densities with its draws")
+    device = xs.device
+    out = torch.empty(n, len(xs), dim, device=device, dtype=dtype)
+    densities = torch.empty(n, len(xs), device=device, dtype=dtype) if log_prob else None
+    obs_step = max(1, max_rows // n)
+    sample_step = min(n, max_rows)
+    for b in range(0, len(xs), obs_step):
+        context = net.context(xs[b : b + obs_step])
+        for i in range(0, n, sample_step):
+            m = min(sample_step, n - i)
+            rows = slice(i, i + m), slice(b, b + obs_step)
+            if not log_prob:
+                if noise is None:
+                    u = net.sample_given_context(m, context, generator=generator)
+                else:
+                    u = net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
+                out[rows] = space.to_constrained(u)
+                continue
+            if noise is None:  # the base draw of net.sample_given_context, from the same generator
+                eps = net.flow.base.sample((m, len(context)), generator=generator)
+            else:
+                eps = noise.rows(i, m, range(b, b + len(context)))
+            u, log_q = net.sample_and_log_prob_from_base(eps, context)
+            theta = space.to_constrained(u)
+            out[rows] = theta
+            densities[rows] = _at_returned_draws(net, space, u, theta, log_q - space.log_abs_det_jacobian(u), context)
+    return out, densities
+
+
+def _at_returned_draws(net: torch.nn.Module, space: object, u: Tensor, theta: Tensor, log_q: Tensor,
+                       context: Tensor) -> Tensor:
+    """``log_q`` of the draws ``theta = T(u)``, re-evaluated where ``T(u)`` rounded so far (a sigmoid saturated
+    in float32 and the space clamped ``theta`` inside the bounds) that ``T^{-1}(theta)`` is not ``u``: the
+    density is that of the returned ``theta``, as :meth:`sbiflows.Posterior.log_prob` gives it."""
+    u_back = space.to_unconstrained(theta)
+    moved = ~((u_back - u).abs() <= SATURATED).all(-1)
+    if bool(moved.any()):
+        i, j = moved.nonzero(as_tuple=True)
+        log_q = log_q.clone()
+        log_q[i, j] = net.log_prob_given_context(u_back[i, j], context[j]) - space.log_abs_det_jacobian(u_back[i, j])
+    return log_q
