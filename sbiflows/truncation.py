@@ -150,8 +150,9 @@ class TruncatedPrior(Distribution):
         seed = check_int(seed, "seed")
         self.posterior = posterior
         self.x_o = posterior._single_observation(x_o)[0]  # default_x when None; a clear error if it has none
-        draws = posterior.sample(self.num_threshold_samples, self.x_o, seed=derive_seed(seed, "truncation"))
-        log_q = posterior.log_prob(draws, self.x_o)
+        draws, log_q = posterior.sample_and_log_prob_batched(self.num_threshold_samples, self.x_o[None],
+                                                             seed=derive_seed(seed, "truncation"))
+        draws, log_q = draws[:, 0], log_q[:, 0]  # posterior.sample's draws, with their densities from one pass
         k = max(1, int(self.quantile * len(log_q)))
         self.threshold = float(torch.kthvalue(log_q.double().cpu(), k).values)
         log_w = self._prior.log_prob(draws.to(self._device)).to(log_q.device).double() - log_q.double()
