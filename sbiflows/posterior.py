@@ -38,7 +38,7 @@ from sbiflows.observation_range import (
     warn_if_outside,
 )
 from sbiflows.posterior_file import load
-from sbiflows.posterior_draw import draw_unconstrained, fuses_log_prob
+from sbiflows.posterior_batches import draw_unconstrained, evaluate, fuses_log_prob
 from sbiflows.posterior_map import ascend
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior
@@ -218,12 +218,11 @@ class Posterior:
         self, n: int, xs: Any, *, seed: int | None = None, generator: torch.Generator | None = None,
         normalized: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """:meth:`sample_batched`'s draws ``(n, B, D)`` and their :meth:`log_prob_batched` ``(n, B)``.
+        """:meth:`sample_batched`'s draws ``(n, B, D)`` (the same for the same ``seed`` or generator state) and
+        their :meth:`log_prob_batched` ``(n, B)`` (``normalized`` as there).
 
-        The same draws as :meth:`sample_batched` with the same ``seed`` or generator state. One flow in
-        the unconstrained space returns the densities its inverse pass computed with the draws, at about
-        half the cost of evaluating them afterwards (equal up to float rounding); an ensemble or the
-        truncated space evaluates them afterwards. ``normalized`` is as in :meth:`log_prob_batched`.
+        One flow returns the densities its inverse pass computed with the draws (equal up to float rounding),
+        at about half the cost of evaluating them afterwards; an ensemble evaluates them afterwards.
 
         Example:
             >>> from sbiflows import NPE
@@ -231,26 +230,27 @@ class Posterior:
             >>> theta = prior.sample((200,)); x = theta + 0.1 * torch.randn_like(theta)
             >>> posterior = NPE(prior, transforms=1).fit(theta, x, max_epochs=2, seed=0, progress=False)
             >>> draws, log_q = posterior.sample_and_log_prob_batched(5, x[:3], seed=1)
-            >>> bool(torch.equal(draws, posterior.sample_batched(5, x[:3], seed=1)))
-            True
             >>> bool(torch.allclose(log_q, posterior.log_prob_batched(draws, x[:3]), atol=1e-4))
             True
         """
         n = check_int(n, "n", minimum=1)
         xs = self._observations(xs, "xs")
         generator = self._generator(seed, generator)
-        if self._space.truncated or not fuses_log_prob(self.net):
+        if not fuses_log_prob(self.net):
             draws = self._draw(n, xs, generator)
             return draws, self._evaluate(draws, xs, normalized=normalized)
-        return self._draw(n, xs, generator, log_prob=True)
+        draws, log_q = self._draw(n, xs, generator, log_prob=True)
+        if self._space.truncated and normalized:  # log Z per observation, as log_prob subtracts it
+            log_q = log_q - self._normalizer(self.net, self._space, self.net.context(xs), self.max_batch_elements)
+        return draws, log_q
 
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None, *, log_prob: bool = False) -> Any:
         """``(n, B, D)`` draws for checked observations ``xs`` ``(B, *x_shape)`` (the work of sample and
-        sample_batched); with ``log_prob`` (one flow, unconstrained space) also their log-densities."""
+        sample_batched); with ``log_prob`` (one flow) also their unnormalized log-densities."""
         noise = None if generator is None else SeededNoise(generator, n, self.net.flow.base, self.device)
         if self._space.truncated:
             return draw_posterior(self.net, self._space, n, xs, noise=noise, generator=generator,
-                                  max_rows=self.max_batch_elements, prior=self._prior)
+                                  max_rows=self.max_batch_elements, prior=self._prior, log_prob=log_prob)
         draws, log_q = draw_unconstrained(self.net, self._space, n, xs, dim=self.theta_dim, dtype=self.dtype,
                                           noise=noise, generator=generator, max_rows=self.max_batch_elements,
                                           log_prob=log_prob)
@@ -323,17 +323,8 @@ class Posterior:
 
     def _evaluate(self, theta: Tensor, xs: Tensor, *, normalized: bool = True) -> Tensor:
         """``(n, B)`` log-densities of checked ``theta`` ``(n, B, D)`` given checked ``xs`` (log_prob's work)."""
-        n = theta.shape[0]
-        out = torch.empty(n, len(xs), device=self.device, dtype=self.dtype)
-        obs_step = max(1, self.max_batch_elements // max(n, 1))
-        sample_step = max(1, min(n, self.max_batch_elements))
-        for b in range(0, len(xs), obs_step):
-            context = self.net.context(xs[b : b + obs_step])
-            for i in range(0, n, sample_step):
-                out[i : i + sample_step, b : b + obs_step] = self._log_prob(
-                    theta[i : i + sample_step, b : b + obs_step], context, normalized=normalized
-                )
-        return out
+        return evaluate(lambda t, context: self._log_prob(t, context, normalized=normalized), self.net, theta, xs,
+                        max_rows=self.max_batch_elements, dtype=self.dtype)
 
     def _log_prob(self, theta: Tensor, context: Tensor, *, normalized: bool = True) -> Tensor:
         inside = self._space.inside(theta, boundary=False)

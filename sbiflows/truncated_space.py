@@ -232,13 +232,16 @@ def draw_inside(
 
 
 def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tensor, *, noise: SeededNoise | None,
-                   generator: torch.Generator | None, max_rows: int, prior: Distribution | None = None) -> Tensor:
+                   generator: torch.Generator | None, max_rows: int, prior: Distribution | None = None,
+                   log_prob: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``n`` draws of a posterior network inside the support for each observation ``xs``: ``(n, B, D)``.
 
     :func:`draw_inside` with the network's draws as candidates: from ``noise`` (the seeded stream of
     :meth:`sbiflows.Posterior.sample`, continued past ``n``) or else from ``generator``. With a
     ``prior``, an observation whose acceptance is too low falls back to :func:`sir_from_prior` (seeded
-    from ``noise`` or ``generator``); without one it raises :class:`LeakageError`.
+    from ``noise`` or ``generator``); without one it raises :class:`LeakageError`. With ``log_prob`` (a
+    network with ``sample_and_log_prob_from_base``) also the draws' unnormalized ``log q`` ``(n, B)``, from
+    the pass that drew each candidate (the fallback's draws are evaluated); the draws are the same.
     """
     step = max(1, max_rows // n)  # observations per chunk, as the unconstrained path chunks them
     chunks = []
@@ -246,6 +249,11 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
         context = net.context(xs[b : b + step])
 
         def propose(start: int, m: int, active: Tensor, context: Tensor = context, b: int = b) -> Tensor:
+            if log_prob:  # log q rides along as a last column (the base draw of sample_given_context)
+                eps = (net.flow.base.sample((m, len(active)), generator=generator) if noise is None
+                       else noise.rows(start, m, (b + active).tolist()))
+                theta, log_q = net.sample_and_log_prob_from_base(eps, context[active])
+                return torch.cat([theta, log_q[..., None]], -1)
             if noise is None:
                 return net.sample_given_context(m, context[active], generator=generator)
             return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
@@ -259,13 +267,18 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
                     seed = int(torch.randint(2**62, (1,), generator=generator,
                                              device=None if generator is None else generator.device))
                 c = context[i]
-                draws.append(sir_from_prior(lambda t, c=c: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
-                                            prior, m, seed=seed, max_rows=max_rows, device=c.device))
+                theta = sir_from_prior(lambda t, c=c: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
+                                       prior, m, seed=seed, max_rows=max_rows, device=c.device)
+                if log_prob:
+                    theta = torch.cat([theta, net.log_prob_given_context(theta, c.expand(m, *c.shape))[:, None]], -1)
+                draws.append(theta)
             return torch.stack(draws, 1)
 
-        chunks.append(draw_inside(propose, space.inside, n, len(context), max_rows=max_rows, device=context.device,
+        inside = (lambda t: space.inside(t[..., :-1])) if log_prob else space.inside
+        chunks.append(draw_inside(propose, inside, n, len(context), max_rows=max_rows, device=context.device,
                                   fallback=None if prior is None else fallback, first=b))
-    return torch.cat(chunks, 1)
+    out = torch.cat(chunks, 1)
+    return (out[..., :-1], out[..., -1]) if log_prob else out
 
 
 def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: int, *, seed: int, max_rows: int,

@@ -1,21 +1,24 @@
-"""Posterior draws in the unconstrained space, optionally with their log-densities from the same pass.
+"""Chunked draws and densities of a posterior network: draws in the unconstrained space, optionally with
+their log-densities from the same pass, and batched evaluation.
 
 A flow's inverse pass already computes the log-determinant that ``log q`` of its draws needs, so a
 single flow can return draws and densities for the cost of the draws alone; evaluating the draws
 afterwards costs a second pass through every layer. HPD ranks (:func:`sbiflows.diagnostics.expected_coverage`,
 :func:`sbiflows.ensemble.auto_check`) need both. :meth:`sbiflows.Posterior.sample_and_log_prob_batched`
-is the public door; this module holds the chunked loop that :meth:`sbiflows.Posterior.sample_batched`
-shares.
+is the public door; this module holds the chunked loops behind it, :meth:`sbiflows.Posterior.sample_batched`
+and :meth:`sbiflows.Posterior.log_prob_batched`. Chunks hold at most ``max_rows`` rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from sbiflows.seeding import SeededNoise
 
-__all__ = ["SATURATED", "draw_unconstrained", "fuses_log_prob"]
+__all__ = ["SATURATED", "draw_unconstrained", "evaluate", "fuses_log_prob"]
 
 #: How far ``T^{-1}(T(u))`` may round from ``u`` before a draw's density is evaluated again at the
 #: returned ``theta`` (float32 sigmoids lose ``u`` only near saturation, ``|u|`` above about 9).
@@ -93,3 +96,19 @@ def _at_returned_draws(net: torch.nn.Module, space: object, u: Tensor, theta: Te
         log_q = log_q.clone()
         log_q[i, j] = net.log_prob_given_context(u_back[i, j], context[j]) - space.log_abs_det_jacobian(u_back[i, j])
     return log_q
+
+
+def evaluate(log_prob: Callable[[Tensor, Tensor], Tensor], net: torch.nn.Module, theta: Tensor, xs: Tensor, *,
+             max_rows: int, dtype: torch.dtype) -> Tensor:
+    """``(n, B)`` values of ``log_prob(theta_chunk, context_chunk)`` for ``theta`` ``(n, B, D)`` and observations
+    ``xs`` ``(B, *x_shape)``, their contexts computed once per chunk of observations (``net.context``)."""
+    n = theta.shape[0]
+    out = torch.empty(n, len(xs), device=xs.device, dtype=dtype)
+    obs_step = max(1, max_rows // max(n, 1))
+    sample_step = max(1, min(n, max_rows))
+    for b in range(0, len(xs), obs_step):
+        context = net.context(xs[b : b + obs_step])
+        for i in range(0, n, sample_step):
+            rows = slice(i, i + sample_step), slice(b, b + obs_step)
+            out[rows] = log_prob(theta[rows], context)
+    return out
