@@ -220,13 +220,10 @@ def coverage_rows(path: str) -> list[str]:
     return rows
 
 
-def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
-    """Rows for ``benchmark_snapshot_mixture.py`` records (several files merged; the last of duplicates kept):
-    the single flow against the mixture of ``setting``, per task, budget and seed, with the auto check (from
-    any record of that run, ``--check-only`` ones too) and what ``ensemble="auto-snapshots"`` returns: the
-    mixture where the check fails, else the flow. Each cell: worst z; mean C2ST; held-out NLL."""
-    records = {}
-    checks = {}
+def _snapshot_records(paths: list[str]) -> tuple[dict, dict]:
+    """``benchmark_snapshot_mixture.py`` records by (task, simulations, seed, setting), and the auto checks by
+    (task, simulations, seed) from any record of a run (``--check-only`` ones too); the last duplicate wins."""
+    records, checks = {}, {}
     for path in paths:
         for r in _records(path):
             run = r["task"], r["simulations"], r["seed"]
@@ -234,6 +231,56 @@ def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.
                 checks[run] = r["auto_check"]
             if "worst_z" in r and "c2st" in r:
                 records[(*run, r["setting"])] = r
+    return records, checks
+
+
+def snapshot_task_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
+    """Per task and budget, over the seeds with a single flow, a mixture and a check: how many runs fail the
+    coverage target (worst z below -3) with one flow, the mixture and ``ensemble="auto-snapshots"``; on how
+    many the check fires; auto-snapshots' mean C2ST change against the flow (paired over seeds, standard
+    error); and the check's median CPU seconds.
+
+    Example:
+        >>> import json, tempfile
+        >>> def record(seed, setting, z, c2st):
+        ...     return {"task": "slcp", "simulations": 10000, "seed": seed, "setting": setting, "worst_z": z,
+        ...             "c2st": {"1": c2st}, "auto_check": {"over_confident": seed == 0, "worst_z": -9.0 + 7 * seed},
+        ...             "check_cpu_seconds": 2.0}
+        >>> lines = [record(0, "defaults", -6.0, 0.86), record(0, "snapshots gap_fraction=0.4", -0.4, 0.87),
+        ...          record(1, "defaults", -1.0, 0.85), record(1, "snapshots gap_fraction=0.4", 0.5, 0.88)]
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write("\\n".join(json.dumps(r) for r in lines))
+        >>> snapshot_task_rows([f.name])[-1]
+        '| slcp | 10,000 | 0, 1 | 1 of 2 | 0 of 2 | 0 of 2 | 1 of 2 | +0.005 (0.005) | 2.0 |'
+    """
+    records, checks = _snapshot_records(paths)
+    runs = defaultdict(list)
+    for task, simulations, seed, name in sorted(records, key=str):
+        mixed, check = records.get((task, simulations, seed, setting)), checks.get((task, simulations, seed))
+        if name == "defaults" and mixed is not None and check is not None:
+            one = records[(task, simulations, seed, name)]
+            runs[task, simulations].append((seed, one, mixed, check, mixed if check["over_confident"] else one))
+    rows = ["| task | simulations | seeds | one flow fails | mixture fails | auto-snapshots fails | check fires "
+            "| auto-snapshots C2ST change (SE) | check CPU s (median) |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations), group in sorted(runs.items()):
+        def fails(index: int) -> str:
+            return f"{sum(run[index]['worst_z'] < -3 for run in group)} of {len(group)}"
+
+        change = difference_text(*paired([_mean(run[4]["c2st"]) for run in group], [_mean(run[1]["c2st"]) for run in group]))
+        cpu = [run[1]["check_cpu_seconds"] for run in group if "check_cpu_seconds" in run[1]]
+        rows.append(f"| {task} | {simulations:,} | {', '.join(str(run[0]) for run in group)} | {fails(1)} | {fails(2)} "
+                    f"| {fails(4)} | {sum(run[3]['over_confident'] for run in group)} of {len(group)} | {change} "
+                    f"| {f'{statistics.median(cpu):.1f}' if cpu else '-'} |")
+    return rows
+
+
+def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
+    """Rows for ``benchmark_snapshot_mixture.py`` records (several files merged; the last of duplicates kept):
+    the single flow against the mixture of ``setting``, per task, budget and seed, with the auto check (from
+    any record of that run, ``--check-only`` ones too) and what ``ensemble="auto-snapshots"`` returns: the
+    mixture where the check fails, else the flow. Each cell: worst z; mean C2ST; held-out NLL."""
+    records, checks = _snapshot_records(paths)
 
     def cell(r: dict, *, nll: bool = True) -> str:
         return f"{r['worst_z']:+.2f}; {_mean(r['c2st']):.3f}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
@@ -419,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "tsnpe-regions":
         rows = tsnpe_region_rows([args.path, *args.more])
     elif args.kind == "snapshots":
-        rows = snapshot_rows([args.path, *args.more])
+        rows = [*snapshot_rows([args.path, *args.more]), "", *snapshot_task_rows([args.path, *args.more])]
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":

@@ -110,6 +110,9 @@ def test_snapshot_summary_merges_check_only_records_and_reads_off_auto_snapshots
                        "-1.20 (passes) | -2.50; 0.560 |")
     assert rows[3] == ("| slcp | 10,000 | 0 | -6.00; 0.860; 1.000 | 15, 44, 73 | -0.40; 0.870; 1.000 | +0.010 | "
                        "-9.90 (fires) | -0.40; 0.870 |")
+    tasks = load_example("summarize_benchmarks").snapshot_task_rows([str(scores), str(checks)])
+    assert tasks[2:] == ["| sir | 10,000 | 0 | 0 of 1 | 0 of 1 | 0 of 1 | 0 of 1 | +0.000 (-) | - |",
+                         "| slcp | 10,000 | 0 | 1 of 1 | 0 of 1 | 0 of 1 | 1 of 1 | +0.010 (-) | - |"]
 
 
 def test_bounded_summary_pairs_the_truncated_space_with_sbi_by_seed(tmp_path):
