@@ -241,7 +241,9 @@ class Posterior:
             return draws, self._evaluate(draws, xs, normalized=normalized)
         draws, log_q = self._draw(n, xs, generator, log_prob=True)
         if self._space.truncated and normalized:  # log Z per observation, as log_prob subtracts it
-            log_q = log_q - self._normalizer(self.net, self._space, self.net.context(xs), self.max_batch_elements)
+            step = max(1, self.max_batch_elements // n)  # observations per chunk, as the draws were chunked
+            log_q = log_q - torch.cat([self._normalizer(self.net, self._space, self.net.context(xs[b : b + step]),
+                                                        self.max_batch_elements) for b in range(0, len(xs), step)])
         return draws, log_q
 
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None, *, log_prob: bool = False) -> Any:

@@ -121,9 +121,10 @@ class TwoPasses:
         return self.posterior.log_prob(theta, x)
 
 
-def test_coverage_and_the_auto_check_rank_as_with_two_passes(posteriors):
+@pytest.mark.parametrize("name", ["box", "truncated"])
+def test_coverage_and_the_auto_check_rank_as_with_two_passes(posteriors, name):
     """The fused densities change HPD ranks only where a draw and the truth tie to float32 rounding."""
-    posterior = posteriors["box"]
+    posterior = posteriors[name]
     theta, x = rows(300, seed=5)
     fused = expected_coverage(posterior, theta=theta, x=x, num_posterior_samples=200, seed=2)
     two = expected_coverage(TwoPasses(posterior), theta=theta, x=x, num_posterior_samples=200, seed=2)
@@ -132,3 +133,26 @@ def test_coverage_and_the_auto_check_rank_as_with_two_passes(posteriors):
     check, check_two = auto_check(posterior, theta, x, seed=3), auto_check(TwoPasses(posterior), theta, x, seed=3)
     assert (check.hpd_ranks - check_two.hpd_ranks).abs().max() <= 1 / 101 + 1e-12
     assert check.passed == check_two.passed
+
+
+def test_the_truncated_normalizer_embeds_observations_in_chunks_of_max_batch_elements(posteriors):
+    posterior = posteriors["truncated"].copy()
+    posterior.max_batch_elements = 1000  # 100 draws: 10 observations per chunk
+    sizes = []
+    context = posterior.net.context
+    posterior.net.context = lambda x: sizes.append(len(x)) or context(x)
+    xs = rows(45, seed=6)[1]
+    draws, log_q = posterior.sample_and_log_prob_batched(100, xs, seed=0)
+    assert max(sizes) <= 10
+    torch.testing.assert_close(log_q, posterior.log_prob_batched(draws, xs), atol=1e-4, rtol=1e-4)
+
+
+def test_coverage_refuses_fused_densities_of_the_wrong_shape():
+    class Wrong(TwoPasses):
+        def sample_and_log_prob_batched(self, n, xs):
+            draws = self.posterior.sample_batched(n, xs)
+            return draws, torch.zeros(n)  # (n,) instead of (n, B)
+
+    theta, x = rows(120, seed=7)
+    with pytest.raises(ValueError, match=r"log-probabilities of shape \(100, 120\), got \(100,\)"):
+        expected_coverage(Wrong(fit(BOX, space="unconstrained")), theta=theta, x=x, num_posterior_samples=100)

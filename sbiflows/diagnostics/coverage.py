@@ -184,6 +184,9 @@ def expected_coverage(
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
         )
+    if log_q_draws is None:  # a posterior without sample_and_log_prob_batched: evaluate the draws
+        log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size,
+                                       progress="coverage densities" if progress else None)  # (L, N)
     log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size)  # (1, N)
     hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
     empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)

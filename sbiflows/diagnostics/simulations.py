@@ -210,22 +210,26 @@ def posterior_draws(
 
 def draws_and_log_prob(
     posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None, progress: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """:func:`posterior_draws` and their :func:`batched_log_prob`: ``(num_samples, B, D)`` and ``(num_samples, B)``.
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`posterior_draws`, with their densities ``(num_samples, B)`` where the posterior gives them in the same call.
 
-    A posterior with ``sample_and_log_prob_batched`` (:class:`sbiflows.Posterior`) gives both in one call
-    per chunk: one pass through a single flow instead of two. Others are sampled, then evaluated.
+    A posterior with ``sample_and_log_prob_batched`` (:class:`sbiflows.Posterior`) returns both, chunk by chunk:
+    one pass through a single flow instead of two. For others the densities are None: evaluate the draws
+    with :func:`batched_log_prob`.
     """
     fused = getattr(posterior, "sample_and_log_prob_batched", None)
     if not callable(fused):
-        draws = posterior_draws(posterior, num_samples, xs, batch_size=batch_size, progress=progress)
-        return draws, batched_log_prob(posterior, draws, xs, batch_size=batch_size)
+        return posterior_draws(posterior, num_samples, xs, batch_size=batch_size, progress=progress), None
     check_int(batch_size, "batch_size", minimum=1, optional=True)
     draws, log_q = [], []
     for part in _chunks(xs.shape[0], batch_size, progress):
         with observations_unchecked():
             chunk_draws, chunk_log_q = fused(num_samples, xs[part])
         draws.append(_checked_draws(chunk_draws, num_samples, xs[part], "sample_and_log_prob_batched"))
+        if not isinstance(chunk_log_q, Tensor) or chunk_log_q.shape != draws[-1].shape[:2]:
+            got = tuple(chunk_log_q.shape) if isinstance(chunk_log_q, Tensor) else type(chunk_log_q).__name__
+            raise ValueError(f"posterior.sample_and_log_prob_batched({num_samples}, xs) must return log-probabilities "
+                             f"of shape {tuple(draws[-1].shape[:2])}, got {got}")
         log_q.append(chunk_log_q.detach())
     return _finite(torch.cat(draws, dim=1), "sample_and_log_prob_batched"), torch.cat(log_q, dim=1)
 
