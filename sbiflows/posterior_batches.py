@@ -11,14 +11,14 @@ and :meth:`sbiflows.Posterior.log_prob_batched`. Chunks hold at most ``max_rows`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sbiflows.seeding import SeededNoise
 
-__all__ = ["SATURATED", "draw_unconstrained", "evaluate", "fuses_log_prob"]
+__all__ = ["SATURATED", "base_noise", "draw_unconstrained", "evaluate", "fuses_log_prob"]
 
 #: How far ``T^{-1}(T(u))`` may round from ``u`` before a draw's density is evaluated again at the
 #: returned ``theta`` (float32 sigmoids lose ``u`` only near saturation, ``|u|`` above about 9).
@@ -29,6 +29,16 @@ def fuses_log_prob(net: torch.nn.Module) -> bool:
     """Whether ``net`` returns draws and their log-densities in one pass (one flow; an ensemble's
     mixture density needs every member's, so it evaluates its draws afterwards)."""
     return callable(getattr(net, "sample_and_log_prob_from_base", None))
+
+
+def base_noise(net: torch.nn.Module, noise: SeededNoise | None, generator: torch.Generator | None, start: int, m: int,
+               observations: Sequence[int]) -> Tensor:
+    """Base draws ``(m, len(observations), ...)`` for rows ``[start, start + m)`` of the given observations: from
+    the seeded blocks of ``noise``, or else from ``generator`` (None: torch's global one) as
+    ``net.sample_given_context`` draws them."""
+    if noise is None:
+        return net.flow.base.sample((m, len(observations)), generator=generator)
+    return noise.rows(start, m, observations)
 
 
 def draw_unconstrained(net: torch.nn.Module, space: object, n: int, xs: Tensor, *, dim: int, dtype: torch.dtype,
@@ -66,17 +76,10 @@ def draw_unconstrained(net: torch.nn.Module, space: object, n: int, xs: Tensor, 
         for i in range(0, n, sample_step):
             m = min(sample_step, n - i)
             rows = slice(i, i + m), slice(b, b + obs_step)
+            eps = base_noise(net, noise, generator, i, m, range(b, b + len(context)))
             if not log_prob:
-                if noise is None:
-                    u = net.sample_given_context(m, context, generator=generator)
-                else:
-                    u = net.sample_from_base(noise.rows(i, m, range(b, b + len(context))), context)
-                out[rows] = space.to_constrained(u)
+                out[rows] = space.to_constrained(net.sample_from_base(eps, context))
                 continue
-            if noise is None:  # the base draw of net.sample_given_context, from the same generator
-                eps = net.flow.base.sample((m, len(context)), generator=generator)
-            else:
-                eps = noise.rows(i, m, range(b, b + len(context)))
             u, log_q = net.sample_and_log_prob_from_base(eps, context)
             theta = space.to_constrained(u)
             out[rows] = theta

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_choice
+from sbiflows.posterior_batches import base_noise
 from sbiflows.priors import sample_seeded
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.unconstrained import Unconstrained
@@ -249,14 +250,11 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
         context = net.context(xs[b : b + step])
 
         def propose(start: int, m: int, active: Tensor, context: Tensor = context, b: int = b) -> Tensor:
-            if log_prob:  # log q rides along as a last column (the base draw of sample_given_context)
-                eps = (net.flow.base.sample((m, len(active)), generator=generator) if noise is None
-                       else noise.rows(start, m, (b + active).tolist()))
-                theta, log_q = net.sample_and_log_prob_from_base(eps, context[active])
-                return torch.cat([theta, log_q[..., None]], -1)
-            if noise is None:
-                return net.sample_given_context(m, context[active], generator=generator)
-            return net.sample_from_base(noise.rows(start, m, (b + active).tolist()), context[active])
+            eps = base_noise(net, noise, generator, start, m, (b + active).tolist())
+            if not log_prob:
+                return net.sample_from_base(eps, context[active])
+            theta, log_q = net.sample_and_log_prob_from_base(eps, context[active])
+            return torch.cat([theta, log_q[..., None]], -1)  # log q rides along as a last column
 
         def fallback(m: int, starving: Tensor, context: Tensor = context, b: int = b) -> Tensor:
             draws = []
