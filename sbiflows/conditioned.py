@@ -133,7 +133,7 @@ class ConditionedPosterior(TorchDistribution):
             return post.net.sample_from_base(noise.rows(start, m, range(1)), context)
 
         if post._space.truncated:  # the flow's draws inside the support (rejection), as Posterior.sample
-            u = draw_inside(propose, post._space.inside, n, 1, max_rows=max(n, post.max_batch_elements),
+            u = draw_inside(propose, post._space.inside, n, 1, max_rows=max(n, post.chunk_rows),
                             device=post.device)
         else:
             u = propose(0, n, torch.zeros(1, dtype=torch.long))

@@ -118,7 +118,8 @@ class NPE:
         space: Where the flow models theta: ``"unconstrained"`` (``u = T^{-1}(theta)``), ``"truncated"`` (theta
             restricted to the support; :mod:`sbiflows.truncated_space`) or ``"auto"`` (default): truncated for
             a box prior, unconstrained otherwise (the attribute ``space`` holds the resolved name).
-        max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound).
+        max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound);
+            None (default): the device's size (:func:`~sbiflows.posterior_batches.resolve_chunk_rows`).
         device: Where to train; default: the device of the prior's samples.
 
     Attributes:
@@ -161,7 +162,7 @@ class NPE:
         balancing: float = 0.0,
         coverage_penalty: float = 0.0,
         space: str = "auto",
-        max_batch_elements: int = 2**17,
+        max_batch_elements: int | None = None,
         device: torch.device | str | None = None,
     ):
         self.ensemble = check_ensemble(ensemble)
@@ -176,7 +177,8 @@ class NPE:
             activation=activation, transforms=transforms, hidden_features=hidden_features, mixing=mixing,
         )
         self.estimator, self.mixing, self.activation, self.embedding_net = estimator, mixing, activation, embedding_net
-        self.max_batch_elements = max_batch_elements
+        self.max_batch_elements = None if max_batch_elements is None else check_int(
+            max_batch_elements, "max_batch_elements", minimum=1)
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None

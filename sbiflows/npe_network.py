@@ -225,7 +225,7 @@ def network_config(
 
 def partial_posterior(
     net: PosteriorNet | EnsembleNet, prior: Distribution, config: dict, history: TrainingHistory,
-    error: BaseException, *, of: int, max_batch_elements: int,
+    error: BaseException, *, of: int, max_batch_elements: int | None,
 ) -> Posterior | None:
     """The posterior of the trained weights of a fit that raised after some epochs (``NPE.partial_posterior``),
     or None if even that fails; a note on ``error`` says where they are. ``of``: the members the fit trains."""

@@ -18,11 +18,35 @@ from torch import Tensor
 
 from sbiflows.seeding import SeededNoise
 
-__all__ = ["SATURATED", "base_noise", "draw_unconstrained", "evaluate", "fuses_log_prob"]
+__all__ = ["ACCELERATOR_CHUNK_ROWS", "CPU_CHUNK_ROWS", "SATURATED", "base_noise", "draw_unconstrained", "evaluate",
+           "fuses_log_prob", "resolve_chunk_rows"]
 
 #: How far ``T^{-1}(T(u))`` may round from ``u`` before a draw's density is evaluated again at the
 #: returned ``theta`` (float32 sigmoids lose ``u`` only near saturation, ``|u|`` above about 9).
 SATURATED = 1e-3
+
+#: Rows per chunk when a posterior's ``max_batch_elements`` is None (:func:`resolve_chunk_rows`). On a CPU,
+#: chunks of 2**14 rows keep a flow layer's intermediate tensors (a spline's knot table is 27 floats per feature) in
+#: cache: 2**17-row chunks, the fixed default before, drew and evaluated 1.3-2.7 times slower on one core
+#: (``docs/benchmarks.md``, "Chunks that fit the cache"). On an accelerator large chunks keep it busy.
+CPU_CHUNK_ROWS = 2**14
+ACCELERATOR_CHUNK_ROWS = 2**17
+
+
+def resolve_chunk_rows(max_batch_elements: int | None, device: torch.device | str) -> int:
+    """Rows per chunk of batched draws and evaluations: ``max_batch_elements``, or if None
+    :data:`CPU_CHUNK_ROWS` on a CPU and :data:`ACCELERATOR_CHUNK_ROWS` elsewhere.
+
+    Seeded draws do not depend on the chunk (see :class:`sbiflows.seeding.SeededNoise`); draws from a
+    generator or torch's global one follow the chunks.
+
+    Example:
+        >>> resolve_chunk_rows(None, "cpu"), resolve_chunk_rows(None, "cuda:0"), resolve_chunk_rows(500, "cpu")
+        (16384, 131072, 500)
+    """
+    if max_batch_elements is not None:
+        return max_batch_elements
+    return CPU_CHUNK_ROWS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ROWS
 
 
 def fuses_log_prob(net: torch.nn.Module) -> bool:

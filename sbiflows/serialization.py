@@ -220,10 +220,19 @@ def read(
         dtype = torch.float64 if default_x.get("dtype") == "torch.float64" else _DTYPES[config["dtype"]]
         default_x = torch.tensor(default_x["values"], dtype=dtype, device=torch.device(map_location))
     return {"net": net.to(torch.device(map_location)), "prior": prior, "config": post_config, "history": history,
-            "max_batch_elements": config["max_batch_elements"], "default_x": default_x}
+            "max_batch_elements": _chunk(config["max_batch_elements"]), "default_x": default_x}
 
 
 # ------------------------------------------------------------------------------------ internals
+#: What every file saved before the device-dependent chunk recorded as ``max_batch_elements``: the fixed
+#: default of then, not a choice, so it loads as None (the device's size).
+LEGACY_DEFAULT_CHUNK = 2**17
+
+
+def _chunk(saved: int | None) -> int | None:
+    return None if saved == LEGACY_DEFAULT_CHUNK else saved
+
+
 def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
     if not isinstance(blob, dict):
         raise ValueError(f"{path} is not an sbiflows posterior file (top level is {type(blob).__name__})")

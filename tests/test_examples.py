@@ -343,3 +343,14 @@ def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, mon
     assert all(epoch <= best - 5 * lag for lag, (epoch, _) in enumerate(reversed(chosen)))
     for net, (_, state) in zip(mixed.net.members, chosen):
         assert all(torch.equal(value, state[key]) for key, value in net.state_dict().items())
+
+
+def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monkeypatch):
+    """benchmark_chunks.py: the chunk size changes the time of batched draws, not what they are."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    record = load_example("benchmark_chunks").chunk_cost("two_moons", 1000, [2**17, 700], repeats=1)
+    assert record["rows"] == 100 and record["space"] == "truncated"
+    for job in ("check", "coverage", "sample", "log_prob"):
+        assert record[f"{job}_131072_cpu_ratio"] == 1.0 and record[f"{job}_700_cpu_seconds"] > 0
+    for job in ("check", "sample", "log_prob"):  # seeded: the same noise; rounding of other batch sizes only
+        assert record[f"{job}_700_max_difference"] < 1e-3

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Uniform
 
-from sbiflows import NPE
+from sbiflows import NPE, load
 from sbiflows.diagnostics import expected_coverage
 from sbiflows.ensemble import auto_check
+from sbiflows.posterior_batches import CPU_CHUNK_ROWS
 
 
 def rows(n: int, seed: int = 0):
@@ -156,3 +157,28 @@ def test_coverage_refuses_fused_densities_of_the_wrong_shape():
     theta, x = rows(120, seed=7)
     with pytest.raises(ValueError, match=r"log-probabilities of shape \(100, 120\), got \(100,\)"):
         expected_coverage(Wrong(fit(BOX, space="unconstrained")), theta=theta, x=x, num_posterior_samples=100)
+
+
+# ------------------------------------------------------------------------------------ chunk size
+@pytest.mark.parametrize("name", ["box", "truncated"])
+def test_the_default_chunk_suits_the_device_and_seeded_results_do_not_depend_on_it(posteriors, name, tmp_path):
+    posterior = posteriors[name].copy()
+    assert posterior.max_batch_elements is None and posterior.chunk_rows == CPU_CHUNK_ROWS
+    draws, log_q = posterior.sample_and_log_prob_batched(3000, XS, seed=2)  # 9,000 rows: one chunk
+    posterior.max_batch_elements = 700
+    assert posterior.chunk_rows == 700
+    small_draws, small_log_q = posterior.sample_and_log_prob_batched(3000, XS, seed=2)  # 13 chunks
+    torch.testing.assert_close(small_draws, draws)
+    torch.testing.assert_close(small_log_q, log_q)
+    # a file of the old fixed default (2**17, what every earlier save recorded) loads with the device's size;
+    # any other value is the user's and is kept
+    for saved, loaded in ((2**17, None), (700, 700)):
+        posterior.max_batch_elements = saved
+        posterior.save(tmp_path / "post.pt")
+        assert load(tmp_path / "post.pt").max_batch_elements == loaded
+
+
+def test_bad_chunk_sizes_are_refused_before_training():
+    for bad, error in ((0, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="max_batch_elements"):
+            NPE(BOX, max_batch_elements=bad)
