@@ -44,7 +44,7 @@ def chunk_cost(task_name: str, simulations: int, chunks: list[int], *, repeats: 
     """Median CPU and wall seconds of each job at each chunk size, and the results' largest differences."""
     task = simulators.get(task_name)
     sims = simulate_from_prior(task.simulate, task.prior, simulations, seed=seed, progress=False)
-    npe = NPE(task.prior)
+    npe = NPE(task.prior, ensemble=1)  # one flow (the default mixes snapshots where its check fails)
     posterior = npe.fit(sims.theta[sims.valid], sims.x[sims.valid], max_epochs=epochs, seed=seed, progress=False)
     theta, x = npe.theta[npe.validation], npe.x[npe.validation]
     jobs = {

@@ -59,11 +59,11 @@ def main() -> None:
           f"{args.coverage_datasets} coverage datasets")
     print("| seed | configuration | mean C2ST | coverage at 50% | at 90% | coverage verdict | training CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    configurations = {"one flow": {}}
+    configurations = {"one flow": {"ensemble": 1}}
     if args.ensemble > 1:
         configurations[f"{args.ensemble} flows"] = {"ensemble": args.ensemble}
     if args.balancing is not None:
-        configurations[f"balanced ({args.balancing:g})"] = {"balancing": args.balancing}
+        configurations[f"balanced ({args.balancing:g})"] = {"balancing": args.balancing, "ensemble": 1}
     rows = {name: [] for name in configurations}
     for seed in args.seeds:
         sims = simulate_from_prior(task.simulate, task.prior, args.simulations, seed=seed, progress=False)

@@ -39,7 +39,7 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Cal
     ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage`, what training uses) or
     ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step.
     """
-    net = NPE(prior).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
+    net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
     params = list(net.parameters())
     options = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.Adam(params, lr=1e-5, **options)

@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "unconstrained otherwise), truncated (theta itself, restricted to the support by rejection, "
                      "as sbi does) or unconstrained (mapped onto the real line: samples never leave the support, "
                      "exact densities)")
-    fit.add_argument("--ensemble", type=_ensemble, default=1, metavar="K",
+    fit.add_argument("--ensemble", type=_ensemble, default=None, metavar="K",
                      help="train K flows with different seeds and use their equal-weight mixture (trained together "
                      "in one vectorized pass; wider, less over-confident posteriors; with --rounds, in every round, and each "
                      "region is the mixture's); auto: one flow, and three when that flow is over-confident on its "
                      "own held-out validation rows; snapshots: one flow, mixed with two earlier snapshots of its "
-                     "own training (no extra training); auto-snapshots: that mixture only where the flow fails "
-                     "auto's check")
+                     "own training (no extra training); auto-snapshots (default; 1 with --rounds): that mixture only "
+                     "where the flow fails auto's check")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "

@@ -33,7 +33,7 @@ from sbiflows.estimator import PosteriorNet
 from sbiflows.seeding import derive_seed
 
 __all__ = [
-    "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "AUTO_SIGMAS", "ENSEMBLE_CHOICES", "EnsembleBase", "EnsembleNet",
+    "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "AUTO_SIGMAS", "DEFAULT_ENSEMBLE", "ENSEMBLE_CHOICES", "EnsembleBase", "EnsembleNet",
     "auto_check", "auto_summary", "check_ensemble", "member_seed", "members_of", "mixture",
 ]
 
@@ -171,6 +171,10 @@ def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
 
 #: The string choices of ``NPE(ensemble=...)`` besides an int (:mod:`sbiflows.snapshots` for the last two).
 ENSEMBLE_CHOICES = ("auto", "snapshots", "auto-snapshots")
+#: :class:`~sbiflows.NPE`'s default ``ensemble``: one flow, mixed with two earlier snapshots of its own training
+#: only where it is over-confident on its validation rows (``docs/benchmarks.md``, "Snapshot mixtures on the ten
+#: tasks"). :class:`~sbiflows.TSNPE`'s rounds keep one flow.
+DEFAULT_ENSEMBLE = "auto-snapshots"
 
 
 def check_ensemble(ensemble: object) -> int | str:

@@ -32,7 +32,7 @@ from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_int, check_real
 from sbiflows.ensemble_training import train_members
 from sbiflows.ensemble import (
-    AUTO_MEMBERS, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
+    AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
 )
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
@@ -96,8 +96,9 @@ class NPE:
             ``"auto"`` (default): a learned linear summary for ``x`` with many values per parameter, none
             otherwise (:func:`~sbiflows.embeddings.auto_embedding`, decided at the first ``fit``); None: no
             embedding (``x`` goes to every flow layer as it is, structured ``x`` flattened).
-        ensemble: Train this many flows on the same rows with different seeds (weights, validation split,
-            minibatch order) and return their equal-weight mixture (:mod:`sbiflows.ensemble`); 1 (default).
+        ensemble: ``"auto-snapshots"`` (default, below), or train this many flows on the same rows with
+            different seeds (weights, validation split, minibatch order) and return their equal-weight
+            mixture (:mod:`sbiflows.ensemble`); 1: one flow.
             The flows step together, one vectorized pass per minibatch, unless a custom objective
             (``balancing``, ``coverage_penalty``) or the network rules it out
             (:mod:`sbiflows.ensemble_training`); either way each trains as it would alone.
@@ -106,8 +107,9 @@ class NPE:
             ``"snapshots"``: one flow trained as the default is, and the mixture of its best weights with
             two earlier snapshots of its own training (:mod:`sbiflows.snapshots`; their epochs are in the
             posterior's ``config["snapshot_epochs"]``): no extra training, three flows per density.
-            ``"auto-snapshots"``: that mixture only where the flow fails ``"auto"``'s check, else the flow
-            (the first fit decides; the check is in :attr:`auto_coverage`).
+            ``"auto-snapshots"`` (:data:`~sbiflows.ensemble.DEFAULT_ENSEMBLE`): that mixture only where the
+            flow fails ``"auto"``'s check, else the flow (the first fit decides; the check is in
+            :attr:`auto_coverage`). One flow trains either way.
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
@@ -158,7 +160,7 @@ class NPE:
         bound: float | None = None,
         mixing: str = "none",
         embedding_net: nn.Module | str | None = "auto",
-        ensemble: int | str = 1,
+        ensemble: int | str = DEFAULT_ENSEMBLE,
         balancing: float = 0.0,
         coverage_penalty: float = 0.0,
         space: str = "auto",

@@ -27,7 +27,7 @@ from sbiflows import diagnostics, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_choice
-from sbiflows.ensemble import check_ensemble
+from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
@@ -98,7 +98,7 @@ class Job:
     transformer: str | None = None
     bins: int | None = None
     mixing: str = "none"
-    ensemble: int | str = 1  # "auto" or "snapshots": NPE's ensemble="auto" / "snapshots"
+    ensemble: int | str | None = None  # None: NPE's default (one flow per round when rounds > 1); else as NPE's
     balancing: float = 0.0  # weight of balanced NPE's penalty; 0 = plain NPE
     coverage_penalty: float = 0.0  # weight of calibrated NPE's coverage penalty; 0 = plain NPE
     space: str = "auto"  # resolved on construction: "truncated" for a box prior, else "unconstrained"
@@ -135,6 +135,8 @@ class Job:
         check_mixing(self.estimator, self.mixing)
         self.balancing = check_real(self.balancing, "balancing", low=0)
         self.coverage_penalty = check_real(self.coverage_penalty, "coverage_penalty", low=0)
+        if self.ensemble is None:
+            self.ensemble = 1 if self.rounds > 1 else DEFAULT_ENSEMBLE  # as NPE and TSNPE default
         self.ensemble = check_ensemble(self.ensemble)
         if self.rounds > 1:
             check_sequential_options(self.estimator_options)

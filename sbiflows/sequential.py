@@ -85,7 +85,8 @@ class TSNPE:
     Args:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...) except
-            ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). With ``ensemble=K``
+            ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). ``ensemble`` defaults to
+            1 here (one flow per round; NPE's default ``"auto-snapshots"`` widened regions). With ``ensemble=K``
             every round trains K flows and each region is their mixture's (wider where the flows
             disagree, so less prone to cutting off posterior mass; docs/sequential.md). The flow
             defaults to
@@ -116,8 +117,11 @@ class TSNPE:
     def __init__(self, prior: Distribution, **npe_options: Any):
         check_sequential_options(npe_options)
         self.prior = prior
+        # rounds keep one flow unless told otherwise: NPE's default mixes snapshots where a flow is
+        # over-confident, and per round that kept regions too wide (docs/benchmarks.md, "slcp at 1,000:
+        # snapshot mixtures per round"); every round did so before that default, so their stores resume
         # checks the prior and the options now, before any simulation
-        self.npe = NPE(prior, **npe_options)
+        self.npe = NPE(prior, **{"ensemble": 1, **npe_options})
         # what a store records: the options as given plus the flow they resolve to, so that a run stored
         # under another default flow is refused rather than resumed with a different network
         self._npe_options = {"estimator": self.npe.estimator, **npe_options}

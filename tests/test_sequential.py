@@ -311,7 +311,7 @@ def test_npe_restore_continues_an_ensemble():
     with pytest.raises(ValueError, match="histories must be 2 TrainingHistory objects"):
         NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x, histories=npe.histories[:1])
     with pytest.raises(ValueError, match="the posterior has 2 flow\\(s\\), this NPE has ensemble=1"):
-        NPE(PRIOR, **SMALL).restore(posterior, theta, x)
+        NPE(PRIOR, **SMALL, ensemble=1).restore(posterior, theta, x)
     # without the histories the first flow's comes from the posterior and the others start empty
     fresh = NPE(PRIOR, **SMALL, ensemble=2).restore(posterior, theta, x)
     assert [h.epochs for h in fresh.histories] == [3, 0] and fresh.validations.shape == (2, 300)

@@ -118,7 +118,7 @@ def fitted():
     theta, x = data()
     npe = NPE(PRIOR, ensemble="snapshots", **OPTIONS)
     posterior = npe.fit(theta, x, max_epochs=30, progress=False)
-    single = NPE(PRIOR, **OPTIONS).fit(theta, x, max_epochs=30, progress=False)
+    single = NPE(PRIOR, ensemble=1, **OPTIONS).fit(theta, x, max_epochs=30, progress=False)
     return npe, posterior, single
 
 
@@ -240,3 +240,20 @@ def test_command_line_reports_what_auto_snapshots_decided(monkeypatch, tmp_path,
     mixed = len(config.get("snapshot_epochs", [])) > 1
     text = "auto snapshots: " + ("mixture of one flow's snapshots at epochs" if mixed else "")
     assert text in capsys.readouterr().out and text in (out / "report.md").read_text()
+
+
+def test_the_default_is_auto_snapshots_and_sequential_rounds_keep_one_flow(monkeypatch, fitted):
+    """NPE(prior) is ensemble="auto-snapshots" (docs/benchmarks.md, "`ensemble="auto-snapshots"` becomes the default");
+    TSNPE and the command line with --rounds keep one flow per round, so earlier sequential stores resume."""
+    from sbiflows import TSNPE
+    from sbiflows.pipeline import Job
+
+    _, mixed, _ = fitted
+    forced_check(monkeypatch, passed=False)
+    posterior = NPE(PRIOR, **OPTIONS).fit(*data(), max_epochs=30, progress=False)
+    assert posterior.config["ensemble"] == mixed.config["ensemble"]  # the check failed: the snapshot mixture
+    assert posterior.config["snapshot_epochs"] == mixed.config["snapshot_epochs"]
+    assert NPE(PRIOR, ensemble=1).ensemble == 1
+    assert TSNPE(PRIOR).npe.ensemble == 1 and TSNPE(PRIOR, ensemble="auto").npe.ensemble == "auto"
+    common = {"name": "t", "simulator": lambda theta: theta, "prior": PRIOR, "observations": [], "out": "unused"}
+    assert Job(**common).ensemble == "auto-snapshots" and Job(**common, rounds=2).ensemble == 1
