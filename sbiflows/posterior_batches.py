@@ -81,7 +81,8 @@ def draw_unconstrained(net: torch.nn.Module, space: object, n: int, xs: Tensor, 
         >>> from sbiflows.truncated_space import make_space
         >>> prior = torch.distributions.Independent(torch.distributions.Uniform(-torch.ones(2), torch.ones(2)), 1)
         >>> theta = prior.sample((200,)); x = theta + 0.1 * torch.randn_like(theta)
-        >>> posterior = NPE(prior, transforms=1, space="unconstrained").fit(theta, x, max_epochs=2, seed=0, progress=False)
+        >>> posterior = NPE(prior, transforms=1, space="unconstrained", ensemble=1).fit(theta, x, max_epochs=2, seed=0,
+        ...                                                                          progress=False)
         >>> draws, log_q = draw_unconstrained(posterior.net, make_space(prior.support, "unconstrained"), 4, x[:3],
         ...                                   dim=2, dtype=torch.float32, noise=None, max_rows=2**17,
         ...                                   generator=torch.Generator().manual_seed(0), log_prob=True)
