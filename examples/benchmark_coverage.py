@@ -72,7 +72,8 @@ def tempered(posterior, temperature: float):
         return
     net = posterior.net
     if hasattr(net, "members") or posterior.config.get("space", "unconstrained") != "unconstrained":
-        raise ValueError("temperatures are measured for single flows in the unconstrained space only")
+        raise ValueError("temperatures are measured for single flows in the unconstrained space only (the default "
+                         "may mix snapshots: add ensemble=1 and space=unconstrained to the setting)")
     base, from_base = net.flow.base, net.sample_from_base
     dim = base.features
 

@@ -369,7 +369,8 @@ class NPE:
                         train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
                                       validations=fixed[:1], **options)
                     posterior = Posterior(copy.deepcopy(members[0]), self.prior,
-                                          config=self._config(members[0], seed, n_layers))
+                                          config=self._config(members[0], seed, n_layers),
+                                          max_batch_elements=self.max_batch_elements)
                     held_out = masks[0].to(theta.device)
                     check = auto_check(posterior, theta[held_out], x[held_out], seed=seed)
                     if check.passed:  # one flow is enough: drop the members not trained

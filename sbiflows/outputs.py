@@ -35,6 +35,20 @@ class OutputFolderError(ValueError):
     """The output folder holds something this run must not overwrite."""
 
 
+def _old_default_hint(old: dict, settings: dict) -> str:
+    """How to resume a run that an earlier version made with a default that has changed since.
+
+    Example:
+        >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"})
+        "; a run made before NPE's default became ensemble='auto-snapshots' resumes with --ensemble 1"
+        >>> _old_default_hint({"seed": 0}, {"seed": 1})
+        ''
+    """
+    if old.get("ensemble") == 1 and settings.get("ensemble") == "auto-snapshots":
+        return "; a run made before NPE's default became ensemble='auto-snapshots' resumes with --ensemble 1"
+    return ""
+
+
 def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
     """Make ``out`` ready for a run with ``settings``; returns what was removed (for the log).
 
@@ -72,7 +86,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
         details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
         raise OutputFolderError(
             f"--out {str(out)!r} holds a run with other settings ({details}); choose another --out, or add --force "
-            "to replace that run's results"
+            f"to replace that run's results{_old_default_hint(old, settings)}"
         )
     keep_stores = not any(key in STORE_SETTINGS for key in changed)
     removed = []

@@ -115,7 +115,7 @@ def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False)
         "shapes": {k: list(v.shape) for k, v in state.items()},
         "prior": prior_config,
         "prior_class": type(posterior.prior).__name__,
-        "max_batch_elements": posterior.max_batch_elements,
+        "max_batch_elements": _saved_chunk(posterior.max_batch_elements),
         "history": None if posterior.history is None else posterior.history.as_dict(),
     }
     default_x = getattr(posterior, "default_x", None)
@@ -225,12 +225,17 @@ def read(
 
 # ------------------------------------------------------------------------------------ internals
 #: What every file saved before the device-dependent chunk recorded as ``max_batch_elements``: the fixed
-#: default of then, not a choice, so it loads as None (the device's size).
+#: default of then, not a choice, so it loads as None (the device's size). Files save None as this value, so
+#: earlier versions still load them and files of default posteriors stay byte-identical to theirs.
 LEGACY_DEFAULT_CHUNK = 2**17
 
 
 def _chunk(saved: int | None) -> int | None:
     return None if saved == LEGACY_DEFAULT_CHUNK else saved
+
+
+def _saved_chunk(max_batch_elements: int | None) -> int:
+    return LEGACY_DEFAULT_CHUNK if max_batch_elements is None else max_batch_elements
 
 
 def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:

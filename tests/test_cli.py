@@ -523,3 +523,13 @@ def test_labels_option_names_the_parameters_and_is_checked(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as info:
         main(["fit", "two_moons", "--out", str(tmp_path / "b"), "--labels", "a,b,c"])
     assert info.value.code == 2 and "3 parameter labels ['a', 'b', 'c'] for 2 parameters" in capsys.readouterr().err
+
+
+def test_a_run_made_before_the_auto_snapshots_default_is_told_how_to_resume(tmp_path):
+    from sbiflows.outputs import OutputFolderError, prepare, record
+
+    prepare(tmp_path, {"seed": 0, "ensemble": 1})
+    record(tmp_path, {"seed": 0, "ensemble": 1})  # what `sbiflows fit` recorded when one flow was the default
+    with pytest.raises(OutputFolderError, match=r'ensemble: 1 -> "auto-snapshots".*resumes with --ensemble 1'):
+        prepare(tmp_path, {"seed": 0, "ensemble": "auto-snapshots"})
+    assert prepare(tmp_path, {"seed": 0, "ensemble": 1}) == []  # and with --ensemble 1 it does

@@ -1,5 +1,7 @@
 """Posterior.sample_and_log_prob_batched (sbiflows.posterior_batches): sample_batched's draws with log_prob_batched's densities, one pass per flow."""
 
+import json
+
 import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Uniform
@@ -171,12 +173,29 @@ def test_the_default_chunk_suits_the_device_and_seeded_results_do_not_depend_on_
     small_draws, small_log_q = posterior.sample_and_log_prob_batched(3000, XS, seed=2)  # 13 chunks
     torch.testing.assert_close(small_draws, draws)
     torch.testing.assert_close(small_log_q, log_q)
-    # a file of the old fixed default (2**17, what every earlier save recorded) loads with the device's size;
-    # any other value is the user's and is kept
-    for saved, loaded in ((2**17, None), (700, 700)):
-        posterior.max_batch_elements = saved
+    # None is saved as the old fixed default (2**17, what every earlier save recorded and earlier versions can
+    # load), and that value loads with the device's size; any other value is the user's and is kept
+    for chosen, loaded in ((None, None), (2**17, None), (700, 700)):
+        posterior.max_batch_elements = chosen
         posterior.save(tmp_path / "post.pt")
+        config = json.loads(torch.load(tmp_path / "post.pt", weights_only=True)["config"])
+        assert config["max_batch_elements"] == (chosen or 2**17)
         assert load(tmp_path / "post.pt").max_batch_elements == loaded
+
+
+def test_the_default_fits_check_chunks_as_the_user_asked(monkeypatch):
+    import sbiflows.npe as npe_module
+
+    seen = []
+
+    def check(posterior, theta, x, *, seed):
+        seen.append(posterior.chunk_rows)
+        return auto_check(posterior, theta, x, seed=seed)
+
+    monkeypatch.setattr(npe_module, "auto_check", check)
+    posterior = NPE(BOX, transforms=1, hidden_features=(8,), max_batch_elements=100).fit(
+        *rows(300), max_epochs=2, seed=0, progress=False)
+    assert seen == [100] and posterior.chunk_rows == 100
 
 
 def test_bad_chunk_sizes_are_refused_before_training():
