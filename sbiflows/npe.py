@@ -179,8 +179,8 @@ class NPE:
             activation=activation, transforms=transforms, hidden_features=hidden_features, mixing=mixing,
         )
         self.estimator, self.mixing, self.activation, self.embedding_net = estimator, mixing, activation, embedding_net
-        self.max_batch_elements = None if max_batch_elements is None else check_int(
-            max_batch_elements, "max_batch_elements", minimum=1)
+        self.max_batch_elements = check_int(max_batch_elements, "max_batch_elements", minimum=1,
+                                            optional="the device's size")
         self.device = torch.device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None

@@ -35,8 +35,14 @@ class OutputFolderError(ValueError):
     """The output folder holds something this run must not overwrite."""
 
 
+#: Settings whose default changed, as (setting, default before, default since): a run folder made before the
+#: change holds the old default, and the same command now resolves to the new one.
+CHANGED_DEFAULTS = (("ensemble", 1, "auto-snapshots"),)
+
+
 def _old_default_hint(old: dict, settings: dict) -> str:
-    """How to resume a run that an earlier version made with a default that has changed since.
+    """How to resume a run that an earlier version made with a default that has changed since
+    (:data:`CHANGED_DEFAULTS`): pass the old value's option.
 
     Example:
         >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"})
@@ -44,9 +50,9 @@ def _old_default_hint(old: dict, settings: dict) -> str:
         >>> _old_default_hint({"seed": 0}, {"seed": 1})
         ''
     """
-    if old.get("ensemble") == 1 and settings.get("ensemble") == "auto-snapshots":
-        return "; a run made before NPE's default became ensemble='auto-snapshots' resumes with --ensemble 1"
-    return ""
+    return "".join(f"; a run made before NPE's default became {key}={since!r} resumes with --{key} {before}"
+                   for key, before, since in CHANGED_DEFAULTS
+                   if old.get(key) == before and settings.get(key) == since)
 
 
 def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:

@@ -102,8 +102,7 @@ class Posterior:
         max_batch_elements: int | None = None,
         default_x: Any = None,
     ):
-        if max_batch_elements is not None:
-            check_int(max_batch_elements, "max_batch_elements", minimum=1)
+        check_int(max_batch_elements, "max_batch_elements", minimum=1, optional="the device's size")
         self.net = net.eval()
         self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
@@ -250,9 +249,10 @@ class Posterior:
             return draws, self._evaluate(draws, xs, normalized=normalized)
         draws, log_q = self._draw(n, xs, generator, log_prob=True)
         if self._space.truncated and normalized:  # log Z per observation, as log_prob subtracts it
-            step = max(1, self.chunk_rows // n)  # observations per chunk, as the draws were chunked
-            log_q = log_q - torch.cat([self._normalizer(self.net, self._space, self.net.context(xs[b : b + step]),
-                                                        self.chunk_rows) for b in range(0, len(xs), step)])
+            rows = self.chunk_rows
+            step = max(1, rows // n)  # observations per chunk, as the draws were chunked
+            log_q = log_q - torch.cat([self._normalizer(self.net, self._space, self.net.context(xs[b : b + step]), rows)
+                                       for b in range(0, len(xs), step)])
         return draws, log_q
 
     def _draw(self, n: int, xs: Tensor, generator: torch.Generator | None, *, log_prob: bool = False) -> Any:
