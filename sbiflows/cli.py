@@ -76,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
         with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
-            report = run(job)
-        outputs.record(job.out, settings)
+            report = run(job)  # the folder is prepared above, so run's own guard finds the same settings
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The output folder of ``sbiflows fit``: never clobber a foreign run, never leave stale files.
+"""The output folder of ``sbiflows fit`` and :func:`sbiflows.pipeline.run`: never clobber a foreign run, never
+leave stale files.
 
 A run records in ``run.json`` the settings that change its results (model, observations, budget,
 seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wrote. Before a run:
@@ -23,7 +24,7 @@ __all__ = ["MANIFEST", "OutputFolderError", "prepare", "record"]
 MANIFEST = "run.json"
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
 OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
-           "calibration.zarr", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
+           "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
 #: Outputs that hold simulations, and the settings they depend on.
 STORES = ("simulations.zarr", "calibration.zarr")
 STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "timeout")
@@ -40,23 +41,37 @@ class OutputFolderError(ValueError):
 CHANGED_DEFAULTS = (("ensemble", 1, "auto-snapshots"),)
 
 
-def _old_default_hint(old: dict, settings: dict) -> str:
+#: How the refusals name the folder, the override and an option: for ``sbiflows fit`` and for
+#: :func:`sbiflows.pipeline.run` called from Python.
+SPELLINGS = {
+    "cli": {"out": "--out", "force": "add --force", "option": "--{key} {value}"},
+    "python": {"out": "Job.out", "force": "pass force=True", "option": "Job({key}={value!r})"},
+}
+
+
+def _old_default_hint(old: dict, settings: dict, spelling: str = "cli") -> str:
     """How to resume a run that an earlier version made with a default that has changed since
     (:data:`CHANGED_DEFAULTS`): pass the old value's option.
 
     Example:
         >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"})
         "; a run made before NPE's default became ensemble='auto-snapshots' resumes with --ensemble 1"
+        >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"}, "python")
+        "; a run made before NPE's default became ensemble='auto-snapshots' resumes with Job(ensemble=1)"
         >>> _old_default_hint({"seed": 0}, {"seed": 1})
         ''
     """
-    return "".join(f"; a run made before NPE's default became {key}={since!r} resumes with --{key} {before}"
+    return "".join(f"; a run made before NPE's default became {key}={since!r} resumes with "
+                   + SPELLINGS[spelling]["option"].format(key=key, value=before)
                    for key, before, since in CHANGED_DEFAULTS
                    if old.get(key) == before and settings.get(key) == since)
 
 
-def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
+def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "cli") -> list[str]:
     """Make ``out`` ready for a run with ``settings``; returns what was removed (for the log).
+
+    ``spelling`` (a key of :data:`SPELLINGS`) says whether the refusal names the command line's options or
+    :func:`sbiflows.pipeline.run`'s arguments.
 
     Raises:
         OutputFolderError: If ``out`` is not empty and not a run with the same settings (and not ``force``).
@@ -71,9 +86,9 @@ def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
         ...
         sbiflows.outputs.OutputFolderError: ... holds a run with other settings (seed: 0 -> 1); ...
     """
-    out = Path(out)
+    out, names = Path(out), SPELLINGS[spelling]
     if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {str(out)!r} is a file, not a folder")
+        raise OutputFolderError(f"{names['out']} {str(out)!r} is a file, not a folder")
     if not out.exists() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         _write(out, {"settings": settings, "files": []})
@@ -81,8 +96,8 @@ def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
     manifest = _read(out)
     if manifest is None:
         raise OutputFolderError(
-            f"--out {str(out)!r} is not empty and was not written by sbiflows fit (no {MANIFEST}); choose another "
-            "folder (nothing in it is removed, not even with --force)"
+            f"{names['out']} {str(out)!r} is not empty and was not written by sbiflows fit (no {MANIFEST}); choose "
+            "another folder (nothing in it is removed, not even with force)"
         )
     old = manifest.get("settings", {})
     if old == settings:
@@ -91,8 +106,8 @@ def prepare(out: Path, settings: dict, *, force: bool = False) -> list[str]:
     if not force:
         details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
         raise OutputFolderError(
-            f"--out {str(out)!r} holds a run with other settings ({details}); choose another --out, or add --force "
-            f"to replace that run's results{_old_default_hint(old, settings)}"
+            f"{names['out']} {str(out)!r} holds a run with other settings ({details}); choose another "
+            f"{names['out']}, or {names['force']} to replace that run's results{_old_default_hint(old, settings, spelling)}"
         )
     keep_stores = not any(key in STORE_SETTINGS for key in changed)
     removed = []

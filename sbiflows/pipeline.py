@@ -12,6 +12,7 @@ loses at most the step in progress.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows import diagnostics, pipeline_sequential, plots
+from sbiflows import diagnostics, outputs, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_choice
@@ -45,7 +46,7 @@ from sbiflows.report import (
 )
 from sbiflows.seeding import derive_seed
 from sbiflows.sequential import check_sequential_options
-from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
+from sbiflows.simulate import SimulationResult, StoreMismatchError, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space
 
@@ -54,6 +55,8 @@ __all__ = ["Job", "Observation", "run"]
 
 #: Posterior-predictive simulations per observation.
 PREDICTIVE_SAMPLES = 1000
+#: The folder of the predictive checks' simulation stores, one per observation.
+PREDICTIVE = "predictive"
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class Job:
     (:mod:`sbiflows.pipeline_sequential`), which takes neither ``balancing`` nor ``coverage_penalty`` (an
     ``ensemble`` trains in every round). The training
     options go to :meth:`sbiflows.NPE.fit` (None: its defaults); like the flow options they are part of the
-    run's settings, so changing one retrains on the stored simulations.
+    run's settings: :func:`run` refuses a folder made with other settings, and with ``force=True`` retrains on
+    its stored simulations.
     """
 
     name: str
@@ -211,11 +215,17 @@ class _State:
         self.timings[step] = time.perf_counter() - start
 
 
-def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
+def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) -> dict:
     """Run the whole job (resuming from what ``job.out`` holds) and write its outputs; returns the report.
 
+    ``job.out`` is guarded as ``sbiflows fit`` guards ``--out`` (:func:`sbiflows.outputs.prepare`): a folder
+    holding a run with other settings is refused before anything runs, so a trained posterior is never
+    silently replaced; ``force=True`` replaces that run's results (simulation stores are kept where the
+    settings they depend on did not change, so it retrains on them).
+
     Outputs: ``posterior.pt`` (load with :func:`sbiflows.load`), ``simulations.zarr`` and
-    ``calibration.zarr`` (load with :func:`sbiflows.load_simulations`), ``resume.json``,
+    ``calibration.zarr`` (load with :func:`sbiflows.load_simulations`), ``predictive/<observation>.zarr`` (the
+    posterior predictive check's simulations), ``resume.json``,
     ``samples.npz`` (posterior samples per observation), ``corner_<observation>.png`` / ``.pdf``,
     ``sbc_ranks``, ``coverage`` and ``tarp`` (``.png`` at 300 dpi and ``.pdf``), ``report.md`` and
     ``report.json`` (per observation and parameter the median, 68% and 95% credible intervals and the
@@ -238,7 +248,10 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     if job.rounds > 1 and len(names) != 1:
         raise ValueError(f"a sequential run (rounds={job.rounds}) is for exactly one observation, got {len(names)}")
     job.out = Path(job.out)
-    job.out.mkdir(parents=True, exist_ok=True)
+    settings = job.settings()
+    removed = outputs.prepare(job.out, settings, force=force, spelling="python")
+    if removed:
+        log(f"force: removed {len(removed)} outputs of the earlier run in {job.out}: {', '.join(removed)}")
     state = _State(job, log, Resume(job.out / "resume.json"))
     state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
                         embedding=job.embedding, seed=job.seed,
@@ -254,6 +267,7 @@ def run(job: Job, *, log: Callable[[str], None] = print) -> dict:
     state.report["timings_seconds"] = state.timings
     (job.out / "report.json").write_text(json.dumps(jsonable(state.report), indent=2))
     write_markdown(state.report, job.out / "report.md")
+    outputs.record(job.out, settings)
     log(f"done: report in {(job.out / 'report.md').resolve()}")
     return state.report
 
@@ -329,15 +343,32 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
     return samples
 
 
+def _predictive_simulator(state: _State, store: Path) -> Callable[[Tensor], Tensor]:
+    """The user's simulator as tensor -> float32 tensor for a predictive check: seeded, failures as NaN rows,
+    each chunk kept in ``store`` as it finishes, so a rerun with the same posterior simulates nothing again.
+    A store of another posterior's draws (it was retrained) is replaced."""
+    job = state.job
+
+    def simulator(theta: Tensor) -> Tensor:
+        seed = derive_seed(job.seed, "predictive")
+        try:
+            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
+        except StoreMismatchError:
+            state.log(f"      {store.stem}: the posterior changed since its predictive simulations; simulating again")
+            shutil.rmtree(store)
+            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
+        if result.reused:
+            state.log(f"      {store.stem}: reused {result.reused} predictive simulations from {store.parent.name}/")
+        return result.x.to(torch.float32)
+
+    return simulator
+
+
 def _check_observations(state: _State, posterior: Posterior, samples: Tensor) -> None:
     """C2ST against the reference (where one exists), posterior predictive and a corner plot per observation."""
     job, start = state.job, time.perf_counter()
     use_reference = job.reference and job.task is not None
     state.log("[4/5] per-observation checks" + (" (C2ST against the reference posterior)" if use_reference else ""))
-
-    def as_tensor_simulator(theta: Tensor) -> Tensor:
-        """The user's simulator as tensor -> float32 tensor, seeded, failures as NaN rows."""
-        return simulate(job.simulator, theta, seed=derive_seed(job.seed, "predictive"), **job.engine).x.to(torch.float32)
 
     entries, labels = [], job.parameter_names()
     c2st_samples = min(job.c2st_samples, job.num_samples)  # C2ST compares equal numbers of draws per side
@@ -355,7 +386,7 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
         metric = "mahalanobis" if observation.x.numel() < PREDICTIVE_SAMPLES // 2 else "standardized"
         predictive = diagnostics.posterior_predictive(
-            posterior, as_tensor_simulator, observation.x, num_samples=PREDICTIVE_SAMPLES, seed=job.seed,
+            posterior, _predictive_simulator(state, job.out / PREDICTIVE / f"{observation.name}.zarr"), observation.x, num_samples=PREDICTIVE_SAMPLES, seed=job.seed,
             metric=metric,
         )
         entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}

@@ -533,3 +533,65 @@ def test_a_run_made_before_the_auto_snapshots_default_is_told_how_to_resume(tmp_
     with pytest.raises(OutputFolderError, match=r'ensemble: 1 -> "auto-snapshots".*resumes with --ensemble 1'):
         prepare(tmp_path, {"seed": 0, "ensemble": "auto-snapshots"})
     assert prepare(tmp_path, {"seed": 0, "ensemble": 1}) == []  # and with --ensemble 1 it does
+
+
+def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
+    from sbiflows.outputs import OutputFolderError, prepare, record
+    from sbiflows.pipeline import Job, Observation, run
+    import simulators
+
+    task = simulators.get("two_moons")
+    calls = []
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return task.simulate(theta)
+
+    def job(**options):
+        return Job(name="two_moons", simulator=simulator, prior=task.prior, out=tmp_path, simulations=200,
+                   observations=[Observation("obs1", task.observation(1), None, None)], num_samples=100,
+                   calibration_datasets=100, calibration_samples=100, c2st_samples=100, reference=False,
+                   max_epochs=2, progress=False, **options)
+
+    old = job(ensemble=1).settings()
+    prepare(tmp_path, old)
+    (tmp_path / "posterior.pt").write_text("trained before the default changed")
+    record(tmp_path, old)
+    with pytest.raises(OutputFolderError, match=r"Job.out .* holds a run with other settings "
+                                                r'\(ensemble: 1 -> "auto-snapshots"\).*pass force=True.*'
+                                                r"resumes with Job\(ensemble=1\)"):
+        run(job(), log=lambda line: None)
+    assert (tmp_path / "posterior.pt").read_text() == "trained before the default changed" and calls == []
+    lines = []
+    report = run(job(), log=lines.append, force=True)  # replaces that run, recording what it wrote
+    assert "posterior.pt" in lines[0] and report["ensemble"] == "auto-snapshots" and sum(calls) >= 200
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["settings"] == job().settings() and "posterior.pt" in manifest["files"]
+    calls.clear()
+    lines.clear()
+    run(job(), log=lines.append)  # the same settings resume: nothing is simulated again, not even the
+    assert calls == []  # posterior predictive check's 1,000 draws (kept in predictive/obs1.zarr)
+    assert "obs1: reused 1000 predictive simulations from predictive/" in "\n".join(lines)
+
+
+def test_predictive_simulations_of_a_retrained_posterior_replace_the_old_store(tmp_path):
+    from sbiflows.pipeline import Job, _predictive_simulator, _State
+    from sbiflows.pipeline_resume import Resume
+    import simulators
+
+    task = simulators.get("two_moons")
+    calls, lines = [], []
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return task.simulate(theta)
+
+    job = Job(name="t", simulator=simulator, prior=task.prior, observations=[], out=tmp_path, batch_size=50)
+    state = _State(job, lines.append, Resume(tmp_path / "resume.json"))
+    simulate_predictive = _predictive_simulator(state, tmp_path / "predictive" / "obs1.zarr")
+    first = simulate_predictive(torch.zeros(100, 2))
+    assert calls == [50, 50] and torch.equal(simulate_predictive(torch.zeros(100, 2)), first)  # reused
+    assert calls == [50, 50] and "obs1: reused 100 predictive simulations" in lines[-1]
+    other = simulate_predictive(torch.full((100, 2), 0.5))  # draws of another posterior: simulated again
+    assert calls == [50, 50, 50, 50] and "obs1: the posterior changed" in lines[-1]
+    assert not torch.equal(other, first) and torch.isfinite(other).all()
