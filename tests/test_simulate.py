@@ -269,6 +269,14 @@ def test_progress_in_a_log_file_is_plain_lines_with_rate_eta_and_failures(monkey
     assert len(lines) == 2 and "\r" not in stream.getvalue()
     assert lines[0].startswith("simulating: 40/100 rows (40%)") and "rows/s, ETA" in lines[0]
     assert lines[0].endswith("3 failed")
+    assert lines[1].startswith("simulating: 40/100 rows (40%)")  # closed early (Ctrl-C): where it stopped
+    stream = io.StringIO()
+    bar = progress.Progress(100, enabled=True, initial=60, stream=stream)
+    bar.update(40, failed=2)
+    bar.close()  # finished: no rate or ETA, but how long it took and what the store held
+    assert stream.getvalue().splitlines()[-1].startswith(
+        "simulating: 100/100 rows (100%, 60 read from the store), finished in ") and "ETA" not in stream.getvalue()
+    assert stream.getvalue().splitlines()[-1].endswith("2 failed")
 
 
 def test_a_per_row_chunk_whose_rows_all_fail_is_not_run_twice():

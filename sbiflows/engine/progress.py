@@ -53,8 +53,17 @@ class Progress:
             self._line()
 
     def line(self) -> str:
-        """The plain progress line."""
+        """The plain progress line (once every row is done: how long it took and how many came from a store).
+
+        Example:
+            >>> Progress(100, enabled=False, initial=100).line()
+            'simulating: 100/100 rows (100%, 100 read from the store), finished in 0 s, 0 failed'
+        """
         elapsed = time.monotonic() - self._start
+        if self.done >= self.total:
+            stored = f", {self._initial} read from the store" if self._initial else ""
+            return (f"simulating: {self.done}/{self.total} rows (100%{stored}), finished in {_duration(elapsed)}, "
+                    f"{self.failed} failed")
         rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = "?" if left == float("inf") else _duration(left)
