@@ -22,7 +22,8 @@ reproduced by anyone. Torch's and NumPy's global generator states are the same a
 a timeout, a worker process that dies: the rows concerned become NaN and are listed in
 :attr:`SimulationResult.failures`, and the run goes on. A chunk whose call failed is retried row by row
 to isolate the bad rows. A simulator that cannot run at all (its first twenty failed rows share one
-exception type and nothing succeeded before them) stops the run with :class:`SimulationError`.
+exception type and nothing succeeded before them, in this call or in the store it resumes) stops the run
+with :class:`SimulationError`.
 
 **Timeouts kill.** With ``timeout``, the simulator runs in a worker process that is killed (with any
 process it started) when a call runs past the limit; with ``workers`` None or 1 that means one worker
@@ -177,7 +178,8 @@ def simulate(
             (:class:`SimulationError` at the first failed row).
         progress: Show progress (a bar in terminals and notebooks, a line every 30 s in logs).
         vectorized: False for a simulator that takes one parameter set at a time.
-        retry_failed: Simulate the failed rows of a store again instead of keeping them as failed.
+        retry_failed: Simulate the failed rows of a store again instead of keeping them as failed (rows
+            that timed out under a shorter ``timeout`` than this call's, or with no limit now, always are).
 
     Returns:
         A :class:`SimulationResult`.
@@ -274,7 +276,8 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
         backend = make_backend(simulator, workers=workers, executor=executor, timeout=timeout,
                                vectorized=vectorized, seeded=seeded)
         driver = Driver(backend, theta, seed=int(seed), batch_size=batch_size, vectorized=vectorized,
-                        on_error=on_error, store=opened, retry_failed=retry_failed, progress=progress)
+                        on_error=on_error, store=opened, retry_failed=retry_failed, progress=progress,
+                        timeout=timeout)
         x = driver.run()
     except AbortRun as stop:
         backend.close(kill=True)

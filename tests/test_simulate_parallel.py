@@ -97,6 +97,39 @@ def test_a_hung_simulation_is_killed_and_the_run_finishes(tmp_path, monkeypatch)
     assert not wait_for_exit(pids)  # the hung work is gone, not left running
 
 
+def slow_or_broken(theta, seed):
+    """Records each call; takes 2 s on theta_0 > 2, raises on theta_0 < -2; otherwise returns at once."""
+    Path(os.environ["SBIFLOWS_TEST_PID_DIR"], f"call_{time.time_ns()}").write_text("")
+    if (theta[:, 0] > 2.0).any():
+        time.sleep(2.0)
+    if (theta[:, 0] < -2.0).any():
+        raise ValueError("no steady state")
+    return theta * 2
+
+
+def test_rows_that_timed_out_run_again_only_under_a_longer_limit(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(calls))
+    theta = torch.zeros(4, 2)
+    theta[1, 0], theta[2, 0] = 3.0, -3.0
+    store = tmp_path / "sims.zarr"
+    with pytest.warns(UserWarning, match="TimeoutError 1"):
+        first = simulate(slow_or_broken, theta, batch_size=4, timeout=0.5, store=store)
+    assert {(f.index, f.error_type) for f in first.failures} == {(1, "TimeoutError"), (2, "ValueError")}
+    before = len(list(calls.iterdir()))
+    with pytest.warns(UserWarning, match="TimeoutError 1"):
+        same = simulate(slow_or_broken, theta, batch_size=4, timeout=0.5, store=store)  # same limit: kept
+    assert len(list(calls.iterdir())) == before and same.reused == 4
+    with pytest.warns(UserWarning, match="ValueError 1"):
+        longer = simulate(slow_or_broken, theta, batch_size=4, timeout=30.0, store=store)
+    assert len(list(calls.iterdir())) == before + 1  # only the row that timed out ran again
+    assert [(f.index, f.error_type) for f in longer.failures] == [(2, "ValueError")]
+    assert torch.equal(longer.x[1], 2 * theta[1]) and longer.reused == 3
+    with pytest.warns(UserWarning, match="4 read from the store"):  # and it is stored
+        assert simulate(slow_or_broken, theta, batch_size=4, store=store).num_invalid == 1
+
+
 @pytest.mark.slow
 def test_timeout_in_process_runs_one_killable_worker(tmp_path, monkeypatch):
     monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(tmp_path))

@@ -78,6 +78,39 @@ def test_a_store_of_another_run_is_refused_not_mixed(tmp_path, change):
         simulate_from_prior(args.pop("simulator"), args.pop("prior"), 60, store=store, **args)  # x: on new chunks
 
 
+def shape_of_rows_above_100(theta):
+    """x = theta, but a chunk whose first parameter is 100 or more returns one value per row too many."""
+    return torch.cat([theta, theta[:, :1]], 1) if theta[0, 0] >= 100 else theta
+
+
+def test_a_bad_output_in_the_first_chunk_after_a_resume_is_a_counted_failure_not_a_refusal(tmp_path):
+    store = tmp_path / "sims.zarr"
+    theta = torch.arange(600.0).reshape(300, 2) / 2  # the chunks of rows 100-199 and 200-299 start at 100 and 200
+    simulate(shape_of_rows_above_100, theta[:100], batch_size=100, store=store)  # as if killed after one chunk
+    with pytest.warns(UserWarning, match=r"BadOutput 200.*the store's rows have \(2,\)"):
+        result = simulate(shape_of_rows_above_100, theta, batch_size=100, store=store)
+    assert result.reused == 100 and result.num_invalid == 200 and torch.equal(result.x[:100], theta[:100])
+    with pytest.warns(UserWarning, match="BadOutput 200"):  # and the next rerun resumes with the same counts
+        again = simulate(shape_of_rows_above_100, theta, batch_size=100, store=store)
+    assert again.reused == 300 and again.num_invalid == 200
+
+
+def test_a_kill_while_a_new_store_creates_its_x_array_leaves_a_store_the_next_run_completes(tmp_path):
+    import zarr
+
+    store = tmp_path / "sims.zarr"
+    first = simulate_from_prior(seeded, PRIOR, 20, seed=1, batch_size=10, store=store)
+    group = zarr.open_group(zarr.storage.LocalStore(store), mode="a")
+    meta = dict(group.attrs["sbiflows_simulations"])
+    del meta["x"]  # the x array is made first, then its layout recorded: killed in between,
+    group.attrs["sbiflows_simulations"] = meta  # before any chunk was recorded
+    for record in (store / "records").glob("*.json"):
+        record.unlink()
+    again = simulate_from_prior(seeded, PRIOR, 20, seed=1, batch_size=10, store=store)
+    assert again.reused == 0 and bitwise_equal(again.x, first.x)
+    assert simulate_from_prior(seeded, PRIOR, 20, seed=1, batch_size=10, store=store).reused == 20
+
+
 def test_a_corrupted_chunk_is_detected_and_simulated_again(tmp_path):
     store = tmp_path / "sims.zarr"
     first = simulate_from_prior(seeded, PRIOR, 60, seed=1, batch_size=10, store=store)

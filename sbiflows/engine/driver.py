@@ -11,6 +11,7 @@ seeds. Finished chunks go to the store at once, in whatever order they finish.
 from __future__ import annotations
 
 import queue
+import re
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -51,10 +52,11 @@ class Driver:
     """Runs the plan for ``theta`` (see the module docstring); :meth:`run` returns the assembled arrays."""
 
     def __init__(self, backend, theta: Tensor, *, seed: int, batch_size: int, vectorized: bool,
-                 on_error: str, store: SimulationStore | None, retry_failed: bool, progress: bool):
+                 on_error: str, store: SimulationStore | None, retry_failed: bool, progress: bool,
+                 timeout: float | None = None):
         self.backend, self.theta, self.seed, self.batch_size = backend, theta, seed, batch_size
         self.vectorized, self.on_error, self.store = vectorized, on_error, store
-        self.retry_failed, self.show_progress = retry_failed, progress
+        self.retry_failed, self.show_progress, self.timeout = retry_failed, progress, timeout
         self.n = len(theta)
         self.num_chunks = -(-self.n // batch_size)
         self.layout: tuple[tuple[int, ...], np.dtype] | None = None
@@ -111,21 +113,34 @@ class Driver:
                     f"chunk {c} of the store at {self.store.path} holds other parameters than this run (another "
                     "prior, seed plan or theta); use another store path, or delete it to start over")
             failed = {i - start: (t, m) for i, t, m in record["failures"] if i < stop}
-            if self.retry_failed and failed:
+            retry = {k for k, (kind, message) in failed.items()
+                     if self.retry_failed or self._longer_limit(kind, message)}
+            if retry:
                 chunk = self._new_chunk(c)
                 chunk.x = x[start:stop].copy()
+                chunk.errors = {k: error for k, error in failed.items() if k not in retry}  # kept as they failed
                 seeds = self._row_seeds(c)
-                for k in sorted(failed):
+                for k in sorted(retry):
                     chunk.waiting += 1
                     self._pending.append(Job(c, start + k, self.theta[start + k:start + k + 1],
                                              (int(seeds[k]),), retry=True))
-                self.reused += stop - start - len(failed)
+                self.reused += stop - start - len(retry)
             else:
                 self.x_done[c] = x[start:stop]
                 self.failures.update({start + k: v for k, v in failed.items()})
                 self.reused += stop - start
             reusable.add(c)
+            # a simulator that produced valid rows of this run before a resume can run: later failures are counted
+            self._succeeded = self._succeeded or len(failed) < stop - start
         return reusable
+
+    def _longer_limit(self, kind: str, message: str) -> bool:
+        """Whether a stored row that timed out ran under a shorter limit than this run's (or none now): it
+        is simulated again, since the user raised the limit for such rows."""
+        if kind != TIMEOUT:
+            return False
+        match = re.search(r"timeout of ([0-9.e+-]+) s", message)
+        return match is not None and (self.timeout is None or self.timeout > float(match.group(1)) * (1 + 1e-9))
 
     # ------------------------------------------------------------------------------- loop
     def run(self) -> np.ndarray | None:
@@ -201,12 +216,14 @@ class Driver:
         if (shape, dtype) == self.layout:
             self.layout_from_store = False
             return x
+        if shape != self.layout[0]:  # a bad chunk is a counted failure, also the first one after a resume
+            where = "the store's rows have" if self.layout_from_store else "earlier chunks had"
+            advice = " (if the simulator changed, use another store)" if self.layout_from_store else ""
+            return f"simulator returned x of shape {shape} per row, but {where} {self.layout[0]}{advice}"
         if self.layout_from_store:
             raise StoreMismatchError(
-                f"the store at {self.store.path} holds x of shape {self.layout[0]} and dtype {self.layout[1]}, but "
-                f"the simulator now returns shape {shape} and dtype {dtype}; use another store path, or delete it")
-        if shape != self.layout[0]:
-            return f"simulator returned x of shape {shape} per row, but earlier chunks had {self.layout[0]}"
+                f"the store at {self.store.path} holds x of dtype {self.layout[1]}, but the simulator now returns "
+                f"{dtype}; use another store path, or delete it")
         return x.astype(self.layout[1])
 
     def _allocate(self, chunk: _Chunk) -> np.ndarray:

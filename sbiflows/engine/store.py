@@ -171,12 +171,12 @@ class SimulationStore:
     # ------------------------------------------------------------------------------- writing
     def set_x_layout(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         """Create the x array (first finished chunk of a new store)."""
-        meta = dict(self._group.attrs["sbiflows_simulations"])
-        meta["x"] = {"shape": list(shape), "dtype": np.dtype(dtype).name}
-        self._group.attrs["sbiflows_simulations"] = meta
         batch = self.config["batch_size"]
         self._group.create_array("x", shape=(self.rows, *shape), chunks=(batch, *shape), dtype=dtype,
                                  fill_value=np.nan, config={"write_empty_chunks": True}, overwrite=True)
+        meta = dict(self._group.attrs["sbiflows_simulations"])  # after the array: a kill between the two
+        meta["x"] = {"shape": list(shape), "dtype": np.dtype(dtype).name}  # leaves a store without a layout,
+        self._group.attrs["sbiflows_simulations"] = meta  # which the next run makes again
 
     def write_chunk(self, chunk: int, start: int, theta: np.ndarray, x: np.ndarray, *, seed: int,
                     failures: list[tuple[int, str, str]], seconds: float) -> None:
