@@ -76,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
         with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
-            report = run(job)  # the folder is prepared above, so run's own guard finds the same settings
+            report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
+    except outputs.OutputFolderError as error:  # e.g. a sequential run's rounds made under other TSNPE defaults
+        parser.exit(2, f"sbiflows fit: error: {error}\n")
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)
@@ -142,7 +144,7 @@ def _setup(args: argparse.Namespace) -> Job:
             simulator = task.simulate_structured
         x_shape = task.x_shape if structured else (task.x_dim,)
     else:
-        x_shape = _probe_x_shape(simulator, prior, args)
+        x_shape = _probe_x_shape(simulator, prior, args, out=args.out or Path("runs") / name)
         if embedding is None:
             embedding = "auto" if x_shape is None or len(x_shape) == 1 else "mlp"
     if embedding == "auto" and x_shape is not None:

@@ -54,26 +54,49 @@ def _check_observations(
             )
 
 
-def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...] | None:
-    """The shape of one of the simulator's x, from one simulation (None if that simulation fails)."""
-    from sbiflows.seeding import derive_seed
-    from sbiflows.simulate import simulate
+#: Parameter draws :func:`_probe_x_shape` tries, one after another, until one simulates.
+PROBES = 3
 
+
+def _probe_x_shape(simulator, prior, args: argparse.Namespace, *, out: Path) -> tuple[int, ...] | None:
+    """The shape of one of the simulator's x: the one stored in ``out``'s simulations by an earlier run of
+    this simulator and seed (a resumed run pays for no probe), else from the first of up to :data:`PROBES`
+    seeded simulations that succeeds (None if all fail)."""
+    from sbiflows.engine.store import SimulationStore
+    from sbiflows.seeding import derive_seed
+    from sbiflows.simulate import SimulationError, _qualified_name, simulate
+
+    try:
+        stored = SimulationStore.read(out / "simulations.zarr")
+        if stored.config.get("simulator") == _qualified_name(simulator) and stored.config.get("seed") == args.seed:
+            if stored.x_layout is not None:
+                return stored.x_layout[0]
+    except (OSError, ValueError, KeyError):  # no store, or not one sbiflows can read: probe
+        pass
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(derive_seed(args.seed, "probe"))
-        theta = prior.sample((1,)).reshape(1, -1)
+        thetas = prior.sample((PROBES,)).reshape(PROBES, -1)
     finally:
         torch.random.set_rng_state(generator_state)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a failed probe only skips the check; the run reports failures
-        probe = simulate(simulator, theta, seed=derive_seed(args.seed, "probe"), timeout=args.timeout, progress=False)
-    x = probe.x
-    if x is None or x.numel() == 0 or not probe.valid.all():
-        print("sbiflows fit: note: one probe simulation failed, so the observation's shape is checked after "
-              "simulating", file=sys.stderr)
+    x = None
+    for k in range(PROBES):  # one at a time: usually the first is the only simulation paid for
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a failed probe only skips the check; the run reports failures
+            try:
+                stream = "probe" if k == 0 else f"probe/{k}"
+                probe = simulate(simulator, thetas[k:k + 1], seed=derive_seed(args.seed, stream),
+                                 timeout=args.timeout, progress=False)
+            except SimulationError:  # the probe's one row failed: the run counts its own failures
+                continue
+        if probe.x is not None and probe.x.numel() > 0 and probe.valid.all():
+            x = probe.x
+            break
+    if x is None:
+        print(f"sbiflows fit: note: {PROBES} probe simulations failed, so the observation's shape is checked "
+              "after simulating", file=sys.stderr)
         return None
     return tuple(x.shape[1:]) if x.ndim > 1 else (1,)
 

@@ -9,7 +9,8 @@ seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wro
   ``resume.json`` say what is already done);
 * any other non-empty folder is refused, unless ``force``: then the files the earlier run recorded
   are removed (only those: a file sbiflows did not write is never touched), the simulation stores
-  only if the settings they depend on changed, a sequential run's ``rounds`` folder always.
+  only if the settings they depend on changed, and the trained posterior (or a sequential run's
+  ``rounds``) only if a setting other than those of the steps after training changed.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ MANIFEST = "run.json"
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
 OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
            "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
-#: Outputs that hold simulations, and the settings they depend on.
-STORES = ("simulations.zarr", "calibration.zarr")
-STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "timeout")
-#: The rounds of a sequential run (``--rounds``): they depend on every setting, so ``force`` always removes them.
+#: Outputs that hold simulations, and the settings they depend on (the predictive checks' stores also
+#: depend on the posterior: the pipeline replaces one whose parameters are not the posterior's draws).
+STORES = ("simulations.zarr", "calibration.zarr", "predictive")
+#: (Not ``timeout``: a store keeps its rows, and those that timed out under a shorter limit run again.)
+STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size")
+#: The rounds of a sequential run (``--rounds``), which hold simulations too.
 SEQUENTIAL = "rounds"
+#: Settings that only steps after training use: when nothing else changed, ``force`` keeps the trained
+#: posterior, the rounds of a sequential run and ``resume.json`` (which says which later steps to redo).
+AFTER_TRAINING = ("name", "labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
+                  "reference")
 
 
 class OutputFolderError(ValueError):
@@ -107,23 +114,25 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
         details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
         raise OutputFolderError(
             f"{names['out']} {str(out)!r} holds a run with other settings ({details}); choose another "
-            f"{names['out']}, or {names['force']} to replace that run's results{_old_default_hint(old, settings, spelling)}"
+            f"{names['out']}, or {names['force']} to replace that run's results"
+            + _old_default_hint(old, settings, spelling)
         )
-    keep_stores = not any(key in STORE_SETTINGS for key in changed)
+    keep = set()
+    if not any(key in STORE_SETTINGS for key in changed):
+        keep.update(STORES)
+    if all(key in AFTER_TRAINING for key in changed):
+        keep.update(("posterior.pt", SEQUENTIAL, "resume.json"))
     removed = []
     for name in manifest.get("files", []):
         path = out / name
-        if (keep_stores and name in STORES) or name == MANIFEST or path.parent != out or not path.exists():
+        if name in keep or name == MANIFEST or path.parent != out or not path.exists():
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         removed.append(name)
-    for name in (*(STORES if not keep_stores else ()), SEQUENTIAL):  # a killed run may not have recorded them
-        if (out / name).is_dir() and name not in removed:
-            shutil.rmtree(out / name)
+    for name in (*STORES, SEQUENTIAL, "resume.json"):  # a killed run may not have recorded them
+        if (out / name).exists() and name not in keep and name not in removed:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
             removed.append(name)
-    if (out / "resume.json").exists():
-        (out / "resume.json").unlink()
-        removed.append("resume.json")
     _write(out, {"settings": settings, "files": [name for name in manifest.get("files", []) if name not in removed]})
     return removed
 

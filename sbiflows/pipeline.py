@@ -12,7 +12,6 @@ loses at most the step in progress.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from sbiflows.embeddings import from_choice
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
+from sbiflows.pipeline_predictive import predictive_entry
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.priors import check_prior
@@ -46,17 +46,12 @@ from sbiflows.report import (
 )
 from sbiflows.seeding import derive_seed
 from sbiflows.sequential import check_sequential_options
-from sbiflows.simulate import SimulationResult, StoreMismatchError, simulate, simulate_from_prior
+from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space
 
 __all__ = ["Job", "Observation", "run"]
 
-
-#: Posterior-predictive simulations per observation.
-PREDICTIVE_SAMPLES = 1000
-#: The folder of the predictive checks' simulation stores, one per observation.
-PREDICTIVE = "predictive"
 
 
 @dataclass(frozen=True)
@@ -210,6 +205,7 @@ class _State:
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sequential: object = None  # the TSNPE of a run with rounds > 1
+    force: bool = False  # run(force=True): a sequential run's rounds of other TSNPE settings start over
 
     def timed(self, step: str, start: float) -> None:
         self.timings[step] = time.perf_counter() - start
@@ -252,7 +248,7 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
     removed = outputs.prepare(job.out, settings, force=force, spelling="python")
     if removed:
         log(f"force: removed {len(removed)} outputs of the earlier run in {job.out}: {', '.join(removed)}")
-    state = _State(job, log, Resume(job.out / "resume.json"))
+    state = _State(job, log, Resume(job.out / "resume.json"), force=force)
     state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
                         embedding=job.embedding, seed=job.seed,
                         parameter_names=[plain_label(n) for n in job.parameter_names()],
@@ -343,27 +339,6 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
     return samples
 
 
-def _predictive_simulator(state: _State, store: Path) -> Callable[[Tensor], Tensor]:
-    """The user's simulator as tensor -> float32 tensor for a predictive check: seeded, failures as NaN rows,
-    each chunk kept in ``store`` as it finishes, so a rerun with the same posterior simulates nothing again.
-    A store of another posterior's draws (it was retrained) is replaced."""
-    job = state.job
-
-    def simulator(theta: Tensor) -> Tensor:
-        seed = derive_seed(job.seed, "predictive")
-        try:
-            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
-        except StoreMismatchError:
-            state.log(f"      {store.stem}: the posterior changed since its predictive simulations; simulating again")
-            shutil.rmtree(store)
-            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
-        if result.reused:
-            state.log(f"      {store.stem}: reused {result.reused} predictive simulations from {store.parent.name}/")
-        return result.x.to(torch.float32)
-
-    return simulator
-
-
 def _check_observations(state: _State, posterior: Posterior, samples: Tensor) -> None:
     """C2ST against the reference (where one exists), posterior predictive and a corner plot per observation."""
     job, start = state.job, time.perf_counter()
@@ -383,13 +358,7 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
             entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
             entry["c2st_samples"] = c2st_samples
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
-        # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
-        metric = "mahalanobis" if observation.x.numel() < PREDICTIVE_SAMPLES // 2 else "standardized"
-        predictive = diagnostics.posterior_predictive(
-            posterior, _predictive_simulator(state, job.out / PREDICTIVE / f"{observation.name}.zarr"), observation.x, num_samples=PREDICTIVE_SAMPLES, seed=job.seed,
-            metric=metric,
-        )
-        entry["predictive"] = {"passed": predictive.passed, "summary": str(predictive)}
+        entry["predictive"] = predictive_entry(job, posterior, observation, state.log)
         # MAP at a bounded cost: the best of 1,000 posterior draws, refined by 100 Adam steps
         best = posterior.map(observation.x, num_init_samples=1000, num_to_optimize=10, num_iter=100,
                              seed=job.seed)

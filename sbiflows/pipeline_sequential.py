@@ -16,15 +16,18 @@ plus the posterior predictive check of ``x_o`` that every run makes.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 
 from sbiflows import diagnostics, plots
 from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_choice
+from sbiflows.outputs import OutputFolderError
 from sbiflows.posterior import Posterior
 from sbiflows.report import jsonable, training_record
 from sbiflows.sequential import TSNPE
+from sbiflows.sequential_store import RoundStoreMismatchError
 
 __all__ = ["APPLICABLE", "NOT_APPLICABLE", "SEQUENTIAL_ADVICE", "STORE", "calibrate", "fit"]
 
@@ -65,13 +68,26 @@ def fit(state) -> Posterior:
     state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
               f"for {observation.name} (store: {store})")
     embedding = from_choice(job.embedding, tuple(observation.x.shape))
-    tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
-    posterior = tsnpe.run(
-        job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
-        check_simulations=job.calibration_datasets, check_samples=job.calibration_samples,
-        fit_options=job.fit_options, store=store, progress=job.progress,
-        log=lambda line: state.log(f"      {line}"), **job.engine,
-    )
+
+    def run() -> tuple[TSNPE, Posterior]:
+        tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
+        return tsnpe, tsnpe.run(
+            job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
+            check_simulations=job.calibration_datasets, check_samples=job.calibration_samples,
+            fit_options=job.fit_options, store=store, progress=job.progress,
+            log=lambda line: state.log(f"      {line}"), **job.engine,
+        )
+
+    try:
+        tsnpe, posterior = run()
+    except RoundStoreMismatchError as error:  # same job settings, other TSNPE settings: a default changed
+        if not state.force:
+            raise OutputFolderError(f"{error}: the job's settings are unchanged, so a default of TSNPE changed "
+                                    "since those rounds were made; run again with --force (pipeline.run(..., "
+                                    "force=True)) to start the rounds over, which simulates them again") from None
+        state.log(f"      force: removing the rounds of other TSNPE settings in {store}")
+        shutil.rmtree(store)
+        tsnpe, posterior = run()
     posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)
     state.timed("tsnpe", start)
     state.sequential = tsnpe  # for calibrate()

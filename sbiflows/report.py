@@ -243,7 +243,9 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     for o in report["observations"]:
         lines += [f"### {o['name']}", ""]
-        checks = [f"posterior predictive: {'typical' if o['predictive']['passed'] else 'FLAGGED (atypical)'}"]
+        passed = o["predictive"]["passed"]
+        checks = ["posterior predictive: " + ("typical" if passed else "FLAGGED (atypical)" if passed is not None
+                                              else o["predictive"]["summary"])]
         if "c2st" in o:
             checks.insert(0, f"C2ST against the reference posterior: {o['c2st']:.3f} (0.5 = indistinguishable)")
         lines += [f"- {c}" for c in checks] + [""]

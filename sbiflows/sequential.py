@@ -325,8 +325,14 @@ class TSNPE:
         folder = None if layout is None else layout.root / "check"
         if folder is not None:
             folder.mkdir(exist_ok=True)
-            if (folder / "theta.npy").exists():
-                theta = torch.from_numpy(np.load(folder / "theta.npy"))
+            if (folder / "theta.npy").exists():  # the check of an earlier run: its rows first, then new ones
+                stored = torch.from_numpy(np.load(folder / "theta.npy"))
+                if len(stored) < n:
+                    more = derive_seed(seed, f"tsnpe/check/proposal/{len(stored)}")
+                    extra, _, _ = _draw(proposal, n - len(stored), more)
+                    atomic_npy(folder / "theta.npy", torch.cat([stored, extra.to(stored.dtype)]).numpy())
+                    stored = torch.from_numpy(np.load(folder / "theta.npy"))
+                theta = stored[:n]
             else:
                 atomic_npy(folder / "theta.npy", theta.numpy())
         sims = simulate(simulator, theta, seed=derive_seed(seed, "tsnpe/check/simulate"), progress=progress,
@@ -364,6 +370,7 @@ def _observations_quiet():
 
 def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:
     """What a store's rounds depend on (a resumed run must match them)."""
+    from sbiflows.pipeline_resume import prior_identity
     from sbiflows.report import jsonable
 
     return jsonable({
@@ -371,4 +378,5 @@ def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_option
         "truncation": truncation, "fit_options": fit_options,
         "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
         "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),
+        "prior_identity": prior_identity(tsnpe.prior),  # the repr of a box prior does not show its bounds
     })

@@ -34,6 +34,10 @@ def atomic_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+class RoundStoreMismatchError(ValueError):
+    """The store holds a TSNPE run with other settings."""
+
+
 class RoundStore:
     """The store folder of a run (see the module docstring): ``tsnpe.json`` and one folder per round."""
 
@@ -46,10 +50,11 @@ class RoundStore:
         path = self.root / MANIFEST
         if path.exists():
             self.manifest = json.loads(path.read_text())
-            old = self.manifest.get("settings")
-            if old != settings:
-                changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
-                raise ValueError(f"the store {self.root} holds a TSNPE run with other settings ({', '.join(changed)}); "
+            old = self.manifest.get("settings") or {}
+            # a setting an earlier version did not record cannot be compared: its stores resume as before
+            changed = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
+            if changed:
+                raise RoundStoreMismatchError(f"the store {self.root} holds a TSNPE run with other settings ({', '.join(changed)}); "
                                  "use another store path, or delete it to start over")
         else:
             if any(self.root.iterdir()):

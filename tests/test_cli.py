@@ -420,6 +420,46 @@ def test_user_simulator_input_is_checked_after_one_probe_simulation(tmp_path, mo
     sys.modules.pop("usermodel")
 
 
+def test_a_failing_probe_is_a_note_and_a_resumed_run_reads_the_shape_from_its_store(tmp_path, monkeypatch, capsys):
+    """The probe's one simulation may fail (the run counts failures itself); a resume pays for no probe."""
+    import sbiflows.pipeline
+    from sbiflows import simulate_from_prior
+
+    (tmp_path / "usermodel.py").write_text(USER_MODEL + textwrap.dedent("""
+        FAIL = []  # how many calls fail from now on
+
+        def flaky(theta):
+            CALLS.append(len(theta))
+            if FAIL and FAIL[0] > 0:
+                FAIL[0] -= 1
+                raise RuntimeError("no convergence")
+            return torch.cat([theta, theta.sum(-1, keepdim=True)], -1)
+    """))
+    (tmp_path / "x.csv").write_text("1,2,3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usermodel
+
+    seen = []
+    monkeypatch.setattr(sbiflows.pipeline, "run", recording_run(seen))
+    command = ["fit", "--simulator", "usermodel:flaky", "--prior", "usermodel:prior", "--observation", "x.csv",
+               "--out", str(tmp_path / "run"), *SMALL]
+    usermodel.FAIL[:] = [3]
+    assert main(command) == 0  # no traceback: the shape is checked after simulating
+    assert "3 probe simulations failed" in capsys.readouterr().err and seen[-1].observations[0].x.shape == (3,)
+    usermodel.FAIL[:] = [1]
+    usermodel.CALLS.clear()
+    assert main([*command[:-len(SMALL)], "--out", str(tmp_path / "other"), *SMALL]) == 0  # the second draw works
+    assert usermodel.CALLS == [1, 1] and "probe" not in capsys.readouterr().err
+    assert seen[-1].settings()["embedding"] == "none"  # NPE's rule for 3 values, named in the settings
+    simulate_from_prior(usermodel.flaky, usermodel.prior, 20, seed=0, batch_size=10, store=tmp_path / "other" /
+                        "simulations.zarr")  # what that run stored before a kill
+    usermodel.CALLS.clear()
+    assert main([*command[:-len(SMALL)], "--out", str(tmp_path / "other"), *SMALL]) == 0
+    assert usermodel.CALLS == [] and seen[-1].settings() == seen[-2].settings()  # the stored x's shape, no probe
+    sys.modules.pop("usermodel")
+
+
 def test_task_with_a_wrong_length_observation_fails_before_simulating(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("0.1 0.2 0.3\n")
     with pytest.raises(SystemExit) as info:
@@ -447,10 +487,20 @@ def test_a_simulator_given_as_a_file_path_is_imported(tmp_path, monkeypatch, cap
     sys.modules.pop("filemodel")
 
 
+def recording_run(seen):
+    """A stand-in for the pipeline's run that only records the job it was given."""
+
+    def run(job, log=print, force=False):
+        seen.append(job)
+        return {"verdict": "calibrated"}
+
+    return run
+
+
 def fake_run(verdict):
     """A stand-in for the pipeline's run: writes one file and reports ``verdict``."""
 
-    def run(job, log=print):
+    def run(job, log=print, force=False):
         (job.out / "report.json").write_text("{}")
         return {"verdict": verdict, "advice": "advice"}
 
@@ -504,7 +554,7 @@ def test_observation_files_with_the_same_name_get_distinct_names(tmp_path, monke
     import sbiflows.pipeline
 
     seen = []
-    monkeypatch.setattr(sbiflows.pipeline, "run", lambda job, log=print: seen.append(job) or {"verdict": "calibrated"})
+    monkeypatch.setattr(sbiflows.pipeline, "run", recording_run(seen))
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "x.csv").write_text("0.1,0.2\n0.3,0.4\n")
@@ -517,7 +567,7 @@ def test_labels_option_names_the_parameters_and_is_checked(tmp_path, monkeypatch
     import sbiflows.pipeline
 
     seen = []
-    monkeypatch.setattr(sbiflows.pipeline, "run", lambda job, log=print: seen.append(job) or {"verdict": "calibrated"})
+    monkeypatch.setattr(sbiflows.pipeline, "run", recording_run(seen))
     assert main(["fit", "two_moons", "--out", str(tmp_path / "a"), "--labels", "left, right"]) == 0
     assert seen[0].parameter_names() == ["left", "right"]
     with pytest.raises(SystemExit) as info:
@@ -574,24 +624,25 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
     assert "obs1: reused 1000 predictive simulations from predictive/" in "\n".join(lines)
 
 
-def test_predictive_simulations_of_a_retrained_posterior_replace_the_old_store(tmp_path):
-    from sbiflows.pipeline import Job, _predictive_simulator, _State
-    from sbiflows.pipeline_resume import Resume
-    import simulators
 
-    task = simulators.get("two_moons")
-    calls, lines = [], []
+@pytest.mark.parametrize("change,kept,removed", [
+    ({"num_samples": 50}, ["posterior.pt", "rounds", "resume.json", "simulations.zarr", "predictive"],
+     ["samples.npz", "report.md"]),
+    ({"estimator": "maf"}, ["simulations.zarr", "calibration.zarr", "predictive"],
+     ["posterior.pt", "rounds", "resume.json", "samples.npz"]),
+    ({"seed": 1}, [], ["simulations.zarr", "calibration.zarr", "predictive", "posterior.pt", "rounds", "resume.json"]),
+    ({"timeout": 60.0}, ["simulations.zarr", "calibration.zarr", "predictive"], ["posterior.pt", "rounds"]),
+])
+def test_force_removes_only_what_the_changed_settings_invalidate(tmp_path, change, kept, removed):
+    from sbiflows.outputs import prepare, record
 
-    def simulator(theta):
-        calls.append(len(theta))
-        return task.simulate(theta)
-
-    job = Job(name="t", simulator=simulator, prior=task.prior, observations=[], out=tmp_path, batch_size=50)
-    state = _State(job, lines.append, Resume(tmp_path / "resume.json"))
-    simulate_predictive = _predictive_simulator(state, tmp_path / "predictive" / "obs1.zarr")
-    first = simulate_predictive(torch.zeros(100, 2))
-    assert calls == [50, 50] and torch.equal(simulate_predictive(torch.zeros(100, 2)), first)  # reused
-    assert calls == [50, 50] and "obs1: reused 100 predictive simulations" in lines[-1]
-    other = simulate_predictive(torch.full((100, 2), 0.5))  # draws of another posterior: simulated again
-    assert calls == [50, 50, 50, 50] and "obs1: the posterior changed" in lines[-1]
-    assert not torch.equal(other, first) and torch.isfinite(other).all()
+    settings = {"seed": 0, "estimator": "nsf", "num_samples": 100, "timeout": None}
+    prepare(tmp_path, settings)
+    for name in ("simulations.zarr", "calibration.zarr", "predictive", "rounds"):
+        (tmp_path / name).mkdir()
+    for name in ("posterior.pt", "resume.json", "samples.npz", "report.md", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    record(tmp_path, settings)
+    prepare(tmp_path, {**settings, **change}, force=True)
+    assert all((tmp_path / name).exists() for name in [*kept, "notes.txt"]), sorted(p.name for p in tmp_path.iterdir())
+    assert not any((tmp_path / name).exists() for name in removed), sorted(p.name for p in tmp_path.iterdir())

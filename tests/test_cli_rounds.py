@@ -72,6 +72,22 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     printed = capsys.readouterr().out
     assert "resuming after round 2" in printed and "round 1:" not in printed
     assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
+    # only settings of the later steps changed: --force keeps the rounds (their simulations) and resumes them
+    assert main([*argv, "--num-samples", "300", "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming after round 2" in printed and "round 1:" not in printed
+    # rounds made under another TSNPE default (the job's settings unchanged): refused in one line, then --force
+    manifest = json.loads((out / "rounds" / "tsnpe.json").read_text())
+    manifest["settings"]["truncation"]["quantile"] = 0.5  # as if the default had been another
+    (out / "rounds" / "tsnpe.json").write_text(json.dumps(manifest))
+    rerun = [*argv, "--num-samples", "300"]
+    with pytest.raises(SystemExit) as info:
+        main(rerun)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds a TSNPE run with other settings (truncation)" in err and "--force" in err
+    assert main([*rerun, "--force"]) == 0
+    assert "force: removing the rounds of other TSNPE settings" in capsys.readouterr().out
+    assert json.loads((out / "rounds" / "tsnpe.json").read_text())["settings"]["truncation"]["quantile"] != 0.5
 
 
 def test_the_advice_of_a_sequential_run_asks_only_for_what_tsnpe_takes():

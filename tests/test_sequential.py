@@ -181,6 +181,16 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     # (the MAF was TSNPE's default before the spline flow) are refused, not resumed with another network
     with pytest.raises(ValueError, match="other settings.*npe_options"):
         TSNPE(PRIOR, **{k: v for k, v in SMALL.items() if k != "estimator"}).run(simulator, X_O, store=store, **options)
+    # a box of other bounds has the same repr: its identity (a digest of the bounds) tells them apart
+    with pytest.raises(ValueError, match="other settings.*prior_identity"):
+        TSNPE(box_uniform([-3.0, -3.0], [3.0, 4.0]), **SMALL).run(simulator, X_O, store=store, **options)
+    # a store written before the identity was recorded resumes as before
+    manifest = json.loads((store / "tsnpe.json").read_text())
+    del manifest["settings"]["prior_identity"]
+    (store / "tsnpe.json").write_text(json.dumps(manifest))
+    MODE.update(calls=0)
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 0
 
 
 def test_bad_inputs(tmp_path):
@@ -332,3 +342,23 @@ def test_rounds_with_ensemble_auto_decide_in_the_first_round_and_resume_with_the
     resumed = TSNPE(PRIOR, **SMALL, ensemble="auto").run(simulator, X_O, store=store, **options)
     assert resumed.config["ensemble"] == flows and resumed.config["ensemble_auto"] == reference.config["ensemble_auto"]
     assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
+
+
+def test_a_larger_final_check_keeps_the_earlier_checks_simulations_and_a_smaller_one_reads_them(tmp_path):
+    import numpy as np
+
+    options = {"rounds": 2, "simulations": 400, "seed": 2, "batch_size": 50, "check_samples": 100, **FAST}
+    store = tmp_path / "run"
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, check_simulations=100, **options)
+    MODE.update(calls=0)
+    larger = TSNPE(PRIOR, **SMALL)
+    larger.run(simulator, X_O, store=store, check_simulations=150, **options)
+    assert MODE["calls"] == 1 and larger.check.num_datasets == 150  # one chunk of 50 new check rows
+    theta = np.load(store / "check" / "theta.npy")
+    assert len(theta) == 150
+    MODE.update(calls=0)
+    smaller = TSNPE(PRIOR, **SMALL)
+    with pytest.warns(UserWarning, match="only 50 datasets"):
+        smaller.run(simulator, X_O, store=store, check_simulations=50, **options)
+    assert MODE["calls"] == 0 and smaller.check.num_datasets == 50
+    assert np.array_equal(np.load(store / "check" / "theta.npy"), theta)  # the first 50 rows, read
