@@ -248,6 +248,15 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
     removed = outputs.prepare(job.out, settings, force=force, spelling="python")
     if removed:
         log(f"force: removed {len(removed)} outputs of the earlier run in {job.out}: {', '.join(removed)}")
+    try:
+        state = _run(job, log, force)
+    finally:  # what the folder holds now, also after an error or Ctrl-C, so that force can remove it
+        outputs.record(job.out, settings)
+    log(f"done: report in {(job.out / 'report.md').resolve()}")
+    return state.report
+
+
+def _run(job: Job, log: Callable[[str], None], force: bool) -> _State:
     state = _State(job, log, Resume(job.out / "resume.json"), force=force)
     state.report.update(name=job.name, command=job.command, simulations=job.simulations, **job.estimator_options,
                         embedding=job.embedding, seed=job.seed,
@@ -263,9 +272,7 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
     state.report["timings_seconds"] = state.timings
     (job.out / "report.json").write_text(json.dumps(jsonable(state.report), indent=2))
     write_markdown(state.report, job.out / "report.md")
-    outputs.record(job.out, settings)
-    log(f"done: report in {(job.out / 'report.md').resolve()}")
-    return state.report
+    return state
 
 
 # -------------------------------------------------------------------------------------- steps

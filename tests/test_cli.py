@@ -646,3 +646,28 @@ def test_force_removes_only_what_the_changed_settings_invalidate(tmp_path, chang
     prepare(tmp_path, {**settings, **change}, force=True)
     assert all((tmp_path / name).exists() for name in [*kept, "notes.txt"]), sorted(p.name for p in tmp_path.iterdir())
     assert not any((tmp_path / name).exists() for name in removed), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_run_stopped_after_training_records_what_it_wrote_so_force_can_replace_it(tmp_path, monkeypatch):
+    import sbiflows.pipeline
+    from sbiflows.pipeline import Job, Observation, run
+    import simulators
+
+    task = simulators.get("two_moons")
+
+    def job(**options):
+        return Job(name="two_moons", simulator=task.simulate, prior=task.prior, out=tmp_path, simulations=200,
+                   observations=[Observation("obs1", task.observation(1), None, None)], max_epochs=2,
+                   progress=False, ensemble=1, **options)
+
+    def interrupted(state, posterior):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sbiflows.pipeline, "_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(job(), log=lambda line: None)
+    files = json.loads((tmp_path / "run.json").read_text())["files"]
+    assert {"posterior.pt", "simulations.zarr", "resume.json"} <= set(files)
+    monkeypatch.undo()
+    assert run(job(seed=1, num_samples=100, calibration_datasets=100, calibration_samples=100, c2st_samples=100,
+                   reference=False), log=lambda line: None, force=True)["seed"] == 1
