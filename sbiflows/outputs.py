@@ -15,11 +15,12 @@ seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wro
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
 
-__all__ = ["MANIFEST", "OutputFolderError", "prepare", "record"]
+__all__ = ["MANIFEST", "OutputFolderError", "adopt", "prepare", "record"]
 
 #: The file that marks a folder as an sbiflows run.
 MANIFEST = "run.json"
@@ -35,7 +36,8 @@ STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size")
 SEQUENTIAL = "rounds"
 #: Settings that only steps after training use: when nothing else changed, ``force`` keeps the trained
 #: posterior, the rounds of a sequential run and ``resume.json`` (which says which later steps to redo).
-AFTER_TRAINING = ("name", "labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
+#: (Not ``name``: the training step's record names the simulator by it.)
+AFTER_TRAINING = ("labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
                   "reference")
 
 
@@ -135,6 +137,28 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
             removed.append(name)
     _write(out, {"settings": settings, "files": [name for name in manifest.get("files", []) if name not in removed]})
     return removed
+
+
+def adopt(out: Path, settings: dict, *, spelling: str = "cli") -> bool:
+    """Give a folder that :func:`sbiflows.pipeline.run` wrote before it recorded :data:`MANIFEST` (it holds
+    only outputs of :data:`OUTPUTS`, among them ``resume.json``) a manifest with ``settings``, so that it
+    resumes: its ``resume.json`` and the stores' own checks decide what is reused. Returns whether it did.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> _ = (out / "resume.json").write_text("{}")
+        >>> adopt(out, {"seed": 0}), prepare(out, {"seed": 0})
+        (True, [])
+    """
+    out = Path(out)
+    if not out.is_dir() or (out / MANIFEST).exists() or not (out / "resume.json").exists():
+        return False
+    entries = list(out.iterdir())
+    if not all(any(fnmatch.fnmatch(path.name, pattern) for pattern in OUTPUTS) for path in entries):
+        return False
+    _write(out, {"settings": settings, "files": sorted(path.name for path in entries)})
+    return True
 
 
 def record(out: Path, settings: dict) -> None:

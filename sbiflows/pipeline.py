@@ -245,6 +245,7 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
         raise ValueError(f"a sequential run (rounds={job.rounds}) is for exactly one observation, got {len(names)}")
     job.out = Path(job.out)
     settings = job.settings()
+    _adopt(job, settings, force=force)
     removed = outputs.prepare(job.out, settings, force=force, spelling="python")
     if removed:
         log(f"force: removed {len(removed)} outputs of the earlier run in {job.out}: {', '.join(removed)}")
@@ -254,6 +255,18 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
         outputs.record(job.out, settings)
     log(f"done: report in {(job.out / 'report.md').resolve()}")
     return state.report
+
+
+def _adopt(job: Job, settings: dict, *, force: bool) -> None:
+    """A folder of an earlier ``run`` that did not record ``run.json`` resumes (:func:`sbiflows.outputs.adopt`),
+    unless its posterior was trained with other settings: then it is refused, as a run of other settings is."""
+    trained = Resume(job.out / "resume.json").steps.get("train") if job.out.is_dir() else None
+    if (not force and trained is not None and (job.out / "posterior.pt").exists()
+            and not (job.out / outputs.MANIFEST).exists() and trained != jsonable(_training_settings(job))):
+        raise outputs.OutputFolderError(
+            f"Job.out {str(job.out)!r} holds a posterior that an earlier pipeline.run trained with other settings; "
+            "choose another Job.out, or pass force=True to train over it")
+    outputs.adopt(job.out, settings)
 
 
 def _run(job: Job, log: Callable[[str], None], force: bool) -> _State:

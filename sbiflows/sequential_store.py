@@ -54,8 +54,12 @@ class RoundStore:
             # a setting an earlier version did not record cannot be compared: its stores resume as before
             changed = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
             if changed:
-                raise RoundStoreMismatchError(f"the store {self.root} holds a TSNPE run with other settings ({', '.join(changed)}); "
-                                 "use another store path, or delete it to start over")
+                raise RoundStoreMismatchError(f"the store {self.root} holds a TSNPE run with other settings "
+                                              f"({', '.join(changed)}); use another store path, or delete it to "
+                                              "start over")
+            if set(settings) - set(old):  # record them now, so that later resumes compare them
+                self.manifest["settings"] = settings
+                self._write()
         else:
             if any(self.root.iterdir()):
                 raise ValueError(f"store {self.root} is a non-empty folder without {MANIFEST}; use an empty or new one")

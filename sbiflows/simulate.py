@@ -22,8 +22,8 @@ reproduced by anyone. Torch's and NumPy's global generator states are the same a
 a timeout, a worker process that dies: the rows concerned become NaN and are listed in
 :attr:`SimulationResult.failures`, and the run goes on. A chunk whose call failed is retried row by row
 to isolate the bad rows. A simulator that cannot run at all (its first twenty failed rows share one
-exception type and nothing succeeded before them, in this call or in the store it resumes) stops the run
-with :class:`SimulationError`.
+exception type and nothing succeeded before them in this call) stops the run with
+:class:`SimulationError`, also when it resumes a store: a simulator that worked before may be broken now.
 
 **Timeouts kill.** With ``timeout``, the simulator runs in a worker process that is killed (with any
 process it started) when a call runs past the limit; with ``workers`` None or 1 that means one worker
@@ -179,7 +179,7 @@ def simulate(
         progress: Show progress (a bar in terminals and notebooks, a line every 30 s in logs).
         vectorized: False for a simulator that takes one parameter set at a time.
         retry_failed: Simulate the failed rows of a store again instead of keeping them as failed (rows
-            that timed out under a shorter ``timeout`` than this call's, or with no limit now, always are).
+            that timed out under a shorter ``timeout`` than this call's always are).
 
     Returns:
         A :class:`SimulationResult`.

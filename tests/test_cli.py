@@ -671,3 +671,37 @@ def test_a_run_stopped_after_training_records_what_it_wrote_so_force_can_replace
     monkeypatch.undo()
     assert run(job(seed=1, num_samples=100, calibration_datasets=100, calibration_samples=100, c2st_samples=100,
                    reference=False), log=lambda line: None, force=True)["seed"] == 1
+
+
+def test_a_folder_of_an_earlier_pipeline_run_without_run_json_resumes(tmp_path):
+    from sbiflows.outputs import OutputFolderError
+    from sbiflows.pipeline import Job, Observation, run
+    import simulators
+
+    task = simulators.get("two_moons")
+    calls = []
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return task.simulate(theta)
+
+    def job(**options):
+        return Job(name="two_moons", simulator=simulator, prior=task.prior, out=tmp_path, simulations=200,
+                   observations=[Observation("obs1", task.observation(1), None, None)], num_samples=100,
+                   calibration_datasets=100, calibration_samples=100, c2st_samples=100, reference=False,
+                   max_epochs=2, progress=False, ensemble=1, **options)
+
+    run(job(), log=lambda line: None)
+    (tmp_path / "run.json").unlink()  # what pipeline.run left before it recorded one
+    trained = (tmp_path / "posterior.pt").read_bytes()
+    calls.clear()
+    lines = []
+    run(job(), log=lines.append)  # resumes: nothing simulated or trained again
+    assert calls == [] and any("reusing the posterior" in line for line in lines)
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(OutputFolderError, match="trained with other settings.*force=True"):
+        run(job(learning_rate=1e-2), log=lambda line: None)
+    assert (tmp_path / "posterior.pt").read_bytes() == trained and not (tmp_path / "run.json").exists()
+    (tmp_path / "notes.txt").write_text("mine")  # a folder holding more than sbiflows outputs is not taken over
+    with pytest.raises(OutputFolderError, match="not written by sbiflows fit"):
+        run(job(), log=lambda line: None)

@@ -190,7 +190,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     (store / "tsnpe.json").write_text(json.dumps(manifest))
     MODE.update(calls=0)
     TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
-    assert MODE["calls"] == 0
+    assert MODE["calls"] == 0 and "prior_identity" in json.loads((store / "tsnpe.json").read_text())["settings"]
 
 
 def test_bad_inputs(tmp_path):

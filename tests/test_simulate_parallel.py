@@ -121,6 +121,9 @@ def test_rows_that_timed_out_run_again_only_under_a_longer_limit(tmp_path, monke
     with pytest.warns(UserWarning, match="TimeoutError 1"):
         same = simulate(slow_or_broken, theta, batch_size=4, timeout=0.5, store=store)  # same limit: kept
     assert len(list(calls.iterdir())) == before and same.reused == 4
+    with pytest.warns(UserWarning, match="TimeoutError 1"):  # no limit now: kept, since nothing could stop a
+        unlimited = simulate(slow_or_broken, theta, batch_size=4, store=store)  # row that hangs again
+    assert len(list(calls.iterdir())) == before and unlimited.reused == 4
     with pytest.warns(UserWarning, match="ValueError 1"):
         longer = simulate(slow_or_broken, theta, batch_size=4, timeout=30.0, store=store)
     assert len(list(calls.iterdir())) == before + 1  # only the row that timed out ran again

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from sbiflows import SimulationInterrupted, load_simulations, simulate, simulate_from_prior
+from sbiflows import SimulationError, SimulationInterrupted, load_simulations, simulate, simulate_from_prior
 from sbiflows.simulate import StoreMismatchError
 from processes import bitwise_equal, wait_for_exit
 
@@ -78,21 +78,35 @@ def test_a_store_of_another_run_is_refused_not_mixed(tmp_path, change):
         simulate_from_prior(args.pop("simulator"), args.pop("prior"), 60, store=store, **args)  # x: on new chunks
 
 
-def shape_of_rows_above_100(theta):
-    """x = theta, but a chunk whose first parameter is 100 or more returns one value per row too many."""
-    return torch.cat([theta, theta[:, :1]], 1) if theta[0, 0] >= 100 else theta
+SHAPE_BUG = {"on": True}
 
 
-def test_a_bad_output_in_the_first_chunk_after_a_resume_is_a_counted_failure_not_a_refusal(tmp_path):
-    store = tmp_path / "sims.zarr"
-    theta = torch.arange(600.0).reshape(300, 2) / 2  # the chunks of rows 100-199 and 200-299 start at 100 and 200
-    simulate(shape_of_rows_above_100, theta[:100], batch_size=100, store=store)  # as if killed after one chunk
-    with pytest.warns(UserWarning, match=r"BadOutput 200.*the store's rows have \(2,\)"):
-        result = simulate(shape_of_rows_above_100, theta, batch_size=100, store=store)
-    assert result.reused == 100 and result.num_invalid == 200 and torch.equal(result.x[:100], theta[:100])
-    with pytest.warns(UserWarning, match="BadOutput 200"):  # and the next rerun resumes with the same counts
-        again = simulate(shape_of_rows_above_100, theta, batch_size=100, store=store)
-    assert again.reused == 300 and again.num_invalid == 200
+def shape_of_rows_from_200(theta):
+    """x = theta, but (while ``SHAPE_BUG["on"]``) a chunk whose first parameter is 200 or more returns one
+    value per row too many."""
+    return torch.cat([theta, theta[:, :1]], 1) if SHAPE_BUG["on"] and theta[0, 0] >= 200 else theta
+
+
+def test_a_chunk_of_another_shape_after_a_resume_is_a_counted_failure_and_a_broken_simulator_still_stops(tmp_path):
+    theta = torch.arange(600.0).reshape(300, 2) / 2  # chunks of 100 rows start at theta 0, 100 and 200
+    store = tmp_path / "a.zarr"
+    simulate(shape_of_rows_from_200, theta[:100], batch_size=100, store=store)  # as if killed after one chunk
+    with pytest.warns(UserWarning, match=r"BadOutput 100.*but earlier chunks had \(2,\)"):
+        result = simulate(shape_of_rows_from_200, theta, batch_size=100, store=store)  # a success, then the chunk
+    assert result.reused == 100 and result.num_invalid == 100 and torch.equal(result.x[:200], theta[:200])
+    with pytest.warns(UserWarning, match="BadOutput 100"):  # the next rerun resumes with the same counts
+        assert simulate(shape_of_rows_from_200, theta, batch_size=100, store=store).reused == 300
+    # resumed where only bad rows are left, nothing succeeds in this call: stopped early, as a broken simulator
+    store = tmp_path / "b.zarr"
+    simulate(shape_of_rows_from_200, theta[:200], batch_size=100, store=store)
+    with pytest.raises(SimulationError, match=r"cannot run.*the store's rows have \(2,\)"):
+        simulate(shape_of_rows_from_200, theta, batch_size=100, store=store)
+    SHAPE_BUG["on"] = False  # fixed: the stored rows are kept, only the rest is simulated
+    try:
+        again = simulate(shape_of_rows_from_200, theta, batch_size=100, store=store)
+    finally:
+        SHAPE_BUG["on"] = True
+    assert again.reused == 200 and again.num_invalid == 0
 
 
 def test_a_kill_while_a_new_store_creates_its_x_array_leaves_a_store_the_next_run_completes(tmp_path):

@@ -130,17 +130,16 @@ class Driver:
                 self.failures.update({start + k: v for k, v in failed.items()})
                 self.reused += stop - start
             reusable.add(c)
-            # a simulator that produced valid rows of this run before a resume can run: later failures are counted
-            self._succeeded = self._succeeded or len(failed) < stop - start
         return reusable
 
     def _longer_limit(self, kind: str, message: str) -> bool:
-        """Whether a stored row that timed out ran under a shorter limit than this run's (or none now): it
-        is simulated again, since the user raised the limit for such rows."""
-        if kind != TIMEOUT:
+        """Whether a stored row that timed out ran under a shorter limit than this run's: it is simulated
+        again, since the user raised the limit for such rows (not without a limit: nothing could stop a
+        row that hangs again)."""
+        if kind != TIMEOUT or self.timeout is None:
             return False
         match = re.search(r"timeout of ([0-9.e+-]+) s", message)
-        return match is not None and (self.timeout is None or self.timeout > float(match.group(1)) * (1 + 1e-9))
+        return match is not None and self.timeout > float(match.group(1)) * (1 + 1e-9)
 
     # ------------------------------------------------------------------------------- loop
     def run(self) -> np.ndarray | None:
