@@ -599,9 +599,9 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
 
     def job(**options):
         return Job(name="two_moons", simulator=simulator, prior=task.prior, out=tmp_path, simulations=200,
-                   observations=[Observation("obs1", task.observation(1), None, None)], num_samples=100,
+                   observations=[Observation("obs1", task.observation(1), None, None)],
                    calibration_datasets=100, calibration_samples=100, c2st_samples=100, reference=False,
-                   max_epochs=2, progress=False, **options)
+                   max_epochs=2, progress=False, **{"num_samples": 100, **options})
 
     old = job(ensemble=1).settings()
     prepare(tmp_path, old)
@@ -622,6 +622,9 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
     run(job(), log=lines.append)  # the same settings resume: nothing is simulated again, not even the
     assert calls == []  # posterior predictive check's 1,000 draws (kept in predictive/obs1.zarr)
     assert "obs1: reused 1000 predictive simulations from predictive/" in "\n".join(lines)
+    lines.clear()
+    run(job(num_samples=50), log=lines.append, force=True)  # a later step's setting: the posterior is kept
+    assert calls == [] and any("reusing the posterior" in line for line in lines)
 
 
 
