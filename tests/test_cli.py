@@ -585,23 +585,31 @@ def test_a_run_made_before_the_auto_snapshots_default_is_told_how_to_resume(tmp_
     assert prepare(tmp_path, {"seed": 0, "ensemble": 1}) == []  # and with --ensemble 1 it does
 
 
-def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
-    from sbiflows.outputs import OutputFolderError, prepare, record
-    from sbiflows.pipeline import Job, Observation, run
+def tiny_job(out, calls, **options):
+    """A two_moons job of 200 simulations and two epochs whose simulator appends its batch sizes to ``calls``."""
+    from sbiflows.pipeline import Job, Observation
     import simulators
 
     task = simulators.get("two_moons")
-    calls = []
 
     def simulator(theta):
         calls.append(len(theta))
         return task.simulate(theta)
 
+    defaults = {"num_samples": 100, "calibration_datasets": 100, "calibration_samples": 100, "c2st_samples": 100,
+                "reference": False, "max_epochs": 2, "progress": False}
+    return Job(name="two_moons", simulator=simulator, prior=task.prior, out=out, simulations=200,
+               observations=[Observation("obs1", task.observation(1), None, None)], **{**defaults, **options})
+
+
+def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
+    from sbiflows.outputs import OutputFolderError, prepare, record
+    from sbiflows.pipeline import run
+
+    calls = []
+
     def job(**options):
-        return Job(name="two_moons", simulator=simulator, prior=task.prior, out=tmp_path, simulations=200,
-                   observations=[Observation("obs1", task.observation(1), None, None)],
-                   calibration_datasets=100, calibration_samples=100, c2st_samples=100, reference=False,
-                   max_epochs=2, progress=False, **{"num_samples": 100, **options})
+        return tiny_job(tmp_path, calls, **options)
 
     old = job(ensemble=1).settings()
     prepare(tmp_path, old)
@@ -678,21 +686,12 @@ def test_a_run_stopped_after_training_records_what_it_wrote_so_force_can_replace
 
 def test_a_folder_of_an_earlier_pipeline_run_without_run_json_resumes(tmp_path):
     from sbiflows.outputs import OutputFolderError
-    from sbiflows.pipeline import Job, Observation, run
-    import simulators
+    from sbiflows.pipeline import run
 
-    task = simulators.get("two_moons")
     calls = []
 
-    def simulator(theta):
-        calls.append(len(theta))
-        return task.simulate(theta)
-
     def job(**options):
-        return Job(name="two_moons", simulator=simulator, prior=task.prior, out=tmp_path, simulations=200,
-                   observations=[Observation("obs1", task.observation(1), None, None)], num_samples=100,
-                   calibration_datasets=100, calibration_samples=100, c2st_samples=100, reference=False,
-                   max_epochs=2, progress=False, ensemble=1, **options)
+        return tiny_job(tmp_path, calls, ensemble=1, **options)
 
     run(job(), log=lambda line: None)
     (tmp_path / "run.json").unlink()  # what pipeline.run left before it recorded one
