@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,11 +24,11 @@ from torch.distributions import Distribution
 
 from sbiflows import diagnostics, outputs, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
-from sbiflows.diagnostics.verdict import ADVICE
 from sbiflows.embeddings import from_choice
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
+from sbiflows.pipeline_calibration import calibrate, save_figure
 from sbiflows.pipeline_predictive import predictive_entry
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
@@ -44,9 +43,8 @@ from sbiflows.report import (
     training_record,
     write_markdown,
 )
-from sbiflows.seeding import derive_seed
 from sbiflows.sequential import check_sequential_options
-from sbiflows.simulate import SimulationResult, simulate, simulate_from_prior
+from sbiflows.simulate import SimulationResult, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space
 
@@ -281,7 +279,7 @@ def _run(job: Job, log: Callable[[str], None], force: bool) -> _State:
         posterior = _train(state, _simulate(state))
     samples = _sample(state, posterior)
     _check_observations(state, posterior, samples)
-    (pipeline_sequential.calibrate if job.rounds > 1 else _calibrate)(state, posterior)
+    (pipeline_sequential.calibrate if job.rounds > 1 else calibrate)(state, posterior)
     state.report["timings_seconds"] = state.timings
     (job.out / "report.json").write_text(json.dumps(jsonable(state.report), indent=2))
     write_markdown(state.report, job.out / "report.md")
@@ -387,57 +385,10 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         figure = plots.corner(samples[:, b], truths=observation.true_parameters, reference=reference,
                               labels=labels, title=f"{job.name}: {observation.name}", quiet=True)
         entry["corner"] = f"corner_{observation.name}"
-        _save_figure(figure, job.out / entry["corner"])
+        save_figure(figure, job.out / entry["corner"])
         entries.append(entry)
     state.timed("observation_checks", start)
     state.report["observations"] = entries
     c2sts = [e["c2st"] for e in entries if "c2st" in e]
     if c2sts:
         state.report["mean_c2st"] = float(np.mean(c2sts))
-
-
-def _calibrate(state: _State, posterior: Posterior) -> None:
-    """SBC, expected coverage and TARP on fresh simulations, with their figures."""
-    job, start = state.job, time.perf_counter()
-    state.log(f"[5/5] calibration on {job.calibration_datasets} fresh simulations x {job.calibration_samples} "
-              "posterior draws")
-    fresh = simulate_from_prior(job.simulator, job.prior, job.calibration_datasets,
-                                seed=derive_seed(job.seed, "calibration"), store=job.out / "calibration.zarr",
-                                progress=job.progress, **job.engine)
-    if fresh.reused:
-        state.log(f"      reused {fresh.reused} calibration simulations from the store")
-    fresh.padded_trials = posterior.net.padded_trials  # padded sets are not failures
-    valid = fresh.valid
-    options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
-               "x": fresh.x[valid], "progress": job.progress}
-    labels = job.parameter_names()
-    checks = {
-        "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,
-                               parameter_names=[plain_label(n) for n in labels]),
-        "coverage": diagnostics.expected_coverage(posterior, job.prior, job.simulator, **options),
-        "tarp": diagnostics.tarp(posterior, job.prior, job.simulator, **options),
-    }
-    state.timed("calibration", start)
-    words = {key: diagnostics.verdict(r) for key, r in checks.items()}
-    state.report["calibration"] = {
-        key: {"verdict": words[key], "passed": bool(r.passed), "summary": str(r), "result": jsonable(r)}
-        for key, r in checks.items()
-    }
-    state.report["verdict"] = diagnostics.overall(words.values())
-    state.report["advice"] = ADVICE[state.report["verdict"]]
-    for key, figure in (
-        ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels, kind="ecdf")),
-        ("coverage", plots.coverage(checks["coverage"])),
-        ("tarp", plots.tarp(checks["tarp"])),
-    ):
-        _save_figure(figure, job.out / key)
-    for key in checks:
-        state.log(f"      {key}: {words[key]}")
-    state.log(f"      calibration: {state.report['verdict']}: {state.report['advice']}")
-
-
-def _save_figure(figure, stem: Path) -> None:
-    """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure."""
-    figure.savefig(stem.with_suffix(".png"), dpi=300)
-    figure.savefig(stem.with_suffix(".pdf"))
-    plt.close(figure)

@@ -116,7 +116,7 @@ def calibrate(state, posterior: Posterior) -> None:
     state.report["not_applicable"] = dict(NOT_APPLICABLE)
     state.report["verdict"] = diagnostics.overall([word])
     state.report["advice"] = SEQUENTIAL_ADVICE[state.report["verdict"]]
-    from sbiflows.pipeline import _save_figure
+    from sbiflows.pipeline_calibration import save_figure
 
-    _save_figure(plots.coverage(check), state.job.out / "coverage")
+    save_figure(plots.coverage(check), state.job.out / "coverage")
     state.log(f"[5/5] calibration on the last truncated prior: {word}: {state.report['advice']}")

@@ -1,0 +1,65 @@
+"""Step 5 of ``sbiflows fit`` for an amortized posterior: SBC, expected coverage and TARP on fresh simulations
+(kept in ``calibration.zarr``), their figures, and the verdict in words."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from sbiflows import diagnostics, plots
+from sbiflows.diagnostics.verdict import ADVICE
+from sbiflows.posterior import Posterior
+from sbiflows.report import jsonable, plain_label
+from sbiflows.seeding import derive_seed
+from sbiflows.simulate import simulate_from_prior
+
+__all__ = ["calibrate", "save_figure"]
+
+
+def calibrate(state, posterior: Posterior) -> None:
+    """SBC, expected coverage and TARP on fresh simulations, with their figures."""
+    job, start = state.job, time.perf_counter()
+    state.log(f"[5/5] calibration on {job.calibration_datasets} fresh simulations x {job.calibration_samples} "
+              "posterior draws")
+    fresh = simulate_from_prior(job.simulator, job.prior, job.calibration_datasets,
+                                seed=derive_seed(job.seed, "calibration"), store=job.out / "calibration.zarr",
+                                progress=job.progress, **job.engine)
+    if fresh.reused:
+        state.log(f"      reused {fresh.reused} calibration simulations from the store")
+    fresh.padded_trials = posterior.net.padded_trials  # padded sets are not failures
+    valid = fresh.valid
+    options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
+               "x": fresh.x[valid], "progress": job.progress}
+    labels = job.parameter_names()
+    checks = {
+        "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,
+                               parameter_names=[plain_label(n) for n in labels]),
+        "coverage": diagnostics.expected_coverage(posterior, job.prior, job.simulator, **options),
+        "tarp": diagnostics.tarp(posterior, job.prior, job.simulator, **options),
+    }
+    state.timed("calibration", start)
+    words = {key: diagnostics.verdict(r) for key, r in checks.items()}
+    state.report["calibration"] = {
+        key: {"verdict": words[key], "passed": bool(r.passed), "summary": str(r), "result": jsonable(r)}
+        for key, r in checks.items()
+    }
+    state.report["verdict"] = diagnostics.overall(words.values())
+    state.report["advice"] = ADVICE[state.report["verdict"]]
+    for key, figure in (
+        ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels, kind="ecdf")),
+        ("coverage", plots.coverage(checks["coverage"])),
+        ("tarp", plots.tarp(checks["tarp"])),
+    ):
+        save_figure(figure, job.out / key)
+    for key in checks:
+        state.log(f"      {key}: {words[key]}")
+    state.log(f"      calibration: {state.report['verdict']}: {state.report['advice']}")
+
+
+def save_figure(figure, stem: Path) -> None:
+    """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure."""
+    figure.savefig(stem.with_suffix(".png"), dpi=300)
+    figure.savefig(stem.with_suffix(".pdf"))
+    plt.close(figure)
