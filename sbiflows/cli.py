@@ -13,9 +13,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
-        with torch_threads():  # the rule of sbiflows.threads, for the user's in-process simulator too
+        with torch_threads(), _one_line_warnings():  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
     except outputs.OutputFolderError as error:  # e.g. a sequential run's rounds made under other TSNPE defaults
         parser.exit(2, f"sbiflows fit: error: {error}\n")
@@ -91,6 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings as one line (``sbiflows fit: warning: ...``), not Python's file, line number and source line."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"sbiflows fit: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def _dask_client(address: str):

@@ -707,3 +707,14 @@ def test_a_folder_of_an_earlier_pipeline_run_without_run_json_resumes(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")  # a folder holding more than sbiflows outputs is not taken over
     with pytest.raises(OutputFolderError, match="not written by sbiflows fit"):
         run(job(), log=lambda line: None)
+
+
+def test_warnings_of_a_fit_print_as_one_line():
+    import warnings
+
+    from sbiflows.cli import _one_line_warnings
+
+    original = warnings.formatwarning
+    with _one_line_warnings():
+        line = warnings.formatwarning(UserWarning("9 invalid (1.8%)"), UserWarning, "pipeline.py", 26, "source")
+    assert line == "sbiflows fit: warning: 9 invalid (1.8%)\n" and warnings.formatwarning is original
