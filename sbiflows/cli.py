@@ -30,6 +30,7 @@ from sbiflows.cli_observations import (
     _probe_x_shape,
     _read_observations,
     _split_observations,
+    _stored_x_shape,
 )
 from sbiflows.cli_parser import EMBEDDING_NAMES, build_parser  # noqa: F401 - public here
 from sbiflows.estimator import DEFAULT_ESTIMATOR, resolve_transformer
@@ -145,7 +146,7 @@ def _setup(args: argparse.Namespace) -> Job:
         simulator, prior, name = task.simulate, task.prior, args.task
     else:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
-    embedding, structured = args.embedding, False
+    embedding, structured, stored_shape = args.embedding, False, None
     if task is not None:
         if embedding is None:  # sequential runs take flat x: the task's structured networks become the MLP
             structured_default = task.default_embedding in ("cnn1d", "cnn2d", "set")
@@ -157,7 +158,8 @@ def _setup(args: argparse.Namespace) -> Job:
             simulator = task.simulate_structured
         x_shape = task.x_shape if structured else (task.x_dim,)
     else:
-        x_shape = _probe_x_shape(simulator, prior, args, out=args.out or Path("runs") / name)
+        stored_shape = _stored_x_shape(simulator, args, out=args.out or Path("runs") / name)
+        x_shape = stored_shape if stored_shape is not None else _probe_x_shape(simulator, prior, args)
         if embedding is None:
             embedding = "auto" if x_shape is None or len(x_shape) == 1 else "mlp"
     if embedding == "auto" and x_shape is not None:
@@ -205,7 +207,13 @@ def _setup(args: argparse.Namespace) -> Job:
     if args.rounds > args.simulations:
         raise ValueError(f"--rounds {args.rounds} needs at least one simulation per round, got --simulations "
                          f"{args.simulations}")
-    _check_observations(observations, x_shape, padded_trials=embedding == "set")
+    try:
+        _check_observations(observations, x_shape, padded_trials=embedding == "set")
+    except ValueError as error:
+        if task is None and stored_shape is not None:
+            raise ValueError(f"{error} (the shape of the x stored in {args.out or Path('runs') / name}; if the "
+                             "simulator changed, use another --out)") from None
+        raise
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     return Job(
         name=args.name or name,

@@ -58,21 +58,27 @@ def _check_observations(
 PROBES = 3
 
 
-def _probe_x_shape(simulator, prior, args: argparse.Namespace, *, out: Path) -> tuple[int, ...] | None:
-    """The shape of one of the simulator's x: the one stored in ``out``'s simulations by an earlier run of
-    this simulator and seed (a resumed run pays for no probe), else from the first of up to :data:`PROBES`
-    seeded simulations that succeeds (None if all fail)."""
+def _stored_x_shape(simulator, args: argparse.Namespace, *, out: Path) -> tuple[int, ...] | None:
+    """The x shape in ``out``'s simulations, stored by an earlier run of this simulator and seed (None if
+    there are none): a resumed run pays for no probe."""
     from sbiflows.engine.store import SimulationStore
-    from sbiflows.seeding import derive_seed
-    from sbiflows.simulate import SimulationError, _qualified_name, simulate
+    from sbiflows.simulate import _qualified_name
 
     try:
         stored = SimulationStore.read(out / "simulations.zarr")
         if stored.config.get("simulator") == _qualified_name(simulator) and stored.config.get("seed") == args.seed:
-            if stored.x_layout is not None:
-                return stored.x_layout[0]
-    except (OSError, ValueError, KeyError):  # no store, or not one sbiflows can read: probe
+            return None if stored.x_layout is None else stored.x_layout[0]
+    except (OSError, ValueError, KeyError):  # no store, or not one sbiflows can read
         pass
+    return None
+
+
+def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The shape of one of the simulator's x, from the first of up to :data:`PROBES` seeded simulations that
+    succeeds (None if all fail)."""
+    from sbiflows.seeding import derive_seed
+    from sbiflows.simulate import SimulationError, simulate
+
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(derive_seed(args.seed, "probe"))

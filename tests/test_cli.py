@@ -457,6 +457,10 @@ def test_a_failing_probe_is_a_note_and_a_resumed_run_reads_the_shape_from_its_st
     usermodel.CALLS.clear()
     assert main([*command[:-len(SMALL)], "--out", str(tmp_path / "other"), *SMALL]) == 0
     assert usermodel.CALLS == [] and seen[-1].settings() == seen[-2].settings()  # the stored x's shape, no probe
+    (tmp_path / "x4.csv").write_text("1,2,3,4\n")  # as after an edit of the simulator that adds a value to x
+    with pytest.raises(SystemExit):
+        main([*command[:-len(SMALL)], "--observation", "x4.csv", "--out", str(tmp_path / "other"), *SMALL])
+    assert "the shape of the x stored in" in capsys.readouterr().err
     sys.modules.pop("usermodel")
 
 
