@@ -29,6 +29,7 @@ from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.npe import NPE
 from sbiflows.pipeline_calibration import calibrate, save_figure
+from sbiflows.pipeline_checks import check_job, check_observation_shapes
 from sbiflows.pipeline_predictive import predictive_entry
 from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
@@ -138,6 +139,7 @@ class Job:
         if self.rounds > 1:
             check_sequential_options(self.estimator_options)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
+        check_job(self)  # counts, choices, the flow's options and the observations
 
     @property
     def estimator_options(self) -> dict:
@@ -298,6 +300,8 @@ def _simulate(state: _State) -> SimulationResult:
     if sims.reused:
         state.log(f"      reused {sims.reused} finished simulations from the store")
     state.log(f"      {sims.summary()}")
+    if sims.x is not None:  # the observations against the simulator's x, before any training
+        check_observation_shapes(job, tuple(sims.x.shape[1:]))
     return sims
 
 

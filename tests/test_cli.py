@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_training_options_reach_the_fit_and_are_part_of_the_runs_settings(tmp_pa
 
 
 def test_a_job_checks_its_training_options_before_simulating(tmp_path):
-    from sbiflows.pipeline import Job
+    from sbiflows.pipeline import Job, Observation
     import simulators
 
     task = simulators.get("two_moons")
@@ -208,7 +209,8 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         calls.append(len(theta))
         return task.simulate(theta)
 
-    common = {"name": "t", "simulator": simulator, "prior": task.prior, "observations": [], "out": tmp_path}
+    common = {"name": "t", "simulator": simulator, "prior": task.prior, "out": tmp_path,
+              "observations": [Observation("obs1", task.observation(1))]}
     with pytest.raises(ValueError, match=r"learning_rate must be None \(NPE's default\) or a real number > 0, got -0.1"):
         Job(**common, learning_rate=-0.1)
     with pytest.raises(TypeError, match="patience must be None .* or an int >= 1, got float 2.5"):
@@ -217,6 +219,21 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         Job(**common, step_drops=-1)
     with pytest.raises(ValueError, match=r"drop_patience must be None \(NPE's default\) or an int >= 1, got 0"):
         Job(**common, drop_patience=0)
+    refused = [  # the rest of a job, also checked before its first simulation
+        ({"observations": []}, ValueError, "observations must be a non-empty list"),
+        ({"observations": [Observation("o", np.zeros(2))]}, TypeError, "observation 'o': x must be a torch.Tensor"),
+        ({"observations": [Observation("o", torch.tensor([np.nan, 0.0]))]}, ValueError, "'o': x contains NaN"),
+        ({"observations": [Observation("o", torch.zeros(2), torch.zeros(3))]}, ValueError,
+         "'o': true_parameters has 3 values, but the prior has 2 parameters"),
+        ({"num_samples": 0}, ValueError, "num_samples must be an int >= 1, got 0"),
+        ({"calibration_datasets": 2.5}, TypeError, "calibration_datasets must be an int >= 1"),
+        ({"estimator": "xyz"}, ValueError, "unknown estimator 'xyz'"),
+        ({"bins": 0}, ValueError, "bins must be an int >= 1, got 0"),
+        ({"embedding": "cnn3d"}, ValueError, "embedding must be one of"),
+    ]
+    for change, error, message in refused:
+        with pytest.raises(error, match=re.escape(message)):
+            Job(**{**common, **change})
     assert calls == []
     # left at the defaults, the options are not in the settings, so runs made before they existed resume
     plain = Job(**common)
@@ -601,9 +618,10 @@ def tiny_job(out, calls, **options):
         return task.simulate(theta)
 
     defaults = {"num_samples": 100, "calibration_datasets": 100, "calibration_samples": 100, "c2st_samples": 100,
-                "reference": False, "max_epochs": 2, "progress": False}
+                "reference": False, "max_epochs": 2, "progress": False,
+                "observations": [Observation("obs1", task.observation(1), None, None)]}
     return Job(name="two_moons", simulator=simulator, prior=task.prior, out=out, simulations=200,
-               observations=[Observation("obs1", task.observation(1), None, None)], **{**defaults, **options})
+               **{**defaults, **options})
 
 
 def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
@@ -722,3 +740,14 @@ def test_warnings_of_a_fit_print_as_one_line():
     with _one_line_warnings():
         line = warnings.formatwarning(UserWarning("9 invalid (1.8%)"), UserWarning, "pipeline.py", 26, "source")
     assert line == "sbiflows fit: warning: 9 invalid (1.8%)\n" and warnings.formatwarning is original
+
+
+def test_an_observation_of_another_shape_than_the_simulations_stops_the_run_before_training(tmp_path):
+    from sbiflows.pipeline import Observation, run
+
+    calls = []
+    job = tiny_job(tmp_path, calls, observations=[Observation("o", torch.zeros(3))])
+    with pytest.raises(ValueError, match="observation 'o' has 3 values, but the simulator's x has 2"):
+        run(job, log=lambda line: None)
+    assert sum(calls) == 200 and not (tmp_path / "posterior.pt").exists()  # simulated and kept, not trained
+    assert "simulations.zarr" in json.loads((tmp_path / "run.json").read_text())["files"]

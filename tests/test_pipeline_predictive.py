@@ -21,7 +21,8 @@ class Exact:
 
 
 def job_for(simulator, tmp_path, **options):
-    return Job(name="t", simulator=simulator, prior=PRIOR, observations=[], out=tmp_path,
+    return Job(name="t", simulator=simulator, prior=PRIOR, out=tmp_path,
+               observations=[Observation("obs1", torch.zeros(2))],
                **{"batch_size": 100, **options})
 
 

@@ -246,7 +246,7 @@ def test_the_default_is_auto_snapshots_and_sequential_rounds_keep_one_flow(monke
     """NPE(prior) is ensemble="auto-snapshots" (docs/benchmarks.md, "`ensemble="auto-snapshots"` becomes the default");
     TSNPE and the command line with --rounds keep one flow per round, so earlier sequential stores resume."""
     from sbiflows import TSNPE
-    from sbiflows.pipeline import Job
+    from sbiflows.pipeline import Job, Observation
 
     _, mixed, _ = fitted
     forced_check(monkeypatch, passed=False)
@@ -255,5 +255,6 @@ def test_the_default_is_auto_snapshots_and_sequential_rounds_keep_one_flow(monke
     assert posterior.config["snapshot_epochs"] == mixed.config["snapshot_epochs"]
     assert NPE(PRIOR, ensemble=1).ensemble == 1
     assert TSNPE(PRIOR).npe.ensemble == 1 and TSNPE(PRIOR, ensemble="auto").npe.ensemble == "auto"
-    common = {"name": "t", "simulator": lambda theta: theta, "prior": PRIOR, "observations": [], "out": "unused"}
+    common = {"name": "t", "simulator": lambda theta: theta, "prior": PRIOR, "out": "unused",
+              "observations": [Observation("obs1", torch.zeros(2))]}
     assert Job(**common).ensemble == "auto-snapshots" and Job(**common, rounds=2).ensemble == 1

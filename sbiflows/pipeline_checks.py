@@ -1,0 +1,67 @@
+"""The checks of a :class:`sbiflows.pipeline.Job` that run before anything is simulated: counts, choices,
+the flow's options and the observations, so that a bad job fails in a line, not after its simulations.
+(That the observations have the simulator's x shape is checked right after simulating, before training:
+:func:`check_observation_shapes`.)"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sbiflows.checks import check_choice, check_int
+
+__all__ = ["EMBEDDINGS", "check_job", "check_observation_shapes"]
+
+#: What ``Job.embedding`` takes (``sbiflows fit --embedding``).
+EMBEDDINGS = ("none", "auto", "mlp", "linear", "cnn1d", "cnn2d", "set")
+#: The counts of a job, each at least 1.
+COUNTS = ("simulations", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
+          "max_epochs", "batch_size", "rounds")
+
+
+def check_job(job) -> None:
+    """Refuse a bad job (ValueError / TypeError naming the field) before its first simulation.
+
+    Example:
+        >>> import simulators
+        >>> from sbiflows.pipeline import Job, Observation
+        >>> task = simulators.get("two_moons")
+        >>> Job(name="t", simulator=task.simulate, prior=task.prior, out="unused", num_samples=0,
+        ...     observations=[Observation("obs1", task.observation(1))])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: num_samples must be an int >= 1, got 0
+    """
+    from sbiflows.npe import NPE
+
+    for name in COUNTS:
+        setattr(job, name, check_int(getattr(job, name), name, minimum=1))
+    job.embedding = check_choice(job.embedding, "embedding", EMBEDDINGS)
+    NPE(job.prior, **job.estimator_options)  # refuses a bad estimator, transformer, bins, ... (builds no network)
+    dim = job.prior.sample().reshape(-1).numel()
+    if not isinstance(job.observations, Sequence) or len(job.observations) == 0:
+        raise ValueError(f"observations must be a non-empty list of Observation, got {job.observations!r}")
+    for observation in job.observations:
+        where = f"observation {observation.name!r}"
+        if not isinstance(observation.x, Tensor):
+            raise TypeError(f"{where}: x must be a torch.Tensor, got {type(observation.x).__name__}")
+        if not observation.x.is_floating_point() or observation.x.numel() == 0:
+            raise ValueError(f"{where}: x must be a non-empty floating-point tensor, got dtype {observation.x.dtype} "
+                             f"and shape {tuple(observation.x.shape)}")
+        padded = job.embedding == "set" and observation.x.ndim == 2  # sets of fewer trials are NaN-padded
+        finite = torch.isfinite(observation.x)
+        if not (finite.all() or (padded and (finite.all(-1) | torch.isnan(observation.x).all(-1)).all())):
+            raise ValueError(f"{where}: x contains NaN or inf: {observation.x.reshape(-1).tolist()[:10]}")
+        truth = observation.true_parameters
+        if truth is not None and torch.as_tensor(truth).numel() != dim:
+            raise ValueError(f"{where}: true_parameters has {torch.as_tensor(truth).numel()} values, but the "
+                             f"prior has {dim} parameters")
+
+
+def check_observation_shapes(job, x_shape: tuple[int, ...]) -> None:
+    """Every observation has the simulator's x shape (known once simulations exist): ValueError naming it."""
+    from sbiflows.cli_observations import _check_observations
+
+    _check_observations(job.observations, tuple(x_shape), padded_trials=job.embedding == "set")
