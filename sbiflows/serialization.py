@@ -161,7 +161,7 @@ def read(
     Args:
         path: The file.
         prior: Required if the saved prior is not made of whitelisted classes (its spec is null);
-            otherwise it replaces the saved prior.
+            otherwise it must equal the saved prior (the same classes and parameters).
         estimator: The callable used at training time, required if the posterior was trained with one.
         embedding_net: A module of the architecture used at training time, required if one was used
             (its weights are overwritten by the saved ones).
@@ -184,6 +184,8 @@ def read(
     post_config = config["posterior"]
     if config["prior"] is not None and prior is None:
         prior = build_prior(config["prior"], prior_tensors, device=map_location)
+    elif config["prior"] is not None:
+        _check_same_prior(prior, config["prior"], prior_tensors, path)
     if prior is None:
         raise ValueError(
             f"{path} was trained with a {config['prior_class']} prior, which the file cannot describe; "
@@ -236,6 +238,18 @@ def _chunk(saved: int | None) -> int | None:
 
 def _saved_chunk(max_batch_elements: int | None) -> int:
     return LEGACY_DEFAULT_CHUNK if max_batch_elements is None else max_batch_elements
+
+
+def _check_same_prior(prior: Distribution, saved: dict, saved_tensors: dict[str, Tensor], path) -> None:
+    """A prior passed to :func:`load` must be the saved one: the posterior's theta space (a box's bounds) and
+    its meaning depend on it, so another prior would change draws and densities without a word."""
+    spec = prior_spec(prior)
+    same = spec is not None and spec[0] == saved and set(spec[1]) == set(saved_tensors) and all(
+        torch.equal(spec[1][k].detach().cpu().to(saved_tensors[k].dtype), saved_tensors[k]) for k in saved_tensors)
+    if not same:
+        shown = {k: v.tolist() for k, v in saved_tensors.items()}
+        raise ValueError(f"the prior passed to load is not the one {path} was trained with ({saved.get('class')} "
+                         f"with {shown}); leave prior out to use the saved one")
 
 
 def _check_blob(blob, path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:

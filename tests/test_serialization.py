@@ -189,6 +189,16 @@ def test_custom_prior_must_be_passed_to_load(tmp_path):
         load(tmp_path / "p.pt", prior=MultivariateNormal(torch.zeros(3), torch.eye(3)))
 
 
+def test_a_prior_passed_to_load_must_be_the_saved_one(tmp_path, box):
+    posterior, theta, x = box
+    posterior.save(tmp_path / "p.pt")
+    same = load(tmp_path / "p.pt", prior=Independent(Uniform(-torch.ones(2), torch.ones(2)), 1))
+    assert torch.equal(same.log_prob(theta, x=x[0]), posterior.log_prob(theta, x=x[0]))
+    wider = Independent(Uniform(-5 * torch.ones(2), 5 * torch.ones(2)), 1)  # would move every draw and density
+    with pytest.raises(ValueError, match=r"not the one .* was trained with .*\[-1\.0, -1\.0\].*leave prior out"):
+        load(tmp_path / "p.pt", prior=wider)
+
+
 def test_embedding_net_and_callable_estimator_must_be_passed(tmp_path):
     prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
     factory = lambda f, c: maf(f, c, transforms=1, hidden_features=(8, 8))  # noqa: E731
