@@ -68,10 +68,13 @@ from sbiflows.simulate import (
     load_simulations,
     simulate,
 )
+from sbiflows.training_options import check_fit_options
 from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
 
+#: The signature the rounds' fit options are checked against (the method as defined, even if wrapped later).
+_NPE_FIT = NPE.fit
 #: Early-stopping patience of every round's fit unless ``fit_options`` says otherwise (NPE's default is 20).
 #: Later rounds continue from the earlier weights, and stopped too early with
 #: 10: on the narrow Gaussian of ``tests/test_sequential_accuracy.py`` (seed 0) C2ST went from 0.558 with
@@ -208,6 +211,7 @@ class TSNPE:
         for key in ("seed", "progress"):
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
+        check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress"))  # before round 0 simulates
         # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
         truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
                               TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,

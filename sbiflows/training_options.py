@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -280,3 +281,29 @@ def batch_options(n_train: int, batch_size: int | None, learning_rate: float | N
     batch_size = default_batch_size(n_train) if batch_size is None else min(batch_size, n_train)
     return batch_size, default_learning_rate(batch_size) if learning_rate is None else learning_rate
 
+
+
+def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_caller: Collection[str] = ()) -> None:
+    """Keyword options meant for ``fit`` (:meth:`sbiflows.NPE.fit`), checked before anything runs: unknown
+    names (TypeError) and the values :func:`check_training_options` checks (ValueError / TypeError).
+
+    Example:
+        >>> from sbiflows import NPE
+        >>> check_fit_options({"max_epochs": 5}, NPE.fit)
+        >>> check_fit_options({"max_epoch": 5}, NPE.fit)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: fit_options has unknown keys ['max_epoch']; NPE.fit takes ...
+    """
+    import inspect
+
+    parameters = inspect.signature(fit).parameters
+    allowed = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+               and name not in set_by_caller]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"fit_options has unknown keys {unknown}; NPE.fit takes {allowed}")
+    values = {name: parameters[name].default for name in allowed} | dict(options)
+    checked = [name for name in inspect.signature(check_training_options).parameters if name != "optional"]
+    check_training_options(**{name: values[name] for name in checked if name in values},
+                           optional=("batch_size", "learning_rate"))

@@ -210,6 +210,14 @@ def test_bad_inputs(tmp_path):
         run("simulator", X_O, rounds=2, simulations=100)
     with pytest.raises(ValueError, match="fit_options must not set 'seed'"):
         run(simulator, X_O, rounds=2, simulations=100, fit_options={"seed": 1})
+    MODE.update(calls=0)  # fit_options are checked before round 0 simulates, not after
+    with pytest.raises(TypeError, match=r"fit_options has unknown keys \['max_epoch'\]"):
+        run(simulator, X_O, rounds=2, simulations=100, fit_options={"max_epoch": 1})
+    with pytest.raises(ValueError, match="max_epochs must be an int >= 1, got 0"):
+        run(simulator, X_O, rounds=2, simulations=100, fit_options={"max_epochs": 0})
+    with pytest.raises(ValueError, match="batch_size"):
+        run(simulator, X_O, rounds=2, simulations=100, fit_options={"batch_size": 0})
+    assert MODE["calls"] == 0
     with pytest.raises(ValueError, match="quantile must be a real number in \\(0, 0.5\\)"):
         run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
     with pytest.raises(ValueError, match="TSNPE does not take balancing .* got balancing=100"):
