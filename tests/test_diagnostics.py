@@ -189,6 +189,21 @@ def test_sbc_with_only_invalid_simulations_fails_loudly(model):
             sbc(model.posterior(), theta=theta, x=x)
 
 
+@pytest.mark.parametrize("check", [sbc, expected_coverage, tarp])
+def test_a_prior_of_another_dimension_than_the_posterior_is_refused_before_simulating(model, check):
+    posterior, calls = model.posterior(), []
+    posterior.theta_dim = 2  # as sbiflows' posteriors say
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return theta
+
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(3), torch.ones(3)), 1)
+    with pytest.raises(ValueError, match=r"the prior has event shape \(3,\) but the posterior has 2 parameters"):
+        check(posterior, prior, simulator, num_datasets=100, num_posterior_samples=100)
+    assert calls == []
+
+
 def test_simulate_datasets_rejects_bad_input(model):
     with pytest.raises(TypeError, match="prior must be a torch.distributions.Distribution"):
         simulate_datasets("normal", model, 10)
@@ -197,7 +212,9 @@ def test_simulate_datasets_rejects_bad_input(model):
     with pytest.raises(ValueError, match=r"simulator must return shape \(N, x_dim\) = \(10, x_dim\)"):
         simulate_datasets(model.prior, lambda t: t[:5], 10)
     with pytest.raises(TypeError, match="simulator must return a torch.Tensor"):
-        simulate_datasets(model.prior, lambda t: t.numpy(), 10)
+        simulate_datasets(model.prior, lambda t: [0.0] * len(t), 10)
+    theta, x = simulate_datasets(model.prior, lambda t: t.numpy(), 10)  # numbers in numpy, as simulate takes
+    assert torch.equal(x, theta)
     with pytest.raises(ValueError, match=r"prior must have event shape \(D,\)"):
         simulate_datasets(torch.distributions.Normal(0.0, 1.0), model, 10)
 

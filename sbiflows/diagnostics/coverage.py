@@ -176,7 +176,7 @@ def expected_coverage(
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage",
-            padded_trials=padded_trials(posterior)
+            padded_trials=padded_trials(posterior), theta_dim=getattr(posterior, "theta_dim", None)
         )
         draws, log_q_draws = draws_and_log_prob(posterior, num_posterior_samples, x, batch_size=batch_size,
                                                 progress="coverage draws" if progress else None)  # (L, N, D), (L, N)

@@ -191,7 +191,7 @@ def sbc(
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="sbc",
-            padded_trials=padded_trials(posterior)
+            padded_trials=padded_trials(posterior), theta_dim=getattr(posterior, "theta_dim", None)
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="SBC draws" if progress else None)

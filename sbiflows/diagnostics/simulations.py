@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
@@ -90,6 +91,9 @@ def simulate_datasets(
     with seeded(seed):
         theta = prior.sample((num_datasets,))
         x = simulator(theta)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # as sbiflows.simulate takes it
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = x if x.is_floating_point() else x.to(theta.dtype)
     if not isinstance(x, Tensor):
         raise TypeError(f"simulator must return a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 2 or x.shape[0] != num_datasets:
@@ -108,15 +112,20 @@ def calibration_pairs(
     num_datasets: int,
     check: str,
     padded_trials: bool = False,
+    theta_dim: int | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """The valid ``(theta, x)`` pairs for a check and the number of invalid ones excluded.
 
     Uses the given ``theta`` and ``x`` if both are passed, else simulates ``num_datasets`` pairs
     from torch's global generator (the checks call this inside :func:`seeded`, and then draw from
     the posterior on the same stream, so prior and posterior noise are never the same numbers).
+    ``theta_dim`` (the posterior's, where it says) is compared with the prior's before anything is simulated.
     """
     if (theta is None) != (x is None):
         raise ValueError(f"{check}: pass both theta and x (precomputed pairs) or neither")
+    if theta_dim is not None and isinstance(prior, Distribution) and tuple(prior.event_shape) != (theta_dim,):
+        raise ValueError(f"{check}: the prior has event shape {tuple(prior.event_shape)} but the posterior has "
+                         f"{theta_dim} parameters")
     if theta is None:
         if prior is None or simulator is None:
             raise ValueError(f"{check}: needs a prior and a simulator, or precomputed theta= and x=")

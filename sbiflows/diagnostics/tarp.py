@@ -188,7 +188,7 @@ def tarp(
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="tarp",
-            padded_trials=padded_trials(posterior)
+            padded_trials=padded_trials(posterior), theta_dim=getattr(posterior, "theta_dim", None)
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="TARP draws" if progress else None)
