@@ -23,6 +23,7 @@ __all__ = [
     "as_float_tensor",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_finite",
     "check_int",
     "check_positive_number",
@@ -199,3 +200,26 @@ def check_finite(value: Tensor, name: str) -> Tensor:
         first = int(rows.nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or inf ({int(rows.sum())} of {len(rows)} rows, first at row {first})")
     return value
+
+
+def check_device(value: Any, name: str = "device") -> torch.device:
+    """``value`` as a ``torch.device`` that this torch can use, or a ``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("cud")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: device must be a torch device such as 'cpu' or 'cuda', got 'cud'...
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r} ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r}, but this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={value!r}, but this torch has no MPS device (torch.backends.mps.is_available() "
+                         "is False)")
+    return device

@@ -29,7 +29,7 @@ from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
 from sbiflows.coverage_loss import CalibratedObjective
-from sbiflows.checks import check_choice, check_int, check_real
+from sbiflows.checks import check_choice, check_device, check_int, check_real
 from sbiflows.ensemble_training import train_members
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
@@ -181,7 +181,7 @@ class NPE:
         self.estimator, self.mixing, self.activation, self.embedding_net = estimator, mixing, activation, embedding_net
         self.max_batch_elements = check_int(max_batch_elements, "max_batch_elements", minimum=1,
                                             optional="the device's size")
-        self.device = torch.device(device) if device is not None else prior_device(self._prior)
+        self.device = check_device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
         self.histories: list[TrainingHistory] | None = None  # one per ensemble member

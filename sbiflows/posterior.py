@@ -402,6 +402,8 @@ class Posterior:
             raise ValueError("pass either seed or generator, not both")
         if seed is not None:  # its own stream: never the same draws as, e.g., a reference sampler's seed
             return torch.Generator(device=self.device).manual_seed(derive_seed(check_int(seed, "seed"), "posterior"))
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (or use seed=), got {type(generator).__name__}")
         return generator
 
     def _theta(self, theta: Any) -> Tensor:

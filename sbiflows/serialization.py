@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 import sbiflows
-from sbiflows.checks import check_bool
+from sbiflows.checks import check_bool, check_device
 from sbiflows.embeddings import EMBEDDINGS
 from sbiflows.embeddings import build as build_embedding
 from sbiflows.ensemble import mixture
@@ -136,6 +136,10 @@ def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False)
 def _atomic_save(blob: dict, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: an interrupted save leaves the
     previous file intact (a rename within one folder is atomic)."""
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; save to a file in it, e.g. {str(path / 'posterior.pt')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"path {str(path)!r}: its folder {str(path.parent)!r} does not exist")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(blob, temporary)
@@ -176,6 +180,8 @@ def read(
     Example:
         See :func:`save`.
     """
+    if isinstance(map_location, (str, torch.device)):
+        map_location = check_device(map_location, "map_location")
     try:
         blob = torch.load(Path(path), weights_only=True, map_location="cpu")  # checked on the CPU, then moved
     except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message

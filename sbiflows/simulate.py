@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_bool, check_choice, check_int, check_positive_number
+from sbiflows.checks import check_bool, check_choice, check_finite, check_int, check_positive_number
 from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
@@ -323,11 +323,13 @@ def _qualified_name(simulator: Callable) -> str:
 
 
 def _check_theta(theta) -> None:
-    if not isinstance(theta, Tensor) or theta.ndim != 2 or len(theta) == 0:
-        shown = f"shape {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
-        raise ValueError(f"theta must be a non-empty tensor of shape (N, theta_dim), got {shown}")
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"theta must be a torch.Tensor of shape (N, theta_dim), got {type(theta).__name__}")
+    if theta.ndim != 2 or len(theta) == 0:
+        raise ValueError(f"theta must be a non-empty tensor of shape (N, theta_dim), got shape {tuple(theta.shape)}")
     if not theta.is_floating_point():
         raise TypeError(f"theta must have a floating dtype, got {theta.dtype}")
+    check_finite(theta, "theta")  # a simulation of NaN parameters is paid for and means nothing
 
 
 def _check_options(simulator, *, seed, batch_size, workers, executor, timeout, store, on_error, progress,

@@ -160,6 +160,8 @@ def check_observations(
     x_shape = tuple(x_shape)
     shape = tuple(xs.shape)
     dims = ", ".join(map(str, x_shape))
+    if xs.numel() == 0:
+        raise ValueError(f"{name} must hold at least one observation of shape {x_shape}, got shape {shape}")
     if single:
         expected = f"{x_shape} or (1, {dims}) like the training simulations"
     else:

@@ -119,3 +119,30 @@ def test_check_finite_names_the_rows():
     assert check_finite(torch.zeros(3, 2), "x").shape == (3, 2)
     with pytest.raises(ValueError, match=r"x contains NaN or inf \(2 of 3 rows, first at row 1\)"):
         check_finite(torch.tensor([[0.0], [float("inf")], [float("nan")]]), "x")
+
+
+def test_public_calls_name_a_bad_device_generator_empty_x_or_save_path(tmp_path):
+    """Found by an API audit: each of these raised a raw torch or Python error, or failed only at fit."""
+    from torch.distributions import Independent, Normal
+
+    from sbiflows import NPE, load
+
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'cud'"):
+        NPE(prior, device="cud")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda', but this torch has no CUDA device"):
+            NPE(prior, device="cuda")
+    theta = prior.sample((200,))
+    posterior = NPE(prior, ensemble=1, transforms=1).fit(theta, theta, max_epochs=1, progress=False)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator .* got int"):
+        posterior.sample(10, torch.zeros(2), generator=42)
+    with pytest.raises(ValueError, match=r"must hold at least one observation of shape \(2,\), got shape \(0, 2\)"):
+        posterior.sample_batched(10, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="its folder .* does not exist"):
+        posterior.save(tmp_path / "missing" / "p.pt")
+    with pytest.raises(ValueError, match="is a folder; save to a file in it"):
+        posterior.save(tmp_path)
+    posterior.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="map_location must be a torch device"):
+        load(tmp_path / "p.pt", map_location="gpu0")

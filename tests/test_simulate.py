@@ -218,8 +218,12 @@ def test_per_row_simulators_are_seeded_per_row_and_keep_failed_rows_apart():
 def test_bad_arguments_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="on_error"):
         simulate(noisy, torch.zeros(5, 2), on_error="ignore")
-    with pytest.raises(ValueError, match="theta must be a non-empty tensor"):
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor of shape \\(N, theta_dim\\), got ndarray"):
         simulate(noisy, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="theta must be a non-empty tensor"):
+        simulate(noisy, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match=r"theta contains NaN or inf \(1 of 5 rows, first at row 3\)"):
+        simulate(noisy, torch.zeros(5, 2).index_fill_(0, torch.tensor([3]), float("nan")))
     with pytest.raises(ValueError, match="num_simulations must be an int >= 1"):
         simulate_from_prior(noisy, PRIOR, 0)
     with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
