@@ -89,6 +89,8 @@ def corner(
     """
     data = _as_2d(samples, "samples")
     dim = data.shape[1]
+    if data.shape[0] < 2:
+        raise ValueError(f"samples must hold at least 2 draws for a corner plot, got shape {data.shape}")
     if labels is None and task is not None:
         labels = getattr(task, "parameter_names", None)
     labels = _labels(labels, dim)
@@ -373,6 +375,8 @@ def _as_1d(value: object, name: str, dim: int) -> np.ndarray:
         array = _as_numpy(value, name)
     if array.reshape(-1).shape != (dim,):
         raise ValueError(f"{name} must have {dim} entries (one per parameter), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN/inf values: {array.reshape(-1).tolist()}")
     return array.reshape(-1)
 
 

@@ -146,3 +146,25 @@ def test_public_calls_name_a_bad_device_generator_empty_x_or_save_path(tmp_path)
     posterior.save(tmp_path / "p.pt")
     with pytest.raises(ValueError, match="map_location must be a torch device"):
         load(tmp_path / "p.pt", map_location="gpu0")
+
+
+def test_plots_tarp_and_the_predictive_check_name_bad_truths_references_and_x_o(tmp_path):
+    from torch.distributions import Independent, Normal
+
+    from sbiflows import NPE, plots
+    from sbiflows.diagnostics import posterior_predictive, tarp
+
+    with pytest.raises(ValueError, match="truths contains NaN/inf values"):
+        plots.corner(torch.randn(100, 2), truths=[0.0, float("nan")])
+    with pytest.raises(ValueError, match="samples must hold at least 2 draws"):
+        plots.corner(torch.randn(1, 2))
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = prior.sample((200,))
+    posterior = NPE(prior, ensemble=1, transforms=1).fit(theta, theta, max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="references contains NaN or inf"):
+        tarp(posterior, theta=theta[:100], x=theta[:100], references=torch.full((100, 2), float("nan")),
+             num_posterior_samples=100)
+    with pytest.raises(ValueError, match=r"x_o must have the posterior's x shape \(2,\), got \(3,\)"):
+        posterior_predictive(posterior, lambda t: t, torch.zeros(3))
+    with pytest.raises(TypeError, match="x_o must have a floating-point dtype"):
+        posterior_predictive(posterior, lambda t: t, torch.zeros(2, dtype=torch.long))

@@ -141,7 +141,11 @@ def posterior_predictive(
         )
     if not isinstance(x_o, Tensor):
         raise TypeError(f"x_o must be a torch.Tensor of shape (x_dim,), got {type(x_o).__name__}")
+    if not x_o.is_floating_point():
+        raise TypeError(f"x_o must have a floating-point dtype, got {x_o.dtype}")
     structure = tuple(getattr(posterior, "x_shape", None) or ())  # a posterior trained on structured x
+    if len(structure) == 1 and tuple(x_o.shape) != structure:
+        raise ValueError(f"x_o must have the posterior's x shape {structure}, got {tuple(x_o.shape)}")
     if len(structure) > 1:
         if tuple(x_o.shape) != structure or not x_o.is_floating_point():
             raise ValueError(

@@ -249,6 +249,8 @@ def _check_references(references: object, shape: torch.Size) -> Tensor:
         )
     if not references.is_floating_point():
         raise TypeError(f"references must have a floating-point dtype, got {references.dtype}")
+    if not bool(torch.isfinite(references).all()):
+        raise ValueError("references contains NaN or inf; TARP needs a finite reference point per dataset")
     return references.detach()
 
 
