@@ -147,6 +147,7 @@ def _setup(args: argparse.Namespace) -> Job:
     else:
         raise ValueError("name a task (e.g. 'sbiflows fit two_moons') or give --simulator and --prior")
     embedding, structured, stored_shape = args.embedding, False, None
+    out = args.out or Path("runs") / name
     if task is not None:
         if embedding is None:  # sequential runs take flat x: the task's structured networks become the MLP
             structured_default = task.default_embedding in ("cnn1d", "cnn2d", "set")
@@ -158,7 +159,7 @@ def _setup(args: argparse.Namespace) -> Job:
             simulator = task.simulate_structured
         x_shape = task.x_shape if structured else (task.x_dim,)
     else:
-        stored_shape = _stored_x_shape(simulator, args, out=args.out or Path("runs") / name)
+        stored_shape = _stored_x_shape(simulator, args, out=out)
         x_shape = stored_shape if stored_shape is not None else _probe_x_shape(simulator, prior, args)
         if embedding is None:
             embedding = "auto" if x_shape is None or len(x_shape) == 1 else "mlp"
@@ -211,7 +212,7 @@ def _setup(args: argparse.Namespace) -> Job:
         _check_observations(observations, x_shape, padded_trials=embedding == "set")
     except ValueError as error:
         if task is None and stored_shape is not None:
-            raise ValueError(f"{error} (the shape of the x stored in {args.out or Path('runs') / name}; if the "
+            raise ValueError(f"{error} (the shape of the x stored in {out}; if the "
                              "simulator changed, use another --out)") from None
         raise
     labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
@@ -222,7 +223,7 @@ def _setup(args: argparse.Namespace) -> Job:
         simulator=simulator,
         prior=prior,
         observations=observations,
-        out=args.out or Path("runs") / name,
+        out=out,
         simulations=args.simulations,
         estimator=estimator,
         transformer=args.transformer,

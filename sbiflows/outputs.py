@@ -26,7 +26,8 @@ __all__ = ["MANIFEST", "OutputFolderError", "adopt", "prepare", "record"]
 MANIFEST = "run.json"
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
 OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
-           "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*", "tarp.*")
+           "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*",
+           "tarp.*")
 #: Outputs that hold simulations, and the settings they depend on (the predictive checks' stores also
 #: depend on the posterior: the pipeline replaces one whose parameters are not the posterior's draws).
 STORES = ("simulations.zarr", "calibration.zarr", "predictive")
@@ -139,7 +140,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     return removed
 
 
-def adopt(out: Path, settings: dict, *, spelling: str = "cli") -> bool:
+def adopt(out: Path, settings: dict) -> bool:
     """Give a folder that :func:`sbiflows.pipeline.run` wrote before it recorded :data:`MANIFEST` (it holds
     only outputs of :data:`OUTPUTS`, among them ``resume.json``) a manifest with ``settings``, so that it
     resumes: its ``resume.json`` and the stores' own checks decide what is reused. Returns whether it did.

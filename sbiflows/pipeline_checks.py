@@ -11,11 +11,14 @@ import torch
 from torch import Tensor
 
 from sbiflows.checks import check_choice, check_int
+from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
+from sbiflows.priors import check_prior
+from sbiflows.xshape import valid_rows
 
 __all__ = ["EMBEDDINGS", "check_job", "check_observation_shapes"]
 
-#: What ``Job.embedding`` takes (``sbiflows fit --embedding``).
-EMBEDDINGS = ("none", "auto", "mlp", "linear", "cnn1d", "cnn2d", "set")
+#: What ``Job.embedding`` takes (``sbiflows fit --embedding``): the built-in networks, "auto" and "none".
+EMBEDDINGS = ("none", "auto", *BUILT_IN)
 #: The counts of a job, each at least 1.
 COUNTS = ("simulations", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
           "max_epochs", "batch_size", "rounds")
@@ -40,7 +43,7 @@ def check_job(job) -> None:
         setattr(job, name, check_int(getattr(job, name), name, minimum=1))
     job.embedding = check_choice(job.embedding, "embedding", EMBEDDINGS)
     NPE(job.prior, **job.estimator_options)  # refuses a bad estimator, transformer, bins, ... (builds no network)
-    dim = job.prior.sample().reshape(-1).numel()
+    dim = check_prior(job.prior)[1]
     if not isinstance(job.observations, Sequence) or len(job.observations) == 0:
         raise ValueError(f"observations must be a non-empty list of Observation, got {job.observations!r}")
     for observation in job.observations:
@@ -51,8 +54,7 @@ def check_job(job) -> None:
             raise ValueError(f"{where}: x must be a non-empty floating-point tensor, got dtype {observation.x.dtype} "
                              f"and shape {tuple(observation.x.shape)}")
         padded = job.embedding == "set" and observation.x.ndim == 2  # sets of fewer trials are NaN-padded
-        finite = torch.isfinite(observation.x)
-        if not (finite.all() or (padded and (finite.all(-1) | torch.isnan(observation.x).all(-1)).all())):
+        if not bool(valid_rows(observation.x[None], padded_trials=padded).all()):
             raise ValueError(f"{where}: x contains NaN or inf: {observation.x.reshape(-1).tolist()[:10]}")
         truth = observation.true_parameters
         if truth is not None and torch.as_tensor(truth).numel() != dim:

@@ -55,25 +55,27 @@ def predictive_entry(job, posterior, observation, log: Callable[[str], None]) ->
     could not decide) and a one-line ``summary``."""
     simulator = predictive_simulator(job, Path(job.out) / PREDICTIVE / f"{observation.name}.zarr", log)
     x_dim = observation.x.numel()
+
+    def check(metric: str) -> dict:
+        result = diagnostics.posterior_predictive(posterior, simulator, observation.x, num_samples=PREDICTIVE_SAMPLES,
+                                                  seed=job.seed, metric=metric)
+        return {"passed": result.passed, "summary": str(result)}
+
     # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
-    metrics = ["mahalanobis", "standardized"] if x_dim < PREDICTIVE_SAMPLES // 2 else ["standardized"]
-    for metric in metrics:
-        try:
-            result = diagnostics.posterior_predictive(posterior, simulator, observation.x,
-                                                      num_samples=PREDICTIVE_SAMPLES, seed=job.seed, metric=metric)
-            return {"passed": result.passed, "summary": str(result)}
-        except SimulationError as error:
-            return _undecided(observation, log, f"the simulator failed at the posterior's draws ({error})")
-        except ValueError:
-            if simulator.valid is None:  # raised before simulating: a real bug, not the user's simulator
-                raise
-            if simulator.valid < 2:
-                return _undecided(observation, log, f"only {simulator.valid} of {PREDICTIVE_SAMPLES} predictive "
-                                                    "simulations are valid")
-            if metric != "mahalanobis" or simulator.valid > x_dim:
-                raise
-            # too few valid rows for a covariance of x: value by value instead (the simulations are stored)
-    raise AssertionError("unreachable: the standardized metric returns or raises")
+    metric = "mahalanobis" if x_dim < PREDICTIVE_SAMPLES // 2 else "standardized"
+    try:
+        return check(metric)
+    except SimulationError as error:
+        return _undecided(observation, log, f"the simulator failed at the posterior's draws ({error})")
+    except ValueError:
+        if simulator.valid is None:  # raised before simulating: a real bug, not the user's simulator
+            raise
+        if simulator.valid < 2:
+            return _undecided(observation, log, f"only {simulator.valid} of {PREDICTIVE_SAMPLES} predictive "
+                                                "simulations are valid")
+        if metric == "mahalanobis" and simulator.valid <= x_dim:  # too few valid rows for a covariance of x:
+            return check("standardized")  # value by value, on the same (stored) simulations
+        raise
 
 
 def _undecided(observation, log: Callable[[str], None], why: str) -> dict:

@@ -319,26 +319,28 @@ class TSNPE:
 
     # ------------------------------------------------------------------------------ the check
     def _final_check(self, simulator, n, samples, seed, truncation, layout, progress, say, simulate_options) -> None:
-        proposal = self.proposals[-1]
-        if proposal is None:  # resumed after the last round: rebuild the last region
-            r = len(self.rounds) - 1
-            proposal = self.prior if r == 0 else TruncatedPrior(
-                self.prior, load(layout.round(r - 1) / "posterior.pt", prior=self.prior), self.posterior.default_x,
-                seed=derive_seed(seed, f"tsnpe/region/{r}"), **truncation)
-        theta, _, _ = _draw(proposal, n, derive_seed(seed, "tsnpe/check/proposal"))
-        folder = None if layout is None else layout.root / "check"
+        folder, stored = None if layout is None else layout.root / "check", None
         if folder is not None:
             folder.mkdir(exist_ok=True)
-            if (folder / "theta.npy").exists():  # the check of an earlier run: its rows first, then new ones
+            if (folder / "theta.npy").exists():
                 stored = torch.from_numpy(np.load(folder / "theta.npy"))
-                if len(stored) < n:
-                    more = derive_seed(seed, f"tsnpe/check/proposal/{len(stored)}")
-                    extra, _, _ = _draw(proposal, n - len(stored), more)
-                    atomic_npy(folder / "theta.npy", torch.cat([stored, extra.to(stored.dtype)]).numpy())
-                    stored = torch.from_numpy(np.load(folder / "theta.npy"))
-                theta = stored[:n]
-            else:
+        if stored is not None and len(stored) >= n:  # an earlier run's check: its first rows, no region rebuilt
+            theta = stored
+        else:
+            proposal = self.proposals[-1]
+            if proposal is None:  # resumed after the last round: rebuild the last region
+                r = len(self.rounds) - 1
+                proposal = self.prior if r == 0 else TruncatedPrior(
+                    self.prior, load(layout.round(r - 1) / "posterior.pt", prior=self.prior), self.posterior.default_x,
+                    seed=derive_seed(seed, f"tsnpe/region/{r}"), **truncation)
+            if stored is None:
+                theta, _, _ = _draw(proposal, n, derive_seed(seed, "tsnpe/check/proposal"))
+            else:  # a larger check than the earlier run's: its rows first, then new ones
+                extra, _, _ = _draw(proposal, n - len(stored), derive_seed(seed, f"tsnpe/check/proposal/{len(stored)}"))
+                theta = torch.cat([stored, extra.to(stored.dtype)])
+            if folder is not None:
                 atomic_npy(folder / "theta.npy", theta.numpy())
+        theta = theta[:n]
         sims = simulate(simulator, theta, seed=derive_seed(seed, "tsnpe/check/simulate"), progress=progress,
                         store=None if folder is None else folder / "simulations.zarr", **simulate_options)
         valid = sims.valid
