@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Collection
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "as_float_tensor",
+    "caller_level",
     "check_bool",
     "check_choice",
     "check_device",
@@ -166,14 +169,19 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     return value
 
 
-def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device | str,
+                    warn_narrowing: bool = False) -> Tensor:
     """``value`` (a tensor or NumPy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
+
+    With ``warn_narrowing``, casting float64 to a narrower ``dtype`` gives a ``UserWarning`` the first time
+    it happens to ``name`` in this process (RELIABILITY.md's "cast with a one-time warning" policy):
+    the values lose digits the caller may have meant to keep.
 
     Raises:
         TypeError: For other types, or integer/boolean data (convert explicitly, e.g. ``x.float()``).
 
     Example:
-        >>> as_float_tensor(np.zeros(2), "x", dtype=torch.float32, device="cpu")
+        >>> as_float_tensor(np.zeros(2, dtype=np.float32), "x", dtype=torch.float32, device="cpu")
         tensor([0., 0.])
     """
     if isinstance(value, np.ndarray):
@@ -182,7 +190,32 @@ def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.
         raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
+    if warn_narrowing and value.dtype == torch.float64 and dtype != torch.float64 and name not in _NARROWED:
+        _NARROWED.add(name)
+        warnings.warn(f"{name} is float64 and was cast to {dtype}, the flow's dtype (shown once per process); "
+                      "call torch.set_default_dtype(torch.float64) before creating NPE to train and evaluate "
+                      "in float64", UserWarning, stacklevel=caller_level())
     return value.detach().to(device=device, dtype=dtype)
+
+
+#: Modules whose frames a warning skips on its way to the user's code (:func:`caller_level`).
+_LIBRARY_MODULES = ("sbiflows", "torch", "contextlib", "functools")
+#: The argument names :func:`as_float_tensor` has warned about narrowing (each warns once per process).
+_NARROWED: set[str] = set()
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside sbiflows, torch and the decorators of ``contextlib`` and
+    ``functools``, so that a warning points at user code.
+
+    Example:
+        >>> caller_level() >= 1
+        True
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_MODULES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_finite(value: Tensor, name: str) -> Tensor:

@@ -51,7 +51,7 @@ from sbiflows.training import (
     train_checked,
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
-from sbiflows.training_options import batch_options, check_validation, fit_validation, validation_mask
+from sbiflows.training_options import batch_options, check_batch_fits, check_validation, fit_validation, validation_mask
 from sbiflows.truncated_space import SPACE_OPTIONS, make_space, resolve_space
 
 __all__ = ["NPE"]
@@ -268,8 +268,9 @@ class NPE:
             seed: Seeds the weight initialisation (without changing torch's global RNG state), the
                 validation split and the minibatch order: same seed and data give the same posterior.
             max_epochs: Upper bound on epochs (``>= 1``).
-            batch_size: Minibatch size (``>= 1``, at most the training rows). None (default): ``2 * sqrt`` of
-                the training rows within [32, 256] (:func:`~sbiflows.training.default_batch_size`).
+            batch_size: Minibatch size (``>= 1``, at most the training rows left after the validation split:
+                a larger one is a ValueError). None (default): ``2 * sqrt`` of the training rows within
+                [32, 256] (:func:`~sbiflows.training.default_batch_size`).
             learning_rate: Adam step size (``> 0``). None (default): ``2e-3``
                 (:func:`~sbiflows.training.default_learning_rate`). ``history`` records both values used.
             validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
@@ -295,8 +296,8 @@ class NPE:
         Raises:
             TypeError: For inputs that are not float tensors / arrays, or options of the wrong type.
             ValueError: For options out of range, no rows, mismatched rows, wrong shapes, NaN/inf in
-                theta, theta outside the prior's support, no valid simulations, or too few rows for
-                the validation split.
+                theta, theta outside the prior's support, no valid simulations, too few rows for
+                the validation split, or a ``batch_size`` larger than the training rows.
             FloatingPointError: If the loss is non-finite before the first finite validation loss.
 
         Whatever is raised (also ``KeyboardInterrupt``), the object keeps the data, weights and history it
@@ -320,6 +321,7 @@ class NPE:
             # Everything below works on new objects; self is only updated once training has succeeded.
             if self._theta is not None:
                 theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
+            check_batch_fits(checked_batch, rows=len(theta), validation_fraction=validation_fraction)
             n_train = split_sizes(len(theta), validation_fraction)[0]
             batch_size, learning_rate = batch_options(n_train, checked_batch, learning_rate)
             space = make_space(self._prior.support, self.space)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from sbiflows.checks import caller_level
 
 __all__ = ["OUTSIDE_Z", "observations_unchecked", "warn_if_outside"]
 
@@ -67,13 +68,5 @@ def warn_if_outside(xs: Tensor, name: str, *, x_shift: Tensor, x_scale: Tensor) 
         f"{' and more' if len(features) > 5 else ''} are more than {OUTSIDE_Z:g} standard deviations from "
         "the simulations' mean, so the posterior there is an extrapolation. A misspecified simulator or "
         "wrong units are the usual cause (silence with sbiflows.posterior.observations_unchecked())",
-        UserWarning, stacklevel=_caller_level(),
+        UserWarning, stacklevel=caller_level(),
     )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside sbiflows and torch (a warning points at user code)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("sbiflows", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -407,7 +407,7 @@ class Posterior:
         return generator
 
     def _theta(self, theta: Any) -> Tensor:
-        theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device)
+        theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device, warn_narrowing=True)
         if theta.ndim == 0 or theta.shape[-1] != self.theta_dim:
             raise ValueError(f"theta must have shape (..., {self.theta_dim}), got {tuple(theta.shape)}")
         if torch.isnan(theta).any():

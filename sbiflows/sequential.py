@@ -211,7 +211,8 @@ class TSNPE:
         for key in ("seed", "progress"):
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
-        check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress"))  # before round 0 simulates
+        # before round 0 simulates; its budget is the fewest rows a round's fit sees
+        check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress"), rows=budget[0])
         # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
         truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
                               TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,

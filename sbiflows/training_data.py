@@ -67,7 +67,7 @@ def check_training_data(
         >>> theta.shape, x.shape
         (torch.Size([10, 2]), torch.Size([10, 3]))
     """
-    theta = as_float_tensor(theta, "theta", dtype=dtype, device=device)
+    theta = as_float_tensor(theta, "theta", dtype=dtype, device=device, warn_narrowing=True)
     x = as_float_tensor(x, "x", dtype=_x_dtype(x, dtype), device=device)  # float64 stays float64
     if theta.ndim == 1 and theta_dim == 1:
         theta = theta[:, None]

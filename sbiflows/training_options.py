@@ -267,25 +267,46 @@ def default_learning_rate(batch_size: int) -> float:
     return 2e-3
 
 
+def check_batch_fits(batch_size: int | None, *, rows: int, validation_fraction: float) -> None:
+    """Refuse a ``batch_size`` larger than the training rows that ``rows`` leave after the validation split.
+
+    NPE does not lower such a batch silently: the caller asked for a step on more rows than exist, which
+    usually means the wrong number in the wrong place. None (the default rule) always fits. The options
+    are assumed checked (:func:`check_training_options`).
+
+    Example:
+        >>> check_batch_fits(256, rows=1000, validation_fraction=0.1)
+        >>> check_batch_fits(256, rows=200, validation_fraction=0.1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be at most the 180 training rows left of 200 rows after the validation split ...
+    """
+    n_train = split_sizes(rows, validation_fraction)[0]
+    if batch_size is not None and batch_size > n_train:
+        raise ValueError(f"batch_size must be at most the {n_train} training rows left of {rows} rows after the "
+                         f"validation split (validation_fraction={validation_fraction}), got {batch_size}; pass a "
+                         "smaller batch_size, or None for the default rule")
+
+
 def batch_options(n_train: int, batch_size: int | None, learning_rate: float | None) -> tuple[int, float]:
     """``(batch_size, learning_rate)`` NPE trains ``n_train`` rows with: the defaults where an option is None.
 
-    A batch larger than the rows is lowered to them first, so the step-size rule sees the batch actually
-    used (:func:`~sbiflows.training.train` lowers it too). The options are assumed checked
-    (:func:`check_training_options`).
+    The options are assumed checked (:func:`check_training_options`, :func:`check_batch_fits`).
 
     Example:
-        >>> batch_options(900, None, None), batch_options(100, 256, 1e-3)
-        ((60, 0.002), (100, 0.001))
+        >>> batch_options(900, None, None), batch_options(100, 64, 1e-3)
+        ((60, 0.002), (64, 0.001))
     """
-    batch_size = default_batch_size(n_train) if batch_size is None else min(batch_size, n_train)
+    batch_size = default_batch_size(n_train) if batch_size is None else batch_size
     return batch_size, default_learning_rate(batch_size) if learning_rate is None else learning_rate
 
 
 
-def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_caller: Collection[str] = ()) -> None:
+def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_caller: Collection[str] = (),
+                      rows: int | None = None) -> None:
     """Keyword options meant for ``fit`` (:meth:`sbiflows.NPE.fit`), checked before anything runs: unknown
-    names (TypeError) and the values :func:`check_training_options` checks (ValueError / TypeError).
+    names (TypeError), the values :func:`check_training_options` checks (ValueError / TypeError) and, given
+    the fewest ``rows`` a fit will see, that ``batch_size`` fits them (:func:`check_batch_fits`).
 
     Example:
         >>> from sbiflows import NPE
@@ -307,3 +328,5 @@ def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_calle
     checked = [name for name in inspect.signature(check_training_options).parameters if name != "optional"]
     check_training_options(**{name: values[name] for name in checked if name in values},
                            optional=("batch_size", "learning_rate"))
+    if rows is not None:
+        check_batch_fits(values.get("batch_size"), rows=rows, validation_fraction=values["validation_fraction"])

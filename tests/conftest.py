@@ -22,6 +22,15 @@ def seed_all():
 
 
 @pytest.fixture(autouse=True)
+def fresh_one_time_warnings():
+    """Every test sees the once-per-process float64 warning afresh, whatever ran before it in its worker."""
+    from sbiflows import checks
+
+    checks._NARROWED.clear()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def guard_torch_defaults():
     """Fail a test that leaves torch's default dtype changed."""
     dtype = torch.get_default_dtype()

@@ -118,8 +118,23 @@ def test_weight_averaging_is_on_by_default_and_can_be_turned_off():
     assert (explicit.history.batch_size, explicit.history.learning_rate) == (192, 2e-3)
     both = NPE(prior).fit(theta, x, batch_size=20, learning_rate=3e-4, **FAST)
     assert (both.history.batch_size, both.history.learning_rate) == (20, 3e-4)
-    lowered = NPE(prior).fit(theta[:100], x[:100], batch_size=512, **FAST)  # 90 training rows
-    assert lowered.history.batch_size == 90
+    full = NPE(prior).fit(theta[:100], x[:100], batch_size=90, **FAST)  # all 90 training rows in one batch
+    assert full.history.batch_size == 90
+
+
+def test_a_batch_larger_than_the_training_rows_is_refused_not_lowered():
+    """RELIABILITY.md: a training batch larger than the rows left after the validation split is a ValueError."""
+    prior, theta, x = box_problem()
+    npe = NPE(prior)
+    with pytest.raises(ValueError, match=r"batch_size must be at most the 90 training rows left of 100 rows after "
+                                         r"the validation split \(validation_fraction=0.1\), got 91"):
+        npe.fit(theta[:100], x[:100], batch_size=91, **FAST)
+    with pytest.raises(ValueError, match=r"at most the 50 training rows left of 100 rows .* got 64"):
+        npe.fit(theta[:100], x[:100], batch_size=64, validation_fraction=0.5, **FAST)
+    assert npe.net is None  # refused before a network was built or trained
+    # a second fit counts the rows of both calls
+    npe.fit(theta[:100], x[:100], batch_size=90, max_epochs=1, progress=False)
+    assert npe.fit(theta[100:200], x[100:200], batch_size=180, max_epochs=1, progress=False).history.batch_size == 180
 
 
 def flow_layers(posterior, kind: type = Coupling) -> int:
@@ -598,7 +613,12 @@ def test_a_box_prior_with_float64_bounds_fits_and_samples_in_float32(tmp_path):
     prior = Independent(Uniform(torch.from_numpy(np.zeros(2)), torch.from_numpy(np.ones(2))), 1)
     theta = prior.sample((400,))
     x = (theta + 0.1 * torch.randn_like(theta)).float()
-    posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+    with pytest.warns(UserWarning, match=r"theta is float64 and was cast to torch.float32.*shown once per process"):
+        posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+    with warnings.catch_warnings():  # RELIABILITY.md: a one-time warning, not one per call
+        warnings.simplefilter("error")
+        NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=1, progress=False)
+        posterior.log_prob(theta[:3], x=x[0])
     samples = posterior.sample(50, x=x[0])
     assert samples.dtype == torch.float32 and bool(((samples > 0) & (samples < 1)).all())
     assert posterior.log_prob(samples, x=x[0]).dtype == torch.float32

@@ -217,6 +217,8 @@ def test_bad_inputs(tmp_path):
         run(simulator, X_O, rounds=2, simulations=100, fit_options={"max_epochs": 0})
     with pytest.raises(ValueError, match="batch_size"):
         run(simulator, X_O, rounds=2, simulations=100, fit_options={"batch_size": 0})
+    with pytest.raises(ValueError, match=r"batch_size must be at most the 45 training rows left of 50 rows .* got 46"):
+        run(simulator, X_O, rounds=2, simulations=100, fit_options={"batch_size": 46})  # round 0: 50 rows
     assert MODE["calls"] == 0
     with pytest.raises(ValueError, match="quantile must be a real number in \\(0, 0.5\\)"):
         run(simulator, X_O, rounds=2, simulations=100, quantile=0.7)
