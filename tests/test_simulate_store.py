@@ -109,6 +109,44 @@ def test_a_chunk_of_another_shape_after_a_resume_is_a_counted_failure_and_a_brok
     assert again.reused == 200 and again.num_invalid == 0
 
 
+BROKEN = {"on": True}
+
+
+def broken_after_100(theta):
+    """x = theta, but (while ``BROKEN["on"]``) raises for any chunk whose first parameter is 100 or more."""
+    if BROKEN["on"] and theta[0, 0] >= 100:
+        raise RuntimeError("a bug in the new code path")
+    return theta
+
+
+def test_the_small_chunks_of_a_call_stopped_as_cannot_run_are_not_stored_as_failures(tmp_path):
+    """Chunks of 5 rows: four chunks fail before the call stops as "cannot run". They are not stored as
+    failed rows, so the rerun with the simulator fixed simulates them (before, they stayed failed)."""
+    theta = torch.arange(400.0).reshape(200, 2)  # rows from 50 on have theta[:, 0] >= 100
+    store = tmp_path / "sims.zarr"
+    simulate(broken_after_100, theta[:50], batch_size=5, store=store)  # 50 good rows, x's layout stored
+    with pytest.raises(SimulationError, match=r"cannot run: the first 20 simulations all failed"):
+        simulate(broken_after_100, theta, batch_size=5, store=store)
+    with pytest.warns(UserWarning, match="incomplete: 50 of 200 rows finished"):
+        stored = load_simulations(store)
+    assert len(stored.theta) == 50 and stored.num_invalid == 0  # the failed chunks were not written
+    BROKEN["on"] = False
+    try:
+        fixed = simulate(broken_after_100, theta, batch_size=5, store=store)
+    finally:
+        BROKEN["on"] = True
+    assert fixed.reused == 50 and fixed.num_invalid == 0 and torch.equal(fixed.x, theta)
+    # failures before a call's first success are stored once it succeeds, and at the end of a call
+    store = tmp_path / "mixed.zarr"
+    flaky = torch.cat([theta[60:70], theta[:40]])  # two failing chunks, then successes
+    with pytest.warns(UserWarning, match="10 invalid"):
+        result = simulate(broken_after_100, flaky, batch_size=5, store=store)
+    assert result.num_invalid == 10
+    with pytest.warns(UserWarning, match="10 invalid"):
+        again = simulate(broken_after_100, flaky, batch_size=5, store=store)
+    assert again.reused == 50 and again.num_invalid == 10  # stored as failed rows: nothing simulated again
+
+
 def test_a_kill_while_a_new_store_creates_its_x_array_leaves_a_store_the_next_run_completes(tmp_path):
     import zarr
 

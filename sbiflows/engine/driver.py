@@ -65,7 +65,7 @@ class Driver:
         self.failures: dict[int, tuple[str, str]] = {}  # row index -> (type, message)
         self.reused = 0
         self._chunks: dict[int, _Chunk] = {}
-        self._deferred: list[int] = []  # finished chunks waiting for the x layout
+        self._deferred: list[int] = []  # finished chunks waiting for the x layout or this call's first success
         self._pending: deque[Job] = deque()
         self._done: queue.Queue = queue.Queue()
         self._in_flight = 0
@@ -161,6 +161,7 @@ class Driver:
                     continue
                 self._in_flight -= 1
                 self._handle(job, self.backend.outcome(future))
+            self._flush_deferred(final=True)  # a call that ended with every row failed, without stopping early
         finally:
             self.progress.close()
         return self._assemble()
@@ -194,10 +195,13 @@ class Driver:
                     self._fail(chunk, offset + k, BAD_OUTPUT, x)
             else:
                 failed = {k for k, _, _ in outcome.errors}
-                self._succeeded = self._succeeded or len(failed) < len(job.theta)
+                first_success = not self._succeeded and len(failed) < len(job.theta)
+                self._succeeded = self._succeeded or first_success
                 for k, kind, message in outcome.errors:
                     self._fail(chunk, offset + k, kind, message)
                 self._put(chunk, offset, x, failed)
+                if first_success:
+                    self._flush_deferred()
         if job.retry:
             chunk.waiting -= 1
         if chunk.waiting == 0:
@@ -250,8 +254,11 @@ class Driver:
                 raise AbortRun(f"the simulator cannot run: the first {self._early[kind]} simulations all failed "
                                f"with {kind}: {message}{hint}", index=index)
 
-    def _finish(self, c: int) -> None:
-        if self.layout is None:  # every row failed so far in the run: no shape to write NaN rows in
+    def _finish(self, c: int, *, final: bool = False) -> None:
+        # Every row of this call failed so far: hold the chunk back, so that a call stopped as "cannot run"
+        # stores none of its failures and a rerun with the simulator fixed simulates those rows (not only
+        # with retry_failed). Held chunks are finished at the first success, or when the call ends.
+        if self.layout is None or (not self._succeeded and not final):
             self._deferred.append(c)
             return
         chunk = self._chunks.pop(c)
@@ -267,10 +274,10 @@ class Driver:
         self.failures.update({start + k: v for k, v in chunk.errors.items()})
         self.progress.update(chunk.rows, failed=len(chunk.errors))
 
-    def _flush_deferred(self) -> None:
+    def _flush_deferred(self, *, final: bool = False) -> None:
         deferred, self._deferred = self._deferred, []
         for c in deferred:
-            self._finish(c)
+            self._finish(c, final=final)
 
     def _assemble(self) -> np.ndarray | None:
         if self.layout is None:
