@@ -30,13 +30,14 @@ from torch.distributions import Distribution
 from sbiflows.balance import BalancedObjective
 from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_device, check_int, check_real
-from sbiflows.ensemble_training import train_members
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
 )
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
+from sbiflows.npe_fit import train_flows
 from sbiflows.npe_network import build_network, check_network_options, network_config, partial_posterior
+from sbiflows.npe_restore import SNAPSHOT_CHOICES, restored_state
 from sbiflows.posterior import Posterior
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, prior_device
@@ -48,16 +49,13 @@ from sbiflows.training import (
     check_training_options,
     negative_log_likelihood,
     split_sizes,
-    train_checked,
 )
 from sbiflows.training_data import check_training_data, duplicate_groups
-from sbiflows.training_options import batch_options, check_batch_fits, check_validation, fit_validation, validation_mask
+from sbiflows.training_options import batch_options, check_batch_fits, fit_validation
 from sbiflows.truncated_space import SPACE_OPTIONS, make_space, resolve_space
 
 __all__ = ["NPE"]
 
-#: The ``ensemble`` choices that train one flow and keep its snapshots (:mod:`sbiflows.snapshots`).
-SNAPSHOT_CHOICES = ("snapshots", "auto-snapshots")
 
 
 
@@ -353,35 +351,23 @@ class NPE:
             groups = duplicate_groups(theta, x)
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
-            check, trail = None, SnapshotTrail() if self.ensemble in SNAPSHOT_CHOICES else None
+            trail = SnapshotTrail() if self.ensemble in SNAPSHOT_CHOICES else None
             options = dict(  # checked at the top of fit
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                 weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                 step_drop_factor=step_drop_factor, drop_patience=drop_patience, progress=progress,
                 groups=groups, num_threads=num_threads, objective=objective)
+
+            def check_first(flow: nn.Module) -> Any:  # on the flow's own validation rows (a copy: it trains on)
+                posterior = Posterior(copy.deepcopy(flow), self.prior, config=self._config(flow, seed, n_layers),
+                                      max_batch_elements=self.max_batch_elements)
+                held_out = masks[0].to(theta.device)
+                return auto_check(posterior, theta[held_out], x[held_out], seed=seed)
+
             try:
-                first = 0
-                if trail is not None:  # one flow, keeping the weights of its improvements
-                    train_checked(members[0], u, x, seed=seed, history=histories[0], validation=fixed[0],
-                                  snapshots=trail, **options)
-                    first = 1
-                if auto:  # the first flow alone, checked on its own validation rows
-                    if first == 0:
-                        train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
-                                      validations=fixed[:1], **options)
-                    posterior = Posterior(copy.deepcopy(members[0]), self.prior,
-                                          config=self._config(members[0], seed, n_layers),
-                                          max_batch_elements=self.max_batch_elements)
-                    held_out = masks[0].to(theta.device)
-                    check = auto_check(posterior, theta[held_out], x[held_out], seed=seed)
-                    if check.passed:  # one flow is enough: drop the members not trained
-                        members, histories, masks = members[:1], histories[:1], masks[:1]
-                    first = 1
-                if first < len(members):  # the others together, in one vectorized pass where they allow it
-                    train_members(
-                        members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
-                        histories=histories[first:], validations=fixed[first:], **options)
+                check = train_flows(members, u, x, seed=seed, histories=histories, validations=fixed, trail=trail,
+                                    check_first=check_first if auto else None, **options)
             except BaseException as error:
                 # train_members() restored the best weights of the members it was training; members trained
                 # before (this fit or, on a refit, the previous one) are complete, members never trained are not.
@@ -393,6 +379,8 @@ class NPE:
                         partial, self.prior, self._config(partial, flow_seed, n_layers), histories[trained[0]],
                         error, of=len(members), max_batch_elements=self.max_batch_elements)
                 raise
+            if check is not None and check.passed:  # one flow is enough: drop the members not trained
+                members, histories, masks = members[:1], histories[:1], masks[:1]
             snapshot_epochs = None
             if trail is not None and (self.ensemble == "snapshots" or self._over_confident(check)):
                 members, snapshot_epochs = trail.networks(members[0], history.best_epoch, start=epochs_before[0])
@@ -437,48 +425,11 @@ class NPE:
             ValueError: For a posterior of another shape, space or number of flows than this NPE's
                 ``ensemble`` (``"auto"`` takes one or three, the snapshot choices one to three), or rows, splits or histories that do not fit it.
         """
-        members = posterior.config.get("ensemble", 1)
-        allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3), "auto-snapshots": (1, 2, 3)}.get(
-            self.ensemble, (self.ensemble,))
-        if members not in allowed:
-            raise ValueError(f"the posterior has {members} flow(s), this NPE has ensemble={self.ensemble!r}")
-        if posterior.theta_dim != self.theta_dim:
-            raise ValueError(f"the posterior has {posterior.theta_dim} parameters, this NPE's prior {self.theta_dim}")
-        space = posterior.config.get("space", "unconstrained")  # files saved before the option: unconstrained
-        if space != self.space:
-            raise ValueError(f"the posterior's flow lives in the {space!r} space, this NPE's in {self.space!r}")
-        theta, x = check_training_data(theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype,
-                                       device=self.device, earlier=None, validation_fraction=0.5)
-        if x.shape[1] != posterior.x_dim:
-            raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
-        flow_seed = posterior.config.get("flow_seed", 0)
-        members = 1 if self.ensemble in SNAPSHOT_CHOICES else members  # one flow trained: one split, one history
-        if validation is None:
-            groups = duplicate_groups(theta, x)
-            masks = [validation_mask(len(theta), 0.1, seed=member_seed(flow_seed, k), groups=groups)
-                     for k in range(members)]
-        else:
-            validation = torch.as_tensor(validation)
-            if members == 1 and validation.ndim == 2 and len(validation) == 1:
-                validation = validation[0]
-            if members > 1 and (validation.ndim != 2 or len(validation) != members):
-                raise ValueError(f"validation must be {members} boolean masks of shape ({members}, {len(theta)}) "
-                                 f"for an ensemble of {members} flows, got shape {tuple(validation.shape)}")
-            masks = list(validation) if members > 1 else [validation]
-        masks = [check_validation(mask, len(theta)) for mask in masks]  # before self changes
-        first = copy.deepcopy(posterior.history) if posterior.history is not None else TrainingHistory()
-        if histories is None:
-            histories = [first] + [TrainingHistory() for _ in range(members - 1)]
-        elif len(histories) != members or not all(isinstance(h, TrainingHistory) for h in histories):
-            raise ValueError(f"histories must be {members} TrainingHistory objects, one per flow, got "
-                             f"{type(histories).__name__} of length {len(histories)}")
-        self._net = copy.deepcopy(posterior.net).to(self.device)
-        self._validation = masks
-        self._theta, self._x = theta, x
-        self.histories = copy.deepcopy(list(histories))
-        self.history = self.histories[0]
-        self._seed, self._transforms = flow_seed, posterior.config["transforms"]
-        self.auto_coverage, self._auto_summary = None, posterior.config.get("ensemble_auto")
+        state = restored_state(self, posterior, theta, x, validation=validation, histories=histories)
+        self._net, self._theta, self._x, self._validation = state.net, state.theta, state.x, state.masks
+        self.histories, self.history = state.histories, state.histories[0]
+        self._seed, self._transforms = state.flow_seed, state.transforms
+        self.auto_coverage, self._auto_summary = None, state.auto_summary
         self.partial_posterior = None
         return self
 

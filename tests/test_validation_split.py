@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sbiflows import NPE, box_uniform, ensemble_training, training
-from sbiflows import npe as npe_module
+from sbiflows import npe_fit
 from sbiflows.ensemble import member_seed
 from sbiflows.training import train
 from sbiflows.training_data import duplicate_groups
@@ -144,7 +144,7 @@ def test_a_refit_never_validates_on_rows_trained_before(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(npe_module, "train_members", broken)
+    monkeypatch.setattr(npe_fit, "train_members", broken)
     with pytest.raises(KeyboardInterrupt):
         npe.fit(*simulate(100, 2), seed=5, **FAST)
     assert torch.equal(npe.validation, second) and len(npe.theta) == 500
