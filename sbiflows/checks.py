@@ -174,8 +174,9 @@ def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.
     """``value`` (a tensor or NumPy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
 
     With ``warn_narrowing``, casting float64 to a narrower ``dtype`` gives a ``UserWarning`` the first time
-    it happens to ``name`` in this process (RELIABILITY.md's "cast with a one-time warning" policy):
-    the values lose digits the caller may have meant to keep.
+    it happens to ``name`` in this process (the package's policy for float64 input: cast, and say so
+    once): the values lose digits the caller may have meant to keep. The slot is taken even where a
+    warnings filter ignores the warning, as Python's own ``"once"`` filter does.
 
     Raises:
         TypeError: For other types, or integer/boolean data (convert explicitly, e.g. ``x.float()``).

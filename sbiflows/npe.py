@@ -57,8 +57,6 @@ from sbiflows.truncated_space import SPACE_OPTIONS, make_space, resolve_space
 __all__ = ["NPE"]
 
 
-
-
 class NPE:
     """Neural posterior estimation with a normalizing flow.
 
@@ -319,7 +317,6 @@ class NPE:
             # Everything below works on new objects; self is only updated once training has succeeded.
             if self._theta is not None:
                 theta, x = torch.cat([self._theta, theta]), torch.cat([self._x, x])
-            check_batch_fits(checked_batch, rows=len(theta), validation_fraction=validation_fraction)
             n_train = split_sizes(len(theta), validation_fraction)[0]
             batch_size, learning_rate = batch_options(n_train, checked_batch, learning_rate)
             space = make_space(self._prior.support, self.space)
@@ -351,6 +348,9 @@ class NPE:
             groups = duplicate_groups(theta, x)
             masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
+            # against the split that trains (a refit keeps earlier rows on their side; duplicates move the cut)
+            check_batch_fits(checked_batch, n_train=min(int((~mask).sum()) for mask in masks), rows=len(theta),
+                             validation_fraction=validation_fraction)
             trail = SnapshotTrail() if self.ensemble in SNAPSHOT_CHOICES else None
             options = dict(  # checked at the top of fit
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import as_float_tensor, check_int
+from sbiflows.checks import as_float_tensor, caller_level, check_int
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
@@ -68,7 +69,7 @@ from sbiflows.simulate import (
     load_simulations,
     simulate,
 )
-from sbiflows.training_options import check_fit_options
+from sbiflows.training_options import check_fit_options, split_sizes
 from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
@@ -211,7 +212,7 @@ class TSNPE:
         for key in ("seed", "progress"):
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
-        # before round 0 simulates; its budget is the fewest rows a round's fit sees
+        # before round 0 simulates, against its budget (failed simulations can leave fewer rows: _fitting_batch)
         check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress"), rows=budget[0])
         # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
         truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
@@ -260,10 +261,13 @@ class TSNPE:
         valid = sims.valid
         _check_x_o(x_o, sims)
         epochs_before = 0 if self.npe.history is None else self.npe.history.epochs
+        options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
+                                 rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
+                                 failed=int((~valid).sum()))
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
-                                     progress=progress, **{"drop_patience": fit_options["patience"], **fit_options})
+                                     progress=progress, **options)
         history = posterior.history
         record = Round(
             index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),
@@ -373,6 +377,21 @@ def _observations_quiet():
     from sbiflows.observation_range import observations_unchecked
 
     return observations_unchecked()
+
+
+def _fitting_batch(r: int, options: dict, *, rows: int, failed: int) -> dict:
+    """``options`` with a ``batch_size`` larger than the round's training rows lowered to them, with a warning.
+
+    ``run`` checked it against the round-0 budget before simulating; only failed simulations can leave
+    fewer rows, and refusing then would stop a run whose simulations are paid for.
+    """
+    batch = options.get("batch_size")
+    n_train = split_sizes(rows, options.get("validation_fraction", 0.1))[0]
+    if batch is None or batch <= n_train:
+        return options
+    warnings.warn(f"round {r + 1}: batch_size={batch} is more than the {n_train} training rows left after {failed} "
+                  f"failed simulations; the round trains with batches of {n_train}", UserWarning, stacklevel=caller_level())
+    return {**options, "batch_size": n_train}
 
 
 def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:

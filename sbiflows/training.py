@@ -131,7 +131,7 @@ def train(
         context: ``(N, C)`` conditioning variables, one row per input row, or None.
         max_epochs: Upper bound on passes over the training split (``>= 1``).
         batch_size: Minibatch size (``>= 1``); a value larger than the number of training rows is
-            lowered to that number (one full batch per epoch).
+            lowered to that number (one full batch per epoch). :meth:`sbiflows.NPE.fit` refuses one instead.
         learning_rate: Adam step size (``> 0``).
         validation_fraction: Share of rows held out for early stopping, in ``(0, 1)``.
         patience: Epochs without validation improvement before stopping (``>= 1``).

@@ -267,21 +267,20 @@ def default_learning_rate(batch_size: int) -> float:
     return 2e-3
 
 
-def check_batch_fits(batch_size: int | None, *, rows: int, validation_fraction: float) -> None:
-    """Refuse a ``batch_size`` larger than the training rows that ``rows`` leave after the validation split.
+def check_batch_fits(batch_size: int | None, *, n_train: int, rows: int, validation_fraction: float) -> None:
+    """Refuse a ``batch_size`` larger than the ``n_train`` rows that train (of ``rows``) after the validation split.
 
     NPE does not lower such a batch silently: the caller asked for a step on more rows than exist, which
     usually means the wrong number in the wrong place. None (the default rule) always fits. The options
     are assumed checked (:func:`check_training_options`).
 
     Example:
-        >>> check_batch_fits(256, rows=1000, validation_fraction=0.1)
-        >>> check_batch_fits(256, rows=200, validation_fraction=0.1)  # doctest: +ELLIPSIS
+        >>> check_batch_fits(256, n_train=900, rows=1000, validation_fraction=0.1)
+        >>> check_batch_fits(256, n_train=180, rows=200, validation_fraction=0.1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: batch_size must be at most the 180 training rows left of 200 rows after the validation split ...
     """
-    n_train = split_sizes(rows, validation_fraction)[0]
     if batch_size is not None and batch_size > n_train:
         raise ValueError(f"batch_size must be at most the {n_train} training rows left of {rows} rows after the "
                          f"validation split (validation_fraction={validation_fraction}), got {batch_size}; pass a "
@@ -329,4 +328,6 @@ def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_calle
     check_training_options(**{name: values[name] for name in checked if name in values},
                            optional=("batch_size", "learning_rate"))
     if rows is not None:
-        check_batch_fits(values.get("batch_size"), rows=rows, validation_fraction=values["validation_fraction"])
+        fraction = values["validation_fraction"]
+        check_batch_fits(values.get("batch_size"), n_train=split_sizes(rows, fraction)[0], rows=rows,
+                         validation_fraction=fraction)

@@ -123,7 +123,7 @@ def test_weight_averaging_is_on_by_default_and_can_be_turned_off():
 
 
 def test_a_batch_larger_than_the_training_rows_is_refused_not_lowered():
-    """RELIABILITY.md: a training batch larger than the rows left after the validation split is a ValueError."""
+    """A training batch larger than the rows left after the validation split is a ValueError, not lowered."""
     prior, theta, x = box_problem()
     npe = NPE(prior)
     with pytest.raises(ValueError, match=r"batch_size must be at most the 90 training rows left of 100 rows after "
@@ -613,17 +613,26 @@ def test_a_box_prior_with_float64_bounds_fits_and_samples_in_float32(tmp_path):
     prior = Independent(Uniform(torch.from_numpy(np.zeros(2)), torch.from_numpy(np.ones(2))), 1)
     theta = prior.sample((400,))
     x = (theta + 0.1 * torch.randn_like(theta)).float()
-    with pytest.warns(UserWarning, match=r"theta is float64 and was cast to torch.float32.*shown once per process"):
-        posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
-    with warnings.catch_warnings():  # RELIABILITY.md: a one-time warning, not one per call
-        warnings.simplefilter("error")
-        NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=1, progress=False)
-        posterior.log_prob(theta[:3], x=x[0])
+    posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
+    # theta from a float64 prior is the prior's precision, not the caller's choice: no float64 warning
+    posterior.log_prob(theta[:3], x=x[0])
     samples = posterior.sample(50, x=x[0])
     assert samples.dtype == torch.float32 and bool(((samples > 0) & (samples < 1)).all())
     assert posterior.log_prob(samples, x=x[0]).dtype == torch.float32
     posterior.save(tmp_path / "p.pt")
     assert load(tmp_path / "p.pt").sample(5, x=x[0]).dtype == torch.float32
+
+
+def test_float64_theta_of_a_float32_prior_is_cast_with_one_warning_per_process():
+    """The package's policy for float64 input: cast to the flow's dtype and say so once (not per call)."""
+    prior, theta, x = box_problem()
+    with pytest.warns(UserWarning, match=r"theta is float64 and was cast to torch.float32.*shown once per process"):
+        posterior = NPE(prior).fit(theta.double(), x, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NPE(prior).fit(theta.double(), x, max_epochs=1, progress=False)
+        posterior.log_prob(theta[:3].double(), x=x[0])
+    assert posterior.log_prob(theta[:3].double(), x=x[0]).dtype == torch.float32
 
 
 def test_float64_x_on_a_large_offset_keeps_its_signal(tmp_path):

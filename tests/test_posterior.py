@@ -184,7 +184,7 @@ def test_sample_size_accepts_numpy_integers_and_rejects_non_integers(box_posteri
 
 
 def test_numpy_and_float64_inputs_are_converted(box_posterior):
-    """float64 theta is cast to the flow's float32 with a warning once per process (RELIABILITY.md's policy);
+    """float64 theta is cast to the flow's float32 with a warning once per process (the prior is float32);
     float64 x needs none: it is standardized in float64 first."""
     with pytest.warns(UserWarning, match=r"^theta is float64 and was cast to torch.float32") as caught:
         lp = box_posterior.log_prob(np.zeros((3, 2)), x=np.zeros(2))

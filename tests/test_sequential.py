@@ -131,6 +131,25 @@ def test_rounds_keep_the_full_patience_after_a_step_drop(monkeypatch):
     assert [(c["patience"], c["drop_patience"]) for c in calls] == [(5, 2)]
 
 
+def some_rows_fail(theta, seed):
+    """``simulator``, with NaN for parameters whose first value is above 2 (about a sixth of the prior)."""
+    x = simulator(theta, seed)
+    x[theta[:, 0] > 2] = float("nan")
+    return x
+
+
+def test_a_batch_that_only_failed_simulations_make_too_large_is_lowered_for_that_round_with_a_warning():
+    """The batch passed the check against round 0's 100 rows (90 train); failed rows leave fewer. Refusing
+    then would stop a run whose simulations are paid for, so the round trains on all it has, and says so."""
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    with pytest.warns(UserWarning, match=r"round 1: batch_size=90 is more than the \d+ training rows left after "
+                                         r"\d+ failed simulations; the round trains with batches of \d+"):
+        tsnpe.run(some_rows_fail, X_O, rounds=2, simulations=200, check_simulations=0,
+                  **{**FAST, "fit_options": {"max_epochs": 2, "batch_size": 90}})
+    failed = tsnpe.rounds[0].failed
+    assert failed > 0 and tsnpe.npe.histories[0].batch_size == 90  # round 2 has the rows for the batch asked for
+
+
 def test_region_covering_the_prior_is_flagged():
     tsnpe = TSNPE(PRIOR, **SMALL)
     tsnpe.run(noise_only, torch.zeros(2), rounds=2, simulations=600, check_simulations=0, **FAST)

@@ -147,6 +147,58 @@ def test_the_small_chunks_of_a_call_stopped_as_cannot_run_are_not_stored_as_fail
     assert again.reused == 50 and again.num_invalid == 10  # stored as failed rows: nothing simulated again
 
 
+CALLS = {"n": 0, "interrupt_after": None}
+
+
+def interrupted_later(theta):
+    """broken_after_100, raising KeyboardInterrupt once ``CALLS["interrupt_after"]`` calls were made."""
+    CALLS["n"] += 1
+    if CALLS["interrupt_after"] is not None and CALLS["n"] > CALLS["interrupt_after"]:
+        raise KeyboardInterrupt
+    return broken_after_100(theta)
+
+
+def test_an_interrupt_before_the_first_success_keeps_the_failed_chunks_in_the_store(tmp_path):
+    theta = torch.arange(400.0).reshape(200, 2)
+    store = tmp_path / "sims.zarr"
+    simulate(interrupted_later, theta[:10], batch_size=5, store=store)  # x's layout is known from here on
+    CALLS.update(n=0, interrupt_after=3 * 6)  # three failing chunks: one call and five row retries each
+    try:
+        with pytest.raises(SimulationInterrupted):
+            simulate(interrupted_later, torch.cat([theta[:10], theta[60:100]]), batch_size=5, store=store)
+    finally:
+        CALLS.update(interrupt_after=None)
+    with pytest.warns(UserWarning, match="incomplete: 25 of 50 rows finished"):
+        stored = load_simulations(store)
+    assert stored.num_invalid == 15  # the failed rows paid for are kept, as finished rows are
+
+
+def mixed_errors(theta):
+    raise (ValueError if int(theta[0, 0]) % 4 == 0 else RuntimeError)("bad")
+
+
+def test_every_row_failing_with_two_exception_types_is_a_simulation_error():
+    """Fewer than 20 failures of each type do not stop the call early; it still ends in a named error
+    (before: an IndexError, since failures held back for want of an x shape were never counted)."""
+    theta = torch.arange(60.0).reshape(30, 2)  # chunks of 5 start at 0, 10, 20, ...: both types
+    with pytest.raises(SimulationError, match=r"all 30 simulations failed \(first: ValueError: bad\)") as info:
+        simulate(mixed_errors, theta, batch_size=5)
+    assert len(info.value.partial.failures) == 30
+
+
+def test_stored_failures_simulated_again_do_not_count_as_a_simulator_that_cannot_run(tmp_path):
+    """retry_failed (or a longer timeout) sends rows that failed before first: failing again, they are no
+    evidence of a broken simulator. Before, 20 of them stopped the call before its new rows, on every rerun."""
+    rows = torch.arange(160.0).reshape(80, 2)  # rows 50..79 fail
+    theta = torch.cat([rows, rows[:20] + 0.5])  # 20 new rows that succeed
+    store = tmp_path / "sims.zarr"
+    with pytest.warns(UserWarning, match="30 invalid"):
+        simulate(broken_after_100, theta[:80], batch_size=5, store=store)
+    with pytest.warns(UserWarning, match="30 invalid"):
+        again = simulate(broken_after_100, theta, batch_size=5, store=store, retry_failed=True)
+    assert again.reused == 50 and len(again.failures) == 30 and torch.equal(again.x[80:], theta[80:])
+
+
 def test_a_kill_while_a_new_store_creates_its_x_array_leaves_a_store_the_next_run_completes(tmp_path):
     import zarr
 

@@ -46,6 +46,7 @@ class _Chunk:
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # row within chunk -> (type, message)
     waiting: int = 0  # row jobs still out
     seconds: float = 0.0
+    stored: bool = False  # a stored chunk whose failed rows are simulated again (retry_failed, a longer timeout)
 
 
 class Driver:
@@ -117,6 +118,7 @@ class Driver:
                      if self.retry_failed or self._longer_limit(kind, message)}
             if retry:
                 chunk = self._new_chunk(c)
+                chunk.stored = True
                 chunk.x = x[start:stop].copy()
                 chunk.errors = {k: error for k, error in failed.items() if k not in retry}  # kept as they failed
                 seeds = self._row_seeds(c)
@@ -161,6 +163,12 @@ class Driver:
                     continue
                 self._in_flight -= 1
                 self._handle(job, self.backend.outcome(future))
+        except AbortRun:
+            raise  # "cannot run" (held chunks are dropped) or on_error="raise" (nothing is held then)
+        except BaseException:
+            self._flush_deferred(final=True)  # an interrupt keeps what finished, failed rows included
+            raise
+        else:
             self._flush_deferred(final=True)  # a call that ended with every row failed, without stopping early
         finally:
             self.progress.close()
@@ -245,7 +253,7 @@ class Driver:
         if self.on_error == "raise":
             raise AbortRun(f"simulation of theta index {index} failed with {kind}: {message}",
                            index=index)
-        if not self._succeeded:
+        if not self._succeeded and not chunk.stored:  # rows that failed before are no evidence of a broken simulator
             self._early[kind] += 1
             if self._early[kind] >= min(BROKEN_AFTER, self.n):
                 hint = ("" if not self.vectorized or kind in (TIMEOUT, WORKER_DIED) else
@@ -255,10 +263,19 @@ class Driver:
                                f"with {kind}: {message}{hint}", index=index)
 
     def _finish(self, c: int, *, final: bool = False) -> None:
-        # Every row of this call failed so far: hold the chunk back, so that a call stopped as "cannot run"
-        # stores none of its failures and a rerun with the simulator fixed simulates those rows (not only
-        # with retry_failed). Held chunks are finished at the first success, or when the call ends.
-        if self.layout is None or (not self._succeeded and not final):
+        # Every row of this call failed so far: hold a chunk of new rows back, so that a call stopped as
+        # "cannot run" stores none of its failures and a rerun with the simulator fixed simulates those rows
+        # (not only with retry_failed). Held chunks are finished at the first success, or when the call ends
+        # or is interrupted. A chunk already in the store is rewritten at once: its record exists anyway.
+        if self.layout is None:
+            if final:  # every row failed and no x shape is known: count the failures, nothing can be stored
+                chunk = self._chunks.pop(c)
+                self.failures.update({chunk.start + k: v for k, v in chunk.errors.items()})
+                self.progress.update(chunk.rows, failed=len(chunk.errors))
+            else:
+                self._deferred.append(c)
+            return
+        if not self._succeeded and not final and not self._chunks[c].stored:
             self._deferred.append(c)
             return
         chunk = self._chunks.pop(c)
