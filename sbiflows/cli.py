@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING
     from sbiflows.pipeline import run
+    from sbiflows.simulate import SimulationError, StoreMismatchError
 
     try:
         job = _setup(args)
@@ -80,8 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch_threads(), _one_line_warnings():  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
-    except outputs.OutputFolderError as error:  # e.g. a sequential run's rounds made under other TSNPE defaults
+    except (outputs.OutputFolderError, StoreMismatchError) as error:  # e.g. rounds made under other TSNPE defaults
         parser.exit(2, f"sbiflows fit: error: {error}\n")
+    except SimulationError as error:  # the simulator cannot run: one line, what finished is kept
+        nothing = error.partial is not None and len(error.partial.theta) == 0 and not error.partial.failures
+        print(f"sbiflows fit: error: {str(error).replace('vectorized=False', '--per-row')}"
+              + (". None of its simulations finished: to rerun with other options, add --force" if nothing else ""),
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)
@@ -249,6 +256,7 @@ def _setup(args: argparse.Namespace) -> Job:
         batch_size=args.batch_size,
         workers=args.workers,
         timeout=args.timeout,
+        vectorized=not args.per_row,
         rounds=args.rounds,
     )
 

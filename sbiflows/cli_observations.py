@@ -56,6 +56,8 @@ def _check_observations(
 
 #: Parameter draws :func:`_probe_x_shape` tries, one after another, until one simulates.
 PROBES = 3
+#: What the command line says where the engine's message suggests ``vectorized=False``.
+PER_ROW_HINT = "; a simulator that takes one parameter set theta of shape (theta_dim,) at a time needs --per-row"
 
 
 def _stored_x_shape(simulator, args: argparse.Namespace, *, out: Path) -> tuple[int, ...] | None:
@@ -87,22 +89,23 @@ def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...
         torch.random.set_rng_state(generator_state)
     import warnings
 
-    x = None
+    x, batch_hint = None, False
     for k in range(PROBES):  # one at a time: usually the first is the only simulation paid for
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a failed probe only skips the check; the run reports failures
             try:
                 stream = "probe" if k == 0 else f"probe/{k}"
                 probe = simulate(simulator, thetas[k:k + 1], seed=derive_seed(args.seed, stream),
-                                 timeout=args.timeout, progress=False)
-            except SimulationError:  # the probe's one row failed: the run counts its own failures
+                                 timeout=args.timeout, vectorized=not args.per_row, progress=False)
+            except SimulationError as error:  # the probe's one row failed: the run counts its own failures
+                batch_hint = batch_hint or "vectorized=False" in str(error)
                 continue
         if probe.x is not None and probe.x.numel() > 0 and probe.valid.all():
             x = probe.x
             break
     if x is None:
         print(f"sbiflows fit: note: {PROBES} probe simulations failed, so the observation's shape is checked "
-              "after simulating", file=sys.stderr)
+              "after simulating" + (PER_ROW_HINT if batch_hint else ""), file=sys.stderr)
         return None
     return tuple(x.shape[1:]) if x.ndim > 1 else (1,)
 

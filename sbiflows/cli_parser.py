@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--batch-size", type=_positive_int, default=100, metavar="ROWS",
                         help="parameter sets per simulator call and per stored chunk; results depend on it, "
                         "not on --workers or --scheduler")
+    engine.add_argument("--per-row", action="store_true",
+                        help="call the simulator with one parameter set theta of shape (theta_dim,) at a time "
+                        "(sbi's habit) instead of a batch (N, theta_dim)")
 
     sub.add_parser("tasks", help="list the benchmark tasks", description="List the benchmark tasks.")
     return parser

@@ -32,7 +32,7 @@ OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.js
 #: depend on the posterior: the pipeline replaces one whose parameters are not the posterior's draws).
 STORES = ("simulations.zarr", "calibration.zarr", "predictive")
 #: (Not ``timeout``: a store keeps its rows, and those that timed out under a shorter limit run again.)
-STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size")
+STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "vectorized")
 #: The rounds of a sequential run (``--rounds``), which hold simulations too.
 SEQUENTIAL = "rounds"
 #: Settings that only steps after training use: when nothing else changed, ``force`` keeps the trained

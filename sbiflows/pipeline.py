@@ -75,7 +75,7 @@ class Observation:
 class Job:
     """What ``sbiflows fit`` runs: the model, the observations, the budget and the engine options.
 
-    ``batch_size``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
+    ``batch_size``, ``vectorized``, ``workers``, ``executor`` and ``timeout`` go to :func:`sbiflows.simulate` for every
     simulation of the run. ``task`` is a benchmark task (with reference posteriors), or None for a user's
     simulator. ``rounds > 1`` runs truncated sequential NPE for the job's single observation
     (:mod:`sbiflows.pipeline_sequential`), which takes neither ``balancing`` nor ``coverage_penalty`` (an
@@ -114,6 +114,7 @@ class Job:
     drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
     progress: bool = True
     batch_size: int = 100
+    vectorized: bool = True
     workers: int | None = None
     executor: object = None
     timeout: float | None = None
@@ -164,7 +165,7 @@ class Job:
     def engine(self) -> dict:
         """The options of every call of the simulation engine."""
         return {"batch_size": self.batch_size, "workers": self.workers, "executor": self.executor,
-                "timeout": self.timeout}
+                "timeout": self.timeout, "vectorized": self.vectorized}
 
     def settings(self) -> dict:
         """The settings that change the run's results (not progress output or the engine's parallelism)."""
@@ -181,6 +182,7 @@ class Job:
             **({"mixing": self.mixing} if self.mixing != "none" else {}),  # and runs without mixing layers
             **({"balancing": self.balancing} if self.balancing else {}),  # and runs of plain NPE
             **({"coverage_penalty": self.coverage_penalty} if self.coverage_penalty else {}),
+            **({"vectorized": False} if not self.vectorized else {}),  # per-row seeds: other draws
         })
 
     def parameter_names(self) -> list[str]:

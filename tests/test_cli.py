@@ -344,6 +344,34 @@ def test_fit_user_numpy_simulator(tmp_path, monkeypatch):
     assert (out / "corner_x_obs.png").exists() and (out / "corner_x_obs.pdf").exists() and (out / "report.md").exists()
 
 
+def test_a_simulator_of_one_parameter_set_at_a_time_runs_with_per_row(tmp_path, monkeypatch, capsys):
+    """sbi's habit, theta (theta_dim,) -> x (x_dim,): without --per-row one line names the option (before:
+    a traceback whose hint, vectorized=False, the command line had no way to give)."""
+    (tmp_path / "rowmodel.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def one_at_a_time(theta):
+            theta = np.asarray(theta)
+            assert theta.shape == (2,), theta.shape
+            return theta + 0.3 * np.random.normal(size=2)
+    """))
+    (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
+    monkeypatch.chdir(tmp_path)
+    command = ["fit", "--simulator", "rowmodel.py:one_at_a_time", "--prior", "rowmodel.py:prior",
+               "--observation", "x_obs.csv", "--out", str(tmp_path / "run"), *SMALL]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "needs --per-row" in err and "Traceback" not in err and "vectorized=False" not in err
+    assert "to rerun with other options, add --force" in err  # the failed call stored nothing
+    assert main([*command, "--per-row", "--force"]) == 0
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["vectorized"] is False
+
+
 @pytest.mark.slow
 def test_fit_task_with_own_observation_file_skips_c2st(tmp_path):
     """A task's simulator with the user's data: no reference posterior exists for it, so no C2ST."""
