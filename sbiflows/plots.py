@@ -115,6 +115,7 @@ def corner(
         corner_package.corner(  # contour lines only, so the posterior underneath stays visible
             ref, fig=fig, labels=labels, color=reference_color, hist_kwargs=dict(hist_kwargs), **outline
         )
+        _fit_diagonal_heights(fig, dim)  # the second call scaled the 1-D panels to the reference alone
         handles.append(Line2D([], [], color=reference_color, label=legend[1]))
     if truth is not None:
         handles.append(Line2D([], [], color=truth_color, marker="s", label=legend[2]))
@@ -122,6 +123,15 @@ def corner(
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+def _fit_diagonal_heights(fig: Figure, dim: int) -> None:
+    """Give each 1-D panel of a corner figure the height of its tallest histogram (plus corner's 10%)."""
+    for i in range(dim):
+        ax = fig.axes[i * dim + i]
+        heights = [patch.get_path().vertices[:, 1].max() for patch in ax.patches if len(patch.get_path().vertices)]
+        if heights:
+            ax.set_ylim(0, 1.1 * max(heights))
 
 
 def sbc_ranks(

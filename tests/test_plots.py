@@ -73,6 +73,20 @@ def test_corner_overlays_reference_in_a_second_colour_on_a_shared_range():
     assert fig.texts[0].get_text() == "obs1"
 
 
+def test_corner_with_a_reference_keeps_the_posteriors_1d_peaks_inside_their_panels():
+    """The reference is drawn by a second corner call, which scaled the 1-D panels to the reference alone:
+    a posterior narrower than the reference (an over-confident one) ran off the top (walkthrough, session 57)."""
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.cat([0.05 * torch.randn(5000, 2, generator=g) - 0.3, 0.05 * torch.randn(5000, 2, generator=g) + 0.5])
+    wide = torch.cat([0.2 * torch.randn(5000, 2, generator=g) - 0.3, 0.2 * torch.randn(5000, 2, generator=g) + 0.5])
+    fig = plots.corner(narrow, reference=wide)
+    for i in range(2):
+        ax = fig.axes[3 * i]
+        tallest = max(patch.get_path().vertices[:, 1].max() for patch in ax.patches)
+        assert tallest > 3 and ax.get_ylim()[1] >= tallest  # the posterior's density near 4, the reference's near 1
+    plt.close(fig)
+
+
 def test_corner_range_follows_a_narrow_posterior_and_includes_the_truth():
     narrow = 0.01 * samples(seed=3) + 0.5  # far narrower than any prior, away from the truth
     fig = plots.corner(narrow, truths=[0.0, 0.5])
