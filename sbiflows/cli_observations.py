@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,6 @@ def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...
         thetas = prior.sample((PROBES,)).reshape(PROBES, -1)
     finally:
         torch.random.set_rng_state(generator_state)
-    import warnings
-
     x, batch_hint = None, False
     for k in range(PROBES):  # one at a time: usually the first is the only simulation paid for
         with warnings.catch_warnings():
@@ -141,20 +140,30 @@ _FORMATS = (".csv", ".txt", ".npy")
 
 
 def _read_observations(path: Path) -> torch.Tensor:
-    if path.suffix.lower() not in _FORMATS:
+    suffix = path.suffix.lower()  # OBS.CSV is a .csv
+    if suffix not in _FORMATS:
         raise ValueError(f"--observation {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
                          f"use one of {', '.join(_FORMATS)} (one observation per row)")
     if not path.exists():
         raise ValueError(f"--observation file {str(path)!r} does not exist")
+    header = 0
     try:
-        if path.suffix == ".npy":
+        if suffix == ".npy":
             data = np.load(path, allow_pickle=False)
         else:
-            data = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2, skiprows=_header(path))
+            header = _header(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "input contained no data": said below, with the reason
+                data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2, skiprows=header)
     except ValueError as error:
         raise ValueError(f"--observation {str(path)!r} is not a numeric table: {error}") from None
+    if data.size == 0:
+        read = "its only line was read as a header (a row that is not all numbers)" if header else "it is empty"
+        separator = "comma-separated values" if suffix == ".csv" else "values separated by spaces"
+        raise ValueError(f"--observation {str(path)!r} holds no observation: {read}; give one observation per "
+                         f"row as {separator}")
     data = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
-    return torch.from_numpy(data if path.suffix == ".npy" else np.atleast_2d(data))
+    return torch.from_numpy(data if suffix == ".npy" else np.atleast_2d(data))
 
 
 def _header(path: Path) -> int:

@@ -74,6 +74,31 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("semi.csv", "0.3;0.7\n", "its only line was read as a header (a row that is not all numbers); give one "
+                               "observation per row as comma-separated values"),
+    ("empty.csv", "", "holds no observation: it is empty"),
+    ("empty.txt", "\n", "holds no observation: it is empty; give one observation per row as values separated by spaces"),
+])
+def test_observation_files_without_an_observation_give_one_line(tmp_path, capsys, name, content, message):
+    """A semicolon-separated or empty table was a RuntimeError traceback from reshaping 0 values."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "two_moons", "--observation", str(tmp_path / name), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_observation_file_types_are_read_whatever_the_case_of_their_suffix(tmp_path):
+    from sbiflows.cli_observations import _read_observations
+
+    (tmp_path / "UP.CSV").write_text("x1,x2\n0.3,0.7\n")
+    np.save(tmp_path / "obs.npy", np.array([0.3, 0.7]))
+    (tmp_path / "obs.npy").rename(tmp_path / "OBS.NPY")
+    assert _read_observations(tmp_path / "UP.CSV").tolist() == [[pytest.approx(0.3), pytest.approx(0.7)]]
+    assert _read_observations(tmp_path / "OBS.NPY").tolist() == [pytest.approx(0.3), pytest.approx(0.7)]
+
+
 def test_estimator_choices_come_from_the_registry(capsys):
     from sbiflows.cli import _setup, build_parser
     from sbiflows.estimator import ESTIMATORS
