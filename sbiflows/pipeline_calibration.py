@@ -15,7 +15,7 @@ from sbiflows.report import jsonable, plain_label
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 
-__all__ = ["advice", "calibrate", "save_figure"]
+__all__ = ["C2ST_CAUTION", "advice", "c2st_caution", "calibrate", "save_figure"]
 
 #: What to try first when the default's check passed one flow that the calibration finds over-confident.
 SNAPSHOT_ADVICE = ("Try first the mixture of this training's own snapshots (--ensemble snapshots, or "
@@ -53,7 +53,8 @@ def calibrate(state, posterior: Posterior) -> None:
         for key, r in checks.items()
     }
     state.report["verdict"] = diagnostics.overall(words.values())
-    state.report["advice"] = advice(state.report["verdict"], job.ensemble, posterior.config)
+    state.report["advice"] = advice(state.report["verdict"], job.ensemble, posterior.config) + c2st_caution(
+        state.report)
     for key, figure in (
         ("sbc_ranks", plots.sbc_ranks(checks["sbc"], labels=labels, kind="ecdf")),
         ("coverage", plots.coverage(checks["coverage"])),
@@ -81,6 +82,28 @@ def advice(verdict: str, ensemble: int | str, config: dict) -> str:
         explanation, remedies = ADVICE[verdict].split(" Try ", 1)
         return f"{explanation} {SNAPSHOT_ADVICE}try {remedies}"
     return ADVICE[verdict]
+
+
+#: A mean C2ST from here on makes a "calibrated" or "conservative" verdict get a caution about accuracy.
+C2ST_CAUTION = 0.75
+
+
+def c2st_caution(report: dict) -> str:
+    """A sentence for the advice where calibration passed but the mean C2ST says the posterior is far from
+    the reference (a posterior as wide as the prior is calibrated too); else ``""``.
+
+    Example:
+        >>> c2st_caution({"verdict": "calibrated", "mean_c2st": 0.96}).startswith(" But the mean C2ST of 0.960 says")
+        True
+        >>> c2st_caution({"verdict": "calibrated", "mean_c2st": 0.55})
+        ''
+    """
+    c2st = report.get("mean_c2st")
+    if c2st is None or c2st < C2ST_CAUTION or report.get("verdict") not in ("calibrated", "conservative"):
+        return ""
+    return (f" But the mean C2ST of {c2st:.3f} says the posterior differs clearly from the reference: calibration "
+            "means its credible regions are honest on average over the prior, not that it is accurate for these "
+            "observations. More simulations sharpen it.")
 
 
 def save_figure(figure, stem: Path) -> None:

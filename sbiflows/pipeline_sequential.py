@@ -115,8 +115,9 @@ def calibrate(state, posterior: Posterior) -> None:
     }
     state.report["not_applicable"] = dict(NOT_APPLICABLE)
     state.report["verdict"] = diagnostics.overall([word])
-    state.report["advice"] = SEQUENTIAL_ADVICE[state.report["verdict"]]
-    from sbiflows.pipeline_calibration import save_figure
+    from sbiflows.pipeline_calibration import c2st_caution, save_figure
+
+    state.report["advice"] = SEQUENTIAL_ADVICE[state.report["verdict"]] + c2st_caution(state.report)
 
     save_figure(plots.coverage(check), state.job.out / "coverage")
     state.log(f"[5/5] calibration on the last truncated prior: {word}: {state.report['advice']}")

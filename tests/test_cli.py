@@ -308,6 +308,8 @@ def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     assert report["command"] == "sbiflows " + " ".join(["fit", "two_moons", "--out", str(out), "--observations",
                                                          "1,2", *SMALL])
     assert report["verdict"] in ("calibrated", "conservative", "over-confident", "biased") and report["advice"]
+    cautioned = report["verdict"] in ("calibrated", "conservative") and report["mean_c2st"] >= 0.75
+    assert ("But the mean C2ST of" in report["advice"]) == cautioned  # calibrated is not accurate
     assert {entry["verdict"] for entry in report["calibration"].values()} <= {
         "calibrated", "conservative", "over-confident", "biased"}
     import numpy as np

@@ -39,8 +39,9 @@ ADVICE = {
     "or --ensemble 3 on the command line: calibrated on the two benchmark tasks where one flow was "
     "over-confident on every seed), more simulations, and check the simulator's failed rows.",
     "biased": "the true parameters lie systematically on one side of the posterior for some parameters. Try "
-    "more simulations and a more flexible estimator, and check that the simulator and prior are the ones the "
-    "observations came from.",
+    "more simulations, an ensemble of flows (ensemble=3, --ensemble 3) or a more flexible estimator, and more "
+    "calibration datasets to confirm it (the check runs on fresh simulations from the prior, so the "
+    "observations play no part in it).",
 }
 
 
