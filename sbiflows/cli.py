@@ -105,9 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """Warnings as one line (``sbiflows fit: warning: ...``), not Python's file, line number and source line."""
+    """Warnings as one line (``sbiflows fit: warning: ...``), not Python's file, line number and source line,
+    in the command line's words (``--per-row`` for the API's ``vectorized=False``)."""
     original = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"sbiflows fit: warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *args, **kwargs: (
+        f"sbiflows fit: warning: {str(message).replace('vectorized=False', '--per-row')}\n")
     try:
         yield
     finally:

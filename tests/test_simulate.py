@@ -177,6 +177,30 @@ def test_raise_mode_keeps_finished_simulations():
     assert info.value.index == 60 and info.value.partial.x.shape == (60, 2)
 
 
+def batch_broken(theta):
+    """Works for one row at a time only (raises for a batch), and fails for theta[:, 0] > 3 anyway."""
+    if len(theta) > 1:
+        raise RuntimeError("solver blew up")
+    if theta[0, 0] > 3:
+        raise ValueError("out of range")
+    return theta
+
+
+def test_calls_that_fail_as_a_whole_while_every_row_works_alone_are_named_in_a_warning():
+    """The row-by-row fallback was silent: a broken batch path cost batch_size times the calls unseen."""
+    theta = torch.arange(80.0).reshape(40, 2) / 20  # theta[:, 0] from 0 to 3.9: rows 31.. also fail alone
+    with pytest.warns(UserWarning) as caught:
+        result = simulate(batch_broken, theta, batch_size=10)
+    messages = [str(w.message) for w in caught]
+    named = [m for m in messages if "failed as a whole" in m]
+    assert len(named) == 1 and named[0].startswith("3 of about 4 simulator calls failed as a whole (RuntimeError: "
+                                                   "solver blew up) although each of their rows succeeded alone")
+    assert "needs vectorized=False" in named[0] and result.num_invalid == 9  # the last chunk: its rows fail alone
+    with pytest.warns(UserWarning, match="9 invalid") as caught:  # rows that fail alone: the usual isolation
+        simulate(batch_broken, theta[30:], batch_size=10)
+    assert not any("failed as a whole" in str(w.message) for w in caught)
+
+
 def test_a_simulator_that_cannot_run_stops_early_with_its_exception():
     calls = []
 

@@ -47,6 +47,7 @@ class _Chunk:
     waiting: int = 0  # row jobs still out
     seconds: float = 0.0
     stored: bool = False  # a stored chunk whose failed rows are simulated again (retry_failed, a longer timeout)
+    split: tuple[str, str] | None = None  # why the chunk's call failed as a whole, if its rows ran alone
 
 
 class Driver:
@@ -72,6 +73,10 @@ class Driver:
         self._in_flight = 0
         self._succeeded = False
         self._early: Counter = Counter()
+        #: Chunks whose call failed as a whole although every row then succeeded alone, and the first reason:
+        #: the batch path is broken (e.g. a per-row simulator), and those rows ran up to batch_size times slower.
+        self.batch_only_failures: int = 0
+        self.batch_only_reason: tuple[str, str] | None = None
 
     # ------------------------------------------------------------------------------- plan
     def _span(self, c: int) -> tuple[int, int]:
@@ -182,6 +187,7 @@ class Driver:
             kind = outcome.errors[0][1]
             retry = kind != BAD_OUTPUT and (len(job.theta) > 1 or kind == WORKER_DIED)
             if retry:  # isolate the bad rows: each row alone, with its own seed
+                chunk.split = (kind, outcome.errors[0][2])
                 seeds = self._row_seeds(job.chunk)
                 rows = [Job(job.chunk, job.start + k, job.theta[k:k + 1],
                             (int(seeds[job.start + k - chunk.start]),), retry=True) for k in range(len(job.theta))]
@@ -213,6 +219,9 @@ class Driver:
         if job.retry:
             chunk.waiting -= 1
         if chunk.waiting == 0:
+            if chunk.split is not None and not chunk.errors:  # the call failed, yet no row does alone
+                self.batch_only_failures += 1
+                self.batch_only_reason = self.batch_only_reason or chunk.split
             self._finish(job.chunk)
 
     def _conform(self, x: np.ndarray) -> np.ndarray | str:
