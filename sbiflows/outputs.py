@@ -36,7 +36,8 @@ STORE_SETTINGS = ("simulator", "prior", "seed", "batch_size", "vectorized")
 #: The rounds of a sequential run (``--rounds``), which hold simulations too.
 SEQUENTIAL = "rounds"
 #: Settings that only steps after training use: when nothing else changed, ``force`` keeps the trained
-#: posterior, the rounds of a sequential run and ``resume.json`` (which says which later steps to redo).
+#: posterior, the rounds of a sequential run, the posterior samples and ``resume.json`` (which says which
+#: later steps to redo: the samples are drawn again only if ``num_samples`` changed).
 #: (Not ``name``: the training step's record names the simulator by it.)
 AFTER_TRAINING = ("labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
                   "reference")
@@ -124,7 +125,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if not any(key in STORE_SETTINGS for key in changed):
         keep.update(STORES)
     if all(key in AFTER_TRAINING for key in changed):
-        keep.update(("posterior.pt", SEQUENTIAL, "resume.json"))
+        keep.update(("posterior.pt", SEQUENTIAL, "resume.json", "samples.npz"))
     removed = []
     for name in manifest.get("files", []):
         path = out / name

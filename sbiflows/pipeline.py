@@ -379,9 +379,18 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         if use_reference and observation.reference is not None:
             reference = job.task.reference_posterior(observation.reference, num_samples=c2st_samples,
                                                      progress=job.progress)
-            entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
+            # the draws it compares are fixed by the sampling step's settings: a rerun reads the score
+            made_with = {"samples": state.resume.steps.get("sample"), "c2st_samples": c2st_samples,
+                         "seed": job.seed, "reference": observation.reference}
+            known = made_with["samples"] is not None
+            entry["c2st"] = state.resume.cached(f"c2st/{observation.name}", made_with) if known else None
+            if entry["c2st"] is None:
+                entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
+                if known:
+                    state.resume.keep(f"c2st/{observation.name}", made_with, entry["c2st"])
             entry["c2st_samples"] = c2st_samples
-            state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}")
+            state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}"
+                      + ("" if f"c2st/{observation.name}" in state.resume.fresh else " (from the earlier run)"))
         entry["predictive"] = predictive_entry(job, posterior, observation, state.log)
         # MAP at a bounded cost: the best of 1,000 posterior draws, refined by 100 Adam steps
         best = posterior.map(observation.x, num_init_samples=1000, num_to_optimize=10, num_iter=100,

@@ -11,6 +11,7 @@ import json
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,22 @@ class Resume:
         """Record that ``step`` finished with these settings (written atomically)."""
         self.steps[step] = jsonable(settings)
         self.fresh.add(step)
+        self._write()
+
+    def cached(self, step: str, settings: dict) -> Any:
+        """The value :meth:`keep` stored for ``step`` under these settings, or None."""
+        entry = self.steps.get(step)
+        if isinstance(entry, dict) and entry.get("settings") == jsonable(settings):
+            return entry.get("value")
+        return None
+
+    def keep(self, step: str, settings: dict, value: Any) -> None:
+        """Store the result ``value`` (JSON) of ``step`` made with these settings (written atomically)."""
+        self.steps[step] = {"settings": jsonable(settings), "value": jsonable(value)}
+        self.fresh.add(step)
+        self._write()
+
+    def _write(self) -> None:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.steps, indent=1))
         temporary.replace(self.path)

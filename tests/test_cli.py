@@ -341,8 +341,15 @@ def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reused 600 finished simulations" in printed and "reusing the posterior trained" in printed
     assert "reusing the posterior samples" in printed and "reused 100 calibration simulations" in printed
+    assert "obs1: C2ST" in printed and printed.count("(from the earlier run)") == 2  # C2ST is not trained again
     again = json.loads((out / "report.json").read_text())
     assert again["observations"][0]["c2st"] == report["observations"][0]["c2st"]
+    # other C2ST draws: scored again
+    assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL, "--c2st-samples", "300",
+                 "--force"]) == 0  # the last --c2st-samples counts; --force keeps the posterior and its samples
+    printed = capsys.readouterr().out  # the samples are kept: only other C2ST draws
+    assert "reusing the posterior samples" in printed and "(from the earlier run)" not in printed
+    assert json.loads((out / "report.json").read_text())["observations"][0]["c2st_samples"] == 300
 
 
 @pytest.mark.slow
@@ -714,8 +721,8 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
 
 
 @pytest.mark.parametrize("change,kept,removed", [
-    ({"num_samples": 50}, ["posterior.pt", "rounds", "resume.json", "simulations.zarr", "predictive"],
-     ["samples.npz", "report.md"]),
+    ({"num_samples": 50}, ["posterior.pt", "rounds", "resume.json", "samples.npz", "simulations.zarr", "predictive"],
+     ["report.md"]),  # samples.npz: the sampling step's record says it is drawn again for another num_samples
     ({"estimator": "maf"}, ["simulations.zarr", "calibration.zarr", "predictive"],
      ["posterior.pt", "rounds", "resume.json", "samples.npz"]),
     ({"seed": 1}, [], ["simulations.zarr", "calibration.zarr", "predictive", "posterior.pt", "rounds", "resume.json"]),
