@@ -224,7 +224,7 @@ class TSNPE:
         layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
                                           simulate_options)) if store is not None else None
         self.rounds, self.proposals, self.check = [], [], None
-        start = self._resume(layout, say) if layout is not None else 0
+        start = self._resume(layout, say, rounds) if layout is not None else 0
         for r in range(start, rounds):
             self._round(r, budget[r], simulator, x_o, seed, truncation, fit_options, layout, progress, say,
                         simulate_options)
@@ -297,7 +297,7 @@ class TSNPE:
         return posterior
 
     # ------------------------------------------------------------------------------- resuming
-    def _resume(self, layout: RoundStore, say) -> int:
+    def _resume(self, layout: RoundStore, say, rounds: int) -> int:
         records = layout.finished()
         if not records:
             return 0
@@ -319,7 +319,8 @@ class TSNPE:
         self.rounds = [Round(**record) for record in records]
         self.proposals = [self.prior] + [None] * last  # the regions of finished rounds are not rebuilt
         self.posterior = posterior
-        say(f"resuming after round {last + 1} from {layout.root}")
+        say(f"all {rounds} rounds finished earlier: reusing them from {layout.root}" if last + 1 >= rounds
+            else f"resuming after round {last + 1} from {layout.root}")
         return len(records)
 
     # ------------------------------------------------------------------------------ the check

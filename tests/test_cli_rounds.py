@@ -70,12 +70,12 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     capsys.readouterr()
     assert main(argv) == 0  # the same command resumes: no round is simulated or trained again
     printed = capsys.readouterr().out
-    assert "resuming after round 2" in printed and "round 1:" not in printed
+    assert "all 2 rounds finished earlier: reusing them" in printed and "round 1:" not in printed
     assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
     # only settings of the later steps changed: --force keeps the rounds (their simulations) and resumes them
     assert main([*argv, "--num-samples", "300", "--force"]) == 0
     printed = capsys.readouterr().out
-    assert "resuming after round 2" in printed and "round 1:" not in printed
+    assert "all 2 rounds finished earlier: reusing them" in printed and "round 1:" not in printed
     # rounds made under another TSNPE default (the job's settings unchanged): refused in one line, then --force
     manifest = json.loads((out / "rounds" / "tsnpe.json").read_text())
     manifest["settings"]["truncation"]["quantile"] = 0.5  # as if the default had been another

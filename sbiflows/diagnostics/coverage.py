@@ -91,8 +91,8 @@ class CoverageResult:
             f"{self.num_posterior_samples} posterior draws each"
             + (f" ({self.num_invalid} invalid simulations excluded)" if self.num_invalid else ""),
             f"  nominal:empirical  {table}",
-            f"  worst deviation {self.deviation[worst]:+.3f} at level {self.levels[worst]:.2f} "
-            f"(band ±{self.band[worst]:.3f}); verdict: {self.verdict}",
+            f"  worst deviation {self.deviation[worst]:+.3f} at level {self.levels[worst]:.2f} of "
+            f"{len(self.levels)} levels (band ±{self.band[worst]:.3f}); verdict: {self.verdict}",
         ]
         meaning = {
             "calibrated": "credible regions contain the truth as often as they claim.",
