@@ -184,5 +184,5 @@ def _write(out: Path, manifest: dict) -> None:
 
 
 def _short(value: object) -> str:
-    text = json.dumps(value)
+    text = "default" if value is None else json.dumps(value)  # None: the option was left at its default
     return text if len(text) <= 40 else text[:37] + "..."

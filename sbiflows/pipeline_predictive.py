@@ -59,7 +59,10 @@ def predictive_entry(job, posterior, observation, log: Callable[[str], None]) ->
     def check(metric: str) -> dict:
         result = diagnostics.posterior_predictive(posterior, simulator, observation.x, num_samples=PREDICTIVE_SAMPLES,
                                                   seed=job.seed, metric=metric)
-        return {"passed": result.passed, "summary": str(result)}
+        log(f"      {observation.name}: posterior predictive " + ("typical" if result.passed else "FLAGGED (atypical)")
+            + f" ({metric} distance {result.distance:.3g}, p = {result.distance_pvalue:.3g})")
+        return {"passed": result.passed, "summary": str(result), "distance": float(result.distance),
+                "pvalue": float(result.distance_pvalue), "metric": metric}
 
     # Mahalanobis needs many more draws than values; large (structured) x is compared value by value
     metric = "mahalanobis" if x_dim < PREDICTIVE_SAMPLES // 2 else "standardized"

@@ -243,9 +243,12 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     for o in report["observations"]:
         lines += [f"### {o['name']}", ""]
-        passed = o["predictive"]["passed"]
+        predictive = o["predictive"]
+        passed = predictive["passed"]
+        numbers = (f" ({predictive['metric']} distance {predictive['distance']:.3g}, p = {predictive['pvalue']:.3g})"
+                   if "pvalue" in predictive else "")
         checks = ["posterior predictive: " + ("typical" if passed else "FLAGGED (atypical)" if passed is not None
-                                              else o["predictive"]["summary"])]
+                                              else predictive["summary"]) + (numbers if passed is not None else "")]
         if "c2st" in o:
             checks.insert(0, f"C2ST against the reference posterior: {o['c2st']:.3f} (0.5 = indistinguishable)")
         lines += [f"- {c}" for c in checks] + [""]

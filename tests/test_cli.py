@@ -375,6 +375,9 @@ def test_fit_user_numpy_simulator(tmp_path, monkeypatch):
     assert report["observations"][0]["observation"] == pytest.approx([0.5, -0.2])
     assert "c2st" not in report["observations"][0]
     assert report["name"] == "mymodel"  # the module, not the function's name "simulate"
+    predictive = report["observations"][0]["predictive"]
+    assert predictive["metric"] == "mahalanobis" and 0 < predictive["pvalue"] <= 1
+    assert f"p = {predictive['pvalue']:.3g})" in (out / "report.md").read_text()
     assert (out / "corner_x_obs.png").exists() and (out / "corner_x_obs.pdf").exists() and (out / "report.md").exists()
 
 
