@@ -10,6 +10,7 @@ report.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,14 +36,18 @@ def predictive_simulator(job, store: Path, log: Callable[[str], None]) -> Callab
 
     def simulator(theta: Tensor) -> Tensor:
         seed = derive_seed(job.seed, "predictive")
-        try:
-            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
-        except StoreMismatchError:
-            log(f"      {store.stem}: the posterior changed since its predictive simulations; simulating again")
-            shutil.rmtree(store)
-            result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
+        with warnings.catch_warnings():  # their failures are logged below, saying which simulations they are
+            warnings.filterwarnings("ignore", message=r"\d+ simulations in ", category=UserWarning)
+            try:
+                result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
+            except StoreMismatchError:
+                log(f"      {store.stem}: the posterior changed since its predictive simulations; simulating again")
+                shutil.rmtree(store)
+                result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
         if result.reused:
             log(f"      {store.stem}: reused {result.reused} predictive simulations from {store.parent.name}/")
+        if result.failures or result.num_invalid:
+            log(f"      {store.stem}: posterior predictive simulations: {result.summary()}")
         simulator.valid = int(result.valid.sum())
         return result.x.to(torch.float32)
 

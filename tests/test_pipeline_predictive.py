@@ -70,6 +70,9 @@ def test_too_few_valid_rows_for_a_covariance_fall_back_to_value_by_value(tmp_pat
         entry = predictive_entry(job_for(mostly_nan, tmp_path), Exact(), Observation("obs1", x_o), lines.append)
     assert entry["passed"] in (True, False) and "standardized" in entry["summary"]
     assert sum("reused" in line for line in lines) == 1  # the second metric read the stored simulations
+    # the engine's summary of the failed rows is a log line that says which simulations they were
+    assert any(line.strip().startswith("obs1: posterior predictive simulations: 1000 simulations") and
+               "800 invalid" in line for line in lines)
     assert PREDICTIVE_SAMPLES // 5 <= x_dim
 
 
