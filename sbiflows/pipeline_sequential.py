@@ -71,11 +71,15 @@ def fit(state) -> Posterior:
 
     def run() -> tuple[TSNPE, Posterior]:
         tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
+
+        def indented(text: str) -> None:  # every line of a multi-line message under the step's heading
+            for line in text.splitlines():
+                state.log(f"      {line}")
+
         return tsnpe, tsnpe.run(
             job.simulator, observation.x, rounds=job.rounds, simulations=job.simulations, seed=job.seed,
             check_simulations=job.calibration_datasets, check_samples=job.calibration_samples,
-            fit_options=job.fit_options, store=store, progress=job.progress,
-            log=lambda line: state.log(f"      {line}"), **job.engine,
+            fit_options=job.fit_options, store=store, progress=job.progress, log=indented, **job.engine,
         )
 
     try:
@@ -119,5 +123,5 @@ def calibrate(state, posterior: Posterior) -> None:
 
     state.report["advice"] = SEQUENTIAL_ADVICE[state.report["verdict"]] + c2st_caution(state.report)
 
-    save_figure(plots.coverage(check), state.job.out / "coverage")
+    save_figure(plots.coverage(check, source="the last truncated prior"), state.job.out / "coverage")
     state.log(f"[5/5] calibration on the last truncated prior: {word}: {state.report['advice']}")

@@ -208,10 +208,12 @@ def sbc_ranks(
     return fig
 
 
-def coverage(result: CoverageResult, *, ax: Axes | None = None) -> Figure:
+def coverage(result: CoverageResult, *, ax: Axes | None = None, source: str | None = None) -> Figure:
     """Empirical vs nominal coverage of HPD regions, with the diagonal and the accepted band.
 
-    Below the diagonal = over-confident (too narrow), above = conservative (too wide).
+    Below the diagonal = over-confident (too narrow), above = conservative (too wide). ``source``, where the
+    datasets' parameters came from when not the prior (TSNPE's check: ``"the last truncated prior"``), joins
+    the title.
 
     Example:
         >>> import sbiflows.diagnostics as d
@@ -235,7 +237,9 @@ def coverage(result: CoverageResult, *, ax: Axes | None = None) -> Figure:
     ax.text(0.97, 0.03, "over-confident\n(too narrow)", ha="right", va="bottom", transform=ax.transAxes, color="0.4")
     ax.text(0.03, 0.97, "conservative (too wide)", ha="left", va="top", transform=ax.transAxes, color="0.4")
     _unit_square(ax, "credibility level of HPD region", "empirical coverage")
-    ax.set_title(f"Expected coverage: {verdict(result)}\n{result.num_datasets} datasets, outside the band = failed")
+    datasets = f"{result.num_datasets} datasets" + ("" if source is None else f" from {source}")
+    ax.set_title(f"Expected coverage: {verdict(result)}\n{datasets}"
+                 + (", outside the band = failed" if source is None else "\noutside the band = failed"))
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), frameon=False)
     return fig
 

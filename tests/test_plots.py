@@ -206,8 +206,10 @@ def test_coverage_plot_shows_diagonal_empirical_curve_and_band(results):
     band = ax.collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == pytest.approx(float((result.levels - result.band).min()))
     assert ax.get_xlabel() == "credibility level of HPD region" and ax.get_ylabel() == "empirical coverage"
-    assert result.verdict in ax.get_title()
+    assert result.verdict in ax.get_title() and "datasets from" not in ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["accepted band", "calibrated", "empirical"]
+    titled = plots.coverage(result, source="the last truncated prior").axes[0].get_title()
+    assert f"{result.num_datasets} datasets from the last truncated prior\n" in titled  # a PNG shared alone says so
 
 
 def test_tarp_plot_shows_ecp_against_the_diagonal_with_a_ks_band(results):
