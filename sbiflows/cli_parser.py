@@ -32,7 +32,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        shown = not any(action.default is value for value in (None, False, argparse.SUPPRESS))  # 0 == False
+        if shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 

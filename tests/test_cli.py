@@ -29,6 +29,7 @@ def test_help_lists_the_main_job(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     assert info.value.code == 0 and "--simulations" in text and "--observation" in text
+    assert "sampling (default: 0)" in " ".join(text.split())  # a default of 0 is shown too (0 == False)
 
 
 def test_tasks_lists_the_benchmark(capsys):
