@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import shlex
 import sys
 import warnings
@@ -84,11 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (outputs.OutputFolderError, StoreMismatchError) as error:  # e.g. rounds made under other TSNPE defaults
         parser.exit(2, f"sbiflows fit: error: {error}\n")
     except SimulationError as error:  # the simulator cannot run: one line, what finished is kept
-        nothing = error.partial is not None and len(error.partial.theta) == 0 and not error.partial.failures
-        print(f"sbiflows fit: error: {str(error).replace('vectorized=False', '--per-row')}"
-              + (". None of its simulations finished: to rerun with other options, add --force" if nothing else ""),
-              file=sys.stderr)
-        return 1
+        print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
+        return SIMULATOR_FAILED
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
               "again to resume", file=sys.stderr)
@@ -101,6 +99,25 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+#: The exit code of a run stopped because the simulator cannot run (1 is --strict's failing verdict, 2 bad input).
+SIMULATOR_FAILED = 3
+_BATCH_HINT = re.compile(r"; note that sbiflows calls the simulator with a batch.*?needs vectorized=False")
+
+
+def _simulation_error(error: Exception, out: Path) -> str:
+    """The engine's message in the command line's words: after a step that simulated (a trained posterior, or
+    finished rounds) the batch call worked, so no --per-row hint, and a rerun resumes; before, --per-row, and
+    --force to rerun with it where nothing was kept."""
+    text = str(error).replace(" are in .partial and in the store ", " are kept in the store ")
+    text = text.replace(" are in .partial)", " are lost: no store)")
+    if (out / "posterior.pt").exists() or any((out / "rounds").glob("round_*/posterior.pt")):
+        return _BATCH_HINT.sub("", text) + ". The earlier steps' results are kept: run the same command to resume"
+    partial = getattr(error, "partial", None)
+    nothing = partial is not None and len(partial.theta) == 0 and not partial.failures
+    return (text.replace("vectorized=False", "--per-row")
+            + (". None of its simulations finished: to rerun with other options, add --force" if nothing else ""))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+import sbiflows
 from sbiflows import diagnostics, outputs, pipeline_sequential, plots
 from sbiflows.checks import check_int, check_real
 from sbiflows.embeddings import from_choice
@@ -31,7 +32,7 @@ from sbiflows.npe import NPE
 from sbiflows.pipeline_calibration import calibrate, save_figure
 from sbiflows.pipeline_checks import check_job, check_observation_shapes
 from sbiflows.pipeline_predictive import predictive_entry
-from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
+from sbiflows.pipeline_resume import Resume, digest, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.priors import check_prior
 from sbiflows.report import (
@@ -347,7 +348,9 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
     """``(num_samples, B, D)`` posterior draws for the job's observations (reused when resuming)."""
     job, start = state.job, time.perf_counter()
     observations, path = job.observations, job.out / "samples.npz"
-    settings = dict(_training_settings(job), num_samples=job.num_samples,
+    # the posterior's weights, not only the settings that made it: rounds started over under force, with the
+    # job's settings unchanged, give another posterior
+    settings = dict(_training_settings(job), num_samples=job.num_samples, posterior=digest(posterior.net),
                     observations={o.name: o.x.reshape(-1).tolist() for o in observations})
     if state.resume.matches("sample", settings, path):
         state.log(f"[3/5] reusing the posterior samples of an earlier run ({path})")
@@ -357,7 +360,9 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
         state.log(f"[3/5] sampling {job.num_samples} posterior draws for {len(observations)} observation(s)")
         xs = torch.stack([o.x for o in observations])
         samples = posterior.sample_batched(job.num_samples, xs, seed=job.seed)  # one batched call
-        np.savez_compressed(path, **{o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
+        temporary = path.with_name("samples.tmp.npz")  # whole or not at all: a kill leaves the old file or none
+        np.savez_compressed(temporary, **{o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
+        temporary.replace(path)
         state.resume.done("sample", settings)
     state.timed("sample", start)
     return samples
@@ -379,15 +384,13 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
         if use_reference and observation.reference is not None:
             reference = job.task.reference_posterior(observation.reference, num_samples=c2st_samples,
                                                      progress=job.progress)
-            # the draws it compares are fixed by the sampling step's settings: a rerun reads the score
-            made_with = {"samples": state.resume.steps.get("sample"), "c2st_samples": c2st_samples,
-                         "seed": job.seed, "reference": observation.reference}
-            known = made_with["samples"] is not None
-            entry["c2st"] = state.resume.cached(f"c2st/{observation.name}", made_with) if known else None
+            # the score of these very draws against this reference (digests of their bytes): a rerun reads it
+            made_with = {"draws": digest(samples[:c2st_samples, b]), "reference": digest(reference),
+                         "seed": job.seed, "sbiflows": sbiflows.__version__}
+            entry["c2st"] = state.resume.cached(f"c2st/{observation.name}", made_with)
             if entry["c2st"] is None:
                 entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
-                if known:
-                    state.resume.keep(f"c2st/{observation.name}", made_with, entry["c2st"])
+                state.resume.keep(f"c2st/{observation.name}", made_with, entry["c2st"])
             entry["c2st_samples"] = c2st_samples
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}"
                       + ("" if f"c2st/{observation.name}" in state.resume.fresh else " (from the earlier run)"))

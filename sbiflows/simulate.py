@@ -304,12 +304,11 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
                               index=first.index, theta=theta[first.index], partial=_partial(driver, start, store))
     result = SimulationResult(theta, torch.from_numpy(x), failures, time.perf_counter() - start,
                               reused=driver.reused, store=None if store is None else str(store))
-    if driver.batch_only_failures:
+    if driver.batch_only_failures and not driver.batch_calls_succeeded:  # not a few rows that failed by chance
         kind, message = driver.batch_only_reason
-        calls = -(-(len(theta) - driver.reused) // batch_size)
-        warnings.warn(f"{driver.batch_only_failures} of about {calls} simulator calls failed as a whole ({kind}: "
-                      f"{message}) although each of their rows succeeded alone, so those rows were simulated one "
-                      "at a time, up to batch_size times slower. A simulator that takes one parameter set theta "
+        warnings.warn(f"every simulator call of several rows failed as a whole ({driver.batch_only_failures} calls; "
+                      f"{kind}: {message}) although each of their rows succeeded alone, so the rows were simulated "
+                      "one at a time, up to batch_size times slower. A simulator that takes one parameter set theta "
                       "of shape (theta_dim,) needs vectorized=False", UserWarning, stacklevel=3)
     if failures:
         warnings.warn(result.summary(), UserWarning, stacklevel=3)

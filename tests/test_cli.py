@@ -401,13 +401,42 @@ def test_a_simulator_of_one_parameter_set_at_a_time_runs_with_per_row(tmp_path, 
     monkeypatch.chdir(tmp_path)
     command = ["fit", "--simulator", "rowmodel.py:one_at_a_time", "--prior", "rowmodel.py:prior",
                "--observation", "x_obs.csv", "--out", str(tmp_path / "run"), *SMALL]
-    assert main(command) == 1
+    assert main(command) == 3  # the simulator cannot run
     err = capsys.readouterr().err
     assert "needs --per-row" in err and "Traceback" not in err and "vectorized=False" not in err
     assert "to rerun with other options, add --force" in err  # the failed call stored nothing
     assert main([*command, "--per-row", "--force"]) == 0
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert settings["vectorized"] is False
+
+
+def test_a_simulator_that_stops_working_after_step_1_is_told_to_resume_not_to_force(tmp_path, monkeypatch, capsys):
+    """A later step's "cannot run" (e.g. a licence ran out) keeps the earlier steps: the line says to rerun the
+    same command, not --per-row (the batch worked) or --force (it would remove the simulations and posterior)."""
+    (tmp_path / "latemodel.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from torch.distributions import Independent, Uniform
+
+        prior = Independent(Uniform(torch.zeros(2), torch.ones(2)), 1)
+        CALLS = {"rows": 0}
+
+        def simulate(theta):
+            theta = np.asarray(theta)
+            CALLS["rows"] += len(theta)
+            if CALLS["rows"] > 601:  # the probe and step 1's 600 rows work
+                raise RuntimeError("licence server unreachable")
+            return theta + 0.1 * np.random.normal(size=theta.shape)
+    """))
+    (tmp_path / "x_obs.csv").write_text("0.5,0.4\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["fit", "--simulator", "latemodel.py:simulate", "--prior", "latemodel.py:prior", "--observation",
+                 "x_obs.csv", "--out", str(out), *SMALL]) == 3
+    err = capsys.readouterr().err
+    assert "licence server unreachable" in err and "run the same command to resume" in err
+    assert "--per-row" not in err and "--force" not in err and ".partial" not in err
+    assert (out / "posterior.pt").exists() and (out / "simulations.zarr").exists()
 
 
 @pytest.mark.slow

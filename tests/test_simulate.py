@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -193,12 +195,28 @@ def test_calls_that_fail_as_a_whole_while_every_row_works_alone_are_named_in_a_w
         result = simulate(batch_broken, theta, batch_size=10)
     messages = [str(w.message) for w in caught]
     named = [m for m in messages if "failed as a whole" in m]
-    assert len(named) == 1 and named[0].startswith("3 of about 4 simulator calls failed as a whole (RuntimeError: "
-                                                   "solver blew up) although each of their rows succeeded alone")
+    assert len(named) == 1 and named[0].startswith("every simulator call of several rows failed as a whole (3 calls; "
+                                                   "RuntimeError: solver blew up) although each of their rows")
     assert "needs vectorized=False" in named[0] and result.num_invalid == 9  # the last chunk: its rows fail alone
     with pytest.warns(UserWarning, match="9 invalid") as caught:  # rows that fail alone: the usual isolation
         simulate(batch_broken, theta[30:], batch_size=10)
     assert not any("failed as a whole" in str(w.message) for w in caught)
+
+
+def rarely_fails(theta):
+    """A batch simulator whose call fails when its first row is one of a few parameter sets (a row that fails
+    by chance), and works for every row alone."""
+    if len(theta) > 1 and float(theta[0, 0]) in (0.0, 1.0):
+        raise FloatingPointError("solver diverged")
+    return theta
+
+
+def test_a_call_that_fails_by_chance_among_calls_that_work_is_not_called_a_broken_batch_path():
+    theta = torch.arange(80.0).reshape(40, 2) / 20  # the chunks of 10 rows start at 0, 1, 2 and 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all: the isolated rows all succeed
+        result = simulate(rarely_fails, theta, batch_size=10)
+    assert result.num_invalid == 0
 
 
 def test_a_simulator_that_cannot_run_stops_early_with_its_exception():

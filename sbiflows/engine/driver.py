@@ -77,6 +77,7 @@ class Driver:
         #: the batch path is broken (e.g. a per-row simulator), and those rows ran up to batch_size times slower.
         self.batch_only_failures: int = 0
         self.batch_only_reason: tuple[str, str] | None = None
+        self.batch_calls_succeeded: int = 0  # chunks whose one call of several rows worked
 
     # ------------------------------------------------------------------------------- plan
     def _span(self, c: int) -> tuple[int, int]:
@@ -187,7 +188,8 @@ class Driver:
             kind = outcome.errors[0][1]
             retry = kind != BAD_OUTPUT and (len(job.theta) > 1 or kind == WORKER_DIED)
             if retry:  # isolate the bad rows: each row alone, with its own seed
-                chunk.split = (kind, outcome.errors[0][2])
+                if self.vectorized and len(job.theta) > 1 and kind not in (TIMEOUT, WORKER_DIED):
+                    chunk.split = (kind, outcome.errors[0][2])  # the batch call itself may be what fails
                 seeds = self._row_seeds(job.chunk)
                 rows = [Job(job.chunk, job.start + k, job.theta[k:k + 1],
                             (int(seeds[job.start + k - chunk.start]),), retry=True) for k in range(len(job.theta))]
@@ -222,6 +224,8 @@ class Driver:
             if chunk.split is not None and not chunk.errors:  # the call failed, yet no row does alone
                 self.batch_only_failures += 1
                 self.batch_only_reason = self.batch_only_reason or chunk.split
+            elif not job.retry and len(job.theta) > 1:
+                self.batch_calls_succeeded += 1
             self._finish(job.chunk)
 
     def _conform(self, x: np.ndarray) -> np.ndarray | str:
