@@ -143,22 +143,20 @@ def calibration_pairs(
         )
     valid = valid_rows(x, padded_trials=padded_trials and x.ndim == 3) & torch.isfinite(theta).all(1)
     num_invalid = int((~valid).sum())
+    excluded = f"excluded {num_invalid} of {len(valid)} simulations with NaN/inf values"
     if num_invalid:
-        warnings.warn(
-            f"{check}: excluded {num_invalid} of {len(valid)} simulations with NaN/inf values",
-            UserWarning,
-            stacklevel=3,
-        )
         theta, x = theta[valid], x[valid]
     if theta.shape[0] == 0:
         raise ValueError(f"{check}: no valid simulations left (all {num_invalid} contain NaN/inf)")
-    if theta.shape[0] < MIN_DATASETS:
+    if theta.shape[0] < MIN_DATASETS:  # one warning that says why, if invalid rows are the reason
         warnings.warn(
-            f"{check}: only {theta.shape[0]} datasets; use at least {MIN_DATASETS} for a reliable "
-            "verdict",
+            f"{check}: only {theta.shape[0]} datasets" + (f" ({excluded})" if num_invalid else "")
+            + f"; use at least {MIN_DATASETS} for a reliable verdict",
             UserWarning,
             stacklevel=3,
         )
+    elif num_invalid:
+        warnings.warn(f"{check}: {excluded}", UserWarning, stacklevel=3)
     return theta, x, num_invalid
 
 
