@@ -14,7 +14,7 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -170,12 +170,13 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
 
 
 def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.device | str,
-                    warn_narrowing: bool = False) -> Tensor:
+                    warn_narrowing: bool | Callable[[], bool] = False) -> Tensor:
     """``value`` (a tensor or NumPy array of a floating dtype) as a tensor of ``dtype`` on ``device``.
 
     With ``warn_narrowing``, casting float64 to a narrower ``dtype`` gives a ``UserWarning`` the first time
     it happens to ``name`` in this process (the package's policy for float64 input: cast, and say so
-    once): the values lose digits the caller may have meant to keep. The slot is taken even where a
+    once): the values lose digits the caller may have meant to keep. A callable is asked only then
+    (e.g. whether the prior's own draws are float64, which costs a draw). The slot is taken even where a
     warnings filter ignores the warning, as Python's own ``"once"`` filter does.
 
     Raises:
@@ -191,7 +192,8 @@ def as_float_tensor(value: Any, name: str, *, dtype: torch.dtype, device: torch.
         raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}; convert it, e.g. {name}.float()")
-    if warn_narrowing and value.dtype == torch.float64 and dtype != torch.float64 and name not in _NARROWED:
+    if (warn_narrowing and value.dtype == torch.float64 and dtype != torch.float64 and name not in _NARROWED
+            and (not callable(warn_narrowing) or warn_narrowing())):
         _NARROWED.add(name)
         warnings.warn(f"{name} is float64 and was cast to {dtype}, the flow's dtype (shown once per process); "
                       "call torch.set_default_dtype(torch.float64) before creating NPE to train and evaluate "

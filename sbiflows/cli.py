@@ -116,8 +116,13 @@ def _simulation_error(error: Exception, out: Path) -> str:
         return _BATCH_HINT.sub("", text) + ". The earlier steps' results are kept: run the same command to resume"
     partial = getattr(error, "partial", None)
     nothing = partial is not None and len(partial.theta) == 0 and not partial.failures
-    return (text.replace("vectorized=False", "--per-row")
-            + (". None of its simulations finished: to rerun with other options, add --force" if nothing else ""))
+    return _cli_words(text) + (". None of its simulations finished: to rerun with other options, add --force"
+                               if nothing else "")
+
+
+def _cli_words(text: str) -> str:
+    """An engine message with the command line's option for the API's ``vectorized=False``."""
+    return text.replace("vectorized=False", "--per-row")
 
 
 @contextlib.contextmanager
@@ -126,7 +131,7 @@ def _one_line_warnings():
     in the command line's words (``--per-row`` for the API's ``vectorized=False``)."""
     original = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *args, **kwargs: (
-        f"sbiflows fit: warning: {str(message).replace('vectorized=False', '--per-row')}\n")
+        f"sbiflows fit: warning: {_cli_words(str(message))}\n")
     try:
         yield
     finally:

@@ -108,7 +108,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if manifest is None:
         raise OutputFolderError(
             f"{names['out']} {str(out)!r} is not empty and was not written by sbiflows fit (no {MANIFEST}); choose "
-            f"another folder (nothing in it is removed, not even with {'--force' if spelling == 'cli' else 'force=True'})"
+            f"another folder (nothing in it is removed, not even with {names['force'].split()[-1]})"
         )
     old = manifest.get("settings", {})
     if old == settings:

@@ -32,7 +32,7 @@ from sbiflows.npe import NPE
 from sbiflows.pipeline_calibration import calibrate, save_figure
 from sbiflows.pipeline_checks import check_job, check_observation_shapes
 from sbiflows.pipeline_predictive import predictive_entry
-from sbiflows.pipeline_resume import Resume, digest, function_identity, prior_identity, versions
+from sbiflows.pipeline_resume import Resume, function_identity, prior_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.priors import check_prior
 from sbiflows.report import (
@@ -46,6 +46,7 @@ from sbiflows.report import (
     write_markdown,
 )
 from sbiflows.sequential import check_sequential_options
+from sbiflows.serialization import digest
 from sbiflows.simulate import SimulationResult, simulate_from_prior
 from sbiflows.training import MAX_EPOCHS
 from sbiflows.truncated_space import resolve_space

@@ -7,7 +7,6 @@ simulator and the prior in a job's settings; :func:`versions` goes into the repo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from collections.abc import Callable
@@ -16,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.distributions import Distribution
 
 import sbiflows
 from sbiflows.report import jsonable
 
-__all__ = ["Resume", "digest", "function_identity", "prior_identity", "versions"]
+__all__ = ["Resume", "function_identity", "prior_identity", "versions"]
 
 
 def function_identity(function: Callable) -> str:
@@ -90,22 +88,6 @@ class Resume:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.steps, indent=1))
         temporary.replace(self.path)
-
-
-def digest(value: Tensor | torch.nn.Module) -> str:
-    """SHA-256 of a tensor's bytes (dtype and shape included), or of a module's state (names and tensors).
-
-    Example:
-        >>> digest(torch.zeros(2)) == digest(torch.zeros(2)), digest(torch.zeros(2)) == digest(torch.zeros(3))
-        (True, False)
-    """
-    tensors = sorted(value.state_dict().items()) if isinstance(value, torch.nn.Module) else [("", value)]
-    hasher = hashlib.sha256()
-    for name, tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, as its bytes
-    return hasher.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -41,7 +41,7 @@ from sbiflows.posterior_file import load
 from sbiflows.posterior_batches import draw_unconstrained, evaluate, fuses_log_prob, resolve_chunk_rows
 from sbiflows.posterior_map import ascend
 from sbiflows.prior_specs import move_prior
-from sbiflows.priors import check_prior, narrows_theta
+from sbiflows.priors import check_prior, draws_float64
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.threads import torch_threads
 from sbiflows.training import TrainingHistory
@@ -408,7 +408,7 @@ class Posterior:
 
     def _theta(self, theta: Any) -> Tensor:
         theta = as_float_tensor(theta, "theta", dtype=self.dtype, device=self.device,
-                                warn_narrowing=narrows_theta(theta, self.prior, self.dtype))
+                                warn_narrowing=lambda: not draws_float64(self.prior))
         if theta.ndim == 0 or theta.shape[-1] != self.theta_dim:
             raise ValueError(f"theta must have shape (..., {self.theta_dim}), got {tuple(theta.shape)}")
         if torch.isnan(theta).any():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import (
@@ -30,7 +29,7 @@ from torch.distributions import (
 from sbiflows.unconstrained import Unconstrained, flat_support
 
 __all__ = [
-    "IndependentPrior", "Unconstrained", "box_uniform", "check_prior", "flat_support", "narrows_theta", "prior_device",
+    "IndependentPrior", "Unconstrained", "box_uniform", "check_prior", "draws_float64", "flat_support", "prior_device",
     "sample_seeded",
 ]
 
@@ -277,26 +276,25 @@ def _check_samples_in_support(name: str, sample: Tensor, support: constraints.Co
 
 def prior_device(prior: Distribution) -> torch.device:
     """The device of the prior's samples (drawn without changing torch's global RNG state)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        return prior.sample((1,)).device
+    return _one_draw(prior).device
 
 
-def narrows_theta(theta: Any, prior: Distribution, dtype: torch.dtype) -> bool:
-    """Whether casting ``theta`` to ``dtype`` drops digits the caller chose to keep: ``theta`` is float64,
-    ``dtype`` is not, and the prior's own samples are not float64 (theta drawn from a float64 prior is
-    the prior's precision, not a choice; the prior is only sampled when the rest holds).
+def draws_float64(prior: Distribution) -> bool:
+    """Whether the prior's samples are float64 (then float64 theta is the prior's precision, not a choice
+    whose loss a cast to float32 should warn about).
 
     Example:
-        >>> prior = torch.distributions.Normal(torch.zeros(2), torch.ones(2))
-        >>> narrows_theta(torch.zeros(2, dtype=torch.float64), prior, torch.float32)
-        True
-        >>> narrows_theta(torch.zeros(2, dtype=torch.float64), prior.expand((2,)), torch.float64)
+        >>> draws_float64(torch.distributions.Normal(torch.zeros(2), torch.ones(2)))
         False
+        >>> draws_float64(torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), 1.0))
+        True
     """
-    if getattr(theta, "dtype", None) not in (torch.float64, np.float64) or dtype == torch.float64:
-        return False
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        return prior.sample((1,)).dtype != torch.float64
+    return _one_draw(prior).dtype == torch.float64
+
+
+def _one_draw(prior: Distribution) -> Tensor:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # torch's global RNG state is left as it was
+        return prior.sample((1,))
 
 
 def sample_seeded(prior: Distribution, shape: tuple[int, ...], seed: int, *,

@@ -391,7 +391,8 @@ def _fitting_batch(r: int, options: dict, *, rows: int, failed: int) -> dict:
     if batch is None or batch <= n_train:
         return options
     warnings.warn(f"round {r + 1}: batch_size={batch} is more than the {n_train} training rows left after {failed} "
-                  f"failed simulations; the round trains with batches of {n_train}", UserWarning, stacklevel=caller_level())
+                  f"failed simulations; the round trains with batches of {n_train}", UserWarning,
+                  stacklevel=caller_level())
     return {**options, "batch_size": n_train}
 
 

@@ -48,7 +48,7 @@ from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
 from sbiflows.priors import check_prior
 from sbiflows.training import TrainingHistory
 
-__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "read", "read_history", "save"]
+__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "digest", "read", "read_history", "save"]
 
 #: Version of the file layout; :func:`load` reads versions ``MIN_FORMAT_VERSION`` to ``FORMAT_VERSION``.
 #: 2 (sbiflows with splines): the config records ``transformer``, ``bins`` and ``bound``, and the
@@ -353,6 +353,17 @@ def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = Fa
     if not isinstance(embedding_net, nn.Module):
         raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
     return deepcopy(embedding_net) if copy else embedding_net  # each ensemble member needs its own
+
+
+def digest(value: Tensor | nn.Module) -> str:
+    """SHA-256 of a tensor, or of a module's state, by the rule a saved file's ``sha256`` uses (names, dtypes,
+    shapes and bytes): e.g. whether a run's stored samples came from these weights.
+
+    Example:
+        >>> digest(torch.zeros(2)) == digest(torch.zeros(2)), digest(torch.zeros(2)) == digest(torch.zeros(3))
+        (True, False)
+    """
+    return _digest("", value.state_dict() if isinstance(value, nn.Module) else {"": value})
 
 
 def _digest(config_json: str, *tensor_dicts: dict[str, Tensor]) -> str:

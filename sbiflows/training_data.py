@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 from sbiflows.checks import as_float_tensor
 from sbiflows.estimator import EXTREME_Z, extreme_rows
 from sbiflows.posterior import _x_dtype
-from sbiflows.priors import narrows_theta
+from sbiflows.priors import draws_float64
 from sbiflows.unconstrained import Unconstrained
 from sbiflows.xshape import valid_rows
 
@@ -68,7 +68,7 @@ def check_training_data(
         >>> theta.shape, x.shape
         (torch.Size([10, 2]), torch.Size([10, 3]))
     """
-    theta = as_float_tensor(theta, "theta", dtype=dtype, device=device, warn_narrowing=narrows_theta(theta, prior, dtype))
+    theta = as_float_tensor(theta, "theta", dtype=dtype, device=device, warn_narrowing=lambda: not draws_float64(prior))
     x = as_float_tensor(x, "x", dtype=_x_dtype(x, dtype), device=device)  # float64 stays float64
     if theta.ndim == 1 and theta_dim == 1:
         theta = theta[:, None]
