@@ -102,8 +102,8 @@ def fit(state) -> Posterior:
         f"simulations; {failed} failed or invalid",
         invalid_simulations=failed,
     )
-    history = posterior.history
-    state.report["training"] = training_record(history)
+    # each round's fit continues the last: the history counts epochs from the first round on
+    state.report["training"] = {**training_record(posterior.history), "round_epochs": [r.epochs for r in tsnpe.rounds]}
     return posterior
 
 

@@ -224,6 +224,27 @@ def _rounds(rounds: list[dict]) -> list[str]:
     return [*lines, "", note, ""]
 
 
+def _epochs(training: dict) -> str:
+    """The training epochs and the best one (counted from 0); a sequential run's over all its rounds and per round.
+
+    Example:
+        >>> _epochs({"epochs": 162, "best_epoch": 101, "round_epochs": [92, 70]})
+        '162 epochs over 2 rounds (92, 70), best epoch 101 (counted from 0 over all rounds: epoch 9 of round 2)'
+        >>> _epochs({"epochs": 50, "best_epoch": 40})
+        '50 epochs, best epoch 40'
+    """
+    rounds, best = training.get("round_epochs"), training["best_epoch"]
+    if not rounds:
+        return f"{training['epochs']} epochs, best epoch {best}"
+    start, index = 0, 0
+    for index, count in enumerate(rounds):  # the round whose epochs hold the best one
+        if best < start + count:
+            break
+        start += count
+    return (f"{training['epochs']} epochs over {len(rounds)} rounds ({', '.join(map(str, rounds))}), best epoch {best} "
+            f"(counted from 0 over all rounds: epoch {best - start} of round {index + 1})")
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """Write the human-readable summary of a run (``report.md``); the same numbers are in ``report.json``."""
     lines = [f"# sbiflows report: {report['name']}", ""]
@@ -233,8 +254,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [
         f"- simulations: {report['simulations']} ({report['simulation_summary']})",
         f"- estimator: {describe_estimator(report)}, embedding: {report.get('embedding', 'none')}, seed {report['seed']}",
-        f"- training: {training['epochs']} epochs, best epoch {training['best_epoch']}, "
-        f"best validation loss {training['best_validation_loss']:.4f}"
+        f"- training: {_epochs(training)}, best validation loss {training['best_validation_loss']:.4f}"
         + (" (diverged: best weights restored)" if training["diverged"] else ""),
         f"- calibration: **{report['verdict']}**: {report['advice']}",
         "",

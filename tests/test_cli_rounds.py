@@ -57,6 +57,9 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     assert [o["name"] for o in report["observations"]] == ["obs3"] and 0.4 < report["observations"][0]["c2st"] <= 1
     markdown = (out / "report.md").read_text()
     assert "## Rounds (truncated sequential NPE)" in markdown and "| 2 | 300 | 0 |" in markdown
+    epochs = [r["epochs"] for r in report["rounds"]]  # the history counts over the rounds, and the report says so
+    assert report["training"]["epochs"] == sum(epochs) and report["training"]["round_epochs"] == epochs
+    assert f"{sum(epochs)} epochs over 2 rounds ({epochs[0]}, {epochs[1]}), best epoch" in markdown
     assert "SBC over the prior" in markdown and "cannot detect posterior mass that a region cut off" in markdown
     for name in ("posterior.pt", "samples.npz", "coverage.png", "corner_obs3.png", "rounds/tsnpe.json",
                  "rounds/round_1/simulations.zarr", "rounds/check/simulations.zarr"):
