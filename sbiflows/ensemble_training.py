@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from sbiflows.checkpoint import Checkpoint
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
 from sbiflows.training import (
@@ -82,6 +83,7 @@ def train_members(
     objective: Objective | None = None,
     progress: bool = False,
     num_threads: int | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> str:
     """Train ``members`` (same architecture) on the same rows, member ``k`` with ``seeds[k]``, in place.
 
@@ -90,6 +92,9 @@ def train_members(
     split (None: drawn from its seed). Every member ends with its best weights, also after an
     exception (members not reached by sequential training keep their initial weights). Trained
     together, each member's ``seconds`` counts the whole joint training.
+
+    ``checkpoint`` (:mod:`sbiflows.checkpoint`) is for one member, which then trains as
+    :func:`~sbiflows.training.train` does.
 
     Returns:
         ``"vectorized"`` or ``"sequential"``: how the members were trained.
@@ -112,6 +117,8 @@ def train_members(
                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                    weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                    step_drop_factor=step_drop_factor, drop_patience=drop_patience)
+    if checkpoint is not None and len(members) != 1:
+        raise ValueError(f"a checkpoint is for one member, got {len(members)} members")
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
@@ -124,7 +131,8 @@ def train_members(
         return "vectorized"
     for member, seed, history, mask in zip(members, seeds, histories, validations):
         train_checked(member, inputs, context, seed=seed, history=history, validation=mask, groups=groups,
-                      objective=objective, progress=progress, num_threads=num_threads, **options)
+                      objective=objective, progress=progress, num_threads=num_threads, checkpoint=checkpoint,
+                      **options)
     return "sequential"
 
 

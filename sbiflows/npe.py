@@ -20,6 +20,7 @@ inference). Beyond that fit (details and measured reasons in ``docs/guide.md``, 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
+from sbiflows.checkpoint import Checkpoint, as_checkpoint
 from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
@@ -252,6 +254,7 @@ class NPE:
         drop_patience: int | None = 10,
         progress: bool = True,
         num_threads: int | None = None,
+        checkpoint: str | os.PathLike | Checkpoint | None = None,
     ) -> Posterior:
         """Train on simulations and return the posterior.
 
@@ -285,6 +288,11 @@ class NPE:
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): :mod:`sbiflows.threads` (one, unless you set torch's thread count yourself).
+            checkpoint: A file (or a :class:`~sbiflows.checkpoint.Checkpoint`) where the flow that trains
+                alone first (every ``ensemble`` choice but an integer above 1) saves its training state every
+                60 s and when it ends; the same fit made again resumes from it and ends as if never stopped
+                (a file of any other fit is ignored and overwritten). Members trained together (the two others
+                of ``"auto"`` where its check fails) train again. Needs ``balancing=0`` and ``coverage_penalty=0``.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -306,6 +314,8 @@ class NPE:
             drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
+        checkpoint = as_checkpoint(checkpoint, ensemble=self.ensemble, objectives={"balancing": self.balancing,
+                                                            "coverage_penalty": self.coverage_penalty})
         resolve_threads(num_threads)  # checked before any expensive step
         with torch_threads(num_threads):
             theta, x = check_training_data(
@@ -367,7 +377,7 @@ class NPE:
 
             try:
                 check = train_flows(members, u, x, seed=seed, histories=histories, validations=fixed, trail=trail,
-                                    check_first=check_first if auto else None, **options)
+                                    check_first=check_first if auto else None, checkpoint=checkpoint, **options)
             except BaseException as error:
                 # train_members() restored the best weights of the members it was training; members trained
                 # before (this fit or, on a refit, the previous one) are complete, members never trained are not.

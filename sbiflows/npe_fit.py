@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from sbiflows.checkpoint import Checkpoint
 from sbiflows.ensemble import member_seed
 from sbiflows.ensemble_training import train_members
 from sbiflows.snapshots import SnapshotTrail
@@ -18,7 +19,8 @@ __all__ = ["train_flows"]
 
 def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, histories: list[TrainingHistory],
                 validations: list[Tensor], trail: SnapshotTrail | None,
-                check_first: Callable[[nn.Module], Any] | None, **options: Any) -> Any:
+                check_first: Callable[[nn.Module], Any] | None, checkpoint: Checkpoint | None = None,
+                **options: Any) -> Any:
     """Train ``members`` on ``(u, x)`` in place, each on its own validation rows and history.
 
     With a ``trail``, the first flow trains alone and keeps the weights of its improvements in it. With
@@ -34,6 +36,9 @@ def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, hi
         trail: Where the first flow keeps its snapshots, or None.
         check_first: Checks the trained first flow (e.g. :func:`~sbiflows.ensemble.auto_check` on its
             validation rows), or None.
+        checkpoint: Where the first flow keeps its training state, if it trains alone
+            (:mod:`sbiflows.checkpoint`); members trained together have none (e.g. a refit of an
+            ``ensemble="auto"`` that chose three flows).
         **options: :func:`~sbiflows.training.train`'s options, already checked.
 
     Returns:
@@ -42,16 +47,17 @@ def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, hi
     first, check = 0, None
     if trail is not None:  # one flow, keeping the weights of its improvements
         train_checked(members[0], u, x, seed=seed, history=histories[0], validation=validations[0],
-                      snapshots=trail, **options)
+                      snapshots=trail, checkpoint=checkpoint, **options)
         first = 1
     if check_first is not None:  # the first flow alone, checked on its own validation rows
         if first == 0:
             train_members(members[:1], u, x, seeds=[member_seed(seed, 0)], histories=histories[:1],
-                          validations=validations[:1], **options)
+                          validations=validations[:1], checkpoint=checkpoint, **options)
         check, first = check_first(members[0]), 1
         if check.passed:  # one flow is enough: the others are not trained
             return check
     if first < len(members):  # the others together, in one vectorized pass where they allow it
         train_members(members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
-                      histories=histories[first:], validations=validations[first:], **options)
+                      histories=histories[first:], validations=validations[first:],
+                      checkpoint=checkpoint if len(members) == 1 else None, **options)
     return check

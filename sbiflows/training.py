@@ -13,6 +13,7 @@ average is a :class:`~sbiflows.weight_average.WeightAverage`. The options' check
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sbiflows.checkpoint import Checkpoint, call_key, loop_state, restore_loop
 from sbiflows.early_stopping import Plateau
 from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
@@ -122,6 +124,7 @@ def train(
     num_threads: int | None = None,
     objective: Objective | None = None,
     snapshots: SnapshotTrail | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -170,6 +173,8 @@ def train(
             :class:`~sbiflows.balance.BalancedObjective`.
         snapshots: Keep the weights of every validation improvement of this call in this trail
             (:mod:`sbiflows.snapshots`; ``NPE(ensemble="snapshots")`` mixes some of them); None: only the best.
+        checkpoint: Save the loop's state there while training, and resume from it if it holds this very
+            call's state (:mod:`sbiflows.checkpoint`); needs the default ``objective``. None: no checkpoint.
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -199,7 +204,7 @@ def train(
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
         drop_patience=drop_patience, seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
-        objective=objective, snapshots=snapshots,
+        objective=objective, snapshots=snapshots, checkpoint=checkpoint,
     )
 
 
@@ -227,10 +232,14 @@ def train_checked(
     num_threads: int | None = None,
     objective: Objective | None = None,
     snapshots: SnapshotTrail | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainingHistory:
     """:func:`train` for options already checked with :func:`check_training_options` (``NPE.fit`` does,
     before its own data checks), so one call validates them once."""
     resolve_threads(num_threads)
+    if checkpoint is not None and objective is not None:
+        raise ValueError(f"checkpoint needs the default objective (the negative log-likelihood), whose state is "
+                         f"all in the checkpoint; got objective={objective!r:.60}")
     objective = negative_log_likelihood if objective is None else objective
     n = _check_rows(inputs, context)
     generator, train_idx, val_idx = training_split(n, validation_fraction, seed=seed, groups=groups,
@@ -251,11 +260,29 @@ def train_checked(
     best_state = _snapshot(model)
     rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)
     history.step_drop_epochs = []
+    key, resume_at, finished = None, first, False
+    if checkpoint is not None:
+        key = call_key(model, {"inputs": inputs, "context": context, "train": train_idx, "validation": val_idx},
+                       {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
+                        "patience": patience, "clip_grad_norm": float(clip_grad_norm),
+                        "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),
+                        "step_drops": step_drops, "step_drop_factor": float(step_drop_factor),
+                        "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None},
+                       history.as_dict())
+        checkpoint.start()
+        saved = checkpoint.load(key, inputs.device)
+        if saved is not None:
+            resume_at, best_state, finished = restore_loop(
+                saved, model=model, optimizer=optimizer, average=average, rule=rule, history=history,
+                generator=generator, snapshots=snapshots)
+            checkpoint.resumed_epoch, checkpoint.finished = resume_at, finished
+    state = functools.partial(loop_state, model=model, optimizer=optimizer, average=average, rule=rule,
+                              history=history, generator=generator, snapshots=snapshots)
     bar = _progress_bar(max_epochs) if progress else None
     with torch_threads(num_threads):
         start = time.perf_counter()
         try:
-            for epoch in range(first, first + max_epochs):
+            for epoch in range(resume_at, first + max_epochs) if not finished else ():
                 model.train()
                 order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
                 total, diverged = 0.0, False
@@ -300,6 +327,8 @@ def train_checked(
                 elif action == "stop":
                     history.stopped_early = True
                     break
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save(state(key=key, epoch=epoch + 1, finished=False, best_state=best_state))
         finally:
             if bar is not None:
                 bar.close()
@@ -308,6 +337,8 @@ def train_checked(
             if rule.best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
                 history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
             history.seconds += time.perf_counter() - start
+    if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
+        checkpoint.save(state(key=key, epoch=history.epochs, finished=True, best_state=best_state))
     return history
 
 

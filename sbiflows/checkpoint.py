@@ -1,0 +1,181 @@
+"""Training checkpoints: a fit that is killed resumes from its last saved epoch instead of starting over.
+
+:func:`~sbiflows.training.train` given a :class:`Checkpoint` writes the whole state of its loop to one file
+at the end of an epoch, at most every :attr:`Checkpoint.every` seconds, and once more when training ends:
+the weights, Adam's moments, the weight average, the best weights so far, the early-stopping rule, the
+history, the minibatch generator and the snapshot trail. The same call made again (the same initial
+weights, rows, split and options: the file records a SHA-256 key of them) continues from that epoch and
+ends with the weights, history and snapshots an uninterrupted call would have ended with, on the same
+machine and versions; a finished checkpoint returns at once. A checkpoint of any other call is ignored
+and overwritten, so a stale file never changes a result. ``sbiflows fit`` keeps one in its output folder
+while it trains (``training.ckpt``, removed once ``posterior.pt`` is saved).
+
+The file holds tensors and plain Python values only: it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sbiflows.checks import check_real
+
+__all__ = ["CHECKPOINT_SECONDS", "Checkpoint"]
+
+#: Default seconds between two writes of a checkpoint (each at the end of an epoch).
+CHECKPOINT_SECONDS = 60.0
+#: Version of the file's layout; a file of another version is ignored.
+FORMAT = 1
+
+
+class Checkpoint:
+    """Where a training call keeps its state while it trains, and resumes from.
+
+    Args:
+        path: The file. It is written atomically (a temporary file next to it, then renamed), so a kill
+            while writing leaves the previous checkpoint.
+        every: Seconds between writes (``>= 0``; 0: after every epoch). Training also writes when it ends.
+
+    Attributes:
+        resumed_epoch: The epoch (counted like :attr:`~sbiflows.training.TrainingHistory.epochs`) that the
+            latest training call resumed from, None if it started afresh.
+        finished: Whether the latest call found a finished checkpoint and trained no epoch.
+
+    Example:
+        >>> import tempfile
+        >>> from sbiflows.flows import maf
+        >>> from sbiflows.training import train
+        >>> path = Path(tempfile.mkdtemp()) / "training.ckpt"
+        >>> data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+        >>> _ = torch.manual_seed(0)
+        >>> history = train(maf(2, transforms=1), data, max_epochs=3, checkpoint=Checkpoint(path))
+        >>> _ = torch.manual_seed(0)  # the same initial weights: the same call
+        >>> again = Checkpoint(path)
+        >>> history2 = train(maf(2, transforms=1), data, max_epochs=3, checkpoint=again)
+        >>> again.finished, history2.validation_loss == history.validation_loss
+        (True, True)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, every: float = CHECKPOINT_SECONDS):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(path).__name__} {path!r}")
+        self.path = Path(path)
+        self.every = check_real(every, "every", low=0.0)
+        self.resumed_epoch: int | None = None
+        self.finished = False
+        self._written = -math.inf
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, every={self.every})"
+
+    def due(self) -> bool:
+        """Whether :attr:`every` seconds have passed since the last write (or the call's start)."""
+        return time.monotonic() - self._written >= self.every
+
+    def start(self) -> None:
+        """Start a training call: the first write comes :attr:`every` seconds from now."""
+        self.resumed_epoch, self.finished, self._written = None, False, time.monotonic()
+
+    def load(self, key: str, device: torch.device | str) -> dict | None:
+        """The saved state if the file holds one of the call with ``key``, else None (also for an unreadable file)."""
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception:  # another format, a foreign file: ignored, overwritten by the next write
+            return None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != key:
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (with its ``key``) atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "format": FORMAT}, temporary)
+        os.replace(temporary, self.path)
+        self._written = time.monotonic()
+
+    def remove(self) -> None:
+        """Delete the file (e.g. once the posterior it leads to is saved)."""
+        self.path.unlink(missing_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+
+
+def call_key(model: nn.Module, tensors: dict[str, Tensor | None], options: dict[str, Any], history: dict) -> str:
+    """SHA-256 of what decides a training call: the initial weights, the rows and split, the options and the
+    history it extends (not its seconds)."""
+    sha = hashlib.sha256(json.dumps({"options": options, "history": {k: v for k, v in history.items()
+                                                                      if k != "seconds"}}, sort_keys=True).encode())
+    for name, value in [*sorted(model.state_dict().items()), *tensors.items()]:
+        sha.update(name.encode())
+        if value is not None:
+            value = value.detach().cpu().contiguous()
+            sha.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            sha.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def loop_state(*, key: str, epoch: int, finished: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
+               average: Any, best_state: dict[str, Tensor], rule: Any, history: Any, generator: torch.Generator,
+               snapshots: Any) -> dict:
+    """The state of :func:`~sbiflows.training.train`'s loop before epoch ``epoch`` (``finished``: after its end)."""
+    return {
+        "key": key, "epoch": epoch, "finished": finished, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "best_state": best_state, "rule": dict(vars(rule)),
+        "history": history.as_dict(), "generator": generator.get_state(),
+        "average": None if average is None else {"module": average.module.state_dict(), "updates": average.updates},
+        "snapshots": None if snapshots is None else [[epoch, state] for epoch, state in snapshots.snapshots],
+    }
+
+
+def restore_loop(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any, rule: Any,
+                 history: Any, generator: torch.Generator, snapshots: Any) -> tuple[int, dict[str, Tensor], bool]:
+    """Put :func:`loop_state`'s ``state`` back into the loop's objects (in place); returns
+    ``(epoch, best_state, finished)``."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if average is not None:
+        average.module.load_state_dict(state["average"]["module"])
+        average.updates = state["average"]["updates"]
+    vars(rule).update(state["rule"])
+    vars(history).update(state["history"])
+    generator.set_state(state["generator"].cpu())  # a generator's state is a CPU tensor, whatever its device
+    if snapshots is not None:
+        snapshots.snapshots = [(int(epoch), weights) for epoch, weights in state["snapshots"]]
+    return int(state["epoch"]), state["best_state"], bool(state["finished"])
+
+
+def as_checkpoint(value: Any, *, ensemble: int | str, objectives: dict[str, float]) -> Checkpoint | None:
+    """:meth:`sbiflows.NPE.fit`'s ``checkpoint`` option as a :class:`Checkpoint` (a path gets the default
+    interval), checked before training: ``ensemble`` must train a flow alone first (not an integer above 1,
+    whose flows train together), and ``objectives``, the NPE's options that change the loss, must be 0 (only the
+    default loss's state is all in the checkpoint).
+
+    Example:
+        >>> as_checkpoint("run/training.ckpt", ensemble="auto-snapshots", objectives={"balancing": 0.0})
+        Checkpoint('run/training.ckpt', every=60.0)
+        >>> as_checkpoint("run/training.ckpt", ensemble=1, objectives={"balancing": 100.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint needs the default loss, got balancing=100.0 (set it to 0 or leave checkpoint=None)
+    """
+    checkpoint = value if value is None or isinstance(value, Checkpoint) else Checkpoint(value)
+    if checkpoint is not None and isinstance(ensemble, int) and ensemble > 1:
+        raise ValueError(f"checkpoint needs a fit that trains one flow alone first; the {ensemble} flows of "
+                         f"ensemble={ensemble} train together (use ensemble='auto' or 'auto-snapshots', or no "
+                         "checkpoint)")
+    changed = {name: weight for name, weight in objectives.items() if weight}
+    if checkpoint is not None and changed:
+        name, weight = next(iter(changed.items()))
+        raise ValueError(f"checkpoint needs the default loss, got {name}={weight!r} (set it to 0 or leave "
+                         "checkpoint=None)")
+    return checkpoint

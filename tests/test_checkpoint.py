@@ -1,0 +1,142 @@
+"""Training checkpoints: a killed fit resumes where it stopped and ends exactly as an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sbiflows import NPE
+from sbiflows import training
+from sbiflows.checkpoint import Checkpoint
+from sbiflows.flows import nsf
+from sbiflows.snapshots import SnapshotTrail
+from sbiflows.training import TrainingHistory, train
+
+# small patience and a step drop, so that an interrupted run crosses improvements, a drop and the stop
+OPTIONS = dict(max_epochs=40, batch_size=32, patience=4, step_drops=1, drop_patience=3, learning_rate=3e-3, seed=3)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randn(300, 2, generator=generator)
+    return context + 0.3 * torch.randn(300, 2, generator=generator), context
+
+
+def flow() -> nn.Module:
+    torch.manual_seed(1)
+    return nsf(2, 2, transforms=2, hidden_features=(16,))
+
+
+class Stop(Exception):
+    """Raised by the patched loss: the fit is killed there."""
+
+
+def interrupt_after(monkeypatch, calls: int) -> None:
+    """Make the default loss raise on its ``calls + 1``-th call (mid-epoch, a minibatch or a validation pass)."""
+    count = [0]
+    loss = training.negative_log_likelihood
+
+    def counted(*args):
+        count[0] += 1
+        if count[0] > calls:
+            raise Stop
+        return loss(*args)
+
+    monkeypatch.setattr(training, "negative_log_likelihood", counted)
+
+
+def fit(path=None, **options):
+    model, trail, history = flow(), SnapshotTrail(), TrainingHistory()
+    checkpoint = None if path is None else Checkpoint(path, every=0.0)
+    train(model, *data(), snapshots=trail, checkpoint=checkpoint, history=history, **{**OPTIONS, **options})
+    return model, trail, history, checkpoint
+
+
+def assert_same(a, b):
+    (model_a, trail_a, history_a, _), (model_b, trail_b, history_b, _) = a, b
+    for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert [epoch for epoch, _ in trail_a.snapshots] == [epoch for epoch, _ in trail_b.snapshots]
+    for (_, x), (_, y) in zip(trail_a.snapshots, trail_b.snapshots):
+        assert all(torch.equal(x[key], y[key]) for key in x)
+    for field in ("train_loss", "validation_loss", "best_epoch", "best_validation_loss", "epochs", "stopped_early",
+                  "step_drop_epochs", "batch_size"):
+        assert getattr(history_a, field) == getattr(history_b, field), field
+
+
+@pytest.mark.parametrize("calls", [25, 125, 155])  # 10 calls an epoch: epoch 2, after the drop (12), the last (15)
+def test_a_killed_training_resumes_and_ends_as_if_never_stopped(tmp_path, monkeypatch, calls):
+    plain = fit()
+    assert plain[2].step_drop_epochs and plain[2].stopped_early  # the run crosses a drop and stops early
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, calls)
+        with pytest.raises(Stop):
+            fit(tmp_path / "training.ckpt")
+    assert (tmp_path / "training.ckpt").exists()
+    resumed = fit(tmp_path / "training.ckpt")
+    assert resumed[3].resumed_epoch is not None and 0 < resumed[3].resumed_epoch < plain[2].epochs
+    assert not resumed[3].finished
+    assert_same(plain, resumed)
+    again = fit(tmp_path / "training.ckpt")  # a finished checkpoint: no epoch is trained
+    assert again[3].finished and again[3].resumed_epoch == plain[2].epochs
+    assert_same(plain, again)
+
+
+def test_a_checkpoint_of_another_call_is_ignored_and_replaced(tmp_path):
+    path = tmp_path / "training.ckpt"
+    fit(path, seed=4)  # another split and minibatch order
+    other = fit(path)
+    assert other[3].resumed_epoch is None
+    assert_same(fit(), other)
+    path.write_bytes(b"not a checkpoint")
+    assert fit(path)[3].resumed_epoch is None and fit(path)[3].finished
+
+
+def test_the_checkpoint_is_written_at_most_every_interval(tmp_path):
+    model, (u, x) = flow(), data()
+    checkpoint = Checkpoint(tmp_path / "training.ckpt", every=3600.0)
+    writes = []
+    original = Checkpoint.save
+    Checkpoint.save = lambda self, state: (writes.append(state["epoch"]), original(self, state))[1]
+    try:
+        history = train(model, u, x, checkpoint=checkpoint, **OPTIONS)
+    finally:
+        Checkpoint.save = original
+    assert writes == [history.epochs]  # only the final state within an hour
+
+
+def test_bad_checkpoint_options_are_refused_before_training():
+    with pytest.raises(TypeError, match="checkpoint must be a path"):
+        Checkpoint(3)
+    with pytest.raises(ValueError, match="every"):
+        Checkpoint("a.ckpt", every=-1)
+    u, x = data()
+    with pytest.raises(ValueError, match="checkpoint needs the default objective"):
+        train(flow(), u, x, objective=training.negative_log_likelihood, checkpoint=Checkpoint("a.ckpt"))
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    with pytest.raises(ValueError, match="checkpoint needs the default loss, got balancing=100.0"):
+        NPE(prior, balancing=100.0).fit(u, x, checkpoint="a.ckpt")
+    with pytest.raises(ValueError, match="the 3 flows of ensemble=3 train together"):
+        NPE(prior, ensemble=3).fit(u, x, checkpoint="a.ckpt", max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("ensemble", ["auto-snapshots", 1])
+def test_a_killed_npe_fit_resumes_to_the_same_posterior(tmp_path, monkeypatch, ensemble):
+    """NPE's default (one flow with its snapshot trail, checked) and a single flow, through ``NPE.fit``."""
+    u, x = data()
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    options = dict(max_epochs=30, batch_size=32, patience=4, progress=False)
+    plain = NPE(prior, ensemble=ensemble).fit(u, x, **options)
+    path = tmp_path / "training.ckpt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 60)
+        with pytest.raises(Stop):
+            NPE(prior, ensemble=ensemble).fit(u, x, checkpoint=Checkpoint(path, every=0.0), **options)
+    checkpoint = Checkpoint(path, every=0.0)
+    resumed = NPE(prior, ensemble=ensemble).fit(u, x, checkpoint=checkpoint, **options)
+    assert checkpoint.resumed_epoch is not None and checkpoint.resumed_epoch > 0
+    for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert plain.history.validation_loss == resumed.history.validation_loss
+    assert torch.equal(plain.log_prob(u[:5], x[0]), resumed.log_prob(u[:5], x[0]))
