@@ -28,10 +28,12 @@ from torch import Tensor, nn
 
 from sbiflows.checks import check_real
 
-__all__ = ["CHECKPOINT_SECONDS", "Checkpoint"]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_SECONDS", "Checkpoint"]
 
 #: Default seconds between two writes of a checkpoint (each at the end of an epoch).
 CHECKPOINT_SECONDS = 60.0
+#: The file name ``sbiflows fit`` and :class:`~sbiflows.TSNPE`'s rounds give their checkpoints.
+CHECKPOINT_FILE = "training.ckpt"
 #: Version of the file's layout; a file of another version is ignored.
 FORMAT = 1
 
@@ -42,7 +44,8 @@ class Checkpoint:
     Args:
         path: The file. It is written atomically (a temporary file next to it, then renamed), so a kill
             while writing leaves the previous checkpoint.
-        every: Seconds between writes (``>= 0``; 0: after every epoch). Training also writes when it ends.
+        every: Seconds between writes (``>= 0``; 0: after every epoch); None: :data:`CHECKPOINT_SECONDS`
+            (read when the checkpoint is made). Training also writes when it ends.
 
     Attributes:
         resumed_epoch: The epoch (counted like :attr:`~sbiflows.training.TrainingHistory.epochs`) that the
@@ -64,11 +67,11 @@ class Checkpoint:
         (True, True)
     """
 
-    def __init__(self, path: str | os.PathLike, *, every: float = CHECKPOINT_SECONDS):
+    def __init__(self, path: str | os.PathLike, *, every: float | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(path).__name__} {path!r}")
         self.path = Path(path)
-        self.every = check_real(every, "every", low=0.0)
+        self.every = check_real(CHECKPOINT_SECONDS if every is None else every, "every", low=0.0)
         self.resumed_epoch: int | None = None
         self.finished = False
         self._written = -math.inf

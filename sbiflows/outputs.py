@@ -20,12 +20,17 @@ import json
 import shutil
 from pathlib import Path
 
+from sbiflows.checkpoint import CHECKPOINT_FILE
+
 __all__ = ["MANIFEST", "OutputFolderError", "adopt", "prepare", "record"]
 
 #: The file that marks a folder as an sbiflows run.
 MANIFEST = "run.json"
+#: The training checkpoint (:mod:`sbiflows.checkpoint`) that a run keeps while it trains, removed once
+#: ``posterior.pt`` is saved: a stopped run resumes training from it.
+CHECKPOINT = CHECKPOINT_FILE
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
-OUTPUTS = ("posterior.pt", "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
+OUTPUTS = ("posterior.pt", CHECKPOINT, "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
            "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*",
            "tarp.*")
 #: Outputs that hold simulations, and the settings they depend on (the predictive checks' stores also
@@ -125,7 +130,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if not any(key in STORE_SETTINGS for key in changed):
         keep.update(STORES)
     if all(key in AFTER_TRAINING for key in changed):
-        keep.update(("posterior.pt", SEQUENTIAL, "resume.json", "samples.npz"))
+        keep.update(("posterior.pt", CHECKPOINT, SEQUENTIAL, "resume.json", "samples.npz"))
     removed = []
     for name in manifest.get("files", []):
         path = out / name
@@ -133,7 +138,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         removed.append(name)
-    for name in (*STORES, SEQUENTIAL, "resume.json"):  # a killed run may not have recorded them
+    for name in (*STORES, SEQUENTIAL, CHECKPOINT, "resume.json"):  # a killed run may not have recorded them
         if (out / name).exists() and name not in keep and name not in removed:
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
             removed.append(name)

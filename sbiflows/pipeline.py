@@ -24,6 +24,7 @@ from torch.distributions import Distribution
 
 import sbiflows
 from sbiflows import diagnostics, outputs, pipeline_sequential, plots
+from sbiflows.checkpoint import Checkpoint
 from sbiflows.checks import check_int, check_real
 from sbiflows.embeddings import from_choice
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
@@ -153,6 +154,13 @@ class Job:
                 **({"space": self.space} if self.space != "unconstrained" else {}),
                 **({"balancing": self.balancing} if self.balancing else {}),
                 **({"coverage_penalty": self.coverage_penalty} if self.coverage_penalty else {})}
+
+    @property
+    def checkpointable(self) -> bool:
+        """Whether training keeps a checkpoint (:mod:`sbiflows.checkpoint`): not where all flows train together
+        (an integer ``ensemble`` above 1) or the loss is not NPE's own (``balancing``, ``coverage_penalty``)."""
+        together = isinstance(self.ensemble, int) and self.ensemble > 1
+        return not together and not self.balancing and not self.coverage_penalty
 
     @property
     def fit_options(self) -> dict:
@@ -324,11 +332,17 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     else:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
         embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
+        checkpoint = Checkpoint(job.out / outputs.CHECKPOINT) if job.checkpointable else None
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
-            sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress
+            sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress, checkpoint=checkpoint
         )
+        if checkpoint is not None and checkpoint.resumed_epoch is not None:
+            state.log(f"      resumed from the training checkpoint of a stopped run ({outputs.CHECKPOINT}, epoch "
+                      f"{checkpoint.resumed_epoch}{', training had finished' if checkpoint.finished else ''})")
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
+        if checkpoint is not None:
+            checkpoint.remove()  # posterior.pt holds what it led to
     state.timed("train", start)
     history = posterior.history
     state.report["training"] = training_record(history)

@@ -23,11 +23,13 @@ reliable) and splits the rest equally over the later rounds.
     round_<r>/validation.npy  which of those rows validated (kept on that side by later rounds; one row per flow
                               of an ensemble)
     round_<r>/histories.json  an ensemble's training histories, one per flow (the posterior file keeps the first)
+    round_<r>/training.ckpt   while the round trains: its checkpoint (sbiflows.checkpoint), removed with posterior.pt
     check/                    the final coverage check's parameters and simulations
 
 Rerunning the same call resumes: finished rounds are read back (their rows and the last posterior,
 whose weights and training history the NPE continues from), an unfinished round's parameters are read
-from ``theta.npy`` and its simulation store simulates only the missing chunks. A store made with other
+from ``theta.npy``, its simulation store simulates only the missing chunks and its training resumes from its
+checkpoint (not for ``ensemble`` above 1, whose flows train together). A store made with other
 settings is refused with a ``ValueError``.
 
 **Checks.** A round whose region holds at least ``COVERS_PRIOR`` of the prior's mass is flagged
@@ -54,6 +56,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 from sbiflows.checks import as_float_tensor, caller_level, check_int
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.npe import NPE
@@ -264,10 +267,14 @@ class TSNPE:
         options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
                                  rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
                                  failed=int((~valid).sum()))
+        together = isinstance(self.npe.ensemble, int) and self.npe.ensemble > 1  # no flow trains alone
+        checkpoint = None if layout is None or together else Checkpoint(layout.round(r) / CHECKPOINT_FILE)
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
-                                     progress=progress, **options)
+                                     progress=progress, checkpoint=checkpoint, **options)
+        if checkpoint is not None and checkpoint.resumed_epoch is not None:
+            say(f"         resumed training from the checkpoint of a stopped run (epoch {checkpoint.resumed_epoch})")
         history = posterior.history
         record = Round(
             index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),
@@ -287,6 +294,8 @@ class TSNPE:
                             json.dumps([h.as_dict() for h in self.npe.histories]))
             self.posterior.save(layout.round(r) / "posterior.pt", allow_unsaved_prior=prior_spec(self.prior) is None)
             layout.finish_round(record)
+            if checkpoint is not None:
+                checkpoint.remove()  # the round's posterior.pt holds what it led to
         say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
             f"{record.validation_loss:.3f}" + ("; the region covers (almost) the whole prior: truncation had no "
                                                "effect in this round" if record.covers_prior else ""))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,70 @@ def test_a_killed_npe_fit_resumes_to_the_same_posterior(tmp_path, monkeypatch, e
         assert torch.equal(a, b), name
     assert plain.history.validation_loss == resumed.history.validation_loss
     assert torch.equal(plain.log_prob(u[:5], x[0]), resumed.log_prob(u[:5], x[0]))
+
+
+def stop_training_after(monkeypatch, calls: int) -> None:
+    """Ctrl-C in the middle of training (the loss's ``calls + 1``-th call), with a checkpoint after every epoch."""
+    import sbiflows.checkpoint
+
+    monkeypatch.setattr(sbiflows.checkpoint, "CHECKPOINT_SECONDS", 0.0)
+    count, loss = [0], training.negative_log_likelihood
+
+    def counted(*args):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(training, "negative_log_likelihood", counted)
+
+
+@pytest.mark.slow
+def test_sbiflows_fit_resumes_a_stopped_training_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    from sbiflows.cli import main
+    from sbiflows.posterior import load
+
+    small = ["two_moons", "--simulations", "600", "--num-samples", "200", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "200", "--max-epochs", "12", "--quiet"]
+    assert main(["fit", *small, "--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_training_after(patch, 50)  # a few epochs in
+        assert main(["fit", *small, "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert (out / "training.ckpt").exists() and not (out / "posterior.pt").exists()
+    assert main(["fit", *small, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    resumed_line = r"resumed from the training checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
+    assert re.search(resumed_line, printed)
+    assert not (out / "training.ckpt").exists()  # posterior.pt holds what it led to
+    plain, resumed = load(tmp_path / "plain" / "posterior.pt"), load(out / "posterior.pt")
+    for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_a_tsnpe_round_resumes_its_training_from_its_checkpoint(tmp_path, monkeypatch):
+    import simulators
+    from sbiflows import TSNPE
+
+    task = simulators.get("two_moons")
+    x_o = task.observation(1)
+    options = dict(rounds=2, simulations=600, seed=0, check_simulations=0, threshold_samples=20_000,
+                   quantile=1e-3, progress=False)
+    fit_options = dict(max_epochs=10)
+    plain = TSNPE(task.prior).run(task.simulate, x_o, store=tmp_path / "plain", fit_options=fit_options, **options)
+    store = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_training_after(patch, 40)  # a few epochs into round 0's training
+        with pytest.raises(KeyboardInterrupt):
+            TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, **options)
+    assert (store / "round_0" / "training.ckpt").exists()
+    lines = []
+    resumed = TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, log=lines.append,
+                                    **options)
+    assert any(re.search(r"resumed training from the checkpoint of a stopped run \(epoch [1-9]\d*\)", line)
+               for line in lines), lines
+    assert not list(store.glob("round_*/training.ckpt"))
+    for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
