@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_SECONDS", "Checkpoint"]
 CHECKPOINT_SECONDS = 60.0
 #: The file name ``sbiflows fit`` and :class:`~sbiflows.TSNPE`'s rounds give their checkpoints.
 CHECKPOINT_FILE = "training.ckpt"
+#: The parts a fit's checkpoint has siblings for (:meth:`Checkpoint.sibling`).
+_PART = re.compile(r"members|member\d+")
 #: Version of the file's layout; a file of another version is ignored.
 FORMAT = 1
 
@@ -75,6 +78,7 @@ class Checkpoint:
         self.resumed_epoch: int | None = None
         self.finished = False
         self._written = -math.inf
+        self._siblings: dict[str, Checkpoint] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, every={self.every})"
@@ -107,18 +111,40 @@ class Checkpoint:
         os.replace(temporary, self.path)
         self._written = time.monotonic()
 
+    def sibling(self, part: str) -> Checkpoint:
+        """The checkpoint of another training call of the same fit (e.g. ``"members"``: the flows of an ensemble
+        trained together after the first), in ``<stem>.<part><suffix>`` next to this one; made once per part.
+
+        Example:
+            >>> Checkpoint("run/training.ckpt").sibling("members")
+            Checkpoint('run/training.members.ckpt', every=60.0)
+        """
+        if not _PART.fullmatch(part):
+            raise ValueError(f"part must be 'members' or 'member<k>', got {part!r}")
+        if part not in self._siblings:
+            path = self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
+            self._siblings[part] = Checkpoint(path, every=self.every)
+        return self._siblings[part]
+
+    def parts(self) -> list[Checkpoint]:
+        """This checkpoint and the siblings made from it, e.g. to say which of them a fit resumed from."""
+        return [self, *self._siblings.values()]
+
     def remove(self) -> None:
-        """Delete the file (e.g. once the posterior it leads to is saved)."""
-        self.path.unlink(missing_ok=True)
-        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+        """Delete the file and its siblings' (e.g. once the posterior they lead to is saved)."""
+        pattern = re.compile(rf"{re.escape(self.path.stem)}(\.{_PART.pattern})?{re.escape(self.path.suffix)}(\.tmp)?")
+        if self.path.parent.is_dir():
+            for path in self.path.parent.iterdir():
+                if pattern.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
 
 
-def call_key(model: nn.Module, tensors: dict[str, Tensor | None], options: dict[str, Any], history: dict) -> str:
-    """SHA-256 of what decides a training call: the initial weights, the rows and split, the options and the
-    history it extends (not its seconds)."""
-    sha = hashlib.sha256(json.dumps({"options": options, "history": {k: v for k, v in history.items()
-                                                                      if k != "seconds"}}, sort_keys=True).encode())
-    for name, value in [*sorted(model.state_dict().items()), *tensors.items()]:
+def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], history: dict) -> str:
+    """SHA-256 of what decides a training call: ``tensors`` (the initial weights, the rows and the split), the
+    options and the history it extends (not its seconds)."""
+    history = {k: v for k, v in history.items() if k != "seconds"}
+    sha = hashlib.sha256(json.dumps({"options": options, "history": history}, sort_keys=True, default=str).encode())
+    for name, value in tensors.items():
         sha.update(name.encode())
         if value is not None:
             value = value.detach().cpu().contiguous()
@@ -157,25 +183,20 @@ def restore_loop(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimi
     return int(state["epoch"]), state["best_state"], bool(state["finished"])
 
 
-def as_checkpoint(value: Any, *, ensemble: int | str, objectives: dict[str, float]) -> Checkpoint | None:
+def as_checkpoint(value: Any, *, objectives: dict[str, float]) -> Checkpoint | None:
     """:meth:`sbiflows.NPE.fit`'s ``checkpoint`` option as a :class:`Checkpoint` (a path gets the default
-    interval), checked before training: ``ensemble`` must train a flow alone first (not an integer above 1,
-    whose flows train together), and ``objectives``, the NPE's options that change the loss, must be 0 (only the
-    default loss's state is all in the checkpoint).
+    interval), checked before training: ``objectives``, the NPE's options that change the loss, must be 0 (only
+    the default loss's state is all in the checkpoint).
 
     Example:
-        >>> as_checkpoint("run/training.ckpt", ensemble="auto-snapshots", objectives={"balancing": 0.0})
+        >>> as_checkpoint("run/training.ckpt", objectives={"balancing": 0.0})
         Checkpoint('run/training.ckpt', every=60.0)
-        >>> as_checkpoint("run/training.ckpt", ensemble=1, objectives={"balancing": 100.0})
+        >>> as_checkpoint("run/training.ckpt", objectives={"balancing": 100.0})
         Traceback (most recent call last):
         ...
         ValueError: checkpoint needs the default loss, got balancing=100.0 (set it to 0 or leave checkpoint=None)
     """
     checkpoint = value if value is None or isinstance(value, Checkpoint) else Checkpoint(value)
-    if checkpoint is not None and isinstance(ensemble, int) and ensemble > 1:
-        raise ValueError(f"checkpoint needs a fit that trains one flow alone first; the {ensemble} flows of "
-                         f"ensemble={ensemble} train together (use ensemble='auto' or 'auto-snapshots', or no "
-                         "checkpoint)")
     changed = {name: weight for name, weight in objectives.items() if weight}
     if checkpoint is not None and changed:
         name, weight = next(iter(changed.items()))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from sbiflows.checkpoint import Checkpoint
+from sbiflows.checkpoint import Checkpoint, call_key
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
 from sbiflows.training import (
@@ -93,8 +93,9 @@ def train_members(
     exception (members not reached by sequential training keep their initial weights). Trained
     together, each member's ``seconds`` counts the whole joint training.
 
-    ``checkpoint`` (:mod:`sbiflows.checkpoint`) is for one member, which then trains as
-    :func:`~sbiflows.training.train` does.
+    ``checkpoint`` (:mod:`sbiflows.checkpoint`): where the training keeps its state and resumes from: the
+    vectorized pass's, one member's as :func:`~sbiflows.training.train` keeps it, or with several members
+    trained one after another each member ``k``'s in ``checkpoint.sibling(f"member{k}")``.
 
     Returns:
         ``"vectorized"`` or ``"sequential"``: how the members were trained.
@@ -117,8 +118,6 @@ def train_members(
                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                    weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                    step_drop_factor=step_drop_factor, drop_patience=drop_patience)
-    if checkpoint is not None and len(members) != 1:
-        raise ValueError(f"a checkpoint is for one member, got {len(members)} members")
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
@@ -127,12 +126,12 @@ def train_members(
         stack = _stack_if_vectorized(members, inputs, context)
     if stack is not None:
         _train_stacked(stack, members, inputs, context, splits=splits, histories=histories, progress=progress,
-                       num_threads=num_threads, **options)
+                       num_threads=num_threads, checkpoint=checkpoint, **options)
         return "vectorized"
-    for member, seed, history, mask in zip(members, seeds, histories, validations):
+    for k, (member, seed, history, mask) in enumerate(zip(members, seeds, histories, validations)):
+        own = checkpoint if checkpoint is None or len(members) == 1 else checkpoint.sibling(f"member{k}")
         train_checked(member, inputs, context, seed=seed, history=history, validation=mask, groups=groups,
-                      objective=objective, progress=progress, num_threads=num_threads, checkpoint=checkpoint,
-                      **options)
+                      objective=objective, progress=progress, num_threads=num_threads, checkpoint=own, **options)
     return "sequential"
 
 
@@ -215,7 +214,7 @@ def _train_stacked(
     stack: _Stack, members: Sequence[nn.Module], inputs: Tensor, context: Tensor | None, *, splits: list, histories,
     progress: bool, num_threads: int | None, max_epochs: int, batch_size: int, learning_rate: float,
     validation_fraction: float, patience: int, clip_grad_norm: float, weight_decay: float, ema_epochs: float,
-    step_drops: int, step_drop_factor: float, drop_patience: int | None,
+    step_drops: int, step_drop_factor: float, drop_patience: int | None, checkpoint: Checkpoint | None = None,
 ) -> None:
     del validation_fraction  # the splits are made
     k = len(members)
@@ -237,11 +236,45 @@ def _train_stacked(
     factors = torch.ones(k)  # each member's step size as a multiple of learning_rate (step drops)
     rules = [Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience) for _ in range(k)]
     best = [stack.member_state(slot, averaged) for slot in range(k)]  # per member, by member index
+    begin, finished, key = 0, False, None
+    if checkpoint is not None:
+        weights = {f"member{m}/{name}": value for m in range(k) for name, value in stack.member_state(
+            m, stack.params).items()}
+        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_rows, "validation": val_rows},
+                       {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
+                        "patience": patience, "clip_grad_norm": float(clip_grad_norm),
+                        "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs), "step_drops": step_drops,
+                        "step_drop_factor": float(step_drop_factor), "drop_patience": drop_patience, "members": k},
+                       {"histories": [h.as_dict() for h in histories]})
+        checkpoint.start()
+        saved = checkpoint.load(key, inputs.device)
+        if saved is not None:
+            begin, finished = int(saved["epoch"]), bool(saved["finished"])
+            stack.active, stack.fixed = list(saved["active"]), saved["fixed"]
+            stack.params = {name: value.clone().requires_grad_(True) for name, value in saved["params"].items()}
+            optimizer = _adam(list(stack.params.values()), learning_rate=learning_rate, weight_decay=weight_decay)
+            optimizer.load_state_dict(saved["optimizer"])
+            averaged, best = saved["averaged"], saved["best"]
+            updates, factors = saved["updates"].cpu(), saved["factors"].cpu()
+            for rule, history, generator, rule_state, history_state, generator_state in zip(
+                    rules, histories, generators, saved["rules"], saved["histories"], saved["generators"]):
+                vars(rule).update(rule_state)
+                vars(history).update(history_state)
+                generator.set_state(generator_state.cpu())
+            checkpoint.resumed_epoch, checkpoint.finished = begin, finished
+
+    def state(epoch: int, done: bool) -> dict:
+        params = {name: value.detach() for name, value in stack.params.items()}
+        return {"key": key, "epoch": epoch, "finished": done, "active": stack.active, "params": params,
+                "fixed": stack.fixed, "optimizer": optimizer.state_dict(), "averaged": averaged, "updates": updates,
+                "factors": factors, "best": best, "rules": [dict(vars(rule)) for rule in rules],
+                "histories": [h.as_dict() for h in histories], "generators": [g.get_state() for g in generators]}
+
     bar = _progress_bar(max_epochs) if progress else None
     with torch_threads(num_threads):
         start = time.perf_counter()
         try:
-            for epoch in range(max_epochs):
+            for epoch in range(begin, max_epochs) if not finished else ():
                 orders = torch.stack([train_rows[m][torch.randperm(n_train, generator=generators[m]).to(inputs.device)]
                                       for m in stack.active])
                 totals = torch.zeros(len(stack.active), dtype=torch.float64)
@@ -296,6 +329,8 @@ def _train_stacked(
                     break
                 if len(keep) < len(stack.active):
                     optimizer = stack.keep(keep, optimizer, [averaged])
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save(state(epoch + 1, False))
         finally:
             if bar is not None:
                 bar.close()
@@ -306,6 +341,8 @@ def _train_stacked(
                 if rule.best_epoch >= 0:
                     history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
                 history.seconds += seconds
+    if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
+        checkpoint.save(state(max_epochs, True))
 
 
 @torch.no_grad()

@@ -288,11 +288,11 @@ class NPE:
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): :mod:`sbiflows.threads` (one, unless you set torch's thread count yourself).
-            checkpoint: A file (or a :class:`~sbiflows.checkpoint.Checkpoint`) where the flow that trains
-                alone first (every ``ensemble`` choice but an integer above 1) saves its training state every
-                60 s and when it ends; the same fit made again resumes from it and ends as if never stopped
-                (a file of any other fit is ignored and overwritten). Members trained together (the two others
-                of ``"auto"`` where its check fails) train again. Needs ``balancing=0`` and ``coverage_penalty=0``.
+            checkpoint: A file (or a :class:`~sbiflows.checkpoint.Checkpoint`) where training saves its state
+                every 60 s and when it ends (flows of an ensemble trained together after the first, in
+                ``<stem>.members<suffix>`` beside it); the same fit made again resumes from it and ends as if
+                never stopped (a file of any other fit is ignored and overwritten). Needs ``balancing=0`` and
+                ``coverage_penalty=0``.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -314,7 +314,7 @@ class NPE:
             drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
-        checkpoint = as_checkpoint(checkpoint, ensemble=self.ensemble, objectives={"balancing": self.balancing,
+        checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,
                                                             "coverage_penalty": self.coverage_penalty})
         resolve_threads(num_threads)  # checked before any expensive step
         with torch_threads(num_threads):

@@ -36,9 +36,8 @@ def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, hi
         trail: Where the first flow keeps its snapshots, or None.
         check_first: Checks the trained first flow (e.g. :func:`~sbiflows.ensemble.auto_check` on its
             validation rows), or None.
-        checkpoint: Where the first flow keeps its training state, if it trains alone
-            (:mod:`sbiflows.checkpoint`); members trained together have none (e.g. a refit of an
-            ``ensemble="auto"`` that chose three flows).
+        checkpoint: Where training keeps its state (:mod:`sbiflows.checkpoint`): the first flow's, if it trains
+            alone, and the members' trained after it in ``checkpoint.sibling("members")``.
         **options: :func:`~sbiflows.training.train`'s options, already checked.
 
     Returns:
@@ -59,5 +58,6 @@ def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, hi
     if first < len(members):  # the others together, in one vectorized pass where they allow it
         train_members(members[first:], u, x, seeds=[member_seed(seed, k) for k in range(first, len(members))],
                       histories=histories[first:], validations=validations[first:],
-                      checkpoint=checkpoint if len(members) == 1 else None, **options)
+                      checkpoint=checkpoint if checkpoint is None or first == 0 else checkpoint.sibling("members"),
+                      **options)
     return check

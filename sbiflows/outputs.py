@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sbiflows.checkpoint import CHECKPOINT_FILE
+from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 
 __all__ = ["MANIFEST", "OutputFolderError", "adopt", "prepare", "record"]
 
@@ -30,9 +30,9 @@ MANIFEST = "run.json"
 #: ``posterior.pt`` is saved: a stopped run resumes training from it.
 CHECKPOINT = CHECKPOINT_FILE
 #: What a run writes (glob patterns in the output folder); nothing else is ever recorded or removed.
-OUTPUTS = ("posterior.pt", CHECKPOINT, "samples.npz", "resume.json", "report.md", "report.json", "simulations.zarr",
-           "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf", "sbc_ranks.*", "coverage.*",
-           "tarp.*")
+OUTPUTS = ("posterior.pt", "training*.ckpt", "samples.npz", "resume.json", "report.md", "report.json",
+           "simulations.zarr", "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf",
+           "sbc_ranks.*", "coverage.*", "tarp.*")
 #: Outputs that hold simulations, and the settings they depend on (the predictive checks' stores also
 #: depend on the posterior: the pipeline replaces one whose parameters are not the posterior's draws).
 STORES = ("simulations.zarr", "calibration.zarr", "predictive")
@@ -138,10 +138,14 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         removed.append(name)
-    for name in (*STORES, SEQUENTIAL, CHECKPOINT, "resume.json"):  # a killed run may not have recorded them
+    for name in (*STORES, SEQUENTIAL, "resume.json"):  # a killed run may not have recorded them
         if (out / name).exists() and name not in keep and name not in removed:
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
             removed.append(name)
+    if CHECKPOINT not in keep:  # a stopped training's checkpoint and its siblings (never recorded: removed at the end)
+        present = sorted(path.name for path in out.glob("training*.ckpt"))
+        Checkpoint(out / CHECKPOINT).remove()
+        removed += [name for name in present if not (out / name).exists()]
     _write(out, {"settings": settings, "files": [name for name in manifest.get("files", []) if name not in removed]})
     return removed
 

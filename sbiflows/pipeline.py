@@ -157,10 +157,9 @@ class Job:
 
     @property
     def checkpointable(self) -> bool:
-        """Whether training keeps a checkpoint (:mod:`sbiflows.checkpoint`): not where all flows train together
-        (an integer ``ensemble`` above 1) or the loss is not NPE's own (``balancing``, ``coverage_penalty``)."""
-        together = isinstance(self.ensemble, int) and self.ensemble > 1
-        return not together and not self.balancing and not self.coverage_penalty
+        """Whether training keeps a checkpoint (:mod:`sbiflows.checkpoint`): not where the loss is not NPE's own
+        (``balancing``, ``coverage_penalty``)."""
+        return not self.balancing and not self.coverage_penalty
 
     @property
     def fit_options(self) -> dict:
@@ -336,9 +335,10 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
             sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress, checkpoint=checkpoint
         )
-        if checkpoint is not None and checkpoint.resumed_epoch is not None:
-            state.log(f"      resumed from the training checkpoint of a stopped run ({outputs.CHECKPOINT}, epoch "
-                      f"{checkpoint.resumed_epoch}{', training had finished' if checkpoint.finished else ''})")
+        for part in [] if checkpoint is None else checkpoint.parts():
+            if part.resumed_epoch is not None:
+                state.log(f"      resumed from the training checkpoint of a stopped run ({part.path.name}, epoch "
+                          f"{part.resumed_epoch}{', training had finished' if part.finished else ''})")
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
         if checkpoint is not None:

@@ -29,7 +29,7 @@ reliable) and splits the rest equally over the later rounds.
 Rerunning the same call resumes: finished rounds are read back (their rows and the last posterior,
 whose weights and training history the NPE continues from), an unfinished round's parameters are read
 from ``theta.npy``, its simulation store simulates only the missing chunks and its training resumes from its
-checkpoint (not for ``ensemble`` above 1, whose flows train together). A store made with other
+checkpoint. A store made with other
 settings is refused with a ``ValueError``.
 
 **Checks.** A round whose region holds at least ``COVERS_PRIOR`` of the prior's mass is flagged
@@ -267,14 +267,15 @@ class TSNPE:
         options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
                                  rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
                                  failed=int((~valid).sum()))
-        together = isinstance(self.npe.ensemble, int) and self.npe.ensemble > 1  # no flow trains alone
-        checkpoint = None if layout is None or together else Checkpoint(layout.round(r) / CHECKPOINT_FILE)
+        checkpoint = None if layout is None else Checkpoint(layout.round(r) / CHECKPOINT_FILE)
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
                                      progress=progress, checkpoint=checkpoint, **options)
-        if checkpoint is not None and checkpoint.resumed_epoch is not None:
-            say(f"         resumed training from the checkpoint of a stopped run (epoch {checkpoint.resumed_epoch})")
+        for part in [] if checkpoint is None else checkpoint.parts():
+            if part.resumed_epoch is not None:
+                say(f"         resumed training from the checkpoint of a stopped run ({part.path.name}, epoch "
+                    f"{part.resumed_epoch})")
         history = posterior.history
         record = Round(
             index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),

@@ -262,7 +262,8 @@ def train_checked(
     history.step_drop_epochs = []
     key, resume_at, finished = None, first, False
     if checkpoint is not None:
-        key = call_key(model, {"inputs": inputs, "context": context, "train": train_idx, "validation": val_idx},
+        weights = {f"model/{name}": value for name, value in model.state_dict().items()}
+        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_idx, "validation": val_idx},
                        {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
                         "patience": patience, "clip_grad_norm": float(clip_grad_norm),
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),

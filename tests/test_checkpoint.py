@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -119,29 +120,74 @@ def test_bad_checkpoint_options_are_refused_before_training():
     prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
     with pytest.raises(ValueError, match="checkpoint needs the default loss, got balancing=100.0"):
         NPE(prior, balancing=100.0).fit(u, x, checkpoint="a.ckpt")
-    with pytest.raises(ValueError, match="the 3 flows of ensemble=3 train together"):
-        NPE(prior, ensemble=3).fit(u, x, checkpoint="a.ckpt", max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="part must be"):
+        Checkpoint("a.ckpt").sibling("../b")
 
 
-@pytest.mark.parametrize("ensemble", ["auto-snapshots", 1])
+def stop_vectorized_after(monkeypatch, steps: int) -> None:
+    """Make the ensembles' vectorized training raise on its ``steps + 1``-th step."""
+    import sbiflows.ensemble_training as ensemble_training
+
+    count, step = [0], ensemble_training._step
+
+    def counted(*args):
+        count[0] += 1
+        if count[0] > steps:
+            raise Stop
+        return step(*args)
+
+    monkeypatch.setattr(ensemble_training, "_step", counted)
+
+
+@pytest.mark.parametrize("ensemble", ["auto-snapshots", 1, 3])
 def test_a_killed_npe_fit_resumes_to_the_same_posterior(tmp_path, monkeypatch, ensemble):
-    """NPE's default (one flow with its snapshot trail, checked) and a single flow, through ``NPE.fit``."""
+    """NPE's default (one flow with its snapshot trail, checked), a single flow, and three flows trained in one
+    vectorized pass, through ``NPE.fit``."""
     u, x = data()
     prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
     options = dict(max_epochs=30, batch_size=32, patience=4, progress=False)
     plain = NPE(prior, ensemble=ensemble).fit(u, x, **options)
     path = tmp_path / "training.ckpt"
     with monkeypatch.context() as patch:
-        interrupt_after(patch, 60)
+        (stop_vectorized_after(patch, 60) if ensemble == 3 else interrupt_after(patch, 60))
         with pytest.raises(Stop):
             NPE(prior, ensemble=ensemble).fit(u, x, checkpoint=Checkpoint(path, every=0.0), **options)
     checkpoint = Checkpoint(path, every=0.0)
     resumed = NPE(prior, ensemble=ensemble).fit(u, x, checkpoint=checkpoint, **options)
     assert checkpoint.resumed_epoch is not None and checkpoint.resumed_epoch > 0
+    assert [p.path.name for p in checkpoint.parts()] == ["training.ckpt"]  # three flows from the start: one pass
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
     assert plain.history.validation_loss == resumed.history.validation_loss
     assert torch.equal(plain.log_prob(u[:5], x[0]), resumed.log_prob(u[:5], x[0]))
+
+
+def test_the_flows_trained_after_the_first_keep_a_checkpoint_of_their_own(tmp_path, monkeypatch):
+    """``ensemble="auto"`` whose check fails: the first flow's checkpoint, then the two others' in ``.members``."""
+    import sbiflows.npe
+
+    u, x = data()
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    options = dict(max_epochs=30, batch_size=32, patience=4, progress=False)
+
+    check = sbiflows.npe.auto_check
+    failed = lambda *args, **kwargs: dataclasses.replace(check(*args, **kwargs), passed=False)  # noqa: E731
+    monkeypatch.setattr(sbiflows.npe, "auto_check", failed)  # three flows, whatever the first flow's check says
+    plain = NPE(prior, ensemble="auto").fit(u, x, **options)
+    path = tmp_path / "training.ckpt"
+    with monkeypatch.context() as patch:
+        stop_vectorized_after(patch, 30)
+        with pytest.raises(Stop):
+            NPE(prior, ensemble="auto").fit(u, x, checkpoint=Checkpoint(path, every=0.0), **options)
+    assert path.exists() and (tmp_path / "training.members.ckpt").exists()
+    checkpoint = Checkpoint(path, every=0.0)
+    resumed = NPE(prior, ensemble="auto").fit(u, x, checkpoint=checkpoint, **options)
+    first, members = checkpoint.parts()
+    assert first.finished and members.path.name == "training.members.ckpt" and members.resumed_epoch > 0
+    for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    checkpoint.remove()
+    assert not list(tmp_path.iterdir())
 
 
 def stop_training_after(monkeypatch, calls: int) -> None:
@@ -204,8 +250,22 @@ def test_a_tsnpe_round_resumes_its_training_from_its_checkpoint(tmp_path, monkey
     lines = []
     resumed = TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, log=lines.append,
                                     **options)
-    assert any(re.search(r"resumed training from the checkpoint of a stopped run \(epoch [1-9]\d*\)", line)
-               for line in lines), lines
+    resumed_line = r"resumed training from the checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
+    assert any(re.search(resumed_line, line) for line in lines), lines
     assert not list(store.glob("round_*/training.ckpt"))
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_force_removes_a_stopped_trainings_checkpoints_unless_only_later_steps_changed(tmp_path):
+    from sbiflows import outputs
+
+    outputs.prepare(tmp_path, {"seed": 0, "labels": None})
+    for name in ("training.ckpt", "training.members.ckpt"):
+        (tmp_path / name).write_bytes(b"state")
+    (tmp_path / "training.notes.ckpt").write_bytes(b"the user's")  # not a name checkpoints take
+    outputs.prepare(tmp_path, {"seed": 0, "labels": ["a", "b"]}, force=True)  # the training's settings unchanged
+    assert (tmp_path / "training.ckpt").exists() and (tmp_path / "training.members.ckpt").exists()
+    removed = outputs.prepare(tmp_path, {"seed": 1, "labels": ["a", "b"]}, force=True)
+    assert {"training.ckpt", "training.members.ckpt"} <= set(removed)
+    assert not (tmp_path / "training.ckpt").exists() and (tmp_path / "training.notes.ckpt").exists()
