@@ -401,7 +401,7 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
                                                      progress=job.progress)
             # the score of these very draws against this reference (digests of their bytes): a rerun reads it
             made_with = {"draws": digest(samples[:c2st_samples, b]), "reference": digest(reference),
-                         "seed": job.seed, "sbiflows": sbiflows.__version__}
+                         "seed": job.seed, "sbiflows": sbiflows.__version__, "torch": torch.__version__}
             entry["c2st"] = state.resume.cached(f"c2st/{observation.name}", made_with)
             if entry["c2st"] is None:
                 entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy

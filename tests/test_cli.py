@@ -296,7 +296,7 @@ def test_console_script_entry_point_runs():
 
 
 @pytest.mark.slow
-def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
+def test_fit_benchmark_task_writes_every_output(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL]) == 0
     figures = [f"{stem}.{suffix}" for stem in ("corner_obs1", "corner_obs2", "sbc_ranks", "coverage", "tarp")
@@ -351,6 +351,11 @@ def test_fit_benchmark_task_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out  # the samples are kept: only other C2ST draws
     assert "reusing the posterior samples" in printed and "(from the earlier run)" not in printed
     assert json.loads((out / "report.json").read_text())["observations"][0]["c2st_samples"] == 300
+    with monkeypatch.context() as patch:  # another torch trains the classifier otherwise: scored again
+        patch.setattr(torch, "__version__", "0.0.1")
+        assert main(["fit", "two_moons", "--out", str(out), "--observations", "1,2", *SMALL, "--c2st-samples",
+                     "300"]) == 0
+    assert "(from the earlier run)" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
