@@ -51,10 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tasks":
         import simulators
 
+        from sbiflows.embeddings import auto_features
+
         for name in simulators.names():
             task = simulators.get(name)
+            embedding = task.default_embedding  # what `fit` uses by default: the task's network, else auto
+            if embedding == "none":
+                summary = auto_features((task.x_dim,), task.theta_dim)
+                embedding = f"auto ({'none' if summary is None else f'linear, {summary} features'})"
             print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim:<4d} x_shape={task.x_shape} "
-                  f"embedding={task.default_embedding}")
+                  f"embedding={embedding}")
         return 0
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING

@@ -25,6 +25,7 @@ def test_tasks_list_their_structure_and_default_embedding(capsys):
     assert "x_shape=(2, 10) embedding=cnn1d" in lines["lotka_volterra"]
     assert "x_shape=(1, 10) embedding=cnn1d" in lines["sir"]
     assert "x_shape=(100,) embedding=mlp" in lines["slcp_distractors"]
+    assert lines["two_moons"].endswith("embedding=auto (none)")  # fit's default, and what it resolves to there
 
 
 @pytest.mark.slow
