@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ class Checkpoint:
         resumed_epoch: The epoch (counted like :attr:`~sbiflows.training.TrainingHistory.epochs`) that the
             latest training call resumed from, None if it started afresh.
         finished: Whether the latest call found a finished checkpoint and trained no epoch.
+        structure: What the network computes beyond its weights, part of the key (``NPE.fit`` sets its
+            architecture; :func:`~sbiflows.training.train` adds the model's ``repr``). The code of a custom
+            module is not: change it, and use another file.
+
+    One file holds one training call: give each fit its own path (a second ``fit`` on more data with the same
+    path replaces the first's finished state, so a rerun of both trains the first again).
 
     Example:
         >>> import tempfile
@@ -77,6 +84,7 @@ class Checkpoint:
         self.every = check_real(CHECKPOINT_SECONDS if every is None else every, "every", low=0.0)
         self.resumed_epoch: int | None = None
         self.finished = False
+        self.structure = ""
         self._written = -math.inf
         self._siblings: dict[str, Checkpoint] = {}
 
@@ -88,8 +96,25 @@ class Checkpoint:
         return time.monotonic() - self._written >= self.every
 
     def start(self) -> None:
-        """Start a training call: the first write comes :attr:`every` seconds from now."""
+        """Start a training call: check that the file can be written (before any training), and make the first
+        write come :attr:`every` seconds from now.
+
+        Raises:
+            ValueError: If the path is a folder or cannot be written (its folder cannot be made, no permission).
+        """
+        if self.path.is_dir() or not self.path.name:
+            raise ValueError(f"checkpoint must be a file path, got the folder {str(self.path)!r}")
+        probe = self._temporary()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"checkpoint {str(self.path)!r} cannot be written: {error}") from None
         self.resumed_epoch, self.finished, self._written = None, False, time.monotonic()
+
+    def _temporary(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
 
     def load(self, key: str, device: torch.device | str) -> dict | None:
         """The saved state if the file holds one of the call with ``key``, else None (also for an unreadable file)."""
@@ -104,11 +129,16 @@ class Checkpoint:
         return state
 
     def save(self, state: dict) -> None:
-        """Write ``state`` (with its ``key``) atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        torch.save({**state, "format": FORMAT}, temporary)
-        os.replace(temporary, self.path)
+        """Write ``state`` (with its ``key``) atomically. A failed write (e.g. a full disk) warns and leaves the
+        previous file: training goes on, it is never lost to its checkpoint."""
+        temporary = self._temporary()
+        try:
+            torch.save({**state, "format": FORMAT}, temporary)
+            os.replace(temporary, self.path)
+        except (OSError, RuntimeError) as error:  # torch reports a failed open as RuntimeError
+            warnings.warn(f"could not write the training checkpoint {str(self.path)!r} ({error}); training goes on",
+                          RuntimeWarning, stacklevel=3)
+            temporary.unlink(missing_ok=True)
         self._written = time.monotonic()
 
     def sibling(self, part: str) -> Checkpoint:
@@ -124,26 +154,30 @@ class Checkpoint:
         if part not in self._siblings:
             path = self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
             self._siblings[part] = Checkpoint(path, every=self.every)
+        self._siblings[part].structure = self.structure
         return self._siblings[part]
 
     def parts(self) -> list[Checkpoint]:
-        """This checkpoint and the siblings made from it, e.g. to say which of them a fit resumed from."""
-        return [self, *self._siblings.values()]
+        """This checkpoint and the siblings made from it (and theirs), e.g. to say which of them a fit resumed from."""
+        return [self, *(part for sibling in self._siblings.values() for part in sibling.parts())]
 
     def remove(self) -> None:
         """Delete the file and its siblings' (e.g. once the posterior they lead to is saved)."""
-        pattern = re.compile(rf"{re.escape(self.path.stem)}(\.{_PART.pattern})?{re.escape(self.path.suffix)}(\.tmp)?")
+        stem, suffix = re.escape(self.path.stem), re.escape(self.path.suffix)
+        pattern = re.compile(rf"{stem}(\.(?:{_PART.pattern}))*{suffix}(\.tmp)?")
         if self.path.parent.is_dir():
             for path in self.path.parent.iterdir():
                 if pattern.fullmatch(path.name):
                     path.unlink(missing_ok=True)
 
 
-def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], history: dict) -> str:
-    """SHA-256 of what decides a training call: ``tensors`` (the initial weights, the rows and the split), the
-    options and the history it extends (not its seconds)."""
-    history = {k: v for k, v in history.items() if k != "seconds"}
-    sha = hashlib.sha256(json.dumps({"options": options, "history": history}, sort_keys=True, default=str).encode())
+def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histories: list[dict]) -> str:
+    """SHA-256 of what decides a training call: ``tensors`` (the initial weights, the rows, the split and the
+    minibatch generators' states), the options (the network's structure among them) and the histories it
+    extends (not their seconds)."""
+    histories = [{k: v for k, v in history.items() if k != "seconds"} for history in histories]
+    text = json.dumps({"options": options, "histories": histories}, sort_keys=True, default=str)
+    sha = hashlib.sha256(text.encode())
     for name, value in tensors.items():
         sha.update(name.encode())
         if value is not None:

@@ -240,12 +240,15 @@ def _train_stacked(
     if checkpoint is not None:
         weights = {f"member{m}/{name}": value for m in range(k) for name, value in stack.member_state(
             m, stack.params).items()}
-        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_rows, "validation": val_rows},
+        generator_states = {f"generator{m}": g.get_state() for m, g in enumerate(generators)}
+        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_rows, "validation": val_rows,
+                        **generator_states},
                        {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
                         "patience": patience, "clip_grad_norm": float(clip_grad_norm),
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs), "step_drops": step_drops,
-                        "step_drop_factor": float(step_drop_factor), "drop_patience": drop_patience, "members": k},
-                       {"histories": [h.as_dict() for h in histories]})
+                        "step_drop_factor": float(step_drop_factor), "drop_patience": drop_patience, "members": k,
+                        "structure": checkpoint.structure, "model": repr(members[0])},
+                       [h.as_dict() for h in histories])
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
         if saved is not None:

@@ -362,6 +362,8 @@ class NPE:
             check_batch_fits(checked_batch, n_train=min(int((~mask).sum()) for mask in masks), rows=len(theta),
                              validation_fraction=validation_fraction)
             trail = SnapshotTrail() if self.ensemble in SNAPSHOT_CHOICES else None
+            if checkpoint is not None:  # what the network computes beyond its weights, in the checkpoint's key
+                checkpoint.structure = repr({**self._architecture(), "space": self.space, "transforms": n_layers})
             options = dict(  # checked at the top of fit
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,

@@ -328,6 +328,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     if state.resume.matches("train", settings, path):
         state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
         posterior = load(path, prior=job.prior)
+        Checkpoint(job.out / outputs.CHECKPOINT).remove()  # left if a run stopped right after saving posterior.pt
     else:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
         embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))

@@ -315,6 +315,7 @@ class TSNPE:
         posterior = load(layout.round(last) / "posterior.pt", prior=self.prior)
         thetas, xs = [], []
         for r in range(len(records)):
+            Checkpoint(layout.round(r) / CHECKPOINT_FILE).remove()  # left if a run stopped right after the round
             sims = load_simulations(layout.round(r) / "simulations.zarr")
             valid = sims.valid
             thetas.append(sims.theta[valid])

@@ -263,13 +263,15 @@ def train_checked(
     key, resume_at, finished = None, first, False
     if checkpoint is not None:
         weights = {f"model/{name}": value for name, value in model.state_dict().items()}
-        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_idx, "validation": val_idx},
+        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_idx, "validation": val_idx,
+                        "generator": generator.get_state()},
                        {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
                         "patience": patience, "clip_grad_norm": float(clip_grad_norm),
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),
                         "step_drops": step_drops, "step_drop_factor": float(step_drop_factor),
-                        "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None},
-                       history.as_dict())
+                        "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None,
+                        "structure": checkpoint.structure, "model": repr(model)},
+                       [history.as_dict()])
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
         if saved is not None:
