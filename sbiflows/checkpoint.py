@@ -22,6 +22,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class Checkpoint:
             while writing leaves the previous checkpoint.
         every: Seconds between writes (``>= 0``; 0: after every epoch); None: :data:`CHECKPOINT_SECONDS`
             (read when the checkpoint is made). Training also writes when it ends.
+        log: Called with one line when a training call resumes from the file (e.g. ``print``); None: silent.
 
     Attributes:
         resumed_epoch: The epoch (counted like :attr:`~sbiflows.training.TrainingHistory.epochs`) that the
@@ -77,7 +79,8 @@ class Checkpoint:
         (True, True)
     """
 
-    def __init__(self, path: str | os.PathLike, *, every: float | None = None):
+    def __init__(self, path: str | os.PathLike, *, every: float | None = None,
+                 log: Callable[[str], None] | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(path).__name__} {path!r}")
         self.path = Path(path)
@@ -85,6 +88,7 @@ class Checkpoint:
         self.resumed_epoch: int | None = None
         self.finished = False
         self.structure = ""
+        self.log = log
         self._written = -math.inf
         self._siblings: dict[str, Checkpoint] = {}
 
@@ -112,6 +116,13 @@ class Checkpoint:
         except OSError as error:
             raise ValueError(f"checkpoint {str(self.path)!r} cannot be written: {error}") from None
         self.resumed_epoch, self.finished, self._written = None, False, time.monotonic()
+
+    def resumed(self, epoch: int, finished: bool) -> None:
+        """Record (and :attr:`log`) that the training call resumed from the file's state before ``epoch``."""
+        self.resumed_epoch, self.finished = epoch, finished
+        if self.log is not None:
+            self.log(f"resuming training from the checkpoint of a stopped run ({self.path.name}, epoch {epoch}"
+                     + (": training had finished)" if finished else ")"))
 
     def _temporary(self) -> Path:
         return self.path.with_name(self.path.name + ".tmp")
@@ -153,7 +164,7 @@ class Checkpoint:
             raise ValueError(f"part must be 'members' or 'member<k>', got {part!r}")
         if part not in self._siblings:
             path = self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
-            self._siblings[part] = Checkpoint(path, every=self.every)
+            self._siblings[part] = Checkpoint(path, every=self.every, log=self.log)
         self._siblings[part].structure = self.structure
         return self._siblings[part]
 

@@ -264,7 +264,7 @@ def _train_stacked(
                 vars(rule).update(rule_state)
                 vars(history).update(history_state)
                 generator.set_state(generator_state.cpu())
-            checkpoint.resumed_epoch, checkpoint.finished = begin, finished
+            checkpoint.resumed(begin, finished)
 
     def state(epoch: int, done: bool) -> dict:
         params = {name: value.detach() for name, value in stack.params.items()}
@@ -274,6 +274,8 @@ def _train_stacked(
                 "histories": [h.as_dict() for h in histories], "generators": [g.get_state() for g in generators]}
 
     bar = _progress_bar(max_epochs) if progress else None
+    if bar is not None and not finished:
+        bar.update(begin)  # the epochs of a stopped call that this one resumes
     with torch_threads(num_threads):
         start = time.perf_counter()
         try:

@@ -332,14 +332,11 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     else:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
         embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
-        checkpoint = Checkpoint(job.out / outputs.CHECKPOINT) if job.checkpointable else None
+        checkpoint = Checkpoint(job.out / outputs.CHECKPOINT, log=lambda line: state.log(f"      {line}")) \
+            if job.checkpointable else None
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
             sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress, checkpoint=checkpoint
         )
-        for part in [] if checkpoint is None else checkpoint.parts():
-            if part.resumed_epoch is not None:
-                state.log(f"      resumed from the training checkpoint of a stopped run ({part.path.name}, epoch "
-                          f"{part.resumed_epoch}{', training had finished' if part.finished else ''})")
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
         if checkpoint is not None:

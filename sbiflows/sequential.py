@@ -267,15 +267,12 @@ class TSNPE:
         options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
                                  rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
                                  failed=int((~valid).sum()))
-        checkpoint = None if layout is None else Checkpoint(layout.round(r) / CHECKPOINT_FILE)
+        checkpoint = None if layout is None else Checkpoint(layout.round(r) / CHECKPOINT_FILE,
+                                                            log=lambda line: say(f"         {line}"))
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),
                                      progress=progress, checkpoint=checkpoint, **options)
-        for part in [] if checkpoint is None else checkpoint.parts():
-            if part.resumed_epoch is not None:
-                say(f"         resumed training from the checkpoint of a stopped run ({part.path.name}, epoch "
-                    f"{part.resumed_epoch})")
         history = posterior.history
         record = Round(
             index=r, simulations=len(theta), failed=int((~valid).sum()), method=method, acceptance=float(acceptance),

@@ -278,10 +278,12 @@ def train_checked(
             resume_at, best_state, finished = restore_loop(
                 saved, model=model, optimizer=optimizer, average=average, rule=rule, history=history,
                 generator=generator, snapshots=snapshots)
-            checkpoint.resumed_epoch, checkpoint.finished = resume_at, finished
+            checkpoint.resumed(resume_at, finished)
     state = functools.partial(loop_state, model=model, optimizer=optimizer, average=average, rule=rule,
                               history=history, generator=generator, snapshots=snapshots)
     bar = _progress_bar(max_epochs) if progress else None
+    if bar is not None and not finished:
+        bar.update(resume_at - first)  # the epochs of a stopped call that this one resumes
     with torch_threads(num_threads):
         start = time.perf_counter()
         try:

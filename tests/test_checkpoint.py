@@ -222,7 +222,8 @@ def test_sbiflows_fit_resumes_a_stopped_training_from_its_checkpoint(tmp_path, m
     assert (out / "training.ckpt").exists() and not (out / "posterior.pt").exists()
     assert main(["fit", *small, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    resumed_line = r"resumed from the training checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
+    resumed_line = (r"\[2/5\] training NPE .*\n"  # said as it resumes, before the training's own lines
+                    r"      resuming training from the checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)\n")
     assert re.search(resumed_line, printed)
     assert not (out / "training.ckpt").exists()  # posterior.pt holds what it led to
     plain, resumed = load(tmp_path / "plain" / "posterior.pt"), load(out / "posterior.pt")
@@ -253,7 +254,7 @@ def test_a_tsnpe_round_resumes_its_training_from_its_checkpoint(tmp_path, monkey
     lines = []
     resumed = TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, log=lines.append,
                                     **options)
-    resumed_line = r"resumed training from the checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
+    resumed_line = r"resuming training from the checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
     assert any(re.search(resumed_line, line) for line in lines), lines
     assert not list(store.glob("round_*/training.ckpt"))
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
