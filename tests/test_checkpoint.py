@@ -35,18 +35,22 @@ class Stop(Exception):
     """Raised by the patched loss: the fit is killed there."""
 
 
-def interrupt_after(monkeypatch, calls: int) -> None:
-    """Make the default loss raise on its ``calls + 1``-th call (mid-epoch, a minibatch or a validation pass)."""
-    count = [0]
-    loss = training.negative_log_likelihood
+def raise_after(monkeypatch, module, name: str, calls: int, error: type[BaseException] | None = None) -> None:
+    """Make ``module.name`` raise ``error`` (default :class:`Stop`) on its ``calls + 1``-th call: the fit is killed."""
+    count, original = [0], getattr(module, name)
 
     def counted(*args):
         count[0] += 1
         if count[0] > calls:
-            raise Stop
-        return loss(*args)
+            raise (error or Stop)
+        return original(*args)
 
-    monkeypatch.setattr(training, "negative_log_likelihood", counted)
+    monkeypatch.setattr(module, name, counted)
+
+
+def interrupt_after(monkeypatch, calls: int) -> None:
+    """Kill at the default loss's ``calls + 1``-th call (mid-epoch: a minibatch or a validation pass)."""
+    raise_after(monkeypatch, training, "negative_log_likelihood", calls)
 
 
 def fit(path=None, **options):
@@ -125,18 +129,10 @@ def test_bad_checkpoint_options_are_refused_before_training():
 
 
 def stop_vectorized_after(monkeypatch, steps: int) -> None:
-    """Make the ensembles' vectorized training raise on its ``steps + 1``-th step."""
+    """Kill the ensembles' vectorized training at its ``steps + 1``-th step."""
     import sbiflows.ensemble_training as ensemble_training
 
-    count, step = [0], ensemble_training._step
-
-    def counted(*args):
-        count[0] += 1
-        if count[0] > steps:
-            raise Stop
-        return step(*args)
-
-    monkeypatch.setattr(ensemble_training, "_step", counted)
+    raise_after(monkeypatch, ensemble_training, "_step", steps)
 
 
 @pytest.mark.parametrize("ensemble", ["auto-snapshots", 1, 3])
@@ -195,15 +191,7 @@ def stop_training_after(monkeypatch, calls: int) -> None:
     import sbiflows.checkpoint
 
     monkeypatch.setattr(sbiflows.checkpoint, "CHECKPOINT_SECONDS", 0.0)
-    count, loss = [0], training.negative_log_likelihood
-
-    def counted(*args):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt
-        return loss(*args)
-
-    monkeypatch.setattr(training, "negative_log_likelihood", counted)
+    raise_after(monkeypatch, training, "negative_log_likelihood", calls, KeyboardInterrupt)
 
 
 @pytest.mark.slow
