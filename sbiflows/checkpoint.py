@@ -207,7 +207,7 @@ def loop_state(*, key: str, epoch: int, finished: bool, model: nn.Module, optimi
         "optimizer": optimizer.state_dict(), "best_state": best_state, "rule": dict(vars(rule)),
         "history": history.as_dict(), "generator": generator.get_state(),
         "average": None if average is None else {"module": average.module.state_dict(), "updates": average.updates},
-        "snapshots": None if snapshots is None else [[epoch, state] for epoch, state in snapshots.snapshots],
+        "snapshots": None if snapshots is None else [[at, weights] for at, weights in snapshots.snapshots],
     }
 
 
