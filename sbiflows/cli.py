@@ -17,7 +17,9 @@ import contextlib
 import importlib
 import re
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:24s} theta_dim={task.theta_dim:<3d} x_dim={task.x_dim:<4d} x_shape={task.x_shape} "
                   f"embedding={embedding}")
         return 0
+    with contextlib.ExitStack() as held:  # the output folder's lock, released on every way out
+        return _fit(args, parser, held, argv)
+
+
+def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contextlib.ExitStack,
+         argv: Sequence[str] | None) -> int:
+    """``sbiflows fit``; ``held`` closes the output folder's lock when the command ends."""
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING
     from sbiflows.pipeline import run
@@ -72,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job.command = "sbiflows " + shlex.join(sys.argv[1:] if argv is None else list(argv))
         job.parameter_names()  # checks --labels against the prior's dimension
         settings = job.settings()
+        held.enter_context(_closing(outputs.hold(job.out)))  # a second run into this folder is refused meanwhile
         removed = outputs.prepare(job.out, settings, force=args.force)
     except ValueError as error:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
@@ -79,14 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sbiflows fit: --force: removed {len(removed)} outputs of the earlier run in {job.out}: "
               f"{', '.join(removed)}", file=sys.stderr)
 
-    client = None
+    client, stop = None, _StopOnTerm()
     if args.scheduler:
         try:
             client = job.executor = _dask_client(args.scheduler)
         except ValueError as error:
             parser.exit(2, f"sbiflows fit: error: {error}\n")
     try:
-        with torch_threads(), _one_line_warnings():  # torch_threads: also for the user's in-process simulator
+        with torch_threads(), _one_line_warnings(), stop:  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
     except (outputs.OutputFolderError, StoreMismatchError) as error:  # e.g. rounds made under other TSNPE defaults
         parser.exit(2, f"sbiflows fit: error: {error}\n")
@@ -94,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
         return SIMULATOR_FAILED
     except KeyboardInterrupt:
-        print(f"\nsbiflows fit: interrupted. Everything finished is kept in {job.out}: run the same command "
-              "again to resume", file=sys.stderr)
-        return 130
+        print(f"\nsbiflows fit: {'terminated' if stop.received else 'interrupted'}. Everything finished is kept in "
+              f"{job.out}: run the same command again to resume", file=sys.stderr)
+        return 143 if stop.received else 130
     finally:
         if client is not None:
             client.close()
@@ -105,6 +115,33 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+
+def _closing(handle):
+    """``contextlib.closing`` that also takes None (no lock where the folder is a file or there is no flock)."""
+    return contextlib.nullcontext() if handle is None else contextlib.closing(handle)
+
+
+class _StopOnTerm:
+    """While entered (in the main thread), SIGTERM (a plain ``kill``, a scheduler's time limit) stops the run as
+    Ctrl-C does: what finished is kept and the exit says to rerun; :attr:`received` tells them apart."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 #: The exit code of a run stopped because the simulator cannot run (1 is --strict's failing verdict, 2 bad input).

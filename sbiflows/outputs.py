@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 
-__all__ = ["MANIFEST", "OutputFolderError", "adopt", "prepare", "record"]
+__all__ = ["MANIFEST", "OutputFolderError", "adopt", "hold", "prepare", "record"]
 
 #: The file that marks a folder as an sbiflows run.
 MANIFEST = "run.json"
@@ -50,6 +52,44 @@ AFTER_TRAINING = ("labels", "num_samples", "calibration_datasets", "calibration_
 
 class OutputFolderError(ValueError):
     """The output folder holds something this run must not overwrite."""
+
+
+#: The lock file ``sbiflows fit`` holds in its output folder while it runs (:func:`hold`).
+RUN_LOCK = ".lock"
+
+
+def hold(out: Path, spelling: str = "cli") -> Any:
+    """Lock ``out`` for this process (an advisory ``flock`` on ``out/.lock``, made with the folder if needed) and
+    return the open lock file: keep it referenced while the run goes on; it is released when closed or when the
+    process ends. None where ``out`` is a file (:func:`prepare` refuses it) or there is no ``flock`` (Windows).
+
+    Raises:
+        OutputFolderError: If another process holds ``out`` (a second run into the same folder).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return None
+    if out.exists() and not (out / MANIFEST).exists() and any(path.name != RUN_LOCK for path in out.iterdir()):
+        return None  # not a run folder: prepare() refuses it, and nothing is written into it
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the lifetime of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise OutputFolderError(f"{SPELLINGS[spelling]['out']} {str(out)!r} is in use by another run (pid {owner}); "
+                                "wait for it to finish or stop it, or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 #: Settings whose default changed, as (setting, default before, default since): a run folder made before the
@@ -105,7 +145,7 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     out, names = Path(out), SPELLINGS[spelling]
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{names['out']} {str(out)!r} is a file, not a folder")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(path.name != RUN_LOCK for path in out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         _write(out, {"settings": settings, "files": []})
         return []
@@ -165,7 +205,7 @@ def adopt(out: Path, settings: dict) -> bool:
     out = Path(out)
     if not out.is_dir() or (out / MANIFEST).exists() or not (out / "resume.json").exists():
         return False
-    entries = list(out.iterdir())
+    entries = [path for path in out.iterdir() if path.name != RUN_LOCK]
     if not all(any(fnmatch.fnmatch(path.name, pattern) for pattern in OUTPUTS) for path in entries):
         return False
     _write(out, {"settings": settings, "files": sorted(path.name for path in entries)})

@@ -268,7 +268,8 @@ class TSNPE:
                                  rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
                                  failed=int((~valid).sum()))
         checkpoint = None if layout is None else Checkpoint(layout.round(r) / CHECKPOINT_FILE,
-                                                            log=lambda line: say(f"         {line}"))
+                                                            log=lambda line: say(f"         {line}; epochs "
+                                                                                 "count over all rounds"))
         with _observations_quiet():
             posterior = self.npe.fit(sims.theta[valid], sims.x[valid].reshape(int(valid.sum()), -1),
                                      seed=seed if r == 0 else derive_seed(seed, f"tsnpe/train/{r}"),

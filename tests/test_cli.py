@@ -459,8 +459,10 @@ def test_fit_task_with_own_observation_file_skips_c2st(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
-    """Ctrl-C left an empty folder; now finished chunks stay in the store and a rerun only adds the rest."""
+@pytest.mark.parametrize("stop,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path, stop, code, word):
+    """Ctrl-C left an empty folder; now finished chunks stay in the store and a rerun only adds the rest. SIGTERM
+    (a plain kill, a scheduler's time limit) stops the run the same way, with exit code 143."""
     (tmp_path / "slowmodel.py").write_text(textwrap.dedent("""
         import time
         import torch
@@ -485,10 +487,10 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(out.glob("simulations.zarr/records/*.json"))) < 10:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "run the same command again to resume" in stderr
+    assert process.returncode == code, stderr
+    assert word in stderr and "run the same command again to resume" in stderr
     kept = len(list(out.glob("simulations.zarr/records/*.json")))
     assert 10 <= kept < 60
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -851,3 +853,21 @@ def test_an_observation_of_another_shape_than_the_simulations_stops_the_run_befo
         run(job, log=lambda line: None)
     assert sum(calls) == 200 and not (tmp_path / "posterior.pt").exists()  # simulated and kept, not trained
     assert "simulations.zarr" in json.loads((tmp_path / "run.json").read_text())["files"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
+    from sbiflows import outputs
+
+    out = tmp_path / "run"
+    held = outputs.hold(out)  # as another sbiflows fit running there holds it
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "two_moons", "--out", str(out), *SMALL])
+    finally:
+        held.close()
+    assert info.value.code == 2
+    assert f"--out '{out}' is in use by another run (pid " in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == [".lock"]  # nothing else written
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's folder")
+    assert outputs.hold(tmp_path / "mine") is None and not (tmp_path / "mine" / ".lock").exists()
