@@ -15,7 +15,6 @@ The file holds tensors and plain Python values only: it loads with ``torch.load(
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -183,19 +182,15 @@ class Checkpoint:
 
 
 def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histories: list[dict]) -> str:
-    """SHA-256 of what decides a training call: ``tensors`` (the initial weights, the rows, the split and the
-    minibatch generators' states), the options (the network's structure among them) and the histories it
-    extends (not their seconds)."""
+    """SHA-256 (:func:`~sbiflows.serialization.digest`) of what decides a training call: ``tensors`` (the initial
+    weights, the rows, the split and the minibatch generators' states; None entries by name), the options (the
+    network's structure among them) and the histories it extends (not their seconds)."""
+    from sbiflows.serialization import digest  # here: serialization imports training, which imports this module
+
     histories = [{k: v for k, v in history.items() if k != "seconds"} for history in histories]
-    text = json.dumps({"options": options, "histories": histories}, sort_keys=True, default=str)
-    sha = hashlib.sha256(text.encode())
-    for name, value in tensors.items():
-        sha.update(name.encode())
-        if value is not None:
-            value = value.detach().cpu().contiguous()
-            sha.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            sha.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
+    absent = sorted(name for name, value in tensors.items() if value is None)
+    text = json.dumps({"options": options, "histories": histories, "absent": absent}, sort_keys=True, default=str)
+    return digest({name: value for name, value in tensors.items() if value is not None}, text=text)
 
 
 def loop_state(*, key: str, epoch: int, finished: bool, model: nn.Module, optimizer: torch.optim.Optimizer,

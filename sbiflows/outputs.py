@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
+from sbiflows.locks import LockHeld, hold_lock
 
 __all__ = ["MANIFEST", "OutputFolderError", "adopt", "hold", "prepare", "record"]
 
@@ -60,8 +60,9 @@ RUN_LOCK = ".lock"
 
 def hold(out: Path, spelling: str = "cli") -> Any:
     """Lock ``out`` for this process (an advisory ``flock`` on ``out/.lock``, made with the folder if needed) and
-    return the open lock file: keep it referenced while the run goes on; it is released when closed or when the
-    process ends. None where ``out`` is a file (:func:`prepare` refuses it) or there is no ``flock`` (Windows).
+    return the open lock file (:func:`sbiflows.locks.hold_lock`): keep it referenced while the run goes on; it is
+    released when closed or when the process ends. None where ``out`` is a file (:func:`prepare` refuses it) or a
+    folder that is not a run's.
 
     Raises:
         OutputFolderError: If another process holds ``out`` (a second run into the same folder).
@@ -71,25 +72,12 @@ def hold(out: Path, spelling: str = "cli") -> Any:
         return None
     if out.exists() and not (out / MANIFEST).exists() and any(path.name != RUN_LOCK for path in out.iterdir()):
         return None  # not a run folder: prepare() refuses it, and nothing is written into it
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock
-        return None
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the lifetime of the run
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise OutputFolderError(f"{SPELLINGS[spelling]['out']} {str(out)!r} is in use by another run (pid {owner}); "
-                                "wait for it to finish or stop it, or choose another folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+        return hold_lock(out / RUN_LOCK)
+    except LockHeld as held:
+        raise OutputFolderError(f"{SPELLINGS[spelling]['out']} {str(out)!r} is in use by another run (pid "
+                                f"{held.owner}); wait for it to finish or stop it, or choose another folder") from None
 
 
 #: Settings whose default changed, as (setting, default before, default since): a run folder made before the

@@ -355,15 +355,19 @@ def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = Fa
     return deepcopy(embedding_net) if copy else embedding_net  # each ensemble member needs its own
 
 
-def digest(value: Tensor | nn.Module) -> str:
-    """SHA-256 of a tensor, or of a module's state, by the rule a saved file's ``sha256`` uses (names, dtypes,
-    shapes and bytes): e.g. whether a run's stored samples came from these weights.
+def digest(value: Tensor | nn.Module | dict[str, Tensor], *, text: str = "") -> str:
+    """SHA-256 of a tensor, a module's state or named tensors, and of ``text``, by the rule a saved file's ``sha256``
+    uses (names, dtypes, shapes and bytes): e.g. whether a run's stored samples came from these weights.
 
     Example:
         >>> digest(torch.zeros(2)) == digest(torch.zeros(2)), digest(torch.zeros(2)) == digest(torch.zeros(3))
         (True, False)
+        >>> digest({"a": torch.zeros(2)}, text="x") == digest({"a": torch.zeros(2)}, text="y")
+        False
     """
-    return _digest("", value.state_dict() if isinstance(value, nn.Module) else {"": value})
+    if isinstance(value, nn.Module):
+        value = value.state_dict()
+    return _digest(text, value if isinstance(value, dict) else {"": value})
 
 
 def _digest(config_json: str, *tensor_dicts: dict[str, Tensor]) -> str:

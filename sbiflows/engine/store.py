@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sbiflows.locks import LockHeld, hold_lock
+
 __all__ = ["SimulationStore", "StoreMismatchError"]
 
 FORMAT = 1
@@ -212,21 +214,8 @@ def _compare(path: Path, stored: dict, config: dict) -> None:
 
 
 def _lock(path: Path):
-    handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the lifetime of the run
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RuntimeError(f"the simulation store {path} is in use by another process (pid {owner}); wait for it "
-                           "to finish or stop it") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+        return hold_lock(path / ".lock")
+    except LockHeld as held:
+        raise RuntimeError(f"the simulation store {path} is in use by another process (pid {held.owner}); wait "
+                           "for it to finish or stop it") from None
