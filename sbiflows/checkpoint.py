@@ -10,18 +10,28 @@ machine and versions; a finished checkpoint returns at once. A checkpoint of any
 and overwritten, so a stale file never changes a result. ``sbiflows fit`` keeps one in its output folder
 while it trains (``training.ckpt``, removed once ``posterior.pt`` is saved).
 
+While a training call with a checkpoint runs (in the main thread), the first Ctrl-C (SIGINT) or SIGTERM (a
+plain ``kill``, a scheduler's time limit) lets the current epoch end, writes the checkpoint, and then stops
+as the signal would have without it (KeyboardInterrupt, the handler that was installed, or the process
+ends); a second one stops at once. So a stopped fit resumes from the epoch it was stopped in, not from the
+last periodic write.
+
 The file holds tensors and plain Python values only: it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +40,7 @@ from torch import Tensor, nn
 
 from sbiflows.checks import check_real
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_SECONDS", "Checkpoint"]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_SECONDS", "Checkpoint", "deferred_stops"]
 
 #: Default seconds between two writes of a checkpoint (each at the end of an epoch).
 CHECKPOINT_SECONDS = 60.0
@@ -40,6 +50,8 @@ CHECKPOINT_FILE = "training.ckpt"
 _PART = re.compile(r"members|member\d+")
 #: Version of the file's layout; a file of another version is ignored.
 FORMAT = 1
+#: The signals that end the current epoch and write the checkpoint before they stop a training call.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM"))
 
 
 class Checkpoint:
@@ -90,13 +102,52 @@ class Checkpoint:
         self.log = log
         self._written = -math.inf
         self._siblings: dict[str, Checkpoint] = {}
+        self._stop: int | None = None  # a stop signal that arrived while training, carried out at the epoch's end
+        self._handlers: dict[int, Any] = {}  # the handlers it replaced while training, by signal
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, every={self.every})"
 
     def due(self) -> bool:
-        """Whether :attr:`every` seconds have passed since the last write (or the call's start)."""
-        return time.monotonic() - self._written >= self.every
+        """Whether :attr:`every` seconds have passed since the last write (or the call's start), or a stop signal
+        is waiting for the write."""
+        return self._stop is not None or time.monotonic() - self._written >= self.every
+
+    def epoch_end(self, state: Callable[[], dict]) -> None:
+        """At the end of an epoch: write ``state()`` if :meth:`due`, then carry out a stop signal that arrived
+        during the epoch (:func:`deferred_stops`)."""
+        if self.due():
+            self.save(state())
+        if self._stop is not None:
+            self._carry_out()
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        if self._stop is not None:  # the second stop: at once
+            self._carry_out()
+            return
+        self._stop = signum
+        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{key}: stopping at the end of this epoch, after writing the training checkpoint "
+              f"{str(self.path)!r} (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _carry_out(self) -> None:
+        """Restore the replaced handlers, then do what the waiting stop signal would have done without them."""
+        signum, handler = self._stop, self._handlers.get(self._stop)
+        self._restore()
+        self._stop = None
+        if signum is None:
+            return
+        if callable(handler):  # Python's SIGINT handler raises KeyboardInterrupt; sbiflows fit's SIGTERM one too
+            handler(signum, None)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # the default action (the process ends), now that the default handler is back
+            signal.raise_signal(signum)
 
     def start(self) -> None:
         """Start a training call: check that the file can be written (before any training), and make the first
@@ -179,6 +230,29 @@ class Checkpoint:
             for path in self.path.parent.iterdir():
                 if pattern.fullmatch(path.name):
                     path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def deferred_stops(checkpoint: Checkpoint | None) -> Iterator[None]:
+    """While a training call with ``checkpoint`` runs in the main thread, the first SIGINT or SIGTERM waits for
+    the end of the epoch (:meth:`Checkpoint.epoch_end` writes the checkpoint and then carries it out); one that
+    arrives after the last epoch is carried out when the call ends. Elsewhere (no checkpoint, another thread,
+    a signal that is ignored) signals act as usual."""
+    if checkpoint is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python, cannot be restored
+            checkpoint._handlers[signum] = handler
+            signal.signal(signum, checkpoint._defer)
+    try:
+        yield
+    except BaseException:
+        checkpoint._stop = None  # the call failed or stopped already: nothing left to carry out
+        checkpoint._restore()
+        raise
+    checkpoint._carry_out()
 
 
 def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histories: list[dict]) -> str:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from sbiflows.checkpoint import Checkpoint, call_key
+from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
 from sbiflows.training import (
@@ -273,81 +273,83 @@ def _train_stacked(
                 "factors": factors, "best": best, "rules": [dict(vars(rule)) for rule in rules],
                 "histories": [h.as_dict() for h in histories], "generators": [g.get_state() for g in generators]}
 
-    bar = _progress_bar(max_epochs) if progress else None
-    if bar is not None and not finished:
-        bar.update(begin)  # the epochs of a stopped call that this one resumes
-    with torch_threads(num_threads):
-        start = time.perf_counter()
-        try:
-            for epoch in range(begin, max_epochs) if not finished else ():
-                orders = torch.stack([train_rows[m][torch.randperm(n_train, generator=generators[m]).to(inputs.device)]
-                                      for m in stack.active])
-                totals = torch.zeros(len(stack.active), dtype=torch.float64)
-                diverged = torch.zeros(len(stack.active), dtype=torch.bool)
-                for rows in orders.split(batch_size, dim=1):
-                    losses = stack.losses(inputs, context, rows)
-                    values = losses.detach().double().cpu()
-                    diverged |= ~torch.isfinite(values)
-                    if bool(diverged.all()):
+    with deferred_stops(checkpoint):  # Ctrl-C / SIGTERM: the epoch ends, its checkpoint is written
+        bar = _progress_bar(max_epochs) if progress else None
+        if bar is not None and not finished:
+            bar.update(begin)  # the epochs of a stopped call that this one resumes
+        with torch_threads(num_threads):
+            start = time.perf_counter()
+            try:
+                for epoch in range(begin, max_epochs) if not finished else ():
+                    orders = torch.stack([
+                        train_rows[m][torch.randperm(n_train, generator=generators[m]).to(inputs.device)]
+                        for m in stack.active])
+                    totals = torch.zeros(len(stack.active), dtype=torch.float64)
+                    diverged = torch.zeros(len(stack.active), dtype=torch.bool)
+                    for rows in orders.split(batch_size, dim=1):
+                        losses = stack.losses(inputs, context, rows)
+                        values = losses.detach().double().cpu()
+                        diverged |= ~torch.isfinite(values)
+                        if bool(diverged.all()):
+                            break
+                        training = ~diverged.to(losses.device)
+                        optimizer.zero_grad(set_to_none=True)
+                        torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
+                        _step(stack, optimizer, clip_grad_norm, factors[stack.active] * (~diverged))
+                        if ema_epochs > 0:
+                            _average(averaged, stack.params, updates[stack.active], decay, ~diverged)
+                            updates[stack.active] += 1
+                        totals += torch.where(diverged, 0.0, values) * rows.shape[1]
+                    if ema_epochs == 0:
+                        averaged = {name: p.detach() for name, p in stack.params.items()}
+                    val = torch.full((len(stack.active),), math.nan, dtype=torch.float64)
+                    if not bool(diverged.all()):
+                        val = _validate(stack, averaged, inputs, context, val_rows[stack.active])
+                    keep = []
+                    for slot, m in enumerate(list(stack.active)):
+                        history = histories[m]
+                        if bool(diverged[slot]) or not math.isfinite(float(val[slot])):
+                            history.diverged = True
+                            diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
+                            continue
+                        history.train_loss.append(float(totals[slot]) / n_train)
+                        history.validation_loss.append(float(val[slot]))
+                        history.epochs += 1
+                        improved, action = rules[m].observe(float(val[slot]), firsts[m] + epoch)
+                        if improved:
+                            best[m] = stack.member_state(slot, averaged)
+                        if action == "drop":  # a plateau: this member goes on from its best weights
+                            with torch.no_grad():
+                                for name, p in stack.params.items():
+                                    p[slot].copy_(best[m][name.removeprefix("net.")])
+                            updates[m] = 0
+                            factors[m] *= step_drop_factor
+                            history.step_drop_epochs.append(firsts[m] + epoch)
+                        elif action == "stop":
+                            history.stopped_early = True
+                            continue
+                        keep.append(slot)
+                    if bar is not None:
+                        bar.set_postfix(training=len(keep), best=f"{min(r.best_loss for r in rules):.3f}")
+                        bar.update(1)
+                    if not keep:
                         break
-                    training = ~diverged.to(losses.device)
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
-                    _step(stack, optimizer, clip_grad_norm, factors[stack.active] * (~diverged))
-                    if ema_epochs > 0:
-                        _average(averaged, stack.params, updates[stack.active], decay, ~diverged)
-                        updates[stack.active] += 1
-                    totals += torch.where(diverged, 0.0, values) * rows.shape[1]
-                if ema_epochs == 0:
-                    averaged = {name: p.detach() for name, p in stack.params.items()}
-                val = torch.full((len(stack.active),), math.nan, dtype=torch.float64)
-                if not bool(diverged.all()):
-                    val = _validate(stack, averaged, inputs, context, val_rows[stack.active])
-                keep = []
-                for slot, m in enumerate(list(stack.active)):
-                    history = histories[m]
-                    if bool(diverged[slot]) or not math.isfinite(float(val[slot])):
-                        history.diverged = True
-                        diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
-                        continue
-                    history.train_loss.append(float(totals[slot]) / n_train)
-                    history.validation_loss.append(float(val[slot]))
-                    history.epochs += 1
-                    improved, action = rules[m].observe(float(val[slot]), firsts[m] + epoch)
-                    if improved:
-                        best[m] = stack.member_state(slot, averaged)
-                    if action == "drop":  # a plateau: this member goes on from its best weights
-                        with torch.no_grad():
-                            for name, p in stack.params.items():
-                                p[slot].copy_(best[m][name.removeprefix("net.")])
-                        updates[m] = 0
-                        factors[m] *= step_drop_factor
-                        history.step_drop_epochs.append(firsts[m] + epoch)
-                    elif action == "stop":
-                        history.stopped_early = True
-                        continue
-                    keep.append(slot)
+                    if len(keep) < len(stack.active):
+                        optimizer = stack.keep(keep, optimizer, [averaged])
+                    if checkpoint is not None:
+                        checkpoint.epoch_end(lambda: state(epoch + 1, False))
+            finally:
                 if bar is not None:
-                    bar.set_postfix(training=len(keep), best=f"{min(r.best_loss for r in rules):.3f}")
-                    bar.update(1)
-                if not keep:
-                    break
-                if len(keep) < len(stack.active):
-                    optimizer = stack.keep(keep, optimizer, [averaged])
-                if checkpoint is not None and checkpoint.due():
-                    checkpoint.save(state(epoch + 1, False))
-        finally:
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - start
-            for m, (member, rule, history) in enumerate(zip(members, rules, histories)):
-                member.load_state_dict(best[m])
-                member.eval()
-                if rule.best_epoch >= 0:
-                    history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
-                history.seconds += seconds
-    if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
-        checkpoint.save(state(max_epochs, True))
+                    bar.close()
+                seconds = time.perf_counter() - start
+                for m, (member, rule, history) in enumerate(zip(members, rules, histories)):
+                    member.load_state_dict(best[m])
+                    member.eval()
+                    if rule.best_epoch >= 0:
+                        history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
+                    history.seconds += seconds
+        if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
+            checkpoint.save(state(max_epochs, True))
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sbiflows.checkpoint import Checkpoint, call_key, loop_state, restore_loop
+from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, loop_state, restore_loop
 from sbiflows.early_stopping import Plateau
 from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
@@ -281,69 +281,72 @@ def train_checked(
             checkpoint.resumed(resume_at, finished)
     state = functools.partial(loop_state, model=model, optimizer=optimizer, average=average, rule=rule,
                               history=history, generator=generator, snapshots=snapshots)
-    bar = _progress_bar(max_epochs) if progress else None
-    if bar is not None and not finished:
-        bar.update(resume_at - first)  # the epochs of a stopped call that this one resumes
-    with torch_threads(num_threads):
-        start = time.perf_counter()
-        try:
-            for epoch in range(resume_at, first + max_epochs) if not finished else ():
-                model.train()
-                order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
-                total, diverged = 0.0, False
-                for batch in order.split(batch_size):
-                    loss = objective(model, inputs, context, batch)
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        diverged = True
+    with deferred_stops(checkpoint):  # Ctrl-C / SIGTERM: the epoch ends, its checkpoint is written
+        bar = _progress_bar(max_epochs) if progress else None
+        if bar is not None and not finished:
+            bar.update(resume_at - first)  # the epochs of a stopped call that this one resumes
+        with torch_threads(num_threads):
+            start = time.perf_counter()
+            try:
+                for epoch in range(resume_at, first + max_epochs) if not finished else ():
+                    model.train()
+                    order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
+                    total, diverged = 0.0, False
+                    for batch in order.split(batch_size):
+                        loss = objective(model, inputs, context, batch)
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            diverged = True
+                            break
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                        optimizer.step()
+                        if average is not None:
+                            average.update()
+                        total += value * len(batch)
+                    if average is not None:
+                        average.copy_buffers()
+                    val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
+                    if diverged or not math.isfinite(val_loss):
+                        history.diverged = True
+                        diverged_warning(rule, epoch, stacklevel=2)
                         break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(params, clip_grad_norm)
-                    optimizer.step()
-                    if average is not None:
-                        average.update()
-                    total += value * len(batch)
-                if average is not None:
-                    average.copy_buffers()
-                val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
-                if diverged or not math.isfinite(val_loss):
-                    history.diverged = True
-                    diverged_warning(rule, epoch, stacklevel=2)
-                    break
-                history.train_loss.append(total / n_train)
-                history.validation_loss.append(val_loss)
-                history.epochs += 1
-                improved, action = rule.observe(val_loss, epoch)
-                if improved:
-                    best_state = _snapshot(validated)
-                    if snapshots is not None:
-                        snapshots.add(epoch, best_state)  # the copy itself: loading it never changes it
+                    history.train_loss.append(total / n_train)
+                    history.validation_loss.append(val_loss)
+                    history.epochs += 1
+                    improved, action = rule.observe(val_loss, epoch)
+                    if improved:
+                        best_state = _snapshot(validated)
+                        if snapshots is not None:
+                            snapshots.add(epoch, best_state)  # the copy itself: loading it never changes it
+                    if bar is not None:
+                        bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}",
+                                        best=f"{rule.best_loss:.3f}")
+                        bar.update(1)
+                    if action == "drop":  # a plateau: go on from the best weights
+                        model.load_state_dict(best_state)
+                        if average is not None:
+                            average.restart()
+                        for group in optimizer.param_groups:
+                            group["lr"] *= step_drop_factor
+                        history.step_drop_epochs.append(epoch)
+                    elif action == "stop":
+                        history.stopped_early = True
+                        break
+                    if checkpoint is not None:
+                        checkpoint.epoch_end(lambda: state(key=key, epoch=epoch + 1, finished=False,
+                                                           best_state=best_state))
+            finally:
                 if bar is not None:
-                    bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}", best=f"{rule.best_loss:.3f}")
-                    bar.update(1)
-                if action == "drop":  # a plateau: go on from the best weights
-                    model.load_state_dict(best_state)
-                    if average is not None:
-                        average.restart()
-                    for group in optimizer.param_groups:
-                        group["lr"] *= step_drop_factor
-                    history.step_drop_epochs.append(epoch)
-                elif action == "stop":
-                    history.stopped_early = True
-                    break
-                if checkpoint is not None and checkpoint.due():
-                    checkpoint.save(state(key=key, epoch=epoch + 1, finished=False, best_state=best_state))
-        finally:
-            if bar is not None:
-                bar.close()
-            model.load_state_dict(best_state)
-            model.eval()
-            if rule.best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
-                history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
-            history.seconds += time.perf_counter() - start
-    if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
-        checkpoint.save(state(key=key, epoch=history.epochs, finished=True, best_state=best_state))
+                    bar.close()
+                model.load_state_dict(best_state)
+                model.eval()
+                if rule.best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe
+                    history.best_epoch, history.best_validation_loss = rule.best_epoch, rule.best_loss
+                history.seconds += time.perf_counter() - start
+        if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
+            checkpoint.save(state(key=key, epoch=history.epochs, finished=True, best_state=best_state))
     return history
 
 

@@ -53,9 +53,9 @@ def interrupt_after(monkeypatch, calls: int) -> None:
     raise_after(monkeypatch, training, "negative_log_likelihood", calls)
 
 
-def fit(path=None, **options):
+def fit(path=None, *, every: float = 0.0, **options):
     model, trail, history = flow(), SnapshotTrail(), TrainingHistory()
-    checkpoint = None if path is None else Checkpoint(path, every=0.0)
+    checkpoint = None if path is None else Checkpoint(path, every=every)
     train(model, *data(), snapshots=trail, checkpoint=checkpoint, history=history, **{**OPTIONS, **options})
     return model, trail, history, checkpoint
 
