@@ -9,9 +9,10 @@ loss (``-net.log_prob(theta, x).mean()``) in ``torch.compile`` with ``dynamic=Fa
 
 * times the first compiled step (forward, backward and Adam step; the forward's and the backward's
   compile both happen in it) in wall and CPU seconds, the CPU counting the C++ compiler's processes,
-  with an empty inductor cache (a user's first run) and again after ``torch._dynamo.reset()`` with the
-  cache on disk filled (a later run of the same code);
+  with an empty inductor cache (a user's first run), and with that cache on disk: again in this process
+  after ``torch._dynamo.reset()``, and in a new process run after this one (a later run of the code);
 * checks that the compiled loss and its gradients equal the eager ones (largest absolute difference);
+* with ``--max-autotune``, also ``mode="max-autotune-no-cudagraphs"`` at 60 rows;
 * times eager and compiled steps interleaved, on one thread, in blocks of ``--calls`` steps: median
   wall and CPU microseconds a step, and the ratio to eager from the same blocks;
 * gives the break-even, compile seconds / per-step saving, in steps;
@@ -31,6 +32,8 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -48,10 +51,16 @@ from sbiflows import NPE
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
-def clocks() -> tuple[float, float]:
-    """Wall seconds, and CPU seconds of this process plus its finished children (the C++ compiler)."""
+def clocks() -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of this process, and CPU seconds of its finished children (the C++ compiler)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+    return time.perf_counter(), time.process_time(), children.ru_utime + children.ru_stime
+
+
+def fresh_cache() -> str:
+    """Point inductor at a new, empty cache folder (a cold compile, as in a user's first run) and return it."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def make_loss(net: nn.Module, name: str) -> Loss:
@@ -94,16 +103,16 @@ class Bench:
     def first_step(self, loss_fn: Loss, rows: Tensor, what: str) -> tuple[float, float]:
         """Wall and CPU seconds of one step (the compile, where there is one), printed with dynamo's counts."""
         counters.clear()
-        wall, cpu = clocks()
+        start = clocks()
         self.step(loss_fn, rows)
-        wall_end, cpu_end = clocks()
+        wall, own, children = (end - begin for end, begin in zip(clocks(), start))
         graphs = counters["stats"]["unique_graphs"]
         breaks = sum(counters["graph_break"].values())
-        print(f"  first step, {what}: {wall_end - wall:.2f} s wall, {cpu_end - cpu:.2f} s CPU "
-              f"(graphs compiled {graphs}, graph breaks {breaks})", flush=True)
-        return wall_end - wall, cpu_end - cpu
+        print(f"  first step, {what}: {wall:.2f} s wall, {own + children:.2f} s CPU ({children:.2f} s of it "
+              f"in the C++ compiler; graphs compiled {graphs}, graph breaks {breaks})", flush=True)
+        return wall, own + children
 
-    def difference(self, eager: Loss, compiled: Loss, rows: Tensor) -> tuple[float, float]:
+    def difference(self, eager: Loss, compiled: Loss, rows: Tensor, what: str) -> None:
         """Largest absolute difference of the compiled loss and of its gradients from the eager ones."""
         values, grads = [], []
         for fn in (eager, compiled):
@@ -111,7 +120,9 @@ class Bench:
             grads.append(torch.autograd.grad(loss, self.weights))
             values.append(loss.detach())
         grad_diff = max(float((a - b).abs().max()) for a, b in zip(*grads))
-        return float((values[0] - values[1]).abs()), grad_diff
+        largest = max(float(g.abs().max()) for g in grads[0])
+        print(f"  {what} minus eager: loss {float((values[0] - values[1]).abs()):.2e} (loss {float(values[0]):.4f}),"
+              f" gradients largest {grad_diff:.2e} (largest gradient {largest:.2e})")
 
     def timed(self, variants: dict[str, Loss], rows: Tensor, repeats: int, calls: int) -> dict[str, list[float]]:
         """Interleaved blocks: for each variant, its (wall us, CPU us) per step of each block, medians printed."""
@@ -144,64 +155,83 @@ def break_even(cost: tuple[float, float], eager: list[float], compiled: list[flo
     print(f"  break-even, {what}: " + ", ".join(parts))
 
 
+def warm_process(cache: str, rows: int) -> tuple[float, float]:
+    """The first compiled step in a new process whose inductor cache on disk is ``cache`` (run after this one)."""
+    command = [sys.executable, os.path.abspath(__file__), "--warm-cache", cache, "--rows", str(rows)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)  # this process waits: one at a time
+    lines = done.stdout.splitlines()
+    print("\n".join(line for line in lines[:-1] if line.startswith("  first step")))
+    wall, cpu = lines[-1].split()
+    return float(wall), float(cpu)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="interleaved blocks per variant")
     parser.add_argument("--calls", type=int, default=50, help="training steps per block")
     parser.add_argument("--max-autotune", action="store_true",
                         help='also mode="max-autotune-no-cudagraphs" at 60 rows')
+    parser.add_argument("--warm-cache", help="(internal) only the first compiled step, with this inductor cache")
+    parser.add_argument("--rows", type=int, default=60, help="(internal) batch of --warm-cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1  # compile in this process: no pool of workers
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # an empty cache: cold
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, inductor cache "
-          f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}")
     bench = Bench()
     eager = make_loss(bench.net, "eager_loss")
     for _ in range(20):  # warm the eager path (allocator, first-call costs) before timing anything
         bench.step(eager, bench.rows(60))
+    if args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.warm_cache
+        compiled = torch.compile(make_loss(bench.net, f"compiled_{args.rows}"), dynamic=False)
+        print(*bench.first_step(compiled, bench.rows(args.rows), "compile in a new process, cache on disk"))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; inductor caches under {tempfile.gettempdir()}")
 
     print("batch 60 (1,000 simulations: 900 training rows, 15 steps an epoch, no smaller last batch)")
     rows = bench.rows(60)
     bench.first_step(eager, rows, "eager")
+    cache = fresh_cache()
     compiled = torch.compile(make_loss(bench.net, "compiled_60"), dynamic=False)
     cold = bench.first_step(compiled, rows, "compile, empty cache")
     variants = {"eager": eager, "compiled": compiled}
     if args.max_autotune:
+        fresh_cache()
         autotuned = torch.compile(make_loss(bench.net, "autotuned_60"), dynamic=False,
                                   mode="max-autotune-no-cudagraphs")
-        autotune_cost = bench.first_step(autotuned, rows, 'compile, mode="max-autotune-no-cudagraphs"')
+        autotune_cost = bench.first_step(autotuned, rows, 'compile, mode="max-autotune-no-cudagraphs", empty cache')
         variants["compiled, max-autotune"] = autotuned
     for name, fn in variants.items():
         if name != "eager":
-            value, grad = bench.difference(eager, fn, rows)
-            print(f"  {name} minus eager: loss {value:.2e}, gradients largest {grad:.2e}")
+            bench.difference(eager, fn, rows, name)
     medians = bench.timed(variants, rows, args.repeats, args.calls)
     break_even(cold, medians["eager"], medians["compiled"], "compile with an empty cache")
     if args.max_autotune:
-        break_even(autotune_cost, medians["eager"], medians["compiled, max-autotune"], "max-autotune")
+        break_even(autotune_cost, medians["eager"], medians["compiled, max-autotune"], "max-autotune, empty cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     torch._dynamo.reset()  # forget the compiled graphs in memory; inductor's cache on disk stays
     again = torch.compile(make_loss(bench.net, "compiled_60"), dynamic=False)
-    warm = bench.first_step(again, rows, "compile again after torch._dynamo.reset(), cache on disk")
-    break_even(warm, medians["eager"], medians["compiled"], "compile with the cache on disk")
+    warm = bench.first_step(again, rows, "compile again in this process after torch._dynamo.reset(), cache on disk")
+    break_even(warm, medians["eager"], medians["compiled"], "compile again in this process")
     torch._dynamo.reset()
+    warm = warm_process(cache, 60)
+    break_even(warm, medians["eager"], medians["compiled"], "compile in a new process, cache on disk")
 
     print("batch 200 (close to 10,000 simulations: 9,000 training rows in 190s leave a last batch of 70)")
     rows, last = bench.rows(200), bench.rows(70)
+    fresh_cache()
     static = torch.compile(make_loss(bench.net, "compiled_200"), dynamic=False)
-    cold = bench.first_step(static, rows, "compile, dynamic=False")
-    value, grad = bench.difference(eager, static, rows)
-    print(f"  compiled minus eager: loss {value:.2e}, gradients largest {grad:.2e}")
+    cold = bench.first_step(static, rows, "compile, dynamic=False, empty cache")
+    bench.difference(eager, static, rows, "compiled")
     bench.first_step(static, last, "dynamic=False, a 70-row batch: a second static graph")
+    fresh_cache()
     default = torch.compile(make_loss(bench.net, "default_200"))
-    first = bench.first_step(default, rows, "compile, dynamic=None (the default)")
+    first = bench.first_step(default, rows, "compile, dynamic=None (the default), empty cache")
     recompile = bench.first_step(default, last, "dynamic=None, a 70-row batch: a dynamic-shape graph")
     bench.first_step(default, rows, "dynamic=None, 200 rows again")
-    value, grad = bench.difference(eager, default, rows)
-    print(f"  dynamic-shape graph minus eager: loss {value:.2e}, gradients largest {grad:.2e}")
+    bench.difference(eager, default, rows, "dynamic-shape graph")
     variants = {"eager": eager, "compiled": static, "compiled, dynamic shapes": default}
     medians = bench.timed(variants, rows, args.repeats, args.calls)
-    break_even(cold, medians["eager"], medians["compiled"], "dynamic=False")
+    break_even(cold, medians["eager"], medians["compiled"], "dynamic=False, one graph")
     both = (first[0] + recompile[0], first[1] + recompile[1])
     break_even(both, medians["eager"], medians["compiled, dynamic shapes"], "dynamic=None, both graphs")
 

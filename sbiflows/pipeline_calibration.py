@@ -69,7 +69,8 @@ def calibrate(state, posterior: Posterior) -> None:
 def advice(verdict: str, ensemble: int | str, config: dict) -> str:
     """What the report advises for ``verdict``: :data:`~sbiflows.diagnostics.verdict.ADVICE`, led by
     :data:`SNAPSHOT_ADVICE` where ``ensemble="auto-snapshots"`` kept one flow (``config`` has no
-    ``snapshot_epochs``) that turned out over-confident.
+    ``snapshot_epochs``) that turned out over-confident, and :data:`ENSEMBLE_ADVICE` where the posterior
+    already mixes several trained flows (``config["ensemble"] > 1``: not three more of the same).
 
     Example:
         >>> text = advice("over-confident", "auto-snapshots", {})
@@ -77,11 +78,29 @@ def advice(verdict: str, ensemble: int | str, config: dict) -> str:
         (True, True)
         >>> advice("over-confident", "auto-snapshots", {"snapshot_epochs": [9, 28, 47]}) == ADVICE["over-confident"]
         True
+        >>> text = advice("over-confident", 3, {"ensemble": 3})  # three flows already: not "try three flows"
+        >>> "It already mixes 3 flows" in text, "--ensemble 6" in text, "ensemble=3" in text
+        (True, True, False)
     """
     if verdict == "over-confident" and ensemble == "auto-snapshots" and "snapshot_epochs" not in config:
         explanation, remedies = ADVICE[verdict].split(" Try ", 1)
         return f"{explanation} {SNAPSHOT_ADVICE}try {remedies}"
+    members = int(config.get("ensemble", 1))
+    if verdict in ENSEMBLE_ADVICE and members > 1 and "snapshot_epochs" not in config:
+        return ENSEMBLE_ADVICE[verdict].format(k=members, more=2 * members)
     return ADVICE[verdict]
+
+
+#: The advice where the posterior already mixes ``k`` flows trained with their own seeds (an ensemble of
+#: three is what :data:`~sbiflows.diagnostics.verdict.ADVICE` suggests for one flow).
+ENSEMBLE_ADVICE = {
+    "over-confident": ADVICE["over-confident"].split(" Try ", 1)[0] + " It already mixes {k} flows trained "
+    "with their own seeds: try more simulations, more flows (--ensemble {more}, ensemble={more}; not measured "
+    "on the benchmark tasks), and check the simulator's failed rows.",
+    "biased": ADVICE["biased"].split(" Try ", 1)[0] + " It already mixes {k} flows trained with their own "
+    "seeds: try more simulations or a more flexible estimator, and more calibration datasets to confirm it "
+    "(the check runs on fresh simulations from the prior, so the observations play no part in it).",
+}
 
 
 #: A mean C2ST from here on makes a "calibrated" or "conservative" verdict get a caution about accuracy.

@@ -102,3 +102,17 @@ def test_the_advice_of_a_sequential_run_asks_only_for_what_tsnpe_takes():
     assert "--ensemble 3" in SEQUENTIAL_ADVICE["over-confident"]  # TSNPE trains the ensemble in every round
     for text in SEQUENTIAL_ADVICE.values():  # TSNPE refuses balancing: it is never suggested
         assert "balancing" not in text
+
+
+def test_a_posterior_that_mixes_flows_already_is_not_advised_an_ensemble_of_three():
+    from sbiflows.pipeline_calibration import advice
+    from sbiflows.pipeline_sequential import sequential_advice
+
+    for verdict in ("over-confident", "biased"):
+        for ensemble, config in ((3, {"ensemble": 3}), ("auto", {"ensemble": 3, "ensemble_auto": {}})):
+            text = advice(verdict, ensemble, config)
+            assert "It already mixes 3 flows" in text and "ensemble=3" not in text and "--ensemble 3" not in text
+        assert "ensemble=3" in advice(verdict, 1, {"ensemble": 1})  # one flow: three is the measured remedy
+        assert "ensemble=3" in advice(verdict, "snapshots", {"ensemble": 3, "snapshot_epochs": [3, 6, 9]})
+    assert "--ensemble 3" not in sequential_advice("over-confident", 3)
+    assert "--ensemble 3" in sequential_advice("over-confident", 1)
