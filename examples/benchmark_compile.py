@@ -9,7 +9,8 @@ loss (``-net.log_prob(theta, x).mean()``) in ``torch.compile`` with ``dynamic=Fa
 
 * times the first compiled step (forward, backward and Adam step; the forward's and the backward's
   compile both happen in it) in wall and CPU seconds, the CPU counting the C++ compiler's processes,
-  with an empty inductor cache (a user's first run), and with that cache on disk: again in this process
+  with an empty inductor cache (a user's first run; each such cost in a process's first compile, as a
+  process keeps the kernels it built in memory), and with that cache on disk: again in this process
   after ``torch._dynamo.reset()``, and in a new process run after this one (a later run of the code);
 * checks that the compiled loss and its gradients equal the eager ones (largest absolute difference);
 * with ``--max-autotune``, also ``mode="max-autotune-no-cudagraphs"`` at 60 rows;
@@ -20,7 +21,8 @@ loss (``-net.log_prob(theta, x).mean()``) in ``torch.compile`` with ``dynamic=Fa
   batches of 190 leave at 10,000 simulations): a second static graph with ``dynamic=False``, or with
   the default ``dynamic=None`` a dynamic-shape graph, whose steps are timed as well.
 
-Inductor compiles in this process (``compile_threads = 1``); gcc runs as its child, one at a time.
+Inductor compiles in its process (``compile_threads = 1``), gcc as its child; a new process is started only
+while this one waits, so one runs at a time.
 
 Usage:
     cd examples && PYTHONPATH=.. python benchmark_compile.py --repeats 15 [--max-autotune]
@@ -155,10 +157,15 @@ def break_even(cost: tuple[float, float], eager: list[float], compiled: list[flo
     print(f"  break-even, {what}: " + ", ".join(parts))
 
 
-def warm_process(cache: str, rows: int) -> tuple[float, float]:
-    """The first compiled step in a new process whose inductor cache on disk is ``cache`` (run after this one)."""
-    command = [sys.executable, os.path.abspath(__file__), "--warm-cache", cache, "--rows", str(rows)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)  # this process waits: one at a time
+def new_process(rows: int, mode: str, cache: str | None) -> tuple[float, float]:
+    """The first compiled step in a new process, with inductor's cache in ``cache`` (``None``: a new, empty one).
+
+    A process keeps the kernels it compiled in memory, so a compile after the first in one process can
+    skip the C++ compiler where a kernel's source is the same: each cold cost is taken in a process of its own.
+    """
+    command = [sys.executable, os.path.abspath(__file__), "--child-rows", str(rows), "--mode", mode]
+    done = subprocess.run(command + (["--cache", cache] if cache else []), capture_output=True, text=True,
+                          check=True)  # this process waits: one process at a time
     lines = done.stdout.splitlines()
     print("\n".join(line for line in lines[:-1] if line.startswith("  first step")))
     wall, cpu = lines[-1].split()
@@ -171,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=50, help="training steps per block")
     parser.add_argument("--max-autotune", action="store_true",
                         help='also mode="max-autotune-no-cudagraphs" at 60 rows')
-    parser.add_argument("--warm-cache", help="(internal) only the first compiled step, with this inductor cache")
-    parser.add_argument("--rows", type=int, default=60, help="(internal) batch of --warm-cache")
+    parser.add_argument("--child-rows", type=int, help="(internal) only the first compiled step, of this batch")
+    parser.add_argument("--mode", default="default", help="(internal) torch.compile's mode for --child-rows")
+    parser.add_argument("--cache", help="(internal) inductor's cache for --child-rows (default: a new one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1  # compile in this process: no pool of workers
@@ -180,10 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     eager = make_loss(bench.net, "eager_loss")
     for _ in range(20):  # warm the eager path (allocator, first-call costs) before timing anything
         bench.step(eager, bench.rows(60))
-    if args.warm_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.warm_cache
-        compiled = torch.compile(make_loss(bench.net, f"compiled_{args.rows}"), dynamic=False)
-        print(*bench.first_step(compiled, bench.rows(args.rows), "compile in a new process, cache on disk"))
+    if args.child_rows:
+        cache = args.cache or fresh_cache()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        compiled = torch.compile(make_loss(bench.net, f"compiled_{args.child_rows}"), dynamic=False, mode=args.mode)
+        what = f"mode={args.mode!r}, new process, " + ("cache on disk" if args.cache else "empty cache")
+        print(*bench.first_step(compiled, bench.rows(args.child_rows), what))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; inductor caches under {tempfile.gettempdir()}")
 
@@ -192,13 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.first_step(eager, rows, "eager")
     cache = fresh_cache()
     compiled = torch.compile(make_loss(bench.net, "compiled_60"), dynamic=False)
-    cold = bench.first_step(compiled, rows, "compile, empty cache")
+    cold = bench.first_step(compiled, rows, "compile, this process's first, empty cache")
     variants = {"eager": eager, "compiled": compiled}
     if args.max_autotune:
+        autotune_cost = new_process(60, "max-autotune-no-cudagraphs", None)
         fresh_cache()
         autotuned = torch.compile(make_loss(bench.net, "autotuned_60"), dynamic=False,
                                   mode="max-autotune-no-cudagraphs")
-        autotune_cost = bench.first_step(autotuned, rows, 'compile, mode="max-autotune-no-cudagraphs", empty cache')
+        bench.first_step(autotuned, rows, 'compile, mode="max-autotune-no-cudagraphs", this process\'s second')
         variants["compiled, max-autotune"] = autotuned
     for name, fn in variants.items():
         if name != "eager":
@@ -213,27 +224,29 @@ def main(argv: list[str] | None = None) -> None:
     warm = bench.first_step(again, rows, "compile again in this process after torch._dynamo.reset(), cache on disk")
     break_even(warm, medians["eager"], medians["compiled"], "compile again in this process")
     torch._dynamo.reset()
-    warm = warm_process(cache, 60)
+    warm = new_process(60, "default", cache)
     break_even(warm, medians["eager"], medians["compiled"], "compile in a new process, cache on disk")
 
     print("batch 200 (close to 10,000 simulations: 9,000 training rows in 190s leave a last batch of 70)")
     rows, last = bench.rows(200), bench.rows(70)
+    cold = new_process(200, "default", None)
     fresh_cache()
     static = torch.compile(make_loss(bench.net, "compiled_200"), dynamic=False)
-    cold = bench.first_step(static, rows, "compile, dynamic=False, empty cache")
+    bench.first_step(static, rows, "compile, dynamic=False, this process's third")
     bench.difference(eager, static, rows, "compiled")
     bench.first_step(static, last, "dynamic=False, a 70-row batch: a second static graph")
     fresh_cache()
     default = torch.compile(make_loss(bench.net, "default_200"))
-    first = bench.first_step(default, rows, "compile, dynamic=None (the default), empty cache")
+    bench.first_step(default, rows, "compile, dynamic=None (the default), the same graph as dynamic=False's")
     recompile = bench.first_step(default, last, "dynamic=None, a 70-row batch: a dynamic-shape graph")
     bench.first_step(default, rows, "dynamic=None, 200 rows again")
     bench.difference(eager, default, rows, "dynamic-shape graph")
     variants = {"eager": eager, "compiled": static, "compiled, dynamic shapes": default}
     medians = bench.timed(variants, rows, args.repeats, args.calls)
-    break_even(cold, medians["eager"], medians["compiled"], "dynamic=False, one graph")
-    both = (first[0] + recompile[0], first[1] + recompile[1])
-    break_even(both, medians["eager"], medians["compiled, dynamic shapes"], "dynamic=None, both graphs")
+    break_even(cold, medians["eager"], medians["compiled"], "dynamic=False, one graph, new process")
+    both = (cold[0] + recompile[0], cold[1] + recompile[1])
+    break_even(both, medians["eager"], medians["compiled, dynamic shapes"],
+               "dynamic=None, the static graph (new process) + the dynamic one")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,8 @@ class Checkpoint:
             return
         self._stop = signum
         key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{key}: stopping at the end of this epoch, after writing the training checkpoint "
-              f"{str(self.path)!r} (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        say_on_stderr(f"\n{key}: stopping at the end of this epoch, after writing the training checkpoint "
+                      f"{str(self.path)!r} (press Ctrl-C again to stop at once)")
 
     def _restore(self) -> None:
         for signum, handler in self._handlers.items():
@@ -232,6 +232,11 @@ class Checkpoint:
                     path.unlink(missing_ok=True)
 
 
+def say_on_stderr(line: str) -> None:
+    """Print ``line`` on stderr at once (where progress bars write): a :attr:`Checkpoint.log` for scripts."""
+    print(line, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def deferred_stops(checkpoint: Checkpoint | None) -> Iterator[None]:
     """While a training call with ``checkpoint`` runs in the main thread, the first SIGINT or SIGTERM waits for
@@ -297,10 +302,11 @@ def restore_loop(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimi
     return int(state["epoch"]), state["best_state"], bool(state["finished"])
 
 
-def as_checkpoint(value: Any, *, objectives: dict[str, float]) -> Checkpoint | None:
+def as_checkpoint(value: Any, *, objectives: dict[str, float],
+                  log: Callable[[str], None] | None = None) -> Checkpoint | None:
     """:meth:`sbiflows.NPE.fit`'s ``checkpoint`` option as a :class:`Checkpoint` (a path gets the default
-    interval), checked before training: ``objectives``, the NPE's options that change the loss, must be 0 (only
-    the default loss's state is all in the checkpoint).
+    interval and ``log``; a :class:`Checkpoint` keeps its own), checked before training: ``objectives``, the
+    NPE's options that change the loss, must be 0 (only the default loss's state is all in the checkpoint).
 
     Example:
         >>> as_checkpoint("run/training.ckpt", objectives={"balancing": 0.0})
@@ -310,7 +316,7 @@ def as_checkpoint(value: Any, *, objectives: dict[str, float]) -> Checkpoint | N
         ...
         ValueError: checkpoint needs the default loss, got balancing=100.0 (set it to 0 or leave checkpoint=None)
     """
-    checkpoint = value if value is None or isinstance(value, Checkpoint) else Checkpoint(value)
+    checkpoint = value if value is None or isinstance(value, Checkpoint) else Checkpoint(value, log=log)
     changed = {name: weight for name, weight in objectives.items() if weight}
     if checkpoint is not None and changed:
         name, weight = next(iter(changed.items()))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.balance import BalancedObjective
-from sbiflows.checkpoint import Checkpoint, as_checkpoint
+from sbiflows.checkpoint import Checkpoint, as_checkpoint, say_on_stderr
 from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
@@ -291,8 +291,9 @@ class NPE:
             checkpoint: A file (or a :class:`~sbiflows.checkpoint.Checkpoint`) where training saves its state
                 every 60 s and when it ends (flows of an ensemble trained together after the first, in
                 ``<stem>.members<suffix>`` beside it); the same fit made again resumes from it and ends as if
-                never stopped (a file of any other fit is ignored and overwritten). Needs ``balancing=0`` and
-                ``coverage_penalty=0``.
+                never stopped (a file of any other fit is ignored and overwritten). With ``progress``, a path
+                says on stderr when it resumes. Ctrl-C or SIGTERM ends the epoch and writes it first
+                (:mod:`sbiflows.checkpoint`). Needs ``balancing=0`` and ``coverage_penalty=0``.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -315,7 +316,8 @@ class NPE:
         )
         seed = check_int(seed, "seed")
         checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,
-                                                            "coverage_penalty": self.coverage_penalty})
+                                                            "coverage_penalty": self.coverage_penalty},
+                                   log=say_on_stderr if progress else None)
         resolve_threads(num_threads)  # checked before any expensive step
         with torch_threads(num_threads):
             theta, x = check_training_data(

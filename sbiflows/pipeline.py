@@ -221,6 +221,10 @@ class _State:
     def timed(self, step: str, start: float) -> None:
         self.timings[step] = time.perf_counter() - start
 
+    def reused(self, what: str) -> None:
+        """Record in the report what this run took from an earlier one (its time is not in the timings)."""
+        self.report.setdefault("reused", []).append(what)
+
 
 def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) -> dict:
     """Run the whole job (resuming from what ``job.out`` holds) and write its outputs; returns the report.
@@ -310,6 +314,7 @@ def _simulate(state: _State) -> SimulationResult:
     state.report.update(simulation_summary=sims.summary(), invalid_simulations=sims.num_invalid)
     if sims.reused:
         state.log(f"      reused {sims.reused} finished simulations from the store")
+        state.reused(f"{sims.reused} of {job.simulations} simulations (read from the store)")
     state.log(f"      {sims.summary()}")
     if sims.x is not None:  # the observations against the simulator's x, before any training
         check_observation_shapes(job, tuple(sims.x.shape[1:]))
@@ -328,6 +333,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     if state.resume.matches("train", settings, path):
         state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
         posterior = load(path, prior=job.prior)
+        state.reused("the trained posterior (posterior.pt)")
         Checkpoint(job.out / outputs.CHECKPOINT).remove()  # left if a run stopped right after saving posterior.pt
     else:
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
@@ -340,6 +346,9 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
         if checkpoint is not None:
+            for part in checkpoint.parts():
+                if part.resumed_epoch is not None:
+                    state.reused(f"training up to epoch {part.resumed_epoch} ({part.path.name})")
             checkpoint.remove()  # posterior.pt holds what it led to
     state.timed("train", start)
     history = posterior.history
@@ -367,6 +376,7 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
                     observations={o.name: o.x.reshape(-1).tolist() for o in observations})
     if state.resume.matches("sample", settings, path):
         state.log(f"[3/5] reusing the posterior samples of an earlier run ({path})")
+        state.reused("the posterior samples (samples.npz)")
         with np.load(path) as stored:
             samples = torch.stack([torch.from_numpy(stored[o.name]) for o in observations], dim=1)
     else:
@@ -405,8 +415,11 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
                 entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
                 state.resume.keep(f"c2st/{observation.name}", made_with, entry["c2st"])
             entry["c2st_samples"] = c2st_samples
+            cached = f"c2st/{observation.name}" not in state.resume.fresh
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}"
-                      + ("" if f"c2st/{observation.name}" in state.resume.fresh else " (from the earlier run)"))
+                      + (" (from the earlier run)" if cached else ""))
+            if cached:
+                state.reused(f"the C2ST of {observation.name}")
         entry["predictive"] = predictive_entry(job, posterior, observation, state.log)
         # MAP at a bounded cost: the best of 1,000 posterior draws, refined by 100 Adam steps
         best = posterior.map(observation.x, num_init_samples=1000, num_to_optimize=10, num_iter=100,

@@ -35,6 +35,7 @@ def calibrate(state, posterior: Posterior) -> None:
                                 progress=job.progress, **job.engine)
     if fresh.reused:
         state.log(f"      reused {fresh.reused} calibration simulations from the store")
+        state.reused(f"{fresh.reused} of {job.calibration_datasets} calibration simulations")
     fresh.padded_trials = posterior.net.padded_trials  # padded sets are not failures
     valid = fresh.valid
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],

@@ -56,7 +56,8 @@ def training_record(history: Any) -> dict:
     """
     keys = ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size", "learning_rate",
             "step_drop_epochs", "train_loss", "validation_loss")
-    return {key: getattr(history, key) for key in keys}
+    # the training loop's own seconds, over every run it was resumed in (not the time an interrupted epoch lost)
+    return {key: getattr(history, key) for key in keys} | {"seconds": round(float(history.seconds), 3)}
 
 
 def parameter_summary(samples: torch.Tensor, names: list[str], map_estimate: torch.Tensor | None = None) -> list[dict]:
@@ -296,8 +297,11 @@ def write_markdown(report: dict, path: Path) -> None:
     if report.get("not_applicable"):
         lines += ["### Checks that do not apply to this posterior", ""]
         lines += [f"- {key}: {reason}" for key, reason in report["not_applicable"].items()] + [""]
-    lines += ["## Timings (seconds)", ""]
+    lines += ["## Timings (seconds, this run)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings_seconds"].items()]
+    if report.get("reused"):
+        lines += ["", "Taken from an earlier run into this folder (not timed above): " + "; ".join(report["reused"])
+                  + f". The training loop took {report['training']['seconds']:.1f} s over all runs."]
     lines += ["", "## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in report["versions"].items()]
     path.write_text("\n".join(lines) + "\n")

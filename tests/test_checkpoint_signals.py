@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -170,3 +171,25 @@ def test_sbiflows_fit_stopped_by_sigterm_in_training_resumes_from_that_epoch(tmp
     assert main(["fit", *small]) == 0
     assert f"resuming training from the checkpoint of a stopped run (training.ckpt, epoch {epoch})" in (
         capsys.readouterr().out)
+    report = json.loads((tmp_path / "report.json").read_text())  # what the timings of this run leave out
+    assert report["reused"] == ["600 of 600 simulations (read from the store)",
+                                f"training up to epoch {epoch} (training.ckpt)"]
+    assert report["training"]["seconds"] > 0
+    assert "Taken from an earlier run into this folder (not timed above): 600 of 600 simulations" in (
+        tmp_path / "report.md").read_text()
+
+
+def test_npe_fit_given_a_path_says_on_stderr_that_it_resumes_when_it_shows_progress(tmp_path, monkeypatch, capsys):
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    options = dict(max_epochs=8, batch_size=32, patience=4)
+    path = tmp_path / "training.ckpt"
+    with monkeypatch.context() as patch:  # a path writes every 60 s: only the Ctrl-C makes this file
+        signal_at(patch, training, "negative_log_likelihood", (25,), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            NPE(prior).fit(*data(), checkpoint=path, progress=False, **options)
+    assert saved_epoch(path) == (3, False)
+    capsys.readouterr()
+    NPE(prior).fit(*data(), checkpoint=path, progress=True, **options)
+    assert "resuming training from the checkpoint of a stopped run (training.ckpt, epoch 3)" in capsys.readouterr().err
+    NPE(prior).fit(*data(), checkpoint=path, progress=False, **options)  # finished: returns at once, silently
+    assert "resuming" not in capsys.readouterr().err
