@@ -116,16 +116,20 @@ class Checkpoint:
     def epoch_end(self, state: Callable[[], dict]) -> None:
         """At the end of an epoch: write ``state()`` if :meth:`due`, then carry out a stop signal that arrived
         during the epoch (:func:`deferred_stops`)."""
-        if self.due():
+        saved = self.due()
+        if saved:
             self.save(state())
-        if self._stop is not None:
+        if self._stop is not None:  # (it may have arrived after the check above: then it is written now)
+            if not saved:
+                self.save(state())
             self._carry_out()
 
     def _defer(self, signum: int, frame: Any) -> None:
-        if self._stop is not None:  # the second stop: at once
+        first = self._stop is None
+        self._stop = signum
+        if not first:  # the second stop: at once, as this signal acts (Ctrl-C then SIGTERM: terminated)
             self._carry_out()
             return
-        self._stop = signum
         key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         say_on_stderr(f"\n{key}: stopping at the end of this epoch, after writing the training checkpoint "
                       f"{str(self.path)!r} (press Ctrl-C again to stop at once)")
@@ -136,16 +140,16 @@ class Checkpoint:
         self._handlers = {}
 
     def _carry_out(self) -> None:
-        """Restore the replaced handlers, then do what the waiting stop signal would have done without them."""
-        signum, handler = self._stop, self._handlers.get(self._stop)
+        """Restore the replaced handlers, then do what the waiting stop signal would have done without them (a
+        signal that arrives after the handlers are back goes straight to them: none is lost in between)."""
+        handlers = dict(self._handlers)
         self._restore()
-        self._stop = None
+        signum, self._stop = self._stop, None
         if signum is None:
             return
+        handler = handlers.get(signum)
         if callable(handler):  # Python's SIGINT handler raises KeyboardInterrupt; sbiflows fit's SIGTERM one too
             handler(signum, None)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
         else:  # the default action (the process ends), now that the default handler is back
             signal.raise_signal(signum)
 
@@ -274,15 +278,22 @@ def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histori
 
 def loop_state(*, key: str, epoch: int, finished: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
                average: Any, best_state: dict[str, Tensor], rule: Any, history: Any, generator: torch.Generator,
-               snapshots: Any) -> dict:
-    """The state of :func:`~sbiflows.training.train`'s loop before epoch ``epoch`` (``finished``: after its end)."""
+               snapshots: Any, running: float = 0.0) -> dict:
+    """The state of :func:`~sbiflows.training.train`'s loop before epoch ``epoch`` (``finished``: after its end);
+    ``running``: the seconds of the running call not yet in the history's ``seconds``."""
     return {
         "key": key, "epoch": epoch, "finished": finished, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "best_state": best_state, "rule": dict(vars(rule)),
-        "history": history.as_dict(), "generator": generator.get_state(),
+        "history": with_seconds(history.as_dict(), running), "generator": generator.get_state(),
         "average": None if average is None else {"module": average.module.state_dict(), "updates": average.updates},
         "snapshots": None if snapshots is None else [[at, weights] for at, weights in snapshots.snapshots],
     }
+
+
+def with_seconds(history: dict, running: float) -> dict:
+    """A history's fields with ``running`` seconds (of a call still training) added to its ``seconds``: a resumed
+    call's history then counts the time trained before the stop."""
+    return {**history, "seconds": history.get("seconds", 0.0) + running}
 
 
 def restore_loop(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any, rule: Any,

@@ -319,6 +319,7 @@ def _setup(args: argparse.Namespace) -> Job:
         patience=args.patience,
         step_drops=args.step_drops,
         drop_patience=args.drop_patience,
+        compile=args.compile,
         progress=not args.quiet,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops
+from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, with_seconds
+from sbiflows.compiling import compiled_objective
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
 from sbiflows.training import (
@@ -84,6 +85,7 @@ def train_members(
     progress: bool = False,
     num_threads: int | None = None,
     checkpoint: Checkpoint | None = None,
+    compile: bool = False,  # noqa: A002 - torch.compile's name
 ) -> str:
     """Train ``members`` (same architecture) on the same rows, member ``k`` with ``seeds[k]``, in place.
 
@@ -117,7 +119,7 @@ def train_members(
     options = dict(max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                    weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
-                   step_drop_factor=step_drop_factor, drop_patience=drop_patience)
+                   step_drop_factor=step_drop_factor, drop_patience=drop_patience, compile=compile)
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
@@ -215,6 +217,7 @@ def _train_stacked(
     progress: bool, num_threads: int | None, max_epochs: int, batch_size: int, learning_rate: float,
     validation_fraction: float, patience: int, clip_grad_norm: float, weight_decay: float, ema_epochs: float,
     step_drops: int, step_drop_factor: float, drop_patience: int | None, checkpoint: Checkpoint | None = None,
+    compile: bool = False,  # noqa: A002
 ) -> None:
     del validation_fraction  # the splits are made
     k = len(members)
@@ -247,7 +250,7 @@ def _train_stacked(
                         "patience": patience, "clip_grad_norm": float(clip_grad_norm),
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs), "step_drops": step_drops,
                         "step_drop_factor": float(step_drop_factor), "drop_patience": drop_patience, "members": k,
-                        "structure": checkpoint.structure, "model": repr(members[0])},
+                        "structure": checkpoint.structure, "model": repr(members[0]), "compile": compile},
                        [h.as_dict() for h in histories])
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
@@ -266,12 +269,16 @@ def _train_stacked(
                 generator.set_state(generator_state.cpu())
             checkpoint.resumed(begin, finished)
 
-    def state(epoch: int, done: bool) -> dict:
+    # compiled while every member trains: the stack's shapes change when one stops (then eager, no recompile)
+    compiled = compiled_objective(stack.losses, batch_size=batch_size, enabled=compile)
+
+    def state(epoch: int, done: bool, running: float = 0.0) -> dict:
         params = {name: value.detach() for name, value in stack.params.items()}
         return {"key": key, "epoch": epoch, "finished": done, "active": stack.active, "params": params,
                 "fixed": stack.fixed, "optimizer": optimizer.state_dict(), "averaged": averaged, "updates": updates,
                 "factors": factors, "best": best, "rules": [dict(vars(rule)) for rule in rules],
-                "histories": [h.as_dict() for h in histories], "generators": [g.get_state() for g in generators]}
+                "histories": [with_seconds(h.as_dict(), running) for h in histories],
+                "generators": [g.get_state() for g in generators]}
 
     with deferred_stops(checkpoint):  # Ctrl-C / SIGTERM: the epoch ends, its checkpoint is written
         bar = _progress_bar(max_epochs) if progress else None
@@ -287,7 +294,7 @@ def _train_stacked(
                     totals = torch.zeros(len(stack.active), dtype=torch.float64)
                     diverged = torch.zeros(len(stack.active), dtype=torch.bool)
                     for rows in orders.split(batch_size, dim=1):
-                        losses = stack.losses(inputs, context, rows)
+                        losses = (compiled if len(stack.active) == k else stack.losses)(inputs, context, rows)
                         values = losses.detach().double().cpu()
                         diverged |= ~torch.isfinite(values)
                         if bool(diverged.all()):
@@ -337,7 +344,7 @@ def _train_stacked(
                     if len(keep) < len(stack.active):
                         optimizer = stack.keep(keep, optimizer, [averaged])
                     if checkpoint is not None:
-                        checkpoint.epoch_end(lambda: state(epoch + 1, False))
+                        checkpoint.epoch_end(lambda: state(epoch + 1, False, time.perf_counter() - start))
             finally:
                 if bar is not None:
                     bar.close()

@@ -31,7 +31,7 @@ from torch.distributions import Distribution
 from sbiflows.balance import BalancedObjective
 from sbiflows.checkpoint import Checkpoint, as_checkpoint, say_on_stderr
 from sbiflows.coverage_loss import CalibratedObjective
-from sbiflows.checks import check_choice, check_device, check_int, check_real
+from sbiflows.checks import check_bool, check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
 )
@@ -255,6 +255,7 @@ class NPE:
         progress: bool = True,
         num_threads: int | None = None,
         checkpoint: str | os.PathLike | Checkpoint | None = None,
+        compile: bool = False,  # noqa: A002 - torch.compile's name
     ) -> Posterior:
         """Train on simulations and return the posterior.
 
@@ -294,6 +295,11 @@ class NPE:
                 never stopped (a file of any other fit is ignored and overwritten). With ``progress``, a path
                 says on stderr when it resumes. Ctrl-C or SIGTERM ends the epoch and writes it first
                 (:mod:`sbiflows.checkpoint`). Needs ``balancing=0`` and ``coverage_penalty=0``.
+            compile: Run the training steps compiled with ``torch.compile`` (:mod:`sbiflows.compiling`): about
+                a third of an eager step's time, after a compile of about 30 s the first time the machine sees
+                this network and batch size (a few seconds afterwards, from inductor's cache on disk); worth it
+                for long fits and repeated fits of one size. The weights differ from an eager fit's by float32
+                rounding. If compiling fails, training warns and goes on eagerly.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -315,6 +321,7 @@ class NPE:
             drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
+        compile = check_bool(compile, "compile")  # noqa: A001
         checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,
                                                             "coverage_penalty": self.coverage_penalty},
                                    log=say_on_stderr if progress else None)
@@ -371,7 +378,7 @@ class NPE:
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                 weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                 step_drop_factor=step_drop_factor, drop_patience=drop_patience, progress=progress,
-                groups=groups, num_threads=num_threads, objective=objective)
+                groups=groups, num_threads=num_threads, objective=objective, compile=compile)
 
             def check_first(flow: nn.Module) -> Any:  # on the flow's own validation rows (a copy: it trains on)
                 posterior = Posterior(copy.deepcopy(flow), self.prior, config=self._config(flow, seed, n_layers),

@@ -25,7 +25,7 @@ from torch.distributions import Distribution
 import sbiflows
 from sbiflows import diagnostics, outputs, pipeline_sequential, plots
 from sbiflows.checkpoint import Checkpoint
-from sbiflows.checks import check_int, check_real
+from sbiflows.checks import check_bool, check_int, check_real
 from sbiflows.embeddings import from_choice
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
@@ -115,6 +115,7 @@ class Job:
     patience: int | None = None  # None: NPE's default (TSNPE's per-round default when rounds > 1)
     step_drops: int | None = None  # None: NPE's default
     drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
+    compile: bool = False  # train with torch.compile (sbiflows.compiling)
     progress: bool = True
     batch_size: int = 100
     vectorized: bool = True
@@ -132,6 +133,7 @@ class Job:
         self.patience = check_int(self.patience, "patience", minimum=1, optional="NPE's default")
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         self.drop_patience = check_int(self.drop_patience, "drop_patience", minimum=1, optional="NPE's default")
+        self.compile = check_bool(self.compile, "compile")
         if self.estimator is None:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
@@ -164,10 +166,10 @@ class Job:
     @property
     def fit_options(self) -> dict:
         """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience``,
-        ``step_drops`` and ``drop_patience`` only where given, so that runs which leave them at the defaults keep
-        their settings)."""
+        ``step_drops`` and ``drop_patience`` only where given, and ``compile`` only where True, so that runs
+        which leave them at the defaults keep their settings)."""
         chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops,
-                  "drop_patience": self.drop_patience}
+                  "drop_patience": self.drop_patience, "compile": self.compile or None}
         return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property

@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 from sbiflows import diagnostics, plots
 from sbiflows.diagnostics.verdict import ADVICE
+from sbiflows.pipeline_calibration import ENSEMBLE_ADVICE
 from sbiflows.embeddings import from_choice
 from sbiflows.outputs import OutputFolderError
 from sbiflows.posterior import Posterior
@@ -66,6 +67,8 @@ def sequential_advice(verdict: str, members: int) -> str:
             "an ensemble of flows in every round (--ensemble 3)",
             f"more flows in every round than its {members} (--ensemble {2 * members}; not measured on the benchmark "
             "tasks)")
+    if verdict == "biased" and members > 1:
+        return ENSEMBLE_ADVICE[verdict].format(k=members, more=2 * members)
     return SEQUENTIAL_ADVICE[verdict]
 
 
@@ -115,6 +118,8 @@ def fit(state) -> Posterior:
     posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)
     state.timed("tsnpe", start)
     state.sequential = tsnpe  # for calibrate()
+    for what in tsnpe.reused:
+        state.reused(what)
     failed = sum(r.failed for r in tsnpe.rounds)
     state.report.update(
         rounds=[asdict(r) for r in tsnpe.rounds],

@@ -106,6 +106,8 @@ class TSNPE:
         posterior: The posterior after the last finished round (None before).
         proposals: The proposal of each round (the prior, then :class:`~sbiflows.truncation.TruncatedPrior`).
         check: The final :class:`~sbiflows.diagnostics.CoverageResult` (None when skipped or not reached).
+        reused: What the latest :meth:`run` took from its store instead of computing it (finished rounds, a
+            round's stored simulations, a round's training resumed from its checkpoint), one phrase each.
 
     Example:
         >>> from sbiflows import box_uniform
@@ -136,6 +138,7 @@ class TSNPE:
         self.posterior: Posterior | None = None
         self.proposals: list[Distribution] = []
         self.check: CoverageResult | None = None
+        self.reused: list[str] = []
 
     def run(
         self,
@@ -226,7 +229,7 @@ class TSNPE:
         say = log or (lambda line: None)
         layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
                                           simulate_options)) if store is not None else None
-        self.rounds, self.proposals, self.check = [], [], None
+        self.rounds, self.proposals, self.check, self.reused = [], [], None, []
         start = self._resume(layout, say, rounds) if layout is not None else 0
         for r in range(start, rounds):
             self._round(r, budget[r], simulator, x_o, seed, truncation, fit_options, layout, progress, say,
@@ -262,6 +265,8 @@ class TSNPE:
         sims = simulate(simulator, theta, seed=derive_seed(seed, f"tsnpe/simulate/{r}"), progress=progress,
                         store=None if layout is None else layout.round(r) / "simulations.zarr", **simulate_options)
         valid = sims.valid
+        if sims.reused:
+            self.reused.append(f"{sims.reused} of {len(theta)} simulations of round {r + 1} (read from its store)")
         _check_x_o(x_o, sims)
         epochs_before = 0 if self.npe.history is None else self.npe.history.epochs
         options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
@@ -294,6 +299,8 @@ class TSNPE:
             self.posterior.save(layout.round(r) / "posterior.pt", allow_unsaved_prior=prior_spec(self.prior) is None)
             layout.finish_round(record)
             if checkpoint is not None:
+                self.reused += [f"round {r + 1}'s training up to epoch {part.resumed_epoch} (epochs over all rounds; "
+                                f"{part.path.name})" for part in checkpoint.parts() if part.resumed_epoch is not None]
                 checkpoint.remove()  # the round's posterior.pt holds what it led to
         say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
             f"{record.validation_loss:.3f}" + ("; the region covers (almost) the whole prior: truncation had no "
@@ -330,6 +337,7 @@ class TSNPE:
         self.posterior = posterior
         say(f"all {rounds} rounds finished earlier: reusing them from {layout.root}" if last + 1 >= rounds
             else f"resuming after round {last + 1} from {layout.root}")
+        self.reused.append(f"round{'s 1-' if last else ' '}{last + 1} (simulations and posterior, {layout.root.name}/)")
         return len(records)
 
     # ------------------------------------------------------------------------------ the check

@@ -240,10 +240,13 @@ def test_a_tsnpe_round_resumes_its_training_from_its_checkpoint(tmp_path, monkey
             TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, **options)
     assert (store / "round_0" / "training.ckpt").exists()
     lines = []
-    resumed = TSNPE(task.prior).run(task.simulate, x_o, store=store, fit_options=fit_options, log=lines.append,
-                                    **options)
+    resumed_tsnpe = TSNPE(task.prior)
+    resumed = resumed_tsnpe.run(task.simulate, x_o, store=store, fit_options=fit_options, log=lines.append, **options)
     resumed_line = r"resuming training from the checkpoint of a stopped run \(training.ckpt, epoch [1-9]\d*\)"
     assert any(re.search(resumed_line, line) for line in lines), lines
+    assert len(resumed_tsnpe.reused) == 2 and resumed_tsnpe.reused[0] == "300 of 300 simulations of round 1 (read " \
+        "from its store)" and re.fullmatch(r"round 1's training up to epoch [1-9]\d* \(epochs over all rounds; "
+                                           r"training.ckpt\)", resumed_tsnpe.reused[1])
     assert not list(store.glob("round_*/training.ckpt"))
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name

@@ -46,6 +46,7 @@ def test_ctrl_c_ends_the_epoch_writes_the_checkpoint_and_the_rerun_is_the_same_t
         with pytest.raises(KeyboardInterrupt):
             fit(path, every=3600.0)  # no periodic write
     assert saved_epoch(path) == (3, False)  # epoch 2 ended and was written
+    assert torch.load(path, weights_only=True)["history"]["seconds"] > 0  # the stopped run's training time
     assert "Ctrl-C: stopping at the end of this epoch" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
     resumed = fit(path)
@@ -99,6 +100,52 @@ def test_sigterm_to_the_three_flows_trained_together_calls_the_installed_handler
         assert torch.equal(a, b), name
 
 
+def test_a_stop_right_after_the_check_for_a_due_write_is_still_written(tmp_path, monkeypatch):
+    path = tmp_path / "training.ckpt"
+    original, calls = Checkpoint.due, []
+
+    def due(self):
+        answer = original(self)
+        calls.append(answer)
+        if len(calls) == 3:  # at the end of epoch 2, between the check and the write
+            signal.raise_signal(signal.SIGINT)
+        return answer
+
+    monkeypatch.setattr(Checkpoint, "due", due)
+    with pytest.raises(KeyboardInterrupt):
+        train(flow(), *data(), checkpoint=Checkpoint(path, every=3600.0), **OPTIONS)
+    assert calls == [False, False, False] and saved_epoch(path) == (3, False)
+
+
+def test_a_second_signal_acts_as_itself(tmp_path, monkeypatch):
+    """Ctrl-C, then SIGTERM before the epoch ends: SIGTERM's handler acts (sbiflows fit: exit 143, not 130)."""
+    class Terminated(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with monkeypatch.context() as patch:
+            sends = iter([signal.SIGINT, signal.SIGTERM])
+            original, count = training.negative_log_likelihood, [0]
+
+            def counted(*args):
+                count[0] += 1
+                if count[0] in (25, 27):
+                    signal.raise_signal(next(sends))
+                return original(*args)
+
+            patch.setattr(training, "negative_log_likelihood", counted)
+            with pytest.raises(Terminated):
+                train(flow(), *data(), checkpoint=Checkpoint(tmp_path / "training.ckpt", every=3600.0), **OPTIONS)
+        assert count[0] == 27 and signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_stop_during_the_last_write_is_carried_out_when_training_returns(tmp_path, monkeypatch):
     path = tmp_path / "training.ckpt"
     original = Checkpoint.save
@@ -127,11 +174,14 @@ def test_without_a_checkpoint_or_outside_training_signals_act_at_once(monkeypatc
 
 
 @pytest.mark.slow
-def test_sigterm_with_the_default_action_ends_the_process_after_the_write(tmp_path):
-    """A plain script (no handler of its own): the process still ends by SIGTERM, with its checkpoint written."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_with_the_default_action_ends_the_process_after_the_write(tmp_path, signum):
+    """A plain script (no handler of its own; SIGINT's set to the default action, as some launchers do): the
+    process still ends by the signal, with its checkpoint written."""
     path = tmp_path / "training.ckpt"
     script = textwrap.dedent(f"""
         import signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
         from test_checkpoint import OPTIONS, data, flow
         from sbiflows import training
@@ -140,16 +190,16 @@ def test_sigterm_with_the_default_action_ends_the_process_after_the_write(tmp_pa
         def counted(*args):
             count[0] += 1
             if count[0] == 25:
-                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal({int(signum)})
             return original(*args)
         training.negative_log_likelihood = counted
         training.train(flow(), *data(), checkpoint=Checkpoint({str(path)!r}, every=3600.0), **OPTIONS)
         print("not reached")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert done.returncode == -signum, done.stderr
     assert "not reached" not in done.stdout
-    assert "SIGTERM: stopping at the end of this epoch" in done.stderr
+    assert f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: stopping at the end of this epoch" in done.stderr
     assert saved_epoch(path) == (3, False)
 
 

@@ -114,5 +114,6 @@ def test_a_posterior_that_mixes_flows_already_is_not_advised_an_ensemble_of_thre
             assert "It already mixes 3 flows" in text and "ensemble=3" not in text and "--ensemble 3" not in text
         assert "ensemble=3" in advice(verdict, 1, {"ensemble": 1})  # one flow: three is the measured remedy
         assert "ensemble=3" in advice(verdict, "snapshots", {"ensemble": 3, "snapshot_epochs": [3, 6, 9]})
-    assert "--ensemble 3" not in sequential_advice("over-confident", 3)
-    assert "--ensemble 3" in sequential_advice("over-confident", 1)
+    for verdict in ("over-confident", "biased"):
+        assert "--ensemble 3" not in sequential_advice(verdict, 3) and "ensemble=3" not in sequential_advice(verdict, 3)
+        assert "--ensemble 3" in sequential_advice(verdict, 1)

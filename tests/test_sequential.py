@@ -184,6 +184,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     tsnpe = TSNPE(PRIOR, **SMALL)
     resumed = tsnpe.run(simulator, X_O, store=store, **options)
     assert MODE["calls"] == 1  # only round 2 was simulated again
+    assert tsnpe.reused == ["rounds 1-2 (simulations and posterior, run/)"]  # for the report of sbiflows fit
     assert len(tsnpe.rounds) == 3 and len(tsnpe.npe.theta) == 900
     # the finished rounds' validation rows were restored from the store, so round 2 validated on the same rows
     assert (store / "round_1" / "validation.npy").exists()
