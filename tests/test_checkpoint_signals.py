@@ -19,6 +19,23 @@ from sbiflows.training import train
 CALLS_PER_EPOCH = 10  # OPTIONS' 300 rows: 9 minibatches and the validation pass
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt), as in a terminal: a process started in the background by
+    a shell script inherits SIGINT ignored, and an ignored signal is left alone (tested below)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path, monkeypatch):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with monkeypatch.context() as patch:
+        signal_at(patch, training, "negative_log_likelihood", (25,), signal.SIGINT)
+        history = train(flow(), *data(), checkpoint=Checkpoint(tmp_path / "training.ckpt", every=3600.0), **OPTIONS)
+    assert history.stopped_early and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def signal_at(monkeypatch, module, name: str, calls: tuple[int, ...], signum: int) -> None:
     """Send this process ``signum`` from inside ``module.name`` at each of its ``calls``-th calls."""
     count, original = [0], getattr(module, name)

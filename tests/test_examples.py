@@ -56,13 +56,16 @@ def test_iid_embedding_example_matches_the_exact_posterior_at_every_trial_count(
 
     A smaller budget than the example's default (3,000 simulations, 2 observations per count, 2,000
     samples); 2,000 simulations gave 0.563, 0.537 and 0.586 at 1, 10 and 50 trials. The 10,000-simulation
-    numbers are in docs/benchmarks.md.
+    numbers are in docs/benchmarks.md. At 3,000 on an AVX-512 machine (other float rounding, so other
+    training paths) seeds 0-3 gave 0.541/0.522/0.640, 0.586/0.555/0.649, 0.559/0.519/0.525 and
+    0.529/0.539/0.653: hence 0.70, which a network that ignored the number of trials (a posterior about
+    seven times too wide at 50 trials, C2ST near 1) is far above.
     """
     example = load_example("benchmark_embeddings")
     record = example.run_iid(simulations=3000, max_trials=50, trials=[1, 10, 50], observations=2, seed=0,
                              num_samples=2000)
     means = {n: sum(scores) / len(scores) for n, scores in record["c2st"].items()}
-    assert all(mean <= 0.62 for mean in means.values()), means
+    assert all(mean <= 0.70 for mean in means.values()), means
 
 
 def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(tmp_path, monkeypatch):
