@@ -342,6 +342,9 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
         checkpoint = Checkpoint(job.out / outputs.CHECKPOINT, log=lambda line: state.log(f"      {line}")) \
             if job.checkpointable else None
+        if job.compile:
+            state.log("      compiling the training step (torch.compile): about 30 s the first time this machine "
+                      "sees this network and batch size, seconds after that")
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding).fit(
             sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress, checkpoint=checkpoint
         )

@@ -91,6 +91,9 @@ def fit(state) -> Posterior:
     state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
               f"for {observation.name} (store: {store})")
     embedding = from_choice(job.embedding, tuple(observation.x.shape))
+    if job.compile:
+        state.log("      compiling the training steps (torch.compile): about 30 s the first time this machine sees "
+                  "this network and a round's batch size, seconds after that")
 
     def run() -> tuple[TSNPE, Posterior]:
         tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
