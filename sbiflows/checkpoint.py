@@ -109,20 +109,23 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, every={self.every})"
 
     def due(self) -> bool:
-        """Whether :attr:`every` seconds have passed since the last write (or the call's start), or a stop signal
-        is waiting for the write."""
-        return self._stop is not None or time.monotonic() - self._written >= self.every
+        """Whether :attr:`every` seconds have passed since the last write (or the call's start)."""
+        return time.monotonic() - self._written >= self.every
 
     def epoch_end(self, state: Callable[[], dict]) -> None:
-        """At the end of an epoch: write ``state()`` if :meth:`due`, then carry out a stop signal that arrived
-        during the epoch (:func:`deferred_stops`)."""
+        """At the end of an epoch: write ``state()`` if :meth:`due` or a stop signal arrived during the epoch,
+        then carry out that stop (:func:`deferred_stops`)."""
         saved = self.due()
         if saved:
             self.save(state())
-        if self._stop is not None:  # (it may have arrived after the check above: then it is written now)
+        if self._stop is not None:  # read after the check above: a stop arriving in between is written too
             if not saved:
                 self.save(state())
             self._carry_out()
+
+    def resumed_parts(self) -> list[Checkpoint]:
+        """The :meth:`parts` that the latest training calls resumed from (their :attr:`resumed_epoch` is set)."""
+        return [part for part in self.parts() if part.resumed_epoch is not None]
 
     def _defer(self, signum: int, frame: Any) -> None:
         first = self._stop is None

@@ -53,18 +53,18 @@ class CompiledObjective:
         self.objective = objective
         self.batch_size = batch_size
         self.failed: BaseException | None = None
-        self._calls = 0
+        self._warm = False  # True once the first compiled call returned
         self._compiled = torch.compile(objective, dynamic=False, options=dict(COMPILE_OPTIONS))
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.failed is None and args[-1].shape[-1] == self.batch_size:  # the rows: full batches only
             try:
-                if self._calls:
+                if self._warm:
                     return self._compiled(*args)
                 with warnings.catch_warnings():  # torch's own deprecation notices while it compiles: not the user's
                     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
                     loss = self._compiled(*args)
-                self._calls += 1
+                self._warm = True
                 return loss
             except Exception as error:  # noqa: BLE001 - any compile failure: go on eagerly, never lose the fit
                 self.failed = error

@@ -351,9 +351,8 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
         if checkpoint is not None:
-            for part in checkpoint.parts():
-                if part.resumed_epoch is not None:
-                    state.reused(f"training up to epoch {part.resumed_epoch} ({part.path.name})")
+            for part in checkpoint.resumed_parts():
+                state.reused(f"training up to epoch {part.resumed_epoch} ({part.path.name})")
             checkpoint.remove()  # posterior.pt holds what it led to
     state.timed("train", start)
     history = posterior.history

@@ -300,7 +300,7 @@ class TSNPE:
             layout.finish_round(record)
             if checkpoint is not None:
                 self.reused += [f"round {r + 1}'s training up to epoch {part.resumed_epoch} (epochs over all rounds; "
-                                f"{part.path.name})" for part in checkpoint.parts() if part.resumed_epoch is not None]
+                                f"{part.path.name})" for part in checkpoint.resumed_parts()]
                 checkpoint.remove()  # the round's posterior.pt holds what it led to
         say(f"         {sims.summary()}; trained {record.epochs} epochs, best validation loss "
             f"{record.validation_loss:.3f}" + ("; the region covers (almost) the whole prior: truncation had no "

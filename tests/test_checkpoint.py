@@ -180,6 +180,7 @@ def test_the_flows_trained_after_the_first_keep_a_checkpoint_of_their_own(tmp_pa
     resumed = NPE(prior, ensemble="auto").fit(u, x, checkpoint=checkpoint, **options)
     first, members = checkpoint.parts()
     assert first.finished and members.path.name == "training.members.ckpt" and members.resumed_epoch > 0
+    assert checkpoint.resumed_parts() == [first, members] and Checkpoint(path).resumed_parts() == []
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
     checkpoint.remove()
