@@ -18,6 +18,7 @@ Usage:
         --settings hidden_features=50x50 hidden_features=100x100
     python examples/benchmark_npe_training.py --task slcp --simulations 10000 --settings "" --sbi --seeds 0 1 2
     python examples/benchmark_npe_training.py --task two_moons --simulations 1000 --settings "" compile=True
+    python examples/benchmark_npe_training.py --task two_moons --settings device=cuda device=cuda,ensemble=5
 
 CPU seconds count child processes too (running or finished): ``compile=True`` compiles in inductor's
 worker processes.
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     task = simulators.get(args.task)
     warm_up(task, with_sbi=args.sbi)
+    warm_up_devices(task, args.settings)
     for seed in args.seeds:
         test = simulate_from_prior(task.simulate, task.prior, args.test_size, seed=seed + 1234)
         test_theta, test_x = test.theta[test.valid], test.x[test.valid]
@@ -115,6 +117,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.sbi:
             emit(args.json, {**record, **run_sbi(task, theta, x, test_theta, test_x, seed=seed,
                                                     density_estimator=args.sbi_estimator)})
+
+
+def warm_up_devices(task, settings: list[str]) -> None:
+    """One untimed epoch on each device other than the CPU that a setting names (``device=cuda``): the first
+    CUDA call of a process creates its context and loads its kernels, which no setting should pay for."""
+    devices = {parse_setting(text).get("device") for text in settings} - {None, "cpu"}
+    if devices:
+        sims = simulate_from_prior(task.simulate, task.prior, 200, seed=999_999)
+        for device in sorted(devices):
+            NPE(task.prior, device=device).fit(sims.theta[sims.valid], sims.x[sims.valid], max_epochs=1,
+                                               progress=False)
 
 
 def tree_cpu_seconds() -> float:

@@ -120,7 +120,9 @@ class NPE:
             a box prior, unconstrained otherwise (the attribute ``space`` holds the resolved name).
         max_batch_elements: Rows per chunk in batched sampling/evaluation of the posterior (memory bound);
             None (default): the device's size (:func:`~sbiflows.posterior_batches.resolve_chunk_rows`).
-        device: Where to train; default: the device of the prior's samples.
+        device: Where to train; default: the device of the prior's samples. A prior on another device is
+            rebuilt on ``device`` (as :meth:`to` does; ``prior`` then holds the rebuilt one), so a CPU prior and
+            CPU simulations train on ``"cuda"`` as they are.
 
     Attributes:
         net, theta, x: Read-only: the trained network and all training rows so far (None before a fit).
@@ -169,8 +171,13 @@ class NPE:
         self.balancing = check_real(balancing, "balancing", low=0.0)
         self.coverage_penalty = check_real(coverage_penalty, "coverage_penalty", low=0.0)
         check_choice(space, "space", SPACE_OPTIONS)
-        self.prior = prior
         self._prior, self.theta_dim = check_prior(prior)
+        prior_on = prior_device(self._prior)
+        self.device = check_device(device) if device is not None else prior_on
+        if prior_on != self.device:  # e.g. a CPU prior with device="cuda": rebuilt there (or a ValueError)
+            prior = move_prior(prior, self.device)
+            self._prior = check_prior(prior)[0]
+        self.prior = prior
         self.space = resolve_space(self._prior.support, space)
         self._transformer, self.transforms, self.hidden_features = check_network_options(
             estimator, self.theta_dim, transformer=transformer, bins=bins, bound=bound, embedding_net=embedding_net,
@@ -179,7 +186,6 @@ class NPE:
         self.estimator, self.mixing, self.activation, self.embedding_net = estimator, mixing, activation, embedding_net
         self.max_batch_elements = check_int(max_batch_elements, "max_batch_elements", minimum=1,
                                             optional="the device's size")
-        self.device = check_device(device) if device is not None else prior_device(self._prior)
         self.dtype = torch.get_default_dtype()
         self.history: TrainingHistory | None = None
         self.histories: list[TrainingHistory] | None = None  # one per ensemble member

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributions import Independent, Uniform
+from torch.distributions import Independent, Normal, Uniform
 
 from sbiflows import NPE, load
 
@@ -36,6 +36,23 @@ def test_moving_records_the_device_and_keeps_the_original(box_posterior):
     assert moved.device.type == "meta" and box_posterior.device.type == "cpu"
 
 
+def test_a_prior_on_another_device_is_rebuilt_where_npe_trains():
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)  # (meta has no values to find a box's bounds)
+    npe = NPE(prior, device="meta")
+    assert npe.device.type == "meta" and npe.prior.base_dist.loc.device.type == "meta"
+    assert prior.base_dist.loc.device.type == "cpu"  # the user's prior is not changed
+    assert NPE(prior, device="cpu").prior is prior
+
+
+def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
+    class Custom(torch.distributions.Normal):  # not one of the classes a prior can be rebuilt from
+        def log_prob(self, value):
+            return super().log_prob(value) + 1.0
+
+    with pytest.raises(ValueError, match="cannot move a Independent prior to meta"):
+        NPE(Independent(Custom(torch.zeros(2), torch.ones(2)), 1), device="meta")
+
+
 @pytest.mark.gpu
 def test_cuda_round_trip_gives_the_same_numbers(box_posterior, tmp_path):
     x_o, theta = torch.zeros(2), torch.rand(50, 2) * 2 - 1
@@ -60,6 +77,19 @@ def test_npe_trains_on_cuda():
     posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
     assert posterior.device.type == "cuda"
     assert posterior.sample(100, x[0]).is_cuda
+
+
+@pytest.mark.gpu
+def test_a_cpu_prior_and_cpu_simulations_train_on_cuda_as_they_are():
+    prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
+    theta = prior.sample((500,))
+    x = (theta + 0.1 * torch.randn_like(theta)).numpy()  # a numpy simulator's output
+    posterior = NPE(prior, transforms=2, hidden_features=(16, 16), device="cuda").fit(theta, x, max_epochs=3,
+                                                                                     progress=False)
+    assert posterior.device.type == "cuda" and posterior.prior.base_dist.low.is_cuda
+    samples = posterior.sample(1000, x[0], seed=0)
+    assert samples.is_cuda and bool((samples.abs() < 1).all())
+    assert torch.isfinite(posterior.log_prob(theta[:10], x[0])).all()
 
 
 @pytest.mark.gpu
