@@ -29,23 +29,35 @@ def simulator(theta, seed):
     return theta + SIGMA * torch.randn(theta.shape, generator=torch.Generator().manual_seed(int(seed)))
 
 
+EXACT = X_O + SIGMA * torch.randn(5000, 2, generator=torch.Generator().manual_seed(99))
+
+
+def tsnpe_c2st(**options) -> tuple[float, list[float]]:
+    """C2ST of TSNPE (4 rounds of 500) against the exact posterior, and its rounds' truncated volumes."""
+    tsnpe = TSNPE(PRIOR, **options)
+    posterior = tsnpe.run(simulator, X_O, rounds=4, simulations=2000, seed=0, check_simulations=0)
+    return c2st(EXACT, posterior.sample(5000, seed=1), seed=0).accuracy, [round(r.volume, 5) for r in tsnpe.rounds]
+
+
 @pytest.mark.slow
 def test_tsnpe_reaches_the_exact_posterior_where_amortized_npe_does_not():
-    exact = X_O + SIGMA * torch.randn(5000, 2, generator=torch.Generator().manual_seed(99))
-    scores, volumes = {}, {}
-    for estimator in ("maf", None):  # the affine MAF, then TSNPE's default flow
-        tsnpe = TSNPE(PRIOR, **({} if estimator is None else {"estimator": estimator}))
-        posterior = tsnpe.run(simulator, X_O, rounds=4, simulations=2000, seed=0, check_simulations=0)
-        scores[estimator] = c2st(exact, posterior.sample(5000, seed=1), seed=0).accuracy
-        volumes[estimator] = [round(r.volume, 5) for r in tsnpe.rounds]
+    score, volumes = tsnpe_c2st(estimator="maf")
     sims = simulate_from_prior(simulator, PRIOR, 2000, seed=0)
     amortized = NPE(PRIOR).fit(sims.theta, sims.x, seed=0, progress=False)
-    single = c2st(exact, amortized.sample(5000, X_O, seed=1), seed=0).accuracy
-    print(f"C2ST against the exact posterior: TSNPE with the MAF {scores['maf']:.3f}, with the default flow "
-          f"{scores[None]:.3f}, amortized NPE {single:.3f}; volumes {volumes}")
-    assert all(v < 2e-3 for v in volumes["maf"][1:]) and all(v < 0.05 for v in volumes[None][1:])  # tiny regions
-    assert scores["maf"] <= 0.55
+    single = c2st(EXACT, amortized.sample(5000, X_O, seed=1), seed=0).accuracy
+    print(f"C2ST against the exact posterior: TSNPE with the MAF {score:.3f}, amortized NPE {single:.3f}; "
+          f"volumes {volumes}")
+    assert all(v < 2e-3 for v in volumes[1:])  # tiny regions after the first round
+    assert score <= 0.55
     assert single > 0.55
-    # the default (spline) flow is not as close as the MAF here (module docstring): 0.545-0.547 against amortized
-    # NPE's 0.597 on one machine, 0.572 against 0.574 on an AVX-512 one (other rounding, other training paths)
-    assert scores[None] <= single + 0.01
+
+
+@pytest.mark.slow
+def test_tsnpe_with_its_default_flow_narrows_onto_the_posterior():
+    """A test of its own (it takes as long as the MAF's and amortized NPE's together), so that the two run side
+    by side. The spline flow is not as close as the MAF here (module docstring): 0.545-0.572 on two machines,
+    where amortized NPE scored 0.574-0.597; 0.60 holds for those and fails a flow that did not narrow."""
+    score, volumes = tsnpe_c2st()
+    print(f"C2ST against the exact posterior: TSNPE with its default flow {score:.3f}; volumes {volumes}")
+    assert all(v < 0.05 for v in volumes[1:])
+    assert score <= 0.60
