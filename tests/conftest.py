@@ -32,10 +32,13 @@ def fresh_one_time_warnings():
 
 @pytest.fixture(autouse=True)
 def guard_torch_defaults():
-    """Fail a test that leaves torch's default dtype changed."""
-    dtype = torch.get_default_dtype()
+    """Fail a test that leaves torch's default dtype or device, or distributions' argument validation, changed
+    (a library call that flips one of them would change every later computation of the user's process)."""
+    defaults = (torch.get_default_dtype(), torch.get_default_device(), torch.distributions.Distribution._validate_args)
     yield
-    assert torch.get_default_dtype() == dtype, "test changed torch's default dtype"
+    after = (torch.get_default_dtype(), torch.get_default_device(), torch.distributions.Distribution._validate_args)
+    for name, before, now in zip(("default dtype", "default device", "Distribution validation"), defaults, after):
+        assert now == before, f"test changed torch's {name}: {before} -> {now}"
 
 
 def pytest_collection_modifyitems(config, items):
