@@ -65,7 +65,8 @@ def timed(function, *args, **kwargs):
 
 def run_ours_tsnpe(task, x_o, args, seed):
     tsnpe = TSNPE(task.prior, estimator=args.estimator, space=args.space, ensemble=args.ensemble)
-    fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops))
+    fit_options = {key: value for key, value in (("patience", args.patience), ("step_drops", args.step_drops),
+                                                 ("retrain_from_scratch", args.retrain_from_scratch or None))
                    if value is not None}
     truncation = {} if args.quantile is None else {"quantile": args.quantile}
     posterior = tsnpe.run(task.simulate, x_o, rounds=args.rounds, simulations=args.simulations, seed=seed,
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sbi-estimator", default="maf", help="sbi's density_estimator (default: sbi's, maf)")
     parser.add_argument("--patience", type=int, default=None, help="our TSNPE's per-round patience (default: TSNPE's)")
     parser.add_argument("--step-drops", type=int, default=None, help="our TSNPE's per-round step drops (default: NPE's)")
+    parser.add_argument("--retrain-from-scratch", action="store_true",
+                        help="our TSNPE trains a new network every round (fit option retrain_from_scratch)")
     parser.add_argument("--no-npe", action="store_true", help="skip the amortized NPE")
     parser.add_argument("--no-tsnpe", action="store_true", help="skip our TSNPE (e.g. to add sbi's to earlier records)")
     parser.add_argument("--space", default="auto", choices=list(SPACE_OPTIONS),
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
                       "observation": i, "estimator": args.estimator, "ensemble": args.ensemble, "patience": args.patience,
-                      "step_drops": args.step_drops, "first_round": args.first_round, "quantile": args.quantile,
+                      "step_drops": args.step_drops, "retrain_from_scratch": args.retrain_from_scratch, "first_round": args.first_round, "quantile": args.quantile,
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"
             if not args.no_tsnpe:

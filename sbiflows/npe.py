@@ -262,6 +262,7 @@ class NPE:
         num_threads: int | None = None,
         checkpoint: str | os.PathLike | Checkpoint | None = None,
         compile: bool = False,  # noqa: A002 - torch.compile's name
+        retrain_from_scratch: bool = False,
     ) -> Posterior:
         """Train on simulations and return the posterior.
 
@@ -306,6 +307,10 @@ class NPE:
                 this network and batch size (a few seconds afterwards, from inductor's cache on disk); worth it
                 for long fits and repeated fits of one size. The weights differ from an eager fit's by float32
                 rounding. If compiling fails, training warns and goes on eagerly.
+            retrain_from_scratch: On a refit, train a new network (new weights from ``seed``, its depth and
+                standardization from all rows so far, a new training history) instead of training on from
+                the last fit's weights, as sbi's option of this name; earlier fits' validation rows stay
+                validation rows. No effect on a first fit.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -328,6 +333,7 @@ class NPE:
         )
         seed = check_int(seed, "seed")
         compile = check_bool(compile, "compile")  # noqa: A001
+        fresh = check_bool(retrain_from_scratch, "retrain_from_scratch") or self._net is None
         checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,
                                                             "coverage_penalty": self.coverage_penalty},
                                    log=say_on_stderr if progress else None)
@@ -352,7 +358,7 @@ class NPE:
             if self.coverage_penalty > 0:
                 objective = CalibratedObjective(objective or negative_log_likelihood, weight=self.coverage_penalty,
                                                 seed=seed)
-            if self._net is None:
+            if fresh:
                 n_layers = default_transforms(n_train, self.theta_dim) if self.transforms is None else self.transforms
                 count = {"auto": AUTO_MEMBERS, **dict.fromkeys(SNAPSHOT_CHOICES, 1)}.get(self.ensemble, self.ensemble)
                 members = [build_network(u, x, seed=member_seed(seed, k), transforms=n_layers, device=self.device,
@@ -364,10 +370,9 @@ class NPE:
                 members = members_of(copy.deepcopy(self._net))
                 if self.ensemble in SNAPSHOT_CHOICES:  # train on from the best weights (the last member)
                     members = members[-1:]
-            # the first fit's check decides the number of flows ("auto") or whether to mix ("auto-snapshots")
-            auto = self.ensemble in ("auto", "auto-snapshots") and self._net is None
-            histories = ([TrainingHistory() for _ in members] if self.histories is None
-                         else copy.deepcopy(self.histories))
+            # a new network's check decides the number of flows ("auto") or whether to mix ("auto-snapshots")
+            auto = self.ensemble in ("auto", "auto-snapshots") and fresh
+            histories = [TrainingHistory() for _ in members] if fresh else copy.deepcopy(self.histories)
             history = histories[0]
             epochs_before = [h.epochs for h in histories]
             groups = duplicate_groups(theta, x)
@@ -399,7 +404,7 @@ class NPE:
                 # train_members() restored the best weights of the members it was training; members trained
                 # before (this fit or, on a refit, the previous one) are complete, members never trained are not.
                 trained = [k for k, h in enumerate(histories) if h.epochs > 0 and
-                           (h.epochs > epochs_before[k] or self._net is not None)]
+                           (h.epochs > epochs_before[k] or not fresh)]
                 if any(histories[k].epochs > epochs_before[k] for k in trained):
                     partial = mixture([members[k] for k in trained])
                     self.partial_posterior = partial_posterior(

@@ -268,7 +268,9 @@ class TSNPE:
         if sims.reused:
             self.reused.append(f"{sims.reused} of {len(theta)} simulations of round {r + 1} (read from its store)")
         _check_x_o(x_o, sims)
-        epochs_before = 0 if self.npe.history is None else self.npe.history.epochs
+        # a new network (retrain_from_scratch) starts a new history
+        epochs_before = 0 if self.npe.history is None or fit_options.get("retrain_from_scratch") else \
+            self.npe.history.epochs
         options = _fitting_batch(r, {"drop_patience": fit_options["patience"], **fit_options},
                                  rows=int(valid.sum()) + (0 if self.npe.theta is None else len(self.npe.theta)),
                                  failed=int((~valid).sum()))

@@ -185,6 +185,28 @@ def test_refit_accumulates_data_keeps_zscore_and_returns_independent_posteriors(
         npe.fit(theta[:10], torch.zeros(10, 3), **FAST)
 
 
+def test_retrain_from_scratch_trains_a_new_network_on_all_rows_and_keeps_the_validation_rows():
+    prior, theta, x = gaussian_problem(5600, dim=3)
+    options = {"hidden_features": (8,), "ensemble": 1}
+    npe = NPE(prior, **options)
+    npe.fit(theta[:600], x[:600], **FAST)
+    first_validation, shift = npe.validation.clone(), npe.net.x_shift.clone()
+    fresh = npe.fit(theta[600:], x[600:], seed=4, retrain_from_scratch=True, max_epochs=2, progress=False)
+    assert fresh.history.epochs == 2 and npe.history.epochs == 2  # a new history, not 3 + 2
+    assert fresh.config["transforms"] == 10  # its depth from all 5,600 rows (5 for the first fit's 540)
+    assert torch.equal(npe.validation[:600], first_validation)  # earlier validation rows stay validation rows
+    assert not torch.allclose(npe.net.x_shift, shift)  # standardized on all rows
+    with pytest.raises(TypeError, match="retrain_from_scratch"):
+        npe.fit(theta[:10], x[:10], retrain_from_scratch="yes", **FAST)
+
+
+def test_retrain_from_scratch_changes_nothing_on_a_first_fit():
+    prior, theta, x = box_problem(300)
+    plain = NPE(prior, hidden_features=(8,)).fit(theta, x, **FAST)
+    fresh = NPE(prior, hidden_features=(8,)).fit(theta, x, retrain_from_scratch=True, **FAST)
+    assert torch.equal(plain.log_prob(theta[:20], x[0]), fresh.log_prob(theta[:20], x[0]))
+
+
 # -------------------------------------------------------------------------- failed fits roll back
 #: name -> (fit options, (call of training._evaluate to sabotage, what it does), error, message)
 FAILURES = {

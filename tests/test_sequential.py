@@ -213,6 +213,24 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert MODE["calls"] == 0 and "prior_identity" in json.loads((store / "tsnpe.json").read_text())["settings"]
 
 
+def test_rounds_that_retrain_from_scratch_record_their_own_epochs_and_resume_exactly(tmp_path):
+    fit_options = {"max_epochs": 30, "retrain_from_scratch": True}
+    options = {"rounds": 3, "simulations": 900, "seed": 4, "check_simulations": 0, "batch_size": 300,
+               **dict(FAST, fit_options=fit_options)}
+    uninterrupted = TSNPE(PRIOR, **SMALL)
+    reference = uninterrupted.run(simulator, X_O, **options)
+    assert [r.epochs for r in uninterrupted.rounds] == [30, 30, 30]  # each round a new network and history
+    assert uninterrupted.npe.history.epochs == 30 and uninterrupted.rounds[-1].volume < 0.1
+    MODE.update(mode="interrupt", calls=0, from_call=2)  # Ctrl-C during round 2
+    store = tmp_path / "run"
+    with pytest.raises(SimulationInterrupted):
+        TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
+    MODE.update(mode="ok", calls=0)
+    resumed = TSNPE(PRIOR, **SMALL).run(simulator, X_O, store=store, **options)
+    assert MODE["calls"] == 1
+    assert torch.allclose(resumed.sample(200, seed=0), reference.sample(200, seed=0), atol=1e-5)
+
+
 def test_bad_inputs(tmp_path):
     tsnpe = TSNPE(PRIOR, **SMALL)
     run = tsnpe.run
