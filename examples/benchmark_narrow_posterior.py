@@ -10,6 +10,7 @@ and the affine MAF differ most.
 Usage:
     python examples/benchmark_narrow_posterior.py --estimators maf nsf --seeds 0 1
     python examples/benchmark_narrow_posterior.py --estimators maf nsf --seeds 0 1 --noise 0.02
+    python examples/benchmark_narrow_posterior.py --estimators nsf --seeds 0 1 --noise 0.02 --retrain-from-scratch
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimators", nargs="+", default=["maf", "nsf"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--noise", type=float, default=SIGMA, help="the simulator's noise: the posterior's std")
+    parser.add_argument("--retrain-from-scratch", action="store_true",
+                        help="TSNPE trains a new network every round (fit option retrain_from_scratch)")
     parser.add_argument("--json", default=None, help="append one JSON record per estimator and seed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -56,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
             tsnpe = TSNPE(prior, estimator=estimator)
             start = time.process_time()
             posterior = tsnpe.run(simulate, X_O, rounds=4, simulations=2000, seed=seed, check_simulations=0,
-                                  progress=False)
+                                  progress=False, fit_options={"retrain_from_scratch": args.retrain_from_scratch})
             sequential = c2st(exact, posterior.sample(5000, seed=seed + 1), seed=0).accuracy
             emit(args.json, {"estimator": estimator, "noise": args.noise, "seed": seed,
+                             "retrain_from_scratch": args.retrain_from_scratch,
                              "amortized_c2st": round(single, 3), "tsnpe_c2st": round(sequential, 3),
                              "volumes": [round(r.volume, 5) for r in tsnpe.rounds],
                              "amortized_cpu_s": round(npe_cpu, 1), "tsnpe_cpu_s": round(time.process_time() - start, 1)})

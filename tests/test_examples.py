@@ -220,6 +220,20 @@ def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys, monke
     assert 0.9 <= later["reference_inside"] <= 1.0 and 0.9 <= later["samples_inside"] <= 1.0
     assert 0.5 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.5 <= record["ours_npe"]["c2st"] <= 1.0
     assert "ours_npe" in capsys.readouterr().out
+    assert "retrain_from_scratch" not in calls[0]["fit_options"] and record["retrain_from_scratch"] is False
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, *args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(TSNPE, "run", stop)
+    with pytest.raises(Stop):
+        load_example("benchmark_tsnpe").main(["--task", "two_moons", "--simulations", "300", "--observations", "1",
+                                              "--no-sbi", "--no-npe", "--retrain-from-scratch"])
+    assert calls[-1]["fit_options"] == {"retrain_from_scratch": True}
 
 
 def test_npe_benchmark_records_how_training_stopped(tmp_path):
