@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             x_o, reference = task.observation(i), task.reference_posterior(i, args.num_samples)
             record = {"task": args.task, "simulations": args.simulations, "rounds": args.rounds, "seed": seed,
                       "observation": i, "estimator": args.estimator, "ensemble": args.ensemble, "patience": args.patience,
-                      "step_drops": args.step_drops, "retrain_from_scratch": args.retrain_from_scratch, "first_round": args.first_round, "quantile": args.quantile,
+                      "step_drops": args.step_drops, "retrain_from_scratch": args.retrain_from_scratch,
+                      "first_round": args.first_round, "quantile": args.quantile,
                       "space": resolve_space(task.prior.support, args.space)}
             line = f"seed {seed} obs {i}:"
             if not args.no_tsnpe:

@@ -12,7 +12,8 @@ device=${DEVICE:-cuda}
 simulations=${SIMULATIONS:-10000}
 mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/examples${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-bench=(python3 examples/benchmark_npe_training.py --simulations "$simulations" --seeds 0 --test-size "${TEST_SIZE:-2000}")
+bench=(python3 examples/benchmark_npe_training.py --simulations "$simulations" --seeds 0
+       --test-size "${TEST_SIZE:-2000}")
 
 {
   date -u
@@ -31,7 +32,8 @@ echo "pytest exit $?" >> "$out/pytest_gpu.log"
 (timeout 330 "${bench[@]}" --task slcp_distractors --settings "" --json "$out/train.jsonl" > "$out/cpu2.log" 2>&1) &
 timeout 180 "${bench[@]}" --task two_moons --settings "device=$device" "device=$device,ensemble=5" \
   --json "$out/train.jsonl" > "$out/gpu.log" 2>&1
-timeout 120 "${bench[@]}" --task slcp_distractors --settings "device=$device" --json "$out/train.jsonl" >> "$out/gpu.log" 2>&1
+timeout 120 "${bench[@]}" --task slcp_distractors --settings "device=$device" --json "$out/train.jsonl" \
+  >> "$out/gpu.log" 2>&1
 timeout 100 "${bench[@]}" --task two_moons --settings "device=$device,compile=True" --json "$out/train.jsonl" \
   >> "$out/gpu.log" 2>&1
 echo "gpu steps done $(date -u)" >> "$out/gpu.log"
