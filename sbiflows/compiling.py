@@ -21,11 +21,13 @@ weights than an eager one; the same compiled fit made again trains to the same w
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.distributions import Distribution
 
 __all__ = ["COMPILE_OPTIONS", "CompiledObjective", "compiled_objective"]
 
@@ -54,16 +56,18 @@ class CompiledObjective:
         self.batch_size = batch_size
         self.failed: BaseException | None = None
         self._warm = False  # True once the first compiled call returned
-        self._compiled = torch.compile(objective, dynamic=False, options=dict(COMPILE_OPTIONS))
+        with _validation_as_dynamo_sets_it():  # torch.compile turns it off on a process's first call
+            self._compiled = torch.compile(objective, dynamic=False, options=dict(COMPILE_OPTIONS))
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.failed is None and args[-1].shape[-1] == self.batch_size:  # the rows: full batches only
             try:
-                if self._warm:
-                    return self._compiled(*args)
-                with warnings.catch_warnings():  # torch's own deprecation notices while it compiles: not the user's
-                    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
-                    loss = self._compiled(*args)
+                with _validation_as_dynamo_sets_it():
+                    if self._warm:
+                        return self._compiled(*args)
+                    with warnings.catch_warnings():  # torch's deprecation notices while it compiles: not the user's
+                        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+                        loss = self._compiled(*args)
                 self._warm = True
                 return loss
             except Exception as error:  # noqa: BLE001 - any compile failure: go on eagerly, never lose the fit
@@ -72,6 +76,23 @@ class CompiledObjective:
                 warnings.warn(f"could not compile the training step ({type(error).__name__}: {first_line:.200}); "
                               "training goes on without compiling", RuntimeWarning, stacklevel=2)
         return self.objective(*args)
+
+
+@contextlib.contextmanager
+def _validation_as_dynamo_sets_it() -> Iterator[None]:
+    """Keep the user's ``torch.distributions`` argument validation outside compiled calls.
+
+    A process's first ``torch.compile(...)`` turns validation off for the whole process, for good (dynamo's
+    ``TorchPatcher``, so that tracing meets no checks). Inside this context (that call, and every compiled
+    call) validation is off, as dynamo expects; on leaving it, the setting from before is back, so
+    ``fit(compile=True)`` leaves the user's distributions validating as they did.
+    """
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(before)
 
 
 def compiled_objective(objective: Callable[..., torch.Tensor], *, batch_size: int, enabled: bool
