@@ -376,7 +376,10 @@ class NPE:
             history = histories[0]
             epochs_before = [h.epochs for h in histories]
             groups = duplicate_groups(theta, x)
-            masks, fixed = fit_validation(self._validation, len(theta), validation_fraction, groups=groups,
+            earlier = self._validation
+            if earlier is not None and len(earlier) < len(members):  # new flows of "auto" after it kept one
+                earlier = earlier + earlier[:1] * (len(members) - len(earlier))
+            masks, fixed = fit_validation(earlier, len(theta), validation_fraction, groups=groups,
                                           seeds=[member_seed(seed, k) for k in range(len(members))])
             # against the split that trains (a refit keeps earlier rows on their side; duplicates move the cut)
             check_batch_fits(checked_batch, n_train=min(int((~mask).sum()) for mask in masks), rows=len(theta),

@@ -200,6 +200,17 @@ def test_retrain_from_scratch_trains_a_new_network_on_all_rows_and_keeps_the_val
         npe.fit(theta[:10], x[:10], retrain_from_scratch="yes", **FAST)
 
 
+def test_retrain_from_scratch_of_an_auto_ensemble_that_kept_one_flow_trains_its_flows():
+    prior, theta, x = box_problem(600)
+    npe = NPE(prior, ensemble="auto", hidden_features=(8,))
+    npe.fit(theta[:300], x[:300], **FAST)
+    kept = len(npe.validations)
+    posterior = npe.fit(theta[300:], x[300:], retrain_from_scratch=True, **FAST)
+    assert len(npe.validations) == len(npe.histories) in (1, 3) and kept in (1, 3)
+    assert all(torch.equal(mask[:300], npe.validation[:300]) or kept == 3 for mask in npe.validations)
+    assert torch.isfinite(posterior.log_prob(theta[:5], x[0])).all()
+
+
 def test_retrain_from_scratch_changes_nothing_on_a_first_fit():
     prior, theta, x = box_problem(300)
     plain = NPE(prior, hidden_features=(8,)).fit(theta, x, **FAST)
