@@ -320,6 +320,7 @@ def _setup(args: argparse.Namespace) -> Job:
         step_drops=args.step_drops,
         drop_patience=args.drop_patience,
         compile=args.compile,
+        retrain_from_scratch=args.retrain_from_scratch,
         progress=not args.quiet,
         batch_size=args.batch_size,
         workers=args.workers,

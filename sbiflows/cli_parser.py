@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--drop-patience", type=_positive_int, default=None, metavar="EPOCHS",
                      help="epochs a step drop gets to improve before training stops (default: NPE's, 10; with "
                           "--rounds, the round's --patience)")
+    fit.add_argument("--retrain-from-scratch", action="store_true",
+                     help="with --rounds: train a new network every round on all rounds' simulations (weights, "
+                     "depth and standardization anew) instead of training round 1's on; clearly better where the "
+                     "posterior is far narrower than the prior, within the noise on two_moons, at 1.0-1.7x the CPU "
+                     "time (docs/benchmarks.md, 'A new network every round')")
     fit.add_argument("--compile", action="store_true",
                      help="train with torch.compile: a step in about a third of the time, after a one-time compile "
                           "(about 30 s the first time this machine sees the network and batch size, seconds after "

@@ -116,6 +116,7 @@ class Job:
     step_drops: int | None = None  # None: NPE's default
     drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
     compile: bool = False  # train with torch.compile (sbiflows.compiling)
+    retrain_from_scratch: bool = False  # rounds > 1 only: a new network every round (NPE.fit's option)
     progress: bool = True
     batch_size: int = 100
     vectorized: bool = True
@@ -134,6 +135,11 @@ class Job:
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         self.drop_patience = check_int(self.drop_patience, "drop_patience", minimum=1, optional="NPE's default")
         self.compile = check_bool(self.compile, "compile")
+        self.retrain_from_scratch = check_bool(self.retrain_from_scratch, "retrain_from_scratch")
+        if self.retrain_from_scratch and self.rounds == 1:
+            raise ValueError("retrain_from_scratch (--retrain-from-scratch) trains a new network in every round of "
+                             "a sequential run and needs rounds > 1 (--rounds R), got rounds=1: an amortized run "
+                             "trains one network once")
         if self.estimator is None:
             self.estimator = DEFAULT_ESTIMATOR
         check_mixing(self.estimator, self.mixing)
@@ -166,10 +172,11 @@ class Job:
     @property
     def fit_options(self) -> dict:
         """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience``,
-        ``step_drops`` and ``drop_patience`` only where given, and ``compile`` only where True, so that runs
-        which leave them at the defaults keep their settings)."""
+        ``step_drops`` and ``drop_patience`` only where given, ``compile`` and ``retrain_from_scratch`` only where
+        True, so that runs which leave them at the defaults keep their settings)."""
         chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops,
-                  "drop_patience": self.drop_patience, "compile": self.compile or None}
+                  "drop_patience": self.drop_patience, "compile": self.compile or None,
+                  "retrain_from_scratch": self.retrain_from_scratch or None}
         return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property

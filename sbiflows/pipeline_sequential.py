@@ -130,8 +130,10 @@ def fit(state) -> Posterior:
         f"simulations; {failed} failed or invalid",
         invalid_simulations=failed,
     )
-    # each round's fit continues the last: the history counts epochs from the first round on
-    state.report["training"] = {**training_record(posterior.history), "round_epochs": [r.epochs for r in tsnpe.rounds]}
+    # each round's fit continues the last, and the history counts epochs from the first round on; with
+    # retrain_from_scratch each round trains a new network, and the history is the last round's
+    state.report["training"] = {**training_record(posterior.history), "round_epochs": [r.epochs for r in tsnpe.rounds],
+                                **({"new_network_each_round": True} if job.retrain_from_scratch else {})}
     return posterior
 
 

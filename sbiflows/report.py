@@ -233,10 +233,15 @@ def _epochs(training: dict) -> str:
         '162 epochs over 2 rounds (92, 70), best epoch 101 (counted from 0 over all rounds: epoch 9 of round 2)'
         >>> _epochs({"epochs": 50, "best_epoch": 40})
         '50 epochs, best epoch 40'
+        >>> _epochs({"epochs": 70, "best_epoch": 48, "round_epochs": [92, 70], "new_network_each_round": True})
+        '162 epochs over 2 rounds (92, 70), a new network each round; best epoch 48 of round 2'
     """
     rounds, best = training.get("round_epochs"), training["best_epoch"]
     if not rounds:
         return f"{training['epochs']} epochs, best epoch {best}"
+    if training.get("new_network_each_round"):  # the history is the last round's
+        return (f"{sum(rounds)} epochs over {len(rounds)} rounds ({', '.join(map(str, rounds))}), a new network each "
+                f"round; best epoch {best} of round {len(rounds)}")
     start, index = 0, 0
     for index, count in enumerate(rounds):  # the round whose epochs hold the best one
         if best < start + count:

@@ -24,6 +24,8 @@ SMALL = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets
          "at least one simulation per round"),
         (["fit", "two_moons", "--rounds", "2", "--observations", "1", "--balancing", "100"],
          "TSNPE does not take balancing (balanced NPE), got balancing=100.0"),
+        (["fit", "two_moons", "--retrain-from-scratch"], "retrain_from_scratch (--retrain-from-scratch) trains a new "
+         "network in every round of a sequential run and needs rounds > 1 (--rounds R), got rounds=1"),
     ],
 )
 def test_bad_rounds_give_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
@@ -117,3 +119,38 @@ def test_a_posterior_that_mixes_flows_already_is_not_advised_an_ensemble_of_thre
     for verdict in ("over-confident", "biased"):
         assert "--ensemble 3" not in sequential_advice(verdict, 3) and "ensemble=3" not in sequential_advice(verdict, 3)
         assert "--ensemble 3" in sequential_advice(verdict, 1)
+
+
+def test_retrain_from_scratch_reaches_every_round_and_the_run_settings(tmp_path):
+    from sbiflows.cli import _setup
+    from sbiflows.cli_parser import build_parser
+
+    argv = ["fit", "two_moons", "--rounds", "2", "--observations", "1", "--out", str(tmp_path / "x")]
+    job = _setup(build_parser().parse_args([*argv, "--retrain-from-scratch"]))
+    assert job.fit_options["retrain_from_scratch"] is True and job.settings()["retrain_from_scratch"] is True
+    plain = _setup(build_parser().parse_args(argv))
+    assert "retrain_from_scratch" not in plain.fit_options and "retrain_from_scratch" not in plain.settings()
+
+
+@pytest.mark.slow
+def test_fit_with_rounds_and_a_new_network_every_round_reports_each_rounds_epochs(tmp_path, monkeypatch):
+    from sbiflows import NPE
+
+    seen = []
+    fit = NPE.fit
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("retrain_from_scratch"))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(NPE, "fit", recording)
+    out = tmp_path / "run"
+    argv = ["fit", "two_moons", "--out", str(out), "--observations", "2", "--rounds", "2", "--retrain-from-scratch"]
+    assert main([*argv, *SMALL]) == 0
+    assert seen == [True, True]
+    report = json.loads((out / "report.json").read_text())
+    epochs = [r["epochs"] for r in report["rounds"]]
+    assert report["training"]["new_network_each_round"] is True
+    assert report["training"]["epochs"] == epochs[-1]  # the final network's own history: the last round's
+    assert (f"{sum(epochs)} epochs over 2 rounds ({epochs[0]}, {epochs[1]}), a new network each round; best epoch "
+            f"{report['training']['best_epoch']} of round 2") in (out / "report.md").read_text()
