@@ -371,3 +371,20 @@ def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monke
         assert record[f"{job}_131072_cpu_ratio"] == 1.0 and record[f"{job}_700_cpu_seconds"] > 0
     for job in ("check", "sample", "log_prob"):  # seeded: the same noise; rounding of other batch sizes only
         assert record[f"{job}_700_max_difference"] < 1e-3
+
+
+def test_refit_standardization_probe_z_scores_the_region_variant_on_the_last_rounds_rows(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(EXAMPLES.parents[0]))
+    probe = load_example("probe_refit_standardization")
+    theta, x = torch.rand(300, 2) * 2 - 1, torch.randn(300, 2)
+    theta[-100:] = theta[-100:] * 0.1 + 0.5  # the "last round": a small region
+    prior = torch.distributions.Independent(torch.distributions.Uniform(-torch.ones(2), torch.ones(2)), 1)
+    region = probe.refit(theta, x, prior, seed=0, last_rows=100, max_epochs=2)
+    everywhere = probe.refit(theta, x, prior, seed=0, last_rows=None, max_epochs=2)
+    assert torch.allclose(region.net.u_shift, theta[-100:].mean(0), atol=1e-5)
+    assert torch.allclose(everywhere.net.u_shift, theta.mean(0), atol=1e-5)
+    from sbiflows.estimator import PosteriorNet
+
+    assert PosteriorNet.set_standardization.__name__ == "set_standardization"  # the library's method is back
