@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--retrain-from-scratch", action="store_true",
                      help="with --rounds: train a new network every round on all rounds' simulations (weights, "
                      "depth and standardization anew) instead of training round 1's on; clearly better where the "
-                     "posterior is far narrower than the prior, within the noise on two_moons, at 1.0-1.7x the CPU "
+                     "posterior is far narrower than the prior, within the noise on the sbibm tasks, at 1.0-1.7x the CPU "
                      "time (docs/benchmarks.md, 'A new network every round')")
     fit.add_argument("--compile", action="store_true",
                      help="train with torch.compile: a step in about a third of the time, after a one-time compile "
