@@ -373,10 +373,9 @@ def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monke
         assert record[f"{job}_700_max_difference"] < 1e-3
 
 
-def test_refit_standardization_probe_z_scores_the_region_variant_on_the_last_rounds_rows(monkeypatch):
+def test_refit_standardization_probe_z_scores_the_region_variant_on_the_last_rounds_rows():
     import torch
 
-    monkeypatch.syspath_prepend(str(EXAMPLES.parents[0]))
     probe = load_example("probe_refit_standardization")
     theta, x = torch.rand(300, 2) * 2 - 1, torch.randn(300, 2)
     theta[-100:] = theta[-100:] * 0.1 + 0.5  # the "last round": a small region

@@ -204,10 +204,11 @@ def test_retrain_from_scratch_of_an_auto_ensemble_that_kept_one_flow_trains_its_
     prior, theta, x = box_problem(600)
     npe = NPE(prior, ensemble="auto", hidden_features=(8,))
     npe.fit(theta[:300], x[:300], **FAST)
-    kept = len(npe.validations)
+    assert len(npe.validations) == 1  # the case under test: the first fit kept one flow
+    first = npe.validation.clone()
     posterior = npe.fit(theta[300:], x[300:], retrain_from_scratch=True, **FAST)
-    assert len(npe.validations) == len(npe.histories) in (1, 3) and kept in (1, 3)
-    assert all(torch.equal(mask[:300], npe.validation[:300]) or kept == 3 for mask in npe.validations)
+    assert len(npe.validations) == len(npe.histories) in (1, 3)
+    assert all(torch.equal(mask[:300], first) for mask in npe.validations)  # earlier rows stay on their side
     assert torch.isfinite(posterior.log_prob(theta[:5], x[0])).all()
 
 
