@@ -1,7 +1,8 @@
 """The ``sbiflows`` command line: from a simulator to a calibrated posterior and a report.
 
 :func:`main` parses the arguments (:mod:`sbiflows.cli_parser`), resolves the simulator, prior and
-observations (:mod:`sbiflows.cli_observations`) into a :class:`~sbiflows.pipeline.Job` and runs it.
+observations (:mod:`sbiflows.cli_observations`) into a :class:`~sbiflows.pipeline_job.Job` and runs it
+(:func:`sbiflows.pipeline.run`).
 
 Examples:
     sbiflows fit two_moons --simulations 10000 --out runs/two_moons
@@ -40,7 +41,7 @@ from sbiflows.estimator import DEFAULT_ESTIMATOR, resolve_transformer
 from sbiflows.threads import torch_threads
 
 if TYPE_CHECKING:
-    from sbiflows.pipeline import Job, Observation
+    from sbiflows.pipeline_job import Job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,9 +194,9 @@ def _dask_client(address: str):
 
 
 def _setup(args: argparse.Namespace) -> Job:
-    from sbiflows.pipeline import Job, Observation  # noqa: F811 - the module imports matplotlib: only for fit
-
     """Resolve the task or user simulator, the observations and the options; ValueError on bad input."""
+    from sbiflows.pipeline_job import Job, Observation  # noqa: F811 - imported here: only for fit
+
     task = None
     if args.simulator or args.prior:
         if args.task:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from sbiflows.pipeline import Observation
+    from sbiflows.pipeline_job import Observation
 
 
 def _parse_indices(text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""The checks of a :class:`sbiflows.pipeline.Job` that run before anything is simulated: counts, choices,
+"""The checks of a :class:`sbiflows.pipeline_job.Job` that run before anything is simulated: counts, choices,
 the flow's options and the observations, so that a bad job fails in a line, not after its simulations.
 (That the observations have the simulator's x shape is checked right after simulating, before training:
 :func:`check_observation_shapes`.)"""
@@ -29,7 +29,7 @@ def check_job(job) -> None:
 
     Example:
         >>> import simulators
-        >>> from sbiflows.pipeline import Job, Observation
+        >>> from sbiflows.pipeline_job import Job, Observation
         >>> task = simulators.get("two_moons")
         >>> Job(name="t", simulator=task.simulate, prior=task.prior, out="unused", num_samples=0,
         ...     observations=[Observation("obs1", task.observation(1))])  # doctest: +ELLIPSIS
