@@ -58,6 +58,7 @@ def test_training_with_an_objective_minimizes_it():
     assert after < before - 0.05 and history.epochs >= 1
 
 
+@pytest.mark.slow  # about a minute: most of it the box's normalizer of log_prob at 2,000 held-out x
 def test_balanced_npe_is_more_balanced_than_plain_npe_on_held_out_pairs():
     theta, x = data(100)  # few rows and a large flow trained long: plain NPE is visibly unbalanced
     held_theta, held_x = data(2000, seed=1)

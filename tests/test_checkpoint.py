@@ -201,7 +201,8 @@ def test_sbiflows_fit_resumes_a_stopped_training_from_its_checkpoint(tmp_path, m
     from sbiflows.posterior import load
 
     small = ["two_moons", "--simulations", "600", "--num-samples", "200", "--calibration-datasets", "100",
-             "--calibration-samples", "100", "--c2st-samples", "200", "--max-epochs", "12", "--quiet"]
+             "--calibration-samples", "100", "--c2st-samples", "200", "--max-epochs", "12", "--quiet",
+             "--observations", "1"]
     assert main(["fit", *small, "--out", str(tmp_path / "plain")]) == 0
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:

@@ -227,6 +227,7 @@ def test_sbiflows_fit_stopped_by_sigterm_in_training_resumes_from_that_epoch(tmp
 
     small = ["two_moons", "--simulations", "600", "--num-samples", "200", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "200", "--max-epochs", "12", "--quiet",
+             "--observations", "1",
              "--out", str(tmp_path)]
     with monkeypatch.context() as patch:
         signal_at(patch, training, "negative_log_likelihood", (50,), signal.SIGTERM)

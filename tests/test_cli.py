@@ -464,16 +464,18 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path, stop, 
     """Ctrl-C left an empty folder; now finished chunks stay in the store and a rerun only adds the rest. SIGTERM
     (a plain kill, a scheduler's time limit) stops the run the same way, with exit code 143."""
     (tmp_path / "slowmodel.py").write_text(textwrap.dedent("""
-        import time
+        import os, time
         import torch
         from torch.distributions import Independent, Normal
 
         prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
 
         def simulate(theta, seed):
-            time.sleep(0.3)  # 60 chunks take about 9 s on 2 workers: Ctrl-C lands mid-simulation even on a loaded CPU
+            if os.path.exists("slow"):  # until the stop: the rerun's calibration and predictive checks need no wait
+                time.sleep(0.3)  # 60 chunks take about 9 s on 2 workers: the stop lands mid-simulation even when loaded
             return theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
     """))
+    (tmp_path / "slow").touch()
     (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
     out = tmp_path / "run"
     # As from a terminal: a test runner started in the background of a non-interactive shell ignores SIGINT,
@@ -493,6 +495,7 @@ def test_ctrl_c_during_simulation_then_the_same_command_resumes(tmp_path, stop, 
     assert word in stderr and "run the same command again to resume" in stderr
     kept = len(list(out.glob("simulations.zarr/records/*.json")))
     assert 10 <= kept < 60
+    (tmp_path / "slow").unlink()
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     assert f"reused {10 * kept} finished simulations" in finished.stdout
