@@ -11,7 +11,7 @@ def pytest_configure(config):
     """Small networks train fastest single-threaded; two xdist workers then use the two cores. Unless the command
     line says otherwise, xdist hands the workers one test at a time (``--maxschedchunk 1``): the slow tests run
     first (:func:`pytest_collection_modifyitems`) and spread over both workers instead of landing in the first
-    worker's opening batch of a quarter of the suite."""
+    worker's opening batch (an eighth of the suite, by xdist's default)."""
     torch.set_num_threads(1)
     if getattr(config.option, "maxschedchunk", 0) is None:  # xdist installed, the option not given
         config.option.maxschedchunk = 1
