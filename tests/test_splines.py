@@ -127,7 +127,10 @@ def test_bin_softmax_written_out_matches_torch_in_value_and_gradient(dtype, scal
 
 
 def test_spline_values_do_not_depend_on_the_batch_size():
-    """600 rows at once (written-out softmax) give the values of 100-row chunks (torch's softmax)."""
+    """600 rows at once (written-out softmax) give the values of 100-row chunks (torch's softmax).
+
+    To rounding: the inverse's log-determinant at these saturated parameters (scale 3) differs by up to
+    2e-12 (float64), the softmax's last-bit differences amplified by bins near the minimum size."""
     params = spline_params(600, scale=3.0)
     x = 2 * BOUND * torch.rand(600, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - BOUND
     rows = 600 * 2 >= transformers.SOFTMAX_ROWS_WRITTEN_OUT > 100 * 2  # widths and heights: 2 rows each
@@ -136,7 +139,7 @@ def test_spline_values_do_not_depend_on_the_batch_size():
         whole = direction(x, params)
         chunks = [direction(xs, ps) for xs, ps in zip(x.split(100), params.split(100))]
         for got, parts in zip(whole, zip(*chunks)):
-            torch.testing.assert_close(got, torch.cat(parts), atol=1e-12, rtol=0)
+            torch.testing.assert_close(got, torch.cat(parts), atol=1e-11, rtol=0)
 
 
 SPLINE_LAYERS = {

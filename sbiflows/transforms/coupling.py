@@ -44,6 +44,22 @@ def bit_mask(features: int, *, layer: int) -> Tensor:
     return (torch.arange(features) >> digit) % 2 == layer % 2
 
 
+def _as_slice(indices: Tensor) -> slice | None:
+    """``indices`` (sorted, non-empty) as an equivalent slice if they are evenly spaced, else None.
+
+    Example:
+        >>> _as_slice(torch.tensor([1, 3, 5])), _as_slice(torch.tensor([0, 1, 3]))
+        (slice(1, 6, 2), None)
+    """
+    values = indices.tolist()
+    if not values:
+        return None
+    step = values[1] - values[0] if len(values) > 1 else 1
+    if step < 1 or values != list(range(values[0], values[-1] + 1, step)):
+        return None
+    return slice(values[0], values[-1] + 1, step)
+
+
 class _Coupling(Transform):
     """Shared mechanics: split by ``mask`` into ``x1`` (kept) and ``x2`` (transformed by ``x1`` and context).
 
@@ -82,10 +98,20 @@ class _Coupling(Transform):
         self.register_buffer("identity_idx", torch.nonzero(mask).squeeze(-1))
         self.register_buffer("transform_idx", torch.nonzero(~mask).squeeze(-1))
         n_id, n_tr = len(self.identity_idx), len(self.transform_idx)
+        self._set_slices()
         self.conditioner = MLP(
             n_id + context_features, self.params_per_feature * n_tr, hidden_features,
             activation=activation, zero_last=True,
         )
+
+    def _set_slices(self) -> None:
+        """The halves as strided slices (views) where the index buffers allow, as alternating masks do:
+        cheaper than indexing on small batches. Set again whenever a state dict is loaded."""
+        self._identity_slice, self._transform_slice = _as_slice(self.identity_idx), _as_slice(self.transform_idx)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._set_slices()  # a loaded mask is followed
 
     def _conditioner(self, x1: Tensor, context: Tensor | None) -> Tensor:
         inputs = x1 if context is None else torch.cat([x1, context], dim=-1)
@@ -93,7 +119,8 @@ class _Coupling(Transform):
 
     def _transform(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         context = self._context(x, context)
-        x1, x2 = x[..., self.identity_idx], x[..., self.transform_idx]
+        x1 = x[..., self._identity_slice] if self._identity_slice is not None else x[..., self.identity_idx]
+        x2 = x[..., self._transform_slice] if self._transform_slice is not None else x[..., self.transform_idx]
         y2, logdet = self._couple(x2, self._conditioner(x1, context), inverse)
         return x.index_copy(-1, self.transform_idx, y2), logdet  # one op: x with the moved half replaced
 

@@ -162,37 +162,60 @@ class RationalQuadraticSpline(Transformer):
         self.num_params = 3 * self.bins - 1
         # softplus(raw + shift) + MIN_DERIVATIVE == 1 at raw == 0
         self._derivative_shift = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
+        self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"RationalQuadraticSpline(bins={self.bins}, bound={self.bound})"
 
+    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per dtype and device: the knots' scales and offsets, and the offsets ``[0, 1]`` of a bin's two knots.
+
+        Knot ``j`` of ``K + 1`` sits at ``-B + 2B (MIN_BIN_SIZE * j + (1 - MIN_BIN_SIZE * K) * c_j)``
+        with ``c_j`` the cumulative softmax below it; the scale and offset of the end knots are
+        ``(0, -B)`` and ``(0, B)``, so they are exactly ``-B`` and ``B`` whatever the rounding.
+        """
+        key = (like.dtype, like.device)
+        constants = self._cache.get(key)
+        if constants is None:
+            k, bound = self.bins, self.bound
+            scale = torch.full((k + 1,), 2 * bound * (1 - MIN_BIN_SIZE * k), dtype=like.dtype, device=like.device)
+            scale[0] = scale[-1] = 0.0
+            offset = torch.arange(k + 1, dtype=torch.float64) * (2 * bound * MIN_BIN_SIZE) - bound
+            offset[0], offset[-1] = -bound, bound
+            ends = torch.arange(2, device=like.device)
+            constants = self._cache[key] = (scale, offset.to(like.dtype).to(like.device), ends)
+        return constants
+
     def _knots(self, params: Tensor) -> Tensor:
         """The knots as one ``(*, 3, K+1)`` table: positions in x, positions in y, derivatives.
 
-        The end knots are exactly ``-bound`` and ``bound`` (fractions 0 and 1 of the interval), so the
-        spline meets the identity tails there whatever the rounding of the cumulative sums.
+        The end knots are exactly ``-bound`` and ``bound``, so the spline meets the identity tails
+        there (:meth:`_constants`). Written with few operations: on small batches a training step
+        costs what its operations' fixed costs add up to.
         """
-        k, bound = self.bins, self.bound
+        k = self.bins
+        scale, offset, _ = self._constants(params)
         # widths and heights as one (*, 2, K) softmax and cumsum: fewer autograd nodes than two passes
-        sizes = _softmax_rows(params[..., : 2 * k].unflatten(-1, (2, k))) * (1 - MIN_BIN_SIZE * k) + MIN_BIN_SIZE
-        inner = torch.cumsum(sizes[..., :-1], dim=-1) * (2 * bound) - bound  # interior knots
-        knots = F.pad(F.pad(inner, (1, 0), value=-bound), (0, 1), value=bound)
+        below = torch.cumsum(_softmax_rows(params[..., : 2 * k].unflatten(-1, (2, k)))[..., :-1], dim=-1)
+        knots = torch.addcmul(offset, F.pad(below, (1, 1)), scale)
         interior = F.softplus(params[..., 2 * k :] + self._derivative_shift) + MIN_DERIVATIVE
         derivatives = F.pad(interior, (1, 1), value=1.0)
         return torch.cat([knots, derivatives.unsqueeze(-2)], dim=-2)
 
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         table = self._knots(params)
-        knots = table[..., 1 if inverse else 0, :].detach().contiguous()
-        # the bin of v: knots[i] <= v < knots[i+1], the last bin closed (v made contiguous: under vmap it
-        # may not be, and searchsorted then copies it with a warning)
-        index = torch.searchsorted(knots, v.unsqueeze(-1).contiguous(), right=True).sub(1).clamp(0, self.bins - 1)
+        _, _, ends = self._constants(params)
+        # the bin of v: the number of interior knots at or below it (0 to K - 1; v made contiguous: under
+        # vmap it may not be, and searchsorted then copies it with a warning)
+        interior = table[..., 1 if inverse else 0, 1:-1].detach().contiguous()
+        index = torch.searchsorted(interior, v.unsqueeze(-1).contiguous(), right=True)
         # both knots of the bin (x, y and derivative) in one gather
-        ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-2).expand(*table.shape[:-1], 2)
-        (x_k, y_k, d_k), (x_k1, y_k1, d_k1) = (side.unbind(-1) for side in table.gather(-1, ends).unbind(-1))
+        both_ends = (index + ends).unsqueeze(-2).expand(*table.shape[:-1], 2)
+        (x_k, y_k, d_k), (x_k1, y_k1, d_k1) = (side.unbind(-1) for side in table.gather(-1, both_ends).unbind(-1))
         w, h = x_k1 - x_k, y_k1 - y_k
         slope = h / w
-        curvature = d_k1 + d_k - 2 * slope
+        two_slope = slope + slope
+        curvature = d_k1 + d_k - two_slope
         if inverse:
             dy = v - y_k
             a = h * (slope - d_k) + dy * curvature
@@ -213,15 +236,16 @@ class RationalQuadraticSpline(Transformer):
             xi = ((v - x_k) / w).clamp(0, 1)
         one_minus = 1 - xi
         both = xi * one_minus
-        denominator = slope + curvature * both
+        xi_squared = xi.square()
+        denominator = torch.addcmul(slope, curvature, both)
         if not inverse:
-            out = y_k + h * (slope * xi.square() + d_k * both) / denominator
-        numerator = slope.square() * (d_k1 * xi.square() + 2 * slope * both + d_k * one_minus.square())
-        logdet = torch.log(numerator) - 2 * torch.log(denominator)
+            out = torch.addcmul(y_k, h, torch.addcmul(d_k * both, slope, xi_squared) / denominator)
+        inner = torch.addcmul(torch.addcmul(d_k1 * xi_squared, d_k, one_minus.square()), two_slope, both)
+        logdet = torch.sub(torch.log(slope.square() * inner), torch.log(denominator), alpha=2)
         return out, -logdet if inverse else logdet
 
     def _apply(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        inside = (v >= -self.bound) & (v <= self.bound)
+        inside = v.abs() <= self.bound
         out, logdet = self._spline(v.clamp(-self.bound, self.bound), params, inverse)
         return torch.where(inside, out, v), torch.where(inside, logdet, 0.0)
 
