@@ -7,8 +7,7 @@ number of epochs (which depends on the data and early stopping). Reported: the m
 ``foreach`` Adam, with the fused kernel and torch's softmax for the spline bins at every size (the
 code before the written-out softmax of :func:`sbiflows.transforms.transformers._softmax_rows`), with
 the fused kernel plus the weight average that training keeps (ours, one
-foreach lerp, and torch's ``AveragedModel`` with the same decay), with torch's ``clip_grad_norm_``
-instead of the training loop's gradient clipping (the same gradients), and for sbi's flows
+foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
 (``--sbi-estimators``, default its MAF and its NSF); the timings are interleaved, so the ratios
 compare the same machine load.
 
@@ -31,16 +30,11 @@ from torch.optim.swa_utils import AveragedModel
 import simulators
 from sbiflows import NPE
 from sbiflows.training import WeightAverage
-from sbiflows.training import _clip_gradients as clip_gradients
 from sbiflows.transforms import transformers
 
 
-def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
-             torch_clip: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A training step of our default NPE network (built by a one-epoch fit on the data).
-
-    Gradients are clipped as training clips them (:func:`sbiflows.training._clip_gradients`), or with
-    ``torch.nn.utils.clip_grad_norm_`` if ``torch_clip``.
 
     ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage`, what training uses) or
     ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step.
@@ -48,7 +42,6 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
     net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
     params = list(net.parameters())
     options = {"fused": True} if fused else {"foreach": True}
-    clip = torch.nn.utils.clip_grad_norm_ if torch_clip else clip_gradients
     optimizer = torch.optim.Adam(params, lr=1e-5, **options)
     update: Callable[[], None] = lambda: None
     if average == "ours":
@@ -67,7 +60,7 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
         loss = -net.log_prob(t, c).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip(params, 5.0)
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
         update()
 
@@ -125,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     x = task.simulate(theta, seed=0)
     steps = {"ours (fused Adam)": our_step(task.prior, theta, x, fused=True),
              "ours fused, torch softmax": torch_softmax(our_step(task.prior, theta, x, fused=True)),
-             "ours fused, torch's clip": our_step(task.prior, theta, x, fused=True, torch_clip=True),
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}

@@ -310,7 +310,7 @@ def train_checked(
                             break
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
-                        _clip_gradients(params, clip_grad_norm)
+                        nn.utils.clip_grad_norm_(params, clip_grad_norm)
                         optimizer.step()
                         if average is not None:
                             average.update()
@@ -392,30 +392,6 @@ def _adam(params: list[nn.Parameter], *, learning_rate: float, weight_decay: flo
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch version
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
-
-
-@torch.no_grad()
-def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> None:
-    """Scale the gradients so that their joint norm is at most ``max_norm``, as ``nn.utils.clip_grad_norm_`` does.
-
-    The operations of torch's function (the same gradients, bit for bit: the scale ``max_norm / (norm +
-    1e-6)``, at most 1), without its bookkeeping around them, which costs several times as long and which a
-    training step of a small flow on a small batch feels (``examples/benchmark_training_step.py``).
-    ``max_norm = inf`` leaves the gradients as they are.
-
-    Example:
-        >>> p = nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
-        >>> _clip_gradients([p], 1.0); [round(g, 4) for g in p.grad.tolist()]
-        [0.6, 0.8]
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or math.isinf(max_norm):
-        return
-    if len({g.device for g in grads}) > 1:  # one norm per device first: torch's function does that
-        nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp_(max=1.0))
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
