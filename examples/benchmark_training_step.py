@@ -9,7 +9,8 @@ code before the written-out softmax of :func:`sbiflows.transforms.transformers._
 the fused kernel plus the weight average that training keeps (ours, one
 foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
 (``--sbi-estimators``, default its MAF and its NSF); the timings are interleaved, so the ratios
-compare the same machine load.
+compare the same machine load. It also counts the operations torch dispatches for one loss (the
+forward pass) and one whole step of ours, which on small batches is what a step's time follows.
 
 Usage:
     python examples/benchmark_training_step.py --task slcp --batch-sizes 128 200
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import simulators
 from sbiflows import NPE
@@ -101,6 +103,31 @@ def sbi_step(prior, theta, x, *, estimator_name: str = "maf") -> Callable | None
     return step
 
 
+class _OperationCount(TorchDispatchMode):
+    """Counts the operations torch dispatches while active (autograd's backward on the CPU included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(prior, theta, x, batch_size: int) -> tuple[int, int]:
+    """The operations of one loss ``-log q(theta | x)`` and of one whole training step of our default network."""
+    net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
+    step = our_step(prior, theta, x, fused=True)
+    t, c = theta[:batch_size], x[:batch_size]
+    with _OperationCount() as forward:
+        net.log_prob(t, c).mean()
+    step(t, c)  # Adam's first step creates its state
+    with _OperationCount() as whole:
+        step(t, c)
+    return forward.count, whole.count
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="slcp", choices=simulators.names())
@@ -129,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
           f"median ms per step over {args.repeats} blocks of 50 steps")
     generator = torch.Generator().manual_seed(0)
     for batch_size in args.batch_sizes:
+        forward, whole = count_operations(task.prior, theta, x, batch_size)
+        print(f"batch {batch_size:4d}  ours: {forward} operations a loss (forward), {whole} a whole step")
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(args.repeats):
             idx = torch.randint(0, len(theta), (50, batch_size), generator=generator)
