@@ -273,7 +273,9 @@ def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histori
     network's structure among them) and the histories it extends (not their seconds)."""
     from sbiflows.serialization import digest  # here: serialization imports training, which imports this module
 
-    histories = [{k: v for k, v in history.items() if k != "seconds"} for history in histories]
+    # not the seconds; nor an empty restart_epochs (a field newer than many checkpoints: their keys stay valid)
+    histories = [{k: v for k, v in history.items() if k != "seconds" and (k != "restart_epochs" or v)}
+                 for history in histories]
     absent = sorted(name for name, value in tensors.items() if value is None)
     text = json.dumps({"options": options, "histories": histories, "absent": absent}, sort_keys=True, default=str)
     return digest({name: value for name, value in tensors.items() if value is not None}, text=text)

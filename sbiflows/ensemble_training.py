@@ -35,12 +35,17 @@ from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
 from sbiflows.training import (
     MAX_EPOCHS,
+    RESTART_FACTOR,
     Objective,
     TrainingHistory,
     _adam,
     _check_rows,
     _progress_bar,
     diverged_warning,
+    may_restart,
+    nonfinite_key,
+    record_restart,
+    restart_warning,
     train_checked,
 )
 from sbiflows.training_options import training_split
@@ -86,6 +91,7 @@ def train_members(
     num_threads: int | None = None,
     checkpoint: Checkpoint | None = None,
     compile: bool = False,  # noqa: A002 - torch.compile's name
+    on_nonfinite: str = "stop",
 ) -> str:
     """Train ``members`` (same architecture) on the same rows, member ``k`` with ``seeds[k]``, in place.
 
@@ -119,7 +125,8 @@ def train_members(
     options = dict(max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                    validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                    weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
-                   step_drop_factor=step_drop_factor, drop_patience=drop_patience, compile=compile)
+                   step_drop_factor=step_drop_factor, drop_patience=drop_patience, compile=compile,
+                   on_nonfinite=on_nonfinite)
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
@@ -207,6 +214,13 @@ def _rows(value, index: Tensor):
     return value[index].clone() if value.ndim > 0 else value.clone()
 
 
+@torch.no_grad()
+def _restore(stack: _Stack, slot: int, state: dict[str, Tensor]) -> None:
+    """Put a member's saved weights (its :meth:`_Stack.member_state`) back into its slot of the stack."""
+    for name, p in stack.params.items():
+        p[slot].copy_(state[name.removeprefix("net.")])
+
+
 def _broadcast(values: Tensor, like: Tensor) -> Tensor:
     """``(A,)`` values shaped to multiply ``like`` ``(A, ...)`` slot by slot."""
     return values.view(-1, *([1] * (like.ndim - 1)))
@@ -218,6 +232,7 @@ def _train_stacked(
     validation_fraction: float, patience: int, clip_grad_norm: float, weight_decay: float, ema_epochs: float,
     step_drops: int, step_drop_factor: float, drop_patience: int | None, checkpoint: Checkpoint | None = None,
     compile: bool = False,  # noqa: A002
+    on_nonfinite: str = "stop",
 ) -> None:
     del validation_fraction  # the splits are made
     k = len(members)
@@ -230,7 +245,7 @@ def _train_stacked(
         history.stopped_early, history.diverged = False, False
         history.batch_size, history.learning_rate = batch_size, float(learning_rate)
         history.ema_epochs = float(ema_epochs)
-        history.step_drop_epochs = []
+        history.step_drop_epochs, history.restart_epochs = [], []
     firsts = [h.epochs for h in histories]
     optimizer = _adam(list(stack.params.values()), learning_rate=learning_rate, weight_decay=weight_decay)
     averaged = {name: p.detach().clone() for name, p in stack.params.items()}  # the weights scored and kept
@@ -250,7 +265,8 @@ def _train_stacked(
                         "patience": patience, "clip_grad_norm": float(clip_grad_norm),
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs), "step_drops": step_drops,
                         "step_drop_factor": float(step_drop_factor), "drop_patience": drop_patience, "members": k,
-                        "structure": checkpoint.structure, "model": repr(members[0]), "compile": compile},
+                        "structure": checkpoint.structure, "model": repr(members[0]), "compile": compile,
+                        **nonfinite_key(on_nonfinite)},
                        [h.as_dict() for h in histories])
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
@@ -316,8 +332,16 @@ def _train_stacked(
                     for slot, m in enumerate(list(stack.active)):
                         history = histories[m]
                         if bool(diverged[slot]) or not math.isfinite(float(val[slot])):
-                            history.diverged = True
-                            diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
+                            if not may_restart(on_nonfinite, rules[m], history):
+                                history.diverged = True
+                                diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
+                                continue
+                            restart_warning(rules[m], firsts[m] + epoch, stacklevel=3)
+                            _restore(stack, slot, best[m])  # from its best weights, with half its step
+                            updates[m] = 0
+                            factors[m] *= RESTART_FACTOR
+                            record_restart(history, firsts[m] + epoch)
+                            keep.append(slot)
                             continue
                         history.train_loss.append(float(totals[slot]) / n_train)
                         history.validation_loss.append(float(val[slot]))
@@ -326,9 +350,7 @@ def _train_stacked(
                         if improved:
                             best[m] = stack.member_state(slot, averaged)
                         if action == "drop":  # a plateau: this member goes on from its best weights
-                            with torch.no_grad():
-                                for name, p in stack.params.items():
-                                    p[slot].copy_(best[m][name.removeprefix("net.")])
+                            _restore(stack, slot, best[m])
                             updates[m] = 0
                             factors[m] *= step_drop_factor
                             history.step_drop_epochs.append(firsts[m] + epoch)

@@ -47,6 +47,7 @@ from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training import (
     MAX_EPOCHS,
+    NONFINITE_CHOICES,
     TrainingHistory,
     check_training_options,
     negative_log_likelihood,
@@ -263,6 +264,7 @@ class NPE:
         checkpoint: str | os.PathLike | Checkpoint | None = None,
         compile: bool = False,  # noqa: A002 - torch.compile's name
         retrain_from_scratch: bool = False,
+        on_nonfinite: str = "stop",
     ) -> Posterior:
         """Train on simulations and return the posterior.
 
@@ -311,6 +313,11 @@ class NPE:
                 standardization from all rows so far, a new training history) instead of training on from
                 the last fit's weights, as sbi's option of this name; earlier fits' validation rows stay
                 validation rows. No effect on a first fit.
+            on_nonfinite: What a non-finite training loss does once a finite validation loss was reached:
+                ``"stop"`` (default) restores the best weights and stops with a warning (``history.diverged``);
+                ``"restore_best"`` goes on from the best weights with half the step size the first time
+                (``history.restart_epochs``; a warning) and stops at a second one
+                (:func:`~sbiflows.training.train`). Per flow in an ensemble.
 
         Returns:
             A :class:`~sbiflows.posterior.Posterior` holding a copy of the trained weights.
@@ -333,6 +340,7 @@ class NPE:
         )
         seed = check_int(seed, "seed")
         compile = check_bool(compile, "compile")  # noqa: A001
+        on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
         fresh = check_bool(retrain_from_scratch, "retrain_from_scratch") or self._net is None
         checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,
                                                             "coverage_penalty": self.coverage_penalty},
@@ -392,7 +400,8 @@ class NPE:
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                 weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                 step_drop_factor=step_drop_factor, drop_patience=drop_patience, progress=progress,
-                groups=groups, num_threads=num_threads, objective=objective, compile=compile)
+                groups=groups, num_threads=num_threads, objective=objective, compile=compile,
+                on_nonfinite=on_nonfinite)
 
             def check_first(flow: nn.Module) -> Any:  # on the flow's own validation rows (a copy: it trains on)
                 posterior = Posterior(copy.deepcopy(flow), self.prior, config=self._config(flow, seed, n_layers),

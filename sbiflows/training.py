@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, loop_state, restore_loop
-from sbiflows.checks import check_bool
+from sbiflows.checks import check_bool, check_choice
 from sbiflows.compiling import compiled_objective
 from sbiflows.early_stopping import Plateau
 from sbiflows.snapshots import SnapshotTrail
@@ -82,6 +82,9 @@ class TrainingHistory:
             in histories saved before this field existed).
         step_drop_epochs: Epochs of the last call after which a plateau lowered the step size
             (``step_drops``); empty in histories saved before this field existed.
+        restart_epochs: Epochs of the last call whose non-finite loss restarted training from the best
+            weights with half the step size (``on_nonfinite="restore_best"``); empty in histories saved
+            before this field existed.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -96,6 +99,7 @@ class TrainingHistory:
     learning_rate: float = 0.0
     ema_epochs: float = 0.0
     step_drop_epochs: list[int] = field(default_factory=list)
+    restart_epochs: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """A JSON-serialisable dictionary."""
@@ -128,6 +132,7 @@ def train(
     snapshots: SnapshotTrail | None = None,
     checkpoint: Checkpoint | None = None,
     compile: bool = False,  # noqa: A002 - torch.compile's name, as Lightning and Keras use it
+    on_nonfinite: str = "stop",
 ) -> TrainingHistory:
     """Fit ``model`` by maximum likelihood on ``inputs`` (rows), optionally conditioned on ``context``.
 
@@ -182,6 +187,11 @@ def train(
             third of an eager step's time, after a compile of about 30 s the first time this machine sees the
             network and batch size (seconds afterwards); worth it for long fits and repeated fits of one size.
             If compiling fails, training warns and goes on eagerly.
+        on_nonfinite: What a non-finite loss does (after a finite validation loss was reached): ``"stop"``
+            (default) restores the best weights and stops with a warning; ``"restore_best"`` the first
+            time goes on from the best weights with half the step size and a restarted weight average
+            (a warning; ``history.restart_epochs`` records the epoch, whose losses are NaN), and stops
+            as ``"stop"`` does at a second one.
 
     Returns:
         The :class:`TrainingHistory`; the model holds the weights of the best validation epoch of
@@ -207,12 +217,13 @@ def train(
         drop_patience=drop_patience,
     )
     compile = check_bool(compile, "compile")  # noqa: A001
+    on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
     return train_checked(
         model, inputs, context, max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
         validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
         weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
         drop_patience=drop_patience, seed=seed, progress=progress, history=history, groups=groups, validation=validation, num_threads=num_threads,
-        objective=objective, snapshots=snapshots, checkpoint=checkpoint, compile=compile,
+        objective=objective, snapshots=snapshots, checkpoint=checkpoint, compile=compile, on_nonfinite=on_nonfinite,
     )
 
 
@@ -242,6 +253,7 @@ def train_checked(
     snapshots: SnapshotTrail | None = None,
     checkpoint: Checkpoint | None = None,
     compile: bool = False,  # noqa: A002
+    on_nonfinite: str = "stop",
 ) -> TrainingHistory:
     """:func:`train` for options already checked with :func:`check_training_options` (``NPE.fit`` does,
     before its own data checks), so one call validates them once."""
@@ -268,7 +280,7 @@ def train_checked(
     validated = model if average is None else average.module  # the weights that are scored and kept
     best_state = _snapshot(model)
     rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)
-    history.step_drop_epochs = []
+    history.step_drop_epochs, history.restart_epochs = [], []
     key, resume_at, finished = None, first, False
     if checkpoint is not None:
         weights = {f"model/{name}": value for name, value in model.state_dict().items()}
@@ -279,7 +291,8 @@ def train_checked(
                         "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),
                         "step_drops": step_drops, "step_drop_factor": float(step_drop_factor),
                         "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None,
-                        "structure": checkpoint.structure, "model": repr(model), "compile": compile},
+                        "structure": checkpoint.structure, "model": repr(model), "compile": compile,
+                        **nonfinite_key(on_nonfinite)},
                        [history.as_dict()])
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
@@ -319,9 +332,22 @@ def train_checked(
                         average.copy_buffers()
                     val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
                     if diverged or not math.isfinite(val_loss):
-                        history.diverged = True
-                        diverged_warning(rule, epoch, stacklevel=2)
-                        break
+                        if not may_restart(on_nonfinite, rule, history):
+                            history.diverged = True
+                            diverged_warning(rule, epoch, stacklevel=2)
+                            break
+                        restart_warning(rule, epoch, stacklevel=2)  # from the best weights, half the step
+                        model.load_state_dict(best_state)
+                        if average is not None:
+                            average.restart()
+                        for group in optimizer.param_groups:
+                            group["lr"] *= RESTART_FACTOR
+                        record_restart(history, epoch)
+                        if checkpoint is not None:
+                            checkpoint.epoch_end(lambda: state(key=key, epoch=epoch + 1, finished=False,
+                                                               best_state=best_state,
+                                                               running=time.perf_counter() - start))
+                        continue
                     history.train_loss.append(total / n_train)
                     history.validation_loss.append(val_loss)
                     history.epochs += 1
@@ -359,6 +385,48 @@ def train_checked(
         if checkpoint is not None and not finished:  # training ended: the next identical call returns at once
             checkpoint.save(state(key=key, epoch=history.epochs, finished=True, best_state=best_state))
     return history
+
+
+#: What ``on_nonfinite`` accepts: ``"stop"`` (restore the best weights and stop) or ``"restore_best"``.
+NONFINITE_CHOICES = ("stop", "restore_best")
+#: The step size after a restart from the best weights (``on_nonfinite="restore_best"``), as a factor.
+RESTART_FACTOR = 0.5
+
+
+def may_restart(on_nonfinite: str, rule: Plateau, history: TrainingHistory) -> bool:
+    """Whether a non-finite loss restarts training from the best weights: with ``"restore_best"``, once a
+    call, and only when there are best weights (a finite validation loss was reached)."""
+    return on_nonfinite == "restore_best" and not history.restart_epochs and rule.best_epoch >= 0
+
+
+def nonfinite_key(on_nonfinite: str) -> dict[str, str]:
+    """``on_nonfinite`` for a checkpoint's key: nothing for the default, so checkpoints written before the option
+    existed still resume.
+
+    Example:
+        >>> nonfinite_key("stop"), nonfinite_key("restore_best")
+        ({}, {'on_nonfinite': 'restore_best'})
+    """
+    return {} if on_nonfinite == "stop" else {"on_nonfinite": on_nonfinite}
+
+
+def record_restart(history: TrainingHistory, epoch: int) -> None:
+    """Count a restarted epoch in ``history``: its losses are NaN, so epoch numbers still index the lists."""
+    history.train_loss.append(math.nan)
+    history.validation_loss.append(math.nan)
+    history.epochs += 1
+    history.restart_epochs.append(epoch)
+
+
+def restart_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:
+    """Warn that a non-finite loss at ``epoch`` restarts training from the best weights with half the step."""
+    warnings.warn(
+        f"non-finite loss at epoch {epoch}; training goes on from the best weights (epoch {rule.best_epoch}, "
+        f"validation loss {rule.best_loss:.4f}) with half the step size (on_nonfinite='restore_best'; "
+        "a second non-finite loss stops training)",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def diverged_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:

@@ -90,6 +90,42 @@ def test_a_killed_training_resumes_and_ends_as_if_never_stopped(tmp_path, monkey
     assert_same(plain, again)
 
 
+def nan_at(monkeypatch, call: int, stop_after: int | None = None) -> None:
+    """The default loss is NaN at its ``call``-th call (a restart with ``on_nonfinite="restore_best"``); with
+    ``stop_after``, the fit is killed at the call after that."""
+    count, original = [0], training.negative_log_likelihood
+
+    def loss(*args):
+        count[0] += 1
+        if stop_after is not None and count[0] > stop_after:
+            raise Stop
+        value = original(*args)
+        return value * float("nan") if count[0] == call else value
+
+    monkeypatch.setattr(training, "negative_log_likelihood", loss)
+
+
+def test_a_restart_on_a_non_finite_loss_survives_a_resume(tmp_path):
+    """A checkpoint written after a restart from the best weights keeps it: the resumed fit does not restart
+    again and ends as the uninterrupted one (the halved step is in the optimizer's state)."""
+    options = dict(on_nonfinite="restore_best")
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(RuntimeWarning, match="goes on from the best weights"):
+        nan_at(patch, 35)  # a minibatch of epoch 3
+        plain = fit(**options)
+    assert plain[2].restart_epochs == [3] and not plain[2].diverged and plain[2].epochs > 12
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(RuntimeWarning, match="goes on from the best weights"):
+        nan_at(patch, 35, stop_after=115)
+        with pytest.raises(Stop):
+            fit(tmp_path / "training.ckpt", **options)
+    resumed = fit(tmp_path / "training.ckpt", **options)
+    assert resumed[3].resumed_epoch is not None and 3 < resumed[3].resumed_epoch < plain[2].epochs
+    assert resumed[2].restart_epochs == [3]
+    for (name, x), y in zip(plain[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(x, y), name
+    assert plain[2].validation_loss[4:] == resumed[2].validation_loss[4:]  # epoch 3's losses are NaN in both
+    assert plain[2].epochs == resumed[2].epochs and plain[2].best_epoch == resumed[2].best_epoch
+
+
 def test_a_checkpoint_of_another_call_is_ignored_and_replaced(tmp_path):
     path = tmp_path / "training.ckpt"
     fit(path, seed=4)  # another split and minibatch order

@@ -134,6 +134,27 @@ def test_a_diverging_member_keeps_its_best_weights_and_the_others_train_on():
     assert history.epochs == second.epochs and max_difference(alone, members[1]) < 1e-5
 
 
+def test_restore_best_restarts_a_diverging_member_once_in_the_vectorized_pass():
+    inputs = 3.0 + torch.randn(400, 1, generator=torch.Generator().manual_seed(0))
+    members, trained = [Fragile(-2.0), Fragile(-20.0)], histories(2)
+    options = dict(OPTIONS, max_epochs=8, learning_rate=0.2, patience=30, step_drops=0, clip_grad_norm=float("inf"),
+                   on_nonfinite="restore_best")
+    with pytest.warns(RuntimeWarning) as caught:  # the restart, then the second divergence's stop
+        assert train_members(members, inputs, None, seeds=SEEDS[:2], histories=trained, validations=[None] * 2,
+                             **options) == "vectorized"
+    assert [("goes on from the best weights" in str(w.message), "diverged" in str(w.message)) for w in caught] == [
+        (True, False), (False, True)]
+    first, second = trained
+    assert len(first.restart_epochs) == 1 and first.diverged and not second.restart_epochs
+    assert first.restart_epochs[0] < first.epochs  # it trained on after the restart
+    assert torch.isfinite(members[0].mean).all() and members[0].mean.item() < 1.0  # its best weights
+    alone = Fragile(-2.0)  # the same member alone: the same restart and the same weights
+    with pytest.warns(RuntimeWarning):
+        history = train_checked(alone, inputs, None, seed=SEEDS[0], **options)
+    assert history.restart_epochs == first.restart_epochs and history.epochs == first.epochs
+    assert max_difference(alone, members[0]) < 1e-5
+
+
 def test_a_member_non_finite_from_the_start_raises():
     inputs = 3.0 + torch.randn(100, 1, generator=torch.Generator().manual_seed(0))
     members = [Fragile(-2.0), Fragile(2.0)]  # the second is NaN before any validation

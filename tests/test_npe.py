@@ -481,6 +481,7 @@ def test_empty_training_set_is_a_value_error():
         ("validation_fraction", 1.5, ValueError, r"validation_fraction must be in \(0, 1\), got 1.5"),
         ("num_threads", 0, ValueError, "num_threads must be an int >= 1, got 0"),
         ("seed", 1.5, TypeError, "seed must be an int, got float 1.5"),
+        ("on_nonfinite", "retry", ValueError, "on_nonfinite must be one of 'stop', 'restore_best', got 'retry'"),
     ],
 )
 def test_fit_options_are_validated_before_anything_happens(option, value, error, match):
@@ -570,6 +571,23 @@ def test_divergence_stops_with_message_and_keeps_best_weights():
     with pytest.warns(RuntimeWarning, match="training diverged.*restored the best weights"):
         posterior = npe.fit(theta, x, batch_size=100, progress=False)
     assert posterior.history.diverged and posterior.history.epochs >= 1
+    assert torch.isfinite(posterior.log_prob(theta[:10], x=x[0])).all()
+
+
+def test_restore_best_goes_on_once_from_the_best_weights_then_stops():
+    """``on_nonfinite="restore_best"``: the first non-finite loss restarts from the best weights, the second stops."""
+    prior, theta, x = box_problem()
+    npe = NPE(prior, lambda f, c: Flow([_NaNWhileTraining(f, c)]))
+    with pytest.warns(RuntimeWarning) as caught:
+        posterior = npe.fit(theta, x, batch_size=100, progress=False, on_nonfinite="restore_best")
+    messages = [str(w.message) for w in caught]
+    assert any("goes on from the best weights" in m and "half the step size" in m for m in messages)
+    assert any("training diverged" in m for m in messages)
+    history = posterior.history
+    (restart,) = history.restart_epochs
+    assert history.diverged and restart < history.epochs  # went on after the restart, then stopped
+    assert math.isnan(history.validation_loss[restart]) and math.isnan(history.train_loss[restart])
+    assert history.validation_loss[history.best_epoch] == history.best_validation_loss  # epoch numbers still index
     assert torch.isfinite(posterior.log_prob(theta[:10], x=x[0])).all()
 
 
