@@ -31,23 +31,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, with_seconds
 from sbiflows.compiling import compiled_objective
+from sbiflows.divergence import (
+    RESTART_FACTOR, diverged_warning, may_restart, nonfinite_key, record_restart, restart_warning,
+)
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
-from sbiflows.training import (
-    MAX_EPOCHS,
-    RESTART_FACTOR,
-    Objective,
-    TrainingHistory,
-    _adam,
-    _check_rows,
-    _progress_bar,
-    diverged_warning,
-    may_restart,
-    nonfinite_key,
-    record_restart,
-    restart_warning,
-    train_checked,
-)
+from sbiflows.training import MAX_EPOCHS, Objective, TrainingHistory, _adam, _check_rows, _progress_bar, train_checked
 from sbiflows.training_options import training_split
 
 __all__ = ["train_members"]
