@@ -168,22 +168,26 @@ class RationalQuadraticSpline(Transformer):
         return f"RationalQuadraticSpline(bins={self.bins}, bound={self.bound})"
 
     def _constants(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per dtype and device: the knots' scales and offsets, and the offsets ``[0, 1]`` of a bin's two knots.
+        """Per dtype and device: the knots' ``(K, K+1)`` matrix and offsets, and the offsets ``[0, 1]`` of a bin's
+        two knots.
 
         Knot ``j`` of ``K + 1`` sits at ``-B + 2B (MIN_BIN_SIZE * j + (1 - MIN_BIN_SIZE * K) * c_j)``
-        with ``c_j`` the cumulative softmax below it; the scale and offset of the end knots are
-        ``(0, -B)`` and ``(0, B)``, so they are exactly ``-B`` and ``B`` whatever the rounding.
+        with ``c_j`` the sum of the bin softmax below it: the matrix sums and scales, the offsets add the
+        rest. The end knots' columns are zero and their offsets ``-B`` and ``B``, so they are exactly
+        ``-B`` and ``B`` whatever the rounding.
         """
         key = (like.dtype, like.device)
         constants = self._cache.get(key)
         if constants is None:
             k, bound = self.bins, self.bound
-            scale = torch.full((k + 1,), 2 * bound * (1 - MIN_BIN_SIZE * k), dtype=like.dtype, device=like.device)
-            scale[0] = scale[-1] = 0.0
+            below = torch.arange(k)[:, None] < torch.arange(k + 1)[None, :]  # bin i lies below knot j
+            below[:, -1] = False
+            matrix = below.to(torch.float64) * (2 * bound * (1 - MIN_BIN_SIZE * k))
             offset = torch.arange(k + 1, dtype=torch.float64) * (2 * bound * MIN_BIN_SIZE) - bound
             offset[0], offset[-1] = -bound, bound
             ends = torch.arange(2, device=like.device)
-            constants = self._cache[key] = (scale, offset.to(like.dtype).to(like.device), ends)
+            constants = self._cache[key] = (matrix.to(like.dtype).to(like.device),
+                                            offset.to(like.dtype).to(like.device), ends)
         return constants
 
     def _knots(self, params: Tensor) -> Tensor:
@@ -194,10 +198,10 @@ class RationalQuadraticSpline(Transformer):
         costs what its operations' fixed costs add up to.
         """
         k = self.bins
-        scale, offset, _ = self._constants(params)
-        # widths and heights as one (*, 2, K) softmax and cumsum: fewer autograd nodes than two passes
-        below = torch.cumsum(_softmax_rows(params[..., : 2 * k].unflatten(-1, (2, k)))[..., :-1], dim=-1)
-        knots = torch.addcmul(offset, F.pad(below, (1, 1)), scale)
+        matrix, offset, _ = self._constants(params)
+        # widths and heights as one (*, 2, K) softmax, summed and scaled into knots by one matrix product
+        sizes = _softmax_rows(params[..., : 2 * k].unflatten(-1, (2, k)))
+        knots = torch.addmm(offset, sizes.reshape(-1, k), matrix).view(*sizes.shape[:-1], k + 1)
         interior = F.softplus(params[..., 2 * k :] + self._derivative_shift) + MIN_DERIVATIVE
         derivatives = F.pad(interior, (1, 1), value=1.0)
         return torch.cat([knots, derivatives.unsqueeze(-2)], dim=-2)
