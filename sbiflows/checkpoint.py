@@ -270,12 +270,12 @@ def deferred_stops(checkpoint: Checkpoint | None) -> Iterator[None]:
 def call_key(tensors: dict[str, Tensor | None], options: dict[str, Any], histories: list[dict]) -> str:
     """SHA-256 (:func:`~sbiflows.serialization.digest`) of what decides a training call: ``tensors`` (the initial
     weights, the rows, the split and the minibatch generators' states; None entries by name), the options (the
-    network's structure among them) and the histories it extends (not their seconds)."""
+    network's structure among them) and the histories it extends (not their seconds, nor their restart epochs)."""
     from sbiflows.serialization import digest  # here: serialization imports training, which imports this module
 
-    # not the seconds; nor an empty restart_epochs (a field newer than many checkpoints: their keys stay valid)
-    histories = [{k: v for k, v in history.items() if k != "seconds" and (k != "restart_epochs" or v)}
-                 for history in histories]
+    # not the seconds; nor restart_epochs, which every call empties before its key (and which is newer than many
+    # checkpoints: their keys stay valid)
+    histories = [{k: v for k, v in history.items() if k not in ("seconds", "restart_epochs")} for history in histories]
     absent = sorted(name for name, value in tensors.items() if value is None)
     text = json.dumps({"options": options, "histories": histories, "absent": absent}, sort_keys=True, default=str)
     return digest({name: value for name, value in tensors.items() if value is not None}, text=text)

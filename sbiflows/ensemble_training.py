@@ -326,26 +326,25 @@ def _train_stacked(
                                 diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
                                 continue
                             restart_warning(rules[m], firsts[m] + epoch, stacklevel=3)
-                            _restore(stack, slot, best[m])  # from its best weights, with half its step
-                            updates[m] = 0
-                            factors[m] *= RESTART_FACTOR
                             record_restart(history, firsts[m] + epoch)
-                            keep.append(slot)
-                            continue
-                        history.train_loss.append(float(totals[slot]) / n_train)
-                        history.validation_loss.append(float(val[slot]))
-                        history.epochs += 1
-                        improved, action = rules[m].observe(float(val[slot]), firsts[m] + epoch)
-                        if improved:
-                            best[m] = stack.member_state(slot, averaged)
-                        if action == "drop":  # a plateau: this member goes on from its best weights
+                            action, factor = "restart", RESTART_FACTOR
+                        else:
+                            history.train_loss.append(float(totals[slot]) / n_train)
+                            history.validation_loss.append(float(val[slot]))
+                            history.epochs += 1
+                            improved, action = rules[m].observe(float(val[slot]), firsts[m] + epoch)
+                            if improved:
+                                best[m] = stack.member_state(slot, averaged)
+                            if action == "drop":
+                                history.step_drop_epochs.append(firsts[m] + epoch)
+                            elif action == "stop":
+                                history.stopped_early = True
+                                continue
+                            factor = step_drop_factor
+                        if action in ("drop", "restart"):  # a plateau or a restart: on from its best weights
                             _restore(stack, slot, best[m])
                             updates[m] = 0
-                            factors[m] *= step_drop_factor
-                            history.step_drop_epochs.append(firsts[m] + epoch)
-                        elif action == "stop":
-                            history.stopped_early = True
-                            continue
+                            factors[m] *= factor
                         keep.append(slot)
                     if bar is not None:
                         bar.set_postfix(training=len(keep), best=f"{min(r.best_loss for r in rules):.3f}")

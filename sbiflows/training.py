@@ -338,40 +338,34 @@ def train_checked(
                             history.diverged = True
                             diverged_warning(rule, epoch, stacklevel=2)
                             break
-                        restart_warning(rule, epoch, stacklevel=2)  # from the best weights, half the step
-                        model.load_state_dict(best_state)
-                        if average is not None:
-                            average.restart()
-                        for group in optimizer.param_groups:
-                            group["lr"] *= RESTART_FACTOR
+                        restart_warning(rule, epoch, stacklevel=2)
                         record_restart(history, epoch)
-                        if checkpoint is not None:
-                            checkpoint.epoch_end(lambda: state(key=key, epoch=epoch + 1, finished=False,
-                                                               best_state=best_state,
-                                                               running=time.perf_counter() - start))
-                        continue
-                    history.train_loss.append(total / n_train)
-                    history.validation_loss.append(val_loss)
-                    history.epochs += 1
-                    improved, action = rule.observe(val_loss, epoch)
-                    if improved:
-                        best_state = _snapshot(validated)
-                        if snapshots is not None:
-                            snapshots.add(epoch, best_state)  # the copy itself: loading it never changes it
-                    if bar is not None:
-                        bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}",
-                                        best=f"{rule.best_loss:.3f}")
-                        bar.update(1)
-                    if action == "drop":  # a plateau: go on from the best weights
+                        action, factor = "restart", RESTART_FACTOR
+                    else:
+                        history.train_loss.append(total / n_train)
+                        history.validation_loss.append(val_loss)
+                        history.epochs += 1
+                        improved, action = rule.observe(val_loss, epoch)
+                        if improved:
+                            best_state = _snapshot(validated)
+                            if snapshots is not None:
+                                snapshots.add(epoch, best_state)  # the copy itself: loading it never changes it
+                        if bar is not None:
+                            bar.set_postfix(train=f"{total / n_train:.3f}", val=f"{val_loss:.3f}",
+                                            best=f"{rule.best_loss:.3f}")
+                            bar.update(1)
+                        if action == "drop":
+                            history.step_drop_epochs.append(epoch)
+                        elif action == "stop":
+                            history.stopped_early = True
+                            break
+                        factor = step_drop_factor
+                    if action in ("drop", "restart"):  # a plateau or a restart: go on from the best weights
                         model.load_state_dict(best_state)
                         if average is not None:
                             average.restart()
                         for group in optimizer.param_groups:
-                            group["lr"] *= step_drop_factor
-                        history.step_drop_epochs.append(epoch)
-                    elif action == "stop":
-                        history.stopped_early = True
-                        break
+                            group["lr"] *= factor
                     if checkpoint is not None:
                         checkpoint.epoch_end(lambda: state(key=key, epoch=epoch + 1, finished=False,
                                                            best_state=best_state,

@@ -186,8 +186,8 @@ class RationalQuadraticSpline(Transformer):
             offset = torch.arange(k + 1, dtype=torch.float64) * (2 * bound * MIN_BIN_SIZE) - bound
             offset[0], offset[-1] = -bound, bound
             ends = torch.arange(2, device=like.device)
-            constants = self._cache[key] = (matrix.to(like.dtype).to(like.device),
-                                            offset.to(like.dtype).to(like.device), ends)
+            constants = self._cache[key] = (matrix.to(like.device, like.dtype), offset.to(like.device, like.dtype),
+                                            ends)
         return constants
 
     def _knots(self, params: Tensor) -> Tensor:
