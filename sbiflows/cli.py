@@ -321,6 +321,7 @@ def _setup(args: argparse.Namespace) -> Job:
         step_drops=args.step_drops,
         drop_patience=args.drop_patience,
         compile=args.compile,
+        on_nonfinite=args.on_nonfinite,
         retrain_from_scratch=args.retrain_from_scratch,
         progress=not args.quiet,
         batch_size=args.batch_size,

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from sbiflows import __version__
+from sbiflows.divergence import NONFINITE_CHOICES
 from sbiflows.ensemble import ENSEMBLE_CHOICES
 from sbiflows.estimator import ESTIMATORS
 from sbiflows.flows import MIXINGS
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "depth and standardization anew) instead of training round 1's on; clearly better where the "
                      "posterior is far narrower than the prior, within the noise on the sbibm tasks, at 1.0-1.7x the CPU "
                      "time (docs/benchmarks.md, 'A new network every round')")
+    fit.add_argument("--on-nonfinite", choices=list(NONFINITE_CHOICES), default="stop",
+                     help="what a non-finite training loss does after a finite validation loss: 'stop' keeps the "
+                          "best weights and stops (default); 'restore_best' restarts once from them at half the "
+                          "step size, then stops at a second one")
     fit.add_argument("--compile", action="store_true",
                      help="train with torch.compile: a step in about a third of the time, after a one-time compile "
                           "(about 30 s the first time this machine sees the network and batch size, seconds after "

@@ -14,7 +14,8 @@ from pathlib import Path
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_bool, check_int, check_real
+from sbiflows.checks import check_bool, check_choice, check_int, check_real
+from sbiflows.divergence import NONFINITE_CHOICES
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.pipeline_checks import check_job
@@ -88,6 +89,7 @@ class Job:
     step_drops: int | None = None  # None: NPE's default
     drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
     compile: bool = False  # train with torch.compile (sbiflows.compiling)
+    on_nonfinite: str = "stop"  # NPE.fit's option: "restore_best" restarts once from the best weights
     retrain_from_scratch: bool = False  # rounds > 1 only: a new network every round (NPE.fit's option)
     progress: bool = True
     batch_size: int = 100
@@ -107,6 +109,7 @@ class Job:
         self.step_drops = check_int(self.step_drops, "step_drops", minimum=0, optional="NPE's default")
         self.drop_patience = check_int(self.drop_patience, "drop_patience", minimum=1, optional="NPE's default")
         self.compile = check_bool(self.compile, "compile")
+        self.on_nonfinite = check_choice(self.on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
         self.retrain_from_scratch = check_bool(self.retrain_from_scratch, "retrain_from_scratch")
         if self.retrain_from_scratch and self.rounds == 1:
             raise ValueError("retrain_from_scratch (--retrain-from-scratch) trains a new network in every round of "
@@ -145,10 +148,12 @@ class Job:
     def fit_options(self) -> dict:
         """The training options of :meth:`sbiflows.NPE.fit` the job sets (``learning_rate``, ``patience``,
         ``step_drops`` and ``drop_patience`` only where given, ``compile`` and ``retrain_from_scratch`` only where
-        True, so that runs which leave them at the defaults keep their settings)."""
+        True, ``on_nonfinite`` only where not ``"stop"``, so that runs which leave them at the defaults keep their
+        settings)."""
         chosen = {"learning_rate": self.learning_rate, "patience": self.patience, "step_drops": self.step_drops,
                   "drop_patience": self.drop_patience, "compile": self.compile or None,
-                  "retrain_from_scratch": self.retrain_from_scratch or None}
+                  "retrain_from_scratch": self.retrain_from_scratch or None,
+                  "on_nonfinite": None if self.on_nonfinite == "stop" else self.on_nonfinite}
         return {"max_epochs": self.max_epochs, **{key: value for key, value in chosen.items() if value is not None}}
 
     @property

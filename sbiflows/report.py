@@ -55,7 +55,7 @@ def training_record(history: Any) -> dict:
         ['batch_size', 'best_epoch', 'best_validation_loss']
     """
     keys = ("epochs", "best_epoch", "best_validation_loss", "stopped_early", "diverged", "batch_size", "learning_rate",
-            "step_drop_epochs", "train_loss", "validation_loss")
+            "step_drop_epochs", "restart_epochs", "train_loss", "validation_loss")
     # the training loop's own seconds, over every run it was resumed in (not the time an interrupted epoch lost)
     return {key: getattr(history, key) for key in keys} | {"seconds": round(float(history.seconds), 3)}
 
@@ -261,6 +261,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- simulations: {report['simulations']} ({report['simulation_summary']})",
         f"- estimator: {describe_estimator(report)}, embedding: {report.get('embedding', 'none')}, seed {report['seed']}",
         f"- training: {_epochs(training)}, best validation loss {training['best_validation_loss']:.4f}"
+        + "".join(f" (a non-finite loss at epoch {epoch}: restarted from the best weights at a smaller step)"
+                  for epoch in training.get("restart_epochs", []))
         + (" (diverged: best weights restored)" if training["diverged"] else ""),
         f"- calibration: **{report['verdict']}**: {report['advice']}",
         "",

@@ -1,0 +1,73 @@
+"""``sbiflows fit --on-nonfinite``: NPE.fit's recovery from a non-finite loss, from the command line and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sbiflows.cli import _setup, main
+from sbiflows.cli_parser import build_parser
+
+SMALL = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
+         "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "3", "--quiet",
+         "--observations", "1"]
+
+
+def test_the_option_is_a_setting_of_the_run_only_where_chosen(tmp_path):
+    argv = ["fit", "two_moons", "--out", str(tmp_path / "x")]
+    plain = _setup(build_parser().parse_args(argv))
+    assert plain.on_nonfinite == "stop"
+    assert "on_nonfinite" not in plain.fit_options and "on_nonfinite" not in plain.settings()  # old runs resume
+    chosen = _setup(build_parser().parse_args([*argv, "--on-nonfinite", "restore_best"]))
+    assert chosen.fit_options["on_nonfinite"] == "restore_best" == chosen.settings()["on_nonfinite"]
+    rounds = _setup(build_parser().parse_args([*argv, "--on-nonfinite", "restore_best", "--rounds", "2",
+                                               "--observations", "1"]))
+    assert rounds.fit_options["on_nonfinite"] == "restore_best"  # every round's fit gets it
+
+
+def test_an_unknown_choice_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(["fit", "two_moons", "--on-nonfinite", "retry", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err  # argparse quotes the choices on some Python versions, not on others
+    assert "--on-nonfinite: invalid choice: 'retry'" in err and "stop" in err and "restore_best" in err
+    assert not (tmp_path / "x").exists()
+    from sbiflows.pipeline import Job, Observation
+    import simulators
+
+    task = simulators.get("two_moons")
+    with pytest.raises(ValueError, match="on_nonfinite must be one of 'stop', 'restore_best', got 'retry'"):
+        Job(name="t", simulator=task.simulate, prior=task.prior, out=tmp_path / "y", on_nonfinite="retry",
+            observations=[Observation("obs1", task.observation(1))])
+
+
+def test_the_choice_reaches_the_fit_and_the_report_lists_restarts(tmp_path, monkeypatch):
+    from sbiflows import NPE
+
+    seen, fit = [], NPE.fit
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("on_nonfinite"))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(NPE, "fit", recording)
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--out", str(out), "--on-nonfinite", "restore_best", *SMALL]) == 0
+    assert seen == ["restore_best"]
+    training = json.loads((out / "report.json").read_text())["training"]
+    assert training["restart_epochs"] == []  # a finite run: no restart, and the report says none
+    assert "restarted from the best weights" not in (out / "report.md").read_text()
+
+
+def test_the_markdown_report_names_the_restart_epoch(tmp_path):
+    from sbiflows.report import write_markdown
+
+    report = {"name": "t", "simulations": 10, "simulation_summary": "", "estimator": "nsf", "seed": 0,
+              "training": {"epochs": 9, "best_epoch": 8, "best_validation_loss": 0.0, "diverged": True,
+                           "restart_epochs": [4]},
+              "verdict": "calibrated", "advice": "", "observations": [], "calibration": {},
+              "timings_seconds": {}, "versions": {}}
+    write_markdown(report, tmp_path / "report.md")
+    line = next(x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("- training:"))
+    assert line.endswith("(a non-finite loss at epoch 4: restarted from the best weights at a smaller step) "
+                         "(diverged: best weights restored)")
