@@ -322,6 +322,7 @@ def _setup(args: argparse.Namespace) -> Job:
         drop_patience=args.drop_patience,
         compile=args.compile,
         on_nonfinite=args.on_nonfinite,
+        device=args.device,
         retrain_from_scratch=args.retrain_from_scratch,
         progress=not args.quiet,
         batch_size=args.batch_size,

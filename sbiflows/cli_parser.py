@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what a non-finite training loss does after a finite validation loss: 'stop' keeps the "
                           "best weights and stops (default); 'restore_best' restarts once from them at half the "
                           "step size, then stops at a second one")
+    fit.add_argument("--device", default="cpu", metavar="DEVICE",
+                     help="where the network trains: cpu (default), cuda, cuda:1, mps; the simulator gets CPU "
+                          "tensors and the checks after training run on the CPU. Not a setting of the run: a "
+                          "rerun on another device reuses what is done")
     fit.add_argument("--compile", action="store_true",
                      help="train with torch.compile: a step in about a third of the time, after a one-time compile "
                           "(about 30 s the first time this machine sees the network and batch size, seconds after "

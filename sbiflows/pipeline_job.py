@@ -11,15 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import check_bool, check_choice, check_int, check_real
+from sbiflows.checks import check_bool, check_choice, check_device, check_int, check_real
 from sbiflows.divergence import NONFINITE_CHOICES
 from sbiflows.ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from sbiflows.estimator import DEFAULT_ESTIMATOR, check_mixing
 from sbiflows.pipeline_checks import check_job
 from sbiflows.pipeline_resume import function_identity, prior_identity
+from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior
 from sbiflows.report import jsonable
 from sbiflows.sequential import check_sequential_options
@@ -90,6 +92,7 @@ class Job:
     drop_patience: int | None = None  # None: NPE's default (the round's patience when rounds > 1)
     compile: bool = False  # train with torch.compile (sbiflows.compiling)
     on_nonfinite: str = "stop"  # NPE.fit's option: "restore_best" restarts once from the best weights
+    device: torch.device | str = "cpu"  # where the network trains; simulations and the checks run on the CPU
     retrain_from_scratch: bool = False  # rounds > 1 only: a new network every round (NPE.fit's option)
     progress: bool = True
     batch_size: int = 100
@@ -110,6 +113,7 @@ class Job:
         self.drop_patience = check_int(self.drop_patience, "drop_patience", minimum=1, optional="NPE's default")
         self.compile = check_bool(self.compile, "compile")
         self.on_nonfinite = check_choice(self.on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
+        self.device = check_device(self.device, "device (--device)")
         self.retrain_from_scratch = check_bool(self.retrain_from_scratch, "retrain_from_scratch")
         if self.retrain_from_scratch and self.rounds == 1:
             raise ValueError("retrain_from_scratch (--retrain-from-scratch) trains a new network in every round of "
@@ -126,6 +130,7 @@ class Job:
         if self.rounds > 1:
             check_sequential_options(self.estimator_options)
         self.space = resolve_space(check_prior(self.prior)[0].support, self.space)
+        move_prior(self.prior, self.device)  # a prior that cannot train on the device: a ValueError now
         check_job(self)  # counts, choices, the flow's options and the observations
 
     @property

@@ -96,7 +96,7 @@ def fit(state) -> Posterior:
                   "this network and a round's batch size, seconds after that")
 
     def run() -> tuple[TSNPE, Posterior]:
-        tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding)
+        tsnpe = TSNPE(job.prior, **job.estimator_options, embedding_net=embedding, device=job.device)
 
         def indented(text: str) -> None:  # every line of a multi-line message under the step's heading
             for line in text.splitlines():
@@ -118,6 +118,7 @@ def fit(state) -> Posterior:
         state.log(f"      force: removing the rounds of other TSNPE settings in {store}")
         shutil.rmtree(store)
         tsnpe, posterior = run()
+    posterior = posterior.to("cpu")  # trained on job.device; the report's checks run on the CPU
     posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)
     state.timed("tsnpe", start)
     state.sequential = tsnpe  # for calibrate()

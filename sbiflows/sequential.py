@@ -377,13 +377,15 @@ class TSNPE:
 
 # ------------------------------------------------------------------------------------ internals
 def _draw(proposal: Distribution, n: int, seed: int) -> tuple[Tensor, str, float]:
+    """``n`` draws of ``proposal`` on the CPU, where the simulator and the stores take them (as when read back from a
+    store), whatever the network's device; the method and the acceptance of the draw."""
     if isinstance(proposal, TruncatedPrior):
         theta = proposal.sample((n,), seed=seed)
-        return theta, proposal.last_draw.method, proposal.last_draw.acceptance
+        return theta.cpu(), proposal.last_draw.method, proposal.last_draw.acceptance
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         theta = proposal.sample((n,))
-    return theta.reshape(n, -1), "prior", 1.0
+    return theta.reshape(n, -1).cpu(), "prior", 1.0
 
 
 def _check_x_o(x_o: Tensor, sims: SimulationResult) -> None:

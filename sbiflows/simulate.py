@@ -269,7 +269,7 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
         config = {"seed": int(seed), "batch_size": batch_size, "simulator": _qualified_name(simulator),
                   "vectorized": vectorized, "theta_dim": theta.shape[1], "theta_dtype": str(theta.dtype)}
         opened = SimulationStore.open(store, config, rows=len(theta), theta_dim=theta.shape[1],
-                                      theta_dtype=theta.numpy().dtype)
+                                      theta_dtype=theta.cpu().numpy().dtype)
     backend = None
     driver = None
     try:

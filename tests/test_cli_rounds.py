@@ -48,7 +48,7 @@ def test_an_observation_file_with_two_rows_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["fit", "two_moons", "--out", str(out), "--observations", "3", "--rounds", "2", *SMALL]
+    argv = ["fit", "two_moons", "--out", str(out), "--observations", "3", "--rounds", "2", "--device", "cpu", *SMALL]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert [r["simulations"] for r in report["rounds"]] == [300, 300]

@@ -106,3 +106,34 @@ def test_ensemble_members_train_together_on_cuda():
                          max_epochs=3, batch_size=64) == "vectorized"
     assert [h.epochs for h in histories] == [3, 3]
     assert all(p.is_cuda for member in members for p in member.parameters())
+
+
+@pytest.mark.gpu
+def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path):
+    import json
+
+    from sbiflows.cli import main
+
+    small = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets", "100",
+             "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "5", "--quiet",
+             "--device", "cuda"]
+    for rounds in ("1", "2"):  # amortized, and TSNPE (its proposals reach the simulator as CPU tensors)
+        out = tmp_path / f"rounds{rounds}"
+        assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--rounds", rounds, *small]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["training"]["epochs"] >= 1 and 0.4 < report["observations"][0]["c2st"] <= 1
+        assert load(out / "posterior.pt").device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_simulating_cuda_parameters_into_a_store():
+    import tempfile
+
+    from sbiflows.simulate import simulate
+
+    theta = torch.rand(50, 2, device="cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        sims = simulate(lambda t: t.cpu() * 2, theta, seed=0, batch_size=20, store=f"{folder}/s.zarr")
+        assert sims.valid.all() and torch.equal(sims.x, theta.cpu() * 2)
+        again = simulate(lambda t: t.cpu() * 2, theta, seed=0, batch_size=20, store=f"{folder}/s.zarr")
+        assert again.reused == 50  # the stored theta matches the CUDA one

@@ -107,7 +107,7 @@ class Driver:
         records, theta, x = self.store.read_verified()
         if self.store.x_layout is not None:
             self.layout, self.layout_from_store = self.store.x_layout, True
-        mine = self.theta.numpy()
+        mine = self.theta.cpu().numpy()  # a theta on another device is stored from a CPU copy
         reusable = set()
         for c, record in records.items():
             if c >= self.num_chunks:
@@ -298,7 +298,7 @@ class Driver:
         start = chunk.start
         if self.store is not None:
             failures = [(start + k, t, m) for k, (t, m) in sorted(chunk.errors.items())]
-            self.store.write_chunk(c, start, self.theta[start:start + chunk.rows].numpy(), chunk.x,
+            self.store.write_chunk(c, start, self.theta[start:start + chunk.rows].cpu().numpy(), chunk.x,
                                    seed=chunk.seed, failures=failures, seconds=chunk.seconds)
         self.x_done[c] = chunk.x
         self.failures.update({start + k: v for k, v in chunk.errors.items()})

@@ -1,10 +1,13 @@
-"""``sbiflows fit --on-nonfinite``: NPE.fit's recovery from a non-finite loss, from the command line and the report."""
+"""``sbiflows fit --on-nonfinite`` (NPE.fit's recovery from a non-finite loss) and ``--device`` (where the network
+trains) from the command line, in the run's settings and in the report. ``tests/test_devices.py`` runs a fit on CUDA
+where there is a GPU."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from sbiflows.cli import _setup, main
 from sbiflows.cli_parser import build_parser
@@ -52,7 +55,8 @@ def test_the_choice_reaches_the_fit_and_the_report_lists_restarts(tmp_path, monk
 
     monkeypatch.setattr(NPE, "fit", recording)
     out = tmp_path / "run"
-    assert main(["fit", "two_moons", "--out", str(out), "--on-nonfinite", "restore_best", *SMALL]) == 0
+    assert main(["fit", "two_moons", "--out", str(out), "--on-nonfinite", "restore_best", "--device", "cpu",
+                 *SMALL]) == 0
     assert seen == ["restore_best"]
     training = json.loads((out / "report.json").read_text())["training"]
     assert training["restart_epochs"] == []  # a finite run: no restart, and the report says none
@@ -71,3 +75,36 @@ def test_the_markdown_report_names_the_restart_epoch(tmp_path):
     line = next(x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("- training:"))
     assert line.endswith("(a non-finite loss at epoch 4: restarted from the best weights at a smaller step) "
                          "(diverged: best weights restored)")
+
+
+def test_the_device_is_checked_before_anything_runs_and_is_not_a_setting(tmp_path, capsys, monkeypatch):
+    from sbiflows.pipeline import Job, Observation
+    import simulators
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    for device, message in [("cuda", "device (--device)='cuda', but this torch has no CUDA device"),
+                            ("cud", "device (--device) must be a torch device such as 'cpu' or 'cuda', got 'cud'")]:
+        with pytest.raises(SystemExit, match="2"):
+            main(["fit", "two_moons", "--device", device, "--out", str(tmp_path / "x")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    task, calls = simulators.get("two_moons"), []
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return task.simulate(theta)
+
+    class Custom(torch.distributions.Uniform):  # not one of the classes a prior can be rebuilt from
+        def log_prob(self, value):
+            return super().log_prob(value) + 1.0
+
+    common = {"name": "t", "simulator": simulator, "out": tmp_path / "y",
+              "observations": [Observation("obs1", task.observation(1))]}
+    custom = torch.distributions.Independent(Custom(-torch.ones(2), torch.ones(2)), 1)
+    with pytest.raises(ValueError, match="cannot move a Independent prior to meta"):
+        Job(**common, prior=custom, device="meta")  # the meta device stands in for a GPU here
+    assert Job(**common, prior=custom).device == torch.device("cpu")  # where it is, it trains
+    assert calls == []
+    on_meta = Job(**common, prior=task.prior, device="meta")
+    assert on_meta.settings() == Job(**common, prior=task.prior).settings()  # a rerun elsewhere reuses the run
