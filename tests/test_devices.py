@@ -53,6 +53,38 @@ def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
         NPE(Independent(Custom(torch.zeros(2), torch.ones(2)), 1), device="meta")
 
 
+@pytest.mark.parametrize("estimator,embedding,x_shape", [
+    ("maf", None, (3,)), ("realnvp", None, (3,)), ("nsf", None, (3,)), ("nsf", "auto", (40,)),
+    ("nsf", "set", (6, 2)), ("nsf", "cnn1d", (30,)), ("maf", "cnn2d", (8, 8)),
+])
+def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, x_shape):
+    """A trained network (z-scoring, embedding, flow) computes on its device; ``meta`` stands in for a GPU: a CPU
+    tensor mixed into a meta computation raises as it does on CUDA (tests/test_transforms.py does this per layer)."""
+    from sbiflows.embeddings import from_name
+
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta, x = prior.sample((200,)), torch.randn(200, *x_shape)
+    net = embedding if embedding in (None, "auto") else from_name(embedding, x_shape)
+    posterior = NPE(prior, estimator=estimator, embedding_net=net, transforms=2, ensemble=1).fit(
+        theta, x, max_epochs=1, progress=False)
+    net = posterior.net.to("meta")
+    context = net.context(torch.zeros(5, *x_shape, device="meta"))
+    assert context.device.type == "meta" and context.shape[0] == 5
+    assert net.log_prob_given_context(torch.zeros(5, 2, device="meta"), context).shape == (5,)
+    assert net.sample_given_context(4, context).device.type == "meta"
+    draws, log_prob = net.sample_and_log_prob_from_base(torch.zeros(4, 5, 2, device="meta"), context)
+    assert draws.shape == (4, 5, 2) and log_prob.device.type == "meta"
+
+
+def test_an_ensembles_density_runs_on_the_device_it_was_moved_to():
+    """The mixture's density on the device (its draws pick members by value, which meta tensors do not have)."""
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    theta = prior.sample((200,))
+    net = NPE(prior, ensemble=2, transforms=2).fit(theta, theta + 0.1, max_epochs=1, progress=False).net.to("meta")
+    context = net.context(torch.zeros(5, 2, device="meta"))
+    assert net.log_prob_given_context(torch.zeros(5, 2, device="meta"), context).device.type == "meta"
+
+
 @pytest.mark.gpu
 def test_cuda_round_trip_gives_the_same_numbers(box_posterior, tmp_path):
     x_o, theta = torch.zeros(2), torch.rand(50, 2) * 2 - 1

@@ -185,6 +185,21 @@ def test_one_feature_autoregressive_flow_warns_that_it_is_gaussian(factory):
         factory(2, 2)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_runs_on_the_device_of_its_context(name):
+    """Densities and draws on the device of the flow and its inputs (``meta`` stands in for a GPU, as in
+    tests/test_transforms.py); planar flows' density inverts by root finding on values, so only they skip it."""
+    flow = FACTORIES[name](2, 3)
+    flow.sample_and_log_prob(4, torch.zeros(5, 3))  # a CPU run first: nothing it keeps may leak to the device
+    flow = flow.to("meta")
+    context = torch.zeros(5, 3, device="meta")
+    draws, log_prob = flow.sample_and_log_prob(4, context)
+    assert draws.device.type == log_prob.device.type == "meta" and draws.shape == (4, 5, 2)
+    assert flow.sample(4, context).device.type == "meta"
+    if name != "planar_flow":
+        assert flow.log_prob(torch.zeros(5, 2, device="meta"), context).shape == (5,)
+
+
 def test_seeded_sampling_is_reproducible():
     flow = perturbed("maf", 2, 1)
     c = torch.zeros(1, dtype=torch.float64)

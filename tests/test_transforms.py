@@ -246,6 +246,24 @@ def test_finite_for_large_inputs(name, c):
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
 
 
+@pytest.mark.parametrize("name,c", CASES)
+def test_runs_on_the_device_of_its_inputs(name, c):
+    """Every tensor a layer makes follows its inputs' device. The ``meta`` device (shapes without values) stands in
+    for a GPU: mixing a CPU tensor into a meta computation raises as it does on CUDA. The layer runs on the CPU
+    first, so values it keeps from that run (a spline's constants) must not leak to the other device. Planar's
+    forward (data to latent) finds its root from values, which meta tensors do not have: only its inverse runs
+    there."""
+    layer, _, _ = make(name, c)
+    x, ctx = inputs((16,), c)
+    layer(x, ctx), layer.inverse(x, ctx)
+    layer = layer.to("meta")
+    x, ctx = x.to("meta"), None if ctx is None else ctx.to("meta")
+    for direction in (layer.inverse,) if name == "planar" else (layer.forward, layer.inverse):
+        y, logdet = direction(x, ctx)
+        assert (y.device.type, logdet.device.type) == ("meta", "meta")
+        assert y.shape == x.shape and logdet.shape == (16,)
+
+
 # Layers whose log-scales are soft-clamped, with the largest |logdet| the clamp allows.
 SOFT_CLAMPED = {
     "affine_coupling": (lambda: AffineCoupling(D, C), 3.0 * (D // 2)),  # D // 2 dimensions move
