@@ -55,7 +55,7 @@ def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
 
 @pytest.mark.parametrize("estimator,embedding,x_shape", [
     ("maf", None, (3,)), ("realnvp", None, (3,)), ("nsf", None, (3,)), ("nsf", "auto", (40,)),
-    ("nsf", "set", (6, 2)), ("nsf", "cnn1d", (30,)), ("maf", "cnn2d", (8, 8)),
+    ("nsf", "set", (6, 2)), ("nsf", "cnn1d", (30,)), ("maf", "cnn2d", (8, 8)), ("realnvp", "mlp", (3, 4)),
 ])
 def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, x_shape):
     """A trained network (z-scoring, embedding, flow) computes on its device; ``meta`` stands in for a GPU: a CPU
