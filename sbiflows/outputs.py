@@ -10,7 +10,8 @@ seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wro
 * any other non-empty folder is refused, unless ``force``: then the files the earlier run recorded
   are removed (only those: a file sbiflows did not write is never touched), the simulation stores
   only if the settings they depend on changed, and the trained posterior (or a sequential run's
-  ``rounds``) only if a setting other than those of the steps after training changed.
+  ``rounds``) only if a setting other than those of the steps after training changed (the observations
+  are among those of an amortized run: new ones reuse its posterior).
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ SEQUENTIAL = "rounds"
 #: (Not ``name``: the training step's record names the simulator by it.)
 AFTER_TRAINING = ("labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
                   "reference")
+#: What an amortized run (no ``rounds`` in its settings) adds to :data:`AFTER_TRAINING`: its posterior is one for
+#: every observation, so new observations keep it (a sequential run's rounds are made for its observation).
+AMORTIZED_AFTER_TRAINING = ("observations",)
+
+
+def after_training(settings: dict) -> tuple[str, ...]:
+    """The settings of a run that only the steps after training use (see :data:`AFTER_TRAINING`).
+
+    Example:
+        >>> "observations" in after_training({"seed": 0}), "observations" in after_training({"rounds": 3})
+        (True, False)
+    """
+    return AFTER_TRAINING + (AMORTIZED_AFTER_TRAINING if "rounds" not in settings else ())
 
 
 class OutputFolderError(ValueError):
@@ -147,17 +161,19 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if old == settings:
         return []
     changed = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
+    later = all(key in after_training(old) and key in after_training(settings) for key in changed)
     if not force:
         details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
+        what = ("to redo only the steps after training (its simulations and trained posterior are kept)" if later
+                else "to replace that run's results")
         raise OutputFolderError(
             f"{names['out']} {str(out)!r} holds a run with other settings ({details}); choose another "
-            f"{names['out']}, or {names['force']} to replace that run's results"
-            + _old_default_hint(old, settings, spelling)
+            f"{names['out']}, or {names['force']} {what}" + _old_default_hint(old, settings, spelling)
         )
     keep = set()
     if not any(key in STORE_SETTINGS for key in changed):
         keep.update(STORES)
-    if all(key in AFTER_TRAINING for key in changed):
+    if later:
         keep.update(("posterior.pt", CHECKPOINT, SEQUENTIAL, "resume.json", "samples.npz"))
     removed = []
     for name in manifest.get("files", []):

@@ -760,6 +760,17 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
     lines.clear()
     run(job(num_samples=50), log=lines.append, force=True)  # a later step's setting: the posterior is kept
     assert calls == [] and any("reusing the posterior" in line for line in lines)
+    from sbiflows.pipeline import Observation
+    import simulators
+
+    other = [Observation("obs2", simulators.get("two_moons").observation(2), None, None)]
+    with pytest.raises(OutputFolderError, match=r"pass force=True to redo only the steps after training \(its "
+                                                r"simulations and trained posterior are kept\)"):
+        run(job(observations=other), log=lines.append)
+    lines.clear()
+    run(job(observations=other), log=lines.append, force=True)  # amortized: one posterior for every observation
+    assert any("reusing the posterior" in line for line in lines)
+    assert sum(calls) == 1000  # only the new observation's posterior predictive check simulates
 
 
 
@@ -770,11 +781,15 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
      ["posterior.pt", "rounds", "resume.json", "samples.npz"]),
     ({"seed": 1}, [], ["simulations.zarr", "calibration.zarr", "predictive", "posterior.pt", "rounds", "resume.json"]),
     ({"timeout": 60.0}, ["simulations.zarr", "calibration.zarr", "predictive"], ["posterior.pt", "rounds"]),
+    # an amortized run's posterior is one for every observation; a sequential run's rounds are its observation's
+    ({"observations": {"obs2": [0.5]}}, ["posterior.pt", "resume.json", "samples.npz", "simulations.zarr"],
+     ["report.md"]),
+    ({"rounds": 2}, ["simulations.zarr"], ["posterior.pt", "rounds"]),
 ])
 def test_force_removes_only_what_the_changed_settings_invalidate(tmp_path, change, kept, removed):
     from sbiflows.outputs import prepare, record
 
-    settings = {"seed": 0, "estimator": "nsf", "num_samples": 100, "timeout": None}
+    settings = {"seed": 0, "estimator": "nsf", "num_samples": 100, "timeout": None, "observations": {"obs1": [0.1]}}
     prepare(tmp_path, settings)
     for name in ("simulations.zarr", "calibration.zarr", "predictive", "rounds"):
         (tmp_path / name).mkdir()
@@ -784,6 +799,21 @@ def test_force_removes_only_what_the_changed_settings_invalidate(tmp_path, chang
     prepare(tmp_path, {**settings, **change}, force=True)
     assert all((tmp_path / name).exists() for name in [*kept, "notes.txt"]), sorted(p.name for p in tmp_path.iterdir())
     assert not any((tmp_path / name).exists() for name in removed), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_new_observations_keep_an_amortized_posterior_but_not_a_sequential_runs_rounds(tmp_path):
+    from sbiflows.outputs import OutputFolderError, prepare, record
+
+    sequential = {"seed": 0, "rounds": 3, "observations": {"obs1": [0.1]}}
+    prepare(tmp_path, sequential)
+    for name in ("posterior.pt", "report.md"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "rounds").mkdir()
+    record(tmp_path, sequential)
+    with pytest.raises(OutputFolderError, match="add --force to replace that run's results"):
+        prepare(tmp_path, {**sequential, "observations": {"obs2": [0.5]}})
+    prepare(tmp_path, {**sequential, "observations": {"obs2": [0.5]}}, force=True)
+    assert not any((tmp_path / name).exists() for name in ("posterior.pt", "rounds", "report.md"))
 
 
 def test_a_run_stopped_after_training_records_what_it_wrote_so_force_can_replace_it(tmp_path, monkeypatch):
