@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with code 1 when calibration finds the posterior over-confident or biased")
     fit.add_argument("--force", action="store_true",
                      help="replace the results of an earlier run with other settings in --out (only files sbiflows "
-                     "wrote are removed; simulations are kept where the settings they depend on are unchanged)")
+                     "wrote are removed; simulations are kept where the settings they depend on are unchanged, "
+                     "the trained posterior where only later steps' settings changed, such as the observations of "
+                     "a run without --rounds)")
     engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
     engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                         help="local worker processes that run the simulator (default: in this process)")
