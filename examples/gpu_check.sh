@@ -23,14 +23,14 @@ bench=(python3 examples/benchmark_npe_training.py --simulations "$simulations" -
 } > "$out/machine.txt" 2>&1
 
 # 1. The gpu-marked tests (the files that have them; -m gpu selects them and nothing else).
-timeout 120 python3 -m pytest -p no:cacheprovider -m gpu -q -rs $(grep -l "mark.gpu" tests/*.py) \
+timeout 180 python3 -m pytest -p no:cacheprovider -m gpu -q -rs $(grep -l "mark.gpu" tests/*.py) \
   > "$out/pytest_gpu.log" 2>&1
 echo "pytest exit $?" >> "$out/pytest_gpu.log"
 
 # 2. One CPU core per task (in the background: the slow side) beside the GPU, same simulations and seed.
 (timeout 330 "${bench[@]}" --task two_moons --settings "" --json "$out/train.jsonl" > "$out/cpu.log" 2>&1) &
 (timeout 330 "${bench[@]}" --task slcp_distractors --settings "" --json "$out/train.jsonl" > "$out/cpu2.log" 2>&1) &
-timeout 180 "${bench[@]}" --task two_moons --settings "device=$device" "device=$device,ensemble=5" \
+timeout 150 "${bench[@]}" --task two_moons --settings "device=$device" "device=$device,ensemble=5" \
   --json "$out/train.jsonl" > "$out/gpu.log" 2>&1
 timeout 120 "${bench[@]}" --task slcp_distractors --settings "device=$device" --json "$out/train.jsonl" \
   >> "$out/gpu.log" 2>&1
