@@ -255,6 +255,9 @@ def check_device(value: Any, name: str = "device") -> torch.device:
         raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r} ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}={value!r}, but this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}={value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}={value!r}, but this torch has no MPS device (torch.backends.mps.is_available() "
                          "is False)")

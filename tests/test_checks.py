@@ -121,7 +121,7 @@ def test_check_finite_names_the_rows():
         check_finite(torch.tensor([[0.0], [float("inf")], [float("nan")]]), "x")
 
 
-def test_public_calls_name_a_bad_device_generator_empty_x_or_save_path(tmp_path):
+def test_public_calls_name_a_bad_device_generator_empty_x_or_save_path(tmp_path, monkeypatch):
     """Found by an API audit: each of these raised a raw torch or Python error, or failed only at fit."""
     from torch.distributions import Independent, Normal
 
@@ -133,6 +133,12 @@ def test_public_calls_name_a_bad_device_generator_empty_x_or_save_path(tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device='cuda', but this torch has no CUDA device"):
             NPE(prior, device="cuda")
+    with monkeypatch.context() as one_gpu:  # a GPU number the machine does not have (as on a machine with one GPU)
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(ValueError, match=r"device='cuda:1', but this machine has 1 CUDA device\(s\), numbered "
+                                             "from 0"):
+            NPE(prior, device="cuda:1")
     theta = prior.sample((200,))
     posterior = NPE(prior, ensemble=1, transforms=1).fit(theta, theta, max_epochs=1, progress=False)
     with pytest.raises(TypeError, match="generator must be a torch.Generator .* got int"):

@@ -59,7 +59,8 @@ def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
 ])
 def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, x_shape):
     """A trained network (z-scoring, embedding, flow) computes on its device; ``meta`` stands in for a GPU: a CPU
-    tensor mixed into a meta computation raises as it does on CUDA (tests/test_transforms.py does this per layer)."""
+    tensor mixed into elementwise arithmetic with meta tensors raises as on CUDA (not in matrix products; see
+    tests/test_transforms.py, which does this per layer)."""
     from sbiflows.embeddings import from_name
 
     prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
@@ -141,10 +142,25 @@ def test_ensemble_members_train_together_on_cuda():
 
 
 @pytest.mark.gpu
-def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path):
+def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeypatch):
     import json
 
     from sbiflows.cli import main
+    import sbiflows.pipeline
+
+    trained_on, sampled_on = [], []
+    fit, sample = NPE.fit, sbiflows.pipeline._sample
+
+    def recording_fit(self, *args, **kwargs):
+        trained_on.append(self.device.type)
+        return fit(self, *args, **kwargs)
+
+    def recording_sample(state, posterior):
+        sampled_on.append(posterior.device.type)
+        return sample(state, posterior)
+
+    monkeypatch.setattr(NPE, "fit", recording_fit)
+    monkeypatch.setattr(sbiflows.pipeline, "_sample", recording_sample)
 
     small = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "5", "--quiet",
@@ -155,6 +171,7 @@ def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["training"]["epochs"] >= 1 and 0.4 < report["observations"][0]["c2st"] <= 1
         assert load(out / "posterior.pt").device.type == "cpu"
+    assert trained_on == ["cuda"] * 3 and sampled_on == ["cpu", "cpu"]  # one fit, then one per round
 
 
 @pytest.mark.gpu

@@ -187,8 +187,8 @@ def test_one_feature_autoregressive_flow_warns_that_it_is_gaussian(factory):
 
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_runs_on_the_device_of_its_context(name):
-    """Densities and draws on the device of the flow and its inputs (``meta`` stands in for a GPU, as in
-    tests/test_transforms.py); planar flows' density inverts by root finding on values, so only they skip it."""
+    """Densities and draws on the device of the flow and its inputs (``meta`` stands in for a GPU, with the limits
+    that tests/test_transforms.py names); planar flows' density inverts by root finding on values, so only they skip it."""
     flow = FACTORIES[name](2, 3)
     flow.sample_and_log_prob(4, torch.zeros(5, 3))  # a CPU run first: nothing it keeps may leak to the device
     flow = flow.to("meta")

@@ -249,7 +249,8 @@ def test_finite_for_large_inputs(name, c):
 @pytest.mark.parametrize("name,c", CASES)
 def test_runs_on_the_device_of_its_inputs(name, c):
     """Every tensor a layer makes follows its inputs' device. The ``meta`` device (shapes without values) stands in
-    for a GPU: mixing a CPU tensor into a meta computation raises as it does on CUDA. The layer runs on the CPU
+    for a GPU: a CPU tensor mixed into elementwise arithmetic, ``cat`` or ``where`` with meta tensors raises as on
+    CUDA (matrix products and ``searchsorted`` do not check devices there). The layer runs on the CPU
     first, so values it keeps from that run (a spline's constants) must not leak to the other device. Planar's
     forward (data to latent) finds its root from values, which meta tensors do not have: only its inverse runs
     there."""
