@@ -218,8 +218,10 @@ def _rounds(rounds: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rounds:
         volume = f"{r['volume']:.3g}" + (" (covers the prior)" if r["covers_prior"] else "")
+        restarts = "".join(f" (restart at epoch {epoch})" for epoch in r.get("restart_epochs", []))
         lines.append(f"| {r['index'] + 1} | {r['simulations']} | {r['failed']} | {r['method']} | "
-                     f"{_number(r['acceptance'])} | {volume} | {_number(r['validation_loss'])} | {r['epochs']} |")
+                     f"{_number(r['acceptance'])} | {volume} | {_number(r['validation_loss'])} | {r['epochs']}"
+                     f"{restarts} |")
     note = ("Truncated volume: the prior mass of the region the round's parameters were drawn from. Validation "
             "losses are on all rounds so far.")
     return [*lines, "", note, ""]

@@ -289,6 +289,7 @@ class TSNPE:
             threshold=None if r == 0 else float(proposal.threshold), covers_prior=volume >= COVERS_PRIOR and r > 0,
             validation_loss=float(history.best_validation_loss), epochs=int(history.epochs - epochs_before),
             seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+            restart_epochs=list(history.restart_epochs),
         )
         self.rounds.append(record)
         self.posterior = self._finish(posterior, x_o)

@@ -5,7 +5,7 @@ which NPE options TSNPE refuses, and what each round did.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sbiflows.checks import check_int
@@ -36,6 +36,9 @@ class Round:
         epochs: Epochs of that training.
         seconds: Wall seconds of the round (drawing, simulating, training).
         cpu_seconds: CPU seconds of this process in the round (simulations in worker processes excluded).
+        restart_epochs: Epochs of that training whose non-finite loss restarted it from the best weights
+            (``fit_options={"on_nonfinite": "restore_best"}``; numbered as the history numbers them); empty in
+            rounds recorded before this field existed.
     """
 
     index: int
@@ -51,6 +54,7 @@ class Round:
     epochs: int
     seconds: float
     cpu_seconds: float
+    restart_epochs: list[int] = field(default_factory=list)
 
 
 def check_sequential_options(npe_options: Mapping[str, Any]) -> None:

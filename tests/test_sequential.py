@@ -410,3 +410,42 @@ def test_a_larger_final_check_keeps_the_earlier_checks_simulations_and_a_smaller
         smaller.run(simulator, X_O, store=store, check_simulations=50, **options)
     assert MODE["calls"] == 0 and smaller.check.num_datasets == 50
     assert np.array_equal(np.load(store / "check" / "theta.npy"), theta)  # the first 50 rows, read
+
+
+class _NaNOnce(torch.nn.Module):
+    """An elementwise shift whose training loss is NaN on its 26th training call only (``sbiflows.transforms``
+    layer protocol: ``forward``/``inverse`` return the output and the log-determinant)."""
+
+    def __init__(self, features: int, context_features: int):
+        super().__init__()
+        self.features, self.context_features = features, context_features
+        self.shift = torch.nn.Parameter(torch.zeros(features))
+        self.linear = torch.nn.Linear(context_features, features)
+        self.calls = 0
+
+    def forward(self, x, context=None):
+        self.calls += self.training
+        logdet = x.new_zeros(x.shape[:-1]) + (torch.nan if self.training and self.calls == 26 else 0.0)
+        return x - self.shift - self.linear(context), logdet
+
+    def inverse(self, z, context=None):
+        return z + self.shift + self.linear(context), z.new_zeros(z.shape[:-1])
+
+
+def test_each_round_records_the_restarts_of_its_training():
+    from sbiflows.flows import Flow
+
+    tsnpe = TSNPE(PRIOR, estimator=lambda features, context: Flow([_NaNOnce(features, context)]))
+    with pytest.warns(RuntimeWarning, match="goes on from the best weights"):
+        tsnpe.run(simulator, X_O, rounds=2, simulations=300, check_simulations=0,
+                  **{**FAST, "fit_options": {"max_epochs": 30, "on_nonfinite": "restore_best"}})
+    first, second = tsnpe.rounds
+    (restart,) = first.restart_epochs  # round 1's training restarted once, from its best weights
+    assert 0 < restart < first.epochs and second.restart_epochs == []
+    assert tsnpe.posterior.config["tsnpe"]["rounds"][0]["restart_epochs"] == [restart]  # saved with the posterior
+    from dataclasses import asdict
+
+    from sbiflows.report import _rounds
+
+    table = [line for line in _rounds([asdict(r) for r in tsnpe.rounds]) if line.startswith("| 1 |")]
+    assert table[0].endswith(f"| {first.epochs} (restart at epoch {restart}) |")  # report.md's rounds table
