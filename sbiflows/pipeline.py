@@ -179,7 +179,8 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
         state.reused("the trained posterior (posterior.pt)")
         Checkpoint(job.out / outputs.CHECKPOINT).remove()  # left if a run stopped right after saving posterior.pt
     else:
-        state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding})")
+        where = "" if job.device.type == "cpu" else f" on {job.device}"
+        state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding}){where}")
         embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
         checkpoint = Checkpoint(job.out / outputs.CHECKPOINT, log=lambda line: state.log(f"      {line}")) \
             if job.checkpointable else None

@@ -88,8 +88,9 @@ def fit(state) -> Posterior:
     job, start = state.job, time.perf_counter()
     observation = job.observations[0]
     store = job.out / STORE
+    where = "" if job.device.type == "cpu" else f", training on {job.device}"
     state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
-              f"for {observation.name} (store: {store})")
+              f"for {observation.name} (store: {store}){where}")
     embedding = from_choice(job.embedding, tuple(observation.x.shape))
     if job.compile:
         state.log("      compiling the training steps (torch.compile): about 30 s the first time this machine sees "

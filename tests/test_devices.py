@@ -142,7 +142,7 @@ def test_ensemble_members_train_together_on_cuda():
 
 
 @pytest.mark.gpu
-def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeypatch):
+def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeypatch, capsys):
     import json
 
     from sbiflows.cli import main
@@ -171,6 +171,8 @@ def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeyp
         report = json.loads((out / "report.json").read_text())
         assert report["training"]["epochs"] >= 1 and 0.4 < report["observations"][0]["c2st"] <= 1
         assert load(out / "posterior.pt").device.type == "cpu"
+        printed = capsys.readouterr().out
+        assert ("training NPE" in printed and ") on cuda" in printed) if rounds == "1" else "training on cuda" in printed
     assert trained_on == ["cuda"] * 3 and sampled_on == ["cpu", "cpu"]  # one fit, then one per round
 
 
