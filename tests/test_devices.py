@@ -53,14 +53,15 @@ def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
         NPE(Independent(Custom(torch.zeros(2), torch.ones(2)), 1), device="meta")
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("estimator,embedding,x_shape", [
     ("maf", None, (3,)), ("realnvp", None, (3,)), ("nsf", None, (3,)), ("nsf", "auto", (40,)),
     ("nsf", "set", (6, 2)), ("nsf", "cnn1d", (30,)), ("maf", "cnn2d", (8, 8)), ("realnvp", "mlp", (3, 4)),
 ])
-def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, x_shape):
+def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, x_shape, device):
     """A trained network (z-scoring, embedding, flow) computes on its device; ``meta`` stands in for a GPU: a CPU
     tensor mixed into elementwise arithmetic with meta tensors raises as on CUDA (not in matrix products; see
-    tests/test_transforms.py, which does this per layer)."""
+    tests/test_transforms.py, which does this per layer). On CUDA the density must equal the CPU's."""
     from sbiflows.embeddings import from_name
 
     prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
@@ -68,13 +69,17 @@ def test_every_network_runs_on_the_device_it_was_moved_to(estimator, embedding, 
     net = embedding if embedding in (None, "auto") else from_name(embedding, x_shape)
     posterior = NPE(prior, estimator=estimator, embedding_net=net, transforms=2, ensemble=1).fit(
         theta, x, max_epochs=1, progress=False)
-    net = posterior.net.to("meta")
-    context = net.context(torch.zeros(5, *x_shape, device="meta"))
-    assert context.device.type == "meta" and context.shape[0] == 5
-    assert net.log_prob_given_context(torch.zeros(5, 2, device="meta"), context).shape == (5,)
-    assert net.sample_given_context(4, context).device.type == "meta"
-    draws, log_prob = net.sample_and_log_prob_from_base(torch.zeros(4, 5, 2, device="meta"), context)
-    assert draws.shape == (4, 5, 2) and log_prob.device.type == "meta"
+    on_cpu = posterior.net.log_prob_given_context(theta[:5], posterior.net.context(x[:5]))
+    net = posterior.net.to(device)
+    context = net.context(x[:5].to(device))
+    assert context.device.type == device and context.shape[0] == 5
+    log_prob = net.log_prob_given_context(theta[:5].to(device), context)
+    assert log_prob.shape == (5,) and log_prob.device.type == device
+    assert net.sample_given_context(4, context).device.type == device
+    draws, log_q = net.sample_and_log_prob_from_base(torch.zeros(4, 5, 2, device=device), context)
+    assert draws.shape == (4, 5, 2) and log_q.device.type == device
+    if device != "meta":
+        torch.testing.assert_close(log_prob.cpu(), on_cpu, atol=1e-4, rtol=1e-4)  # float32 on another device
 
 
 def test_an_ensembles_density_runs_on_the_device_it_was_moved_to():

@@ -185,19 +185,24 @@ def test_one_feature_autoregressive_flow_warns_that_it_is_gaussian(factory):
         factory(2, 2)
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(FACTORIES))
-def test_runs_on_the_device_of_its_context(name):
+def test_runs_on_the_device_of_its_context(name, device):
     """Densities and draws on the device of the flow and its inputs (``meta`` stands in for a GPU, with the limits
-    that tests/test_transforms.py names); planar flows' density inverts by root finding on values, so only they skip it."""
-    flow = FACTORIES[name](2, 3)
-    flow.sample_and_log_prob(4, torch.zeros(5, 3))  # a CPU run first: nothing it keeps may leak to the device
-    flow = flow.to("meta")
-    context = torch.zeros(5, 3, device="meta")
+    that tests/test_transforms.py names; on CUDA the density must equal the CPU's); planar flows' density inverts by
+    root finding on values, so only they skip it on meta."""
+    flow = FACTORIES[name](2, 3).double()
+    theta, context = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    on_cpu = flow.log_prob(theta, context)  # a CPU run first: nothing it keeps may leak to the device
+    flow = flow.to(device)
+    theta, context = theta.to(device), context.to(device)
     draws, log_prob = flow.sample_and_log_prob(4, context)
-    assert draws.device.type == log_prob.device.type == "meta" and draws.shape == (4, 5, 2)
-    assert flow.sample(4, context).device.type == "meta"
-    if name != "planar_flow":
-        assert flow.log_prob(torch.zeros(5, 2, device="meta"), context).shape == (5,)
+    assert draws.device.type == log_prob.device.type == device and draws.shape == (4, 5, 2)
+    assert flow.sample(4, context).device.type == device
+    if name != "planar_flow" or device != "meta":
+        assert flow.log_prob(theta, context).shape == (5,)
+    if device != "meta":
+        torch.testing.assert_close(flow.log_prob(theta, context).cpu(), on_cpu)
 
 
 def test_seeded_sampling_is_reproducible():

@@ -246,23 +246,30 @@ def test_finite_for_large_inputs(name, c):
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
 
 
+#: Where the device tests run: ``meta`` everywhere, CUDA where there is a GPU (``pytest -m gpu``).
+DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,c", CASES)
-def test_runs_on_the_device_of_its_inputs(name, c):
+def test_runs_on_the_device_of_its_inputs(name, c, device):
     """Every tensor a layer makes follows its inputs' device. The ``meta`` device (shapes without values) stands in
     for a GPU: a CPU tensor mixed into elementwise arithmetic, ``cat`` or ``where`` with meta tensors raises as on
-    CUDA (matrix products and ``searchsorted`` do not check devices there). The layer runs on the CPU
-    first, so values it keeps from that run (a spline's constants) must not leak to the other device. Planar's
-    forward (data to latent) finds its root from values, which meta tensors do not have: only its inverse runs
-    there."""
+    CUDA (matrix products and ``searchsorted`` do not check devices there); on CUDA the results must also equal the
+    CPU's. The layer runs on the CPU first, so values it keeps from that run (a spline's constants) must not leak to
+    the other device. Planar's forward (data to latent) finds its root from values, which meta tensors do not have:
+    only its inverse runs there."""
     layer, _, _ = make(name, c)
     x, ctx = inputs((16,), c)
-    layer(x, ctx), layer.inverse(x, ctx)
-    layer = layer.to("meta")
-    x, ctx = x.to("meta"), None if ctx is None else ctx.to("meta")
-    for direction in (layer.inverse,) if name == "planar" else (layer.forward, layer.inverse):
-        y, logdet = direction(x, ctx)
-        assert (y.device.type, logdet.device.type) == ("meta", "meta")
+    on_cpu = {"forward": layer(x, ctx), "inverse": layer.inverse(x, ctx)}
+    layer = layer.to(device)
+    x, ctx = x.to(device), None if ctx is None else ctx.to(device)
+    for direction in ("inverse",) if name == "planar" and device == "meta" else ("forward", "inverse"):
+        y, logdet = getattr(layer, direction)(x, ctx)
+        assert (y.device.type, logdet.device.type) == (device, device)
         assert y.shape == x.shape and logdet.shape == (16,)
+        if device != "meta":
+            torch.testing.assert_close((y.cpu(), logdet.cpu()), on_cpu[direction])
 
 
 # Layers whose log-scales are soft-clamped, with the largest |logdet| the clamp allows.
