@@ -193,3 +193,25 @@ def test_simulating_cuda_parameters_into_a_store():
         assert sims.valid.all() and torch.equal(sims.x, theta.cpu() * 2)
         again = simulate(lambda t: t.cpu() * 2, theta, seed=0, batch_size=20, store=f"{folder}/s.zarr")
         assert again.reused == 50  # the stored theta matches the CUDA one
+
+
+@pytest.mark.gpu
+def test_the_calibration_checks_take_a_posterior_on_cuda(box_posterior):
+    """Draws and densities come back to the CPU for the statistics; the predictive simulator gets CPU tensors."""
+    from sbiflows import diagnostics
+
+    on_gpu = box_posterior.copy().to("cuda")
+    theta = torch.rand(100, 2) * 2 - 1
+    x = theta + 0.1 * torch.randn(100, 2)
+    for check in (diagnostics.sbc, diagnostics.expected_coverage, diagnostics.tarp):
+        result = check(on_gpu, theta=theta, x=x, num_posterior_samples=50, seed=0)
+        assert diagnostics.verdict(result) in ("calibrated", "over-confident", "under-confident", "biased",
+                                               "mis-calibrated", "conservative")
+    seen = []
+
+    def simulator(t):
+        seen.append(t.device.type)
+        return t + 0.1 * torch.randn_like(t)
+
+    diagnostics.posterior_predictive(on_gpu, simulator, torch.zeros(2), num_samples=200, seed=0)
+    assert seen == ["cpu"]

@@ -171,7 +171,8 @@ def posterior_predictive(
             raise ValueError(
                 f"posterior.sample({num_samples}, x=x_o) must return shape ({num_samples}, D), got {got}"
             )
-        predictive = simulator(theta.detach())
+        theta = theta.detach().cpu()  # the simulator gets CPU tensors, whatever the posterior's device
+        predictive = simulator(theta)
     if not isinstance(predictive, Tensor) or predictive.shape != (num_samples, *x_shape):
         got = tuple(predictive.shape) if isinstance(predictive, Tensor) else type(predictive).__name__
         wanted = ", ".join(map(str, (num_samples, *x_shape)))

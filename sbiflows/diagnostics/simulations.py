@@ -13,7 +13,8 @@ posterior through the duck-typed protocol::
 
 ``x_shape`` is ``(x_dim,)`` for flat simulations or any structured shape (a series, an image, a set of
 trials). A posterior whose embedding masks NaN-padded trials (``posterior.net.padded_trials``) makes the
-checks keep padded sets and drop only failed simulations (:func:`sbiflows.xshape.valid_rows`).
+checks keep padded sets and drop only failed simulations (:func:`sbiflows.xshape.valid_rows`). Draws and densities
+come back to the CPU, where the checks compute their statistics, whatever the posterior's device.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def draws_and_log_prob(
             got = tuple(chunk_log_q.shape) if isinstance(chunk_log_q, Tensor) else type(chunk_log_q).__name__
             raise ValueError(f"posterior.sample_and_log_prob_batched({num_samples}, xs) must return log-probabilities "
                              f"of shape {tuple(draws[-1].shape[:2])}, got {got}")
-        log_q.append(chunk_log_q.detach())
+        log_q.append(chunk_log_q.detach().cpu())
     return _finite(torch.cat(draws, dim=1), "sample_and_log_prob_batched"), torch.cat(log_q, dim=1)
 
 
@@ -248,7 +249,7 @@ def _checked_draws(draws: object, num_samples: int, chunk: Tensor, method: str) 
             f"posterior.{method}({num_samples}, xs) with xs of shape {tuple(chunk.shape)} "
             f"must return shape ({num_samples}, {len(chunk)}, D), got {got}"
         )
-    return draws.detach()
+    return draws.detach().cpu()  # the statistics run on the CPU, whatever the posterior's device
 
 
 def _finite(draws: Tensor, method: str) -> Tensor:
@@ -272,10 +273,10 @@ def batched_log_prob(
                 posterior.log_prob_batched(theta[:, part], xs[part])  # type: ignore[attr-defined]
                 for part in _chunks(num, batch_size, progress)
             ]
-            out = torch.cat([p.detach() for p in parts], dim=1)
+            out = torch.cat([p.detach().cpu() for p in parts], dim=1)
         else:
             log_prob = posterior.log_prob  # type: ignore[attr-defined]
-            out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach() for b in range(num)], dim=1)
+            out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach().cpu() for b in range(num)], dim=1)
     if out.shape != (n, num):
         raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
     return out
