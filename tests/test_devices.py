@@ -215,3 +215,19 @@ def test_the_calibration_checks_take_a_posterior_on_cuda(box_posterior):
 
     diagnostics.posterior_predictive(on_gpu, simulator, torch.zeros(2), num_samples=200, seed=0)
     assert seen == ["cpu"]
+
+
+@pytest.mark.gpu
+def test_map_and_the_conditioned_distribution_on_cuda(box_posterior):
+    """The MAP search and the pyro-style conditioned posterior compute on the posterior's device."""
+    on_gpu = box_posterior.copy().to("cuda")
+    x_o = torch.zeros(2)
+    best = on_gpu.map(x_o, num_init_samples=200, num_to_optimize=5, num_iter=20, seed=0)
+    assert best.device.type == "cuda" and bool((best.abs() <= 1).all())
+    conditioned = on_gpu.condition(x_o)
+    draws = conditioned.rsample((50,), generator=torch.Generator(device="cuda").manual_seed(0))
+    assert draws.device.type == "cuda" and draws.requires_grad
+    log_prob = conditioned.log_prob(draws.detach())
+    torch.testing.assert_close(log_prob.cpu(), box_posterior.condition(x_o).log_prob(draws.detach().cpu()),
+                               atol=1e-4, rtol=1e-4)
+    assert on_gpu.sample_batched(20, torch.zeros(3, 2)).shape == (20, 3, 2)  # CPU observations move to the GPU
