@@ -60,7 +60,8 @@ class Job:
     ``ensemble`` trains in every round). The training
     options go to :meth:`sbiflows.NPE.fit` (None: its defaults); like the flow options they are part of the
     run's settings: :func:`run` refuses a folder made with other settings, and with ``force=True`` retrains on
-    its stored simulations.
+    its stored simulations. ``device`` is where the network trains (``NPE(device=...)``), not a setting: the
+    simulator gets CPU tensors, and sampling and the checks after training run on the CPU.
     """
 
     name: str
