@@ -17,8 +17,8 @@ from sbiflows.early_stopping import Plateau
 if TYPE_CHECKING:
     from sbiflows.training import TrainingHistory
 
-__all__ = ["NONFINITE_CHOICES", "RESTART_FACTOR", "diverged_warning", "may_restart", "nonfinite_key",
-           "record_restart", "restart_warning"]
+__all__ = ["NONFINITE_CHOICES", "RESTART_FACTOR", "may_restart", "nonfinite_key", "record_divergence",
+           "record_restart"]
 
 #: What ``on_nonfinite`` accepts: ``"stop"`` (restore the best weights and stop) or ``"restore_best"``.
 NONFINITE_CHOICES = ("stop", "restore_best")
@@ -43,16 +43,9 @@ def nonfinite_key(on_nonfinite: str) -> dict[str, str]:
     return {} if on_nonfinite == "stop" else {"on_nonfinite": on_nonfinite}
 
 
-def record_restart(history: TrainingHistory, epoch: int) -> None:
-    """Count a restarted epoch in ``history``: its losses are NaN, so epoch numbers still index the lists."""
-    history.train_loss.append(math.nan)
-    history.validation_loss.append(math.nan)
-    history.epochs += 1
-    history.restart_epochs.append(epoch)
-
-
-def restart_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:
-    """Warn that a non-finite loss at ``epoch`` restarts training from the best weights with half the step."""
+def record_restart(history: TrainingHistory, rule: Plateau, epoch: int, *, stacklevel: int) -> None:
+    """Warn that a non-finite loss at ``epoch`` restarts training from the best weights with half the step, and
+    count the epoch in ``history``: its losses are NaN, so epoch numbers still index the lists."""
     warnings.warn(
         f"non-finite loss at epoch {epoch}; training goes on from the best weights (epoch {rule.best_epoch}, "
         f"validation loss {rule.best_loss:.4f}) with half the step size (on_nonfinite='restore_best'; "
@@ -60,14 +53,19 @@ def restart_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:
         RuntimeWarning,
         stacklevel=stacklevel + 1,
     )
+    history.train_loss.append(math.nan)
+    history.validation_loss.append(math.nan)
+    history.epochs += 1
+    history.restart_epochs.append(epoch)
 
 
-def diverged_warning(rule: Plateau, epoch: int, *, stacklevel: int) -> None:
-    """Warn that training diverged at ``epoch`` and the best weights were restored; raise if there are none.
+def record_divergence(history: TrainingHistory, rule: Plateau, epoch: int, *, stacklevel: int) -> None:
+    """Mark ``history`` diverged at ``epoch`` and warn that the best weights were restored; raise if there are none.
 
     Raises:
         FloatingPointError: If no epoch reached a finite validation loss.
     """
+    history.diverged = True
     if rule.best_epoch < 0:
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch} before any finite validation loss; try a lower "

@@ -32,7 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, with_seconds
 from sbiflows.compiling import compiled_objective
 from sbiflows.divergence import (
-    RESTART_FACTOR, diverged_warning, may_restart, nonfinite_key, record_restart, restart_warning,
+    RESTART_FACTOR, may_restart, nonfinite_key, record_divergence, record_restart,
 )
 from sbiflows.early_stopping import Plateau
 from sbiflows.threads import torch_threads
@@ -322,11 +322,9 @@ def _train_stacked(
                         history = histories[m]
                         if bool(diverged[slot]) or not math.isfinite(float(val[slot])):
                             if not may_restart(on_nonfinite, rules[m], history):
-                                history.diverged = True
-                                diverged_warning(rules[m], firsts[m] + epoch, stacklevel=3)
+                                record_divergence(history, rules[m], firsts[m] + epoch, stacklevel=3)
                                 continue
-                            restart_warning(rules[m], firsts[m] + epoch, stacklevel=3)
-                            record_restart(history, firsts[m] + epoch)
+                            record_restart(history, rules[m], firsts[m] + epoch, stacklevel=3)
                             action, factor = "restart", RESTART_FACTOR
                         else:
                             history.train_loss.append(float(totals[slot]) / n_train)

@@ -189,9 +189,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
                       "sees this network and batch size, seconds after that")
         posterior = NPE(job.prior, **job.estimator_options, embedding_net=embedding, device=job.device).fit(
             sims.theta, sims.x, seed=job.seed, **job.fit_options, progress=job.progress, checkpoint=checkpoint
-        )
-        if posterior.device.type != "cpu":  # trained on job.device; sampled and checked on the CPU, as a reused
-            posterior.to("cpu")  # posterior.pt is
+        ).to("cpu")  # trained on job.device; sampled and checked on the CPU, as a reused posterior.pt is
         posterior.save(path, allow_unsaved_prior=True)  # reloaded with load(path, prior=job.prior) above
         state.resume.done("train", settings)
         if checkpoint is not None:

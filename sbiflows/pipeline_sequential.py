@@ -119,8 +119,7 @@ def fit(state) -> Posterior:
         state.log(f"      force: removing the rounds of other TSNPE settings in {store}")
         shutil.rmtree(store)
         tsnpe, posterior = run()
-    if posterior.device.type != "cpu":  # trained on job.device; the report's checks run on the CPU
-        posterior.to("cpu")
+    posterior.to("cpu")  # trained on job.device; the report's checks run on the CPU
     posterior.save(job.out / "posterior.pt", allow_unsaved_prior=True)
     state.timed("tsnpe", start)
     state.sequential = tsnpe  # for calibrate()

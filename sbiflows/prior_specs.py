@@ -139,17 +139,17 @@ def build_prior(spec: dict, tensors: dict[str, Tensor], device: torch.device | s
 
 
 def move_prior(prior: Distribution, device: torch.device | str) -> Distribution:
-    """``prior`` with its tensors on ``device`` (rebuilt from its spec).
+    """``prior`` with its tensors on ``device``: ``prior`` itself if it is there, else rebuilt from its spec.
 
     Raises:
         ValueError: If the prior is not built from whitelisted classes (or faithful subclasses of
             them, see :func:`prior_spec`) and is on another device.
     """
+    if prior_device(prior) == torch.device(device):
+        return prior
     spec = prior_spec(prior)
     if spec is not None:
         return build_prior(*spec, device=device)
-    if prior_device(prior) == torch.device(device):
-        return prior
     raise ValueError(
         f"cannot move a {type(prior).__name__} prior to {device}: only priors made of "
         f"{KNOWN} (or subclasses with the same log_prob) are rebuilt on a device; "

@@ -26,7 +26,7 @@ from sbiflows.checkpoint import Checkpoint, call_key, deferred_stops, loop_state
 from sbiflows.checks import check_bool, check_choice
 from sbiflows.compiling import compiled_objective
 from sbiflows.divergence import (
-    NONFINITE_CHOICES, RESTART_FACTOR, diverged_warning, may_restart, nonfinite_key, record_restart, restart_warning,
+    NONFINITE_CHOICES, RESTART_FACTOR, may_restart, nonfinite_key, record_divergence, record_restart,
 )
 from sbiflows.early_stopping import Plateau
 from sbiflows.snapshots import SnapshotTrail
@@ -335,11 +335,9 @@ def train_checked(
                     val_loss = math.nan if diverged else _evaluate(validated, inputs, context, val_idx, objective)
                     if diverged or not math.isfinite(val_loss):
                         if not may_restart(on_nonfinite, rule, history):
-                            history.diverged = True
-                            diverged_warning(rule, epoch, stacklevel=2)
+                            record_divergence(history, rule, epoch, stacklevel=2)
                             break
-                        restart_warning(rule, epoch, stacklevel=2)
-                        record_restart(history, epoch)
+                        record_restart(history, rule, epoch, stacklevel=2)
                         action, factor = "restart", RESTART_FACTOR
                     else:
                         history.train_loss.append(total / n_train)

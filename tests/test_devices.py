@@ -34,6 +34,9 @@ def test_a_file_loads_onto_the_device_map_location_names(box_posterior, tmp_path
 def test_moving_records_the_device_and_keeps_the_original(box_posterior):
     moved = box_posterior.copy().to("meta")
     assert moved.device.type == "meta" and box_posterior.device.type == "cpu"
+    stays = box_posterior.copy()
+    prior = stays.prior
+    assert stays.to("cpu").prior is prior  # a move to where it is keeps the prior object
 
 
 def test_a_prior_on_another_device_is_rebuilt_where_npe_trains():
@@ -42,6 +45,10 @@ def test_a_prior_on_another_device_is_rebuilt_where_npe_trains():
     assert npe.device.type == "meta" and npe.prior.base_dist.loc.device.type == "meta"
     assert prior.base_dist.loc.device.type == "cpu"  # the user's prior is not changed
     assert NPE(prior, device="cpu").prior is prior
+    from sbiflows.prior_specs import move_prior
+
+    assert move_prior(prior, "cpu") is prior  # already there: the same object, not a rebuilt one
+    assert move_prior(prior, "meta") is not prior
 
 
 def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
