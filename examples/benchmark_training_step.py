@@ -4,7 +4,8 @@ A training run is epochs x steps per epoch x the cost of one step; this script m
 factor in isolation, on random data of a task's dimensions, so that it is not mixed up with the
 number of epochs (which depends on the data and early stopping). Reported: the median over
 ``--repeats`` blocks of 50 steps, for our default estimator with the fused Adam kernel and with
-``foreach`` Adam, with the fused kernel and torch's softmax for the spline bins at every size (the
+``foreach`` Adam, with the fused kernel over the separate parameter tensors instead of one flat buffer
+(training before :mod:`sbiflows.flat_parameters`), with the fused kernel and torch's softmax for the spline bins at every size (the
 code before the written-out softmax of :func:`sbiflows.transforms.transformers._softmax_rows`), with
 the fused kernel plus the weight average that training keeps (ours, one
 foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
@@ -31,18 +32,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import simulators
 from sbiflows import NPE
+from sbiflows.flat_parameters import FlatParameters
 from sbiflows.training import WeightAverage
 from sbiflows.transforms import transformers
 
 
-def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
+             flat: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A training step of our default NPE network (built by a one-epoch fit on the data).
 
     ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage`, what training uses) or
-    ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step.
+    ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step. ``flat``: the
+    parameters as views of one buffer (:class:`sbiflows.flat_parameters.FlatParameters`, what training
+    uses), else Adam and the clipping over the separate parameter tensors (training before it).
     """
     net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
-    params = list(net.parameters())
+    params = list(FlatParameters(list(net.parameters())).flat) if flat else list(net.parameters())
     options = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.Adam(params, lr=1e-5, **options)
     update: Callable[[], None] = lambda: None
@@ -60,7 +65,7 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None) -> Cal
 
     def step(t, c):
         loss = -net.log_prob(t, c).mean()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not flat)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"ours (fused Adam)": our_step(task.prior, theta, x, fused=True),
              "ours fused, torch softmax": torch_softmax(our_step(task.prior, theta, x, fused=True)),
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
+             "ours, separate parameters": our_step(task.prior, theta, x, fused=True, flat=False),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}
     for name in args.sbi_estimators:

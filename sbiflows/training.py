@@ -29,6 +29,7 @@ from sbiflows.divergence import (
     NONFINITE_CHOICES, RESTART_FACTOR, may_restart, nonfinite_key, record_divergence, record_restart,
 )
 from sbiflows.early_stopping import Plateau
+from sbiflows.flat_parameters import FlatParameters, PerParameterState
 from sbiflows.snapshots import SnapshotTrail
 from sbiflows.threads import resolve_threads, torch_threads
 from sbiflows.training_options import (
@@ -275,8 +276,8 @@ def train_checked(
     history.batch_size, history.learning_rate = batch_size, float(learning_rate)
     history.ema_epochs = float(ema_epochs)
     first = history.epochs  # global number of this call's first epoch
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _adam(params, learning_rate=learning_rate, weight_decay=weight_decay)
+    flat = FlatParameters([p for p in model.parameters() if p.requires_grad])
+    optimizer = _adam(flat.flat, learning_rate=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n_train / batch_size)
     average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
     validated = model if average is None else average.module  # the weights that are scored and kept
@@ -300,11 +301,11 @@ def train_checked(
         saved = checkpoint.load(key, inputs.device)
         if saved is not None:
             resume_at, best_state, finished = restore_loop(
-                saved, model=model, optimizer=optimizer, average=average, rule=rule, history=history,
+                saved, model=model, optimizer=PerParameterState(flat, optimizer), average=average, rule=rule, history=history,
                 generator=generator, snapshots=snapshots)
             checkpoint.resumed(resume_at, finished)
     step_loss = compiled_objective(objective, batch_size=batch_size, enabled=compile)
-    state = functools.partial(loop_state, model=model, optimizer=optimizer, average=average, rule=rule,
+    state = functools.partial(loop_state, model=model, optimizer=PerParameterState(flat, optimizer), average=average, rule=rule,
                               history=history, generator=generator, snapshots=snapshots)
     with deferred_stops(checkpoint):  # Ctrl-C / SIGTERM: the epoch ends, its checkpoint is written
         bar = _progress_bar(max_epochs) if progress else None
@@ -323,9 +324,9 @@ def train_checked(
                         if not math.isfinite(value):
                             diverged = True
                             break
-                        optimizer.zero_grad(set_to_none=True)
+                        optimizer.zero_grad(set_to_none=False)  # None would detach the flat gradient's views
                         loss.backward()
-                        nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                        nn.utils.clip_grad_norm_(flat.flat, clip_grad_norm)
                         optimizer.step()
                         if average is not None:
                             average.update()
@@ -371,6 +372,7 @@ def train_checked(
             finally:
                 if bar is not None:
                     bar.close()
+                flat.release()
                 model.load_state_dict(best_state)
                 model.eval()
                 if rule.best_epoch >= 0:  # otherwise the model keeps its initial weights, which the old fields describe

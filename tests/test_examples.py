@@ -218,7 +218,8 @@ def test_tsnpe_benchmark_compares_with_npes_default_flow(tmp_path, capsys, monke
     assert [r["volume"] for r in record["ours_tsnpe"]["rounds"]][0] == 1.0
     later = record["ours_tsnpe"]["rounds"][1]  # the region's share of the reference and of the final draws
     assert 0.9 <= later["reference_inside"] <= 1.0 and 0.9 <= later["samples_inside"] <= 1.0
-    assert 0.5 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.5 <= record["ours_npe"]["c2st"] <= 1.0
+    # C2ST scores (a classifier's held-out accuracy on 500 draws a side: chance can put it a little below 0.5)
+    assert 0.4 <= record["ours_tsnpe"]["c2st"] <= 1.0 and 0.4 <= record["ours_npe"]["c2st"] <= 1.0
     assert "ours_npe" in capsys.readouterr().out
     assert "retrain_from_scratch" not in calls[0]["fit_options"] and record["retrain_from_scratch"] is False
 

@@ -1,0 +1,156 @@
+"""A model's trainable parameters and their gradients as views of flat buffers, one per device and dtype.
+
+A flow has many small parameter tensors (the default NPE network on two parameters has 30), and on
+small batches a training step costs what its operations' fixed costs add up to. With the parameters
+and gradients as views of one buffer, Adam's update, the gradient clipping and the zeroing each act on
+one tensor instead of one per parameter, while the model computes exactly as before (its parameters
+keep their shapes and identities; autograd adds each gradient into its view in place).
+docs/benchmarks.md, "Flat parameters", has the measured saving.
+
+The optimizer sees only the flat tensors, so its state dict is converted to and from the layout an
+optimizer over the separate parameters has (:meth:`FlatParameters.optimizer_state_dict`,
+:meth:`FlatParameters.load_optimizer_state_dict`): checkpoints keep one format whichever way they were
+written.
+
+Example:
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    >>> flat = FlatParameters(list(model.parameters()))
+    >>> [tuple(p.shape) for p in flat.flat]
+    [(13,)]
+    >>> optimizer = torch.optim.Adam(flat.flat, lr=1e-2)
+    >>> model(torch.randn(4, 2)).sum().backward()
+    >>> bool(flat.flat[0].grad.abs().sum() > 0)  # the gradients are in the flat buffer
+    True
+    >>> optimizer.step(); optimizer.zero_grad(set_to_none=False)
+    >>> sorted(flat.optimizer_state_dict(optimizer)["state"])  # one entry per parameter of the model
+    [0, 1, 2, 3]
+    >>> flat.release()  # each parameter gets its own storage back
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class FlatParameters:
+    """Make ``params`` views of flat buffers (one per device and dtype) and their ``.grad`` views of flat gradients.
+
+    The values are copied in, so the model computes the same. Give the optimizer :attr:`flat` instead of
+    ``params``, zero gradients with ``set_to_none=False`` (a ``None`` gradient would detach the views) and
+    call :meth:`release` when training ends.
+
+    Args:
+        params: The trainable parameters (leaf tensors), each at most once.
+
+    Raises:
+        ValueError: If a parameter appears twice.
+    """
+
+    def __init__(self, params: Sequence[Tensor]):
+        self.params = list(params)
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("params must not repeat a parameter (a tied weight is one parameter)")
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        #: One flat tensor per device and dtype, in order of first appearance; what the optimizer updates.
+        self.flat: list[nn.Parameter] = []
+        self._members: list[list[int]] = list(groups.values())
+        with torch.no_grad():
+            for members in self._members:
+                data = torch.cat([self.params[i].detach().reshape(-1) for i in members])
+                grad = torch.zeros_like(data)
+                offset = 0
+                for i in members:
+                    p, n = self.params[i], self.params[i].numel()
+                    p.data = data[offset:offset + n].view_as(p)
+                    p.grad = grad[offset:offset + n].view_as(p)
+                    offset += n
+                flat = nn.Parameter(data, requires_grad=False)  # autograd never sees it: the views collect grads
+                flat.grad = grad
+                self.flat.append(flat)
+
+    def release(self) -> None:
+        """Give every parameter its own storage again (its current values) and no gradient."""
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.clone()
+                p.grad = None
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` (an optimizer over :attr:`flat`) as an optimizer over the separate
+        parameters would have it, in the order of ``params``: per-element state split into their shapes,
+        Adam's step count (one per tensor) repeated."""
+        state = optimizer.state_dict()
+        per_parameter: dict[int, dict[str, Any]] = {}
+        for g, members in enumerate(self._members):
+            entry = state["state"].get(g)
+            if entry is None:
+                continue
+            offset = 0
+            for i in members:
+                p, n = self.params[i], self.params[i].numel()
+                per_parameter[i] = {name: value[offset:offset + n].view_as(p).clone()
+                                    if self._per_element(name, value, self.flat[g])
+                                    else value.clone() if isinstance(value, Tensor) else value
+                                    for name, value in entry.items()}
+                offset += n
+        if len(state["param_groups"]) != 1:
+            raise ValueError(f"the optimizer must have one parameter group, got {len(state['param_groups'])}")
+        group = {**state["param_groups"][0], "params": list(range(len(self.params)))}
+        return {"state": dict(sorted(per_parameter.items())), "param_groups": [group]}
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load ``state`` (the layout of :meth:`optimizer_state_dict`) into ``optimizer``, an optimizer over
+        :attr:`flat`: per-element state is joined, Adam's step count taken from a group's first parameter.
+
+        Raises:
+            ValueError: If ``state`` does not describe one group of exactly the parameters ``params``.
+        """
+        groups = state["param_groups"]
+        if len(groups) != 1 or list(groups[0]["params"]) != list(range(len(self.params))):
+            raise ValueError(f"state must describe one group of the {len(self.params)} parameters, got groups of "
+                             f"{[len(group['params']) for group in groups]}")
+        flat_state: dict[int, dict[str, Any]] = {}
+        for g, members in enumerate(self._members):
+            entries = [state["state"].get(i) for i in members]
+            if any(entry is None for entry in entries):
+                continue  # no step taken yet
+            flat_state[g] = {name: torch.cat([entry[name].reshape(-1) for entry in entries])
+                             if self._per_element(name, value, self.params[members[0]])
+                             else value.clone() if isinstance(value, Tensor) else value  # never share a step count
+                             for name, value in entries[0].items()}
+        optimizer.load_state_dict({"state": flat_state,
+                                   "param_groups": [{**groups[0], "params": list(range(len(self.flat)))}]})
+
+    @staticmethod
+    def _per_element(name: str, value: Any, like: Tensor) -> bool:
+        """Whether an optimizer state entry holds one value per element of ``like`` (Adam's moments), not one
+        value for the whole tensor (its ``step``, a scalar even for a one-element parameter)."""
+        return name != "step" and isinstance(value, Tensor) and value.shape == like.shape
+
+
+class PerParameterState:
+    """An optimizer over :attr:`FlatParameters.flat` whose state dict has the layout of an optimizer over the
+    separate parameters: what :func:`~sbiflows.checkpoint.loop_state` saves and
+    :func:`~sbiflows.checkpoint.restore_loop` loads, so checkpoints keep one format.
+
+    Args:
+        flat: The flat parameters.
+        optimizer: An optimizer over ``flat.flat``.
+    """
+
+    def __init__(self, flat: FlatParameters, optimizer: torch.optim.Optimizer):
+        self.flat, self.optimizer = flat, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict, per parameter."""
+        return self.flat.optimizer_state_dict(self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state dict of the per-parameter layout."""
+        self.flat.load_optimizer_state_dict(self.optimizer, state)
