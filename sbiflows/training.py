@@ -8,7 +8,9 @@ What is validated, kept and returned is an exponential moving average (EMA) of t
 ``ema_epochs`` epochs, not the last Adam iterate. The average removes most of the minibatch noise of
 the iterates, so a larger step size stays accurate (docs/benchmarks.md, "Weight averaging"); the
 average is a :class:`~sbiflows.weight_average.WeightAverage`. The options' checks and defaults live in
-:mod:`sbiflows.training_options`; both are importable from here too.
+:mod:`sbiflows.training_options`; both are importable from here too. While it trains, the model's
+parameters are views of flat buffers (:mod:`sbiflows.flat_parameters`), so that the optimizer and the
+clipping act on one tensor.
 """
 
 from __future__ import annotations
