@@ -40,8 +40,12 @@ class FlatParameters:
     """Make ``params`` views of flat buffers (one per device and dtype) and their ``.grad`` views of flat gradients.
 
     The values are copied in, so the model computes the same. Give the optimizer :attr:`flat` instead of
-    ``params``, zero gradients with ``set_to_none=False`` (a ``None`` gradient would detach the views) and
-    call :meth:`release` when training ends.
+    ``params``, zero gradients with ``set_to_none=False`` and call :meth:`release` when training ends.
+    Whatever gives a parameter a new ``.grad`` tensor (``model.zero_grad()``'s default ``set_to_none``,
+    ``backward(create_graph=True)``) or new storage (``load_state_dict`` under torch's
+    ``set_swap_module_params_on_conversion(True)``) detaches it from the buffers: :meth:`reattach` after
+    such a call. Every parameter takes part in the update, so one that gets no gradient in a step is
+    still moved by Adam's momentum and weight decay (an optimizer over the separate parameters skips it).
 
     Args:
         params: The trainable parameters (leaf tensors), each at most once.
@@ -60,6 +64,7 @@ class FlatParameters:
         #: One flat tensor per device and dtype, in order of first appearance; what the optimizer updates.
         self.flat: list[nn.Parameter] = []
         self._members: list[list[int]] = list(groups.values())
+        self._views: list[tuple[Tensor, Tensor]] = []  # per parameter, in the order of the members
         with torch.no_grad():
             for members in self._members:
                 data = torch.cat([self.params[i].detach().reshape(-1) for i in members])
@@ -69,10 +74,24 @@ class FlatParameters:
                     p, n = self.params[i], self.params[i].numel()
                     p.data = data[offset:offset + n].view_as(p)
                     p.grad = grad[offset:offset + n].view_as(p)
+                    self._views.append((p.data, p.grad))
                     offset += n
                 flat = nn.Parameter(data, requires_grad=False)  # autograd never sees it: the views collect grads
                 flat.grad = grad
                 self.flat.append(flat)
+
+    @torch.no_grad()
+    def reattach(self) -> int:
+        """Make parameters that lost their views of the buffers views again, with their current values (a
+        detached gradient is dropped: the next step zeroes it anyway). Returns how many were reattached."""
+        reattached = 0
+        for i, (data, grad) in zip((i for members in self._members for i in members), self._views):
+            p = self.params[i]
+            if p.data_ptr() != data.data_ptr() or p.grad is None or p.grad.data_ptr() != grad.data_ptr():
+                data.copy_(p.detach())
+                p.data, p.grad = data, grad
+                reattached += 1
+        return reattached
 
     def release(self) -> None:
         """Give every parameter its own storage again (its current values) and no gradient."""
@@ -106,7 +125,8 @@ class FlatParameters:
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load ``state`` (the layout of :meth:`optimizer_state_dict`) into ``optimizer``, an optimizer over
-        :attr:`flat`: per-element state is joined, Adam's step count taken from a group's first parameter.
+        :attr:`flat`: per-element state is joined (zeros for a parameter without state), Adam's step count is
+        the group's largest.
 
         Raises:
             ValueError: If ``state`` does not describe one group of exactly the parameters ``params``.
@@ -117,13 +137,24 @@ class FlatParameters:
                              f"{[len(group['params']) for group in groups]}")
         flat_state: dict[int, dict[str, Any]] = {}
         for g, members in enumerate(self._members):
-            entries = [state["state"].get(i) for i in members]
-            if any(entry is None for entry in entries):
+            present = [(i, state["state"][i]) for i in members if i in state["state"]]
+            if not present:
                 continue  # no step taken yet
-            flat_state[g] = {name: torch.cat([entry[name].reshape(-1) for entry in entries])
-                             if self._per_element(name, value, self.params[members[0]])
-                             else value.clone() if isinstance(value, Tensor) else value  # never share a step count
-                             for name, value in entries[0].items()}
+            # A parameter without state never had a gradient (an optimizer over the separate parameters skips
+            # it): its moments are zero, as they would be here; the count is the group's largest.
+            i0, entry0 = present[0]
+            flat_state[g] = {}
+            for name, value in entry0.items():
+                if self._per_element(name, value, self.params[i0]):
+                    parts = [state["state"][i][name] if i in state["state"]
+                             else torch.zeros_like(self.params[i], dtype=value.dtype, device=value.device)
+                             for i in members]
+                    flat_state[g][name] = torch.cat([part.reshape(-1) for part in parts])
+                elif name == "step":
+                    step = max((entry[name] for _, entry in present), key=float)
+                    flat_state[g][name] = step.clone() if isinstance(step, Tensor) else step
+                else:
+                    flat_state[g][name] = value.clone() if isinstance(value, Tensor) else value  # never shared
         optimizer.load_state_dict({"state": flat_state,
                                    "param_groups": [{**groups[0], "params": list(range(len(self.flat)))}]})
 

@@ -279,43 +279,50 @@ def train_checked(
     history.ema_epochs = float(ema_epochs)
     first = history.epochs  # global number of this call's first epoch
     flat = FlatParameters([p for p in model.parameters() if p.requires_grad])
-    optimizer = _adam(flat.flat, learning_rate=learning_rate, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
-    validated = model if average is None else average.module  # the weights that are scored and kept
-    best_state = _snapshot(model)
-    rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)
-    history.step_drop_epochs, history.restart_epochs = [], []
-    key, resume_at, finished = None, first, False
-    if checkpoint is not None:
-        weights = {f"model/{name}": value for name, value in model.state_dict().items()}
-        key = call_key({**weights, "inputs": inputs, "context": context, "train": train_idx, "validation": val_idx,
-                        "generator": generator.get_state()},
-                       {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
-                        "patience": patience, "clip_grad_norm": float(clip_grad_norm),
-                        "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),
-                        "step_drops": step_drops, "step_drop_factor": float(step_drop_factor),
-                        "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None,
-                        "structure": checkpoint.structure, "model": repr(model), "compile": compile,
-                        **nonfinite_key(on_nonfinite)},
-                       [history.as_dict()])
-        checkpoint.start()
-        saved = checkpoint.load(key, inputs.device)
-        if saved is not None:
-            resume_at, best_state, finished = restore_loop(
-                saved, model=model, optimizer=PerParameterState(flat, optimizer), average=average, rule=rule, history=history,
-                generator=generator, snapshots=snapshots)
-            checkpoint.resumed(resume_at, finished)
-    step_loss = compiled_objective(objective, batch_size=batch_size, enabled=compile)
-    state = functools.partial(loop_state, model=model, optimizer=PerParameterState(flat, optimizer), average=average, rule=rule,
-                              history=history, generator=generator, snapshots=snapshots)
+    try:  # a failure before the loop's own try leaves the parameters as they were
+        optimizer = _adam(flat.flat, learning_rate=learning_rate, weight_decay=weight_decay)
+        per_parameter = PerParameterState(flat, optimizer)  # what checkpoints hold
+        steps_per_epoch = math.ceil(n_train / batch_size)
+        average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
+        validated = model if average is None else average.module  # the weights that are scored and kept
+        best_state = _snapshot(model)
+        rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)
+        history.step_drop_epochs, history.restart_epochs = [], []
+        key, resume_at, finished = None, first, False
+        if checkpoint is not None:
+            weights = {f"model/{name}": value for name, value in model.state_dict().items()}
+            key = call_key({**weights, "inputs": inputs, "context": context, "train": train_idx, "validation": val_idx,
+                            "generator": generator.get_state()},
+                           {"max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
+                            "patience": patience, "clip_grad_norm": float(clip_grad_norm),
+                            "weight_decay": float(weight_decay), "ema_epochs": float(ema_epochs),
+                            "step_drops": step_drops, "step_drop_factor": float(step_drop_factor),
+                            "drop_patience": drop_patience, "seed": seed, "snapshots": snapshots is not None,
+                            "structure": checkpoint.structure, "model": repr(model), "compile": compile,
+                            **nonfinite_key(on_nonfinite)},
+                           [history.as_dict()])
+            checkpoint.start()
+            saved = checkpoint.load(key, inputs.device)
+            if saved is not None:
+                resume_at, best_state, finished = restore_loop(
+                    saved, model=model, optimizer=per_parameter, average=average, rule=rule, history=history,
+                    generator=generator, snapshots=snapshots)
+                flat.reattach()  # loading may have swapped the parameters' storage
+                checkpoint.resumed(resume_at, finished)
+        step_loss = compiled_objective(objective, batch_size=batch_size, enabled=compile)
+        state = functools.partial(loop_state, model=model, optimizer=per_parameter, average=average, rule=rule,
+                                  history=history, generator=generator, snapshots=snapshots)
+    except BaseException:
+        flat.release()
+        raise
     with deferred_stops(checkpoint):  # Ctrl-C / SIGTERM: the epoch ends, its checkpoint is written
-        bar = _progress_bar(max_epochs) if progress else None
-        if bar is not None and not finished:
-            bar.update(resume_at - first)  # the epochs of a stopped call that this one resumes
+        bar = None
         with torch_threads(num_threads):
             start = time.perf_counter()
             try:
+                bar = _progress_bar(max_epochs) if progress else None
+                if bar is not None and not finished:
+                    bar.update(resume_at - first)  # the epochs of a stopped call that this one resumes
                 for epoch in range(resume_at, first + max_epochs) if not finished else ():
                     model.train()
                     order = train_idx[torch.randperm(n_train, generator=generator).to(inputs.device)]
@@ -363,6 +370,7 @@ def train_checked(
                         factor = step_drop_factor
                     if action in ("drop", "restart"):  # a plateau or a restart: go on from the best weights
                         model.load_state_dict(best_state)
+                        flat.reattach()  # loading may have swapped the parameters' storage
                         if average is not None:
                             average.restart()
                         for group in optimizer.param_groups:

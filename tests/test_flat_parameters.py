@@ -135,3 +135,77 @@ def test_training_leaves_parameters_with_their_own_storage():
     assert history.validation_loss[-1] < history.validation_loss[0]
     for p in net.parameters():
         assert p.grad is None and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def test_a_parameter_without_state_gets_zero_moments_and_the_groups_step_count():
+    """An optimizer over the separate parameters keeps no state for a parameter that never had a gradient."""
+    model = _model()
+    params = list(model.parameters())
+    separate = torch.optim.Adam(params, lr=0.05)
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    params[1].grad = None  # the first layer's bias "got no gradient"
+    separate.step()
+    state = separate.state_dict()
+    assert sorted(state["state"]) == [0, 2, 3]
+    flat = FlatParameters(params)
+    optimizer = torch.optim.Adam(flat.flat, lr=0.05)
+    PerParameterState(flat, optimizer).load_state_dict(state)
+    loaded = PerParameterState(flat, optimizer).state_dict()["state"]
+    assert float(loaded[1]["step"]) == 1.0 and not loaded[1]["exp_avg"].any() and not loaded[1]["exp_avg_sq"].any()
+    for i in (0, 2, 3):
+        assert torch.equal(loaded[i]["exp_avg"], state["state"][i]["exp_avg"])
+
+
+def test_parameters_that_lose_their_views_are_reattached():
+    model = _model()
+    flat = FlatParameters(list(model.parameters()))
+    optimizer = torch.optim.Adam(flat.flat, lr=0.05)
+    weight = model[0].weight
+    weight.data = weight.data.clone() + 1.0  # new storage, as load_state_dict with swapped parameters gives
+    model.zero_grad()  # set_to_none: new gradient tensors at the next backward
+    assert flat.reattach() == 4 and flat.reattach() == 0
+    assert torch.equal(flat.flat[0][: weight.numel()].view_as(weight), weight)  # the new values are in the buffer
+    before = weight.detach().clone()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight, before)  # the gradient reached the optimizer, the update the model
+
+
+def test_training_is_the_same_when_loading_swaps_the_parameters(monkeypatch):
+    """Under torch's swap-on-conversion mode ``load_state_dict`` (the step drops' return to the best weights)
+    gives the parameters new storage; training reattaches them instead of silently stopping."""
+    def run() -> list[float]:
+        torch.manual_seed(0)
+        net = _Regression()
+        context = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+        inputs = context @ torch.tensor([[1.0, 0.5], [0.0, 2.0]])
+        history = train(net, inputs + 0.3 * torch.randn(300, 2, generator=torch.Generator().manual_seed(1)), context,
+                        max_epochs=30, batch_size=30, learning_rate=0.3, patience=1, step_drops=3, drop_patience=2)
+        assert history.step_drop_epochs[0] < history.epochs - 5  # epochs trained after a return to the best weights
+        return history.validation_loss
+
+    plain = run()  # (without the reattachment the swapped run stalls after the first drop: 0.351 against 0.106)
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    assert torch.__future__.get_swap_module_params_on_conversion()
+    assert run() == plain
+
+
+def test_a_failure_before_the_loop_leaves_the_parameters_as_they_were(tmp_path):
+    from sbiflows.checkpoint import Checkpoint
+
+    net = _Regression()
+    with pytest.raises(ValueError):
+        train(net, torch.randn(50, 2), torch.randn(50, 2), max_epochs=2, checkpoint=Checkpoint(tmp_path))  # a folder
+    for p in net.parameters():
+        assert p.grad is None and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+class _Regression(nn.Module):
+    """``log_prob(inputs, context)`` of a unit Gaussian around a linear map of the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(2, 2)
+
+    def log_prob(self, inputs, context):
+        return -0.5 * (inputs - self.map(context)).pow(2).sum(-1)
