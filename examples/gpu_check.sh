@@ -22,7 +22,9 @@ bench=(python3 examples/benchmark_npe_training.py --simulations "$simulations" -
   nproc
 } > "$out/machine.txt" 2>&1
 
-# 1. The gpu-marked tests (the files that have them; -m gpu selects them and nothing else).
+# 1. The gpu-marked tests (the files that have them; -m gpu selects them and nothing else); the dry run runs
+#    them on the CPU (tests/gpu_device.py).
+[ "$device" = cpu ] && export SBIFLOWS_GPU_TESTS_ON_CPU=1
 timeout 180 python3 -m pytest -p no:cacheprovider -m gpu -q -rs $(grep -l "mark.gpu" tests/*.py) \
   > "$out/pytest_gpu.log" 2>&1
 echo "pytest exit $?" >> "$out/pytest_gpu.log"

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from gpu_device import DRY_RUN
+
 
 def pytest_configure(config):
     """Small networks train fastest single-threaded; two xdist workers then use the two cores. Unless the command
@@ -51,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
     of one long test running on alone; tests marked ``gpu`` need CUDA: without it they are reported as skipped,
     with the reason."""
     items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the same order on every xdist worker
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or DRY_RUN:  # DRY_RUN: SBIFLOWS_GPU_TESTS_ON_CPU=1 runs them on the CPU
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
     for item in items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.distributions import Independent, Normal, Uniform
+from gpu_device import GPU
 
 from sbiflows import NPE, load
 
@@ -60,7 +61,7 @@ def test_a_prior_that_cannot_move_is_a_clear_error_before_training():
         NPE(Independent(Custom(torch.zeros(2), torch.ones(2)), 1), device="meta")
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["meta", pytest.param(GPU, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("estimator,embedding,x_shape", [
     ("maf", None, (3,)), ("realnvp", None, (3,)), ("nsf", None, (3,)), ("nsf", "auto", (40,)),
     ("nsf", "set", (6, 2)), ("nsf", "cnn1d", (30,)), ("maf", "cnn2d", (8, 8)), ("realnvp", "mlp", (3, 4)),
@@ -101,27 +102,27 @@ def test_an_ensembles_density_runs_on_the_device_it_was_moved_to():
 @pytest.mark.gpu
 def test_cuda_round_trip_gives_the_same_numbers(box_posterior, tmp_path):
     x_o, theta = torch.zeros(2), torch.rand(50, 2) * 2 - 1
-    on_gpu = box_posterior.copy().to("cuda")
-    assert on_gpu.device.type == "cuda" and on_gpu.prior.base_dist.low.is_cuda
+    on_gpu = box_posterior.copy().to(GPU)
+    assert on_gpu.device.type == GPU and on_gpu.prior.base_dist.low.device.type == GPU
     torch.testing.assert_close(on_gpu.log_prob(theta, x_o).cpu(), box_posterior.log_prob(theta, x_o),
                                atol=1e-4, rtol=1e-4)
     samples = on_gpu.sample(10_000, x_o, seed=0)
-    assert samples.is_cuda and bool((samples.abs() < 1).all())
+    assert samples.device.type == GPU and bool((samples.abs() < 1).all())
     on_gpu.save(tmp_path / "gpu.pt")
     back = load(tmp_path / "gpu.pt")  # saved on CUDA, loads on the CPU
     assert back.device.type == "cpu"
     torch.testing.assert_close(back.log_prob(theta, x_o), box_posterior.log_prob(theta, x_o))
-    assert load(tmp_path / "gpu.pt", map_location="cuda").device.type == "cuda"
+    assert load(tmp_path / "gpu.pt", map_location=GPU).device.type == GPU
 
 
 @pytest.mark.gpu
 def test_npe_trains_on_cuda():
-    prior = Independent(Uniform(-torch.ones(2, device="cuda"), torch.ones(2, device="cuda")), 1)
+    prior = Independent(Uniform(-torch.ones(2, device=GPU), torch.ones(2, device=GPU)), 1)
     theta = prior.sample((500,))
     x = theta + 0.1 * torch.randn_like(theta)
     posterior = NPE(prior, transforms=2, hidden_features=(16, 16)).fit(theta, x, max_epochs=3, progress=False)
-    assert posterior.device.type == "cuda"
-    assert posterior.sample(100, x[0]).is_cuda
+    assert posterior.device.type == GPU
+    assert posterior.sample(100, x[0]).device.type == GPU
 
 
 @pytest.mark.gpu
@@ -129,11 +130,11 @@ def test_a_cpu_prior_and_cpu_simulations_train_on_cuda_as_they_are():
     prior = Independent(Uniform(-torch.ones(2), torch.ones(2)), 1)
     theta = prior.sample((500,))
     x = (theta + 0.1 * torch.randn_like(theta)).numpy()  # a numpy simulator's output
-    posterior = NPE(prior, transforms=2, hidden_features=(16, 16), device="cuda").fit(theta, x, max_epochs=3,
+    posterior = NPE(prior, transforms=2, hidden_features=(16, 16), device=GPU).fit(theta, x, max_epochs=3,
                                                                                      progress=False)
-    assert posterior.device.type == "cuda" and posterior.prior.base_dist.low.is_cuda
+    assert posterior.device.type == GPU and posterior.prior.base_dist.low.device.type == GPU
     samples = posterior.sample(1000, x[0], seed=0)
-    assert samples.is_cuda and bool((samples.abs() < 1).all())
+    assert samples.device.type == GPU and bool((samples.abs() < 1).all())
     assert torch.isfinite(posterior.log_prob(theta[:10], x[0])).all()
 
 
@@ -143,14 +144,14 @@ def test_ensemble_members_train_together_on_cuda():
     from sbiflows.flows import nsf
     from sbiflows.training import TrainingHistory
 
-    theta = torch.randn(500, 2, device="cuda")
+    theta = torch.randn(500, 2, device=GPU)
     x = theta + 0.1 * torch.randn_like(theta)
-    members = [nsf(2, 2, transforms=2, hidden_features=(16,)).to("cuda") for _ in range(2)]
+    members = [nsf(2, 2, transforms=2, hidden_features=(16,)).to(GPU) for _ in range(2)]
     histories = [TrainingHistory(), TrainingHistory()]
     assert train_members(members, theta, x, seeds=[0, 1], histories=histories, validations=[None, None],
                          max_epochs=3, batch_size=64) == "vectorized"
     assert [h.epochs for h in histories] == [3, 3]
-    assert all(p.is_cuda for member in members for p in member.parameters())
+    assert all(p.device.type == GPU for member in members for p in member.parameters())
 
 
 @pytest.mark.gpu
@@ -176,7 +177,7 @@ def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeyp
 
     small = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "400", "--max-epochs", "5", "--quiet",
-             "--device", "cuda"]
+             "--device", GPU]
     for rounds in ("1", "2"):  # amortized, and TSNPE (its proposals reach the simulator as CPU tensors)
         out = tmp_path / f"rounds{rounds}"
         assert main(["fit", "two_moons", "--out", str(out), "--observations", "1", "--rounds", rounds, *small]) == 0
@@ -184,8 +185,11 @@ def test_the_command_line_trains_on_cuda_and_checks_on_the_cpu(tmp_path, monkeyp
         assert report["training"]["epochs"] >= 1 and 0.4 < report["observations"][0]["c2st"] <= 1
         assert load(out / "posterior.pt").device.type == "cpu"
         printed = capsys.readouterr().out
-        assert ("training NPE" in printed and ") on cuda" in printed) if rounds == "1" else "training on cuda" in printed
-    assert trained_on == ["cuda"] * 3 and sampled_on == ["cpu", "cpu"]  # one fit, then one per round
+        if GPU != "cpu":  # the pipeline names the device only when it is not the CPU
+            named = ("training NPE" in printed and ") on cuda" in printed) if rounds == "1" else (
+                "training on cuda" in printed)
+            assert named
+    assert trained_on == [GPU] * 3 and sampled_on == ["cpu", "cpu"]  # one fit, then one per round
 
 
 @pytest.mark.gpu
@@ -194,7 +198,7 @@ def test_simulating_cuda_parameters_into_a_store():
 
     from sbiflows.simulate import simulate
 
-    theta = torch.rand(50, 2, device="cuda")
+    theta = torch.rand(50, 2, device=GPU)
     with tempfile.TemporaryDirectory() as folder:
         sims = simulate(lambda t: t.cpu() * 2, theta, seed=0, batch_size=20, store=f"{folder}/s.zarr")
         assert sims.valid.all() and torch.equal(sims.x, theta.cpu() * 2)
@@ -207,7 +211,7 @@ def test_the_calibration_checks_take_a_posterior_on_cuda(box_posterior):
     """Draws and densities come back to the CPU for the statistics; the predictive simulator gets CPU tensors."""
     from sbiflows import diagnostics
 
-    on_gpu = box_posterior.copy().to("cuda")
+    on_gpu = box_posterior.copy().to(GPU)
     theta = torch.rand(100, 2) * 2 - 1
     x = theta + 0.1 * torch.randn(100, 2)
     for check in (diagnostics.sbc, diagnostics.expected_coverage, diagnostics.tarp):
@@ -227,14 +231,37 @@ def test_the_calibration_checks_take_a_posterior_on_cuda(box_posterior):
 @pytest.mark.gpu
 def test_map_and_the_conditioned_distribution_on_cuda(box_posterior):
     """The MAP search and the pyro-style conditioned posterior compute on the posterior's device."""
-    on_gpu = box_posterior.copy().to("cuda")
+    on_gpu = box_posterior.copy().to(GPU)
     x_o = torch.zeros(2)
     best = on_gpu.map(x_o, num_init_samples=200, num_to_optimize=5, num_iter=20, seed=0)
-    assert best.device.type == "cuda" and bool((best.abs() <= 1).all())
+    assert best.device.type == GPU and bool((best.abs() <= 1).all())
     conditioned = on_gpu.condition(x_o)
-    draws = conditioned.rsample((50,), generator=torch.Generator(device="cuda").manual_seed(0))
-    assert draws.device.type == "cuda" and draws.requires_grad
+    draws = conditioned.rsample((50,), generator=torch.Generator(device=GPU).manual_seed(0))
+    assert draws.device.type == GPU and draws.requires_grad
     log_prob = conditioned.log_prob(draws.detach())
     torch.testing.assert_close(log_prob.cpu(), box_posterior.condition(x_o).log_prob(draws.detach().cpu()),
                                atol=1e-4, rtol=1e-4)
     assert on_gpu.sample_batched(20, torch.zeros(3, 2)).shape == (20, 3, 2)  # CPU observations move to the GPU
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU != "cuda", reason="this is the dry run's own check")
+def test_the_gpu_tests_pass_a_dry_run_on_the_cpu():
+    """The ``gpu``-marked tests only run where there is a GPU, which most machines that run this suite lack: run
+    them all on the CPU (``SBIFLOWS_GPU_TESTS_ON_CPU=1``, tests/gpu_device.py), so that a broken assertion or a
+    warning the suite turns into an error shows here, not first on a lent GPU."""
+    import glob
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [path for path in sorted(glob.glob(str(root / "tests" / "test_*.py")))
+             if "mark.gpu" in Path(path).read_text()]
+    env = {**os.environ, "SBIFLOWS_GPU_TESTS_ON_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *files]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+from gpu_device import GPU
 
 from sbiflows.distributions import BoxUniform, StandardNormal
 from sbiflows.flows import (
@@ -185,7 +186,7 @@ def test_one_feature_autoregressive_flow_warns_that_it_is_gaussian(factory):
         factory(2, 2)
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["meta", pytest.param(GPU, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_runs_on_the_device_of_its_context(name, device):
     """Densities and draws on the device of the flow and its inputs (``meta`` stands in for a GPU, with the limits

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_device import GPU
 
 from sbiflows.flows import iaf, maf, nsf, realnvp
 from sbiflows.nn import soft_clamp
@@ -291,7 +292,6 @@ def test_affine_layers_are_bit_identical_to_the_formulas_before_the_seam(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("factory", [nsf, lambda f, c: maf(f, c, transformer="spline")])
 def test_spline_flows_on_cuda_match_the_cpu(factory):
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_spline_flows_on_cuda_match_the_cpu(factory):
             p.add_(0.1 * torch.randn_like(p))
     x, c = 2 * torch.randn(256, 3, dtype=torch.float64), torch.randn(256, 2, dtype=torch.float64)
     expected = flow.log_prob(x, c)
-    gpu = flow.to("cuda")
-    torch.testing.assert_close(gpu.log_prob(x.cuda(), c.cuda()).cpu(), expected, atol=1e-9, rtol=0)
-    samples = gpu.sample(10, c[:4].cuda())
-    assert samples.device.type == "cuda" and torch.isfinite(samples).all()
+    gpu = flow.to(GPU)
+    torch.testing.assert_close(gpu.log_prob(x.to(GPU), c.to(GPU)).cpu(), expected, atol=1e-9, rtol=0)
+    samples = gpu.sample(10, c[:4].to(GPU))
+    assert samples.device.type == GPU and torch.isfinite(samples).all()

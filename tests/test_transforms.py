@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch.autograd.functional import jacobian
+from gpu_device import GPU
 
 from sbiflows.transforms import (
     AdditiveCoupling,
@@ -247,7 +248,7 @@ def test_finite_for_large_inputs(name, c):
 
 
 #: Where the device tests run: ``meta`` everywhere, CUDA where there is a GPU (``pytest -m gpu``).
-DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["meta", pytest.param(GPU, marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
