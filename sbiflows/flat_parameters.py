@@ -5,7 +5,7 @@ small batches a training step costs what its operations' fixed costs add up to. 
 and gradients as views of one buffer, Adam's update, the gradient clipping and the zeroing each act on
 one tensor instead of one per parameter, while the model computes exactly as before (its parameters
 keep their shapes and identities; autograd adds each gradient into its view in place).
-docs/benchmarks.md, "Flat parameters", has the measured saving.
+docs/benchmarks.md, "Flat parameter buffers", has the measured saving.
 
 The optimizer sees only the flat tensors, so its state dict is converted to and from the layout an
 optimizer over the separate parameters has (:meth:`FlatParameters.optimizer_state_dict`,
@@ -64,34 +64,37 @@ class FlatParameters:
         #: One flat tensor per device and dtype, in order of first appearance; what the optimizer updates.
         self.flat: list[nn.Parameter] = []
         self._members: list[list[int]] = list(groups.values())
-        self._views: list[tuple[Tensor, Tensor]] = []  # per parameter, in the order of the members
+        self._slots: list[tuple[int, slice]] = [(0, slice(0))] * len(self.params)  # per parameter: buffer, elements
         with torch.no_grad():
-            for members in self._members:
-                data = torch.cat([self.params[i].detach().reshape(-1) for i in members])
-                grad = torch.zeros_like(data)
+            for g, members in enumerate(self._members):
+                flat = nn.Parameter(torch.cat([self.params[i].detach().reshape(-1) for i in members]),
+                                    requires_grad=False)  # autograd never sees it: the views collect the gradients
+                flat.grad = torch.zeros_like(flat)
+                self.flat.append(flat)
                 offset = 0
                 for i in members:
-                    p, n = self.params[i], self.params[i].numel()
-                    p.data = data[offset:offset + n].view_as(p)
-                    p.grad = grad[offset:offset + n].view_as(p)
-                    self._views.append((p.data, p.grad))
-                    offset += n
-                flat = nn.Parameter(data, requires_grad=False)  # autograd never sees it: the views collect grads
-                flat.grad = grad
-                self.flat.append(flat)
+                    self._slots[i] = (g, slice(offset, offset + self.params[i].numel()))
+                    offset += self.params[i].numel()
+                    self.params[i].data, self.params[i].grad = self._views(i)
 
     @torch.no_grad()
     def reattach(self) -> int:
         """Make parameters that lost their views of the buffers views again, with their current values (a
         detached gradient is dropped: the next step zeroes it anyway). Returns how many were reattached."""
         reattached = 0
-        for i, (data, grad) in zip((i for members in self._members for i in members), self._views):
-            p = self.params[i]
+        for i, p in enumerate(self.params):
+            data, grad = self._views(i)
             if p.data_ptr() != data.data_ptr() or p.grad is None or p.grad.data_ptr() != grad.data_ptr():
                 data.copy_(p.detach())
                 p.data, p.grad = data, grad
                 reattached += 1
         return reattached
+
+    def _views(self, i: int) -> tuple[Tensor, Tensor]:
+        """Parameter ``i``'s values and gradient: views of its flat buffer and gradient, in its shape."""
+        g, elements = self._slots[i]
+        shape = self.params[i].shape
+        return self.flat[g].data[elements].view(shape), self.flat[g].grad[elements].view(shape)
 
     def release(self) -> None:
         """Give every parameter its own storage again (its current values) and no gradient."""
@@ -105,23 +108,18 @@ class FlatParameters:
         parameters would have it, in the order of ``params``: per-element state split into their shapes,
         Adam's step count (one per tensor) repeated."""
         state = optimizer.state_dict()
+        if len(state["param_groups"]) != 1:
+            raise ValueError(f"the optimizer must have one parameter group, got {len(state['param_groups'])}")
         per_parameter: dict[int, dict[str, Any]] = {}
-        for g, members in enumerate(self._members):
+        for i, (g, elements) in enumerate(self._slots):
             entry = state["state"].get(g)
-            if entry is None:
-                continue
-            offset = 0
-            for i in members:
-                p, n = self.params[i], self.params[i].numel()
-                per_parameter[i] = {name: value[offset:offset + n].view_as(p).clone()
+            if entry is not None:
+                per_parameter[i] = {name: value[elements].view(self.params[i].shape).clone()
                                     if self._per_element(name, value, self.flat[g])
                                     else value.clone() if isinstance(value, Tensor) else value
                                     for name, value in entry.items()}
-                offset += n
-        if len(state["param_groups"]) != 1:
-            raise ValueError(f"the optimizer must have one parameter group, got {len(state['param_groups'])}")
         group = {**state["param_groups"][0], "params": list(range(len(self.params)))}
-        return {"state": dict(sorted(per_parameter.items())), "param_groups": [group]}
+        return {"state": per_parameter, "param_groups": [group]}
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load ``state`` (the layout of :meth:`optimizer_state_dict`) into ``optimizer``, an optimizer over
