@@ -145,8 +145,8 @@ def expected_coverage(
         tolerance: Extra half-width for the Monte-Carlo error of the ranks.
         one_sided: Fail only on under-coverage (over-confidence).
         batch_size: At most this many datasets per batched posterior call; ``None`` = one call.
-        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
-            unless ``batch_size`` says otherwise).
+        progress: Show a progress bar over the posterior calls (one call unless ``batch_size`` splits the
+            datasets); the result is the same with or without it.
 
     Returns:
         A :class:`CoverageResult`; ``print`` it for a readable report.

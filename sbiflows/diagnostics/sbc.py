@@ -166,8 +166,8 @@ def sbc(
         num_bins: Bins of the chi-square test; default ``min(20, N // 10, L + 1)``, at least 2.
         parameter_names: Names for the report; default ``theta_1, ..., theta_D``.
         batch_size: At most this many datasets per ``sample_batched`` call; ``None`` = one call.
-        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
-            unless ``batch_size`` says otherwise).
+        progress: Show a progress bar over the posterior calls (one call unless ``batch_size`` splits the
+            datasets); the result is the same with or without it.
 
     Returns:
         An :class:`SBCResult`; ``print`` it for a readable report.

@@ -183,13 +183,11 @@ def check_posterior(posterior: object, *methods: str) -> None:
         )
 
 
-#: Datasets per call when a progress bar is shown and no ``batch_size`` was given.
-PROGRESS_CHUNK = 50
-
-
 def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterable[slice]:
-    """The dataset chunks as slices; with a progress label, a bar over them (50 per chunk by default)."""
-    step = max((PROGRESS_CHUNK if progress else num) if batch_size is None else batch_size, 1)
+    """The dataset chunks as slices (``batch_size`` datasets each, or one chunk); with a progress label, a bar
+    over them. The chunks never depend on ``progress``: draws from torch's global generator follow them, so a
+    bar that split the calls would change the seeded results of a check (``--quiet`` changed the verdicts)."""
+    step = max(num if batch_size is None else batch_size, 1)
     chunks = [slice(start, start + step) for start in range(0, num, step)]
     if not progress:
         return chunks
@@ -204,8 +202,8 @@ def posterior_draws(
     """``posterior.sample_batched(num_samples, xs)`` -> ``(num_samples, B, D)``, chunked over ``xs``.
 
     ``batch_size=None`` makes one call for all datasets; otherwise at most ``batch_size`` datasets
-    go into each call (to bound memory). ``progress``: the label of a progress bar over the calls
-    (then at most :data:`PROGRESS_CHUNK` datasets per call unless ``batch_size`` says otherwise).
+    go into each call (to bound memory). ``progress``: the label of a progress bar over the calls (it
+    does not change them, nor the draws).
     """
     check_int(batch_size, "batch_size", minimum=1, optional=True)
     chunks = []

@@ -164,8 +164,8 @@ def tarp(
         alpha: Significance level of the KS test, in (0, 1).
         tolerance: Largest accepted ``max |ECP - alpha|``, in (0, 1].
         batch_size: At most this many datasets per ``sample_batched`` call; ``None`` = one call.
-        progress: Show a progress bar over the posterior calls (then at most 50 datasets per call
-            unless ``batch_size`` says otherwise).
+        progress: Show a progress bar over the posterior calls (one call unless ``batch_size`` splits the
+            datasets); the result is the same with or without it.
 
     Returns:
         A :class:`TARPResult`; ``print`` it for a readable report.
