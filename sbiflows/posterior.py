@@ -39,7 +39,7 @@ from sbiflows.observation_range import (
 )
 from sbiflows.posterior_file import load
 from sbiflows.posterior_batches import draw_unconstrained, evaluate, fuses_log_prob, resolve_chunk_rows
-from sbiflows.posterior_map import ascend
+from sbiflows.posterior_map import map_estimates
 from sbiflows.prior_specs import move_prior
 from sbiflows.priors import check_prior, draws_float64
 from sbiflows.seeding import SeededNoise, derive_seed
@@ -369,7 +369,8 @@ class Posterior:
         ``log_prob`` and runs Adam on all of them at once, in the unconstrained space, on
         ``log p(theta | x) = log q(u | x) - log|det dT/du|``; returns the best point seen. The cost is
         bounded by the options: ``num_init_samples`` density evaluations, then ``num_iter`` batched
-        gradient steps on ``num_to_optimize`` points.
+        gradient steps on ``num_to_optimize`` points. :meth:`map_batched` does this for many observations
+        at once.
 
         Args:
             x: One observation; None: :attr:`default_x`.
@@ -380,21 +381,54 @@ class Posterior:
             seed: Seeds the initial samples.
             progress: Show a progress bar over the Adam steps.
         """
+        return self._map(self._single_observation(x), num_init_samples=num_init_samples,
+                         num_to_optimize=num_to_optimize, num_iter=num_iter, learning_rate=learning_rate, seed=seed,
+                         progress=progress)[0]
+
+    @torch_threads()
+    def map_batched(
+        self,
+        xs: Any,
+        *,
+        num_init_samples: int = 1_000,
+        num_to_optimize: int = 100,
+        num_iter: int = 500,
+        learning_rate: float = 0.01,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> Tensor:
+        """:meth:`map` for each of ``B`` observations ``xs`` (``(B, *x_shape)``) at once: shape ``(B, D)``.
+
+        Every step of the ascent moves the points of all observations of a chunk together (at most
+        :attr:`chunk_rows` starting points per chunk), so many observations cost about what one does: the
+        fixed cost of a step is paid once. Observation ``b`` starts from the ``b``-th seeded stream of draws
+        (:class:`~sbiflows.seeding.SeededNoise`; :meth:`map` uses the first), which does not depend on the
+        chunks; the options are :meth:`map`'s.
+
+        Example:
+            >>> from sbiflows import NPE
+            >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+            >>> theta = prior.sample((300,)); x = theta + 0.1 * torch.randn_like(theta)
+            >>> posterior = NPE(prior, transforms=1).fit(theta, x, max_epochs=3, seed=0, progress=False)
+            >>> posterior.map_batched(x[:4], num_iter=20).shape
+            torch.Size([4, 2])
+        """
+        return self._map(self._observations(xs, "xs"), num_init_samples=num_init_samples,
+                         num_to_optimize=num_to_optimize, num_iter=num_iter, learning_rate=learning_rate, seed=seed,
+                         progress=progress)
+
+    def _map(self, xs: Tensor, *, num_init_samples: Any, num_to_optimize: Any, num_iter: Any, learning_rate: Any,
+             seed: Any, progress: bool) -> Tensor:
         num_init_samples = check_int(num_init_samples, "num_init_samples", minimum=1)
         num_to_optimize = check_int(num_to_optimize, "num_to_optimize", minimum=1)
         num_iter = check_int(num_iter, "num_iter", minimum=0)
         learning_rate = check_positive_number(learning_rate, "learning_rate")
-        x = self._single_observation(x)
-        generator = self._generator(seed, None)
-        context = self.net.context(x).detach()
-        with torch.no_grad():
-            starts = self._space.project(self.net.sample_given_context(num_init_samples, context, generator=generator)[:, 0])
-        best = ascend(lambda u: self._log_prob_u(u, context), starts, num_to_optimize=num_to_optimize,
-                      num_iter=num_iter, learning_rate=learning_rate, project=self._space.project, progress=progress)
+        noise = SeededNoise(self._generator(check_int(seed, "seed"), None), num_init_samples, self.net.flow.base,
+                            self.device)
+        best = map_estimates(self.net, self._space, xs, noise=noise, num_init_samples=num_init_samples,
+                             num_to_optimize=num_to_optimize, num_iter=num_iter, learning_rate=learning_rate,
+                             max_rows=self.chunk_rows, progress=progress)
         return self._space.to_constrained(best)
-
-    def _log_prob_u(self, u: Tensor, context: Tensor) -> Tensor:
-        return self.net.log_prob_given_context(u, context) - self._space.log_abs_det_jacobian(u)
 
     # ------------------------------------------------------------------------------- checking
     def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:

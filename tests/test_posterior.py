@@ -139,6 +139,44 @@ def test_map_stays_inside_a_bounded_support(box_posterior):
     assert mode[0] > 0.5 and mode[1] < -0.5
 
 
+def test_map_batched_finds_every_observations_mode_at_once(gaussian_posterior):
+    """map_batched: one ascent for many observations, each at its own exact mode, each at what map finds alone."""
+    xs = torch.tensor([[0.8, -0.4], [-1.2, 0.3], [0.0, 1.0], [1.0, 1.0], [-0.7, -0.9]])
+    modes = gaussian_posterior.map_batched(xs, num_iter=200)
+    assert modes.shape == (5, 2)
+    assert (modes - xs / (1 + NOISE**2)).abs().max() < 0.15  # the flow's mode, 60 epochs from the exact one
+    alone = torch.stack([gaussian_posterior.map(x, num_iter=200) for x in xs])
+    assert (modes - alone).abs().max() < 0.02  # other seeded starts (stream b, not 0), the same mode
+    # observation 0 starts from map's own draws: the same best start
+    starts = gaussian_posterior.map_batched(xs, num_iter=0)
+    assert torch.allclose(starts[0], gaussian_posterior.map(xs[0], num_iter=0), atol=1e-6)
+    assert not torch.allclose(starts[1], gaussian_posterior.map(xs[1], num_iter=0), atol=1e-6)  # stream 1, not 0
+
+
+def test_map_batched_does_not_depend_on_the_chunks(box_posterior):
+    """At most chunk_rows starting points per chunk; the seeded starts of each observation do not move with them,
+    and every MAP stays inside the box."""
+    xs = torch.tensor([[2.0, -2.0], [0.3, 0.1], [-0.5, 0.9], [1.2, 1.2]])
+    whole = box_posterior.map_batched(xs, num_init_samples=300, num_to_optimize=20, num_iter=50, seed=4)
+    small = box_posterior.copy()
+    small.max_batch_elements = 600  # two observations' 300 starts per chunk
+    chunked = small.map_batched(xs, num_init_samples=300, num_to_optimize=20, num_iter=50, seed=4)
+    assert torch.allclose(whole, chunked, atol=1e-4)
+    assert bool((whole.abs() < 1).all()) and whole[0, 0] > 0.5 and whole[0, 1] < -0.5
+    other = box_posterior.map_batched(xs, num_init_samples=300, num_to_optimize=20, num_iter=0, seed=5)
+    assert not torch.equal(other, box_posterior.map_batched(xs, num_init_samples=300, num_to_optimize=20, num_iter=0,
+                                                             seed=4))  # the seed picks the starts
+
+
+def test_map_batched_checks_its_observations_and_options(gaussian_posterior):
+    with pytest.raises(ValueError, match=r"xs must have shape \(B, 2\)"):
+        gaussian_posterior.map_batched(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"xs contains NaN or inf \(rows \[1\]\)"):
+        gaussian_posterior.map_batched(torch.tensor([[0.0, 0.0], [float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="num_init_samples must be an int >= 1, got 0"):
+        gaussian_posterior.map_batched(torch.zeros(2, 2), num_init_samples=0)
+
+
 # ---------------------------------------------------------------------------------- input checks
 def test_batch_of_observations_points_to_batched_methods(box_posterior):
     with pytest.raises(ValueError, match=r"shape \(3, 2\): a batch of 3 observations.*sample_batched"):
