@@ -237,6 +237,30 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
     return samples
 
 
+def _c2st_scores(state: _State, samples: Tensor, c2st_samples: int) -> dict[int, tuple[Tensor, float, bool]]:
+    """For each observation with a reference posterior (by index): its reference draws, the C2ST of the first
+    ``c2st_samples`` posterior draws against them, and whether that score was read from an earlier run. The
+    scores not read are computed together (:func:`~sbiflows.diagnostics.c2st_batched`) and kept for a rerun."""
+    job, scores, pending = state.job, {}, {}
+    for b, observation in enumerate(job.observations):
+        if observation.reference is None:
+            continue
+        reference = job.task.reference_posterior(observation.reference, num_samples=c2st_samples, progress=job.progress)
+        # the score of these very draws against this reference (digests of their bytes): a rerun reads it
+        made_with = {"draws": digest(samples[:c2st_samples, b]), "reference": digest(reference),
+                     "seed": job.seed, "sbiflows": sbiflows.__version__, "torch": torch.__version__}
+        value = state.resume.cached(f"c2st/{observation.name}", made_with)
+        scores[b] = (reference, value, value is not None)
+        if value is None:
+            pending[b] = made_with
+    if pending:
+        results = diagnostics.c2st_batched([(scores[b][0], samples[:c2st_samples, b]) for b in pending], seed=job.seed)
+        for (b, made_with), result in zip(pending.items(), results):
+            state.resume.keep(f"c2st/{job.observations[b].name}", made_with, result.accuracy)
+            scores[b] = (scores[b][0], result.accuracy, False)
+    return scores
+
+
 def _check_observations(state: _State, posterior: Posterior, samples: Tensor) -> None:
     """C2ST against the reference (where one exists), posterior predictive and a corner plot per observation."""
     job, start = state.job, time.perf_counter()
@@ -249,23 +273,15 @@ def _check_observations(state: _State, posterior: Posterior, samples: Tensor) ->
     # refined by 100 Adam steps
     maps = posterior.map_batched(torch.stack([o.x for o in job.observations]), num_init_samples=1000,
                                  num_to_optimize=10, num_iter=100, seed=job.seed)
+    scores = _c2st_scores(state, samples, c2st_samples) if use_reference else {}
     for b, observation in enumerate(job.observations):
         entry: dict = {"name": observation.name, "observation": observation.x.reshape(-1).tolist()}
         if observation.true_parameters is not None:
             entry["true_parameters"] = observation.true_parameters.tolist()
         reference = None
-        if use_reference and observation.reference is not None:
-            reference = job.task.reference_posterior(observation.reference, num_samples=c2st_samples,
-                                                     progress=job.progress)
-            # the score of these very draws against this reference (digests of their bytes): a rerun reads it
-            made_with = {"draws": digest(samples[:c2st_samples, b]), "reference": digest(reference),
-                         "seed": job.seed, "sbiflows": sbiflows.__version__, "torch": torch.__version__}
-            entry["c2st"] = state.resume.cached(f"c2st/{observation.name}", made_with)
-            if entry["c2st"] is None:
-                entry["c2st"] = diagnostics.c2st(reference, samples[:c2st_samples, b], seed=job.seed).accuracy
-                state.resume.keep(f"c2st/{observation.name}", made_with, entry["c2st"])
+        if b in scores:
+            reference, entry["c2st"], cached = scores[b]
             entry["c2st_samples"] = c2st_samples
-            cached = f"c2st/{observation.name}" not in state.resume.fresh
             state.log(f"      {observation.name}: C2ST {entry['c2st']:.3f}"
                       + (" (from the earlier run)" if cached else ""))
             if cached:

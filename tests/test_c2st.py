@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbiflows.diagnostics import c2st
+from sbiflows.diagnostics import c2st, c2st_batched
 from sbiflows.diagnostics.c2st import _FoldMLP
 
 
@@ -72,21 +72,44 @@ def test_c2st_z_scores_with_the_first_set():
 
 def test_c2st_manual_backward_matches_autograd():
     g = torch.Generator().manual_seed(0)
-    mlp = _FoldMLP(3, 30, 4, g)
+    mlp = _FoldMLP(3, 30, 4, [g])
     x = torch.randn(4, 17, 3, generator=g)
     y = (torch.rand(4, 17, generator=g) > 0.5).float()
     w = (torch.rand(4, 17, generator=g) > 0.2).float()
-    loss, grad = mlp._loss_and_grad(x, y, w, l2=1e-2)
+    loss, grad = mlp._loss_and_grad(mlp.params, x, y, w, l2=1e-2)
     params = mlp.params.clone().requires_grad_()
-    offset, views = 0, []
-    for view in mlp.views:
-        size = view[0].numel()
-        views.append(params[:, offset : offset + size].view(view.shape))
-        offset += size
-    mlp.views = views
-    mlp._loss_and_grad(x, y, w, l2=1e-2)[0].sum().backward()
+    mlp._loss_and_grad(params, x, y, w, l2=1e-2)[0].sum().backward()
     assert (grad - params.grad).abs().max() < 1e-6 * max(1.0, float(grad.abs().max()))
     assert loss.shape == (4,)
+
+
+def test_c2st_batched_scores_each_pair_as_c2st_does():
+    """Several pairs train side by side, each fold leaving the batch when it converges. Each pair's score is the
+    one c2st gives it, up to float rounding: a parameter's Adam update rounds differently (a vectorized kernel's
+    fused multiply-add) when its position in the batch changes, so the last pair, at the end of the batch as
+    c2st's folds are, matches exactly and the others to a few in a thousand."""
+    pairs = [gaussians(400, 2, shift, seed=seed) for seed, shift in enumerate((0.0, 0.5, 1.0, 3.0))]
+    together = c2st_batched(pairs, seed=3, max_epochs=60)
+    alone = [c2st(a, b, seed=3, max_epochs=60) for a, b in pairs]
+    assert together[-1] == alone[-1]
+    for one, other in zip(together, alone):
+        assert abs(one.accuracy - other.accuracy) < 0.01
+        assert sum(abs(e - f) for e, f in zip(one.epochs, other.epochs)) <= 10  # a fold may stop an epoch apart
+        assert (one.num_samples, one.dim, one.threshold) == (other.num_samples, other.dim, other.threshold)
+    assert together[0].accuracy < 0.58 and together[-1].accuracy > 0.9  # the same sets, and 3 sd apart
+    assert [r.accuracy for r in c2st_batched(pairs[::-1], seed=3, max_epochs=60)][0] == together[-1].accuracy
+
+
+def test_c2st_batched_checks_its_pairs():
+    a, b = gaussians(40, 2, 0.0)
+    with pytest.raises(ValueError, match="pairs must be a non-empty list"):
+        c2st_batched([])
+    with pytest.raises(ValueError, match=r"pairs\[1\] must be a \(samples_a, samples_b\) pair, got Tensor"):
+        c2st_batched([(a, b), a])
+    with pytest.raises(ValueError, match=r"every pair must have the shape of the first, \(40, 2\); pairs\[1\] has \(30, 2\)"):
+        c2st_batched([(a, b), (a[:30], b[:30])])
+    with pytest.raises(TypeError, match=r"pairs\[11\]\[1\] must have a floating-point dtype"):
+        c2st_batched([(a, b)] * 11 + [(a, b.long())])
 
 
 @pytest.mark.slow

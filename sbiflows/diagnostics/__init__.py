@@ -1,7 +1,8 @@
 """Diagnostics for simulation-based inference: is the posterior accurate and calibrated?
 
 * :func:`c2st` -- classifier two-sample test between two sample sets (e.g. posterior samples
-  vs reference samples): accuracy 0.5 = indistinguishable, 1.0 = disjoint.
+  vs reference samples): accuracy 0.5 = indistinguishable, 1.0 = disjoint; :func:`c2st_batched` runs
+  it for several pairs at once (the same results, a fraction of the time).
 * :func:`sbc` -- simulation-based calibration: ranks of true parameters among posterior draws
   (per-parameter calibration; catches bias and, via the histogram shape, dispersion errors).
 * :func:`expected_coverage` -- coverage of highest-posterior-density regions (over- or
@@ -29,7 +30,7 @@ Example:
     True
 """
 
-from sbiflows.diagnostics.c2st import C2STResult, c2st
+from sbiflows.diagnostics.c2st import C2STResult, c2st, c2st_batched
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.diagnostics.predictive import PredictiveResult, posterior_predictive
 from sbiflows.diagnostics.sbc import SBCResult, rank_statistics, sbc
@@ -44,6 +45,7 @@ __all__ = [
     "SBCResult",
     "TARPResult",
     "c2st",
+    "c2st_batched",
     "expected_coverage",
     "overall",
     "posterior_predictive",
