@@ -19,6 +19,24 @@ def load_example(name: str):
     return module
 
 
+def test_observation_checks_benchmark_times_both_ways_on_a_finished_run(tmp_path, capsys, monkeypatch):
+    """examples/benchmark_observation_checks.py on a small finished sbiflows fit run: four rows and both ratios."""
+    from sbiflows.cli import main as cli
+
+    monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path / "cache"))
+    cli(["fit", "two_moons", "--simulations", "300", "--max-epochs", "2", "--observations", "1-2", "--num-samples",
+         "200", "--calibration-datasets", "100", "--calibration-samples", "100", "--c2st-samples", "200",
+         "--out", str(tmp_path / "run"), "--quiet"])
+    capsys.readouterr()
+    load_example("benchmark_observation_checks").main(["--run", str(tmp_path / "run"), "--c2st-samples", "200",
+                                                       "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "2 observations, 200 draws per side" in out
+    assert out.count(" s  wall ") == 4 and out.count("CPU ratio") == 2, out
+    apart = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "largest difference" in line]
+    assert apart[0] < 0.05 and apart[1] < 0.1, out  # batched C2ST and MAP agree with one call per observation
+
+
 @pytest.mark.slow
 def test_benchmark_task_example_writes_figures_and_posterior(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SBIFLOWS_CACHE", str(tmp_path / "cache"))
