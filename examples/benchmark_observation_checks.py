@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                          ("map, one call per observation", "map_batched, one call")):
         ratio = statistics.median(b[0] / a[0] for a, b in zip(seconds[one], seconds[batched]))
         apart = float((torch.as_tensor(results[one]) - torch.as_tensor(results[batched])).abs().max())
-        print(f"{batched} / {one}: CPU ratio {ratio:.2f} (median of same-repeat ratios), largest difference {apart:.2g}")
+        print(f"{batched} / {one}: CPU ratio {ratio:.2f} (median of same-repeat ratios), "
+              f"largest difference {apart:.2g}")
 
 
 if __name__ == "__main__":
