@@ -3,7 +3,8 @@
 Trains NPE (MAF) on ``--simulations`` two-moons draws, then times, each ``--repeats`` times:
 
 * SBC with ``--datasets`` datasets x ``--draws`` posterior draws (the issue's target: 1,000 x 1,000
-  well under a minute on 2 cores), expected coverage and TARP on the same pairs;
+  well under a minute on 2 cores), expected coverage and TARP on the same pairs, and the three in one
+  :func:`~sbiflows.diagnostics.calibration` call (their posterior draws made once);
 * C2ST on 10,000 vs 10,000 samples in 2-D (target: under 30 seconds);
 * as a same-run baseline, the batched posterior sampling that SBC starts with (``sample_batched``
   of ``draws`` per dataset), so a loaded machine shows up in both numbers.
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"sbc ({args.datasets} datasets x {args.draws} draws)", lambda: diagnostics.sbc(posterior, **options)),
         ("expected_coverage (same pairs)", lambda: diagnostics.expected_coverage(posterior, **options)),
         ("tarp (same pairs)", lambda: diagnostics.tarp(posterior, **options)),
+        ("calibration: the three on the same draws", lambda: diagnostics.calibration(posterior, **options)),
         ("c2st (10,000 vs 10,000, 2-D)", lambda: diagnostics.c2st(reference, samples, seed=0)),
     ]
     print(f"threads={args.threads} repeats={args.repeats}")

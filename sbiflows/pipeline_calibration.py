@@ -41,12 +41,9 @@ def calibrate(state, posterior: Posterior) -> None:
     options = {"num_posterior_samples": job.calibration_samples, "seed": job.seed, "theta": fresh.theta[valid],
                "x": fresh.x[valid], "progress": job.progress}
     labels = job.parameter_names()
-    checks = {
-        "sbc": diagnostics.sbc(posterior, job.prior, job.simulator, **options,
-                               parameter_names=[plain_label(n) for n in labels]),
-        "coverage": diagnostics.expected_coverage(posterior, job.prior, job.simulator, **options),
-        "tarp": diagnostics.tarp(posterior, job.prior, job.simulator, **options),
-    }
+    # the three checks on the same posterior draws, made once (each result as its own function gives it)
+    checks = diagnostics.calibration(posterior, job.prior, job.simulator, **options,
+                                     parameter_names=[plain_label(n) for n in labels])
     state.timed("calibration", start)
     words = {key: diagnostics.verdict(r) for key, r in checks.items()}
     state.report["calibration"] = {

@@ -7,6 +7,8 @@
   (per-parameter calibration; catches bias and, via the histogram shape, dispersion errors).
 * :func:`expected_coverage` -- coverage of highest-posterior-density regions (over- or
   under-confidence of the joint posterior; needs ``log_prob``).
+* :func:`calibration` -- SBC, expected coverage and TARP in one call, drawing the posterior samples
+  once (each result equal to its own function's).
 * :func:`tarp` -- coverage of random-reference balls (joint calibration from samples only).
 * :func:`posterior_predictive` -- is the observation typical of data simulated from the posterior?
 * :func:`verdict` / :func:`overall` -- a check's result (or several) in words: calibrated,
@@ -31,6 +33,7 @@ Example:
 """
 
 from sbiflows.diagnostics.c2st import C2STResult, c2st, c2st_batched
+from sbiflows.diagnostics.calibration import calibration
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.diagnostics.predictive import PredictiveResult, posterior_predictive
 from sbiflows.diagnostics.sbc import SBCResult, rank_statistics, sbc
@@ -45,6 +48,7 @@ __all__ = [
     "SBCResult",
     "TARPResult",
     "c2st",
+    "calibration",
     "c2st_batched",
     "expected_coverage",
     "overall",

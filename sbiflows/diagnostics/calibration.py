@@ -1,0 +1,144 @@
+"""SBC, expected coverage and TARP in one call: :func:`calibration`.
+
+Each check draws ``num_posterior_samples`` posterior samples for every dataset; with the same ``seed`` all
+three draw the very same samples (and simulate the same datasets), so running them one after another makes
+each draw three times. :func:`calibration` runs the three checks as they are, on a posterior (and a
+simulator) that remember what they returned for the same inputs *and the same state of torch's generator*:
+a repeated call returns the remembered draws and puts the generator where the first call left it. So each
+result is exactly what :func:`~sbiflows.diagnostics.sbc`, :func:`~sbiflows.diagnostics.expected_coverage` and
+:func:`~sbiflows.diagnostics.tarp` return for the same arguments, at about the cost of the most expensive one.
+With ``seed=None`` the generator moves on between the checks, nothing repeats, and each check draws anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
+from sbiflows.diagnostics.sbc import SBCResult, sbc
+from sbiflows.diagnostics.simulations import check_posterior
+from sbiflows.diagnostics.tarp import TARPResult, tarp
+
+__all__ = ["calibration"]
+
+
+def calibration(
+    posterior: object,
+    prior: Distribution | None = None,
+    simulator: Callable[[Tensor], Tensor] | None = None,
+    *,
+    theta: Tensor | None = None,
+    x: Tensor | None = None,
+    num_datasets: int = 1000,
+    num_posterior_samples: int = 1000,
+    seed: int | None = 0,
+    batch_size: int | None = None,
+    progress: bool = False,
+    parameter_names: Sequence[str] | None = None,
+) -> dict[str, SBCResult | CoverageResult | TARPResult]:
+    """:func:`~sbiflows.diagnostics.sbc`, :func:`~sbiflows.diagnostics.expected_coverage` and
+    :func:`~sbiflows.diagnostics.tarp` with the same arguments, drawing the posterior samples once.
+
+    Args:
+        posterior, prior, simulator, theta, x, num_datasets, num_posterior_samples, seed, batch_size, progress:
+            As the three checks take them (the posterior needs ``sample_batched`` and ``log_prob``).
+        parameter_names: SBC's names of the parameters.
+
+    Returns:
+        ``{"sbc": ..., "coverage": ..., "tarp": ...}``: the three results, each equal to its own function's.
+
+    Example:
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> class Exact:  # the exact posterior N(x / 2, I / 2) of x = theta + noise
+        ...     def sample_batched(self, n, xs):
+        ...         return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+        ...     def log_prob(self, theta, x):
+        ...         return -(theta - x / 2).square().sum(-1)
+        >>> results = calibration(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=300)
+        >>> {name: result.passed for name, result in results.items()}
+        {'sbc': True, 'coverage': True, 'tarp': True}
+    """
+    check_posterior(posterior, "sample_batched", "log_prob")  # named as the user's, before any simulation
+    shared = _RememberedDraws(posterior)
+    options: dict[str, Any] = {"theta": theta, "x": x, "num_datasets": num_datasets, "seed": seed,
+                               "num_posterior_samples": num_posterior_samples, "batch_size": batch_size,
+                               "progress": progress}
+    remembered = None if simulator is None else _RememberedSimulator(simulator)
+    # coverage first: where the posterior returns densities with its draws, its call makes both at once
+    coverage = expected_coverage(shared, prior, remembered, **options)
+    return {"sbc": sbc(shared, prior, remembered, parameter_names=parameter_names, **options),
+            "coverage": coverage, "tarp": tarp(shared, prior, remembered, **options)}
+
+
+def _state_key(*tensors: Tensor) -> str:
+    """A digest of ``tensors``' values and of torch's generators (the CPU's, and CUDA's where it is in use)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(torch.get_rng_state().numpy().tobytes())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for state in torch.cuda.get_rng_state_all():
+            digest.update(state.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Remembered:
+    """What a call returned for a key, and torch's generators after it, to give back on the same key."""
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple, tuple[Any, Tensor, list[Tensor] | None]] = {}
+
+    def call(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key in self._calls:
+            value, cpu, cuda = self._calls[key]
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            return value
+        value = make()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._calls[key] = (value, torch.get_rng_state(), cuda)
+        return value
+
+
+class _RememberedDraws:
+    """``posterior`` with ``sample_batched`` (and ``sample_and_log_prob_batched``, where it has it) remembered;
+    everything else is the posterior's own."""
+
+    def __init__(self, posterior: object) -> None:
+        self._posterior, self._memory = posterior, _Remembered()
+        if callable(getattr(posterior, "sample_and_log_prob_batched", None)):
+            self.sample_and_log_prob_batched = self._sample_and_log_prob_batched
+        if callable(getattr(posterior, "sample_batched", None)):
+            self.sample_batched = self._sample_batched
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._posterior, name)
+
+    def _sample_batched(self, n: int, xs: Tensor) -> Tensor:
+        key = ("draws", n, _state_key(xs))
+        fused = self._memory._calls.get(("fused", n, key[2]))
+        if fused is not None:  # the same draws as the fused call's (sbiflows.Posterior's contract)
+            return self._memory.call(("fused", n, key[2]), lambda: None)[0]
+        return self._memory.call(key, lambda: self._posterior.sample_batched(n, xs))
+
+    def _sample_and_log_prob_batched(self, n: int, xs: Tensor) -> tuple[Tensor, Tensor]:
+        key = ("fused", n, _state_key(xs))
+        return self._memory.call(key, lambda: self._posterior.sample_and_log_prob_batched(n, xs))
+
+
+class _RememberedSimulator:
+    """``simulator`` remembered: the same ``theta`` from the same generator state gives the same ``x``."""
+
+    def __init__(self, simulator: Callable[[Tensor], Tensor]) -> None:
+        self._simulator, self._memory = simulator, _Remembered()
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        return self._memory.call(("x", _state_key(theta)), lambda: self._simulator(theta))
