@@ -360,7 +360,7 @@ class Posterior:
         num_to_optimize: int = 100,
         num_iter: int = 500,
         learning_rate: float = 0.01,
-        seed: int = 0,
+        seed: int | None = 0,
         progress: bool = False,
     ) -> Tensor:
         """A maximum-a-posteriori estimate of ``theta`` for one observation: shape ``(D,)``.
@@ -378,7 +378,7 @@ class Posterior:
             num_to_optimize: How many of the best samples are refined (``>= 1``).
             num_iter: Adam steps (``>= 0``; 0 returns the best sample).
             learning_rate: Adam step size in the unconstrained space (``> 0``).
-            seed: Seeds the initial samples.
+            seed: Seeds the initial samples; None: they come from torch's global generator.
             progress: Show a progress bar over the Adam steps.
         """
         return self._map(self._single_observation(x), num_init_samples=num_init_samples,
@@ -394,14 +394,14 @@ class Posterior:
         num_to_optimize: int = 100,
         num_iter: int = 500,
         learning_rate: float = 0.01,
-        seed: int = 0,
+        seed: int | None = 0,
         progress: bool = False,
     ) -> Tensor:
         """:meth:`map` for each of ``B`` observations ``xs`` (``(B, *x_shape)``) at once: shape ``(B, D)``.
 
-        Every step of the ascent moves the points of all observations of a chunk together (at most
-        :attr:`chunk_rows` starting points per chunk), so many observations cost about what one does: the
-        fixed cost of a step is paid once. Observation ``b`` starts from the ``b``-th seeded stream of draws
+        Every step of the ascent moves the points of all observations of a chunk together (as many observations
+        per chunk as :attr:`chunk_rows` holds starting points for, at least one), so many observations cost
+        about what one does: the fixed cost of a step is paid once. Observation ``b`` starts from the ``b``-th seeded stream of draws
         (:class:`~sbiflows.seeding.SeededNoise`; :meth:`map` uses the first), which does not depend on the
         chunks; the options are :meth:`map`'s.
 
@@ -423,8 +423,10 @@ class Posterior:
         num_to_optimize = check_int(num_to_optimize, "num_to_optimize", minimum=1)
         num_iter = check_int(num_iter, "num_iter", minimum=0)
         learning_rate = check_positive_number(learning_rate, "learning_rate")
-        noise = SeededNoise(self._generator(check_int(seed, "seed"), None), num_init_samples, self.net.flow.base,
-                            self.device)
+        seed = check_int(seed, "seed", optional=True)
+        if seed is None:  # the starts' root seed from torch's global generator, as map drew them before
+            seed = int(torch.randint(2**62, (1,)))
+        noise = SeededNoise(self._generator(seed, None), num_init_samples, self.net.flow.base, self.device)
         best = map_estimates(self.net, self._space, xs, noise=noise, num_init_samples=num_init_samples,
                              num_to_optimize=num_to_optimize, num_iter=num_iter, learning_rate=learning_rate,
                              max_rows=self.chunk_rows, progress=progress)

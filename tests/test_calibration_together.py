@@ -110,3 +110,47 @@ def test_a_posterior_without_log_prob_is_refused_by_name():
     theta, x = simulate_datasets(MultivariateNormal(torch.zeros(2), torch.eye(2)), simulator, 120, seed=1)
     with pytest.raises(TypeError, match="posterior must implement sample_batched, log_prob.*DrawsOnly lacks log_prob"):
         calibration(DrawsOnly(), theta=theta, x=x, num_posterior_samples=100)
+
+
+class OwnGenerator(Exact):
+    """Draws from a generator of its own: torch's global generator does not say what it will return."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def sample_batched(self, n, xs):
+        self.calls += 1
+        return xs / 1.09 + torch.randn(n, *xs.shape, generator=self.generator) * (0.09 / 1.09) ** 0.5
+
+
+def test_randomness_outside_torchs_generator_is_drawn_anew_as_the_separate_checks_draw_it():
+    """A call that leaves torch's generator as it found it is not remembered: a posterior with its own generator
+    and a NumPy simulator give each check what the separate checks get."""
+    import numpy as np
+
+    prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    rng = {"state": None}
+
+    def numpy_simulator(theta):
+        noise = rng["state"].normal(size=tuple(theta.shape))
+        return theta + 0.3 * torch.as_tensor(noise, dtype=theta.dtype)
+
+    rng["state"] = np.random.default_rng(0)
+    posterior = OwnGenerator()
+    together = calibration(posterior, prior, numpy_simulator, num_datasets=150, num_posterior_samples=100, seed=2)
+    assert posterior.calls == 3
+    rng["state"], other = np.random.default_rng(0), OwnGenerator()
+    options = dict(num_datasets=150, num_posterior_samples=100, seed=2)
+    alone = [expected_coverage(other, prior, numpy_simulator, **options),  # calibration's order: coverage first
+             sbc(other, prior, numpy_simulator, **options), tarp(other, prior, numpy_simulator, **options)]
+    assert [str(r) for r in alone] == [str(together[k]) for k in ("coverage", "sbc", "tarp")]
+
+
+def test_observations_of_any_float_dtype_are_remembered():
+    prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, simulator, 120, seed=1)
+    posterior = Exact()
+    together = calibration(posterior, theta=theta, x=x.to(torch.bfloat16), num_posterior_samples=100)
+    assert posterior.calls == 1
+    assert str(together["sbc"]) == str(sbc(Exact(), theta=theta, x=x.to(torch.bfloat16), num_posterior_samples=100))

@@ -168,6 +168,15 @@ def test_map_batched_does_not_depend_on_the_chunks(box_posterior):
                                                              seed=4))  # the seed picks the starts
 
 
+def test_map_without_a_seed_draws_its_starts_from_torchs_generator(gaussian_posterior):
+    x = torch.tensor([0.5, -0.5])
+    torch.manual_seed(3)
+    first = gaussian_posterior.map(x, num_iter=0, seed=None)
+    torch.manual_seed(3)
+    assert torch.equal(gaussian_posterior.map(x, num_iter=0, seed=None), first)
+    assert not torch.equal(gaussian_posterior.map(x, num_iter=0, seed=None), first)  # the generator moved on
+
+
 def test_map_batched_checks_its_observations_and_options(gaussian_posterior):
     with pytest.raises(ValueError, match=r"xs must have shape \(B, 2\)"):
         gaussian_posterior.map_batched(torch.zeros(3, 5))

@@ -2,7 +2,7 @@
 
 * :func:`c2st` -- classifier two-sample test between two sample sets (e.g. posterior samples
   vs reference samples): accuracy 0.5 = indistinguishable, 1.0 = disjoint; :func:`c2st_batched` runs
-  it for several pairs at once (the same results, a fraction of the time).
+  it for several pairs at once (the same results up to float rounding, a fraction of the time).
 * :func:`sbc` -- simulation-based calibration: ranks of true parameters among posterior draws
   (per-parameter calibration; catches bias and, via the histogram shape, dispersion errors).
 * :func:`expected_coverage` -- coverage of highest-posterior-density regions (over- or

@@ -150,8 +150,9 @@ def c2st_batched(
     num_threads: int | None = None,
 ) -> list[C2STResult]:
     """:func:`c2st` of several pairs of sample sets at once, e.g. a posterior against the reference for
-    each of a task's observations: the same results as one :func:`c2st` call per pair with the same
-    options and ``seed``, in a fraction of the time.
+    each of a task's observations: the results of one :func:`c2st` call per pair with the same options and
+    ``seed`` (up to float rounding: a parameter's update may round differently at another position in the
+    batch), in a fraction of the time.
 
     The classifiers of all pairs and folds train side by side, each step one batched pass over the folds
     that are still training (a fold that has converged leaves the batch), so the fixed cost of a step is
@@ -166,7 +167,8 @@ def c2st_batched(
         One :class:`C2STResult` per pair, in order.
 
     Raises:
-        TypeError, ValueError: As :func:`c2st`, naming the pair; ValueError if the pairs differ in shape.
+        TypeError, ValueError: As :func:`c2st`, naming the pair (``pairs[i]``); ValueError if the pairs differ in
+            shape.
 
     Example:
         >>> generator = torch.Generator().manual_seed(0)
@@ -182,7 +184,12 @@ def c2st_batched(
             raise ValueError(f"pairs[{i}] must be a (samples_a, samples_b) pair, got {type(pair).__name__}")
         names = ("samples_a", "samples_b") if len(pairs) == 1 else (f"pairs[{i}][0]", f"pairs[{i}][1]")
         a, b = _check_samples(pair[0], names[0]), _check_samples(pair[1], names[1])
-        _check_options(a, b, folds, threshold, max_epochs, batch_size, learning_rate, patience)
+        try:
+            _check_options(a, b, folds, threshold, max_epochs, batch_size, learning_rate, patience)
+        except ValueError as error:
+            if len(pairs) == 1 or not str(error).startswith(("samples_a and samples_b", "too few samples")):
+                raise
+            raise ValueError(f"pairs[{i}]: {error}") from None
         if sets and a.shape != sets[0][0].shape:
             raise ValueError(f"every pair must have the shape of the first, {tuple(sets[0][0].shape)}; pairs[{i}] has "
                              f"{tuple(a.shape)}")

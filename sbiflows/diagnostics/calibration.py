@@ -8,6 +8,12 @@ a repeated call returns the remembered draws and puts the generator where the fi
 result is exactly what :func:`~sbiflows.diagnostics.sbc`, :func:`~sbiflows.diagnostics.expected_coverage` and
 :func:`~sbiflows.diagnostics.tarp` return for the same arguments, at about the cost of the most expensive one.
 With ``seed=None`` the generator moves on between the checks, nothing repeats, and each check draws anew.
+
+Only a call that moved torch's generator is remembered: one that did not (a posterior with a generator of its
+own, a simulator drawing from NumPy) cannot be told apart from a call that would give other values, so it is
+made again each time, as the separate checks would make it (in this order: coverage, SBC, TARP). A posterior's
+``sample_and_log_prob_batched`` must return the draws ``sample_batched`` returns from the same generator state
+(:class:`sbiflows.Posterior`'s do).
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def _state_key(*tensors: Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(repr((tuple(tensor.shape), tensor.dtype)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
     digest.update(torch.get_rng_state().numpy().tobytes())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for state in torch.cuda.get_rng_state_all():
@@ -96,16 +102,27 @@ class _Remembered:
         self._calls: dict[tuple, tuple[Any, Tensor, list[Tensor] | None]] = {}
 
     def call(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, or what it returned for ``key`` before (then torch's generators are set as it left them).
+        A call that left torch's generators as it found them is not remembered: its randomness came from
+        elsewhere (a generator of its own, NumPy), and calling it again may give other values."""
         if key in self._calls:
             value, cpu, cuda = self._calls[key]
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
             return value
+        before = _generator_states()
         value = make()
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self._calls[key] = (value, torch.get_rng_state(), cuda)
+        after = _generator_states()
+        if not all(torch.equal(one, other) for one, other in zip(before, after)):
+            self._calls[key] = (value, after[0], after[1:] or None)
         return value
+
+
+def _generator_states() -> list[Tensor]:
+    """torch's CPU generator state, and each CUDA device's where CUDA is in use."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return [torch.get_rng_state(), *cuda]
 
 
 class _RememberedDraws:

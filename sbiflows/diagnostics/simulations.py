@@ -7,7 +7,8 @@ helpers validate them, drop invalid simulations (with a warning giving the count
 posterior through the duck-typed protocol::
 
     posterior.sample_batched(n, xs)            # xs (B, *x_shape) -> (n, B, D)
-    posterior.sample_and_log_prob_batched(n, xs)  # both at once -> (n, B, D), (n, B); optional
+    posterior.sample_and_log_prob_batched(n, xs)  # both at once -> (n, B, D), (n, B); optional; the draws
+                                                  # those sample_batched gives from the same generator state
     posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
     posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o x_shape -> (N,)
 
