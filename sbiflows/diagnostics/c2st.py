@@ -184,12 +184,9 @@ def c2st_batched(
             raise ValueError(f"pairs[{i}] must be a (samples_a, samples_b) pair, got {type(pair).__name__}")
         names = ("samples_a", "samples_b") if len(pairs) == 1 else (f"pairs[{i}][0]", f"pairs[{i}][1]")
         a, b = _check_samples(pair[0], names[0]), _check_samples(pair[1], names[1])
-        try:
-            _check_options(a, b, folds, threshold, max_epochs, batch_size, learning_rate, patience)
-        except ValueError as error:
-            if len(pairs) == 1 or not str(error).startswith(("samples_a and samples_b", "too few samples")):
-                raise
-            raise ValueError(f"pairs[{i}]: {error}") from None
+        if i == 0:  # the settings once, after the first pair's sets (c2st's order of messages)
+            _check_settings(folds, threshold, max_epochs, batch_size, learning_rate, patience)
+        _check_pair(a, b, folds, "" if len(pairs) == 1 else f"pairs[{i}]: ")
         if sets and a.shape != sets[0][0].shape:
             raise ValueError(f"every pair must have the shape of the first, {tuple(sets[0][0].shape)}; pairs[{i}] has "
                              f"{tuple(a.shape)}")
@@ -239,33 +236,30 @@ def _check_samples(samples: object, name: str) -> Tensor:
     return samples.detach().to("cpu", torch.float64)
 
 
-def _check_options(
-    a: Tensor,
-    b: Tensor,
-    folds: int,
-    threshold: float,
-    max_epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    patience: int,
-) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"samples_a and samples_b must have the same dimension, got {a.shape[1]} and {b.shape[1]}"
-        )
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            "samples_a and samples_b must have the same number of samples (so that chance level "
-            f"is 0.5), got {a.shape[0]} and {b.shape[0]}"
-        )
+def _check_settings(folds: int, threshold: float, max_epochs: int, batch_size: int, learning_rate: float,
+                    patience: int) -> None:
     check_int(folds, "folds", minimum=2)
-    if a.shape[0] < folds:
-        raise ValueError(
-            f"too few samples for {folds} folds: each set needs at least {folds} samples, "
-            f"got {a.shape[0]}"
-        )
     check_real(threshold, "threshold", low=0.5, high=1.0, low_open=True)
     check_int(max_epochs, "max_epochs", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_positive_number(learning_rate, "learning_rate")
     check_int(patience, "patience", minimum=0)
+
+
+def _check_pair(a: Tensor, b: Tensor, folds: int, where: str) -> None:
+    """The two sets of one pair against each other and the folds; ``where`` leads each message (``"pairs[i]: "``
+    or nothing)."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{where}samples_a and samples_b must have the same dimension, got {a.shape[1]} and {b.shape[1]}"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{where}samples_a and samples_b must have the same number of samples (so that chance level "
+            f"is 0.5), got {a.shape[0]} and {b.shape[0]}"
+        )
+    if a.shape[0] < folds:
+        raise ValueError(
+            f"{where}too few samples for {folds} folds: each set needs at least {folds} samples, "
+            f"got {a.shape[0]}"
+        )

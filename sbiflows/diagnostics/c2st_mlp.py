@@ -139,6 +139,7 @@ class _FoldMLP:
                 m_rows.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v_rows.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 lr = learning_rate * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                # the step size as a float32 tensor, as it was when frozen folds stepped with a rate of 0
                 params.sub_(torch.full((len(rows), 1), lr) * m_rows / (v_rows.sqrt() + eps))
             self.params[rows], m[rows], v[rows] = params, m_rows, v_rows
             epochs[rows] += 1

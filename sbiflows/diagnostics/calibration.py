@@ -83,46 +83,54 @@ def calibration(
 
 
 def _state_key(*tensors: Tensor) -> str:
-    """A digest of ``tensors``' values and of torch's generators (the CPU's, and CUDA's where it is in use)."""
+    """A digest of ``tensors``' values and of torch's generators (:func:`_generator_states`)."""
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(repr((tuple(tensor.shape), tensor.dtype)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
-    digest.update(torch.get_rng_state().numpy().tobytes())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for state in torch.cuda.get_rng_state_all():
-            digest.update(state.numpy().tobytes())
+    for state in _generator_states():
+        digest.update(state.numpy().tobytes())
     return digest.hexdigest()
-
-
-class _Remembered:
-    """What a call returned for a key, and torch's generators after it, to give back on the same key."""
-
-    def __init__(self) -> None:
-        self._calls: dict[tuple, tuple[Any, Tensor, list[Tensor] | None]] = {}
-
-    def call(self, key: tuple, make: Callable[[], Any]) -> Any:
-        """``make()``, or what it returned for ``key`` before (then torch's generators are set as it left them).
-        A call that left torch's generators as it found them is not remembered: its randomness came from
-        elsewhere (a generator of its own, NumPy), and calling it again may give other values."""
-        if key in self._calls:
-            value, cpu, cuda = self._calls[key]
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-            return value
-        before = _generator_states()
-        value = make()
-        after = _generator_states()
-        if not all(torch.equal(one, other) for one, other in zip(before, after)):
-            self._calls[key] = (value, after[0], after[1:] or None)
-        return value
 
 
 def _generator_states() -> list[Tensor]:
     """torch's CPU generator state, and each CUDA device's where CUDA is in use."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return [torch.get_rng_state(), *cuda]
+
+
+def _set_generator_states(states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state_all(states[1:])
+
+
+class _Remembered:
+    """What a call returned for a key, and torch's generators after it, to give back on the same key."""
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple, tuple[Any, list[Tensor]]] = {}
+
+    def recall(self, key: tuple) -> Any:
+        """What the call of ``key`` returned (torch's generators then set as it left them), or None."""
+        if key not in self._calls:
+            return None
+        value, states = self._calls[key]
+        _set_generator_states(states)
+        return value
+
+    def call(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, or what it returned for ``key`` before (:meth:`recall`). A call that left torch's generators
+        as it found them is not remembered: its randomness came from elsewhere (a generator of its own, NumPy),
+        and calling it again may give other values."""
+        if key in self._calls:
+            return self.recall(key)
+        before = _generator_states()
+        value = make()
+        after = _generator_states()
+        if not all(torch.equal(one, other) for one, other in zip(before, after)):
+            self._calls[key] = (value, after)
+        return value
 
 
 class _RememberedDraws:
@@ -133,22 +141,20 @@ class _RememberedDraws:
         self._posterior, self._memory = posterior, _Remembered()
         if callable(getattr(posterior, "sample_and_log_prob_batched", None)):
             self.sample_and_log_prob_batched = self._sample_and_log_prob_batched
-        if callable(getattr(posterior, "sample_batched", None)):
-            self.sample_batched = self._sample_batched
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._posterior, name)
 
-    def _sample_batched(self, n: int, xs: Tensor) -> Tensor:
-        key = ("draws", n, _state_key(xs))
-        fused = self._memory._calls.get(("fused", n, key[2]))
-        if fused is not None:  # the same draws as the fused call's (sbiflows.Posterior's contract)
-            return self._memory.call(("fused", n, key[2]), lambda: None)[0]
-        return self._memory.call(key, lambda: self._posterior.sample_batched(n, xs))
+    def sample_batched(self, n: int, xs: Tensor) -> Tensor:
+        state = _state_key(xs)
+        fused = self._memory.recall(("fused", n, state))  # the same draws (the protocol's contract)
+        if fused is not None:
+            return fused[0]
+        return self._memory.call(("draws", n, state), lambda: self._posterior.sample_batched(n, xs))
 
     def _sample_and_log_prob_batched(self, n: int, xs: Tensor) -> tuple[Tensor, Tensor]:
-        key = ("fused", n, _state_key(xs))
-        return self._memory.call(key, lambda: self._posterior.sample_and_log_prob_batched(n, xs))
+        return self._memory.call(("fused", n, _state_key(xs)),
+                                 lambda: self._posterior.sample_and_log_prob_batched(n, xs))
 
 
 class _RememberedSimulator:
