@@ -196,10 +196,11 @@ def test_gaussian_linear_reference_matches_conjugate_posterior():
 def test_mcmc_agrees_with_exact_reference_by_ks_and_c2st(name, i):
     """The MCMC sampler of the MCMC-based references, run on the exact likelihood, vs the exact
     reference sampler (conjugate Gaussian; truncated Gaussian, observation 2 has coordinates near or
-    beyond the box): per-dimension KS and C2ST (sbibm protocol) on 4,000 samples per side, where the
-    C2ST accuracy of two exact sample sets scatters around 0.5 with a standard deviation below 0.01,
-    so that the gate at 0.55 is more than 5 sd from chance. Measured: accuracy 0.503 and 0.507 (exact vs
-    exact: 0.510, 0.500); 35-47 s each on one thread, nearly all of it C2ST training."""
+    beyond the box): per-dimension KS and C2ST (the sbibm classifier, two folds instead of five) on 4,000
+    samples per side, where the C2ST accuracy of two exact sample sets scatters around 0.5 with a standard
+    deviation below 0.01 (every sample is scored once with either number of folds), so that the gate at 0.55
+    is more than 5 sd from chance. Two folds train in a third of five folds' time (exact vs exact: 0.503 and
+    0.491 with two folds, 0.504 and 0.495 with five)."""
     task = simulators.get(name)
     x = task.observation(i)
     mcmc = sample_posterior(
@@ -208,7 +209,7 @@ def test_mcmc_agrees_with_exact_reference_by_ks_and_c2st(name, i):
     )
     exact = task.reference_posterior(i, 4000, seed=5)
     ks_agree(mcmc, exact)
-    assert c2st(exact, mcmc, seed=0).accuracy <= 0.55
+    assert c2st(exact, mcmc, seed=0, folds=2).accuracy <= 0.55
 
 
 def test_gaussian_linear_uniform_reference_is_truncated_normal():
