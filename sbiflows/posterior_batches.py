@@ -6,12 +6,16 @@ single flow can return draws and densities for the cost of the draws alone; eval
 afterwards costs a second pass through every layer. HPD ranks (:func:`sbiflows.diagnostics.expected_coverage`,
 :func:`sbiflows.ensemble.auto_check`) need both. :meth:`sbiflows.Posterior.sample_and_log_prob_batched`
 is the public door; this module holds the chunked loops behind it, :meth:`sbiflows.Posterior.sample_batched`
-and :meth:`sbiflows.Posterior.log_prob_batched`. Chunks hold at most ``max_rows`` rows.
+and :meth:`sbiflows.Posterior.log_prob_batched`. Chunks hold at most ``max_rows`` rows. After each chunk of
+observations the loops tell :func:`reporting_observations`' callback how many observations it finished (a
+progress bar over one long call; it observes and never changes the draws).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -19,7 +23,7 @@ from torch import Tensor
 from sbiflows.seeding import SeededNoise
 
 __all__ = ["ACCELERATOR_CHUNK_ROWS", "CPU_CHUNK_ROWS", "SATURATED", "base_noise", "draw_unconstrained", "evaluate",
-           "fuses_log_prob", "resolve_chunk_rows"]
+           "fuses_log_prob", "observations_done", "reporting_observations", "resolve_chunk_rows"]
 
 #: How far ``T^{-1}(T(u))`` may round from ``u`` before a draw's density is evaluated again at the
 #: returned ``theta`` (float32 sigmoids lose ``u`` only near saturation, ``|u|`` above about 9).
@@ -31,6 +35,41 @@ SATURATED = 1e-3
 #: (``docs/benchmarks.md``, "Chunks that fit the cache"). On an accelerator large chunks keep it busy.
 CPU_CHUNK_ROWS = 2**14
 ACCELERATOR_CHUNK_ROWS = 2**17
+
+
+_REPORT: ContextVar[Callable[[int], None] | None] = ContextVar("sbiflows_observations_done", default=None)
+
+
+@contextmanager
+def reporting_observations(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, the chunked loops call ``callback(k)`` after each chunk of ``k`` observations.
+
+    Draws, densities and random streams are the same with or without it. A call that makes several passes
+    (draws, then their densities) reports each pass, so a callback that counts towards a total clamps.
+
+    Example:
+        >>> from sbiflows import NPE
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> theta = prior.sample((200,)); x = theta + 0.1 * torch.randn_like(theta)
+        >>> posterior = NPE(prior, transforms=1, max_batch_elements=300).fit(theta, x, max_epochs=1, progress=False)
+        >>> done = []
+        >>> with reporting_observations(done.append):
+        ...     _ = posterior.sample_batched(100, x[:7], seed=0)
+        >>> done
+        [3, 3, 1]
+    """
+    token = _REPORT.set(callback)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
+
+
+def observations_done(count: int) -> None:
+    """Report ``count`` finished observations to the callback of :func:`reporting_observations`, if one is set."""
+    callback = _REPORT.get()
+    if callback is not None:
+        callback(count)
 
 
 def resolve_chunk_rows(max_batch_elements: int | None, device: torch.device | str) -> int:
@@ -109,6 +148,7 @@ def draw_unconstrained(net: torch.nn.Module, space: object, n: int, xs: Tensor, 
             theta = space.to_constrained(u)
             out[rows] = theta
             densities[rows] = _at_returned_draws(net, space, u, theta, log_q - space.log_abs_det_jacobian(u), context)
+        observations_done(len(context))
     return out, densities
 
 
@@ -139,4 +179,5 @@ def evaluate(log_prob: Callable[[Tensor, Tensor], Tensor], net: torch.nn.Module,
         for i in range(0, n, sample_step):
             rows = slice(i, i + sample_step), slice(b, b + obs_step)
             out[rows] = log_prob(theta[rows], context)
+        observations_done(len(context))
     return out

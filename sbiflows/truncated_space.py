@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_choice
-from sbiflows.posterior_batches import base_noise
+from sbiflows.posterior_batches import base_noise, observations_done
 from sbiflows.priors import sample_seeded
 from sbiflows.seeding import SeededNoise, derive_seed
 from sbiflows.unconstrained import Unconstrained
@@ -275,6 +275,7 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
         inside = (lambda t: space.inside(t[..., :-1])) if log_prob else space.inside
         chunks.append(draw_inside(propose, inside, n, len(context), max_rows=max_rows, device=context.device,
                                   fallback=None if prior is None else fallback, first=b))
+        observations_done(len(context))
     out = torch.cat(chunks, 1)
     return (out[..., :-1], out[..., -1]) if log_prob else out
 

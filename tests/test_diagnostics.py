@@ -380,19 +380,58 @@ def test_package_docstring_example_runs():
 
 
 def test_calibration_checks_show_progress_on_a_terminal(capsys, monkeypatch):
-    """progress=True shows a bar over the posterior calls on a terminal, silent elsewhere."""
+    """progress=True shows a bar over the datasets on a terminal, silent elsewhere."""
     from sbiflows.diagnostics import expected_coverage, sbc, simulate_datasets, tarp
 
     prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
     theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 120, seed=3)
     for check in (sbc, expected_coverage, tarp):
         check(_GlobalExact(), theta=theta, x=x, num_posterior_samples=100, seed=1, batch_size=50, progress=True)
-        assert "chunk" not in capsys.readouterr().err  # not a terminal: silent
+        assert "dataset" not in capsys.readouterr().err  # not a terminal: silent
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     for check in (sbc, expected_coverage, tarp):
         shown = check(_GlobalExact(), theta=theta, x=x, num_posterior_samples=100, seed=1, batch_size=50, progress=True)
-        assert "0/3 " in capsys.readouterr().err, check.__name__  # tqdm writes to stderr: calls of 50, 50, 20
+        assert "0/120 " in capsys.readouterr().err, check.__name__  # tqdm writes to stderr
         assert shown.num_datasets == 120 and shown.passed, check.__name__
+
+
+class _RecordedBar:
+    """Stands in for tqdm: records every update of every bar."""
+
+    bars: list = []
+
+    def __init__(self, *, total, desc, **_):
+        self.total, self.desc, self.n, self.updates = total, desc, 0, []
+        _RecordedBar.bars.append(self)
+
+    def update(self, k):
+        self.n += k
+        self.updates.append(k)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.filterwarnings("ignore:expected_coverage. only 13 datasets")
+def test_the_bar_follows_the_posteriors_own_chunks_without_changing_the_draws(monkeypatch):
+    """With no batch_size a check makes one posterior call; an sbiflows posterior reports its chunks of
+    observations, so the bar moves during that call (13 datasets, chunks of 3 observations of 100 draws)."""
+    import tqdm.auto
+
+    from sbiflows import NPE
+    from sbiflows.diagnostics import expected_coverage, simulate_datasets
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + 0.3 * torch.randn_like(t), 200, seed=0)
+    posterior = NPE(prior, transforms=1, max_batch_elements=300, ensemble=1).fit(theta, x, max_epochs=2,
+                                                                                progress=False)
+    quiet = expected_coverage(posterior, theta=theta[:13], x=x[:13], num_posterior_samples=100, seed=1)
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordedBar)
+    _RecordedBar.bars = []
+    shown = expected_coverage(posterior, theta=theta[:13], x=x[:13], num_posterior_samples=100, seed=1, progress=True)
+    assert torch.equal(shown.hpd_ranks, quiet.hpd_ranks)
+    assert _RecordedBar.bars and all(bar.total == 13 and bar.n == 13 for bar in _RecordedBar.bars)
+    assert _RecordedBar.bars[0].updates[:5] == [3, 3, 3, 3, 1]  # the draws, chunk by chunk
 
 
 class _GlobalExact:

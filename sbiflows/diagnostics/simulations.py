@@ -184,17 +184,31 @@ def check_posterior(posterior: object, *methods: str) -> None:
         )
 
 
-def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterable[slice]:
+def _chunks(num: int, batch_size: int | None, progress: str | None) -> Iterator[slice]:
     """The dataset chunks as slices (``batch_size`` datasets each, or one chunk); with a progress label, a bar
-    over them. The chunks never depend on ``progress``: draws from torch's global generator follow them, so a
-    bar that split the calls would change the seeded results of a check (``--quiet`` changed the verdicts)."""
+    over the datasets. The chunks never depend on ``progress``: draws from torch's global generator follow them, so a
+    bar that split the calls would change the seeded results of a check (``--quiet`` changed the verdicts).
+    Instead, while the caller works on a chunk the bar follows the posterior's own chunks of observations
+    (:func:`sbiflows.posterior_batches.reporting_observations`, which changes nothing either); a posterior
+    that does not report moves the bar once per chunk."""
     step = max(num if batch_size is None else batch_size, 1)
-    chunks = [slice(start, start + step) for start in range(0, num, step)]
+    chunks = [slice(start, min(start + step, num)) for start in range(0, num, step)]
     if not progress:
-        return chunks
+        yield from chunks
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(chunks, desc=progress, unit="chunk", leave=False, disable=None)  # silent off a terminal
+    from sbiflows.posterior_batches import reporting_observations
+
+    bar = tqdm(total=num, desc=progress, unit="dataset", leave=False, disable=None)  # silent off a terminal
+    try:
+        for part in chunks:
+            # a call may pass over the chunk's observations more than once (draws, then densities): clamp
+            with reporting_observations(lambda k, end=part.stop: bar.update(max(0, min(k, end - bar.n)))):
+                yield part
+            bar.update(part.stop - bar.n)
+    finally:
+        bar.close()
 
 
 def posterior_draws(
