@@ -479,3 +479,48 @@ def test_verdict_words_for_exact_wide_narrow_and_shifted_posteriors(model, pairs
     assert overall(words.values()) == expected, words
     if expected != "biased":  # a shift is what SBC names; coverage and TARP call it over-confident
         assert set(words.values()) <= {expected, "calibrated"}, words
+
+
+def test_coverage_skips_the_truncated_spaces_normalizer_and_ranks_the_same(monkeypatch):
+    """HPD ranks compare densities of one observation, so expected_coverage asks an sbiflows posterior for
+    densities without the truncated space's Monte Carlo normalizer (most of the check's cost): the ranks are
+    those of the normalized densities, and the normalizer is never computed."""
+    import sbiflows.diagnostics.coverage as coverage_module
+    from sbiflows import NPE, box_uniform
+    from sbiflows.diagnostics import simulate_datasets
+
+    prior = box_uniform([-1.0, -1.0], [1.0, 1.0])
+    theta, x = simulate_datasets(prior, lambda t: t + 0.5 * torch.randn_like(t), 300, seed=0)
+    posterior = NPE(prior, transforms=1, space="truncated", ensemble=1).fit(theta, x, max_epochs=3, progress=False)
+    held_theta, held_x = simulate_datasets(prior, lambda t: t + 0.5 * torch.randn_like(t), 150, seed=1)
+    calls = []
+    normalizer = posterior._normalizer
+    monkeypatch.setattr(posterior, "_normalizer", lambda *args: calls.append(1) or normalizer(*args))
+    fast = expected_coverage(posterior, theta=held_theta, x=held_x, num_posterior_samples=200, seed=2)
+    assert calls == []
+    monkeypatch.setattr(coverage_module, "_skips_normalizer", lambda _: False)
+    normalized = expected_coverage(posterior, theta=held_theta, x=held_x, num_posterior_samples=200, seed=2)
+    assert calls  # the normalized densities did compute it
+    assert (fast.hpd_ranks - normalized.hpd_ranks).abs().max() <= 1 / 200  # equal up to a float tie
+    assert fast.verdict == normalized.verdict
+
+
+def test_coverage_passes_normalized_only_where_every_density_method_takes_it():
+    from sbiflows.diagnostics.coverage import _skips_normalizer
+
+    class Plain:
+        def sample_batched(self, n, xs): ...
+        def log_prob_batched(self, theta, xs): ...
+
+    class Both(Plain):
+        def sample_and_log_prob_batched(self, n, xs, *, normalized=True): ...
+        def log_prob_batched(self, theta, xs, *, normalized=True): ...
+
+    class FusedPlain(Both):
+        def sample_and_log_prob_batched(self, n, xs): ...
+
+    class OnlyLogProb:
+        def sample_batched(self, n, xs): ...
+        def log_prob(self, theta, x, normalized=True): ...
+
+    assert [_skips_normalizer(p()) for p in (Plain, Both, FusedPlain, OnlyLogProb)] == [False, True, False, False]

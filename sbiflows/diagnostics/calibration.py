@@ -28,7 +28,7 @@ from torch.distributions import Distribution
 
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.diagnostics.sbc import SBCResult, sbc
-from sbiflows.diagnostics.simulations import check_posterior
+from sbiflows.diagnostics.simulations import check_posterior, takes_normalized
 from sbiflows.diagnostics.tarp import TARPResult, tarp
 
 __all__ = ["calibration"]
@@ -139,22 +139,28 @@ class _RememberedDraws:
 
     def __init__(self, posterior: object) -> None:
         self._posterior, self._memory = posterior, _Remembered()
-        if callable(getattr(posterior, "sample_and_log_prob_batched", None)):
-            self.sample_and_log_prob_batched = self._sample_and_log_prob_batched
+        fused = getattr(posterior, "sample_and_log_prob_batched", None)
+        if callable(fused):  # with the posterior's keyword normalized where it has it (takes_normalized reads it)
+            self.sample_and_log_prob_batched = (self._fused_normalized if takes_normalized(fused)
+                                                else self._sample_and_log_prob_batched)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._posterior, name)
 
     def sample_batched(self, n: int, xs: Tensor) -> Tensor:
         state = _state_key(xs)
-        fused = self._memory.recall(("fused", n, state))  # the same draws (the protocol's contract)
-        if fused is not None:
-            return fused[0]
+        for normalized in (True, False):  # a fused call's draws are the same (the protocol's contract)
+            fused = self._memory.recall(("fused", n, state, normalized))
+            if fused is not None:
+                return fused[0]
         return self._memory.call(("draws", n, state), lambda: self._posterior.sample_batched(n, xs))
 
-    def _sample_and_log_prob_batched(self, n: int, xs: Tensor) -> tuple[Tensor, Tensor]:
-        return self._memory.call(("fused", n, _state_key(xs)),
-                                 lambda: self._posterior.sample_and_log_prob_batched(n, xs))
+    def _sample_and_log_prob_batched(self, n: int, xs: Tensor, **options: bool) -> tuple[Tensor, Tensor]:
+        return self._memory.call(("fused", n, _state_key(xs), options.get("normalized", True)),
+                                 lambda: self._posterior.sample_and_log_prob_batched(n, xs, **options))
+
+    def _fused_normalized(self, n: int, xs: Tensor, *, normalized: bool = True) -> tuple[Tensor, Tensor]:
+        return self._sample_and_log_prob_batched(n, xs, **({} if normalized else {"normalized": False}))
 
 
 class _RememberedSimulator:

@@ -37,6 +37,7 @@ from sbiflows.diagnostics.simulations import (
     check_posterior,
     draws_and_log_prob,
     seeded,
+    takes_normalized,
 )
 from sbiflows.threads import torch_threads
 
@@ -178,16 +179,20 @@ def expected_coverage(
             prior, simulator, theta=theta, x=x, num_datasets=num_datasets, check="expected_coverage",
             padded_trials=padded_trials(posterior), theta_dim=getattr(posterior, "theta_dim", None)
         )
+        # HPD ranks compare densities of one observation: a posterior that can skip its normalizer does
+        normalized = not _skips_normalizer(posterior)
         draws, log_q_draws = draws_and_log_prob(posterior, num_posterior_samples, x, batch_size=batch_size,
-                                                progress="coverage draws" if progress else None)  # (L, N, D), (L, N)
+                                                progress="coverage draws" if progress else None,
+                                                normalized=normalized)  # (L, N, D), (L, N)
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
         )
     if log_q_draws is None:  # a posterior without sample_and_log_prob_batched: evaluate the draws
-        log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size,
+        log_q_draws = batched_log_prob(posterior, draws, x, batch_size=batch_size, normalized=normalized,
                                        progress="coverage densities" if progress else None)  # (L, N)
-    log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size)  # (1, N)
+    log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size,
+                                   normalized=normalized)  # (1, N)
     hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
     empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)
     num = hpd_ranks.shape[0]
@@ -211,6 +216,14 @@ def expected_coverage(
         passed=not too_low and (one_sided or not too_high),
         num_invalid=num_invalid,
     )
+
+
+def _skips_normalizer(posterior: object) -> bool:
+    """Whether every batched density method the check will call takes ``normalized`` (then it passes False)."""
+    methods = [getattr(posterior, name, None) for name in ("sample_and_log_prob_batched", "log_prob_batched")]
+    if not callable(methods[1]):
+        return False  # log_prob once per dataset
+    return all(takes_normalized(method) for method in methods if callable(method))
 
 
 def _check_levels(levels: Sequence[float] | Tensor) -> Tensor:

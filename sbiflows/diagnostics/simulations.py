@@ -12,6 +12,11 @@ posterior through the duck-typed protocol::
     posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
     posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o x_shape -> (N,)
 
+The two batched density methods may take a keyword ``normalized``: HPD ranks compare densities of one
+observation, so :func:`~sbiflows.diagnostics.expected_coverage` passes ``normalized=False`` where both take it
+(:class:`sbiflows.Posterior` then skips the truncated space's Monte Carlo normalizer, a constant per
+observation that cost most of the check; :func:`takes_normalized`).
+
 ``x_shape`` is ``(x_dim,)`` for flat simulations or any structured shape (a series, an image, a set of
 trials). A posterior whose embedding masks NaN-padded trials (``posterior.net.padded_trials``) makes the
 checks keep padded sets and drop only failed simulations (:func:`sbiflows.xshape.valid_rows`). Draws and densities
@@ -20,6 +25,7 @@ come back to the CPU, where the checks compute their statistics, whatever the po
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -229,14 +235,34 @@ def posterior_draws(
     return _finite(torch.cat(chunks, dim=1), "sample_batched")
 
 
+def takes_normalized(method: object) -> bool:
+    """Whether ``method`` takes a keyword ``normalized`` (the batched density methods of :class:`sbiflows.Posterior`).
+
+    Example:
+        >>> takes_normalized(lambda theta, xs, *, normalized=True: theta), takes_normalized(lambda theta, xs: theta)
+        (True, False)
+    """
+    try:
+        parameter = inspect.signature(method).parameters.get("normalized")
+    except (TypeError, ValueError):  # no signature to read: a builtin, not a callable
+        return False
+    return parameter is not None and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _density_options(normalized: bool) -> dict[str, bool]:
+    return {} if normalized else {"normalized": False}  # the protocol's plain call unless asked
+
+
 def draws_and_log_prob(
-    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None, progress: str | None = None
+    posterior: object, num_samples: int, xs: Tensor, *, batch_size: int | None, progress: str | None = None,
+    normalized: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`posterior_draws`, with their densities ``(num_samples, B)`` where the posterior gives them in the same call.
 
     A posterior with ``sample_and_log_prob_batched`` (:class:`sbiflows.Posterior`) returns both, chunk by chunk:
     one pass through a single flow instead of two. For others the densities are None: evaluate the draws
-    with :func:`batched_log_prob`.
+    with :func:`batched_log_prob`. ``normalized=False`` passes it on (the caller checked
+    :func:`takes_normalized`): densities up to a constant per observation.
     """
     fused = getattr(posterior, "sample_and_log_prob_batched", None)
     if not callable(fused):
@@ -245,7 +271,7 @@ def draws_and_log_prob(
     draws, log_q = [], []
     for part in _chunks(xs.shape[0], batch_size, progress):
         with observations_unchecked():
-            chunk_draws, chunk_log_q = fused(num_samples, xs[part])
+            chunk_draws, chunk_log_q = fused(num_samples, xs[part], **_density_options(normalized))
         draws.append(_checked_draws(chunk_draws, num_samples, xs[part], "sample_and_log_prob_batched"))
         if not isinstance(chunk_log_q, Tensor) or chunk_log_q.shape != draws[-1].shape[:2]:
             got = tuple(chunk_log_q.shape) if isinstance(chunk_log_q, Tensor) else type(chunk_log_q).__name__
@@ -272,18 +298,20 @@ def _finite(draws: Tensor, method: str) -> Tensor:
 
 
 def batched_log_prob(
-    posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None, progress: str | None = None
+    posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None, progress: str | None = None,
+    normalized: bool = True,
 ) -> Tensor:
     """``log q(theta[:, b] | xs[b])`` for ``theta`` of shape ``(n, B, D)`` -> ``(n, B)``.
 
-    Uses ``posterior.log_prob_batched`` if present (chunked like :func:`posterior_draws`), else
-    falls back to one ``posterior.log_prob`` call per dataset.
+    Uses ``posterior.log_prob_batched`` if present (chunked like :func:`posterior_draws`; ``normalized=False``
+    passed on, as in :func:`draws_and_log_prob`), else falls back to one ``posterior.log_prob`` call per dataset.
     """
     n, num = theta.shape[:2]
     with observations_unchecked():
         if callable(getattr(posterior, "log_prob_batched", None)):
             parts = [
-                posterior.log_prob_batched(theta[:, part], xs[part])  # type: ignore[attr-defined]
+                posterior.log_prob_batched(  # type: ignore[attr-defined]
+                    theta[:, part], xs[part], **_density_options(normalized))
                 for part in _chunks(num, batch_size, progress)
             ]
             out = torch.cat([p.detach().cpu() for p in parts], dim=1)
