@@ -524,3 +524,30 @@ def test_coverage_passes_normalized_only_where_every_density_method_takes_it():
         def log_prob(self, theta, x, normalized=True): ...
 
     assert [_skips_normalizer(p()) for p in (Plain, Both, FusedPlain, OnlyLogProb)] == [False, True, False, False]
+
+
+@pytest.mark.parametrize(("space", "ensemble"), [("truncated", 1), ("unconstrained", 1), ("truncated", 2)])
+def test_every_draw_and_density_path_reports_its_observations(space, ensemble):
+    """The chunked loops behind sample_batched, sample_and_log_prob_batched and log_prob_batched report each
+    chunk of observations once per pass (chunks of 300 // 100 = 3 observations here), and the draws are the
+    same as without the callback."""
+    from sbiflows import NPE, box_uniform
+    from sbiflows.posterior_batches import reporting_observations
+
+    prior = box_uniform([-1.0, -1.0], [1.0, 1.0])
+    theta = prior.sample((200,))
+    posterior = NPE(prior, transforms=1, space=space, ensemble=ensemble, max_batch_elements=300).fit(
+        theta, theta + 0.3 * torch.randn_like(theta), max_epochs=1, progress=False)
+    xs = theta[:7]
+    done: list[int] = []
+    with reporting_observations(done.append):
+        draws = posterior.sample_batched(100, xs, seed=0)
+    assert done == [3, 3, 1] and torch.equal(draws, posterior.sample_batched(100, xs, seed=0))
+    done.clear()
+    with reporting_observations(done.append):
+        posterior.log_prob_batched(draws, xs, normalized=False)
+    assert done == [3, 3, 1]
+    done.clear()
+    with reporting_observations(done.append):
+        posterior.sample_and_log_prob_batched(100, xs, seed=0, normalized=False)
+    assert sum(done) % 7 == 0 and done[:3] == [3, 3, 1]  # an ensemble evaluates its draws in a second pass
