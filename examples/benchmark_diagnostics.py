@@ -19,8 +19,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> None:
         ("calibration: the three on the same draws", lambda p: diagnostics.calibration(p, **options)),
         ("c2st (10,000 vs 10,000, 2-D)", lambda p: diagnostics.c2st(reference, samples, seed=0)),
     ]
-    folder = tempfile.mkdtemp()
-    posterior.save(Path(folder, "posterior.pt"))
     print(f"threads={args.threads} repeats={args.repeats}")
     baseline = None
-    for name, fn in rows:
-        med, low, high = median_seconds(fn, lambda: load(Path(folder, "posterior.pt")), args.repeats)
-        baseline = baseline or med
-        print(f"{name:55s} median {med:7.2f} s  (min {low:.2f}, max {high:.2f})  x{med / baseline:.1f} baseline")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "posterior.pt")
+        posterior.save(path)
+        for name, fn in rows:
+            med, low, high = median_seconds(fn, lambda: load(path), args.repeats)
+            baseline = baseline or med
+            print(f"{name:55s} median {med:7.2f} s  (min {low:.2f}, max {high:.2f})  x{med / baseline:.1f} baseline")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 import torch
 from torch import Tensor
@@ -58,11 +58,11 @@ def reporting_observations(callback: Callable[[int], None]) -> Iterator[None]:
         >>> done
         [3, 3, 1]
     """
-    token = _REPORT.set(callback)
+    previous = _REPORT.set(callback).old_value
     try:
         yield
-    finally:
-        _REPORT.reset(token)
+    finally:  # set, not reset(token): a generator holding the block may be closed from another context
+        _REPORT.set(None if previous is Token.MISSING else previous)
 
 
 def observations_done(count: int) -> None:

@@ -69,6 +69,23 @@ def test_each_result_is_its_own_functions(fitted, name, given):
     assert torch.equal(together["tarp"].coverage_values, alone["tarp"].coverage_values)
 
 
+@pytest.mark.parametrize("name", ["truncated", "ensemble"])
+def test_an_sbiflows_posterior_draws_once_without_its_normalizer(fitted, name, monkeypatch):
+    """Coverage's fused call asks for densities up to a constant (normalized=False); SBC and TARP take its draws."""
+    posterior, prior = fitted[name]
+    calls = []
+    fused, plain = posterior.sample_and_log_prob_batched, posterior.sample_batched
+
+    def counted(n, xs, *, normalized=True):  # the keyword as the posterior's own method has it
+        calls.append(("fused", normalized))
+        return fused(n, xs, normalized=normalized)
+
+    monkeypatch.setattr(posterior, "sample_and_log_prob_batched", counted)
+    monkeypatch.setattr(posterior, "sample_batched", lambda n, xs: calls.append("plain") or plain(n, xs))
+    calibration(posterior, prior, simulator, num_datasets=120, num_posterior_samples=100, seed=3)
+    assert calls == [("fused", False)]
+
+
 def test_the_draws_and_simulations_are_made_once_and_the_generator_ends_where_the_checks_leave_it():
     prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
     calls = []

@@ -550,4 +550,22 @@ def test_every_draw_and_density_path_reports_its_observations(space, ensemble):
     done.clear()
     with reporting_observations(done.append):
         posterior.sample_and_log_prob_batched(100, xs, seed=0, normalized=False)
-    assert sum(done) % 7 == 0 and done[:3] == [3, 3, 1]  # an ensemble evaluates its draws in a second pass
+    assert done == [3, 3, 1] * ensemble  # an ensemble evaluates its draws in a second pass
+
+
+def test_a_hook_left_by_an_error_is_cleared_and_never_outlives_the_check():
+    """A posterior that fails mid-check closes the bar and leaves no progress callback behind, also in the
+    density pass (a list comprehension kept its generator alive in the traceback's frame)."""
+    from sbiflows.diagnostics.simulations import batched_log_prob
+    from sbiflows.posterior_batches import _REPORT
+
+    class Failing(_GlobalExact):
+        def log_prob_batched(self, theta, xs):
+            if len(xs) < 50:
+                raise KeyboardInterrupt
+            return super().log_prob_batched(theta, xs)
+
+    xs = torch.randn(70, 2)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        batched_log_prob(Failing(), xs[None], xs, batch_size=50, progress="densities")
+    assert caught.value is not None and _REPORT.get() is None

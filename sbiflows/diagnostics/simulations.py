@@ -12,10 +12,10 @@ posterior through the duck-typed protocol::
     posterior.log_prob_batched(theta, xs)      # theta (n, B, D) -> (n, B); optional
     posterior.log_prob(theta, x=x_o)           # theta (N, D), x_o x_shape -> (N,)
 
-The two batched density methods may take a keyword ``normalized``: HPD ranks compare densities of one
-observation, so :func:`~sbiflows.diagnostics.expected_coverage` passes ``normalized=False`` where both take it
-(:class:`sbiflows.Posterior` then skips the truncated space's Monte Carlo normalizer, a constant per
-observation that cost most of the check; :func:`takes_normalized`).
+The batched density methods may take a keyword ``normalized``: HPD ranks compare densities of one
+observation, so :func:`~sbiflows.diagnostics.expected_coverage` passes ``normalized=False`` where every one it
+calls takes it (:class:`sbiflows.Posterior` then skips the truncated space's Monte Carlo normalizer, a constant
+per observation that cost most of the check; :func:`takes_normalized`).
 
 ``x_shape`` is ``(x_dim,)`` for flat simulations or any structured shape (a series, an image, a set of
 trials). A posterior whose embedding masks NaN-padded trials (``posterior.net.padded_trials``) makes the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -223,8 +223,8 @@ def posterior_draws(
     """``posterior.sample_batched(num_samples, xs)`` -> ``(num_samples, B, D)``, chunked over ``xs``.
 
     ``batch_size=None`` makes one call for all datasets; otherwise at most ``batch_size`` datasets
-    go into each call (to bound memory). ``progress``: the label of a progress bar over the calls (it
-    does not change them, nor the draws).
+    go into each call (to bound memory). ``progress``: the label of a progress bar over the datasets (it
+    does not change the calls, nor the draws).
     """
     check_int(batch_size, "batch_size", minimum=1, optional=True)
     chunks = []
@@ -309,12 +309,11 @@ def batched_log_prob(
     n, num = theta.shape[:2]
     with observations_unchecked():
         if callable(getattr(posterior, "log_prob_batched", None)):
-            parts = [
-                posterior.log_prob_batched(  # type: ignore[attr-defined]
-                    theta[:, part], xs[part], **_density_options(normalized))
-                for part in _chunks(num, batch_size, progress)
-            ]
-            out = torch.cat([p.detach().cpu() for p in parts], dim=1)
+            parts = []
+            for part in _chunks(num, batch_size, progress):  # a loop, not a comprehension: an error closes the bar
+                parts.append(posterior.log_prob_batched(  # type: ignore[attr-defined]
+                    theta[:, part], xs[part], **_density_options(normalized)).detach().cpu())
+            out = torch.cat(parts, dim=1)
         else:
             log_prob = posterior.log_prob  # type: ignore[attr-defined]
             out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach().cpu() for b in range(num)], dim=1)
