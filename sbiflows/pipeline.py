@@ -254,7 +254,8 @@ def _c2st_scores(state: _State, samples: Tensor, c2st_samples: int) -> dict[int,
         if value is None:
             pending[b] = made_with
     if pending:
-        results = diagnostics.c2st_batched([(scores[b][0], samples[:c2st_samples, b]) for b in pending], seed=job.seed)
+        results = diagnostics.c2st_batched([(scores[b][0], samples[:c2st_samples, b]) for b in pending], seed=job.seed,
+                                           progress=job.progress)
         for (b, made_with), result in zip(pending.items(), results):
             state.resume.keep(f"c2st/{job.observations[b].name}", made_with, result.accuracy)
             scores[b] = (scores[b][0], result.accuracy, False)

@@ -569,3 +569,23 @@ def test_a_hook_left_by_an_error_is_cleared_and_never_outlives_the_check():
     with pytest.raises(KeyboardInterrupt) as caught:
         batched_log_prob(Failing(), xs[None], xs, batch_size=50, progress="densities")
     assert caught.value is not None and _REPORT.get() is None
+
+
+def test_c2st_shows_its_classifiers_finishing_and_scores_the_same(monkeypatch):
+    """progress=True: a bar over the pairs' folds that reaches them all; the accuracies are those without it."""
+    import tqdm.auto
+
+    from sbiflows.diagnostics import c2st_batched
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 2, generator=generator), torch.randn(300, 2, generator=generator)
+    pairs = [(a, b), (a, b + 1.0)]
+    quiet = c2st_batched(pairs, folds=3, seed=1)
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordedBar)
+    _RecordedBar.bars = []
+    shown = c2st_batched(pairs, folds=3, seed=1, progress=True)
+    assert [r.accuracy for r in shown] == [r.accuracy for r in quiet]
+    (bar,) = _RecordedBar.bars
+    assert bar.total == 6 and bar.n == 6 and len(bar.updates) >= 2  # folds finish at different epochs
+    with pytest.raises(TypeError, match="progress"):
+        c2st_batched(pairs, progress="yes")

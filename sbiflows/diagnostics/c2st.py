@@ -26,13 +26,14 @@ fires by chance; the default ``threshold=0.6`` is a safe "indistinguishable" ver
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sbiflows.checks import check_int, check_positive_number, check_real
+from sbiflows.checks import check_bool, check_int, check_positive_number, check_real
 from sbiflows.diagnostics.c2st_mlp import _FoldMLP, _fold_ids
 from sbiflows.threads import torch_threads
 
@@ -94,6 +95,7 @@ def c2st(
     tol: float = 1e-4,
     patience: int = 10,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> C2STResult:
     """Classifier two-sample test: cross-validated accuracy of an MLP telling ``a`` from ``b``.
 
@@ -113,6 +115,8 @@ def c2st(
         tol: Minimum improvement of the epoch training loss that counts as progress.
         patience: Training stops after more than ``patience`` epochs without progress.
         num_threads: torch threads for the classifier; None: the rule of :mod:`sbiflows.threads`.
+        progress: Show a bar over the classifiers (one per fold) that have finished training, in a terminal;
+            the result is the same with or without it.
 
     Returns:
         A :class:`C2STResult` with the mean and per-fold accuracies and the verdict.
@@ -131,7 +135,7 @@ def c2st(
     """
     return c2st_batched([(samples_a, samples_b)], seed=seed, folds=folds, threshold=threshold, z_score=z_score,
                         max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, tol=tol,
-                        patience=patience, num_threads=num_threads)[0]
+                        patience=patience, num_threads=num_threads, progress=progress)[0]
 
 
 def c2st_batched(
@@ -148,6 +152,7 @@ def c2st_batched(
     tol: float = 1e-4,
     patience: int = 10,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> list[C2STResult]:
     """:func:`c2st` of several pairs of sample sets at once, e.g. a posterior against the reference for
     each of a task's observations: the results of one :func:`c2st` call per pair with the same options and
@@ -161,7 +166,7 @@ def c2st_batched(
     Args:
         pairs: ``(samples_a, samples_b)`` pairs as :func:`c2st` takes them, all of the same shape ``(N, D)``.
         seed, folds, threshold, z_score, max_epochs, batch_size, learning_rate, l2, tol, patience,
-        num_threads: As :func:`c2st`'s, for every pair.
+        num_threads, progress: As :func:`c2st`'s, for every pair (the bar counts the folds of all pairs).
 
     Returns:
         One :class:`C2STResult` per pair, in order.
@@ -178,6 +183,7 @@ def c2st_batched(
     """
     if not isinstance(pairs, (list, tuple)) or not pairs:
         raise ValueError(f"pairs must be a non-empty list of (samples_a, samples_b) pairs, got {pairs!r:.80}")
+    progress = check_bool(progress, "progress")
     sets = []
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -208,8 +214,10 @@ def c2st_batched(
 
     with torch_threads(num_threads):  # tiny matrices: extra threads only synchronise (see sbiflows.threads)
         mlp = _FoldMLP(dim, 10 * dim, folds, generators)
-        epochs = mlp.fit(torch.stack(data), labels, torch.stack(fold_of), generators=generators, max_epochs=max_epochs,
-                         batch_size=batch_size, learning_rate=learning_rate, l2=l2, tol=tol, patience=patience)
+        with _folds_bar(len(sets) * folds, progress) as on_epoch:
+            epochs = mlp.fit(torch.stack(data), labels, torch.stack(fold_of), generators=generators,
+                             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, tol=tol,
+                             patience=patience, on_epoch=on_epoch)
         results = []
         for q, (x, groups) in enumerate(zip(data, fold_of)):
             rows = slice(q * folds, (q + 1) * folds)
@@ -221,6 +229,21 @@ def c2st_batched(
                                       threshold=float(threshold), passed=accuracy <= threshold, num_samples=n,
                                       dim=dim, epochs=tuple(int(e) for e in epochs[rows])))
     return results
+
+
+@contextmanager
+def _folds_bar(total: int, show: bool) -> Iterator[Callable[[int], None] | None]:
+    """A bar over the classifiers (pairs x folds) that have finished training, in a terminal; None without one."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="C2ST", unit="classifier", leave=False, disable=None)  # silent off a terminal
+    try:
+        yield lambda done: bar.update(max(0, done - bar.n))
+    finally:
+        bar.close()
 
 
 def _check_samples(samples: object, name: str) -> Tensor:

@@ -5,6 +5,7 @@ protocol's scikit-learn ``MLPClassifier`` settings; see :mod:`sbiflows.diagnosti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -94,9 +95,11 @@ class _FoldMLP:
         l2: float,
         tol: float,
         patience: int,
+        on_epoch: Callable[[int], None] | None = None,
     ) -> Tensor:
         """Train fold ``f`` of pair ``q`` on the samples of ``data[q]`` with ``fold_of[q] != f``; returns the
-        epochs used per fold, ``(pairs * folds,)``.
+        epochs used per fold, ``(pairs * folds,)``. ``on_epoch(k)``, if given, hears after each epoch how many
+        folds have finished (a progress bar; it changes nothing).
 
         Each epoch runs only the folds still training (their rows of the parameters and Adam's moments are
         taken out, stepped and put back): a fold that converged is frozen exactly as if it had trained
@@ -147,6 +150,10 @@ class _FoldMLP:
             stale[rows] = torch.where(epoch_loss > best[rows] - tol, stale[rows] + 1, torch.zeros_like(stale[rows]))
             best[rows] = torch.minimum(best[rows], epoch_loss)
             active[rows] = stale[rows] <= patience
+            if on_epoch is not None:
+                on_epoch(int((~active).sum()))
             if not active.any():
                 break
+        if on_epoch is not None:  # max_epochs ends the folds still training too
+            on_epoch(len(train))
         return epochs
