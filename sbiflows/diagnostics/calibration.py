@@ -160,7 +160,7 @@ class _RememberedDraws:
                                  lambda: self._posterior.sample_and_log_prob_batched(n, xs, **options))
 
     def _fused_normalized(self, n: int, xs: Tensor, *, normalized: bool = True) -> tuple[Tensor, Tensor]:
-        return self._sample_and_log_prob_batched(n, xs, **({} if normalized else {"normalized": False}))
+        return self._sample_and_log_prob_batched(n, xs, normalized=normalized)  # the posterior takes it too
 
 
 class _RememberedSimulator:
