@@ -15,7 +15,9 @@ scores it (10,000 draws per observation). ``--gap-fractions 0.4`` is the library
 (:data:`~sbiflows.snapshots.SNAPSHOT_GAP`): that row is the posterior the fit returned. Every row also
 records ``auto_check``: the check of ``ensemble="auto"`` (:func:`~sbiflows.ensemble.auto_check`) on the
 single flow's validation rows, which says whether a rule "mix only where the check fails" would mix;
-``--check-only`` trains and records that check without scoring anything.
+``--check-only`` trains and records that check without scoring anything. ``--previous-members`` also scores,
+for each gap fraction, the mixture of the member rule before session 68 (``members(distinct=False)``: two
+targets without an improvement between them gave one member) wherever its members differ.
 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--observations", default="", help="C2ST on these observations, e.g. 1..5 (default none)")
     parser.add_argument("--check-only", action="store_true",
                         help="train and record the auto check of the single flow, score nothing")
+    parser.add_argument("--previous-members", action="store_true",
+                        help="also score the member rule before session 68 where its members differ")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,9 +136,15 @@ def main(argv: list[str] | None = None) -> None:
                              **c2st_record(task, posterior, observations, seed=seed)})
             settings = [("gap", gap, {"gap": gap}) for gap in args.gaps]
             settings += [("gap_fraction", f, {"fraction": f}) for f in args.gap_fractions]
+            if args.previous_members:
+                previous = [("gap_fraction", f"{f} previous", {"fraction": f, "distinct": False})
+                            for f in args.gap_fractions if [e for e, _ in recorder.trail.members(
+                                history.best_epoch, fraction=f, distinct=False)] != [
+                                e for e, _ in recorder.trail.members(history.best_epoch, fraction=f)]]
+                settings += previous
             for kind, value, option in settings:
                 mixed, epochs = snapshot_mixture(posterior, recorder.trail, **option)
-                if option.get("fraction") == SNAPSHOT_GAP:  # the library's choice: what the fit returned
+                if option.get("fraction") == SNAPSHOT_GAP and option.get("distinct", True):  # what the fit returned
                     assert epochs == fitted.config["snapshot_epochs"]
                 emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": epochs,
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),

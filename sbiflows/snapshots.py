@@ -68,11 +68,13 @@ class SnapshotTrail:
         merged = [logs[i + 1] - logs[i - 1] for i in range(1, len(logs) - 1)]
         del self.snapshots[1 + merged.index(min(merged))]
 
-    def members(self, best_epoch: int, *, fraction: float = SNAPSHOT_GAP, gap: int | None = None, start: int = 0
-                ) -> list[tuple[int, dict[str, Tensor]]]:
+    def members(self, best_epoch: int, *, fraction: float = SNAPSHOT_GAP, gap: int | None = None, start: int = 0,
+                distinct: bool = True) -> list[tuple[int, dict[str, Tensor]]]:
         """The mixture's members, oldest first: the latest snapshots at or before ``best_epoch``,
         ``best_epoch - gap`` and ``best_epoch - 2 gap`` with ``gap = max(1, round(fraction * (best_epoch -
-        start)))``, each once (fewer members where training improved rarely).
+        start)))``, each before the later members: where training did not improve between two targets, the
+        earlier member is the improvement before the later one, so the mixture keeps three members wherever
+        the trail has them (fewer only where training improved fewer times).
 
         Args:
             best_epoch: The epoch whose weights training restored.
@@ -80,6 +82,16 @@ class SnapshotTrail:
             gap: A gap in epochs (``>= 1``) instead of ``fraction`` (``examples/benchmark_snapshot_mixture.py``
                 measures both).
             start: The first epoch of the training call (a refit counts epochs on from earlier fits).
+            distinct: False: the rule before session 68, where two targets without an improvement between
+                them gave one member, so the mixture had two (``examples/benchmark_snapshot_mixture.py``
+                compares both).
+
+        Example:
+            >>> trail = SnapshotTrail()
+            >>> for epoch in [0, 1, 2, 3, 4, 5, 6, 7, 30, 31]:  # overfit after epoch 7, improved after a step drop
+            ...     trail.add(epoch, {"w": torch.tensor(float(epoch))})
+            >>> [epoch for epoch, _ in trail.members(31)], [epoch for epoch, _ in trail.members(31, distinct=False)]
+            ([6, 7, 31], [7, 31])
         """
         if not fraction > 0:
             raise ValueError(f"fraction must be > 0, got {fraction}")
@@ -89,7 +101,10 @@ class SnapshotTrail:
             raise ValueError(f"gap must be >= 1 epoch, got {gap}")
         chosen: list[tuple[int, dict[str, Tensor]]] = []
         for lag in (0, gap, 2 * gap):
-            earlier = [(epoch, state) for epoch, state in self.snapshots if start <= epoch <= best_epoch - lag]
+            target = best_epoch - lag
+            if distinct and chosen:
+                target = min(target, chosen[-1][0] - 1)
+            earlier = [(epoch, state) for epoch, state in self.snapshots if start <= epoch <= target]
             if earlier and all(earlier[-1][0] != epoch for epoch, _ in chosen):
                 chosen.append(earlier[-1])
         return chosen[::-1]

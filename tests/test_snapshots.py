@@ -33,12 +33,13 @@ def trail_of(epochs, *, max_bytes=2**27):
     return trail
 
 
-def brute_force(epochs, best, fraction, start=0):
-    """The members by their definition: the latest improvement at or before best - lag, each once."""
+def brute_force(epochs, best, fraction, start=0, distinct=True):
+    """The members by their definition: the latest improvement at or before best - lag and (``distinct``)
+    before the later members; else each once."""
     gap = max(1, round(fraction * (best - start)))
     chosen = []
     for lag in (0, gap, 2 * gap):
-        candidates = [e for e in epochs if start <= e <= best - lag]
+        candidates = [e for e in epochs if start <= e <= best - lag and (not distinct or all(e < c for c in chosen))]
         if candidates and candidates[-1] not in chosen:
             chosen.append(candidates[-1])
     return sorted(chosen)
@@ -53,11 +54,23 @@ def test_members_are_the_latest_improvements_at_the_gaps(seed, fraction):
     best = epochs[-1]
     chosen = trail.members(best, fraction=fraction)
     assert [e for e, _ in chosen] == brute_force(epochs, best, fraction)
+    assert [e for e, _ in trail.members(best, fraction=fraction, distinct=False)] == brute_force(
+        epochs, best, fraction, distinct=False)
     assert chosen[-1][0] == best and all(float(state["w"][0]) == e for e, state in chosen)
     # a refit: only the snapshots of this call, gaps from its first epoch
     start = epochs[len(epochs) // 2]
     assert [e for e, _ in trail.members(best, fraction=fraction, start=start)] == brute_force(epochs, best, fraction,
                                                                                            start)
+
+
+def test_no_improvement_between_two_targets_takes_the_improvement_before_the_later_member():
+    # gaussian_linear_uniform at 10,000, seed 2 (session 68): overfit after epoch 7, best after a step drop;
+    # targets 31, 19, 7: the rule before gave [7, 31] (epoch 7 for both earlier targets), a two-flow mixture
+    trail = trail_of([0, 1, 2, 3, 4, 5, 6, 7, 30, 31])
+    assert [e for e, _ in trail.members(31)] == [6, 7, 31]
+    assert [e for e, _ in trail.members(31, distinct=False)] == [7, 31]
+    assert [e for e, _ in trail_of([0, 1, 30]).members(30)] == [0, 1, 30]  # targets 30, 18, 6
+    assert [e for e, _ in trail_of([0, 1, 30]).members(30, gap=25)] == [1, 30]  # target 5 -> 1; -20: none
 
 
 def test_few_improvements_give_fewer_distinct_members():
