@@ -65,9 +65,9 @@ class WeightAverage:
             if any(id(p) not in position for p in flat.params):
                 raise ValueError("flat must hold parameters of model only")
             in_flat = {id(p) for p in flat.params}
-            self._flat_averaged = flat.mirror([averaged[position[id(p)]] for p in flat.params])
+            buffers = flat.mirror([averaged[position[id(p)]] for p in flat.params])
             self._params = [*flat.flat, *(p for p in params if id(p) not in in_flat)]
-            self._averaged = [*self._flat_averaged, *(a for p, a in zip(params, averaged) if id(p) not in in_flat)]
+            self._averaged = [*buffers, *(a for p, a in zip(params, averaged) if id(p) not in in_flat)]
         self._decay = max(0.0, 1.0 - 1.0 / steps)
         self.updates = 0
 
