@@ -7,9 +7,8 @@ number of epochs (which depends on the data and early stopping). Reported: the m
 ``foreach`` Adam, with the fused kernel over the separate parameter tensors instead of one flat buffer
 (training before :mod:`sbiflows.flat_parameters`), with the fused kernel and torch's softmax for the spline bins at every size (the
 code before the written-out softmax of :func:`sbiflows.transforms.transformers._softmax_rows`), with
-the fused kernel plus the weight average that training keeps (ours, one lerp of the flat buffer;
-ours over the separate parameters, one foreach lerp, as before session 68; and torch's ``AveragedModel``
-with the same decay), and for sbi's flows
+the fused kernel plus the weight average that training keeps (ours, one
+foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
 (``--sbi-estimators``, default its MAF and its NSF); the timings are interleaved, so the ratios
 compare the same machine load. It also counts the operations torch dispatches for one loss (the
 forward pass) and one whole step of ours, which on small batches is what a step's time follows.
@@ -42,20 +41,18 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
              flat: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A training step of our default NPE network (built by a one-epoch fit on the data).
 
-    ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage` over the flat buffer, what
-    training uses), ``"ours, separate"`` (the same over the separate parameters, training before session 68)
-    or ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step. ``flat``: the
+    ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage`, what training uses) or
+    ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step. ``flat``: the
     parameters as views of one buffer (:class:`sbiflows.flat_parameters.FlatParameters`, what training
     uses), else Adam and the clipping over the separate parameter tensors (training before it).
     """
     net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
-    flat_parameters = FlatParameters(list(net.parameters())) if flat else None
-    params = list(flat_parameters.flat) if flat_parameters is not None else list(net.parameters())
+    params = list(FlatParameters(list(net.parameters())).flat) if flat else list(net.parameters())
     options = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.Adam(params, lr=1e-5, **options)
     update: Callable[[], None] = lambda: None
-    if average in ("ours", "ours, separate"):  # a time constant of one epoch of 9,000 rows in batches of 190
-        update = WeightAverage(net, steps=47, flat=flat_parameters if average == "ours" else None).update
+    if average == "ours":
+        update = WeightAverage(net, steps=47).update  # one epoch of 9,000 rows in batches of 190
     elif average == "AveragedModel":
         def lerp(averaged, current, num_averaged):
             n = int(num_averaged)
@@ -156,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
              "ours, separate parameters": our_step(task.prior, theta, x, fused=True, flat=False),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
-             "ours + average, separate": our_step(task.prior, theta, x, fused=True, average="ours, separate"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}
     for name in args.sbi_estimators:
         sbi = sbi_step(task.prior, theta, x, estimator_name=name)

@@ -308,7 +308,7 @@ def restore_loop(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimi
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if average is not None:
-        average.load_state_dict(state["average"]["module"])
+        average.module.load_state_dict(state["average"]["module"])
         average.updates = state["average"]["updates"]
     vars(rule).update(state["rule"])
     vars(history).update(state["history"])

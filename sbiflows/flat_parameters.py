@@ -90,39 +90,6 @@ class FlatParameters:
                 reattached += 1
         return reattached
 
-    @torch.no_grad()
-    def mirror(self, others: Sequence[Tensor]) -> list[Tensor]:
-        """Make ``others`` views of new flat buffers laid out as :attr:`flat`, keeping their values.
-
-        ``others`` holds one tensor per parameter, in the order of ``params``, of the same shape, dtype and
-        device (e.g. the parameters of a copy of the model). An elementwise update of every parameter
-        (a weight average) is then one operation on each returned buffer.
-
-        Raises:
-            ValueError: If ``others`` does not match ``params`` in number, shapes, dtypes or devices.
-
-        Example:
-            >>> model = nn.Linear(2, 1)
-            >>> flat, copy = FlatParameters(list(model.parameters())), nn.Linear(2, 1)
-            >>> buffers = flat.mirror(list(copy.parameters()))
-            >>> _ = buffers[0].fill_(0.5)
-            >>> copy.weight.tolist(), copy.bias.tolist()
-            ([[0.5, 0.5]], [0.5])
-            >>> flat.release()
-        """
-        others = list(others)
-        if len(others) != len(self.params) or any(
-                (o.shape, o.dtype, o.device) != (p.shape, p.dtype, p.device) for o, p in zip(others, self.params)):
-            raise ValueError(f"others must match the {len(self.params)} parameters in shape, dtype and device, got "
-                             f"{[(tuple(o.shape), o.dtype, str(o.device)) for o in others]}")
-        buffers = [torch.empty_like(flat.data) for flat in self.flat]
-        for i, other in enumerate(others):
-            g, elements = self._slots[i]
-            view = buffers[g][elements].view(other.shape)
-            view.copy_(other.detach())
-            other.data = view
-        return buffers
-
     def _views(self, i: int) -> tuple[Tensor, Tensor]:
         """Parameter ``i``'s values and gradient: views of its flat buffer and gradient, in its shape."""
         g, elements = self._slots[i]

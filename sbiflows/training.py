@@ -283,7 +283,7 @@ def train_checked(
         optimizer = _adam(flat.flat, learning_rate=learning_rate, weight_decay=weight_decay)
         per_parameter = PerParameterState(flat, optimizer)  # what checkpoints hold
         steps_per_epoch = math.ceil(n_train / batch_size)
-        average = WeightAverage(model, steps=ema_epochs * steps_per_epoch, flat=flat) if ema_epochs > 0 else None
+        average = WeightAverage(model, steps=ema_epochs * steps_per_epoch) if ema_epochs > 0 else None
         validated = model if average is None else average.module  # the weights that are scored and kept
         best_state = _snapshot(model)
         rule = Plateau(patience=patience, step_drops=step_drops, drop_patience=drop_patience)

@@ -3,9 +3,7 @@
 :func:`~sbiflows.training.train` validates, keeps and returns this average rather than the last Adam
 iterate. The update is one ``torch._foreach_lerp_`` per step rather than
 :class:`torch.optim.swa_utils.AveragedModel`, whose per-step bookkeeping costs more
-(``examples/benchmark_training_step.py``; numbers in docs/benchmarks.md). Given the model's
-:class:`~sbiflows.flat_parameters.FlatParameters`, the average's parameters are views of flat buffers of
-the same layout, so that lerp acts on one tensor per buffer instead of one per parameter.
+(``examples/benchmark_training_step.py``; numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ import numbers
 
 import torch
 from torch import nn
-
-from sbiflows.flat_parameters import FlatParameters
 
 
 class WeightAverage:
@@ -37,19 +33,12 @@ class WeightAverage:
         >>> round(average.module.bias.item(), 4)
         1.8182
 
-    Args:
-        model: The model whose parameters are averaged.
-        steps: The time constant, in updates (finite, > 0).
-        flat: The model's flat parameters while it trains (:class:`~sbiflows.flat_parameters.FlatParameters`
-            over some of its parameters): those are averaged as one tensor per buffer, the rest one by one.
-            The values are the same either way.
-
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or ``steps`` is not a real number.
-        ValueError: If ``steps`` is not finite and > 0, or ``flat`` holds a parameter that is not ``model``'s.
+        ValueError: If ``steps`` is not finite and > 0.
     """
 
-    def __init__(self, model: nn.Module, *, steps: float, flat: FlatParameters | None = None):
+    def __init__(self, model: nn.Module, *, steps: float):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
@@ -58,16 +47,8 @@ class WeightAverage:
             raise ValueError(f"steps must be finite and > 0, got {steps!r}")
         self.module = copy.deepcopy(model).requires_grad_(False)
         self._model = model
-        params, averaged = list(model.parameters()), list(self.module.parameters())  # deepcopy keeps the order
-        self._params, self._averaged = params, averaged
-        if flat is not None:
-            position = {id(p): i for i, p in enumerate(params)}
-            if any(id(p) not in position for p in flat.params):
-                raise ValueError("flat must hold parameters of model only")
-            in_flat = {id(p) for p in flat.params}
-            buffers = flat.mirror([averaged[position[id(p)]] for p in flat.params])
-            self._params = [*flat.flat, *(p for p in params if id(p) not in in_flat)]
-            self._averaged = [*buffers, *(a for p, a in zip(params, averaged) if id(p) not in in_flat)]
+        self._params = list(model.parameters())
+        self._averaged = list(self.module.parameters())
         self._decay = max(0.0, 1.0 - 1.0 / steps)
         self.updates = 0
 
@@ -80,15 +61,6 @@ class WeightAverage:
             n = self.updates
             torch._foreach_lerp_(self._averaged, self._params, 1.0 - min(self._decay, (1 + n) / (10 + n)))
         self.updates += 1
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``state`` into :attr:`module` in place (its parameters stay views of the flat buffers)."""
-        own = self.module.state_dict(keep_vars=True)
-        if set(own) != set(state):
-            raise ValueError(f"state must have the entries {sorted(own)}, got {sorted(state)}")
-        for name, value in own.items():
-            value.copy_(state[name])
 
     def restart(self) -> None:
         """Start the average afresh: the next :meth:`update` copies the model's parameters."""

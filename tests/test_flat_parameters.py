@@ -171,40 +171,6 @@ def test_parameters_that_lose_their_views_are_reattached():
     assert not torch.equal(weight, before)  # the gradient reached the optimizer, the update the model
 
 
-def test_mirror_makes_a_copys_parameters_views_of_buffers_of_the_same_layout():
-    model = _model()
-    model[2].to(torch.float32)  # two dtypes: two buffers
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(1.0)
-    values = [p.detach().clone() for p in other.parameters()]
-    flat = FlatParameters(list(model.parameters()))
-    buffers = flat.mirror(list(other.parameters()))
-    assert [(b.shape, b.dtype) for b in buffers] == [(f.shape, f.dtype) for f in flat.flat]
-    assert all(torch.equal(p, v) for p, v in zip(other.parameters(), values))  # the values are kept
-    with torch.no_grad():
-        for buffer, source in zip(buffers, flat.flat):
-            buffer.copy_(source)  # one copy per buffer sets every mirrored parameter
-    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
-    assert {p.untyped_storage().data_ptr() for p in other.parameters()} == {b.untyped_storage().data_ptr()
-                                                                             for b in buffers}
-    flat.release()
-
-
-def test_mirror_refuses_tensors_that_do_not_match():
-    model = _model()
-    flat = FlatParameters(list(model.parameters()))
-    params = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"others must match the 4 parameters in shape, dtype and device, got"):
-        flat.mirror(params[:3])
-    with pytest.raises(ValueError, match=r"others must match the 4 parameters"):
-        flat.mirror([params[0].float(), *params[1:]])
-    with pytest.raises(ValueError, match=r"others must match the 4 parameters"):
-        flat.mirror([params[0].t(), *params[1:]])
-    flat.release()
-
-
 def test_training_is_the_same_when_loading_swaps_the_parameters(monkeypatch):
     """Under torch's swap-on-conversion mode ``load_state_dict`` (the step drops' return to the best weights)
     gives the parameters new storage; training reattaches them instead of silently stopping."""

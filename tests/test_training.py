@@ -1,6 +1,5 @@
 """train(): option validation, batch-size lowering, weight averaging, and a history extended over several calls."""
 
-import copy
 import math
 
 import numpy as np
@@ -220,50 +219,6 @@ def test_weight_average_starts_with_a_copy_and_grows_its_window_to_the_time_cons
         assert average.module.loc.item() == pytest.approx(expected, rel=1e-6)
     assert (1 + 39) / (10 + 39) > 0.75  # the last updates used the full time constant
     assert torch.equal(model.loc.detach(), torch.tensor([-39.0]))  # the model itself is untouched
-
-
-@pytest.mark.parametrize("frozen", [False, True])
-def test_weight_average_over_flat_parameters_is_the_same_average_in_one_tensor(frozen):
-    """Given the model's flat parameters the average updates one buffer (per dtype and device) per step, with
-    exactly the values of the update over the separate parameters; parameters outside ``flat`` (``frozen``:
-    the first layer) are averaged one by one."""
-    from sbiflows.flat_parameters import FlatParameters
-    from sbiflows.training import WeightAverage
-
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-    flattened = copy.deepcopy(plain)
-    reference = WeightAverage(plain, steps=7.0)
-    trained = [p for i, p in enumerate(flattened.parameters()) if not (frozen and i < 2)]
-    flat = FlatParameters(trained)
-    average = WeightAverage(flattened, steps=7.0, flat=flat)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(30):
-        with torch.no_grad():
-            for a, b in zip(plain.parameters(), flattened.parameters()):
-                step = torch.randn(a.shape, generator=generator)
-                a.add_(step)
-                b.add_(step)
-        reference.update()
-        average.update()
-    for a, b in zip(reference.module.parameters(), average.module.parameters()):
-        assert torch.equal(a, b)
-    storages = {p.untyped_storage().data_ptr() for p in average.module.parameters()}
-    assert len(storages) == (3 if frozen else 1)  # one buffer, plus the first layer's own two tensors
-    # loading a state (a checkpoint's) keeps the views: the next update still reaches the module
-    state = {name: value.clone() + 1.0 for name, value in average.module.state_dict().items()}
-    average.load_state_dict(state)
-    assert all(torch.equal(average.module.state_dict()[name], value) for name, value in state.items())
-    assert {p.untyped_storage().data_ptr() for p in average.module.parameters()} == storages
-    average.restart()
-    average.update()
-    assert all(torch.equal(a, b) for a, b in zip(average.module.parameters(), flattened.parameters()))
-    with pytest.raises(ValueError, match=r"state must have the entries \['0.bias', '0.weight', '2.bias', "
-                                         r"'2.weight'\], got \['0.bias'\]"):
-        average.load_state_dict({"0.bias": state["0.bias"]})
-    with pytest.raises(ValueError, match="flat must hold parameters of model only"):
-        WeightAverage(plain, steps=7.0, flat=flat)
-    flat.release()
 
 
 def test_weight_average_refuses_bad_input_naming_it():
