@@ -229,7 +229,7 @@ def _snapshot_records(paths: list[str]) -> tuple[dict, dict]:
             run = r["task"], r["simulations"], r["seed"]
             if "auto_check" in r:
                 checks[run] = r["auto_check"]
-            if "worst_z" in r and "c2st" in r:
+            if "worst_z" in r:  # scored (with or without C2ST)
                 records[(*run, r["setting"])] = r
     return records, checks
 
@@ -267,7 +267,9 @@ def snapshot_task_rows(paths: list[str], *, setting: str = "snapshots gap_fracti
         def fails(index: int) -> str:
             return f"{sum(run[index]['worst_z'] < -3 for run in group)} of {len(group)}"
 
-        change = difference_text(*paired([_mean(run[4]["c2st"]) for run in group], [_mean(run[1]["c2st"]) for run in group]))
+        scored = all("c2st" in run[4] and "c2st" in run[1] for run in group)
+        change = difference_text(*paired([_mean(run[4]["c2st"]) for run in group],
+                                         [_mean(run[1]["c2st"]) for run in group])) if scored else "-"
         cpu = [run[1]["check_cpu_seconds"] for run in group if "check_cpu_seconds" in run[1]]
         rows.append(f"| {task} | {simulations:,} | {', '.join(str(run[0]) for run in group)} | {fails(1)} | {fails(2)} "
                     f"| {fails(4)} | {sum(run[3]['over_confident'] for run in group)} of {len(group)} | {change} "
@@ -283,7 +285,8 @@ def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.
     records, checks = _snapshot_records(paths)
 
     def cell(r: dict, *, nll: bool = True) -> str:
-        return f"{r['worst_z']:+.2f}; {_mean(r['c2st']):.3f}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
+        c2st = f"{_mean(r['c2st']):.3f}" if "c2st" in r else "-"
+        return f"{r['worst_z']:+.2f}; {c2st}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
 
     rows = ["| task | simulations | seed | one flow: worst z; C2ST; NLL | members | mixture: worst z; C2ST; NLL "
             "| C2ST change | auto check z | auto-snapshots: worst z; C2ST |",
@@ -298,9 +301,47 @@ def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.
         auto = "-" if check is None else cell(mixed if fires else one, nll=False)
         verdict = "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if fires else 'passes'})"
         members = ", ".join(map(str, mixed["members"]))
+        change = f"{_mean(mixed['c2st']) - _mean(one['c2st']):+.3f}" if "c2st" in mixed and "c2st" in one else "-"
         rows.append(f"| {task} | {simulations:,} | {seed} | {cell(one)} | {members} | {cell(mixed)} | "
-                    f"{_mean(mixed['c2st']) - _mean(one['c2st']):+.3f} | {verdict} | {auto} |")
+                    f"{change} | {verdict} | {auto} |")
     return rows
+
+
+def previous_member_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
+    """The runs where ``benchmark_snapshot_mixture.py --previous-members`` scored the member rule before
+    session 68 beside today's (their members differ): both mixtures' members and worst z; C2ST; NLL, and
+    whether ``ensemble="auto-snapshots"`` returns the mixture there (the check fires). Empty without such runs.
+
+    Example:
+        >>> import json, tempfile
+        >>> def record(setting, members, z):
+        ...     return {"task": "sir", "simulations": 10000, "seed": 3, "setting": setting, "members": members,
+        ...             "worst_z": z, "heldout_nll": -7.9, "auto_check": {"over_confident": True, "worst_z": -3.1}}
+        >>> lines = [record("snapshots gap_fraction=0.4", [6, 7, 31], -2.5),
+        ...          record("snapshots gap_fraction=0.4 previous", [7, 31], -3.4)]
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write("\\n".join(json.dumps(r) for r in lines))
+        >>> previous_member_rows([f.name])[-1]
+        '| sir | 10,000 | 3 | -3.10 (fires) | 6, 7, 31 | -2.50; -; -7.900 | 7, 31 | -3.40; -; -7.900 |'
+    """
+    records, checks = _snapshot_records(paths)
+    rows = ["| task | simulations | seed | auto check z | members | mixture: worst z; C2ST; NLL | previous rule's members "
+            "| previous rule: worst z; C2ST; NLL |",
+            "| --- | ---: | ---: | --- | --- | --- | --- | --- |"]
+    for task, simulations, seed, name in sorted(records, key=str):
+        if name != f"{setting} previous" or (task, simulations, seed, setting) not in records:
+            continue
+        new, old = records[(task, simulations, seed, setting)], records[(task, simulations, seed, name)]
+        check = checks.get((task, simulations, seed))
+        verdict = "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if check['over_confident'] else 'passes'})"
+
+        def cell(r: dict) -> str:
+            c2st = f"{_mean(r['c2st']):.3f}" if "c2st" in r else "-"
+            return f"{r['worst_z']:+.2f}; {c2st}; {r['heldout_nll']:.3f}"
+
+        rows.append(f"| {task} | {simulations:,} | {seed} | {verdict} | {', '.join(map(str, new['members']))} | "
+                    f"{cell(new)} | {', '.join(map(str, old['members']))} | {cell(old)} |")
+    return rows if len(rows) > 2 else []
 
 
 def _versus(ours: dict, base: dict) -> str:
@@ -466,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "tsnpe-regions":
         rows = tsnpe_region_rows([args.path, *args.more])
     elif args.kind == "snapshots":
-        rows = [*snapshot_rows([args.path, *args.more]), "", *snapshot_task_rows([args.path, *args.more])]
+        paths = [args.path, *args.more]
+        previous = previous_member_rows(paths)
+        rows = [*snapshot_rows(paths), "", *snapshot_task_rows(paths), *(["", *previous] if previous else [])]
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":
