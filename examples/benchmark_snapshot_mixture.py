@@ -136,12 +136,11 @@ def main(argv: list[str] | None = None) -> None:
                              **c2st_record(task, posterior, observations, seed=seed)})
             settings = [("gap", gap, {"gap": gap}) for gap in args.gaps]
             settings += [("gap_fraction", f, {"fraction": f}) for f in args.gap_fractions]
-            if args.previous_members:
-                previous = [("gap_fraction", f"{f} previous", {"fraction": f, "distinct": False})
-                            for f in args.gap_fractions if [e for e, _ in recorder.trail.members(
-                                history.best_epoch, fraction=f, distinct=False)] != [
-                                e for e, _ in recorder.trail.members(history.best_epoch, fraction=f)]]
-                settings += previous
+            for fraction in args.gap_fractions if args.previous_members else ():
+                today, before = ([epoch for epoch, _ in recorder.trail.members(
+                    history.best_epoch, fraction=fraction, distinct=distinct)] for distinct in (True, False))
+                if today != before:  # the rule before session 68 chooses other members
+                    settings.append(("gap_fraction", f"{fraction} previous", {"fraction": fraction, "distinct": False}))
             for kind, value, option in settings:
                 mixed, epochs = snapshot_mixture(posterior, recorder.trail, **option)
                 if option.get("fraction") == SNAPSHOT_GAP and option.get("distinct", True):  # what the fit returned

@@ -277,17 +277,23 @@ def snapshot_task_rows(paths: list[str], *, setting: str = "snapshots gap_fracti
     return rows
 
 
+def _snapshot_cell(r: dict, *, nll: bool = True) -> str:
+    """A scored posterior as ``worst z; C2ST[; NLL]``, ``-`` for a C2ST not scored."""
+    c2st = f"{_mean(r['c2st']):.3f}" if "c2st" in r else "-"
+    return f"{r['worst_z']:+.2f}; {c2st}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
+
+
+def _check_text(check: dict | None) -> str:
+    """The auto check's worst z and whether it fires (mixes), ``-`` without a check."""
+    return "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if check['over_confident'] else 'passes'})"
+
+
 def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.4") -> list[str]:
     """Rows for ``benchmark_snapshot_mixture.py`` records (several files merged; the last of duplicates kept):
     the single flow against the mixture of ``setting``, per task, budget and seed, with the auto check (from
     any record of that run, ``--check-only`` ones too) and what ``ensemble="auto-snapshots"`` returns: the
     mixture where the check fails, else the flow. Each cell: worst z; mean C2ST; held-out NLL."""
     records, checks = _snapshot_records(paths)
-
-    def cell(r: dict, *, nll: bool = True) -> str:
-        c2st = f"{_mean(r['c2st']):.3f}" if "c2st" in r else "-"
-        return f"{r['worst_z']:+.2f}; {c2st}" + (f"; {r['heldout_nll']:.3f}" if nll else "")
-
     rows = ["| task | simulations | seed | one flow: worst z; C2ST; NLL | members | mixture: worst z; C2ST; NLL "
             "| C2ST change | auto check z | auto-snapshots: worst z; C2ST |",
             "| --- | ---: | ---: | --- | --- | --- | ---: | --- | --- |"]
@@ -297,13 +303,11 @@ def snapshot_rows(paths: list[str], *, setting: str = "snapshots gap_fraction=0.
             continue
         one = records[(task, simulations, seed, name)]
         check = checks.get((task, simulations, seed))
-        fires = check is not None and check["over_confident"]
-        auto = "-" if check is None else cell(mixed if fires else one, nll=False)
-        verdict = "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if fires else 'passes'})"
+        auto = "-" if check is None else _snapshot_cell(mixed if check["over_confident"] else one, nll=False)
         members = ", ".join(map(str, mixed["members"]))
         change = f"{_mean(mixed['c2st']) - _mean(one['c2st']):+.3f}" if "c2st" in mixed and "c2st" in one else "-"
-        rows.append(f"| {task} | {simulations:,} | {seed} | {cell(one)} | {members} | {cell(mixed)} | "
-                    f"{change} | {verdict} | {auto} |")
+        rows.append(f"| {task} | {simulations:,} | {seed} | {_snapshot_cell(one)} | {members} | "
+                    f"{_snapshot_cell(mixed)} | {change} | {_check_text(check)} | {auto} |")
     return rows
 
 
@@ -332,15 +336,9 @@ def previous_member_rows(paths: list[str], *, setting: str = "snapshots gap_frac
         if name != f"{setting} previous" or (task, simulations, seed, setting) not in records:
             continue
         new, old = records[(task, simulations, seed, setting)], records[(task, simulations, seed, name)]
-        check = checks.get((task, simulations, seed))
-        verdict = "-" if check is None else f"{check['worst_z']:+.2f} ({'fires' if check['over_confident'] else 'passes'})"
-
-        def cell(r: dict) -> str:
-            c2st = f"{_mean(r['c2st']):.3f}" if "c2st" in r else "-"
-            return f"{r['worst_z']:+.2f}; {c2st}; {r['heldout_nll']:.3f}"
-
-        rows.append(f"| {task} | {simulations:,} | {seed} | {verdict} | {', '.join(map(str, new['members']))} | "
-                    f"{cell(new)} | {', '.join(map(str, old['members']))} | {cell(old)} |")
+        rows.append(f"| {task} | {simulations:,} | {seed} | {_check_text(checks.get((task, simulations, seed)))} | "
+                    f"{', '.join(map(str, new['members']))} | {_snapshot_cell(new)} | "
+                    f"{', '.join(map(str, old['members']))} | {_snapshot_cell(old)} |")
     return rows if len(rows) > 2 else []
 
 
