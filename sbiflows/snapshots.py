@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from sbiflows.checks import check_bool
+
 __all__ = ["MIN_SNAPSHOTS", "SNAPSHOT_BYTES", "SNAPSHOT_GAP", "SnapshotTrail"]
 
 #: ``ensemble="snapshots"``: the gap between members as a fraction of the best epoch (members at the best
@@ -95,6 +97,7 @@ class SnapshotTrail:
         """
         if not fraction > 0:
             raise ValueError(f"fraction must be > 0, got {fraction}")
+        distinct = check_bool(distinct, "distinct")
         if gap is None:
             gap = max(1, round(fraction * (best_epoch - start)))
         elif gap < 1:

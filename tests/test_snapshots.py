@@ -88,6 +88,8 @@ def test_bad_trails_and_fractions_are_refused():
         trail.members(2, fraction=0)
     with pytest.raises(ValueError, match="gap must be >= 1 epoch, got 0"):
         trail.members(2, gap=0)
+    with pytest.raises(TypeError, match="distinct"):
+        trail.members(2, distinct="no")  # a string is truthy: without the check it would keep the new rule
     assert [e for e, _ in trail_of([0, 4, 6, 9, 10]).members(10, gap=3)] == [4, 6, 10]  # targets 10, 7, 4
 
 
