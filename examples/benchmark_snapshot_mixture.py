@@ -17,7 +17,10 @@ records ``auto_check``: the check of ``ensemble="auto"`` (:func:`~sbiflows.ensem
 single flow's validation rows, which says whether a rule "mix only where the check fails" would mix;
 ``--check-only`` trains and records that check without scoring anything. ``--previous-members`` also scores,
 for each gap fraction, the mixture of the member rule before session 68 (``members(distinct=False)``: two
-targets without an improvement between them gave one member) wherever its members differ.
+targets without an improvement between them gave one member) wherever its members differ. ``--stacked`` also
+scores, for each gap fraction, the members weighted to maximize their mixture's likelihood on the single flow's
+validation rows (:func:`~sbiflows.ensemble.stack`, members below 1% weight dropped) where the check passes the
+flow (where it fails, the default mixes with equal weights); the record holds the members kept and their weights.
 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
@@ -36,7 +39,7 @@ import torch
 import simulators
 import sbiflows.npe as npe_module
 from sbiflows import NPE, Posterior
-from sbiflows.ensemble import auto_check, auto_summary, members_of, mixture
+from sbiflows.ensemble import auto_check, auto_summary, members_of, mixture, stack
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 from sbiflows.snapshots import SNAPSHOT_GAP, SnapshotTrail
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="train and record the auto check of the single flow, score nothing")
     parser.add_argument("--previous-members", action="store_true",
                         help="also score the member rule before session 68 where its members differ")
+    parser.add_argument("--stacked", action="store_true",
+                        help="also score the likelihood-stacked mixture where the check passes the single flow")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -148,6 +153,17 @@ def main(argv: list[str] | None = None) -> None:
                 emit(args.json, {**base, "setting": f"snapshots {kind}={value}", "members": epochs,
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
+            for fraction in args.gap_fractions if args.stacked and check.passed else ():
+                nets, epochs = recorder.trail.networks(copy.deepcopy(posterior.net), history.best_epoch,
+                                                       fraction=fraction)
+                kept, weights = stack(nets, task.prior, posterior.config, npe.theta[npe.validation],
+                                      npe.x[npe.validation])
+                stacked = Posterior(mixture([nets[k] for k in kept], weights if len(kept) > 1 else None), task.prior,
+                                    config={**posterior.config, "ensemble": len(kept)})
+                emit(args.json, {**base, "setting": f"stacked gap_fraction={fraction}", "members": epochs,
+                                 "kept": [epochs[k] for k in kept], "weights": [round(float(w), 4) for w in weights],
+                                 **score(stacked, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
+                                 **c2st_record(task, stacked, observations, seed=seed)})
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ flow is over-confident there; the single flow is the first member either way.
 * **Training**: the members step together, one vectorized forward and backward pass per minibatch
   over their stacked weights (:mod:`sbiflows.ensemble_training`), each with its own split, minibatch
   order, step size and early stopping.
-* **Density**: ``log q = logsumexp_k log q_k - log K``.
-* **Sampling**: each draw picks a member uniformly at random, then draws from it; each member only
+* **Density**: ``log q = logsumexp_k log q_k - log K``; with ``weights`` ``w_k``, ``logsumexp_k (log q_k +
+  log w_k)`` (:func:`~sbiflows.snapshots.stacking_weights` fits them to held-out rows).
+* **Sampling**: each draw picks a member uniformly at random (with ``weights``: member ``k`` with probability
+  ``w_k``), then draws from it; each member only
   computes the draws assigned to it. With a seed, the member of draw ``i`` comes from a uniform
   variable drawn in the same fixed seeded blocks as the base noise (:attr:`EnsembleBase`), so seeded
   draws stay independent of chunking.
@@ -24,6 +26,7 @@ flow is over-confident there; the single flow is the first member either way.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +37,8 @@ from sbiflows.seeding import derive_seed
 
 __all__ = [
     "AUTO_DRAWS", "AUTO_MEMBERS", "AUTO_ROWS", "AUTO_SIGMAS", "DEFAULT_ENSEMBLE", "ENSEMBLE_CHOICES", "EnsembleBase", "EnsembleNet",
-    "auto_check", "auto_summary", "check_ensemble", "member_seed", "members_of", "mixture",
+    "auto_check", "auto_summary", "check_ensemble", "check_weights", "member_seed", "members_of", "mixture",
+    "stack", "weights_of",
 ]
 
 #: ``ensemble="auto"``: the members trained when the first flow fails :func:`auto_check`.
@@ -72,6 +76,7 @@ class EnsembleNet(nn.Module):
 
     Args:
         members: Trained (or to be trained) networks of the same architecture and data standardization.
+        weights: The members' mixture weights (``K`` values >= 0 that sum to 1); None: equal weights.
 
     Example:
         >>> from sbiflows.flows import maf
@@ -85,13 +90,20 @@ class EnsembleNet(nn.Module):
         >>> members = torch.stack([n.log_prob_given_context(torch.zeros(4, 2), context[:, k]) for k, n in enumerate(nets)])
         >>> bool(torch.allclose(lp, members.exp().mean(0).log()))
         True
+        >>> weighted = EnsembleNet(nets, weights=[0.2, 0.3, 0.5])
+        >>> lp = weighted.log_prob_given_context(torch.zeros(4, 2), context)
+        >>> bool(torch.allclose(lp, (members.exp() * torch.tensor([0.2, 0.3, 0.5])[:, None]).sum(0).log()))
+        True
     """
 
-    def __init__(self, members: list[PosteriorNet]):
+    def __init__(self, members: list[PosteriorNet], *, weights: Any = None):
         super().__init__()
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
+        # not in the state dict: a saved posterior records them in its config (``mixture_weights``)
+        self.register_buffer("weights", None if weights is None else check_weights(weights, len(members)),
+                             persistent=False)
         self.theta_dim, self.x_dim = members[0].theta_dim, members[0].x_dim
         self.x_shape, self.padded_trials = members[0].x_shape, members[0].padded_trials
         self.flow = _Flow(EnsembleBase(members[0].flow.base, len(members)))
@@ -115,8 +127,12 @@ class EnsembleNet(nn.Module):
 
     def log_prob_given_context(self, u: Tensor, context: Tensor) -> Tensor:
         """``log (1/K) sum_k q_k(u | x)``; ``context`` as returned by :meth:`context`."""
-        parts = [member.log_prob_given_context(u, context[..., k, :]) for k, member in enumerate(self.members)]
-        return torch.logsumexp(torch.stack(parts), 0) - math.log(len(self.members))
+        parts = torch.stack([member.log_prob_given_context(u, context[..., k, :])
+                             for k, member in enumerate(self.members)])
+        if self.weights is None:
+            return torch.logsumexp(parts, 0) - math.log(len(self.members))
+        log_weights = self.weights.to(parts.dtype).log().reshape(-1, *[1] * (parts.dim() - 1))
+        return torch.logsumexp(parts + log_weights, 0)
 
     def sample_given_context(self, n: int, context: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` mixture draws of ``u`` for each context row: ``(n, *batch, D)``."""
@@ -129,7 +145,11 @@ class EnsembleNet(nn.Module):
         """Mixture draws from :class:`EnsembleBase` noise ``(n, *batch, D + 1)`` for context ``(*batch, K, C)``."""
         z, pick = noise[..., :-1], noise[..., -1]
         members = len(self.members)
-        which = (pick * members).long().clamp_(max=members - 1)  # (n, *batch)
+        if self.weights is None:
+            which = (pick * members).long().clamp_(max=members - 1)  # (n, *batch)
+        else:  # member k where pick falls in [w_0 + ... + w_(k-1), w_0 + ... + w_k)
+            edges = self.weights.to(pick.dtype).cumsum(0)[:-1].contiguous()
+            which = torch.searchsorted(edges, pick.contiguous(), right=True)
         batch = context.shape[:-2]
         flat_z = z.reshape(-1, z.shape[-1])
         flat_which = which.reshape(-1)
@@ -159,9 +179,38 @@ def member_seed(seed: int, k: int) -> int:
     return seed if k == 0 else derive_seed(seed, f"ensemble/{k}")
 
 
-def mixture(members: list[PosteriorNet]) -> PosteriorNet | EnsembleNet:
-    """One network as itself, several as their equal-weight :class:`EnsembleNet` (the inverse of :func:`members_of`)."""
-    return members[0] if len(members) == 1 else EnsembleNet(members)
+def mixture(members: list[PosteriorNet], weights: Any = None) -> PosteriorNet | EnsembleNet:
+    """One network as itself, several as their :class:`EnsembleNet` (equal weights where ``weights`` is None; the
+    inverse of :func:`members_of`)."""
+    return members[0] if len(members) == 1 else EnsembleNet(members, weights=weights)
+
+
+def check_weights(weights: Any, members: int) -> Tensor:
+    """``weights`` as a float64 tensor of ``members`` mixture weights, or a ``ValueError`` naming what is wrong.
+
+    Example:
+        >>> check_weights([0.25, 0.75], 2)
+        tensor([0.2500, 0.7500], dtype=torch.float64)
+        >>> check_weights([0.5, 0.6], 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: weights must be 2 finite values >= 0 that sum to 1, got [0.5, 0.6]
+    """
+    try:
+        values = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    shown = [round(float(v), 6) for v in values.flatten()] if values is not None else repr(weights)
+    if (values is None or values.shape != (members,) or not bool(torch.isfinite(values).all())
+            or bool((values < 0).any()) or abs(float(values.sum()) - 1) > 1e-6):
+        raise ValueError(f"weights must be {members} finite values >= 0 that sum to 1, got {shown}")
+    return values / values.sum()
+
+
+def weights_of(net: PosteriorNet | EnsembleNet) -> list[float] | None:
+    """The mixture weights of ``net`` as a list, or None for a single flow or equal weights."""
+    weights = getattr(net, "weights", None)
+    return None if weights is None else [float(v) for v in weights]
 
 
 def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
@@ -169,8 +218,8 @@ def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
     return list(net.members) if isinstance(net, EnsembleNet) else [net]
 
 
-#: The string choices of ``NPE(ensemble=...)`` besides an int (:mod:`sbiflows.snapshots` for the last two).
-ENSEMBLE_CHOICES = ("auto", "snapshots", "auto-snapshots")
+#: The string choices of ``NPE(ensemble=...)`` besides an int (:mod:`sbiflows.snapshots` for the last three).
+ENSEMBLE_CHOICES = ("auto", "snapshots", "auto-snapshots", "auto-stacked")
 #: :class:`~sbiflows.NPE`'s default ``ensemble``: one flow, mixed with two earlier snapshots of its own training
 #: only where it is over-confident on its validation rows (``docs/benchmarks.md``, "Snapshot mixtures on the ten
 #: tasks"). :class:`~sbiflows.TSNPE`'s rounds keep one flow.
@@ -247,6 +296,37 @@ def auto_check(posterior: object, theta: Tensor, x: Tensor, *, seed: int) -> obj
     return CoverageResult(levels=levels, empirical=empirical, band=band, hpd_ranks=ranks,
                           num_posterior_samples=AUTO_DRAWS, one_sided=True,
                           verdict="calibrated" if passed else "over-confident", passed=passed)
+
+
+def stack(members: list[PosteriorNet], prior: Any, config: dict, theta: Tensor, x: Tensor,
+          **options: Any) -> tuple[list[int], Tensor]:
+    """Which of ``members`` a likelihood-stacked mixture keeps, and their weights: the mixture weights that
+    maximize the mixture's log density at the held-out pairs ``(theta, x)``
+    (:func:`~sbiflows.snapshots.stacking_weights`, whose ``options`` these are), without the members they drop.
+
+    Densities are the members' unnormalized ones (``log_prob_batched(..., normalized=False)``): their Jacobian
+    is common to all members, and the truncated space's normalizer, which is not, is ignored (it is the mass the
+    flow puts outside the box, near 0 for a trained flow).
+
+    Args:
+        members: Networks of one architecture (e.g. a training run's snapshots).
+        prior: The prior of the posteriors they define.
+        config: The posterior config of one member (``ensemble`` is set to 1 here).
+        theta: Held-out parameters ``(N, D)`` (rows that did not train the members).
+        x: Their simulations ``(N, *x_shape)``.
+
+    Returns:
+        The indices of the members kept and their weights (float64, summing to 1).
+    """
+    from sbiflows.posterior import Posterior, observations_unchecked
+    from sbiflows.snapshots import stacking_weights
+
+    with observations_unchecked():  # held-out simulations: the range warning would only be noise
+        log_q = torch.stack([Posterior(member, prior, config={**config, "ensemble": 1})
+                             .log_prob_batched(theta[None], x, normalized=False)[0] for member in members])
+    weights = stacking_weights(log_q.cpu(), **options)
+    kept = [k for k in range(len(members)) if float(weights[k]) > 0]
+    return kept, weights[kept]
 
 
 def auto_summary(result: object) -> dict:

@@ -34,6 +34,7 @@ from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_bool, check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
+    stack,
 )
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
@@ -108,7 +109,10 @@ class NPE:
             posterior's ``config["snapshot_epochs"]``): no extra training, three flows per density.
             ``"auto-snapshots"`` (:data:`~sbiflows.ensemble.DEFAULT_ENSEMBLE`): that mixture only where the
             flow fails ``"auto"``'s check, else the flow (the first fit decides; the check is in
-            :attr:`auto_coverage`). One flow trains either way.
+            :attr:`auto_coverage`). One flow trains either way. ``"auto-stacked"``: as ``"auto-snapshots"``,
+            but where the check passes, the snapshots weighted to maximize their mixture's density on the
+            validation rows (:func:`~sbiflows.ensemble.stack`; members below 1% weight left out, often all but
+            the flow; the weights are in ``config["mixture_weights"]``).
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
@@ -379,7 +383,7 @@ class NPE:
                 if self.ensemble in SNAPSHOT_CHOICES:  # train on from the best weights (the last member)
                     members = members[-1:]
             # a new network's check decides the number of flows ("auto") or whether to mix ("auto-snapshots")
-            auto = self.ensemble in ("auto", "auto-snapshots") and fresh
+            auto = self.ensemble in ("auto", "auto-snapshots", "auto-stacked") and fresh
             histories = [TrainingHistory() for _ in members] if fresh else copy.deepcopy(self.histories)
             history = histories[0]
             epochs_before = [h.epochs for h in histories]
@@ -425,10 +429,15 @@ class NPE:
                 raise
             if check is not None and check.passed:  # one flow is enough: drop the members not trained
                 members, histories, masks = members[:1], histories[:1], masks[:1]
-            snapshot_epochs = None
+            snapshot_epochs, weights = None, None
             if trail is not None and (self.ensemble == "snapshots" or self._over_confident(check)):
                 members, snapshot_epochs = trail.networks(members[0], history.best_epoch, start=epochs_before[0])
-            net = mixture(members)
+            elif trail is not None and self.ensemble == "auto-stacked":  # on the rows that chose the best epoch
+                held_out = masks[0].to(theta.device)
+                members, snapshot_epochs, weights = self._stacked(trail, members[0], history.best_epoch,
+                                                                  start=epochs_before[0], theta=theta[held_out],
+                                                                  x=x[held_out], seed=seed, transforms=n_layers)
+            net = mixture(members, weights)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed
             self.histories, self._validation = histories, masks
             self.auto_coverage = check if auto else self.auto_coverage
@@ -478,6 +487,19 @@ class NPE:
         return self
 
     # ------------------------------------------------------------------------------ internals
+    def _stacked(self, trail: SnapshotTrail, net: nn.Module, best_epoch: int, *, start: int, theta: Tensor,
+                 x: Tensor, seed: int, transforms: int) -> tuple[list[nn.Module], list[int] | None, Tensor | None]:
+        """``ensemble="auto-stacked"`` where the check passed: the snapshot members that
+        :func:`~sbiflows.ensemble.stack` keeps on the validation rows ``(theta, x)``, their epochs (None where
+        only the flow is left) and weights (None for one member)."""
+        candidates, epochs = trail.networks(net, best_epoch, start=start)
+        if len(candidates) == 1:
+            return candidates, None, None
+        kept, weights = stack(candidates, self.prior, self._config(net, seed, transforms), theta, x)
+        if kept == [len(candidates) - 1]:
+            return [net], None, None
+        return [candidates[k] for k in kept], [epochs[k] for k in kept], weights
+
     def _over_confident(self, check: Any) -> bool:
         """Whether the auto check failed: this fit's ``check``, else the first fit's (kept or restored)."""
         if check is not None:

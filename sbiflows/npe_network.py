@@ -20,7 +20,7 @@ from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
 from sbiflows.embeddings import auto_embedding, embedding_config
-from sbiflows.ensemble import EnsembleNet, members_of
+from sbiflows.ensemble import EnsembleNet, members_of, weights_of
 from sbiflows.posterior import Posterior
 from sbiflows.training import TrainingHistory
 from sbiflows.estimator import (
@@ -217,6 +217,7 @@ def network_config(
         "context_features": members_of(net)[0].flow.context_features,
         "flow_seed": flow_seed,
         "ensemble": len(members_of(net)),
+        **({} if weights_of(net) is None else {"mixture_weights": weights_of(net)}),
         "balancing": balancing,
         "coverage_penalty": coverage_penalty,
         "space": space,

@@ -20,7 +20,7 @@ from sbiflows.training_options import check_validation, validation_mask
 __all__ = ["SNAPSHOT_CHOICES", "RestoredState", "restored_state"]
 
 #: The ``ensemble`` choices that train one flow and keep its snapshots (:mod:`sbiflows.snapshots`).
-SNAPSHOT_CHOICES = ("snapshots", "auto-snapshots")
+SNAPSHOT_CHOICES = ("snapshots", "auto-snapshots", "auto-stacked")
 
 
 @dataclass
@@ -47,7 +47,7 @@ def restored_state(npe: Any, posterior: Posterior, theta: Any, x: Any, *, valida
             allows, or rows, splits or histories that do not fit it.
     """
     members = posterior.config.get("ensemble", 1)
-    allowed = {"auto": (1, AUTO_MEMBERS), "snapshots": (1, 2, 3), "auto-snapshots": (1, 2, 3)}.get(
+    allowed = {"auto": (1, AUTO_MEMBERS), **dict.fromkeys(SNAPSHOT_CHOICES, (1, 2, 3))}.get(
         npe.ensemble, (npe.ensemble,))
     if members not in allowed:
         raise ValueError(f"the posterior has {members} flow(s), this NPE has ensemble={npe.ensemble!r}")

@@ -201,11 +201,15 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     state.report["training"] = training_record(history)
     if "ensemble_auto" in posterior.config:  # what ensemble="auto" decided, for the report
         state.report["ensemble_auto"] = posterior.config["ensemble_auto"]
-        snapshots = posterior.config.get("snapshot_epochs", []) if job.ensemble == "auto-snapshots" else None
-        state.log(f"      {describe_auto(state.report['ensemble_auto'], snapshot_epochs=snapshots)}")
+        snapshots = posterior.config.get("snapshot_epochs", []) if job.ensemble != "auto" else None
+        if "mixture_weights" in posterior.config:  # ensemble="auto-stacked" weighted the snapshots
+            state.report["mixture_weights"] = posterior.config["mixture_weights"]
+        decided = describe_auto(state.report["ensemble_auto"], snapshot_epochs=snapshots,
+                                weights=posterior.config.get("mixture_weights"), stacked=job.ensemble == "auto-stacked")
+        state.log(f"      {decided}")
     if "snapshot_epochs" in posterior.config:  # which epochs ensemble="snapshots" mixed, for the report
         state.report["snapshot_epochs"] = posterior.config["snapshot_epochs"]
-        if job.ensemble == "snapshots":  # "auto-snapshots" said so above
+        if job.ensemble == "snapshots":  # "auto-snapshots" and "auto-stacked" said so above
             state.log(f"      {describe_snapshots(state.report['snapshot_epochs'])}")
     took = f" in {state.timings['train']:.1f} s" if "train" in state.resume.fresh else ""
     state.log(f"      {history.epochs} epochs{took}, best validation loss {history.best_validation_loss:.3f}")

@@ -20,9 +20,9 @@ __all__ = ["C2ST_CAUTION", "advice", "c2st_caution", "calibrate", "save_figure"]
 #: What to try first when the default's check passed one flow that the calibration finds over-confident.
 SNAPSHOT_ADVICE = ("Try first the mixture of this training's own snapshots (--ensemble snapshots, or "
                    "ensemble=\"snapshots\"; no extra training): the default's check on the validation rows passed "
-                   "this one flow, so it was not mixed, and on the benchmark tasks at 1,000 simulations the mixture "
-                   "was calibrated on every run where the check missed an over-confident flow (docs/benchmarks.md). "
-                   "Then ")
+                   "this flow, so its snapshots were not mixed with equal weights, and on the benchmark tasks at "
+                   "1,000 simulations the mixture was calibrated on every run where the check missed an "
+                   "over-confident flow (docs/benchmarks.md). Then ")
 
 
 def calibrate(state, posterior: Posterior) -> None:
@@ -67,7 +67,8 @@ def calibrate(state, posterior: Posterior) -> None:
 def advice(verdict: str, ensemble: int | str, config: dict) -> str:
     """What the report advises for ``verdict``: :data:`~sbiflows.diagnostics.verdict.ADVICE`, led by
     :data:`SNAPSHOT_ADVICE` where ``ensemble="auto-snapshots"`` kept one flow (``config`` has no
-    ``snapshot_epochs``) that turned out over-confident, and :data:`ENSEMBLE_ADVICE` where the posterior
+    ``snapshot_epochs``) or ``"auto-stacked"`` weighted snapshots (``mixture_weights``) that turned out
+    over-confident, and :data:`ENSEMBLE_ADVICE` where the posterior
     already mixes several trained flows (``config["ensemble"] > 1``: not three more of the same).
 
     Example:
@@ -76,11 +77,16 @@ def advice(verdict: str, ensemble: int | str, config: dict) -> str:
         (True, True)
         >>> advice("over-confident", "auto-snapshots", {"snapshot_epochs": [9, 28, 47]}) == ADVICE["over-confident"]
         True
+        >>> stacked = {"snapshot_epochs": [9, 47], "mixture_weights": [0.1, 0.9], "ensemble": 2}
+        >>> text = advice("over-confident", "auto-stacked", stacked)
+        >>> "Try first the mixture of this training's own snapshots" in text
+        True
         >>> text = advice("over-confident", 3, {"ensemble": 3})  # three flows already: not "try three flows"
         >>> "It already mixes 3 flows" in text, "--ensemble 6" in text, "ensemble=3" in text
         (True, True, False)
     """
-    if verdict == "over-confident" and ensemble == "auto-snapshots" and "snapshot_epochs" not in config:
+    not_mixed = "snapshot_epochs" not in config or "mixture_weights" in config  # not with equal weights
+    if verdict == "over-confident" and ensemble in ("auto-snapshots", "auto-stacked") and not_mixed:
         explanation, remedies = ADVICE[verdict].split(" Try ", 1)
         return f"{explanation} {SNAPSHOT_ADVICE}try {remedies}"
     members = int(config.get("ensemble", 1))

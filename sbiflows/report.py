@@ -142,9 +142,10 @@ def describe_estimator(options: dict) -> str:
     if options.get("mixing", "none") != "none":
         text += ", " + _MIXING_TEXT[options["mixing"]]
     ensemble = options.get("ensemble", 1)
-    if ensemble in ("auto", "auto-snapshots"):
-        snapshots = options.get("snapshot_epochs", []) if ensemble == "auto-snapshots" else None
-        text += ", " + describe_auto(options.get("ensemble_auto"), snapshot_epochs=snapshots)
+    if ensemble in ("auto", "auto-snapshots", "auto-stacked"):
+        snapshots = options.get("snapshot_epochs", []) if ensemble != "auto" else None
+        text += ", " + describe_auto(options.get("ensemble_auto"), snapshot_epochs=snapshots,
+                                     weights=options.get("mixture_weights"), stacked=ensemble == "auto-stacked")
     elif ensemble == "snapshots":
         text += ", " + describe_snapshots(options.get("snapshot_epochs"))
     elif ensemble > 1:
@@ -158,10 +159,12 @@ def describe_estimator(options: dict) -> str:
     return text
 
 
-def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = None) -> str:
+def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = None, weights: list[float] | None = None,
+                  stacked: bool = False) -> str:
     """What ``ensemble="auto"`` decided, from the posterior's ``config["ensemble_auto"]`` (None: not trained yet);
     with ``snapshot_epochs`` (``config["snapshot_epochs"]``, empty where none were mixed), what
-    ``ensemble="auto-snapshots"`` decided.
+    ``ensemble="auto-snapshots"`` decided, and with ``stacked``, ``"auto-stacked"`` (``weights``:
+    ``config["mixture_weights"]``).
 
     Example:
         >>> describe_auto({"rows": 1000, "over_confident": True, "worst_z": -5.1, "level": 0.95})
@@ -169,11 +172,17 @@ def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = Non
         >>> check = {"rows": 100, "over_confident": True, "worst_z": -4.0, "level": 0.9}
         >>> describe_auto(check, snapshot_epochs=[5, 14]).split(" (")[0]
         "auto snapshots: mixture of one flow's snapshots at epochs 5 and 14"
+        >>> passed = {"rows": 1000, "over_confident": False, "worst_z": -1.2, "level": 0.3}
+        >>> describe_auto(passed, snapshot_epochs=[40, 90], weights=[0.1, 0.9], stacked=True).split(" (")[0]
+        "auto stacked: mixture of one flow's snapshots at epochs 40 and 90, weights 0.10 and 0.90"
     """
-    kind = "auto ensemble" if snapshot_epochs is None else "auto snapshots"
+    kind = "auto ensemble" if snapshot_epochs is None else "auto stacked" if stacked else "auto snapshots"
     if check is None:
         if snapshot_epochs is None:
             return "auto ensemble (three flows if one is over-confident on held-out rows)"
+        if stacked:
+            return ("auto stacked (one flow's snapshot mixture if the flow is over-confident on held-out rows, else "
+                    "its snapshots weighted on them)")
         return "auto snapshots (one flow's snapshot mixture if the flow is over-confident on held-out rows)"
     from sbiflows.ensemble import AUTO_MEMBERS
 
@@ -181,7 +190,12 @@ def describe_auto(check: dict | None, *, snapshot_epochs: list[int] | None = Non
     if check["over_confident"]:
         if snapshot_epochs is None:
             return f"auto ensemble: {AUTO_MEMBERS} flows (one flow was over-confident on {found})"
-        return f"auto snapshots: {describe_snapshots(snapshot_epochs)} (the flow was over-confident on {found})"
+        return f"{kind}: {describe_snapshots(snapshot_epochs)} (the flow was over-confident on {found})"
+    if stacked and snapshot_epochs:
+        shown = [f"{w:.2f}" for w in weights or ()]
+        listed = ", ".join(shown[:-1]) + f" and {shown[-1]}" if len(shown) > 1 else "".join(shown)
+        return (f"{kind}: {describe_snapshots(snapshot_epochs)}, weights {listed} (the flow passed the coverage "
+                f"check on {found}; weights fitted there)")
     return f"{kind}: 1 flow (it passed the coverage check on {found})"
 
 

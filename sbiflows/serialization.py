@@ -57,7 +57,9 @@ __all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "digest", "read", "read_histo
 #: 4: the config may record ``x_shape`` and ``x_stats_shape`` (structured x; older files are flat, ``(x_dim,)``)
 #: and a built-in embedding (``embedding`` a name of :data:`sbiflows.embeddings.EMBEDDINGS` with its
 #: ``embedding_config``), whose weights are in the state dict like the flow's.
-FORMAT_VERSION = 4
+#: 5: an ensemble's config may record ``mixture_weights`` (older files mix with equal weights). A file without
+#: them is written as version 4, so that sbiflows releases before version 5 still read it.
+FORMAT_VERSION = 5
 #: The oldest file layout :func:`load` reads.
 MIN_FORMAT_VERSION = 1
 _KEYS = {"format_version", "sbiflows_version", "config", "state_dict", "prior_tensors", "sha256"}
@@ -123,7 +125,7 @@ def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False)
         config["default_x"] = {"values": default_x.detach().double().cpu().tolist(), "dtype": str(default_x.dtype)}
     config_json = json.dumps(config, sort_keys=True)
     blob = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if "mixture_weights" in posterior.config else 4,
         "sbiflows_version": sbiflows.__version__,
         "config": config_json,
         "state_dict": state,
@@ -206,7 +208,7 @@ def read(
                      theta_dim=theta_dim, x_shape=x_shape, stats_shape=post_config.get("x_stats_shape", x_shape))
         for k in range(post_config.get("ensemble", 1))
     ]
-    net = mixture(members).to(_DTYPES[config["dtype"]])
+    net = mixture(members, post_config.get("mixture_weights")).to(_DTYPES[config["dtype"]])  # None: equal weights
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
         diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))

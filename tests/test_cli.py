@@ -46,8 +46,10 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--estimator", "nope"], "invalid choice"),
         (["fit", "two_moons", "--transformer", "cubic"], "invalid choice"),
         (["fit", "two_moons", "--estimator", "maf", "--bins", "4"], "bins"),  # maf's default transformer is affine
-        (["fit", "two_moons", "--ensemble", "0"], "expected a positive integer, auto, snapshots or auto-snapshots, got 0"),
-        (["fit", "two_moons", "--ensemble", "many"], "expected a positive integer, auto, snapshots or auto-snapshots, got 'many'"),
+        (["fit", "two_moons", "--ensemble", "0"],
+         "expected a positive integer, auto, snapshots, auto-snapshots or auto-stacked, got 0"),
+        (["fit", "two_moons", "--ensemble", "many"],
+         "expected a positive integer, auto, snapshots, auto-snapshots or auto-stacked, got 'many'"),
         (["fit", "two_moons", "--mixing", "permute"], "invalid choice"),
         (["fit", "bernoulli_glm", "--estimator", "maf", "--mixing", "lu"],
          "mixing='lu' applies to the coupling estimators 'nsf' and 'realnvp', got estimator 'maf'"),

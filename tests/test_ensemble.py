@@ -99,7 +99,8 @@ def test_one_member_is_the_single_flow_and_refits_continue_every_member():
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), (2.0, TypeError), (True, TypeError), ("three", ValueError)])
 def test_bad_ensemble_sizes_are_refused(value, error):
-    with pytest.raises(error, match="ensemble must be an int >= 1, 'auto', 'snapshots' or 'auto-snapshots', got"):
+    choices = "'auto', 'snapshots', 'auto-snapshots' or 'auto-stacked'"
+    with pytest.raises(error, match=f"ensemble must be an int >= 1, {choices}, got"):
         NPE(PRIOR, ensemble=value)
 
 

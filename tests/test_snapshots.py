@@ -241,19 +241,22 @@ def test_auto_snapshots_mixes_only_where_the_check_fails_and_refits_keep_the_dec
 
 
 @pytest.mark.slow
-def test_command_line_reports_what_auto_snapshots_decided(monkeypatch, tmp_path, capsys):
-    forced_check(monkeypatch, passed=False)
+@pytest.mark.parametrize("ensemble, passed", [("auto-snapshots", False), ("auto-stacked", True)])
+def test_command_line_reports_what_the_auto_rules_decided(monkeypatch, tmp_path, capsys, ensemble, passed):
+    forced_check(monkeypatch, passed=passed)
     out = tmp_path / "run"
     small = ["--simulations", "300", "--num-samples", "100", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "100", "--max-epochs", "6"]
-    assert main(["fit", "two_moons", "--ensemble", "auto-snapshots", "--out", str(out), "--observations", "1",
+    assert main(["fit", "two_moons", "--ensemble", ensemble, "--out", str(out), "--observations", "1",
                  *small]) == 0
     config = load(out / "posterior.pt").config
     report = json.loads((out / "report.json").read_text())
-    assert report["ensemble"] == "auto-snapshots" and report["ensemble_auto"]["over_confident"]
+    assert report["ensemble"] == ensemble and report["ensemble_auto"]["over_confident"] is (not passed)
     assert report.get("snapshot_epochs") == config.get("snapshot_epochs")
+    assert report.get("mixture_weights") == config.get("mixture_weights")  # "auto-stacked" where it weighted
     mixed = len(config.get("snapshot_epochs", [])) > 1
-    text = "auto snapshots: " + ("mixture of one flow's snapshots at epochs" if mixed else "")
+    text = ("auto stacked: " if ensemble == "auto-stacked" else "auto snapshots: ") + (
+        "mixture of one flow's snapshots at epochs" if mixed else "")
     assert text in capsys.readouterr().out and text in (out / "report.md").read_text()
 
 

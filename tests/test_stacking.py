@@ -1,0 +1,150 @@
+"""Weighted mixtures (``EnsembleNet(weights=...)``), stacking weights fitted on held-out rows, and
+``NPE(ensemble="auto-stacked")``, which mixes a training run's snapshots with them where the check passes (its
+command line report: ``tests/test_snapshots.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal, Uniform
+
+from sbiflows import NPE, Posterior, load
+from sbiflows.ensemble import EnsembleNet, check_weights, mixture, stack
+from sbiflows.estimator import PosteriorNet
+from sbiflows.flows import maf
+from sbiflows.serialization import FORMAT_VERSION
+from sbiflows.snapshots import stacking_weights
+
+from test_snapshots import OPTIONS, PRIOR, data, forced_check
+
+
+def nets(k=3):
+    return [PosteriorNet(maf(2, 2, transforms=1, hidden_features=(8,), seed=s), nn.Identity(), theta_dim=2, x_dim=2)
+            for s in range(k)]
+
+
+def test_a_weighted_mixtures_density_is_the_weighted_mean_of_its_members():
+    members = nets()
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    ensemble = EnsembleNet(members, weights=weights)
+    u, context = torch.randn(7, 2), ensemble.context(torch.randn(7, 2))
+    each = torch.stack([m.log_prob_given_context(u, context[:, k]) for k, m in enumerate(members)])
+    expected = (each.exp() * weights[:, None]).sum(0).log()
+    torch.testing.assert_close(ensemble.log_prob_given_context(u, context), expected)
+    equal = EnsembleNet(members)  # no weights: the equal mixture, computed as before weights existed
+    assert torch.equal(equal.log_prob_given_context(u, context), torch.logsumexp(each, 0) - math.log(3))
+
+
+def test_each_draw_comes_from_the_member_its_uniform_falls_to_and_members_are_drawn_in_proportion():
+    members = nets()
+    ensemble = EnsembleNet(members, weights=[0.2, 0.3, 0.5])
+    for k, member in enumerate(members):  # each member draws its own index
+        member.sample_from_base = lambda z, context, k=k: torch.full_like(z, float(k))
+    context = ensemble.context(torch.zeros(1, 2))
+    z = torch.zeros(6, 1, 2)
+    picks = torch.tensor([0.0, 0.19, 0.2, 0.49, 0.5, 0.999])[:, None, None]
+    drawn = ensemble.sample_from_base(torch.cat([z, picks], -1), context)
+    assert drawn[:, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    draws = ensemble.sample_given_context(20_000, context, generator=torch.Generator().manual_seed(0))
+    share = torch.stack([(draws[:, 0, 0] == k).double().mean() for k in range(3)])
+    sd = (torch.tensor([0.2, 0.3, 0.5]) * torch.tensor([0.8, 0.7, 0.5]) / 20_000).sqrt()
+    assert bool(((share - torch.tensor([0.2, 0.3, 0.5])).abs() < 4 * sd).all()), share
+
+
+@pytest.mark.parametrize("weights, shown", [([0.5, 0.5], "got [0.5, 0.5]"), ([0.5, 0.6, -0.1], "got [0.5, 0.6, -0.1]"),
+                                            ([0.5, 0.6, 0.1], "got [0.5, 0.6, 0.1]"),
+                                            ([float("nan"), 0.5, 0.5], "got [nan, 0.5, 0.5]"),
+                                            ("equal", "got 'equal'")])
+def test_bad_weights_are_refused_naming_the_argument(weights, shown):
+    expected = r"weights must be 3 finite values >= 0 that sum to 1, " + shown.replace("[", r"\[")
+    with pytest.raises(ValueError, match=expected):
+        EnsembleNet(nets(), weights=weights)
+
+
+def test_stacking_recovers_the_weights_of_a_known_mixture_and_drops_a_member_that_explains_nothing():
+    generator = torch.Generator().manual_seed(0)
+    n = 5000
+    left = torch.rand(n, generator=generator) < 0.3
+    rows = torch.where(left, -2.0, 2.0) + torch.randn(n, generator=generator)
+    log_q = torch.stack([Normal(-2.0, 1.0).log_prob(rows), Normal(2.0, 1.0).log_prob(rows),
+                         Normal(20.0, 1.0).log_prob(rows)])
+    weights = stacking_weights(log_q)
+    assert weights[2] == 0 and abs(float(weights.sum()) - 1) < 1e-12
+    assert abs(float(weights[0]) - 0.3) < 0.03, weights  # binomial sd of the share 0.0065
+    # a common offset per row (a Jacobian) changes nothing
+    torch.testing.assert_close(stacking_weights(log_q + torch.randn(n, generator=generator)), weights)
+    # one member that explains every row better than the others gets all the weight
+    assert stacking_weights(torch.stack([log_q[1] - 0.5, log_q[1]])).tolist() == [0.0, 1.0]
+
+
+def test_stacking_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"log_q must have shape \(members, rows\) with both >= 1, got \(4,\)"):
+        stacking_weights(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\), got 1.0"):
+        stacking_weights(torch.zeros(2, 4), floor=1.0)
+    with pytest.raises(ValueError, match="at least one member with finite log densities"):
+        stacking_weights(torch.full((2, 3), -math.inf))
+    nan_member = torch.stack([torch.zeros(3), torch.tensor([0.0, math.nan, 0.0])])
+    assert stacking_weights(nan_member).tolist() == [1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def snapshot_fit():
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble="snapshots", **OPTIONS)
+    return npe, npe.fit(theta, x, max_epochs=30, progress=False)
+
+
+def test_stack_fits_the_snapshots_on_held_out_rows_and_a_weighted_posterior_saves_and_loads(snapshot_fit, tmp_path):
+    npe, snapshots = snapshot_fit
+    members = list(snapshots.net.members)
+    held_out = npe.validation
+    kept, weights = stack(members, PRIOR, snapshots.config, npe.theta[held_out], npe.x[held_out])
+    assert kept and kept == sorted(kept) and abs(float(weights.sum()) - 1) < 1e-9
+    # a weighted posterior of all three members (the weights stack found, or fixed ones where it kept one)
+    chosen = [0.2, 0.3, 0.5] if len(kept) < 3 else weights
+    posterior = Posterior(mixture(members, chosen), PRIOR,
+                          config={**snapshots.config, "mixture_weights": [float(w) for w in chosen]})
+    x_o, probe = torch.tensor([0.2, -0.4]), PRIOR.sample((50,))
+    def unnormalized(p):  # the truncated space normalizes the mixture as a whole, not member by member
+        return p.log_prob_batched(probe[:, None], x_o[None], normalized=False)[:, 0]
+
+    single = [unnormalized(Posterior(m, PRIOR, config={**snapshots.config, "ensemble": 1})) for m in members]
+    expected = sum(float(w) * lp.exp() for w, lp in zip(chosen, single)).log()
+    torch.testing.assert_close(unnormalized(posterior), expected, rtol=1e-5, atol=1e-5)
+    posterior.save(tmp_path / "weighted.pt")
+    assert torch.load(tmp_path / "weighted.pt", weights_only=True)["format_version"] == FORMAT_VERSION == 5
+    again = load(tmp_path / "weighted.pt", prior=PRIOR)
+    assert torch.equal(again.log_prob(probe, x_o), posterior.log_prob(probe, x_o))
+    assert torch.equal(again.sample(200, x_o, seed=3), posterior.sample(200, x_o, seed=3))
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_auto_stacked_weights_the_snapshots_where_the_check_passes_and_mixes_equally_where_it_fails(
+        monkeypatch, snapshot_fit, passed):
+    npe_snapshots, snapshots = snapshot_fit
+    forced_check(monkeypatch, passed=passed)
+    theta, x = data()
+    npe = NPE(PRIOR, ensemble="auto-stacked", **OPTIONS)
+    posterior = npe.fit(theta, x, max_epochs=30, progress=False)  # trains as ensemble="snapshots" did
+    x_o, probe = torch.tensor([0.2, -0.4]), PRIOR.sample((50,))
+    if not passed:  # the equal mixture of "snapshots"
+        assert posterior.config["snapshot_epochs"] == snapshots.config["snapshot_epochs"]
+        assert "mixture_weights" not in posterior.config
+        assert torch.equal(posterior.log_prob(probe, x_o), snapshots.log_prob(probe, x_o))
+        return
+    members, epochs = list(snapshots.net.members), snapshots.config["snapshot_epochs"]
+    kept, weights = stack(members, PRIOR, snapshots.config, theta[npe.validation], x[npe.validation])
+    if kept == [len(members) - 1]:  # the flow alone
+        assert posterior.config["ensemble"] == 1 and "snapshot_epochs" not in posterior.config
+    else:
+        assert posterior.config["snapshot_epochs"] == [epochs[k] for k in kept]
+        assert posterior.config["mixture_weights"] == [float(w) for w in weights]
+        expected = Posterior(mixture([members[k] for k in kept], weights), PRIOR, config=snapshots.config)
+        assert torch.equal(posterior.log_prob(probe, x_o), expected.log_prob(probe, x_o))
+    restored = NPE(PRIOR, ensemble="auto-stacked", **OPTIONS).restore(posterior, theta, x, validation=npe.validation)
+    refit = restored.fit(*data(200, seed=5), max_epochs=3, progress=False)
+    assert refit.config["ensemble"] in (1, 2, 3) and refit.config["ensemble_auto"] == posterior.config["ensemble_auto"]
