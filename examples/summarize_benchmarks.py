@@ -342,6 +342,54 @@ def previous_member_rows(paths: list[str], *, setting: str = "snapshots gap_frac
     return rows if len(rows) > 2 else []
 
 
+def stacked_rows(paths: list[str], *, setting: str = "stacked gap_fraction=0.4") -> list[str]:
+    """The runs where ``benchmark_snapshot_mixture.py --stacked`` scored the likelihood-stacked mixture (runs
+    whose check passed the flow): one flow against it (worst z; C2ST; NLL), the members kept with their weights,
+    and a last row with the changes paired over the runs (standard error) and the runs failing the target with
+    each. Empty without such runs.
+
+    Example:
+        >>> import json, tempfile
+        >>> def record(seed, setting, z, c2st, nll, **extra):
+        ...     return {"task": "sir", "simulations": 10000, "seed": seed, "setting": setting, "worst_z": z,
+        ...             "c2st": {"1": c2st}, "heldout_nll": nll, "auto_check": {"over_confident": False,
+        ...             "worst_z": -1.7}, **extra}
+        >>> stacked = {"kept": [71, 372], "weights": [0.1, 0.9]}
+        >>> lines = [record(3, "defaults", -3.3, 0.564, -7.91), record(3, "stacked gap_fraction=0.4", -2.7,
+        ...          0.563, -7.92, **stacked), record(4, "defaults", -1.0, 0.55, -7.5),
+        ...          record(4, "stacked gap_fraction=0.4", -1.0, 0.55, -7.5, kept=[90], weights=[1.0])]
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write("\\n".join(json.dumps(r) for r in lines))
+        >>> rows = stacked_rows([f.name])
+        >>> rows[2]
+        '| sir | 10,000 | 3 | -1.70 (passes) | -3.30; 0.564; -7.910 | 71: 0.10, 372: 0.90 | -2.70; 0.563; -7.920 |'
+        >>> rows[-1]
+        '| all 2 runs | | | | 1 fail | 1 of 2 weighted | 0 fail; C2ST -0.001 (0.001); NLL -0.005 (0.005) |'
+    """
+    records, checks = _snapshot_records(paths)
+    rows = ["| task | simulations | seed | auto check z | one flow: worst z; C2ST; NLL | members kept: weight "
+            "| stacked: worst z; C2ST; NLL |",
+            "| --- | ---: | ---: | --- | --- | --- | --- |"]
+    pairs = []
+    for task, simulations, seed, name in sorted(records, key=str):
+        if name != setting or (task, simulations, seed, "defaults") not in records:
+            continue
+        stacked, one = records[(task, simulations, seed, name)], records[(task, simulations, seed, "defaults")]
+        pairs.append((one, stacked))
+        weights = ", ".join(f"{epoch}: {weight:.2f}" for epoch, weight in zip(stacked["kept"], stacked["weights"]))
+        rows.append(f"| {task} | {simulations:,} | {seed} | {_check_text(checks.get((task, simulations, seed)))} | "
+                    f"{_snapshot_cell(one)} | {weights} | {_snapshot_cell(stacked)} |")
+    if not pairs:
+        return []
+    both = [(one, stacked) for one, stacked in pairs if "c2st" in one and "c2st" in stacked]
+    c2st = difference_text(*paired([_mean(b["c2st"]) for _, b in both], [_mean(a["c2st"]) for a, _ in both]))
+    nll = difference_text(*paired([b["heldout_nll"] for _, b in pairs], [a["heldout_nll"] for a, _ in pairs]))
+    weighted = sum(len(stacked["kept"]) > 1 for _, stacked in pairs)
+    rows.append(f"| all {len(pairs)} runs | | | | {sum(a['worst_z'] < -3 for a, _ in pairs)} fail | {weighted} of "
+                f"{len(pairs)} weighted | {sum(b['worst_z'] < -3 for _, b in pairs)} fail; C2ST {c2st}; NLL {nll} |")
+    return rows
+
+
 def _versus(ours: dict, base: dict) -> str:
     """``"difference (SE) | k of n"``: ``ours - base`` paired over their common seeds (``"- | -"`` if none).
 
@@ -507,7 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "snapshots":
         paths = [args.path, *args.more]
         previous = previous_member_rows(paths)
-        rows = [*snapshot_rows(paths), "", *snapshot_task_rows(paths), *(["", *previous] if previous else [])]
+        stacked = stacked_rows(paths)
+        rows = [*snapshot_rows(paths), "", *snapshot_task_rows(paths), *(["", *previous] if previous else []),
+                *(["", *stacked] if stacked else [])]
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":

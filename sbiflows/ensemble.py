@@ -101,8 +101,10 @@ class EnsembleNet(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
-        # not in the state dict: a saved posterior records them in its config (``mixture_weights``)
-        self.register_buffer("weights", None if weights is None else check_weights(weights, len(members)),
+        # in the members' dtype (float64 is not on every device); not in the state dict: a saved posterior
+        # records them in its config (``mixture_weights``)
+        dtype = members[0].u_shift.dtype
+        self.register_buffer("weights", None if weights is None else check_weights(weights, len(members)).to(dtype),
                              persistent=False)
         self.theta_dim, self.x_dim = members[0].theta_dim, members[0].x_dim
         self.x_shape, self.padded_trials = members[0].x_shape, members[0].padded_trials
@@ -126,7 +128,8 @@ class EnsembleNet(nn.Module):
         return torch.stack([member.context(x) for member in self.members], -2)
 
     def log_prob_given_context(self, u: Tensor, context: Tensor) -> Tensor:
-        """``log (1/K) sum_k q_k(u | x)``; ``context`` as returned by :meth:`context`."""
+        """``log (1/K) sum_k q_k(u | x)`` (with weights, ``log sum_k w_k q_k(u | x)``); ``context`` as returned by
+        :meth:`context`."""
         parts = torch.stack([member.log_prob_given_context(u, context[..., k, :])
                              for k, member in enumerate(self.members)])
         if self.weights is None:
