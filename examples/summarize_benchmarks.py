@@ -382,7 +382,8 @@ def stacked_rows(paths: list[str], *, setting: str = "stacked gap_fraction=0.4")
     if not pairs:
         return []
     both = [(one, stacked) for one, stacked in pairs if "c2st" in one and "c2st" in stacked]
-    c2st = difference_text(*paired([_mean(b["c2st"]) for _, b in both], [_mean(a["c2st"]) for a, _ in both]))
+    c2st = difference_text(*paired([_mean(b["c2st"]) for _, b in both],
+                                   [_mean(a["c2st"]) for a, _ in both])) if both else "-"
     nll = difference_text(*paired([b["heldout_nll"] for _, b in pairs], [a["heldout_nll"] for a, _ in pairs]))
     weighted = sum(len(stacked["kept"]) > 1 for _, stacked in pairs)
     rows.append(f"| all {len(pairs)} runs | | | | {sum(a['worst_z'] < -3 for a, _ in pairs)} fail | {weighted} of "

@@ -381,6 +381,28 @@ def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, mon
         assert all(torch.equal(value, state[key]) for key, value in net.state_dict().items())
 
 
+def test_snapshot_benchmark_scores_the_stacked_mixture_where_the_check_passes(monkeypatch, tmp_path):
+    """``benchmark_snapshot_mixture.py --stacked``: a record of the stacked mixture (members kept, weights that sum
+    to 1) exactly where the check passed the flow, and the summary's stacked table reads it."""
+    import json
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_snapshot_mixture")
+    out = tmp_path / "records.jsonl"
+    example.main(["--tasks", "gaussian_linear", "--simulations", "400", "--seeds", "0", "--gaps", "--gap-fractions",
+                  "0.4", "--stacked", "--datasets", "100", "--posterior-samples", "100", "--test-size", "50",
+                  "--json", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    stacked = [r for r in records if r["setting"] == "stacked gap_fraction=0.4"]
+    passed = not records[0]["auto_check"]["over_confident"]
+    assert len(stacked) == int(passed)
+    if passed:
+        kept, weights = stacked[0]["kept"], stacked[0]["weights"]
+        assert set(kept) <= set(stacked[0]["members"]) and abs(sum(weights) - 1) < 1e-3 and min(weights) >= 0.01
+        summary = load_example("summarize_benchmarks").stacked_rows([str(out)])
+        assert summary[2].startswith("| gaussian_linear | 400 | 0 |") and summary[-1].startswith("| all 1 runs |")
+
+
 def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monkeypatch):
     """benchmark_chunks.py: the chunk size changes the time of batched draws, not what they are."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
