@@ -19,8 +19,9 @@ single flow's validation rows, which says whether a rule "mix only where the che
 for each gap fraction, the mixture of the member rule before session 68 (``members(distinct=False)``: two
 targets without an improvement between them gave one member) wherever its members differ. ``--stacked`` also
 scores, for each gap fraction, the members weighted to maximize their mixture's likelihood on the single flow's
-validation rows (:func:`~sbiflows.ensemble.stack`, members below 1% weight dropped) where the check passes the
-flow (where it fails, the default mixes with equal weights); the record holds the members kept and their weights.
+validation rows (:meth:`~sbiflows.snapshots.SnapshotTrail.stacked`, members below 1% weight dropped) where the
+check passes the flow (where it fails, the default mixes with equal weights); the record holds the members kept
+and their weights.
 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
@@ -39,7 +40,7 @@ import torch
 import simulators
 import sbiflows.npe as npe_module
 from sbiflows import NPE, Posterior
-from sbiflows.ensemble import auto_check, auto_summary, members_of, mixture, stack
+from sbiflows.ensemble import auto_check, auto_summary, members_of, mixture
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import simulate_from_prior
 from sbiflows.snapshots import SNAPSHOT_GAP, SnapshotTrail
@@ -154,14 +155,14 @@ def main(argv: list[str] | None = None) -> None:
                                  **score(mixed, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, mixed, observations, seed=seed)})
             for fraction in args.gap_fractions if args.stacked and check.passed else ():
-                nets, epochs = recorder.trail.networks(copy.deepcopy(posterior.net), history.best_epoch,
-                                                       fraction=fraction)
-                kept, weights = stack(nets, task.prior, posterior.config, npe.theta[npe.validation],
-                                      npe.x[npe.validation])
-                stacked = Posterior(mixture([nets[k] for k in kept], weights if len(kept) > 1 else None), task.prior,
+                nets, kept, weights = recorder.trail.stacked(  # what NPE(ensemble="auto-stacked") returns
+                    copy.deepcopy(posterior.net), history.best_epoch, task.prior, posterior.config,
+                    npe.theta[npe.validation], npe.x[npe.validation], fraction=fraction)
+                stacked = Posterior(mixture(nets, weights), task.prior,
                                     config={**posterior.config, "ensemble": len(kept)})
-                emit(args.json, {**base, "setting": f"stacked gap_fraction={fraction}", "members": epochs,
-                                 "kept": [epochs[k] for k in kept], "weights": [round(float(w), 4) for w in weights],
+                members = [epoch for epoch, _ in recorder.trail.members(history.best_epoch, fraction=fraction)]
+                emit(args.json, {**base, "setting": f"stacked gap_fraction={fraction}", "members": members,
+                                 "kept": kept, "weights": [round(float(w), 4) for w in weights],
                                  **score(stacked, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, stacked, observations, seed=seed)})
 

@@ -34,7 +34,6 @@ from sbiflows.coverage_loss import CalibratedObjective
 from sbiflows.checks import check_bool, check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
-    stack,
 )
 from sbiflows.estimator import DEFAULT_ESTIMATOR, PosteriorNet, default_transforms
 from sbiflows.flows import Flow
@@ -489,16 +488,13 @@ class NPE:
     # ------------------------------------------------------------------------------ internals
     def _stacked(self, trail: SnapshotTrail, net: nn.Module, best_epoch: int, *, start: int, theta: Tensor,
                  x: Tensor, seed: int, transforms: int) -> tuple[list[nn.Module], list[int] | None, Tensor | None]:
-        """``ensemble="auto-stacked"`` where the check passed: the snapshot members that
-        :func:`~sbiflows.ensemble.stack` keeps on the validation rows ``(theta, x)``, their epochs (None where
-        only the flow is left) and weights (None for one member)."""
-        candidates, epochs = trail.networks(net, best_epoch, start=start)
-        if len(candidates) == 1:
-            return candidates, None, None
-        kept, weights = stack(candidates, self.prior, self._config(net, seed, transforms), theta, x)
-        if kept == [len(candidates) - 1]:
+        """``ensemble="auto-stacked"`` where the check passed: :meth:`SnapshotTrail.stacked` on the validation rows
+        ``(theta, x)``, with epochs and weights None where the flow alone is left."""
+        nets, epochs, weights = trail.stacked(net, best_epoch, self.prior, self._config(net, seed, transforms), theta,
+                                              x, start=start)
+        if len(nets) == 1 and nets[0] is net:  # the flow alone
             return [net], None, None
-        return [candidates[k] for k in kept], [epochs[k] for k in kept], weights
+        return nets, epochs, weights
 
     def _over_confident(self, check: Any) -> bool:
         """Whether the auto check failed: this fit's ``check``, else the first fit's (kept or restored)."""

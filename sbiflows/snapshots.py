@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import math
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -139,6 +141,20 @@ class SnapshotTrail:
             member.load_state_dict(state)
             members.append(member.eval())
         return [*members, net], [epoch for epoch, _ in chosen]
+
+    def stacked(self, net: nn.Module, best_epoch: int, prior: Any, config: dict, theta: Tensor, x: Tensor,
+                **choice) -> tuple[list[nn.Module], list[int], Tensor]:
+        """The members of :meth:`networks` that a stacked mixture keeps (:func:`~sbiflows.ensemble.stack` on the
+        held-out pairs ``(theta, x)``; ``prior`` and ``config`` define a member's posterior), their epochs and
+        weights; ``[net]``, ``[best_epoch]`` and weight 1 where the trail gives ``net`` alone. ``choice`` as for
+        :meth:`networks`."""
+        from sbiflows.ensemble import stack
+
+        nets, epochs = self.networks(net, best_epoch, **choice)
+        if len(nets) == 1:
+            return nets, epochs, torch.ones(1, dtype=torch.float64)
+        kept, weights = stack(nets, prior, config, theta, x)
+        return [nets[k] for k in kept], [epochs[k] for k in kept], weights
 
 
 def stacking_weights(log_q: Tensor, *, floor: float = STACKING_FLOOR, iterations: int = 10_000,

@@ -16,7 +16,7 @@ from sbiflows.ensemble import EnsembleNet, check_weights, mixture, stack
 from sbiflows.estimator import PosteriorNet
 from sbiflows.flows import maf
 from sbiflows.serialization import FORMAT_VERSION
-from sbiflows.snapshots import stacking_weights
+from sbiflows.snapshots import SnapshotTrail, stacking_weights
 
 from test_snapshots import OPTIONS, PRIOR, data, forced_check
 
@@ -148,3 +148,10 @@ def test_auto_stacked_weights_the_snapshots_where_the_check_passes_and_mixes_equ
     restored = NPE(PRIOR, ensemble="auto-stacked", **OPTIONS).restore(posterior, theta, x, validation=npe.validation)
     refit = restored.fit(*data(200, seed=5), max_epochs=3, progress=False)
     assert refit.config["ensemble"] in (1, 2, 3) and refit.config["ensemble_auto"] == posterior.config["ensemble_auto"]
+
+
+def test_a_trail_that_gives_the_flow_alone_stacks_nothing(snapshot_fit):
+    npe, snapshots = snapshot_fit
+    net = snapshots.net.members[-1]
+    nets, epochs, weights = SnapshotTrail().stacked(  # a trail without snapshots: nothing to weighnet, 7, PRIOR, snapshots.config, npe.theta[:10], npe.x[:10])
+    assert nets == [net] and epochs == [7] and weights.tolist() == [1.0]
