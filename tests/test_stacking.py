@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Independent, Normal, Uniform
+from torch.distributions import Normal
 
 from sbiflows import NPE, Posterior, load
-from sbiflows.ensemble import EnsembleNet, check_weights, mixture, stack
+from sbiflows.ensemble import EnsembleNet, mixture, stack
 from sbiflows.estimator import PosteriorNet
 from sbiflows.flows import maf
 from sbiflows.serialization import FORMAT_VERSION
@@ -153,5 +153,6 @@ def test_auto_stacked_weights_the_snapshots_where_the_check_passes_and_mixes_equ
 def test_a_trail_that_gives_the_flow_alone_stacks_nothing(snapshot_fit):
     npe, snapshots = snapshot_fit
     net = snapshots.net.members[-1]
-    nets, epochs, weights = SnapshotTrail().stacked(  # a trail without snapshots: nothing to weighnet, 7, PRIOR, snapshots.config, npe.theta[:10], npe.x[:10])
+    # a trail without snapshots: nothing to weigh
+    nets, epochs, weights = SnapshotTrail().stacked(net, 7, PRIOR, snapshots.config, npe.theta[:10], npe.x[:10])
     assert nets == [net] and epochs == [7] and weights.tolist() == [1.0]
