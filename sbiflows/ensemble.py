@@ -224,9 +224,10 @@ def members_of(net: PosteriorNet | EnsembleNet) -> list[PosteriorNet]:
 #: The string choices of ``NPE(ensemble=...)`` besides an int (:mod:`sbiflows.snapshots` for the last three).
 ENSEMBLE_CHOICES = ("auto", "snapshots", "auto-snapshots", "auto-stacked")
 #: :class:`~sbiflows.NPE`'s default ``ensemble``: one flow, mixed with two earlier snapshots of its own training
-#: only where it is over-confident on its validation rows (``docs/benchmarks.md``, "Snapshot mixtures on the ten
-#: tasks"). :class:`~sbiflows.TSNPE`'s rounds keep one flow.
-DEFAULT_ENSEMBLE = "auto-snapshots"
+#: where it is over-confident on its validation rows, else its snapshots weighted by stacking on those rows
+#: (``docs/benchmarks.md``, "Snapshot mixtures on the ten tasks" and "Snapshots weighted by stacking").
+#: :class:`~sbiflows.TSNPE`'s rounds keep one flow.
+DEFAULT_ENSEMBLE = "auto-stacked"
 
 
 def check_ensemble(ensemble: object) -> int | str:

@@ -95,7 +95,7 @@ class NPE:
             ``"auto"`` (default): a learned linear summary for ``x`` with many values per parameter, none
             otherwise (:func:`~sbiflows.embeddings.auto_embedding`, decided at the first ``fit``); None: no
             embedding (``x`` goes to every flow layer as it is, structured ``x`` flattened).
-        ensemble: ``"auto-snapshots"`` (default, below), or train this many flows on the same rows with
+        ensemble: ``"auto-stacked"`` (default, below), or train this many flows on the same rows with
             different seeds (weights, validation split, minibatch order) and return their equal-weight
             mixture (:mod:`sbiflows.ensemble`); 1: one flow.
             The flows step together, one vectorized pass per minibatch, unless a custom objective
@@ -106,10 +106,10 @@ class NPE:
             ``"snapshots"``: one flow trained as the default is, and the mixture of its best weights with
             two earlier snapshots of its own training (:mod:`sbiflows.snapshots`; their epochs are in the
             posterior's ``config["snapshot_epochs"]``): no extra training, three flows per density.
-            ``"auto-snapshots"`` (:data:`~sbiflows.ensemble.DEFAULT_ENSEMBLE`): that mixture only where the
-            flow fails ``"auto"``'s check, else the flow (the first fit decides; the check is in
-            :attr:`auto_coverage`). One flow trains either way. ``"auto-stacked"``: as ``"auto-snapshots"``,
-            but where the check passes, the snapshots weighted to maximize their mixture's density on the
+            ``"auto-snapshots"``: that mixture only where the flow fails ``"auto"``'s check, else the flow
+            (the first fit decides; the check is in :attr:`auto_coverage`). One flow trains either way.
+            ``"auto-stacked"`` (:data:`~sbiflows.ensemble.DEFAULT_ENSEMBLE`): as ``"auto-snapshots"``, but where
+            the check passes, the snapshots weighted to maximize their mixture's density on the
             validation rows (:func:`~sbiflows.ensemble.stack`; members below 1% weight left out, often all but
             the flow; the weights are in ``config["mixture_weights"]``).
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which

@@ -94,9 +94,9 @@ def hold(out: Path, spelling: str = "cli") -> Any:
                                 f"{held.owner}); wait for it to finish or stop it, or choose another folder") from None
 
 
-#: Settings whose default changed, as (setting, default before, default since): a run folder made before the
-#: change holds the old default, and the same command now resolves to the new one.
-CHANGED_DEFAULTS = (("ensemble", 1, "auto-snapshots"),)
+#: Settings whose default changed, as (setting, default before, default since), oldest first: a run folder made
+#: before a change holds an old default, and the same command now resolves to the newest one.
+CHANGED_DEFAULTS = (("ensemble", 1, "auto-snapshots"), ("ensemble", "auto-snapshots", "auto-stacked"))
 
 
 #: How the refusals name the folder, the override and an option: for ``sbiflows fit`` and for
@@ -112,17 +112,19 @@ def _old_default_hint(old: dict, settings: dict, spelling: str = "cli") -> str:
     (:data:`CHANGED_DEFAULTS`): pass the old value's option.
 
     Example:
-        >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"})
-        "; a run made before NPE's default became ensemble='auto-snapshots' resumes with --ensemble 1"
-        >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-snapshots"}, "python")
-        "; a run made before NPE's default became ensemble='auto-snapshots' resumes with Job(ensemble=1)"
-        >>> _old_default_hint({"seed": 0}, {"seed": 1})
-        ''
+        >>> _old_default_hint({"ensemble": 1}, {"ensemble": "auto-stacked"})
+        "; a run made when NPE's default was ensemble=1 (today 'auto-stacked') resumes with --ensemble 1"
+        >>> _old_default_hint({"ensemble": "auto-snapshots"}, {"ensemble": "auto-stacked"}, "python")
+        "; a run made when NPE's default was ensemble='auto-snapshots' (today 'auto-stacked') resumes with \
+Job(ensemble='auto-snapshots')"
+        >>> _old_default_hint({"ensemble": 1}, {"ensemble": 3}), _old_default_hint({"seed": 0}, {"seed": 1})
+        ('', '')
     """
-    return "".join(f"; a run made before NPE's default became {key}={since!r} resumes with "
+    today = {key: since for key, _, since in CHANGED_DEFAULTS}  # the last change of each setting wins
+    return "".join(f"; a run made when NPE's default was {key}={before!r} (today {today[key]!r}) resumes with "
                    + SPELLINGS[spelling]["option"].format(key=key, value=before)
-                   for key, before, since in CHANGED_DEFAULTS
-                   if old.get(key) == before and settings.get(key) == since)
+                   for key, before, _ in CHANGED_DEFAULTS
+                   if old.get(key) == before and settings.get(key) == today[key])
 
 
 def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "cli") -> list[str]:

@@ -94,7 +94,7 @@ class TSNPE:
         prior: The prior (as for :class:`~sbiflows.NPE`).
         **npe_options: Passed to :class:`~sbiflows.NPE` (``estimator``, ``transforms``, ...) except
             ``balancing`` and ``coverage_penalty`` (:func:`check_sequential_options`). ``ensemble`` defaults to
-            1 here (one flow per round; NPE's default ``"auto-snapshots"`` widened regions). With ``ensemble=K``
+            1 here (one flow per round; NPE's default snapshot mixtures widened regions). With ``ensemble=K``
             every round trains K flows and each region is their mixture's (wider where the flows
             disagree, so less prone to cutting off posterior mass; docs/sequential.md). The flow
             defaults to

@@ -171,7 +171,7 @@ def stop_vectorized_after(monkeypatch, steps: int) -> None:
     raise_after(monkeypatch, ensemble_training, "_step", steps)
 
 
-@pytest.mark.parametrize("ensemble", ["auto-snapshots", 1, 3])
+@pytest.mark.parametrize("ensemble", ["auto-stacked", "auto-snapshots", 1, 3])
 def test_a_killed_npe_fit_resumes_to_the_same_posterior(tmp_path, monkeypatch, ensemble):
     """NPE's default (one flow with its snapshot trail, checked), a single flow, and three flows trained in one
     vectorized pass, through ``NPE.fit``."""

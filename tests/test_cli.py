@@ -703,14 +703,17 @@ def test_labels_option_names_the_parameters_and_is_checked(tmp_path, monkeypatch
     assert info.value.code == 2 and "3 parameter labels ['a', 'b', 'c'] for 2 parameters" in capsys.readouterr().err
 
 
-def test_a_run_made_before_the_auto_snapshots_default_is_told_how_to_resume(tmp_path):
+@pytest.mark.parametrize("before", [1, "auto-snapshots"])  # the defaults until sessions 55 and 70
+def test_a_run_made_with_an_earlier_default_ensemble_is_told_how_to_resume(tmp_path, before):
     from sbiflows.outputs import OutputFolderError, prepare, record
 
-    prepare(tmp_path, {"seed": 0, "ensemble": 1})
-    record(tmp_path, {"seed": 0, "ensemble": 1})  # what `sbiflows fit` recorded when one flow was the default
-    with pytest.raises(OutputFolderError, match=r'ensemble: 1 -> "auto-snapshots".*resumes with --ensemble 1'):
-        prepare(tmp_path, {"seed": 0, "ensemble": "auto-snapshots"})
-    assert prepare(tmp_path, {"seed": 0, "ensemble": 1}) == []  # and with --ensemble 1 it does
+    prepare(tmp_path, {"seed": 0, "ensemble": before})
+    record(tmp_path, {"seed": 0, "ensemble": before})  # what `sbiflows fit` recorded when it was the default
+    with pytest.raises(OutputFolderError, match=rf'ensemble: {json.dumps(before)} -> "auto-stacked".*default was '
+                                                rf"ensemble={before!r} \(today 'auto-stacked'\) resumes with "
+                                                rf"--ensemble {before}$"):
+        prepare(tmp_path, {"seed": 0, "ensemble": "auto-stacked"})
+    assert prepare(tmp_path, {"seed": 0, "ensemble": before}) == []  # and with the old value's option it does
 
 
 def tiny_job(out, calls, **options):
@@ -745,13 +748,13 @@ def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp
     (tmp_path / "posterior.pt").write_text("trained before the default changed")
     record(tmp_path, old)
     with pytest.raises(OutputFolderError, match=r"Job.out .* holds a run with other settings "
-                                                r'\(ensemble: 1 -> "auto-snapshots"\).*pass force=True.*'
+                                                r'\(ensemble: 1 -> "auto-stacked"\).*pass force=True.*'
                                                 r"resumes with Job\(ensemble=1\)"):
         run(job(), log=lambda line: None)
     assert (tmp_path / "posterior.pt").read_text() == "trained before the default changed" and calls == []
     lines = []
     report = run(job(), log=lines.append, force=True)  # replaces that run, recording what it wrote
-    assert "posterior.pt" in lines[0] and report["ensemble"] == "auto-snapshots" and sum(calls) >= 200
+    assert "posterior.pt" in lines[0] and report["ensemble"] == "auto-stacked" and sum(calls) >= 200
     manifest = json.loads((tmp_path / "run.json").read_text())
     assert manifest["settings"] == job().settings() and "posterior.pt" in manifest["files"]
     calls.clear()

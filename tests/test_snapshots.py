@@ -260,9 +260,10 @@ def test_command_line_reports_what_the_auto_rules_decided(monkeypatch, tmp_path,
     assert text in capsys.readouterr().out and text in (out / "report.md").read_text()
 
 
-def test_the_default_is_auto_snapshots_and_sequential_rounds_keep_one_flow(monkeypatch, fitted):
-    """NPE(prior) is ensemble="auto-snapshots" (docs/benchmarks.md, "`ensemble="auto-snapshots"` becomes the default");
-    TSNPE and the command line with --rounds keep one flow per round, so earlier sequential stores resume."""
+def test_the_default_is_auto_stacked_and_sequential_rounds_keep_one_flow(monkeypatch, fitted):
+    """NPE(prior) is ensemble="auto-stacked" (docs/benchmarks.md, "`ensemble="auto-stacked"` becomes the default"):
+    the equal snapshot mixture where the check fails, the stacked snapshots where it passes. TSNPE and the command
+    line with --rounds keep one flow per round, so earlier sequential stores resume."""
     from sbiflows import TSNPE
     from sbiflows.pipeline import Job, Observation
 
@@ -271,8 +272,16 @@ def test_the_default_is_auto_snapshots_and_sequential_rounds_keep_one_flow(monke
     posterior = NPE(PRIOR, **OPTIONS).fit(*data(), max_epochs=30, progress=False)
     assert posterior.config["ensemble"] == mixed.config["ensemble"]  # the check failed: the snapshot mixture
     assert posterior.config["snapshot_epochs"] == mixed.config["snapshot_epochs"]
-    assert NPE(PRIOR, ensemble=1).ensemble == 1
+    assert "mixture_weights" not in posterior.config
+    forced_check(monkeypatch, passed=True)
+    default = NPE(PRIOR, **OPTIONS).fit(*data(), max_epochs=30, progress=False)
+    stacked = NPE(PRIOR, ensemble="auto-stacked", **OPTIONS).fit(*data(), max_epochs=30, progress=False)
+    for key in ("ensemble", "snapshot_epochs", "mixture_weights"):
+        assert default.config.get(key) == stacked.config.get(key)
+    theta, x = data(n=50, seed=1)
+    assert torch.equal(default.log_prob(theta, x[0]), stacked.log_prob(theta, x[0]))
+    assert NPE(PRIOR).ensemble == "auto-stacked" and NPE(PRIOR, ensemble=1).ensemble == 1
     assert TSNPE(PRIOR).npe.ensemble == 1 and TSNPE(PRIOR, ensemble="auto").npe.ensemble == "auto"
     common = {"name": "t", "simulator": lambda theta: theta, "prior": PRIOR, "out": "unused",
               "observations": [Observation("obs1", torch.zeros(2))]}
-    assert Job(**common).ensemble == "auto-snapshots" and Job(**common, rounds=2).ensemble == 1
+    assert Job(**common).ensemble == "auto-stacked" and Job(**common, rounds=2).ensemble == 1
