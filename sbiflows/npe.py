@@ -110,8 +110,8 @@ class NPE:
             (the first fit decides; the check is in :attr:`auto_coverage`). One flow trains either way.
             ``"auto-stacked"`` (:data:`~sbiflows.ensemble.DEFAULT_ENSEMBLE`): as ``"auto-snapshots"``, but where
             the check passes, the snapshots weighted to maximize their mixture's density on the
-            validation rows (:func:`~sbiflows.ensemble.stack`; members below 1% weight left out, often all but
-            the flow; the weights are in ``config["mixture_weights"]``).
+            validation rows (:func:`~sbiflows.ensemble.stack`; members below 1% weight left out, sometimes all
+            but the flow; the weights are in ``config["mixture_weights"]``).
         balancing: Weight of balanced NPE's penalty (Delaunoy et al. 2023; :mod:`sbiflows.balance`), which
             pushes credible regions towards conservative ones at some cost in sharpness and a second network
             pass per step; 0 (default): plain NPE, 100: the paper's choice.
