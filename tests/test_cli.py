@@ -287,7 +287,7 @@ def test_fit_in_the_truncated_space(tmp_path):
     assert posterior.config["space"] == "truncated"
     assert json.loads((out / "report.json").read_text())["space"] == "truncated"
     report = (out / "report.md").read_text()
-    assert "nsf (spline transformer, 8 bins), auto snapshots" in report and "truncated theta space" in report
+    assert "nsf (spline transformer, 8 bins), auto stacked" in report and "truncated theta space" in report
     with np.load(out / "samples.npz") as samples:
         assert all((np.abs(samples[name]) <= 1).all() for name in samples.files)  # two_moons' box is [-1, 1]^2
 

@@ -148,7 +148,7 @@ def test_auto_keeps_the_single_flow_when_it_passes_its_check():
     theta, x = data()
     npe = NPE(PRIOR, ensemble="auto", **OPTIONS)
     posterior = npe.fit(theta, x, max_epochs=8, progress=False)
-    single = NPE(PRIOR, **OPTIONS).fit(theta, x, max_epochs=8, progress=False)
+    single = NPE(PRIOR, ensemble=1, **OPTIONS).fit(theta, x, max_epochs=8, progress=False)
     assert npe.auto_coverage.passed and npe.auto_coverage.num_datasets == int(npe.validation.sum()) == 80
     assert posterior.config["ensemble"] == 1 and not isinstance(posterior.net, EnsembleNet)
     assert posterior.config["ensemble_auto"] == {"rows": 80, "over_confident": False,
