@@ -348,7 +348,7 @@ def test_mode_weight_symmetries_leave_each_simulator_and_prior_unchanged(monkeyp
 
 def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, monkeypatch):
     """``benchmark_snapshot_mixture.py``: the recorder keeps the trail of ``NPE(ensemble="snapshots")`` and
-    restores the class it patched; the fit's last member is the default single flow, and the mixtures of
+    restores the class it patched; the fit's last member is the single flow, and the mixtures of
     other gaps are built from the trail's weights."""
     import torch
 
@@ -362,7 +362,7 @@ def test_snapshot_mixture_keeps_the_fits_trail_without_changing_it(tmp_path, mon
     theta = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
     x = theta + 0.3 * torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
     options = dict(seed=0, max_epochs=25, progress=False)
-    plain = NPE(prior, transforms=1, hidden_features=(8,)).fit(theta, x, **options)
+    plain = NPE(prior, transforms=1, hidden_features=(8,), ensemble=1).fit(theta, x, **options)
     with example.Recorder() as recorder:
         fitted = NPE(prior, transforms=1, hidden_features=(8,), ensemble="snapshots").fit(theta, x, **options)
     assert npe_module.SnapshotTrail is SnapshotTrail
