@@ -91,10 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "in one vectorized pass; wider, less over-confident posteriors; with --rounds, in every round, and each "
                      "region is the mixture's); auto: one flow, and three when that flow is over-confident on its "
                      "own held-out validation rows; snapshots: one flow, mixed with two earlier snapshots of its "
-                     "own training (no extra training); auto-snapshots: that mixture only "
-                     "where the flow fails auto's check; auto-stacked (default; 1 with --rounds): as auto-snapshots, "
-                     "but where the check passes, "
-                     "the snapshots weighted to fit the validation rows (sometimes the flow alone)")
+                     "own training (no extra training); auto-snapshots: that mixture only where the flow fails "
+                     "auto's check; auto-stacked (default; 1 with --rounds): as auto-snapshots, but where the check "
+                     "passes, the snapshots weighted to fit the validation rows (sometimes the flow alone)")
     fit.add_argument("--balancing", type=_nonnegative_float, default=0.0, metavar="WEIGHT",
                      help="weight of balanced NPE's penalty (Delaunoy et al. 2023; the paper uses 100): more "
                      "conservative posteriors at two to three times the training cost (--ensemble 3 did better "

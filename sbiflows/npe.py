@@ -492,8 +492,8 @@ class NPE:
         ``(theta, x)``, with epochs and weights None where the flow alone is left."""
         nets, epochs, weights = trail.stacked(net, best_epoch, self.prior, self._config(net, seed, transforms), theta,
                                               x, start=start)
-        if len(nets) == 1 and nets[0] is net:  # the flow alone
-            return [net], None, None
+        if nets == [net]:  # the flow alone
+            return nets, None, None
         return nets, epochs, weights
 
     def _over_confident(self, check: Any) -> bool:

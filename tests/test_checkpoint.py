@@ -173,8 +173,8 @@ def stop_vectorized_after(monkeypatch, steps: int) -> None:
 
 @pytest.mark.parametrize("ensemble", ["auto-stacked", "auto-snapshots", 1, 3])
 def test_a_killed_npe_fit_resumes_to_the_same_posterior(tmp_path, monkeypatch, ensemble):
-    """NPE's default (one flow with its snapshot trail, checked), a single flow, and three flows trained in one
-    vectorized pass, through ``NPE.fit``."""
+    """NPE's default and the earlier one (one flow with its snapshot trail, checked), a single flow, and three flows
+    trained in one vectorized pass, through ``NPE.fit``."""
     u, x = data()
     prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
     options = dict(max_epochs=30, batch_size=32, patience=4, progress=False)
