@@ -21,7 +21,8 @@ targets without an improvement between them gave one member) wherever its member
 scores, for each gap fraction, the members weighted to maximize their mixture's likelihood on the single flow's
 validation rows (:meth:`~sbiflows.snapshots.SnapshotTrail.stacked`, members below 1% weight dropped) where the
 check passes the flow (where it fails, the default mixes with equal weights); the record holds the members kept
-and their weights.
+and their weights. ``--stacked-only`` scores nothing else, and only where the stacked mixture differs from the
+single flow (the other runs get an unscored record with their check and the members stacking kept).
 
 Usage:
     python examples/benchmark_snapshot_mixture.py --tasks slcp --simulations 10000 --seeds 0 --gaps 10 20
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score the member rule before session 68 where its members differ")
     parser.add_argument("--stacked", action="store_true",
                         help="also score the likelihood-stacked mixture where the check passes the single flow")
+    parser.add_argument("--stacked-only", action="store_true",
+                        help="with --stacked: score only the single flow and the stacked mixture, and only where they "
+                        "differ (the check passes and stacking keeps an earlier snapshot); other runs are recorded "
+                        "with their check, unscored")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                     "check_cpu_seconds": check_cpu}
             if args.check_only:
                 emit(args.json, {**base, "setting": "defaults", "members": [history.best_epoch]})
+                continue
+            if args.stacked_only:
+                stacked_only(args, task, recorder.trail, posterior, npe, check, base, observations, seed=seed)
                 continue
             fresh = simulate_from_prior(task.simulate, task.prior, args.datasets, seed=derive_seed(seed, "coverage"),
                                         progress=False)
@@ -165,6 +173,34 @@ def main(argv: list[str] | None = None) -> None:
                                  "kept": kept, "weights": [round(float(w), 4) for w in weights],
                                  **score(stacked, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
                                  **c2st_record(task, stacked, observations, seed=seed)})
+
+
+def stacked_only(args, task, trail: SnapshotTrail, posterior: Posterior, npe: NPE, check, base: dict,
+                 observations: list[int], *, seed: int) -> None:
+    """``--stacked-only``: score the single flow and the stacked mixture of each gap fraction where stacking keeps
+    an earlier snapshot; record the others (the check fails, or stacking keeps the flow alone) unscored."""
+    for fraction in args.gap_fractions:
+        stacking = None
+        if check.passed:
+            nets, kept, weights = trail.stacked(copy.deepcopy(posterior.net), posterior.history.best_epoch, task.prior,
+                                                posterior.config, npe.theta[npe.validation], npe.x[npe.validation],
+                                                fraction=fraction)
+            stacking = {"kept": kept, "weights": [round(float(w), 4) for w in weights]}
+        members = [epoch for epoch, _ in trail.members(posterior.history.best_epoch, fraction=fraction)]
+        if stacking is None or stacking["kept"] == [posterior.history.best_epoch]:
+            emit(args.json, {**base, "setting": f"unscored gap_fraction={fraction}", "members": members,
+                             **(stacking or {})})
+            continue
+        fresh = simulate_from_prior(task.simulate, task.prior, args.datasets, seed=derive_seed(seed, "coverage"),
+                                    progress=False)
+        test = simulate_from_prior(task.simulate, task.prior, args.test_size, seed=derive_seed(seed, "heldout"),
+                                   progress=False)
+        stacked = Posterior(mixture(nets, weights), task.prior, config={**posterior.config, "ensemble": len(kept)})
+        for setting, scored, extra in (("defaults", posterior, {"members": [posterior.history.best_epoch]}),
+                                       (f"stacked gap_fraction={fraction}", stacked, {"members": members, **stacking})):
+            emit(args.json, {**base, "setting": setting, **extra,
+                             **score(scored, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
+                             **c2st_record(task, scored, observations, seed=seed)})
 
 
 if __name__ == "__main__":

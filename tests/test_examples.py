@@ -403,6 +403,43 @@ def test_snapshot_benchmark_scores_the_stacked_mixture_where_the_check_passes(mo
         assert summary[2].startswith("| gaussian_linear | 400 | 0 |") and summary[-1].startswith("| all 1 runs |")
 
 
+def test_snapshot_benchmark_stacked_only_scores_the_flow_and_the_stacked_mixture_only_where_they_differ(
+        monkeypatch, tmp_path):
+    """``--stacked-only``: a run whose stacked mixture differs from the flow gets two scored records (the flow, then
+    the mixture, on the same datasets); any other run one unscored record with its check."""
+    import json
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_snapshot_mixture")
+    out = tmp_path / "records.jsonl"
+    example.main(["--tasks", "gaussian_linear", "--simulations", "400", "--seeds", "0", "1", "--gaps",
+                  "--gap-fractions", "0.4", "--stacked", "--stacked-only", "--datasets", "100", "--posterior-samples",
+                  "100", "--test-size", "50", "--json", str(out)])
+    from sbiflows.snapshots import SnapshotTrail
+
+    def flow_alone(self, net, best_epoch, *args, **kwargs):  # what stacking returns where no snapshot earns 1%
+        return [net], [best_epoch], [1.0]
+
+    with monkeypatch.context() as patch:  # seed 2 gets the flow alone: nothing to score
+        patch.setattr(SnapshotTrail, "stacked", flow_alone)
+        example.main(["--tasks", "gaussian_linear", "--simulations", "400", "--seeds", "2", "--gaps", "--gap-fractions",
+                      "0.4", "--stacked", "--stacked-only", "--json", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(r["seed"] == 2 for r in records)
+    for seed in (0, 1, 2):
+        run = [r for r in records if r["seed"] == seed]
+        passed = not run[0]["auto_check"]["over_confident"]
+        if [r["setting"] for r in run] == ["unscored gap_fraction=0.4"]:
+            assert "coverage" not in run[0]
+            assert run[0].get("kept", [run[0]["best_epoch"]]) == [run[0]["best_epoch"]] and ("kept" in run[0]) == passed
+            continue
+        assert passed and [r["setting"] for r in run] == ["defaults", "stacked gap_fraction=0.4"]
+        flow, stacked = run
+        assert flow["members"] == [flow["best_epoch"]] and stacked["kept"] != [flow["best_epoch"]]
+        assert abs(sum(stacked["weights"]) - 1) < 1e-3 and flow["datasets"] == stacked["datasets"] == 100
+        assert flow["heldout_nll"] != stacked["heldout_nll"]
+
+
 def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monkeypatch):
     """benchmark_chunks.py: the chunk size changes the time of batched draws, not what they are."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
