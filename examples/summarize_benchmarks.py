@@ -391,6 +391,38 @@ def stacked_rows(paths: list[str], *, setting: str = "stacked gap_fraction=0.4")
     return rows
 
 
+def unscored_rows(paths: list[str]) -> list[str]:
+    """The runs ``benchmark_snapshot_mixture.py --stacked-only`` recorded without scoring them, per task and budget:
+    how many, on how many the check fired (the default is then the equal mixture) and on how many stacking kept the
+    flow alone (the default is the flow). Empty without such runs.
+
+    Example:
+        >>> import json, tempfile
+        >>> def record(seed, fired, **extra):
+        ...     return {"task": "sir", "simulations": 1000, "seed": seed, "setting": "unscored gap_fraction=0.4",
+        ...             "auto_check": {"over_confident": fired, "worst_z": -1.0}, **extra}
+        >>> lines = [record(0, True), record(1, False, kept=[90], weights=[1.0]), record(2, True)]
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write("\\n".join(json.dumps(r) for r in lines))
+        >>> unscored_rows([f.name])[2]
+        '| sir | 1,000 | 3 | 2 | 1 |'
+    """
+    runs: dict[tuple, dict] = {}
+    for path in paths:
+        for r in _records(path):
+            if r.get("setting", "").startswith("unscored"):
+                runs[(r["task"], r["simulations"], r["seed"])] = r
+    if not runs:
+        return []
+    rows = ["| task | simulations | runs not scored | check fired (equal mixture) | stacking kept the flow alone |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for task, simulations in sorted({key[:2] for key in runs}):
+        group = [r for key, r in runs.items() if key[:2] == (task, simulations)]
+        fired = sum(r["auto_check"]["over_confident"] for r in group)
+        rows.append(f"| {task} | {simulations:,} | {len(group)} | {fired} | {len(group) - fired} |")
+    return rows
+
+
 def _versus(ours: dict, base: dict) -> str:
     """``"difference (SE) | k of n"``: ``ours - base`` paired over their common seeds (``"- | -"`` if none).
 
@@ -556,9 +588,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "snapshots":
         paths = [args.path, *args.more]
         previous = previous_member_rows(paths)
-        stacked = stacked_rows(paths)
-        rows = [*snapshot_rows(paths), "", *snapshot_task_rows(paths), *(["", *previous] if previous else []),
-                *(["", *stacked] if stacked else [])]
+        tables = [snapshot_rows(paths), snapshot_task_rows(paths), previous, stacked_rows(paths),
+                  unscored_rows(paths)]
+        rows = [row for table in tables if len(table) > 2 for row in ["", *table]][1:]  # tables with a row
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":
