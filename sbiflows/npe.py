@@ -133,9 +133,9 @@ class NPE:
         history: The :class:`~sbiflows.training.TrainingHistory` of all successful fits (None before); for an
             ensemble, the first member's.
         histories: One history per ensemble member (None before a fit).
-        auto_coverage: With ``ensemble="auto"`` or ``"auto-snapshots"``, the coverage check of the first fit's
-            first flow (a :class:`~sbiflows.diagnostics.CoverageResult`; ``passed`` False: members were added,
-            or snapshots mixed); else None.
+        auto_coverage: With ``ensemble="auto"``, ``"auto-snapshots"`` or ``"auto-stacked"`` (the default), the
+            coverage check of the first fit's first flow (a :class:`~sbiflows.diagnostics.CoverageResult`;
+            ``passed`` False: members were added, or snapshots mixed); else None.
         partial_posterior: The best posterior of the latest ``fit`` that raised after at least one epoch
             (e.g. Ctrl-C), the only place those weights are kept (the NPE is rolled back); None otherwise.
             For an ensemble, the mixture of the members with trained weights (finished ones, the

@@ -24,9 +24,9 @@ def train_flows(members: list[nn.Module], u: Tensor, x: Tensor, *, seed: int, hi
     """Train ``members`` on ``(u, x)`` in place, each on its own validation rows and history.
 
     With a ``trail``, the first flow trains alone and keeps the weights of its improvements in it. With
-    ``check_first`` (``ensemble="auto"`` or ``"auto-snapshots"``), the first flow trains alone and is
-    checked; if the check passes, the other members are not trained. The other members then train
-    together (one vectorized pass where they allow it).
+    ``check_first`` (``ensemble="auto"``, ``"auto-snapshots"`` or ``"auto-stacked"``), the first flow trains
+    alone and is checked; if the check passes, the other members are not trained. The other members then
+    train together (one vectorized pass where they allow it).
 
     Args:
         members: The flows (a fit's first one, or all of an ensemble's).
