@@ -108,12 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stacked", action="store_true",
                         help="also score the likelihood-stacked mixture where the check passes the single flow")
     parser.add_argument("--stacked-only", action="store_true",
-                        help="with --stacked: score only the single flow and the stacked mixture, and only where they "
-                        "differ (the check passes and stacking keeps an earlier snapshot); other runs are recorded "
-                        "with their check, unscored")
+                        help="(implies --stacked) score only the single flow and the stacked mixture, and only where "
+                        "they differ (the check passes and stacking keeps an earlier snapshot); other runs are "
+                        "recorded with their check, unscored")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.stacked_only and not args.gap_fractions:
+        parser.error("--stacked-only scores the stacked mixture of each --gap-fractions value; give at least one")
     observations = parse_observations(args.observations) if args.observations else []
     for task_name in args.tasks:
         task = simulators.get(task_name)
