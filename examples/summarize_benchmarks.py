@@ -157,6 +157,36 @@ def npe_rows(path: str) -> list[str]:
     return rows
 
 
+def npe_seed_rows(path: str) -> list[str]:
+    """``summarize_benchmarks.py npe --per-seed``: one row per seed of :func:`npe_rows`' groups, with ours' and (where
+    it ran) sbi's C2ST averaged over the observations, and both training CPU times.
+
+    Example:
+        >>> import json, tempfile
+        >>> record = {"task": "sir", "simulations": 1000, "seed": 2, "estimator": "nsf", "space": "truncated",
+        ...           "ours": {"1": {"train_cpu_seconds": 9.5}}, "ours_c2st": {"1": 0.7, "2": 0.8}}
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     _ = f.write(json.dumps(record))
+        >>> npe_seed_rows(f.name)[2]
+        '| sir | 1,000 | nsf, truncated | 2 | 0.750 | - | 9.5 | - |'
+    """
+    def key(r):
+        return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
+                r["seed"])
+
+    rows = ["| task | simulations | ours | seed | ours C2ST | sbi C2ST | ours train CPU s | sbi train CPU s |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations, estimator, transformer, space, options), records in _groups(path, key):
+        name = (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
+                + "".join(f", {option}={value}" for option, value in options))
+        for r in records:
+            sbi = (f"{_mean(r['sbi_c2st']):.3f} | {r['sbi']['train_cpu_seconds']:.1f}" if "sbi_c2st" in r
+                   else "- | -").split(" | ")
+            rows.append(f"| {task} | {simulations:,} | {name} | {r['seed']} | {_mean(r['ours_c2st']):.3f} | {sbi[0]} | "
+                        f"{next(iter(r['ours'].values()))['train_cpu_seconds']:.1f} | {sbi[1]} |")
+    return rows
+
+
 def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
     """Rows for ``benchmark_bounded_space.py`` records: the truncated against the unconstrained space.
 
@@ -580,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
     parser.add_argument("--sbi", default=None, metavar="NPE_JSONL",
                         help="bounded: benchmark_npe.py records on the same rows, to compare the truncated space with sbi")
+    parser.add_argument("--per-seed", action="store_true", help="npe: one row per seed instead of the seeds' mean")
     args = parser.parse_args(argv)
     if args.kind == "tsnpe":
         rows = tsnpe_rows([args.path, *args.more], baseline=args.baseline or "NPE nsf")
@@ -598,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "bounded":
         rows = bounded_rows(args.path, sbi_path=args.sbi)
     else:
-        rows = {"npe": npe_rows, "coverage": coverage_rows}[args.kind](args.path)
+        rows = {"npe": npe_seed_rows if args.per_seed else npe_rows, "coverage": coverage_rows}[args.kind](args.path)
     print("\n".join(rows))
 
 
