@@ -130,8 +130,25 @@ def npe_options(record: dict) -> tuple[tuple[str, str], ...]:
                  if name in record and record[name] != default)
 
 
-def npe_rows(path: str) -> list[str]:
-    """Rows for ``benchmark_npe.py`` records: ours (per estimator and options) against sbi where sbi ran."""
+def parse_sbi_values(items: list[str]) -> dict[tuple[str, int], dict[int, float]]:
+    """``--sbi-values``: sbi's mean C2ST per seed from runs recorded elsewhere (e.g. docs/benchmarks.md's tables),
+    as ``TASK:SIMULATIONS=C0,C1,...`` for seeds 0, 1, ...
+
+    Example:
+        >>> parse_sbi_values(["bernoulli_glm:1000=0.862,0.836,0.852"])
+        {('bernoulli_glm', 1000): {0: 0.862, 1: 0.836, 2: 0.852}}
+    """
+    values = {}
+    for item in items:
+        run, _, numbers = item.partition("=")
+        task, _, simulations = run.partition(":")
+        values[task, int(simulations)] = {seed: float(v) for seed, v in enumerate(numbers.split(","))}
+    return values
+
+
+def npe_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, float]] | None = None) -> list[str]:
+    """Rows for ``benchmark_npe.py`` records: ours (per estimator and options) against sbi where sbi ran, or else
+    against ``sbi_values`` (:func:`parse_sbi_values`; paired by seed, sbi's CPU time then unknown)."""
     def key(r):
         return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
                 r["seed"])
@@ -144,12 +161,15 @@ def npe_rows(path: str) -> list[str]:
         cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
         name = (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
                 + "".join(f", {option}={value}" for option, value in options))
-        if all("sbi_c2st" in r for r in records):
-            sbi = [_mean(r["sbi_c2st"]) for r in records]
+        given = (sbi_values or {}).get((task, simulations), {})
+        if all("sbi_c2st" in r or r["seed"] in given for r in records):
+            sbi = [_mean(r["sbi_c2st"]) if "sbi_c2st" in r else given[r["seed"]] for r in records]
             difference, se = paired(ours, sbi)
             wins = sum(a <= b for a, b in zip(ours, sbi))
+            sbi_cpu = (f"{sum(r['sbi']['train_cpu_seconds'] for r in records):.1f}" if all("sbi" in r for r in records)
+                       else "-")
             sbi_cols = (f"{statistics.fmean(sbi):.3f} | {difference_text(difference, se)} | {wins} of {len(records)} | "
-                        f"{cpu:.1f} | {sum(r['sbi']['train_cpu_seconds'] for r in records):.1f}")
+                        f"{cpu:.1f} | {sbi_cpu}")
         else:
             sbi_cols = f"- | - | - | {cpu:.1f} | -"
         rows.append(f"| {task} | {simulations:,} | {name} | {len(records)} | {statistics.fmean(ours):.3f} | {sbi_cols} "
@@ -611,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sbi", default=None, metavar="NPE_JSONL",
                         help="bounded: benchmark_npe.py records on the same rows, to compare the truncated space with sbi")
     parser.add_argument("--per-seed", action="store_true", help="npe: one row per seed instead of the seeds' mean")
+    parser.add_argument("--sbi-values", nargs="*", default=[], metavar="TASK:SIMULATIONS=C0,C1,...",
+                        help="npe: sbi's mean C2ST per seed (0, 1, ...) from runs recorded elsewhere, for records "
+                        "without sbi")
     args = parser.parse_args(argv)
     if args.kind == "tsnpe":
         rows = tsnpe_rows([args.path, *args.more], baseline=args.baseline or "NPE nsf")
@@ -628,8 +651,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = nll_grid_rows(args.path, baseline=args.baseline or "defaults", candidate=args.candidate)
     elif args.kind == "bounded":
         rows = bounded_rows(args.path, sbi_path=args.sbi)
+    elif args.kind == "npe":
+        rows = (npe_seed_rows(args.path) if args.per_seed
+                else npe_rows(args.path, sbi_values=parse_sbi_values(args.sbi_values)))
     else:
-        rows = {"npe": npe_seed_rows if args.per_seed else npe_rows, "coverage": coverage_rows}[args.kind](args.path)
+        rows = coverage_rows(args.path)
     print("\n".join(rows))
 
 

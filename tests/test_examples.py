@@ -169,6 +169,22 @@ def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
                        "| 0.901 |"), rows[2]
 
 
+def test_npe_summary_pairs_runs_without_sbi_with_sbis_values_from_elsewhere(tmp_path):
+    """``summarize_benchmarks.py npe --sbi-values``: records without sbi pair by seed with the given values (sbi's CPU
+    time unknown); a record with sbi keeps its own; a seed without a value leaves the row unpaired."""
+    def record(seed, c2st, task="bernoulli_glm"):
+        return json.dumps({"task": task, "simulations": 1000, "seed": seed, "estimator": "nsf", "space": None,
+                           "ours": {"1": {"train_cpu_seconds": 4.0}}, "ours_c2st": {"1": c2st}})
+
+    path = tmp_path / "npe.jsonl"
+    path.write_text("\n".join([record(0, 0.83), record(1, 0.78), record(2, 0.9, task="sir")]))
+    summary = load_example("summarize_benchmarks")
+    rows = summary.npe_rows(str(path), sbi_values=summary.parse_sbi_values(["bernoulli_glm:1000=0.86,0.84",
+                                                                            "sir:1000=0.7,0.7"]))
+    assert rows[2] == "| bernoulli_glm | 1,000 | nsf | 2 | 0.805 | 0.850 | -0.045 (0.015) | 2 of 2 | 8.0 | - | 0.863 |"
+    assert rows[3].startswith("| sir | 1,000 | nsf | 1 | 0.900 | - | - | - | 4.0 | - |"), rows[3]
+
+
 def test_npe_summary_keeps_runs_with_other_training_options_apart(tmp_path):
     """``summarize_benchmarks.py npe``: a run with another step size is a row of its own, not a rerun that replaces
     the default's records of the same seeds."""
