@@ -130,6 +130,18 @@ def npe_options(record: dict) -> tuple[tuple[str, str], ...]:
                  if name in record and record[name] != default)
 
 
+def _npe_key(r: dict) -> tuple:
+    """A ``benchmark_npe.py`` record's group (task, budget, estimator and options) and seed."""
+    return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
+            r["seed"])
+
+
+def _npe_name(estimator: str, transformer: str | None, space: str | None, options: tuple) -> str:
+    """How :func:`npe_rows` names a group: ``"nsf, truncated, learning_rate=0.004"``."""
+    return (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
+            + "".join(f", {option}={value}" for option, value in options))
+
+
 def parse_sbi_values(items: list[str]) -> dict[tuple[str, int], dict[int, float]]:
     """``--sbi-values``: sbi's mean C2ST per seed from runs recorded elsewhere (e.g. docs/benchmarks.md's tables),
     as ``TASK:SIMULATIONS=C0,C1,...`` for seeds 0, 1, ...
@@ -149,18 +161,13 @@ def parse_sbi_values(items: list[str]) -> dict[tuple[str, int], dict[int, float]
 def npe_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, float]] | None = None) -> list[str]:
     """Rows for ``benchmark_npe.py`` records: ours (per estimator and options) against sbi where sbi ran, or else
     against ``sbi_values`` (:func:`parse_sbi_values`; paired by seed, sbi's CPU time then unknown)."""
-    def key(r):
-        return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
-                r["seed"])
-
     rows = ["| task | simulations | ours | seeds | ours C2ST | sbi C2ST | ours - sbi (SE) | seeds ours <= sbi "
             "| ours train CPU s | sbi train CPU s | published NPE-NSF |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer, space, options), records in _groups(path, key):
+    for (task, simulations, estimator, transformer, space, options), records in _groups(path, _npe_key):
         ours = [_mean(r["ours_c2st"]) for r in records]
         cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
-        name = (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
-                + "".join(f", {option}={value}" for option, value in options))
+        name = _npe_name(estimator, transformer, space, options)
         given = (sbi_values or {}).get((task, simulations), {})
         if all("sbi_c2st" in r or r["seed"] in given for r in records):
             sbi = [_mean(r["sbi_c2st"]) if "sbi_c2st" in r else given[r["seed"]] for r in records]
@@ -190,20 +197,16 @@ def npe_seed_rows(path: str) -> list[str]:
         >>> npe_seed_rows(f.name)[2]
         '| sir | 1,000 | nsf, truncated | 2 | 0.750 | - | 9.5 | - |'
     """
-    def key(r):
-        return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
-                r["seed"])
-
     rows = ["| task | simulations | ours | seed | ours C2ST | sbi C2ST | ours train CPU s | sbi train CPU s |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer, space, options), records in _groups(path, key):
-        name = (estimator + (f" ({transformer})" if transformer else "") + (f", {space}" if space else "")
-                + "".join(f", {option}={value}" for option, value in options))
+    for (task, simulations, estimator, transformer, space, options), records in _groups(path, _npe_key):
+        name = _npe_name(estimator, transformer, space, options)
         for r in records:
-            sbi = (f"{_mean(r['sbi_c2st']):.3f} | {r['sbi']['train_cpu_seconds']:.1f}" if "sbi_c2st" in r
-                   else "- | -").split(" | ")
-            rows.append(f"| {task} | {simulations:,} | {name} | {r['seed']} | {_mean(r['ours_c2st']):.3f} | {sbi[0]} | "
-                        f"{next(iter(r['ours'].values()))['train_cpu_seconds']:.1f} | {sbi[1]} |")
+            sbi_c2st, sbi_cpu = ((f"{_mean(r['sbi_c2st']):.3f}", f"{r['sbi']['train_cpu_seconds']:.1f}")
+                                 if "sbi_c2st" in r else ("-", "-"))
+            ours_cpu = next(iter(r["ours"].values()))["train_cpu_seconds"]
+            rows.append(f"| {task} | {simulations:,} | {name} | {r['seed']} | {_mean(r['ours_c2st']):.3f} | "
+                        f"{sbi_c2st} | {ours_cpu:.1f} | {sbi_cpu} |")
     return rows
 
 
@@ -641,8 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = tsnpe_region_rows([args.path, *args.more])
     elif args.kind == "snapshots":
         paths = [args.path, *args.more]
-        previous = previous_member_rows(paths)
-        tables = [snapshot_rows(paths), snapshot_task_rows(paths), previous, stacked_rows(paths),
+        tables = [snapshot_rows(paths), snapshot_task_rows(paths), previous_member_rows(paths), stacked_rows(paths),
                   unscored_rows(paths)]
         rows = [row for table in tables if len(table) > 2 for row in ["", *table]][1:]  # tables with a row
     elif args.kind == "nll":
