@@ -180,7 +180,17 @@ def main(argv: list[str] | None = None) -> None:
 def stacked_only(args, task, trail: SnapshotTrail, posterior: Posterior, npe: NPE, check, base: dict,
                  observations: list[int], *, seed: int) -> None:
     """``--stacked-only``: score the single flow and the stacked mixture of each gap fraction where stacking keeps
-    an earlier snapshot; record the others (the check fails, or stacking keeps the flow alone) unscored."""
+    an earlier snapshot; record the others (the check fails, or stacking keeps the flow alone) unscored.
+
+    The coverage and held-out pairs are simulated, and the single flow scored, once per run: on the first
+    fraction that needs them."""
+    pairs: tuple = ()
+
+    def scored(setting: str, scored_posterior: Posterior, extra: dict) -> None:
+        emit(args.json, {**base, "setting": setting, **extra,
+                         **score(scored_posterior, *pairs, seed=seed, posterior_samples=args.posterior_samples),
+                         **c2st_record(task, scored_posterior, observations, seed=seed)})
+
     for fraction in args.gap_fractions:
         stacking = None
         if check.passed:
@@ -193,17 +203,14 @@ def stacked_only(args, task, trail: SnapshotTrail, posterior: Posterior, npe: NP
             emit(args.json, {**base, "setting": f"unscored gap_fraction={fraction}", "members": members,
                              **(stacking or {})})
             continue
-        fresh = simulate_from_prior(task.simulate, task.prior, args.datasets, seed=derive_seed(seed, "coverage"),
-                                    progress=False)
-        test = simulate_from_prior(task.simulate, task.prior, args.test_size, seed=derive_seed(seed, "heldout"),
-                                   progress=False)
+        if not pairs:
+            pairs = (simulate_from_prior(task.simulate, task.prior, args.datasets, seed=derive_seed(seed, "coverage"),
+                                         progress=False),
+                     simulate_from_prior(task.simulate, task.prior, args.test_size, seed=derive_seed(seed, "heldout"),
+                                         progress=False))
+            scored("defaults", posterior, {"members": [posterior.history.best_epoch]})
         stacked = Posterior(mixture(nets, weights), task.prior, config={**posterior.config, "ensemble": len(kept)})
-        for setting, scored, extra in (("defaults", posterior, {"members": [posterior.history.best_epoch]}),
-                                       (f"stacked gap_fraction={fraction}", stacked, {"members": members, **stacking})):
-            emit(args.json, {**base, "setting": setting, **extra,
-                             **score(scored, fresh, test, seed=seed, posterior_samples=args.posterior_samples),
-                             **c2st_record(task, scored, observations, seed=seed)})
-
+        scored(f"stacked gap_fraction={fraction}", stacked, {"members": members, **stacking})
 
 if __name__ == "__main__":
     main()

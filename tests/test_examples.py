@@ -456,6 +456,39 @@ def test_snapshot_benchmark_stacked_only_scores_the_flow_and_the_stacked_mixture
         assert flow["heldout_nll"] != stacked["heldout_nll"]
 
 
+
+def test_snapshot_benchmark_stacked_only_simulates_and_scores_the_flow_once_for_all_fractions(monkeypatch, tmp_path):
+    """``--stacked-only`` with two gap fractions: one "defaults" record and one pair of simulated datasets per run,
+    however many fractions are scored (stacking patched to keep an earlier epoch beside the flow)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = load_example("benchmark_snapshot_mixture")
+    from sbiflows.snapshots import SnapshotTrail
+
+    def two_members(self, net, best_epoch, *args, **kwargs):  # the flow twice: a mixture that differs in name only
+        return [net, net], [best_epoch - 1, best_epoch], [0.5, 0.5]
+
+    calls = []
+    simulate = example.simulate_from_prior
+    monkeypatch.setattr(example, "simulate_from_prior", lambda *a, **k: calls.append(k["seed"]) or simulate(*a, **k))
+    monkeypatch.setattr(SnapshotTrail, "stacked", two_members)
+    out = tmp_path / "records.jsonl"
+    for seed in (0, 1):
+        calls.clear()
+        example.main(["--tasks", "gaussian_linear", "--simulations", "300", "--seeds", str(seed), "--gaps",
+                      "--gap-fractions", "0.4", "0.6", "--stacked-only", "--datasets", "100", "--posterior-samples",
+                      "100", "--test-size", "30", "--json", str(out)])
+        run = [json.loads(line) for line in out.read_text().splitlines()]
+        run = [r for r in run if r["seed"] == seed]
+        if run[0]["auto_check"]["over_confident"]:
+            assert [r["setting"] for r in run] == ["unscored gap_fraction=0.4", "unscored gap_fraction=0.6"]
+            assert len(calls) == 1  # the training rows only
+            continue
+        assert [r["setting"] for r in run] == ["defaults", "stacked gap_fraction=0.4", "stacked gap_fraction=0.6"]
+        assert len(calls) == 3 and len(set(calls)) == 3  # training, coverage and held-out rows, each once
+        assert run[1]["heldout_nll"] == run[2]["heldout_nll"] and run[1]["datasets"] == run[2]["datasets"] == 100
+
 def test_chunk_benchmark_times_each_size_and_finds_the_same_seeded_results(monkeypatch):
     """benchmark_chunks.py: the chunk size changes the time of batched draws, not what they are."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
