@@ -101,10 +101,11 @@ class EnsembleNet(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
-        # in the members' dtype (float64 is not on every device); not in the state dict: a saved posterior
-        # records them in its config (``mixture_weights``)
-        dtype = members[0].u_shift.dtype
-        self.register_buffer("weights", None if weights is None else check_weights(weights, len(members)).to(dtype),
+        # on the members' device and in their dtype (float64 is not on every device); not in the state dict: a
+        # saved posterior records them in its config (``mixture_weights``)
+        where = members[0].u_shift
+        self.register_buffer("weights", None if weights is None else
+                             check_weights(weights, len(members)).to(device=where.device, dtype=where.dtype),
                              persistent=False)
         self.theta_dim, self.x_dim = members[0].theta_dim, members[0].x_dim
         self.x_shape, self.padded_trials = members[0].x_shape, members[0].padded_trials

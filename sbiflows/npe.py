@@ -409,8 +409,8 @@ class NPE:
             def check_first(flow: nn.Module) -> Any:  # on the flow's own validation rows (a copy: it trains on)
                 posterior = Posterior(copy.deepcopy(flow), self.prior, config=self._config(flow, seed, n_layers),
                                       max_batch_elements=self.max_batch_elements)
-                held_out = masks[0].to(theta.device)
-                return auto_check(posterior, theta[held_out], x[held_out], seed=seed)
+                held_out = masks[0].to(theta.device)  # rows on a bound count as trained: nudged inside
+                return auto_check(posterior, inside[held_out], x[held_out], seed=seed)
 
             try:
                 check = train_flows(members, u, x, seed=seed, histories=histories, validations=fixed, trail=trail,
@@ -434,7 +434,7 @@ class NPE:
             elif trail is not None and self.ensemble == "auto-stacked":  # on the rows that chose the best epoch
                 held_out = masks[0].to(theta.device)
                 members, snapshot_epochs, weights = self._stacked(trail, members[0], history.best_epoch,
-                                                                  start=epochs_before[0], theta=theta[held_out],
+                                                                  start=epochs_before[0], theta=inside[held_out],
                                                                   x=x[held_out], seed=seed, transforms=n_layers)
             net = mixture(members, weights)
             self._net, self._theta, self._x, self.history, self._seed = net, theta, x, history, flow_seed

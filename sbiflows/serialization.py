@@ -206,9 +206,9 @@ def read(
     members = [
         PosteriorNet(_flow(post_config, estimator), _embedding(post_config, embedding_net, copy=k > 0),
                      theta_dim=theta_dim, x_shape=x_shape, stats_shape=post_config.get("x_stats_shape", x_shape))
-        for k in range(post_config.get("ensemble", 1))
-    ]
-    net = mixture(members, post_config.get("mixture_weights")).to(_DTYPES[config["dtype"]])  # None: equal weights
+        .to(_DTYPES[config["dtype"]]) for k in range(post_config.get("ensemble", 1))
+    ]  # in the saved dtype before mixing: a float64 mixture's weights are not rounded through float32
+    net = mixture(members, post_config.get("mixture_weights"))  # None: equal weights
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
         diff = sorted(k for k in set(shapes) | set(config["shapes"]) if shapes.get(k) != config["shapes"].get(k))

@@ -4,6 +4,7 @@ command line report: ``tests/test_snapshots.py``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -53,6 +54,16 @@ def test_each_draw_comes_from_the_member_its_uniform_falls_to_and_members_are_dr
     sd = (torch.tensor([0.2, 0.3, 0.5]) * torch.tensor([0.8, 0.7, 0.5]) / 20_000).sqrt()
     assert bool(((share - torch.tensor([0.2, 0.3, 0.5])).abs() < 4 * sd).all()), share
 
+
+
+def test_a_weighted_mixture_keeps_its_weights_on_its_members_device():
+    """Stacking returns float64 weights on the CPU; a mixture of members on another device (``meta`` stands in for
+    a GPU) holds them on that device, so its density runs there."""
+    members = [net.to("meta") for net in nets()]
+    ensemble = mixture(members, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    assert ensemble.weights.device.type == "meta" and ensemble.weights.dtype == torch.float32
+    u = torch.zeros(4, 2, device="meta")
+    assert ensemble.log_prob_given_context(u, ensemble.context(u)).device.type == "meta"
 
 @pytest.mark.parametrize("weights, shown", [([0.5, 0.5], "got [0.5, 0.5]"), ([0.5, 0.6, -0.1], "got [0.5, 0.6, -0.1]"),
                                             ([0.5, 0.6, 0.1], "got [0.5, 0.6, 0.1]"),
@@ -121,6 +132,43 @@ def test_stack_fits_the_snapshots_on_held_out_rows_and_a_weighted_posterior_save
     assert torch.equal(again.log_prob(probe, x_o), posterior.log_prob(probe, x_o))
     assert torch.equal(again.sample(200, x_o, seed=3), posterior.sample(200, x_o, seed=3))
 
+
+
+def test_a_float64_weighted_posterior_loads_with_its_weights_and_densities_unchanged(snapshot_fit, tmp_path):
+    """Loading builds the members in the file's dtype before mixing: float64 weights are not rounded to float32."""
+    _, snapshots = snapshot_fit
+    members = [copy.deepcopy(m).double() for m in snapshots.net.members]
+    weights = torch.tensor([0.7002821319584056, 0.0166449546111673, 0.2830729134304271], dtype=torch.float64)
+    posterior = Posterior(mixture(members, weights), PRIOR,
+                          config={**snapshots.config, "mixture_weights": weights.tolist()})
+    assert posterior.net.weights.dtype == torch.float64
+    posterior.save(tmp_path / "float64.pt")
+    again = load(tmp_path / "float64.pt", prior=PRIOR)
+    assert again.net.weights.dtype == torch.float64 and torch.equal(again.net.weights, posterior.net.weights)
+    probe, x_o = PRIOR.sample((50,)).double(), torch.tensor([0.2, -0.4], dtype=torch.float64)
+    assert torch.equal(again.log_prob(probe, x_o), posterior.log_prob(probe, x_o))
+
+
+@pytest.mark.parametrize("ensemble", ["auto-stacked", "auto-snapshots"])
+def test_a_validation_row_on_the_priors_bound_is_checked_and_stacked_as_it_trained(monkeypatch, ensemble):
+    """Training moves a parameter on the box's bound one float step inside; the check and stacking on the
+    validation rows use the same rows (on the bound itself every member's density is 0, which stopped stacking
+    with an error and counted the row as never covered)."""
+    import sbiflows.npe as npe_module
+
+    theta, x = data()
+    options = {**OPTIONS, "space": "unconstrained"}
+    probe = NPE(PRIOR, ensemble=1, **options)
+    probe.fit(theta, x, max_epochs=1, progress=False)
+    row = int(probe.validation.nonzero()[0])  # a validation row of every fit with this seed
+    theta[row, 0] = -1.0  # on the lower bound
+    checked = []
+    auto_check = npe_module.auto_check
+    monkeypatch.setattr(npe_module, "auto_check", lambda p, t, *a, **k: checked.append(t) or auto_check(p, t, *a, **k))
+    posterior = NPE(PRIOR, ensemble=ensemble, **options).fit(theta, x, max_epochs=30, progress=False)
+    assert len(checked) == 1 and bool((checked[0].abs() < 1).all())  # the nudged row, strictly inside
+    assert posterior.config["ensemble_auto"]["rows"] == len(checked[0])
+    assert bool(torch.isfinite(posterior.log_prob(theta[row:row + 1].clamp(-0.999, 0.999), x[row])).all())
 
 @pytest.mark.parametrize("passed", [True, False])
 def test_auto_stacked_weights_the_snapshots_where_the_check_passes_and_mixes_equally_where_it_fails(
