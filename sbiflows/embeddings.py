@@ -379,17 +379,26 @@ def auto_embedding(x_shape: Sequence[int], theta_dim: int) -> Linear | None:
     return None if features is None else Linear(math.prod(int(s) for s in x_shape), out_features=features)
 
 
-def from_choice(choice: str, x_shape: Sequence[int]) -> _Embedding | str | None:
+def from_choice(choice: str, x_shape: Sequence[int], *, seed: int) -> _Embedding | str | None:
     """``NPE``'s ``embedding_net`` for a command-line ``--embedding`` choice: ``"none"`` -> None, ``"auto"`` stays
-    ``"auto"`` (NPE decides), any other name -> :func:`from_name` for ``x_shape``.
+    ``"auto"`` (NPE decides), any other name -> :func:`from_name` for ``x_shape`` with weights drawn from ``seed``
+    (torch's global generator is left as it was), so a rerun of the same job builds the same network and resumes
+    its training checkpoint.
 
     Example:
-        >>> from_choice("none", (3,)), from_choice("auto", (3,)), type(from_choice("mlp", (3,))).__name__
-        (None, 'auto', 'MLP')
+        >>> from_choice("none", (3,), seed=0), from_choice("auto", (3,), seed=0)
+        (None, 'auto')
+        >>> first, again = (from_choice("mlp", (3,), seed=1) for _ in range(2))
+        >>> type(first).__name__, all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+        ('MLP', True)
     """
     if choice == "none":
         return None
-    return "auto" if choice == "auto" else from_name(choice, x_shape)
+    if choice == "auto":
+        return "auto"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return from_name(choice, x_shape)
 
 
 def embedding_config(embedding: nn.Module | None) -> dict[str, Any]:

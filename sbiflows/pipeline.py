@@ -181,7 +181,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     else:
         where = "" if job.device.type == "cpu" else f" on {job.device}"
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding}){where}")
-        embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]))
+        embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]), seed=job.seed)
         checkpoint = Checkpoint(job.out / outputs.CHECKPOINT, log=lambda line: state.log(f"      {line}")) \
             if job.checkpointable else None
         if job.compile:

@@ -91,7 +91,7 @@ def fit(state) -> Posterior:
     where = "" if job.device.type == "cpu" else f", training on {job.device}"
     state.log(f"[1-2/5] truncated sequential NPE: {job.rounds} rounds, {job.simulations} simulations in total, "
               f"for {observation.name} (store: {store}){where}")
-    embedding = from_choice(job.embedding, tuple(observation.x.shape))
+    embedding = from_choice(job.embedding, tuple(observation.x.shape), seed=job.seed)
     if job.compile:
         state.log("      compiling the training steps (torch.compile): about 30 s the first time this machine sees "
                   "this network and a round's batch size, seconds after that")

@@ -232,13 +232,16 @@ def stop_training_after(monkeypatch, calls: int) -> None:
 
 
 @pytest.mark.slow
-def test_sbiflows_fit_resumes_a_stopped_training_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("embedding", [[], ["--embedding", "mlp"]], ids=["default", "named-embedding"])
+def test_sbiflows_fit_resumes_a_stopped_training_from_its_checkpoint(tmp_path, monkeypatch, capsys, embedding):
+    """A named embedding's weights come from the job's seed, not torch's global state: the rerun builds the same
+    network, so its checkpoint resumes (they were drawn unseeded, and every rerun silently trained from scratch)."""
     from sbiflows.cli import main
     from sbiflows.posterior import load
 
     small = ["two_moons", "--simulations", "600", "--num-samples", "200", "--calibration-datasets", "100",
              "--calibration-samples", "100", "--c2st-samples", "200", "--max-epochs", "12", "--quiet",
-             "--observations", "1"]
+             "--observations", "1", *embedding]
     assert main(["fit", *small, "--out", str(tmp_path / "plain")]) == 0
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:

@@ -190,8 +190,13 @@ def test_auto_embedding_is_a_linear_summary_of_two_values_per_parameter_for_long
     assert auto_embedding((2,), 2) is None
 
 
-def test_from_choice_maps_command_line_names():
-    assert from_choice("none", (30,)) is None
-    assert from_choice("auto", (30,)) == "auto"
-    assert type(from_choice("linear", (30,))) is Linear
-    assert from_choice("linear", (30,)).out_features == 20
+def test_from_choice_maps_command_line_names_and_draws_a_named_embedding_from_the_seed():
+    assert from_choice("none", (30,), seed=0) is None
+    assert from_choice("auto", (30,), seed=0) == "auto"
+    assert type(from_choice("linear", (30,), seed=0)) is Linear
+    assert from_choice("linear", (30,), seed=0).out_features == 20
+    state = torch.get_rng_state()
+    first, again, other = (from_choice("cnn1d", (2, 16), seed=seed) for seed in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
