@@ -184,9 +184,10 @@ def npe_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, float]] |
     return rows
 
 
-def npe_seed_rows(path: str) -> list[str]:
-    """``summarize_benchmarks.py npe --per-seed``: one row per seed of :func:`npe_rows`' groups, with ours' and (where
-    it ran) sbi's C2ST averaged over the observations, and both training CPU times.
+def npe_seed_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, float]] | None = None) -> list[str]:
+    """``summarize_benchmarks.py npe --per-seed``: one row per seed of :func:`npe_rows`' groups, with ours' and sbi's
+    C2ST averaged over the observations (sbi's where it ran, else its ``sbi_values`` entry, as :func:`npe_rows`
+    pairs them), and both training CPU times.
 
     Example:
         >>> import json, tempfile
@@ -196,14 +197,17 @@ def npe_seed_rows(path: str) -> list[str]:
         ...     _ = f.write(json.dumps(record))
         >>> npe_seed_rows(f.name)[2]
         '| sir | 1,000 | nsf, truncated | 2 | 0.750 | - | 9.5 | - |'
+        >>> npe_seed_rows(f.name, sbi_values={("sir", 1000): {2: 0.8}})[2]
+        '| sir | 1,000 | nsf, truncated | 2 | 0.750 | 0.800 | 9.5 | - |'
     """
     rows = ["| task | simulations | ours | seed | ours C2ST | sbi C2ST | ours train CPU s | sbi train CPU s |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for (task, simulations, estimator, transformer, space, options), records in _groups(path, _npe_key):
         name = _npe_name(estimator, transformer, space, options)
+        given = (sbi_values or {}).get((task, simulations), {})
         for r in records:
             sbi_c2st, sbi_cpu = ((f"{_mean(r['sbi_c2st']):.3f}", f"{r['sbi']['train_cpu_seconds']:.1f}")
-                                 if "sbi_c2st" in r else ("-", "-"))
+                                 if "sbi_c2st" in r else (f"{given[r['seed']]:.3f}" if r["seed"] in given else "-", "-"))
             ours_cpu = next(iter(r["ours"].values()))["train_cpu_seconds"]
             rows.append(f"| {task} | {simulations:,} | {name} | {r['seed']} | {_mean(r['ours_c2st']):.3f} | "
                         f"{sbi_c2st} | {ours_cpu:.1f} | {sbi_cpu} |")
@@ -654,8 +658,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "bounded":
         rows = bounded_rows(args.path, sbi_path=args.sbi)
     elif args.kind == "npe":
-        rows = (npe_seed_rows(args.path) if args.per_seed
-                else npe_rows(args.path, sbi_values=parse_sbi_values(args.sbi_values)))
+        sbi_values = parse_sbi_values(args.sbi_values)
+        rows = (npe_seed_rows(args.path, sbi_values=sbi_values) if args.per_seed
+                else npe_rows(args.path, sbi_values=sbi_values))
     else:
         rows = coverage_rows(args.path)
     print("\n".join(rows))
