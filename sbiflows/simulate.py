@@ -259,6 +259,7 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
     _check_options(simulator, seed=seed, batch_size=batch_size, workers=workers, executor=executor,
                    timeout=timeout, store=store, on_error=on_error, progress=progress, vectorized=vectorized,
                    retry_failed=retry_failed)
+    seed, batch_size = int(seed), int(batch_size)  # NumPy integers pass the checks; the store's JSON takes ints
     seeded = takes_seed(simulator)
     if isinstance(executor, ThreadPoolExecutor) and not seeded and timeout is None:
         warnings.warn("threads share torch's and NumPy's global generators: a simulator without a seed keyword is "
@@ -266,7 +267,7 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
     start = time.perf_counter()
     opened = None
     if store is not None:
-        config = {"seed": int(seed), "batch_size": batch_size, "simulator": _qualified_name(simulator),
+        config = {"seed": seed, "batch_size": batch_size, "simulator": _qualified_name(simulator),
                   "vectorized": vectorized, "theta_dim": theta.shape[1], "theta_dtype": str(theta.dtype)}
         opened = SimulationStore.open(store, config, rows=len(theta), theta_dim=theta.shape[1],
                                       theta_dtype=theta.cpu().numpy().dtype)

@@ -48,6 +48,14 @@ def test_a_rerun_reads_the_store_and_simulates_nothing(tmp_path):
     assert "100 simulations" in loaded.summary()
 
 
+
+def test_numpy_integers_for_the_seed_and_chunk_size_store_and_resume_as_ints(tmp_path):
+    """NumPy integers pass the argument checks, so the store (JSON) gets them as ints: the run is the same."""
+    store = tmp_path / "sims.zarr"
+    first = simulate_from_prior(seeded, PRIOR, 30, seed=np.int64(1), batch_size=np.int64(10), store=store)
+    again = simulate_from_prior(seeded, PRIOR, 30, seed=1, batch_size=10, store=store)
+    assert again.reused == 30 and bitwise_equal(again.x, first.x)
+
 def test_more_simulations_extend_the_store_with_the_same_seed_plan(tmp_path):
     store = tmp_path / "sims.zarr"
     simulate_from_prior(seeded, PRIOR, 95, seed=1, batch_size=10, store=store)  # last chunk 5 rows
