@@ -20,7 +20,11 @@ reproduced by anyone. Torch's and NumPy's global generator states are the same a
 
 **Every failure is a counted row.** An exception (any type), a wrong output shape, a non-numeric output,
 a timeout, a worker process that dies: the rows concerned become NaN and are listed in
-:attr:`SimulationResult.failures`, and the run goes on. A chunk whose call failed is retried row by row
+:attr:`SimulationResult.failures`, and the run goes on. A "wrong" shape is one that differs from the first
+result to arrive, which also sets the dtype (later float results are cast to it): with several workers, which
+result arrives first depends on timing, so a simulator whose output shape or dtype varies between calls is
+reproducible only with one worker. (Results are not held back to wait for the first chunk: that would keep
+paid-for simulations out of the store while a slow chunk runs.) A chunk whose call failed is retried row by row
 to isolate the bad rows. A simulator that cannot run at all (its first twenty failed rows share one
 exception type and nothing succeeded before them in this call) stops the run with
 :class:`SimulationError`, also when it resumes a store: a simulator that worked before may be broken now.
