@@ -21,6 +21,7 @@ Usage:
     python examples/summarize_benchmarks.py tsnpe before.jsonl "fixed split=after.jsonl" --baseline "TSNPE nsf"
     python examples/summarize_benchmarks.py tsnpe-regions ours.jsonl   # per TSNPE run: posterior mass inside each region
     python examples/summarize_benchmarks.py snapshots snap.jsonl checks.jsonl  # benchmark_snapshot_mixture.py
+    python examples/summarize_benchmarks.py timing r1.jsonl r2.jsonl r3.jsonl  # repeats of benchmark_npe_training --sbi
 """
 
 from __future__ import annotations
@@ -518,6 +519,53 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     return rows
 
 
+
+def timing_rows(paths: list[str], *, baseline: str = "defaults", other: str = "sbi nsf") -> list[str]:
+    """``timing``: repeated ``benchmark_npe_training.py --sbi`` runs (one file per repeat) timed against each other.
+
+    Per task, budget and file: ``baseline``'s and ``other``'s training CPU and wall seconds summed over the seeds
+    both ran, and their ratio (the same processes, so the same machine load); then a row of the medians over files.
+
+    Example:
+        >>> import json, tempfile
+        >>> def run(ours, sbi):
+        ...     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...         for setting, cpu in (("defaults", ours), ("sbi nsf", sbi)):
+        ...             _ = f.write(json.dumps({"task": "sir", "simulations": 1000, "seed": 0, "setting": setting,
+        ...                                     "heldout_nll": 0.0, "epochs": 9, "train_cpu_seconds": cpu,
+        ...                                     "train_seconds": cpu + 1}) + "\\n")
+        ...     return f.name
+        >>> for row in timing_rows([run(12.0, 10.0), run(11.0, 10.0), run(13.0, 10.0)])[2:]:
+        ...     print(row)
+        | sir | 1,000 | 1 | 12.0 / 13.0 | 10.0 / 11.0 | 1.20 | 1.18 |
+        | sir | 1,000 | 2 | 11.0 / 12.0 | 10.0 / 11.0 | 1.10 | 1.09 |
+        | sir | 1,000 | 3 | 13.0 / 14.0 | 10.0 / 11.0 | 1.30 | 1.27 |
+        | sir | 1,000 | median of 3 | 12.0 / 13.0 | 10.0 / 11.0 | **1.20** | 1.18 |
+    """
+    def key(r):
+        return r["task"], r["simulations"], r["setting"], r["seed"]
+
+    runs = defaultdict(list)  # (task, simulations) -> per file: (ours cpu, ours wall, other cpu, other wall)
+    for path in paths:
+        table = {group: records for group, records in _groups(path, key)}
+        for task, simulations in sorted({(t, n) for t, n, _ in table}):
+            ours, theirs = ({r["seed"]: r for r in table.get((task, simulations, s), [])} for s in (baseline, other))
+            seeds = sorted(set(ours) & set(theirs))
+            if seeds:
+                runs[task, simulations].append(tuple(sum(side[k][field] for k in seeds) for side in (ours, theirs)
+                                                     for field in ("train_cpu_seconds", "train_seconds")))
+    rows = [f"| task | simulations | repeat | {baseline} CPU / wall s | {other} CPU / wall s | CPU ratio | wall ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, simulations), repeats in runs.items():
+        ratios = [(v[0] / v[2], v[1] / v[3]) for v in repeats]
+        medians = [statistics.median(column) for column in zip(*repeats)]
+        lines = [(str(k + 1), values, ratio, "") for k, (values, ratio) in enumerate(zip(repeats, ratios))]
+        lines.append((f"median of {len(repeats)}", medians, [statistics.median(c) for c in zip(*ratios)], "**"))
+        for label, (cpu, wall, other_cpu, other_wall), (cpu_ratio, wall_ratio), bold in lines:
+            rows.append(f"| {task} | {simulations:,} | {label} | {cpu:.1f} / {wall:.1f} | {other_cpu:.1f} / "
+                        f"{other_wall:.1f} | {bold}{cpu_ratio:.2f}{bold} | {wall_ratio:.2f} |")
+    return rows
+
 def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | None = None) -> list[str]:
     """One row per task and budget: every setting's mean held-out NLL, then ``candidate - baseline`` paired by seed.
 
@@ -627,11 +675,11 @@ def main(argv: list[str] | None = None) -> None:
     """Print the table; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["npe", "bounded", "nll", "nll-grid", "coverage", "tsnpe", "tsnpe-regions",
-                                         "snapshots"])
+                                         "snapshots", "timing"])
     parser.add_argument("path")
     parser.add_argument("more", nargs="*", help="tsnpe: more record files, merged by task, budget, rounds, seed, "
                         "observation; LABEL=PATH adds ' (LABEL)' to the names of its methods; snapshots: more "
-                        "benchmark_snapshot_mixture.py files (e.g. --check-only ones)")
+                        "benchmark_snapshot_mixture.py files (e.g. --check-only ones); timing: one file per repeat")
     parser.add_argument("--baseline", default=None, help="nll, nll-grid: the setting the others are compared with "
                         "(default: defaults); tsnpe: the method (default: NPE nsf)")
     parser.add_argument("--candidate", default=None, help="nll-grid: the setting compared with the baseline")
@@ -651,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         tables = [snapshot_rows(paths), snapshot_task_rows(paths), previous_member_rows(paths), stacked_rows(paths),
                   unscored_rows(paths)]
         rows = [row for table in tables if len(table) > 2 for row in ["", *table]][1:]  # tables with a row
+    elif args.kind == "timing":
+        rows = timing_rows([args.path, *args.more], baseline=args.baseline or "defaults")
     elif args.kind == "nll":
         rows = nll_rows(args.path, baseline=args.baseline or "defaults")
     elif args.kind == "nll-grid":
