@@ -75,6 +75,7 @@ def train_members(
     step_drops: int = 0,
     step_drop_factor: float = 0.2,
     drop_patience: int | None = None,
+    drop_batch_factor: float = 1.0,
     objective: Objective | None = None,
     progress: bool = False,
     num_threads: int | None = None,
@@ -116,11 +117,13 @@ def train_members(
                    weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
                    step_drop_factor=step_drop_factor, drop_patience=drop_patience, compile=compile,
                    on_nonfinite=on_nonfinite)
+    growing = {} if drop_batch_factor == 1 else {"drop_batch_factor": drop_batch_factor}
     n = _check_rows(inputs, context)
     splits = [training_split(n, validation_fraction, seed=seed, groups=groups, validation=mask,
                              device=inputs.device) for seed, mask in zip(seeds, validations)]
     stack = None
-    if len(members) > 1 and objective is None and len({len(s[1]) for s in splits}) == 1:
+    # one batch size for all: members whose batch grows at their own drops train one after another
+    if len(members) > 1 and objective is None and len({len(s[1]) for s in splits}) == 1 and not growing:
         stack = _stack_if_vectorized(members, inputs, context)
     if stack is not None:
         _train_stacked(stack, members, inputs, context, splits=splits, histories=histories, progress=progress,
@@ -129,7 +132,8 @@ def train_members(
     for k, (member, seed, history, mask) in enumerate(zip(members, seeds, histories, validations)):
         own = checkpoint if checkpoint is None or len(members) == 1 else checkpoint.sibling(f"member{k}")
         train_checked(member, inputs, context, seed=seed, history=history, validation=mask, groups=groups,
-                      objective=objective, progress=progress, num_threads=num_threads, checkpoint=own, **options)
+                      objective=objective, progress=progress, num_threads=num_threads, checkpoint=own, **options,
+                      **growing)
     return "sequential"
 
 

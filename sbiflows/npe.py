@@ -262,6 +262,7 @@ class NPE:
         step_drops: int = 1,
         step_drop_factor: float = 0.2,
         drop_patience: int | None = 10,
+        drop_batch_factor: float = 1.0,
         progress: bool = True,
         num_threads: int | None = None,
         checkpoint: str | os.PathLike | Checkpoint | None = None,
@@ -298,6 +299,9 @@ class NPE:
             step_drop_factor: Factor of each drop, in ``(0, 1)``.
             drop_patience: Epochs a step drop gets to improve on the best validation loss (``>= 1``; then
                 ``patience`` applies); None: ``patience``. Default 10 (docs/benchmarks.md, "A trial for the step drop").
+            drop_batch_factor: Multiply the batch size by this at each step drop (``>= 1``; at most the training
+                rows; :func:`~sbiflows.training.train`). Default 1: the batch size never changes. Flows of an
+                ensemble with a factor above 1 train one after another (a vectorized pass shares one batch size).
             progress: Show a progress bar with the current losses.
             num_threads: torch intra-op threads during training (``>= 1``, restored afterwards). None
                 (default): :mod:`sbiflows.threads` (one, unless you set torch's thread count yourself).
@@ -339,7 +343,7 @@ class NPE:
             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
             validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
             weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops, step_drop_factor=step_drop_factor,
-            drop_patience=drop_patience, optional=("batch_size", "learning_rate"),
+            drop_patience=drop_patience, drop_batch_factor=drop_batch_factor, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
         compile = check_bool(compile, "compile")  # noqa: A001
@@ -402,7 +406,8 @@ class NPE:
                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
                 validation_fraction=validation_fraction, patience=patience, clip_grad_norm=clip_grad_norm,
                 weight_decay=weight_decay, ema_epochs=ema_epochs, step_drops=step_drops,
-                step_drop_factor=step_drop_factor, drop_patience=drop_patience, progress=progress,
+                step_drop_factor=step_drop_factor, drop_patience=drop_patience, drop_batch_factor=drop_batch_factor,
+                progress=progress,
                 groups=groups, num_threads=num_threads, objective=objective, compile=compile,
                 on_nonfinite=on_nonfinite)
 

@@ -36,6 +36,7 @@ def check_training_options(
     step_drops: int = 0,
     step_drop_factor: float = 0.2,
     drop_patience: int | None = None,
+    drop_batch_factor: float = 1.0,
     optional: Collection[str] = (),
 ) -> tuple[int, int | None, int]:
     """Validate the options of :func:`~sbiflows.training.train` (see there for their meaning and ranges).
@@ -74,6 +75,7 @@ def check_training_options(
         "weight_decay": (weight_decay, "finite and >= 0", lambda v: 0 <= v < math.inf),
         "ema_epochs": (ema_epochs, "finite and >= 0", lambda v: 0 <= v < math.inf),
         "step_drop_factor": (step_drop_factor, "in (0, 1)", lambda v: 0 < v < 1),
+        "drop_batch_factor": (drop_batch_factor, "finite and >= 1", lambda v: 1 <= v < math.inf),
     }
     for name, (value, condition, ok) in reals.items():
         if value is None and name in optional:
@@ -331,3 +333,16 @@ def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_calle
         fraction = values["validation_fraction"]
         check_batch_fits(values.get("batch_size"), n_train=split_sizes(rows, fraction)[0], rows=rows,
                          validation_fraction=fraction)
+
+
+def batch_after_drops(batch_size: int, drops: int, *, factor: float, rows: int) -> int:
+    """The minibatch size after ``drops`` step drops that each multiply it by ``factor`` (``drop_batch_factor``),
+    rounded at each drop and capped at the ``rows`` that train.
+
+    Example:
+        >>> [batch_after_drops(60, k, factor=2.5, rows=900) for k in range(4)]
+        [60, 150, 375, 900]
+    """
+    for _ in range(drops):
+        batch_size = min(rows, round(batch_size * factor))
+    return batch_size

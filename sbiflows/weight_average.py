@@ -62,6 +62,18 @@ class WeightAverage:
             torch._foreach_lerp_(self._averaged, self._params, 1.0 - min(self._decay, (1 + n) / (10 + n)))
         self.updates += 1
 
+    def retime(self, steps: float) -> None:
+        """Give the average a time constant of ``steps`` updates from now on (e.g. when the steps per epoch change).
+
+        Example:
+            >>> average = WeightAverage(nn.Linear(1, 1), steps=4)
+            >>> average.retime(10); average._decay
+            0.9
+        """
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not 0 < steps < math.inf:
+            raise ValueError(f"steps must be a real number finite and > 0, got {steps!r}")
+        self._decay = max(0.0, 1.0 - 1.0 / steps)
+
     def restart(self) -> None:
         """Start the average afresh: the next :meth:`update` copies the model's parameters."""
         self.updates = 0

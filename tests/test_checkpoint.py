@@ -90,6 +90,23 @@ def test_a_killed_training_resumes_and_ends_as_if_never_stopped(tmp_path, monkey
     assert_same(plain, again)
 
 
+
+def test_a_training_killed_after_a_drop_that_grew_the_batch_resumes_with_the_grown_batch(tmp_path, monkeypatch):
+    """``drop_batch_factor``: the resumed call trains on with the batch size of the drops before the kill."""
+    options = dict(drop_batch_factor=2.5)
+    plain = fit(**options)
+    (drop,) = plain[2].step_drop_epochs
+    calls = (drop + 1) * 10 + 2 * 5  # 9 steps and a validation pass an epoch, then 4 steps of 80 rows and one
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, calls)
+        with pytest.raises(Stop):
+            fit(tmp_path / "training.ckpt", **options)
+    resumed = fit(tmp_path / "training.ckpt", **options)
+    assert drop < resumed[3].resumed_epoch < plain[2].epochs
+    assert_same(plain, resumed)
+    other = fit(tmp_path / "other.ckpt")  # the factor is part of the call: another factor trains another run
+    assert other[2].validation_loss != plain[2].validation_loss
+
 def nan_at(monkeypatch, call: int, stop_after: int | None = None) -> None:
     """The default loss is NaN at its ``call``-th call (a restart with ``on_nonfinite="restore_best"``); with
     ``stop_after``, the fit is killed at the call after that."""

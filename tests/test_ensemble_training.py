@@ -107,6 +107,18 @@ def test_members_that_cannot_be_vectorized_train_one_by_one():
     assert [h.epochs for h in trained] == [2, 2]
 
 
+
+def test_members_whose_batch_grows_at_their_drops_train_one_by_one_as_train_checked_trains_each():
+    """One vectorized pass shares one batch size; with ``drop_batch_factor`` each member's grows at its own drop."""
+    theta, x = data()
+    together, trained = flows(maf, 2), histories(2)
+    assert train_members(together, theta, x, seeds=SEEDS[:2], histories=trained, validations=[None] * 2,
+                         drop_batch_factor=2.0, **OPTIONS) == "sequential"
+    for member, seed, history in zip(flows(maf, 2), SEEDS, trained):
+        alone = train_checked(member, theta, x, seed=seed, history=TrainingHistory(), drop_batch_factor=2.0, **OPTIONS)
+        assert alone.validation_loss == history.validation_loss and alone.step_drop_epochs == history.step_drop_epochs
+    assert any(h.step_drop_epochs for h in trained)  # a drop, hence a grown batch, happened
+
 class Fragile(nn.Module):
     """A Gaussian whose log-density turns NaN once its mean passes 1 (training pulls it towards 3)."""
 

@@ -12,6 +12,7 @@ from sbiflows.training import (
     check_training_options,
     default_batch_size,
     default_learning_rate,
+    negative_log_likelihood,
     split_sizes,
     train,
 )
@@ -67,6 +68,8 @@ def data(n: int = 200) -> torch.Tensor:
         ("step_drop_factor", 1.0, r"step_drop_factor must be in \(0, 1\), got 1.0"),
         ("step_drop_factor", 0.0, r"step_drop_factor must be in \(0, 1\), got 0.0"),
         ("drop_patience", 0, r"drop_patience must be None \(patience\) or an int >= 1, got 0"),
+        ("drop_batch_factor", 0.5, r"drop_batch_factor must be finite and >= 1, got 0.5"),
+        ("drop_batch_factor", math.inf, r"drop_batch_factor must be finite and >= 1, got inf"),
     ],
 )
 def test_options_out_of_range_raise_value_error_naming_them(option, value, match):
@@ -286,6 +289,32 @@ def test_a_plateau_drops_the_step_and_training_goes_on_from_the_best_weights():
     assert short.step_drop_epochs == [drop] and short.validation_loss == dropped.validation_loss[: drop + 2]
     assert short.stopped_early
 
+
+
+@pytest.mark.parametrize("ema_epochs", [0.0, 1.0])
+def test_a_drop_with_a_batch_factor_goes_on_from_the_best_weights_with_larger_batches(ema_epochs):
+    """``drop_batch_factor``: the same run up to the drop, then batches 2.5 times as large (rounded, capped at the
+    training rows), fewer steps per epoch; 1 (the default) leaves the batch as it is."""
+    x = data(1000)
+    sizes = []
+
+    def recorded(model, inputs, context, rows):  # the rows of each training step (validation runs in eval mode)
+        if model.training:
+            sizes.append(len(rows))
+        return negative_log_likelihood(model, inputs, context, rows)
+
+    options = dict(max_epochs=200, batch_size=10, learning_rate=0.3, validation_fraction=0.5, ema_epochs=ema_epochs,
+                   patience=3, step_drops=2, step_drop_factor=0.5, objective=recorded)
+    plain = train(Gaussian(), x, **options)
+    plain_sizes, sizes[:] = sizes[:], []
+    grown = train(Gaussian(), x, drop_batch_factor=2.5, **options)
+    first, second = grown.step_drop_epochs
+    assert first == plain.step_drop_epochs[0] and grown.validation_loss[: first + 1] == plain.validation_loss[: first + 1]
+    batches = [10] * (first + 1) + [25] * (second - first) + [62] * (grown.epochs - second - 1)  # round(62.5): 62
+    assert sizes == [size for b in batches for size in [b] * (500 // b) + [500 % b] * (500 % b > 0)]  # 500 rows
+    assert set(plain_sizes) == {10} and grown.batch_size == 10  # history keeps the first batch size
+    capped = train(Gaussian(), x, drop_batch_factor=100.0, **options)  # one batch of all 500 training rows after it
+    assert capped.step_drop_epochs and sizes[-1] == 500
 
 def test_a_drop_that_improves_within_drop_patience_keeps_the_full_patience():
     x = data(1000)
