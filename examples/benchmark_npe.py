@@ -165,6 +165,10 @@ def run_seed(task, args, observations, seed: int) -> dict:
               "observations": observations, "estimator": args.estimator, "activation": args.activation,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "patience": patience,
               "step_drops": step_drops, "drop_patience": drop_patience,
+              "step_drop_factor": fit_defaults["step_drop_factor"].default if args.step_drop_factor is None
+              else args.step_drop_factor,
+              "drop_batch_factor": fit_defaults["drop_batch_factor"].default if args.drop_batch_factor is None
+              else args.drop_batch_factor,
               "hidden_features": args.hidden_features, "transforms": args.transforms, "transformer": args.transformer,
               "bins": args.bins, "bound": args.bound, "mixing": args.mixing, "coverage_penalty": args.coverage_penalty,
               "embedding": args.embedding, "ema_epochs": args.ema_epochs,
@@ -177,8 +181,8 @@ def run_seed(task, args, observations, seed: int) -> dict:
                                 threads=threads, num_samples=args.num_samples, transforms=args.transforms,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 patience=args.patience, step_drops=args.step_drops, ema_epochs=args.ema_epochs,
-                                drop_patience=args.drop_patience,
-                                transformer=args.transformer,
+                                drop_patience=args.drop_patience, step_drop_factor=args.step_drop_factor,
+                                drop_batch_factor=args.drop_batch_factor, transformer=args.transformer,
                                 bins=args.bins, bound=args.bound, space=args.space, mixing=args.mixing,
                                 coverage_penalty=args.coverage_penalty, embedding=args.embedding)
         if ours_c2st is None:
@@ -254,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="our plateaus that lower the step size before stopping (default: NPE's)")
     parser.add_argument("--drop-patience", type=int, default=None,
                         help="our patience after a step drop (default: NPE's)")
+    parser.add_argument("--step-drop-factor", type=float, default=None,
+                        help="our step's factor at a drop (default: NPE's)")
+    parser.add_argument("--drop-batch-factor", type=float, default=None,
+                        help="our batch size's factor at a drop (default: NPE's, 1)")
     parser.add_argument("--ema-epochs", type=float, default=None,
                         help="our weight-average length in epochs, 0 for none (default: NPE's)")
     parser.add_argument("--hidden-features", type=int, nargs="+", default=None,

@@ -112,7 +112,7 @@ def _groups(path: str, key) -> list[tuple[tuple, list[dict]]]:
 #: The script records ``NPE.fit``'s own defaults for the stopping options, so they are read from there.
 NPE_OPTIONS = {"activation": "tanh", "batch_size": None, "learning_rate": None,
                **{name: inspect.signature(NPE.fit).parameters[name].default
-                  for name in ("patience", "step_drops", "drop_patience")},
+                  for name in ("patience", "step_drops", "drop_patience", "step_drop_factor", "drop_batch_factor")},
                "hidden_features": None, "transforms": None, "bins": None, "bound": None,
                "mixing": None, "coverage_penalty": None, "embedding": "auto", "ema_epochs": None}
 
