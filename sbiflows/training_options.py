@@ -342,7 +342,9 @@ def batch_after_drops(batch_size: int, drops: int, *, factor: float, rows: int) 
     Example:
         >>> [batch_after_drops(60, k, factor=2.5, rows=900) for k in range(4)]
         [60, 150, 375, 900]
+        >>> batch_after_drops(60, 1, factor=1e308, rows=900)  # capped before rounding: no overflow
+        900
     """
     for _ in range(drops):
-        batch_size = min(rows, round(batch_size * factor))
+        batch_size = round(min(rows, batch_size * factor))
     return batch_size
