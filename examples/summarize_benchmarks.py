@@ -566,10 +566,26 @@ def timing_rows(paths: list[str], *, baseline: str = "defaults", other: str = "s
                         f"{other_wall:.1f} | {bold}{cpu_ratio:.2f}{bold} | {wall_ratio:.2f} |")
     return rows
 
+
 def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | None = None) -> list[str]:
     """One row per task and budget: every setting's mean held-out NLL, then ``candidate - baseline`` paired by seed.
 
-    Settings are the columns in the order they first appear in the file; ``-`` where a setting was not run.
+    Settings are the columns in the order of the tasks (by name), then of the settings (by name) within the first
+    task that has them (here ``b`` before ``defaults``); ``-`` where a setting was not run. With
+    several tasks or budgets, a last row pools ``candidate - baseline`` over all their task-seeds.
+
+    Example:
+        >>> import json, tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        ...     for task, seed, setting, nll in [("sir", 0, "defaults", 1.0), ("sir", 0, "b", 0.5),
+        ...                                       ("slcp", 0, "defaults", 2.0), ("slcp", 0, "b", 2.5)]:
+        ...         _ = f.write(json.dumps({"task": task, "simulations": 1000, "seed": seed, "setting": setting,
+        ...                                 "heldout_nll": nll}) + "\\n")
+        >>> for row in nll_grid_rows(f.name, candidate="b")[2:]:
+        ...     print(row)
+        | sir | 1,000 | 0.500 | 1.000 | -0.500 (-) | 1 of 1 |
+        | slcp | 1,000 | 2.500 | 2.000 | +0.500 (-) | 0 of 1 |
+        | all 2 | - | - | - | +0.000 (0.500) | 1 of 2 |
     """
     def key(r):
         return r["task"], r["simulations"], r["setting"], r["seed"]
@@ -583,6 +599,11 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
                  else "-" for s in settings]
         versus = _versus(table.get((task, simulations, candidate), {}), table.get((task, simulations, baseline), {}))
         rows.append(f"| {task} | {simulations:,} | " + " | ".join(cells) + f" | {versus} |")
+    groups = {(t, n) for t, n, _ in table}
+    if len(groups) > 1:
+        pooled = [{(t, n, seed): value for (t, n, s), seeds in table.items() if s == setting
+                   for seed, value in seeds.items()} for setting in (candidate, baseline)]
+        rows.append(f"| all {len(groups)} | - | " + " | ".join("-" for _ in settings) + f" | {_versus(*pooled)} |")
     return rows
 
 
