@@ -207,8 +207,10 @@ def npe_seed_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, floa
         name = _npe_name(estimator, transformer, space, options)
         given = (sbi_values or {}).get((task, simulations), {})
         for r in records:
-            sbi_c2st, sbi_cpu = ((f"{_mean(r['sbi_c2st']):.3f}", f"{r['sbi']['train_cpu_seconds']:.1f}")
-                                 if "sbi_c2st" in r else (f"{given[r['seed']]:.3f}" if r["seed"] in given else "-", "-"))
+            if "sbi_c2st" in r:
+                sbi_c2st, sbi_cpu = f"{_mean(r['sbi_c2st']):.3f}", f"{r['sbi']['train_cpu_seconds']:.1f}"
+            else:  # sbi's value from --sbi-values where given
+                sbi_c2st, sbi_cpu = (f"{given[r['seed']]:.3f}" if r["seed"] in given else "-"), "-"
             ours_cpu = next(iter(r["ours"].values()))["train_cpu_seconds"]
             rows.append(f"| {task} | {simulations:,} | {name} | {r['seed']} | {_mean(r['ours_c2st']):.3f} | "
                         f"{sbi_c2st} | {ours_cpu:.1f} | {sbi_cpu} |")
@@ -554,7 +556,8 @@ def timing_rows(paths: list[str], *, baseline: str = "defaults", other: str = "s
             if seeds:
                 runs[task, simulations].append(tuple(sum(side[k][field] for k in seeds) for side in (ours, theirs)
                                                      for field in ("train_cpu_seconds", "train_seconds")))
-    rows = [f"| task | simulations | repeat | {baseline} CPU / wall s | {other} CPU / wall s | CPU ratio | wall ratio |",
+    rows = [f"| task | simulations | repeat | {baseline} CPU / wall s | {other} CPU / wall s | CPU ratio "
+            "| wall ratio |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (task, simulations), repeats in runs.items():
         ratios = [(v[0] / v[2], v[1] / v[3]) for v in repeats]

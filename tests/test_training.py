@@ -309,7 +309,8 @@ def test_a_drop_with_a_batch_factor_goes_on_from_the_best_weights_with_larger_ba
     plain_sizes, sizes[:] = sizes[:], []
     grown = train(Gaussian(), x, drop_batch_factor=2.5, **options)
     first, second = grown.step_drop_epochs
-    assert first == plain.step_drop_epochs[0] and grown.validation_loss[: first + 1] == plain.validation_loss[: first + 1]
+    assert first == plain.step_drop_epochs[0]
+    assert grown.validation_loss[: first + 1] == plain.validation_loss[: first + 1]
     batches = [10] * (first + 1) + [25] * (second - first) + [62] * (grown.epochs - second - 1)  # round(62.5): 62
     assert sizes == [size for b in batches for size in [b] * (500 // b) + [500 % b] * (500 % b > 0)]  # 500 rows
     assert set(plain_sizes) == {10} and grown.batch_size == 10  # history keeps the first batch size
