@@ -212,5 +212,6 @@ def stacked_only(args, task, trail: SnapshotTrail, posterior: Posterior, npe: NP
         stacked = Posterior(mixture(nets, weights), task.prior, config={**posterior.config, "ensemble": len(kept)})
         scored(f"stacked gap_fraction={fraction}", stacked, {"members": members, **stacking})
 
+
 if __name__ == "__main__":
     main()

@@ -521,7 +521,6 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     return rows
 
 
-
 def timing_rows(paths: list[str], *, baseline: str = "defaults", other: str = "sbi nsf") -> list[str]:
     """``timing``: repeated ``benchmark_npe_training.py --sbi`` runs (one file per repeat) timed against each other.
 

@@ -302,7 +302,6 @@ def batch_options(n_train: int, batch_size: int | None, learning_rate: float | N
     return batch_size, default_learning_rate(batch_size) if learning_rate is None else learning_rate
 
 
-
 def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_caller: Collection[str] = (),
                       rows: int | None = None) -> None:
     """Keyword options meant for ``fit`` (:meth:`sbiflows.NPE.fit`), checked before anything runs: unknown

@@ -41,15 +41,11 @@ class WeightAverage:
     def __init__(self, model: nn.Module, *, steps: float):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
-            raise TypeError(f"steps must be a real number finite and > 0, got {type(steps).__name__} {steps!r}")
-        if not 0 < steps < math.inf:
-            raise ValueError(f"steps must be finite and > 0, got {steps!r}")
+        self._decay = _decay(steps)
         self.module = copy.deepcopy(model).requires_grad_(False)
         self._model = model
         self._params = list(model.parameters())
         self._averaged = list(self.module.parameters())
-        self._decay = max(0.0, 1.0 - 1.0 / steps)
         self.updates = 0
 
     @torch.no_grad()
@@ -65,14 +61,15 @@ class WeightAverage:
     def retime(self, steps: float) -> None:
         """Give the average a time constant of ``steps`` updates from now on (e.g. when the steps per epoch change).
 
+        Raises:
+            TypeError, ValueError: As the constructor does for ``steps``.
+
         Example:
             >>> average = WeightAverage(nn.Linear(1, 1), steps=4)
             >>> average.retime(10); average._decay
             0.9
         """
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not 0 < steps < math.inf:
-            raise ValueError(f"steps must be a real number finite and > 0, got {steps!r}")
-        self._decay = max(0.0, 1.0 - 1.0 / steps)
+        self._decay = _decay(steps)
 
     def restart(self) -> None:
         """Start the average afresh: the next :meth:`update` copies the model's parameters."""
@@ -83,3 +80,12 @@ class WeightAverage:
         """Give the average the model's current buffers."""
         for mine, theirs in zip(self.module.buffers(), self._model.buffers()):
             mine.copy_(theirs)
+
+
+def _decay(steps: float) -> float:
+    """The per-update decay of an average with a time constant of ``steps`` updates, or the error naming ``steps``."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
+        raise TypeError(f"steps must be a real number finite and > 0, got {type(steps).__name__} {steps!r}")
+    if not 0 < steps < math.inf:
+        raise ValueError(f"steps must be finite and > 0, got {steps!r}")
+    return max(0.0, 1.0 - 1.0 / steps)

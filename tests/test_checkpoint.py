@@ -90,7 +90,6 @@ def test_a_killed_training_resumes_and_ends_as_if_never_stopped(tmp_path, monkey
     assert_same(plain, again)
 
 
-
 def test_a_training_killed_after_a_drop_that_grew_the_batch_resumes_with_the_grown_batch(tmp_path, monkeypatch):
     """``drop_batch_factor``: the resumed call trains on with the batch size of the drops before the kill."""
     options = dict(drop_batch_factor=2.5)

@@ -107,7 +107,6 @@ def test_members_that_cannot_be_vectorized_train_one_by_one():
     assert [h.epochs for h in trained] == [2, 2]
 
 
-
 def test_members_whose_batch_grows_at_their_drops_train_one_by_one_as_train_checked_trains_each():
     """One vectorized pass shares one batch size; with ``drop_batch_factor`` each member's grows at its own drop."""
     theta, x = data()

@@ -456,7 +456,6 @@ def test_snapshot_benchmark_stacked_only_scores_the_flow_and_the_stacked_mixture
         assert flow["heldout_nll"] != stacked["heldout_nll"]
 
 
-
 def test_snapshot_benchmark_stacked_only_simulates_and_scores_the_flow_once_for_all_fractions(monkeypatch, tmp_path):
     """``--stacked-only`` with two gap fractions: one "defaults" record and one pair of simulated datasets per run,
     however many fractions are scored (stacking patched to keep an earlier epoch beside the flow)."""

@@ -48,7 +48,6 @@ def test_a_rerun_reads_the_store_and_simulates_nothing(tmp_path):
     assert "100 simulations" in loaded.summary()
 
 
-
 def test_numpy_integers_for_the_seed_and_chunk_size_store_and_resume_as_ints(tmp_path):
     """NumPy integers pass the argument checks, so the store (JSON) gets them as ints: the run is the same."""
     store = tmp_path / "sims.zarr"

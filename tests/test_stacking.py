@@ -55,7 +55,6 @@ def test_each_draw_comes_from_the_member_its_uniform_falls_to_and_members_are_dr
     assert bool(((share - torch.tensor([0.2, 0.3, 0.5])).abs() < 4 * sd).all()), share
 
 
-
 def test_a_weighted_mixture_keeps_its_weights_on_its_members_device():
     """Stacking returns float64 weights on the CPU; a mixture of members on another device (``meta`` stands in for
     a GPU) holds them on that device, so its density runs there."""
@@ -131,7 +130,6 @@ def test_stack_fits_the_snapshots_on_held_out_rows_and_a_weighted_posterior_save
     again = load(tmp_path / "weighted.pt", prior=PRIOR)
     assert torch.equal(again.log_prob(probe, x_o), posterior.log_prob(probe, x_o))
     assert torch.equal(again.sample(200, x_o, seed=3), posterior.sample(200, x_o, seed=3))
-
 
 
 def test_a_float64_weighted_posterior_loads_with_its_weights_and_densities_unchanged(snapshot_fit, tmp_path):

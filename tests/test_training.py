@@ -290,7 +290,6 @@ def test_a_plateau_drops_the_step_and_training_goes_on_from_the_best_weights():
     assert short.stopped_early
 
 
-
 @pytest.mark.parametrize("ema_epochs", [0.0, 1.0])
 def test_a_drop_with_a_batch_factor_goes_on_from_the_best_weights_with_larger_batches(ema_epochs):
     """``drop_batch_factor``: the same run up to the drop, then batches 2.5 times as large (rounded, capped at the
