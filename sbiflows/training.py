@@ -320,12 +320,13 @@ def train_checked(
                 checkpoint.resumed(resume_at, finished)
         first_batch = batch_size
 
-        def rebatch() -> tuple[int, Callable[..., Tensor]]:  # the batch size of the drops so far, and its step
+        def rebatch(previous: object = None) -> tuple[int, Callable[..., Tensor]]:  # the batch after the drops so far
             size = batch_after_drops(first_batch, len(history.step_drop_epochs), factor=drop_batch_factor,
                                      rows=n_train)
             if average is not None and size != first_batch:
                 average.retime(ema_epochs * math.ceil(n_train / size))
-            return size, compiled_objective(objective, batch_size=size, enabled=compile)
+            failed = getattr(previous, "failed", None) is not None  # a compile that failed is not tried again
+            return size, compiled_objective(objective, batch_size=size, enabled=compile and not failed)
 
         batch_size, step_loss = rebatch()
         state = functools.partial(loop_state, model=model, optimizer=per_parameter, average=average, rule=rule,
@@ -394,7 +395,7 @@ def train_checked(
                         for group in optimizer.param_groups:
                             group["lr"] *= factor
                         if action == "drop" and drop_batch_factor != 1:
-                            batch_size, step_loss = rebatch()
+                            batch_size, step_loss = rebatch(step_loss)
                     if checkpoint is not None:
                         checkpoint.epoch_end(lambda: state(key=key, epoch=epoch + 1, finished=False,
                                                            best_state=best_state,

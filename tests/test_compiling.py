@@ -98,3 +98,11 @@ def test_a_compiled_fit_matches_the_eager_one_to_rounding_and_resumes_bit_for_bi
     assert members.history.validation_loss[0] == pytest.approx(plain.history.validation_loss[0], abs=1e-4)
     u, x = data()
     assert torch.allclose(members.log_prob(u[:20], x[0]), plain.log_prob(u[:20], x[0]), atol=0.05)
+
+
+def test_a_failed_compile_is_not_tried_again_when_the_batch_grows_at_a_drop(monkeypatch):
+    failing_compile(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="could not compile") as caught:
+        history = train(small_flow(), *data(), compile=True, drop_batch_factor=2.0, **OPTIONS)
+    assert history.step_drop_epochs  # the batch grew, so a new compiled step would have been built
+    assert len([w for w in caught if "could not compile" in str(w.message)]) == 1
