@@ -147,13 +147,19 @@ class SnapshotTrail:
         """The members of :meth:`networks` that a stacked mixture keeps (:func:`~sbiflows.ensemble.stack` on the
         held-out pairs ``(theta, x)``; ``prior`` and ``config`` define a member's posterior), their epochs and
         weights; ``[net]``, ``[best_epoch]`` and weight 1 where the trail gives ``net`` alone. ``choice`` as for
-        :meth:`networks`."""
+        :meth:`networks`.
+
+        A mixture always keeps ``net``: where stacking would drop it (earlier snapshots that explain the held-out
+        pairs together better than with it), ``net`` alone is returned, so the last member of every stacked
+        mixture is the best epoch's flow that a refit trains on from."""
         from sbiflows.ensemble import stack
 
         nets, epochs = self.networks(net, best_epoch, **choice)
         if len(nets) == 1:
             return nets, epochs, torch.ones(1, dtype=torch.float64)
         kept, weights = stack(nets, prior, config, theta, x)
+        if kept[-1] != len(nets) - 1:  # the best epoch's flow dropped
+            return [net], [best_epoch], torch.ones(1, dtype=torch.float64)
         return [nets[k] for k in kept], [epochs[k] for k in kept], weights
 
 

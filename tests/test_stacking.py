@@ -202,3 +202,22 @@ def test_a_trail_that_gives_the_flow_alone_stacks_nothing(snapshot_fit):
     # a trail without snapshots: nothing to weigh
     nets, epochs, weights = SnapshotTrail().stacked(net, 7, PRIOR, snapshots.config, npe.theta[:10], npe.x[:10])
     assert nets == [net] and epochs == [7] and weights.tolist() == [1.0]
+
+
+def test_where_stacking_would_drop_the_best_epochs_flow_the_flow_is_kept_alone(snapshot_fit, monkeypatch):
+    """A refit trains on from a mixture's last member, so that member must be the best epoch's flow."""
+    import sbiflows.ensemble
+
+    npe, snapshots = snapshot_fit
+    *earlier, net = snapshots.net.members
+    trail = SnapshotTrail()
+    for epoch, member in zip(snapshots.config["snapshot_epochs"], snapshots.net.members):
+        trail.add(epoch, copy.deepcopy(member.state_dict()))
+    best = snapshots.config["snapshot_epochs"][-1]
+    args = (net, best, PRIOR, snapshots.config, npe.theta[:20], npe.x[:20])
+    monkeypatch.setattr(sbiflows.ensemble, "stack", lambda nets, *a, **k: ([0, 1], torch.tensor([0.5, 0.5])))
+    nets, epochs, weights = trail.stacked(*args)
+    assert nets == [net] and epochs == [best] and weights.tolist() == [1.0]
+    monkeypatch.setattr(sbiflows.ensemble, "stack", lambda nets, *a, **k: ([1, 2], torch.tensor([0.25, 0.75])))
+    nets, epochs, weights = trail.stacked(*args)  # it kept: the mixture as stacked
+    assert nets[-1] is net and epochs[0] == snapshots.config["snapshot_epochs"][1] and weights.tolist() == [0.25, 0.75]
