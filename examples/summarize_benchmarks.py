@@ -497,6 +497,16 @@ def _versus(ours: dict, base: dict) -> str:
     return f"{difference_text(difference, se)} | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
 
 
+def _setting(record: dict) -> str:
+    """A record's setting, ``"defaults"`` for the defaults (``benchmark_coverage.py`` records them as ``""``).
+
+    Example:
+        >>> _setting({"setting": ""}), _setting({"setting": "ensemble=3"})
+        ('defaults', 'ensemble=3')
+    """
+    return record["setting"] or "defaults"
+
+
 def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     """Rows for ``benchmark_npe_training.py`` records: each setting's held-out NLL against ``baseline``.
 
@@ -504,7 +514,7 @@ def nll_rows(path: str, *, baseline: str = "defaults") -> list[str]:
     last column counts the seeds on which the setting's NLL was lower than the baseline's.
     """
     def key(r):
-        return r["task"], r["simulations"], r["setting"], r["seed"]
+        return r["task"], r["simulations"], _setting(r), r["seed"]
 
     table = {group: records for group, records in _groups(path, key)}
     rows = [f"| task | simulations | setting | seeds | held-out NLL | minus {baseline} (SE) | seeds better | "
@@ -544,7 +554,7 @@ def timing_rows(paths: list[str], *, baseline: str = "defaults", other: str = "s
         | sir | 1,000 | median of 3 | 12.0 / 13.0 | 10.0 / 11.0 | **1.20** | 1.18 |
     """
     def key(r):
-        return r["task"], r["simulations"], r["setting"], r["seed"]
+        return r["task"], r["simulations"], _setting(r), r["seed"]
 
     runs = defaultdict(list)  # (task, simulations) -> per file: (ours cpu, ours wall, other cpu, other wall)
     for path in paths:
@@ -590,7 +600,7 @@ def nll_grid_rows(path: str, *, baseline: str = "defaults", candidate: str | Non
         | all 2 | - | - | - | +0.000 (0.500) | 1 of 2 |
     """
     def key(r):
-        return r["task"], r["simulations"], r["setting"], r["seed"]
+        return r["task"], r["simulations"], _setting(r), r["seed"]
 
     table = {group: {r["seed"]: r["heldout_nll"] for r in records} for group, records in _groups(path, key)}
     settings = list(dict.fromkeys(setting for _, _, setting in table))
