@@ -589,3 +589,20 @@ def test_c2st_shows_its_classifiers_finishing_and_scores_the_same(monkeypatch):
     assert bar.total == 6 and bar.n == 6 and len(bar.updates) >= 2  # folds finish at different epochs
     with pytest.raises(TypeError, match="progress"):
         c2st_batched(pairs, progress="yes")
+
+
+def test_sbc_names_a_bias_before_an_over_confidence_as_overall_does():
+    """One parameter shifted, the other too narrow: SBC's verdict is "biased" (a shift is what only SBC can tell
+    apart; the module's order), not the "over-confident" of the narrow parameter."""
+    from sbiflows.diagnostics import simulate_datasets, verdict
+
+    class ShiftedAndNarrow:  # theta ~ N(0, I), x = theta + N(0, I): the exact posterior is N(x / 2, I / 2)
+        def sample_batched(self, n, xs):
+            sd = torch.tensor([1.0, 0.5]) / 2**0.5
+            return xs / 2 + torch.tensor([1.0, 0.0]) + sd * torch.randn(n, *xs.shape)
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 500, seed=1)
+    result = sbc(ShiftedAndNarrow(), theta=theta, x=x, num_posterior_samples=200, seed=2)
+    assert "biased" in result.shapes[0] and "over-confident" in result.shapes[1], result.shapes
+    assert verdict(result) == "biased"

@@ -64,10 +64,10 @@ def verdict(result: SBCResult | CoverageResult | TARPResult) -> str:
             return "calibrated"
         shapes = [shape for name, shape in zip(result.parameter_names, result.shapes)
                   if name in result.failed_parameters]
+        if any("biased" in s or s == "non-uniform" for s in shapes):  # first, as in overall(): see the module
+            return "biased"
         if any("over-confident" in s for s in shapes):
             return "over-confident"
-        if any("biased" in s or s == "non-uniform" for s in shapes):
-            return "biased"
         return "conservative" if any("under-confident" in s for s in shapes) else "biased"
     if isinstance(result, CoverageResult):
         return {"calibrated": "calibrated", "over-confident": "over-confident", "under-confident": "conservative",
