@@ -606,3 +606,23 @@ def test_sbc_names_a_bias_before_an_over_confidence_as_overall_does():
     result = sbc(ShiftedAndNarrow(), theta=theta, x=x, num_posterior_samples=200, seed=2)
     assert "biased" in result.shapes[0] and "over-confident" in result.shapes[1], result.shapes
     assert verdict(result) == "biased"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nan_density_is_an_error_not_a_point_inside_every_hpd_region(fused):
+    """A NaN compares False with every draw's density, so its HPD rank was 0: coverage counted it as covered."""
+    from sbiflows.diagnostics import simulate_datasets
+
+    class NanWhereLarge(_GlobalExact):  # the exact posterior, with a NaN density where theta_1 > 1
+        def log_prob_batched(self, theta, xs):
+            return torch.where(theta[..., 0] > 1.0, torch.nan, super().log_prob_batched(theta, xs))
+
+    class Fused(NanWhereLarge):
+        def sample_and_log_prob_batched(self, n, xs):
+            draws = self.sample_batched(n, xs)
+            return draws, self.log_prob_batched(draws, xs)
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 200, seed=0)
+    with pytest.raises(ValueError, match=r"returned NaN log-probabilities for \d+ of"):
+        expected_coverage((Fused if fused else NanWhereLarge)(), theta=theta, x=x, num_posterior_samples=100, seed=1)

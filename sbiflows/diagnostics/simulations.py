@@ -278,7 +278,8 @@ def draws_and_log_prob(
             raise ValueError(f"posterior.sample_and_log_prob_batched({num_samples}, xs) must return log-probabilities "
                              f"of shape {tuple(draws[-1].shape[:2])}, got {got}")
         log_q.append(chunk_log_q.detach().cpu())
-    return _finite(torch.cat(draws, dim=1), "sample_and_log_prob_batched"), torch.cat(log_q, dim=1)
+    return (_finite(torch.cat(draws, dim=1), "sample_and_log_prob_batched"),
+            _no_nan(torch.cat(log_q, dim=1), "sample_and_log_prob_batched"))
 
 
 def _checked_draws(draws: object, num_samples: int, chunk: Tensor, method: str) -> Tensor:
@@ -297,6 +298,15 @@ def _finite(draws: Tensor, method: str) -> Tensor:
     return draws
 
 
+def _no_nan(log_q: Tensor, method: str) -> Tensor:
+    """``log_q`` if it has no NaN (``-inf``, a point outside the support, is a valid density; a NaN would compare
+    False with everything and rank silently)."""
+    if torch.isnan(log_q).any():
+        raise ValueError(f"posterior.{method} returned NaN log-probabilities for {int(torch.isnan(log_q).sum())} of "
+                         f"{log_q.numel()} points")
+    return log_q
+
+
 def batched_log_prob(
     posterior: object, theta: Tensor, xs: Tensor, *, batch_size: int | None, progress: str | None = None,
     normalized: bool = True,
@@ -313,13 +323,14 @@ def batched_log_prob(
             for part in _chunks(num, batch_size, progress):  # a loop, not a comprehension: an error closes the bar
                 parts.append(posterior.log_prob_batched(  # type: ignore[attr-defined]
                     theta[:, part], xs[part], **_density_options(normalized)).detach().cpu())
-            out = torch.cat(parts, dim=1)
+            out, method = torch.cat(parts, dim=1), "log_prob_batched"
         else:
             log_prob = posterior.log_prob  # type: ignore[attr-defined]
             out = torch.stack([log_prob(theta[:, b], x=xs[b]).detach().cpu() for b in range(num)], dim=1)
+            method = "log_prob"
     if out.shape != (n, num):
         raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
-    return out
+    return _no_nan(out, method)
 
 
 def padded_trials(posterior: object) -> bool:
