@@ -144,6 +144,11 @@ def test_c2st_agrees_with_the_sklearn_reference_protocol():
         ((torch.randn(20, 2), torch.randn(20, 2)), {"max_epochs": 2.5}, TypeError, "max_epochs must be an int >= 1, got float 2.5"),
         ((torch.randn(20, 2), torch.randn(20, 2)), {"learning_rate": 0.0}, ValueError, "learning_rate must be a positive number, got 0.0"),
         ((torch.randn(20, 2), torch.randn(20, 2)), {"patience": -1}, ValueError, "patience must be an int >= 0, got -1"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"l2": math.nan}, ValueError, "l2 must be"),  # passed as 0.5 before
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"l2": -5.0}, ValueError, "l2 must be"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"tol": -1.0}, ValueError, "tol must be"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"seed": 1.7}, TypeError, "seed must be an int"),
+        ((torch.randn(20, 2), torch.randn(20, 2)), {"seed": None}, TypeError, "seed must be an int"),
     ],
 )
 def test_c2st_rejects_bad_input(args, kwargs, error, match):

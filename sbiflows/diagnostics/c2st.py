@@ -192,6 +192,9 @@ def c2st_batched(
         a, b = _check_samples(pair[0], names[0]), _check_samples(pair[1], names[1])
         if i == 0:  # the settings once, after the first pair's sets (c2st's order of messages)
             _check_settings(folds, threshold, max_epochs, batch_size, learning_rate, patience)
+            check_int(seed, "seed")
+            check_real(l2, "l2", low=0.0)
+            check_real(tol, "tol", low=0.0)
         _check_pair(a, b, folds, "" if len(pairs) == 1 else f"pairs[{i}]: ")
         if sets and a.shape != sets[0][0].shape:
             raise ValueError(f"every pair must have the shape of the first, {tuple(sets[0][0].shape)}; pairs[{i}] has "
