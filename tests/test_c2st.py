@@ -165,3 +165,13 @@ def test_a_point_mass_is_told_apart_from_the_point_shifted_by_a_little():
     result = c2st(point, point + 1e-3)
     assert result.accuracy > 0.95 and not result.passed
     assert c2st(point, point.clone()).accuracy == pytest.approx(0.5, abs=0.06)  # the same point: chance
+
+
+def test_a_minibatch_of_padding_alone_does_not_turn_a_fold_into_nan():
+    """Folds of 11 rows per set differ in size; the shorter ones are padded with weight-0 rows, and with batch_size=1
+    a batch can hold padding alone: its fold divided by zero and scored 0.5 with NaN weights."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(11, 2, generator=generator)
+    b = torch.randn(11, 2, generator=generator) + 5.0  # far apart: every fold separates them
+    result = c2st(a, b, batch_size=1, max_epochs=50)
+    assert min(result.fold_accuracies) > 0.9, result.fold_accuracies

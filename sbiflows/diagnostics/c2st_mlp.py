@@ -64,7 +64,7 @@ class _FoldMLP:
         """Per-fold weighted log-loss plus L2 penalty, and its gradient as a ``(F, P)`` tensor."""
         w1, _, w2, _, w3, _ = self.views(params)
         h1, h2, logit = self._forward(params, x)
-        count = w.sum(1)  # (F,) real (non-padding) samples in the batch
+        count = w.sum(1).clamp_min(1.0)  # (F,) real (non-padding) samples in the batch (fit skips a batch of none)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
         squares = sum(v.square().sum((1, 2)) for v in (w1, w2, w3))
         loss = ((bce * w).sum(1) + 0.5 * l2 * squares) / count
@@ -139,11 +139,17 @@ class _FoldMLP:
                 loss, grad = self._loss_and_grad(params, data[idx], labels[idx], w, l2)
                 epoch_loss += loss * w.sum(1)
                 step += 1
+                empty = w.sum(1) == 0  # a fold whose batch is all padding (batch_size <= 2): it does not step
+                before = (m_rows.clone(), v_rows.clone()) if bool(empty.any()) else None
                 m_rows.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v_rows.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 lr = learning_rate * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 # the step size as a float32 tensor, as it was when frozen folds stepped with a rate of 0
-                params.sub_(torch.full((len(rows), 1), lr) * m_rows / (v_rows.sqrt() + eps))
+                rate = torch.full((len(rows), 1), lr)
+                if before is not None:
+                    rate[empty] = 0.0
+                    m_rows[empty], v_rows[empty] = before[0][empty], before[1][empty]
+                params.sub_(rate * m_rows / (v_rows.sqrt() + eps))
             self.params[rows], m[rows], v[rows] = params, m_rows, v_rows
             epochs[rows] += 1
             epoch_loss /= num_train[rows]
