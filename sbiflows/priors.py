@@ -198,6 +198,31 @@ class IndependentPrior(Distribution):
 
 
 # --------------------------------------------------------------------------------- validation
+def as_vector_prior(prior: Distribution) -> Distribution:
+    """``prior`` with event shape ``(D,)``: a scalar prior as ``D = 1``, a batch of ``D`` scalar priors as one
+    ``D``-dimensional one (:class:`~torch.distributions.Independent`), one of event shape ``(D,)`` unchanged.
+
+    Raises:
+        ValueError: For other event and batch shapes.
+
+    Example:
+        >>> from torch.distributions import Normal, Uniform
+        >>> as_vector_prior(Normal(0.0, 1.0)).event_shape, as_vector_prior(Uniform(torch.zeros(2), 1)).event_shape
+        (torch.Size([1]), torch.Size([2]))
+    """
+    event, batch = tuple(prior.event_shape), tuple(prior.batch_shape)
+    if event == () and batch == ():
+        return Independent(prior.expand((1,)), 1)
+    if event == () and len(batch) == 1:
+        return Independent(prior, 1)
+    if len(event) != 1 or batch != ():
+        raise ValueError(
+            "prior must have event shape (D,) and no batch shape (e.g. Independent(Uniform(low, high), 1)), "
+            f"got event shape {event} and batch shape {batch}"
+        )
+    return prior
+
+
 def check_prior(prior: Any) -> tuple[Distribution, int]:
     """Validate ``prior`` and return it with event shape ``(D,)``, and ``D``.
 
@@ -216,16 +241,7 @@ def check_prior(prior: Any) -> tuple[Distribution, int]:
     if not isinstance(prior, Distribution):
         raise TypeError(f"prior must be a torch.distributions.Distribution, got {type(prior).__name__}")
     name = type(prior).__name__
-    event, batch = tuple(prior.event_shape), tuple(prior.batch_shape)
-    if event == () and batch == ():
-        prior = Independent(prior.expand((1,)), 1)
-    elif event == () and len(batch) == 1:
-        prior = Independent(prior, 1)
-    elif len(event) != 1 or batch != ():
-        raise ValueError(
-            "prior must have event shape (D,) and no batch shape (e.g. Independent(Uniform(low, high), 1)), "
-            f"got event shape {event} and batch shape {batch}"
-        )
+    prior = as_vector_prior(prior)
     dim = prior.event_shape[0]
     try:
         support = prior.support

@@ -909,3 +909,26 @@ def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path, caps
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("a user's folder")
     assert outputs.hold(tmp_path / "mine") is None and not (tmp_path / "mine" / ".lock").exists()
+
+
+@pytest.mark.parametrize("prior", ["Normal(0.0, 1.0)", "Uniform(torch.zeros(2), torch.ones(2))"])
+def test_a_scalar_prior_or_a_batch_of_them_runs_to_the_report(tmp_path, monkeypatch, prior):
+    """NPE takes them (one parameter; D independent ones); the calibration step got the raw prior and failed after
+    the whole budget ("the prior has event shape () but the posterior has 1 parameters")."""
+    dim = 1 if prior.startswith("Normal") else 2
+    module = f"scalarmodel{dim}"  # one module name per prior: an imported module stays in sys.modules
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import torch
+        from torch.distributions import Normal, Uniform
+
+        prior = {prior}
+
+        def simulate(theta):
+            return theta + 0.1 * torch.randn_like(theta)
+    """))
+    (tmp_path / "x.csv").write_text(",".join(["0.3"] * dim) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--simulator", f"{module}:simulate", "--prior", f"{module}:prior", "--observation",
+                 "x.csv", "--out", str(tmp_path / "run"), *SMALL, "--ensemble", "1"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["calibration"]) == {"sbc", "coverage", "tarp"} and report["verdict"]

@@ -222,7 +222,10 @@ def test_simulate_datasets_rejects_bad_input(model):
     theta, x = simulate_datasets(model.prior, lambda t: t.numpy(), 10)  # numbers in numpy, as simulate takes
     assert torch.equal(x, theta)
     with pytest.raises(ValueError, match=r"prior must have event shape \(D,\)"):
-        simulate_datasets(torch.distributions.Normal(0.0, 1.0), model, 10)
+        square = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2, 2), 1.0), 2)
+        simulate_datasets(square, lambda t: t, 10)
+    scalar, _ = simulate_datasets(torch.distributions.Normal(0.0, 1.0), lambda t: t, 10)  # as NPE takes it: D = 1
+    assert scalar.shape == (10, 1)
 
 
 # ----------------------------------------------------------------------------------- coverage

@@ -37,6 +37,7 @@ from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
 from sbiflows.observation_range import observations_unchecked
+from sbiflows.priors import as_vector_prior
 from sbiflows.xshape import valid_rows
 
 __all__ = ["simulate_datasets"]
@@ -94,8 +95,7 @@ def simulate_datasets(
             f"simulator must be callable (theta (N, D) -> x (N, x_dim)), got {type(simulator).__name__}"
         )
     check_int(num_datasets, "num_datasets", minimum=1)
-    if len(prior.event_shape) != 1:
-        raise ValueError(f"prior must have event shape (D,), got {tuple(prior.event_shape)}")
+    prior = as_vector_prior(prior)  # a scalar prior or a batch of them, as NPE takes them
     with seeded(seed):
         theta = prior.sample((num_datasets,))
         x = simulator(theta)
@@ -131,6 +131,8 @@ def calibration_pairs(
     """
     if (theta is None) != (x is None):
         raise ValueError(f"{check}: pass both theta and x (precomputed pairs) or neither")
+    if isinstance(prior, Distribution):
+        prior = as_vector_prior(prior)  # a scalar prior or a batch of them, as NPE takes them
     if theta_dim is not None and isinstance(prior, Distribution) and tuple(prior.event_shape) != (theta_dim,):
         raise ValueError(f"{check}: the prior has event shape {tuple(prior.event_shape)} but the posterior has "
                          f"{theta_dim} parameters")
