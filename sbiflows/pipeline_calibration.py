@@ -130,7 +130,8 @@ def c2st_caution(report: dict) -> str:
 
 
 def save_figure(figure, stem: Path) -> None:
-    """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure."""
-    figure.savefig(stem.with_suffix(".png"), dpi=300)
-    figure.savefig(stem.with_suffix(".pdf"))
+    """``stem.png`` at print resolution (300 dpi) and ``stem.pdf`` (vector); closes the figure. A dot in the stem's
+    name (an observation ``run.v1``) is kept: the suffix is appended, not substituted."""
+    figure.savefig(stem.with_name(stem.name + ".png"), dpi=300)
+    figure.savefig(stem.with_name(stem.name + ".pdf"))
     plt.close(figure)

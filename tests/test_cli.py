@@ -932,3 +932,19 @@ def test_a_scalar_prior_or_a_batch_of_them_runs_to_the_report(tmp_path, monkeypa
                  "x.csv", "--out", str(tmp_path / "run"), *SMALL, "--ensemble", "1"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["calibration"]) == {"sbc", "coverage", "tarp"} and report["verdict"]
+
+
+def test_observations_with_a_dot_in_their_name_keep_their_own_corner_plots(tmp_path, monkeypatch):
+    """``Path("corner_run.v1").with_suffix(".png")`` is ``corner_run.png``: run.v2's plot overwrote run.v1's and the
+    report's links pointed at files that did not exist."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in (("run.v1", "0.1,0.2"), ("run.v2", "-0.3,0.4")):
+        (tmp_path / f"{name}.csv").write_text(value + "\n")
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--observation", "run.v1.csv", "--observation", "run.v2.csv", "--out", str(out),
+                 *SMALL, "--ensemble", "1"]) == 0
+    report = (out / "report.md").read_text()
+    for name in ("run.v1", "run.v2"):
+        assert (out / f"corner_{name}.png").exists() and (out / f"corner_{name}.pdf").exists()
+        assert f"(corner_{name}.png)" in report
+    assert not (out / "corner_run.png").exists()
