@@ -263,6 +263,8 @@ def _setup(args: argparse.Namespace) -> Job:
             rows = _split_observations(_read_observations(path), x_shape, path, padded_trials=embedding == "set")
             for k, row in enumerate(rows):
                 row_name = stem + (f"_{k + 1}" if k else "")
+                if row_name in taken:  # a file's row named like another file (a_2.csv beside a.csv's second row)
+                    row_name = next(f"{row_name}-{j}" for j in range(2, 10_000) if f"{row_name}-{j}" not in taken)
                 taken.add(row_name)
                 observations.append(Observation(row_name, row))
             taken.add(stem)

@@ -32,7 +32,7 @@ def _parse_indices(text: str) -> list[int]:
     bad = [i for i in indices if not 1 <= i <= 10]
     if bad or not indices:
         raise ValueError(f"--observations must lie in 1..10, got {text!r}")
-    return indices
+    return list(dict.fromkeys(indices))  # each once ('1,1' or '1-3,2'), in the order given
 
 
 def _check_observations(

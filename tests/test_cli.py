@@ -948,3 +948,18 @@ def test_observations_with_a_dot_in_their_name_keep_their_own_corner_plots(tmp_p
         assert (out / f"corner_{name}.png").exists() and (out / f"corner_{name}.pdf").exists()
         assert f"(corner_{name}.png)" in report
     assert not (out / "corner_run.png").exists()
+
+
+def test_repeated_observation_indices_and_a_row_named_like_another_file_give_unique_names(tmp_path, monkeypatch):
+    """Both ended in a traceback ("observation names must be unique") after run.json was written."""
+    from sbiflows.cli_observations import _parse_indices
+
+    assert _parse_indices("1,1") == [1] and _parse_indices("3-5,4,1") == [3, 4, 5, 1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_2.csv").write_text("0.1,0.2\n")
+    (tmp_path / "a.csv").write_text("0.3,0.4\n-0.1,0.0\n")  # its second row is named a_2 too
+    out = tmp_path / "run"
+    assert main(["fit", "two_moons", "--observation", "a_2.csv", "--observation", "a.csv", "--out", str(out),
+                 *SMALL, "--ensemble", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [o["name"] for o in report["observations"]] == ["a_2", "a", "a_2-2"]
