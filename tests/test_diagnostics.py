@@ -629,3 +629,20 @@ def test_a_nan_density_is_an_error_not_a_point_inside_every_hpd_region(fused):
     theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 200, seed=0)
     with pytest.raises(ValueError, match=r"returned NaN log-probabilities for \d+ of"):
         expected_coverage((Fused if fused else NanWhereLarge)(), theta=theta, x=x, num_posterior_samples=100, seed=1)
+
+
+@pytest.mark.parametrize("num_bins", [3, 5])
+def test_tarp_integrates_both_halves_whole_with_an_odd_number_of_bins(num_bins):
+    """0.5 is not on an odd grid: ``grid >= 0.5`` and ``grid <= 0.5`` left out the bin that straddles it, so ATC and
+    the area below 0.5 together covered about half of [0, 1] with 3 bins."""
+    from sbiflows.diagnostics import simulate_datasets
+
+    class Wide:  # twice the exact posterior's width: ECP - alpha > 0 over the whole grid
+        def sample_batched(self, n, xs):
+            return xs / 2 + 2.0 * torch.randn(n, *xs.shape) / 2**0.5
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 500, seed=0)
+    result = tarp(Wide(), theta=theta, x=x, num_posterior_samples=200, num_bins=num_bins, seed=0)
+    whole = float(torch.trapezoid(result.ecp - result.credibility, result.credibility))
+    assert whole > 0.05 and abs(result.atc + result.atc_lower - whole) < 0.2 * whole, (result.atc, result.atc_lower)

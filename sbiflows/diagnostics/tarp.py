@@ -211,10 +211,11 @@ def tarp(
 
     grid = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)
     ecp = (f.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)
-    gap = ecp - grid
-    upper, lower = grid >= 0.5, grid <= 0.5
-    atc = float(torch.trapezoid(gap[upper], grid[upper]))
-    atc_lower = float(torch.trapezoid(gap[lower], grid[lower]))
+    knots = grid if bool((grid == 0.5).any()) else torch.cat([grid, grid.new_tensor([0.5])]).sort().values
+    gap = (f.unsqueeze(0) < knots.unsqueeze(1)).double().mean(1) - knots  # ECP - alpha, at 0.5 too (odd num_bins)
+    upper, lower = knots >= 0.5, knots <= 0.5
+    atc = float(torch.trapezoid(gap[upper], knots[upper]))
+    atc_lower = float(torch.trapezoid(gap[lower], knots[lower]))
     unit = (closer.numpy() + 0.5) / (num_posterior_samples + 1)
     ks = scipy.stats.ks_1samp(unit, scipy.stats.uniform.cdf)
     max_dev = float(gap.abs().max())
