@@ -282,7 +282,10 @@ def test_coverage_hpd_rank_is_the_fraction_of_denser_draws():
         ({"levels": [0.6, 0.5]}, ValueError, r"increasing values in \(0, 1\)"),
         ({"levels": [[0.5]]}, ValueError, "non-empty 1-D sequence"),
         ({"levels": ["a"]}, TypeError, "levels must be a sequence of floats"),
-        ({"num_sigmas": -1.0}, ValueError, "num_sigmas and tolerance must be >= 0"),
+        ({"num_sigmas": -1.0}, ValueError, "num_sigmas must be"),
+        ({"num_sigmas": math.inf}, ValueError, "num_sigmas must be"),  # passed a 4x too narrow posterior
+        ({"tolerance": math.inf}, ValueError, "tolerance must be"),
+        ({"num_sigmas": "3"}, TypeError, "num_sigmas must be"),  # failed inside a comparison
     ],
 )
 def test_coverage_rejects_bad_options(model, kwargs, error, match):
@@ -646,3 +649,15 @@ def test_tarp_integrates_both_halves_whole_with_an_odd_number_of_bins(num_bins):
     result = tarp(Wide(), theta=theta, x=x, num_posterior_samples=200, num_bins=num_bins, seed=0)
     whole = float(torch.trapezoid(result.ecp - result.credibility, result.credibility))
     assert whole > 0.05 and abs(result.atc + result.atc_lower - whole) < 0.2 * whole, (result.atc, result.atc_lower)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "match"),
+    [(torch.zeros(10, dtype=torch.long), r"ranks must be a tensor of shape \(N, D\), got \(10,\)"),
+     (torch.full((10, 2), 101), r"ranks must lie in 0..num_posterior_samples = 0..100, got 101..101"),
+     (torch.full((10, 2), -1), r"got -1..-1")],
+)
+def test_rank_statistics_refuses_ranks_of_another_shape_or_range(ranks, match):
+    """They failed inside numpy ("not enough values to unpack", a broadcasting error)."""
+    with pytest.raises(ValueError, match=match):
+        rank_statistics(ranks, 100)

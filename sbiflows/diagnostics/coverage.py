@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from sbiflows.checks import check_real
 from sbiflows.diagnostics.simulations import (
     Simulator,
     batched_log_prob,
@@ -171,8 +172,8 @@ def expected_coverage(
     """
     check_posterior(posterior, "sample_batched", "log_prob")
     grid = _check_levels(levels)
-    if not num_sigmas >= 0 or not tolerance >= 0:
-        raise ValueError(f"num_sigmas and tolerance must be >= 0, got {num_sigmas!r} and {tolerance!r}")
+    check_real(num_sigmas, "num_sigmas", low=0.0)  # finite: inf would pass any posterior as calibrated
+    check_real(tolerance, "tolerance", low=0.0)
     check_num_posterior_samples(num_posterior_samples, "expected_coverage")
     with seeded(seed):
         theta, x, num_invalid = calibration_pairs(

@@ -227,6 +227,13 @@ def rank_statistics(ranks: Tensor, num_posterior_samples: int, *, num_bins: int 
         >>> stats["shapes"]
         ('uniform', 'uniform')
     """
+    if not isinstance(ranks, Tensor) or ranks.ndim != 2:
+        got = tuple(ranks.shape) if isinstance(ranks, Tensor) else type(ranks).__name__
+        raise ValueError(f"ranks must be a tensor of shape (N, D), got {got}")
+    check_int(num_posterior_samples, "num_posterior_samples", minimum=1)
+    if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) > num_posterior_samples):
+        raise ValueError(f"ranks must lie in 0..num_posterior_samples = 0..{num_posterior_samples}, got "
+                         f"{int(ranks.min())}..{int(ranks.max())}")
     num, _ = ranks.shape
     num_levels = num_posterior_samples + 1
     if num_bins is None:
