@@ -206,12 +206,18 @@ def _setup(args: argparse.Namespace) -> Job:
         simulator = _import_object(args.simulator, "--simulator")
         prior = _import_object(args.prior, "--prior")
         if callable(prior) and not hasattr(prior, "sample"):
-            prior = prior()
+            try:
+                prior = prior()
+            except Exception as error:  # noqa: BLE001 - the user's function: say which and why, no traceback
+                raise ValueError(f"--prior {args.prior}: calling it failed ({type(error).__name__}: {error}); name a "
+                                 "torch.distributions.Distribution or a function of no arguments that returns one"
+                                 ) from None
         if not isinstance(prior, torch.distributions.Distribution):
             raise ValueError(f"--prior must name a torch.distributions.Distribution, got {type(prior).__name__}")
         if not callable(simulator):
             raise ValueError(f"--simulator must name a callable, got {type(simulator).__name__}")
-        name = Path(args.simulator.rpartition(":")[0]).stem.split(".")[-1]  # the module, not "simulate"
+        module = args.simulator.rpartition(":")[0]  # the module, not "simulate"; pkg.model -> model
+        name = Path(module).stem if module.endswith(".py") or "/" in module else module.rpartition(".")[2]
     elif args.task:
         import simulators
 

@@ -144,8 +144,9 @@ def _read_observations(path: Path) -> torch.Tensor:
     if suffix not in _FORMATS:
         raise ValueError(f"--observation {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
                          f"use one of {', '.join(_FORMATS)} (one observation per row)")
-    if not path.exists():
-        raise ValueError(f"--observation file {str(path)!r} does not exist")
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"--observation file {str(path)!r} {what}")
     header = 0
     try:
         if suffix == ".npy":
@@ -155,15 +156,15 @@ def _read_observations(path: Path) -> torch.Tensor:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "input contained no data": said below, with the reason
                 data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2, skiprows=header)
-    except ValueError as error:
+        numbers = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
+    except (ValueError, TypeError) as error:  # also a .npy of strings or objects
         raise ValueError(f"--observation {str(path)!r} is not a numeric table: {error}") from None
     if data.size == 0:
         read = "its only line was read as a header (a row that is not all numbers)" if header else "it is empty"
         separator = "comma-separated values" if suffix == ".csv" else "values separated by spaces"
         raise ValueError(f"--observation {str(path)!r} holds no observation: {read}; give one observation per "
                          f"row as {separator}")
-    data = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
-    return torch.from_numpy(data if suffix == ".npy" else np.atleast_2d(data))
+    return torch.from_numpy(numbers if suffix == ".npy" else np.atleast_2d(numbers))
 
 
 def _header(path: Path) -> int:

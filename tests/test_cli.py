@@ -963,3 +963,57 @@ def test_repeated_observation_indices_and_a_row_named_like_another_file_give_uni
                  *SMALL, "--ensemble", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [o["name"] for o in report["observations"]] == ["a_2", "a", "a_2-2"]
+
+
+def test_a_prior_function_that_fails_a_folder_and_a_string_array_as_observation_give_one_line(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Each was a traceback (TypeError from the user's function, IsADirectoryError) or a message that did not
+    name --observation."""
+    (tmp_path / "argmodel.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make_prior(scale):
+            return torch.distributions.Normal(torch.zeros(2), scale * torch.ones(2))
+
+        def simulate(theta):
+            return theta
+    """))
+    (tmp_path / "x.csv").write_text("0.1,0.2\n")
+    (tmp_path / "folder.csv").mkdir()
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    monkeypatch.chdir(tmp_path)
+    model = ["--simulator", "argmodel:simulate"]
+    for argv, message in (
+        ([*model, "--prior", "argmodel:make_prior", "--observation", "x.csv"],
+         "--prior argmodel:make_prior: calling it failed (TypeError: "),
+        (["two_moons", "--observation", "folder.csv"], "--observation file 'folder.csv' is a folder, not a file"),
+        (["two_moons", "--observation", "words.npy"], "--observation 'words.npy' is not a numeric table"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["fit", *argv, "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_default_name_of_a_simulator_in_a_package_is_its_module(tmp_path, monkeypatch):
+    """``--simulator pkg.model:simulate`` was named "pkg" (and wrote to runs/pkg)."""
+    from sbiflows.cli import _setup
+    from sbiflows.cli_parser import build_parser
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "model.py").write_text(textwrap.dedent("""
+        import torch
+
+        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            return theta + 0.1 * torch.randn_like(theta)
+    """))
+    (tmp_path / "x.csv").write_text("0.1,0.2\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = build_parser().parse_args(["fit", "--simulator", "pkg.model:simulate", "--prior", "pkg.model:prior",
+                                      "--observation", "x.csv"])
+    job = _setup(args)
+    assert job.name == "model" and str(job.out) == "runs/model"
