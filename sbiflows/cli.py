@@ -258,6 +258,9 @@ def _setup(args: argparse.Namespace) -> Job:
     estimator = args.estimator or DEFAULT_ESTIMATOR
     resolve_transformer(estimator, args.transformer, args.bins)  # a bad combination fails before simulating
     observations: list[Observation] = []
+    if args.observation and args.observations is not None:
+        raise ValueError("--observations picks a task's published observations; with --observation FILE give only "
+                         "the files")
     if args.observation:
         taken: set[str] = set()
         for path in args.observation:
@@ -275,7 +278,7 @@ def _setup(args: argparse.Namespace) -> Job:
                 observations.append(Observation(row_name, row))
             taken.add(stem)
     elif task is not None:
-        for i in _parse_indices(args.observations):
+        for i in _parse_indices("1-10" if args.observations is None else args.observations):
             x = task.structured(task.observation(i)) if structured else task.observation(i)
             observations.append(Observation(f"obs{i}", x, task.true_parameters(i), reference=i))
     else:

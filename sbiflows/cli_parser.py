@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--observation", type=Path, action="append", metavar="FILE",
                      help="observed data: .csv/.txt with one observation per row (reshaped to the simulator's "
                      "x shape), or .npy of shape x_shape (one) or (B, *x_shape); repeatable")
-    fit.add_argument("--observations", default="1-10", metavar="LIST",
-                     help="which of a task's published observations to use, e.g. '1-10' or '1,4'")
+    fit.add_argument("--observations", default=None, metavar="LIST",
+                     help="which of a task's published observations to use, e.g. '1-10' (the default) or '1,4'")
     fit.add_argument("--simulations", type=_positive_int, default=10_000, help="simulation budget")
     fit.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
                      help="R > 1: truncated sequential NPE for exactly one observation (one --observation file "

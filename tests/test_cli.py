@@ -64,6 +64,8 @@ def test_tasks_lists_the_benchmark(capsys):
         (["fit", "two_moons", "--drop-patience", "0"], "--drop-patience: expected a positive integer, got 0"),
         (["fit"], "name a task"),
         (["fit", "two_moons", "--observations", "0-3"], "--observations must lie in 1..10"),
+        (["fit", "two_moons", "--observation", "x.csv", "--observations", "3"],  # it was ignored without a word
+         "--observations picks a task's published observations; with --observation FILE give only the files"),
         (["fit", "--simulator", "nomodule:f", "--prior", "nomodule:p", "--observation", "x.csv"], "cannot import"),
         (["fit", "--simulator", "math:sqrt"], "go together"),
         (["bogus"], "invalid choice"),
