@@ -75,6 +75,7 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING
     from sbiflows.pipeline import run
+    from sbiflows.pipeline_checks import ObservationShapeError
     from sbiflows.simulate import SimulationError, StoreMismatchError
 
     try:
@@ -99,8 +100,8 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
     try:
         with torch_threads(), _one_line_warnings(), stop:  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
-    except (outputs.OutputFolderError, StoreMismatchError) as error:  # e.g. rounds made under other TSNPE defaults
-        parser.exit(2, f"sbiflows fit: error: {error}\n")
+    except (outputs.OutputFolderError, StoreMismatchError, ObservationShapeError) as error:  # e.g. rounds made
+        parser.exit(2, f"sbiflows fit: error: {error}\n")  # under other TSNPE defaults; an observation's shape
     except SimulationError as error:  # the simulator cannot run: one line, what finished is kept
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
         return SIMULATOR_FAILED

@@ -15,7 +15,7 @@ from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
 from sbiflows.priors import check_prior
 from sbiflows.xshape import valid_rows
 
-__all__ = ["EMBEDDINGS", "check_job", "check_observation_shapes"]
+__all__ = ["EMBEDDINGS", "ObservationShapeError", "check_job", "check_observation_shapes"]
 
 #: What ``Job.embedding`` takes (``sbiflows fit --embedding``): the built-in networks, "auto" and "none".
 EMBEDDINGS = ("none", "auto", *BUILT_IN)
@@ -62,8 +62,17 @@ def check_job(job) -> None:
                              f"prior has {dim} parameters")
 
 
+class ObservationShapeError(ValueError):
+    """An observation whose shape is not the simulator's x, found once simulations exist (they are kept)."""
+
+
 def check_observation_shapes(job, x_shape: tuple[int, ...]) -> None:
-    """Every observation has the simulator's x shape (known once simulations exist): ValueError naming it."""
+    """Every observation has the simulator's x shape (known once simulations exist): an
+    :class:`ObservationShapeError` (a ValueError) naming it."""
     from sbiflows.cli_observations import _check_observations
 
-    _check_observations(job.observations, tuple(x_shape), padded_trials=job.embedding == "set")
+    try:
+        _check_observations(job.observations, tuple(x_shape), padded_trials=job.embedding == "set")
+    except ValueError as error:
+        raise ObservationShapeError(f"{error}; the simulations are kept in {job.out}: fix the observation and run "
+                                    "again") from None

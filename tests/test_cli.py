@@ -1019,3 +1019,28 @@ def test_the_default_name_of_a_simulator_in_a_package_is_its_module(tmp_path, mo
                                       "--observation", "x.csv"])
     job = _setup(args)
     assert job.name == "model" and str(job.out) == "runs/model"
+
+
+def test_an_observation_of_the_wrong_length_found_after_simulating_gives_one_line(tmp_path, monkeypatch, capsys):
+    """Where the probe simulations failed, the shape is checked once the simulations exist: that ValueError was a
+    traceback."""
+    import sbiflows.cli
+
+    (tmp_path / "wrongmodel.py").write_text(textwrap.dedent("""
+        import torch
+
+        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            return theta + 0.1 * torch.randn_like(theta)
+    """))
+    (tmp_path / "x3.csv").write_text("0.1,0.2,0.3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sbiflows.cli, "_probe_x_shape", lambda *args: None)  # as when every probe failed
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--simulator", "wrongmodel:simulate", "--prior", "wrongmodel:prior", "--observation", "x3.csv",
+              "--out", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "observation 'x3' has 3 values, but the simulator's x has 2; the simulations are kept in" in err
+    assert (tmp_path / "run" / "simulations.zarr").exists()
