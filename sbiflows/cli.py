@@ -84,6 +84,7 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         job.parameter_names()  # checks --labels against the prior's dimension
         settings = job.settings()
         held.enter_context(_closing(outputs.hold(job.out)))  # a second run into this folder is refused meanwhile
+        client = job.executor = _dask_client(args.scheduler) if args.scheduler else None  # before --force removes
         removed = outputs.prepare(job.out, settings, force=args.force)
     except ValueError as error:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
@@ -91,12 +92,7 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         print(f"sbiflows fit: --force: removed {len(removed)} outputs of the earlier run in {job.out}: "
               f"{', '.join(removed)}", file=sys.stderr)
 
-    client, stop = None, _StopOnTerm()
-    if args.scheduler:
-        try:
-            client = job.executor = _dask_client(args.scheduler)
-        except ValueError as error:
-            parser.exit(2, f"sbiflows fit: error: {error}\n")
+    stop = _StopOnTerm()
     try:
         with torch_threads(), _one_line_warnings(), stop:  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings

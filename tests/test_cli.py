@@ -1044,3 +1044,21 @@ def test_an_observation_of_the_wrong_length_found_after_simulating_gives_one_lin
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "observation 'x3' has 3 values, but the simulator's x has 2; the simulations are kept in" in err
     assert (tmp_path / "run" / "simulations.zarr").exists()
+
+
+def test_force_keeps_the_earlier_results_when_the_scheduler_cannot_be_reached(tmp_path, monkeypatch, capsys):
+    """--force removed the earlier run's outputs, then the run failed to reach --scheduler: results lost for nothing."""
+    import sbiflows.cli
+
+    out = tmp_path / "run"
+    command = ["fit", "two_moons", "--observations", "1", "--out", str(out), *SMALL, "--ensemble", "1"]
+    assert main(command) == 0
+
+    def unreachable(address):
+        raise ValueError(f"--scheduler: cannot reach a Dask scheduler at {address!r}")
+
+    monkeypatch.setattr(sbiflows.cli, "_dask_client", unreachable)
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--simulations", "700", "--force", "--scheduler", "tcp://127.0.0.1:1"])
+    assert info.value.code == 2 and "cannot reach a Dask scheduler" in capsys.readouterr().err
+    assert (out / "posterior.pt").exists() and (out / "report.md").exists()
