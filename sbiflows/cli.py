@@ -247,6 +247,11 @@ def _setup(args: argparse.Namespace) -> Job:
         from sbiflows.priors import check_prior
 
         embedding = "none" if auto_features(x_shape, check_prior(prior)[1]) is None else "auto"
+        if embedding == "none" and task is None and stored_shape is not None and args.embedding in (None, "auto"):
+            from sbiflows.outputs import recorded_settings
+
+            if recorded_settings(out).get("embedding") == "auto":  # the first run's probes all failed: it left
+                embedding = "auto"  # "auto" to NPE, which made the same choice (no network); rerun it as it ran
     if embedding not in ("none", "auto") and x_shape is not None:
         from sbiflows.embeddings import from_name
 

@@ -225,6 +225,11 @@ def record(out: Path, settings: dict) -> None:
     _write(out, {"settings": settings, "files": files})
 
 
+def recorded_settings(out: Path) -> dict:
+    """The settings ``out``'s ``run.json`` records (empty without one)."""
+    return dict((_read(Path(out)) or {}).get("settings") or {})
+
+
 def _read(out: Path) -> dict | None:
     try:
         return json.loads((out / MANIFEST).read_text())

@@ -1062,3 +1062,29 @@ def test_force_keeps_the_earlier_results_when_the_scheduler_cannot_be_reached(tm
         main([*command, "--simulations", "700", "--force", "--scheduler", "tcp://127.0.0.1:1"])
     assert info.value.code == 2 and "cannot reach a Dask scheduler" in capsys.readouterr().err
     assert (out / "posterior.pt").exists() and (out / "report.md").exists()
+
+
+def test_a_run_whose_probes_all_failed_reruns_with_the_same_command(tmp_path, monkeypatch, capsys):
+    """Its run.json records embedding "auto" (no shape to resolve it); the rerun found the stored shape, resolved
+    "none" and was refused as "a run with other settings"."""
+    import sbiflows.cli
+
+    (tmp_path / "probedmodel.py").write_text(textwrap.dedent("""
+        import torch
+
+        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            return theta + 0.1 * torch.randn_like(theta)
+    """))
+    (tmp_path / "x.csv").write_text("0.1,0.2\n")
+    monkeypatch.chdir(tmp_path)
+    command = ["fit", "--simulator", "probedmodel:simulate", "--prior", "probedmodel:prior", "--observation", "x.csv",
+               "--out", str(tmp_path / "run"), *SMALL, "--ensemble", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(sbiflows.cli, "_probe_x_shape", lambda *args: None)  # as when every probe failed
+        assert main(command) == 0
+    first = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert main(command) == 0  # the finished run, found again: the same posterior and calibration
+    again = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert again["calibration"] == first["calibration"] and again["verdict"] == first["verdict"]
