@@ -1026,14 +1026,7 @@ def test_an_observation_of_the_wrong_length_found_after_simulating_gives_one_lin
     traceback."""
     import sbiflows.cli
 
-    (tmp_path / "wrongmodel.py").write_text(textwrap.dedent("""
-        import torch
-
-        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
-
-        def simulate(theta):
-            return theta + 0.1 * torch.randn_like(theta)
-    """))
+    gaussian_model(tmp_path, "wrongmodel")
     (tmp_path / "x3.csv").write_text("0.1,0.2,0.3\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sbiflows.cli, "_probe_x_shape", lambda *args: None)  # as when every probe failed
@@ -1069,14 +1062,7 @@ def test_a_run_whose_probes_all_failed_reruns_with_the_same_command(tmp_path, mo
     "none" and was refused as "a run with other settings"."""
     import sbiflows.cli
 
-    (tmp_path / "probedmodel.py").write_text(textwrap.dedent("""
-        import torch
-
-        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
-
-        def simulate(theta):
-            return theta + 0.1 * torch.randn_like(theta)
-    """))
+    gaussian_model(tmp_path, "probedmodel")
     (tmp_path / "x.csv").write_text("0.1,0.2\n")
     monkeypatch.chdir(tmp_path)
     command = ["fit", "--simulator", "probedmodel:simulate", "--prior", "probedmodel:prior", "--observation", "x.csv",
@@ -1088,3 +1074,15 @@ def test_a_run_whose_probes_all_failed_reruns_with_the_same_command(tmp_path, mo
     assert main(command) == 0  # the finished run, found again: the same posterior and calibration
     again = json.loads((tmp_path / "run" / "report.json").read_text())
     assert again["calibration"] == first["calibration"] and again["verdict"] == first["verdict"]
+
+
+def gaussian_model(folder, name: str) -> None:
+    """Write ``folder/name.py``: a 2-D standard normal ``prior`` and ``simulate`` adding N(0, 0.1^2) noise."""
+    (folder / f"{name}.py").write_text(textwrap.dedent("""
+        import torch
+
+        prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            return theta + 0.1 * torch.randn_like(theta)
+    """))
