@@ -105,10 +105,12 @@ def corner(
     if ref is not None:
         hist_kwargs.setdefault("density", True)
     # corner.corner writes the colour into hist_kwargs, so each call gets its own copy.
-    fig = corner_package.corner(
-        data, labels=labels, color=color, truths=truth, truth_color=truth_color, hist_kwargs=dict(hist_kwargs),
-        **kwargs,
+    fig = corner_package.corner(  # one parameter: the truth drawn below (corner indexes a grid of axes for it)
+        data, labels=labels, color=color, truths=None if dim == 1 else truth, truth_color=truth_color,
+        hist_kwargs=dict(hist_kwargs), **kwargs,
     )
+    if dim == 1 and truth is not None:
+        fig.axes[0].axvline(float(truth[0]), color=truth_color)
     handles = [Line2D([], [], color=color, label=legend[0])]
     if ref is not None:
         outline = {"plot_datapoints": False, "plot_density": False, "fill_contours": False, **kwargs}
@@ -119,7 +121,13 @@ def corner(
         handles.append(Line2D([], [], color=reference_color, label=legend[1]))
     if truth is not None:
         handles.append(Line2D([], [], color=truth_color, marker="s", label=legend[2]))
-    fig.legend(handles=handles, loc="upper right", frameon=False)
+    if dim == 1:  # one panel: the legend right of it, on a wider figure (above it, it ran into the title)
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width * 1.6, height)
+        fig.subplots_adjust(right=0.6)
+        fig.axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False)
+    else:
+        fig.legend(handles=handles, loc="upper right", frameon=False)
     if title is not None:
         fig.suptitle(title)
     return fig

@@ -239,3 +239,18 @@ def test_coverage_and_tarp_reject_the_wrong_result(results):
         plots.tarp(results.sbc)
     with pytest.raises(TypeError, match="ax must be a matplotlib Axes"):
         plots.tarp(results.tarp, ax="left")
+
+
+def test_a_one_parameter_corner_plot_draws_its_truth_and_keeps_the_legend_off_the_title():
+    """corner's truths indexed a grid of axes (a TypeError for one parameter), and the figure legend sat on the
+    title of the one panel."""
+    samples = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
+    fig = plots.corner(samples, truths=[0.4], reference=samples + 0.1, title="model: run.v1")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["posterior", "reference", "true parameters"]
+    assert not legend.get_window_extent(renderer).overlaps(fig._suptitle.get_window_extent(renderer))
+    assert not legend.get_window_extent(renderer).overlaps(fig.axes[0].get_window_extent(renderer))
+    assert any(list(line.get_xdata()) == [0.4, 0.4] for line in fig.axes[0].get_lines())
+    plt.close(fig)
