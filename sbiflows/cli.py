@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import re
 import shlex
 import signal
@@ -96,8 +97,9 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
     try:
         with torch_threads(), _one_line_warnings(), stop:  # torch_threads: also for the user's in-process simulator
             report = run(job, force=args.force)  # the folder is prepared above: run's guard finds the same settings
-    except (outputs.OutputFolderError, StoreMismatchError, ObservationShapeError) as error:  # e.g. rounds made
-        parser.exit(2, f"sbiflows fit: error: {error}\n")  # under other TSNPE defaults; an observation's shape
+    # e.g. rounds made under other TSNPE defaults; an observation whose shape the simulations showed to be wrong
+    except (outputs.OutputFolderError, StoreMismatchError, ObservationShapeError) as error:
+        parser.exit(2, f"sbiflows fit: error: {error}\n")
     except SimulationError as error:  # the simulator cannot run: one line, what finished is kept
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
         return SIMULATOR_FAILED
@@ -190,6 +192,11 @@ def _dask_client(address: str):
         raise ValueError(f"--scheduler: cannot reach a Dask scheduler at {address!r} ({error})") from None
 
 
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, or the first of ``name-2``, ``name-3``, ... not in ``taken``."""
+    return name if name not in taken else next(f"{name}-{k}" for k in itertools.count(2) if f"{name}-{k}" not in taken)
+
+
 def _setup(args: argparse.Namespace) -> Job:
     """Resolve the task or user simulator, the observations and the options; ValueError on bad input."""
     from sbiflows.pipeline_job import Job, Observation  # noqa: F811 - imported here: only for fit
@@ -268,14 +275,10 @@ def _setup(args: argparse.Namespace) -> Job:
         for path in args.observation:
             stem = path.stem
             if stem in taken:  # two files with the same name: the second gets its folder's name, or a number
-                stem = f"{path.parent.name}_{path.stem}" if path.parent.name else stem
-                stem = next(f"{stem}-{k}" for k in range(2, 10_000) if f"{stem}-{k}" not in taken) \
-                    if stem in taken else stem
+                stem = _unused(f"{path.parent.name}_{path.stem}" if path.parent.name else stem, taken)
             rows = _split_observations(_read_observations(path), x_shape, path, padded_trials=embedding == "set")
-            for k, row in enumerate(rows):
-                row_name = stem + (f"_{k + 1}" if k else "")
-                if row_name in taken:  # a file's row named like another file (a_2.csv beside a.csv's second row)
-                    row_name = next(f"{row_name}-{j}" for j in range(2, 10_000) if f"{row_name}-{j}" not in taken)
+            for k, row in enumerate(rows):  # a row named like another file (a_2.csv beside a.csv's 2nd) gets a number
+                row_name = _unused(stem + (f"_{k + 1}" if k else ""), taken)
                 taken.add(row_name)
                 observations.append(Observation(row_name, row))
             taken.add(stem)
