@@ -169,7 +169,7 @@ def sbc_ranks(
     Args:
         result_or_ranks: An :class:`SBCResult`, or ranks ``(N, D)`` in ``0..L``.
         num_posterior_samples: ``L``; required with raw ranks.
-        num_bins: Histogram bins; default the result's ``num_bins`` (or ``min(20, N // 10)``).
+        num_bins: Histogram bins; default the result's ``num_bins`` (or ``min(20, N // 10, L + 1)``).
         kind: "hist" or "ecdf".
         labels: Panel titles; default the result's parameter names or ``theta_1, ...``.
         confidence: Coverage of the band, in (0, 1); default ``1 - result.threshold`` for a result
@@ -300,11 +300,16 @@ def _rank_histogram(ax: Axes, ranks: np.ndarray, levels: int, bins: int, confide
 
 
 def _rank_ecdf(ax: Axes, ranks: np.ndarray, levels: int, confidence: float) -> None:
-    """ECDF of the normalised ranks minus the uniform CDF, with the simultaneous KS band."""
-    unit = np.sort((ranks + 0.5) / levels)
-    grid = np.linspace(0, 1, 201)
-    diff = np.searchsorted(unit, grid, side="right") / len(unit) - grid
-    crit = float(scipy.stats.kstwo.ppf(confidence, len(unit)))
+    """ECDF of the normalised ranks minus the uniform CDF, with the simultaneous KS band.
+
+    The ECDF is read at the boundaries ``k / (L + 1)`` between rank levels (at most about 200 of them),
+    where the CDF of uniform ranks is exactly ``k / (L + 1)``: uniform ranks give no sawtooth at small ``L``.
+    """
+    sorted_ranks = np.sort(ranks)
+    k = np.unique(np.round(np.linspace(0, levels, min(levels, 200) + 1)).astype(np.int64))
+    grid = k / levels
+    diff = np.searchsorted(sorted_ranks, k, side="left") / len(sorted_ranks) - grid
+    crit = float(scipy.stats.kstwo.ppf(confidence, len(sorted_ranks)))
     ax.fill_between(grid, -crit, crit, color="0.85")
     ax.axhline(0.0, color="k", linewidth=1)
     ax.plot(grid, diff, color=SAMPLES_COLOR)
@@ -324,7 +329,8 @@ def _unpack_ranks(
         raise ValueError("num_posterior_samples (L) is required when passing raw ranks")
     if np.any(ranks != np.round(ranks)) or ranks.min() < 0 or ranks.max() > num_posterior_samples:
         raise ValueError(f"ranks must be integers in 0..{num_posterior_samples} (num_posterior_samples)")
-    return ranks.astype(np.int64), num_posterior_samples, max(1, min(20, len(ranks) // 10)), None
+    default_bins = max(1, min(20, len(ranks) // 10, num_posterior_samples + 1))  # as rank_statistics
+    return ranks.astype(np.int64), num_posterior_samples, default_bins, None
 
 
 def _figure(ax: Axes | None) -> tuple[Figure, Axes]:

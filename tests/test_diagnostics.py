@@ -148,7 +148,7 @@ def test_rank_statistics_chi_square_uses_exact_expected_counts():
     ranks = torch.tensor([0, 1, 2, 3, 4, 5, 6] * 30).unsqueeze(1)
     stats = rank_statistics(ranks, 6, num_bins=3)
     assert stats["chi2_pvalues"].item() == pytest.approx(1.0)
-    assert stats["mean_ranks"].item() == pytest.approx(0.5)
+    assert stats["mean_ranks"].item() == pytest.approx(0.5, abs=0.03)  # of the randomised ranks
 
 
 class NoSampleBatched:
@@ -661,3 +661,45 @@ def test_rank_statistics_refuses_ranks_of_another_shape_or_range(ranks, match):
     """They failed inside numpy ("not enough values to unpack", a broadcasting error)."""
     with pytest.raises(ValueError, match=match):
         rank_statistics(ranks, 100)
+
+
+class _ExactGaussian:  # x = theta + N(0, 1) noise under a N(0, I) prior: posterior N(x / 2, I / 2)
+    def sample_batched(self, n, xs):
+        return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+
+
+@pytest.mark.filterwarnings("ignore:.*posterior samples per dataset")
+@pytest.mark.parametrize("num_posterior_samples", [5, 20])
+def test_sbc_and_tarp_pass_an_exact_posterior_with_few_draws_and_many_datasets(num_posterior_samples):
+    """Their KS tests read the L + 1 discrete rank values as continuous: an exact posterior failed
+    (SBC p ~ 1e-135 at L = 5, 1e-13 at L = 20, and labelled ∪- or ∩-shaped; TARP p ~ 1e-135, 1e-13)."""
+    from sbiflows.diagnostics import simulate_datasets
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    theta, x = simulate_datasets(prior, lambda t: t + torch.randn_like(t), 20_000, seed=0)
+    result = sbc(_ExactGaussian(), theta=theta, x=x, num_posterior_samples=num_posterior_samples, seed=1)
+    assert result.passed and bool((result.ks_pvalues > 0.01).all()), result.ks_pvalues
+    assert result.shapes == ("uniform", "uniform")
+    checked = tarp(_ExactGaussian(), theta=theta, x=x, num_posterior_samples=num_posterior_samples, seed=1)
+    assert checked.ks_pvalue > 0.01
+
+
+def test_rank_statistics_accepts_exactly_uniform_ranks_and_is_seeded():
+    """200,000 ranks spread exactly evenly over 0..100 failed the KS test (p = 8e-5)."""
+    ranks = torch.arange(200_000).remainder(101).unsqueeze(1)
+    stats = rank_statistics(ranks, 100)
+    assert stats["ks_pvalues"].item() > 0.5 and stats["shapes"] == ("uniform",)
+    again, other = rank_statistics(ranks, 100), rank_statistics(ranks, 100, seed=1)
+    assert torch.equal(stats["ks_pvalues"], again["ks_pvalues"])
+    assert not torch.equal(stats["ks_pvalues"], other["ks_pvalues"])
+    with pytest.raises(ValueError, match="seed"):
+        rank_statistics(ranks, 100, seed=-1)
+
+
+def test_rank_statistics_still_rejects_over_confident_ranks_at_few_draws():
+    """Randomising the ranks must not blunt the test: ranks piled on 0 and L (a too-narrow posterior) fail."""
+    generator = torch.Generator().manual_seed(0)
+    outer = torch.randint(0, 2, (600, 1), generator=generator) * 5  # only ranks 0 and 5 of 0..5
+    stats = rank_statistics(torch.cat([outer, torch.randint(0, 6, (600, 1), generator=generator)]), 5)
+    assert stats["ks_pvalues"].item() < 1e-6
+    assert stats["shapes"][0].startswith("∪-shaped")

@@ -165,6 +165,16 @@ def test_sbc_ranks_ecdf_difference_and_ks_band(results):
     assert band.max() == pytest.approx(scipy.stats.kstwo.ppf(0.95, result.num_datasets))
 
 
+def test_sbc_ranks_ecdf_of_exactly_uniform_ranks_is_flat_at_few_draws():
+    """The ECDF was read on a fine grid against the continuous CDF: uniform ranks of 0..5 drew a sawtooth of
+    +-1/12 (a third of the KS band at 300 datasets) instead of zero."""
+    ranks = torch.arange(300).remainder(6).unsqueeze(1)
+    fig = plots.sbc_ranks(ranks, num_posterior_samples=5, kind="ecdf")
+    x, y = fig.axes[0].lines[-1].get_data()
+    np.testing.assert_allclose(x, np.arange(7) / 6)
+    np.testing.assert_allclose(y, 0.0, atol=1e-12)
+
+
 def test_sbc_ranks_accepts_raw_ranks():
     ranks = torch.randint(0, 51, (200, 3), generator=torch.Generator().manual_seed(0))
     fig = plots.sbc_ranks(ranks, num_posterior_samples=50, num_bins=10)

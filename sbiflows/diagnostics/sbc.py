@@ -10,8 +10,12 @@ the prior). The shape of the rank histogram says how it fails:
 * skewed (mean rank away from the middle): biased; a mean rank above 0.5 means the truth lies
   above most draws, i.e. the posterior underestimates the parameter.
 
-The verdict uses a Kolmogorov-Smirnov test of the normalised ranks ``(r + 1/2) / (L + 1)`` against
-Uniform(0, 1) per parameter (as sbi does), with a Bonferroni threshold ``alpha / D``. A chi-square
+The verdict uses a Kolmogorov-Smirnov test of the randomised normalised ranks ``(r + U) / (L + 1)``,
+``U ~ Uniform(0, 1)`` drawn under the check's seed, against Uniform(0, 1) per parameter, with a Bonferroni
+threshold ``alpha / D``. Randomising makes them exactly uniform when the posterior is calibrated, whatever
+``L``: the midpoints ``(r + 1/2) / (L + 1)`` that sbi tests are discrete, and a KS test of discrete values
+rejects exactly uniform ranks once ``N`` is large against ``L`` (the shape labels suffer the same at small
+``L``). A chi-square
 test on binned ranks is reported alongside, or used instead with ``test="chi2"``: KS is the more
 sensitive to shifts (bias), chi-square to ∪/∩ shapes (dispersion).
 """
@@ -55,12 +59,12 @@ class SBCResult:
         ranks: Ranks of the true parameters among the posterior draws, shape ``(N, D)``, integers in
             ``0..num_posterior_samples``.
         num_posterior_samples: Posterior draws per dataset, ``L``.
-        ks_pvalues: KS p-value of each parameter's normalised ranks against Uniform(0, 1).
+        ks_pvalues: KS p-value of each parameter's randomised normalised ranks against Uniform(0, 1).
         chi2_pvalues: Chi-square p-value of each parameter's binned ranks (``num_bins`` bins).
         num_bins: Bins of the chi-square test (and the default for rank histograms).
-        mean_ranks: Mean normalised rank per parameter (0.5 if calibrated).
-        lower_tail: Fraction of normalised ranks below 0.1, per parameter (0.1 if calibrated).
-        upper_tail: Fraction of normalised ranks above 0.9, per parameter (0.1 if calibrated).
+        mean_ranks: Mean randomised normalised rank per parameter (0.5 if calibrated).
+        lower_tail: Fraction of randomised normalised ranks below 0.1, per parameter (0.1 if calibrated).
+        upper_tail: Fraction of randomised normalised ranks above 0.9, per parameter (0.1 if calibrated).
         shapes: Per parameter: "uniform", "∪-shaped", "∩-shaped", "skewed ..." or "non-uniform".
         alpha: Family-wise significance level; each parameter is tested at ``alpha / D``.
         test: Which p-values decide: "ks" or "chi2".
@@ -195,13 +199,14 @@ def sbc(
         )
         draws = posterior_draws(posterior, num_posterior_samples, x, batch_size=batch_size,
                                 progress="SBC draws" if progress else None)
+        jitter_seed = int(torch.randint(0, 2**62, ()))  # the rank randomisation's, from the same stream
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
         )
     ranks = (draws < theta.unsqueeze(0)).sum(0)  # (N, D)
     names = _parameter_names(parameter_names, theta.shape[1])
-    stats = rank_statistics(ranks, num_posterior_samples, num_bins=num_bins)
+    stats = rank_statistics(ranks, num_posterior_samples, num_bins=num_bins, seed=jitter_seed)
     pvalues = stats["ks_pvalues"] if test == "ks" else stats["chi2_pvalues"]
     return SBCResult(
         ranks=ranks,
@@ -215,8 +220,14 @@ def sbc(
     )
 
 
-def rank_statistics(ranks: Tensor, num_posterior_samples: int, *, num_bins: int | None = None) -> dict:
+def rank_statistics(
+    ranks: Tensor, num_posterior_samples: int, *, num_bins: int | None = None, seed: int = 0
+) -> dict:
     """Uniformity tests and shape summaries of SBC ranks ``(N, D)`` in ``0..num_posterior_samples``.
+
+    The KS test, the mean rank and the tail fractions use the randomised normalised ranks
+    ``(r + U) / (L + 1)`` with ``U ~ Uniform(0, 1)`` from a generator seeded with ``seed``: uniform on
+    (0, 1) exactly when the ranks are uniform on ``0..L``. The chi-square test bins the integer ranks.
 
     Returns a dict with ``ks_pvalues``, ``chi2_pvalues``, ``num_bins``, ``mean_ranks``,
     ``lower_tail``, ``upper_tail`` (tensors of shape ``(D,)``) and ``shapes`` (one label each).
@@ -239,8 +250,10 @@ def rank_statistics(ranks: Tensor, num_posterior_samples: int, *, num_bins: int 
     if num_bins is None:
         num_bins = max(2, min(20, num // 10, num_levels))
     check_int(num_bins, "num_bins (at most L + 1)", minimum=2, maximum=num_levels)
+    check_int(seed, "seed", minimum=0)
     ranks_np = ranks.numpy().astype(np.int64)
-    unit = (ranks_np + 0.5) / num_levels  # normalised ranks, uniform on (0, 1) if calibrated
+    jitter = torch.rand(ranks.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    unit = (ranks_np + jitter.numpy()) / num_levels  # randomised ranks, exactly uniform if calibrated
     ks = scipy.stats.ks_1samp(unit, scipy.stats.uniform.cdf, axis=0).pvalue
 
     # Chi-square with exact expected counts: bin b holds the ranks k with k * bins // (L + 1) == b.
