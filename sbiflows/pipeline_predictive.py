@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sbiflows import diagnostics
+from sbiflows.diagnostics.predictive import set_statistic_names
 from sbiflows.seeding import derive_seed
 from sbiflows.simulate import SimulationError, StoreMismatchError, simulate
 
@@ -44,6 +45,7 @@ def predictive_simulator(job, store: Path, log: Callable[[str], None]) -> Callab
                 log(f"      {store.stem}: the posterior changed since its predictive simulations; simulating again")
                 shutil.rmtree(store)
                 result = simulate(job.simulator, theta, seed=seed, store=store, **job.engine)
+        result.padded_trials = job.embedding == "set"  # NaN-padded trials of a set are not failures
         if result.reused:
             log(f"      {store.stem}: reused {result.reused} predictive simulations from {store.parent.name}/")
         if result.failures or result.num_invalid:
@@ -59,7 +61,8 @@ def predictive_entry(job, posterior, observation, log: Callable[[str], None]) ->
     """The report's ``predictive`` entry of one observation: ``passed`` (True, False, or None when the check
     could not decide) and a one-line ``summary``."""
     simulator = predictive_simulator(job, Path(job.out) / PREDICTIVE / f"{observation.name}.zarr", log)
-    x_dim = observation.x.numel()
+    sets = job.embedding == "set" and observation.x.ndim == 2  # compared by their statistics
+    x_dim = len(set_statistic_names(observation.x.shape[-1])) if sets else observation.x.numel()
 
     def check(metric: str) -> dict:
         result = diagnostics.posterior_predictive(posterior, simulator, observation.x, num_samples=PREDICTIVE_SAMPLES,

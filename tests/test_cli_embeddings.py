@@ -72,6 +72,31 @@ def test_a_user_simulator_with_structured_x_and_npy_observations(tmp_path, monke
 
 
 @pytest.mark.slow
+def test_a_set_observation_with_fewer_trials_gets_its_predictive_check(tmp_path, monkeypatch):
+    """The padded observation was refused by the predictive check: the run stopped at step 4/5 with a
+    traceback ("x_o contains NaN/inf values"), after training."""
+    (tmp_path / "padded_sets.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):  # 4 to 10 trials, NaN-padded to 10
+            x = theta[:, None, :] + 0.5 * torch.randn(len(theta), 10, 2)
+            trials = torch.randint(4, 11, (len(theta),))
+            x[torch.arange(10)[None, :] >= trials[:, None]] = float("nan")
+            return x
+    """))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "six.npy", np.full((6, 2), 0.2, dtype=np.float32) + np.arange(6)[:, None] / 10)
+    out = tmp_path / "run"
+    assert main(["fit", "--simulator", "padded_sets:simulate", "--prior", "padded_sets:prior", "--embedding", "set",
+                 "--observation", "six.npy", "--out", str(out), *SMALL]) == 0
+    predictive = json.loads((out / "report.json").read_text())["observations"][0]["predictive"]
+    assert predictive["passed"] is not None and "a set: 5 statistics" in predictive["summary"]
+
+
+@pytest.mark.slow
 def test_a_user_simulator_with_long_flat_x_gets_the_linear_summary_unless_none(tmp_path, monkeypatch):
     (tmp_path / "longx.py").write_text(textwrap.dedent("""
         import torch

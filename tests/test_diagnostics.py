@@ -703,3 +703,4 @@ def test_rank_statistics_still_rejects_over_confident_ranks_at_few_draws():
     stats = rank_statistics(torch.cat([outer, torch.randint(0, 6, (600, 1), generator=generator)]), 5)
     assert stats["ks_pvalues"].item() < 1e-6
     assert stats["shapes"][0].startswith("∪-shaped")
+

@@ -99,3 +99,56 @@ def test_predictive_rejects_bad_input(model, x_o, kwargs, error, match):
 def test_predictive_requires_sample(model):
     with pytest.raises(TypeError, match="posterior must implement sample"):
         posterior_predictive(WrongShape(), model, torch.zeros(2))
+
+
+class _SetPosterior:
+    """A posterior over a 2-D mean whose embedding takes NaN-padded sets (as the set embedding's ``net`` says)."""
+
+    class net:  # noqa: N801 - stands for the posterior's network attribute
+        padded_trials = True
+
+    x_shape = (10, 2)
+
+    def sample(self, n, x):
+        return 0.3 + 0.05 * torch.randn(n, 2)
+
+
+def _padded_sets(theta):
+    """Sets of 4 to 10 trials ``theta + N(0, 0.5^2)``, NaN-padded to 10."""
+    x = theta[:, None, :] + 0.5 * torch.randn(len(theta), 10, 2)
+    trials = torch.randint(4, 11, (len(theta),))
+    x[torch.arange(10)[None, :] >= trials[:, None]] = float("nan")
+    return x
+
+
+def test_posterior_predictive_compares_padded_sets_by_their_statistics():
+    """A NaN-padded observation was refused ("x_o contains NaN/inf values"), so ``sbiflows fit --embedding set``
+    stopped at its predictive check; padded predictive sets would have been dropped as failures."""
+    x_o = torch.full((10, 2), float("nan"))
+    x_o[:6] = 0.3 + 0.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    result = posterior_predictive(_SetPosterior(), _padded_sets, x_o)
+    assert result.passed and result.num_invalid == 0 and result.num_samples == 1000
+    assert result.statistics == ("trials", "mean[0]", "mean[1]", "std[0]", "std[1]")
+    assert result.quantiles.shape == (5,) and result.predictive.shape == (1000, 10, 2)
+    assert "a set: 5 statistics" in str(result)
+    shifted = x_o + torch.tensor([3.0, 0.0])  # the first feature's mean is far from anything predicted
+    flagged = posterior_predictive(_SetPosterior(), _padded_sets, shifted)
+    assert not flagged.passed and [flagged.statistics[i] for i in flagged.extreme_dimensions] == ["mean[0]"]
+    assert "['mean[0]']" in str(flagged)
+
+
+def test_posterior_predictive_of_sets_drops_failed_sets_and_refuses_a_broken_observation():
+    def failing(theta):
+        x = _padded_sets(theta)
+        x[:7, 0, 0] = float("inf")  # failed simulations
+        x[7:9, 0, 1] = float("nan")  # a NaN inside a trial that is not padding
+        return x
+
+    x_o = torch.full((10, 2), float("nan"))
+    x_o[:5] = 0.3
+    with pytest.warns(UserWarning, match="excluded 9 of 1000"):
+        result = posterior_predictive(_SetPosterior(), failing, x_o)
+    assert result.num_invalid == 9 and result.num_samples == 991
+    x_o[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="outside all-NaN padding trials"):
+        posterior_predictive(_SetPosterior(), failing, x_o)

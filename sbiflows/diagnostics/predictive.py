@@ -15,6 +15,11 @@ Rule: the check passes if ``p >= alpha`` and no dimension's quantile lies outsid
 the range of all draws). A failure means the posterior puts its mass where the simulator cannot
 reproduce the observation: a poor posterior, or a misspecified simulator. A posterior predictive
 check uses ``x_o`` twice and is therefore conservative: passing does not prove calibration.
+
+With a posterior whose embedding takes NaN-padded sets of trials (``posterior.net.padded_trials``, the
+set embedding), ``x`` of shape ``(trials, features)`` is a set: the check compares the statistics of
+each set that do not depend on the trials' order or padding -- its number of trials and each feature's
+mean and standard deviation over its trials -- instead of the values trial by trial.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch
 from torch import Tensor
 
 from sbiflows.checks import check_choice, check_int, check_real
-from sbiflows.diagnostics.simulations import MIN_POSTERIOR_SAMPLES, check_posterior, seeded
+from sbiflows.diagnostics.simulations import MIN_POSTERIOR_SAMPLES, check_posterior, padded_trials, seeded
 from sbiflows.threads import torch_threads
+from sbiflows.xshape import trial_mask, valid_rows
 
 __all__ = ["PredictiveResult", "posterior_predictive"]
 
@@ -39,17 +45,22 @@ class PredictiveResult:
     """Outcome of :func:`posterior_predictive`.
 
     Attributes:
-        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value).
+        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value,
+            a set by its statistics).
         predictive: Valid posterior-predictive simulations, shape ``(n, *x_shape)``.
-        quantiles: Per dimension, the fraction of predictive draws below ``x_o``.
-        extreme_dimensions: Dimensions whose quantile is outside the accepted range.
+        quantiles: Per compared value (dimension of ``x``, or statistic of a set), the fraction of
+            predictive draws below ``x_o``.
+        extreme_dimensions: Indices of the compared values whose quantile is outside the accepted range.
         distance: Distance of ``x_o`` from the predictive mean.
         distances: The same distance for each predictive draw, shape ``(n,)``.
         distance_pvalue: ``(1 + #{distances >= distance}) / (n + 1)``.
         metric: "mahalanobis" or "standardized".
         alpha: Significance level.
         passed: ``distance_pvalue >= alpha`` and no extreme dimension.
-        num_invalid: Predictive simulations excluded because they contained NaN/inf.
+        num_invalid: Predictive simulations excluded because they contained NaN/inf (for sets: outside
+            padding trials, or no finite trial).
+        statistics: Names of the compared values for sets (``"trials"``, ``"mean[j]"``, ``"std[j]"``);
+            ``None`` when ``x`` is compared value by value.
     """
 
     x_o: Tensor
@@ -63,6 +74,7 @@ class PredictiveResult:
     alpha: float
     passed: bool
     num_invalid: int = 0
+    statistics: tuple[str, ...] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -73,18 +85,19 @@ class PredictiveResult:
         dims = self.quantiles.numel()
         shown = ", ".join(f"{q:.3f}" for q in self.quantiles[:8]) + (" ..." if dims > 8 else "")
         lines = [
-            f"Posterior predictive check: x_o ({dims}-D) against {self.num_samples} simulations from "
+            f"Posterior predictive check: x_o ({f'a set: {dims} statistics' if self.statistics else f'{dims}-D'}) "
+            f"against {self.num_samples} simulations from "
             "posterior draws"
             + (f" ({self.num_invalid} invalid simulations excluded)" if self.num_invalid else ""),
             f"  {self.metric} distance of x_o from the predictive mean {self.distance:.3f}; "
             f"fraction of draws at least as far p = {self.distance_pvalue:.3g} (alpha {self.alpha:.3g})",
-            f"  quantile of x_o per dimension: {shown}",
+            f"  quantile of x_o per {'set statistic' if self.statistics else 'dimension'}: {shown}",
         ]
         if self.extreme_dimensions:
-            lines.append(
-                "  extreme dimensions (quantile in the outer alpha/(2 x_dim) tails): "
-                f"{list(self.extreme_dimensions)}"
-            )
+            extreme = [self.statistics[i] for i in self.extreme_dimensions] if self.statistics \
+                else list(self.extreme_dimensions)
+            lines.append(f"  extreme {'statistics' if self.statistics else 'dimensions'} (quantile in the outer "
+                         f"alpha/(2 x_dim) tails): {extreme}")
         if self.passed:
             lines.append("  PASSED: x_o is typical of the data the posterior predicts.")
         else:
@@ -111,7 +124,8 @@ def posterior_predictive(
     Args:
         posterior: Implements ``sample(n, x=x_o) -> (n, D)``.
         simulator: Maps ``theta`` (n, D) to ``x`` (n, x_dim).
-        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value).
+        x_o: The observation, shape ``(x_dim,)``, or the posterior's ``x_shape`` (compared value by value,
+            a set by its statistics).
         num_samples: Posterior draws, one simulation each (must exceed ``x_dim`` for
             ``metric="mahalanobis"``).
         seed: Seeds the posterior draws and simulations (torch's global generator is restored
@@ -156,13 +170,14 @@ def posterior_predictive(
         raise ValueError(
             f"x_o must be a floating-point tensor of shape (x_dim,), got {x_o.dtype} {tuple(x_o.shape)}"
         )
-    if not torch.isfinite(x_o).all():
-        raise ValueError("x_o contains NaN/inf values")
+    sets = padded_trials(posterior) and x_o.ndim == 2
+    if not bool(valid_rows(x_o[None], padded_trials=sets).all()):
+        raise ValueError("x_o contains NaN/inf values" + (
+            " outside all-NaN padding trials, or no finite trial" if sets else ""))
     check_int(num_samples, "num_samples", minimum=2)
     check_real(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
     check_choice(metric, "metric", ("mahalanobis", "standardized"))
     x_shape = tuple(x_o.shape)
-    x_dim = x_o.numel()  # structured x is compared value by value (flat indices in extreme_dimensions)
 
     with seeded(seed):
         theta = posterior.sample(num_samples, x=x_o)  # type: ignore[attr-defined]
@@ -177,8 +192,8 @@ def posterior_predictive(
         got = tuple(predictive.shape) if isinstance(predictive, Tensor) else type(predictive).__name__
         wanted = ", ".join(map(str, (num_samples, *x_shape)))
         raise ValueError(f"simulator must return shape ({wanted}) matching x_o, got {got}")
-    predictive = predictive.detach().double().reshape(num_samples, x_dim)
-    valid = torch.isfinite(predictive).all(1)
+    predictive = predictive.detach().double()
+    valid = valid_rows(predictive, padded_trials=sets)
     num_invalid = int((~valid).sum())
     if num_invalid:
         warnings.warn(
@@ -188,6 +203,11 @@ def posterior_predictive(
             stacklevel=2,
         )
         predictive = predictive[valid]
+    statistics = set_statistic_names(x_shape[1]) if sets else None
+    # structured x is compared value by value (flat indices in extreme_dimensions); a set by its statistics
+    compared = set_statistics(predictive) if sets else predictive.reshape(len(predictive), -1)
+    obs = (set_statistics(x_o.detach().double()[None]) if sets else x_o.detach().double().reshape(1, -1))[0]
+    x_dim = obs.numel()
     num = predictive.shape[0]
     if num < 2:
         raise ValueError(f"posterior_predictive: only {num} valid predictive simulations; need at least 2")
@@ -204,15 +224,14 @@ def posterior_predictive(
             f"dimensions ({x_dim}); raise num_samples or use metric='standardized'"
         )
 
-    obs = x_o.detach().double().reshape(x_dim)
-    quantiles = ((predictive < obs).double().mean(0) + 0.5 * (predictive == obs).double().mean(0))
+    quantiles = ((compared < obs).double().mean(0) + 0.5 * (compared == obs).double().mean(0))
     edge = alpha / (2 * x_dim)
     extreme = tuple(int(i) for i in torch.nonzero((quantiles < edge) | (quantiles > 1 - edge)).flatten())
-    distances, distance = _distances(predictive, obs, metric)
+    distances, distance = _distances(compared, obs, metric)
     pvalue = (1 + int((distances >= distance).sum())) / (num + 1)
     return PredictiveResult(
         x_o=x_o.detach(),
-        predictive=predictive.to(x_o.dtype).reshape(-1, *x_shape),
+        predictive=predictive.to(x_o.dtype),
         quantiles=quantiles,
         extreme_dimensions=extreme,
         distance=distance,
@@ -222,7 +241,31 @@ def posterior_predictive(
         alpha=float(alpha),
         passed=pvalue >= alpha and not extreme,
         num_invalid=num_invalid,
+        statistics=statistics,
     )
+
+
+def set_statistics(x: Tensor) -> Tensor:
+    """``(N, 1 + 2 F)``: per set of ``x`` ``(N, trials, F)``, its number of finite trials and each feature's
+    mean and standard deviation (``1 / n``) over them; NaN-padded trials are left out.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 4.0], [3.0, 8.0], [float("nan"), float("nan")]]])
+        >>> set_statistics(x)
+        tensor([[2., 2., 6., 1., 2.]])
+    """
+    mask = trial_mask(x).unsqueeze(-1)  # (N, trials, 1)
+    count = mask.sum(1).to(x.dtype)  # (N, 1)
+    filled = torch.where(mask, x, torch.zeros_like(x))
+    mean = filled.sum(1) / count
+    spread = torch.where(mask, x - mean.unsqueeze(1), torch.zeros_like(x))
+    std = (spread.square().sum(1) / count).sqrt()
+    return torch.cat([count, mean, std], dim=1)
+
+
+def set_statistic_names(num_features: int) -> tuple[str, ...]:
+    """Names of :func:`set_statistics`' columns for sets of ``num_features`` features."""
+    return ("trials", *(f"mean[{j}]" for j in range(num_features)), *(f"std[{j}]" for j in range(num_features)))
 
 
 def _distances(predictive: Tensor, obs: Tensor, metric: str) -> tuple[Tensor, float]:
