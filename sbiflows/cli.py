@@ -89,6 +89,10 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         removed = outputs.prepare(job.out, settings, force=args.force)
     except ValueError as error:
         parser.exit(2, f"sbiflows fit: error: {error}\n")
+    except KeyboardInterrupt:  # e.g. during the probe simulations of a slow simulator: nothing to resume yet
+        print("\nsbiflows fit: interrupted while checking the simulator, prior and observations, before the run "
+              "started: nothing was simulated into the output folder", file=sys.stderr)
+        return 130
     if removed:
         print(f"sbiflows fit: --force: removed {len(removed)} outputs of the earlier run in {job.out}: "
               f"{', '.join(removed)}", file=sys.stderr)

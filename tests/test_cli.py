@@ -1086,3 +1086,24 @@ def gaussian_model(folder, name: str) -> None:
         def simulate(theta):
             return theta + 0.1 * torch.randn_like(theta)
     """))
+
+
+def test_ctrl_c_during_the_probe_simulation_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the first (probe) simulation of a slow simulator ran printed a traceback through the engine."""
+    (tmp_path / "interrupted_probe.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.distributions import Independent, Normal
+
+        prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+
+        def simulate(theta):
+            raise KeyboardInterrupt  # as Ctrl-C during a simulation
+    """))
+    (tmp_path / "x_obs.csv").write_text("0.5,-0.2\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--simulator", "interrupted_probe:simulate", "--prior", "interrupted_probe:prior",
+                 "--observation", "x_obs.csv", "--out", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted while checking the simulator" in err and "before the run started" in err
+    assert not (tmp_path / "run" / "simulations.zarr").exists()
