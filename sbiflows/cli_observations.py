@@ -79,15 +79,11 @@ def _stored_x_shape(simulator, args: argparse.Namespace, *, out: Path) -> tuple[
 def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...] | None:
     """The shape of one of the simulator's x, from the first of up to :data:`PROBES` seeded simulations that
     succeeds (None if all fail)."""
+    from sbiflows.priors import sample_seeded
     from sbiflows.seeding import derive_seed
     from sbiflows.simulate import SimulationError, simulate
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(derive_seed(args.seed, "probe"))
-        thetas = prior.sample((PROBES,)).reshape(PROBES, -1)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    thetas = sample_seeded(prior, (PROBES,), derive_seed(args.seed, "probe")).reshape(PROBES, -1)
     x, batch_hint = None, False
     for k in range(PROBES):  # one at a time: usually the first is the only simulation paid for
         with warnings.catch_warnings():

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from sbiflows.checks import check_choice, check_int
 from sbiflows.estimator import ACTIVATIONS, check_hidden_features
+from sbiflows.seeding import global_seed
 from sbiflows.xshape import trial_mask
 
 __all__ = [
@@ -396,8 +397,7 @@ def from_choice(choice: str, x_shape: Sequence[int], *, seed: int) -> _Embedding
         return None
     if choice == "auto":
         return "auto"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with global_seed(seed):
         return from_name(choice, x_shape)
 
 

@@ -22,6 +22,7 @@ from sbiflows.checks import check_int
 from sbiflows.embeddings import auto_embedding, embedding_config
 from sbiflows.ensemble import EnsembleNet, members_of, weights_of
 from sbiflows.posterior import Posterior
+from sbiflows.seeding import global_seed
 from sbiflows.training import TrainingHistory
 from sbiflows.estimator import (
     ACTIVATIONS,
@@ -144,8 +145,7 @@ def build_network(
     """
     x_shape = tuple(x.shape[1:])
     if embedding_net == "auto":
-        with torch.random.fork_rng(devices=[]):  # its weights come from the seed, as the flow's do
-            torch.manual_seed(seed)
+        with global_seed(seed):  # its weights come from the seed, as the flow's do
             embedding_net = auto_embedding(x_shape, theta_dim)
     if embedding_net is not None:
         embedding = copy.deepcopy(embedding_net)
@@ -174,8 +174,7 @@ def build_network(
     if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(probe):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"embedding_net must map {expected} to (N, C), got output {shape}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with global_seed(seed):
         flow = build_flow(estimator, theta_dim, out.shape[1], transforms=transforms,
                           hidden_features=hidden_features, activation=activation, seed=seed,
                           **transformer)

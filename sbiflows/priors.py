@@ -26,6 +26,7 @@ from torch.distributions import (
     constraints,
 )
 
+from sbiflows.seeding import global_seed
 from sbiflows.unconstrained import Unconstrained, flat_support
 
 __all__ = [
@@ -313,12 +314,12 @@ def _one_draw(prior: Distribution) -> Tensor:
         return prior.sample((1,))
 
 
-def sample_seeded(prior: Distribution, shape: tuple[int, ...], seed: int, *,
-                  device: torch.device | str | None = None) -> Tensor:
-    """``prior.sample(shape)`` under ``torch.manual_seed(seed)``, torch's global RNG left as it was.
+def sample_seeded(prior: Distribution, shape: tuple[int, ...], seed: int) -> Tensor:
+    """``prior.sample(shape)`` with torch's global generators seeded with ``seed``, and left as they were.
 
-    Torch distributions take no generator, so the global one is seeded inside a fork; ``device``, the
-    prior's device, is forked too when it is a CUDA device (seeding reseeds every device).
+    Torch distributions take no generator, so the global ones are seeded inside a fork
+    (:func:`sbiflows.seeding.global_seed`: the CPU's and those of initialized CUDA devices, where a prior on
+    the GPU draws).
 
     Example:
         >>> prior = torch.distributions.Normal(torch.zeros(2), torch.ones(2))
@@ -328,9 +329,7 @@ def sample_seeded(prior: Distribution, shape: tuple[int, ...], seed: int, *,
         >>> torch.equal(torch.random.get_rng_state(), state)
         True
     """
-    device = None if device is None else torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with global_seed(seed):
         return prior.sample(shape)
 
 

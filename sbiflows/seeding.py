@@ -13,7 +13,8 @@ of a seeded posterior draw, one stream per observation, so the samples do not de
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -21,7 +22,33 @@ from torch import Tensor
 
 from sbiflows.checks import check_int
 
-__all__ = ["SeededNoise", "derive_seed", "stream_seeds"]
+__all__ = ["SeededNoise", "derive_seed", "global_seed", "stream_seeds"]
+
+
+@contextmanager
+def global_seed(seed: int) -> Iterator[None]:
+    """Run the block with torch's global generators seeded with ``seed``, each restored afterwards.
+
+    They are the CPU's and those of CUDA devices already initialized (a posterior or a simulator on the GPU
+    draws from them). ``torch.manual_seed`` inside ``torch.random.fork_rng(devices=[])`` left the CUDA
+    generators reseeded, or queued the seed for a CUDA initialized later; this touches no other device.
+
+    Example:
+        >>> state = torch.random.get_rng_state()
+        >>> with global_seed(3):
+        ...     a = torch.rand(2)
+        >>> with global_seed(3):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b), torch.equal(torch.random.get_rng_state(), state)
+        (True, True)
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
 
 
 def derive_seed(seed: int, stream: str | int) -> int:

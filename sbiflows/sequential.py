@@ -62,7 +62,7 @@ from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
-from sbiflows.priors import prior_device, sample_seeded
+from sbiflows.priors import sample_seeded
 from sbiflows.seeding import derive_seed
 from sbiflows.serialization import read_history
 from sbiflows.sequential_rounds import COVERS_PRIOR, Round, check_sequential_options, split_budget
@@ -384,7 +384,7 @@ def _draw(proposal: Distribution, n: int, seed: int) -> tuple[Tensor, str, float
     if isinstance(proposal, TruncatedPrior):
         theta = proposal.sample((n,), seed=seed)
         return theta.cpu(), proposal.last_draw.method, proposal.last_draw.acceptance
-    theta = sample_seeded(proposal, (n,), seed, device=prior_device(proposal))  # a CUDA generator is forked too
+    theta = sample_seeded(proposal, (n,), seed)  # an initialized CUDA generator is forked too
     return theta.reshape(n, -1).cpu(), "prior", 1.0
 
 

@@ -59,7 +59,7 @@ from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
-from sbiflows.seeding import derive_seed
+from sbiflows.seeding import derive_seed, global_seed
 from sbiflows.xshape import valid_rows
 
 __all__ = ["SimulationError", "SimulationFailure", "SimulationInterrupted", "SimulationResult", "StoreMismatchError",
@@ -225,9 +225,8 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed")
     chunks = []
-    with torch.random.fork_rng(devices=[]):
-        for c in range(-(-int(num_simulations) // batch_size)):
-            torch.manual_seed(derive_seed(seed, f"prior/{c}"))
+    for c in range(-(-int(num_simulations) // batch_size)):
+        with global_seed(derive_seed(seed, f"prior/{c}")):
             chunks.append(prior.sample((batch_size,)))
     theta = torch.cat(chunks)[:num_simulations]
     if theta.ndim == 1:

@@ -266,7 +266,7 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
                                              device=None if generator is None else generator.device))
                 c = context[i]
                 theta = sir_from_prior(lambda t, c=c: net.log_prob_given_context(t, c.expand(*t.shape[:-1], *c.shape)),
-                                       prior, m, seed=seed, max_rows=max_rows, device=c.device)
+                                       prior, m, seed=seed, max_rows=max_rows)
                 if log_prob:
                     theta = torch.cat([theta, net.log_prob_given_context(theta, c.expand(m, *c.shape))[:, None]], -1)
                 draws.append(theta)
@@ -281,13 +281,13 @@ def draw_posterior(net: torch.nn.Module, space: TruncatedSpace, n: int, xs: Tens
 
 
 def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: int, *, seed: int, max_rows: int,
-                   oversampling: int = SIR_OVERSAMPLING, device: torch.device | str | None = None) -> Tensor:
+                   oversampling: int = SIR_OVERSAMPLING) -> Tensor:
     """``n`` draws of ``q`` restricted to the prior's support by sampling-importance-resampling: ``(n, D)``.
 
     Each draw is one of ``oversampling`` prior draws, picked with probability proportional to
     ``q(theta) / p(theta)``. Exact as ``oversampling`` grows; with a finite one the draws lean towards the
     prior where ``q`` is much narrower than it. Reproducible with ``seed`` (the prior is sampled with
-    :func:`~sbiflows.priors.sample_seeded`; ``device`` is the prior's device).
+    :func:`~sbiflows.priors.sample_seeded`).
 
     Example:
         >>> from torch.distributions import Independent, Uniform
@@ -302,7 +302,7 @@ def sir_from_prior(log_q: Callable[[Tensor], Tensor], prior: Distribution, n: in
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, n, groups):
         g = min(groups, n - start)
-        candidates = sample_seeded(prior, (g, oversampling), derive_seed(seed, start), device=device)
+        candidates = sample_seeded(prior, (g, oversampling), derive_seed(seed, start))
         with torch.no_grad():
             log_w = log_q(candidates) - prior.log_prob(candidates).to(candidates.dtype)
         pick = torch.multinomial(torch.softmax(log_w.cpu(), dim=1), 1, generator=generator)[:, 0]

@@ -251,7 +251,7 @@ class TruncatedPrior(Distribution):
         return torch.cat(parts).reshape(*shape, self.event_shape[0])
 
     def _prior_draws(self, m: int, seed: int) -> Tensor:
-        return sample_seeded(self._prior, (m,), seed, device=self._device)
+        return sample_seeded(self._prior, (m,), seed)
 
     def _sir(self, n: int, seed: int) -> tuple[Tensor, float]:
         """``n`` SIR draws (see the module docstring) and the mean effective sample size fraction."""

@@ -229,6 +229,26 @@ def test_the_calibration_checks_take_a_posterior_on_cuda(box_posterior):
 
 
 @pytest.mark.gpu
+def test_seeded_checks_and_fits_leave_the_cuda_generator_as_it_was(box_posterior):
+    """They seeded with ``torch.manual_seed`` inside a fork of the CPU generator alone, which reseeded CUDA's."""
+    from sbiflows import diagnostics
+
+    on_gpu = box_posterior.copy().to(GPU)
+    theta = torch.rand(100, 2) * 2 - 1
+    x = theta + 0.1 * torch.randn(100, 2)
+    cuda = GPU != "cpu"  # a dry run checks the CPU generator the same way
+    (torch.cuda.manual_seed if cuda else torch.manual_seed)(123)
+    state = torch.cuda.get_rng_state if cuda else torch.random.get_rng_state
+    before = state()
+    first = diagnostics.sbc(on_gpu, theta=theta, x=x, num_posterior_samples=100, seed=0)
+    assert torch.equal(state(), before)
+    again = diagnostics.sbc(on_gpu, theta=theta, x=x, num_posterior_samples=100, seed=0)
+    assert torch.equal(first.ranks, again.ranks)  # seeded on the GPU too
+    NPE(box_posterior.prior, device=GPU, transforms=1).fit(theta, x, max_epochs=1, progress=False, seed=0)
+    assert torch.equal(state(), before)
+
+
+@pytest.mark.gpu
 def test_map_and_the_conditioned_distribution_on_cuda(box_posterior):
     """The MAP search and the pyro-style conditioned posterior compute on the posterior's device."""
     on_gpu = box_posterior.copy().to(GPU)

@@ -38,6 +38,7 @@ from torch.distributions import Distribution
 from sbiflows.checks import check_int
 from sbiflows.observation_range import observations_unchecked
 from sbiflows.priors import as_vector_prior
+from sbiflows.seeding import global_seed
 from sbiflows.xshape import valid_rows
 
 __all__ = ["simulate_datasets"]
@@ -51,16 +52,16 @@ Simulator = Callable[[Tensor], Tensor]
 
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Run the block on torch's global generator seeded with ``seed``, restoring it afterwards.
+    """Run the block on torch's global generators seeded with ``seed``, restoring them afterwards.
 
-    ``None`` leaves the global generator alone (the block then advances it as usual).
+    They are the CPU's and those of initialized CUDA devices (:func:`sbiflows.seeding.global_seed`).
+    ``None`` leaves the global generators alone (the block then advances them as usual).
     """
     if seed is None:
         yield
         return
     seed = check_int(seed, "seed", optional=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with global_seed(seed):
         yield
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sbiflows.seeding import global_seed
+
 #: ``error_type`` of a row whose simulator call ran past the timeout and was killed.
 TIMEOUT = "TimeoutError"
 #: ``error_type`` of a row whose worker process died (segfault, out of memory, killed).
@@ -150,8 +152,7 @@ def _call(simulator: Callable, theta: Tensor, seed: int, seeded: bool) -> object
     if seeded:
         return simulator(theta, seed=seed)
     numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with global_seed(seed):
         np.random.seed(seed)
         try:
             return simulator(theta)
