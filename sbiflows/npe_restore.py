@@ -58,8 +58,10 @@ def restored_state(npe: Any, posterior: Posterior, theta: Any, x: Any, *, valida
         raise ValueError(f"the posterior's flow lives in the {space!r} space, this NPE's in {npe.space!r}")
     theta, x = check_training_data(theta, x, prior=npe._prior, theta_dim=npe.theta_dim, dtype=npe.dtype,
                                    device=npe.device, earlier=None, validation_fraction=0.5)
-    if x.shape[1] != posterior.x_dim:
-        raise ValueError(f"x must have shape (N, {posterior.x_dim}) like the posterior's, got {tuple(x.shape)}")
+    x_shape = tuple(posterior.x_shape)
+    if tuple(x.shape[1:]) != x_shape:
+        wanted = ", ".join(map(str, ("N", *x_shape)))
+        raise ValueError(f"x must have shape ({wanted}) like the posterior's, got {tuple(x.shape)}")
     flow_seed = posterior.config.get("flow_seed", 0)
     members = 1 if npe.ensemble in SNAPSHOT_CHOICES else members  # one flow trained: one split, one history
     if validation is None:

@@ -34,7 +34,8 @@ def load(
     Args:
         path: The file.
         prior: Required if the file holds no prior (saved with ``allow_unsaved_prior=True``); otherwise
-            it replaces the saved prior.
+            it must be the saved prior (the same class and parameters; another one is a ``ValueError``,
+            as the posterior's theta space depends on it).
         estimator: The callable used at training time, required if the posterior was trained with one.
         embedding_net: A module of the architecture used at training time, required if one was used
             (its weights are overwritten by the saved ones).

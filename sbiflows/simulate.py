@@ -224,6 +224,9 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     num_simulations = check_int(num_simulations, "num_simulations", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed")
+    if len(prior.batch_shape) + len(prior.event_shape) > 1:
+        raise ValueError("prior must draw vectors of parameters (event shape (D,), or a scalar prior), got batch "
+                         f"shape {tuple(prior.batch_shape)} and event shape {tuple(prior.event_shape)}")
     chunks = []
     for c in range(-(-int(num_simulations) // batch_size)):
         with global_seed(derive_seed(seed, f"prior/{c}")):
@@ -231,6 +234,7 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     theta = torch.cat(chunks)[:num_simulations]
     if theta.ndim == 1:
         theta = theta.unsqueeze(-1)
+    _check_theta(theta)  # e.g. NaN draws of a broken prior, before any simulation
     return _simulate(simulator, theta, seed=seed, batch_size=batch_size, **options)
 
 
@@ -263,6 +267,7 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
                    timeout=timeout, store=store, on_error=on_error, progress=progress, vectorized=vectorized,
                    retry_failed=retry_failed)
     seed, batch_size = int(seed), int(batch_size)  # NumPy integers pass the checks; the store's JSON takes ints
+    theta = theta.detach()  # parameters that require grad are simulated (and stored) as their values
     seeded = takes_seed(simulator)
     if isinstance(executor, ThreadPoolExecutor) and not seeded and timeout is None:
         warnings.warn("threads share torch's and NumPy's global generators: a simulator without a seed keyword is "

@@ -449,3 +449,17 @@ def test_each_round_records_the_restarts_of_its_training():
 
     table = [line for line in _rounds([asdict(r) for r in tsnpe.rounds]) if line.startswith("| 1 |")]
     assert table[0].endswith(f"| {first.epochs} (restart at epoch {restart}) |")  # report.md's rounds table
+
+
+def test_npe_restore_takes_structured_x_of_the_posteriors_shape():
+    """It compared ``x.shape[1]`` with the flattened ``x_dim``: (N, 4, 2) was refused as not (N, 8), and the
+    flattened x then by ``fit``."""
+    from sbiflows import NPE
+
+    theta = PRIOR.sample((200,))
+    x = theta[:, None, :] + 0.1 * torch.randn(200, 4, 2)
+    posterior = NPE(PRIOR, **SMALL).fit(theta, x, max_epochs=2, progress=False)
+    restored = NPE(PRIOR, **SMALL).restore(posterior, theta, x)
+    assert restored.fit(theta, x, max_epochs=1, progress=False).x_shape == (4, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 4, 2\) like the posterior's, got \(200, 8\)"):
+        NPE(PRIOR, **SMALL).restore(posterior, theta, x.reshape(200, 8))

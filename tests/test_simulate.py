@@ -339,3 +339,40 @@ def test_a_per_row_chunk_whose_rows_all_fail_is_not_run_twice():
         result = simulate(one, theta, batch_size=3, vectorized=False)
     assert len(calls) == 6  # each row once
     assert [f.message for f in result.failures] == ["bad 1.0", "bad 2.0", "bad 3.0"]
+
+
+def test_a_torch_module_simulator_runs_and_is_not_handed_a_seed():
+    """``nn.Module.__call__`` takes ``**kwargs``, so every module counted as taking ``seed``: its forward got
+    ``seed=`` and the run stopped as "cannot run" (advising vectorized=False)."""
+
+    class Module(torch.nn.Module):
+        def forward(self, theta):
+            return 2 * theta + 0.1 * torch.randn_like(theta)
+
+    class SeededModule(torch.nn.Module):
+        def forward(self, theta, seed):
+            return theta + torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+
+    result = simulate(Module(), torch.zeros(30, 2), batch_size=5)
+    assert result.num_invalid == 0 and result.x.shape == (30, 2)
+    seeded_run = simulate(SeededModule(), torch.zeros(6, 2), batch_size=3, seed=1)
+    assert torch.equal(seeded_run.x, simulate(SeededModule(), torch.zeros(6, 2), batch_size=3, seed=1).x)
+
+
+def test_simulate_from_prior_refuses_a_prior_of_matrices_before_simulating():
+    """Its draws of shape (N, 2, 3) were simulated in memory (simulate refuses such theta) and crashed a store
+    after the first chunk."""
+    calls = []
+    prior = Independent(Normal(torch.zeros(2, 3), torch.ones(2, 3)), 2)
+    with pytest.raises(ValueError, match=r"prior must draw vectors .* event shape \(2, 3\)"):
+        simulate_from_prior(lambda t: calls.append(t) or t, prior, 5)
+    assert calls == []
+    scalar = simulate_from_prior(lambda t: 2 * t, Normal(0.0, 1.0), 4)  # a scalar prior: one parameter
+    assert scalar.theta.shape == (4, 1)
+
+
+def test_parameters_that_require_grad_simulate_alike_with_and_without_a_store(tmp_path):
+    """With a store, ``theta.numpy()`` raised "Can't call numpy() on Tensor that requires grad"."""
+    theta = torch.rand(6, 2, requires_grad=True)
+    stored = simulate(lambda t: 2 * t, theta, store=tmp_path / "s.zarr", batch_size=4)
+    assert torch.equal(stored.x, simulate(lambda t: 2 * t, theta).x.detach())

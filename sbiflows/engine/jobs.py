@@ -71,7 +71,13 @@ class Outcome:
 
 
 def takes_seed(simulator: Callable) -> bool:
-    """Whether ``simulator`` accepts a ``seed`` keyword (then it gets the job's seed)."""
+    """Whether ``simulator`` accepts a ``seed`` keyword (then it gets the job's seed).
+
+    A ``torch.nn.Module`` is read by its ``forward`` (its ``__call__`` takes ``**kwargs`` for any module).
+    """
+    forward = getattr(simulator, "forward", None)
+    if isinstance(simulator, torch.nn.Module) and callable(forward):
+        simulator = forward
     try:
         parameters = inspect.signature(simulator).parameters
     except (TypeError, ValueError):
