@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,30 @@ def test_dask_recovers_the_simulator_when_every_worker_holding_it_dies():
         client.wait_for_workers(2, timeout=60)  # the nannies restart them
         assert np.array_equal(backend.outcome(backend.submit(job)).x, expected)
         backend.close()
+
+
+def test_a_shorter_rerun_with_retry_keeps_the_rows_past_it(tmp_path):
+    """``retry_failed`` rebuilt a stored chunk from this run's shorter span and rewrote it with fewer rows: the
+    store forgot paid-for rows (a later full run simulated them again)."""
+    calls, broken = [], [True]
+
+    def simulator(theta):
+        calls.append(len(theta))
+        if broken[0] and bool((theta[:, 0] == 5).any()):
+            raise ValueError("bad row")
+        return 2 * theta
+
+    theta = torch.arange(10.0).unsqueeze(1).repeat(1, 2)
+    store = tmp_path / "s.zarr"
+    with pytest.warns(UserWarning, match="1 of 10 simulations failed|failed"):
+        simulate(simulator, theta, batch_size=4, store=store)
+    broken[0] = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        simulate(simulator, theta[:6], batch_size=4, store=store, retry_failed=True)
+    assert any("1 failed rows of chunk 1" in str(w.message) and "the chunk holds 4 rows and this run only its first "
+               "2; rerun with all 8 or more rows" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    calls.clear()
+    again = simulate(simulator, theta, batch_size=4, store=store, retry_failed=True)  # the full run retries the row
+    assert calls == [1] and again.reused == 9 and not again.failures
+    assert torch.equal(again.x, 2 * theta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import re
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -122,6 +123,12 @@ class Driver:
             failed = {i - start: (t, m) for i, t, m in record["failures"] if i < stop}
             retry = {k for k, (kind, message) in failed.items()
                      if self.retry_failed or self._longer_limit(kind, message)}
+            if retry and record["rows"] > stop - start:  # rewriting the chunk would drop the rows past this run
+                warnings.warn(f"{len(retry)} failed rows of chunk {c} in the store at {self.store.path} are not "
+                              f"simulated again: the chunk holds {record['rows']} rows and this run only its first "
+                              f"{stop - start}; rerun with all {start + record['rows']} or more rows to retry them",
+                              UserWarning, stacklevel=6)
+                retry = set()
             if retry:
                 chunk = self._new_chunk(c)
                 chunk.stored = True
