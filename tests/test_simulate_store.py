@@ -431,3 +431,21 @@ def test_a_shorter_rerun_with_retry_keeps_the_rows_past_it(tmp_path):
     again = simulate(simulator, theta, batch_size=4, store=store, retry_failed=True)  # the full run retries the row
     assert calls == [1] and again.reused == 9 and not again.failures
     assert torch.equal(again.x, 2 * theta)
+
+
+def test_a_store_where_nothing_finished_takes_the_next_runs_settings(tmp_path):
+    """A run stopped as "cannot run" kept its settings in the store, so following its advice (vectorized=False)
+    was refused as a store of another run."""
+
+    def per_row(theta):  # written for one parameter set
+        assert theta.ndim == 1, "expects one parameter set"
+        return 2 * theta
+
+    theta = torch.rand(40, 2)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(SimulationError, match="needs vectorized=False"):
+        simulate(per_row, theta, batch_size=4, store=store)
+    result = simulate(per_row, theta, batch_size=4, store=store, vectorized=False)
+    assert torch.equal(result.x, 2 * theta)
+    with pytest.raises(StoreMismatchError, match="vectorized"):  # once rows finished, the settings are the store's
+        simulate(per_row, theta, batch_size=4, store=store)

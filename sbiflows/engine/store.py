@@ -68,6 +68,14 @@ class SimulationStore:
         try:
             group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
             stored = group.attrs.get("sbiflows_simulations")
+            if stored is not None and stored != {"format": FORMAT, "config": config} \
+                    and not any((path / "records").glob("*.json")):
+                # nothing finished under the stored settings (e.g. a simulator that could not run as called):
+                # this run's settings replace them, so the error's advice (vectorized=False) can be followed
+                for name in ("theta", "x"):
+                    if name in group:
+                        del group[name]
+                stored = None
             if stored is None:
                 if "theta" in group:
                     raise StoreMismatchError(f"{path} is a zarr group that sbiflows did not write")
