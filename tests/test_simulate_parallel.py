@@ -107,7 +107,8 @@ def slow_or_broken(theta, seed):
     return theta * 2
 
 
-def test_rows_that_timed_out_run_again_only_under_a_longer_limit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("limit", [0.5, 0.5000001])  # the second is shown as "0.5 s"; it was taken as longer
+def test_rows_that_timed_out_run_again_only_under_a_longer_limit(tmp_path, monkeypatch, limit):
     calls = tmp_path / "calls"
     calls.mkdir()
     monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(calls))
@@ -115,11 +116,11 @@ def test_rows_that_timed_out_run_again_only_under_a_longer_limit(tmp_path, monke
     theta[1, 0], theta[2, 0] = 3.0, -3.0
     store = tmp_path / "sims.zarr"
     with pytest.warns(UserWarning, match="TimeoutError 1"):
-        first = simulate(slow_or_broken, theta, batch_size=4, timeout=0.5, store=store)
+        first = simulate(slow_or_broken, theta, batch_size=4, timeout=limit, store=store)
     assert {(f.index, f.error_type) for f in first.failures} == {(1, "TimeoutError"), (2, "ValueError")}
     before = len(list(calls.iterdir()))
     with pytest.warns(UserWarning, match="TimeoutError 1"):
-        same = simulate(slow_or_broken, theta, batch_size=4, timeout=0.5, store=store)  # same limit: kept
+        same = simulate(slow_or_broken, theta, batch_size=4, timeout=limit, store=store)  # same limit: kept
     assert len(list(calls.iterdir())) == before and same.reused == 4
     with pytest.warns(UserWarning, match="TimeoutError 1"):  # no limit now: kept, since nothing could stop a
         unlimited = simulate(slow_or_broken, theta, batch_size=4, store=store)  # row that hangs again
@@ -261,3 +262,9 @@ def test_a_sandbox_killed_or_released_by_another_thread_mid_job_closes_each_pipe
         assert not wait_for_exit({pid}) and not box.alive
         assert np.array_equal(box.run(job, timeout=60).x, np.ones((2, 1)))  # a fresh child serves the next job
     box.close()
+
+
+def test_a_per_row_timeout_beyond_what_a_pipe_poll_takes_is_waited_in_slices():
+    """A per-row job waits ``timeout`` per row: 1,000 rows of 3,600 s overflowed ``Connection.poll``."""
+    result = simulate(lambda t: 2 * t, torch.ones(1000, 2), vectorized=False, timeout=3600.0)
+    assert result.num_invalid == 0 and torch.equal(result.x, 2 * torch.ones(1000, 2))

@@ -154,7 +154,8 @@ class Driver:
         if kind != TIMEOUT or self.timeout is None:
             return False
         match = re.search(r"timeout of ([0-9.e+-]+) s", message)
-        return match is not None and self.timeout > float(match.group(1)) * (1 + 1e-9)
+        # the message gives the limit to 6 significant digits (``:g``): the same limit again is not a longer one
+        return match is not None and self.timeout > float(match.group(1)) * (1 + 1e-5)
 
     # ------------------------------------------------------------------------------- loop
     def run(self) -> np.ndarray | None:

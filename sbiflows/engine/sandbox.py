@@ -105,7 +105,7 @@ class Sandbox:
             timeout = timeout * len(job.seeds)
         try:
             self._send.send_bytes(pickle.dumps(("job", job), _PROTOCOL))
-            if not self._receive.poll(timeout):
+            if not _poll(self._receive, timeout):
                 self.kill()
                 return Outcome.failed(TIMEOUT, f"simulation ran past the timeout of {timeout:g} s and was killed",
                                       time.perf_counter() - start)
@@ -259,3 +259,20 @@ def _child() -> None:
             send.send_bytes(pickle.dumps(reply, _PROTOCOL))
         else:
             send.send_bytes(pickle.dumps(run_job(simulator, body, **options), _PROTOCOL))
+
+
+#: The longest single wait of :func:`_poll` (``Connection.poll`` overflows past about 2.1e6 s).
+_POLL_SLICE = 1e5
+
+
+def _poll(connection, timeout: float | None) -> bool:
+    """``connection.poll(timeout)`` for any timeout: a long one is waited in slices of :data:`_POLL_SLICE` s."""
+    if timeout is None:
+        return connection.poll(None)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if connection.poll(max(0.0, min(left, _POLL_SLICE))):
+            return True
+        if left <= _POLL_SLICE:
+            return False
