@@ -257,10 +257,10 @@ class TruncatedPrior(Distribution):
         """``n`` SIR draws (see the module docstring) and the mean effective sample size fraction."""
         k = self.oversampling
         generator = torch.Generator(device=self.posterior.device).manual_seed(seed)
-        out, ess, done, attempt = [], [], 0, 0
+        out, ess, done, empty = [], [], 0, 0
         groups_per_batch = max(1, MAX_BATCH // k)
         while done < n:
-            if attempt > 100:  # every weight zero 100 times over: q puts (almost) no mass in its own region
+            if empty > 100:  # every weight zero 100 batches in a row: q puts (almost) no mass in its own region
                 raise RuntimeError("SIR found no candidate inside the truncated region; the posterior is degenerate")
             g = min(groups_per_batch, n - done)
             candidates = self.posterior.sample(g * k, self.x_o, generator=generator)
@@ -273,5 +273,5 @@ class TruncatedPrior(Distribution):
             pick = torch.multinomial(weights, 1, generator=generator)[:, 0]
             out.append(candidates[torch.arange(len(pick), device=pick.device), pick])
             ess.append(1.0 / weights.square().sum(1) / k)
-            done, attempt = done + len(pick), attempt + 1
+            done, empty = done + len(pick), (empty + 1 if len(pick) == 0 else 0)
         return torch.cat(out).to(self._device), float(torch.cat(ess).mean())

@@ -93,6 +93,18 @@ def test_tiny_region_uses_sir_and_finishes(tiny):
     assert float(region.inside(exact_posterior(20_000, 0.1)).double().mean()) >= 0.999
 
 
+def test_sir_draws_more_batches_than_its_give_up_count(tiny, monkeypatch):
+    """The guard against a degenerate posterior counted every batch, not the empty ones: a draw needing more
+    than 101 batches (13,000 draws at the default sizes) raised "SIR found no candidate"."""
+    from sbiflows import truncation
+
+    prior, posterior = tiny
+    region = TruncatedPrior(prior, posterior, X_O, num_threshold_samples=200_000, oversampling=8)
+    monkeypatch.setattr(truncation, "MAX_BATCH", 64)  # 8 draws per batch: 1,000 draws take 125 batches
+    samples = region.sample((1000,), seed=0)
+    assert samples.shape == (1000, 2) and bool(region.inside(samples).all())
+
+
 @pytest.mark.slow
 def test_sir_approximates_the_truncated_prior(moderate):
     """Forced SIR against exact rejection on the same region: same mean and spread (a uniform on the
