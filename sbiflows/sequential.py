@@ -216,11 +216,11 @@ class TSNPE:
             raise ValueError(f"x_o must be one finite observation of shape (x_dim,), got shape {tuple(x_o.shape)}"
                              + ("" if x_o.ndim != 1 else " with NaN or inf"))
         fit_options = {"patience": PATIENCE, **(fit_options or {})}
-        for key in ("seed", "progress"):
+        for key in ("seed", "progress", "checkpoint"):
             if key in fit_options:
                 raise ValueError(f"fit_options must not set {key!r}: the run sets it")
         # before round 0 simulates, against its budget (failed simulations can leave fewer rows: _fitting_batch)
-        check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress"), rows=budget[0])
+        check_fit_options(fit_options, _NPE_FIT, set_by_caller=("seed", "progress", "checkpoint"), rows=budget[0])
         # the truncation options are checked now (by a TruncatedPrior's own rules), before simulating
         truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
                               TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,

@@ -305,8 +305,10 @@ def batch_options(n_train: int, batch_size: int | None, learning_rate: float | N
 def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_caller: Collection[str] = (),
                       rows: int | None = None) -> None:
     """Keyword options meant for ``fit`` (:meth:`sbiflows.NPE.fit`), checked before anything runs: unknown
-    names (TypeError), the values :func:`check_training_options` checks (ValueError / TypeError) and, given
-    the fewest ``rows`` a fit will see, that ``batch_size`` fits them (:func:`check_batch_fits`).
+    names (TypeError), the values :func:`check_training_options` checks (ValueError / TypeError), the flags
+    and choices ``fit`` checks itself (``compile``, ``retrain_from_scratch``, ``on_nonfinite``,
+    ``num_threads``) and, given the fewest ``rows`` a fit will see, that ``batch_size`` fits them
+    (:func:`check_batch_fits`).
 
     Example:
         >>> from sbiflows import NPE
@@ -328,6 +330,17 @@ def check_fit_options(options: Mapping[str, Any], fit: Callable, *, set_by_calle
     checked = [name for name in inspect.signature(check_training_options).parameters if name != "optional"]
     check_training_options(**{name: values[name] for name in checked if name in values},
                            optional=("batch_size", "learning_rate"))
+    from sbiflows.checks import check_bool, check_choice
+    from sbiflows.divergence import NONFINITE_CHOICES
+    from sbiflows.threads import resolve_threads
+
+    for flag in ("compile", "retrain_from_scratch"):
+        if flag in options:
+            check_bool(options[flag], flag)
+    if "on_nonfinite" in options:
+        check_choice(options["on_nonfinite"], "on_nonfinite", NONFINITE_CHOICES)
+    if "num_threads" in options:
+        resolve_threads(options["num_threads"])
     if rows is not None:
         fraction = values["validation_fraction"]
         check_batch_fits(values.get("batch_size"), n_train=split_sizes(rows, fraction)[0], rows=rows,

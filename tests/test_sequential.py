@@ -463,3 +463,23 @@ def test_npe_restore_takes_structured_x_of_the_posteriors_shape():
     assert restored.fit(theta, x, max_epochs=1, progress=False).x_shape == (4, 2)
     with pytest.raises(ValueError, match=r"x must have shape \(N, 4, 2\) like the posterior's, got \(200, 8\)"):
         NPE(PRIOR, **SMALL).restore(posterior, theta, x.reshape(200, 8))
+
+
+@pytest.mark.parametrize(("options", "error", "match"), [
+    ({"checkpoint": "x.ckpt"}, ValueError, "fit_options must not set 'checkpoint': the run sets it"),
+    ({"on_nonfinite": "bogus"}, ValueError, "on_nonfinite must be one of"),
+    ({"compile": "yes"}, TypeError, "compile must be True or False"),
+    ({"num_threads": 0}, ValueError, "num_threads must be an int >= 1"),
+    ({"retrain_from_scratch": "no"}, TypeError, "retrain_from_scratch must be True or False"),
+])
+def test_fit_options_that_fit_checks_itself_are_refused_before_round_0(options, error, match):
+    """They failed inside the first fit, after round 0's simulations were paid for."""
+    calls = []
+
+    def counted(theta, seed):
+        calls.append(len(theta))
+        return simulator(theta, seed)
+
+    with pytest.raises(error, match=match):
+        TSNPE(PRIOR, **SMALL).run(counted, X_O, rounds=2, simulations=200, fit_options=options)
+    assert calls == []
