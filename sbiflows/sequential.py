@@ -230,7 +230,9 @@ class TSNPE:
         say = log or (lambda line: None)
         layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
                                           simulate_options)) if store is not None else None
-        self.rounds, self.proposals, self.check, self.reused = [], [], None, []
+        self.rounds, self.proposals, self.check, self.reused, self.posterior = [], [], None, [], None
+        if self.npe.theta is not None:  # a second run starts over (or from its store), not from the first's rows
+            self.npe = NPE(self.prior, **{"ensemble": 1, **self._npe_options})
         start = self._resume(layout, say, rounds) if layout is not None else 0
         for r in range(start, rounds):
             self._round(r, budget[r], simulator, x_o, seed, truncation, fit_options, layout, progress, say,

@@ -483,3 +483,28 @@ def test_fit_options_that_fit_checks_itself_are_refused_before_round_0(options, 
     with pytest.raises(error, match=match):
         TSNPE(PRIOR, **SMALL).run(counted, X_O, rounds=2, simulations=200, fit_options=options)
     assert calls == []
+
+
+def test_a_second_run_on_the_same_object_matches_a_fresh_one():
+    """``run`` again (say, after a round's simulator failed, without a store) kept the first run's rows and
+    weights: round 0's identical rows were counted twice and training went on from the old weights."""
+    broken = {"after": 2, "calls": 0}
+
+    def flaky(theta, seed):
+        broken["calls"] += 1
+        if broken["after"] is not None and broken["calls"] > broken["after"]:
+            raise RuntimeError("broken")
+        return simulator(theta, seed)
+
+    options = {"rounds": 2, "simulations": 400, "batch_size": 100, "check_simulations": 0, **FAST,
+               "fit_options": {"max_epochs": 3}}
+    tsnpe = TSNPE(PRIOR, **SMALL)
+    with pytest.raises(SimulationError):
+        tsnpe.run(flaky, X_O, **options)
+    broken["after"] = None
+    again = tsnpe.run(flaky, X_O, **options)
+    fresh = TSNPE(PRIOR, **SMALL)
+    reference = fresh.run(flaky, X_O, **options)
+    assert len(tsnpe.npe.theta) == len(fresh.npe.theta) == 400
+    assert tsnpe.npe.history.epochs == fresh.npe.history.epochs
+    assert torch.equal(again.sample(50, seed=0), reference.sample(50, seed=0))
