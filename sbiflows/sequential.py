@@ -225,8 +225,11 @@ class TSNPE:
         truncation = dict(zip(("quantile", "num_threshold_samples", "min_acceptance", "oversampling"),
                               TruncatedPrior.check_options(quantile=quantile, num_threshold_samples=threshold_samples,
                                                            min_acceptance=min_acceptance, oversampling=oversampling)))
-        if store is not None and "store" in simulate_options:
-            raise ValueError("give store once")
+        allowed = ("workers", "executor", "timeout", "batch_size", "on_error", "vectorized", "retry_failed")
+        unknown = sorted(set(simulate_options) - set(allowed))
+        if unknown:
+            raise TypeError(f"run got unexpected keyword arguments {unknown}; the simulate options it passes on are "
+                            f"{list(allowed)}")
         say = log or (lambda line: None)
         layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
                                           simulate_options)) if store is not None else None

@@ -508,3 +508,9 @@ def test_a_second_run_on_the_same_object_matches_a_fresh_one():
     assert len(tsnpe.npe.theta) == len(fresh.npe.theta) == 400
     assert tsnpe.npe.history.epochs == fresh.npe.history.epochs
     assert torch.equal(again.sample(50, seed=0), reference.sample(50, seed=0))
+
+
+def test_an_unknown_simulate_option_is_named_before_anything_runs():
+    """It reached round 0's ``simulate`` call, after the run's checks, as a bare "unexpected keyword"."""
+    with pytest.raises(TypeError, match=r"run got unexpected keyword arguments \['worker'\]; the simulate options"):
+        TSNPE(PRIOR, **SMALL).run(simulator, X_O, rounds=2, simulations=200, worker=2)
