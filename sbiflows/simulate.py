@@ -41,6 +41,8 @@ store, Ctrl-C raises :class:`SimulationInterrupted` holding the finished chunks.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import time
 import warnings
@@ -333,6 +335,13 @@ def _partial(driver: Driver | None, start: float, store) -> SimulationResult:
 
 
 def _qualified_name(simulator: Callable) -> str:
+    """The name a store records for ``simulator``: ``module.qualname``; a ``functools.partial`` also names its
+    function and a digest of its arguments (two partials of other functions or arguments are other simulators).
+    """
+    if isinstance(simulator, functools.partial):
+        arguments = repr((simulator.args, sorted(simulator.keywords.items())))
+        digest = hashlib.sha256(arguments.encode()).hexdigest()[:12]
+        return f"functools.partial({_qualified_name(simulator.func)}, arguments {digest})"
     target = simulator if hasattr(simulator, "__qualname__") else type(simulator)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(simulator).__name__)}"
 

@@ -449,3 +449,23 @@ def test_a_store_where_nothing_finished_takes_the_next_runs_settings(tmp_path):
     assert torch.equal(result.x, 2 * theta)
     with pytest.raises(StoreMismatchError, match="vectorized"):  # once rows finished, the settings are the store's
         simulate(per_row, theta, batch_size=4, store=store)
+
+
+def _scaled(theta, *, scale):
+    return scale * theta
+
+
+def test_partials_of_other_functions_or_arguments_are_other_simulators(tmp_path):
+    """Every ``functools.partial`` was recorded as "functools.partial": a store took any other partial's rows."""
+    import functools
+
+    store = tmp_path / "s.zarr"
+    simulate(functools.partial(_scaled, scale=1.0), torch.ones(4, 2), store=store)
+    with pytest.raises(StoreMismatchError, match=r"functools.partial\(.*_scaled, arguments"):
+        simulate(functools.partial(_scaled, scale=2.0), torch.ones(4, 2), store=store)
+    again = simulate(functools.partial(_scaled, scale=1.0), torch.ones(4, 2), store=store)
+    assert again.reused == 4
+    meta = json.loads((store / "zarr.json").read_text())  # a store written before: the bare name
+    meta["attributes"]["sbiflows_simulations"]["config"]["simulator"] = "functools.partial"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert simulate(functools.partial(_scaled, scale=1.0), torch.ones(4, 2), store=store).reused == 4
