@@ -44,7 +44,7 @@ from sbiflows.embeddings import build as build_embedding
 from sbiflows.ensemble import mixture
 from sbiflows.estimator import ESTIMATORS, PosteriorNet, build_flow
 from sbiflows.flows import Flow
-from sbiflows.prior_specs import KNOWN, build_prior, prior_spec
+from sbiflows.prior_specs import KNOWN, build_prior, move_prior, prior_spec
 from sbiflows.priors import check_prior
 from sbiflows.training import TrainingHistory
 
@@ -194,6 +194,7 @@ def read(
         prior = build_prior(config["prior"], prior_tensors, device=map_location)
     elif config["prior"] is not None:
         _check_same_prior(prior, config["prior"], prior_tensors, path)
+        prior = move_prior(prior, map_location)  # where the network goes, as a saved prior is built
     if prior is None:
         raise ValueError(
             f"{path} was trained with a {config['prior_class']} prior, which the file cannot describe; "

@@ -32,6 +32,14 @@ def test_a_file_loads_onto_the_device_map_location_names(box_posterior, tmp_path
     assert load(tmp_path / "p.pt").device.type == "cpu"  # the default: the CPU, wherever it was saved
 
 
+def test_a_prior_passed_to_load_goes_where_the_network_goes(box_posterior, tmp_path):
+    """The saved prior was built on ``map_location`` but a prior passed to ``load`` stayed where it was."""
+    box_posterior.save(tmp_path / "p.pt")
+    loaded = load(tmp_path / "p.pt", prior=box_posterior.prior, map_location="meta")
+    assert loaded.prior.base_dist.low.device.type == "meta" and loaded.device.type == "meta"
+    assert load(tmp_path / "p.pt", prior=box_posterior.prior).prior is box_posterior.prior  # already there
+
+
 def test_moving_records_the_device_and_keeps_the_original(box_posterior):
     moved = box_posterior.copy().to("meta")
     assert moved.device.type == "meta" and box_posterior.device.type == "cpu"
