@@ -284,14 +284,17 @@ def test_a_cat_support_works_under_nuts():
 
 @pytest.mark.slow
 def test_nuts_on_the_conditioned_posterior_alone_reproduces_it(gauss_posterior):
-    """With no likelihood, NUTS targets the conditioned posterior itself: its moments match direct samples."""
+    """With no likelihood, NUTS targets the conditioned posterior itself: its moments match direct samples.
+
+    400 draws (an effective sample size of 60-200) were too few for the 0.25 bound on the standard deviations:
+    seeds 0-3 gave 0.81-1.55 times the direct ones; 1,500 draws gave 0.92-1.14 over seeds 0-4."""
     dist = gauss_posterior.condition(X_O)
     pyro.set_rng_seed(0)
-    mcmc = MCMC(NUTS(lambda: pyro.sample("theta", dist), max_tree_depth=4), num_samples=400, warmup_steps=150,
+    mcmc = MCMC(NUTS(lambda: pyro.sample("theta", dist), max_tree_depth=5), num_samples=1500, warmup_steps=300,
                 disable_progbar=True)
     mcmc.run()
     chain = mcmc.get_samples()["theta"]
     direct = dist.sample((20_000,), generator=torch.Generator().manual_seed(0))
     sd = direct.std(0)
-    assert ((chain.mean(0) - direct.mean(0)).abs() / sd).max() < 0.3  # ~5 MCMC standard errors at ESS ~100
+    assert ((chain.mean(0) - direct.mean(0)).abs() / sd).max() < 0.3  # several MCMC standard errors
     assert ((chain.std(0) / sd) - 1).abs().max() < 0.25
