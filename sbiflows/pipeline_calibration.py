@@ -18,8 +18,10 @@ from sbiflows.simulate import simulate_from_prior
 __all__ = ["C2ST_CAUTION", "advice", "c2st_caution", "calibrate", "save_figure"]
 
 #: What to try first when the default's check passed one flow that the calibration finds over-confident.
-SNAPSHOT_ADVICE = ("Try first the mixture of this training's own snapshots (--ensemble snapshots, or "
-                   "ensemble=\"snapshots\"; no extra training): the default's check on the validation rows passed "
+SNAPSHOT_ADVICE = ("Try first the mixture of this training's own snapshots (the same command with --ensemble "
+                   "snapshots --force, which keeps the simulations and repeats the same training, or "
+                   "ensemble=\"snapshots\"; it costs no training beyond the one flow's): the default's check on the "
+                   "validation rows passed "
                    "this flow, so its snapshots were not mixed with equal weights, and on the benchmark tasks at "
                    "1,000 simulations the mixture was calibrated on every run where the check missed an "
                    "over-confident flow (docs/benchmarks.md). Then ")
@@ -75,6 +77,8 @@ def advice(verdict: str, ensemble: int | str, config: dict) -> str:
         >>> text = advice("over-confident", "auto-snapshots", {})
         >>> "Try first the mixture of this training's own snapshots" in text, "Then try an ensemble" in text
         (True, True)
+        >>> "the same command with --ensemble snapshots --force, which keeps the simulations" in text
+        True
         >>> advice("over-confident", "auto-snapshots", {"snapshot_epochs": [9, 28, 47]}) == ADVICE["over-confident"]
         True
         >>> stacked = {"snapshot_epochs": [9, 47], "mixture_weights": [0.1, 0.9], "ensemble": 2}
