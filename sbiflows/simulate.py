@@ -61,6 +61,7 @@ from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
+from sbiflows.priors import as_vector_prior
 from sbiflows.seeding import derive_seed, global_seed
 from sbiflows.xshape import valid_rows
 
@@ -226,16 +227,12 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     num_simulations = check_int(num_simulations, "num_simulations", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed")
-    if len(prior.batch_shape) + len(prior.event_shape) > 1:
-        raise ValueError("prior must draw vectors of parameters (event shape (D,), or a scalar prior), got batch "
-                         f"shape {tuple(prior.batch_shape)} and event shape {tuple(prior.event_shape)}")
+    prior = as_vector_prior(prior)  # a scalar prior or a batch of them as one vector; other shapes refused
     chunks = []
     for c in range(-(-int(num_simulations) // batch_size)):
         with global_seed(derive_seed(seed, f"prior/{c}")):
             chunks.append(prior.sample((batch_size,)))
     theta = torch.cat(chunks)[:num_simulations]
-    if theta.ndim == 1:
-        theta = theta.unsqueeze(-1)
     _check_theta(theta)  # e.g. NaN draws of a broken prior, before any simulation
     return _simulate(simulator, theta, seed=seed, batch_size=batch_size, **options)
 

@@ -364,7 +364,7 @@ def test_simulate_from_prior_refuses_a_prior_of_matrices_before_simulating():
     after the first chunk."""
     calls = []
     prior = Independent(Normal(torch.zeros(2, 3), torch.ones(2, 3)), 2)
-    with pytest.raises(ValueError, match=r"prior must draw vectors .* event shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"prior must have event shape \(D,\) .* got event shape \(2, 3\)"):
         simulate_from_prior(lambda t: calls.append(t) or t, prior, 5)
     assert calls == []
     scalar = simulate_from_prior(lambda t: 2 * t, Normal(0.0, 1.0), 4)  # a scalar prior: one parameter
