@@ -65,11 +65,11 @@ def _stored_x_shape(simulator, args: argparse.Namespace, *, out: Path) -> tuple[
     """The x shape in ``out``'s simulations, stored by an earlier run of this simulator and seed (None if
     there are none): a resumed run pays for no probe."""
     from sbiflows.engine.store import SimulationStore
-    from sbiflows.simulate import _qualified_name
+    from sbiflows.engine.names import same_simulator, simulator_name
 
     try:
         stored = SimulationStore.read(out / "simulations.zarr")
-        if stored.config.get("simulator") == _qualified_name(simulator) and stored.config.get("seed") == args.seed:
+        if same_simulator(stored.config.get("simulator"), simulator_name(simulator)) and stored.config.get("seed") == args.seed:
             return None if stored.x_layout is None else stored.x_layout[0]
     except (OSError, ValueError, KeyError):  # no store, or not one sbiflows can read
         pass

@@ -59,6 +59,7 @@ from torch.distributions import Distribution
 from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 from sbiflows.checks import as_float_tensor, caller_level, check_int
 from sbiflows.diagnostics.coverage import CoverageResult, expected_coverage
+from sbiflows.engine.names import simulator_name
 from sbiflows.npe import NPE
 from sbiflows.posterior import Posterior, load
 from sbiflows.prior_specs import prior_spec
@@ -69,7 +70,6 @@ from sbiflows.sequential_rounds import COVERS_PRIOR, Round, check_sequential_opt
 from sbiflows.sequential_store import RoundStore, atomic_npy, atomic_text
 from sbiflows.simulate import (
     SimulationResult,
-    _qualified_name,
     load_simulations,
     simulate,
 )
@@ -428,7 +428,7 @@ def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_option
     from sbiflows.report import jsonable
 
     return jsonable({
-        "simulator": _qualified_name(simulator), "x_o": x_o.tolist(), "budget": budget, "seed": seed,
+        "simulator": simulator_name(simulator), "x_o": x_o.tolist(), "budget": budget, "seed": seed,
         "truncation": truncation, "fit_options": fit_options,
         "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
         "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from sbiflows.engine.names import same_simulator
+
 __all__ = ["MANIFEST", "RoundStore", "atomic_npy", "atomic_text"]
 
 MANIFEST = "tsnpe.json"
@@ -52,7 +54,8 @@ class RoundStore:
             self.manifest = json.loads(path.read_text())
             old = self.manifest.get("settings") or {}
             # a setting an earlier version did not record cannot be compared: its stores resume as before
-            changed = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
+            changed = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k)
+                             and not (k == "simulator" and same_simulator(old[k], settings[k])))
             if changed:
                 raise RoundStoreMismatchError(f"the store {self.root} holds a TSNPE run with other settings "
                                               f"({', '.join(changed)}); use another store path, or delete it to "

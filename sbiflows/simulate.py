@@ -41,8 +41,6 @@ store, Ctrl-C raises :class:`SimulationInterrupted` holding the finished chunks.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import time
 import warnings
@@ -60,6 +58,7 @@ from sbiflows.checks import check_bool, check_choice, check_finite, check_int, c
 from sbiflows.engine.backends import is_dask_client, make_backend
 from sbiflows.engine.driver import AbortRun, Driver
 from sbiflows.engine.jobs import takes_seed
+from sbiflows.engine.names import simulator_name
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
 from sbiflows.priors import as_vector_prior
 from sbiflows.seeding import derive_seed, global_seed
@@ -274,7 +273,7 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
     start = time.perf_counter()
     opened = None
     if store is not None:
-        config = {"seed": seed, "batch_size": batch_size, "simulator": _qualified_name(simulator),
+        config = {"seed": seed, "batch_size": batch_size, "simulator": simulator_name(simulator),
                   "vectorized": vectorized, "theta_dim": theta.shape[1], "theta_dtype": str(theta.dtype)}
         opened = SimulationStore.open(store, config, rows=len(theta), theta_dim=theta.shape[1],
                                       theta_dtype=theta.cpu().numpy().dtype)
@@ -329,18 +328,6 @@ def _partial(driver: Driver | None, start: float, store) -> SimulationResult:
     failures = [] if driver is None else [SimulationFailure(i, t, m) for i, (t, m) in sorted(driver.failures.items())]
     return SimulationResult(theta, x, failures, time.perf_counter() - start, complete=False,
                             store=None if store is None else str(store))
-
-
-def _qualified_name(simulator: Callable) -> str:
-    """The name a store records for ``simulator``: ``module.qualname``; a ``functools.partial`` also names its
-    function and a digest of its arguments (two partials of other functions or arguments are other simulators).
-    """
-    if isinstance(simulator, functools.partial):
-        arguments = repr((simulator.args, sorted(simulator.keywords.items())))
-        digest = hashlib.sha256(arguments.encode()).hexdigest()[:12]
-        return f"functools.partial({_qualified_name(simulator.func)}, arguments {digest})"
-    target = simulator if hasattr(simulator, "__qualname__") else type(simulator)
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(simulator).__name__)}"
 
 
 def _check_theta(theta) -> None:

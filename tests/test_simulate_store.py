@@ -469,3 +469,62 @@ def test_partials_of_other_functions_or_arguments_are_other_simulators(tmp_path)
     meta["attributes"]["sbiflows_simulations"]["config"]["simulator"] = "functools.partial"
     (store / "zarr.json").write_text(json.dumps(meta))
     assert simulate(functools.partial(_scaled, scale=1.0), torch.ones(4, 2), store=store).reused == 4
+
+
+def _noisy(noise):
+    def simulator(theta):
+        return theta + noise
+
+    return simulator
+
+
+def test_lambdas_and_factory_closures_of_other_constants_are_other_simulators(tmp_path):
+    """Every lambda of a module was recorded as ``module.<lambda>`` and every function a factory made under the
+    factory's qualname: a store took the rows of a lambda with another constant, or of another noise level."""
+    theta = torch.ones(4, 2)
+    store = tmp_path / "lambda.zarr"
+    simulate(lambda t: 2 * t, theta, store=store)
+    with pytest.raises(StoreMismatchError, match=r"<lambda> \(code"):
+        simulate(lambda t: 3 * t, theta, store=store)
+    assert simulate(lambda t: 2 * t, theta, store=store).reused == 4  # the same lambda, defined again
+    store = tmp_path / "closure.zarr"
+    simulate(_noisy(0.1), theta, store=store)
+    with pytest.raises(StoreMismatchError, match=r"_noisy.<locals>.simulator \(code"):
+        simulate(_noisy(0.2), theta, store=store)
+    assert simulate(_noisy(0.1), theta, store=store).reused == 4
+
+
+def test_a_lambda_store_of_an_earlier_version_resumes(tmp_path):
+    """Stores that recorded a lambda's bare qualname still resume (simulations and TSNPE rounds)."""
+    from sbiflows.engine.names import simulator_name
+    from sbiflows.sequential_store import RoundStore
+
+    theta, store = torch.ones(4, 2), tmp_path / "s.zarr"
+    simulate(lambda t: 2 * t, theta, store=store)
+    meta = json.loads((store / "zarr.json").read_text())
+    config = meta["attributes"]["sbiflows_simulations"]["config"]
+    config["simulator"] = config["simulator"].split(" (code")[0]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert simulate(lambda t: 2 * t, theta, store=store).reused == 4
+    name = simulator_name(lambda t: 2 * t)
+    RoundStore(tmp_path / "rounds", {"simulator": name.split(" (code")[0], "seed": 0})
+    RoundStore(tmp_path / "rounds", {"simulator": name, "seed": 0})  # no mismatch
+    with pytest.raises(ValueError, match="other settings"):
+        RoundStore(tmp_path / "rounds", {"simulator": "module.other", "seed": 0})
+
+
+def test_a_closure_over_state_it_mutates_keeps_its_store_name():
+    """A closure's lists and objects enter its name by type only: a simulator that counts its calls or flips a
+    flag must resume its own store."""
+    from sbiflows.engine.names import simulator_name
+
+    calls, flag = [], [True]
+
+    def simulator(theta):
+        calls.append(len(theta))
+        return theta if flag[0] else -theta
+
+    before = simulator_name(simulator)
+    calls.extend([1, 2, 3])
+    flag[0] = False
+    assert simulator_name(simulator) == before

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sbiflows.engine.names import same_simulator
 from sbiflows.locks import LockHeld, hold_lock
 
 __all__ = ["SimulationStore", "StoreMismatchError"]
@@ -214,8 +215,8 @@ def _compare(path: Path, stored: dict, config: dict) -> None:
         raise StoreMismatchError(f"{path} has store format {stored.get('format')}; this sbiflows writes {FORMAT}")
     old = stored["config"]
     for key, value in config.items():
-        if key == "simulator" and old.get(key) == "functools.partial" and str(value).startswith("functools.partial("):
-            continue  # a store made before a partial's function and arguments were part of its name
+        if key == "simulator" and same_simulator(old.get(key), value):
+            continue  # also a name an earlier version recorded for this simulator
         if old.get(key) != value:
             raise StoreMismatchError(
                 f"the store at {path} was made with {key}={old.get(key)!r}, not {value!r}; its simulations "
