@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_a_per_row_timeout_beyond_what_a_pipe_poll_takes_is_waited_in_slices():
     """A per-row job waits ``timeout`` per row: 1,000 rows of 3,600 s overflowed ``Connection.poll``."""
     result = simulate(lambda t: 2 * t, torch.ones(1000, 2), vectorized=False, timeout=3600.0)
     assert result.num_invalid == 0 and torch.equal(result.x, 2 * torch.ones(1000, 2))
+
+
+class _LoadsSlowly:
+    """A simulator whose unpickling sleeps in a worker process (started as ``python -c``): an import that hangs."""
+
+    def __reduce__(self):
+        return _load_slowly, ()
+
+    def __call__(self, theta):
+        return 2 * theta
+
+
+def _load_slowly():
+    if sys.argv[0] == "-c":
+        time.sleep(60)
+    return _LoadsSlowly()
+
+
+def test_a_simulator_whose_loading_hangs_fails_the_run_at_the_load_limit(monkeypatch):
+    """Loading the simulator in a worker process waited without limit: a run with ``timeout=2`` whose simulator's
+    import hung in new processes hung with it (here for the 60 s of the sleep; for good where an import never
+    returns)."""
+    from sbiflows.engine import sandbox
+
+    monkeypatch.setattr(sandbox, "LOAD_TIMEOUT", 1.0)
+    with pytest.raises(sandbox.SandboxStartError, match="did not finish loading it within 2 s"):
+        simulate(_LoadsSlowly(), torch.ones(8, 2), batch_size=4, workers=2, timeout=2.0)

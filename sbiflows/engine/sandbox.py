@@ -32,9 +32,15 @@ from multiprocessing.connection import Connection
 
 from sbiflows.engine.jobs import TIMEOUT, WORKER_DIED, Job, Outcome
 
-__all__ = ["Sandbox", "SandboxStartError"]
+__all__ = ["LOAD_TIMEOUT", "Sandbox", "SandboxStartError"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+#: With a ``timeout``, how long a worker process may take to load the simulator (unpickle it, which imports its
+#: modules) if the timeout is shorter: a load that hangs (an import waiting on a lock, a licence server or a network
+#: file system) fails the run instead of blocking it. Without a timeout loading waits, as simulations do.
+LOAD_TIMEOUT = 600.0
 
 
 class SandboxStartError(RuntimeError):
@@ -98,7 +104,7 @@ class Sandbox:
         if self._process is None:
             self._start()
         if self._loaded != self._load:
-            self._load_simulator()
+            self._load_simulator(timeout)
         assert self._send is not None and self._receive is not None
         start = time.perf_counter()
         if timeout is not None and not self._vectorized:  # a per-row job makes one call per row
@@ -175,10 +181,15 @@ class Sandbox:
         self._process.stdout.close()
         self._loaded = None
 
-    def _load_simulator(self) -> None:
+    def _load_simulator(self, timeout: float | None) -> None:
+        limit = None if timeout is None else max(timeout, LOAD_TIMEOUT)
         try:
             self._send.send_bytes(self._load)
-            status, detail = pickle.loads(self._receive.recv_bytes())
+            if _poll(self._receive, limit):
+                status, detail = pickle.loads(self._receive.recv_bytes())
+            else:
+                status, detail = "error", (f"it did not finish loading it within {limit:g} s (the timeout, at least "
+                                           f"{LOAD_TIMEOUT:g} s): does importing its modules hang in a new process?")
         except (EOFError, OSError):
             status, detail = "error", self._death()
         if status != "ready":
