@@ -296,3 +296,22 @@ def test_a_simulator_whose_loading_hangs_fails_the_run_at_the_load_limit(monkeyp
     monkeypatch.setattr(sandbox, "LOAD_TIMEOUT", 1.0)
     with pytest.raises(sandbox.SandboxStartError, match="did not finish loading it within 2 s"):
         simulate(_LoadsSlowly(), torch.ones(8, 2), batch_size=4, workers=2, timeout=2.0)
+
+
+def test_a_stopped_run_cancels_the_chunks_it_queued_on_a_users_executor():
+    """A run that stopped left its queued chunks in the user's executor, which simulated them after the stop."""
+    calls = []
+
+    def fails_first(theta, seed):
+        calls.append(int(theta[0, 0]))
+        if theta[0, 0] == 0:
+            raise ValueError("bad row")
+        time.sleep(1.0)  # chunks 1 and 2 run while the run stops; chunk 3 waits in the executor's queue
+        return theta
+
+    executor = ThreadPoolExecutor(max_workers=2)
+    with pytest.raises(SimulationError, match="bad row"):
+        simulate(fails_first, torch.arange(8.0)[:, None].repeat(1, 2), batch_size=1, executor=executor,
+                 on_error="raise")
+    executor.shutdown(wait=True)
+    assert 0 in calls and 3 not in calls

@@ -376,6 +376,40 @@ def test_dask_local_cluster_same_numbers_and_survives_a_killed_worker(tmp_path, 
             assert bitwise_equal(again.x, reference.x)
 
 
+def hangs_twice_then_fails(theta, seed):
+    """The first two chunks to start (slot files made atomically) write their process id and simulate for an
+    hour; any later one fails at once."""
+    for slot in ("slot0", "slot1"):
+        try:
+            descriptor = os.open(Path(os.environ["SBIFLOWS_TEST_PID_DIR"], slot), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(descriptor, str(os.getpid()).encode())
+        os.close(descriptor)
+        time.sleep(3600)
+        return theta
+    raise ValueError("bad row")
+
+
+@pytest.mark.slow
+def test_a_stopped_dask_run_stops_its_simulations_on_the_cluster(tmp_path, monkeypatch):
+    """A run that stopped (here ``on_error="raise"``) left its chunks on the cluster: queued ones started after it
+    and running ones simulated to the end, since cancelling a Dask task does not stop its sandbox's child."""
+    import distributed
+
+    from sbiflows.engine.backends import STOP_POLL
+
+    monkeypatch.setenv("SBIFLOWS_TEST_PID_DIR", str(tmp_path))
+    theta = torch.ones(9, 2)  # the third chunk to start fails while two others run
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=3, processes=True, dashboard_address=":0",
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        with pytest.raises(SimulationError, match="bad row"):
+            simulate(hangs_twice_then_fails, theta, batch_size=1, executor=client, timeout=7200, on_error="raise")
+        time.sleep(STOP_POLL + 5)  # chunks that were loading their simulator have started it by now, or never will
+        pids = {int(path.read_text()) for path in tmp_path.iterdir()}
+        assert len(pids) == 2 and not wait_for_exit(pids, 3 * STOP_POLL)  # both simulations were killed
+
+
 def _kill_this_worker():
     os.kill(os.getpid(), signal.SIGKILL)
 

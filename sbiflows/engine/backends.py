@@ -19,6 +19,7 @@ import os
 import pickle
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -126,7 +127,8 @@ class _Sandboxes:
         self._all: list[Sandbox] = []
         self._lock = threading.Lock()
 
-    def run(self, job: Job, timeout: float | None) -> Outcome:
+    def box(self) -> Sandbox:
+        """This thread's sandbox: an idle one if there is, else a new one."""
         box = getattr(self._local, "box", None)
         if box is None:
             with _IDLE_LOCK:
@@ -138,7 +140,10 @@ class _Sandboxes:
             self._local.box = box
             with self._lock:
                 self._all.append(box)
-        return box.run(job, timeout)
+        return box
+
+    def run(self, job: Job, timeout: float | None) -> Outcome:
+        return self.box().run(job, timeout)
 
     def close(self, *, kill: bool = False) -> None:
         """Kill the children (``kill``), or keep them idle for the next run of this process."""
@@ -189,8 +194,10 @@ def _payload(payload: bytes) -> bytes:
     return payload
 
 
-def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: bool, seeded: bool) -> Outcome:
-    """The task an executor or Dask worker runs: the job in a sandbox of that worker's process."""
+def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: bool, seeded: bool,
+                  stop: str | None = None) -> Outcome:
+    """The task an executor or Dask worker runs: the job in a sandbox of that worker's process (on Dask, killed
+    when the run's ``Event`` named ``stop`` is set: see :func:`_run_stoppable`)."""
     import hashlib
 
     key = hashlib.sha256(payload).digest() + bytes([vectorized, seeded])
@@ -201,7 +208,47 @@ def run_in_worker(payload: bytes, job: Job, timeout: float | None, vectorized: b
         _WORKER_SANDBOXES[key] = boxes  # most recent last
         while len(_WORKER_SANDBOXES) > 2:  # a long-lived worker keeps the children of two simulators at most
             _WORKER_SANDBOXES.pop(next(iter(_WORKER_SANDBOXES))).close()
-    return boxes.run(job, timeout)
+    if stop is None:
+        return boxes.run(job, timeout)
+    return _run_stoppable(boxes.box(), job, timeout, stop)
+
+
+#: How long a Dask task's watcher waits on the scheduler at a time (a long poll) for its run's stop event.
+STOP_POLL = 5.0
+#: Why the chunks that a stopped run left on a Dask cluster end without simulating.
+RUN_STOPPED = "the run that submitted this chunk stopped"
+
+
+def _run_stoppable(box: Sandbox, job: Job, timeout: float | None, stop: str) -> Outcome:
+    """Run ``job`` in ``box`` on a Dask worker, killing the child when the run's Dask ``Event`` ``stop`` is set.
+
+    A Dask task cannot be interrupted once it runs, so when a run stops (an error with ``on_error="raise"``,
+    a simulator that cannot run, Ctrl-C) the driver sets the event and cancels its futures: a watcher thread
+    (one long poll of the scheduler per :data:`STOP_POLL` s) kills the simulation, and chunks that start
+    after it return at once, instead of the cluster simulating rows nobody will read.
+    """
+    from distributed import Event
+
+    event = Event(stop)
+    if event.is_set():
+        return Outcome.failed(WORKER_DIED, RUN_STOPPED)
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            try:
+                if event.wait(timeout=STOP_POLL):
+                    if not finished.is_set():
+                        box.kill()
+                    return
+            except Exception:  # noqa: BLE001 - no scheduler to ask: the worker does not outlive it
+                return
+
+    threading.Thread(target=watch, name="sbiflows-stop-watch", daemon=True).start()
+    try:
+        return box.run(job, timeout)
+    finally:
+        finished.set()
 
 
 class ExecutorBackend:
@@ -215,20 +262,25 @@ class ExecutorBackend:
         # threads of this process: their sandboxes are ours to close; a process pool's live in its workers
         self._boxes = (_Sandboxes(payload, vectorized=vectorized, seeded=seeded)
                        if timeout is not None and isinstance(executor, ThreadPoolExecutor) else None)
+        self._running: set[Future] = set()
 
     def slots(self) -> int:
         return 2 * self._workers
 
     def submit(self, job: Job) -> Future:
         if self._timeout is None:
-            return self._executor.submit(run_job, self._simulator, job, vectorized=self._vectorized,
-                                         seeded=self._seeded)
-        if self._boxes is not None:
-            return self._executor.submit(self._boxes.run, job, self._timeout)
-        return self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,
-                                     self._seeded)
+            future = self._executor.submit(run_job, self._simulator, job, vectorized=self._vectorized,
+                                           seeded=self._seeded)
+        elif self._boxes is not None:
+            future = self._executor.submit(self._boxes.run, job, self._timeout)
+        else:
+            future = self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,
+                                           self._seeded)
+        self._running.add(future)
+        return future
 
     def outcome(self, future: Future) -> Outcome:
+        self._running.discard(future)
         try:
             return future.result()
         except BrokenProcessPool as error:
@@ -239,6 +291,10 @@ class ExecutorBackend:
             ) from error
 
     def close(self, *, kill: bool = False) -> None:
+        if kill:  # chunks still queued never start; running ones finish, except in this process's sandboxes
+            for future in self._running:
+                future.cancel()
+        self._running.clear()
         if self._boxes is not None:  # the user's executor itself stays theirs to shut down
             self._boxes.close(kill=kill)
 
@@ -253,8 +309,10 @@ class DaskBackend:
         # (and the Active Memory Manager trims a broadcast back to one copy). pure=False: a key of its own,
         # so a second run never shares a key whose release is still in flight.
         self._payload = client.submit(_payload, payload, pure=False)
-        self._args = (timeout, vectorized, seeded)
+        self._stop = f"sbiflows-stop-{uuid.uuid4().hex}"  # set when the run stops: see _run_stoppable
+        self._args = (timeout, vectorized, seeded, self._stop)
         self._threads, self._checked = 1, 0.0
+        self._running: set = set()
 
     def slots(self) -> int:
         if time.monotonic() - self._checked > 5.0:  # clusters grow and shrink: look again every 5 s
@@ -263,11 +321,14 @@ class DaskBackend:
         return 2 * self._threads
 
     def submit(self, job: Job):
-        return self._client.submit(run_in_worker, self._payload, job, *self._args, pure=False)
+        future = self._client.submit(run_in_worker, self._payload, job, *self._args, pure=False)
+        self._running.add(future)
+        return future
 
     def outcome(self, future) -> Outcome:
         from distributed import KilledWorker
 
+        self._running.discard(future)
         try:
             return future.result()
         except KilledWorker as error:  # the chunk took down every worker Dask let it try
@@ -277,4 +338,11 @@ class DaskBackend:
                                "finished chunks are kept in the store, if any: rerun to resume") from error
 
     def close(self, *, kill: bool = False) -> None:
+        """Release the simulator; with ``kill``, also stop the chunks still running or queued on the cluster."""
+        if kill and self._running:
+            from distributed import Event
+
+            Event(self._stop, client=self._client).set()  # the scheduler keeps a set event: a few bytes per stop
+            self._client.cancel(list(self._running), force=True)
+        self._running.clear()
         self._payload.release()
