@@ -342,7 +342,10 @@ class DaskBackend:
         if kill and self._running:
             from distributed import Event
 
-            Event(self._stop, client=self._client).set()  # the scheduler keeps a set event: a few bytes per stop
-            self._client.cancel(list(self._running), force=True)
+            try:
+                Event(self._stop, client=self._client).set()  # the scheduler keeps a set event: a few bytes per stop
+                self._client.cancel(list(self._running), force=True)
+            except Exception:  # noqa: BLE001 - a cluster that is gone runs nothing; the run's own error stands
+                pass
         self._running.clear()
         self._payload.release()
