@@ -46,8 +46,7 @@ SEQUENTIAL = "rounds"
 #: Settings that only steps after training use: when nothing else changed, ``force`` keeps the trained
 #: posterior, the rounds of a sequential run, the posterior samples and ``resume.json`` (which says which
 #: later steps to redo: the samples are drawn again only if ``num_samples`` changed).
-#: (Not ``name``: the training step's record names the simulator by it.)
-AFTER_TRAINING = ("labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
+AFTER_TRAINING = ("name", "labels", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
                   "reference")
 #: What an amortized run (no ``rounds`` in its settings) adds to :data:`AFTER_TRAINING`: its posterior is one for
 #: every observation, so new observations keep it (a sequential run's rounds are made for its observation).

@@ -31,7 +31,7 @@ from sbiflows.pipeline_calibration import calibrate, save_figure
 from sbiflows.pipeline_checks import check_observation_shapes
 from sbiflows.pipeline_job import Job, Observation
 from sbiflows.pipeline_predictive import predictive_entry
-from sbiflows.pipeline_resume import Resume, versions
+from sbiflows.pipeline_resume import Resume, function_identity, versions
 from sbiflows.posterior import Posterior, load
 from sbiflows.report import (
     describe_auto,
@@ -120,7 +120,8 @@ def _adopt(job: Job, settings: dict, *, force: bool) -> None:
     unless its posterior was trained with other settings: then it is refused, as a run of other settings is."""
     trained = Resume(job.out / "resume.json").steps.get("train") if job.out.is_dir() else None
     if (not force and trained is not None and (job.out / "posterior.pt").exists()
-            and not (job.out / outputs.MANIFEST).exists() and trained != jsonable(_training_settings(job))):
+            and not (job.out / outputs.MANIFEST).exists()
+            and trained not in (jsonable(_training_settings(job)), jsonable(_training_settings(job, legacy=True)))):
         raise outputs.OutputFolderError(
             f"Job.out {str(job.out)!r} holds a posterior that an earlier pipeline.run trained with other settings; "
             "choose another Job.out, or pass force=True to train over it")
@@ -164,16 +165,29 @@ def _simulate(state: _State) -> SimulationResult:
     return sims
 
 
-def _training_settings(job: Job) -> dict:
+def _training_settings(job: Job, *, legacy: bool = False) -> dict:
+    """What the trained posterior depends on; ``legacy``: as recorded before the simulator was named by its
+    function rather than by the job's name (the report's title, which a rerun may change without retraining)."""
     return {"simulations": job.simulations, "seed": job.seed, **job.estimator_options, "embedding": job.embedding,
-            **job.fit_options, "batch_size": job.batch_size, "simulator": job.name,
+            **job.fit_options, "batch_size": job.batch_size,
+            "simulator": job.name if legacy else function_identity(job.simulator),
             **({"rounds": job.rounds} if job.rounds > 1 else {})}
+
+
+def _finished(state: _State, step: str, settings: dict, path: Path, legacy: dict) -> bool:
+    """Whether ``step`` finished with ``settings`` (a record in the ``legacy`` form is brought up to date)."""
+    if state.resume.matches(step, settings, path):
+        return True
+    if state.resume.matches(step, legacy, path):
+        state.resume.record(step, settings)
+        return True
+    return False
 
 
 def _train(state: _State, sims: SimulationResult) -> Posterior:
     job, start = state.job, time.perf_counter()
     settings, path = _training_settings(job), job.out / "posterior.pt"
-    if state.resume.matches("train", settings, path):
+    if _finished(state, "train", settings, path, _training_settings(job, legacy=True)):
         state.log(f"[2/5] reusing the posterior trained by an earlier run ({path})")
         posterior = load(path, prior=job.prior)
         state.reused("the trained posterior (posterior.pt)")
@@ -222,9 +236,10 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
     observations, path = job.observations, job.out / "samples.npz"
     # the posterior's weights, not only the settings that made it: rounds started over under force, with the
     # job's settings unchanged, give another posterior
-    settings = dict(_training_settings(job), num_samples=job.num_samples, posterior=digest(posterior.net),
-                    observations={o.name: o.x.reshape(-1).tolist() for o in observations})
-    if state.resume.matches("sample", settings, path):
+    later = dict(num_samples=job.num_samples, posterior=digest(posterior.net),
+                 observations={o.name: o.x.reshape(-1).tolist() for o in observations})
+    settings = dict(_training_settings(job), **later)
+    if _finished(state, "sample", settings, path, dict(_training_settings(job, legacy=True), **later)):
         state.log(f"[3/5] reusing the posterior samples of an earlier run ({path})")
         state.reused("the posterior samples (samples.npz)")
         with np.load(path) as stored:

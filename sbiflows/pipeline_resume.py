@@ -71,6 +71,11 @@ class Resume:
         self.fresh.add(step)
         self._write()
 
+    def record(self, step: str, settings: dict) -> None:
+        """Record the settings of a step that finished in an earlier run, in today's form (not counted as run)."""
+        self.steps[step] = jsonable(settings)
+        self._write()
+
     def cached(self, step: str, settings: dict) -> Any:
         """The value :meth:`keep` stored for ``step`` under these settings, or None."""
         entry = self.steps.get(step)

@@ -732,8 +732,32 @@ def tiny_job(out, calls, **options):
     defaults = {"num_samples": 100, "calibration_datasets": 100, "calibration_samples": 100, "c2st_samples": 100,
                 "reference": False, "max_epochs": 2, "progress": False,
                 "observations": [Observation("obs1", task.observation(1), None, None)]}
-    return Job(name="two_moons", simulator=simulator, prior=task.prior, out=out, simulations=200,
-               **{**defaults, **options})
+    return Job(simulator=simulator, prior=task.prior, out=out, simulations=200,
+               **{"name": "two_moons", **defaults, **options})
+
+
+def test_a_new_title_keeps_the_trained_posterior_and_its_samples(tmp_path):
+    """``name`` only titles the report, but the training step's record named the simulator by it: a new title
+    (with force) trained the posterior again. Folders whose records name the simulator that way still resume."""
+    from sbiflows.pipeline import run
+
+    calls, lines = [], []
+    run(tiny_job(tmp_path, calls), log=lambda line: None)
+    calls.clear()
+    report = run(tiny_job(tmp_path, calls, name="Two moons, final"), log=lines.append, force=True)
+    printed = "\n".join(lines)
+    assert calls == [] and "reusing the posterior trained" in printed and "reusing the posterior samples" in printed
+    assert report["name"] == "Two moons, final" and "Two moons, final" in (tmp_path / "report.md").read_text()
+    resume = tmp_path / "resume.json"
+    steps = json.loads(resume.read_text())
+    for step in ("train", "sample"):  # as an earlier version recorded them
+        steps[step]["simulator"] = "Two moons, final"
+    resume.write_text(json.dumps(steps))
+    lines.clear()
+    run(tiny_job(tmp_path, calls, name="Two moons, final"), log=lines.append)
+    printed = "\n".join(lines)
+    assert calls == [] and "reusing the posterior trained" in printed and "reusing the posterior samples" in printed
+    assert json.loads(resume.read_text())["train"]["simulator"] != "Two moons, final"  # brought up to date
 
 
 def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
