@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,11 +250,20 @@ def _sample(state: _State, posterior: Posterior) -> Tensor:
         xs = torch.stack([o.x for o in observations])
         samples = posterior.sample_batched(job.num_samples, xs, seed=job.seed)  # one batched call
         temporary = path.with_name("samples.tmp.npz")  # whole or not at all: a kill leaves the old file or none
-        np.savez_compressed(temporary, **{o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
+        _save_npz(temporary, {o.name: samples[:, b].numpy() for b, o in enumerate(observations)})
         temporary.replace(path)
         state.resume.done("sample", settings)
     state.timed("sample", start)
     return samples
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed(path, **arrays)`` for any names: an observation named ``file`` (from ``file.csv``) or
+    ``allow_pickle`` collided with that function's own arguments."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _c2st_scores(state: _State, samples: Tensor, c2st_samples: int) -> dict[int, tuple[Tensor, float, bool]]:

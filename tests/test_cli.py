@@ -1131,3 +1131,20 @@ def test_ctrl_c_during_the_probe_simulation_is_one_line(tmp_path, monkeypatch, c
     assert code == 130 and "Traceback" not in err
     assert "interrupted while checking the simulator" in err and "before the run started" in err
     assert not (tmp_path / "run" / "simulations.zarr").exists()
+
+
+def test_observations_named_like_numpy_arguments_are_saved(tmp_path):
+    """The samples were written with ``np.savez_compressed(path, **by_name)``: an observation from ``file.csv`` (or
+    ``allow_pickle.csv``) stopped the run after training with a TypeError."""
+    import numpy as np
+
+    from sbiflows.pipeline import Observation, run
+    import simulators
+
+    task = simulators.get("two_moons")
+    observations = [Observation(name, task.observation(k + 1), None, None)
+                    for k, name in enumerate(["file", "allow_pickle"])]
+    run(tiny_job(tmp_path, [], observations=observations), log=lambda line: None)
+    with np.load(tmp_path / "samples.npz") as samples:
+        assert sorted(samples.files) == ["allow_pickle", "file"] and samples["file"].shape == (100, 2)
+        assert samples["file"].dtype == np.float32 and np.isfinite(samples["allow_pickle"]).all()
