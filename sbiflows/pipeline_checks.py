@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sbiflows.checks import check_choice, check_int
+from sbiflows.diagnostics.c2st import DEFAULT_FOLDS
 from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
 from sbiflows.priors import check_prior
 from sbiflows.xshape import valid_rows
@@ -22,6 +23,10 @@ EMBEDDINGS = ("none", "auto", *BUILT_IN)
 #: The counts of a job, each at least 1.
 COUNTS = ("simulations", "num_samples", "calibration_datasets", "calibration_samples", "c2st_samples",
           "max_epochs", "batch_size", "rounds")
+
+
+#: The fewest draws per side the pipeline's C2ST takes: one per fold of its cross-validation.
+C2ST_MINIMUM = DEFAULT_FOLDS
 
 
 def check_job(job) -> None:
@@ -60,6 +65,12 @@ def check_job(job) -> None:
         if truth is not None and torch.as_tensor(truth).numel() != dim:
             raise ValueError(f"{where}: true_parameters has {torch.as_tensor(truth).numel()} values, but the "
                              f"prior has {dim} parameters")
+    compared = job.reference and job.task is not None and any(o.reference is not None for o in job.observations)
+    if compared and min(job.c2st_samples, job.num_samples) < C2ST_MINIMUM:
+        raise ValueError(f"c2st_samples and num_samples must be at least {C2ST_MINIMUM} when the C2ST against the "
+                         f"reference posterior runs (its {C2ST_MINIMUM}-fold cross-validation needs a draw per fold), "
+                         f"got c2st_samples={job.c2st_samples} and num_samples={job.num_samples}; or turn the "
+                         "reference off (--no-reference)")
 
 
 class ObservationShapeError(ValueError):

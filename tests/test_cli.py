@@ -260,6 +260,11 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         ({"estimator": "xyz"}, ValueError, "unknown estimator 'xyz'"),
         ({"bins": 0}, ValueError, "bins must be an int >= 1, got 0"),
         ({"embedding": "cnn3d"}, ValueError, "embedding must be one of"),
+        # the C2ST's five folds need five draws a side (it failed after training)
+        ({"task": task, "observations": [Observation("obs1", task.observation(1), None, 1)], "c2st_samples": 4},
+         ValueError, "c2st_samples and num_samples must be at least 5 when the C2ST against the reference posterior"),
+        ({"task": task, "observations": [Observation("obs1", task.observation(1), None, 1)], "num_samples": 1},
+         ValueError, "got c2st_samples=10000 and num_samples=1"),
     ]
     for change, error, message in refused:
         with pytest.raises(error, match=re.escape(message)):

@@ -37,7 +37,10 @@ from sbiflows.checks import check_bool, check_int, check_positive_number, check_
 from sbiflows.diagnostics.c2st_mlp import _FoldMLP, _fold_ids
 from sbiflows.threads import torch_threads
 
-__all__ = ["C2STResult", "c2st", "c2st_batched"]
+__all__ = ["DEFAULT_FOLDS", "C2STResult", "c2st", "c2st_batched"]
+
+#: Folds of the cross-validation by default (each side needs at least this many samples).
+DEFAULT_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def c2st(
     samples_b: Tensor,
     *,
     seed: int = 0,
-    folds: int = 5,
+    folds: int = DEFAULT_FOLDS,
     threshold: float = 0.6,
     z_score: bool = True,
     max_epochs: int = 1000,
@@ -142,7 +145,7 @@ def c2st_batched(
     pairs: Sequence[tuple[Tensor, Tensor]],
     *,
     seed: int = 0,
-    folds: int = 5,
+    folds: int = DEFAULT_FOLDS,
     threshold: float = 0.6,
     z_score: bool = True,
     max_epochs: int = 1000,
