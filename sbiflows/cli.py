@@ -76,7 +76,7 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
     from sbiflows import outputs
     from sbiflows.diagnostics.verdict import FAILING
     from sbiflows.pipeline import run
-    from sbiflows.pipeline_checks import ObservationShapeError
+    from sbiflows.pipeline_checks import ObservationShapeError, TooFewSimulationsError
     from sbiflows.simulate import SimulationError, StoreMismatchError
 
     try:
@@ -106,6 +106,9 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         parser.exit(2, f"sbiflows fit: error: {error}\n")
     except SimulationError as error:  # the simulator cannot run: one line, what finished is kept
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
+        return SIMULATOR_FAILED
+    except TooFewSimulationsError as error:  # it ran, but what it returned cannot train anything
+        print(f"sbiflows fit: error: {error}", file=sys.stderr)
         return SIMULATOR_FAILED
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: {'terminated' if stop.received else 'interrupted'}. Everything finished is kept in "

@@ -29,7 +29,7 @@ from sbiflows.checkpoint import Checkpoint
 from sbiflows.embeddings import from_choice
 from sbiflows.npe import NPE
 from sbiflows.pipeline_calibration import calibrate, save_figure
-from sbiflows.pipeline_checks import check_observation_shapes
+from sbiflows.pipeline_checks import check_observation_shapes, check_valid_simulations
 from sbiflows.pipeline_job import Job, Observation
 from sbiflows.pipeline_predictive import predictive_entry
 from sbiflows.pipeline_resume import Resume, function_identity, versions
@@ -163,6 +163,7 @@ def _simulate(state: _State) -> SimulationResult:
     state.log(f"      {sims.summary()}")
     if sims.x is not None:  # the observations against the simulator's x, before any training
         check_observation_shapes(job, tuple(sims.x.shape[1:]))
+    check_valid_simulations(job, sims)
     return sims
 
 

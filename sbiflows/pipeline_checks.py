@@ -16,7 +16,8 @@ from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
 from sbiflows.priors import check_prior
 from sbiflows.xshape import valid_rows
 
-__all__ = ["EMBEDDINGS", "ObservationShapeError", "check_job", "check_observation_shapes"]
+__all__ = ["EMBEDDINGS", "ObservationShapeError", "TooFewSimulationsError", "check_job", "check_observation_shapes",
+           "check_valid_simulations"]
 
 #: What ``Job.embedding`` takes (``sbiflows fit --embedding``): the built-in networks, "auto" and "none".
 EMBEDDINGS = ("none", "auto", *BUILT_IN)
@@ -27,6 +28,10 @@ COUNTS = ("simulations", "num_samples", "calibration_datasets", "calibration_sam
 
 #: The fewest draws per side the pipeline's C2ST takes: one per fold of its cross-validation.
 C2ST_MINIMUM = DEFAULT_FOLDS
+
+
+#: The fewest valid simulations a training takes: one row to train on and one to validate.
+MIN_VALID = 2
 
 
 def check_job(job) -> None:
@@ -46,6 +51,7 @@ def check_job(job) -> None:
 
     for name in COUNTS:
         setattr(job, name, check_int(getattr(job, name), name, minimum=1))
+    check_int(job.simulations, "simulations", minimum=MIN_VALID)  # a training row and a validation row
     job.embedding = check_choice(job.embedding, "embedding", EMBEDDINGS)
     NPE(job.prior, **job.estimator_options)  # refuses a bad estimator, transformer, bins, ... (builds no network)
     dim = check_prior(job.prior)[1]
@@ -87,3 +93,18 @@ def check_observation_shapes(job, x_shape: tuple[int, ...]) -> None:
     except ValueError as error:
         raise ObservationShapeError(f"{error}; the simulations are kept in {job.out}: fix the observation and run "
                                     "again") from None
+
+
+class TooFewSimulationsError(ValueError):
+    """Fewer valid simulations than a training needs, found once they exist (they are kept)."""
+
+
+def check_valid_simulations(job, sims) -> None:
+    """At least :data:`MIN_VALID` simulations without NaN or inf (failed rows are NaN): a
+    :class:`TooFewSimulationsError` saying how many, before training."""
+    valid = len(sims.theta) - sims.num_invalid
+    if valid < MIN_VALID:
+        raise TooFewSimulationsError(
+            f"only {valid} of {len(sims.theta)} simulations are valid (x without NaN or inf), and training needs at "
+            f"least {MIN_VALID}; the simulations are kept in {job.out}: check what the simulator returns, then run "
+            "again")

@@ -256,6 +256,7 @@ def test_a_job_checks_its_training_options_before_simulating(tmp_path):
         ({"observations": [Observation("o", torch.zeros(2), torch.zeros(3))]}, ValueError,
          "'o': true_parameters has 3 values, but the prior has 2 parameters"),
         ({"num_samples": 0}, ValueError, "num_samples must be an int >= 1, got 0"),
+        ({"simulations": 1}, ValueError, "simulations must be an int >= 2, got 1"),  # a traceback from training
         ({"calibration_datasets": 2.5}, TypeError, "calibration_datasets must be an int >= 1"),
         ({"estimator": "xyz"}, ValueError, "unknown estimator 'xyz'"),
         ({"bins": 0}, ValueError, "bins must be an int >= 1, got 0"),
@@ -1153,3 +1154,25 @@ def test_observations_named_like_numpy_arguments_are_saved(tmp_path):
     with np.load(tmp_path / "samples.npz") as samples:
         assert sorted(samples.files) == ["allow_pickle", "file"] and samples["file"].shape == (100, 2)
         assert samples["file"].dtype == np.float32 and np.isfinite(samples["allow_pickle"]).all()
+
+
+def test_simulations_that_are_all_nan_stop_before_training_in_one_line(tmp_path, capsys, monkeypatch):
+    """A simulator whose every x is NaN ran into training, which stopped with a traceback (exit code 1)."""
+    from sbiflows.pipeline import run
+    from sbiflows.pipeline_checks import TooFewSimulationsError
+
+    job = tiny_job(tmp_path / "python", [])
+    job.simulator = lambda theta: torch.full((len(theta), 2), float("nan"))
+    with pytest.raises(TooFewSimulationsError, match=r"only 0 of 200 simulations are valid .* kept in"):
+        run(job, log=lambda line: None)
+    assert not (tmp_path / "python" / "posterior.pt").exists() and (tmp_path / "python" / "simulations.zarr").exists()
+    model = tmp_path / "nan_model.py"
+    model.write_text("import torch\nfrom torch.distributions import Independent, Uniform\n"
+                     "prior = Independent(Uniform(torch.zeros(2), torch.ones(2)), 1)\n"
+                     "def simulate(theta):\n    return torch.full((len(theta), 2), float('nan'))\n")
+    np.savetxt(tmp_path / "x.csv", [[0.5, 0.5]], delimiter=",")
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--simulator", "nan_model.py:simulate", "--prior", "nan_model.py:prior", "--observation",
+                 "x.csv", "--simulations", "100", "--out", "cli", "--quiet"])
+    error = capsys.readouterr().err
+    assert code == 3 and "error: only 0 of 100 simulations are valid" in error and "Traceback" not in error
