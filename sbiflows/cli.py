@@ -374,6 +374,9 @@ def _import_object(spec: str, option: str):
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(f"{option}: cannot import module {module_name!r} ({error})") from None
+    except Exception as error:  # noqa: BLE001 - the module's own code failed (NameError, SyntaxError, ...)
+        raise ValueError(f"{option}: importing module {module_name!r} failed ({type(error).__name__}: "
+                         f"{error})") from None
     finally:
         sys.path.pop(0)
     if not hasattr(module, attr):

@@ -621,6 +621,17 @@ def test_a_simulator_given_as_a_file_path_is_imported(tmp_path, monkeypatch, cap
     assert info.value.code == 2
     assert "'models/missing.py' looks like a file path but is not an existing .py file" in capsys.readouterr().err
     sys.modules.pop("filemodel")
+    # a module whose own code fails to import (a NameError, a SyntaxError) printed a traceback (exit code 1)
+    (folder / "brokenmodel.py").write_text("x = undefined_name\n")
+    (folder / "typomodel.py").write_text("def simulate(theta)\n    return theta\n")
+    for module, error in (("brokenmodel", "NameError: name 'undefined_name' is not defined"),
+                          ("typomodel", "SyntaxError: ")):
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--simulator", f"models/{module}.py:simulate", "--prior", "models/filemodel.py:prior",
+                  "--observation", "x.csv"])
+        assert info.value.code == 2
+        assert f"--simulator: importing module '{module}' failed ({error}" in capsys.readouterr().err
+    sys.modules.pop("filemodel", None)
 
 
 def recording_run(seen):
