@@ -132,6 +132,9 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     ``spelling`` (a key of :data:`SPELLINGS`) says whether the refusal names the command line's options or
     :func:`sbiflows.pipeline.run`'s arguments.
 
+    A run whose changed settings only matter after training, and that made nothing after training (it stopped
+    before: e.g. at an observation of the wrong shape), takes the new settings without ``force``.
+
     Raises:
         OutputFolderError: If ``out`` is not empty and not a run with the same settings (and not ``force``).
 
@@ -163,10 +166,16 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
         return []
     changed = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
     later = all(key in after_training(old) and key in after_training(settings) for key in changed)
+    trained = (out / "posterior.pt").exists()
+    made = [name for name in manifest.get("files", [])
+            if name not in (*STORES, SEQUENTIAL, CHECKPOINT, "resume.json", MANIFEST) and (out / name).exists()]
+    if later and not trained and not made:  # e.g. it stopped at an observation of the wrong shape: nothing to redo
+        _write(out, {"settings": settings, "files": manifest.get("files", [])})
+        return []
     if not force:
         details = ", ".join(f"{key}: {_short(old.get(key))} -> {_short(settings.get(key))}" for key in changed[:4])
-        what = ("to redo only the steps after training (its simulations and trained posterior are kept)" if later
-                else "to replace that run's results")
+        kept = "its simulations and trained posterior are kept" if trained else "its simulations are kept"
+        what = f"to redo only the steps after training ({kept})" if later else "to replace that run's results"
         raise OutputFolderError(
             f"{names['out']} {str(out)!r} holds a run with other settings ({details}); choose another "
             f"{names['out']}, or {names['force']} {what}" + _old_default_hint(old, settings, spelling)

@@ -1187,3 +1187,21 @@ def test_simulations_that_are_all_nan_stop_before_training_in_one_line(tmp_path,
                  "x.csv", "--simulations", "100", "--out", "cli", "--quiet"])
     error = capsys.readouterr().err
     assert code == 3 and "error: only 0 of 100 simulations are valid" in error and "Traceback" not in error
+
+
+def test_the_advice_to_fix_the_observation_and_run_again_works(tmp_path):
+    """An observation of the wrong shape stops the run after simulating, with "fix the observation and run again";
+    the fixed observation was then refused as a run of other settings whose "trained posterior" (none) was kept."""
+    from sbiflows.pipeline import Observation, run
+    from sbiflows.pipeline_checks import ObservationShapeError
+    import simulators
+
+    task, calls = simulators.get("two_moons"), []
+    wrong = [Observation("obs1", torch.zeros(3), None, None)]
+    with pytest.raises(ObservationShapeError, match="fix the observation and run again"):
+        run(tiny_job(tmp_path, calls, observations=wrong), log=lambda line: None)
+    assert sum(calls) == 200 and not (tmp_path / "posterior.pt").exists()
+    calls.clear()
+    lines = []
+    run(tiny_job(tmp_path, calls), log=lines.append)  # the fixed observation, without force
+    assert "reused 200 finished simulations" in "\n".join(lines) and (tmp_path / "posterior.pt").exists()
