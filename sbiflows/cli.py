@@ -108,7 +108,8 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
         return SIMULATOR_FAILED
     except TooFewSimulationsError as error:  # it ran, but what it returned cannot train anything
-        print(f"sbiflows fit: error: {error}", file=sys.stderr)
+        print(f"sbiflows fit: error: {error}; the simulations are kept in {job.out}: run again with more "
+              "--simulations or a fixed simulator", file=sys.stderr)
         return SIMULATOR_FAILED
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: {'terminated' if stop.received else 'interrupted'}. Everything finished is kept in "
@@ -301,11 +302,12 @@ def _setup(args: argparse.Namespace) -> Job:
                          f"{', ...' if len(observations) > 5 else ''}); give one --observation file with one row, "
                          "or a task with --observations N")
     if args.rounds > 1 and len(x_shape or ()) > 1:
+        fix = "use --embedding none or mlp" if task is not None else "make the simulator return flat x"
         raise ValueError(f"--rounds {args.rounds} (sequential NPE) takes flat observations only, got x of shape "
-                         f"{x_shape}; use --embedding none or mlp")
-    if args.rounds > args.simulations:
-        raise ValueError(f"--rounds {args.rounds} needs at least one simulation per round, got --simulations "
-                         f"{args.simulations}")
+                         f"{x_shape}; {fix}")
+    if args.rounds > 1 and args.simulations <= args.rounds:  # round 1 trains: a training and a validation row
+        raise ValueError(f"--rounds {args.rounds} needs at least 2 simulations in the first round and 1 in each other "
+                         f"(--simulations {args.rounds + 1} or more), got --simulations {args.simulations}")
     try:
         _check_observations(observations, x_shape, padded_trials=embedding == "set")
     except ValueError as error:

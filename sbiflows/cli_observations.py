@@ -82,6 +82,7 @@ def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...
     from sbiflows.priors import sample_seeded
     from sbiflows.seeding import derive_seed
     from sbiflows.simulate import SimulationError, simulate
+    from sbiflows.xshape import valid_rows
 
     thetas = sample_seeded(prior, (PROBES,), derive_seed(args.seed, "probe")).reshape(PROBES, -1)
     x, batch_hint = None, False
@@ -95,7 +96,8 @@ def _probe_x_shape(simulator, prior, args: argparse.Namespace) -> tuple[int, ...
             except SimulationError as error:  # the probe's one row failed: the run counts its own failures
                 batch_hint = batch_hint or "vectorized=False" in str(error)
                 continue
-        if probe.x is not None and probe.x.numel() > 0 and probe.valid.all():
+        # a set's trials may be NaN-padded: such an x is valid where each trial is all finite or all NaN
+        if probe.x is not None and probe.x.numel() > 0 and valid_rows(probe.x, padded_trials=probe.x.ndim == 3).all():
             x = probe.x
             break
     if x is None:

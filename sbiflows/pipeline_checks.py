@@ -14,6 +14,7 @@ from sbiflows.checks import check_choice, check_int
 from sbiflows.diagnostics.c2st import DEFAULT_FOLDS
 from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
 from sbiflows.priors import check_prior
+from sbiflows.training_data import TooFewSimulationsError
 from sbiflows.xshape import valid_rows
 
 __all__ = ["EMBEDDINGS", "ObservationShapeError", "TooFewSimulationsError", "check_job", "check_observation_shapes",
@@ -95,10 +96,6 @@ def check_observation_shapes(job, x_shape: tuple[int, ...]) -> None:
                                     "again") from None
 
 
-class TooFewSimulationsError(ValueError):
-    """Fewer valid simulations than a training needs, found once they exist (they are kept)."""
-
-
 def check_valid_simulations(job, sims) -> None:
     """At least :data:`MIN_VALID` simulations without NaN or inf (failed rows are NaN): a
     :class:`TooFewSimulationsError` saying how many, before training."""
@@ -106,5 +103,4 @@ def check_valid_simulations(job, sims) -> None:
     if valid < MIN_VALID:
         raise TooFewSimulationsError(
             f"only {valid} of {len(sims.theta)} simulations are valid (x without NaN or inf), and training needs at "
-            f"least {MIN_VALID}; the simulations are kept in {job.out}: check what the simulator returns, then run "
-            "again")
+            f"least {MIN_VALID}: check what the simulator returns")

@@ -215,6 +215,10 @@ class TSNPE:
         if x_o.ndim != 1 or not bool(torch.isfinite(x_o).all()):
             raise ValueError(f"x_o must be one finite observation of shape (x_dim,), got shape {tuple(x_o.shape)}"
                              + ("" if x_o.ndim != 1 else " with NaN or inf"))
+        if budget[0] < 2:
+            raise ValueError(f"the first round needs at least 2 simulations (a training and a validation row), got "
+                             f"{budget[0]} of simulations={simulations} over rounds={rounds}")
+        _check_embedding(self._npe_options.get("embedding_net"), x_o)
         fit_options = {"patience": PATIENCE, **(fit_options or {})}
         for key in ("seed", "progress", "checkpoint"):
             if key in fit_options:
@@ -398,6 +402,19 @@ def _check_x_o(x_o: Tensor, sims: SimulationResult) -> None:
     if x_o.numel() != int(np.prod(shape)) or (len(shape) == 1 and tuple(x_o.shape) != shape):
         raise ValueError(f"x_o has shape {tuple(x_o.shape)} but the simulator returns x of shape {shape} (the "
                          "simulations are kept" + (f" in {sims.store})" if sims.store else ")"))
+
+
+def _check_embedding(embedding_net: object, x_o: Tensor) -> None:
+    """A TSNPE trains on flat x: an ``embedding_net`` must take ``(B, x_dim)``, checked on ``x_o`` before round 0
+    simulates (it failed in round 0's training)."""
+    if not isinstance(embedding_net, torch.nn.Module):
+        return
+    try:
+        with torch.no_grad():
+            embedding_net(x_o[None])
+    except Exception as error:  # noqa: BLE001 - any failure of the user's network is the same refusal
+        raise ValueError(f"embedding_net must take flat x of shape (B, {len(x_o)}), as TSNPE trains on flattened x, "
+                         f"but it failed on x_o of shape (1, {len(x_o)}): {type(error).__name__}: {error}") from None
 
 
 def _observations_quiet():

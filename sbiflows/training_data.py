@@ -22,7 +22,12 @@ from sbiflows.priors import draws_float64
 from sbiflows.unconstrained import Unconstrained
 from sbiflows.xshape import valid_rows
 
-__all__ = ["check_training_data", "duplicate_groups"]
+__all__ = ["TooFewSimulationsError", "check_training_data", "duplicate_groups"]
+
+
+class TooFewSimulationsError(ValueError):
+    """Fewer valid simulations (x without NaN or inf) than a training needs: one row to train on and one to
+    validate. The simulations themselves are fine to keep: more of them, or a fixed simulator, can train."""
 
 
 def check_training_data(
@@ -110,7 +115,7 @@ def check_training_data(
     n_bad = int((~valid).sum())
     what = "NaN or inf" if not padded_trials else "no finite trial, inf, or NaN inside a trial"
     if n_bad == len(x):
-        raise ValueError(f"all {len(x)} rows of x (simulations) contain {what}; nothing to train on")
+        raise TooFewSimulationsError(f"all {len(x)} rows of x (simulations) contain {what}; nothing to train on")
     if n_bad:
         warnings.warn(
             f"excluded {n_bad} of {len(x)} simulations ({n_bad / len(x):.1%}) that contain {what}",
@@ -139,7 +144,7 @@ def check_training_data(
     total = len(theta) + (0 if earlier is None else len(earlier[0]))
     n_val = max(1, int(round(total * validation_fraction)))
     if total - n_val < 1:
-        raise ValueError(
+        raise TooFewSimulationsError(
             f"need at least 2 valid simulations for a training and a validation split "
             f"(validation_fraction={validation_fraction}), got {total}"
         )

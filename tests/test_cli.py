@@ -1205,3 +1205,47 @@ def test_the_advice_to_fix_the_observation_and_run_again_works(tmp_path):
     lines = []
     run(tiny_job(tmp_path, calls), log=lines.append)  # the fixed observation, without force
     assert "reused 200 finished simulations" in "\n".join(lines) and (tmp_path / "posterior.pt").exists()
+
+
+def _padded_sets(theta):
+    """Sets of 1 to 10 trials of two features, NaN-padded to 10 (the padding as the set embedding takes it)."""
+    x = theta[:, None, :] + 0.3 * torch.randn(len(theta), 10, 2)
+    x[torch.arange(10)[None, :] >= torch.randint(1, 11, (len(theta),))[:, None]] = float("nan")
+    return x
+
+
+def test_the_probe_learns_the_shape_of_nan_padded_sets():
+    """A probe's padded set counted as a failed simulation: the shape stayed unknown, the observation file was
+    split row by row, and the run was refused after all its simulations."""
+    import argparse
+
+    from sbiflows import box_uniform
+    from sbiflows.cli_observations import _probe_x_shape
+
+    args = argparse.Namespace(seed=0, timeout=None, per_row=False)
+    assert _probe_x_shape(_padded_sets, box_uniform([-3.0, -3.0], [3.0, 3.0]), args) == (10, 2)
+
+
+def test_sequential_runs_refuse_a_first_round_too_small_and_stop_in_one_line_without_valid_rows(
+        tmp_path, monkeypatch, capsys):
+    model = tmp_path / "seqmodel.py"
+    model.write_text("import torch\nfrom sbiflows import box_uniform\nprior = box_uniform([-3.0, -3.0], [3.0, 3.0])\n"
+                     "def one_valid(theta):\n    x = theta.clone()\n    x[1:] = float('nan')\n    return x\n"
+                     "def series(theta):\n    return theta[:, :, None].repeat(1, 1, 5)\n")
+    np.savetxt(tmp_path / "x.csv", [[0.5, 0.5]], delimiter=",")
+    monkeypatch.chdir(tmp_path)
+    common = ["fit", "--prior", "seqmodel.py:prior", "--observation", "x.csv", "--quiet", "--no-reference"]
+    with pytest.raises(SystemExit) as info:  # one row in round 1 failed in its training, after simulating
+        main([*common, "--simulator", "seqmodel.py:one_valid", "--rounds", "3", "--simulations", "3", "--out", "a"])
+    assert info.value.code == 2 and "needs at least 2 simulations in the first round" in capsys.readouterr().err
+    code = main([*common, "--simulator", "seqmodel.py:one_valid", "--rounds", "2", "--simulations", "200",
+                 "--out", "b"])
+    error = capsys.readouterr().err
+    assert code == 3 and "need at least 2 valid simulations" in error and "kept in b" in error
+    assert "Traceback" not in error
+    np.save(tmp_path / "series.npy", np.zeros((2, 5)))
+    with pytest.raises(SystemExit) as info:  # the advice was an --embedding, which does not flatten a simulator's x
+        main(["fit", "--prior", "seqmodel.py:prior", "--observation", "series.npy", "--simulator", "seqmodel.py:series",
+              "--rounds", "2", "--out", "c"])
+    assert info.value.code == 2 and "make the simulator return flat x" in capsys.readouterr().err
+    sys.modules.pop("seqmodel", None)

@@ -514,3 +514,32 @@ def test_an_unknown_simulate_option_is_named_before_anything_runs():
     """It reached round 0's ``simulate`` call, after the run's checks, as a bare "unexpected keyword"."""
     with pytest.raises(TypeError, match=r"run got unexpected keyword arguments \['worker'\]; the simulate options"):
         TSNPE(PRIOR, **SMALL).run(simulator, X_O, rounds=2, simulations=200, worker=2)
+
+
+def test_a_first_round_too_small_to_train_and_a_structured_embedding_are_refused_before_simulating():
+    """``simulations=3, rounds=3`` gave round 0 one row, and an embedding for structured x met TSNPE's flattened x:
+    both failed in round 0's training, after its simulations."""
+    calls = []
+
+    def counted(theta, seed):
+        calls.append(len(theta))
+        return simulator(theta, seed)
+
+    with pytest.raises(ValueError, match=r"the first round needs at least 2 simulations .* got 1 of simulations=3"):
+        TSNPE(PRIOR, **SMALL).run(counted, X_O, rounds=3, simulations=3)
+    with pytest.raises(ValueError, match=r"embedding_net must take flat x of shape \(B, 2\), as TSNPE trains on "
+                                         r"flattened x, but it failed on x_o of shape \(1, 2\): RuntimeError"):
+        TSNPE(PRIOR, embedding_net=torch.nn.Linear(5, 3), **SMALL).run(counted, X_O, rounds=2, simulations=200)
+    assert calls == []
+
+
+def test_a_round_with_fewer_than_two_valid_simulations_stops_with_a_named_error():
+    from sbiflows.training_data import TooFewSimulationsError
+
+    def one_valid(theta, seed):
+        x = simulator(theta, seed)
+        x[1:] = float("nan")
+        return x
+
+    with pytest.raises(TooFewSimulationsError, match="need at least 2 valid simulations"):
+        TSNPE(PRIOR, **SMALL).run(one_valid, X_O, rounds=2, simulations=200)
