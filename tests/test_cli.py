@@ -1174,7 +1174,7 @@ def test_simulations_that_are_all_nan_stop_before_training_in_one_line(tmp_path,
 
     job = tiny_job(tmp_path / "python", [])
     job.simulator = lambda theta: torch.full((len(theta), 2), float("nan"))
-    with pytest.raises(TooFewSimulationsError, match=r"only 0 of 200 simulations are valid .* kept in"):
+    with pytest.raises(TooFewSimulationsError, match=r"only 0 of 200 simulations are valid .* needs at least 2"):
         run(job, log=lambda line: None)
     assert not (tmp_path / "python" / "posterior.pt").exists() and (tmp_path / "python" / "simulations.zarr").exists()
     model = tmp_path / "nan_model.py"
