@@ -11,16 +11,18 @@ over-confident flow puts the truth at high ranks; exactly uniform ranks have mea
 each and the mean negative log density of each.
 
 Without a selection effect the two sets estimate the same coverage, and the differences average to zero
-over seeds; ``python summarize_benchmarks.py check-rows FILE`` reports their mean and standard error.
+over seeds; ``--summarize FILE`` prints one row per run and their means with standard errors over runs.
 
 Usage:
     python examples/benchmark_check_rows.py --tasks two_moons --simulations 10000 --seeds 10 11 --json rows.jsonl
+    python examples/benchmark_check_rows.py --summarize rows.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -67,6 +69,40 @@ def measure(task_name: str, simulations: int, seed: int, *, fresh_rows: int) -> 
     return record
 
 
+def summarize(path: str) -> list[str]:
+    """A markdown table of the records in ``path`` (one row per run), then the means over runs with their
+    standard errors: fresh minus validation mean rank, validation minus fresh coverage (at 50% and averaged over
+    the levels), fresh minus validation NLL, and how often the check's verdicts (z >= -2.5) differ."""
+    records = sorted((json.loads(line) for line in open(path)), key=lambda r: (r["task"], r["seed"]))
+    rows = ["| task | seed | best epoch | mean rank: validation / fresh | coverage at 50%: validation / fresh | "
+            "worst z: validation / fresh | NLL: validation / fresh |", "| --- | ---: | ---: | --- | --- | --- | --- |"]
+    for r in records:
+        v, f = r["validation"], r["fresh"]
+        rows.append(f"| {r['task']} | {r['seed']} | {r['best_epoch']} | {v['mean_rank']:.4f} / {f['mean_rank']:.4f} | "
+                    f"{v['coverage']['0.5']:.3f} / {f['coverage']['0.5']:.3f} | {v['worst_z']:+.2f} / "
+                    f"{f['worst_z']:+.2f} | {v['nll']:.4f} / {f['nll']:.4f} |")
+
+    def mean_se(values: list[float]) -> str:
+        return f"{statistics.mean(values):+.4f} (SE {statistics.stdev(values) / len(values) ** 0.5:.4f})"
+
+    levels = list(records[0]["fresh"]["coverage"])
+    differences = {
+        "mean rank, fresh - validation": [r["fresh"]["mean_rank"] - r["validation"]["mean_rank"] for r in records],
+        "coverage at 50%, validation - fresh": [r["validation"]["coverage"]["0.5"] - r["fresh"]["coverage"]["0.5"]
+                                                for r in records],
+        "coverage over the 19 levels, validation - fresh": [
+            statistics.mean(r["validation"]["coverage"][k] - r["fresh"]["coverage"][k] for k in levels)
+            for r in records],
+        "NLL, fresh - validation": [r["fresh"]["nll"] - r["validation"]["nll"] for r in records],
+    }
+    rows += ["", f"Over {len(records)} runs:"] + [f"- {name}: {mean_se(values)}" for name, values in differences.items()]
+    passes = [(r["validation"]["worst_z"] >= -2.5, r["fresh"]["worst_z"] >= -2.5) for r in records]
+    rows.append(f"- the check (z >= -2.5) passes on validation and fails on fresh rows: {passes.count((True, False))}; "
+                f"the reverse: {passes.count((False, True))}; both fail: {passes.count((False, False))}; "
+                f"both pass: {passes.count((True, True))}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparison; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[10])
     parser.add_argument("--fresh", type=int, default=1000, help="fresh prior pairs the check also runs on")
     parser.add_argument("--json", default=None, help="append one JSON record per task and seed to this file")
+    parser.add_argument("--summarize", default=None, metavar="FILE", help="print the table of FILE's records instead")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print("\n".join(summarize(args.summarize)))
+        return
     torch.set_num_threads(1)
     for task_name in args.tasks:
         for seed in args.seeds:
