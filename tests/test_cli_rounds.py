@@ -21,7 +21,10 @@ SMALL = ["--simulations", "600", "--num-samples", "400", "--calibration-datasets
         (["fit", "two_moons", "--rounds", "2", "--observations", "1,2"], "needs exactly one observation, got 2"),
         (["fit", "two_moons", "--rounds", "0"], "expected a positive integer, got 0"),
         (["fit", "two_moons", "--rounds", "5", "--observations", "1", "--simulations", "4"],
-         "at least one simulation per round"),
+         "--rounds 5 needs at least 2 simulations in the first round and 1 in each other (--simulations 6 or more), "
+         "got --simulations 4"),
+        (["fit", "two_moons", "--rounds", "5", "--observations", "1", "--simulations", "5"],  # failed in training
+         "needs at least 2 simulations in the first round"),
         (["fit", "two_moons", "--rounds", "2", "--observations", "1", "--balancing", "100"],
          "TSNPE does not take balancing (balanced NPE), got balancing=100.0"),
         (["fit", "two_moons", "--retrain-from-scratch"], "retrain_from_scratch (--retrain-from-scratch) trains a new "
