@@ -562,3 +562,13 @@ def test_a_closure_over_state_it_mutates_keeps_its_store_name():
     calls.extend([1, 2, 3])
     flag[0] = False
     assert simulator_name(simulator) == before
+    count = 0
+
+    def counting(theta):  # an interrupted run of this simulator, resumed in the same session, must find its store
+        nonlocal count
+        count += 1
+        return theta
+
+    before = simulator_name(counting)
+    counting(torch.ones(1, 2))
+    assert simulator_name(counting) == before

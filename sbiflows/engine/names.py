@@ -15,6 +15,7 @@ match the simulators that record the longer names now (:func:`same_simulator`).
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import re
@@ -69,13 +70,18 @@ def _digest(text: str) -> str:
 def _function_text(function: types.FunctionType) -> str:
     """What a function computes, without line numbers or addresses: its code, and its defaults' and closure's
     values where they are constants (numbers, strings, tuples of them; other values by their type, since a
-    closure over a list or an object that the simulator mutates must keep its name from call to call)."""
-    try:
-        closure = [cell.cell_contents for cell in function.__closure__ or ()]
-    except ValueError:  # a cell not yet filled (a function that refers to itself before it is defined)
-        closure = [None]
+    closure over a list or an object that the simulator mutates must keep its name from call to call; a variable
+    the function rebinds itself, such as a call counter, not at all)."""
+    code = function.__code__
+    rebound = {op.argval for op in dis.get_instructions(code) if op.opname == "STORE_DEREF"}
+    closure = []
+    for name, cell in zip(code.co_freevars, function.__closure__ or ()):
+        try:  # a variable the function rebinds itself (``nonlocal calls; calls += 1``) is its state, not a setting
+            closure.append(None if name in rebound else cell.cell_contents)
+        except ValueError:  # a cell not yet filled (a function that refers to itself before it is defined)
+            closure.append(None)
     defaults = [*(function.__defaults__ or ()), *sorted((function.__kwdefaults__ or {}).items())]
-    return repr((_code_text(function.__code__), [_constant_text(v) for v in defaults],
+    return repr((_code_text(code), [_constant_text(v) for v in defaults],
                  [_constant_text(v) for v in closure]))
 
 
