@@ -169,7 +169,8 @@ class TSNPE:
             x_o: The observation, ``(x_dim,)`` (or ``(1, x_dim)``); checked against the simulations'
                 shape after round 0's simulations (which a store keeps), before any training.
             rounds: Number of rounds (``>= 1``; 1 is amortized NPE on the prior).
-            simulations: Total simulation budget (``>= rounds``), split by :func:`split_budget`.
+            simulations: Total simulation budget, split by :func:`split_budget`: round 0 trains, so it needs at
+                least 2 (a training and a validation row), every other round at least 1.
             seed: Seeds every step (each round's draws, simulations and training get their own stream).
             first_round: Simulations of round 0 (None: an equal share).
             quantile: Share of the posterior's mass left outside each region (``epsilon``, default 1e-4).
