@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sbiflows.cli_observations import (
+    _check_finite_observations,
     _check_observations,
     _parse_indices,
     _probe_x_shape,
@@ -308,6 +309,7 @@ def _setup(args: argparse.Namespace) -> Job:
     if args.rounds > 1 and args.simulations <= args.rounds:  # round 1 trains: a training and a validation row
         raise ValueError(f"--rounds {args.rounds} needs at least 2 simulations in the first round and 1 in each other "
                          f"(--simulations {args.rounds + 1} or more), got --simulations {args.simulations}")
+    _check_finite_observations(observations, padded_trials=embedding == "set")  # not a matter of the stored shape
     try:
         _check_observations(observations, x_shape, padded_trials=embedding == "set")
     except ValueError as error:

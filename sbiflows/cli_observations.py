@@ -40,12 +40,9 @@ def _check_observations(
 ) -> None:
     """Every observation finite (up to NaN-padded trials for a set embedding) and of the simulator's x shape
     (None: not known)."""
-    from sbiflows.xshape import valid_rows
-
+    _check_finite_observations(observations, padded_trials=padded_trials)
     for observation in observations:
         name, x = observation.name, observation.x
-        if not valid_rows(x[None], padded_trials=padded_trials and x.ndim == 2).all():
-            raise ValueError(f"observation {name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
         if x_shape is not None and len(x_shape) == 1 and x.numel() != x_shape[0]:
             raise ValueError(f"observation {name!r} has {x.numel()} values, but the simulator's x has {x_shape[0]}")
         if x_shape is not None and tuple(x.shape) != tuple(x_shape) and len(x_shape) > 1:
@@ -53,6 +50,16 @@ def _check_observations(
                 f"observation {name!r} has shape {tuple(x.shape)} ({x.numel()} values), but the simulator's x has "
                 f"shape {tuple(x_shape)}"
             )
+
+
+def _check_finite_observations(observations: list[Observation], *, padded_trials: bool = False) -> None:
+    """Every observation finite, up to NaN-padded trials for a set embedding."""
+    from sbiflows.xshape import valid_rows
+
+    for observation in observations:
+        x = observation.x
+        if not valid_rows(x[None], padded_trials=padded_trials and x.ndim == 2).all():
+            raise ValueError(f"observation {observation.name!r} contains NaN or inf: {x.reshape(-1).tolist()}")
 
 
 #: Parameter draws :func:`_probe_x_shape` tries, one after another, until one simulates.

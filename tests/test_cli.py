@@ -593,6 +593,11 @@ def test_a_failing_probe_is_a_note_and_a_resumed_run_reads_the_shape_from_its_st
     with pytest.raises(SystemExit):
         main([*command[:-len(SMALL)], "--observation", "x4.csv", "--out", str(tmp_path / "other"), *SMALL])
     assert "the shape of the x stored in" in capsys.readouterr().err
+    (tmp_path / "xnan.csv").write_text("1,nan,3\n")  # not a matter of the stored shape: no hint about it
+    with pytest.raises(SystemExit):
+        main([*command[:-len(SMALL)], "--observation", "xnan.csv", "--out", str(tmp_path / "other"), *SMALL])
+    error = capsys.readouterr().err
+    assert "contains NaN or inf" in error and "stored" not in error
     sys.modules.pop("usermodel")
 
 
