@@ -237,6 +237,7 @@ class NPE:
         Raises:
             ValueError: If the prior cannot be rebuilt on ``device``; nothing is moved then.
         """
+        device = check_device(device)
         prior = move_prior(self.prior, device)  # first: it may raise, and then nothing has moved
         self._prior = check_prior(prior)[0]
         self.prior, self.device = prior, torch.device(device)
@@ -346,7 +347,10 @@ class NPE:
             drop_patience=drop_patience, drop_batch_factor=drop_batch_factor, optional=("batch_size", "learning_rate"),
         )
         seed = check_int(seed, "seed")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), the range torch.manual_seed takes, got {seed}")
         compile = check_bool(compile, "compile")  # noqa: A001
+        progress = check_bool(progress, "progress")
         on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
         fresh = check_bool(retrain_from_scratch, "retrain_from_scratch") or self._net is None
         checkpoint = as_checkpoint(checkpoint, objectives={"balancing": self.balancing,

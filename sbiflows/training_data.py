@@ -83,8 +83,9 @@ def check_training_data(
             f"got {tuple(theta.shape)}"
         )
     x = x[:, None] if x.ndim == 1 else x
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, x_dim) or (N, *x_shape), got {tuple(x.shape)}")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise ValueError(f"x must have shape (N, x_dim) or (N, *x_shape) with at least one value per simulation, "
+                         f"got {tuple(x.shape)}")
     if earlier is not None and x.shape[1:] != earlier[1].shape[1:]:
         raise ValueError(
             f"x must have shape (N, {', '.join(map(str, earlier[1].shape[1:]))}) like the data of the first fit, "
