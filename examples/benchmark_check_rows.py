@@ -95,7 +95,8 @@ def summarize(path: str) -> list[str]:
             for r in records],
         "NLL, fresh - validation": [r["fresh"]["nll"] - r["validation"]["nll"] for r in records],
     }
-    rows += ["", f"Over {len(records)} runs:"] + [f"- {name}: {mean_se(values)}" for name, values in differences.items()]
+    rows += ["", f"Over {len(records)} runs:"]
+    rows += [f"- {name}: {mean_se(values)}" for name, values in differences.items()]
     passes = [(r["validation"]["worst_z"] >= -2.5, r["fresh"]["worst_z"] >= -2.5) for r in records]
     rows.append(f"- the check (z >= -2.5) passes on validation and fails on fresh rows: {passes.count((True, False))}; "
                 f"the reverse: {passes.count((False, True))}; both fail: {passes.count((False, False))}; "

@@ -76,7 +76,8 @@ def _stored_x_shape(simulator, args: argparse.Namespace, *, out: Path) -> tuple[
 
     try:
         stored = SimulationStore.read(out / "simulations.zarr")
-        if same_simulator(stored.config.get("simulator"), simulator_name(simulator)) and stored.config.get("seed") == args.seed:
+        same = same_simulator(stored.config.get("simulator"), simulator_name(simulator))
+        if same and stored.config.get("seed") == args.seed:
             return None if stored.x_layout is None else stored.x_layout[0]
     except (OSError, ValueError, KeyError):  # no store, or not one sbiflows can read
         pass

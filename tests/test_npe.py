@@ -145,7 +145,8 @@ def test_arguments_that_failed_in_torch_are_named_before_training():
     with pytest.raises(ValueError, match=r"x must have shape \(N, x_dim\) .* at least one value per simulation, got "
                                          r"\(100, 0\)"):
         npe.fit(theta[:100], x[:100, :0], **FAST)
-    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\), the range torch.manual_seed takes, got 1844"):
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\), the range torch.manual_seed "
+                                         r"takes, got 1844"):
         npe.fit(theta[:100], x[:100], seed=2**64, **FAST)
     with pytest.raises(TypeError, match="progress must be True or False, got str .no."):
         npe.fit(theta[:100], x[:100], max_epochs=1, progress="no")

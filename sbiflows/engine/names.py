@@ -6,8 +6,8 @@ A store refuses to mix its rows with another simulator's, so the name must tell 
   resumes after a fix to the simulator);
 * a ``functools.partial``: its function's name and a digest of its arguments;
 * a lambda or a function defined inside another (``<locals>``): its name plus a digest of its code and
-  of the constants among its defaults and closure values, because every lambda of a module has the qualname ``<lambda>`` and a
-  function made by a factory has one qualname for every argument of the factory.
+  of the constants among its defaults and closure values, because every lambda of a module has the
+  qualname ``<lambda>`` and a function made by a factory has one qualname for every argument of the factory.
 
 Names that earlier versions recorded (a bare ``functools.partial``, a lambda's bare qualname) still
 match the simulators that record the longer names now (:func:`same_simulator`).
