@@ -138,8 +138,8 @@ def test_a_batch_larger_than_the_training_rows_is_refused_not_lowered():
 
 
 def test_arguments_that_failed_in_torch_are_named_before_training():
-    """x without values, a seed torch cannot take, a non-boolean progress, ``transforms`` beside a callable estimator
-    and a misspelled device for ``to``: raw torch errors or silence."""
+    """x without values, a seed torch cannot take, a non-boolean progress and a misspelled device for ``to``: raw
+    torch errors or silence."""
     prior, theta, x = box_problem()
     npe = NPE(prior)
     with pytest.raises(ValueError, match=r"x must have shape \(N, x_dim\) .* at least one value per simulation, got "
