@@ -14,7 +14,7 @@ from sbiflows.checks import check_choice, check_int
 from sbiflows.diagnostics.c2st import DEFAULT_FOLDS
 from sbiflows.embeddings import EMBEDDINGS as BUILT_IN
 from sbiflows.priors import check_prior
-from sbiflows.training_data import TooFewSimulationsError
+from sbiflows.training_data import MIN_VALID, TooFewSimulationsError
 from sbiflows.xshape import valid_rows
 
 __all__ = ["EMBEDDINGS", "ObservationShapeError", "TooFewSimulationsError", "check_job", "check_observation_shapes",
@@ -27,12 +27,6 @@ COUNTS = ("simulations", "num_samples", "calibration_datasets", "calibration_sam
           "max_epochs", "batch_size", "rounds")
 
 
-#: The fewest draws per side the pipeline's C2ST takes: one per fold of its cross-validation.
-C2ST_MINIMUM = DEFAULT_FOLDS
-
-
-#: The fewest valid simulations a training takes: one row to train on and one to validate.
-MIN_VALID = 2
 
 
 def check_job(job) -> None:
@@ -73,9 +67,9 @@ def check_job(job) -> None:
             raise ValueError(f"{where}: true_parameters has {torch.as_tensor(truth).numel()} values, but the "
                              f"prior has {dim} parameters")
     compared = job.reference and job.task is not None and any(o.reference is not None for o in job.observations)
-    if compared and min(job.c2st_samples, job.num_samples) < C2ST_MINIMUM:
-        raise ValueError(f"c2st_samples and num_samples must be at least {C2ST_MINIMUM} when the C2ST against the "
-                         f"reference posterior runs (its {C2ST_MINIMUM}-fold cross-validation needs a draw per fold), "
+    if compared and min(job.c2st_samples, job.num_samples) < DEFAULT_FOLDS:
+        raise ValueError(f"c2st_samples and num_samples must be at least {DEFAULT_FOLDS} when the C2ST against the "
+                         f"reference posterior runs (its {DEFAULT_FOLDS}-fold cross-validation needs a draw per fold), "
                          f"got c2st_samples={job.c2st_samples} and num_samples={job.num_samples}; or turn the "
                          "reference off (--no-reference)")
 

@@ -73,6 +73,7 @@ from sbiflows.simulate import (
     load_simulations,
     simulate,
 )
+from sbiflows.training_data import MIN_VALID
 from sbiflows.training_options import check_fit_options, split_sizes
 from sbiflows.truncation import TruncatedPrior
 
@@ -216,9 +217,9 @@ class TSNPE:
         if x_o.ndim != 1 or not bool(torch.isfinite(x_o).all()):
             raise ValueError(f"x_o must be one finite observation of shape (x_dim,), got shape {tuple(x_o.shape)}"
                              + ("" if x_o.ndim != 1 else " with NaN or inf"))
-        if budget[0] < 2:
-            raise ValueError(f"the first round needs at least 2 simulations (a training and a validation row), got "
-                             f"{budget[0]} of simulations={simulations} over rounds={rounds}")
+        if budget[0] < MIN_VALID:
+            raise ValueError(f"the first round needs at least {MIN_VALID} simulations (a training and a validation "
+                             f"row), got {budget[0]} of simulations={simulations} over rounds={rounds}")
         _check_embedding(self._npe_options.get("embedding_net"), x_o)
         fit_options = {"patience": PATIENCE, **(fit_options or {})}
         for key in ("seed", "progress", "checkpoint"):

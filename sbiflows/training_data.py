@@ -22,7 +22,11 @@ from sbiflows.priors import draws_float64
 from sbiflows.unconstrained import Unconstrained
 from sbiflows.xshape import valid_rows
 
-__all__ = ["TooFewSimulationsError", "check_training_data", "duplicate_groups"]
+__all__ = ["MIN_VALID", "TooFewSimulationsError", "check_training_data", "duplicate_groups"]
+
+
+#: The fewest valid simulations a training takes: one row to train on and one to validate.
+MIN_VALID = 2
 
 
 class TooFewSimulationsError(ValueError):
