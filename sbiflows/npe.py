@@ -483,8 +483,9 @@ class NPE:
             ``self``.
 
         Raises:
-            ValueError: For a posterior of another shape, space or number of flows than this NPE's
-                ``ensemble`` (``"auto"`` takes one or three, the snapshot choices one to three), or rows, splits or histories that do not fit it.
+            ValueError: For a posterior of another shape, space or network options (a callable estimator's
+                flow excepted) than this NPE's, more flows than its ``ensemble`` allows (``"auto"`` takes one or
+                three, the snapshot choices one to three), or rows, splits or histories that do not fit it.
         """
         state = restored_state(self, posterior, theta, x, validation=validation, histories=histories)
         self._net, self._theta, self._x, self._validation = state.net, state.theta, state.x, state.masks

@@ -104,6 +104,9 @@ def check_network_options(
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
     transforms = check_int(transforms, "transforms", minimum=1, optional="the default rule")
+    if transforms is not None and not isinstance(estimator, str):
+        raise ValueError(f"transforms sets the depth of a named estimator; a callable estimator builds its own flow "
+                         f"(leave transforms out), got transforms={transforms}")
     return resolved, transforms, check_hidden_features(hidden_features)
 
 

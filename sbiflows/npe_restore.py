@@ -64,6 +64,7 @@ def restored_state(npe: Any, posterior: Posterior, theta: Any, x: Any, *, valida
     if tuple(x.shape[1:]) != x_shape:
         wanted = ", ".join(map(str, ("N", *x_shape)))
         raise ValueError(f"x must have shape ({wanted}) like the posterior's, got {tuple(x.shape)}")
+    _check_architecture(npe, posterior.config)
     flow_seed = posterior.config.get("flow_seed", 0)
     members = 1 if npe.ensemble in SNAPSHOT_CHOICES else members  # one flow trained: one split, one history
     if validation is None:
@@ -89,3 +90,20 @@ def restored_state(npe: Any, posterior: Posterior, theta: Any, x: Any, *, valida
                          histories=copy.deepcopy(list(histories)), flow_seed=flow_seed,
                          transforms=posterior.config["transforms"], auto_summary=posterior.config.get("ensemble_auto"))
 
+
+def _check_architecture(npe: Any, config: dict) -> None:
+    """The posterior's network must be the one ``npe``'s options build: the refit's posterior records ``npe``'s
+    options, and a file whose options describe another network saves but does not load."""
+    architecture = npe._architecture()
+    if not isinstance(architecture["estimator"], str):  # a callable builds its own flow: the options do not
+        expected = {"estimator": "custom"}                  # describe it, and load takes the callable again
+    else:
+        expected = {"estimator": architecture["estimator"], **architecture["transformer"],
+                    "hidden_features": list(architecture["hidden_features"]), "activation": architecture["activation"]}
+    if npe.transforms is not None:
+        expected["transforms"] = npe.transforms
+    differing = [f"{key}: {config[key]!r} (posterior) against {value!r} (this NPE)" for key, value in expected.items()
+                 if key in config and config[key] != value]  # files saved before an option do not record it
+    if differing:
+        raise ValueError(f"the posterior's network is not the one this NPE's options build ({'; '.join(differing)}); "
+                         "restore it into an NPE made with the options it was trained with")

@@ -138,8 +138,8 @@ def test_a_batch_larger_than_the_training_rows_is_refused_not_lowered():
 
 
 def test_arguments_that_failed_in_torch_are_named_before_training():
-    """x without values, a seed torch cannot take, a non-boolean progress and a misspelled device for ``to``: raw
-    torch errors or silence."""
+    """x without values, a seed torch cannot take, a non-boolean progress, ``transforms`` beside a callable estimator
+    (ignored, and recorded as the flow's depth) and a misspelled device for ``to``: raw torch errors or silence."""
     prior, theta, x = box_problem()
     npe = NPE(prior)
     with pytest.raises(ValueError, match=r"x must have shape \(N, x_dim\) .* at least one value per simulation, got "
@@ -151,6 +151,8 @@ def test_arguments_that_failed_in_torch_are_named_before_training():
     with pytest.raises(TypeError, match="progress must be True or False, got str .no."):
         npe.fit(theta[:100], x[:100], max_epochs=1, progress="no")
     assert npe.net is None
+    with pytest.raises(ValueError, match="a callable estimator builds its own flow .* got transforms=7"):
+        NPE(prior, lambda features, context: maf(features, context, transforms=1), transforms=7)
     with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'cdua'"):
         npe.to("cdua")
 

@@ -274,6 +274,7 @@ def test_bad_inputs(tmp_path):
 
 def test_npe_restore_refuses_what_it_cannot_continue():
     from sbiflows import NPE
+    from sbiflows.flows import maf
 
     tsnpe = TSNPE(PRIOR, **SMALL)
     posterior = tsnpe.run(simulator, X_O, rounds=1, simulations=200, check_simulations=0, **FAST)
@@ -283,6 +284,14 @@ def test_npe_restore_refuses_what_it_cannot_continue():
             NPE(PRIOR, ensemble=ensemble).restore(posterior, theta, x)
     with pytest.raises(ValueError, match="x must have shape \\(N, 2\\)"):
         NPE(PRIOR).restore(posterior, theta, torch.cat([x, x], 1))
+    # another architecture: the refit's posterior would record these options and its file would not load
+    with pytest.raises(ValueError, match=r"not the one this NPE's options build \(estimator: 'maf' \(posterior\) "
+                                         r"against 'nsf' \(this NPE\).*transforms: 2 \(posterior\) against 3"):
+        NPE(PRIOR, transforms=3).restore(posterior, theta, x)
+    # a callable builds its own flow: the NPE's hidden sizes, unused, are not compared
+    factory = lambda features, context: maf(features, context, transforms=1, hidden_features=(8,))  # noqa: E731
+    custom = NPE(PRIOR, factory, ensemble=1).fit(theta, x, max_epochs=1, progress=False)
+    assert NPE(PRIOR, factory, ensemble=1, hidden_features=(30,)).restore(custom, theta, x).net is not None
     with pytest.raises(TypeError, match="posterior must be a Posterior .*, got str"):
         NPE(PRIOR, **SMALL).restore("posterior.pt", theta, x)
     restored = NPE(PRIOR, **SMALL).restore(posterior, theta, x)

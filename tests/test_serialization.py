@@ -29,7 +29,8 @@ FAST = {"max_epochs": 3, "progress": False}
 def fitted(prior, estimator="maf", **options):
     theta = prior.sample((300,)).reshape(300, -1)
     x = theta + 0.1 * torch.randn_like(theta)
-    return NPE(prior, estimator, transforms=2, hidden_features=(16, 16), **options).fit(theta, x, **FAST), theta, x
+    depth = {"transforms": 2} if isinstance(estimator, str) else {}  # a callable sets its own
+    return NPE(prior, estimator, hidden_features=(16, 16), **depth, **options).fit(theta, x, **FAST), theta, x
 
 
 @pytest.fixture

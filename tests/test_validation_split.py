@@ -165,18 +165,18 @@ def test_ensemble_members_keep_their_own_splits(monkeypatch):
 
 def test_restore_takes_the_split_and_refuses_a_bad_one(monkeypatch):
     theta, x = simulate(300, 0)
-    fitted = NPE(PRIOR, ensemble=1, transforms=1, hidden_features=(8, 8))
-    posterior = fitted.fit(theta, x, **FAST)
+    options = {"ensemble": 1, "transforms": 1, "hidden_features": (8, 8)}
+    posterior = NPE(PRIOR, **options).fit(theta, x, **FAST)
     mask = torch.zeros(300, dtype=torch.bool)
     mask[:30] = True
-    restored = NPE(PRIOR, ensemble=1, transforms=1, hidden_features=(8, 8)).restore(posterior, theta, x, validation=mask)
+    restored = NPE(PRIOR, **options).restore(posterior, theta, x, validation=mask)
     assert torch.equal(restored.validation, mask)
     calls = record_validation_rows(monkeypatch)
     restored.fit(*simulate(100, 1), **FAST)
     assert set(range(30)) <= calls[-1] and not calls[-1] & set(range(30, 300))
     # without a mask: a seeded random split of the restored rows
-    assert int(NPE(PRIOR, ensemble=1).restore(posterior, theta, x).validation.sum()) == 30
-    fresh = NPE(PRIOR, ensemble=1)
+    assert int(NPE(PRIOR, **options).restore(posterior, theta, x).validation.sum()) == 30
+    fresh = NPE(PRIOR, **options)
     with pytest.raises(ValueError, match=r"validation must be a boolean tensor of shape \(300,\)"):
         fresh.restore(posterior, theta, x, validation=mask[:10])
     assert fresh.net is None and fresh.theta is None and fresh.validation is None  # nothing half-restored
