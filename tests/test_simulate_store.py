@@ -572,3 +572,61 @@ def test_a_closure_over_state_it_mutates_keeps_its_store_name():
     before = simulator_name(counting)
     counting(torch.ones(1, 2))
     assert simulator_name(counting) == before
+
+
+class _Scaled:
+    """A simulator object whose setting is an attribute; ``calls`` is state its method updates."""
+
+    def __init__(self, scale: float):
+        self.scale, self.calls = scale, 0
+
+    def simulate(self, theta):
+        self.calls += 1
+        return self.scale * theta
+
+    __call__ = simulate
+
+
+class _Shifted(_Scaled):
+    pass
+
+
+def test_objects_of_other_settings_or_classes_are_other_simulators(tmp_path):
+    """A bound method and a callable object were named by their class: a store took the rows of an instance of
+    another setting, and every subclass that inherits the method shared one name (the ten benchmark tasks'
+    ``Task.simulate``)."""
+    import simulators
+    from sbiflows.engine.names import simulator_name
+
+    theta = torch.ones(4, 2)
+    for name, make in (("method", lambda scale: _Scaled(scale).simulate), ("object", _Scaled)):
+        store = tmp_path / f"{name}.zarr"
+        simulator = make(1.0)
+        simulate(simulator, theta, store=store)
+        with pytest.raises(StoreMismatchError, match=r"_Scaled.* \(state"):
+            simulate(make(2.0), theta, store=store)
+        assert simulate(simulator, theta, store=store).reused == 4  # its call counter moved: the same simulator
+        assert simulate(make(1.0), theta, store=store).reused == 4
+        meta = json.loads((store / "zarr.json").read_text())  # a store written before: the bare name
+        config = meta["attributes"]["sbiflows_simulations"]["config"]
+        config["simulator"] = config["simulator"].split(" (state")[0]
+        (store / "zarr.json").write_text(json.dumps(meta))
+        assert simulate(make(1.0), theta, store=store).reused == 4
+    assert simulator_name(_Scaled(1.0).simulate) != simulator_name(_Shifted(1.0).simulate)
+    names = {simulator_name(simulators.get(task).simulate) for task in simulators.names()}
+    assert len(names) == len(simulators.names())
+
+
+def test_store_names_are_the_same_in_every_process():
+    """A name that changed with the process's string hashing would refuse every resume in a new process."""
+    program = ("import simulators\n"
+               "from sbiflows.engine.names import simulator_name\n"
+               "def make(options):\n"
+               "    return lambda t: t if 'a' in options else -t\n"
+               "print(simulator_name(make(frozenset({'a', 'b', 'c', 'd'}))))\n"
+               "print(simulator_name(simulators.get('two_moons').simulate))\n")
+    root = Path(__file__).resolve().parents[1]
+    names = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, cwd=root,
+                            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}).stdout
+             for seed in ("0", "1", "2")}
+    assert len(names) == 1 and "(code " in next(iter(names)) and "(state " in next(iter(names))

@@ -7,10 +7,14 @@ A store refuses to mix its rows with another simulator's, so the name must tell 
 * a ``functools.partial``: its function's name and a digest of its arguments;
 * a lambda or a function defined inside another (``<locals>``): its name plus a digest of its code and
   of the constants among its defaults and closure values, because every lambda of a module has the
-  qualname ``<lambda>`` and a function made by a factory has one qualname for every argument of the factory.
+  qualname ``<lambda>`` and a function made by a factory has one qualname for every argument of the factory;
+* a method bound to an object, or a callable object: its name plus a digest of the object's class and of
+  the constants among its attributes, because a method defined on a base class has one qualname for every
+  subclass and every instance. Attributes that a method of the class assigns outside ``__init__`` (a call
+  counter, a cache) are state, not settings, and stay out of the digest.
 
-Names that earlier versions recorded (a bare ``functools.partial``, a lambda's bare qualname) still
-match the simulators that record the longer names now (:func:`same_simulator`).
+Names that earlier versions recorded (a bare ``functools.partial``, a lambda's or a method's bare
+qualname) still match the simulators that record the longer names now (:func:`same_simulator`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ def simulator_name(simulator: Callable) -> str:
         ['sbiflows.engine.names.<lambda>', 'sbiflows.engine.names.<lambda>']
         >>> simulator_name(lambda t: t) == simulator_name(lambda t: 2 * t)
         False
+        >>> class Noisy:
+        ...     def __init__(self, scale):
+        ...         self.scale = scale
+        ...     def simulate(self, theta):
+        ...         return theta * self.scale
+        >>> simulator_name(Noisy(1.0).simulate) == simulator_name(Noisy(2.0).simulate)
+        False
     """
     if isinstance(simulator, functools.partial):
         arguments = _value_text((simulator.args, sorted(simulator.keywords.items())))
@@ -45,6 +56,9 @@ def simulator_name(simulator: Callable) -> str:
     name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(simulator).__name__)}"
     if isinstance(simulator, types.FunctionType) and ("<lambda>" in name or "<locals>" in name):
         return f"{name} (code {_digest(_function_text(simulator))})"
+    owner = simulator.__self__ if isinstance(simulator, types.MethodType) else simulator
+    if not isinstance(owner, (types.FunctionType, types.BuiltinFunctionType, type)) and hasattr(owner, "__dict__"):
+        return f"{name} (state {_digest(_object_text(owner))})"
     return name
 
 
@@ -60,7 +74,7 @@ def same_simulator(recorded: object, name: str) -> bool:
         return True
     if recorded == "functools.partial":
         return name.startswith("functools.partial(")
-    return isinstance(recorded, str) and name.startswith(f"{recorded} (code ")
+    return isinstance(recorded, str) and any(name.startswith(f"{recorded} ({kind} ") for kind in ("code", "state"))
 
 
 def _digest(text: str) -> str:
@@ -83,6 +97,39 @@ def _function_text(function: types.FunctionType) -> str:
     defaults = [*(function.__defaults__ or ()), *sorted((function.__kwdefaults__ or {}).items())]
     return repr((_code_text(code), [_constant_text(v) for v in defaults],
                  [_constant_text(v) for v in closure]))
+
+
+def _object_text(owner: object) -> str:
+    """An object's class and the constants among its attributes (:func:`_constant_text`), less those a method
+    of its class assigns outside ``__init__``."""
+    cls = type(owner)
+    state = set().union(*(_assigned_attributes(klass) for klass in cls.__mro__ if klass is not object))
+    attributes = sorted((k, _constant_text(v)) for k, v in vars(owner).items() if k not in state)
+    return repr((f"{cls.__module__}.{cls.__qualname__}", attributes))
+
+
+@functools.cache
+def _assigned_attributes(klass: type) -> frozenset[str]:
+    """Attribute names that the methods of ``klass`` (``__init__`` and ``__post_init__`` aside) assign."""
+    names: set[str] = set()
+    for key, member in vars(klass).items():
+        if key in ("__init__", "__post_init__", "__new__"):
+            continue
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        functions = [member.fget, member.fset, member.fdel] if isinstance(member, property) else [member]
+        for function in functions:
+            if isinstance(function, types.FunctionType):
+                names |= _stored_attributes(function.__code__)
+    return frozenset(names)
+
+
+def _stored_attributes(code: types.CodeType) -> set[str]:
+    names = {op.argval for op in dis.get_instructions(code) if op.opname in ("STORE_ATTR", "DELETE_ATTR")}
+    for constant in code.co_consts:  # nested functions and comprehensions
+        if isinstance(constant, types.CodeType):
+            names |= _stored_attributes(constant)
+    return names
 
 
 def _code_text(code: types.CodeType) -> str:
