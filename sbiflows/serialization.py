@@ -10,7 +10,8 @@ The file is a dict of plain types and tensors, readable with
   whitelist of ``torch.distributions`` classes and the names of their parameter tensors, nested for
   ``Independent`` and ``IndependentPrior``; null only for a prior that ``save`` was told to leave out
   with ``allow_unsaved_prior=True``: any other prior is refused at save), the training history and
-  the posterior's ``default_x`` (a list of floats, or absent/null; e.g. the ``x_o`` of a sequential run);
+  the posterior's ``default_x`` (a list of floats, or absent/null; e.g. the ``x_o`` of a sequential run) and
+  ``max_batch_elements`` (``2**17`` for None, the device's size, unless ``max_batch_elements_chosen`` is true);
 * ``state_dict``: the network's tensors, z-score buffers included;
 * ``prior_tensors``: the prior's parameters;
 * ``sha256``: a digest of the config and every tensor (names, dtypes, shapes and bytes).
@@ -120,6 +121,8 @@ def save(posterior: Any, path: str | Path, *, allow_unsaved_prior: bool = False)
         "max_batch_elements": _saved_chunk(posterior.max_batch_elements),
         "history": None if posterior.history is None else posterior.history.as_dict(),
     }
+    if posterior.max_batch_elements == LEGACY_DEFAULT_CHUNK:  # a choice that equals the old default: say so
+        config["max_batch_elements_chosen"] = True
     default_x = getattr(posterior, "default_x", None)
     if default_x is not None:  # only when set: files without one stay byte-identical to earlier versions
         config["default_x"] = {"values": default_x.detach().double().cpu().tolist(), "dtype": str(default_x.dtype)}
@@ -231,13 +234,15 @@ def read(
         dtype = torch.float64 if default_x.get("dtype") == "torch.float64" else _DTYPES[config["dtype"]]
         default_x = torch.tensor(default_x["values"], dtype=dtype, device=torch.device(map_location))
     return {"net": net.to(torch.device(map_location)), "prior": prior, "config": post_config, "history": history,
-            "max_batch_elements": _chunk(config["max_batch_elements"]), "default_x": default_x}
+            "max_batch_elements": (config["max_batch_elements"] if config.get("max_batch_elements_chosen")
+                                   else _chunk(config["max_batch_elements"])), "default_x": default_x}
 
 
 # ------------------------------------------------------------------------------------ internals
 #: What every file saved before the device-dependent chunk recorded as ``max_batch_elements``: the fixed
 #: default of then, not a choice, so it loads as None (the device's size). Files save None as this value, so
-#: earlier versions still load them and files of default posteriors stay byte-identical to theirs.
+#: earlier versions still load them and files of default posteriors stay byte-identical to theirs; a posterior
+#: whose chosen value is this one saves ``max_batch_elements_chosen`` beside it.
 LEGACY_DEFAULT_CHUNK = 2**17
 
 

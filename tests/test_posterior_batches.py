@@ -174,8 +174,9 @@ def test_the_default_chunk_suits_the_device_and_seeded_results_do_not_depend_on_
     torch.testing.assert_close(small_draws, draws)
     torch.testing.assert_close(small_log_q, log_q)
     # None is saved as the old fixed default (2**17, what every earlier save recorded and earlier versions can
-    # load), and that value loads with the device's size; any other value is the user's and is kept
-    for chosen, loaded in ((None, None), (2**17, None), (700, 700)):
+    # load), and that value loads with the device's size; any value the user chose is kept, 2**17 too (it loaded
+    # as None, the device's size, before the file said it was chosen)
+    for chosen, loaded in ((None, None), (2**17, 2**17), (700, 700)):
         posterior.max_batch_elements = chosen
         posterior.save(tmp_path / "post.pt")
         config = json.loads(torch.load(tmp_path / "post.pt", weights_only=True)["config"])
