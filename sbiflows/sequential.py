@@ -381,6 +381,8 @@ class TSNPE:
         theta = theta[:n]
         sims = simulate(simulator, theta, seed=derive_seed(seed, "tsnpe/check/simulate"), progress=progress,
                         store=None if folder is None else folder / "simulations.zarr", **simulate_options)
+        if sims.reused:
+            self.reused.append(f"{sims.reused} of {len(theta)} simulations of the final check (read from its store)")
         valid = sims.valid
         self.check = expected_coverage(self.posterior, theta=sims.theta[valid],
                                        x=sims.x[valid].reshape(int(valid.sum()), -1).to(self.posterior.dtype),

@@ -413,6 +413,7 @@ def test_a_larger_final_check_keeps_the_earlier_checks_simulations_and_a_smaller
     larger = TSNPE(PRIOR, **SMALL)
     larger.run(simulator, X_O, store=store, check_simulations=150, **options)
     assert MODE["calls"] == 1 and larger.check.num_datasets == 150  # one chunk of 50 new check rows
+    assert larger.reused[-1] == "100 of 150 simulations of the final check (read from its store)"  # for the report
     theta = np.load(store / "check" / "theta.npy")
     assert len(theta) == 150
     MODE.update(calls=0)
@@ -420,6 +421,7 @@ def test_a_larger_final_check_keeps_the_earlier_checks_simulations_and_a_smaller
     with pytest.warns(UserWarning, match="only 50 datasets"):
         smaller.run(simulator, X_O, store=store, check_simulations=50, **options)
     assert MODE["calls"] == 0 and smaller.check.num_datasets == 50
+    assert smaller.reused[-1] == "50 of 50 simulations of the final check (read from its store)"
     assert np.array_equal(np.load(store / "check" / "theta.npy"), theta)  # the first 50 rows, read
 
 
