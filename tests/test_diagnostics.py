@@ -263,16 +263,48 @@ def test_coverage_falls_back_to_log_prob_per_dataset(model, pairs):
     assert torch.equal(batched.hpd_ranks, looped.hpd_ranks)
 
 
-def test_coverage_hpd_rank_is_the_fraction_of_denser_draws():
-    # log_prob = -|theta|^2: draws at radii 0..3 are denser than a truth at radius 1.5 for 2 of 4.
+def test_coverage_hpd_rank_counts_denser_draws_randomised():
+    # log_prob = -|theta|^2: draws at radii 0..3 are denser than a truth at radius 1.5 for 2 of 4, at 0.5 for 1
     draws = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1).expand(4, 2, 1).clone()
     theta = torch.tensor([[1.5], [-0.5]])
     with pytest.warns(UserWarning):
         result = expected_coverage(
             FixedDraws(draws), theta=theta, x=torch.zeros(2, 1), num_posterior_samples=4, levels=[0.3, 0.6]
         )
-    assert result.hpd_ranks.tolist() == [0.5, 0.25]
-    assert result.empirical.tolist() == [0.5, 1.0]
+    assert (result.hpd_ranks * 5).floor().tolist() == [2.0, 1.0]  # (k + U) / (L + 1)
+    assert result.empirical[1] == 1.0
+
+
+def test_coverage_is_exact_at_few_draws_and_with_flat_densities():
+    """HPD ranks k / L compared with ``< c`` covered ceil(c L) / (L + 1) < c: an exact posterior with 20 draws failed
+    as over-confident; with a flat density every draw tied with the truth, ranks were all 0 and it failed as
+    under-confident. The randomised rank is uniform for both."""
+
+    class Exact:  # x = theta + N(0, 1): posterior N(x / 2, I / 2)
+        def sample_batched(self, n, xs):
+            return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+
+        def log_prob(self, theta, x):
+            return -(theta - x / 2).square().sum(-1)
+
+    class Flat:  # theta ~ U(0, 1) whatever x is: the exact posterior of an uninformative x, density 1 everywhere
+        def sample_batched(self, n, xs):
+            return torch.rand(n, len(xs), 1)
+
+        def log_prob(self, theta, x):
+            return torch.zeros(theta.shape[:-1])
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    with pytest.warns(UserWarning, match="posterior samples per dataset"):
+        exact = [expected_coverage(Exact(), prior, lambda t: t + torch.randn_like(t), num_datasets=2000,
+                                   num_posterior_samples=20, seed=seed) for seed in range(3)]
+    assert all(result.passed for result in exact)
+    assert abs(torch.cat([r.hpd_ranks for r in exact]).mean().item() - 0.5) < 0.02
+    box = torch.distributions.Independent(torch.distributions.Uniform(torch.zeros(1), torch.ones(1)), 1)
+    with pytest.warns(UserWarning, match="posterior samples per dataset"):
+        flat = expected_coverage(Flat(), box, lambda t: torch.randn(len(t), 1), num_datasets=1000,
+                                 num_posterior_samples=50, seed=0)
+    assert flat.passed and flat.verdict == "calibrated"
 
 
 @pytest.mark.parametrize(

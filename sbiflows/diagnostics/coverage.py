@@ -55,8 +55,8 @@ class CoverageResult:
         levels: Nominal credibility levels, shape ``(K,)``.
         empirical: Fraction of datasets whose true parameter lies in the HPD region of each level.
         band: Half-width of the accepted band around the diagonal at each level.
-        hpd_ranks: Per dataset, the fraction of posterior draws with higher density than the
-            truth (uniform on [0, 1] if calibrated), shape ``(N,)``.
+        hpd_ranks: Per dataset, the truth's randomised HPD rank (:func:`hpd_rank`: about the fraction of posterior
+            draws with higher density than the truth; uniform on [0, 1] if calibrated), shape ``(N,)``.
         num_posterior_samples: Posterior draws per dataset.
         one_sided: If true, only under-coverage (over-confidence) fails the check.
         verdict: "calibrated", "over-confident", "under-confident" or "mis-calibrated" (both).
@@ -185,6 +185,7 @@ def expected_coverage(
         draws, log_q_draws = draws_and_log_prob(posterior, num_posterior_samples, x, batch_size=batch_size,
                                                 progress="coverage draws" if progress else None,
                                                 normalized=normalized)  # (L, N, D), (L, N)
+        jitter = torch.rand(len(theta), dtype=torch.float64)  # randomises the ranks' discrete values and ties
     if draws.shape[2] != theta.shape[1]:
         raise ValueError(
             f"posterior draws have {draws.shape[2]} parameters but theta has {theta.shape[1]}"
@@ -194,7 +195,7 @@ def expected_coverage(
                                        progress="coverage densities" if progress else None)  # (L, N)
     log_q_truth = batched_log_prob(posterior, theta.unsqueeze(0), x, batch_size=batch_size,
                                    normalized=normalized)  # (1, N)
-    hpd_ranks = (log_q_draws > log_q_truth).double().mean(0)  # (N,)
+    hpd_ranks = hpd_rank(log_q_draws, log_q_truth, jitter)  # (N,)
     empirical = (hpd_ranks.unsqueeze(0) < grid.unsqueeze(1)).double().mean(1)  # (K,)
     num = hpd_ranks.shape[0]
     band = num_sigmas * (grid * (1 - grid) / num).sqrt() + tolerance
@@ -217,6 +218,24 @@ def expected_coverage(
         passed=not too_low and (one_sided or not too_high),
         num_invalid=num_invalid,
     )
+
+
+def hpd_rank(log_q_draws: Tensor, log_q_truth: Tensor, jitter: Tensor) -> Tensor:
+    """The truth's randomised HPD rank per dataset: ``(k + U (t + 1)) / (L + 1)`` for ``k`` of the ``L`` draws
+    denser than the truth, ``t`` as dense (ties) and ``jitter`` ``U ~ Uniform(0, 1)``.
+
+    Under a calibrated posterior ``k`` is uniform on ``0..L`` (with ties, the truth's place among them is), so the
+    rank is uniform on [0, 1] and the coverage ``P(rank < c)`` is ``c`` at any ``L``. The plain fraction ``k / L``
+    compared with ``< c`` gives ``ceil(c L) / (L + 1)``, below ``c``: a calibrated posterior looked over-confident
+    at small ``L``, and one with flat densities (every draw tying with the truth) looked under-confident.
+
+    Example:
+        >>> hpd_rank(torch.tensor([[0.0], [1.0], [1.0], [2.0]]), torch.tensor([[1.0]]), torch.tensor([0.5]))
+        tensor([0.5000], dtype=torch.float64)
+    """
+    greater = (log_q_draws > log_q_truth).sum(0).cpu().double()
+    ties = (log_q_draws == log_q_truth).sum(0).cpu().double()
+    return (greater + jitter * (ties + 1)) / (log_q_draws.shape[0] + 1)
 
 
 def _skips_normalizer(posterior: object) -> bool:
