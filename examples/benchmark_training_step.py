@@ -5,7 +5,8 @@ factor in isolation, on random data of a task's dimensions, so that it is not mi
 number of epochs (which depends on the data and early stopping). Reported: the median over
 ``--repeats`` blocks of 50 steps, for our default estimator with the fused Adam kernel and with
 ``foreach`` Adam, with the fused kernel over the separate parameter tensors instead of one flat buffer
-(training before :mod:`sbiflows.flat_parameters`), with the fused kernel and torch's softmax for the spline bins at every size (the
+(training before :mod:`sbiflows.flat_parameters`), with the flat buffer's gradients zeroed and clipped by
+``optimizer.zero_grad`` and ``torch.nn.utils.clip_grad_norm_`` instead of the buffer's own methods, with the fused kernel and torch's softmax for the spline bins at every size (the
 code before the written-out softmax of :func:`sbiflows.transforms.transformers._softmax_rows`), with
 the fused kernel plus the weight average that training keeps (ours, one
 foreach lerp, and torch's ``AveragedModel`` with the same decay), and for sbi's flows
@@ -37,17 +38,21 @@ from sbiflows.training import WeightAverage
 from sbiflows.transforms import transformers
 
 
-def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
-             flat: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def our_step(prior, theta, x, *, fused: bool, average: str | None = None, flat: bool = True,
+             torch_clip: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A training step of our default NPE network (built by a one-epoch fit on the data).
 
     ``average``: None, ``"ours"`` (:class:`sbiflows.training.WeightAverage`, what training uses) or
     ``"AveragedModel"`` (torch's, with the same decay rule), updated after every step. ``flat``: the
     parameters as views of one buffer (:class:`sbiflows.flat_parameters.FlatParameters`, what training
-    uses), else Adam and the clipping over the separate parameter tensors (training before it).
+    uses), else Adam and the clipping over the separate parameter tensors (training before it). With flat
+    buffers the gradients are zeroed and clipped by the buffers' own methods, as training does, unless
+    ``torch_clip``: then by ``optimizer.zero_grad`` and ``torch.nn.utils.clip_grad_norm_`` (training before
+    commit "flat buffers zero and clip their own gradients").
     """
     net = NPE(prior, ensemble=1).fit(theta, x, max_epochs=1, progress=False, num_threads=None).net.train()
-    params = list(FlatParameters(list(net.parameters())).flat) if flat else list(net.parameters())
+    buffers = FlatParameters(list(net.parameters())) if flat else None
+    params = list(buffers.flat) if buffers is not None else list(net.parameters())
     options = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.Adam(params, lr=1e-5, **options)
     update: Callable[[], None] = lambda: None
@@ -65,9 +70,14 @@ def our_step(prior, theta, x, *, fused: bool, average: str | None = None,
 
     def step(t, c):
         loss = -net.log_prob(t, c).mean()
-        optimizer.zero_grad(set_to_none=not flat)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        if buffers is not None and not torch_clip:
+            buffers.zero_grad()
+            loss.backward()
+            buffers.clip_grad_norm_(5.0)
+        else:
+            optimizer.zero_grad(set_to_none=not flat)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
         update()
 
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
              "ours fused, torch softmax": torch_softmax(our_step(task.prior, theta, x, fused=True)),
              "ours (foreach Adam)": our_step(task.prior, theta, x, fused=False),
              "ours, separate parameters": our_step(task.prior, theta, x, fused=True, flat=False),
+             "ours, torch's clip and zero": our_step(task.prior, theta, x, fused=True, torch_clip=True),
              "ours fused + average": our_step(task.prior, theta, x, fused=True, average="ours"),
              "ours fused + AveragedModel": our_step(task.prior, theta, x, fused=True, average="AveragedModel")}
     for name in args.sbi_estimators:
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         base = statistics.median(times["ours (fused Adam)"])
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"batch {batch_size:4d}  {name:26s} {median:6.2f} ms  (x{median / base:.2f} of ours fused)")
+            print(f"batch {batch_size:4d}  {name:28s} {median:6.2f} ms  (x{median / base:.2f} of ours fused)")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,33 @@ class FlatParameters:
                 reattached += 1
         return reattached
 
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero the flat gradients: ``optimizer.zero_grad(set_to_none=False)`` without the optimizer's Python
+        bookkeeping, which a training step on a small batch notices."""
+        for flat in self.flat:
+            flat.grad.zero_()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients to a total 2-norm of at most ``max_norm`` and return the norm before: the
+        operations of ``torch.nn.utils.clip_grad_norm_(self.flat, max_norm)``, so the same values, without
+        its layers of Python (a seventh of a two_moons step at 60 rows went to them and :meth:`zero_grad`).
+
+        Example:
+            >>> layer = nn.Linear(2, 1)
+            >>> flat = FlatParameters(list(layer.parameters()))
+            >>> layer(torch.ones(1, 2)).sum().mul(100).backward()
+            >>> float(flat.clip_grad_norm_(1.0)) > 1, round(float(flat.flat[0].grad.norm()), 4)
+            (True, 1.0)
+        """
+        grads = [flat.grad for flat in self.flat]
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient)
+        return total
+
     def _views(self, i: int) -> tuple[Tensor, Tensor]:
         """Parameter ``i``'s values and gradient: views of its flat buffer and gradient, in its shape."""
         g, elements = self._slots[i]

@@ -352,9 +352,9 @@ def train_checked(
                         if not math.isfinite(value):
                             diverged = True
                             break
-                        optimizer.zero_grad(set_to_none=False)  # None would detach the flat gradient's views
+                        flat.zero_grad()  # in place: None would detach the parameters' gradient views
                         loss.backward()
-                        nn.utils.clip_grad_norm_(flat.flat, clip_grad_norm)
+                        flat.clip_grad_norm_(clip_grad_norm)
                         optimizer.step()
                         if average is not None:
                             average.update()
