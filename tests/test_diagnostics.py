@@ -736,3 +736,54 @@ def test_rank_statistics_still_rejects_over_confident_ranks_at_few_draws():
     assert stats["ks_pvalues"].item() < 1e-6
     assert stats["shapes"][0].startswith("∪-shaped")
 
+
+
+def test_sbc_names_the_side_a_failure_leans_to_when_no_shape_passes_three_sigmas():
+    """A parameter can fail the KS test while its mean rank and tails all stay within 3 standard deviations; its
+    shape read "uniform", and verdict() fell through to "biased": a safely wide, unbiased posterior failed --strict,
+    and a narrow one was called biased."""
+    from sbiflows.diagnostics import verdict
+
+    class Scaled:  # the exact posterior N(x / 2, I / 2) of x = theta + noise, its width times ``scale``
+        def __init__(self, scale):
+            self.scale = scale
+
+        def sample_batched(self, n, xs):
+            return xs / 2 + self.scale * torch.randn(n, *xs.shape) / 2**0.5
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    for scale, seed, word, failed in ((1.08, 26, "conservative", 1), (0.93, 3, "over-confident", 0)):
+        result = sbc(Scaled(scale), prior, lambda t: t + torch.randn_like(t), num_datasets=1000,
+                     num_posterior_samples=100, seed=seed)
+        assert not result.passed and verdict(result) == word
+        assert result.shapes[failed].startswith("weakly") and result.shapes[1 - failed] == "uniform"
+
+
+def test_count_simulators_and_a_wrong_theta_width_before_any_draw():
+    """A torch simulator of integer counts was refused ("x must have a floating-point dtype"), though NumPy counts and
+    sbiflows.simulate took them; a theta of the wrong width was refused only after every posterior draw."""
+
+    class Exact:  # the exact posterior N(x / 2, I / 2) of x = theta + noise, with the attribute NPE posteriors have
+        theta_dim = 2
+
+        def __init__(self):
+            self.calls = 0
+
+        def sample_batched(self, n, xs):
+            self.calls += 1
+            return xs / 2 + torch.randn(n, *xs.shape) / 2**0.5
+
+        def log_prob(self, theta, x):
+            return -(theta - x / 2).square().sum(-1)
+
+    prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    counts = lambda t: torch.round(t + torch.randn_like(t)).long()  # noqa: E731
+    theta, x = diagnostics.simulate_datasets(prior, counts, 300, seed=0)
+    assert x.dtype == theta.dtype and x.shape == (300, 2)
+    assert sbc(Exact(), prior, counts, num_datasets=300, num_posterior_samples=100).num_datasets == 300
+    assert sbc(Exact(), theta=theta, x=x.long(), num_posterior_samples=100).num_datasets == 300
+    posterior = Exact()
+    for check in (sbc, expected_coverage, tarp):
+        with pytest.raises(ValueError, match=r"theta has 3 parameters but the posterior has 2"):
+            check(posterior, theta=torch.randn(300, 3), x=x)
+    assert posterior.calls == 0

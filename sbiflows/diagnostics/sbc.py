@@ -65,7 +65,8 @@ class SBCResult:
         mean_ranks: Mean randomised normalised rank per parameter (0.5 if calibrated).
         lower_tail: Fraction of randomised normalised ranks below 0.1, per parameter (0.1 if calibrated).
         upper_tail: Fraction of randomised normalised ranks above 0.9, per parameter (0.1 if calibrated).
-        shapes: Per parameter: "uniform", "∪-shaped", "∩-shaped", "skewed ..." or "non-uniform".
+        shapes: Per parameter: "uniform", "∪-shaped", "∩-shaped", "skewed ..." or "non-uniform"; a parameter
+            that failed with no summary beyond 3 standard deviations gets the "weakly ..." shape it leans to.
         alpha: Family-wise significance level; each parameter is tested at ``alpha / D``.
         test: Which p-values decide: "ks" or "chi2".
         passed: No parameter's p-value is below ``alpha / D``.
@@ -208,12 +209,16 @@ def sbc(
     names = _parameter_names(parameter_names, theta.shape[1])
     stats = rank_statistics(ranks, num_posterior_samples, num_bins=num_bins, seed=jitter_seed)
     pvalues = stats["ks_pvalues"] if test == "ks" else stats["chi2_pvalues"]
+    threshold = alpha / theta.shape[1]
+    stats["shapes"] = tuple(  # a failed parameter whose shape reads "uniform" at Z_SHAPE: the side it leans to
+        _lean(*(float(stats[k][i]) for k in ("mean_ranks", "lower_tail", "upper_tail")), len(ranks))
+        if shape == "uniform" and pvalues[i] < threshold else shape for i, shape in enumerate(stats["shapes"]))
     return SBCResult(
         ranks=ranks,
         num_posterior_samples=num_posterior_samples,
         alpha=float(alpha),
         test=test,
-        passed=bool((pvalues >= alpha / theta.shape[1]).all()),
+        passed=bool((pvalues >= threshold).all()),
         parameter_names=names,
         num_invalid=num_invalid,
         **stats,
@@ -277,12 +282,35 @@ def rank_statistics(
     }
 
 
-def _shape(mean: float, lower: float, upper: float, num: int) -> str:
-    """Label a rank histogram from its mean and tail fractions (z-scores under uniformity)."""
+def _z_scores(mean: float, lower: float, upper: float, num: int) -> tuple[float, float, float, float]:
+    """z-scores under uniformity of the mean rank, each tail fraction and the two tails together."""
     z_mean = (mean - 0.5) / np.sqrt(1.0 / (12.0 * num))
     tail_sd = np.sqrt(TAIL * (1 - TAIL) / num)
     z_lower, z_upper = (lower - TAIL) / tail_sd, (upper - TAIL) / tail_sd
     z_outer = (lower + upper - 2 * TAIL) / np.sqrt(2 * TAIL * (1 - 2 * TAIL) / num)
+    return z_mean, z_lower, z_upper, z_outer
+
+
+def _lean(mean: float, lower: float, upper: float, num: int) -> str:
+    """The label of a parameter whose test failed while no summary passed :data:`Z_SHAPE`: the larger of the mean's
+    and the tails' deviations says which way it leans.
+
+    Example:
+        >>> _lean(0.5, 0.11, 0.12, 1000)
+        'weakly ∪-shaped (leans over-confident: posterior too narrow)'
+    """
+    z_mean, _, _, z_outer = _z_scores(mean, lower, upper, num)
+    if abs(z_mean) >= abs(z_outer):
+        side = "above" if z_mean > 0 else "below"
+        return f"weakly skewed: truth {side} most draws (leans biased)"
+    if z_outer > 0:
+        return "weakly ∪-shaped (leans over-confident: posterior too narrow)"
+    return "weakly ∩-shaped (leans under-confident: posterior too wide)"
+
+
+def _shape(mean: float, lower: float, upper: float, num: int) -> str:
+    """Label a rank histogram from its mean and tail fractions (z-scores under uniformity)."""
+    z_mean, z_lower, z_upper, z_outer = _z_scores(mean, lower, upper, num)
     labels = []
     # Dispersion raises (∪) or lowers (∩) both tails; bias raises one tail and lowers the other.
     if z_outer > Z_SHAPE and min(z_lower, z_upper) > 0:

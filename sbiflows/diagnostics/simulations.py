@@ -102,9 +102,10 @@ def simulate_datasets(
         x = simulator(theta)
     if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # as sbiflows.simulate takes it
         x = torch.from_numpy(np.ascontiguousarray(x))
-        x = x if x.is_floating_point() else x.to(theta.dtype)
     if not isinstance(x, Tensor):
         raise TypeError(f"simulator must return a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() and not x.is_complex():  # counts: in theta's dtype, as sbiflows.simulate takes them
+        x = x.to(theta.dtype)
     if x.ndim < 2 or x.shape[0] != num_datasets:
         raise ValueError(
             f"simulator must return shape (N, x_dim) = ({num_datasets}, x_dim) or (N, *x_shape), got {tuple(x.shape)}"
@@ -142,7 +143,11 @@ def calibration_pairs(
             raise ValueError(f"{check}: needs a prior and a simulator, or precomputed theta= and x=")
         theta, x = simulate_datasets(prior, simulator, num_datasets, seed=None)
     theta = _check_2d(theta, "theta", "(N, D)")
+    if isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex():  # counts, as NPE.fit takes them
+        x = x.to(theta.dtype)
     x = _check_2d(x, "x", "(N, x_dim) or (N, *x_shape)", structured=True)
+    if theta_dim is not None and theta.shape[1] != theta_dim:  # before the posterior draws, not after them
+        raise ValueError(f"{check}: theta has {theta.shape[1]} parameters but the posterior has {theta_dim}")
     if theta.shape[0] != x.shape[0]:
         raise ValueError(
             f"theta and x must have the same number of rows, got {theta.shape[0]} and {x.shape[0]}"
