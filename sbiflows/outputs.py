@@ -19,13 +19,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 from sbiflows.locks import LockHeld, hold_lock
 
-__all__ = ["MANIFEST", "OutputFolderError", "adopt", "hold", "prepare", "record"]
+__all__ = ["FIGURES", "MANIFEST", "OutputFolderError", "adopt", "hold", "prepare", "record"]
 
 #: The file that marks a folder as an sbiflows run.
 MANIFEST = "run.json"
@@ -36,6 +37,8 @@ CHECKPOINT = CHECKPOINT_FILE
 OUTPUTS = ("posterior.pt", "training*.ckpt", "samples.npz", "resume.json", "report.md", "report.json",
            "simulations.zarr", "calibration.zarr", "predictive", "rounds", "corner_*.png", "corner_*.pdf",
            "sbc_ranks.*", "coverage.*", "tarp.*")
+#: The figures of a run besides its corner plots (``corner_<observation>``), each as ``.png`` and ``.pdf``.
+FIGURES = ("sbc_ranks", "coverage", "tarp")
 #: Outputs that hold simulations, and the settings they depend on (the predictive checks' stores also
 #: depend on the posterior: the pipeline replaces one whose parameters are not the posterior's draws).
 STORES = ("simulations.zarr", "calibration.zarr", "predictive")
@@ -226,11 +229,26 @@ def adopt(out: Path, settings: dict) -> bool:
     return True
 
 
-def record(out: Path, settings: dict) -> None:
-    """Record that a run with ``settings`` finished, with the outputs (:data:`OUTPUTS`) now in ``out``."""
+def record(out: Path, settings: dict, *, observations: Sequence[str] = ()) -> None:
+    """Record that a run with ``settings`` finished, with the outputs now in ``out``: those of :data:`OUTPUTS`, the
+    figures by their exact names (:data:`FIGURES` and ``corner_<name>`` of each of its ``observations``, as PNG and
+    PDF), not by the patterns, which a figure the user saved beside them (``corner_paper.pdf``) also matches.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> for name in ("corner_obs1.png", "corner_obs1.pdf", "corner_paper.pdf", "coverage.svg"):
+        ...     _ = (out / name).write_text("")
+        >>> record(out, {"seed": 0}, observations=["obs1"])
+        >>> json.loads((out / MANIFEST).read_text())["files"]
+        ['corner_obs1.pdf', 'corner_obs1.png']
+    """
     out = Path(out)
-    files = sorted({path.name for pattern in OUTPUTS for path in out.glob(pattern)})
-    _write(out, {"settings": settings, "files": files})
+    figures = {f"{stem}{suffix}" for stem in (*FIGURES, *(f"corner_{name}" for name in observations))
+               for suffix in (".png", ".pdf")}
+    patterns = [pattern for pattern in OUTPUTS if not pattern.startswith(("corner_", *FIGURES))]
+    files = {path.name for pattern in patterns for path in out.glob(pattern)}
+    _write(out, {"settings": settings, "files": sorted(files | {name for name in figures if (out / name).exists()})})
 
 
 def recorded_settings(out: Path) -> dict:

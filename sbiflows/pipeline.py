@@ -111,7 +111,7 @@ def run(job: Job, *, log: Callable[[str], None] = print, force: bool = False) ->
     try:
         state = _run(job, log, force)
     finally:  # what the folder holds now, also after an error or Ctrl-C, so that force can remove it
-        outputs.record(job.out, settings)
+        outputs.record(job.out, settings, observations=names)
     log(f"done: report in {(job.out / 'report.md').resolve()}")
     return state.report
 

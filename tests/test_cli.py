@@ -782,6 +782,23 @@ def test_a_new_title_keeps_the_trained_posterior_and_its_samples(tmp_path):
     assert json.loads(resume.read_text())["train"]["simulator"] != "Two moons, final"  # brought up to date
 
 
+def test_force_keeps_the_figures_a_user_saved_beside_the_runs(tmp_path):
+    """run.json recorded every file matching the figures' patterns (``corner_*.pdf``, ``coverage.*``), so force
+    removed a corner plot the user had saved there for a paper."""
+    from sbiflows.pipeline import run
+
+    run(tiny_job(tmp_path, []), log=lambda line: None)
+    mine = [tmp_path / "corner_paper_figure3.pdf", tmp_path / "coverage.svg"]
+    for path in mine:
+        path.write_text("the user's")
+    run(tiny_job(tmp_path, []), log=lambda line: None)  # resumed: the run records its files again
+    lines = []
+    run(tiny_job(tmp_path, [], num_samples=50), log=lines.append, force=True)
+    assert all(path.read_text() == "the user's" for path in mine)
+    assert "corner_obs1.pdf" in lines[0] and "corner_paper" not in lines[0]
+    assert (tmp_path / "corner_obs1.pdf").exists() and (tmp_path / "coverage.pdf").exists()
+
+
 def test_pipeline_run_from_python_guards_the_folder_as_the_command_line_does(tmp_path):
     from sbiflows.outputs import OutputFolderError, prepare, record
     from sbiflows.pipeline import run
