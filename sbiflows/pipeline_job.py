@@ -48,6 +48,14 @@ class Observation:
     true_parameters: Tensor | None = None
     reference: int | None = None
 
+    def __post_init__(self) -> None:
+        """The name becomes part of file names: refused here, not after training, when it cannot be one."""
+        if not isinstance(self.name, str):
+            raise TypeError(f"Observation name must be a string, got {type(self.name).__name__}")
+        if self.name in ("", ".", "..") or any(c in self.name for c in ("/", "\\", "\0")):
+            raise ValueError(f"Observation name must be usable in a file name (corner_<name>.png): not empty, '.' or "
+                             f"'..', without '/', '\\' or NUL, got {self.name!r}")
+
 
 @dataclass
 class Job:

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -305,7 +306,9 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"[{_number(p['ci95'][0])}, {_number(p['ci95'][1])}] | {_number(p['map'])} | "
                 f"{_number(truth[j]) if truth else '-'} |"
             )
-        lines += ["", f"![corner plot of {o['name']}]({o['corner']}.png) ([PDF]({o['corner']}.pdf))", ""]
+        link = quote(o["corner"])  # spaces and parentheses of an observation's name would end the link
+        alt = o["name"].replace("[", "(").replace("]", ")")
+        lines += ["", f"![corner plot of {alt}]({link}.png) ([PDF]({link}.pdf))", ""]
     if "mean_c2st" in report:
         lines += [f"Mean C2ST: **{report['mean_c2st']:.3f}** (0.5 = indistinguishable from the reference).", ""]
     if "rounds" in report:

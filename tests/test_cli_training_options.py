@@ -77,6 +77,28 @@ def test_the_markdown_report_names_the_restart_epoch(tmp_path):
                          "(diverged: best weights restored)")
 
 
+def test_observation_names_make_file_names_and_links_that_work(tmp_path):
+    """A name with '/' crashed after training, at the corner plot's path; a name with spaces (``--observation
+    "my obs.csv"``) made a Markdown link that does not render."""
+    from sbiflows.pipeline import Observation
+    from sbiflows.report import write_markdown
+
+    for name in ("2024/obs1", "a\\b", "", ".."):
+        with pytest.raises(ValueError, match="Observation name must be usable in a file name"):
+            Observation(name, torch.zeros(2))
+    with pytest.raises(TypeError, match="Observation name must be a string, got int"):
+        Observation(1, torch.zeros(2))
+    observation = {"name": "my obs [v2]", "corner": "corner_my obs [v2]", "parameters": [],
+                   "predictive": {"passed": True, "summary": ""}}
+    report = {"name": "t", "simulations": 10, "simulation_summary": "", "estimator": "nsf", "seed": 0,
+              "training": {"epochs": 9, "best_epoch": 8, "best_validation_loss": 0.0, "diverged": False},
+              "verdict": "calibrated",
+              "advice": "", "observations": [observation], "calibration": {}, "timings_seconds": {}, "versions": {}}
+    write_markdown(report, tmp_path / "report.md")
+    assert ("![corner plot of my obs (v2)](corner_my%20obs%20%5Bv2%5D.png) ([PDF](corner_my%20obs%20%5Bv2%5D.pdf))"
+            in (tmp_path / "report.md").read_text())
+
+
 def test_the_device_is_checked_before_anything_runs_and_is_not_a_setting(tmp_path, capsys, monkeypatch):
     from sbiflows.pipeline import Job, Observation
     import simulators
