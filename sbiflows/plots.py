@@ -37,6 +37,8 @@ __all__ = ["corner", "coverage", "sbc_ranks", "tarp"]
 SAMPLES_COLOR = "#0072B2"
 REFERENCE_COLOR = "#E69F00"
 TRUTH_COLOR = "#000000"
+#: Panels per row of :func:`sbc_ranks` (ten parameters in one row made a page-wide figure unreadable).
+SBC_COLUMNS = 5
 #: The central share of each sample set that sets a corner plot's axis ranges.
 VIEW_MASS = 0.998
 
@@ -77,7 +79,8 @@ def corner(
         reference_color: Colour of ``reference``.
         truth_color: Colour of ``truths``.
         legend: Legend entries for samples, reference and truths (each shown when drawn).
-        **kwargs: Passed to ``corner.corner`` (e.g. ``bins``, ``smooth``, ``range`` override the rules above).
+        **kwargs: Passed to ``corner.corner`` (e.g. ``bins``, ``smooth``, ``range`` override the rules above; a
+            fraction in ``range`` is the central share of ``samples``); ``weights`` weigh ``samples`` only.
 
     Returns:
         The figure, with ``D x D`` axes.
@@ -98,7 +101,10 @@ def corner(
     ref = None if reference is None else _as_2d(reference, "reference")
     if ref is not None and ref.shape[1] != dim:
         raise ValueError(f"reference must have {dim} columns like samples, got shape {ref.shape}")
-    kwargs.setdefault("range", _view_range(data, ref, truth))
+    if len(legend) != 3 or not all(isinstance(entry, str) for entry in legend):
+        raise ValueError(f"legend must be 3 strings (samples, reference, truths), got {legend!r}")
+    # fractions of samples become bounds here, so the reference is drawn on the posterior's axes
+    kwargs["range"] = _bounds(kwargs["range"], data, dim) if "range" in kwargs else _view_range(data, ref, truth)
     kwargs.setdefault("bins", _bins(data, kwargs["range"]))
     kwargs.setdefault("smooth", 1.0)  # 2-D contours only: one bin of Gaussian smoothing; 1-D histograms are raw
     hist_kwargs = dict(kwargs.pop("hist_kwargs", None) or {})
@@ -113,8 +119,9 @@ def corner(
         fig.axes[0].axvline(float(truth[0]), color=truth_color)
     handles = [Line2D([], [], color=color, label=legend[0])]
     if ref is not None:
-        outline = {"plot_datapoints": False, "plot_density": False, "fill_contours": False, **kwargs}
-        corner_package.corner(  # contour lines only, so the posterior underneath stays visible
+        outline = {"plot_datapoints": False, "plot_density": False, "fill_contours": False,
+                   **{k: v for k, v in kwargs.items() if k != "weights"}, "no_fill_contours": True}
+        corner_package.corner(  # contour lines only (no white base fill), so the posterior underneath stays visible
             ref, fig=fig, labels=labels, color=reference_color, hist_kwargs=dict(hist_kwargs), **outline
         )
         _fit_diagonal_heights(fig, dim)  # the second call scaled the 1-D panels to the reference alone
@@ -195,8 +202,13 @@ def sbc_ranks(
     check_real(confidence, "confidence", low=0, high=1, low_open=True, high_open=True)
     names = _labels(labels if labels is not None else default_labels, dim)
 
-    fig, axes = plt.subplots(1, dim, figsize=(3.2 * dim, 2.8), squeeze=False, layout="constrained")
-    for i, ax in enumerate(axes[0]):
+    columns = min(dim, SBC_COLUMNS)
+    rows = -(-dim // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[dim:]:  # the last row's empty places
+        ax.remove()
+    for i, ax in enumerate(axes.flat[:dim]):
         if kind == "hist":
             _rank_histogram(ax, ranks[:, i], levels, bins, confidence)
         else:
@@ -246,8 +258,9 @@ def coverage(result: CoverageResult, *, ax: Axes | None = None, source: str | No
     ax.text(0.03, 0.97, "conservative (too wide)", ha="left", va="top", transform=ax.transAxes, color="0.4")
     _unit_square(ax, "credibility level of HPD region", "empirical coverage")
     datasets = f"{result.num_datasets} datasets" + ("" if source is None else f" from {source}")
+    failing = "below the band = failed" if result.one_sided else "outside the band = failed"
     ax.set_title(f"Expected coverage: {verdict(result)}\n{datasets}"
-                 + (", outside the band = failed" if source is None else "\noutside the band = failed"))
+                 + (f", {failing}" if source is None else f"\n{failing}"))
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), frameon=False)
     return fig
 
@@ -255,8 +268,9 @@ def coverage(result: CoverageResult, *, ax: Axes | None = None, source: str | No
 def tarp(result: TARPResult, *, ax: Axes | None = None) -> Figure:
     """TARP expected coverage probability (ECP) vs credibility, with the diagonal and a KS band.
 
-    The band is ``alpha ± d``, with ``d`` the KS critical distance at the result's significance
-    level: an ECP curve leaving it is what the KS test rejects.
+    The band is ``alpha ± d``, with ``d`` the smaller of the KS critical distance at the result's significance level
+    and the result's tolerance for ``max |ECP - alpha|``: the check fails a curve that leaves either. The title
+    gives both numbers against their limits.
 
     Example:
         >>> import sbiflows.diagnostics as d
@@ -272,11 +286,17 @@ def tarp(result: TARPResult, *, ax: Axes | None = None) -> Figure:
     fig, ax = _figure(ax)
     grid, ecp = result.credibility.numpy(), result.ecp.numpy()
     crit = float(scipy.stats.kstwo.ppf(1 - result.alpha, result.num_datasets))
-    ax.fill_between(grid, grid - crit, grid + crit, color="0.85", label=f"KS band (alpha={result.alpha:g})")
+    width = min(crit, result.tolerance)  # the check wants both: the KS test and |ECP - alpha| <= tolerance
+    source = f"KS at alpha={result.alpha:g}" if crit <= result.tolerance else f"tolerance {result.tolerance:g}"
+    ax.fill_between(grid, grid - width, grid + width, color="0.85", label=f"accepted band ({source})")
     ax.plot([0, 1], [0, 1], color="k", linestyle="--", linewidth=1, label="calibrated")
     ax.plot(grid, ecp, color=SAMPLES_COLOR, label="ECP")
     _unit_square(ax, "credibility level alpha", "expected coverage probability")
-    ax.set_title(f"TARP: {verdict(result)}\nATC {result.atc:+.3f}, KS p {result.ks_pvalue:.2g}")
+    within = result.max_deviation <= result.tolerance
+    tests = (f"max |ECP - alpha| {result.max_deviation:.3f} {'<=' if within else '>'} {result.tolerance:g}; "
+             f"KS p {result.ks_pvalue:.2g} {'>=' if result.ks_pvalue >= result.alpha else '<'} {result.alpha:g}")
+    tests = tests.replace("; ", "\n") if ax.figure.get_figwidth() < 6 else tests  # a small figure: two lines
+    ax.set_title(f"TARP: {verdict(result)}, ATC {result.atc:+.3f}\n{tests}")
     ax.legend(loc="upper left", frameon=False)
     return fig
 
@@ -327,6 +347,7 @@ def _unpack_ranks(
     ranks = _as_2d(value, "result_or_ranks")
     if num_posterior_samples is None:
         raise ValueError("num_posterior_samples (L) is required when passing raw ranks")
+    check_int(num_posterior_samples, "num_posterior_samples", minimum=1)
     if np.any(ranks != np.round(ranks)) or ranks.min() < 0 or ranks.max() > num_posterior_samples:
         raise ValueError(f"ranks must be integers in 0..{num_posterior_samples} (num_posterior_samples)")
     default_bins = max(1, min(20, len(ranks) // 10, num_posterior_samples + 1))  # as rank_statistics
@@ -360,6 +381,25 @@ def _view_range(samples: np.ndarray, reference: np.ndarray | None, truth: np.nda
         low, high = np.minimum(low, truth), np.maximum(high, truth)
     pad = np.where(high > low, 0.1 * (high - low), np.maximum(0.05 * np.abs(low), 0.5))
     return [(float(lo), float(hi)) for lo, hi in zip(low - pad, high + pad)]
+
+
+def _bounds(ranges: object, samples: np.ndarray, dim: int) -> list[tuple[float, float]]:
+    """``corner``'s ``range``: per column bounds ``(low, high)``, or a fraction in (0, 1) of the samples (the central,
+    equal-tailed share), as bounds."""
+    if not isinstance(ranges, (list, tuple)) or len(ranges) != dim:
+        raise ValueError(f"range must have {dim} entries (one per parameter), each (low, high) or a fraction in "
+                         f"(0, 1), got {ranges!r}")
+    bounds = []
+    for column, entry in zip(samples.T, ranges):
+        if isinstance(entry, (int, float)) and 0 < entry < 1:
+            low, high = np.quantile(column, [(1 - entry) / 2, (1 + entry) / 2])
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and float(entry[0]) < float(entry[1]):
+            low, high = entry
+        else:
+            raise ValueError(f"range entries must be (low, high) with low < high or a fraction in (0, 1), got "
+                             f"{entry!r}")
+        bounds.append((float(low), float(high)))
+    return bounds
 
 
 def _bins(samples: np.ndarray, ranges: Sequence[tuple[float, float]]) -> list[int]:

@@ -113,9 +113,28 @@ def test_corner_takes_labels_from_a_task_and_defaults_otherwise():
     assert len(plots.corner(samples(dim=1)[:, 0]).axes) == 1  # (N,) is one parameter
 
 
+def test_the_reference_draws_lines_only_over_the_posteriors_shading():
+    """The reference's corner call painted its white base fill over the posterior's density inside its outer
+    contour; ``range`` fractions crashed; ``weights`` of the samples weighed (or broke) the reference too."""
+    from matplotlib.collections import PolyQuadMesh
+    from matplotlib.contour import ContourSet
+
+    post, ref = samples(seed=1), samples(n=3000, seed=2, shift=0.5)
+    panel = plots.corner(post, reference=ref).axes[2]
+    density = next(i for i, c in enumerate(panel.collections) if isinstance(c, PolyQuadMesh))
+    later_fills = [c for c in panel.collections[density:] if isinstance(c, ContourSet) and c.filled]
+    assert later_fills == []
+    fig = plots.corner(post, reference=ref, range=[0.9, (-1.0, 1.0)], weights=np.ones(len(post)))
+    low, high = np.quantile(post[:, 0].numpy(), [0.05, 0.95])
+    assert fig.axes[0].get_xlim() == pytest.approx((low, high)) and fig.axes[3].get_xlim() == (-1.0, 1.0)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
+        ((torch.zeros(10, 2),), {"legend": ("a", "b")}, ValueError, r"legend must be 3 strings .* got \('a', 'b'\)"),
+        ((torch.zeros(10, 2),), {"range": [2.0, 0.5]}, ValueError, "range entries must be .* got 2.0"),
+        ((torch.zeros(10, 2),), {"range": [0.5]}, ValueError, "range must have 2 entries"),
         (([[0.0, 1.0]] * 10,), {}, TypeError, "samples must be a torch.Tensor or numpy.ndarray, got list"),
         ((torch.zeros(10, 2, 2),), {}, ValueError, r"samples must have shape \(N, D\), got \(10, 2, 2\)"),
         ((torch.full((10, 2), float("nan")),), {}, ValueError, "samples contains NaN"),
@@ -187,6 +206,7 @@ def test_sbc_ranks_accepts_raw_ranks():
     [
         ({}, ValueError, "num_posterior_samples .* is required when passing raw ranks"),
         ({"num_posterior_samples": 10}, ValueError, r"ranks must be integers in 0..10"),
+        ({"num_posterior_samples": 50.0}, TypeError, "num_posterior_samples must be an int"),
         ({"num_posterior_samples": 50, "kind": "violin"}, ValueError, "kind must be one of 'hist', 'ecdf', got 'violin'"),
         ({"num_posterior_samples": 50, "num_bins": 52}, ValueError, r"num_bins \(at most L \+ 1\) must be an int in \[1, 51\], got 52"),
         ({"num_posterior_samples": 50, "confidence": 1.0}, ValueError, r"confidence must be a real number in \(0, 1\), got 1.0"),
@@ -233,6 +253,29 @@ def test_tarp_plot_shows_ecp_against_the_diagonal_with_a_ks_band(results):
     crit = scipy.stats.kstwo.ppf(1 - result.alpha, result.num_datasets)
     assert band[:, 1].max() == pytest.approx(1 + crit)
     assert "calibrated" in ax.get_title() and f"{result.atc:+.3f}" in ax.get_title()
+    assert f"max |ECP - alpha| {result.max_deviation:.3f} <= 0.1" in ax.get_title() and "KS p" in ax.get_title()
+
+
+def test_the_tarp_band_and_title_show_the_tolerance_where_it_decides():
+    """Below about 265 datasets the KS band is wider than the tolerance of 0.1: the plot drew only the KS band, so
+    a curve inside it could come with "FAILED" and no visible reason."""
+    model = GaussianLinearModel(dim=2, sigma=0.5)
+    theta, x = simulate_datasets(model.prior, model, 100, seed=0)
+    result = tarp(model.posterior(scale=0.8), theta=theta, x=x, num_posterior_samples=200, seed=0)
+    ax = plots.tarp(result).axes[0]
+    assert ax.get_legend().get_texts()[0].get_text() == "accepted band (tolerance 0.1)"
+    assert ax.collections[0].get_paths()[0].vertices[:, 1].max() == pytest.approx(1.1)
+    assert ("<=" if result.max_deviation <= 0.1 else ">") in ax.get_title().split("\n")[1]
+
+
+def test_a_one_sided_coverage_plot_fails_only_below_the_band_and_sbc_panels_wrap(results):
+    import dataclasses
+
+    one_sided = dataclasses.replace(results.coverage, one_sided=True)
+    assert "below the band = failed" in plots.coverage(one_sided).axes[0].get_title()
+    ranks = torch.randint(0, 51, (100, 7), generator=torch.Generator().manual_seed(0))
+    fig = plots.sbc_ranks(ranks, num_posterior_samples=50)
+    assert len(fig.axes) == 7 and fig.get_size_inches()[0] == pytest.approx(3.2 * 5)
 
 
 def test_coverage_and_tarp_draw_into_a_given_axes(results):
