@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace the results of an earlier run with other settings in --out (only files sbiflows "
                      "wrote are removed; simulations are kept where the settings they depend on are unchanged, "
                      "the trained posterior where only later steps' settings changed, such as the observations of "
-                     "a run without --rounds; the rounds of a --rounds run, simulations included, are kept only "
-                     "where only later steps' settings changed)")
+                     "a run without --rounds; the rounds of a --rounds run are kept only where only later steps' "
+                     "settings changed, and otherwise round 1's simulations where they stay valid)")
     engine = fit.add_argument_group("simulation engine (see docs/scaling.md)")
     engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                         help="local worker processes that run the simulator (default: in this process)")

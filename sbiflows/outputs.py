@@ -11,7 +11,9 @@ seeds; not ``--quiet`` or ``--workers``) and, when it finishes, the files it wro
   are removed (only those: a file sbiflows did not write is never touched), the simulation stores
   only if the settings they depend on changed, and the trained posterior (or a sequential run's
   ``rounds``) only if a setting other than those of the steps after training changed (the observations
-  are among those of an amortized run: new ones reuse its posterior).
+  are among those of an amortized run: new ones reuse its posterior). Of the rounds, round 1's parameters
+  and simulations stay where its stores' settings, the budget and the number of rounds are unchanged: they
+  come from the prior alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from sbiflows.checkpoint import CHECKPOINT_FILE, Checkpoint
 from sbiflows.locks import LockHeld, hold_lock
+from sbiflows.sequential_store import keep_first_round
 
 __all__ = ["FIGURES", "MANIFEST", "OutputFolderError", "adopt", "hold", "prepare", "record"]
 
@@ -189,6 +192,11 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if later:
         keep.update(("posterior.pt", CHECKPOINT, SEQUENTIAL, "resume.json", "samples.npz"))
     removed = []
+    first_round = not ({"simulations", "rounds"} & set(changed))  # round 1's draws: the prior's, of the same size
+    if SEQUENTIAL not in keep and STORES[0] in keep and first_round and (out / SEQUENTIAL).is_dir() \
+            and keep_first_round(out / SEQUENTIAL):
+        keep.add(SEQUENTIAL)
+        removed.append(f"{SEQUENTIAL} (all but round 1's simulations)")
     for name in manifest.get("files", []):
         path = out / name
         if name in keep or name == MANIFEST or path.parent != out or not path.exists():

@@ -2,13 +2,15 @@
 
 ``tsnpe.json`` holds the run's settings, how each round's parameters were drawn and one record per
 finished round; it is rewritten atomically after each change. A folder with other settings, or a
-non-empty folder without ``tsnpe.json``, is refused.
+non-empty folder without ``tsnpe.json``, is refused, except one that holds only round 1's parameters and
+simulations (:func:`keep_first_round`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ import numpy as np
 
 from sbiflows.engine.names import same_simulator
 
-__all__ = ["MANIFEST", "RoundStore", "atomic_npy", "atomic_text"]
+__all__ = ["FIRST_ROUND", "MANIFEST", "RoundStore", "atomic_npy", "atomic_text", "keep_first_round"]
 
 MANIFEST = "tsnpe.json"
+#: What :func:`keep_first_round` keeps in ``round_0``: round 1's parameters and simulation store.
+FIRST_ROUND = ("theta.npy", "simulations.zarr")
 
 
 def atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -64,7 +68,7 @@ class RoundStore:
                 self.manifest["settings"] = settings
                 self._write()
         else:
-            if any(self.root.iterdir()):
+            if not _first_round_only(self.root):
                 raise ValueError(f"store {self.root} is a non-empty folder without {MANIFEST}; use an empty or new one")
             self.manifest = {"settings": settings, "rounds": [], "draws": {}}
             self._write()
@@ -98,3 +102,36 @@ class RoundStore:
 
     def _write(self) -> None:
         atomic_text(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+
+
+def keep_first_round(root: str | os.PathLike) -> bool:
+    """Empty a TSNPE store but for round 1's parameters and simulations (:data:`FIRST_ROUND`): they come from the
+    prior alone, so a run with the same prior, simulator, seed and budget but another training setting or
+    observation takes them up again. Returns whether anything of round 1 was kept.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("tsnpe.json", "round_0/theta.npy", "round_0/posterior.pt", "round_1/theta.npy"):
+        ...     (root / name).parent.mkdir(exist_ok=True); _ = (root / name).write_text("")
+        >>> keep_first_round(root), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        (True, ['round_0', 'round_0/theta.npy'])
+        >>> RoundStore(root, {"seed": 0}).finished()  # taken up as a store with no finished round
+        []
+    """
+    root, first = Path(root), Path(root) / "round_0"
+    for entry in [*root.iterdir(), *(first.iterdir() if first.is_dir() else ())]:
+        if entry != first and not (entry.parent == first and entry.name in FIRST_ROUND):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if first.is_dir() and not any(first.iterdir()):
+        first.rmdir()
+    return first.is_dir()
+
+
+def _first_round_only(root: Path) -> bool:
+    """Whether ``root`` is empty or holds only what :func:`keep_first_round` keeps."""
+    entries = list(root.iterdir())
+    if not entries:
+        return True
+    first = root / "round_0"
+    return entries == [first] and first.is_dir() and all(e.name in FIRST_ROUND for e in first.iterdir())

@@ -96,6 +96,15 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     assert main([*rerun, "--force"]) == 0
     assert "force: removing the rounds of other TSNPE settings" in capsys.readouterr().out
     assert json.loads((out / "rounds" / "tsnpe.json").read_text())["settings"]["truncation"]["quantile"] != 0.5
+    # a training setting changed: --force starts the rounds over but keeps round 1's simulations (the prior's draws)
+    first = (out / "rounds" / "round_0" / "theta.npy").read_bytes()
+    assert main([*rerun, "--max-epochs", "4", "--force"]) == 0
+    assert "rounds (all but round 1's simulations)" in capsys.readouterr().err
+    reused = json.loads((out / "report.json").read_text())["reused"]
+    assert "300 of 300 simulations of round 1 (read from its store)" in reused
+    assert not any("round 2" in entry for entry in reused)  # its region came from the new round 1's posterior
+    assert (out / "rounds" / "round_0" / "theta.npy").read_bytes() == first
+    assert json.loads((out / "report.json").read_text())["training"]["round_epochs"][0] <= 4
 
 
 def test_the_advice_of_a_sequential_run_asks_only_for_what_tsnpe_takes():
