@@ -79,7 +79,8 @@ def box_uniform(low: Any, high: Any, *, dtype: torch.dtype | None = None, device
 
 
 def _bounds(value: Any, name: str, dtype: torch.dtype | None, device: Any) -> Tensor:
-    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    # Python numbers straight into the requested dtype: through float32 first, 0.1 became 0.10000000149 in float64
+    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=dtype)
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)

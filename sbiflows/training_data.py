@@ -11,11 +11,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from sbiflows.checks import as_float_tensor
+from sbiflows.checks import as_float_tensor, caller_level
 from sbiflows.estimator import EXTREME_Z, extreme_rows
 from sbiflows.posterior import _x_dtype
 from sbiflows.priors import draws_float64
@@ -27,6 +28,9 @@ __all__ = ["MIN_VALID", "TooFewSimulationsError", "check_training_data", "duplic
 
 #: The fewest valid simulations a training takes: one row to train on and one to validate.
 MIN_VALID = 2
+#: The largest rounding of float64 theta to the flow's dtype, relative to a parameter's spread, that passes without
+#: a warning: a parameter of spread 1 at an offset of 1e6 rounds by up to 0.03 in float32.
+COARSE = 1e-4
 
 
 class TooFewSimulationsError(ValueError):
@@ -77,6 +81,7 @@ def check_training_data(
         >>> theta.shape, x.shape
         (torch.Size([10, 2]), torch.Size([10, 3]))
     """
+    _warn_coarse(theta, dtype)
     theta = as_float_tensor(theta, "theta", dtype=dtype, device=device, warn_narrowing=lambda: not draws_float64(prior))
     x = as_float_tensor(x, "x", dtype=_x_dtype(x, dtype), device=device)  # float64 stays float64
     if theta.ndim == 1 and theta_dim == 1:
@@ -163,3 +168,23 @@ def duplicate_groups(theta: Tensor, x: Tensor) -> Tensor | None:
     rows = torch.cat([theta.reshape(len(theta), -1).double(), x.reshape(len(x), -1).double()], dim=1)
     _, groups = torch.unique(rows, dim=0, return_inverse=True)
     return groups if int(groups.max()) + 1 < len(rows) else None
+
+
+def _warn_coarse(theta: Any, dtype: torch.dtype) -> None:
+    """Warn when float64 ``theta`` rounds to ``dtype`` by more than :data:`COARSE` of a parameter's spread (a large
+    offset, e.g. a time of 1e6 s known to a second): the flow would learn and return a quantized posterior."""
+    values = torch.from_numpy(theta) if isinstance(theta, np.ndarray) else theta
+    if not isinstance(values, Tensor) or values.dtype != torch.float64 or dtype == torch.float64 or len(values) < 2:
+        return
+    values = values.detach().reshape(len(values), -1)
+    rounding = (values - values.to(dtype).double()).abs().amax(0)
+    spread = values.std(0)
+    coarse = torch.nonzero((rounding > COARSE * spread) & (spread > 0)).flatten().tolist()
+    if coarse:
+        j = coarse[0]
+        warnings.warn(
+            f"theta's parameter(s) {coarse[:10]} lose precision in the flow's {dtype}: parameter {j} spreads "
+            f"{float(spread[j]):.3g} around {float(values[:, j].mean()):.6g} and rounds by up to "
+            f"{float(rounding[j]):.3g}, so the posterior would be quantized; call torch.set_default_dtype(torch.float64) before creating NPE, or "
+            "train on parameters shifted and scaled to a range near 0 and 1",
+            UserWarning, stacklevel=caller_level())

@@ -166,7 +166,9 @@ def check_observations(
         expected = f"{x_shape} or (1, {dims}) like the training simulations"
     else:
         expected = f"(B, {dims}) (observations of the training x's shape {x_shape}) or {x_shape} for one"
-    if len(shape) == len(x_shape):
+    if x_shape == (1,) and len(shape) < 2:  # scalar simulations: () is one, (B,) B of them, as fit takes x (N,)
+        xs = xs.reshape(-1, 1)
+    elif len(shape) == len(x_shape):
         xs = xs[None]
     elif len(shape) != len(x_shape) + 1:
         raise ValueError(f"{name} must have shape {expected}, got {shape}")

@@ -17,7 +17,7 @@ from torch.distributions import (
     Uniform,
 )
 
-from sbiflows import NPE, Posterior, load, training
+from sbiflows import NPE, Posterior, box_uniform, load, training
 from sbiflows.estimator import zscore
 from sbiflows.flows import Flow, maf
 from sbiflows.transforms import Coupling, MaskedAutoregressive, Transform
@@ -705,6 +705,26 @@ def test_float64_theta_of_a_float32_prior_is_cast_with_one_warning_per_process()
         NPE(prior).fit(theta.double(), x, max_epochs=1, progress=False)
         posterior.log_prob(theta[:3].double(), x=x[0])
     assert posterior.log_prob(theta[:3].double(), x=x[0]).dtype == torch.float32
+
+
+def test_float64_parameters_that_float32_would_quantize_are_named(tmp_path):
+    """A float64 prior's theta was cast to the flow's float32 in silence: a box [1e6, 1e6 + 1] trained and drew on a
+    grid of 1/16. Parameters at ordinary scales stay silent; scalar simulations of shape (N,) are taken as
+    observations of that shape after the fit too."""
+    prior = box_uniform(np.array([1e6, 0.0]), np.array([1e6 + 1, 1.0]))
+    theta = prior.sample((300,))
+    x = (theta - torch.tensor([1e6, 0.0], dtype=torch.float64)).float()
+    with pytest.warns(UserWarning, match=r"parameter\(s\) \[0\] lose precision in the flow's torch.float32: "
+                                         r"parameter 0 spreads 0.\d+ around 1e\+06 and rounds by up to 0.0\d+"):
+        NPE(prior, ensemble=1, transforms=1, hidden_features=(8,)).fit(theta, x, max_epochs=1, progress=False)
+    scalar = Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    theta = scalar.sample((200,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        posterior = NPE(scalar, ensemble=1, transforms=1, hidden_features=(8,), transformer="spline").fit(
+            theta, theta.float() + 0.1 * torch.randn(200), max_epochs=1, progress=False)
+    assert posterior.sample(3, x=torch.tensor(0.5)).shape == (3, 1)
+    assert posterior.sample_batched(4, torch.tensor([0.5, -0.5, 1.0])).shape == (4, 3, 1)
 
 
 def test_float64_x_on_a_large_offset_keeps_its_signal(tmp_path):

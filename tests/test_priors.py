@@ -52,6 +52,9 @@ def test_box_uniform_dtypes_and_broadcasting():
     assert box_uniform(np.zeros(3), 1.0).base_dist.low.dtype == torch.float64  # NumPy bounds keep float64
     assert box_uniform([0, 0], [1, 2], dtype=torch.float64).sample((1,)).dtype == torch.float64
     assert box_uniform(torch.zeros(3), torch.ones(3)).event_shape == (3,)
+    # Python numbers go straight into the requested dtype (through float32, 0.1 became 0.10000000149)
+    exact = box_uniform([0.1, 1e6], [0.3, 1e6 + 0.1], dtype=torch.float64)
+    assert exact.base_dist.low.tolist() == [0.1, 1e6] and exact.base_dist.high.tolist() == [0.3, 1e6 + 0.1]
 
 
 @pytest.mark.parametrize(
