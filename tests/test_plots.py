@@ -263,7 +263,7 @@ def test_the_tarp_band_and_title_show_the_tolerance_where_it_decides():
     theta, x = simulate_datasets(model.prior, model, 100, seed=0)
     result = tarp(model.posterior(scale=0.8), theta=theta, x=x, num_posterior_samples=200, seed=0)
     ax = plots.tarp(result).axes[0]
-    assert ax.get_legend().get_texts()[0].get_text() == "accepted band (tolerance 0.1)"
+    assert ax.get_legend().get_texts()[0].get_text() == "accepted band (tolerance)"
     assert ax.collections[0].get_paths()[0].vertices[:, 1].max() == pytest.approx(1.1)
     assert ("<=" if result.max_deviation <= 0.1 else ">") in ax.get_title().split("\n")[1]
 
