@@ -124,6 +124,10 @@ class EnsembleNet(nn.Module):
     def x_scale(self) -> Tensor:
         return self.members[0].x_scale
 
+    @property
+    def fewest_trials(self) -> int | None:
+        return self.members[0].fewest_trials
+
     def context(self, x: Tensor) -> Tensor:
         """The members' contexts for ``x`` ``(*batch, x_dim)``: ``(*batch, K, C)``."""
         return torch.stack([member.context(x) for member in self.members], -2)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sbiflows.checks import check_choice
 from sbiflows.flows import DEFAULT_BINS, DEFAULT_BOUND, MIXINGS, ONE_FEATURE_WARNING, Flow, maf, nsf, realnvp
 from sbiflows.transforms.transformers import make_transformer
-from sbiflows.xshape import layout, zscore, zscore_shaped
+from sbiflows.xshape import layout, trial_mask, zscore, zscore_shaped
 from sbiflows.xshape import stats_shape as xshape_stats
 
 __all__ = [
@@ -289,6 +289,8 @@ class PosteriorNet(nn.Module):
         self.x_shape = (int(x_dim),) if x_shape is None else tuple(int(s) for s in x_shape)
         self.theta_dim, self.x_dim = theta_dim, math.prod(self.x_shape)
         self.zscore_axes, self.padded_trials = layout(embedding, self.x_shape)
+        #: With NaN-padded sets: the fewest finite trials of a training set (None: not known, e.g. an older file).
+        self.fewest_trials: int | None = None
         if stats_shape is None:
             stats_shape = xshape_stats(self.x_shape, self.zscore_axes)
         self.register_buffer("u_shift", torch.zeros(theta_dim))
@@ -313,6 +315,8 @@ class PosteriorNet(nn.Module):
         mean, std, _ = zscore_shaped(x.double(), axes=self.zscore_axes, padded_trials=self.padded_trials)
         self.x_shift.copy_(mean.reshape(self.x_shift.shape))
         self.x_scale.copy_(std.reshape(self.x_scale.shape))
+        if self.padded_trials:
+            self.fewest_trials = int(trial_mask(x).sum(-1).min())
 
     def context(self, x: Tensor) -> Tensor:
         """The flow's context ``(*batch, C)`` for raw observations ``x`` ``(*batch, *x_shape)`` (any float dtype).

@@ -212,6 +212,7 @@ def network_config(
         "hidden_features": list(hidden_features),
         "activation": activation,
         **embedding_config(members_of(net)[0].embedding),  # the one built (``"auto"`` resolved)
+        **({} if members_of(net)[0].fewest_trials is None else {"fewest_trials": members_of(net)[0].fewest_trials}),
         "theta_dim": theta_dim,
         "x_dim": net.x_dim,
         "x_shape": list(net.x_shape),

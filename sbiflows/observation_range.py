@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sbiflows.checks import caller_level
 
-__all__ = ["OUTSIDE_Z", "observations_unchecked", "warn_if_outside"]
+__all__ = ["OUTSIDE_Z", "observations_unchecked", "warn_if_fewer_trials", "warn_if_outside"]
 
 #: An observation feature more than this many standard deviations from the training simulations' mean
 #: counts as far outside them (the posterior there is an extrapolation of the network).
@@ -68,5 +68,27 @@ def warn_if_outside(xs: Tensor, name: str, *, x_shift: Tensor, x_scale: Tensor) 
         f"{' and more' if len(features) > 5 else ''} are more than {OUTSIDE_Z:g} standard deviations from "
         "the simulations' mean, so the posterior there is an extrapolation. A misspecified simulator or "
         "wrong units are the usual cause (silence with sbiflows.posterior.observations_unchecked())",
+        UserWarning, stacklevel=caller_level(),
+    )
+
+
+def warn_if_fewer_trials(xs: Tensor, name: str, *, fewest: int | None) -> None:
+    """One warning when sets ``xs`` ``(B, trials, features)`` (NaN-padded) hold fewer finite trials than ``fewest``,
+    the fewest of any training set: the set network never saw so few (trained on full sets only, it is far off).
+    Nothing is checked inside :func:`observations_unchecked` or when ``fewest`` is None.
+
+    Example:
+        >>> warn_if_fewer_trials(torch.ones(1, 3, 2), "x", fewest=3)  # as few as training had: silent
+    """
+    if not _CHECK_OBSERVATIONS.get() or fewest is None:
+        return
+    counts = torch.isfinite(xs).all(-1).sum(-1)
+    if not bool((counts < fewest).any()):
+        return
+    warnings.warn(
+        f"{int((counts < fewest).sum())} of {len(xs)} {name} set(s) hold {int(counts.min())} trial(s), fewer than "
+        f"the {fewest} of every training simulation: the set network never saw so few, so the posterior there is an "
+        "extrapolation; train on NaN-padded sets of as few trials to serve them (silence with "
+        "sbiflows.posterior.observations_unchecked())",
         UserWarning, stacklevel=caller_level(),
     )

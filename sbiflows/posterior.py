@@ -35,6 +35,7 @@ from sbiflows.estimator import PosteriorNet
 from sbiflows.observation_range import (
     OUTSIDE_Z,  # noqa: F401 - public here
     observations_unchecked,  # noqa: F401 - public here (sbiflows.posterior.observations_unchecked)
+    warn_if_fewer_trials,
     warn_if_outside,
 )
 from sbiflows.posterior_file import load
@@ -461,6 +462,8 @@ class Posterior:
             what = "NaN or inf" if not self.net.padded_trials else "no finite trial, inf, or NaN inside a trial"
             raise ValueError(f"{name} contains {what} (rows {rows[:10]}); the posterior is undefined there")
         warn_if_outside(xs, name, x_shift=self.net.x_shift, x_scale=self.net.x_scale)
+        if self.net.padded_trials:
+            warn_if_fewer_trials(xs, name, fewest=self.net.fewest_trials)
         return xs
 
     def _single_observation(self, x: Any) -> Tensor:

@@ -38,7 +38,7 @@ def load(
             as the posterior's theta space depends on it).
         estimator: The callable used at training time, required if the posterior was trained with one.
         embedding_net: A module of the architecture used at training time, required if one was used
-            (its weights are overwritten by the saved ones).
+            (the posterior gets a copy with the saved weights; the module passed stays as it is).
         map_location: Device of the loaded posterior (a file saved on a GPU loads on the CPU by default).
 
     Raises:

@@ -173,7 +173,7 @@ def read(
             otherwise it must equal the saved prior (the same classes and parameters).
         estimator: The callable used at training time, required if the posterior was trained with one.
         embedding_net: A module of the architecture used at training time, required if one was used
-            (its weights are overwritten by the saved ones).
+            (the posterior gets a copy with the saved weights; the module passed stays as it is).
         map_location: Device for the loaded tensors (a file saved on a GPU loads on the CPU by default).
 
     Raises:
@@ -208,10 +208,12 @@ def read(
         raise ValueError(f"prior has {theta_dim} dimensions but the saved posterior has {post_config['theta_dim']}")
     x_shape = post_config.get("x_shape", [post_config["x_dim"]])  # format <= 3: flat x
     members = [
-        PosteriorNet(_flow(post_config, estimator), _embedding(post_config, embedding_net, copy=k > 0),
+        PosteriorNet(_flow(post_config, estimator), _embedding(post_config, embedding_net),
                      theta_dim=theta_dim, x_shape=x_shape, stats_shape=post_config.get("x_stats_shape", x_shape))
         .to(_DTYPES[config["dtype"]]) for k in range(post_config.get("ensemble", 1))
     ]  # in the saved dtype before mixing: a float64 mixture's weights are not rounded through float32
+    for member in members:
+        member.fewest_trials = post_config.get("fewest_trials")  # None in files of sets saved before it was kept
     net = mixture(members, post_config.get("mixture_weights"))  # None: equal weights
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     if shapes != config["shapes"]:
@@ -337,7 +339,7 @@ def _flow(config: dict, estimator) -> Flow:
         )
 
 
-def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = False) -> nn.Module:
+def _embedding(config: dict, embedding_net: nn.Module | None) -> nn.Module:
     name = config["embedding"]
     if name == "none":
         if embedding_net is not None:
@@ -360,7 +362,7 @@ def _embedding(config: dict, embedding_net: nn.Module | None, *, copy: bool = Fa
         )
     if not isinstance(embedding_net, nn.Module):
         raise TypeError(f"embedding_net must be a torch.nn.Module, got {type(embedding_net).__name__}")
-    return deepcopy(embedding_net) if copy else embedding_net  # each ensemble member needs its own
+    return deepcopy(embedding_net)  # the caller's module stays theirs: a second load would overwrite its weights
 
 
 def digest(value: Tensor | nn.Module | dict[str, Tensor], *, text: str = "") -> str:

@@ -137,6 +137,12 @@ def zscore_shaped(
     rows = x.permute(0, *pooled, *kept).reshape(-1, math.prod(shape))
     if padded_trials:
         rows = rows[torch.isfinite(rows).all(-1)]
+        if len(rows) < 2:  # statistics per trial position, and (nearly) every set has a padding trial
+            raise ValueError(
+                f"x's z-score statistics are kept per trial position (the embedding's zscore_axes {tuple(axes)} "
+                f"do not pool the trials, axis -2), and only {len(rows)} of the simulations have no padding trial "
+                "to compute them from; give the embedding zscore_axes = (-2,) so that the statistics are per "
+                "trial feature, pooled over the finite trials")
     mean, std, constant = zscore(rows)
     return mean.reshape(shape), std.reshape(shape), constant
 

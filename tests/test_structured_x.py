@@ -151,9 +151,46 @@ def test_a_users_embedding_loads_when_passed_back(tmp_path):
         load(tmp_path / "p.pt")
     with pytest.raises(ValueError, match=r"does not match.*x_shape \(2, 20\).*embedding.conv.weight: \[3, 2, 3\] in the file, \[5, 2, 3\]"):
         load(tmp_path / "p.pt", embedding_net=Conv(width=5))
-    loaded = load(tmp_path / "p.pt", embedding_net=Conv())
+    mine = Conv()
+    before = mine.conv.weight.clone()
+    loaded = load(tmp_path / "p.pt", embedding_net=mine)
     torch.testing.assert_close(loaded.log_prob(theta[:10], x=x[0]), posterior.log_prob(theta[:10], x=x[0]),
                                rtol=0, atol=0)
+    # the posterior holds a copy: the module passed stays as it was, and a second load with it changes nothing
+    # here (the first posterior held the module itself, whose weights the next load overwrote)
+    other = NPE(PRIOR, transforms=1, hidden_features=(16,), embedding_net=Conv()).fit(theta, x, max_epochs=1,
+                                                                                      progress=False)
+    other.save(tmp_path / "other.pt")
+    load(tmp_path / "other.pt", embedding_net=mine)
+    assert torch.equal(mine.conv.weight, before) and loaded.net.embedding is not mine
+    torch.testing.assert_close(loaded.log_prob(theta[:10], x=x[0]), posterior.log_prob(theta[:10], x=x[0]),
+                               rtol=0, atol=0)
+
+
+class PaddedSets(nn.Module):
+    """A user's set network that masks NaN padding but does not pool z-scoring over the trials."""
+
+    nan_padded_trials = True
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(2, 4)
+
+    def forward(self, x):
+        finite = torch.isfinite(x).all(-1, keepdim=True)
+        return self.out(torch.where(finite, x, 0.0).sum(-2))
+
+
+def test_a_padded_set_network_without_pooled_statistics_is_refused_when_no_set_is_complete():
+    """Per-position statistics come from the sets without padding; with none, they were NaN and the posterior
+    ignored x (it returned the prior), with a misleading 'constant dimensions' warning."""
+    torch.manual_seed(0)
+    theta = PRIOR.sample((200,))
+    x = trials(theta, n=10)
+    x[:, -1] = NAN  # every set has a padding trial
+    with pytest.raises(ValueError, match=r"only 0 of the simulations have no padding trial .* zscore_axes = \(-2,\)"):
+        NPE(PRIOR, transforms=1, hidden_features=(16,), embedding_net=PaddedSets()).fit(theta, x, max_epochs=1,
+                                                                                        progress=False)
 
 
 def test_no_embedding_flattens_structured_x_and_still_saves(tmp_path):
@@ -186,6 +223,30 @@ def test_padded_sets_train_and_only_failed_sets_are_dropped():
         posterior.sample(3, x=torch.zeros(13, 2))
     with pytest.raises(ValueError, match="no finite trial"):
         posterior.sample(3, x=torch.full((12, 2), NAN))
+
+
+def test_sets_with_fewer_trials_than_any_training_set_are_named(tmp_path):
+    """Trained on full sets only, a set network gave an observation of 3 of its 10 trials a posterior 3 prior sds
+    off, in silence: padding made any smaller set look like one it was trained for."""
+    torch.manual_seed(0)
+    theta = PRIOR.sample((300,))
+    full = theta[:, None, :] + 0.3 * torch.randn(300, 10, 2)
+    for x, fewest in ((full, 10), (trials(theta, n=10), None)):
+        posterior = NPE(PRIOR, transforms=1, hidden_features=(16,),
+                        embedding_net=from_name("set", (10, 2), out_features=4)).fit(theta, x, max_epochs=1,
+                                                                                      progress=False)
+        if fewest is None:  # sets of 3 to 10 trials
+            fewest = int(torch.isfinite(x).all(-1).sum(-1).min())
+            assert fewest == 3
+        posterior.save(tmp_path / "p.pt")
+        for post in (posterior, load(tmp_path / "p.pt")):
+            assert post.net.fewest_trials == fewest
+            with pytest.warns(UserWarning, match=rf"1 of 1 x set\(s\) hold 2 trial\(s\), fewer than the {fewest} of "
+                                                 "every training simulation"):
+                post.sample(5, x=full[0, :2])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                post.sample(5, x=full[0, :fewest])
 
 
 def test_more_trials_narrow_the_posterior():
