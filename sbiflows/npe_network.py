@@ -151,7 +151,16 @@ def build_network(
         with global_seed(seed):  # its weights come from the seed, as the flow's do
             embedding_net = auto_embedding(x_shape, theta_dim)
     if embedding_net is not None:
-        embedding = copy.deepcopy(embedding_net)
+        try:
+            embedding = copy.deepcopy(embedding_net)  # trained jointly: the caller's module stays as it is
+        except Exception as error:  # noqa: BLE001 - whatever a module's copy raises (a lock, an open file)
+            raise TypeError(f"embedding_net must be a module that copy.deepcopy can copy (NPE trains a copy of it), "
+                            f"but copying {type(embedding_net).__name__} failed: {error}") from error
+        extra = [key for key, value in embedding.state_dict().items() if not isinstance(value, Tensor)]
+        if extra:
+            raise TypeError(f"embedding_net's state_dict must hold tensors only (its weights are saved without "
+                            f"pickle), but {type(embedding_net).__name__} has other values at {extra[:5]} "
+                            "(get_extra_state)")
     else:  # structured x without an embedding: the flow sees it flattened
         embedding = nn.Identity() if len(x_shape) == 1 else nn.Flatten()
     embedding.to(device, dtype)
@@ -170,7 +179,7 @@ def build_network(
     try:
         with torch.no_grad():
             out = embedding(probe)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(
             f"embedding_net failed on training x of shape {expected} (x_shape {x_shape}): {error}"
         ) from error

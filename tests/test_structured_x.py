@@ -340,3 +340,46 @@ def test_training_x_that_does_not_fit_the_embedding_is_refused_before_training()
     with pytest.raises(ValueError, match=r"\(N, trials, features\) for a set embedding.*got \(50, 24\)"):
         npe.fit(theta, torch.randn(50, 24), max_epochs=1, progress=False)
     assert npe.net is None  # nothing was trained
+
+
+class _Locked(nn.Linear):
+    """A module holding a lock: copy.deepcopy cannot copy it."""
+
+    def __init__(self):
+        super().__init__(20, 4)
+        import threading
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return super().forward(x.flatten(1)[:, :20])
+
+
+class _ExtraState(nn.Linear):
+    def __init__(self):
+        super().__init__(40, 4)
+
+    def forward(self, x):
+        return super().forward(x.flatten(1))
+
+    def get_extra_state(self):
+        return {"version": 1}
+
+    def set_extra_state(self, state):
+        pass
+
+
+class _TwoArguments(nn.Module):
+    def forward(self, x, y):
+        return x
+
+
+def test_an_embedding_the_fit_cannot_take_is_named_before_training():
+    """Raw errors from deepcopy, from the first epoch's snapshot of a non-tensor extra state, and a TypeError of
+    forward, none naming embedding_net."""
+    theta = PRIOR.sample((50,))
+    x = series(theta)
+    for module, error, match in ((_Locked(), TypeError, "embedding_net must be a module that copy.deepcopy can copy"),
+                                 (_ExtraState(), TypeError, r"state_dict must hold tensors only .* \['_extra_state'\]"),
+                                 (_TwoArguments(), ValueError, "embedding_net failed on training x of shape")):
+        with pytest.raises(error, match=match):
+            NPE(PRIOR, embedding_net=module).fit(theta, x, max_epochs=1, progress=False)
