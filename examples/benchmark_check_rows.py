@@ -73,7 +73,11 @@ def summarize(path: str) -> list[str]:
     """A markdown table of the records in ``path`` (one row per run), then the means over runs with their
     standard errors: fresh minus validation mean rank, validation minus fresh coverage (at 50% and averaged over
     the levels), fresh minus validation NLL, and how often the check's verdicts (z >= -2.5) differ."""
-    records = sorted((json.loads(line) for line in open(path)), key=lambda r: (r["task"], r["seed"]))
+    latest = {}  # a rerun of a run (--json appends) replaces it, as the other summaries do
+    with open(path) as stream:
+        for r in (json.loads(line) for line in stream if line.strip()):
+            latest[r["task"], r.get("simulations"), r["seed"]] = r
+    records = sorted(latest.values(), key=lambda r: (r["task"], r["seed"]))
     rows = ["| task | seed | best epoch | mean rank: validation / fresh | coverage at 50%: validation / fresh | "
             "worst z: validation / fresh | NLL: validation / fresh |", "| --- | ---: | ---: | --- | --- | --- | --- |"]
     for r in records:

@@ -160,7 +160,8 @@ def measure(task_name: str, simulations: int, seed: int, setting: str, *, datase
         with tempered(posterior, temperature):
             scores = score(posterior, fresh, test, seed=seed, posterior_samples=posterior_samples)
         records.append({"task": task_name, "simulations": simulations, "seed": seed, "setting": setting,
-                        "temperature": temperature, "posterior_samples": posterior_samples, **scores,
+                        "temperature": temperature, "posterior_samples": posterior_samples,
+                        "requested_datasets": datasets, **scores,
                         "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), **flows})
     return records
 

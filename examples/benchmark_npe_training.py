@@ -141,8 +141,8 @@ def tree_cpu_seconds() -> float:
     running = 0.0
     for child in psutil.Process().children(recursive=True):
         try:
-            times = child.cpu_times()
-            running += times.user + times.system
+            times = child.cpu_times()  # with the children it has waited for (g++ under inductor's workers)
+            running += times.user + times.system + times.children_user + times.children_system
         except psutil.Error:  # ended since it was listed: counted once it is waited for
             pass
     return time.process_time() + finished.ru_utime + finished.ru_stime + running

@@ -133,7 +133,8 @@ def npe_options(record: dict) -> tuple[tuple[str, str], ...]:
 
 def _npe_key(r: dict) -> tuple:
     """A ``benchmark_npe.py`` record's group (task, budget, estimator and options) and seed."""
-    return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r),
+    sbi = (r.get("sbi") or {}).get("density_estimator", "maf") if "sbi_c2st" in r else None  # MAF before the field
+    return (r["task"], r["simulations"], r["estimator"], r.get("transformer"), r.get("space"), npe_options(r), sbi,
             r["seed"])
 
 
@@ -165,10 +166,11 @@ def npe_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, float]] |
     rows = ["| task | simulations | ours | seeds | ours C2ST | sbi C2ST | ours - sbi (SE) | seeds ours <= sbi "
             "| ours train CPU s | sbi train CPU s | published NPE-NSF |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer, space, options), records in _groups(path, _npe_key):
+    for (task, simulations, estimator, transformer, space, options, sbi), records in _groups(path, _npe_key):
         ours = [_mean(r["ours_c2st"]) for r in records]
         cpu = sum(next(iter(r["ours"].values()))["train_cpu_seconds"] for r in records)
         name = _npe_name(estimator, transformer, space, options)
+        name += f" (vs sbi {sbi})" if sbi not in (None, "nsf") else ""
         given = (sbi_values or {}).get((task, simulations), {})
         if all("sbi_c2st" in r or r["seed"] in given for r in records):
             sbi = [_mean(r["sbi_c2st"]) if "sbi_c2st" in r else given[r["seed"]] for r in records]
@@ -203,7 +205,7 @@ def npe_seed_rows(path: str, *, sbi_values: dict[tuple[str, int], dict[int, floa
     """
     rows = ["| task | simulations | ours | seed | ours C2ST | sbi C2ST | ours train CPU s | sbi train CPU s |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, estimator, transformer, space, options), records in _groups(path, _npe_key):
+    for (task, simulations, estimator, transformer, space, options, _), records in _groups(path, _npe_key):
         name = _npe_name(estimator, transformer, space, options)
         given = (sbi_values or {}).get((task, simulations), {})
         for r in records:
@@ -230,7 +232,8 @@ def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
     if sbi_path is not None:
         with open(sbi_path) as stream:
             for r in map(json.loads, filter(str.strip, stream)):
-                if "sbi_c2st" in r and r["sbi"].get("density_estimator", "nsf") == "nsf":
+                # records before the field (commit 7d83323) ran sbi's MAF
+                if "sbi_c2st" in r and r["sbi"].get("density_estimator", "maf") == "nsf":
                     sbi[r["task"], r["simulations"], r["seed"]] = _mean(r["sbi_c2st"])
     rows = ["| task | simulations | estimator | seeds | unconstrained C2ST | truncated C2ST | truncated - unconstrained "
             "(SE) | seeds truncated better | lowest support mass | train CPU s unconstrained / truncated |"
@@ -261,14 +264,17 @@ def bounded_rows(path: str, *, sbi_path: str | None = None) -> list[str]:
 def coverage_rows(path: str) -> list[str]:
     """Rows for ``benchmark_coverage.py`` records: coverage at 50% and 90% (means over seeds), the worst deviation."""
     def key(r):
-        return r["task"], r["simulations"], r["setting"], r.get("temperature", 1.0), r["seed"]
+        # the protocol too: a rerun with more datasets or draws is another row, not a replacement of its seed
+        return (r["task"], r["simulations"], r["setting"], r.get("temperature", 1.0), r.get("requested_datasets"),
+                r.get("posterior_samples"), r["seed"])
 
     rows = ["| task | simulations | setting | seeds | coverage at 50% | at 90% | worst z over levels and seeds (level) "
             "| seeds with z >= -3 | held-out NLL | train CPU s |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, simulations, setting, temperature), records in _groups(path, key):
+    for (task, simulations, setting, temperature, datasets, draws), records in _groups(path, key):
         worst = min(records, key=lambda r: r["worst_z"])
-        name = (setting or "defaults") + (f", base sd {temperature:g}" if temperature != 1.0 else "")
+        name = (setting or "defaults") + (f", base sd {temperature:g}" if temperature != 1.0 else "") \
+            + (f" ({datasets} datasets, {draws} draws)" if datasets is not None else "")
         nll = [r["heldout_nll"] for r in records if "heldout_nll" in r]
         rows.append(f"| {task} | {simulations:,} | {name} | {len(records)} | "
                     f"{statistics.fmean(r['coverage']['0.5'] for r in records):.3f} | "
@@ -497,6 +503,24 @@ def _versus(ours: dict, base: dict) -> str:
     return f"{difference_text(difference, se)} | {sum(ours[s] < base[s] for s in seeds)} of {len(seeds)}"
 
 
+def _versus_by_seed(ours: dict, base: dict) -> str:
+    """:func:`_versus` for runs keyed ``(seed, observation)``: each seed's difference is the mean over its shared
+    observations (the observations of a seed share its network, so they are not independent), the standard error
+    is over seeds, and ``"k of n"`` counts runs.
+
+    Example:
+        >>> _versus_by_seed({(0, 1): 0.6, (0, 2): 0.8, (1, 1): 0.7}, {(0, 1): 0.7, (0, 2): 0.7, (1, 1): 0.8})
+        '-0.050 (0.050) | 2 of 3'
+    """
+    runs = sorted(set(ours) & set(base))
+    if not runs:
+        return "- | -"
+    seeds = sorted({run[0] for run in runs})
+    per_seed = [statistics.fmean(ours[run] - base[run] for run in runs if run[0] == seed) for seed in seeds]
+    difference, se = paired(per_seed, [0.0] * len(per_seed))
+    return f"{difference_text(difference, se)} | {sum(ours[run] < base[run] for run in runs)} of {len(runs)}"
+
+
 def _setting(record: dict) -> str:
     """A record's setting, ``"defaults"`` for the defaults (``benchmark_coverage.py`` records them as ``""``).
 
@@ -647,8 +671,9 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     A run is one seed and observation; records of the same run from several files are merged (the last
     file wins for a method in two). A path given as ``LABEL=PATH`` names its methods ``"NAME (LABEL)"``,
     so the same method run with other code can be set against the unlabelled one. The difference is
-    paired over the runs both methods have, with its standard error over those runs; "runs better"
-    counts the runs where the method's C2ST is lower. The amortized NPE's CPU seconds are one training
+    paired over the runs both methods have (the mean C2ST is over all of the method's runs), with its standard
+    error over seeds (each seed's mean difference over its observations: before session 76 it was over runs, which
+    understated it, :func:`_versus_by_seed`); "runs better" counts the runs where the method's C2ST is lower. The amortized NPE's CPU seconds are one training
     per seed, shared by its observations.
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
@@ -668,7 +693,7 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
         for name in names:
             c2st = {run: methods[name][0] for run, methods in group.items() if name in methods}
             cpu = statistics.median(methods[name][1] for methods in group.values() if name in methods)
-            versus = _versus(c2st, base) if name != baseline else "- | -"
+            versus = _versus_by_seed(c2st, base) if name != baseline else "- | -"
             rows.append(f"| {task} | {simulations:,} | {rounds} | {name} | {len(c2st)} | "
                         f"{statistics.fmean(c2st.values()):.3f} | {versus} | {cpu:.1f} | {snpe} |")
     return rows

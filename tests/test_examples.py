@@ -108,7 +108,7 @@ def test_coverage_benchmark_reports_the_worst_deviation_in_standard_deviations(t
     assert record["passes"] == (min(z) >= -3)
     assert record["passes"], record  # a Gaussian posterior from 1,000 simulations is not over-confident
     rows = load_example("summarize_benchmarks").coverage_rows(str(out))
-    assert len(rows) == 3 and rows[2].startswith("| gaussian_linear | 1,000 | defaults | 1 | ")
+    assert len(rows) == 3 and rows[2].startswith("| gaussian_linear | 1,000 | defaults (300 datasets, 200 draws) | 1 | ")
     assert f"{record['worst_z']:+.2f} ({record['worst_level']:.2f}) | 1 of 1 | {record['heldout_nll']:.3f} |" in rows[2]
 
 
@@ -151,7 +151,8 @@ def test_bounded_summary_pairs_the_truncated_space_with_sbi_by_seed(tmp_path):
 
     box, sbi = tmp_path / "box.jsonl", tmp_path / "sbi.jsonl"
     box.write_text("\n".join(json.dumps(bounded(*r)) for r in [(0, 0.8, 0.6), (1, 0.7, 0.7), (2, 0.9, 0.6)]))
-    sbi.write_text("\n".join(json.dumps(r) for r in [npe(0, 0.7), npe(1, 0.6), npe(1, 0.1, "maf")]))
+    legacy = {**npe(2, 0.1), "sbi": {}}  # no density_estimator: recorded before the field, when sbi ran its MAF
+    sbi.write_text("\n".join(json.dumps(r) for r in [npe(0, 0.7), npe(1, 0.6), npe(1, 0.1, "maf"), legacy]))
     rows = load_example("summarize_benchmarks").bounded_rows(str(box), sbi_path=str(sbi))
     assert len(rows) == 3
     # truncated - sbi on seeds 0 and 1 (seed 2 has no sbi record; sbi's MAF is not its NSF): -0.1 and +0.1
@@ -163,12 +164,20 @@ def test_npe_summary_prints_no_standard_error_for_one_seed(tmp_path):
     """``summarize_benchmarks.py npe``: one seed's difference has no standard error ("-", not "nan")."""
     record = {"task": "slcp", "simulations": 10000, "seed": 0, "estimator": "nsf", "space": "truncated",
               "ours": {"1": {"train_cpu_seconds": 90.0}}, "ours_c2st": {"1": 0.86, "2": 0.88},
-              "sbi": {"train_cpu_seconds": 200.0}, "sbi_c2st": {"1": 0.87, "2": 0.89}}
+              "sbi": {"train_cpu_seconds": 200.0, "density_estimator": "nsf"}, "sbi_c2st": {"1": 0.87, "2": 0.89}}
     path = tmp_path / "npe.jsonl"
     path.write_text(json.dumps(record))
     rows = load_example("summarize_benchmarks").npe_rows(str(path))
     assert rows[2] == ("| slcp | 10,000 | nsf, truncated | 1 | 0.870 | 0.880 | -0.010 (-) | 1 of 1 | 90.0 | 200.0 "
                        "| 0.901 |"), rows[2]
+    # a rerun of the seed against sbi's MAF (or a record from before the field, when sbi ran its MAF) is its own
+    # row: it replaced the NSF seed, and the two were pooled in one unlabelled sbi column
+    legacy = {**record, "sbi": {"train_cpu_seconds": 100.0}, "sbi_c2st": {"1": 0.95, "2": 0.95}}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(legacy))
+    rows = load_example("summarize_benchmarks").npe_rows(str(path))
+    assert len(rows) == 4
+    assert {" | ".join(row.split(" | ")[:6]) for row in rows[2:]} == {
+        "| slcp | 10,000 | nsf, truncated | 1 | 0.870 | 0.880", "| slcp | 10,000 | nsf, truncated (vs sbi maf) | 1 | 0.870 | 0.950"}
 
 
 def test_npe_summary_pairs_runs_without_sbi_with_sbis_values_from_elsewhere(tmp_path):
@@ -207,9 +216,10 @@ def test_npe_summary_keeps_runs_with_other_training_options_apart(tmp_path):
 
 
 def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
-    """``summarize_benchmarks.py tsnpe``: ours and sbi's records of the same runs merge; differences pair by run."""
-    def record(observation, tsnpe, npe=None, sbi=None, estimator="maf"):
-        r = {"task": "sir", "simulations": 10000, "rounds": 5, "seed": 0, "observation": observation,
+    """``summarize_benchmarks.py tsnpe``: ours and sbi's records of the same runs merge; differences pair by run, and
+    their standard error is over seeds (a seed's observations share its network: over runs it was understated)."""
+    def record(observation, tsnpe, npe=None, sbi=None, estimator="maf", seed=0):
+        r = {"task": "sir", "simulations": 10000, "rounds": 5, "seed": seed, "observation": observation,
              "estimator": estimator}
         if tsnpe is not None:
             r["ours_tsnpe"] = {"c2st": tsnpe, "cpu_seconds": 100.0 * observation}
@@ -220,14 +230,15 @@ def test_tsnpe_summary_merges_files_and_pairs_runs_with_the_baseline(tmp_path):
         return json.dumps(r)
 
     ours, sbi = tmp_path / "ours.jsonl", tmp_path / "sbi.jsonl"
-    ours.write_text("\n".join([record(1, 0.55, npe=0.60), record(2, 0.57, npe=0.58), record(3, 0.60, npe=0.59)]))
+    ours.write_text("\n".join([record(1, 0.55, npe=0.60), record(2, 0.57, npe=0.58),
+                               record(3, 0.60, npe=0.59, seed=1)]))
     sbi.write_text("\n".join([record(1, None, sbi=0.65), record(2, None, sbi=0.61)]))
     rows = load_example("summarize_benchmarks").tsnpe_rows([str(ours), str(sbi)], baseline="NPE nsf")
     assert len(rows) == 5 and rows[2].startswith("| sir | 10,000 | 5 | NPE nsf | 3 | 0.590 | - | - | 50.0 | 0.561 |")
-    # TSNPE - NPE over the three runs: -0.05, -0.01, +0.01
-    assert rows[3] == "| sir | 10,000 | 5 | TSNPE maf | 3 | 0.573 | -0.017 (0.018) | 2 of 3 | 200.0 | 0.561 |", rows[3]
-    # sbi ran on two of the runs: +0.05, +0.03 against NPE on those two
-    assert rows[4] == "| sir | 10,000 | 5 | sbi TSNPE maf | 2 | 0.630 | +0.040 (0.010) | 0 of 2 | 300.0 | 0.561 |", rows[4]
+    # TSNPE - NPE over the three runs: -0.05, -0.01 (seed 0: -0.03), +0.01 (seed 1); the SE over the two seeds
+    assert rows[3] == "| sir | 10,000 | 5 | TSNPE maf | 3 | 0.573 | -0.010 (0.020) | 2 of 3 | 200.0 | 0.561 |", rows[3]
+    # sbi ran on two runs of seed 0: +0.05, +0.03 against NPE on those two, one seed: no SE
+    assert rows[4] == "| sir | 10,000 | 5 | sbi TSNPE maf | 2 | 0.630 | +0.040 (-) | 0 of 2 | 300.0 | 0.561 |", rows[4]
     # LABEL=PATH: the same method from another file under its own name, compared with the unlabelled one
     rows = load_example("summarize_benchmarks").tsnpe_rows([str(ours), f"new code={sbi}", f"again={ours}"],
                                                            baseline="TSNPE maf")
@@ -515,3 +526,16 @@ def test_refit_standardization_probe_z_scores_the_region_variant_on_the_last_rou
     from sbiflows.estimator import PosteriorNet
 
     assert PosteriorNet.set_standardization.__name__ == "set_standardization"  # the library's method is back
+
+
+def test_check_rows_summary_counts_a_rerun_once(tmp_path):
+    """``benchmark_check_rows.py --summarize``: ``--json`` appends, and a rerun of a seed was counted twice."""
+    def record(seed, fresh_rank):
+        side = {"mean_rank": 0.5, "coverage": {"0.5": 0.5}, "worst_z": 0.0, "nll": 1.0}
+        return json.dumps({"task": "two_moons", "simulations": 1000, "seed": seed, "best_epoch": 10,
+                           "validation": side, "fresh": {**side, "mean_rank": fresh_rank}})
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([record(10, 0.52), record(11, 0.50), record(10, 0.54)]) + "\n")
+    lines = load_example("benchmark_check_rows").summarize(str(path))
+    assert "Over 2 runs:" in lines and "- mean rank, fresh - validation: +0.0200 (SE 0.0200)" in lines, lines
