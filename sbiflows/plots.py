@@ -13,6 +13,7 @@ Inputs may be torch tensors or NumPy arrays. In scripts and tests use a non-inte
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -384,19 +385,23 @@ def _view_range(samples: np.ndarray, reference: np.ndarray | None, truth: np.nda
 
 
 def _bounds(ranges: object, samples: np.ndarray, dim: int) -> list[tuple[float, float]]:
-    """``corner``'s ``range``: per column bounds ``(low, high)``, or a fraction in (0, 1) of the samples (the central,
+    """``corner``'s ``range``: per column bounds ``(low, high)``, or a fraction in (0, 1] of the samples (the central,
     equal-tailed share), as bounds."""
+    if isinstance(ranges, np.ndarray):
+        ranges = ranges.tolist()
     if not isinstance(ranges, (list, tuple)) or len(ranges) != dim:
         raise ValueError(f"range must have {dim} entries (one per parameter), each (low, high) or a fraction in "
-                         f"(0, 1), got {ranges!r}")
+                         f"(0, 1], got {ranges!r}")
     bounds = []
     for column, entry in zip(samples.T, ranges):
-        if isinstance(entry, (int, float)) and 0 < entry < 1:
+        if isinstance(entry, np.ndarray):
+            entry = entry.tolist()
+        if isinstance(entry, numbers.Real) and not isinstance(entry, bool) and 0 < entry <= 1:
             low, high = np.quantile(column, [(1 - entry) / 2, (1 + entry) / 2])
         elif isinstance(entry, (list, tuple)) and len(entry) == 2 and float(entry[0]) < float(entry[1]):
             low, high = entry
         else:
-            raise ValueError(f"range entries must be (low, high) with low < high or a fraction in (0, 1), got "
+            raise ValueError(f"range entries must be (low, high) with low < high or a fraction in (0, 1], got "
                              f"{entry!r}")
         bounds.append((float(low), float(high)))
     return bounds

@@ -264,7 +264,8 @@ class TSNPE:
         self.proposals.append(proposal)
         if theta_file is not None and theta_file.exists():
             theta = torch.from_numpy(np.load(theta_file))
-            method, acceptance = layout.stored_draw(r)
+            # round 1 is the prior's (its record is gone where force kept only its draws and simulations)
+            method, acceptance = ("prior", 1.0) if r == 0 else layout.stored_draw(r)
         else:
             theta, method, acceptance = _draw(proposal, n, derive_seed(seed, f"tsnpe/proposal/{r}"))
             if theta_file is not None:

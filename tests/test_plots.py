@@ -124,9 +124,13 @@ def test_the_reference_draws_lines_only_over_the_posteriors_shading():
     density = next(i for i, c in enumerate(panel.collections) if isinstance(c, PolyQuadMesh))
     later_fills = [c for c in panel.collections[density:] if isinstance(c, ContourSet) and c.filled]
     assert later_fills == []
-    fig = plots.corner(post, reference=ref, range=[0.9, (-1.0, 1.0)], weights=np.ones(len(post)))
+    fig = plots.corner(post, reference=ref, range=[np.float32(0.9), (-1.0, 1.0)], weights=np.ones(len(post)))
     low, high = np.quantile(post[:, 0].numpy(), [0.05, 0.95])
     assert fig.axes[0].get_xlim() == pytest.approx((low, high)) and fig.axes[3].get_xlim() == (-1.0, 1.0)
+    fig = plots.corner(post, range=np.array([[-3.0, 3.0], [-2.0, 2.0]]))  # an array of bounds, as corner takes it
+    assert fig.axes[0].get_xlim() == (-3.0, 3.0) and fig.axes[3].get_xlim() == (-2.0, 2.0)
+    assert plots.corner(post, range=[1.0, 1.0]).axes[0].get_xlim() == pytest.approx(
+        (float(post[:, 0].min()), float(post[:, 0].max())))
 
 
 @pytest.mark.parametrize(

@@ -556,3 +556,19 @@ def test_a_round_with_fewer_than_two_valid_simulations_stops_with_a_named_error(
 
     with pytest.raises(TooFewSimulationsError, match="need at least 2 valid simulations"):
         TSNPE(PRIOR, **SMALL).run(one_valid, X_O, rounds=2, simulations=200)
+
+
+def test_a_kept_first_round_is_recorded_as_the_priors_draw(tmp_path):
+    """``--force`` keeps round 1's draws and simulations but empties the rest of the store, its record of how round 1
+    was drawn included: the rerun recorded round 1's proposal as "unknown" with acceptance NaN."""
+    from sbiflows.sequential_store import keep_first_round
+
+    store = tmp_path / "run"
+    options = {"rounds": 2, "simulations": 400, "seed": 3, "check_simulations": 0, "store": store,
+               "threshold_samples": 20_000, "quantile": 1e-3}
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, fit_options={"max_epochs": 2}, **options)
+    assert keep_first_round(store)
+    rerun = TSNPE(PRIOR, **SMALL)
+    rerun.run(simulator, X_O, fit_options={"max_epochs": 3}, **options)
+    assert (rerun.rounds[0].method, rerun.rounds[0].acceptance) == ("prior", 1.0)
+    assert rerun.reused == ["200 of 200 simulations of round 1 (read from its store)"]

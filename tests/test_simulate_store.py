@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -615,6 +616,37 @@ def test_objects_of_other_settings_or_classes_are_other_simulators(tmp_path):
     assert simulator_name(_Scaled(1.0).simulate) != simulator_name(_Shifted(1.0).simulate)
     names = {simulator_name(simulators.get(task).simulate) for task in simulators.names()}
     assert len(names) == len(simulators.names())
+
+
+class _Lazy:
+    """A simulator whose attributes appear during its life: a cached property and an object set from outside."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    @functools.cached_property
+    def offset(self) -> float:
+        return 0.5
+
+    def simulate(self, theta):
+        return self.scale * theta + self.offset
+
+
+def test_an_objects_store_name_does_not_change_as_it_caches_values():
+    """The digest took every attribute of the object's __dict__, so a value cached on first use (a task's
+    cached_property prior, read when it first simulates) renamed the simulator and its stores stopped resuming."""
+    import simulators
+    from sbiflows.engine.names import simulator_name
+
+    lazy = _Lazy(2.0)
+    before = simulator_name(lazy.simulate)
+    lazy.simulate(torch.ones(1, 2))  # fills the cached property
+    lazy.helper = object()  # and an attribute set from outside
+    assert simulator_name(lazy.simulate) == before != simulator_name(_Lazy(3.0).simulate)
+    task = simulators.get("two_moons")
+    before = simulator_name(task.simulate)
+    task.prior.sample((1,))
+    assert simulator_name(task.simulate) == before
 
 
 def test_store_names_are_the_same_in_every_process():

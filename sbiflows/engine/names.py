@@ -9,9 +9,9 @@ A store refuses to mix its rows with another simulator's, so the name must tell 
   of the constants among its defaults and closure values, because every lambda of a module has the
   qualname ``<lambda>`` and a function made by a factory has one qualname for every argument of the factory;
 * a method bound to an object, or a callable object: its name plus a digest of the object's class and of
-  the constants among its attributes, because a method defined on a base class has one qualname for every
+  its attributes whose values are constants, because a method defined on a base class has one qualname for every
   subclass and every instance. Attributes that a method of the class assigns outside ``__init__`` (a call
-  counter, a cache) are state, not settings, and stay out of the digest.
+  counter, a cache) or a ``functools.cached_property`` fills are state, not settings, and stay out of the digest.
 
 Names that earlier versions recorded (a bare ``functools.partial``, a lambda's or a method's bare
 qualname) still match the simulators that record the longer names now (:func:`same_simulator`).
@@ -100,12 +100,22 @@ def _function_text(function: types.FunctionType) -> str:
 
 
 def _object_text(owner: object) -> str:
-    """An object's class and the constants among its attributes (:func:`_constant_text`), less those a method
-    of its class assigns outside ``__init__``."""
+    """An object's class and its attributes whose values are constants (numbers, strings, tuples of them), less
+    those a method of its class assigns outside ``__init__`` and its ``functools.cached_property`` values: other
+    attributes, and those, may appear or change during the object's life (a prior cached on first use), and the
+    name must not."""
     cls = type(owner)
     state = set().union(*(_assigned_attributes(klass) for klass in cls.__mro__ if klass is not object))
-    attributes = sorted((k, _constant_text(v)) for k, v in vars(owner).items() if k not in state)
+    attributes = sorted((k, _constant_text(v)) for k, v in vars(owner).items() if k not in state and _constant(v))
     return repr((f"{cls.__module__}.{cls.__qualname__}", attributes))
+
+
+def _constant(value: object) -> bool:
+    """Whether :func:`_constant_text` writes ``value`` out (numbers, strings, bytes, None, tuples and frozensets of
+    them), not only its type."""
+    if isinstance(value, (tuple, frozenset)):
+        return all(_constant(v) for v in value)
+    return isinstance(value, (int, float, complex, str, bytes, type(None)))
 
 
 @functools.cache
@@ -114,6 +124,9 @@ def _assigned_attributes(klass: type) -> frozenset[str]:
     names: set[str] = set()
     for key, member in vars(klass).items():
         if key in ("__init__", "__post_init__", "__new__"):
+            continue
+        if isinstance(member, functools.cached_property):  # its value lands in the instance's __dict__ when read
+            names.add(member.attrname or key)
             continue
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
