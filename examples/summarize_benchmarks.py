@@ -673,8 +673,8 @@ def tsnpe_rows(paths: list[str], *, baseline: str) -> list[str]:
     so the same method run with other code can be set against the unlabelled one. The difference is
     paired over the runs both methods have (the mean C2ST is over all of the method's runs), with its standard
     error over seeds (each seed's mean difference over its observations: before session 76 it was over runs, which
-    understated it, :func:`_versus_by_seed`); "runs better" counts the runs where the method's C2ST is lower. The amortized NPE's CPU seconds are one training
-    per seed, shared by its observations.
+    understated it, :func:`_versus_by_seed`); "runs better" counts the runs where the method's C2ST is lower.
+    The amortized NPE's CPU seconds are one training per seed, shared by its observations.
     """
     runs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     for given in paths:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sbiflows.checks import caller_level
+from sbiflows.xshape import trial_mask
 
 __all__ = ["OUTSIDE_Z", "observations_unchecked", "warn_if_fewer_trials", "warn_if_outside"]
 
@@ -82,7 +83,7 @@ def warn_if_fewer_trials(xs: Tensor, name: str, *, fewest: int | None) -> None:
     """
     if not _CHECK_OBSERVATIONS.get() or fewest is None:
         return
-    counts = torch.isfinite(xs).all(-1).sum(-1)
+    counts = trial_mask(xs).sum(-1)
     if not bool((counts < fewest).any()):
         return
     warnings.warn(

@@ -104,8 +104,7 @@ def simulate_datasets(
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
         raise TypeError(f"simulator must return a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point() and not x.is_complex():  # counts: in theta's dtype, as sbiflows.simulate takes them
-        x = x.to(theta.dtype)
+    x = _counts_as_float(x, theta.dtype)
     if x.ndim < 2 or x.shape[0] != num_datasets:
         raise ValueError(
             f"simulator must return shape (N, x_dim) = ({num_datasets}, x_dim) or (N, *x_shape), got {tuple(x.shape)}"
@@ -143,8 +142,8 @@ def calibration_pairs(
             raise ValueError(f"{check}: needs a prior and a simulator, or precomputed theta= and x=")
         theta, x = simulate_datasets(prior, simulator, num_datasets, seed=None)
     theta = _check_2d(theta, "theta", "(N, D)")
-    if isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex():  # counts, as NPE.fit takes them
-        x = x.to(theta.dtype)
+    if isinstance(x, Tensor):
+        x = _counts_as_float(x, theta.dtype)
     x = _check_2d(x, "x", "(N, x_dim) or (N, *x_shape)", structured=True)
     if theta_dim is not None and theta.shape[1] != theta_dim:  # before the posterior draws, not after them
         raise ValueError(f"{check}: theta has {theta.shape[1]} parameters but the posterior has {theta_dim}")
@@ -339,6 +338,11 @@ def batched_log_prob(
     if out.shape != (n, num):
         raise ValueError(f"posterior log-probabilities must have shape ({n}, {num}), got {tuple(out.shape)}")
     return _no_nan(out, method)
+
+
+def _counts_as_float(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Integer or boolean simulations (counts) in ``dtype``, as ``sbiflows.simulate`` and ``NPE.fit`` take them."""
+    return x if x.is_floating_point() or x.is_complex() else x.to(dtype)
 
 
 def padded_trials(posterior: object) -> bool:
