@@ -214,6 +214,30 @@ def test_an_idle_worker_that_died_is_replaced_by_the_next_run():
     backends.close_idle_workers()
 
 
+@pytest.mark.slow
+def test_a_reloaded_simulator_module_is_not_run_by_idle_workers_of_its_old_code(tmp_path, monkeypatch):
+    """A module-level simulator is sent by reference: after the user edits and reloads its module, the workers
+    kept idle from the last run would still run the old code (into new stores too)."""
+    import importlib
+
+    from sbiflows.engine import backends
+
+    source = tmp_path / "edited_simulator.py"
+    source.write_text("import os\ndef sim(theta, seed):\n    return theta + 1 + 0 * os.getpid()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("edited_simulator")
+    try:
+        assert torch.equal(simulate(module.sim, torch.zeros(4, 1), batch_size=2, workers=2).x, torch.ones(4, 1))
+        source.write_text("import os\ndef sim(theta, seed):\n    return theta + 100 + 0 * os.getpid()\n")
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later mtime even on a coarse clock
+        importlib.reload(module)
+        assert torch.equal(simulate(module.sim, torch.zeros(4, 1), batch_size=2, workers=2).x, 100 * torch.ones(4, 1))
+        assert torch.equal(simulate(module.sim, torch.zeros(2, 1), timeout=60).x, 100 * torch.ones(2, 1))
+    finally:
+        sys.modules.pop("edited_simulator", None)
+        backends.close_idle_workers()
+
+
 def test_a_thread_executor_runs_a_simulator_that_cannot_be_pickled():
     """Threads share the simulator object: one holding a lock needs no pickling there."""
     import threading

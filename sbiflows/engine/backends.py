@@ -15,8 +15,11 @@ when a timeout is set.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
+import sys
+import sysconfig
 import threading
 import time
 import uuid
@@ -100,19 +103,57 @@ class InProcess:
 
 
 #: Worker processes of finished runs, kept for the next run of this process (starting one costs the
-#: 1.4 s of importing torch); at most one per core, closed when the interpreter exits.
-_IDLE: list[Sandbox] = []
+#: 1.4 s of importing torch); at most one per core, closed when the interpreter exits. Each is kept with the
+#: :func:`code_stamp` of when it started.
+_IDLE: list[tuple[Sandbox, dict[str, int]]] = []
 _IDLE_LOCK = threading.Lock()
 
 
 def close_idle_workers() -> None:
     """Close the idle worker processes that finished runs left for the next one (see :class:`_Sandboxes`)."""
     with _IDLE_LOCK:
-        boxes, _IDLE[:] = list(_IDLE), []
+        boxes, _IDLE[:] = [box for box, _ in _IDLE], []
+    _close(boxes)
+
+
+def _close(boxes: list[Sandbox]) -> None:
     for box in boxes:  # all children exit at once, not one after the other
         box.release()
     for box in boxes:
         box.reap()
+
+
+@functools.cache
+def _installed_roots() -> tuple[str, ...]:
+    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    return tuple({os.path.join(form, "") for path in paths for form in (path, os.path.realpath(path))})
+
+
+def code_stamp() -> dict[str, int]:
+    """The modification times (ns) of the source files of the modules this process has imported, outside the
+    installed packages and the standard library: the user's code, which an editor and ``importlib.reload`` (or
+    IPython's ``%autoreload``) can change while this process runs.
+
+    A worker process that imported the simulator's module keeps the code it read then, however the parent
+    reloads it (a module-level simulator is sent by reference, so its pickled bytes do not change), so an idle
+    worker is reused only while no file in its stamp has changed since it started (:func:`code_changed`).
+    """
+    roots, stamp = _installed_roots(), {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or path.startswith(roots):
+            continue
+        try:
+            stamp[name] = os.stat(path).st_mtime_ns
+        except OSError:
+            continue
+    return stamp
+
+
+def code_changed(stamp: dict[str, int]) -> bool:
+    """Whether a module in ``stamp`` (a :func:`code_stamp`) has a changed source file now, or is gone."""
+    now = code_stamp()
+    return any(now.get(name) != mtime for name, mtime in stamp.items())
 
 
 atexit.register(close_idle_workers)
@@ -124,22 +165,28 @@ class _Sandboxes:
     def __init__(self, payload: bytes, *, vectorized: bool, seeded: bool):
         self._payload, self._options = payload, {"vectorized": vectorized, "seeded": seeded}
         self._local = threading.local()
-        self._all: list[Sandbox] = []
+        self._all: list[tuple[Sandbox, dict[str, int]]] = []
         self._lock = threading.Lock()
 
     def box(self) -> Sandbox:
-        """This thread's sandbox: an idle one if there is, else a new one."""
+        """This thread's sandbox: an idle one whose code is current (:func:`code_changed`), else a new one."""
         box = getattr(self._local, "box", None)
         if box is None:
             with _IDLE_LOCK:
-                box = _IDLE.pop() if _IDLE else None
-            if box is None:
-                box = Sandbox(self._payload, **self._options)
+                idle, _IDLE[:] = list(_IDLE), []
+            stale = [box for box, stamp in idle if code_changed(stamp)]
+            current = [(box, stamp) for box, stamp in idle if box not in stale]
+            _close(stale)
+            entry = current.pop() if current else None
+            with _IDLE_LOCK:
+                _IDLE.extend(current)
+            if entry is None:
+                entry = (Sandbox(self._payload, **self._options), code_stamp())
             else:
-                box.bind(self._payload, **self._options)
-            self._local.box = box
+                entry[0].bind(self._payload, **self._options)
+            box = self._local.box = entry[0]
             with self._lock:
-                self._all.append(box)
+                self._all.append(entry)
         return box
 
     def run(self, job: Job, timeout: float | None) -> Outcome:
@@ -148,18 +195,15 @@ class _Sandboxes:
     def close(self, *, kill: bool = False) -> None:
         """Kill the children (``kill``), or keep them idle for the next run of this process."""
         with self._lock:
-            boxes, self._all = self._all, []
+            entries, self._all = self._all, []
         if kill:
-            for box in boxes:
+            for box, _ in entries:
                 box.kill()
             return
         with _IDLE_LOCK:
             keep = max(0, (os.cpu_count() or 2) - len(_IDLE))
-            _IDLE.extend(box for box in boxes[:keep] if box.alive)
-        for box in boxes[keep:]:
-            box.release()
-        for box in boxes[keep:]:
-            box.reap()
+            _IDLE.extend((box, stamp) for box, stamp in entries[:keep] if box.alive)
+        _close([box for box, _ in entries[keep:]])
 
 
 class LocalWorkers:
