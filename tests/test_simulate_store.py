@@ -662,3 +662,40 @@ def test_store_names_are_the_same_in_every_process():
                             env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}).stdout
              for seed in ("0", "1", "2")}
     assert len(names) == 1 and "(code " in next(iter(names)) and "(state " in next(iter(names))
+
+
+class _Grid:
+    """A simulator object whose setting is an array (a grid of times)."""
+
+    def __init__(self, times):
+        self.times = times
+
+    def __call__(self, theta):
+        times = torch.as_tensor(np.asarray(self.times), dtype=theta.dtype)
+        return theta[:, :1] * times
+
+
+def test_simulators_whose_arrays_differ_are_other_simulators(tmp_path):
+    """Attributes, closure values and partial arguments that are arrays or tensors entered a store's name by their
+    type only (a partial's by NumPy's shortened repr), so a simulator on another time grid reused the first one's
+    rows."""
+    from sbiflows.engine.names import same_simulator, simulator_name
+
+    def closure(times):
+        return lambda theta: theta[:, :1] * times
+
+    grid, other = np.linspace(0, 1, 2000), np.linspace(0, 2, 2000)
+    makers = {"numpy attribute": _Grid, "tensor attribute": lambda a: _Grid(torch.as_tensor(a)),
+              "closure": lambda a: closure(torch.as_tensor(a)),
+              "partial": lambda a: functools.partial(_Grid.__call__, _Grid(None), times=a)}
+    for kind, make in makers.items():
+        name = simulator_name(make(grid))
+        assert name.endswith(")") and ", arrays " in name, kind
+        assert simulator_name(make(other)) != name and simulator_name(make(grid.copy())) == name, kind
+        assert same_simulator(name.split(", arrays ")[0] + ")", name), kind  # recorded before arrays entered
+        assert not same_simulator(simulator_name(make(other)), name), kind
+    theta = torch.ones(4, 2)
+    simulate(_Grid(grid[:3]), theta, store=tmp_path / "s.zarr")
+    with pytest.raises(StoreMismatchError, match=r"_Grid.*arrays"):
+        simulate(_Grid(other[:3]), theta, store=tmp_path / "s.zarr")
+    assert simulate(_Grid(grid[:3].copy()), theta, store=tmp_path / "s.zarr").reused == 4

@@ -13,8 +13,13 @@ A store refuses to mix its rows with another simulator's, so the name must tell 
   subclass and every instance. Attributes that a method of the class assigns outside ``__init__`` (a call
   counter, a cache) or a ``functools.cached_property`` fills are state, not settings, and stay out of the digest.
 
+Among those values, NumPy arrays and torch tensors (a grid of times, a design matrix) enter by their contents:
+the name then ends with ``, arrays DIGEST)``. An array that the simulator changes in place is then state that
+changes the name, and the store refuses the rerun rather than mixing rows of two settings.
+
 Names that earlier versions recorded (a bare ``functools.partial``, a lambda's or a method's bare
-qualname) still match the simulators that record the longer names now (:func:`same_simulator`).
+qualname, and names without the arrays' digest) still match the simulators that record the longer names now
+(:func:`same_simulator`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 __all__ = ["same_simulator", "simulator_name"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_ARRAYS = re.compile(r", arrays [0-9a-f]{12}\)$")
 
 
 def simulator_name(simulator: Callable) -> str:
@@ -51,14 +57,16 @@ def simulator_name(simulator: Callable) -> str:
     """
     if isinstance(simulator, functools.partial):
         arguments = _value_text((simulator.args, sorted(simulator.keywords.items())))
-        return f"functools.partial({simulator_name(simulator.func)}, arguments {_digest(arguments)})"
+        values = [*simulator.args, *(v for _, v in sorted(simulator.keywords.items()))]
+        return (f"functools.partial({simulator_name(simulator.func)}, arguments {_digest(arguments)}"
+                f"{_arrays_suffix(values)})")
     target = simulator if hasattr(simulator, "__qualname__") else type(simulator)
     name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(simulator).__name__)}"
     if isinstance(simulator, types.FunctionType) and ("<lambda>" in name or "<locals>" in name):
-        return f"{name} (code {_digest(_function_text(simulator))})"
+        return f"{name} (code {_digest(_function_text(simulator))}{_arrays_suffix(_function_values(simulator))})"
     owner = simulator.__self__ if isinstance(simulator, types.MethodType) else simulator
     if not isinstance(owner, (types.FunctionType, types.BuiltinFunctionType, type)) and hasattr(owner, "__dict__"):
-        return f"{name} (state {_digest(_object_text(owner))})"
+        return f"{name} (state {_digest(_object_text(owner))}{_arrays_suffix(_settings(owner).values())})"
     return name
 
 
@@ -74,11 +82,58 @@ def same_simulator(recorded: object, name: str) -> bool:
         return True
     if recorded == "functools.partial":
         return name.startswith("functools.partial(")
-    return isinstance(recorded, str) and any(name.startswith(f"{recorded} ({kind} ") for kind in ("code", "state"))
+    if not isinstance(recorded, str):
+        return False
+    if recorded.endswith(")") and _ARRAYS.sub(")", name) == recorded:  # recorded before arrays entered the name
+        return True
+    return any(name.startswith(f"{recorded} ({kind} ") for kind in ("code", "state"))
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _array_bytes(value: object) -> bytes | None:
+    """The dtype, shape and contents of a NumPy array or torch tensor (None for other values)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "shape"):
+        return repr((str(value.dtype), tuple(value.shape))).encode() + value.tobytes()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        raw = data.view(torch.int16) if data.dtype == torch.bfloat16 else data
+        return repr((str(data.dtype), tuple(data.shape))).encode() + raw.numpy().tobytes()
+    return None
+
+
+def _arrays_suffix(values: object) -> str:
+    """``", arrays DIGEST"`` over the arrays and tensors among ``values`` (within tuples and lists too), else ``""``."""
+    digest, found = hashlib.sha256(), False
+    stack = list(values)
+    while stack:
+        value = stack.pop(0)
+        if isinstance(value, (tuple, list)):
+            stack[:0] = list(value)
+            continue
+        raw = _array_bytes(value)
+        digest.update(b"-" if raw is None else raw)
+        found |= raw is not None
+    return f", arrays {digest.hexdigest()[:12]}" if found else ""
+
+
+def _function_values(function: types.FunctionType) -> list[object]:
+    """A function's defaults and the closure values it does not rebind (as :func:`_function_text` reads them)."""
+    defaults = [*(function.__defaults__ or ()), *(v for _, v in sorted((function.__kwdefaults__ or {}).items()))]
+    return defaults + _closure_values(function)
+
+
+def _settings(owner: object) -> dict[str, object]:
+    """An object's attributes less those :func:`_object_text` leaves out as state."""
+    cls = type(owner)
+    state = set().union(*(_assigned_attributes(klass) for klass in cls.__mro__ if klass is not object))
+    return {k: v for k, v in sorted(vars(owner).items()) if k not in state}
 
 
 def _function_text(function: types.FunctionType) -> str:
@@ -86,17 +141,24 @@ def _function_text(function: types.FunctionType) -> str:
     values where they are constants (numbers, strings, tuples of them; other values by their type, since a
     closure over a list or an object that the simulator mutates must keep its name from call to call; a variable
     the function rebinds itself, such as a call counter, not at all)."""
+    defaults = [*(function.__defaults__ or ()), *sorted((function.__kwdefaults__ or {}).items())]
+    return repr((_code_text(function.__code__), [_constant_text(v) for v in defaults],
+                 [_constant_text(v) for v in _closure_values(function)]))
+
+
+def _closure_values(function: types.FunctionType) -> list[object]:
+    """The values of a function's closure cells, None for a variable the function rebinds itself (``nonlocal
+    calls; calls += 1`` is its state, not a setting) and for a cell not yet filled (a function that refers to
+    itself before it is defined)."""
     code = function.__code__
     rebound = {op.argval for op in dis.get_instructions(code) if op.opname == "STORE_DEREF"}
-    closure = []
+    values = []
     for name, cell in zip(code.co_freevars, function.__closure__ or ()):
-        try:  # a variable the function rebinds itself (``nonlocal calls; calls += 1``) is its state, not a setting
-            closure.append(None if name in rebound else cell.cell_contents)
-        except ValueError:  # a cell not yet filled (a function that refers to itself before it is defined)
-            closure.append(None)
-    defaults = [*(function.__defaults__ or ()), *sorted((function.__kwdefaults__ or {}).items())]
-    return repr((_code_text(code), [_constant_text(v) for v in defaults],
-                 [_constant_text(v) for v in closure]))
+        try:
+            values.append(None if name in rebound else cell.cell_contents)
+        except ValueError:
+            values.append(None)
+    return values
 
 
 def _object_text(owner: object) -> str:
@@ -105,8 +167,7 @@ def _object_text(owner: object) -> str:
     attributes, and those, may appear or change during the object's life (a prior cached on first use), and the
     name must not."""
     cls = type(owner)
-    state = set().union(*(_assigned_attributes(klass) for klass in cls.__mro__ if klass is not object))
-    attributes = sorted((k, _constant_text(v)) for k, v in vars(owner).items() if k not in state and _constant(v))
+    attributes = sorted((k, _constant_text(v)) for k, v in _settings(owner).items() if _constant(v))
     return repr((f"{cls.__module__}.{cls.__qualname__}", attributes))
 
 
