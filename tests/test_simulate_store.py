@@ -699,3 +699,27 @@ def test_simulators_whose_arrays_differ_are_other_simulators(tmp_path):
     with pytest.raises(StoreMismatchError, match=r"_Grid.*arrays"):
         simulate(_Grid(other[:3]), theta, store=tmp_path / "s.zarr")
     assert simulate(_Grid(grid[:3].copy()), theta, store=tmp_path / "s.zarr").reused == 4
+
+
+def test_a_resume_casts_chunks_to_the_stores_dtype_as_an_uninterrupted_run_does(tmp_path):
+    """A per-row simulator whose fallback row is float64 makes that chunk float64; an uninterrupted run casts later
+    float32 chunks to it, but a resume whose first chunk was float32 raised, telling the user to delete the store."""
+    stop = {"at": 4.0}
+
+    def fallback(theta, seed):
+        if float(theta[0]) == stop["at"]:
+            raise KeyboardInterrupt
+        if float(theta[0]) == 1.0:
+            return np.full(2, np.nan)  # float64
+        return torch.stack([theta[0], 2 * theta[0]])
+
+    fallback.__qualname__ = "fallback"
+    theta = torch.arange(8.0)[:, None]
+    with pytest.raises(SimulationInterrupted), pytest.warns(UserWarning):
+        simulate(fallback, theta, batch_size=4, vectorized=False, store=tmp_path / "s.zarr")
+    stop["at"] = None
+    resumed = simulate(fallback, theta, batch_size=4, vectorized=False, store=tmp_path / "s.zarr")
+    whole = simulate(fallback, theta, batch_size=4, vectorized=False)
+    assert resumed.x.dtype == whole.x.dtype == torch.float64 and resumed.reused == 4
+    assert resumed.valid.tolist() == whole.valid.tolist() == [i != 1 for i in range(8)]
+    assert bitwise_equal(resumed.x, whole.x)

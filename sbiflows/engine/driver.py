@@ -252,11 +252,7 @@ class Driver:
             where = "the store's rows have" if self.layout_from_store else "earlier chunks had"
             advice = " (if the simulator changed, use another store)" if self.layout_from_store else ""
             return f"simulator returned x of shape {shape} per row, but {where} {self.layout[0]}{advice}"
-        if self.layout_from_store:
-            raise StoreMismatchError(
-                f"the store at {self.store.path} holds x of dtype {self.layout[1]}, but the simulator now returns "
-                f"{dtype}; use another store path, or delete it")
-        return x.astype(self.layout[1])
+        return x.astype(self.layout[1])  # as an uninterrupted run casts to its first chunk's dtype, a resume does
 
     def _allocate(self, chunk: _Chunk) -> np.ndarray:
         if chunk.x is None:
