@@ -154,13 +154,14 @@ class SimulationStore:
             theta, x, unreadable = self._read_by_chunk(records)
         good = {}
         for c, record in sorted(records.items()):
-            a, b = record["start"], record["start"] + record["rows"]
-            if c in unreadable or x is None or b > len(theta) or digest(theta[a:b]) != record["theta_sha256"] or \
-                    digest(x[a:b]) != record["x_sha256"]:
+            previous = record.get("previous")  # a rewrite that a kill stopped before its data were written
+            versions = [record, *([previous] if isinstance(previous, dict) else [])]
+            intact = [v for v in versions if c not in unreadable and _matches(v, theta, x)]
+            if not intact:
                 warnings.warn(f"chunk {c} of {self.path} is corrupted (its data do not match the digest recorded "
                               "when it was written): it counts as not simulated", UserWarning, stacklevel=3)
                 continue
-            good[c] = record
+            good[c] = {key: value for key, value in intact[0].items() if key != "previous"}
         return good, theta, x
 
     def _read_by_chunk(self, records: dict[int, dict]) -> tuple[np.ndarray, np.ndarray | None, set[int]]:
@@ -191,14 +192,29 @@ class SimulationStore:
 
     def write_chunk(self, chunk: int, start: int, theta: np.ndarray, x: np.ndarray, *, seed: int,
                     failures: list[tuple[int, str, str]], seconds: float) -> None:
-        """Write a finished chunk: data first, then its record (atomically)."""
+        """Write a finished chunk: data first, then its record (atomically).
+
+        A chunk rewritten (failed rows simulated again) first gets a record that also holds the one it replaces
+        (``"previous"``), so that a kill before the new data land leaves the old rows verified, not corrupted.
+        """
         stop = start + len(theta)
-        self._group["theta"][start:stop] = theta
-        self._group["x"][start:stop] = x
         record = {"chunk": chunk, "start": start, "rows": len(theta), "seed": seed,
                   "theta_sha256": digest(theta), "x_sha256": digest(x),
                   "failures": [list(f) for f in failures], "seconds": seconds}
         target = self.path / "records" / f"{chunk}.json"
+        try:
+            previous = json.loads(target.read_text()) if target.exists() else None
+        except (ValueError, OSError):
+            previous = None
+        if isinstance(previous, dict):
+            previous.pop("previous", None)
+            self._write_record(target, {**record, "previous": previous})
+        self._group["theta"][start:stop] = theta
+        self._group["x"][start:stop] = x
+        self._write_record(target, record)
+
+    @staticmethod
+    def _write_record(target: Path, record: dict) -> None:
         temporary = target.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(record))
         os.replace(temporary, target)
@@ -208,6 +224,16 @@ class SimulationStore:
             if name in self._group and self._group[name].shape[0] < rows:
                 array = self._group[name]
                 array.resize((rows, *array.shape[1:]))
+
+
+def _matches(record: dict, theta: np.ndarray, x: np.ndarray | None) -> bool:
+    """Whether the stored rows of ``record`` have the digests it recorded."""
+    try:
+        a, b = record["start"], record["start"] + record["rows"]
+        return x is not None and b <= len(theta) and digest(theta[a:b]) == record["theta_sha256"] and \
+            digest(x[a:b]) == record["x_sha256"]
+    except (KeyError, TypeError):
+        return False
 
 
 def _compare(path: Path, stored: dict, config: dict) -> None:
