@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sbiflows.checks import check_int
 
-__all__ = ["SeededNoise", "derive_seed", "global_seed", "stream_seeds"]
+__all__ = ["SeededNoise", "derive_seed", "global_seed", "kept_generators", "stream_seeds"]
 
 
 @contextmanager
@@ -49,6 +49,29 @@ def global_seed(seed: int) -> Iterator[None]:
         for device in devices:
             torch.cuda.default_generators[device].manual_seed(seed)
         yield
+
+
+@contextmanager
+def kept_generators() -> Iterator[None]:
+    """Run the block and restore torch's global generators (as :func:`global_seed` chooses them) and NumPy's
+    global one afterwards: simulator calls on a thread pool seed them concurrently, so each call's own restore
+    can leave another call's seed behind.
+
+    Example:
+        >>> state = np.random.get_state()[1].copy()
+        >>> with kept_generators():
+        ...     np.random.seed(5)
+        >>> bool((np.random.get_state()[1] == state).all())
+        True
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
 
 
 def derive_seed(seed: int, stream: str | int) -> int:

@@ -41,6 +41,7 @@ store, Ctrl-C raises :class:`SimulationInterrupted` holding the finished chunks.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -61,7 +62,7 @@ from sbiflows.engine.jobs import takes_seed
 from sbiflows.engine.names import simulator_name
 from sbiflows.engine.store import SimulationStore, StoreMismatchError
 from sbiflows.priors import as_vector_prior
-from sbiflows.seeding import derive_seed, global_seed
+from sbiflows.seeding import derive_seed, global_seed, kept_generators
 from sbiflows.xshape import valid_rows
 
 __all__ = ["SimulationError", "SimulationFailure", "SimulationInterrupted", "SimulationResult", "StoreMismatchError",
@@ -226,6 +227,11 @@ def simulate_from_prior(simulator: Callable, prior: Distribution, num_simulation
     num_simulations = check_int(num_simulations, "num_simulations", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed")
+    unknown = sorted(set(options) - set(_SIMULATE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"simulate_from_prior() got unexpected keyword arguments {unknown}; it takes those of "
+                        f"simulate: {sorted(_SIMULATE_DEFAULTS)}")
+    _check_options(simulator, seed=seed, batch_size=batch_size, **(_SIMULATE_DEFAULTS | options))  # before drawing
     prior = as_vector_prior(prior)  # a scalar prior or a batch of them as one vector; other shapes refused
     chunks = []
     for c in range(-(-int(num_simulations) // batch_size)):
@@ -285,7 +291,8 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
         driver = Driver(backend, theta, seed=int(seed), batch_size=batch_size, vectorized=vectorized,
                         on_error=on_error, store=opened, retry_failed=retry_failed, progress=progress,
                         timeout=timeout)
-        x = driver.run()
+        with kept_generators():  # threads of a ThreadPoolExecutor interleave their calls' seeding
+            x = driver.run()
     except AbortRun as stop:
         backend.close(kill=True)
         partial = _partial(driver, start, store)
@@ -320,6 +327,11 @@ def _simulate(simulator, theta, *, seed, batch_size, workers=None, executor=None
     if failures:
         warnings.warn(result.summary(), UserWarning, stacklevel=3)
     return result
+
+
+#: The options of :func:`_simulate` that :func:`simulate_from_prior` passes on, with their defaults.
+_SIMULATE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(_simulate).parameters.items()
+                      if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "batch_size")}
 
 
 def _partial(driver: Driver | None, start: float, store) -> SimulationResult:

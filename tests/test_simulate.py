@@ -376,3 +376,61 @@ def test_parameters_that_require_grad_simulate_alike_with_and_without_a_store(tm
     theta = torch.rand(6, 2, requires_grad=True)
     stored = simulate(lambda t: 2 * t, theta, store=tmp_path / "s.zarr", batch_size=4)
     assert torch.equal(stored.x, simulate(lambda t: 2 * t, theta).x.detach())
+
+
+def exits_on_two(theta):
+    if (theta[:, 0] == 2).any():
+        raise SystemExit(2)  # a wrapped command-line tool that exits on bad parameters
+    return theta * 2
+
+
+def test_a_simulator_that_calls_sys_exit_is_a_failed_row_in_process_too():
+    """In a worker process sys.exit was a dead worker's failed row; in-process it ended the user's program."""
+    with pytest.warns(UserWarning, match="SystemExit"):
+        result = simulate(exits_on_two, torch.arange(6.0)[:, None], batch_size=2)
+    assert [(f.index, f.error_type) for f in result.failures] == [(2, "SystemExit")]
+    assert "sys.exit(2)" in result.failures[0].message and torch.equal(result.x[3:], 2 * torch.arange(3.0, 6.0)[:, None])
+
+
+def test_bfloat16_outputs_are_simulations_as_float16_ones_are():
+    """``Tensor.numpy()`` refuses bfloat16, which made every row 'not numeric' and stopped the run."""
+    for dtype in (torch.float16, torch.bfloat16):
+        result = simulate(lambda t: t.to(dtype) * 2, torch.arange(4.0)[:, None])
+        assert result.x.dtype == torch.float32 and torch.equal(result.x, 2 * torch.arange(4.0)[:, None]), dtype
+
+
+def test_simulate_from_prior_checks_its_options_before_drawing_the_parameters():
+    """The options were checked after the prior had been sampled for every row (seconds for millions of draws, far
+    more for a rejection prior)."""
+    class Counting(Independent):
+        draws = 0
+
+        def sample(self, shape=torch.Size()):
+            Counting.draws += 1
+            return super().sample(shape)
+
+    prior = Counting(Normal(torch.zeros(2), torch.ones(2)), 1)
+    for options, error, match in (({"workers": 0}, ValueError, "workers must be an int >= 1, got 0"),
+                                  ({"on_error": "ignore"}, ValueError, "on_error"),
+                                  ({"timeout": -1}, ValueError, "timeout must be a positive number"),
+                                  ({"wokers": 2}, TypeError, r"unexpected keyword arguments \['wokers'\]")):
+        with pytest.raises(error, match=match):
+            simulate_from_prior(noisy, prior, 10, **options)
+    with pytest.raises(TypeError, match="simulator must be callable, got str"):
+        simulate_from_prior("noisy", prior, 10)
+    assert Counting.draws == 0
+
+
+def test_a_thread_pool_leaves_the_callers_global_generators_as_they_were():
+    """Calls on threads seed and restore the global generators concurrently, so one call's restore could leave
+    another's seed behind, and the caller's later prior draws changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(123)
+    np.random.seed(123)
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    with ThreadPoolExecutor(4) as pool, pytest.warns(UserWarning, match="not reproducible on a ThreadPoolExecutor"):
+        simulate(lambda t: t + torch.randn(t.shape) + np.random.normal(), torch.zeros(200, 2), batch_size=1,
+                 executor=pool)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)

@@ -339,3 +339,22 @@ def test_a_stopped_run_cancels_the_chunks_it_queued_on_a_users_executor():
                  on_error="raise")
     executor.shutdown(wait=True)
     assert 0 in calls and 3 not in calls
+
+
+def dies_on_two(theta, seed):
+    if (theta[:, 0] == 2).any():
+        os._exit(3)  # a native crash of the pool's worker
+    return theta * 2
+
+
+@pytest.mark.slow
+def test_a_process_pool_that_breaks_gives_the_advice_also_when_the_next_chunk_is_submitted():
+    """Once its pool broke, ``executor.submit`` itself raised BrokenProcessPool, past the advice that a result's
+    failure gets."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(BrokenProcessPool):  # a chunk of another call broke it
+            pool.submit(dies_on_two, torch.full((1, 1), 2.0), 0).result()
+        with pytest.raises(RuntimeError, match="process pool broke.*workers=N"):
+            simulate(dies_on_two, torch.arange(12.0)[:, None], batch_size=2, executor=pool)

@@ -77,7 +77,7 @@ def test_a_store_of_another_run_is_refused_not_mixed(tmp_path, change):
         "batch_size": {"batch_size": 20},
         "simulator": {"simulator": other},
         "prior": {"prior": Independent(Normal(torch.ones(2), torch.ones(2)), 1)},
-        "dtype": {"simulator": lambda theta, seed: seeded(theta, seed).double()},
+        "dtype": {"simulator": lambda theta, seed: seeded(theta, seed).double() + 1e-12},  # float32 would round
     }[change])
     if change == "dtype":
         args["simulator"].__qualname__ = seeded.__qualname__
@@ -703,7 +703,8 @@ def test_simulators_whose_arrays_differ_are_other_simulators(tmp_path):
 
 def test_a_resume_casts_chunks_to_the_stores_dtype_as_an_uninterrupted_run_does(tmp_path):
     """A per-row simulator whose fallback row is float64 makes that chunk float64; an uninterrupted run casts later
-    float32 chunks to it, but a resume whose first chunk was float32 raised, telling the user to delete the store."""
+    float32 chunks to it, but a resume whose first chunk was float32 raised, telling the user to delete the store.
+    (A resume is refused only where the store's dtype would round the new values: test_a_store_of_another_run.)"""
     stop = {"at": 4.0}
 
     def fallback(theta, seed):
@@ -775,3 +776,34 @@ def test_a_kill_while_failed_rows_are_rewritten_keeps_the_chunks_good_rows(tmp_p
     again = run("check")
     assert again.returncode == 0, again.stderr  # no chunk is corrupted: every row is reused
     assert again.stdout.split("\n")[0] == ("8 [3]" if kill == "before-data" else "8 []")
+
+
+def test_a_refused_run_leaves_the_store_as_it_was(tmp_path):
+    """The store grew to the refused run's size before its parameters were compared, and then called itself
+    incomplete."""
+    store = tmp_path / "s.zarr"
+    simulate(seeded, torch.zeros(100, 2), batch_size=50, store=store)
+    with pytest.raises(StoreMismatchError, match="other parameters"):
+        simulate(seeded, torch.ones(500, 2), batch_size=50, store=store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_simulations(store)
+    assert kept.complete and len(kept.x) == 100
+    assert simulate(seeded, torch.zeros(150, 2), batch_size=50, store=store).reused == 100  # a larger run grows it
+
+
+def test_on_error_raise_raises_for_a_failure_kept_in_the_store(tmp_path):
+    """A stored failed row was returned as NaN where the same call without a store raised."""
+    store = tmp_path / "s.zarr"
+    with pytest.warns(UserWarning, match="ValueError"):
+        simulate(failing_rows, torch.arange(8.0)[:, None], batch_size=4, store=store)
+    with pytest.raises(SimulationError, match=r"theta index 3 failed with ValueError.*retry_failed=True") as info:
+        simulate(failing_rows, torch.arange(8.0)[:, None], batch_size=4, store=store, on_error="raise")
+    assert info.value.index == 3
+    assert load_simulations(store).complete  # still whole
+
+
+def failing_rows(theta):
+    if (theta[:, 0] == 3).any():
+        raise ValueError("bad row")
+    return theta * 2

@@ -233,6 +233,12 @@ _WORKER_SANDBOXES: dict[bytes, _Sandboxes] = {}
 _WORKER_LOCK = threading.Lock()
 
 
+def _broken_pool() -> RuntimeError:
+    return RuntimeError(
+        "the executor's process pool broke (a worker process died while running the simulator); finished chunks "
+        "are kept in the store, if any. Use workers=N or a timeout, which run the simulator in replaceable processes")
+
+
 def _payload(payload: bytes) -> bytes:
     """The pickled simulator, as a Dask task's result (recomputed from the graph if its worker dies)."""
     return payload
@@ -312,14 +318,17 @@ class ExecutorBackend:
         return 2 * self._workers
 
     def submit(self, job: Job) -> Future:
-        if self._timeout is None:
-            future = self._executor.submit(run_job, self._simulator, job, vectorized=self._vectorized,
-                                           seeded=self._seeded)
-        elif self._boxes is not None:
-            future = self._executor.submit(self._boxes.run, job, self._timeout)
-        else:
-            future = self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,
-                                           self._seeded)
+        try:  # a pool that broke on an earlier chunk refuses new ones
+            if self._timeout is None:
+                future = self._executor.submit(run_job, self._simulator, job, vectorized=self._vectorized,
+                                               seeded=self._seeded)
+            elif self._boxes is not None:
+                future = self._executor.submit(self._boxes.run, job, self._timeout)
+            else:
+                future = self._executor.submit(run_in_worker, self._payload, job, self._timeout, self._vectorized,
+                                               self._seeded)
+        except BrokenProcessPool as error:
+            raise _broken_pool() from error
         self._running.add(future)
         return future
 
@@ -328,11 +337,7 @@ class ExecutorBackend:
         try:
             return future.result()
         except BrokenProcessPool as error:
-            raise RuntimeError(
-                "the executor's process pool broke (a worker process died while running the simulator); "
-                "finished chunks are kept in the store, if any. Use workers=N or a timeout, which run the "
-                "simulator in replaceable processes"
-            ) from error
+            raise _broken_pool() from error
 
     def close(self, *, kill: bool = False) -> None:
         if kill:  # chunks still queued never start; running ones finish, except in this process's sandboxes

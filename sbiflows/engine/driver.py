@@ -145,6 +145,14 @@ class Driver:
                 self.failures.update({start + k: v for k, v in failed.items()})
                 self.reused += stop - start
             reusable.add(c)
+        kept = {start: error for c in reusable if c in self._chunks for start, error in
+                ((self._chunks[c].start + k, e) for k, e in self._chunks[c].errors.items())} | self.failures
+        if self.on_error == "raise" and kept:  # as the run that stored them would have raised
+            index = min(kept)
+            kind, message = kept[index]
+            raise AbortRun(f"simulation of theta index {index} failed with {kind}: {message} (a failed row kept in "
+                           f"the store at {self.store.path}; retry_failed=True simulates it again)", index=index)
+        self.store.grow(len(self.theta))  # after every stored chunk proved to be this run's
         return reusable
 
     def _longer_limit(self, kind: str, message: str) -> bool:
@@ -252,7 +260,12 @@ class Driver:
             where = "the store's rows have" if self.layout_from_store else "earlier chunks had"
             advice = " (if the simulator changed, use another store)" if self.layout_from_store else ""
             return f"simulator returned x of shape {shape} per row, but {where} {self.layout[0]}{advice}"
-        return x.astype(self.layout[1])  # as an uninterrupted run casts to its first chunk's dtype, a resume does
+        cast = x.astype(self.layout[1])  # as an uninterrupted run casts to its first chunk's dtype, a resume does
+        if self.layout_from_store and not np.array_equal(cast.astype(dtype), x, equal_nan=True):
+            raise StoreMismatchError(  # a simulator that changed its output: the store would round it
+                f"the store at {self.store.path} holds x of dtype {self.layout[1]}, but the simulator now returns "
+                f"{dtype} values that {self.layout[1]} cannot hold; use another store path, or delete it")
+        return cast
 
     def _allocate(self, chunk: _Chunk) -> np.ndarray:
         if chunk.x is None:

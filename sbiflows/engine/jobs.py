@@ -110,7 +110,7 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
             x = as_output(_call(simulator, job.theta, job.seeds[0], seeded), rows=len(job.theta))
         except _BadOutput as error:
             return Outcome.failed(BAD_OUTPUT, str(error), time.perf_counter() - start)
-        except Exception as error:  # noqa: BLE001 - every failure of the user's code is a recorded row
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - every failure of the user's code is a recorded row
             return Outcome.failed(type(error).__name__, _message(error), time.perf_counter() - start)
         return Outcome(x, [], time.perf_counter() - start)
     rows: list[np.ndarray | None] = []
@@ -121,7 +121,7 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
         except _BadOutput as error:
             rows.append(None)
             errors.append((i, BAD_OUTPUT, str(error)))
-        except Exception as error:  # noqa: BLE001
+        except (Exception, SystemExit) as error:  # noqa: BLE001
             rows.append(None)
             errors.append((i, type(error).__name__, _message(error)))
     return Outcome(_stack_rows(rows, errors), errors, time.perf_counter() - start)
@@ -130,10 +130,15 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
 def as_output(value: object, *, rows: int | None) -> np.ndarray:
     """The simulator's output as a float array: ``(rows, *x_shape)``, or ``x_shape`` for ``rows=None``.
 
-    float64 stays float64; integers, booleans and float16 become float32 (NaN must fit).
+    float64 stays float64; integers, booleans, float16 and bfloat16 become float32 (NaN must fit; integers beyond
+    2^24 are rounded: return float64 to keep them).
     """
     try:
-        array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        if isinstance(value, Tensor):
+            value = value.detach().cpu()
+            array = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        else:
+            array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:
         raise _BadOutput(f"output is not numeric: {error}") from None
     if array.dtype.kind not in "biuf":
@@ -167,6 +172,8 @@ def _call(simulator: Callable, theta: Tensor, seed: int, seeded: bool) -> object
 
 
 def _message(error: BaseException) -> str:
+    if isinstance(error, SystemExit):  # a wrapped command-line tool's exit: in a worker process, a dead worker
+        return f"the simulator called sys.exit({error.code!r})"
     return str(error) or repr(error)
 
 

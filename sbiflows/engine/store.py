@@ -55,7 +55,9 @@ class SimulationStore:
     @classmethod
     def open(cls, path: str | os.PathLike, config: dict, *, rows: int, theta_dim: int,
              theta_dtype: np.dtype) -> SimulationStore:
-        """Open (or create) the store for a run with ``config``; lock it; grow it to ``rows`` rows.
+        """Open (or create) the store for a run with ``config`` and lock it. A new store has room for ``rows``; an
+        existing one grows to them when the run has verified that its stored rows are this run's (:meth:`grow`), so
+        that a refused run leaves the store as it was.
 
         Raises:
             StoreMismatchError: If the store holds another run.
@@ -86,9 +88,7 @@ class SimulationStore:
             else:
                 _compare(path, stored, config)
             (path / "records").mkdir(exist_ok=True)
-            store = cls(path, group, lock_file=lock_file)
-            store._grow(rows)
-            return store
+            return cls(path, group, lock_file=lock_file)
         except BaseException:
             lock_file.close()
             raise
@@ -219,7 +219,8 @@ class SimulationStore:
         temporary.write_text(json.dumps(record))
         os.replace(temporary, target)
 
-    def _grow(self, rows: int) -> None:
+    def grow(self, rows: int) -> None:
+        """Make room for ``rows`` rows (the store keeps the largest run asked of it)."""
         for name in ("theta", "x"):
             if name in self._group and self._group[name].shape[0] < rows:
                 array = self._group[name]
