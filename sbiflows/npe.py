@@ -31,6 +31,7 @@ from torch.distributions import Distribution
 from sbiflows.balance import BalancedObjective
 from sbiflows.checkpoint import Checkpoint, as_checkpoint, say_on_stderr
 from sbiflows.coverage_loss import CalibratedObjective
+from sbiflows.embeddings import EMBEDDINGS
 from sbiflows.checks import check_bool, check_choice, check_device, check_int, check_real
 from sbiflows.ensemble import (
     AUTO_MEMBERS, DEFAULT_ENSEMBLE, EnsembleNet, auto_check, auto_summary, check_ensemble, member_seed, members_of, mixture,
@@ -93,7 +94,10 @@ class NPE:
             (:mod:`sbiflows.embeddings`: ``MLP``, ``Linear``, ``CNN1d``, ``CNN2d``, ``PermutationInvariant``)
             are saved with the posterior; a module of your own is passed back to :func:`sbiflows.load`.
             ``"auto"`` (default): a learned linear summary for ``x`` with many values per parameter, none
-            otherwise (:func:`~sbiflows.embeddings.auto_embedding`, decided at the first ``fit``); None: no
+            otherwise (:func:`~sbiflows.embeddings.auto_embedding`, decided at the first ``fit``); a built-in's
+            name (``"mlp"``, ``"linear"``, ``"cnn1d"``, ``"cnn2d"``, ``"set"``): that network sized for the
+            first fit's ``x`` (:func:`~sbiflows.embeddings.from_name`), each ensemble member's with its own
+            initial weights (a module passed in starts every member from its weights); None: no
             embedding (``x`` goes to every flow layer as it is, structured ``x`` flattened).
         ensemble: ``"auto-stacked"`` (default, below), or train this many flows on the same rows with
             different seeds (weights, validation split, minibatch order) and return their equal-weight
@@ -362,7 +366,8 @@ class NPE:
                 theta, x, prior=self._prior, theta_dim=self.theta_dim, dtype=self.dtype, device=self.device,
                 earlier=None if self._theta is None else (self._theta, self._x),
                 validation_fraction=validation_fraction,
-                padded_trials=bool(getattr(self.embedding_net, "nan_padded_trials", False)),
+                padded_trials=bool(getattr(EMBEDDINGS.get(self.embedding_net) if isinstance(self.embedding_net, str)
+                                           else self.embedding_net, "nan_padded_trials", False)),
             )
             # Everything below works on new objects; self is only updated once training has succeeded.
             if self._theta is not None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from sbiflows.checks import check_int
-from sbiflows.embeddings import auto_embedding, embedding_config
+from sbiflows.embeddings import EMBEDDINGS, auto_embedding, embedding_config, from_name
 from sbiflows.ensemble import EnsembleNet, members_of, weights_of
 from sbiflows.posterior import Posterior
 from sbiflows.seeding import global_seed
@@ -96,11 +96,13 @@ def check_network_options(
             UserWarning,
             stacklevel=3,  # the caller of NPE(...)
         )
+    names = ("auto", *EMBEDDINGS)
     if isinstance(embedding_net, str):
-        if embedding_net != "auto":
-            raise ValueError(f"embedding_net must be an nn.Module, None or 'auto', got {embedding_net!r}")
+        if embedding_net not in names:
+            raise ValueError(f"embedding_net must be an nn.Module, None or one of {names}, got {embedding_net!r}")
     elif embedding_net is not None and not isinstance(embedding_net, nn.Module):
-        raise TypeError(f"embedding_net must be a torch.nn.Module, None or 'auto', got {type(embedding_net).__name__}")
+        raise TypeError(f"embedding_net must be a torch.nn.Module, None or one of {names}, got "
+                        f"{type(embedding_net).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid names are {sorted(ACTIVATIONS)}")
     transforms = check_int(transforms, "transforms", minimum=1, optional="the default rule")
@@ -128,7 +130,8 @@ def build_network(
     """A new :class:`~sbiflows.estimator.PosteriorNet` for training rows ``u`` ``(N, D)`` and ``x`` ``(N, *x_shape)``.
 
     The embedding net (a deep copy of ``embedding_net``; ``"auto"``:
-    :func:`~sbiflows.embeddings.auto_embedding`, with weights from ``seed``; without one, flat ``x`` passes
+    :func:`~sbiflows.embeddings.auto_embedding`, and a built-in's name: :func:`~sbiflows.embeddings.from_name`
+    for ``x``'s shape, both with weights from ``seed``; without one, flat ``x`` passes
     unchanged and structured ``x`` is flattened) is probed on two z-scored rows to read its output size,
     then a flow of ``estimator`` is built with ``seed`` (torch's global RNG state is left unchanged) and the network
     z-scores with the statistics of ``u`` and ``x``. The options are those :func:`check_network_options`
@@ -150,6 +153,9 @@ def build_network(
     if embedding_net == "auto":
         with global_seed(seed):  # its weights come from the seed, as the flow's do
             embedding_net = auto_embedding(x_shape, theta_dim)
+    elif isinstance(embedding_net, str):  # a built-in by name: each member's weights from its own seed
+        with global_seed(seed):
+            embedding_net = from_name(embedding_net, x_shape)
     if embedding_net is not None:
         try:
             embedding = copy.deepcopy(embedding_net)  # trained jointly: the caller's module stays as it is

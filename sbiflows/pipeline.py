@@ -26,7 +26,6 @@ from torch import Tensor
 import sbiflows
 from sbiflows import diagnostics, outputs, pipeline_sequential, plots
 from sbiflows.checkpoint import Checkpoint
-from sbiflows.embeddings import from_choice
 from sbiflows.npe import NPE
 from sbiflows.pipeline_calibration import calibrate, save_figure
 from sbiflows.pipeline_checks import check_observation_shapes, check_valid_simulations
@@ -197,7 +196,7 @@ def _train(state: _State, sims: SimulationResult) -> Posterior:
     else:
         where = "" if job.device.type == "cpu" else f" on {job.device}"
         state.log(f"[2/5] training NPE ({describe_estimator(job.estimator_options)}, embedding {job.embedding}){where}")
-        embedding = from_choice(job.embedding, tuple(sims.x.shape[1:]), seed=job.seed)
+        embedding = None if job.embedding == "none" else job.embedding  # a built-in's name: each member's own weights
         checkpoint = Checkpoint(job.out / outputs.CHECKPOINT, log=lambda line: state.log(f"      {line}")) \
             if job.checkpointable else None
         if job.compile:

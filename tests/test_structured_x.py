@@ -383,3 +383,49 @@ def test_an_embedding_the_fit_cannot_take_is_named_before_training():
                                  (_TwoArguments(), ValueError, "embedding_net failed on training x of shape")):
         with pytest.raises(error, match=match):
             NPE(PRIOR, embedding_net=module).fit(theta, x, max_epochs=1, progress=False)
+
+
+def test_a_built_in_embedding_by_name_trains_as_the_module_would_and_members_start_apart():
+    """Ensemble members deep-copied the one module they were given, so every member's embedding started from the
+    same weights (the command line's --embedding with --ensemble 3). By name, each member's network is drawn from
+    its own seed, and a single flow trains as it did from the module drawn from the fit's seed."""
+    from sbiflows.embeddings import from_choice
+    from sbiflows.ensemble import member_seed, members_of
+    from sbiflows.seeding import global_seed
+
+    torch.manual_seed(0)
+    theta = PRIOR.sample((200,))
+    x = trials(theta)
+    options = dict(transforms=1, hidden_features=(16,), ensemble=1)
+    by_module = NPE(PRIOR, embedding_net=from_choice("set", (12, 2), seed=3), **options).fit(
+        theta, x, seed=3, max_epochs=2, progress=False)
+    by_name = NPE(PRIOR, embedding_net="set", **options).fit(theta, x, seed=3, max_epochs=2, progress=False)
+    for a, b in zip(by_module.net.state_dict().values(), by_name.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert by_name.config["embedding"] == "set"
+    with pytest.warns(UserWarning, match="fewer"):  # 2 trials: fewer than any training set (3 to 12): padded sets
+        by_name.sample(5, x=theta[0] + torch.zeros(2, 2))
+
+    import sbiflows.npe_network as network
+
+    built = []
+    real = network.from_name
+
+    def recording(name, x_shape, **kwargs):
+        built.append(real(name, x_shape, **kwargs))
+        return built[-1]
+
+    network.from_name = recording
+    try:
+        two = NPE(PRIOR, embedding_net="mlp", transforms=1, hidden_features=(16,), ensemble=2).fit(
+            theta, torch.nan_to_num(x), seed=5, max_epochs=1, progress=False)
+    finally:
+        network.from_name = real
+    assert len(members_of(two.net)) == 2 and len(built) == 2
+    first, second = (dict(net.named_parameters()) for net in built)
+    assert not any(torch.equal(first[k], second[k]) for k in first if k.endswith("weight"))
+    with global_seed(member_seed(5, 1)):
+        expected = real("mlp", (12, 2))
+    assert all(torch.equal(p, q) for p, q in zip(expected.parameters(), built[1].parameters()))
+    with pytest.raises(ValueError, match=r"embedding_net must be an nn.Module, None or one of .*'set'.*got 'sets'"):
+        NPE(PRIOR, embedding_net="sets")
