@@ -365,7 +365,7 @@ def _import_object(spec: str, option: str):
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise ValueError(f"{option} must look like 'package.module:name' or 'path/to/file.py:name', got {spec!r}")
-    folder = Path.cwd()
+    folder, path = Path.cwd(), None
     if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
         path = Path(module_name)
         if path.suffix != ".py" or not path.is_file():
@@ -383,6 +383,11 @@ def _import_object(spec: str, option: str):
                          f"{error})") from None
     finally:
         sys.path.pop(0)
+    loaded = getattr(module, "__file__", None)
+    if path is not None and (loaded is None or Path(loaded).resolve() != path.resolve()):
+        raise ValueError(f"{option}: {str(path)!r} is a module named {module_name!r}, but a module of that name was "
+                         f"already imported from {loaded or 'elsewhere'}; rename one of the files (worker processes "
+                         "import a simulator's module by its name)")
     if not hasattr(module, attr):
         raise ValueError(f"{option}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)

@@ -25,9 +25,14 @@ def _parse_indices(text: str) -> list[int]:
     indices: list[int] = []
     try:
         for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            indices.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi if dash else lo)  # '1-' is no range
+            if last < first:
+                raise ValueError(f"--observations: the range {part!r} is empty (write it as '{last}-{first}')")
+            indices.extend(range(first, last + 1))
+    except ValueError as error:
+        if "is empty" in str(error):
+            raise
         raise ValueError(f"--observations must look like '1-10' or '1,4', got {text!r}") from None
     bad = [i for i in indices if not 1 <= i <= 10]
     if bad or not indices:
@@ -158,10 +163,15 @@ def _read_observations(path: Path) -> torch.Tensor:
         if suffix == ".npy":
             data = np.load(path, allow_pickle=False)
         else:
+            first = path.read_text(encoding="utf-8-sig").splitlines()[:1]
+            if suffix == ".csv" and first and ";" in first[0] and "," not in first[0]:
+                raise ValueError(f"--observation {str(path)!r} separates its values with ';'; a .csv takes "
+                                 "comma-separated values (or save the table as .txt, values separated by spaces)")
             header = _header(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "input contained no data": said below, with the reason
-                data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2, skiprows=header)
+                data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2, skiprows=header,
+                                  encoding="utf-8-sig")  # a spreadsheet's UTF-8 export starts with a byte-order mark
         numbers = np.asarray(data, dtype=np.float32)  # a .npy keeps its shape (structured x); a table is 2-D
     except (ValueError, TypeError) as error:  # also a .npy of strings or objects
         raise ValueError(f"--observation {str(path)!r} is not a numeric table: {error}") from None
@@ -174,11 +184,18 @@ def _read_observations(path: Path) -> torch.Tensor:
 
 
 def _header(path: Path) -> int:
-    first = path.read_text().splitlines()[:1]
+    """1 if the first line is a header (no value in it is a number, as in ``theta1,theta2``), else 0: a first row
+    with some numbers (``0.3,NA``) is data, refused as such if a value is not a number."""
+    first = path.read_text(encoding="utf-8-sig").splitlines()[:1]
     if not first:
         return 0
+    values = first[0].replace(",", " ").split()
+    return int(bool(values) and not any(_number(v) for v in values))
+
+
+def _number(text: str) -> bool:
     try:
-        [float(v) for v in first[0].replace(",", " ").split()]
-        return 0
+        float(text)
+        return True
     except ValueError:
-        return 1
+        return False

@@ -171,6 +171,9 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
     if old == settings:
         return []
     changed = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
+    if changed == ["timeout"] and not _timed_out(out):  # no stored row timed out: the limit changed nothing made
+        _write(out, {"settings": settings, "files": manifest.get("files", [])})
+        return []
     later = all(key in after_training(old) and key in after_training(settings) for key in changed)
     trained = (out / "posterior.pt").exists()
     made = [name for name in manifest.get("files", [])
@@ -213,6 +216,20 @@ def prepare(out: Path, settings: dict, *, force: bool = False, spelling: str = "
         removed += [name for name in present if not (out / name).exists()]
     _write(out, {"settings": settings, "files": [name for name in manifest.get("files", []) if name not in removed]})
     return removed
+
+
+def _timed_out(out: Path) -> bool:
+    """Whether a simulation store in ``out`` (its chunks' records) holds a row that timed out, which a rerun with a
+    longer ``timeout`` simulates again; an unreadable record counts as one."""
+    from sbiflows.engine.jobs import TIMEOUT
+
+    for path in out.rglob("records/*.json"):
+        try:
+            if any(failure[1] == TIMEOUT for failure in json.loads(path.read_text()).get("failures", [])):
+                return True
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            return True
+    return False
 
 
 def adopt(out: Path, settings: dict) -> bool:

@@ -80,8 +80,10 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, capsys):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("semi.csv", "0.3;0.7\n", "its only line was read as a header (a row that is not all numbers); give one "
-                               "observation per row as comma-separated values"),
+    ("semi.csv", "0.3;0.7\n", "separates its values with ';'; a .csv takes comma-separated values"),
+    ("header.csv", "x1,x2\n", "its only line was read as a header (a row that is not all numbers); give one "
+                              "observation per row as comma-separated values"),
+    ("na.csv", "0.3,NA\n0.5,0.5\n", "is not a numeric table"),  # a first row with a number is data, not a header
     ("empty.csv", "", "holds no observation: it is empty"),
     ("empty.txt", "\n", "holds no observation: it is empty; give one observation per row as values separated by spaces"),
 ])
@@ -102,6 +104,22 @@ def test_observation_file_types_are_read_whatever_the_case_of_their_suffix(tmp_p
     (tmp_path / "obs.npy").rename(tmp_path / "OBS.NPY")
     assert _read_observations(tmp_path / "UP.CSV").tolist() == [[pytest.approx(0.3), pytest.approx(0.7)]]
     assert _read_observations(tmp_path / "OBS.NPY").tolist() == [pytest.approx(0.3), pytest.approx(0.7)]
+
+
+def test_a_spreadsheets_utf8_csv_keeps_its_first_row(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which made the first row read as a header and dropped
+    it without a word."""
+    from sbiflows.cli_observations import _parse_indices, _read_observations
+
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf0.3,0.7\r\n0.5,0.5\r\n")
+    assert _read_observations(path).tolist() == [[pytest.approx(0.3), pytest.approx(0.7)], [0.5, 0.5]]
+    path.write_bytes(b"\xef\xbb\xbftheta1,theta2\r\n0.5,0.5\r\n")  # with a header: only the header goes
+    assert _read_observations(path).tolist() == [[0.5, 0.5]]
+    with pytest.raises(ValueError, match="must look like"):  # '1-' read as 1
+        _parse_indices("1-")
+    with pytest.raises(ValueError, match="the range '3-1' is empty"):
+        _parse_indices("3-1")
 
 
 def test_estimator_choices_come_from_the_registry(capsys):
@@ -639,6 +657,28 @@ def test_a_simulator_given_as_a_file_path_is_imported(tmp_path, monkeypatch, cap
     sys.modules.pop("filemodel", None)
 
 
+def test_two_files_of_the_same_name_are_refused_not_mixed_up(tmp_path, monkeypatch, capsys):
+    """``--prior b/model.py:prior`` returned the module ``model`` that ``--simulator a/model.py:...`` had imported,
+    so the run used a/model.py's prior without a word."""
+    for folder, dim in (("a", 2), ("b", 3)):  # the same file name, other priors
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "samename.py").write_text(USER_MODEL.replace("torch.zeros(2), torch.ones(2)",
+                                                                          f"torch.zeros({dim}), torch.ones({dim})"))
+    (tmp_path / "x.csv").write_text("1,2,3\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--simulator", "a/samename.py:simulate", "--prior", "b/samename.py:prior",
+                  "--observation", "x.csv", "--out", str(tmp_path / "run")])
+        assert info.value.code == 2
+        error = capsys.readouterr().err
+        assert "--prior: 'b/samename.py' is a module named 'samename', but a module of that name was already " \
+               "imported from" in error and "a/samename.py; rename one of the files" in error
+        assert not (tmp_path / "run").exists()
+    finally:
+        sys.modules.pop("samename", None)
+
+
 def recording_run(seen):
     """A stand-in for the pipeline's run that only records the job it was given."""
 
@@ -865,10 +905,30 @@ def test_force_removes_only_what_the_changed_settings_invalidate(tmp_path, chang
         (tmp_path / name).mkdir()
     for name in ("posterior.pt", "resume.json", "samples.npz", "report.md", "notes.txt"):
         (tmp_path / name).write_text(name)
+    (tmp_path / "simulations.zarr" / "records").mkdir()  # a row that timed out: a longer limit simulates it again
+    (tmp_path / "simulations.zarr" / "records" / "0.json").write_text(
+        '{"failures": [[3, "ValueError", "bad"], [4, "TimeoutError", "exceeded the timeout of 30 s"]]}')
     record(tmp_path, settings)
     prepare(tmp_path, {**settings, **change}, force=True)
     assert all((tmp_path / name).exists() for name in [*kept, "notes.txt"]), sorted(p.name for p in tmp_path.iterdir())
     assert not any((tmp_path / name).exists() for name in removed), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_new_timeout_keeps_everything_where_no_stored_row_timed_out(tmp_path):
+    """Only rows that timed out depend on the limit, but any new --timeout removed the trained posterior and its
+    samples (with --force), and the rerun trained again on the same rows."""
+    from sbiflows.outputs import prepare, record
+
+    settings = {"seed": 0, "timeout": 30.0, "observations": {"obs1": [0.1]}}
+    prepare(tmp_path, settings)
+    (tmp_path / "simulations.zarr" / "records").mkdir(parents=True)
+    (tmp_path / "simulations.zarr" / "records" / "0.json").write_text('{"failures": [[3, "ValueError", "bad"]]}')
+    for name in ("posterior.pt", "resume.json", "samples.npz", "report.md"):
+        (tmp_path / name).write_text(name)
+    record(tmp_path, settings)
+    assert prepare(tmp_path, {**settings, "timeout": 60.0}) == []  # no --force needed: nothing it made changes
+    assert all((tmp_path / name).exists() for name in ("posterior.pt", "resume.json", "samples.npz", "report.md"))
+    assert prepare(tmp_path, {**settings, "timeout": 60.0}) == []  # and the new limit is the run's setting now
 
 
 def test_new_observations_keep_an_amortized_posterior_but_not_a_sequential_runs_rounds(tmp_path):
