@@ -109,8 +109,10 @@ def _fit(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contex
         print(f"sbiflows fit: error: {_simulation_error(error, job.out)}", file=sys.stderr)
         return SIMULATOR_FAILED
     except TooFewSimulationsError as error:  # it ran, but what it returned cannot train anything
-        print(f"sbiflows fit: error: {error}; the simulations are kept in {job.out}: run again with more "
-              "--simulations or a fixed simulator", file=sys.stderr)
+        store = job.out / "simulations.zarr"
+        print(f"sbiflows fit: error: {error}; the simulations are kept in {store}: run again with more "
+              f"--simulations, or fix the simulator and delete {store} (a rerun reuses its rows, made by the "
+              "simulator as it was)", file=sys.stderr)
         return SIMULATOR_FAILED
     except KeyboardInterrupt:
         print(f"\nsbiflows fit: {'terminated' if stop.received else 'interrupted'}. Everything finished is kept in "

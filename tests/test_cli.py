@@ -1269,6 +1269,9 @@ def test_simulations_that_are_all_nan_stop_before_training_in_one_line(tmp_path,
                  "x.csv", "--simulations", "100", "--out", "cli", "--quiet"])
     error = capsys.readouterr().err
     assert code == 3 and "error: only 0 of 100 simulations are valid" in error and "Traceback" not in error
+    # a fixed simulator of the same name reuses the stored rows: the advice says to delete them
+    assert "or fix the simulator and delete cli/simulations.zarr (a rerun reuses its rows" in error
+    sys.modules.pop("nan_model", None)
 
 
 def test_the_advice_to_fix_the_observation_and_run_again_works(tmp_path):
