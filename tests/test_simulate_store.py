@@ -807,3 +807,30 @@ def failing_rows(theta):
     if (theta[:, 0] == 3).any():
         raise ValueError("bad row")
     return theta * 2
+
+
+def test_a_per_row_simulators_short_last_chunk_is_extended_not_simulated_again(tmp_path):
+    """A larger run simulated the stored short last chunk again as a full chunk (up to batch_size - 1 paid rows).
+    A per-row simulator's rows have their own seeds, so only the missing rows need simulating; the rows equal a
+    direct run's either way."""
+    calls = []
+
+    def per_row(theta, seed):
+        calls.append(float(theta[0]))
+        if float(theta[0]) > 1.8:
+            raise ValueError("diverged")
+        return theta + torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+
+    per_row.__qualname__ = "per_row"
+    store = tmp_path / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        simulate_from_prior(per_row, PRIOR, 95, seed=1, batch_size=10, store=store, vectorized=False)
+        calls.clear()
+        extended = simulate_from_prior(per_row, PRIOR, 100, seed=1, batch_size=10, store=store, vectorized=False)
+        assert len(calls) == 5 and extended.reused == 95
+        direct = simulate_from_prior(per_row, PRIOR, 100, seed=1, batch_size=10, vectorized=False)
+    assert bitwise_equal(extended.x, direct.x) and torch.equal(extended.theta, direct.theta)
+    assert [f.index for f in extended.failures] == [f.index for f in direct.failures]
+    again = load_simulations(store)
+    assert again.complete and bitwise_equal(again.x, direct.x)

@@ -114,9 +114,14 @@ class Driver:
             if c >= self.num_chunks:
                 continue
             start, stop = self._span(c)
-            if record["rows"] < stop - start:
-                continue  # a shorter last chunk of a smaller run: simulated again as a full chunk
-            if not np.array_equal(theta[start:stop], mine[start:stop]):
+            stored = min(record["rows"], stop - start)
+            # a shorter last chunk of a smaller run: a vectorized simulator's call drew its rows' noise together, so
+            # it is simulated again as a full chunk; a per-row simulator's rows have their own seeds, and only the
+            # missing rows are simulated
+            extend = stored < stop - start and not self.vectorized and self.layout is not None
+            if stored < stop - start and not extend:
+                continue
+            if not np.array_equal(theta[start:start + stored], mine[start:start + stored]):
                 raise StoreMismatchError(
                     f"chunk {c} of the store at {self.store.path} holds other parameters than this run (another "
                     "prior, seed plan or theta); use another store path, or delete it to start over")
@@ -129,17 +134,18 @@ class Driver:
                               f"{stop - start}; rerun with all {start + record['rows']} or more rows to retry them",
                               UserWarning, stacklevel=6)
                 retry = set()
-            if retry:
+            if retry or extend:
                 chunk = self._new_chunk(c)
                 chunk.stored = True
-                chunk.x = x[start:stop].copy()
+                chunk.x = np.full((stop - start, *self.layout[0]), np.nan, dtype=self.layout[1])
+                chunk.x[:stored] = x[start:start + stored]
                 chunk.errors = {k: error for k, error in failed.items() if k not in retry}  # kept as they failed
                 seeds = self._row_seeds(c)
-                for k in sorted(retry):
+                for k in [*sorted(retry), *range(stored, stop - start)]:  # each row alone, with its own seed
                     chunk.waiting += 1
                     self._pending.append(Job(c, start + k, self.theta[start + k:start + k + 1],
                                              (int(seeds[k]),), retry=True))
-                self.reused += stop - start - len(retry)
+                self.reused += stored - len(retry)
             else:
                 self.x_done[c] = x[start:stop]
                 self.failures.update({start + k: v for k, v in failed.items()})
