@@ -264,6 +264,7 @@ def _train_stacked(
         checkpoint.start()
         saved = checkpoint.load(key, inputs.device)
         if saved is not None:
+            earlier = histories[0].epochs  # epochs before this call: the epoch is reported over all, as train's is
             begin, finished = int(saved["epoch"]), bool(saved["finished"])
             stack.active, stack.fixed = list(saved["active"]), saved["fixed"]
             stack.params = {name: value.clone().requires_grad_(True) for name, value in saved["params"].items()}
@@ -276,7 +277,7 @@ def _train_stacked(
                 vars(rule).update(rule_state)
                 vars(history).update(history_state)
                 generator.set_state(generator_state.cpu())
-            checkpoint.resumed(begin, finished)
+            checkpoint.resumed(earlier + begin, finished)
 
     # compiled while every member trains: the stack's shapes change when one stops (then eager, no recompile)
     compiled = compiled_objective(stack.losses, batch_size=batch_size, enabled=compile)

@@ -31,7 +31,7 @@ from sbiflows.unconstrained import Unconstrained, flat_support
 
 __all__ = [
     "IndependentPrior", "Unconstrained", "box_uniform", "check_prior", "draws_float64", "flat_support", "prior_device",
-    "sample_seeded",
+    "prior_dtype", "sample_seeded",
 ]
 
 #: Prior samples :func:`check_prior` compares with the declared support (a support violated by 0.7% of
@@ -295,6 +295,16 @@ def _check_samples_in_support(name: str, sample: Tensor, support: constraints.Co
 def prior_device(prior: Distribution) -> torch.device:
     """The device of the prior's samples (drawn without changing torch's global RNG state)."""
     return _one_draw(prior).device
+
+
+def prior_dtype(prior: Distribution) -> torch.dtype:
+    """The dtype of the prior's samples (drawn without changing torch's global RNG state).
+
+    Example:
+        >>> prior_dtype(torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), 1.0))
+        torch.float64
+    """
+    return _one_draw(prior).dtype
 
 
 def draws_float64(prior: Distribution) -> bool:

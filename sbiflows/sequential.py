@@ -43,8 +43,11 @@ test other observations than those the region produces.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -75,6 +78,7 @@ from sbiflows.simulate import (
 )
 from sbiflows.training_data import MIN_VALID
 from sbiflows.training_options import check_fit_options, split_sizes
+from sbiflows.truncated_space import resolve_space
 from sbiflows.truncation import TruncatedPrior
 
 __all__ = ["COVERS_PRIOR", "TSNPE", "Round", "check_sequential_options", "split_budget"]
@@ -238,7 +242,7 @@ class TSNPE:
                             f"{list(allowed)}")
         say = log or (lambda line: None)
         layout = RoundStore(store, _settings(self, simulator, x_o, budget, seed, truncation, fit_options,
-                                          simulate_options)) if store is not None else None
+                                          simulate_options), comparable=self._comparable) if store is not None else None
         self.rounds, self.proposals, self.check, self.reused, self.posterior = [], [], None, [], None
         if self.npe.theta is not None:  # a second run starts over (or from its store), not from the first's rows
             self.npe = NPE(self.prior, **{"ensemble": 1, **self._npe_options})
@@ -250,6 +254,20 @@ class TSNPE:
             self._final_check(simulator, check_simulations, check_samples, seed, truncation, layout, progress, say,
                               simulate_options)
         return self.posterior
+
+    def _comparable(self, stored: dict, settings: dict) -> tuple[dict, dict]:
+        """A store's settings and this run's as a resume compares them: NPE's options as the network they make
+        (:func:`_canonical_options`, also for stores that recorded them as spelled), and the prior by its
+        parameters alone where both describe it so (its repr shows attributes torch caches when they are first
+        read, such as a ``MultivariateNormal``'s ``scale_tril``)."""
+        pair = (dict(stored), dict(settings))
+        for out in pair:
+            if isinstance(out.get("npe_options"), dict):
+                out["npe_options"] = _canonical_options(self, out["npe_options"])
+        if all(re.fullmatch(r"\w+:[0-9a-f]{16}", str(out.get("prior_identity"))) for out in pair):
+            for out in pair:
+                out.pop("prior", None)
+        return pair
 
     # ------------------------------------------------------------------------------ one round
     def _round(self, r, n, simulator, x_o, seed, truncation, fit_options, layout, progress, say,
@@ -268,9 +286,9 @@ class TSNPE:
             method, acceptance = ("prior", 1.0) if r == 0 else layout.stored_draw(r)
         else:
             theta, method, acceptance = _draw(proposal, n, derive_seed(seed, f"tsnpe/proposal/{r}"))
-            if theta_file is not None:
-                atomic_npy(theta_file, theta.cpu().numpy())
+            if theta_file is not None:  # the record first: a kill between the two redraws the same seeded draws
                 layout.note_draw(r, method, acceptance)
+                atomic_npy(theta_file, theta.cpu().numpy())
         volume = 1.0 if r == 0 else proposal.volume
         say(f"round {r + 1}: {n} simulations from "
             + ("the prior" if r == 0 else f"the truncated prior (volume {volume:.3g} of the prior, {method}, "
@@ -410,13 +428,24 @@ def _check_x_o(x_o: Tensor, sims: SimulationResult) -> None:
 
 
 def _check_embedding(embedding_net: object, x_o: Tensor) -> None:
-    """A TSNPE trains on flat x: an ``embedding_net`` must take ``(B, x_dim)``, checked on ``x_o`` before round 0
-    simulates (it failed in round 0's training)."""
+    """A TSNPE trains on flat x: an ``embedding_net`` (a module, or a built-in's name) must take ``(B, x_dim)``,
+    checked on ``x_o`` (in the network's dtype) before round 0 simulates (it failed in round 0's training)."""
+    if isinstance(embedding_net, str) and embedding_net != "auto":
+        from sbiflows.embeddings import from_name
+
+        try:
+            from_name(embedding_net, (len(x_o),))
+        except ValueError as error:
+            raise ValueError(f"embedding_net {embedding_net!r} cannot take flat x of shape ({len(x_o)},), as TSNPE "
+                             f"trains on flattened x: {error}") from None
+        return
     if not isinstance(embedding_net, torch.nn.Module):
         return
+    dtype = next((p.dtype for p in itertools.chain(embedding_net.parameters(), embedding_net.buffers())
+                  if p.is_floating_point()), x_o.dtype)
     try:
         with torch.no_grad():
-            embedding_net(x_o[None])
+            embedding_net(x_o[None].to(dtype))
     except Exception as error:  # noqa: BLE001 - any failure of the user's network is the same refusal
         raise ValueError(f"embedding_net must take flat x of shape (B, {len(x_o)}), as TSNPE trains on flattened x, "
                          f"but it failed on x_o of shape (1, {len(x_o)}): {type(error).__name__}: {error}") from None
@@ -444,6 +473,23 @@ def _fitting_batch(r: int, options: dict, *, rows: int, failed: int) -> dict:
     return {**options, "batch_size": n_train}
 
 
+def _canonical_options(tsnpe: TSNPE, options: dict) -> dict:
+    """``options`` without those that say what leaving them out says (``ensemble=1``, NPE's defaults, a ``space`` that
+    resolves as ``"auto"`` does), so that a store compares what the network is, not how it was spelled."""
+    from sbiflows.report import jsonable
+
+    defaults = {name: p.default for name, p in inspect.signature(NPE.__init__).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY} | {"ensemble": 1}
+    support = tsnpe.npe.prior.support
+
+    def implied(key: str, value: Any) -> bool:
+        if key == "space":
+            return resolve_space(support, value) == resolve_space(support, "auto")
+        return key in defaults and key != "estimator" and jsonable(value) == jsonable(defaults[key])
+
+    return {key: value for key, value in options.items() if not implied(key, value)}
+
+
 def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_options, simulate_options) -> dict:
     """What a store's rounds depend on (a resumed run must match them)."""
     from sbiflows.pipeline_resume import prior_identity
@@ -452,7 +498,7 @@ def _settings(tsnpe: TSNPE, simulator, x_o, budget, seed, truncation, fit_option
     return jsonable({
         "simulator": simulator_name(simulator), "x_o": x_o.tolist(), "budget": budget, "seed": seed,
         "truncation": truncation, "fit_options": fit_options,
-        "npe_options": {k: v for k, v in tsnpe._npe_options.items() if k != "device"},
+        "npe_options": _canonical_options(tsnpe, {k: v for k, v in tsnpe._npe_options.items() if k != "device"}),
         "batch_size": simulate_options.get("batch_size", 1000), "prior": repr(tsnpe.prior),
         "prior_identity": prior_identity(tsnpe.prior),  # the repr of a box prior does not show its bounds
     })

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,19 @@ class RoundStoreMismatchError(ValueError):
     """The store holds a TSNPE run with other settings."""
 
 
+def _named(key: str, old: Any, new: Any) -> str:
+    """A changed setting as the refusal names it: a dict's changed keys too (``npe_options: hidden_features``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{key}: {', '.join(keys)}"
+    return key
+
+
 class RoundStore:
     """The store folder of a run (see the module docstring): ``tsnpe.json`` and one folder per round."""
 
-    def __init__(self, root: str | os.PathLike, settings: dict):
+    def __init__(self, root: str | os.PathLike, settings: dict, *,
+                 comparable: Callable[[dict, dict], tuple[dict, dict]] | None = None):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"store must be a directory, but {self.root} is a file")
@@ -57,9 +67,12 @@ class RoundStore:
         if path.exists():
             self.manifest = json.loads(path.read_text())
             old = self.manifest.get("settings") or {}
+            # ``comparable`` (the run's) says what of the stored and the new settings is compared
+            theirs, mine = (old, settings) if comparable is None else comparable(old, settings)
             # a setting an earlier version did not record cannot be compared: its stores resume as before
-            changed = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k)
-                             and not (k == "simulator" and same_simulator(old[k], settings[k])))
+            changed = sorted(_named(k, theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
+                             if k in theirs and theirs.get(k) != mine.get(k)
+                             and not (k == "simulator" and same_simulator(theirs[k], mine.get(k))))
             if changed:
                 raise RoundStoreMismatchError(f"the store {self.root} holds a TSNPE run with other settings "
                                               f"({', '.join(changed)}); use another store path, or delete it to "

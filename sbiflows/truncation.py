@@ -50,7 +50,7 @@ from torch.distributions import Distribution, constraints
 
 from sbiflows.checks import check_int, check_real
 from sbiflows.posterior import Posterior
-from sbiflows.priors import check_prior, prior_device, sample_seeded
+from sbiflows.priors import check_prior, prior_device, prior_dtype, sample_seeded
 from sbiflows.seeding import derive_seed
 
 __all__ = ["Draw", "TruncatedPrior"]
@@ -139,7 +139,8 @@ class TruncatedPrior(Distribution):
     ):
         self.prior = prior
         self._prior, dim = check_prior(prior)
-        self._device = prior_device(self._prior)
+        # SIR's draws come from the flow: they are cast to the prior's device and dtype
+        self._device, self._dtype = prior_device(self._prior), prior_dtype(self._prior)
         if not isinstance(posterior, Posterior):
             raise TypeError(f"posterior must be a sbiflows Posterior, got {type(posterior).__name__}")
         if posterior.theta_dim != dim:
@@ -274,4 +275,4 @@ class TruncatedPrior(Distribution):
             out.append(candidates[torch.arange(len(pick), device=pick.device), pick])
             ess.append(1.0 / weights.square().sum(1) / k)
             done, empty = done + len(pick), (empty + 1 if len(pick) == 0 else 0)
-        return torch.cat(out).to(self._device), float(torch.cat(ess).mean())
+        return torch.cat(out).to(self._device, self._dtype), float(torch.cat(ess).mean())

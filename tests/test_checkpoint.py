@@ -421,3 +421,23 @@ def test_a_refit_of_an_ensemble_resumes_in_a_fresh_process(tmp_path, monkeypatch
     assert refit.resumed_epoch is not None and refit.resumed_epoch > 0
     for (name, a), b in zip(plain.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_resumed_refit_of_vectorized_members_reports_its_epoch_over_all_fits(tmp_path, monkeypatch):
+    """A single flow's resume reports the epoch counted over all fits (a TSNPE's rounds), the members trained in one
+    vectorized pass reported the epoch within the refit, so a report read "round 2's training up to epoch 27"
+    after a round 1 of 60 epochs."""
+    u, x = data()
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+    options = dict(max_epochs=8, batch_size=32, patience=50, progress=False)
+    npe = NPE(prior, ensemble=3)
+    npe.fit(u, x, **options)
+    first = npe.history.epochs
+    path = tmp_path / "training.ckpt"
+    with monkeypatch.context() as patch:
+        stop_vectorized_after(patch, 20)
+        with pytest.raises(Stop):
+            npe.fit(u[:50] + 0.01, x[:50], checkpoint=Checkpoint(path, every=0.0), **options)
+    checkpoint = Checkpoint(path, every=0.0)
+    npe.fit(u[:50] + 0.01, x[:50], checkpoint=checkpoint, **options)
+    assert first == 8 and first < checkpoint.resumed_epoch < first + 8

@@ -572,3 +572,92 @@ def test_a_kept_first_round_is_recorded_as_the_priors_draw(tmp_path):
     rerun.run(simulator, X_O, fit_options={"max_epochs": 3}, **options)
     assert (rerun.rounds[0].method, rerun.rounds[0].acceptance) == ("prior", 1.0)
     assert rerun.reused == ["200 of 200 simulations of round 1 (read from its store)"]
+
+
+def test_a_gaussian_prior_and_options_spelled_out_resume_their_store(tmp_path):
+    """A MultivariateNormal's repr shows scale_tril once torch has computed it (the store's own check reads it), so
+    a rerun in the same session was refused as another prior; TSNPE's defaults written out (ensemble=1, a space that
+    resolves as "auto" does) were refused as other options, and the refusal did not say which."""
+    from torch.distributions import MultivariateNormal
+
+    from sbiflows.sequential_store import RoundStoreMismatchError
+
+    prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    options = {"rounds": 2, "simulations": 300, "seed": 0, "check_simulations": 0, "store": tmp_path / "mvn",
+               "threshold_samples": 20_000, "quantile": 1e-3, "fit_options": {"max_epochs": 3}}
+    TSNPE(prior, **SMALL).run(simulator, X_O, **options)
+    again = TSNPE(prior, **SMALL)
+    again.run(simulator, X_O, **options)
+    assert again.reused and "scale_tril" in repr(prior)
+    box = {**options, "store": tmp_path / "box"}
+    TSNPE(PRIOR, **SMALL).run(simulator, X_O, **box)
+    for spelled in ({"ensemble": 1}, {"space": "auto"}, {"space": "truncated"}):
+        resumed = TSNPE(PRIOR, **SMALL, **spelled)
+        resumed.run(simulator, X_O, **box)
+        assert resumed.reused, spelled
+    with pytest.raises(RoundStoreMismatchError, match=r"other settings \(npe_options: hidden_features\)"):
+        TSNPE(PRIOR, **{**SMALL, "hidden_features": (10,)}).run(simulator, X_O, **box)
+
+
+def test_embeddings_that_cannot_take_flat_x_are_refused_and_float64_x_o_is_probed_in_the_networks_dtype():
+    """A built-in named for structured x ('set', 'cnn2d') failed after round 1 had simulated; a float64 x_o made the
+    probe of a float32 module fail, refusing an embedding that trains."""
+    calls = []
+
+    def counted(theta, seed):
+        calls.append(len(theta))
+        return simulator(theta, seed)
+
+    for name in ("set", "cnn2d"):
+        with pytest.raises(ValueError, match=rf"embedding_net '{name}' cannot take flat x of shape \(2,\), as TSNPE"):
+            TSNPE(PRIOR, embedding_net=name, **SMALL).run(counted, X_O, rounds=2, simulations=200)
+    assert calls == []
+    tsnpe = TSNPE(PRIOR, embedding_net=torch.nn.Linear(2, 3), **SMALL)
+    tsnpe.run(simulator, X_O.double(), rounds=1, simulations=200, check_simulations=0, fit_options={"max_epochs": 2})
+    assert tsnpe.posterior is not None
+
+
+def test_rounds_drawn_by_sir_keep_a_float64_priors_dtype():
+    """Importance resampling draws come from the float32 flow: a float64 prior's rounds mixed dtypes."""
+    from sbiflows import NPE
+
+    prior = box_uniform(torch.tensor([-300.0, -300.0], dtype=torch.float64),
+                        torch.tensor([300.0, 300.0], dtype=torch.float64))
+    theta = prior.sample((300,))
+    npe = NPE(prior, **SMALL)
+    posterior = npe.fit(theta, theta.float() + 0.1 * torch.randn(300, 2), max_epochs=2, progress=False)
+    region = TruncatedPrior(prior, posterior, X_O, num_threshold_samples=20_000, quantile=1e-3, min_acceptance=1.0)
+    draws = region.sample((50,), seed=0)
+    assert region.last_draw.method == "sir" and draws.dtype == torch.float64
+
+
+def test_a_kill_between_a_rounds_draw_and_its_record_keeps_the_record(tmp_path, monkeypatch):
+    """theta.npy was written before the record of how it was drawn: a kill between the two left the round recorded
+    as drawn by "unknown" with acceptance NaN, in the saved posterior's config too."""
+    import sbiflows.sequential as sequential
+    from sbiflows.sequential_store import RoundStore
+
+    options = {"rounds": 3, "simulations": 450, "seed": 2, "check_simulations": 0, "store": tmp_path / "run",
+               "threshold_samples": 20_000, "quantile": 1e-3, "fit_options": {"max_epochs": 3}}
+    plain = TSNPE(PRIOR, **SMALL)
+    plain.run(simulator, X_O, **{**options, "store": None})
+    writes = []
+
+    def killing(real):
+        def write(*args, **kwargs):
+            third = "round_2" in str(args[0]) if real.__name__ == "atomic_npy" else args[1] == 2
+            if third and not str(args[0]).endswith(".tmp"):  # the two writes of round 3's draw
+                writes.append(real.__name__)
+                if len(writes) == 2:
+                    raise KeyboardInterrupt  # killed between them, whichever comes first
+            return real(*args, **kwargs)
+        return write
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sequential, "atomic_npy", killing(sequential.atomic_npy))
+        patch.setattr(RoundStore, "note_draw", killing(RoundStore.note_draw))
+        with pytest.raises(KeyboardInterrupt):
+            TSNPE(PRIOR, **SMALL).run(simulator, X_O, **options)
+    resumed = TSNPE(PRIOR, **SMALL)
+    resumed.run(simulator, X_O, **options)
+    assert [(r.method, r.acceptance) for r in resumed.rounds] == [(r.method, r.acceptance) for r in plain.rounds]
