@@ -539,3 +539,28 @@ def test_check_rows_summary_counts_a_rerun_once(tmp_path):
     path.write_text("\n".join([record(10, 0.52), record(11, 0.50), record(10, 0.54)]) + "\n")
     lines = load_example("benchmark_check_rows").summarize(str(path))
     assert "Over 2 runs:" in lines and "- mean rank, fresh - validation: +0.0200 (SE 0.0200)" in lines, lines
+
+
+def test_check_rows_width_fit_recovers_the_scale_that_drew_the_rows():
+    """``benchmark_check_rows.py --widen``: rows drawn from a posterior widened 1.5 times are best explained by the
+    scale 1.5, and the widened posterior stays normalized (its draws and densities agree)."""
+    import torch
+    from torch.distributions import Independent, Normal
+
+    from sbiflows import NPE
+
+    module = load_example("benchmark_check_rows")
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    torch.manual_seed(0)
+    theta = prior.sample((400,))
+    posterior = NPE(prior, ensemble=1, transforms=1, hidden_features=(8,)).fit(
+        theta, theta + 0.3 * torch.randn_like(theta), max_epochs=3, progress=False)
+    x = torch.randn(300, 2)
+    wide = module.widened(posterior, 1.5)
+    drawn = wide.sample_batched(1, x, seed=1)[0]
+    assert abs(module.fit_width(posterior, drawn, x) - 1.5) < 0.15
+    assert abs(module.fit_width(wide, drawn, x) - 1.0) < 0.1
+    grid = torch.linspace(-6, 6, 241)
+    points = torch.cartesian_prod(grid, grid)
+    mass = wide.log_prob(points, x=x[0]).exp().sum() * (grid[1] - grid[0]) ** 2  # the widened density integrates to 1
+    assert abs(float(mass) - 1) < 0.02
