@@ -28,12 +28,16 @@ def _parse_indices(text: str) -> list[int]:
             lo, dash, hi = part.partition("-")
             first, last = int(lo), int(hi if dash else lo)  # '1-' is no range
             if last < first:
-                raise ValueError(f"--observations: the range {part!r} is empty (write it as '{last}-{first}')")
+                empty = part
+                break
             indices.extend(range(first, last + 1))
-    except ValueError as error:
-        if "is empty" in str(error):
-            raise
+        else:
+            empty = None
+    except ValueError:
         raise ValueError(f"--observations must look like '1-10' or '1,4', got {text!r}") from None
+    if empty is not None:
+        lo, _, hi = empty.partition("-")
+        raise ValueError(f"--observations: the range {empty!r} is empty (write it as '{hi.strip()}-{lo.strip()}')")
     bad = [i for i in indices if not 1 <= i <= 10]
     if bad or not indices:
         raise ValueError(f"--observations must lie in 1..10, got {text!r}")
@@ -158,15 +162,16 @@ def _read_observations(path: Path) -> torch.Tensor:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise ValueError(f"--observation file {str(path)!r} {what}")
+    if suffix == ".csv":
+        first = path.read_text(encoding="utf-8-sig").splitlines()[:1]
+        if first and ";" in first[0] and "," not in first[0]:
+            raise ValueError(f"--observation {str(path)!r} separates its values with ';'; a .csv takes "
+                             "comma-separated values (or save the table as .txt, values separated by spaces)")
     header = 0
     try:
         if suffix == ".npy":
             data = np.load(path, allow_pickle=False)
         else:
-            first = path.read_text(encoding="utf-8-sig").splitlines()[:1]
-            if suffix == ".csv" and first and ";" in first[0] and "," not in first[0]:
-                raise ValueError(f"--observation {str(path)!r} separates its values with ';'; a .csv takes "
-                                 "comma-separated values (or save the table as .txt, values separated by spaces)")
             header = _header(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "input contained no data": said below, with the reason
@@ -183,14 +188,19 @@ def _read_observations(path: Path) -> torch.Tensor:
     return torch.from_numpy(numbers if suffix == ".npy" else np.atleast_2d(numbers))
 
 
+#: Values that mark a missing number in a table (compared in lower case): a first row holding only numbers and these
+#: is data (refused if a value is missing), not a header.
+MISSING = ("na", "n/a", "nan", "null", "none", "-", "?", "")
+
+
 def _header(path: Path) -> int:
-    """1 if the first line is a header (no value in it is a number, as in ``theta1,theta2``), else 0: a first row
-    with some numbers (``0.3,NA``) is data, refused as such if a value is not a number."""
+    """1 if the first line is a header (a value in it is a name: ``theta1,theta2``, ``t,0.1,0.5``), else 0: a first
+    row of numbers and missing-value marks (``0.3,NA``) is data, refused as such."""
     first = path.read_text(encoding="utf-8-sig").splitlines()[:1]
     if not first:
         return 0
-    values = first[0].replace(",", " ").split()
-    return int(bool(values) and not any(_number(v) for v in values))
+    values = [v.strip() for v in first[0].split(",")] if "," in first[0] else first[0].split()
+    return int(any(not _number(v) and v.lower() not in MISSING for v in values))
 
 
 def _number(text: str) -> bool:

@@ -80,10 +80,11 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, capsys):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("semi.csv", "0.3;0.7\n", "separates its values with ';'; a .csv takes comma-separated values"),
+    ("semi.csv", "0.3;0.7\n", "error: --observation '{path}' separates its values with ';'; a .csv takes "
+                               "comma-separated values"),
     ("header.csv", "x1,x2\n", "its only line was read as a header (a row that is not all numbers); give one "
                               "observation per row as comma-separated values"),
-    ("na.csv", "0.3,NA\n0.5,0.5\n", "is not a numeric table"),  # a first row with a number is data, not a header
+    ("na.csv", "0.3,NA\n0.5,0.5\n", "is not a numeric table"),  # numbers and missing values: data, not a header
     ("empty.csv", "", "holds no observation: it is empty"),
     ("empty.txt", "\n", "holds no observation: it is empty; give one observation per row as values separated by spaces"),
 ])
@@ -93,6 +94,7 @@ def test_observation_files_without_an_observation_give_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as info:
         main(["fit", "two_moons", "--observation", str(tmp_path / name), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
+    message = message.format(path=tmp_path / name)
     assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -116,6 +118,8 @@ def test_a_spreadsheets_utf8_csv_keeps_its_first_row(tmp_path):
     assert _read_observations(path).tolist() == [[pytest.approx(0.3), pytest.approx(0.7)], [0.5, 0.5]]
     path.write_bytes(b"\xef\xbb\xbftheta1,theta2\r\n0.5,0.5\r\n")  # with a header: only the header goes
     assert _read_observations(path).tolist() == [[0.5, 0.5]]
+    path.write_text("t,0.1,0.5,1.0\n1,2,3,4\n")  # a header of time points beside a name is still a header
+    assert _read_observations(path).tolist() == [[1.0, 2.0, 3.0, 4.0]]
     with pytest.raises(ValueError, match="must look like"):  # '1-' read as 1
         _parse_indices("1-")
     with pytest.raises(ValueError, match="the range '3-1' is empty"):

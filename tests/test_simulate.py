@@ -380,17 +380,22 @@ def test_parameters_that_require_grad_simulate_alike_with_and_without_a_store(tm
 
 def exits_on_two(theta):
     if (theta[:, 0] == 2).any():
-        raise SystemExit(2)  # a wrapped command-line tool that exits on bad parameters
+        raise SystemExit(2)  # a wrapped command-line tool that exits on bad parameters, or a SIGTERM handler
     return theta * 2
 
 
-def test_a_simulator_that_calls_sys_exit_is_a_failed_row_in_process_too():
-    """In a worker process sys.exit was a dead worker's failed row; in-process it ended the user's program."""
-    with pytest.warns(UserWarning, match="SystemExit"):
-        result = simulate(exits_on_two, torch.arange(6.0)[:, None], batch_size=2)
-    assert [(f.index, f.error_type) for f in result.failures] == [(2, "SystemExit")]
-    assert "sys.exit(2)" in result.failures[0].message
-    assert torch.equal(result.x[3:], 2 * torch.arange(3.0, 6.0)[:, None])
+def test_sys_exit_stops_an_in_process_run_keeping_what_finished_and_is_a_failed_row_in_a_worker(tmp_path):
+    """sys.exit is a request to stop (a SIGTERM handler calls it): in-process it stops the run as Ctrl-C does, with
+    the finished chunks in the store; in a worker process it is that worker's death, a counted row."""
+    from sbiflows import load_simulations
+
+    with pytest.raises(SystemExit):
+        simulate(exits_on_two, torch.arange(6.0)[:, None], batch_size=2, store=tmp_path / "s.zarr")
+    with pytest.warns(UserWarning, match="incomplete: 2 of 6 rows"):
+        assert torch.equal(load_simulations(tmp_path / "s.zarr").x, torch.tensor([[0.0], [2.0]]))
+    with pytest.warns(UserWarning, match="WorkerDied"):
+        result = simulate(exits_on_two, torch.arange(6.0)[:, None], batch_size=2, timeout=60)
+    assert [(f.index, f.error_type) for f in result.failures] == [(2, "WorkerDied")]
 
 
 def test_bfloat16_outputs_are_simulations_as_float16_ones_are():

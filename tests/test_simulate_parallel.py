@@ -233,8 +233,18 @@ def test_a_reloaded_simulator_module_is_not_run_by_idle_workers_of_its_old_code(
         importlib.reload(module)
         assert torch.equal(simulate(module.sim, torch.zeros(4, 1), batch_size=2, workers=2).x, 100 * torch.ones(4, 1))
         assert torch.equal(simulate(module.sim, torch.zeros(2, 1), timeout=60).x, 100 * torch.ones(2, 1))
+        # a module the kept workers first import after they started (a second simulator) is watched too
+        later = tmp_path / "later_simulator.py"
+        later.write_text("def sim(theta, seed):\n    return theta + 7\n")
+        second = importlib.import_module("later_simulator")
+        assert torch.equal(simulate(second.sim, torch.zeros(2, 1), timeout=60).x, 7 * torch.ones(2, 1))
+        later.write_text("def sim(theta, seed):\n    return theta + 8\n")
+        os.utime(later, ns=(time.time_ns(), time.time_ns() + 10**9))
+        importlib.reload(second)
+        assert torch.equal(simulate(second.sim, torch.zeros(2, 1), timeout=60).x, 8 * torch.ones(2, 1))
     finally:
         sys.modules.pop("edited_simulator", None)
+        sys.modules.pop("later_simulator", None)
         backends.close_idle_workers()
 
 

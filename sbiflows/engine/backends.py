@@ -172,18 +172,17 @@ class _Sandboxes:
         """This thread's sandbox: an idle one whose code is current (:func:`code_changed`), else a new one."""
         box = getattr(self._local, "box", None)
         if box is None:
-            with _IDLE_LOCK:
-                idle, _IDLE[:] = list(_IDLE), []
-            stale = [box for box, stamp in idle if code_changed(stamp)]
-            current = [(box, stamp) for box, stamp in idle if box not in stale]
-            _close(stale)
-            entry = current.pop() if current else None
-            with _IDLE_LOCK:
-                _IDLE.extend(current)
+            with _IDLE_LOCK:  # one thread at a time: each takes its own idle worker
+                stale = [(box, stamp) for box, stamp in _IDLE if code_changed(stamp)]
+                _IDLE[:] = [entry for entry in _IDLE if entry not in stale]
+                entry = _IDLE.pop() if _IDLE else None
+            _close([box for box, _ in stale])
             if entry is None:
                 entry = (Sandbox(self._payload, **self._options), code_stamp())
-            else:
+            else:  # the modules this simulator makes the worker import now enter its stamp as they are now
                 entry[0].bind(self._payload, **self._options)
+                for name, mtime in code_stamp().items():
+                    entry[1].setdefault(name, mtime)
             box = self._local.box = entry[0]
             with self._lock:
                 self._all.append(entry)

@@ -95,7 +95,10 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
         seeded: The simulator takes a ``seed`` keyword (see :func:`takes_seed`).
 
     Returns:
-        An :class:`Outcome`; exceptions of the simulator are recorded in it, never raised.
+        An :class:`Outcome`; exceptions of the simulator are recorded in it, never raised. ``SystemExit`` and
+        ``KeyboardInterrupt`` are not exceptions of the simulator but requests to stop (a Ctrl-C, a SIGTERM handler
+        that calls ``sys.exit``), so in-process they stop the run, its finished chunks kept; in a worker process a
+        ``sys.exit`` ends the worker, which is a failed row (``WorkerDied``) as any death of a worker is.
 
     Example:
         >>> job = Job(chunk=0, start=0, theta=torch.zeros(3, 2), seeds=(7,))
@@ -110,7 +113,7 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
             x = as_output(_call(simulator, job.theta, job.seeds[0], seeded), rows=len(job.theta))
         except _BadOutput as error:
             return Outcome.failed(BAD_OUTPUT, str(error), time.perf_counter() - start)
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - every failure of the user's code is a recorded row
+        except Exception as error:  # noqa: BLE001 - every failure of the user's code is a recorded row
             return Outcome.failed(type(error).__name__, _message(error), time.perf_counter() - start)
         return Outcome(x, [], time.perf_counter() - start)
     rows: list[np.ndarray | None] = []
@@ -121,7 +124,7 @@ def run_job(simulator: Callable, job: Job, *, vectorized: bool, seeded: bool) ->
         except _BadOutput as error:
             rows.append(None)
             errors.append((i, BAD_OUTPUT, str(error)))
-        except (Exception, SystemExit) as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001
             rows.append(None)
             errors.append((i, type(error).__name__, _message(error)))
     return Outcome(_stack_rows(rows, errors), errors, time.perf_counter() - start)
@@ -172,8 +175,6 @@ def _call(simulator: Callable, theta: Tensor, seed: int, seeded: bool) -> object
 
 
 def _message(error: BaseException) -> str:
-    if isinstance(error, SystemExit):  # a wrapped command-line tool's exit: in a worker process, a dead worker
-        return f"the simulator called sys.exit({error.code!r})"
     return str(error) or repr(error)
 
 

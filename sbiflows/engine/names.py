@@ -13,9 +13,10 @@ A store refuses to mix its rows with another simulator's, so the name must tell 
   subclass and every instance. Attributes that a method of the class assigns outside ``__init__`` (a call
   counter, a cache) or a ``functools.cached_property`` fills are state, not settings, and stay out of the digest.
 
-Among those values, NumPy arrays and torch tensors (a grid of times, a design matrix) enter by their contents:
-the name then ends with ``, arrays DIGEST)``. An array that the simulator changes in place is then state that
-changes the name, and the store refuses the rerun rather than mixing rows of two settings.
+Among those values, numeric NumPy arrays and torch tensors (a grid of times, a design matrix) enter by their
+contents, as the process first sees them (a buffer the simulator fills in place keeps its name in that process):
+the name then ends with ``, arrays DIGEST)``. Keep scratch arrays that hold garbage (``np.empty``) out of a
+simulator's attributes: they would give it another name in every process.
 
 Names that earlier versions recorded (a bare ``functools.partial``, a lambda's or a method's bare
 qualname, and names without the arrays' digest) still match the simulators that record the longer names now
@@ -24,17 +25,21 @@ qualname, and names without the arrays' digest) still match the simulators that 
 
 from __future__ import annotations
 
+import collections
 import dis
 import functools
 import hashlib
 import re
 import types
+import weakref
 from collections.abc import Callable
+
+import numpy as np
 
 __all__ = ["same_simulator", "simulator_name"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_ARRAYS = re.compile(r", arrays [0-9a-f]{12}\)$")
+_ARRAYS = re.compile(r", arrays [0-9a-f]{12}\)")
 
 
 def simulator_name(simulator: Callable) -> str:
@@ -84,7 +89,7 @@ def same_simulator(recorded: object, name: str) -> bool:
         return name.startswith("functools.partial(")
     if not isinstance(recorded, str):
         return False
-    if recorded.endswith(")") and _ARRAYS.sub(")", name) == recorded:  # recorded before arrays entered the name
+    if recorded.endswith(")") and _ARRAYS.sub(")", name) == recorded:  # recorded before arrays entered names
         return True
     return any(name.startswith(f"{recorded} ({kind} ") for kind in ("code", "state"))
 
@@ -93,33 +98,64 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _array_bytes(value: object) -> bytes | None:
-    """The dtype, shape and contents of a NumPy array or torch tensor (None for other values)."""
-    if type(value).__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "shape"):
-        return repr((str(value.dtype), tuple(value.shape))).encode() + value.tobytes()
+#: Digests of the arrays this process has named, by identity (see :func:`_array_digest`).
+_ARRAY_DIGESTS: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def _array_digest(value: object) -> str | None:
+    """A digest of the dtype, shape and contents of a numeric NumPy array or strided torch tensor; None for any other
+    value (object arrays, whose bytes are addresses, and meta or sparse tensors enter a name by their type).
+
+    An array is digested the first time this process names a simulator that holds it, and keeps that digest while
+    it lives: a buffer that the simulator fills in place keeps its name from call to call, while an attribute set to
+    another array gets the new array's digest.
+    """
+    entry = _ARRAY_DIGESTS.get(id(value))
+    if entry is not None and entry[0]() is value:
+        return entry[1]
     try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) is not None:
+            array = value
+        else:
+            import torch
+
+            if not isinstance(value, torch.Tensor) or value.is_meta or value.layout != torch.strided:
+                return None
+            data = value.detach().cpu()
+            array = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy()
+        if array.dtype.kind not in "biufc":
+            return None
+        digest = hashlib.sha256(repr((str(value.dtype), tuple(value.shape))).encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    except (ImportError, TypeError, ValueError, RuntimeError):
         return None
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
-        raw = data.view(torch.int16) if data.dtype == torch.bfloat16 else data
-        return repr((str(data.dtype), tuple(data.shape))).encode() + raw.numpy().tobytes()
-    return None
+    text = digest.hexdigest()
+    try:
+        key = id(value)
+        _ARRAY_DIGESTS[key] = (weakref.ref(value, lambda _, key=key: _ARRAY_DIGESTS.pop(key, None)), text)
+    except TypeError:  # an array type without weak references: digested every time
+        pass
+    return text
 
 
 def _arrays_suffix(values: object) -> str:
-    """``", arrays DIGEST"`` over the arrays and tensors among ``values`` (within tuples and lists too), else ``""``."""
-    digest, found = hashlib.sha256(), False
-    stack = list(values)
+    """``", arrays DIGEST"`` over the numeric arrays and tensors among ``values`` (within tuples and lists too), else
+    ``""``."""
+    digest, found, seen = hashlib.sha256(), False, set()
+    stack = collections.deque(values)
     while stack:
-        value = stack.pop(0)
+        value = stack.popleft()
         if isinstance(value, (tuple, list)):
-            stack[:0] = list(value)
+            if id(value) not in seen:  # a list that holds itself
+                seen.add(id(value))
+                stack.extendleft(reversed(value))
             continue
-        raw = _array_bytes(value)
-        digest.update(b"-" if raw is None else raw)
-        found |= raw is not None
+        if isinstance(value, (int, float, complex, str, bytes, type(None))):
+            digest.update(b"-")
+            continue
+        text = _array_digest(value)
+        digest.update(b"-" if text is None else text.encode())
+        found |= text is not None
     return f", arrays {digest.hexdigest()[:12]}" if found else ""
 
 

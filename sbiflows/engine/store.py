@@ -202,16 +202,33 @@ class SimulationStore:
                   "theta_sha256": digest(theta), "x_sha256": digest(x),
                   "failures": [list(f) for f in failures], "seconds": seconds}
         target = self.path / "records" / f"{chunk}.json"
-        try:
-            previous = json.loads(target.read_text()) if target.exists() else None
-        except (ValueError, OSError):
-            previous = None
-        if isinstance(previous, dict):
-            previous.pop("previous", None)
+        previous = self._verified_record(target)
+        if previous is not None:
             self._write_record(target, {**record, "previous": previous})
         self._group["theta"][start:stop] = theta
         self._group["x"][start:stop] = x
         self._write_record(target, record)
+
+    def _verified_record(self, target: Path) -> dict | None:
+        """The version of a chunk's record (itself, or the ``"previous"`` it holds after a stopped rewrite) whose
+        digests the stored rows match, None if neither does (or there is none)."""
+        try:
+            existing = json.loads(target.read_text()) if target.exists() else None
+        except (ValueError, OSError):
+            return None
+        if not isinstance(existing, dict):
+            return None
+        for version in (existing, existing.get("previous")):
+            if not isinstance(version, dict):
+                continue
+            try:
+                a, b = version["start"], version["start"] + version["rows"]
+                theta, x = self._group["theta"][a:b], self._group["x"][a:b] if "x" in self._group else None
+            except Exception:  # noqa: BLE001 - a record or chunk that does not read is no verified version
+                continue
+            if x is not None and digest(theta) == version.get("theta_sha256") and digest(x) == version.get("x_sha256"):
+                return {key: value for key, value in version.items() if key != "previous"}
+        return None
 
     @staticmethod
     def _write_record(target: Path, record: dict) -> None:
