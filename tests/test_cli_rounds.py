@@ -92,7 +92,7 @@ def test_fit_with_rounds_writes_the_sequential_report_and_resumes(tmp_path, caps
     with pytest.raises(SystemExit) as info:
         main(rerun)
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "holds a TSNPE run with other settings (truncation)" in err and "--force" in err
+    assert info.value.code == 2 and "holds a TSNPE run with other settings (truncation: quantile)" in err and "--force" in err
     assert main([*rerun, "--force"]) == 0
     assert "force: removing the rounds of other TSNPE settings" in capsys.readouterr().out
     assert json.loads((out / "rounds" / "tsnpe.json").read_text())["settings"]["truncation"]["quantile"] != 0.5
