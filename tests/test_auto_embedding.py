@@ -46,10 +46,12 @@ def test_short_x_and_embedding_net_none_go_to_the_flow_as_they_are():
 
 
 def test_other_embedding_values_are_refused_before_training():
-    with pytest.raises(ValueError, match=r"embedding_net must be an nn.Module, None or 'auto', got 'mlp'"):
-        NPE(PRIOR, embedding_net="mlp")
-    with pytest.raises(TypeError, match=r"embedding_net must be a torch.nn.Module, None or 'auto', got int"):
+    with pytest.raises(ValueError, match=r"embedding_net must be an nn.Module, None or one of \('auto', 'mlp', "
+                                         r".*got 'MLP'"):  # a built-in's name is lower case
+        NPE(PRIOR, embedding_net="MLP")
+    with pytest.raises(TypeError, match=r"embedding_net must be a torch.nn.Module, None or one of .*got int"):
         NPE(PRIOR, embedding_net=3)
+    assert NPE(PRIOR, embedding_net="mlp").embedding_net == "mlp"  # built at the first fit
 
 
 def test_refits_keep_the_summary_and_members_get_their_own():
