@@ -150,9 +150,8 @@ def code_stamp() -> dict[str, int]:
     return stamp
 
 
-def code_changed(stamp: dict[str, int]) -> bool:
-    """Whether a module in ``stamp`` (a :func:`code_stamp`) has a changed source file now, or is gone."""
-    now = code_stamp()
+def code_changed(stamp: dict[str, int], now: dict[str, int]) -> bool:
+    """Whether a module in ``stamp`` has another source file in ``now`` (both :func:`code_stamp`), or is gone."""
     return any(now.get(name) != mtime for name, mtime in stamp.items())
 
 
@@ -172,16 +171,17 @@ class _Sandboxes:
         """This thread's sandbox: an idle one whose code is current (:func:`code_changed`), else a new one."""
         box = getattr(self._local, "box", None)
         if box is None:
+            now = code_stamp()
             with _IDLE_LOCK:  # one thread at a time: each takes its own idle worker
-                stale = [(box, stamp) for box, stamp in _IDLE if code_changed(stamp)]
+                stale = [(box, stamp) for box, stamp in _IDLE if code_changed(stamp, now)]
                 _IDLE[:] = [entry for entry in _IDLE if entry not in stale]
                 entry = _IDLE.pop() if _IDLE else None
             _close([box for box, _ in stale])
             if entry is None:
-                entry = (Sandbox(self._payload, **self._options), code_stamp())
+                entry = (Sandbox(self._payload, **self._options), now)
             else:  # the modules this simulator makes the worker import now enter its stamp as they are now
                 entry[0].bind(self._payload, **self._options)
-                for name, mtime in code_stamp().items():
+                for name, mtime in now.items():
                     entry[1].setdefault(name, mtime)
             box = self._local.box = entry[0]
             with self._lock:

@@ -151,8 +151,8 @@ class Driver:
                 self.failures.update({start + k: v for k, v in failed.items()})
                 self.reused += stop - start
             reusable.add(c)
-        kept = {start: error for c in reusable if c in self._chunks for start, error in
-                ((self._chunks[c].start + k, e) for k, e in self._chunks[c].errors.items())} | self.failures
+        # the chunks made so far are the stored ones being rewritten; their kept failures and the others' rows
+        kept = {chunk.start + k: e for chunk in self._chunks.values() for k, e in chunk.errors.items()} | self.failures
         if self.on_error == "raise" and kept:  # as the run that stored them would have raised
             index = min(kept)
             kind, message = kept[index]
